@@ -1,0 +1,417 @@
+//! ONNX bytes → tract model: external data, free dimension overrides, constant inputs, kiln's op registrations,
+//! typing, decluttering and kiln's passes.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use prost::Message;
+use tract_onnx::pb;
+use tract_onnx::pb::tensor_shape_proto::dimension::Value as DimValue;
+use tract_onnx::pb::type_proto::Value as TypeValue;
+use tract_onnx::prelude::*;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::types::{Dim, ElementType, ValueInfo};
+
+/// Supplies the bytes of external tensor data (`model.onnx.data` and friends). Browsers have no filesystem: the
+/// caller maps `location` (the path written in the model) to bytes it fetched itself.
+pub trait ExternalDataResolver: Send + Sync {
+    /// Returns `length` bytes (or everything to the end when `None`) of `location` from `offset`.
+    fn read(&self, location: &str, offset: u64, length: Option<u64>) -> Result<Vec<u8>>;
+}
+
+/// Resolves external data from files in memory, keyed by the location written in the model.
+#[derive(Default, Clone)]
+pub struct InMemoryResolver {
+    pub files: HashMap<String, Arc<Vec<u8>>>,
+}
+
+impl InMemoryResolver {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn with_file(mut self, location: impl Into<String>, bytes: Vec<u8>) -> Self {
+        self.files.insert(location.into(), Arc::new(bytes));
+        self
+    }
+}
+
+fn slice_of(bytes: &[u8], location: &str, offset: u64, length: Option<u64>) -> Result<Vec<u8>> {
+    let size = bytes.len() as u64;
+    let end = match length {
+        Some(l) => offset.checked_add(l).ok_or_else(|| {
+            Error::invalid_model(format!("external data `{location}`: offset {offset} + length {l} overflows"))
+        })?,
+        None => size,
+    };
+    if offset > size || end > size {
+        return Err(Error::invalid_model(format!(
+            "external data `{location}`: range {offset}..{end} is past its end ({size} bytes)"
+        )));
+    }
+    Ok(bytes[offset as usize..end as usize].to_vec())
+}
+
+impl ExternalDataResolver for InMemoryResolver {
+    fn read(&self, location: &str, offset: u64, length: Option<u64>) -> Result<Vec<u8>> {
+        let bytes = self.files.get(location).ok_or_else(|| {
+            Error::io(format!(
+                "external data file `{location}` was not provided (provided: {:?})",
+                self.files.keys().collect::<Vec<_>>()
+            ))
+        })?;
+        slice_of(bytes, location, offset, length)
+    }
+}
+
+/// Resolves external data from files beside the model (native only).
+#[derive(Clone, Debug)]
+pub struct DirectoryResolver {
+    pub dir: PathBuf,
+}
+
+impl ExternalDataResolver for DirectoryResolver {
+    fn read(&self, location: &str, offset: u64, length: Option<u64>) -> Result<Vec<u8>> {
+        let rel = Path::new(location);
+        if rel.is_absolute() || rel.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+            return Err(Error::invalid_model(format!(
+                "external data location `{location}` must be a relative path inside the model's folder"
+            )));
+        }
+        let path = self.dir.join(rel);
+        let bytes = std::fs::read(&path)
+            .map_err(|e| Error::io(format!("reading external data {}: {e}", path.display())))?;
+        slice_of(&bytes, location, offset, length)
+    }
+}
+
+/// How much of tract's optimisation to apply (onnxruntime's `graphOptimizationLevel`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OptimizationLevel {
+    /// Typed model as imported.
+    Disabled,
+    /// Decluttered (constant folding, simplifications) and kiln's passes.
+    Basic,
+    /// Everything, including tract's optimised kernels. The default.
+    #[default]
+    All,
+}
+
+impl OptimizationLevel {
+    /// Accepts onnxruntime's names: `disabled`, `basic`, `extended`, `layout`, `all`.
+    pub fn from_name(s: &str) -> Result<Self> {
+        match s {
+            "disabled" => Ok(Self::Disabled),
+            "basic" | "extended" => Ok(Self::Basic),
+            "layout" | "all" => Ok(Self::All),
+            other => Err(Error::invalid_argument(format!(
+                "unknown graph optimization level `{other}` (expected disabled, basic, extended, layout or all)"
+            ))),
+        }
+    }
+}
+
+#[derive(Clone, Default)]
+pub struct LoadOptions {
+    /// Named dimensions fixed to a value, like onnxruntime's `freeDimensionOverrides`.
+    pub free_dimension_overrides: HashMap<String, i64>,
+    pub optimization: OptimizationLevel,
+    /// Where external data comes from; for [`load_path`] the model's folder is the default.
+    pub external_data: Option<Arc<dyn ExternalDataResolver>>,
+    /// Inputs whose values are fixed at load time (folded as constants, no longer model inputs).
+    pub constant_inputs: Vec<(String, Tensor)>,
+}
+
+impl std::fmt::Debug for LoadOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadOptions")
+            .field("free_dimension_overrides", &self.free_dimension_overrides)
+            .field("optimization", &self.optimization)
+            .field("external_data", &self.external_data.is_some())
+            .field("constant_inputs", &self.constant_inputs.iter().map(|c| &c.0).collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// An imported model: tract's typed model plus onnxruntime-style metadata.
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub typed: TypedModel,
+    pub inputs: Vec<ValueInfo>,
+    pub outputs: Vec<ValueInfo>,
+    /// The default-domain opset the model imports.
+    pub opset: i64,
+    /// Other domains and their versions (`com.microsoft`, ...).
+    pub domains: Vec<(String, i64)>,
+    /// What kiln's passes changed, one line each.
+    pub pass_log: Vec<String>,
+}
+
+/// Loads a model from a path; external data defaults to the model's folder.
+pub fn load_path(path: impl AsRef<Path>, options: &LoadOptions) -> Result<Model> {
+    let path = path.as_ref();
+    let bytes = std::fs::read(path).map_err(|e| Error::io(format!("reading model {}: {e}", path.display())))?;
+    let mut options = options.clone();
+    if options.external_data.is_none() {
+        let dir = path.parent().map(|p| p.to_path_buf()).unwrap_or_else(|| PathBuf::from("."));
+        options.external_data = Some(Arc::new(DirectoryResolver { dir }));
+    }
+    load_bytes(&bytes, &options)
+}
+
+/// Decodes ONNX bytes into the protobuf model (no tract involved).
+pub fn decode(bytes: &[u8]) -> Result<pb::ModelProto> {
+    if bytes.is_empty() {
+        return Err(Error::invalid_model("the model is empty (0 bytes)"));
+    }
+    let proto = pb::ModelProto::decode(bytes)
+        .map_err(|e| Error::invalid_model(format!("not a valid ONNX model (protobuf decode failed: {e})")))?;
+    if proto.graph.is_none() {
+        return Err(Error::invalid_model("the ONNX model has no graph"));
+    }
+    Ok(proto)
+}
+
+/// Loads a model from ONNX bytes.
+pub fn load_bytes(bytes: &[u8], options: &LoadOptions) -> Result<Model> {
+    let proto = decode(bytes)?;
+    load_proto(proto, options)
+}
+
+pub fn load_proto(mut proto: pb::ModelProto, options: &LoadOptions) -> Result<Model> {
+    inline_external_data(&mut proto, options.external_data.as_deref())?;
+    apply_free_dimension_overrides(&mut proto, &options.free_dimension_overrides)?;
+    apply_constant_inputs(&mut proto, &options.constant_inputs)?;
+    let (inputs, outputs) = io_metadata(&proto)?;
+    let opset = proto
+        .opset_import
+        .iter()
+        .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
+        .map(|o| o.version)
+        .unwrap_or(0);
+    let domains = proto
+        .opset_import
+        .iter()
+        .filter(|o| !(o.domain.is_empty() || o.domain == "ai.onnx"))
+        .map(|o| (o.domain.clone(), o.version))
+        .collect();
+    let graph = proto.graph.as_ref().ok_or_else(|| Error::invalid_model("the ONNX model has no graph"))?;
+    let framework = crate::framework();
+    check_supported(graph, &framework)?;
+
+    let parsed = framework.parse(&proto, None).map_err(|e| Error::from_tract(ErrorKind::InvalidModel, "parsing the ONNX graph", &e))?;
+    if !parsed.unresolved_inputs.is_empty() {
+        return Err(Error::invalid_model(format!(
+            "the graph uses values that no node, input or initializer defines: {:?}",
+            parsed.unresolved_inputs
+        )));
+    }
+    let inference = parsed.model;
+    let typed = inference.into_typed().map_err(|e| typing_error(&e))?;
+    let mut model = Model { typed, inputs, outputs, opset, domains, pass_log: vec![] };
+    crate::passes::run(&mut model, options.optimization)?;
+    Ok(model)
+}
+
+fn typing_error(e: &TractError) -> Error {
+    let msg = format!("{e:#}");
+    let kind = if msg.contains("Unimplemented") || msg.contains("unimplemented") || msg.contains("not supported") {
+        ErrorKind::NotImplemented
+    } else {
+        ErrorKind::InvalidModel
+    };
+    Error::new(kind, format!("analysing the model: {msg}"))
+}
+
+/// Every node must have a builder, and a domain kiln knows. Names the node and the op otherwise.
+fn check_supported(graph: &pb::GraphProto, framework: &tract_onnx::Onnx) -> Result<()> {
+    for node in &graph.node {
+        let domain = node.domain.as_str();
+        let known_domain = matches!(domain, "" | "ai.onnx" | "com.microsoft" | "ai.onnx.ml" | "org.pytorch.aten");
+        if !known_domain || !framework.op_register.0.contains_key(&node.op_type) {
+            return Err(Error::not_implemented(format!(
+                "node `{}`: operator `{}`{} is not supported",
+                node_label(node),
+                node.op_type,
+                if domain.is_empty() { String::new() } else { format!(" (domain `{domain}`)") }
+            )));
+        }
+        for attr in &node.attribute {
+            if let Some(g) = &attr.g {
+                check_supported(g, framework)?;
+            }
+            for g in &attr.graphs {
+                check_supported(g, framework)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn node_label(node: &pb::NodeProto) -> String {
+    if !node.name.is_empty() {
+        node.name.clone()
+    } else if let Some(o) = node.output.first() {
+        o.clone()
+    } else {
+        node.op_type.clone()
+    }
+}
+
+fn for_each_tensor(graph: &mut pb::GraphProto, f: &mut dyn FnMut(&mut pb::TensorProto) -> Result<()>) -> Result<()> {
+    for t in &mut graph.initializer {
+        f(t)?;
+    }
+    for node in &mut graph.node {
+        for attr in &mut node.attribute {
+            if let Some(t) = &mut attr.t {
+                f(t)?;
+            }
+            for t in &mut attr.tensors {
+                f(t)?;
+            }
+            if let Some(g) = &mut attr.g {
+                for_each_tensor(g, f)?;
+            }
+            for g in &mut attr.graphs {
+                for_each_tensor(g, f)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Replaces every external-data reference by the bytes the resolver returns, so tract sees plain raw_data.
+fn inline_external_data(proto: &mut pb::ModelProto, resolver: Option<&dyn ExternalDataResolver>) -> Result<()> {
+    let Some(graph) = proto.graph.as_mut() else { return Ok(()) };
+    for_each_tensor(graph, &mut |t| {
+        if t.data_location != Some(pb::tensor_proto::DataLocation::External as i32) {
+            return Ok(());
+        }
+        let get = |k: &str| t.external_data.iter().find(|e| e.key == k).map(|e| e.value.clone());
+        let location = get("location").ok_or_else(|| {
+            Error::invalid_model(format!("tensor `{}` has external data without a location", t.name))
+        })?;
+        let parse = |k: &str| -> Result<Option<u64>> {
+            get(k)
+                .map(|v| {
+                    v.parse::<u64>().map_err(|_| {
+                        Error::invalid_model(format!("tensor `{}`: external data {k} `{v}` is not a number", t.name))
+                    })
+                })
+                .transpose()
+        };
+        let offset = parse("offset")?.unwrap_or(0);
+        let length = parse("length")?;
+        let resolver = resolver.ok_or_else(|| {
+            Error::invalid_argument(format!(
+                "tensor `{}` keeps its data in external file `{location}`, but no external data was provided",
+                t.name
+            ))
+        })?;
+        let bytes = resolver.read(&location, offset, length)?;
+        t.raw_data = bytes;
+        t.external_data.clear();
+        t.data_location = Some(pb::tensor_proto::DataLocation::Default as i32);
+        Ok(())
+    })
+}
+
+fn apply_free_dimension_overrides(proto: &mut pb::ModelProto, overrides: &HashMap<String, i64>) -> Result<()> {
+    if overrides.is_empty() {
+        return Ok(());
+    }
+    for (k, v) in overrides {
+        if *v < 0 {
+            return Err(Error::invalid_argument(format!("free dimension override `{k}` = {v} is negative")));
+        }
+    }
+    let Some(graph) = proto.graph.as_mut() else { return Ok(()) };
+    let mut used = HashSet::new();
+    for vi in graph.input.iter_mut().chain(graph.output.iter_mut()).chain(graph.value_info.iter_mut()) {
+        if let Some(TypeValue::TensorType(tt)) = vi.r#type.as_mut().and_then(|t| t.value.as_mut()) {
+            if let Some(shape) = tt.shape.as_mut() {
+                for d in &mut shape.dim {
+                    if let Some(DimValue::DimParam(p)) = &d.value {
+                        if let Some(v) = overrides.get(p) {
+                            used.insert(p.clone());
+                            d.value = Some(DimValue::DimValue(*v));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if let Some(unused) = overrides.keys().find(|k| !used.contains(*k)) {
+        log::warn!("free dimension override `{unused}` matches no named dimension of the model");
+    }
+    Ok(())
+}
+
+/// Converts a tract tensor into an ONNX TensorProto (raw little-endian data; strings in string_data).
+pub fn tensor_to_proto(name: &str, t: &Tensor) -> Result<pb::TensorProto> {
+    let et = ElementType::from_datum_type(t.datum_type())?;
+    let mut p = pb::TensorProto {
+        name: name.to_string(),
+        dims: t.shape().iter().map(|d| *d as i64).collect(),
+        data_type: et.onnx_code(),
+        ..Default::default()
+    };
+    if et == ElementType::String {
+        let view = t.try_as_plain_ram().map_err(|e| Error::from_tract(ErrorKind::Runtime, "string tensor", &e))?;
+        let s = view.as_slice::<String>().map_err(|e| Error::from_tract(ErrorKind::Runtime, "string tensor", &e))?;
+        p.string_data = s.iter().map(|s| s.as_bytes().to_vec()).collect();
+    } else {
+        p.raw_data = t.as_bytes().to_vec();
+    }
+    Ok(p)
+}
+
+fn apply_constant_inputs(proto: &mut pb::ModelProto, constants: &[(String, Tensor)]) -> Result<()> {
+    let Some(graph) = proto.graph.as_mut() else { return Ok(()) };
+    for (name, t) in constants {
+        if !graph.input.iter().any(|i| &i.name == name) {
+            return Err(Error::invalid_argument(format!("constant input `{name}` is not an input of the model")));
+        }
+        graph.initializer.retain(|i| &i.name != name);
+        graph.initializer.push(tensor_to_proto(name, t)?);
+    }
+    Ok(())
+}
+
+fn value_info(vi: &pb::ValueInfoProto) -> ValueInfo {
+    let mut info = ValueInfo { name: vi.name.clone(), element_type: None, onnx_type: 0, shape: None };
+    if let Some(TypeValue::TensorType(tt)) = vi.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+        info.onnx_type = tt.elem_type;
+        info.element_type = ElementType::from_onnx_code(tt.elem_type).ok();
+        info.shape = tt.shape.as_ref().map(|s| {
+            s.dim
+                .iter()
+                .map(|d| match &d.value {
+                    Some(DimValue::DimValue(v)) if *v >= 0 => Dim::Fixed(*v as usize),
+                    Some(DimValue::DimParam(p)) if !p.is_empty() => Dim::Symbolic(p.clone()),
+                    _ => Dim::Unknown,
+                })
+                .collect()
+        });
+    }
+    info
+}
+
+fn io_metadata(proto: &pb::ModelProto) -> Result<(Vec<ValueInfo>, Vec<ValueInfo>)> {
+    let graph = proto.graph.as_ref().ok_or_else(|| Error::invalid_model("the ONNX model has no graph"))?;
+    let initialized: HashSet<&str> = graph.initializer.iter().map(|i| i.name.as_str()).collect();
+    let inputs = graph.input.iter().filter(|i| !initialized.contains(i.name.as_str())).map(value_info).collect();
+    let outputs = graph.output.iter().map(value_info).collect();
+    Ok((inputs, outputs))
+}
+
+/// Reads a serialized ONNX `TensorProto` (the backend test data's `input_0.pb` files).
+pub fn tensor_from_proto_bytes(bytes: &[u8]) -> Result<(String, Tensor)> {
+    let proto = pb::TensorProto::decode(bytes)
+        .map_err(|e| Error::invalid_argument(format!("not a serialized ONNX TensorProto: {e}")))?;
+    let t = tract_onnx::tensor::load_tensor(&tract_onnx::data_resolver::FopenDataResolver, &proto, None)
+        .map_err(|e| Error::from_tract(ErrorKind::InvalidArgument, "decoding a TensorProto", &e))?;
+    Ok((proto.name.clone(), t))
+}

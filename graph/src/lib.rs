@@ -1,0 +1,24 @@
+//! kiln-graph: ONNX bytes → tract model with symbolic dims, and kiln's rewrite passes.
+//!
+//! Data flows one way: bytes → [`import`] → [`passes`] → a typed (optionally optimised) tract model that a provider
+//! plans and runs.
+
+pub mod error;
+pub mod import;
+pub mod passes;
+pub mod types;
+
+pub use error::{Error, ErrorKind, Result};
+pub use import::{
+    decode, load_bytes, load_path, load_proto, tensor_from_proto_bytes, tensor_to_proto, DirectoryResolver, ExternalDataResolver, InMemoryResolver,
+    LoadOptions, Model, OptimizationLevel,
+};
+pub use tract_onnx;
+pub use types::{onnx_type_name, Dim, ElementType, ValueInfo};
+
+/// tract's ONNX framework with kiln's operator registrations layered on top.
+pub fn framework() -> tract_onnx::Onnx {
+    let mut onnx = tract_onnx::onnx();
+    kiln_ops::register(&mut onnx.op_register);
+    onnx
+}

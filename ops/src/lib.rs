@@ -1,0 +1,41 @@
+//! kiln-ops: the operators kiln adds to or replaces in tract's ONNX importer.
+//!
+//! tract's op registry is keyed by op name only, so every kiln registration checks `node.domain` and hands nodes of
+//! other domains back to tract's own builder.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use tract_onnx::model::{OnnxOpRegister, ParsingContext};
+use tract_onnx::pb::NodeProto;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::internal::format_err;
+use tract_onnx::tract_hir::internal::InferenceOp;
+
+pub type BuildResult = TractResult<(Box<dyn InferenceOp>, Vec<String>)>;
+type OpBuilder = fn(&ParsingContext, &NodeProto) -> BuildResult;
+
+/// tract's own builders, captured before kiln overrides any of them.
+fn tract_builders() -> &'static HashMap<String, OpBuilder> {
+    static BUILDERS: OnceLock<HashMap<String, OpBuilder>> = OnceLock::new();
+    BUILDERS.get_or_init(|| tract_onnx::onnx().op_register.0.clone())
+}
+
+/// Calls tract's builder for `node.op_type` (used when a kiln builder does not take the node).
+pub fn tract_builder(ctx: &ParsingContext, node: &NodeProto) -> BuildResult {
+    match tract_builders().get(&node.op_type) {
+        Some(b) => b(ctx, node),
+        None => Err(format_err!("operator `{}` (domain `{}`) is not supported", node.op_type, node.domain)),
+    }
+}
+
+/// True for the default ONNX domain.
+pub fn is_onnx_domain(node: &NodeProto) -> bool {
+    node.domain.is_empty() || node.domain == "ai.onnx"
+}
+
+/// Registers kiln's operators into tract's ONNX op register.
+pub fn register(reg: &mut OnnxOpRegister) {
+    let _ = tract_builders();
+    let _ = reg;
+}

@@ -1,0 +1,53 @@
+//! kiln-provider: the public Rust API. A [`Session`] loads an ONNX model, places it on an execution provider and
+//! runs it; [`blocking::Session`] wraps it for native callers that do not run an async executor.
+
+mod cpu;
+pub mod session;
+pub mod tensor;
+
+pub use kiln_graph::{
+    Dim, ElementType, Error, ErrorKind, ExternalDataResolver, InMemoryResolver, OptimizationLevel, Result, ValueInfo,
+};
+pub use session::{ExecutionProvider, Outputs, Session, SessionOptions};
+pub use tensor::{Element, Tensor};
+
+/// Blocking wrappers for native code.
+pub mod blocking {
+    use std::path::Path;
+
+    use crate::{Outputs, Result, SessionOptions, Tensor, ValueInfo};
+
+    pub struct Session(pub crate::Session);
+
+    impl Session {
+        pub fn from_bytes(bytes: &[u8], options: &SessionOptions) -> Result<Session> {
+            pollster::block_on(crate::Session::from_bytes(bytes, options)).map(Session)
+        }
+        pub fn from_path(path: impl AsRef<Path>, options: &SessionOptions) -> Result<Session> {
+            pollster::block_on(crate::Session::from_path(path, options)).map(Session)
+        }
+        pub fn inputs(&self) -> &[ValueInfo] {
+            self.0.inputs()
+        }
+        pub fn outputs(&self) -> &[ValueInfo] {
+            self.0.outputs()
+        }
+        pub fn run<N: AsRef<str>>(&self, feeds: impl IntoIterator<Item = (N, Tensor)>) -> Result<Outputs> {
+            pollster::block_on(self.0.run(feeds))
+        }
+        pub fn run_with_outputs<N: AsRef<str>>(
+            &self,
+            feeds: impl IntoIterator<Item = (N, Tensor)>,
+            output_names: &[&str],
+        ) -> Result<Outputs> {
+            pollster::block_on(self.0.run_with_outputs(feeds, output_names))
+        }
+    }
+
+    impl std::ops::Deref for Session {
+        type Target = crate::Session;
+        fn deref(&self) -> &crate::Session {
+            &self.0
+        }
+    }
+}

@@ -1,0 +1,356 @@
+//! The session: load → place → plan → run, async-first like onnxruntime-web's `InferenceSession`.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use kiln_graph::{
+    Dim, ElementType, Error, ErrorKind, ExternalDataResolver, LoadOptions, Model, OptimizationLevel, Result, ValueInfo,
+};
+
+use crate::cpu::CpuBackend;
+use crate::tensor::Tensor;
+
+/// Execution providers, in onnxruntime-web's names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ExecutionProvider {
+    /// tract's optimised CPU plan (`'cpu'`, `'wasm'`).
+    Cpu,
+    /// WGSL kernels through wgpu (`'webgpu'`, `'gpu'`).
+    WebGpu,
+}
+
+impl ExecutionProvider {
+    pub fn from_name(name: &str) -> Result<Self> {
+        match name.to_ascii_lowercase().as_str() {
+            "cpu" | "wasm" => Ok(Self::Cpu),
+            "webgpu" | "gpu" => Ok(Self::WebGpu),
+            other => Err(Error::invalid_argument(format!(
+                "unknown execution provider `{other}` (expected cpu, wasm, webgpu or gpu)"
+            ))),
+        }
+    }
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Cpu => "cpu",
+            Self::WebGpu => "webgpu",
+        }
+    }
+}
+
+#[derive(Clone, Default)]
+pub struct SessionOptions {
+    /// Providers in order of preference; the CPU is always the last resort. Empty means `[Cpu]`.
+    pub execution_providers: Vec<ExecutionProvider>,
+    /// onnxruntime's `freeDimensionOverrides`: named dims fixed at load.
+    pub free_dimension_overrides: HashMap<String, i64>,
+    /// onnxruntime's `graphOptimizationLevel`.
+    pub optimization: OptimizationLevel,
+    /// Where external tensor data comes from (browsers: bytes the caller fetched).
+    pub external_data: Option<Arc<dyn ExternalDataResolver>>,
+    /// Inputs fixed at load time and folded as constants (they leave `inputs()`).
+    pub constant_inputs: Vec<(String, Tensor)>,
+    /// CPU threads for tract's kernels (`None` or 1: the calling thread only).
+    pub intra_op_num_threads: Option<usize>,
+}
+
+impl std::fmt::Debug for SessionOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionOptions")
+            .field("execution_providers", &self.execution_providers)
+            .field("free_dimension_overrides", &self.free_dimension_overrides)
+            .field("optimization", &self.optimization)
+            .field("intra_op_num_threads", &self.intra_op_num_threads)
+            .finish()
+    }
+}
+
+impl SessionOptions {
+    fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            free_dimension_overrides: self.free_dimension_overrides.clone(),
+            optimization: self.optimization,
+            external_data: self.external_data.clone(),
+            constant_inputs: self.constant_inputs.iter().map(|(n, t)| (n.clone(), t.as_tract().clone())).collect(),
+        }
+    }
+}
+
+/// The outputs of a run, in the order asked for.
+#[derive(Debug, Clone, Default)]
+pub struct Outputs {
+    entries: Vec<(String, Tensor)>,
+}
+
+impl Outputs {
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.entries.iter().find(|(n, _)| n == name).map(|(_, t)| t)
+    }
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.iter().map(|(n, _)| n.as_str())
+    }
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Tensor)> {
+        self.entries.iter().map(|(n, t)| (n.as_str(), t))
+    }
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+    pub fn into_vec(self) -> Vec<(String, Tensor)> {
+        self.entries
+    }
+    /// Removes and returns one output.
+    pub fn take(&mut self, name: &str) -> Option<Tensor> {
+        let ix = self.entries.iter().position(|(n, _)| n == name)?;
+        Some(self.entries.remove(ix).1)
+    }
+}
+
+impl std::ops::Index<&str> for Outputs {
+    type Output = Tensor;
+    fn index(&self, name: &str) -> &Tensor {
+        match self.get(name) {
+            Some(t) => t,
+            None => panic!("no output named `{name}`"),
+        }
+    }
+}
+
+pub(crate) enum Backend {
+    Cpu(CpuBackend),
+}
+
+/// A loaded model ready to run.
+pub struct Session {
+    model: Arc<Model>,
+    backend: Backend,
+    provider: ExecutionProvider,
+    provider_note: Option<String>,
+    // serialises runs that share cached plans; tract states are per run.
+    _lock: Mutex<()>,
+}
+
+fn guard<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(Error::runtime(format!("{what}: internal error (caught panic: {msg})")))
+        }
+    }
+}
+
+impl Session {
+    /// Loads a model from ONNX bytes.
+    pub async fn from_bytes(bytes: &[u8], options: &SessionOptions) -> Result<Session> {
+        let model = guard("loading the model", || kiln_graph::load_bytes(bytes, &options.load_options()))?;
+        Self::from_model(model, options)
+    }
+
+    /// Loads a model from a file; external data defaults to the model's folder.
+    pub async fn from_path(path: impl AsRef<Path>, options: &SessionOptions) -> Result<Session> {
+        let path = path.as_ref();
+        let model = guard("loading the model", || kiln_graph::load_path(path, &options.load_options()))?;
+        Self::from_model(model, options)
+    }
+
+    fn from_model(model: Model, options: &SessionOptions) -> Result<Session> {
+        let model = Arc::new(model);
+        let mut note = None;
+        let wanted = if options.execution_providers.is_empty() {
+            vec![ExecutionProvider::Cpu]
+        } else {
+            options.execution_providers.clone()
+        };
+        for ep in &wanted {
+            match ep {
+                ExecutionProvider::Cpu => {
+                    let backend = guard("planning the model", || CpuBackend::new(model.clone(), options))?;
+                    return Ok(Session {
+                        model,
+                        backend: Backend::Cpu(backend),
+                        provider: ExecutionProvider::Cpu,
+                        provider_note: note,
+                        _lock: Mutex::new(()),
+                    });
+                }
+                ExecutionProvider::WebGpu => {
+                    let msg = "execution provider webgpu: not available in this build; using the next provider";
+                    log::warn!("{msg}");
+                    note = Some(msg.to_string());
+                }
+            }
+        }
+        log::warn!("no requested execution provider is available; falling back to cpu");
+        let backend = guard("planning the model", || CpuBackend::new(model.clone(), options))?;
+        Ok(Session {
+            model,
+            backend: Backend::Cpu(backend),
+            provider: ExecutionProvider::Cpu,
+            provider_note: note.or(Some("falling back to cpu".into())),
+            _lock: Mutex::new(()),
+        })
+    }
+
+    pub fn inputs(&self) -> &[ValueInfo] {
+        &self.model.inputs
+    }
+    pub fn outputs(&self) -> &[ValueInfo] {
+        &self.model.outputs
+    }
+    pub fn input_names(&self) -> Vec<&str> {
+        self.model.inputs.iter().map(|i| i.name.as_str()).collect()
+    }
+    pub fn output_names(&self) -> Vec<&str> {
+        self.model.outputs.iter().map(|i| i.name.as_str()).collect()
+    }
+    /// The provider the session runs on.
+    pub fn execution_provider(&self) -> ExecutionProvider {
+        self.provider
+    }
+    /// Why the session is not on the first provider asked for, if it is not.
+    pub fn provider_note(&self) -> Option<&str> {
+        self.provider_note.as_deref()
+    }
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// Runs the model and returns every output.
+    pub async fn run<N: AsRef<str>>(&self, feeds: impl IntoIterator<Item = (N, Tensor)>) -> Result<Outputs> {
+        let all: Vec<usize> = (0..self.model.outputs.len()).collect();
+        self.run_indices(feeds, &all)
+    }
+
+    /// Runs the model computing only the named outputs (in that order).
+    pub async fn run_with_outputs<N: AsRef<str>>(
+        &self,
+        feeds: impl IntoIterator<Item = (N, Tensor)>,
+        output_names: &[&str],
+    ) -> Result<Outputs> {
+        let mut ixs = vec![];
+        for name in output_names {
+            let ix = self.model.outputs.iter().position(|o| o.name == *name).ok_or_else(|| {
+                Error::invalid_argument(format!(
+                    "invalid output name: `{name}` (the model's outputs are: {})",
+                    self.output_names().join(", ")
+                ))
+            })?;
+            if ixs.contains(&ix) {
+                return Err(Error::invalid_argument(format!("output `{name}` is asked for twice")));
+            }
+            ixs.push(ix);
+        }
+        if ixs.is_empty() {
+            return Err(Error::invalid_argument("no output asked for"));
+        }
+        self.run_indices(feeds, &ixs)
+    }
+
+    fn run_indices<N: AsRef<str>>(&self, feeds: impl IntoIterator<Item = (N, Tensor)>, outputs: &[usize]) -> Result<Outputs> {
+        let inputs = self.order_feeds(feeds)?;
+        let values = guard("running the model", || match &self.backend {
+            Backend::Cpu(cpu) => cpu.run(inputs, outputs),
+        })?;
+        let mut entries = vec![];
+        for (ix, v) in outputs.iter().zip(values) {
+            entries.push((self.model.outputs[*ix].name.clone(), v));
+        }
+        Ok(Outputs { entries })
+    }
+
+    /// Checks feeds against the model's declared inputs, in onnxruntime's words, and orders them.
+    fn order_feeds<N: AsRef<str>>(&self, feeds: impl IntoIterator<Item = (N, Tensor)>) -> Result<Vec<Tensor>> {
+        let mut slots: Vec<Option<Tensor>> = vec![None; self.model.inputs.len()];
+        for (name, t) in feeds {
+            let name = name.as_ref();
+            let ix = self.model.inputs.iter().position(|i| i.name == name).ok_or_else(|| {
+                Error::invalid_argument(format!(
+                    "invalid input name: `{name}` (the model's inputs are: {})",
+                    self.input_names().join(", ")
+                ))
+            })?;
+            if slots[ix].is_some() {
+                return Err(Error::invalid_argument(format!("input `{name}` is fed twice")));
+            }
+            check_feed(&self.model.inputs[ix], &t)?;
+            slots[ix] = Some(t);
+        }
+        let missing: Vec<&str> = self
+            .model
+            .inputs
+            .iter()
+            .zip(&slots)
+            .filter(|(_, s)| s.is_none())
+            .map(|(i, _)| i.name.as_str())
+            .collect();
+        if !missing.is_empty() {
+            return Err(Error::invalid_argument(format!("missing input(s): {}", missing.join(", "))));
+        }
+        Ok(slots.into_iter().flatten().collect())
+    }
+}
+
+fn check_feed(info: &ValueInfo, t: &Tensor) -> Result<()> {
+    match info.element_type {
+        Some(et) if et != t.element_type() => {
+            return Err(Error::invalid_argument(format!(
+                "input `{}`: unexpected element type. Actual: {}, expected: {}",
+                info.name,
+                t.element_type(),
+                et
+            )))
+        }
+        None => {
+            return Err(Error::not_implemented(format!(
+                "input `{}` has element type {} which kiln does not support",
+                info.name,
+                kiln_graph::onnx_type_name(info.onnx_type)
+            )))
+        }
+        _ => {}
+    }
+    if let Some(shape) = &info.shape {
+        if shape.len() != t.dims().len() {
+            return Err(Error::invalid_argument(format!(
+                "input `{}`: invalid rank. Got: {} (dims {:?}), expected: {} (shape {})",
+                info.name,
+                t.dims().len(),
+                t.dims(),
+                shape.len(),
+                info.shape_string()
+            )));
+        }
+        let bad: Vec<String> = shape
+            .iter()
+            .zip(t.dims())
+            .enumerate()
+            .filter_map(|(i, (d, got))| match d {
+                Dim::Fixed(v) if v != got => Some(format!("index {i}: got {got}, expected {v}")),
+                _ => None,
+            })
+            .collect();
+        if !bad.is_empty() {
+            return Err(Error::invalid_argument(format!(
+                "input `{}`: invalid dimensions ({}); the model expects shape {}",
+                info.name,
+                bad.join("; "),
+                info.shape_string()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Element type of a declared value, for callers building feeds.
+pub fn element_type_of(info: &ValueInfo) -> Result<ElementType> {
+    info.element_type.ok_or_else(|| {
+        Error::new(ErrorKind::NotImplemented, format!("`{}` has an unsupported element type", info.name))
+    })
+}
