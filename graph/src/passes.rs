@@ -25,5 +25,9 @@ pub fn run(model: &mut Model, level: OptimizationLevel) -> Result<()> {
 
 /// The typed model's nodes, for reports: (name, op name).
 pub fn node_summary(model: &TypedModel) -> Vec<(String, String)> {
-    model.nodes().iter().map(|n| (n.name.clone(), n.op.name().to_string())).collect()
+    model
+        .nodes()
+        .iter()
+        .map(|n| (n.name.clone(), n.op.name().to_string()))
+        .collect()
 }

@@ -81,14 +81,22 @@ impl ElementType {
     }
 
     pub fn from_onnx_code(code: i32) -> Result<ElementType> {
-        ElementType::ALL.iter().copied().find(|t| t.onnx_code() == code).ok_or_else(|| {
-            Error::not_implemented(format!(
-                "element type {} ({}) is not supported (supported: {})",
-                onnx_type_name(code),
-                code,
-                ElementType::ALL.iter().map(|t| t.name()).collect::<Vec<_>>().join(", ")
-            ))
-        })
+        ElementType::ALL
+            .iter()
+            .copied()
+            .find(|t| t.onnx_code() == code)
+            .ok_or_else(|| {
+                Error::not_implemented(format!(
+                    "element type {} ({}) is not supported (supported: {})",
+                    onnx_type_name(code),
+                    code,
+                    ElementType::ALL
+                        .iter()
+                        .map(|t| t.name())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })
     }
 
     pub fn to_datum_type(&self) -> DatumType {
@@ -217,7 +225,13 @@ impl ValueInfo {
     pub fn shape_string(&self) -> String {
         match &self.shape {
             None => "(any)".to_string(),
-            Some(s) => format!("[{}]", s.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
+            Some(s) => format!(
+                "[{}]",
+                s.iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
         }
     }
 }

@@ -3,6 +3,8 @@
 //! tract's op registry is keyed by op name only, so every kiln registration checks `node.domain` and hands nodes of
 //! other domains back to tract's own builder.
 
+pub mod flatten;
+
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
@@ -25,8 +27,27 @@ fn tract_builders() -> &'static HashMap<String, OpBuilder> {
 pub fn tract_builder(ctx: &ParsingContext, node: &NodeProto) -> BuildResult {
     match tract_builders().get(&node.op_type) {
         Some(b) => b(ctx, node),
-        None => Err(format_err!("operator `{}` (domain `{}`) is not supported", node.op_type, node.domain)),
+        None => Err(format_err!(
+            "operator `{}` (domain `{}`) is not supported",
+            node.op_type,
+            node.domain
+        )),
     }
+}
+
+/// Wraps a builder for a default-domain op: nodes of other domains go to tract's builder.
+#[macro_export]
+macro_rules! onnx_domain_only {
+    ($f:path) => {{
+        fn wrapped(ctx: &ParsingContext, node: &NodeProto) -> BuildResult {
+            if $crate::is_onnx_domain(node) {
+                $f(ctx, node)
+            } else {
+                $crate::tract_builder(ctx, node)
+            }
+        }
+        wrapped as OpBuilder
+    }};
 }
 
 /// True for the default ONNX domain.
@@ -37,5 +58,10 @@ pub fn is_onnx_domain(node: &NodeProto) -> bool {
 /// Registers kiln's operators into tract's ONNX op register.
 pub fn register(reg: &mut OnnxOpRegister) {
     let _ = tract_builders();
-    let _ = reg;
+    for (name, builder) in KILN_OPS {
+        reg.0.insert(name.to_string(), *builder);
+    }
 }
+
+/// Every op kiln registers: (op type, builder). Each builder checks the node's domain first.
+pub const KILN_OPS: &[(&str, OpBuilder)] = &[("Flatten", onnx_domain_only!(flatten::build))];
