@@ -40,10 +40,7 @@ pub struct Error {
 
 impl Error {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Error {
-        Error {
-            kind,
-            message: message.into(),
-        }
+        Error { kind, message: message.into() }
     }
     pub fn invalid_argument(message: impl Into<String>) -> Error {
         Error::new(ErrorKind::InvalidArgument, message)
@@ -61,11 +58,7 @@ impl Error {
         Error::new(ErrorKind::Io, message)
     }
     /// Wraps a tract error (an anyhow chain) keeping the whole chain in the message.
-    pub fn from_tract(
-        kind: ErrorKind,
-        context: &str,
-        e: &tract_onnx::prelude::TractError,
-    ) -> Error {
+    pub fn from_tract(kind: ErrorKind, context: &str, e: &tract_onnx::prelude::TractError) -> Error {
         Error::new(kind, format!("{context}: {e:#}"))
     }
 }

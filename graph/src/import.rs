@@ -41,9 +41,7 @@ fn slice_of(bytes: &[u8], location: &str, offset: u64, length: Option<u64>) -> R
     let size = bytes.len() as u64;
     let end = match length {
         Some(l) => offset.checked_add(l).ok_or_else(|| {
-            Error::invalid_model(format!(
-                "external data `{location}`: offset {offset} + length {l} overflows"
-            ))
+            Error::invalid_model(format!("external data `{location}`: offset {offset} + length {l} overflows"))
         })?,
         None => size,
     };
@@ -76,18 +74,14 @@ pub struct DirectoryResolver {
 impl ExternalDataResolver for DirectoryResolver {
     fn read(&self, location: &str, offset: u64, length: Option<u64>) -> Result<Vec<u8>> {
         let rel = Path::new(location);
-        if rel.is_absolute()
-            || rel
-                .components()
-                .any(|c| matches!(c, std::path::Component::ParentDir))
-        {
+        if rel.is_absolute() || rel.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
             return Err(Error::invalid_model(format!(
                 "external data location `{location}` must be a relative path inside the model's folder"
             )));
         }
         let path = self.dir.join(rel);
-        let bytes = std::fs::read(&path)
-            .map_err(|e| Error::io(format!("reading external data {}: {e}", path.display())))?;
+        let bytes =
+            std::fs::read(&path).map_err(|e| Error::io(format!("reading external data {}: {e}", path.display())))?;
         slice_of(&bytes, location, offset, length)
     }
 }
@@ -135,14 +129,7 @@ impl std::fmt::Debug for LoadOptions {
             .field("free_dimension_overrides", &self.free_dimension_overrides)
             .field("optimization", &self.optimization)
             .field("external_data", &self.external_data.is_some())
-            .field(
-                "constant_inputs",
-                &self
-                    .constant_inputs
-                    .iter()
-                    .map(|c| &c.0)
-                    .collect::<Vec<_>>(),
-            )
+            .field("constant_inputs", &self.constant_inputs.iter().map(|c| &c.0).collect::<Vec<_>>())
             .finish()
     }
 }
@@ -164,14 +151,10 @@ pub struct Model {
 /// Loads a model from a path; external data defaults to the model's folder.
 pub fn load_path(path: impl AsRef<Path>, options: &LoadOptions) -> Result<Model> {
     let path = path.as_ref();
-    let bytes = std::fs::read(path)
-        .map_err(|e| Error::io(format!("reading model {}: {e}", path.display())))?;
+    let bytes = std::fs::read(path).map_err(|e| Error::io(format!("reading model {}: {e}", path.display())))?;
     let mut options = options.clone();
     if options.external_data.is_none() {
-        let dir = path
-            .parent()
-            .map(|p| p.to_path_buf())
-            .unwrap_or_else(|| PathBuf::from("."));
+        let dir = path.parent().map(|p| p.to_path_buf()).unwrap_or_else(|| PathBuf::from("."));
         options.external_data = Some(Arc::new(DirectoryResolver { dir }));
     }
     load_bytes(&bytes, &options)
@@ -182,11 +165,8 @@ pub fn decode(bytes: &[u8]) -> Result<pb::ModelProto> {
     if bytes.is_empty() {
         return Err(Error::invalid_model("the model is empty (0 bytes)"));
     }
-    let proto = pb::ModelProto::decode(bytes).map_err(|e| {
-        Error::invalid_model(format!(
-            "not a valid ONNX model (protobuf decode failed: {e})"
-        ))
-    })?;
+    let proto = pb::ModelProto::decode(bytes)
+        .map_err(|e| Error::invalid_model(format!("not a valid ONNX model (protobuf decode failed: {e})")))?;
     if proto.graph.is_none() {
         return Err(Error::invalid_model("the ONNX model has no graph"));
     }
@@ -216,18 +196,15 @@ pub fn load_proto(mut proto: pb::ModelProto, options: &LoadOptions) -> Result<Mo
         .filter(|o| !(o.domain.is_empty() || o.domain == "ai.onnx"))
         .map(|o| (o.domain.clone(), o.version))
         .collect();
-    let graph = proto
-        .graph
-        .as_ref()
-        .ok_or_else(|| Error::invalid_model("the ONNX model has no graph"))?;
+    let graph = proto.graph.as_ref().ok_or_else(|| Error::invalid_model("the ONNX model has no graph"))?;
     let framework = crate::framework();
     check_supported(graph, &framework)?;
 
     let mut pass_log = vec![];
     let typed = loop {
-        let parsed = framework.parse(&proto, None).map_err(|e| {
-            Error::from_tract(ErrorKind::InvalidModel, "parsing the ONNX graph", &e)
-        })?;
+        let parsed = framework
+            .parse(&proto, None)
+            .map_err(|e| Error::from_tract(ErrorKind::InvalidModel, "parsing the ONNX graph", &e))?;
         if !parsed.unresolved_inputs.is_empty() {
             return Err(Error::invalid_model(format!(
                 "the graph uses values that no node, input or initializer defines: {:?}",
@@ -244,20 +221,11 @@ pub fn load_proto(mut proto: pb::ModelProto, options: &LoadOptions) -> Result<Mo
                 if relaxed.is_empty() {
                     return Err(typing_error(&e));
                 }
-                pass_log.push(format!(
-                    "input dims {relaxed:?} left to shape inference (the graph computes them)"
-                ));
+                pass_log.push(format!("input dims {relaxed:?} left to shape inference (the graph computes them)"));
             }
         }
     };
-    let mut model = Model {
-        typed,
-        inputs,
-        outputs,
-        opset,
-        domains,
-        pass_log,
-    };
+    let mut model = Model { typed, inputs, outputs, opset, domains, pass_log };
     crate::passes::run(&mut model, options.optimization)?;
     Ok(model)
 }
@@ -299,10 +267,7 @@ fn relax_conflicting_input_dims(proto: &mut pb::ModelProto, msg: &str) -> Vec<St
 
 fn typing_error(e: &TractError) -> Error {
     let msg = format!("{e:#}");
-    let kind = if msg.contains("Unimplemented")
-        || msg.contains("unimplemented")
-        || msg.contains("not supported")
-    {
+    let kind = if msg.contains("Unimplemented") || msg.contains("unimplemented") || msg.contains("not supported") {
         ErrorKind::NotImplemented
     } else {
         ErrorKind::InvalidModel
@@ -314,20 +279,13 @@ fn typing_error(e: &TractError) -> Error {
 fn check_supported(graph: &pb::GraphProto, framework: &tract_onnx::Onnx) -> Result<()> {
     for node in &graph.node {
         let domain = node.domain.as_str();
-        let known_domain = matches!(
-            domain,
-            "" | "ai.onnx" | "com.microsoft" | "ai.onnx.ml" | "org.pytorch.aten"
-        );
+        let known_domain = matches!(domain, "" | "ai.onnx" | "com.microsoft" | "ai.onnx.ml" | "org.pytorch.aten");
         if !known_domain || !framework.op_register.0.contains_key(&node.op_type) {
             return Err(Error::not_implemented(format!(
                 "node `{}`: operator `{}`{} is not supported",
                 node_label(node),
                 node.op_type,
-                if domain.is_empty() {
-                    String::new()
-                } else {
-                    format!(" (domain `{domain}`)")
-                }
+                if domain.is_empty() { String::new() } else { format!(" (domain `{domain}`)") }
             )));
         }
         for attr in &node.attribute {
@@ -352,10 +310,7 @@ pub(crate) fn node_label(node: &pb::NodeProto) -> String {
     }
 }
 
-fn for_each_tensor(
-    graph: &mut pb::GraphProto,
-    f: &mut dyn FnMut(&mut pb::TensorProto) -> Result<()>,
-) -> Result<()> {
+fn for_each_tensor(graph: &mut pb::GraphProto, f: &mut dyn FnMut(&mut pb::TensorProto) -> Result<()>) -> Result<()> {
     for t in &mut graph.initializer {
         f(t)?;
     }
@@ -379,10 +334,7 @@ fn for_each_tensor(
 }
 
 /// Replaces every external-data reference by the bytes the resolver returns, so tract sees plain raw_data.
-fn inline_external_data(
-    proto: &mut pb::ModelProto,
-    resolver: Option<&dyn ExternalDataResolver>,
-) -> Result<()> {
+fn inline_external_data(proto: &mut pb::ModelProto, resolver: Option<&dyn ExternalDataResolver>) -> Result<()> {
     let Some(graph) = proto.graph.as_mut() else {
         return Ok(());
     };
@@ -390,26 +342,14 @@ fn inline_external_data(
         if t.data_location != Some(pb::tensor_proto::DataLocation::External as i32) {
             return Ok(());
         }
-        let get = |k: &str| {
-            t.external_data
-                .iter()
-                .find(|e| e.key == k)
-                .map(|e| e.value.clone())
-        };
-        let location = get("location").ok_or_else(|| {
-            Error::invalid_model(format!(
-                "tensor `{}` has external data without a location",
-                t.name
-            ))
-        })?;
+        let get = |k: &str| t.external_data.iter().find(|e| e.key == k).map(|e| e.value.clone());
+        let location = get("location")
+            .ok_or_else(|| Error::invalid_model(format!("tensor `{}` has external data without a location", t.name)))?;
         let parse = |k: &str| -> Result<Option<u64>> {
             get(k)
                 .map(|v| {
                     v.parse::<u64>().map_err(|_| {
-                        Error::invalid_model(format!(
-                            "tensor `{}`: external data {k} `{v}` is not a number",
-                            t.name
-                        ))
+                        Error::invalid_model(format!("tensor `{}`: external data {k} `{v}` is not a number", t.name))
                     })
                 })
                 .transpose()
@@ -430,30 +370,20 @@ fn inline_external_data(
     })
 }
 
-fn apply_free_dimension_overrides(
-    proto: &mut pb::ModelProto,
-    overrides: &HashMap<String, i64>,
-) -> Result<()> {
+fn apply_free_dimension_overrides(proto: &mut pb::ModelProto, overrides: &HashMap<String, i64>) -> Result<()> {
     if overrides.is_empty() {
         return Ok(());
     }
     for (k, v) in overrides {
         if *v < 0 {
-            return Err(Error::invalid_argument(format!(
-                "free dimension override `{k}` = {v} is negative"
-            )));
+            return Err(Error::invalid_argument(format!("free dimension override `{k}` = {v} is negative")));
         }
     }
     let Some(graph) = proto.graph.as_mut() else {
         return Ok(());
     };
     let mut used = HashSet::new();
-    for vi in graph
-        .input
-        .iter_mut()
-        .chain(graph.output.iter_mut())
-        .chain(graph.value_info.iter_mut())
-    {
+    for vi in graph.input.iter_mut().chain(graph.output.iter_mut()).chain(graph.value_info.iter_mut()) {
         if let Some(TypeValue::TensorType(tt)) = vi.r#type.as_mut().and_then(|t| t.value.as_mut()) {
             if let Some(shape) = tt.shape.as_mut() {
                 for d in &mut shape.dim {
@@ -483,12 +413,8 @@ pub fn tensor_to_proto(name: &str, t: &Tensor) -> Result<pb::TensorProto> {
         ..Default::default()
     };
     if et == ElementType::String {
-        let view = t
-            .try_as_plain_ram()
-            .map_err(|e| Error::from_tract(ErrorKind::Runtime, "string tensor", &e))?;
-        let s = view
-            .as_slice::<String>()
-            .map_err(|e| Error::from_tract(ErrorKind::Runtime, "string tensor", &e))?;
+        let view = t.try_as_plain_ram().map_err(|e| Error::from_tract(ErrorKind::Runtime, "string tensor", &e))?;
+        let s = view.as_slice::<String>().map_err(|e| Error::from_tract(ErrorKind::Runtime, "string tensor", &e))?;
         p.string_data = s.iter().map(|s| s.as_bytes().to_vec()).collect();
     } else {
         p.raw_data = t.as_bytes().to_vec();
@@ -502,9 +428,7 @@ fn apply_constant_inputs(proto: &mut pb::ModelProto, constants: &[(String, Tenso
     };
     for (name, t) in constants {
         if !graph.input.iter().any(|i| &i.name == name) {
-            return Err(Error::invalid_argument(format!(
-                "constant input `{name}` is not an input of the model"
-            )));
+            return Err(Error::invalid_argument(format!("constant input `{name}` is not an input of the model")));
         }
         graph.initializer.retain(|i| &i.name != name);
         graph.initializer.push(tensor_to_proto(name, t)?);
@@ -513,12 +437,7 @@ fn apply_constant_inputs(proto: &mut pb::ModelProto, constants: &[(String, Tenso
 }
 
 fn value_info(vi: &pb::ValueInfoProto) -> ValueInfo {
-    let mut info = ValueInfo {
-        name: vi.name.clone(),
-        element_type: None,
-        onnx_type: 0,
-        shape: None,
-    };
+    let mut info = ValueInfo { name: vi.name.clone(), element_type: None, onnx_type: 0, shape: None };
     if let Some(TypeValue::TensorType(tt)) = vi.r#type.as_ref().and_then(|t| t.value.as_ref()) {
         info.onnx_type = tt.elem_type;
         info.element_type = ElementType::from_onnx_code(tt.elem_type).ok();
@@ -537,17 +456,9 @@ fn value_info(vi: &pb::ValueInfoProto) -> ValueInfo {
 }
 
 fn io_metadata(proto: &pb::ModelProto) -> Result<(Vec<ValueInfo>, Vec<ValueInfo>)> {
-    let graph = proto
-        .graph
-        .as_ref()
-        .ok_or_else(|| Error::invalid_model("the ONNX model has no graph"))?;
+    let graph = proto.graph.as_ref().ok_or_else(|| Error::invalid_model("the ONNX model has no graph"))?;
     let initialized: HashSet<&str> = graph.initializer.iter().map(|i| i.name.as_str()).collect();
-    let inputs = graph
-        .input
-        .iter()
-        .filter(|i| !initialized.contains(i.name.as_str()))
-        .map(value_info)
-        .collect();
+    let inputs = graph.input.iter().filter(|i| !initialized.contains(i.name.as_str())).map(value_info).collect();
     let outputs = graph.output.iter().map(value_info).collect();
     Ok((inputs, outputs))
 }
@@ -556,11 +467,7 @@ fn io_metadata(proto: &pb::ModelProto) -> Result<(Vec<ValueInfo>, Vec<ValueInfo>
 pub fn tensor_from_proto_bytes(bytes: &[u8]) -> Result<(String, Tensor)> {
     let proto = pb::TensorProto::decode(bytes)
         .map_err(|e| Error::invalid_argument(format!("not a serialized ONNX TensorProto: {e}")))?;
-    let t = tract_onnx::tensor::load_tensor(
-        &tract_onnx::data_resolver::FopenDataResolver,
-        &proto,
-        None,
-    )
-    .map_err(|e| Error::from_tract(ErrorKind::InvalidArgument, "decoding a TensorProto", &e))?;
+    let t = tract_onnx::tensor::load_tensor(&tract_onnx::data_resolver::FopenDataResolver, &proto, None)
+        .map_err(|e| Error::from_tract(ErrorKind::InvalidArgument, "decoding a TensorProto", &e))?;
     Ok((proto.name.clone(), t))
 }

@@ -10,9 +10,8 @@ pub mod types;
 
 pub use error::{Error, ErrorKind, Result};
 pub use import::{
-    decode, load_bytes, load_path, load_proto, tensor_from_proto_bytes, tensor_to_proto,
-    DirectoryResolver, ExternalDataResolver, InMemoryResolver, LoadOptions, Model,
-    OptimizationLevel,
+    decode, load_bytes, load_path, load_proto, tensor_from_proto_bytes, tensor_to_proto, DirectoryResolver,
+    ExternalDataResolver, InMemoryResolver, LoadOptions, Model, OptimizationLevel,
 };
 pub use tract_onnx;
 pub use types::{onnx_type_name, Dim, ElementType, ValueInfo};

@@ -10,24 +10,14 @@ pub fn run(model: &mut Model, level: OptimizationLevel) -> Result<()> {
     if level == OptimizationLevel::Disabled {
         return Ok(());
     }
-    model
-        .typed
-        .declutter()
-        .map_err(|e| Error::from_tract(ErrorKind::InvalidModel, "decluttering the model", &e))?;
+    model.typed.declutter().map_err(|e| Error::from_tract(ErrorKind::InvalidModel, "decluttering the model", &e))?;
     if level == OptimizationLevel::All {
-        model
-            .typed
-            .optimize()
-            .map_err(|e| Error::from_tract(ErrorKind::InvalidModel, "optimising the model", &e))?;
+        model.typed.optimize().map_err(|e| Error::from_tract(ErrorKind::InvalidModel, "optimising the model", &e))?;
     }
     Ok(())
 }
 
 /// The typed model's nodes, for reports: (name, op name).
 pub fn node_summary(model: &TypedModel) -> Vec<(String, String)> {
-    model
-        .nodes()
-        .iter()
-        .map(|n| (n.name.clone(), n.op.name().to_string()))
-        .collect()
+    model.nodes().iter().map(|n| (n.name.clone(), n.op.name().to_string())).collect()
 }

@@ -81,22 +81,14 @@ impl ElementType {
     }
 
     pub fn from_onnx_code(code: i32) -> Result<ElementType> {
-        ElementType::ALL
-            .iter()
-            .copied()
-            .find(|t| t.onnx_code() == code)
-            .ok_or_else(|| {
-                Error::not_implemented(format!(
-                    "element type {} ({}) is not supported (supported: {})",
-                    onnx_type_name(code),
-                    code,
-                    ElementType::ALL
-                        .iter()
-                        .map(|t| t.name())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ))
-            })
+        ElementType::ALL.iter().copied().find(|t| t.onnx_code() == code).ok_or_else(|| {
+            Error::not_implemented(format!(
+                "element type {} ({}) is not supported (supported: {})",
+                onnx_type_name(code),
+                code,
+                ElementType::ALL.iter().map(|t| t.name()).collect::<Vec<_>>().join(", ")
+            ))
+        })
     }
 
     pub fn to_datum_type(&self) -> DatumType {
@@ -132,11 +124,7 @@ impl ElementType {
             DatumType::U64 => ElementType::U64,
             DatumType::Bool => ElementType::Bool,
             DatumType::String => ElementType::String,
-            other => {
-                return Err(Error::not_implemented(format!(
-                    "element type {other:?} is not supported by kiln"
-                )))
-            }
+            other => return Err(Error::not_implemented(format!("element type {other:?} is not supported by kiln"))),
         })
     }
 
@@ -225,13 +213,7 @@ impl ValueInfo {
     pub fn shape_string(&self) -> String {
         match &self.shape {
             None => "(any)".to_string(),
-            Some(s) => format!(
-                "[{}]",
-                s.iter()
-                    .map(|d| d.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
+            Some(s) => format!("[{}]", s.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
         }
     }
 }

@@ -20,25 +20,14 @@ pub struct Flatten {
 
 impl Flatten {
     fn split(&self, rank: usize) -> TractResult<usize> {
-        let axis = if self.axis < 0 {
-            self.axis + rank as i64
-        } else {
-            self.axis
-        };
-        ensure!(
-            axis >= 0 && axis as usize <= rank,
-            "Flatten: axis {} is out of range for rank {rank}",
-            self.axis
-        );
+        let axis = if self.axis < 0 { self.axis + rank as i64 } else { self.axis };
+        ensure!(axis >= 0 && axis as usize <= rank, "Flatten: axis {} is out of range for rank {rank}", self.axis);
         Ok(axis as usize)
     }
     /// The output shape `[prod(shape[..axis]), prod(shape[axis..])]`.
     pub fn compute_shape(&self, shape: &[TDim]) -> TractResult<[TDim; 2]> {
         let axis = self.split(shape.len())?;
-        Ok([
-            shape[..axis].iter().cloned().product(),
-            shape[axis..].iter().cloned().product(),
-        ])
+        Ok([shape[..axis].iter().cloned().product(), shape[axis..].iter().cloned().product()])
     }
 }
 
@@ -63,12 +52,7 @@ impl Expansion for Flatten {
         })
     }
 
-    fn wire(
-        &self,
-        prefix: &str,
-        model: &mut TypedModel,
-        inputs: &[OutletId],
-    ) -> TractResult<TVec<OutletId>> {
+    fn wire(&self, prefix: &str, model: &mut TypedModel, inputs: &[OutletId]) -> TractResult<TVec<OutletId>> {
         let shape: TVec<TDim> = model.outlet_fact(inputs[0])?.shape.to_tvec();
         let axis = self.split(shape.len())?;
         let mut wire = tvec!(inputs[0]);

@@ -27,11 +27,7 @@ fn tract_builders() -> &'static HashMap<String, OpBuilder> {
 pub fn tract_builder(ctx: &ParsingContext, node: &NodeProto) -> BuildResult {
     match tract_builders().get(&node.op_type) {
         Some(b) => b(ctx, node),
-        None => Err(format_err!(
-            "operator `{}` (domain `{}`) is not supported",
-            node.op_type,
-            node.domain
-        )),
+        None => Err(format_err!("operator `{}` (domain `{}`) is not supported", node.op_type, node.domain)),
     }
 }
 

@@ -31,24 +31,14 @@ impl CpuBackend {
         let _ = options;
         let full = SimplePlan::new_with_options(model.typed.clone(), &run_options)
             .map_err(|e| Error::from_tract(ErrorKind::InvalidModel, "planning the model", &e))?;
-        Ok(CpuBackend {
-            model,
-            options: run_options,
-            full,
-            subsets: Mutex::new(HashMap::new()),
-        })
+        Ok(CpuBackend { model, options: run_options, full, subsets: Mutex::new(HashMap::new()) })
     }
 
     fn plan_for(&self, outputs: &[usize]) -> Result<Plan> {
-        if outputs.len() == self.model.outputs.len()
-            && outputs.iter().enumerate().all(|(i, o)| i == *o)
-        {
+        if outputs.len() == self.model.outputs.len() && outputs.iter().enumerate().all(|(i, o)| i == *o) {
             return Ok(self.full.clone());
         }
-        let mut cache = self
-            .subsets
-            .lock()
-            .map_err(|_| Error::runtime("plan cache poisoned"))?;
+        let mut cache = self.subsets.lock().map_err(|_| Error::runtime("plan cache poisoned"))?;
         if let Some(p) = cache.get(outputs) {
             return Ok(p.clone());
         }
@@ -57,25 +47,16 @@ impl CpuBackend {
         typed
             .select_output_outlets(&outlets)
             .map_err(|e| Error::from_tract(ErrorKind::Runtime, "selecting outputs", &e))?;
-        let plan = SimplePlan::new_with_options(typed, &self.options).map_err(|e| {
-            Error::from_tract(ErrorKind::Runtime, "planning the selected outputs", &e)
-        })?;
+        let plan = SimplePlan::new_with_options(typed, &self.options)
+            .map_err(|e| Error::from_tract(ErrorKind::Runtime, "planning the selected outputs", &e))?;
         cache.insert(outputs.to_vec(), plan.clone());
         Ok(plan)
     }
 
     pub(crate) fn run(&self, inputs: Vec<Tensor>, outputs: &[usize]) -> Result<Vec<Tensor>> {
         let plan = self.plan_for(outputs)?;
-        let inputs: TVec<TValue> = inputs
-            .into_iter()
-            .map(|t| t.into_tract().into_tvalue())
-            .collect();
-        let results = plan
-            .run(inputs)
-            .map_err(|e| Error::from_tract(ErrorKind::Runtime, "running the model", &e))?;
-        results
-            .into_iter()
-            .map(|v| Tensor::from_tract(v.into_tensor()))
-            .collect()
+        let inputs: TVec<TValue> = inputs.into_iter().map(|t| t.into_tract().into_tvalue()).collect();
+        let results = plan.run(inputs).map_err(|e| Error::from_tract(ErrorKind::Runtime, "running the model", &e))?;
+        results.into_iter().map(|v| Tensor::from_tract(v.into_tensor())).collect()
     }
 }

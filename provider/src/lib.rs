@@ -6,8 +6,7 @@ pub mod session;
 pub mod tensor;
 
 pub use kiln_graph::{
-    Dim, ElementType, Error, ErrorKind, ExternalDataResolver, InMemoryResolver, OptimizationLevel,
-    Result, ValueInfo,
+    Dim, ElementType, Error, ErrorKind, ExternalDataResolver, InMemoryResolver, OptimizationLevel, Result, ValueInfo,
 };
 pub use session::{ExecutionProvider, Outputs, Session, SessionOptions};
 pub use tensor::{Element, Tensor};
@@ -33,10 +32,7 @@ pub mod blocking {
         pub fn outputs(&self) -> &[ValueInfo] {
             self.0.outputs()
         }
-        pub fn run<N: AsRef<str>>(
-            &self,
-            feeds: impl IntoIterator<Item = (N, Tensor)>,
-        ) -> Result<Outputs> {
+        pub fn run<N: AsRef<str>>(&self, feeds: impl IntoIterator<Item = (N, Tensor)>) -> Result<Outputs> {
             pollster::block_on(self.0.run(feeds))
         }
         pub fn run_with_outputs<N: AsRef<str>>(

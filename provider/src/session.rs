@@ -5,8 +5,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use kiln_graph::{
-    Dim, ElementType, Error, ErrorKind, ExternalDataResolver, LoadOptions, Model,
-    OptimizationLevel, Result, ValueInfo,
+    Dim, ElementType, Error, ErrorKind, ExternalDataResolver, LoadOptions, Model, OptimizationLevel, Result, ValueInfo,
 };
 
 use crate::cpu::CpuBackend;
@@ -72,11 +71,7 @@ impl SessionOptions {
             free_dimension_overrides: self.free_dimension_overrides.clone(),
             optimization: self.optimization,
             external_data: self.external_data.clone(),
-            constant_inputs: self
-                .constant_inputs
-                .iter()
-                .map(|(n, t)| (n.clone(), t.as_tract().clone()))
-                .collect(),
+            constant_inputs: self.constant_inputs.iter().map(|(n, t)| (n.clone(), t.as_tract().clone())).collect(),
         }
     }
 }
@@ -146,9 +141,7 @@ fn guard<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
                 .cloned()
                 .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "unknown panic".into());
-            Err(Error::runtime(format!(
-                "{what}: internal error (caught panic: {msg})"
-            )))
+            Err(Error::runtime(format!("{what}: internal error (caught panic: {msg})")))
         }
     }
 }
@@ -156,18 +149,14 @@ fn guard<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
 impl Session {
     /// Loads a model from ONNX bytes.
     pub async fn from_bytes(bytes: &[u8], options: &SessionOptions) -> Result<Session> {
-        let model = guard("loading the model", || {
-            kiln_graph::load_bytes(bytes, &options.load_options())
-        })?;
+        let model = guard("loading the model", || kiln_graph::load_bytes(bytes, &options.load_options()))?;
         Self::from_model(model, options)
     }
 
     /// Loads a model from a file; external data defaults to the model's folder.
     pub async fn from_path(path: impl AsRef<Path>, options: &SessionOptions) -> Result<Session> {
         let path = path.as_ref();
-        let model = guard("loading the model", || {
-            kiln_graph::load_path(path, &options.load_options())
-        })?;
+        let model = guard("loading the model", || kiln_graph::load_path(path, &options.load_options()))?;
         Self::from_model(model, options)
     }
 
@@ -182,9 +171,7 @@ impl Session {
         for ep in &wanted {
             match ep {
                 ExecutionProvider::Cpu => {
-                    let backend = guard("planning the model", || {
-                        CpuBackend::new(model.clone(), options)
-                    })?;
+                    let backend = guard("planning the model", || CpuBackend::new(model.clone(), options))?;
                     return Ok(Session {
                         model,
                         backend: Backend::Cpu(backend),
@@ -201,9 +188,7 @@ impl Session {
             }
         }
         log::warn!("no requested execution provider is available; falling back to cpu");
-        let backend = guard("planning the model", || {
-            CpuBackend::new(model.clone(), options)
-        })?;
+        let backend = guard("planning the model", || CpuBackend::new(model.clone(), options))?;
         Ok(Session {
             model,
             backend: Backend::Cpu(backend),
@@ -238,10 +223,7 @@ impl Session {
     }
 
     /// Runs the model and returns every output.
-    pub async fn run<N: AsRef<str>>(
-        &self,
-        feeds: impl IntoIterator<Item = (N, Tensor)>,
-    ) -> Result<Outputs> {
+    pub async fn run<N: AsRef<str>>(&self, feeds: impl IntoIterator<Item = (N, Tensor)>) -> Result<Outputs> {
         let all: Vec<usize> = (0..self.model.outputs.len()).collect();
         self.run_indices(feeds, &all)
     }
@@ -254,21 +236,14 @@ impl Session {
     ) -> Result<Outputs> {
         let mut ixs = vec![];
         for name in output_names {
-            let ix = self
-                .model
-                .outputs
-                .iter()
-                .position(|o| o.name == *name)
-                .ok_or_else(|| {
-                    Error::invalid_argument(format!(
-                        "invalid output name: `{name}` (the model's outputs are: {})",
-                        self.output_names().join(", ")
-                    ))
-                })?;
+            let ix = self.model.outputs.iter().position(|o| o.name == *name).ok_or_else(|| {
+                Error::invalid_argument(format!(
+                    "invalid output name: `{name}` (the model's outputs are: {})",
+                    self.output_names().join(", ")
+                ))
+            })?;
             if ixs.contains(&ix) {
-                return Err(Error::invalid_argument(format!(
-                    "output `{name}` is asked for twice"
-                )));
+                return Err(Error::invalid_argument(format!("output `{name}` is asked for twice")));
             }
             ixs.push(ix);
         }
@@ -295,45 +270,26 @@ impl Session {
     }
 
     /// Checks feeds against the model's declared inputs, in onnxruntime's words, and orders them.
-    fn order_feeds<N: AsRef<str>>(
-        &self,
-        feeds: impl IntoIterator<Item = (N, Tensor)>,
-    ) -> Result<Vec<Tensor>> {
+    fn order_feeds<N: AsRef<str>>(&self, feeds: impl IntoIterator<Item = (N, Tensor)>) -> Result<Vec<Tensor>> {
         let mut slots: Vec<Option<Tensor>> = vec![None; self.model.inputs.len()];
         for (name, t) in feeds {
             let name = name.as_ref();
-            let ix = self
-                .model
-                .inputs
-                .iter()
-                .position(|i| i.name == name)
-                .ok_or_else(|| {
-                    Error::invalid_argument(format!(
-                        "invalid input name: `{name}` (the model's inputs are: {})",
-                        self.input_names().join(", ")
-                    ))
-                })?;
+            let ix = self.model.inputs.iter().position(|i| i.name == name).ok_or_else(|| {
+                Error::invalid_argument(format!(
+                    "invalid input name: `{name}` (the model's inputs are: {})",
+                    self.input_names().join(", ")
+                ))
+            })?;
             if slots[ix].is_some() {
-                return Err(Error::invalid_argument(format!(
-                    "input `{name}` is fed twice"
-                )));
+                return Err(Error::invalid_argument(format!("input `{name}` is fed twice")));
             }
             check_feed(&self.model.inputs[ix], &t)?;
             slots[ix] = Some(t);
         }
-        let missing: Vec<&str> = self
-            .model
-            .inputs
-            .iter()
-            .zip(&slots)
-            .filter(|(_, s)| s.is_none())
-            .map(|(i, _)| i.name.as_str())
-            .collect();
+        let missing: Vec<&str> =
+            self.model.inputs.iter().zip(&slots).filter(|(_, s)| s.is_none()).map(|(i, _)| i.name.as_str()).collect();
         if !missing.is_empty() {
-            return Err(Error::invalid_argument(format!(
-                "missing input(s): {}",
-                missing.join(", ")
-            )));
+            return Err(Error::invalid_argument(format!("missing input(s): {}", missing.join(", "))));
         }
         Ok(slots.into_iter().flatten().collect())
     }
@@ -393,9 +349,6 @@ fn check_feed(info: &ValueInfo, t: &Tensor) -> Result<()> {
 /// Element type of a declared value, for callers building feeds.
 pub fn element_type_of(info: &ValueInfo) -> Result<ElementType> {
     info.element_type.ok_or_else(|| {
-        Error::new(
-            ErrorKind::NotImplemented,
-            format!("`{}` has an unsupported element type", info.name),
-        )
+        Error::new(ErrorKind::NotImplemented, format!("`{}` has an unsupported element type", info.name))
     })
 }

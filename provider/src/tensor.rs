@@ -23,12 +23,8 @@ fn check_len(dims: &[usize], len: usize) -> Result<()> {
     let expected = dims.iter().try_fold(1usize, |a, d| a.checked_mul(*d));
     match expected {
         Some(n) if n == len => Ok(()),
-        Some(n) => Err(Error::invalid_argument(format!(
-            "tensor data has {len} elements but dims {dims:?} need {n}"
-        ))),
-        None => Err(Error::invalid_argument(format!(
-            "tensor dims {dims:?} overflow"
-        ))),
+        Some(n) => Err(Error::invalid_argument(format!("tensor data has {len} elements but dims {dims:?} need {n}"))),
+        None => Err(Error::invalid_argument(format!("tensor dims {dims:?} overflow"))),
     }
 }
 
@@ -37,29 +33,22 @@ impl Tensor {
     pub fn from_vec<T: Element>(dims: &[usize], data: Vec<T>) -> Result<Tensor> {
         check_len(dims, data.len())?;
         let t: TractResult<TractTensor> =
-            kiln_graph::tract_onnx::prelude::tract_ndarray::ArrayD::from_shape_vec(
-                dims.to_vec(),
-                data,
-            )
-            .map(TractTensor::from)
-            .map_err(|e| e.into());
+            kiln_graph::tract_onnx::prelude::tract_ndarray::ArrayD::from_shape_vec(dims.to_vec(), data)
+                .map(TractTensor::from)
+                .map_err(|e| e.into());
         t.map(|inner| Tensor { inner })
             .map_err(|e| Error::from_tract(ErrorKind::InvalidArgument, "building a tensor", &e))
     }
 
     /// A scalar (rank 0) tensor.
     pub fn scalar<T: Element>(value: T) -> Tensor {
-        Tensor {
-            inner: TractTensor::from(kiln_graph::tract_onnx::prelude::tract_ndarray::arr0(value)),
-        }
+        Tensor { inner: TractTensor::from(kiln_graph::tract_onnx::prelude::tract_ndarray::arr0(value)) }
     }
 
     /// A tensor from raw little-endian bytes of a numeric element type.
     pub fn from_bytes(element_type: ElementType, dims: &[usize], bytes: &[u8]) -> Result<Tensor> {
         if element_type == ElementType::String {
-            return Err(Error::invalid_argument(
-                "string tensors cannot be built from bytes",
-            ));
+            return Err(Error::invalid_argument("string tensors cannot be built from bytes"));
         }
         let n = dims.iter().try_fold(1usize, |a, d| a.checked_mul(*d));
         match n.and_then(|n| n.checked_mul(element_type.size_of())) {
@@ -81,10 +70,7 @@ impl Tensor {
         ElementType::from_datum_type(inner.datum_type())?;
         let inner = if inner.datum_type().is_quantized() {
             let dt = inner.datum_type().unquantized();
-            inner
-                .cast_to_dt(dt)
-                .map_err(|e| Error::from_tract(ErrorKind::Runtime, "unquantizing", &e))?
-                .into_owned()
+            inner.cast_to_dt(dt).map_err(|e| Error::from_tract(ErrorKind::Runtime, "unquantizing", &e))?.into_owned()
         } else {
             inner
         };
@@ -120,12 +106,9 @@ impl Tensor {
                 T::TYPE
             )));
         }
-        let view = self
-            .inner
-            .try_as_plain_ram()
-            .map_err(|e| Error::from_tract(ErrorKind::Runtime, "tensor data", &e))?;
-        view.as_slice::<T>()
-            .map_err(|e| Error::from_tract(ErrorKind::Runtime, "tensor data", &e))
+        let view =
+            self.inner.try_as_plain_ram().map_err(|e| Error::from_tract(ErrorKind::Runtime, "tensor data", &e))?;
+        view.as_slice::<T>().map_err(|e| Error::from_tract(ErrorKind::Runtime, "tensor data", &e))
     }
     pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
         self.as_slice::<T>().map(|s| s.to_vec())
@@ -142,21 +125,11 @@ impl Tensor {
     /// The values converted to f64 (numeric and bool types), for comparisons and reports.
     pub fn to_f64_vec(&self) -> Result<Vec<f64>> {
         if self.element_type() == ElementType::String {
-            return Err(Error::invalid_argument(
-                "a string tensor has no numeric values",
-            ));
+            return Err(Error::invalid_argument("a string tensor has no numeric values"));
         }
-        let t = self
-            .inner
-            .cast_to_dt(DatumType::F64)
-            .map_err(|e| Error::from_tract(ErrorKind::Runtime, "cast", &e))?;
-        let view = t
-            .try_as_plain_ram()
-            .map_err(|e| Error::from_tract(ErrorKind::Runtime, "cast", &e))?;
-        Ok(view
-            .as_slice::<f64>()
-            .map_err(|e| Error::from_tract(ErrorKind::Runtime, "cast", &e))?
-            .to_vec())
+        let t = self.inner.cast_to_dt(DatumType::F64).map_err(|e| Error::from_tract(ErrorKind::Runtime, "cast", &e))?;
+        let view = t.try_as_plain_ram().map_err(|e| Error::from_tract(ErrorKind::Runtime, "cast", &e))?;
+        Ok(view.as_slice::<f64>().map_err(|e| Error::from_tract(ErrorKind::Runtime, "cast", &e))?.to_vec())
     }
 
     /// The values converted to `element_type`.
@@ -165,9 +138,7 @@ impl Tensor {
             .inner
             .cast_to_dt(element_type.to_datum_type())
             .map_err(|e| Error::from_tract(ErrorKind::Runtime, "cast", &e))?;
-        Ok(Tensor {
-            inner: t.into_owned(),
-        })
+        Ok(Tensor { inner: t.into_owned() })
     }
 }
 
