@@ -201,6 +201,7 @@ pub fn load_proto(mut proto: pb::ModelProto, options: &LoadOptions) -> Result<Mo
     check_supported(graph, &framework)?;
 
     let mut pass_log = vec![];
+    let mut attempts = 0;
     let typed = loop {
         let parsed = framework
             .parse(&proto, None)
@@ -214,14 +215,15 @@ pub fn load_proto(mut proto: pb::ModelProto, options: &LoadOptions) -> Result<Mo
         match parsed.model.into_typed() {
             Ok(typed) => break typed,
             Err(e) => {
-                // A declared input dim named independently of what the graph computes for it (dynamo's
-                // `total_sequence_length` for seq + past): let inference derive it instead.
+                // A declared dim named independently of what the graph computes for it (dynamo's
+                // `total_sequence_length` for seq + past): rename it to the expression the graph computes.
+                attempts += 1;
                 let msg = format!("{e:#}");
-                let relaxed = relax_conflicting_input_dims(&mut proto, &msg);
-                if relaxed.is_empty() {
-                    return Err(typing_error(&e));
+                let fix = if attempts <= 32 { resolve_dim_conflict(&mut proto, &msg) } else { None };
+                match fix {
+                    Some(line) => pass_log.push(line),
+                    None => return Err(typing_error(&e)),
                 }
-                pass_log.push(format!("input dims {relaxed:?} left to shape inference (the graph computes them)"));
             }
         }
     };
@@ -230,39 +232,171 @@ pub fn load_proto(mut proto: pb::ModelProto, options: &LoadOptions) -> Result<Mo
     Ok(model)
 }
 
-/// Finds `Sym(name)` in a unification failure; where `name` is a dim_param of a graph input, replaces it there by an
-/// unknown dim. Returns the names relaxed.
-fn relax_conflicting_input_dims(proto: &mut pb::ModelProto, msg: &str) -> Vec<String> {
-    if !msg.contains("Impossible to unify") {
-        return vec![];
+/// A shape expression as tract prints it in its `Debug` form (`Add([Sym(a), MulInt(2, Sym(b))])`).
+#[derive(Debug, Clone, PartialEq)]
+enum DimExpr {
+    Val(i64),
+    Sym(String),
+    Add(Vec<DimExpr>),
+    Mul(Vec<DimExpr>),
+    MulInt(i64, Box<DimExpr>),
+}
+
+impl DimExpr {
+    /// Parses one expression from the start of `s`; returns it and the rest.
+    fn parse(s: &str) -> Option<(DimExpr, &str)> {
+        let s = s.trim_start();
+        let int = |s: &str| -> Option<(i64, usize)> {
+            let n = s.find(|c: char| !(c.is_ascii_digit() || c == '-')).unwrap_or(s.len());
+            s[..n].parse().ok().map(|v| (v, n))
+        };
+        if let Some(rest) = s.strip_prefix("Val(") {
+            let (v, n) = int(rest)?;
+            return Some((DimExpr::Val(v), rest[n..].strip_prefix(')')?));
+        }
+        if let Some(rest) = s.strip_prefix("Sym(") {
+            let end = rest.find(')')?;
+            return Some((DimExpr::Sym(rest[..end].to_string()), &rest[end + 1..]));
+        }
+        if let Some(rest) = s.strip_prefix("Add") {
+            let (items, rest) = DimExpr::parse_list(rest)?;
+            return Some((DimExpr::Add(items), rest));
+        }
+        if let Some(rest) = s.strip_prefix("MulInt(") {
+            let (k, n) = int(rest)?;
+            let rest = rest[n..].trim_start().strip_prefix(',')?;
+            let (e, rest) = DimExpr::parse(rest)?;
+            return Some((DimExpr::MulInt(k, Box::new(e)), rest.trim_start().strip_prefix(')')?));
+        }
+        if let Some(rest) = s.strip_prefix("Mul") {
+            let (items, rest) = DimExpr::parse_list(rest)?;
+            return Some((DimExpr::Mul(items), rest));
+        }
+        None
     }
-    let mut names = vec![];
-    for part in msg.split("Sym(").skip(1) {
-        if let Some(end) = part.find(')') {
-            names.push(part[..end].to_string());
+
+    fn parse_list(s: &str) -> Option<(Vec<DimExpr>, &str)> {
+        let mut s = s.strip_prefix("([")?;
+        let mut items = vec![];
+        loop {
+            s = s.trim_start();
+            if let Some(rest) = s.strip_prefix("])") {
+                return Some((items, rest));
+            }
+            let (e, rest) = DimExpr::parse(s)?;
+            items.push(e);
+            s = rest.trim_start();
+            s = s.strip_prefix(',').unwrap_or(s);
         }
     }
-    let Some(graph) = proto.graph.as_mut() else {
-        return vec![];
-    };
-    let mut relaxed = vec![];
-    for vi in graph.input.iter_mut() {
+
+    /// The expression as an ONNX `dim_param` tract's importer reads back.
+    fn to_dim_param(&self) -> String {
+        match self {
+            DimExpr::Val(v) => v.to_string(),
+            DimExpr::Sym(s) => s.clone(),
+            DimExpr::Add(items) => items.iter().map(|e| e.to_dim_param()).collect::<Vec<_>>().join(" + "),
+            DimExpr::Mul(items) => {
+                items.iter().map(|e| format!("({})", e.to_dim_param())).collect::<Vec<_>>().join("*")
+            }
+            DimExpr::MulInt(k, e) => format!("{k}*({})", e.to_dim_param()),
+        }
+    }
+
+    fn symbols(&self, out: &mut Vec<String>) {
+        match self {
+            DimExpr::Val(_) => {}
+            DimExpr::Sym(s) => out.push(s.clone()),
+            DimExpr::Add(items) | DimExpr::Mul(items) => items.iter().for_each(|e| e.symbols(out)),
+            DimExpr::MulInt(_, e) => e.symbols(out),
+        }
+    }
+}
+
+/// Every dim of a value info list, with its dim_param name when it has one.
+fn for_each_dim(values: &mut [pb::ValueInfoProto], f: &mut dyn FnMut(&mut pb::tensor_shape_proto::Dimension)) {
+    for vi in values {
         if let Some(TypeValue::TensorType(tt)) = vi.r#type.as_mut().and_then(|t| t.value.as_mut()) {
             if let Some(shape) = tt.shape.as_mut() {
-                for d in &mut shape.dim {
-                    if let Some(DimValue::DimParam(p)) = &d.value {
-                        if names.contains(p) {
-                            if !relaxed.contains(p) {
-                                relaxed.push(p.clone());
-                            }
-                            d.value = None;
-                        }
-                    }
-                }
+                shape.dim.iter_mut().for_each(&mut *f);
             }
         }
     }
-    relaxed
+}
+
+fn dim_param_of(d: &pb::tensor_shape_proto::Dimension) -> Option<&str> {
+    match &d.value {
+        Some(DimValue::DimParam(p)) => Some(p.as_str()),
+        _ => None,
+    }
+}
+
+/// Reads `Impossible to unify A with B.` in a typing failure. Where one side is a named dim `X` and the other an
+/// expression the graph computes:
+/// - if `X` names a dim of a graph input and the expression only uses the inputs' other dims, every `X` (inputs,
+///   value_info, outputs) becomes that expression, so the input facts stay determined and tract solves `X` at run
+///   time from the other inputs;
+/// - otherwise the value_info/output annotations naming `X` are dropped (they are hints; the graph's own inference
+///   is what counts).
+///
+/// Returns a line for the pass log, or `None` when the failure is not such a conflict.
+fn resolve_dim_conflict(proto: &mut pb::ModelProto, msg: &str) -> Option<String> {
+    let at = msg.find("Impossible to unify ")?;
+    let rest = &msg[at + "Impossible to unify ".len()..];
+    let (a, rest) = DimExpr::parse(rest)?;
+    let rest = rest.trim_start().strip_prefix("with")?;
+    let (b, _) = DimExpr::parse(rest)?;
+    let graph = proto.graph.as_mut()?;
+    let mut input_syms: Vec<String> = vec![];
+    for_each_dim(&mut graph.input, &mut |d| {
+        if let Some(p) = dim_param_of(d) {
+            input_syms.push(p.to_string());
+        }
+    });
+    let candidates = [(a.clone(), b.clone()), (b, a)];
+    // first choice: an input's dim renamed to what the graph computes
+    for (named, expr) in &candidates {
+        let DimExpr::Sym(x) = named else { continue };
+        if !input_syms.contains(x) {
+            continue;
+        }
+        let mut used = vec![];
+        expr.symbols(&mut used);
+        if used.is_empty() || used.contains(x) || !used.iter().all(|s| input_syms.contains(s)) {
+            continue;
+        }
+        let replacement = expr.to_dim_param();
+        let mut rename = |d: &mut pb::tensor_shape_proto::Dimension| {
+            if dim_param_of(d) == Some(x.as_str()) {
+                d.value = Some(DimValue::DimParam(replacement.clone()));
+            }
+        };
+        for_each_dim(&mut graph.input, &mut rename);
+        for_each_dim(&mut graph.value_info, &mut rename);
+        for_each_dim(&mut graph.output, &mut rename);
+        return Some(format!("dim `{x}` is computed by the graph as `{replacement}`; renamed"));
+    }
+    // otherwise: drop the annotations on intermediate values and outputs that name the conflicting dims
+    let mut dropped = vec![];
+    for (named, _) in &candidates {
+        let DimExpr::Sym(x) = named else { continue };
+        let mut hit = false;
+        let mut drop = |d: &mut pb::tensor_shape_proto::Dimension| {
+            if dim_param_of(d) == Some(x.as_str()) {
+                d.value = None;
+                hit = true;
+            }
+        };
+        for_each_dim(&mut graph.value_info, &mut drop);
+        for_each_dim(&mut graph.output, &mut drop);
+        if hit {
+            dropped.push(x.clone());
+        }
+    }
+    if dropped.is_empty() {
+        return None;
+    }
+    Some(format!("value annotations naming {dropped:?} dropped (they conflict with the graph's shapes)"))
 }
 
 fn typing_error(e: &TractError) -> Error {
