@@ -6,6 +6,7 @@
 pub mod error;
 pub mod import;
 pub mod passes;
+pub mod symbolic;
 pub mod types;
 
 pub use error::{Error, ErrorKind, Result};

@@ -10,7 +10,11 @@ pub fn run(model: &mut Model, level: OptimizationLevel) -> Result<()> {
     if level == OptimizationLevel::Disabled {
         return Ok(());
     }
-    model.typed.declutter().map_err(|e| Error::from_tract(ErrorKind::InvalidModel, "decluttering the model", &e))?;
+    let guarded = crate::symbolic::declutter(&mut model.typed)
+        .map_err(|e| Error::from_tract(ErrorKind::InvalidModel, "decluttering the model", &e))?;
+    if !guarded.is_empty() {
+        model.pass_log.push(format!("declutter withheld on {guarded:?} (symbolic uniform operand)"));
+    }
     if level == OptimizationLevel::All {
         model.typed.optimize().map_err(|e| Error::from_tract(ErrorKind::InvalidModel, "optimising the model", &e))?;
     }
