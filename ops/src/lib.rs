@@ -4,6 +4,7 @@
 //! other domains back to tract's own builder.
 
 pub mod flatten;
+pub mod gemm;
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -60,4 +61,7 @@ pub fn register(reg: &mut OnnxOpRegister) {
 }
 
 /// Every op kiln registers: (op type, builder). Each builder checks the node's domain first.
-pub const KILN_OPS: &[(&str, OpBuilder)] = &[("Flatten", onnx_domain_only!(flatten::build))];
+pub const KILN_OPS: &[(&str, OpBuilder)] = &[
+    ("Flatten", onnx_domain_only!(flatten::build)),
+    ("Gemm", onnx_domain_only!(gemm::build)),
+];
