@@ -1,1 +1,260 @@
-fn main() {}
+//! `kiln-run`: prints a model's inputs and outputs, and runs greedy decoding with a KV cache.
+//!
+//! ```text
+//! kiln-run MODEL.onnx                                   # input/output metadata
+//! kiln-run MODEL.onnx --ids 6403,1980,253,655 --greedy 20
+//! kiln-run MODEL.onnx --placement --provider gpu
+//! ```
+
+mod decode;
+mod text;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use kiln_provider::blocking::Session;
+use kiln_provider::{ExecutionProvider, SessionOptions, ValueInfo};
+
+const USAGE: &str = "\
+usage: kiln-run MODEL.onnx [options]
+
+Without options, prints the model's inputs and outputs (name, element type, shape with symbolic names).
+
+options:
+  --ids 1,2,3          prompt token ids (comma separated)
+  --prompt TEXT        prompt text, tokenized with tokenizer.json beside the model (instead of --ids)
+  --greedy N           generate N tokens greedily (prefill, then one token at a time with the KV cache)
+  --provider cpu|gpu   execution provider (gpu: WebGPU, falls back to cpu where unavailable)
+  --threads N          CPU threads for the kernels (default 1)
+  --placement          print where the model runs (provider, node count)
+  --no-text            do not decode the generated tokens to text
+  -h, --help           this help";
+
+#[derive(Debug, Default)]
+struct Args {
+    model: Option<PathBuf>,
+    ids: Option<Vec<i64>>,
+    prompt: Option<String>,
+    greedy: Option<usize>,
+    provider: Option<ExecutionProvider>,
+    threads: Option<usize>,
+    placement: bool,
+    no_text: bool,
+}
+
+fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
+    let mut args = Args::default();
+    let mut it = argv.iter();
+    fn value<'a>(it: &mut std::slice::Iter<'a, String>, flag: &str) -> Result<&'a String, String> {
+        it.next().ok_or_else(|| format!("{flag} needs a value"))
+    }
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "-h" | "--help" => return Ok(None),
+            "--ids" => {
+                let v = value(&mut it, a)?;
+                let ids = v
+                    .split(',')
+                    .filter(|s| !s.trim().is_empty())
+                    .map(|s| s.trim().parse::<i64>().map_err(|e| format!("--ids: `{s}` is not a token id ({e})")))
+                    .collect::<Result<Vec<_>, _>>()?;
+                if ids.is_empty() {
+                    return Err("--ids: no token ids given".into());
+                }
+                args.ids = Some(ids);
+            }
+            "--prompt" => args.prompt = Some(value(&mut it, a)?.clone()),
+            "--greedy" => {
+                let v = value(&mut it, a)?;
+                let n = v.parse::<usize>().map_err(|e| format!("--greedy: `{v}` is not a count ({e})"))?;
+                if n == 0 {
+                    return Err("--greedy: the count must be at least 1".into());
+                }
+                args.greedy = Some(n);
+            }
+            "--provider" => {
+                let v = value(&mut it, a)?;
+                args.provider = Some(ExecutionProvider::from_name(v).map_err(|e| format!("--provider: {e}"))?);
+            }
+            "--threads" => {
+                let v = value(&mut it, a)?;
+                let n = v.parse::<usize>().map_err(|e| format!("--threads: `{v}` is not a count ({e})"))?;
+                if n == 0 {
+                    return Err("--threads: the count must be at least 1".into());
+                }
+                args.threads = Some(n);
+            }
+            "--placement" => args.placement = true,
+            "--no-text" => args.no_text = true,
+            s if s.starts_with('-') => return Err(format!("unknown option `{s}`")),
+            s => {
+                if args.model.is_some() {
+                    return Err(format!("unexpected argument `{s}` (the model is already given)"));
+                }
+                args.model = Some(PathBuf::from(s));
+            }
+        }
+    }
+    if args.model.is_none() {
+        return Err("no model given".into());
+    }
+    if args.ids.is_some() && args.prompt.is_some() {
+        return Err("give either --ids or --prompt, not both".into());
+    }
+    if (args.ids.is_some() || args.prompt.is_some()) && args.greedy.is_none() {
+        args.greedy = Some(1);
+    }
+    if args.greedy.is_some() && args.ids.is_none() && args.prompt.is_none() {
+        return Err("--greedy needs a prompt: --ids 1,2,3 or --prompt TEXT".into());
+    }
+    Ok(Some(args))
+}
+
+fn print_values(title: &str, values: &[ValueInfo]) {
+    println!("{title}:");
+    let width = values.iter().map(|v| v.name.len()).max().unwrap_or(0);
+    for v in values {
+        let ty = match v.element_type {
+            Some(t) => t.name().to_string(),
+            None => format!("unsupported ({})", kiln_provider::ErrorKind::NotImplemented.as_str()),
+        };
+        println!("  {:width$}  {:8}  {}", v.name, ty, v.shape_string(), width = width);
+    }
+}
+
+fn run(args: Args) -> Result<(), String> {
+    let model = args.model.clone().unwrap_or_default();
+    if !model.is_file() {
+        return Err(format!("model file {} does not exist", model.display()));
+    }
+    let mut options = SessionOptions { intra_op_num_threads: args.threads, ..Default::default() };
+    if let Some(ep) = args.provider {
+        options.execution_providers = vec![ep];
+    }
+    let t0 = Instant::now();
+    let session = Session::from_path(&model, &options).map_err(|e| format!("loading {}: {e}", model.display()))?;
+    let load_ms = t0.elapsed().as_secs_f64() * 1e3;
+    if let Some(note) = session.provider_note() {
+        println!("note: {note}");
+    }
+    println!("model: {} (loaded in {load_ms:.0} ms)", model.display());
+    print_values("inputs", session.inputs());
+    print_values("outputs", session.outputs());
+
+    if args.placement {
+        let m = session.model();
+        println!("placement:");
+        println!("  provider: {}", session.execution_provider().name());
+        println!(
+            "  nodes: {} (all on {}; per-node placement comes with the WebGPU provider)",
+            m.typed.nodes.len(),
+            session.execution_provider().name()
+        );
+        println!("  threads: {}", args.threads.unwrap_or(1));
+        println!("  opset: {}{}", m.opset, m.domains.iter().map(|(d, v)| format!(", {d} {v}")).collect::<String>());
+        for line in &m.pass_log {
+            println!("  pass: {line}");
+        }
+    }
+
+    let Some(steps) = args.greedy else { return Ok(()) };
+    let tokenizer = if args.no_text && args.prompt.is_none() { None } else { text::find_tokenizer(&model) };
+    let prompt_ids = match (&args.ids, &args.prompt) {
+        (Some(ids), _) => ids.clone(),
+        (None, Some(p)) => match &tokenizer {
+            Some(tok) => tok.encode(p)?,
+            None => return Err(text::unavailable_reason(&model)),
+        },
+        (None, None) => unreachable_prompt()?,
+    };
+    let plan = decode::DecodePlan::new(&session, &model)?;
+    let result = plan.greedy(&session, &prompt_ids, steps)?;
+    println!("prompt: {prompt_ids:?}");
+    println!("tokens: {:?}", result.tokens);
+    println!("prefill: {:.2} ms ({} tokens)", result.prefill_ms, prompt_ids.len());
+    match result.decode_ms.len() {
+        0 => println!("decode: - (one token only)"),
+        n => println!(
+            "decode: {:.2} ms/token (mean of {n}; min {:.2}, max {:.2})",
+            result.decode_ms.iter().sum::<f64>() / n as f64,
+            result.decode_ms.iter().cloned().fold(f64::INFINITY, f64::min),
+            result.decode_ms.iter().cloned().fold(0.0, f64::max)
+        ),
+    }
+    if !args.no_text {
+        if let Some(tok) = &tokenizer {
+            match tok.decode(&result.tokens) {
+                Ok(t) => println!("text: {t:?}"),
+                Err(e) => println!("text: (not decoded: {e})"),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn unreachable_prompt() -> Result<Vec<i64>, String> {
+    Err("--greedy needs a prompt: --ids 1,2,3 or --prompt TEXT".into())
+}
+
+fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let args = match parse_args(&argv) {
+        Ok(Some(a)) => a,
+        Ok(None) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("error: {e}\n\n{USAGE}");
+            return ExitCode::from(1);
+        }
+    };
+    // kiln turns panics inside the engine into errors; keep the default hook from printing them as crashes.
+    std::panic::set_hook(Box::new(|_| {}));
+    let outcome = std::panic::catch_unwind(|| run(args));
+    match outcome {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            eprintln!("error: internal error in kiln-run ({msg}); please report it");
+            ExitCode::from(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &[&str]) -> Result<Option<Args>, String> {
+        parse_args(&s.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn parses_greedy() {
+        let a = args(&["m.onnx", "--ids", "1, 2,3", "--greedy", "4", "--threads", "2"]).unwrap().unwrap();
+        assert_eq!(a.ids, Some(vec![1, 2, 3]));
+        assert_eq!(a.greedy, Some(4));
+        assert_eq!(a.threads, Some(2));
+    }
+
+    #[test]
+    fn rejects_bad_args() {
+        assert!(args(&[]).is_err());
+        assert!(args(&["m.onnx", "--ids", "x"]).is_err());
+        assert!(args(&["m.onnx", "--greedy", "3"]).is_err());
+        assert!(args(&["m.onnx", "--provider", "tpu"]).is_err());
+        assert!(args(&["m.onnx", "--frobnicate"]).is_err());
+        assert!(args(&["m.onnx", "--threads", "0"]).is_err());
+        assert!(args(&["--help"]).unwrap().is_none());
+    }
+}
