@@ -3,8 +3,10 @@
 //! tract's op registry is keyed by op name only, so every kiln registration checks `node.domain` and hands nodes of
 //! other domains back to tract's own builder.
 
+pub mod attention;
 pub mod flatten;
 pub mod gemm;
+pub mod matmul_nbits;
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -62,6 +64,8 @@ pub fn register(reg: &mut OnnxOpRegister) {
 
 /// Every op kiln registers: (op type, builder). Each builder checks the node's domain first.
 pub const KILN_OPS: &[(&str, OpBuilder)] = &[
+    ("Attention", onnx_domain_only!(attention::build)),
     ("Flatten", onnx_domain_only!(flatten::build)),
     ("Gemm", onnx_domain_only!(gemm::build)),
+    ("MatMulNBits", matmul_nbits::build),
 ];
