@@ -7,6 +7,7 @@ pub mod attention;
 pub mod flatten;
 pub mod gemm;
 pub mod matmul_nbits;
+pub mod pad;
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -66,6 +67,7 @@ pub fn register(reg: &mut OnnxOpRegister) {
 pub const KILN_OPS: &[(&str, OpBuilder)] = &[
     ("Attention", onnx_domain_only!(attention::build)),
     ("Flatten", onnx_domain_only!(flatten::build)),
+    ("Pad", onnx_domain_only!(pad::build)),
     ("Gemm", onnx_domain_only!(gemm::build)),
     ("MatMulNBits", matmul_nbits::build),
 ];
