@@ -12,6 +12,7 @@ import json
 import os
 import re
 import sys
+import time
 
 import numpy as np
 import onnxruntime as ort
@@ -73,7 +74,8 @@ def empty_past(inp, model):
     return np.zeros(dims, dtype=TYPES[inp.type])
 
 
-def greedy(model, ids, steps, threads):
+def greedy(model, ids, steps, threads, times=None):
+    """Returns the generated ids; appends each step's milliseconds (prefill first) to `times` when given."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
@@ -114,6 +116,7 @@ def greedy(model, ids, steps, threads):
     cache = {p.name: empty_past(p, model) for p in pasts}
     past_len, feed, tokens = 0, list(ids), []
     for _ in range(steps):
+        t0 = time.perf_counter()
         seq = len(feed)
         feeds = {roles["ids"].name: np.array([feed], dtype=TYPES[roles["ids"].type])}
         if "mask" in roles:
@@ -130,6 +133,8 @@ def greedy(model, ids, steps, threads):
         cache = {p: result[o] for p, o in pair.items()}
         past_len += seq
         feed = [nxt]
+        if times is not None:
+            times.append((time.perf_counter() - t0) * 1e3)
     return tokens
 
 

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Every check CI runs, in order. Installs what is missing first (fresh Debian machine: Rust via rustup, a C compiler,
+# python3-venv; then the rustfmt/clippy components, the wasm32 target and the Python venv at .venv).
+#
+#   bash scripts/test.sh            # everything
+#   KILN_SKIP_INSTALL=1 bash scripts/test.sh   # checks only
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+SECONDS=0
+step() { printf '\n=== [%4ds] %s\n' "$SECONDS" "$*"; }
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else "$@"; fi; }
+apt_install() {
+  command -v apt-get >/dev/null || { echo "missing: $* (no apt-get here; install them by hand)"; return 1; }
+  as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@"
+}
+
+if [ "${KILN_SKIP_INSTALL:-0}" != 1 ]; then
+  step "install what is missing"
+  [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
+  need_apt=()
+  command -v cc >/dev/null || need_apt+=(build-essential)
+  command -v curl >/dev/null || need_apt+=(curl ca-certificates)
+  command -v python3 >/dev/null || need_apt+=(python3)
+  python3 -c "import ensurepip, venv" 2>/dev/null || need_apt+=(python3-venv python3-pip)
+  [ ${#need_apt[@]} -eq 0 ] || apt_install "${need_apt[@]}"
+  if ! command -v cargo >/dev/null; then
+    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
+    export PATH="$HOME/.cargo/bin:$PATH"
+  fi
+  if command -v rustup >/dev/null; then
+    installed="$(rustup component list --installed 2>/dev/null || true)"
+    for c in rustfmt clippy; do grep -q "^$c" <<<"$installed" || rustup component add "$c"; done
+    rustup target list --installed | grep -qx wasm32-unknown-unknown || rustup target add wasm32-unknown-unknown
+  fi
+  if ! .venv/bin/python -c "import onnx, onnxruntime, numpy" 2>/dev/null; then
+    python3 -m venv .venv
+    .venv/bin/pip install -q onnx==1.22.0 onnxruntime numpy
+  fi
+fi
+
+step "cargo fmt --all --check"
+cargo fmt --all --check
+
+step "cargo clippy --release --workspace --all-targets -- -D warnings"
+cargo clippy --release --workspace --all-targets -- -D warnings
+
+step "cargo test --release --workspace"
+cargo test --release --workspace
+
+step "cargo build --release -p kiln-js --target wasm32-unknown-unknown"
+cargo build --release -p kiln-js --target wasm32-unknown-unknown
+ls -l target/wasm32-unknown-unknown/release/kiln_js.wasm
+
+if [ -f conformance/src/main.rs ]; then
+  step "conformance summary (informational)"
+  cargo build --release -p kiln-conformance --bin kiln-conformance
+  timeout 1800 target/release/kiln-conformance --suite all --jobs 2 2>&1 | tail -n 5 || echo "(the conformance run did not finish cleanly)"
+fi
+
+step "demo"
+bash scripts/demo.sh --greedy 8 | grep -E '^(model|tokens|prefill|decode|text)'
+
+step "all checks passed in ${SECONDS}s"
