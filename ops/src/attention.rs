@@ -16,7 +16,8 @@
 //! - `scores = scale·Q·Kᵀ` (scale defaults to `1/sqrt(head_size)`), then softcap (`c·tanh(s/c)`), then the bias, then
 //!   softmax; `qk_matmul_output` is the scores after softcap (modes 0, 1), with the bias (2) or after softmax (3).
 //!
-//! f16 inputs compute in f32, f64 in f64.
+//! A query whose keys are all masked gets zero weights (a zero output row), as onnxruntime's CPU kernel does; onnx's
+//! reference yields NaN there. f16 inputs compute in f32, f64 in f64.
 
 use tract_onnx::model::ParsingContext;
 use tract_onnx::pb::NodeProto;
@@ -557,13 +558,18 @@ impl AttentionOp {
                         }
                         *score = x;
                     }
-                    let mut sum = F::default();
-                    for score in scores.iter_mut() {
-                        *score = score.sub(max).exp();
-                        sum = sum + *score;
-                    }
-                    for score in scores.iter_mut() {
-                        *score = score.div(sum);
+                    if max == F::NEG_INF {
+                        // every key masked: onnxruntime yields zeros (onnx's reference, NaN)
+                        scores.iter_mut().for_each(|p| *p = F::default());
+                    } else {
+                        let mut sum = F::default();
+                        for score in scores.iter_mut() {
+                            *score = score.sub(max).exp();
+                            sum = sum + *score;
+                        }
+                        for score in scores.iter_mut() {
+                            *score = score.div(sum);
+                        }
                     }
                     if want_qk && c.qk_mode == 3 {
                         qk[qk_row..qk_row + total].copy_from_slice(&scores);

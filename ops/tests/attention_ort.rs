@@ -80,3 +80,8 @@ fn bool_mask_past_3d() {
 fn float_mask_past_causal_3d() {
     run_case("float_mask_past_causal_3d");
 }
+
+#[test]
+fn fully_masked_row_bool_past_causal_4d() {
+    run_case("fully_masked_row_bool_past_causal_4d");
+}

@@ -147,6 +147,24 @@ def main():
         dict(q_num_heads=HQ, kv_num_heads=HKV, is_causal=1),
     )
 
+    # a query whose keys are all masked (left padding): onnxruntime returns a zero row (onnx's reference, NaN)
+    P, S = 2, 3
+    T = P + S
+    mask = np.ones((B, 1, S, T), dtype=bool)
+    mask[0, :, 0, :] = False
+    make_case(
+        "fully_masked_row_bool_past_causal_4d",
+        [
+            ("Q", rnd(rng, B, HQ, S, D)),
+            ("K", rnd(rng, B, HKV, S, D)),
+            ("V", rnd(rng, B, HKV, S, D)),
+            ("attn_mask", mask),
+            ("past_key", rnd(rng, B, HKV, P, D)),
+            ("past_value", rnd(rng, B, HKV, P, D)),
+        ],
+        dict(is_causal=1),
+    )
+
 
 if __name__ == "__main__":
     main()
