@@ -8,6 +8,9 @@ pub mod flatten;
 pub mod gemm;
 pub mod matmul_nbits;
 pub mod pad;
+pub mod kernel;
+pub mod negative_log_likelihood_loss;
+pub mod softmax_cross_entropy_loss;
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -70,4 +73,6 @@ pub const KILN_OPS: &[(&str, OpBuilder)] = &[
     ("Pad", onnx_domain_only!(pad::build)),
     ("Gemm", onnx_domain_only!(gemm::build)),
     ("MatMulNBits", matmul_nbits::build),
+    ("NegativeLogLikelihoodLoss", onnx_domain_only!(negative_log_likelihood_loss::build)),
+    ("SoftmaxCrossEntropyLoss", onnx_domain_only!(softmax_cross_entropy_loss::build)),
 ];
