@@ -605,3 +605,74 @@ pub fn tensor_from_proto_bytes(bytes: &[u8]) -> Result<(String, Tensor)> {
         .map_err(|e| Error::from_tract(ErrorKind::InvalidArgument, "decoding a TensorProto", &e))?;
     Ok((proto.name.clone(), t))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_tract_dim_debug() {
+        let (e, rest) = DimExpr::parse("Add([Sym(s), MulInt(2, Sym(p)), Val(1)]) tail").expect("parse");
+        assert_eq!(rest, " tail");
+        assert_eq!(e.to_dim_param(), "s + 2*(p) + 1");
+        let (e, _) = DimExpr::parse("Mul([Sym(a), Sym(b)])").expect("parse");
+        assert_eq!(e.to_dim_param(), "(a)*(b)");
+        assert!(DimExpr::parse("Div(Sym(a), 2)").is_none());
+    }
+
+    fn input(name: &str, dims: &[&str]) -> pb::ValueInfoProto {
+        let dim = dims
+            .iter()
+            .map(|d| pb::tensor_shape_proto::Dimension {
+                value: Some(DimValue::DimParam(d.to_string())),
+                ..Default::default()
+            })
+            .collect();
+        pb::ValueInfoProto {
+            name: name.into(),
+            r#type: Some(pb::TypeProto {
+                value: Some(TypeValue::TensorType(pb::type_proto::Tensor {
+                    elem_type: 7,
+                    shape: Some(pb::TensorShapeProto { dim }),
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn dims_of(vi: &pb::ValueInfoProto) -> Vec<String> {
+        let Some(TypeValue::TensorType(tt)) = vi.r#type.as_ref().and_then(|t| t.value.as_ref()) else { return vec![] };
+        tt.shape
+            .as_ref()
+            .map(|s| s.dim.iter().map(|d| dim_param_of(d).unwrap_or("?").to_string()).collect())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn renames_a_conflicting_input_dim_only() {
+        let mut proto = pb::ModelProto {
+            graph: Some(pb::GraphProto {
+                input: vec![
+                    input("input_ids", &["batch", "sequence_length"]),
+                    input("attention_mask", &["batch", "total_sequence_length"]),
+                    input("past", &["batch", "past_sequence_length"]),
+                ],
+                value_info: vec![input("range", &["total_sequence_length"])],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let msg = "Failed analyse for node #50 \"arange\" Range: Infering facts: Applying rule outputs[0].shape[0] == \
+                   Add([Sym(sequence_length), Sym(past_sequence_length)]): Impossible to unify \
+                   Sym(total_sequence_length) with Add([Sym(sequence_length), Sym(past_sequence_length)]).";
+        let line = resolve_dim_conflict(&mut proto, msg).expect("resolved");
+        assert!(line.contains("total_sequence_length"), "{line}");
+        let g = proto.graph.as_ref().unwrap();
+        assert_eq!(dims_of(&g.input[0]), ["batch", "sequence_length"]);
+        assert_eq!(dims_of(&g.input[1]), ["batch", "sequence_length + past_sequence_length"]);
+        assert_eq!(dims_of(&g.input[2]), ["batch", "past_sequence_length"]);
+        assert_eq!(dims_of(&g.value_info[0]), ["sequence_length + past_sequence_length"]);
+        assert!(resolve_dim_conflict(&mut proto, "something else").is_none());
+    }
+}

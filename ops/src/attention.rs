@@ -205,9 +205,8 @@ impl Expansion for Attention {
             if let Some(o) = slot {
                 let src = if i == 1 || i == 2 { &inputs[1].datum_type } else { &inputs[0].datum_type };
                 s.equals(&outputs[*o].datum_type, src)?;
-                let rank = if i == 0 { &inputs[0].rank } else { &inputs[0].rank };
                 if i == 0 {
-                    s.equals(&outputs[*o].rank, rank)?;
+                    s.equals(&outputs[*o].rank, &inputs[0].rank)?;
                 } else {
                     s.equals(&outputs[*o].rank, 4)?;
                 }
