@@ -228,6 +228,7 @@ pub fn load_proto(mut proto: pb::ModelProto, options: &LoadOptions) -> Result<Mo
         }
     };
     let mut model = Model { typed, inputs, outputs, opset, domains, pass_log };
+    tdim_outputs_to_i64(&mut model.typed)?;
     crate::passes::run(&mut model, options.optimization)?;
     Ok(model)
 }
@@ -397,6 +398,23 @@ fn resolve_dim_conflict(proto: &mut pb::ModelProto, msg: &str) -> Option<String>
         return None;
     }
     Some(format!("value annotations naming {dropped:?} dropped (they conflict with the graph's shapes)"))
+}
+
+/// tract computes shapes (Shape, Size) as TDim; a model output of that type leaves as ONNX's int64.
+fn tdim_outputs_to_i64(typed: &mut TypedModel) -> Result<()> {
+    for ix in 0..typed.outputs.len() {
+        let outlet = typed.outputs[ix];
+        let fact = typed.outlet_fact(outlet).map_err(|e| Error::from_tract(ErrorKind::InvalidModel, "output fact", &e))?;
+        if fact.datum_type == DatumType::TDim {
+            let name = format!("{}.to_i64", typed.node(outlet.node).name);
+            let cast = tract_onnx::tract_core::ops::cast::cast(DatumType::I64);
+            let wire = typed
+                .wire_node(name, cast, &[outlet])
+                .map_err(|e| Error::from_tract(ErrorKind::InvalidModel, "casting a shape output to int64", &e))?;
+            typed.outputs[ix] = wire[0];
+        }
+    }
+    Ok(())
 }
 
 fn typing_error(e: &TractError) -> Error {
