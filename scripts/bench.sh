@@ -14,8 +14,11 @@ THREADS="${THREADS:-1 2}"
 STEPS="${STEPS:-32}"
 PY=.venv/bin/python
 
-cargo build --release -q -p kiln-examples --bin kiln-run
 KILN=target/release/kiln-run
+if ! cargo build --release -q -p kiln-examples --bin kiln-run 2>/tmp/kiln-bench-build.log; then
+  [ -x "$KILN" ] || { cat /tmp/kiln-bench-build.log; exit 1; }
+  echo "warning: building kiln-run failed (see /tmp/kiln-bench-build.log); measuring the existing $KILN"
+fi
 
 models=("$@")
 if [ ${#models[@]} -eq 0 ]; then
@@ -27,7 +30,7 @@ fi
 
 echo "host: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), load $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "kiln $(git rev-parse --short HEAD 2>/dev/null || echo '?'), onnxruntime $($PY -c 'import onnxruntime; print(onnxruntime.__version__)'), $STEPS tokens"
-printf '%-34s %3s  %12s %12s  %7s  %12s %12s  %s\n' model thr "kiln ms/tok" "ort ms/tok" ratio "kiln prefill" "ort prefill" "same tokens"
+printf '%-45s %3s  %12s %12s  %7s  %12s %12s  %s\n' model thr "kiln ms/tok" "ort ms/tok" ratio "kiln prefill" "ort prefill" "same tokens"
 for m in "${models[@]}"; do
   name="$(basename "$(dirname "$(dirname "$m")")")/$(basename "$(dirname "$m")")/$(basename "$m")"
   name="${name#./}"
@@ -51,6 +54,6 @@ PY
     if [ "$same" = no ]; then
       same="no (first difference at $($PY -c 'import sys; a=eval(sys.argv[1]); b=eval(sys.argv[2]); print(next((i for i,(x,y) in enumerate(zip(a,b)) if x!=y), min(len(a),len(b))))' "$ktok" "$otok"))"
     fi
-    printf '%-34s %3s  %12s %12s  %7s  %12s %12s  %s\n' "$name" "$t" "$kdec" "$odec" "$ratio" "$kpre" "$opre" "$same"
+    printf '%-45s %3s  %12s %12s  %7s  %12s %12s  %s\n' "$name" "$t" "$kdec" "$odec" "$ratio" "$kpre" "$opre" "$same"
   done
 done
