@@ -101,3 +101,29 @@ pub fn resolve_axis(op: &str, axis: i64, rank: usize) -> TractResult<usize> {
     ensure!(a >= 0 && (a as usize) < rank.max(1), "{op}: axis {axis} is out of range for rank {rank}");
     Ok(a as usize)
 }
+
+/// The tract datum type of an ONNX `TensorProto.DataType` code (the types kiln represents).
+pub fn datum_type_of_onnx(op: &str, code: i64) -> TractResult<DatumType> {
+    Ok(match code {
+        1 => DatumType::F32,
+        2 => DatumType::U8,
+        3 => DatumType::I8,
+        4 => DatumType::U16,
+        5 => DatumType::I16,
+        6 => DatumType::I32,
+        7 => DatumType::I64,
+        8 => DatumType::String,
+        9 => DatumType::Bool,
+        10 => DatumType::F16,
+        11 => DatumType::F64,
+        12 => DatumType::U32,
+        13 => DatumType::U64,
+        other => bail!("{op}: element type code {other} is not supported"),
+    })
+}
+
+/// A constant input's values as i64 (shapes, axes), or an error saying it must be constant.
+pub fn const_i64s(op: &str, what: &str, fact: &TypedFact) -> TractResult<Vec<i64>> {
+    let k = fact.konst.as_ref().ok_or_else(|| format_err!("{op}: `{what}` must be a constant"))?;
+    Ok(k.cast_to::<i64>()?.try_as_plain_ram()?.as_slice::<i64>()?.to_vec())
+}

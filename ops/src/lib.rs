@@ -8,7 +8,12 @@ pub mod flatten;
 pub mod gemm;
 pub mod matmul_nbits;
 pub mod pad;
+pub mod bitcast;
+pub mod center_crop_pad;
+pub mod cumprod;
 pub mod kernel;
+pub mod matmul;
+pub mod string_concat;
 pub mod negative_log_likelihood_loss;
 pub mod softmax_cross_entropy_loss;
 
@@ -75,4 +80,9 @@ pub const KILN_OPS: &[(&str, OpBuilder)] = &[
     ("MatMulNBits", matmul_nbits::build),
     ("NegativeLogLikelihoodLoss", onnx_domain_only!(negative_log_likelihood_loss::build)),
     ("SoftmaxCrossEntropyLoss", onnx_domain_only!(softmax_cross_entropy_loss::build)),
+    ("BitCast", onnx_domain_only!(bitcast::build)),
+    ("CumProd", onnx_domain_only!(cumprod::build)),
+    ("CenterCropPad", onnx_domain_only!(center_crop_pad::build)),
+    ("StringConcat", onnx_domain_only!(string_concat::build)),
+    ("MatMul", onnx_domain_only!(matmul::build)),
 ];
