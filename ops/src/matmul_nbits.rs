@@ -22,7 +22,8 @@
 //! `q = round_half_even(a · 127 / max|a|)`, and the block dot products are taken in integers. That changes outputs by
 //! ~1% of their range against the exact product, so kiln reproduces it: at accuracy level 4 A goes through
 //! [`QuantizeBlocksInt8`] (quantize then dequantize, exact in f32) before the f32 matmul, which equals MLAS' integer
-//! arithmetic up to f32 summation order. Other levels compute the exact f32 product.
+//! arithmetic up to f32 summation order. Other levels, and float zero points (which onnxruntime never runs in int8),
+//! compute the exact f32 product.
 
 use tract_onnx::model::{optional_inputs, ParsingContext};
 use tract_onnx::pb::NodeProto;
@@ -263,7 +264,8 @@ impl Expansion for MatMulNBits {
         if dt != f32::datum_type() {
             a = model.wire_node(format!("{prefix}.cast_a"), cast(f32::datum_type()), &[a])?[0];
         }
-        if self.int8_activations {
+        // onnxruntime keeps float activations when the zero points are floats (no integer form of the weight)
+        if self.int8_activations && zp_f32.is_none() {
             let op = QuantizeBlocksInt8 { block_size: self.block_size };
             a = model.wire_node(format!("{prefix}.quantize_a"), op, &[a])?[0];
         }
