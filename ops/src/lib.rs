@@ -12,6 +12,7 @@ pub mod bitcast;
 pub mod center_crop_pad;
 pub mod cumprod;
 pub mod kernel;
+pub mod lp_pool;
 pub mod matmul;
 pub mod string_concat;
 pub mod negative_log_likelihood_loss;
@@ -85,4 +86,5 @@ pub const KILN_OPS: &[(&str, OpBuilder)] = &[
     ("CenterCropPad", onnx_domain_only!(center_crop_pad::build)),
     ("StringConcat", onnx_domain_only!(string_concat::build)),
     ("MatMul", onnx_domain_only!(matmul::build)),
+    ("LpPool", onnx_domain_only!(lp_pool::build)),
 ];
