@@ -108,13 +108,15 @@ impl Outputs {
     }
 }
 
-impl std::ops::Index<&str> for Outputs {
-    type Output = Tensor;
-    fn index(&self, name: &str) -> &Tensor {
-        match self.get(name) {
-            Some(t) => t,
-            None => panic!("no output named `{name}`"),
-        }
+impl Outputs {
+    /// One output by name; an error lists the outputs this run returned.
+    pub fn output(&self, name: &str) -> Result<&Tensor> {
+        self.get(name).ok_or_else(|| {
+            Error::invalid_argument(format!(
+                "no output named `{name}` in this run's outputs ({})",
+                self.names().collect::<Vec<_>>().join(", ")
+            ))
+        })
     }
 }
 

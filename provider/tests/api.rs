@@ -44,16 +44,22 @@ fn run_matches_onnxruntime_and_subsets_outputs() {
     let a = proto("two_outputs_input_0.pb");
     let out = s.run([("a", a.clone())]).unwrap();
     assert_eq!(out.names().collect::<Vec<_>>(), vec!["sum", "prod"]);
-    assert_eq!(out["sum"].to_vec::<f32>().unwrap(), proto("two_outputs_output_0.pb").to_vec::<f32>().unwrap());
-    assert_eq!(out["prod"].to_vec::<f32>().unwrap(), proto("two_outputs_output_1.pb").to_vec::<f32>().unwrap());
+    assert_eq!(
+        out.output("sum").unwrap().to_vec::<f32>().unwrap(),
+        proto("two_outputs_output_0.pb").to_vec::<f32>().unwrap()
+    );
+    assert_eq!(
+        out.output("prod").unwrap().to_vec::<f32>().unwrap(),
+        proto("two_outputs_output_1.pb").to_vec::<f32>().unwrap()
+    );
     let only = s.run_with_outputs([("a", a.clone())], &["prod"]).unwrap();
     assert_eq!(only.names().collect::<Vec<_>>(), vec!["prod"]);
-    assert_eq!(only["prod"], out["prod"]);
+    assert_eq!(only.output("prod").unwrap(), out.output("prod").unwrap());
     // a different batch size on the same session (symbolic dim resolved per run)
     let a3 = Tensor::from_vec(&[3, 3], (0..9).map(|v| v as f32).collect()).unwrap();
     let out3 = s.run([("a", a3)]).unwrap();
-    assert_eq!(out3["sum"].dims(), &[3, 3]);
-    assert_eq!(out3["sum"].to_vec::<f32>().unwrap()[..3], [1.5, -1.0, 2.25]);
+    assert_eq!(out3.output("sum").unwrap().dims(), &[3, 3]);
+    assert_eq!(out3.output("sum").unwrap().to_vec::<f32>().unwrap()[..3], [1.5, -1.0, 2.25]);
     let e = err_of(s.run_with_outputs([("a", a)], &["nope"]));
     assert_eq!(e.kind, ErrorKind::InvalidArgument);
     assert!(e.message.contains("nope") && e.message.contains("sum"), "{e}");
@@ -93,8 +99,8 @@ fn every_element_type_round_trips() {
         }
         .unwrap();
         let out = s.run([("x", t.clone())]).unwrap_or_else(|e| panic!("{et}: {e}"));
-        assert_eq!(out["y"], t, "{et}");
-        assert_eq!(out["y"].element_type(), et);
+        assert_eq!(out.output("y").unwrap(), &t, "{et}");
+        assert_eq!(out.output("y").unwrap().element_type(), et);
         // and through the TensorProto encoding
         let back = Tensor::from_onnx_proto(&t.to_onnx_proto("x").unwrap()).unwrap();
         assert_eq!(back, ("x".to_string(), t));
@@ -105,7 +111,10 @@ fn every_element_type_round_trips() {
 fn bad_feeds_get_onnxruntime_like_errors() {
     let s = load("fixed_shape.onnx");
     let good = Tensor::from_vec(&[2, 3], vec![1i64, 2, 3, 4, 5, 6]).unwrap();
-    assert_eq!(s.run([("x", good.clone())]).unwrap()["y"].to_vec::<i64>().unwrap(), vec![2, 4, 6, 8, 10, 12]);
+    assert_eq!(
+        s.run([("x", good.clone())]).unwrap().output("y").unwrap().to_vec::<i64>().unwrap(),
+        vec![2, 4, 6, 8, 10, 12]
+    );
 
     let e = err_of(s.run(Vec::<(&str, Tensor)>::new()));
     assert_eq!(e.kind, ErrorKind::InvalidArgument);
@@ -182,7 +191,7 @@ fn external_data_from_folder_and_from_a_resolver() {
     let x = proto("external_data_input_0.pb");
     let want = proto("external_data_output_0.pb").to_vec::<f32>().unwrap();
     let s = load("external_data.onnx");
-    let got = s.run([("x", x.clone())]).unwrap()["y"].to_vec::<f32>().unwrap();
+    let got = s.run([("x", x.clone())]).unwrap().output("y").unwrap().to_vec::<f32>().unwrap();
     assert!(got.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-5), "{got:?} vs {want:?}");
 
     // the browser way: bytes only, external files supplied by the caller
@@ -192,7 +201,7 @@ fn external_data_from_folder_and_from_a_resolver() {
     let resolver = InMemoryResolver::new().with_file("weights.bin", read("weights.bin"));
     let opts = SessionOptions { external_data: Some(Arc::new(resolver)), ..Default::default() };
     let s = Session::from_bytes(&bytes, &opts).unwrap();
-    assert_eq!(s.run([("x", x.clone())]).unwrap()["y"].to_vec::<f32>().unwrap(), got);
+    assert_eq!(s.run([("x", x.clone())]).unwrap().output("y").unwrap().to_vec::<f32>().unwrap(), got);
 
     let short = InMemoryResolver::new().with_file("weights.bin", read("weights.bin")[..20].to_vec());
     let opts = SessionOptions { external_data: Some(Arc::new(short)), ..Default::default() };
@@ -210,7 +219,7 @@ fn free_dimension_overrides_fix_named_dims() {
     assert_eq!(s.inputs()[0].shape, Some(vec![Dim::Fixed(1), Dim::Fixed(4)]));
     let x = Tensor::from_vec(&[1, 4], vec![1f32, 2., 3., 4.]).unwrap();
     let out = s.run([("x", x.clone()), ("y", x.clone())]).unwrap();
-    assert_eq!(out["z"].to_vec::<f32>().unwrap(), vec![2., 4., 6., 8.]);
+    assert_eq!(out.output("z").unwrap().to_vec::<f32>().unwrap(), vec![2., 4., 6., 8.]);
     let wrong = Tensor::from_vec(&[1, 3], vec![1f32, 2., 3.]).unwrap();
     let e = err_of(s.run([("x", wrong.clone()), ("y", wrong)]));
     assert!(e.message.contains("index 1: got 3, expected 4"), "{e}");
@@ -226,7 +235,7 @@ fn optimisation_levels_agree() {
     for level in ["disabled", "basic", "extended", "all"] {
         let opts = SessionOptions { optimization: OptimizationLevel::from_name(level).unwrap(), ..Default::default() };
         let s = Session::from_path(data("two_outputs.onnx"), &opts).unwrap();
-        assert_eq!(s.run([("a", a.clone())]).unwrap()["sum"].to_vec::<f32>().unwrap(), want, "{level}");
+        assert_eq!(s.run([("a", a.clone())]).unwrap().output("sum").unwrap().to_vec::<f32>().unwrap(), want, "{level}");
     }
     assert_eq!(err_of(OptimizationLevel::from_name("max")).kind, ErrorKind::InvalidArgument);
 }
@@ -238,7 +247,7 @@ fn constant_inputs_leave_the_input_list() {
     let s = Session::from_path(data("free_dims.onnx"), &opts).unwrap();
     assert_eq!(s.input_names(), vec!["x"]);
     let out = s.run([("x", Tensor::from_vec(&[1, 2], vec![1f32, 2.]).unwrap())]).unwrap();
-    assert_eq!(out["z"].to_vec::<f32>().unwrap(), vec![6., 8.]);
+    assert_eq!(out.output("z").unwrap().to_vec::<f32>().unwrap(), vec![6., 8.]);
     let bad = SessionOptions { constant_inputs: vec![("nope".into(), x)], ..Default::default() };
     assert!(err_of(Session::from_path(data("free_dims.onnx"), &bad)).message.contains("nope"));
 }
