@@ -9,7 +9,9 @@ pub mod gemm;
 pub mod matmul_nbits;
 pub mod pad;
 pub mod bitcast;
+pub mod causal_conv_with_state;
 pub mod center_crop_pad;
+pub mod col2im;
 pub mod cumprod;
 pub mod kernel;
 pub mod lp_pool;
@@ -87,4 +89,6 @@ pub const KILN_OPS: &[(&str, OpBuilder)] = &[
     ("StringConcat", onnx_domain_only!(string_concat::build)),
     ("MatMul", onnx_domain_only!(matmul::build)),
     ("LpPool", onnx_domain_only!(lp_pool::build)),
+    ("CausalConvWithState", onnx_domain_only!(causal_conv_with_state::build)),
+    ("Col2Im", onnx_domain_only!(col2im::build)),
 ];
