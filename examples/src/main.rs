@@ -128,6 +128,20 @@ fn run(args: Args) -> Result<(), String> {
     if !model.is_file() {
         return Err(format!("model file {} does not exist", model.display()));
     }
+    // the prompt first: a missing tokenizer should not wait for the model to load
+    let tokenizer = if args.greedy.is_none() || (args.no_text && args.prompt.is_none()) {
+        None
+    } else {
+        text::find_tokenizer(&model)
+    };
+    let prompt_ids = match (&args.ids, &args.prompt) {
+        (Some(ids), _) => ids.clone(),
+        (None, Some(p)) => match &tokenizer {
+            Some(tok) => tok.encode(p)?,
+            None => return Err(text::unavailable_reason(&model)),
+        },
+        (None, None) => vec![],
+    };
     let mut options = SessionOptions { intra_op_num_threads: args.threads, ..Default::default() };
     if let Some(ep) = args.provider {
         options.execution_providers = vec![ep];
@@ -159,15 +173,6 @@ fn run(args: Args) -> Result<(), String> {
     }
 
     let Some(steps) = args.greedy else { return Ok(()) };
-    let tokenizer = if args.no_text && args.prompt.is_none() { None } else { text::find_tokenizer(&model) };
-    let prompt_ids = match (&args.ids, &args.prompt) {
-        (Some(ids), _) => ids.clone(),
-        (None, Some(p)) => match &tokenizer {
-            Some(tok) => tok.encode(p)?,
-            None => return Err(text::unavailable_reason(&model)),
-        },
-        (None, None) => unreachable_prompt()?,
-    };
     let plan = decode::DecodePlan::new(&session, &model)?;
     let result = plan.greedy(&session, &prompt_ids, steps)?;
     println!("prompt: {prompt_ids:?}");
@@ -191,10 +196,6 @@ fn run(args: Args) -> Result<(), String> {
         }
     }
     Ok(())
-}
-
-fn unreachable_prompt() -> Result<Vec<i64>, String> {
-    Err("--greedy needs a prompt: --ids 1,2,3 or --prompt TEXT".into())
 }
 
 fn main() -> ExitCode {

@@ -197,3 +197,24 @@ fn smollm2_greedy_follows_onnxruntime() {
         assert_eq!(&t[2..], &[436, 253, 3241], "{}", stdout(&out));
     }
 }
+
+/// With the `text` feature (default), `--prompt` tokenizes with tokenizer.json and the tokens are decoded back.
+#[test]
+#[cfg(feature = "text")]
+fn prompt_and_text_through_tokenizer_json() {
+    let model = fixtures().join("tiny-llama/onnx_optimum/model.onnx");
+    let out = kiln_run(&[model.to_str().unwrap(), "--prompt", "hello world", "--greedy", "3"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let s = stdout(&out);
+    assert!(s.contains("prompt: [") && s.contains("text: \""), "{s}");
+    let smol = root().join("../shared/models/smollm2-135m-instruct/onnx/model_q4f16.onnx");
+    if smol.is_file() {
+        let out = kiln_run(&[smol.to_str().unwrap(), "--prompt", "Once upon a time", "--greedy", "1"]);
+        assert!(stdout(&out).contains("prompt: [6403, 1980, 253, 655]"), "{}{}", stdout(&out), stderr(&out));
+    }
+    // no tokenizer.json beside the fp16 export: a clear error before loading
+    let fp16 = fixtures().join("tiny-llama/onnx_optimum_fp16/model.onnx");
+    let out = kiln_run(&[fp16.to_str().unwrap(), "--prompt", "hi", "--greedy", "1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("tokenizer.json"), "{}", stderr(&out));
+}
