@@ -4,10 +4,12 @@
 //! plans and runs.
 
 pub mod error;
+pub mod float16;
 pub mod import;
 pub mod passes;
 pub mod symbolic;
 pub mod types;
+pub mod untie;
 
 pub use error::{Error, ErrorKind, Result};
 pub use import::{

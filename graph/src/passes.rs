@@ -10,11 +10,24 @@ pub fn run(model: &mut Model, level: OptimizationLevel) -> Result<()> {
     if level == OptimizationLevel::Disabled {
         return Ok(());
     }
+    if crate::float16::compute_in_f32(&mut model.typed)
+        .map_err(|e| Error::from_tract(ErrorKind::InvalidModel, "computing float16 in float32", &e))?
+    {
+        model
+            .pass_log
+            .push("float16 computation runs in float32 (inputs/outputs stay float16), as onnxruntime's CPU".into());
+    }
     let guarded = crate::symbolic::declutter(&mut model.typed)
         .map_err(|e| Error::from_tract(ErrorKind::InvalidModel, "decluttering the model", &e))?;
     if !guarded.is_empty() {
         model.pass_log.push(format!("declutter withheld on {guarded:?} (symbolic uniform operand)"));
     }
+    let untied = crate::untie::untie_matmul_constants(&mut model.typed)
+        .map_err(|e| Error::from_tract(ErrorKind::InvalidModel, "untying matmul constants", &e))?;
+    model.pass_log.extend(untied);
+    let gathers = crate::untie::gather_before_cast(&mut model.typed)
+        .map_err(|e| Error::from_tract(ErrorKind::InvalidModel, "moving gathers before casts", &e))?;
+    model.pass_log.extend(gathers);
     if level == OptimizationLevel::All {
         model.typed.optimize().map_err(|e| Error::from_tract(ErrorKind::InvalidModel, "optimising the model", &e))?;
     }

@@ -178,9 +178,11 @@ impl MatMulNBits {
     }
 
     fn konst(&self, model: &TypedModel, wire: OutletId, what: &str) -> TractResult<Arc<Tensor>> {
-        model.outlet_fact(wire)?.konst.clone().ok_or_else(|| {
-            format_err!("MatMulNBits node `{}`: {what} must be a constant (an initializer)", self.label)
-        })
+        model
+            .outlet_fact(wire)?
+            .konst
+            .clone()
+            .ok_or_else(|| format_err!("MatMulNBits node `{}`: {what} must be a constant (an initializer)", self.label))
     }
 }
 
