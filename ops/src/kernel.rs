@@ -17,6 +17,10 @@ pub trait Kernel: std::fmt::Debug + Clone + PartialEq + Send + Sync + 'static {
         outputs: &'p [TensorProxy],
     ) -> InferenceResult;
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>>;
+    /// Called once when wiring: kernels whose output sizes depend on input values take fresh symbols here.
+    fn with_symbols(&self, _model: &mut TypedModel) -> Self {
+        self.clone()
+    }
     fn eval(&self, inputs: TVec<TValue>) -> TractResult<TVec<TValue>>;
 }
 
@@ -71,7 +75,8 @@ impl<K: Kernel> Expansion for KernelExpansion<K> {
         self.0.rules(s, inputs, outputs)
     }
     fn wire(&self, prefix: &str, model: &mut TypedModel, inputs: &[OutletId]) -> TractResult<TVec<OutletId>> {
-        model.wire_node(prefix, KernelOp(self.0.clone()), inputs)
+        let k = self.0.with_symbols(model);
+        model.wire_node(prefix, KernelOp(k), inputs)
     }
 }
 

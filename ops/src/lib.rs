@@ -12,11 +12,13 @@ pub mod bitcast;
 pub mod causal_conv_with_state;
 pub mod center_crop_pad;
 pub mod col2im;
+pub mod compress;
 pub mod cumprod;
 pub mod kernel;
 pub mod lp_pool;
 pub mod matmul;
 pub mod string_concat;
+pub mod unique;
 pub mod negative_log_likelihood_loss;
 pub mod softmax_cross_entropy_loss;
 
@@ -91,4 +93,6 @@ pub const KILN_OPS: &[(&str, OpBuilder)] = &[
     ("LpPool", onnx_domain_only!(lp_pool::build)),
     ("CausalConvWithState", onnx_domain_only!(causal_conv_with_state::build)),
     ("Col2Im", onnx_domain_only!(col2im::build)),
+    ("Compress", onnx_domain_only!(compress::build)),
+    ("Unique", onnx_domain_only!(unique::build)),
 ];
