@@ -18,6 +18,8 @@ pub mod kernel;
 pub mod lp_pool;
 pub mod matmul;
 pub mod string_concat;
+pub mod string_normalizer;
+pub mod string_split;
 pub mod unique;
 pub mod negative_log_likelihood_loss;
 pub mod softmax_cross_entropy_loss;
@@ -95,4 +97,6 @@ pub const KILN_OPS: &[(&str, OpBuilder)] = &[
     ("Col2Im", onnx_domain_only!(col2im::build)),
     ("Compress", onnx_domain_only!(compress::build)),
     ("Unique", onnx_domain_only!(unique::build)),
+    ("StringSplit", onnx_domain_only!(string_split::build)),
+    ("StringNormalizer", onnx_domain_only!(string_normalizer::build)),
 ];
