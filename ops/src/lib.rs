@@ -8,19 +8,24 @@ pub mod flatten;
 pub mod gemm;
 pub mod matmul_nbits;
 pub mod pad;
+pub mod affine_grid;
+pub mod binarizer;
 pub mod bitcast;
 pub mod causal_conv_with_state;
 pub mod center_crop_pad;
 pub mod col2im;
 pub mod compress;
 pub mod cumprod;
+pub mod det;
 pub mod kernel;
 pub mod lp_pool;
 pub mod matmul;
+pub mod reverse_sequence;
 pub mod string_concat;
 pub mod string_normalizer;
 pub mod string_split;
 pub mod unique;
+pub mod upsample;
 pub mod negative_log_likelihood_loss;
 pub mod softmax_cross_entropy_loss;
 
@@ -99,4 +104,9 @@ pub const KILN_OPS: &[(&str, OpBuilder)] = &[
     ("Unique", onnx_domain_only!(unique::build)),
     ("StringSplit", onnx_domain_only!(string_split::build)),
     ("StringNormalizer", onnx_domain_only!(string_normalizer::build)),
+    ("AffineGrid", onnx_domain_only!(affine_grid::build)),
+    ("Det", onnx_domain_only!(det::build)),
+    ("ReverseSequence", onnx_domain_only!(reverse_sequence::build)),
+    ("Upsample", onnx_domain_only!(upsample::build)),
+    ("Binarizer", binarizer::build),
 ];
