@@ -24,6 +24,8 @@ pub mod reverse_sequence;
 pub mod string_concat;
 pub mod string_normalizer;
 pub mod string_split;
+pub mod tensor_scatter;
+pub mod tfidf_vectorizer;
 pub mod unique;
 pub mod upsample;
 pub mod negative_log_likelihood_loss;
@@ -109,4 +111,6 @@ pub const KILN_OPS: &[(&str, OpBuilder)] = &[
     ("ReverseSequence", onnx_domain_only!(reverse_sequence::build)),
     ("Upsample", onnx_domain_only!(upsample::build)),
     ("Binarizer", binarizer::build),
+    ("TensorScatter", onnx_domain_only!(tensor_scatter::build)),
+    ("TfIdfVectorizer", onnx_domain_only!(tfidf_vectorizer::build)),
 ];
