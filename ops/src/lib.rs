@@ -18,6 +18,7 @@ pub mod compress;
 pub mod cumprod;
 pub mod det;
 pub mod kernel;
+pub mod label_encoder;
 pub mod linear_attention;
 pub mod lp_pool;
 pub mod matmul;
@@ -115,4 +116,5 @@ pub const KILN_OPS: &[(&str, OpBuilder)] = &[
     ("TensorScatter", onnx_domain_only!(tensor_scatter::build)),
     ("TfIdfVectorizer", onnx_domain_only!(tfidf_vectorizer::build)),
     ("LinearAttention", onnx_domain_only!(linear_attention::build)),
+    ("LabelEncoder", label_encoder::build),
 ];
