@@ -25,6 +25,8 @@ if [ "${KILN_SKIP_INSTALL:-0}" != 1 ]; then
   command -v python3 >/dev/null || need_apt+=(python3)
   python3 -c "import ensurepip, venv" 2>/dev/null || need_apt+=(python3-venv python3-pip)
   [ ${#need_apt[@]} -eq 0 ] || apt_install "${need_apt[@]}"
+  # lavapipe (Mesa's CPU Vulkan driver): the GPU backend's tests run on it
+  if ! dpkg -s mesa-vulkan-drivers libvulkan1 >/dev/null 2>&1; then apt_install mesa-vulkan-drivers libvulkan1; fi
   if ! command -v cargo >/dev/null; then
     curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
     export PATH="$HOME/.cargo/bin:$PATH"

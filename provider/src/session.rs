@@ -66,10 +66,19 @@ impl std::fmt::Debug for SessionOptions {
 }
 
 impl SessionOptions {
+    fn wants_gpu(&self) -> bool {
+        cfg!(not(target_arch = "wasm32")) && self.execution_providers.first() == Some(&ExecutionProvider::WebGpu)
+    }
     fn load_options(&self) -> LoadOptions {
+        // The GPU lowering works on the decluttered model; the CPU fallback optimises it afterwards.
+        let optimization = if self.wants_gpu() && self.optimization == OptimizationLevel::All {
+            OptimizationLevel::Basic
+        } else {
+            self.optimization
+        };
         LoadOptions {
             free_dimension_overrides: self.free_dimension_overrides.clone(),
-            optimization: self.optimization,
+            optimization,
             external_data: self.external_data.clone(),
             constant_inputs: self.constant_inputs.iter().map(|(n, t)| (n.clone(), t.as_tract().clone())).collect(),
         }
@@ -122,6 +131,8 @@ impl Outputs {
 
 pub(crate) enum Backend {
     Cpu(CpuBackend),
+    #[cfg(not(target_arch = "wasm32"))]
+    Gpu(crate::gpu::GpuBackend),
 }
 
 /// A loaded model ready to run.
@@ -152,17 +163,37 @@ impl Session {
     /// Loads a model from ONNX bytes.
     pub async fn from_bytes(bytes: &[u8], options: &SessionOptions) -> Result<Session> {
         let model = guard("loading the model", || kiln_graph::load_bytes(bytes, &options.load_options()))?;
-        Self::from_model(model, options)
+        Self::from_model(model, options).await
     }
 
     /// Loads a model from a file; external data defaults to the model's folder.
     pub async fn from_path(path: impl AsRef<Path>, options: &SessionOptions) -> Result<Session> {
         let path = path.as_ref();
         let model = guard("loading the model", || kiln_graph::load_path(path, &options.load_options()))?;
-        Self::from_model(model, options)
+        Self::from_model(model, options).await
     }
 
-    fn from_model(model: Model, options: &SessionOptions) -> Result<Session> {
+    async fn from_model(mut model: Model, options: &SessionOptions) -> Result<Session> {
+        #[cfg(not(target_arch = "wasm32"))]
+        let mut gpu_backend = None;
+        #[cfg(not(target_arch = "wasm32"))]
+        let mut gpu_note = String::new();
+        #[cfg(not(target_arch = "wasm32"))]
+        if options.wants_gpu() {
+            match crate::gpu::GpuBackend::create(&model).await {
+                Ok(b) => gpu_backend = Some(b),
+                Err(msg) => {
+                    log::warn!("execution provider webgpu: {msg}; using the next provider");
+                    gpu_note = msg;
+                    if options.optimization == OptimizationLevel::All {
+                        model
+                            .typed
+                            .optimize()
+                            .map_err(|e| Error::from_tract(ErrorKind::InvalidModel, "optimising the model", &e))?;
+                    }
+                }
+            }
+        }
         let model = Arc::new(model);
         let mut note = None;
         let wanted = if options.execution_providers.is_empty() {
@@ -182,10 +213,24 @@ impl Session {
                         _lock: Mutex::new(()),
                     });
                 }
+                #[cfg(not(target_arch = "wasm32"))]
+                ExecutionProvider::WebGpu if gpu_backend.is_some() => {
+                    if let Some(backend) = gpu_backend.take() {
+                        return Ok(Session {
+                            model,
+                            backend: Backend::Gpu(backend),
+                            provider: ExecutionProvider::WebGpu,
+                            provider_note: note,
+                            _lock: Mutex::new(()),
+                        });
+                    }
+                }
                 ExecutionProvider::WebGpu => {
-                    let msg = "execution provider webgpu: not available in this build; using the next provider";
-                    log::warn!("{msg}");
-                    note = Some(msg.to_string());
+                    #[cfg(not(target_arch = "wasm32"))]
+                    let why = gpu_note.as_str();
+                    #[cfg(target_arch = "wasm32")]
+                    let why = "not available in this build yet";
+                    note = Some(format!("execution provider webgpu: {why}; using the next provider"));
                 }
             }
         }
@@ -222,6 +267,21 @@ impl Session {
     }
     pub fn model(&self) -> &Model {
         &self.model
+    }
+    /// The GPU placement report (`None` when the session runs on the CPU).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn gpu_placement(&self) -> Option<crate::gpu::PlacementReport> {
+        match &self.backend {
+            Backend::Gpu(g) => Some(g.report()),
+            Backend::Cpu(_) => None,
+        }
+    }
+    /// Tests: fill fresh GPU output buffers with NaN so unwritten elements show.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn set_gpu_poison(&self, on: bool) {
+        if let Backend::Gpu(g) = &self.backend {
+            g.set_poison(on);
+        }
     }
 
     /// Runs the model and returns every output.
@@ -263,6 +323,8 @@ impl Session {
         let inputs = self.order_feeds(feeds)?;
         let values = guard("running the model", || match &self.backend {
             Backend::Cpu(cpu) => cpu.run(inputs, outputs),
+            #[cfg(not(target_arch = "wasm32"))]
+            Backend::Gpu(gpu) => gpu.run(inputs, outputs),
         })?;
         let mut entries = vec![];
         for (ix, v) in outputs.iter().zip(values) {

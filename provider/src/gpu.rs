@@ -1,0 +1,307 @@
+//! The GPU backend: runs kiln-graph's lowered model. GPU nodes are recorded (one command encoder per flush),
+//! CPU nodes are evaluated by tract on the host; the recorder is flushed (one submit) only where a CPU node or a
+//! requested output needs GPU data, and only the ToHost values actually needed are read back. Weights are uploaded
+//! once, when the session is created; intermediate buffers come from a pool and go back to it at their last use.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use kiln_graph::lower_gpu::{lower, Device, Lowered, NodePlacement};
+use kiln_graph::tract_onnx::prelude::*;
+use kiln_graph::tract_onnx::tract_core::ops::konst::Const;
+use kiln_graph::tract_onnx::tract_core::plan::{SimplePlan, SimpleState};
+use kiln_graph::{Error, ErrorKind, Model, Result};
+use kiln_wgsl::exec::tensor_from_bytes;
+use kiln_wgsl::ops::{GpuOp, ToDevice, ToHost};
+use kiln_wgsl::{Context, Counters, GpuTensor, PendingRead, Recorder};
+
+use crate::tensor::Tensor;
+
+fn gpu_err(e: kiln_wgsl::Error) -> Error {
+    Error::runtime(e.message)
+}
+
+fn tract_err(what: &'static str) -> impl Fn(TractError) -> Error {
+    move |e| Error::from_tract(ErrorKind::Runtime, what, &e)
+}
+
+/// The placement report: each compute node's device, and what a run costs in submits and transfers.
+#[derive(Debug, Clone, Default)]
+pub struct PlacementReport {
+    pub adapter: String,
+    pub nodes: Vec<NodePlacement>,
+    /// ToDevice / ToHost nodes in the lowered model.
+    pub to_device: usize,
+    pub to_host: usize,
+    /// Totals over the session's runs so far.
+    pub counters: Counters,
+    pub runs: usize,
+}
+
+impl PlacementReport {
+    pub fn gpu_nodes(&self) -> usize {
+        self.nodes.iter().filter(|n| n.device == Device::Gpu).count()
+    }
+}
+
+pub(crate) struct GpuBackend {
+    ctx: Arc<Context>,
+    lowered: Lowered,
+    plan: Arc<TypedSimplePlan>,
+    order: Vec<usize>,
+    weights: HashMap<usize, GpuTensor>,
+    rec: Mutex<(Recorder, usize)>,
+}
+
+impl GpuBackend {
+    /// The backend on the first adapter, or why there is none (no adapter, a device or lowering failure).
+    pub(crate) async fn create(model: &Model) -> std::result::Result<GpuBackend, String> {
+        let ctx = match kiln_wgsl::Context::new().await {
+            Ok(Some(ctx)) => ctx,
+            Ok(None) => return Err("no GPU adapter found".into()),
+            Err(e) => return Err(e.message),
+        };
+        let adapter = ctx.caps.adapter.clone();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| GpuBackend::new(ctx, model))) {
+            Ok(Ok(b)) => {
+                log::info!(
+                    "execution provider webgpu: adapter {adapter}, {} of {} compute nodes on the GPU",
+                    b.lowered.gpu_nodes(),
+                    b.lowered.placement.len()
+                );
+                Ok(b)
+            }
+            Ok(Err(e)) => Err(format!("adapter {adapter}: {e}")),
+            Err(_) => Err(format!("adapter {adapter}: internal error while lowering the model")),
+        }
+    }
+
+    pub(crate) fn new(ctx: Arc<Context>, model: &Model) -> Result<GpuBackend> {
+        let lowered = lower(&model.typed, &ctx.caps)?;
+        let order = lowered.model.eval_order().map_err(tract_err("ordering the lowered model"))?;
+        let plan = SimplePlan::new(lowered.model.clone()).map_err(tract_err("planning the lowered model"))?;
+        // weights: constants that feed the GPU, uploaded once
+        let mut weights = HashMap::new();
+        for node in lowered.model.nodes() {
+            if !node.op_is::<ToDevice>() {
+                continue;
+            }
+            let src = lowered.model.node(node.inputs[0].node);
+            if let Some(k) = src.op_as::<Const>() {
+                let t = k.val();
+                let bytes = kiln_wgsl::exec::host_bytes(t).map_err(gpu_err)?;
+                let size = (bytes.len() as u64).div_ceil(4).max(1) * 4;
+                if size > ctx.caps.max_storage_binding {
+                    return Err(Error::runtime(format!(
+                        "webgpu: weight `{}` ({} bytes) exceeds the adapter's storage binding limit",
+                        src.name, size
+                    )));
+                }
+                let buffer = ctx.device.create_buffer(&kiln_wgsl::wgpu::BufferDescriptor {
+                    label: Some(&src.name),
+                    size,
+                    usage: kiln_wgsl::wgpu::BufferUsages::STORAGE
+                        | kiln_wgsl::wgpu::BufferUsages::COPY_DST
+                        | kiln_wgsl::wgpu::BufferUsages::COPY_SRC,
+                    mapped_at_creation: false,
+                });
+                if !bytes.is_empty() {
+                    ctx.queue.write_buffer(&buffer, 0, &bytes);
+                }
+                weights.insert(
+                    node.id,
+                    GpuTensor { buffer: Arc::new(buffer), shape: t.shape().into(), dt: t.datum_type() },
+                );
+            }
+        }
+        ctx.take_error().map_err(gpu_err)?;
+        let poison = std::env::var("KILN_GPU_POISON").is_ok_and(|v| v == "1");
+        let mut rec = Recorder::default();
+        rec.poison = poison;
+        Ok(GpuBackend { ctx, lowered, plan, order, weights, rec: Mutex::new((rec, 0)) })
+    }
+
+    pub(crate) fn report(&self) -> PlacementReport {
+        let (to_device, to_host) = self.lowered.transfers();
+        let (counters, runs) = self.rec.lock().map(|g| (g.0.counters, g.1)).unwrap_or_default();
+        PlacementReport {
+            adapter: format!("{} ({})", self.ctx.caps.adapter, self.ctx.caps.backend),
+            nodes: self.lowered.placement.clone(),
+            to_device,
+            to_host,
+            counters,
+            runs,
+        }
+    }
+
+    /// Poisons fresh output buffers with NaN (tests).
+    pub(crate) fn set_poison(&self, on: bool) {
+        if let Ok(mut g) = self.rec.lock() {
+            g.0.poison = on;
+        }
+    }
+
+    pub(crate) fn run(&self, inputs: Vec<Tensor>, outputs: &[usize]) -> Result<Vec<Tensor>> {
+        let mut guard = self.rec.lock().map_err(|_| Error::runtime("webgpu: recorder poisoned"))?;
+        guard.1 += 1;
+        let rec = &mut guard.0;
+        let r = self.run_with(rec, inputs, outputs);
+        if r.is_err() {
+            rec.discard();
+        }
+        r
+    }
+
+    fn run_with(&self, rec: &mut Recorder, inputs: Vec<Tensor>, outputs: &[usize]) -> Result<Vec<Tensor>> {
+        let ctx = &*self.ctx;
+        let model = self.plan.model();
+        let mut wanted = vec![];
+        for o in outputs {
+            wanted.push(*model.outputs.get(*o).ok_or_else(|| Error::invalid_argument("no such output"))?);
+        }
+        // the nodes the wanted outputs need, and how often each outlet is used
+        let mut needed = vec![false; model.nodes().len()];
+        let mut stack: Vec<usize> = wanted.iter().map(|o| o.node).collect();
+        while let Some(n) = stack.pop() {
+            if std::mem::replace(&mut needed[n], true) {
+                continue;
+            }
+            stack.extend(model.node(n).inputs.iter().map(|i| i.node));
+        }
+        let mut uses: HashMap<OutletId, usize> = HashMap::new();
+        for &n in self.order.iter().filter(|n| needed[**n]) {
+            for i in &model.node(n).inputs {
+                *uses.entry(*i).or_default() += 1;
+            }
+        }
+        for o in &wanted {
+            *uses.entry(*o).or_default() += 1;
+        }
+
+        let mut state = SimpleState::new(&self.plan).map_err(tract_err("starting a run"))?;
+        let tvalues: TVec<TValue> = inputs.into_iter().map(|t| t.into_tract().into_tvalue()).collect();
+        state
+            .set_inputs(tvalues)
+            .map_err(|e| Error::from_tract(ErrorKind::InvalidArgument, "feeding the inputs", &e))?;
+        if state.turn_state.values.len() != model.nodes().len() {
+            state.turn_state.values = vec![None; model.nodes().len()];
+        }
+        let mut dev: HashMap<OutletId, GpuTensor> = HashMap::new();
+        let mut pending: Vec<(OutletId, PendingRead, TVec<usize>, DatumType)> = vec![];
+
+        for &id in self.order.iter().filter(|n| needed[**n]) {
+            let node = model.node(id);
+            if node.inputs.is_empty() {
+                if state.turn_state.values[id].is_none() {
+                    state.compute_one(id).map_err(tract_err("evaluating a constant"))?;
+                }
+                continue;
+            }
+            if node.op_is::<ToDevice>() {
+                let g = match self.weights.get(&id) {
+                    Some(w) => w.clone(),
+                    None => {
+                        let i = node.inputs[0];
+                        let t = host_value(&state, i)?;
+                        rec.upload(ctx, &t).map_err(gpu_err)?
+                    }
+                };
+                dev.insert(OutletId::new(id, 0), g);
+            } else if let Some(op) = node.op_as::<GpuOp>() {
+                let mut ins = vec![];
+                for i in &node.inputs {
+                    ins.push(
+                        dev.get(i)
+                            .ok_or_else(|| Error::runtime(format!("webgpu: input of {} not on the GPU", node.name)))?,
+                    );
+                }
+                let out = op.kernel.encode(ctx, rec, &ins).map_err(|e| {
+                    Error::runtime(format!("webgpu: {} ({}): {}", node.name, op.kernel.name(), e.message))
+                })?;
+                resolve_symbols(&mut state, &node.outputs[0].fact, &out.shape);
+                dev.insert(OutletId::new(id, 0), out);
+            } else if node.op_is::<ToHost>() {
+                let g = dev.get(&node.inputs[0]).ok_or_else(|| Error::runtime("webgpu: ToHost of a host value"))?;
+                let p = rec.readback(g);
+                pending.push((OutletId::new(id, 0), p, g.shape.clone(), g.dt));
+            } else {
+                if node.inputs.iter().any(|i| pending.iter().any(|p| p.0 == *i)) {
+                    self.flush(rec, &mut state, &mut pending)?;
+                }
+                state.compute_one(id).map_err(|e| Error::from_tract(ErrorKind::Runtime, "running the model", &e))?;
+                if let Some(vs) = state.turn_state.values[id].clone() {
+                    for (o, v) in node.outputs.iter().zip(vs.iter()) {
+                        resolve_symbols(&mut state, &o.fact, v.shape());
+                    }
+                }
+            }
+            // last uses
+            for i in &node.inputs {
+                if let Some(u) = uses.get_mut(i) {
+                    *u -= 1;
+                    if *u == 0 {
+                        if let Some(g) = dev.remove(i) {
+                            rec.release(g);
+                        }
+                        let all_dead = (0..model.node(i.node).outputs.len())
+                            .all(|s| uses.get(&OutletId::new(i.node, s)).is_none_or(|u| *u == 0));
+                        if all_dead && !model.node(i.node).inputs.is_empty() {
+                            state.turn_state.values[i.node] = None;
+                        }
+                    }
+                }
+            }
+        }
+        if !pending.is_empty() {
+            self.flush(rec, &mut state, &mut pending)?;
+        }
+        rec.discard();
+        for (_, g) in dev.drain() {
+            rec.release(g);
+        }
+        let mut result = vec![];
+        for o in wanted {
+            let v = host_value(&state, o)?;
+            result.push(Tensor::from_tract(v)?);
+        }
+        Ok(result)
+    }
+
+    fn flush(
+        &self,
+        rec: &mut Recorder,
+        state: &mut TypedSimpleState,
+        pending: &mut Vec<(OutletId, PendingRead, TVec<usize>, DatumType)>,
+    ) -> Result<()> {
+        let bytes = rec.flush(&self.ctx).map_err(gpu_err)?;
+        for (outlet, p, shape, dt) in pending.drain(..) {
+            let b = bytes.get(p.0).ok_or_else(|| Error::runtime("webgpu: a readback is missing"))?;
+            let t = tensor_from_bytes(dt, &shape, b).map_err(gpu_err)?;
+            state.turn_state.values[outlet.node] = Some(tvec!(t.into_tvalue()));
+        }
+        Ok(())
+    }
+}
+
+fn host_value(state: &TypedSimpleState, o: OutletId) -> Result<TractTensor> {
+    state
+        .turn_state
+        .values
+        .get(o.node)
+        .and_then(|v| v.as_ref())
+        .and_then(|v| v.get(o.slot))
+        .map(|v| v.clone().into_tensor())
+        .ok_or_else(|| Error::runtime("webgpu: a host value was not computed"))
+}
+
+type TractTensor = kiln_graph::tract_onnx::prelude::Tensor;
+
+fn resolve_symbols(state: &mut TypedSimpleState, fact: &TypedFact, shape: &[usize]) {
+    for (d, v) in fact.shape.iter().zip(shape) {
+        if let TDim::Sym(s) = d {
+            if state.turn_state.resolved_symbols.get(s).is_none() {
+                state.turn_state.resolved_symbols.set(s, *v as i64);
+            }
+        }
+    }
+}

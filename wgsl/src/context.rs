@@ -1,0 +1,208 @@
+//! The wgpu device: adapter selection, limits and features, the error handler, the pipeline cache.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::{Error, Result};
+
+/// What the adapter can do, as the kernels and the lowering need it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caps {
+    pub adapter: String,
+    pub backend: String,
+    /// Largest storage buffer binding (128 MiB on lavapipe).
+    pub max_storage_binding: u64,
+    pub max_buffer_size: u64,
+    /// Invocations per workgroup (256 on SwiftShader).
+    pub max_invocations: u32,
+    pub max_workgroups_per_dim: u32,
+    pub min_uniform_alignment: u32,
+    pub shader_f16: bool,
+    pub subgroups: bool,
+}
+
+impl Caps {
+    /// The limits every WebGPU implementation offers, for lowering without a device (tests, reports).
+    pub fn webgpu_defaults() -> Caps {
+        Caps {
+            adapter: "(none)".into(),
+            backend: "(none)".into(),
+            max_storage_binding: 128 << 20,
+            max_buffer_size: 256 << 20,
+            max_invocations: 256,
+            max_workgroups_per_dim: 65535,
+            min_uniform_alignment: 256,
+            shader_f16: false,
+            subgroups: false,
+        }
+    }
+}
+
+/// A compute pipeline's identity: the kernel family, the entry point and the specialisation (the substituted
+/// template values). Runtime sizes never enter it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PipelineKey {
+    pub family: &'static str,
+    pub entry: &'static str,
+    pub spec: Vec<(&'static str, String)>,
+}
+
+pub struct Context {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub caps: Caps,
+    errors: Arc<Mutex<Vec<String>>>,
+    pipelines: Mutex<HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>>,
+    compiled: Mutex<usize>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context").field("caps", &self.caps).finish()
+    }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn quiet_loader() {
+    // The Vulkan loader complains on stderr when XDG_RUNTIME_DIR is unset or unusable; give it a private folder.
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("XDG_RUNTIME_DIR").is_some() {
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("kiln-xdg-{}", std::process::id()));
+        if std::fs::create_dir_all(&dir).is_ok() {
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+            }
+            std::env::set_var("XDG_RUNTIME_DIR", &dir);
+        }
+    });
+}
+
+impl Context {
+    /// The first adapter wgpu offers (high performance preferred), or `Ok(None)` when there is none.
+    pub async fn new() -> Result<Option<Arc<Context>>> {
+        #[cfg(not(target_arch = "wasm32"))]
+        quiet_loader();
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let adapter = match instance
+            .request_adapter(&wgpu::RequestAdapterOptions {
+                power_preference: wgpu::PowerPreference::HighPerformance,
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(a) => a,
+            Err(e) => {
+                log::info!("webgpu: no adapter ({e})");
+                return Ok(None);
+            }
+        };
+        let info = adapter.get_info();
+        let limits = adapter.limits();
+        let features = adapter.features();
+        let mut required = wgpu::Features::empty();
+        if features.contains(wgpu::Features::SHADER_F16) {
+            required |= wgpu::Features::SHADER_F16;
+        }
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("kiln"),
+                required_features: required,
+                required_limits: limits.clone(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::new(format!("webgpu: requesting a device from {}: {e}", info.name)))?;
+        let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+        let sink = errors.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            log::error!("webgpu: {e}");
+            if let Ok(mut v) = sink.lock() {
+                v.push(e.to_string());
+            }
+        }));
+        let caps = Caps {
+            adapter: info.name.clone(),
+            backend: format!("{:?}", info.backend),
+            max_storage_binding: limits.max_storage_buffer_binding_size,
+            max_buffer_size: limits.max_buffer_size,
+            max_invocations: limits.max_compute_invocations_per_workgroup,
+            max_workgroups_per_dim: limits.max_compute_workgroups_per_dimension,
+            min_uniform_alignment: limits.min_uniform_buffer_offset_alignment,
+            shader_f16: features.contains(wgpu::Features::SHADER_F16),
+            subgroups: features.contains(wgpu::Features::SUBGROUP),
+        };
+        log::info!("webgpu: adapter {} ({}), {:?}", caps.adapter, caps.backend, caps);
+        Ok(Some(Arc::new(Context {
+            device,
+            queue,
+            caps,
+            errors,
+            pipelines: Mutex::default(),
+            compiled: Mutex::new(0),
+        })))
+    }
+
+    /// Errors the device reported since the last call, as one kiln error.
+    pub fn take_error(&self) -> Result<()> {
+        let mut v = self.errors.lock().map_err(|_| Error::new("webgpu: error log poisoned"))?;
+        if v.is_empty() {
+            return Ok(());
+        }
+        let msg = v.join("; ");
+        v.clear();
+        Err(Error::new(format!("webgpu: {msg}")))
+    }
+
+    /// How many shader modules this context compiled (a run in the steady state compiles none).
+    pub fn compiled_pipelines(&self) -> usize {
+        self.compiled.lock().map(|c| *c).unwrap_or(0)
+    }
+
+    /// The pipeline for `key`, compiled on first use from `source` (already specialised).
+    pub fn pipeline(&self, key: &PipelineKey, source: impl FnOnce() -> String) -> Result<Arc<wgpu::ComputePipeline>> {
+        let mut cache = self.pipelines.lock().map_err(|_| Error::new("webgpu: pipeline cache poisoned"))?;
+        if let Some(p) = cache.get(key) {
+            return Ok(p.clone());
+        }
+        let text = source();
+        debug_assert!(!text.contains("enable subgroups"));
+        let label = format!("{}::{}", key.family, key.entry);
+        let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(&label),
+            source: wgpu::ShaderSource::Wgsl(text.into()),
+        });
+        let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(&label),
+            layout: None,
+            module: &module,
+            entry_point: Some(key.entry),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        self.take_error().map_err(|e| Error::new(format!("compiling {label} {:?}: {}", key.spec, e.message)))?;
+        let p = Arc::new(pipeline);
+        cache.insert(key.clone(), p.clone());
+        if let Ok(mut c) = self.compiled.lock() {
+            *c += 1;
+        }
+        Ok(p)
+    }
+
+    /// A 1-D count of workgroups laid on a 2-D grid within the per-dimension limit: (x, y).
+    pub fn grid(&self, groups: u64) -> Result<(u32, u32)> {
+        let max = self.caps.max_workgroups_per_dim.max(1) as u64;
+        if groups <= max {
+            return Ok((groups.max(1) as u32, 1));
+        }
+        let y = groups.div_ceil(max);
+        if y > max {
+            return Err(Error::new(format!("webgpu: {groups} workgroups exceed the adapter's grid")));
+        }
+        Ok((max as u32, y as u32))
+    }
+}

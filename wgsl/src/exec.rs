@@ -1,0 +1,410 @@
+//! Recording GPU work for one run: tensors in pooled buffers, dispatches, uploads and readbacks are recorded in
+//! order and encoded into one command encoder per flush; a flush submits once and reads back what was asked for.
+//! Uniforms, uploads and readbacks go through three arenas reused run after run, and tensor buffers come from a pool,
+//! so a run in the steady state creates no GPU buffer.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tract_onnx::prelude::*;
+
+use crate::context::Context;
+use crate::{Error, Result};
+
+/// A tensor on the GPU: a storage buffer (at least 4 bytes, even when empty), its shape and element type.
+#[derive(Debug, Clone)]
+pub struct GpuTensor {
+    pub buffer: Arc<wgpu::Buffer>,
+    pub shape: TVec<usize>,
+    pub dt: DatumType,
+}
+
+impl GpuTensor {
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn byte_len(&self) -> u64 {
+        (self.len() * self.dt.size_of()) as u64
+    }
+}
+
+fn storage_usage() -> wgpu::BufferUsages {
+    wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST
+}
+
+/// Buffers by size class (powers of two from 256 bytes), reused across runs.
+#[derive(Default)]
+pub struct BufferPool {
+    free: HashMap<u64, Vec<Arc<wgpu::Buffer>>>,
+    pub created: usize,
+    pub bytes: u64,
+}
+
+impl BufferPool {
+    fn class(bytes: u64) -> u64 {
+        bytes.max(256).next_power_of_two()
+    }
+    pub fn take(&mut self, ctx: &Context, bytes: u64) -> Result<Arc<wgpu::Buffer>> {
+        let class = Self::class(bytes);
+        if let Some(b) = self.free.get_mut(&class).and_then(|v| v.pop()) {
+            return Ok(b);
+        }
+        let size = if class > ctx.caps.max_buffer_size { bytes.max(4).div_ceil(4) * 4 } else { class };
+        if size > ctx.caps.max_storage_binding {
+            return Err(Error::new(format!(
+                "webgpu: a {bytes}-byte tensor exceeds the adapter's storage binding limit ({} bytes)",
+                ctx.caps.max_storage_binding
+            )));
+        }
+        self.created += 1;
+        self.bytes += size;
+        Ok(Arc::new(ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("kiln tensor"),
+            size,
+            usage: storage_usage(),
+            mapped_at_creation: false,
+        })))
+    }
+    /// Gives a buffer back; only buffers the pool made (power-of-two sizes) are kept.
+    pub fn give(&mut self, buffer: Arc<wgpu::Buffer>) {
+        let size = buffer.size();
+        if size.is_power_of_two() && size >= 256 && Arc::strong_count(&buffer) == 1 {
+            self.free.entry(size).or_default().push(buffer);
+        }
+    }
+}
+
+/// A growable buffer reused flush after flush.
+struct Arena {
+    usage: wgpu::BufferUsages,
+    buffer: Option<wgpu::Buffer>,
+}
+
+impl Arena {
+    fn new(usage: wgpu::BufferUsages) -> Arena {
+        Arena { usage, buffer: None }
+    }
+    fn ensure(&mut self, ctx: &Context, bytes: u64) -> wgpu::Buffer {
+        let need = bytes.max(256);
+        if let Some(b) = &self.buffer {
+            if b.size() >= need {
+                return b.clone();
+            }
+        }
+        let b = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("kiln arena"),
+            size: need.next_power_of_two(),
+            usage: self.usage,
+            mapped_at_creation: false,
+        });
+        self.buffer = Some(b.clone());
+        b
+    }
+}
+
+/// One binding of a dispatch: its binding index and the buffer.
+pub struct Binding {
+    pub index: u32,
+    pub buffer: Arc<wgpu::Buffer>,
+}
+
+enum Command {
+    Dispatch { pipeline: Arc<wgpu::ComputePipeline>, bindings: Vec<Binding>, uniform: Vec<u8>, groups: (u32, u32, u32) },
+    Upload { dst: Arc<wgpu::Buffer>, bytes: Vec<u8> },
+    Readback { src: Arc<wgpu::Buffer>, bytes: u64, slot: usize },
+}
+
+/// Statistics of a session's GPU work.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub submits: usize,
+    pub dispatches: usize,
+    pub uploads: usize,
+    pub readbacks: usize,
+}
+
+/// The run-to-run GPU state: pool, arenas, pending commands.
+pub struct Recorder {
+    pub pool: BufferPool,
+    uniforms: Arena,
+    uploads: Arena,
+    staging: Arena,
+    commands: Vec<Command>,
+    pending_reads: usize,
+    retired: Vec<Arc<wgpu::Buffer>>,
+    /// Fill every fresh output buffer with NaN first (tests: unwritten elements show).
+    pub poison: bool,
+    pub counters: Counters,
+}
+
+impl Default for Recorder {
+    fn default() -> Self {
+        Recorder {
+            pool: BufferPool::default(),
+            uniforms: Arena::new(wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST),
+            uploads: Arena::new(wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST),
+            staging: Arena::new(wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST),
+            commands: vec![],
+            pending_reads: 0,
+            retired: vec![],
+            poison: false,
+            counters: Counters::default(),
+        }
+    }
+}
+
+/// A readback recorded but not flushed yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PendingRead(pub usize);
+
+impl Recorder {
+    /// A fresh output tensor from the pool (poisoned with NaN when asked).
+    pub fn alloc(&mut self, ctx: &Context, shape: &[usize], dt: DatumType) -> Result<GpuTensor> {
+        let bytes = shape
+            .iter()
+            .try_fold(dt.size_of(), |a, d| a.checked_mul(*d))
+            .ok_or_else(|| Error::new(format!("webgpu: tensor of shape {shape:?} is too large")))?
+            as u64;
+        let buffer = self.pool.take(ctx, bytes)?;
+        if self.poison && bytes > 0 {
+            let n = buffer.size() as usize;
+            self.commands.push(Command::Upload { dst: buffer.clone(), bytes: vec![0xff; n] });
+        }
+        Ok(GpuTensor { buffer, shape: shape.into(), dt })
+    }
+
+    /// Returns a dead tensor's buffer to the pool once the recorded work that uses it has run (after the next
+    /// flush); buffers still shared (views, weights) stay out of the pool.
+    pub fn release(&mut self, t: GpuTensor) {
+        self.retired.push(t.buffer);
+    }
+
+    fn recycle(&mut self) {
+        for b in std::mem::take(&mut self.retired) {
+            self.pool.give(b);
+        }
+    }
+
+    /// Drops recorded work nobody reads (a failed run, or GPU results no output needs).
+    pub fn discard(&mut self) {
+        self.commands.clear();
+        self.pending_reads = 0;
+        self.recycle();
+    }
+
+    /// A host tensor copied to a pooled buffer (in order with the recorded work).
+    pub fn upload(&mut self, ctx: &Context, t: &Tensor) -> Result<GpuTensor> {
+        let g = self.alloc_unpoisoned(ctx, t.shape(), t.datum_type())?;
+        let bytes = host_bytes(t)?;
+        if !bytes.is_empty() {
+            self.commands.push(Command::Upload { dst: g.buffer.clone(), bytes });
+            self.counters.uploads += 1;
+        }
+        Ok(g)
+    }
+
+    fn alloc_unpoisoned(&mut self, ctx: &Context, shape: &[usize], dt: DatumType) -> Result<GpuTensor> {
+        let poison = std::mem::replace(&mut self.poison, false);
+        let r = self.alloc(ctx, shape, dt);
+        self.poison = poison;
+        r
+    }
+
+    /// Records a dispatch. `uniform` is the kernel's parameter block (bound at binding 0).
+    pub fn dispatch(
+        &mut self,
+        pipeline: Arc<wgpu::ComputePipeline>,
+        uniform: Vec<u8>,
+        bindings: Vec<Binding>,
+        groups: (u32, u32, u32),
+    ) {
+        if groups.0 == 0 || groups.1 == 0 || groups.2 == 0 {
+            return;
+        }
+        self.commands.push(Command::Dispatch { pipeline, bindings, uniform, groups });
+    }
+
+    /// Records a copy of `t` to the host; its data comes with the next [`Recorder::flush`].
+    pub fn readback(&mut self, t: &GpuTensor) -> PendingRead {
+        let slot = self.pending_reads;
+        self.pending_reads += 1;
+        self.commands.push(Command::Readback { src: t.buffer.clone(), bytes: t.byte_len(), slot });
+        PendingRead(slot)
+    }
+
+    pub fn has_pending_reads(&self) -> bool {
+        self.pending_reads > 0
+    }
+
+    /// Encodes everything recorded into one command encoder, submits once, waits, and returns the bytes of each
+    /// readback in the order recorded.
+    pub fn flush(&mut self, ctx: &Context) -> Result<Vec<Vec<u8>>> {
+        let commands = std::mem::take(&mut self.commands);
+        let reads = std::mem::replace(&mut self.pending_reads, 0);
+        if commands.is_empty() {
+            return Ok(vec![]);
+        }
+        let align = ctx.caps.min_uniform_alignment.max(16) as u64;
+        // lay out the arenas
+        let (mut uni_len, mut up_len, mut st_len) = (0u64, 0u64, 0u64);
+        let mut offsets = Vec::with_capacity(commands.len());
+        let mut read_at = vec![(0u64, 0u64); reads];
+        for c in &commands {
+            match c {
+                Command::Dispatch { uniform, .. } => {
+                    offsets.push(uni_len);
+                    uni_len += (uniform.len() as u64).div_ceil(align) * align;
+                }
+                Command::Upload { bytes, .. } => {
+                    offsets.push(up_len);
+                    up_len += (bytes.len() as u64).div_ceil(4) * 4;
+                }
+                Command::Readback { bytes, slot, .. } => {
+                    offsets.push(st_len);
+                    if let Some(r) = read_at.get_mut(*slot) {
+                        *r = (st_len, *bytes);
+                    }
+                    st_len += bytes.div_ceil(4) * 4;
+                }
+            }
+        }
+        let uni = self.uniforms.ensure(ctx, uni_len);
+        let up = self.uploads.ensure(ctx, up_len);
+        let st = self.staging.ensure(ctx, st_len);
+        let mut uni_bytes = vec![0u8; uni_len as usize];
+        let mut up_bytes = vec![0u8; up_len as usize];
+        for (c, off) in commands.iter().zip(&offsets) {
+            match c {
+                Command::Dispatch { uniform, .. } => {
+                    uni_bytes[*off as usize..*off as usize + uniform.len()].copy_from_slice(uniform)
+                }
+                Command::Upload { bytes, .. } => {
+                    up_bytes[*off as usize..*off as usize + bytes.len()].copy_from_slice(bytes)
+                }
+                Command::Readback { .. } => {}
+            }
+        }
+        if uni_len > 0 {
+            ctx.queue.write_buffer(&uni, 0, &uni_bytes);
+        }
+        if up_len > 0 {
+            ctx.queue.write_buffer(&up, 0, &up_bytes);
+        }
+        let mut encoder =
+            ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("kiln run") });
+        let mut i = 0;
+        while i < commands.len() {
+            match &commands[i] {
+                Command::Dispatch { .. } => {
+                    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                        label: Some("kiln"),
+                        timestamp_writes: None,
+                    });
+                    while let Some(Command::Dispatch { pipeline, bindings, uniform, groups }) = commands.get(i) {
+                        let mut entries = vec![wgpu::BindGroupEntry {
+                            binding: 0,
+                            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                                buffer: &uni,
+                                offset: offsets[i],
+                                size: wgpu::BufferSize::new(uniform.len() as u64),
+                            }),
+                        }];
+                        for b in bindings {
+                            entries.push(wgpu::BindGroupEntry {
+                                binding: b.index,
+                                resource: b.buffer.as_entire_binding(),
+                            });
+                        }
+                        let group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                            label: None,
+                            layout: &pipeline.get_bind_group_layout(0),
+                            entries: &entries,
+                        });
+                        pass.set_pipeline(pipeline);
+                        pass.set_bind_group(0, &group, &[]);
+                        pass.dispatch_workgroups(groups.0, groups.1, groups.2);
+                        self.counters.dispatches += 1;
+                        i += 1;
+                    }
+                }
+                Command::Upload { dst, bytes } => {
+                    let n = (bytes.len() as u64).div_ceil(4) * 4;
+                    encoder.copy_buffer_to_buffer(&up, offsets[i], dst, 0, n.min(dst.size()));
+                    i += 1;
+                }
+                Command::Readback { src, bytes, .. } => {
+                    let n = bytes.div_ceil(4) * 4;
+                    if n > 0 {
+                        encoder.copy_buffer_to_buffer(src, 0, &st, offsets[i], n.min(src.size()));
+                    }
+                    self.counters.readbacks += 1;
+                    i += 1;
+                }
+            }
+        }
+        ctx.queue.submit([encoder.finish()]);
+        self.counters.submits += 1;
+        drop(commands);
+        self.recycle();
+        let mut out = vec![];
+        if st_len > 0 && reads > 0 {
+            let done: Arc<std::sync::Mutex<Option<std::result::Result<(), wgpu::BufferAsyncError>>>> = Arc::default();
+            let d = done.clone();
+            st.map_async(wgpu::MapMode::Read, 0..st_len, move |r| {
+                if let Ok(mut g) = d.lock() {
+                    *g = Some(r);
+                }
+            });
+            ctx.device
+                .poll(wgpu::PollType::Wait { submission_index: None, timeout: None })
+                .map_err(|e| Error::new(format!("webgpu: waiting for the device: {e}")))?;
+            ctx.take_error()?;
+            let status = done.lock().map_err(|_| Error::new("webgpu: map state poisoned"))?.take();
+            match status {
+                Some(Ok(())) => {}
+                Some(Err(e)) => return Err(Error::new(format!("webgpu: reading results back: {e}"))),
+                None => return Err(Error::new("webgpu: the readback did not complete")),
+            }
+            {
+                let view = st
+                    .get_mapped_range(0..st_len)
+                    .map_err(|e| Error::new(format!("webgpu: reading results back: {e}")))?;
+                for (off, len) in &read_at {
+                    out.push(view[*off as usize..(*off + *len) as usize].to_vec());
+                }
+            }
+            st.unmap();
+        } else {
+            ctx.device
+                .poll(wgpu::PollType::Wait { submission_index: None, timeout: None })
+                .map_err(|e| Error::new(format!("webgpu: waiting for the device: {e}")))?;
+            ctx.take_error()?;
+            out.resize(reads, vec![]);
+        }
+        Ok(out)
+    }
+}
+
+/// A host tensor's bytes as the GPU stores them (f32, i32, u32 as is; others are refused for now).
+pub fn host_bytes(t: &Tensor) -> Result<Vec<u8>> {
+    match t.datum_type() {
+        DatumType::F32 | DatumType::I32 | DatumType::U32 => {
+            let view = t.try_as_plain_ram().map_err(|e| Error::new(format!("webgpu: tensor data: {e}")))?;
+            Ok(view.as_bytes().to_vec())
+        }
+        other => Err(Error::new(format!("webgpu: element type {other:?} has no GPU layout yet"))),
+    }
+}
+
+/// Bytes read back into a host tensor of `shape` and `dt`.
+pub fn tensor_from_bytes(dt: DatumType, shape: &[usize], bytes: &[u8]) -> Result<Tensor> {
+    let want = shape.iter().product::<usize>() * dt.size_of();
+    if bytes.len() < want {
+        return Err(Error::new(format!("webgpu: read back {} bytes, expected {want}", bytes.len())));
+    }
+    unsafe { Tensor::from_raw_dt(dt, shape, &bytes[..want]) }
+        .map_err(|e| Error::new(format!("webgpu: building a tensor: {e}")))
+}

@@ -1,0 +1,78 @@
+// Elementwise kernels on f32: unary (`unary_main`) and binary with numpy broadcasting (`binary_main`).
+// The host substitutes {{WG}} (workgroup size), {{UNARY}} and {{BINARY}} (one expression each, per specialisation).
+// Shapes and strides are uniforms: a new length never recompiles.
+
+struct Params {
+    n: u32,
+    rank: u32,
+    groups_x: u32,
+    _pad: u32,
+    shape: array<vec4<u32>, 2>,
+    a_strides: array<vec4<u32>, 2>,
+    b_strides: array<vec4<u32>, 2>,
+};
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> a: array<f32>;
+@group(0) @binding(2) var<storage, read> b: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+
+fn erf_approx(x: f32) -> f32 {
+    // Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7).
+    let s = sign(x);
+    let ax = abs(x);
+    let t = 1.0 / (1.0 + 0.3275911 * ax);
+    let y = 1.0 - (((((1.061405429 * t - 1.453152027) * t) + 1.421413741) * t - 0.284496736) * t + 0.254829592) * t * exp(-ax * ax);
+    return s * y;
+}
+
+fn tanh_safe(x: f32) -> f32 {
+    let e = exp(-2.0 * abs(x));
+    return sign(x) * (1.0 - e) / (1.0 + e);
+}
+
+fn sigmoid_safe(x: f32) -> f32 {
+    if (x >= 0.0) {
+        return 1.0 / (1.0 + exp(-x));
+    }
+    let e = exp(x);
+    return e / (1.0 + e);
+}
+
+fn op_unary(x: f32) -> f32 {
+    return {{UNARY}};
+}
+
+fn op_binary(x: f32, y: f32) -> f32 {
+    return {{BINARY}};
+}
+
+@compute @workgroup_size({{WG}})
+fn unary_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = (wid.x + wid.y * p.groups_x) * {{WG}}u + lid;
+    if (i >= p.n) {
+        return;
+    }
+    out[i] = op_unary(a[i]);
+}
+
+@compute @workgroup_size({{WG}})
+fn binary_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = (wid.x + wid.y * p.groups_x) * {{WG}}u + lid;
+    if (i >= p.n) {
+        return;
+    }
+    var rem = i;
+    var ia = 0u;
+    var ib = 0u;
+    for (var d = p.rank; d > 0u; d = d - 1u) {
+        let q = (d - 1u) / 4u;
+        let r = (d - 1u) % 4u;
+        let dim = p.shape[q][r];
+        let c = rem % dim;
+        rem = rem / dim;
+        ia = ia + c * p.a_strides[q][r];
+        ib = ib + c * p.b_strides[q][r];
+    }
+    out[i] = op_binary(a[ia], b[ib]);
+}

@@ -1,0 +1,135 @@
+// Batched MatMul on f32, C[b, m, n] = sum_k A[b, m, k] * B[b, k, n], every operand addressed through strides, so
+// transposed operands and broadcast batch dims (stride 0) need no copy. Sizes and strides are uniforms.
+//   tiled:   M > 1, a 64x64 output tile per 16x16 workgroup (4x4 per invocation), K in steps of 16 through
+//            workgroup memory.
+//   mv_rows: M = 1, one invocation per output column (B contiguous along n).
+//   mv_dot:  M = 1, one 64-wide workgroup per output column reducing along k (B contiguous along k).
+
+struct Params {
+    m: u32,
+    n: u32,
+    k: u32,
+    batch_rank: u32,
+    a_sm: u32,
+    a_sk: u32,
+    b_sk: u32,
+    b_sn: u32,
+    c_sm: u32,
+    c_sn: u32,
+    groups_x: u32,
+    _pad: u32,
+    bshape: vec4<u32>,
+    a_bs: vec4<u32>,
+    b_bs: vec4<u32>,
+    c_bs: vec4<u32>,
+};
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> a: array<f32>;
+@group(0) @binding(2) var<storage, read> b: array<f32>;
+@group(0) @binding(3) var<storage, read_write> c: array<f32>;
+
+fn batch_offsets(z: u32) -> vec3<u32> {
+    var rem = z;
+    var off = vec3<u32>(0u, 0u, 0u);
+    for (var d = p.batch_rank; d > 0u; d = d - 1u) {
+        let dim = p.bshape[d - 1u];
+        let i = rem % dim;
+        rem = rem / dim;
+        off = off + i * vec3<u32>(p.a_bs[d - 1u], p.b_bs[d - 1u], p.c_bs[d - 1u]);
+    }
+    return off;
+}
+
+var<workgroup> As: array<f32, 1024>;
+var<workgroup> Bs: array<f32, 1024>;
+
+@compute @workgroup_size(16, 16)
+fn tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
+         @builtin(local_invocation_index) li: u32) {
+    let off = batch_offsets(wid.z);
+    let m0 = wid.y * 64u;
+    let n0 = wid.x * 64u;
+    var acc: array<f32, 16>;
+    for (var k0 = 0u; k0 < p.k; k0 = k0 + 16u) {
+        for (var t = 0u; t < 4u; t = t + 1u) {
+            let e = li + t * 256u;
+            let kk = e / 64u;
+            let xx = e % 64u;
+            let gk = k0 + kk;
+            var va = 0.0;
+            if (m0 + xx < p.m && gk < p.k) {
+                va = a[off.x + (m0 + xx) * p.a_sm + gk * p.a_sk];
+            }
+            As[e] = va;
+            var vb = 0.0;
+            if (n0 + xx < p.n && gk < p.k) {
+                vb = b[off.y + gk * p.b_sk + (n0 + xx) * p.b_sn];
+            }
+            Bs[e] = vb;
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < 16u; kk = kk + 1u) {
+            var av: array<f32, 4>;
+            var bv: array<f32, 4>;
+            for (var i = 0u; i < 4u; i = i + 1u) {
+                av[i] = As[kk * 64u + lid.y + 16u * i];
+                bv[i] = Bs[kk * 64u + lid.x + 16u * i];
+            }
+            for (var i = 0u; i < 4u; i = i + 1u) {
+                for (var j = 0u; j < 4u; j = j + 1u) {
+                    acc[i * 4u + j] = acc[i * 4u + j] + av[i] * bv[j];
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+    for (var i = 0u; i < 4u; i = i + 1u) {
+        let gm = m0 + lid.y + 16u * i;
+        for (var j = 0u; j < 4u; j = j + 1u) {
+            let gn = n0 + lid.x + 16u * j;
+            if (gm < p.m && gn < p.n) {
+                c[off.z + gm * p.c_sm + gn * p.c_sn] = acc[i * 4u + j];
+            }
+        }
+    }
+}
+
+@compute @workgroup_size(256)
+fn mv_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let n = (wid.x + wid.y * p.groups_x) * 256u + li;
+    if (n >= p.n) {
+        return;
+    }
+    let off = batch_offsets(wid.z);
+    var acc = 0.0;
+    for (var k = 0u; k < p.k; k = k + 1u) {
+        acc = acc + a[off.x + k * p.a_sk] * b[off.y + k * p.b_sk + n * p.b_sn];
+    }
+    c[off.z + n * p.c_sn] = acc;
+}
+
+var<workgroup> red: array<f32, 64>;
+
+@compute @workgroup_size(64)
+fn mv_dot(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let n = wid.x + wid.y * p.groups_x;
+    let off = batch_offsets(wid.z);
+    var acc = 0.0;
+    if (n < p.n) {
+        for (var k = li; k < p.k; k = k + 64u) {
+            acc = acc + a[off.x + k * p.a_sk] * b[off.y + k * p.b_sk + n * p.b_sn];
+        }
+    }
+    red[li] = acc;
+    workgroupBarrier();
+    for (var s = 32u; s > 0u; s = s / 2u) {
+        if (li < s) {
+            red[li] = red[li] + red[li + s];
+        }
+        workgroupBarrier();
+    }
+    if (li == 0u && n < p.n) {
+        c[off.z + n * p.c_sn] = red[0];
+    }
+}

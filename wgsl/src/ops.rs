@@ -1,0 +1,158 @@
+//! The ops the GPU lowering places in tract's model. Each keeps its CPU semantics (tract evaluates the lowered
+//! model as it did the original: [`GpuOp`] through the op it replaced, the transfers as identities), so the model
+//! stays a valid tract model; kiln's GPU executor recognises them and runs the kernels instead.
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::binary::TypedBinOp;
+use tract_onnx::tract_core::ops::einsum::prefix_matmul::PrefixMatMul;
+use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
+use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
+
+use crate::context::Caps;
+use crate::kernels::{BinaryOp, Kernel, UnaryOp, View, MAX_BATCH_RANK, MAX_RANK};
+
+/// A node computed by a GPU kernel. `cpu` is the op it replaced: the CPU reference and tract's evaluation.
+#[derive(Debug, Clone)]
+pub struct GpuOp {
+    pub kernel: Kernel,
+    pub cpu: Box<dyn TypedOp>,
+}
+
+impl PartialEq for GpuOp {
+    fn eq(&self, other: &Self) -> bool {
+        self.kernel == other.kernel && self.cpu.as_op() == other.cpu.as_op()
+    }
+}
+impl Eq for GpuOp {}
+
+impl Op for GpuOp {
+    fn name(&self) -> StaticName {
+        format!("Gpu{}", self.kernel.name()).into()
+    }
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!("kernel: {:?}, replaces {}", self.kernel, self.cpu.name())])
+    }
+    op_as_typed_op!();
+}
+
+impl EvalOp for GpuOp {
+    // never folded into a constant: the GPU executor owns this node
+    not_out_of_plan!();
+    fn eval(&self, ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        self.cpu.eval(ctx, inputs)
+    }
+}
+
+impl TypedOp for GpuOp {
+    as_op!();
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        self.cpu.output_facts(inputs)
+    }
+}
+
+/// Host → device transfer (an identity for tract).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct ToDevice;
+
+/// Device → host transfer (an identity for tract).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct ToHost;
+
+macro_rules! transfer_op {
+    ($op:ident, $name:literal) => {
+        impl Op for $op {
+            fn name(&self) -> StaticName {
+                $name.into()
+            }
+            op_as_typed_op!();
+        }
+        impl EvalOp for $op {
+            not_out_of_plan!();
+            fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+                Ok(inputs)
+            }
+        }
+        impl TypedOp for $op {
+            as_op!();
+            fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+                ensure!(inputs.len() == 1, concat!($name, " takes one input"));
+                let mut f = inputs[0].without_value();
+                f.konst = None;
+                Ok(tvec!(f))
+            }
+        }
+    };
+}
+transfer_op!(ToDevice, "ToDevice");
+transfer_op!(ToHost, "ToHost");
+
+/// The kernel for a node, or why it stays on the CPU.
+pub fn kernel_for(model: &TypedModel, node: &TypedNode, caps: &Caps) -> Result<Kernel, String> {
+    let kernel = if let Some(bin) = node.op_as::<TypedBinOp>() {
+        let k = BinaryOp::from_tract(bin.0.name()).ok_or_else(|| format!("no kernel for binary {}", bin.0.name()))?;
+        Kernel::Binary(k)
+    } else if let Some(ew) = node.op_as::<ElementWiseOp>() {
+        let k = UnaryOp::from_tract(&ew.0.name()).ok_or_else(|| format!("no kernel for {}", ew.0.name()))?;
+        if ew.1.is_some_and(|dt| dt != DatumType::F32) {
+            return Err("output type".into());
+        }
+        Kernel::Unary(k)
+    } else if let Some(mm) = node.op_as::<PrefixMatMul>() {
+        if mm.quantize_output.is_some() || mm.operating_dt.is_some_and(|dt| dt != DatumType::F32) {
+            return Err("quantized matmul".into());
+        }
+        Kernel::MatMul { transpose_a: mm.transpose_a, transpose_b: mm.transpose_b, transpose_c: mm.transpose_c }
+    } else if let Some(ax) = node.op_as::<AxisOp>() {
+        Kernel::View(match ax {
+            AxisOp::Add(a) => View::AddAxis(*a),
+            AxisOp::Rm(a) => View::RmAxis(*a),
+            AxisOp::Reshape(at, from, to) => {
+                View::Reshape { at: *at, from_len: from.len(), to: to.iter().map(|d| d.to_usize().ok()).collect() }
+            }
+            AxisOp::Move(..) => return Err("no transpose kernel yet".into()),
+        })
+    } else if let Some(sm) = node.op_as::<Softmax>() {
+        if sm.axes.len() != 1 || sm.quant_output_dt.is_some() {
+            return Err("softmax over several axes or quantized".into());
+        }
+        Kernel::Softmax { axis: sm.axes[0], log: sm.kind == SoftmaxKind::LogSoftmax }
+    } else {
+        return Err(format!("no kernel for {}", node.op.name()));
+    };
+    if node.inputs.len() != kernel.arity() || node.outputs.len() != 1 {
+        return Err("arity".into());
+    }
+    let mut facts = vec![];
+    for i in &node.inputs {
+        facts.push(model.outlet_fact(*i).map_err(|e| e.to_string())?.clone());
+    }
+    facts.push(node.outputs[0].fact.clone());
+    for f in &facts {
+        if f.datum_type != DatumType::F32 {
+            return Err(format!("element type {:?}", f.datum_type));
+        }
+        if !f.is_plain() {
+            return Err("not a plain tensor".into());
+        }
+        if f.rank() > MAX_RANK {
+            return Err(format!("rank {}", f.rank()));
+        }
+        if let Some(n) = f.shape.as_concrete().map(|s| s.iter().product::<usize>()) {
+            if (n as u64) * 4 > caps.max_storage_binding {
+                return Err(format!("shape too large ({n} elements over the adapter's storage binding limit)"));
+            }
+        }
+    }
+    if let Kernel::View(View::Reshape { to, .. }) = &kernel {
+        if to.iter().filter(|d| d.is_none()).count() > 1 {
+            return Err("reshape with several symbolic dims".into());
+        }
+    }
+    if let Kernel::MatMul { .. } = kernel {
+        if facts[0].rank() != facts[1].rank() || facts[0].rank() < 2 || facts[0].rank() - 2 > MAX_BATCH_RANK {
+            return Err("matmul operand ranks".into());
+        }
+    }
+    Ok(kernel)
+}
