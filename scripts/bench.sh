@@ -3,6 +3,7 @@
 #
 #   bash scripts/bench.sh                 # every model found, threads 1 and 2, 32 tokens
 #   THREADS="1 2 4" STEPS=64 bash scripts/bench.sh [MODEL.onnx ...]
+#   KILN_NO_BUILD=1 bash scripts/bench.sh   # measure the kiln-run already built
 #
 # Models by default: SmolLM2-135M q4f16 (../shared), bench/models/llama-135m-fp32 (made by bench/make_llama.py when
 # missing), tiny-llama fp32 (conformance fixture). Prompt: "Once upon a time" ids for 49152-vocab models, else 11..55.
@@ -15,7 +16,9 @@ STEPS="${STEPS:-32}"
 PY=.venv/bin/python
 
 KILN=target/release/kiln-run
-if ! cargo build --release -q -p kiln-examples --bin kiln-run 2>/tmp/kiln-bench-build.log; then
+if [ "${KILN_NO_BUILD:-0}" = 1 ]; then
+  [ -x "$KILN" ] || { echo "KILN_NO_BUILD=1 but $KILN is missing"; exit 1; }
+elif ! cargo build --release -q -p kiln-examples --bin kiln-run 2>/tmp/kiln-bench-build.log; then
   [ -x "$KILN" ] || { cat /tmp/kiln-bench-build.log; exit 1; }
   echo "warning: building kiln-run failed (see /tmp/kiln-bench-build.log); measuring the existing $KILN"
 fi
@@ -29,7 +32,7 @@ if [ ${#models[@]} -eq 0 ]; then
 fi
 
 echo "host: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), load $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "kiln $(git rev-parse --short HEAD 2>/dev/null || echo '?'), onnxruntime $($PY -c 'import onnxruntime; print(onnxruntime.__version__)'), $STEPS tokens"
+echo "kiln-run built $(date -r "$KILN" '+%F %T') (HEAD $(git rev-parse --short HEAD 2>/dev/null || echo '?')), onnxruntime $($PY -c 'import onnxruntime; print(onnxruntime.__version__)'), $STEPS tokens"
 printf '%-45s %3s  %12s %12s  %7s  %12s %12s  %s\n' model thr "kiln ms/tok" "ort ms/tok" ratio "kiln prefill" "ort prefill" "same tokens"
 for m in "${models[@]}"; do
   name="$(basename "$(dirname "$(dirname "$m")")")/$(basename "$(dirname "$m")")/$(basename "$m")"
