@@ -882,6 +882,9 @@ fn run_case_inner(case: &Case, backend: Backend, ops: &mut Vec<String>) -> Outco
             if o.status.is_pass() {
                 return o;
             }
+            if std::env::var_os("KILN_CONFORMANCE_DEBUG").is_some() {
+                eprintln!("{}: with const inputs {constants:?}: {}", case.id(), o.status.line());
+            }
         }
     }
     first

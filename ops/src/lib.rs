@@ -22,6 +22,7 @@ pub mod label_encoder;
 pub mod linear_attention;
 pub mod lp_pool;
 pub mod matmul;
+pub mod max_unpool;
 pub mod reverse_sequence;
 pub mod string_concat;
 pub mod string_normalizer;
@@ -117,4 +118,5 @@ pub const KILN_OPS: &[(&str, OpBuilder)] = &[
     ("TfIdfVectorizer", onnx_domain_only!(tfidf_vectorizer::build)),
     ("LinearAttention", onnx_domain_only!(linear_attention::build)),
     ("LabelEncoder", label_encoder::build),
+    ("MaxUnpool", onnx_domain_only!(max_unpool::build)),
 ];
