@@ -347,6 +347,32 @@ mod tests {
     }
 
     #[test]
+    fn empty_cache_dims_from_declared_shape_or_config() {
+        let sym = |s: &str| Dim::Symbolic(s.into());
+        let info = |shape: Vec<Dim>| ValueInfo {
+            name: "past_key_values.0.key".into(),
+            element_type: Some(ElementType::F16),
+            onnx_type: 10,
+            shape: Some(shape),
+        };
+        let declared = info(vec![sym("batch_size"), Dim::Fixed(3), sym("past_sequence_length"), Dim::Fixed(64)]);
+        assert_eq!(empty_dims(&declared, Path::new("/nonexistent/model.onnx")).unwrap(), vec![1, 3, 0, 64]);
+
+        let dir = std::env::temp_dir().join(format!("kiln-decode-test-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("onnx")).unwrap();
+        std::fs::write(
+            dir.join("config.json"),
+            r#"{"hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3}"#,
+        )
+        .unwrap();
+        let symbolic = info(vec![sym("batch"), sym("kv_heads"), sym("past_len"), sym("head_dim")]);
+        let model = dir.join("onnx/model.onnx");
+        assert_eq!(empty_dims(&symbolic, &model).unwrap(), vec![1, 3, 0, 64]);
+        assert!(empty_dims(&symbolic, Path::new("/nonexistent/model.onnx")).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn argmax_takes_last_row() {
         let t = Tensor::from_vec(&[1, 2, 3], vec![9.0f32, 0.0, 0.0, 1.0, 3.0, 3.0]).unwrap();
         assert_eq!(argmax_last(&t).unwrap(), 1);
