@@ -9,6 +9,7 @@ pub mod gemm;
 pub mod matmul_nbits;
 pub mod pad;
 pub mod affine_grid;
+pub mod batch_norm_training;
 pub mod binarizer;
 pub mod bitcast;
 pub mod causal_conv_with_state;
@@ -119,4 +120,5 @@ pub const KILN_OPS: &[(&str, OpBuilder)] = &[
     ("LinearAttention", onnx_domain_only!(linear_attention::build)),
     ("LabelEncoder", label_encoder::build),
     ("MaxUnpool", onnx_domain_only!(max_unpool::build)),
+    ("BatchNormalization", onnx_domain_only!(batch_norm_training::build)),
 ];
