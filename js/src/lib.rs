@@ -25,9 +25,7 @@ pub fn load_check(bytes: &[u8]) -> Result<String, String> {
         .map_err(|e| e.to_string())?;
     let describe = |vs: &[kiln_provider::ValueInfo]| {
         vs.iter()
-            .map(|v| {
-                format!("{} {} {}", v.name, v.element_type.map(|t| t.name()).unwrap_or("?"), v.shape_string())
-            })
+            .map(|v| format!("{} {} {}", v.name, v.element_type.map(|t| t.name()).unwrap_or("?"), v.shape_string()))
             .collect::<Vec<_>>()
             .join("; ")
     };
@@ -220,7 +218,8 @@ mod tests {
 
     #[test]
     fn load_check_describes_a_model() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../conformance/fixtures/tiny/tiny-llama/onnx_optimum/model.onnx");
+        let path =
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../conformance/fixtures/tiny/tiny-llama/onnx_optimum/model.onnx");
         let bytes = std::fs::read(path).unwrap();
         let text = load_check(&bytes).unwrap();
         assert!(text.contains("input_ids int64 [batch_size, sequence_length]"), "{text}");
