@@ -25,6 +25,7 @@ pub mod lp_pool;
 pub mod matmul;
 pub mod max_unpool;
 pub mod reverse_sequence;
+pub mod roi_align;
 pub mod string_concat;
 pub mod string_normalizer;
 pub mod string_split;
@@ -121,4 +122,5 @@ pub const KILN_OPS: &[(&str, OpBuilder)] = &[
     ("LabelEncoder", label_encoder::build),
     ("MaxUnpool", onnx_domain_only!(max_unpool::build)),
     ("BatchNormalization", onnx_domain_only!(batch_norm_training::build)),
+    ("RoiAlign", onnx_domain_only!(roi_align::build)),
 ];
