@@ -173,6 +173,7 @@ impl Session {
         Self::from_model(model, options).await
     }
 
+    #[cfg_attr(target_arch = "wasm32", allow(unused_mut))]
     async fn from_model(mut model: Model, options: &SessionOptions) -> Result<Session> {
         #[cfg(not(target_arch = "wasm32"))]
         let mut gpu_backend = None;
