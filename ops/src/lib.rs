@@ -24,6 +24,7 @@ pub mod linear_attention;
 pub mod lp_pool;
 pub mod matmul;
 pub mod max_unpool;
+pub mod prelu;
 pub mod reverse_sequence;
 pub mod roi_align;
 pub mod string_concat;
@@ -123,4 +124,5 @@ pub const KILN_OPS: &[(&str, OpBuilder)] = &[
     ("MaxUnpool", onnx_domain_only!(max_unpool::build)),
     ("BatchNormalization", onnx_domain_only!(batch_norm_training::build)),
     ("RoiAlign", onnx_domain_only!(roi_align::build)),
+    ("PRelu", onnx_domain_only!(prelu::build)),
 ];
