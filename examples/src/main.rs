@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use kiln_provider::blocking::Session;
-use kiln_provider::{ExecutionProvider, SessionOptions, ValueInfo};
+use kiln_provider::{Device, ExecutionProvider, SessionOptions, ValueInfo};
 
 const USAGE: &str = "\
 usage: kiln-run MODEL.onnx [options]
@@ -123,6 +123,42 @@ fn print_values(title: &str, values: &[ValueInfo]) {
     }
 }
 
+/// The provider, node counts and, on the GPU, which nodes stay on the CPU and why.
+fn print_placement(session: &Session, threads: Option<usize>) {
+    let m = session.model();
+    println!("placement:");
+    println!("  provider: {}", session.execution_provider().name());
+    match session.gpu_placement() {
+        Some(r) => {
+            println!("  adapter: {}", r.adapter);
+            println!(
+                "  nodes: {} of {} on webgpu, {} on cpu; transfers: {} to device, {} to host",
+                r.gpu_nodes(),
+                r.nodes.len(),
+                r.nodes.len() - r.gpu_nodes(),
+                r.to_device,
+                r.to_host
+            );
+            let mut on_cpu: std::collections::BTreeMap<(String, String), usize> = Default::default();
+            for n in r.nodes.iter().filter(|n| n.device == Device::Cpu) {
+                *on_cpu.entry((n.op.clone(), n.reason.clone().unwrap_or_default())).or_default() += 1;
+            }
+            for ((op, reason), count) in on_cpu {
+                println!(
+                    "    cpu: {count} × {op}{}",
+                    if reason.is_empty() { String::new() } else { format!(" ({reason})") }
+                );
+            }
+        }
+        None => println!("  nodes: {} (all on {})", m.typed.nodes.len(), session.execution_provider().name()),
+    }
+    println!("  threads: {}", threads.unwrap_or(1));
+    println!("  opset: {}{}", m.opset, m.domains.iter().map(|(d, v)| format!(", {d} {v}")).collect::<String>());
+    for line in &m.pass_log {
+        println!("  pass: {line}");
+    }
+}
+
 fn run(args: Args) -> Result<(), String> {
     let model = args.model.clone().unwrap_or_default();
     if !model.is_file() {
@@ -157,19 +193,7 @@ fn run(args: Args) -> Result<(), String> {
     print_values("outputs", session.outputs());
 
     if args.placement {
-        let m = session.model();
-        println!("placement:");
-        println!("  provider: {}", session.execution_provider().name());
-        println!(
-            "  nodes: {} (all on {}; per-node placement comes with the WebGPU provider)",
-            m.typed.nodes.len(),
-            session.execution_provider().name()
-        );
-        println!("  threads: {}", args.threads.unwrap_or(1));
-        println!("  opset: {}{}", m.opset, m.domains.iter().map(|(d, v)| format!(", {d} {v}")).collect::<String>());
-        for line in &m.pass_log {
-            println!("  pass: {line}");
-        }
+        print_placement(&session, args.threads);
     }
 
     let Some(steps) = args.greedy else { return Ok(()) };
@@ -186,6 +210,19 @@ fn run(args: Args) -> Result<(), String> {
             result.decode_ms.iter().cloned().fold(f64::INFINITY, f64::min),
             result.decode_ms.iter().cloned().fold(0.0, f64::max)
         ),
+    }
+    if args.placement {
+        if let Some(r) = session.gpu_placement() {
+            let runs = r.runs.max(1);
+            println!(
+                "gpu work over {} runs: {:.1} submits, {:.1} dispatches, {:.1} uploads, {:.1} readbacks per run",
+                r.runs,
+                r.counters.submits as f64 / runs as f64,
+                r.counters.dispatches as f64 / runs as f64,
+                r.counters.uploads as f64 / runs as f64,
+                r.counters.readbacks as f64 / runs as f64
+            );
+        }
     }
     if !args.no_text {
         if let Some(tok) = &tokenizer {
