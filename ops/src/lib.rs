@@ -18,6 +18,7 @@ pub mod col2im;
 pub mod compress;
 pub mod cumprod;
 pub mod det;
+pub mod dft;
 pub mod kernel;
 pub mod label_encoder;
 pub mod linear_attention;
@@ -125,4 +126,5 @@ pub const KILN_OPS: &[(&str, OpBuilder)] = &[
     ("BatchNormalization", onnx_domain_only!(batch_norm_training::build)),
     ("RoiAlign", onnx_domain_only!(roi_align::build)),
     ("PRelu", onnx_domain_only!(prelu::build)),
+    ("DFT", onnx_domain_only!(dft::build)),
 ];
