@@ -51,7 +51,11 @@ impl<K: Kernel> EvalOp for KernelOp<K> {
 impl<K: Kernel> TypedOp for KernelOp<K> {
     as_op!();
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        self.0.output_facts(inputs)
+        let name = self.0.name();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.0.output_facts(inputs))) {
+            Ok(r) => r,
+            Err(_) => bail!("{name}: internal error computing the output facts"),
+        }
     }
 }
 
