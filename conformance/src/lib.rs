@@ -145,7 +145,10 @@ pub enum Status {
     /// Passed once some inputs were folded as constants (`SessionOptions::constant_inputs`); names them.
     PassConstInputs(Vec<String>),
     /// Ran, but an output differs: the output's name and what differs.
-    Mismatch { output: String, detail: String },
+    Mismatch {
+        output: String,
+        detail: String,
+    },
     /// Failed to load or run; a one-line reason.
     Error(String),
     /// Uses an operator kiln has no implementation of (counted as failed).
@@ -482,9 +485,19 @@ fn graph_type_problems(g: &pb::GraphProto, out: &mut BTreeSet<String>) {
     }
     for n in &g.node {
         for a in &n.attribute {
-            if matches!(n.op_type.as_str(), "Cast" | "EyeLike" | "RandomNormal" | "RandomUniform" | "RandomNormalLike"
-                | "RandomUniformLike" | "Multinomial" | "Bernoulli" | "QuantizeLinear" | "DequantizeLinear")
-                && matches!(a.name.as_str(), "to" | "dtype" | "output_dtype")
+            if matches!(
+                n.op_type.as_str(),
+                "Cast"
+                    | "EyeLike"
+                    | "RandomNormal"
+                    | "RandomUniform"
+                    | "RandomNormalLike"
+                    | "RandomUniformLike"
+                    | "Multinomial"
+                    | "Bernoulli"
+                    | "QuantizeLinear"
+                    | "DequantizeLinear"
+            ) && matches!(a.name.as_str(), "to" | "dtype" | "output_dtype")
             {
                 if let Some(p) = elem_type_problem(a.i as i32) {
                     out.insert(p);
@@ -599,9 +612,7 @@ fn dummy_input(vi: &pb::ValueInfoProto) -> Result<Tensor, Status> {
     let dims: Vec<usize> = tt
         .shape
         .as_ref()
-        .map(|s| {
-            s.dim.iter().map(|d| if let Some(D::DimValue(v)) = d.value { v.max(0) as usize } else { 1 }).collect()
-        })
+        .map(|s| s.dim.iter().map(|d| if let Some(D::DimValue(v)) = d.value { v.max(0) as usize } else { 1 }).collect())
         .unwrap_or_default();
     let n: usize = dims.iter().product();
     let data: Vec<f32> = (0..n).map(|i| (i as f64 / n as f64) as f32).collect();
@@ -671,7 +682,10 @@ fn prepare(case: &Case) -> Prepared {
             let mut outputs = vec![];
             for (i, p) in numbered(&ds, "output_").iter().enumerate() {
                 let Some(vi) = graph.output.get(i) else {
-                    return Prepared::Done(Status::Error(format!("{} has more outputs than the model", file_name(&ds))));
+                    return Prepared::Done(Status::Error(format!(
+                        "{} has more outputs than the model",
+                        file_name(&ds)
+                    )));
                 };
                 match read_tensor(p) {
                     Ok(t) => outputs.push((vi.name.clone(), t)),
@@ -706,7 +720,11 @@ pub fn compare(actual: &Tensor, expected: &Tensor, tol: Tolerance) -> Result<(),
     }
     let a = actual.to_f64_vec().map_err(|e| e.message)?;
     let e = expected.to_f64_vec().map_err(|e| e.message)?;
-    let scale = if tol.atol_of_max > 0.0 { e.iter().fold(0f64, |m, v| if v.is_finite() { m.max(v.abs()) } else { m }) } else { 0.0 };
+    let scale = if tol.atol_of_max > 0.0 {
+        e.iter().fold(0f64, |m, v| if v.is_finite() { m.max(v.abs()) } else { m })
+    } else {
+        0.0
+    };
     let atol = tol.atol + tol.atol_of_max * scale;
     let mut bad = 0usize;
     let mut max_diff = 0f64;
@@ -748,7 +766,13 @@ struct Outcome {
     note: String,
 }
 
-fn run_sets(model_bytes: &[u8], sets: &[DataSet], options: &SessionOptions, constants: &[String], tol: Tolerance) -> Outcome {
+fn run_sets(
+    model_bytes: &[u8],
+    sets: &[DataSet],
+    options: &SessionOptions,
+    constants: &[String],
+    tol: Tolerance,
+) -> Outcome {
     let mut provider = String::new();
     let mut note = String::new();
     // with constant inputs the session depends on the data set; otherwise one session serves every set
@@ -813,8 +837,13 @@ fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, String> {
 
 /// Runs one case in this process (panics are caught; hangs are not: use [`run_isolated`] for those).
 pub fn run_case(case: &Case, backend: Backend) -> CaseResult {
-    let mut result =
-        CaseResult { case: case.clone(), status: Status::Error(String::new()), ops: vec![], provider: String::new(), provider_note: String::new() };
+    let mut result = CaseResult {
+        case: case.clone(),
+        status: Status::Error(String::new()),
+        ops: vec![],
+        provider: String::new(),
+        provider_note: String::new(),
+    };
     let r = guarded(|| run_case_inner(case, backend, &mut result.ops));
     match r {
         Ok(o) => {
@@ -831,7 +860,9 @@ fn run_case_inner(case: &Case, backend: Backend, ops: &mut Vec<String>) -> Outco
     let none = |status| Outcome { status, provider: String::new(), note: String::new() };
     let (model, model_bytes, sets) = match prepare(case) {
         Prepared::Done(s) => {
-            if let Ok(bytes) = std::fs::read(if case.suite == Suite::Light { case.path.clone() } else { case.path.join("model.onnx") }) {
+            if let Ok(bytes) =
+                std::fs::read(if case.suite == Suite::Light { case.path.clone() } else { case.path.join("model.onnx") })
+            {
                 if let Ok(m) = pb::ModelProto::decode(bytes.as_slice()) {
                     *ops = m.graph.as_ref().map(ops_of).unwrap_or_default();
                 }
@@ -1026,7 +1057,10 @@ fn run_in_worker(exe: &Path, slot: &mut Option<Worker>, case: &Case, cfg: &RunCo
             CaseResult {
                 case: case.clone(),
                 status,
-                ops: f.get(1).map(|s| s.split(',').filter(|s| !s.is_empty()).map(String::from).collect()).unwrap_or_default(),
+                ops: f
+                    .get(1)
+                    .map(|s| s.split(',').filter(|s| !s.is_empty()).map(String::from).collect())
+                    .unwrap_or_default(),
                 provider: f.get(2).map(|s| s.to_string()).unwrap_or_default(),
                 provider_note: f.get(3).map(|s| s.to_string()).unwrap_or_default(),
             }
@@ -1057,7 +1091,8 @@ pub fn families(results: &[CaseResult]) -> Vec<String> {
             known.insert(o.clone());
         }
     }
-    let norm: Vec<(String, String)> = known.iter().map(|o| (o.to_ascii_lowercase().replace('_', ""), o.clone())).collect();
+    let norm: Vec<(String, String)> =
+        known.iter().map(|o| (o.to_ascii_lowercase().replace('_', ""), o.clone())).collect();
     results
         .iter()
         .map(|r| {
@@ -1076,7 +1111,8 @@ pub fn families(results: &[CaseResult]) -> Vec<String> {
                 }
             }
             let n = n.replace('_', "");
-            let best = norm.iter().filter(|(k, _)| !k.is_empty() && n.starts_with(k.as_str())).max_by_key(|(k, _)| k.len());
+            let best =
+                norm.iter().filter(|(k, _)| !k.is_empty() && n.starts_with(k.as_str())).max_by_key(|(k, _)| k.len());
             if let Some((_, o)) = best {
                 return o.clone();
             }

@@ -46,7 +46,8 @@ fn main() {
             "--data-dir" => data_dir = Some(PathBuf::from(value("--data-dir"))),
             "--jobs" | "-j" => cfg.jobs = value("--jobs").parse().unwrap_or_else(|_| fail("bad --jobs".into())),
             "--timeout" => {
-                cfg.timeout = Duration::from_secs(value("--timeout").parse().unwrap_or_else(|_| fail("bad --timeout".into())))
+                cfg.timeout =
+                    Duration::from_secs(value("--timeout").parse().unwrap_or_else(|_| fail("bad --timeout".into())))
             }
             "--cases" => print_cases = true,
             "--verbose" | "-v" => verbose = true,
