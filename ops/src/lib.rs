@@ -37,6 +37,8 @@ pub mod unique;
 pub mod upsample;
 pub mod negative_log_likelihood_loss;
 pub mod softmax_cross_entropy_loss;
+pub mod tokenizer;
+pub mod bpe_tokenizer;
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -127,4 +129,8 @@ pub const KILN_OPS: &[(&str, OpBuilder)] = &[
     ("RoiAlign", onnx_domain_only!(roi_align::build)),
     ("PRelu", onnx_domain_only!(prelu::build)),
     ("DFT", onnx_domain_only!(dft::build)),
+    ("HfJsonTokenizer", tokenizer::build_hf_json_tokenizer),
+    ("HfJsonDecoder", tokenizer::build_hf_json_decoder),
+    ("GPT2Tokenizer", tokenizer::build_gpt2_tokenizer),
+    ("BpeDecoder", tokenizer::build_bpe_decoder),
 ];
