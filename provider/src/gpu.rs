@@ -215,7 +215,7 @@ impl GpuBackend {
                             .ok_or_else(|| Error::runtime(format!("webgpu: input of {} not on the GPU", node.name)))?,
                     );
                 }
-                let out = op.kernel.encode(ctx, rec, &ins).map_err(|e| {
+                let out = op.kernel.encode(ctx, rec, &ins, &state.turn_state.resolved_symbols).map_err(|e| {
                     Error::runtime(format!("webgpu: {} ({}): {}", node.name, op.kernel.name(), e.message))
                 })?;
                 resolve_symbols(&mut state, &node.outputs[0].fact, &out.shape);

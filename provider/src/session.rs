@@ -132,7 +132,7 @@ impl Outputs {
 pub(crate) enum Backend {
     Cpu(CpuBackend),
     #[cfg(not(target_arch = "wasm32"))]
-    Gpu(crate::gpu::GpuBackend),
+    Gpu(Box<crate::gpu::GpuBackend>),
 }
 
 /// A loaded model ready to run.
@@ -219,7 +219,7 @@ impl Session {
                     if let Some(backend) = gpu_backend.take() {
                         return Ok(Session {
                             model,
-                            backend: Backend::Gpu(backend),
+                            backend: Backend::Gpu(Box::new(backend)),
                             provider: ExecutionProvider::WebGpu,
                             provider_note: note,
                             _lock: Mutex::new(()),

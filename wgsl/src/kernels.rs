@@ -10,6 +10,8 @@ use crate::{Error, Result};
 pub const ELEMENTWISE_WGSL: &str = include_str!("kernels/elementwise.wgsl");
 pub const MATMUL_WGSL: &str = include_str!("kernels/matmul.wgsl");
 pub const SOFTMAX_WGSL: &str = include_str!("kernels/softmax.wgsl");
+pub const LAYOUT_WGSL: &str = include_str!("kernels/layout.wgsl");
+pub const REDUCE_WGSL: &str = include_str!("kernels/reduce.wgsl");
 
 /// Ranks the elementwise and matmul uniforms have room for.
 pub const MAX_RANK: usize = 8;
@@ -31,10 +33,13 @@ pub enum UnaryOp {
     Sin,
     Cos,
     Square,
+    Silu,
+    /// x^c for a constant exponent (the f32's bits).
+    PowConst(u32),
 }
 
 impl UnaryOp {
-    pub const ALL: [UnaryOp; 14] = [
+    pub const ALL: [UnaryOp; 15] = [
         UnaryOp::Neg,
         UnaryOp::Abs,
         UnaryOp::Exp,
@@ -49,6 +54,7 @@ impl UnaryOp {
         UnaryOp::Sin,
         UnaryOp::Cos,
         UnaryOp::Square,
+        UnaryOp::Silu,
     ];
     /// The op for tract's elementwise mini-op name.
     pub fn from_tract(name: &str) -> Option<UnaryOp> {
@@ -66,10 +72,14 @@ impl UnaryOp {
             "Sin" => UnaryOp::Sin,
             "Cos" => UnaryOp::Cos,
             "Square" => UnaryOp::Square,
+            "Silu" => UnaryOp::Silu,
             _ => return None,
         })
     }
-    fn expr(&self) -> &'static str {
+    fn expr(&self) -> String {
+        if let UnaryOp::PowConst(bits) = self {
+            return format!("pow_binary(x, bitcast<f32>({bits}u))");
+        }
         match self {
             UnaryOp::Neg => "-x",
             UnaryOp::Abs => "abs(x)",
@@ -85,7 +95,10 @@ impl UnaryOp {
             UnaryOp::Sin => "sin(x)",
             UnaryOp::Cos => "cos(x)",
             UnaryOp::Square => "x * x",
+            UnaryOp::Silu => "x * sigmoid_safe(x)",
+            UnaryOp::PowConst(_) => "x",
         }
+        .into()
     }
 }
 
@@ -126,7 +139,7 @@ impl BinaryOp {
             _ => return None,
         })
     }
-    fn expr(&self) -> &'static str {
+    fn expr(&self) -> String {
         match self {
             BinaryOp::Add => "x + y",
             BinaryOp::Sub => "x - y",
@@ -136,10 +149,9 @@ impl BinaryOp {
             BinaryOp::Max => "max(x, y)",
             BinaryOp::Min => "min(x, y)",
             // WGSL's pow is undefined for x < 0; integer exponents keep their sign like the CPU's powf.
-            BinaryOp::Pow => {
-                "select(pow(abs(x), y) * select(1.0, -1.0, x < 0.0 && fract(y * 0.5) != 0.0), pow(x, y), x >= 0.0 || fract(y) != 0.0)"
-            }
+            BinaryOp::Pow => "pow_binary(x, y)",
         }
+        .into()
     }
 }
 
@@ -148,16 +160,17 @@ impl BinaryOp {
 pub enum View {
     AddAxis(usize),
     RmAxis(usize),
-    /// `from_len` dims at `at` become `to` (a `None`: the one dim inferred from the element count).
+    /// `from_len` dims at `at` become `to` (symbolic dims take the run's values; one left unknown is inferred from
+    /// the element count).
     Reshape {
         at: usize,
         from_len: usize,
-        to: Vec<Option<usize>>,
+        to: Vec<TDim>,
     },
 }
 
 impl View {
-    pub fn output_shape(&self, input: &[usize]) -> Result<TVec<usize>> {
+    pub fn output_shape(&self, input: &[usize], syms: &SymbolValues) -> Result<TVec<usize>> {
         let bad = || Error::new(format!("webgpu: view {self:?} does not apply to shape {input:?}"));
         let mut s: TVec<usize> = input.into();
         match self {
@@ -166,6 +179,8 @@ impl View {
                 s.remove(*a);
             }
             View::Reshape { at, from_len, to } if at + from_len <= s.len() => {
+                let to: Vec<Option<usize>> =
+                    to.iter().map(|d| d.eval_to_i64(syms).ok().and_then(|v| usize::try_from(v).ok())).collect();
                 let count: usize = s[*at..at + from_len].iter().product();
                 let known: usize = to.iter().flatten().product();
                 let unknown = to.iter().filter(|d| d.is_none()).count();
@@ -205,6 +220,59 @@ pub enum Kernel {
         axis: usize,
         log: bool,
     },
+    /// tract's MoveAxis: axis `from` moved to position `to` (a transpose).
+    MoveAxis {
+        from: usize,
+        to: usize,
+    },
+    /// Expand (tract's MultiBroadcastTo) to `shape` (symbolic dims take the run's values).
+    Broadcast {
+        shape: Vec<TDim>,
+    },
+    /// Elements `start..end` of `axis` (step 1, tract's Slice).
+    Slice {
+        axis: usize,
+        start: TDim,
+        end: TDim,
+    },
+    /// `inputs` tensors concatenated along `axis`.
+    Concat {
+        axis: usize,
+        inputs: usize,
+    },
+    /// tract's Reduce over adjacent `axes` (dims kept).
+    Reduce {
+        axes: Vec<usize>,
+        op: ReduceOp,
+    },
+    /// x * rsqrt(mean(x², axis) + eps); `eps` is the f32's bits.
+    RmsNorm {
+        axis: usize,
+        eps: u32,
+    },
+}
+
+/// The reductions of [`Kernel::Reduce`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReduceOp {
+    Sum,
+    Prod,
+    Max,
+    Min,
+    MeanOfSquares,
+}
+
+impl ReduceOp {
+    /// (init, map of `v`, combine of `a` and `b`, finish of `acc` and `n`)
+    fn exprs(&self) -> [&'static str; 4] {
+        match self {
+            ReduceOp::Sum => ["0.0", "v", "a + b", "acc"],
+            ReduceOp::Prod => ["1.0", "v", "a * b", "acc"],
+            ReduceOp::Max => ["-3.4028235e38", "v", "max(a, b)", "acc"],
+            ReduceOp::Min => ["3.4028235e38", "v", "min(a, b)", "acc"],
+            ReduceOp::MeanOfSquares => ["0.0", "v * v", "a + b", "acc / max(n, 1.0)"],
+        }
+    }
 }
 
 const WG: u32 = 256;
@@ -281,18 +349,32 @@ impl Kernel {
             Kernel::Softmax { log: false, .. } => "Softmax".into(),
             Kernel::Softmax { log: true, .. } => "LogSoftmax".into(),
             Kernel::View(_) => "View".into(),
+            Kernel::MoveAxis { .. } => "Transpose".into(),
+            Kernel::Broadcast { .. } => "Expand".into(),
+            Kernel::Slice { .. } => "Slice".into(),
+            Kernel::Concat { .. } => "Concat".into(),
+            Kernel::Reduce { op, .. } => format!("Reduce{op:?}"),
+            Kernel::RmsNorm { .. } => "RmsNorm".into(),
         }
     }
 
     pub fn arity(&self) -> usize {
         match self {
-            Kernel::Unary(_) | Kernel::Softmax { .. } | Kernel::View(_) => 1,
+            Kernel::Unary(_)
+            | Kernel::Softmax { .. }
+            | Kernel::View(_)
+            | Kernel::MoveAxis { .. }
+            | Kernel::Broadcast { .. }
+            | Kernel::Slice { .. }
+            | Kernel::Reduce { .. }
+            | Kernel::RmsNorm { .. } => 1,
             Kernel::Binary(_) | Kernel::MatMul { .. } => 2,
+            Kernel::Concat { inputs, .. } => *inputs,
         }
     }
 
-    /// The output shape for concrete input shapes.
-    pub fn output_shape(&self, inputs: &[&[usize]]) -> Result<TVec<usize>> {
+    /// The output shape for concrete input shapes (`syms`: the run's symbol values).
+    pub fn output_shape(&self, inputs: &[&[usize]], syms: &SymbolValues) -> Result<TVec<usize>> {
         if inputs.len() != self.arity() {
             return Err(Error::new(format!(
                 "webgpu: {} expects {} inputs, got {}",
@@ -302,8 +384,59 @@ impl Kernel {
             )));
         }
         match self {
-            Kernel::Unary(_) | Kernel::Softmax { .. } => Ok(inputs[0].into()),
-            Kernel::View(v) => v.output_shape(inputs[0]),
+            Kernel::Unary(_) | Kernel::Softmax { .. } | Kernel::RmsNorm { .. } => Ok(inputs[0].into()),
+            Kernel::View(v) => v.output_shape(inputs[0], syms),
+            Kernel::MoveAxis { from, to } => {
+                let perm = move_axis_perm(inputs[0].len(), *from, *to)?;
+                Ok(perm.iter().map(|p| inputs[0][*p]).collect())
+            }
+            Kernel::Broadcast { shape } => {
+                let mut target: TVec<usize> = tvec![];
+                for d in shape {
+                    target.push(eval_dim(d, syms)?);
+                }
+                let out = broadcast(inputs[0], &target)?;
+                Ok(out)
+            }
+            Kernel::Slice { axis, start, end } => {
+                let (start, end) = (eval_dim(start, syms)?, eval_dim(end, syms)?);
+                let mut s: TVec<usize> = inputs[0].into();
+                match s.get_mut(*axis) {
+                    Some(d) if start <= end && end <= *d => *d = end - start,
+                    _ => {
+                        return Err(Error::new(format!(
+                            "webgpu: slice {start}..{end} of axis {axis} out of range for {:?}",
+                            inputs[0]
+                        )))
+                    }
+                }
+                Ok(s)
+            }
+            Kernel::Concat { axis, .. } => {
+                let mut s: TVec<usize> = inputs[0].into();
+                if *axis >= s.len() {
+                    return Err(Error::new(format!("webgpu: concat axis {axis} out of range for {s:?}")));
+                }
+                s[*axis] = 0;
+                for i in inputs {
+                    let same = i.len() == s.len() && (0..s.len()).all(|d| d == *axis || i[d] == s[d]);
+                    if !same {
+                        return Err(Error::new(format!("webgpu: concat of {inputs:?} along axis {axis}")));
+                    }
+                    s[*axis] += i[*axis];
+                }
+                Ok(s)
+            }
+            Kernel::Reduce { axes, .. } => {
+                let mut s: TVec<usize> = inputs[0].into();
+                for a in axes {
+                    match s.get_mut(*a) {
+                        Some(d) => *d = 1,
+                        None => return Err(Error::new(format!("webgpu: reduce axis {a} out of range for {s:?}"))),
+                    }
+                }
+                Ok(s)
+            }
             Kernel::Binary(_) => broadcast(inputs[0], inputs[1]),
             Kernel::MatMul { transpose_a, transpose_b, transpose_c } => {
                 let (a, b) = (inputs[0], inputs[1]);
@@ -336,9 +469,15 @@ impl Kernel {
     }
 
     /// Records the kernel on `inputs`, allocating its output from the recorder's pool.
-    pub fn encode(&self, ctx: &Context, rec: &mut Recorder, inputs: &[&GpuTensor]) -> Result<GpuTensor> {
+    pub fn encode(
+        &self,
+        ctx: &Context,
+        rec: &mut Recorder,
+        inputs: &[&GpuTensor],
+        syms: &SymbolValues,
+    ) -> Result<GpuTensor> {
         let shapes: Vec<&[usize]> = inputs.iter().map(|t| &*t.shape).collect();
-        let out_shape = self.output_shape(&shapes)?;
+        let out_shape = self.output_shape(&shapes, syms)?;
         for t in inputs {
             if t.dt != DatumType::F32 {
                 return Err(Error::new(format!("webgpu: {} runs on f32, got {:?}", self.name(), t.dt)));
@@ -355,9 +494,8 @@ impl Kernel {
             Kernel::Unary(op) => {
                 let n = out.len();
                 let (gx, gy) = ctx.grid((n as u64).div_ceil(WG as u64))?;
-                let key =
-                    PipelineKey { family: "elementwise", entry: "unary_main", spec: vec![("UNARY", op.expr().into())] };
-                let pipeline = ctx.pipeline(&key, || elementwise_source(op.expr(), "x"))?;
+                let key = PipelineKey { family: "elementwise", entry: "unary_main", spec: vec![("UNARY", op.expr())] };
+                let pipeline = ctx.pipeline(&key, || elementwise_source(&op.expr(), "x"))?;
                 let mut u = vec![u32_of("length", n)?, 1, gx, 0];
                 u.extend([0u32; 24]);
                 rec.dispatch(
@@ -382,12 +520,9 @@ impl Kernel {
                     )));
                 }
                 let (gx, gy) = ctx.grid((n as u64).div_ceil(WG as u64))?;
-                let key = PipelineKey {
-                    family: "elementwise",
-                    entry: "binary_main",
-                    spec: vec![("BINARY", op.expr().into())],
-                };
-                let pipeline = ctx.pipeline(&key, || elementwise_source("x", op.expr()))?;
+                let key =
+                    PipelineKey { family: "elementwise", entry: "binary_main", spec: vec![("BINARY", op.expr())] };
+                let pipeline = ctx.pipeline(&key, || elementwise_source("x", &op.expr()))?;
                 let mut u = vec![u32_of("length", n)?, shape.len() as u32, gx, 0];
                 for v in [&shape, &sa, &sb] {
                     let mut block = [0u32; 8];
@@ -437,6 +572,61 @@ impl Kernel {
                 );
             }
             Kernel::View(_) => {}
+            Kernel::MoveAxis { from, to } => {
+                let a = &inputs[0].shape;
+                let perm = move_axis_perm(a.len(), *from, *to)?;
+                let sa = contiguous_strides(a);
+                let a_strides: Vec<usize> = perm.iter().map(|p| sa[*p]).collect();
+                strided_copy(ctx, rec, inputs[0], 0, &a_strides, &out, 0, &contiguous_strides(&out_shape), &out_shape)?;
+            }
+            Kernel::Broadcast { .. } => {
+                let a_strides = broadcast_strides(&inputs[0].shape, &out_shape);
+                strided_copy(ctx, rec, inputs[0], 0, &a_strides, &out, 0, &contiguous_strides(&out_shape), &out_shape)?;
+            }
+            Kernel::Slice { axis, start, .. } => {
+                let sa = contiguous_strides(&inputs[0].shape);
+                let off = eval_dim(start, syms)? * sa[*axis];
+                strided_copy(ctx, rec, inputs[0], off, &sa, &out, 0, &contiguous_strides(&out_shape), &out_shape)?;
+            }
+            Kernel::Concat { axis, .. } => {
+                let so = contiguous_strides(&out_shape);
+                let mut at = 0;
+                for t in inputs {
+                    if !t.is_empty() {
+                        strided_copy(
+                            ctx,
+                            rec,
+                            t,
+                            0,
+                            &contiguous_strides(&t.shape),
+                            &out,
+                            at * so[*axis],
+                            &so,
+                            &t.shape,
+                        )?;
+                    }
+                    at += t.shape[*axis];
+                }
+            }
+            Kernel::Reduce { axes, op } => {
+                let (rows, len, inner) = reduce_geometry(&inputs[0].shape, axes)?;
+                let [init, map, combine, finish] = op.exprs();
+                self.row_dispatch(
+                    ctx,
+                    rec,
+                    inputs[0],
+                    &out,
+                    "reduce_main",
+                    [init, map, combine, finish],
+                    (rows, len, inner),
+                    0,
+                )?;
+            }
+            Kernel::RmsNorm { axis, eps } => {
+                let (rows, len, inner) = reduce_geometry(&inputs[0].shape, &[*axis])?;
+                let e = ["0.0", "v * v", "a + b", "acc"];
+                self.row_dispatch(ctx, rec, inputs[0], &out, "rms_main", e, (rows, len, inner), *eps)?;
+            }
             Kernel::MatMul { transpose_a, transpose_b, transpose_c } => {
                 let (a, b) = (&inputs[0].shape, &inputs[1].shape);
                 let r = a.len();
@@ -518,6 +708,126 @@ impl Kernel {
         }
         Ok(out)
     }
+}
+
+impl Kernel {
+    #[allow(clippy::too_many_arguments)]
+    fn row_dispatch(
+        &self,
+        ctx: &Context,
+        rec: &mut Recorder,
+        x: &GpuTensor,
+        out: &GpuTensor,
+        entry: &'static str,
+        exprs: [&str; 4],
+        (rows, len, inner): (usize, usize, usize),
+        eps: u32,
+    ) -> Result<()> {
+        let (gx, gy) = ctx.grid(rows as u64)?;
+        let wg = softmax_wg(ctx);
+        let [init, map, combine, finish] = exprs;
+        let key = PipelineKey {
+            family: "reduce",
+            entry,
+            spec: vec![
+                ("WG", wg.to_string()),
+                ("INIT", init.into()),
+                ("MAP", map.into()),
+                ("COMBINE", combine.into()),
+                ("FINISH", finish.into()),
+            ],
+        };
+        let pipeline = ctx.pipeline(&key, || {
+            REDUCE_WGSL
+                .replace("{{WG}}", &wg.to_string())
+                .replace("{{INIT}}", init)
+                .replace("{{MAP}}", map)
+                .replace("{{COMBINE}}", combine)
+                .replace("{{FINISH}}", finish)
+        })?;
+        let u = vec![u32_of("rows", rows)?, u32_of("length", len)?, u32_of("length", inner)?, gx, eps, 0, 0, 0];
+        rec.dispatch(
+            pipeline,
+            words(&u),
+            vec![Binding { index: 1, buffer: x.buffer.clone() }, Binding { index: 3, buffer: out.buffer.clone() }],
+            (gx, gy, 1),
+        );
+        Ok(())
+    }
+}
+
+/// (rows, len, inner) of a reduction over adjacent `axes` (size-1 axes in between are fine).
+fn reduce_geometry(shape: &[usize], axes: &[usize]) -> Result<(usize, usize, usize)> {
+    let (Some(lo), Some(hi)) = (axes.iter().min(), axes.iter().max()) else {
+        return Err(Error::new("webgpu: a reduction over no axis"));
+    };
+    if *hi >= shape.len() || (*lo..=*hi).any(|a| !axes.contains(&a) && shape[a] != 1) {
+        return Err(Error::new(format!("webgpu: reduction over axes {axes:?} of {shape:?}")));
+    }
+    let outer: usize = shape[..*lo].iter().product();
+    let len: usize = shape[*lo..=*hi].iter().product();
+    let inner: usize = shape[hi + 1..].iter().product();
+    Ok((outer * inner, len, inner))
+}
+
+/// Output axis j takes input axis `perm[j]` when axis `from` moves to `to`.
+fn move_axis_perm(rank: usize, from: usize, to: usize) -> Result<Vec<usize>> {
+    if from >= rank || to >= rank {
+        return Err(Error::new(format!("webgpu: moving axis {from} to {to} in rank {rank}")));
+    }
+    let mut perm: Vec<usize> = (0..rank).collect();
+    let a = perm.remove(from);
+    perm.insert(to, a);
+    Ok(perm)
+}
+
+fn eval_dim(d: &TDim, syms: &SymbolValues) -> Result<usize> {
+    d.eval_to_i64(syms)
+        .ok()
+        .and_then(|v| usize::try_from(v).ok())
+        .ok_or_else(|| Error::new(format!("webgpu: dim {d} has no value in this run")))
+}
+
+/// Records `out[o_off + Σ c·so] = a[a_off + Σ c·sa]` over `shape` (4-byte elements).
+#[allow(clippy::too_many_arguments)]
+fn strided_copy(
+    ctx: &Context,
+    rec: &mut Recorder,
+    a: &GpuTensor,
+    a_off: usize,
+    sa: &[usize],
+    out: &GpuTensor,
+    o_off: usize,
+    so: &[usize],
+    shape: &[usize],
+) -> Result<()> {
+    let n: usize = shape.iter().product();
+    if n == 0 {
+        return Ok(());
+    }
+    let (shape, sa, so) = collapse(shape, sa, so);
+    if shape.len() > MAX_RANK {
+        return Err(Error::new(format!("webgpu: rank {} exceeds the copy kernel's {MAX_RANK}", shape.len())));
+    }
+    let (gx, gy) = ctx.grid((n as u64).div_ceil(WG as u64))?;
+    let key = PipelineKey { family: "layout", entry: "copy_main", spec: vec![] };
+    let pipeline = ctx.pipeline(&key, || LAYOUT_WGSL.replace("{{WG}}", &WG.to_string()))?;
+    let mut u =
+        vec![u32_of("length", n)?, shape.len() as u32, gx, u32_of("offset", a_off)?, u32_of("offset", o_off)?, 0, 0, 0];
+    for v in [&shape, &sa, &so] {
+        let mut block = [0u32; 8];
+        for (i, x) in v.iter().enumerate() {
+            block[i] = u32_of("dim", *x)?;
+        }
+        u.extend(block);
+    }
+    rec.dispatch(
+        pipeline,
+        words(&u),
+        vec![Binding { index: 1, buffer: a.buffer.clone() }, Binding { index: 3, buffer: out.buffer.clone() }],
+        (gx, gy, 1),
+    );
+    Ok(())
 }
 
 fn softmax_wg(ctx: &Context) -> u32 {

@@ -4,13 +4,15 @@
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::array::{MultiBroadcastTo, Slice, TypedConcat};
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::einsum::prefix_matmul::PrefixMatMul;
 use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
-use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
+use tract_onnx::tract_core::ops::math::PowConst;
+use tract_onnx::tract_core::ops::nn::{Reduce, Reducer, RmsNorm, Softmax, SoftmaxKind};
 
 use crate::context::Caps;
-use crate::kernels::{BinaryOp, Kernel, UnaryOp, View, MAX_BATCH_RANK, MAX_RANK};
+use crate::kernels::{BinaryOp, Kernel, ReduceOp, UnaryOp, View, MAX_BATCH_RANK, MAX_RANK};
 
 /// A node computed by a GPU kernel. `cpu` is the op it replaced: the CPU reference and tract's evaluation.
 #[derive(Debug, Clone)]
@@ -93,7 +95,10 @@ pub fn kernel_for(model: &TypedModel, node: &TypedNode, caps: &Caps) -> Result<K
         let k = BinaryOp::from_tract(bin.0.name()).ok_or_else(|| format!("no kernel for binary {}", bin.0.name()))?;
         Kernel::Binary(k)
     } else if let Some(ew) = node.op_as::<ElementWiseOp>() {
-        let k = UnaryOp::from_tract(&ew.0.name()).ok_or_else(|| format!("no kernel for {}", ew.0.name()))?;
+        let k = match ew.0.downcast_ref::<PowConst>() {
+            Some(p) => UnaryOp::PowConst(p.exponent.to_bits()),
+            None => UnaryOp::from_tract(&ew.0.name()).ok_or_else(|| format!("no kernel for {}", ew.0.name()))?,
+        };
         if ew.1.is_some_and(|dt| dt != DatumType::F32) {
             return Err("output type".into());
         }
@@ -107,11 +112,35 @@ pub fn kernel_for(model: &TypedModel, node: &TypedNode, caps: &Caps) -> Result<K
         Kernel::View(match ax {
             AxisOp::Add(a) => View::AddAxis(*a),
             AxisOp::Rm(a) => View::RmAxis(*a),
-            AxisOp::Reshape(at, from, to) => {
-                View::Reshape { at: *at, from_len: from.len(), to: to.iter().map(|d| d.to_usize().ok()).collect() }
-            }
-            AxisOp::Move(..) => return Err("no transpose kernel yet".into()),
+            AxisOp::Reshape(at, from, to) => View::Reshape { at: *at, from_len: from.len(), to: to.to_vec() },
+            AxisOp::Move(from, to) => return check(model, node, caps, Kernel::MoveAxis { from: *from, to: *to }),
         })
+    } else if let Some(b) = node.op_as::<MultiBroadcastTo>() {
+        Kernel::Broadcast { shape: b.shape.iter().cloned().collect() }
+    } else if let Some(sl) = node.op_as::<Slice>() {
+        Kernel::Slice { axis: sl.axis, start: sl.start.clone(), end: sl.end.clone() }
+    } else if let Some(c) = node.op_as::<TypedConcat>() {
+        Kernel::Concat { axis: c.axis, inputs: node.inputs.len() }
+    } else if let Some(r) = node.op_as::<Reduce>() {
+        let op = match r.reducer {
+            Reducer::Sum => ReduceOp::Sum,
+            Reducer::Prod => ReduceOp::Prod,
+            Reducer::Max => ReduceOp::Max,
+            Reducer::Min => ReduceOp::Min,
+            Reducer::MeanOfSquares => ReduceOp::MeanOfSquares,
+            other => return Err(format!("no kernel for reducer {other:?}")),
+        };
+        let fact = model.outlet_fact(node.inputs[0]).map_err(|e| e.to_string())?;
+        let mut axes: Vec<usize> = r.axes.to_vec();
+        axes.sort_unstable();
+        let (lo, hi) = (axes.first().copied().unwrap_or(0), axes.last().copied().unwrap_or(0));
+        if axes.is_empty() || (lo..=hi).any(|a| !axes.contains(&a) && fact.shape.get(a) != Some(&TDim::Val(1))) {
+            return Err("reduction over non-adjacent axes".into());
+        }
+        Kernel::Reduce { axes, op }
+    } else if let Some(n) = node.op_as::<RmsNorm>() {
+        let eps = n.eps.cast_to_scalar::<f32>().map_err(|e| e.to_string())?;
+        Kernel::RmsNorm { axis: n.axis, eps: eps.to_bits() }
     } else if let Some(sm) = node.op_as::<Softmax>() {
         if sm.axes.len() != 1 || sm.quant_output_dt.is_some() {
             return Err("softmax over several axes or quantized".into());
@@ -120,6 +149,11 @@ pub fn kernel_for(model: &TypedModel, node: &TypedNode, caps: &Caps) -> Result<K
     } else {
         return Err(format!("no kernel for {}", node.op.name()));
     };
+    check(model, node, caps, kernel)
+}
+
+/// The checks every kernel shares: arity, element type, rank, size.
+fn check(model: &TypedModel, node: &TypedNode, caps: &Caps, kernel: Kernel) -> Result<Kernel, String> {
     if node.inputs.len() != kernel.arity() || node.outputs.len() != 1 {
         return Err("arity".into());
     }
@@ -142,11 +176,6 @@ pub fn kernel_for(model: &TypedModel, node: &TypedNode, caps: &Caps) -> Result<K
             if (n as u64) * 4 > caps.max_storage_binding {
                 return Err(format!("shape too large ({n} elements over the adapter's storage binding limit)"));
             }
-        }
-    }
-    if let Kernel::View(View::Reshape { to, .. }) = &kernel {
-        if to.iter().filter(|d| d.is_none()).count() > 1 {
-            return Err("reshape with several symbolic dims".into());
         }
     }
     if let Kernel::MatMul { .. } = kernel {

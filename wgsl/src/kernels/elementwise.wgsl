@@ -39,6 +39,17 @@ fn sigmoid_safe(x: f32) -> f32 {
     return e / (1.0 + e);
 }
 
+// WGSL's pow is undefined for x < 0; integer exponents keep their sign like the CPU's powf.
+fn pow_binary(x: f32, y: f32) -> f32 {
+    if (y == 2.0) {
+        return x * x;
+    }
+    if (x >= 0.0 || fract(y) != 0.0) {
+        return pow(x, y);
+    }
+    return pow(abs(x), y) * select(1.0, -1.0, fract(y * 0.5) != 0.0);
+}
+
 fn op_unary(x: f32) -> f32 {
     return {{UNARY}};
 }

@@ -1,0 +1,43 @@
+// Data movement on 4-byte elements (f32 bit patterns, copied as u32): one strided copy,
+// out[o_off + sum(c_d * o_strides_d)] = a[a_off + sum(c_d * a_strides_d)] over the iteration `shape`.
+// Transpose (MoveAxis), Expand (MultiBroadcastTo: stride 0), Slice (offset) and each input of a Concat (output
+// offset) are all this one kernel. {{WG}}: workgroup size. Shapes, strides and offsets are uniforms.
+
+struct Params {
+    n: u32,
+    rank: u32,
+    groups_x: u32,
+    a_off: u32,
+    o_off: u32,
+    _p0: u32,
+    _p1: u32,
+    _p2: u32,
+    shape: array<vec4<u32>, 2>,
+    a_strides: array<vec4<u32>, 2>,
+    o_strides: array<vec4<u32>, 2>,
+};
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> a: array<u32>;
+@group(0) @binding(3) var<storage, read_write> out: array<u32>;
+
+@compute @workgroup_size({{WG}})
+fn copy_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = (wid.x + wid.y * p.groups_x) * {{WG}}u + lid;
+    if (i >= p.n) {
+        return;
+    }
+    var rem = i;
+    var ia = p.a_off;
+    var io = p.o_off;
+    for (var d = p.rank; d > 0u; d = d - 1u) {
+        let q = (d - 1u) / 4u;
+        let r = (d - 1u) % 4u;
+        let dim = p.shape[q][r];
+        let c = rem % dim;
+        rem = rem / dim;
+        ia = ia + c * p.a_strides[q][r];
+        io = io + c * p.o_strides[q][r];
+    }
+    out[io] = a[ia];
+}
