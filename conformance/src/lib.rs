@@ -386,6 +386,7 @@ struct DataSet {
 }
 
 /// Outcome of loading the case before any session: either data sets or a final status.
+#[allow(clippy::large_enum_variant)]
 enum Prepared {
     Ready { model: pb::ModelProto, model_bytes: Vec<u8>, sets: Vec<DataSet> },
     Done(Status),
@@ -874,10 +875,12 @@ fn run_case_inner(case: &Case, backend: Backend, ops: &mut Vec<String>) -> Outco
     let graph = model.graph.as_ref().expect("checked in prepare");
     *ops = ops_of(graph);
     let tol = Tolerance::for_case(case);
-    let mut options = SessionOptions::default();
-    options.execution_providers = match backend {
-        Backend::Cpu => vec![ExecutionProvider::Cpu],
-        Backend::Gpu => vec![ExecutionProvider::WebGpu],
+    let options = SessionOptions {
+        execution_providers: match backend {
+            Backend::Cpu => vec![ExecutionProvider::Cpu],
+            Backend::Gpu => vec![ExecutionProvider::WebGpu],
+        },
+        ..SessionOptions::default()
     };
     let first = match guarded(|| run_sets(&model_bytes, &sets, &options, &[], tol)) {
         Ok(o) => o,
@@ -1047,7 +1050,9 @@ fn run_in_worker(exe: &Path, slot: &mut Option<Worker>, case: &Case, cfg: &RunCo
     let w = slot.as_mut().expect("spawned");
     let line = format!("{}\t{}\t{}\n", case.suite.name(), case.name, case.path.display());
     if w.stdin.write_all(line.as_bytes()).and_then(|_| w.stdin.flush()).is_err() {
-        slot.take().map(Worker::kill);
+        if let Some(w) = slot.take() {
+            w.kill();
+        }
         return fail(Status::Error("worker died before the case started".into()));
     }
     match w.lines.recv_timeout(cfg.timeout) {
@@ -1066,7 +1071,9 @@ fn run_in_worker(exe: &Path, slot: &mut Option<Worker>, case: &Case, cfg: &RunCo
             }
         }
         Err(mpsc::RecvTimeoutError::Timeout) => {
-            slot.take().map(Worker::kill);
+            if let Some(w) = slot.take() {
+                w.kill();
+            }
             fail(Status::Error(format!("timed out after {}s", cfg.timeout.as_secs())))
         }
         Err(mpsc::RecvTimeoutError::Disconnected) => {

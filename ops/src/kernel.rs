@@ -86,12 +86,12 @@ impl<K: Kernel> Expansion for KernelExpansion<K> {
 
 /// The op's tensor as f64 values in a dynamic array.
 pub fn to_f64(t: &Tensor) -> TractResult<tract_ndarray::ArrayD<f64>> {
-    Ok(t.cast_to::<f64>()?.into_owned().into_plain_array::<f64>()?)
+    t.cast_to::<f64>()?.into_owned().into_plain_array::<f64>()
 }
 
 /// The op's tensor as i64 values in a dynamic array.
 pub fn to_i64(t: &Tensor) -> TractResult<tract_ndarray::ArrayD<i64>> {
-    Ok(t.cast_to::<i64>()?.into_owned().into_plain_array::<i64>()?)
+    t.cast_to::<i64>()?.into_owned().into_plain_array::<i64>()
 }
 
 /// f64 values back into a tensor of `dt`.

@@ -69,7 +69,7 @@ impl Kernel for TensorScatter {
         let outer: usize = shape[..axis].iter().product();
         let inner: usize = shape[axis + 1..].iter().product();
         let batch = if axis == 0 { 1 } else { shape[0] };
-        let per_batch = if batch == 0 { 1 } else { outer / batch };
+        let per_batch = outer.checked_div(batch).unwrap_or(1);
         let indices: Vec<i64> =
             if self.has_indices { to_i64(&inputs[2])?.iter().copied().collect() } else { vec![0; batch.max(1)] };
         ensure!(indices.len() >= batch, "{op}: write_indices has {} values for batch {batch}", indices.len());
