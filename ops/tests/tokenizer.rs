@@ -421,7 +421,7 @@ fn malformed_tokenizer_json_is_a_load_error_naming_the_node() {
 fn non_string_input_is_a_clear_error() {
     let (json, config) = files("tiny_gpt2");
     let s = session(&model_from_tokenizer_json(&json, &config).unwrap());
-    let err = s.run([("input_text", Tensor::from_vec(&[2], vec![1i64, 2]).unwrap())]).err().expect("run must fail");
+    let err = s.run([("input_text", Tensor::from_vec(&[2], vec![1i64, 2]).unwrap())]).expect_err("run must fail");
     assert!(err.to_string().contains("input_text") && err.to_string().contains("string"), "{err}");
     // The session keeps working.
     let out = s.run([("input_text", strings(&["ok".into()]))]).expect("run");
@@ -437,7 +437,7 @@ fn non_string_input_is_a_clear_error() {
     assert!(msg.contains("my_HfJsonTokenizer") && msg.contains("string"), "{msg}");
     // Decoders reject string ids at run time through the session's type check, and negative ids in the op.
     let d = session(&decoder_model_from_tokenizer_json(&json, &config, true).unwrap());
-    let err = d.run([("ids", Tensor::from_vec(&[1, 2], vec![5i64, -1]).unwrap())]).err().expect("run must fail");
+    let err = d.run([("ids", Tensor::from_vec(&[1, 2], vec![5i64, -1]).unwrap())]).expect_err("run must fail");
     assert!(err.to_string().contains("-1"), "{err}");
     let out = d.run([("ids", Tensor::from_vec(&[1, 0], Vec::<i64>::new()).unwrap())]).expect("run");
     assert_eq!(out.output("text").unwrap().to_vec::<String>().unwrap(), vec![String::new()]);
