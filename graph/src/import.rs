@@ -404,7 +404,8 @@ fn resolve_dim_conflict(proto: &mut pb::ModelProto, msg: &str) -> Option<String>
 fn tdim_outputs_to_i64(typed: &mut TypedModel) -> Result<()> {
     for ix in 0..typed.outputs.len() {
         let outlet = typed.outputs[ix];
-        let fact = typed.outlet_fact(outlet).map_err(|e| Error::from_tract(ErrorKind::InvalidModel, "output fact", &e))?;
+        let fact =
+            typed.outlet_fact(outlet).map_err(|e| Error::from_tract(ErrorKind::InvalidModel, "output fact", &e))?;
         if fact.datum_type == DatumType::TDim {
             let name = format!("{}.to_i64", typed.node(outlet.node).name);
             let cast = tract_onnx::tract_core::ops::cast::cast(DatumType::I64);

@@ -22,13 +22,19 @@ pub(crate) struct CpuBackend {
 
 impl CpuBackend {
     pub(crate) fn new(model: Arc<Model>, options: &SessionOptions) -> Result<CpuBackend> {
-        let mut run_options = RunOptions::default();
         #[cfg(not(target_arch = "wasm32"))]
-        if let Some(n) = options.intra_op_num_threads.filter(|n| *n > 1) {
-            run_options.executor = Some(tract_linalg::multithread::Executor::multithread(n));
-        }
+        let run_options = RunOptions {
+            executor: options
+                .intra_op_num_threads
+                .filter(|n| *n > 1)
+                .map(tract_linalg::multithread::Executor::multithread),
+            ..RunOptions::default()
+        };
         #[cfg(target_arch = "wasm32")]
-        let _ = options;
+        let run_options = {
+            let _ = options;
+            RunOptions::default()
+        };
         let full = SimplePlan::new_with_options(model.typed.clone(), &run_options)
             .map_err(|e| Error::from_tract(ErrorKind::InvalidModel, "planning the model", &e))?;
         Ok(CpuBackend { model, options: run_options, full, subsets: Mutex::new(HashMap::new()) })
