@@ -65,7 +65,12 @@ impl Kernel for AffineGrid {
         let size = check_size(&to_i64(&inputs[1])?.iter().copied().collect::<Vec<_>>())?;
         let d = size.len() - 2;
         let n = size[0];
-        ensure!(theta.shape() == [n, d, d + 1], "AffineGrid: theta must be [{n}, {d}, {}], got {:?}", d + 1, theta.shape());
+        ensure!(
+            theta.shape() == [n, d, d + 1],
+            "AffineGrid: theta must be [{n}, {d}, {}], got {:?}",
+            d + 1,
+            theta.shape()
+        );
         let spatial = &size[2..];
         let points: usize = spatial.iter().product();
         let mut out = Vec::with_capacity(n * points * d);

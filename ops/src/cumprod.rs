@@ -19,7 +19,15 @@ pub fn build(_ctx: &ParsingContext, node: &NodeProto) -> BuildResult {
     Ok((expand(KernelExpansion(CumProd { exclusive, reverse })), vec![]))
 }
 
-fn scan<T: Copy>(data: &mut [T], shape: &[usize], axis: usize, one: T, exclusive: bool, reverse: bool, mul: impl Fn(T, T) -> T) {
+fn scan<T: Copy>(
+    data: &mut [T],
+    shape: &[usize],
+    axis: usize,
+    one: T,
+    exclusive: bool,
+    reverse: bool,
+    mul: impl Fn(T, T) -> T,
+) {
     let len = shape[axis];
     let inner: usize = shape[axis + 1..].iter().product();
     let outer: usize = shape[..axis].iter().product();

@@ -31,7 +31,8 @@ pub fn build(ctx: &ParsingContext, node: &NodeProto) -> BuildResult {
     let _x = slots.next();
     let length_input = slots.next().flatten();
     let axis_input = if ctx.onnx_operator_set_version >= 20 { slots.next().flatten() } else { None };
-    let axis_attr = if ctx.onnx_operator_set_version >= 20 { None } else { Some(node.get_attr_opt("axis")?.unwrap_or(1)) };
+    let axis_attr =
+        if ctx.onnx_operator_set_version >= 20 { None } else { Some(node.get_attr_opt("axis")?.unwrap_or(1)) };
     let k = Dft {
         inverse: node.get_attr_opt::<i64>("inverse")?.unwrap_or(0) != 0,
         onesided: node.get_attr_opt::<i64>("onesided")?.unwrap_or(0) != 0,
@@ -109,7 +110,8 @@ impl Kernel for Dft {
             Some(i) => to_i64(&inputs[i])?.iter().next().copied().unwrap_or(-2),
             None => self.axis_default(),
         };
-        let length = self.length_input.map(|i| to_i64(&inputs[i]).map(|t| t.iter().next().copied().unwrap_or(0))).transpose()?;
+        let length =
+            self.length_input.map(|i| to_i64(&inputs[i]).map(|t| t.iter().next().copied().unwrap_or(0))).transpose()?;
         let (a, n, out_len) = self.geometry(&shape, axis, length)?;
         let r = shape.len();
         let complex = shape[r - 1] == 2;

@@ -101,7 +101,10 @@ pub fn from_f64(a: tract_ndarray::ArrayD<f64>, dt: DatumType) -> TractResult<TVa
 
 /// The concrete shape of a fact, or an error naming the op.
 pub fn concrete_shape(op: &str, fact: &TypedFact) -> TractResult<TVec<usize>> {
-    fact.shape.as_concrete().map(|s| s.into()).ok_or_else(|| format_err!("{op}: input shape {:?} must be known", fact.shape))
+    fact.shape
+        .as_concrete()
+        .map(|s| s.into())
+        .ok_or_else(|| format_err!("{op}: input shape {:?} must be known", fact.shape))
 }
 
 /// An axis in `-rank..rank` made positive.

@@ -3,15 +3,12 @@
 //! tract's op registry is keyed by op name only, so every kiln registration checks `node.domain` and hands nodes of
 //! other domains back to tract's own builder.
 
-pub mod attention;
-pub mod flatten;
-pub mod gemm;
-pub mod matmul_nbits;
-pub mod pad;
 pub mod affine_grid;
+pub mod attention;
 pub mod batch_norm_training;
 pub mod binarizer;
 pub mod bitcast;
+pub mod bpe_tokenizer;
 pub mod causal_conv_with_state;
 pub mod center_crop_pad;
 pub mod col2im;
@@ -19,26 +16,29 @@ pub mod compress;
 pub mod cumprod;
 pub mod det;
 pub mod dft;
+pub mod flatten;
+pub mod gemm;
 pub mod kernel;
 pub mod label_encoder;
 pub mod linear_attention;
 pub mod lp_pool;
 pub mod matmul;
+pub mod matmul_nbits;
 pub mod max_unpool;
+pub mod negative_log_likelihood_loss;
+pub mod pad;
 pub mod prelu;
 pub mod reverse_sequence;
 pub mod roi_align;
+pub mod softmax_cross_entropy_loss;
 pub mod string_concat;
 pub mod string_normalizer;
 pub mod string_split;
 pub mod tensor_scatter;
 pub mod tfidf_vectorizer;
+pub mod tokenizer;
 pub mod unique;
 pub mod upsample;
-pub mod negative_log_likelihood_loss;
-pub mod softmax_cross_entropy_loss;
-pub mod tokenizer;
-pub mod bpe_tokenizer;
 
 use std::collections::HashMap;
 use std::sync::OnceLock;

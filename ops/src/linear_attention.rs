@@ -41,7 +41,10 @@ pub fn build(_ctx: &ParsingContext, node: &NodeProto) -> BuildResult {
     };
     let q_heads: i64 = node.get_attr("q_num_heads")?;
     let kv_heads: i64 = node.get_attr("kv_num_heads")?;
-    ensure!(q_heads > 0 && kv_heads > 0 && q_heads % kv_heads == 0, "{op}: q_num_heads must be a positive multiple of kv_num_heads");
+    ensure!(
+        q_heads > 0 && kv_heads > 0 && q_heads % kv_heads == 0,
+        "{op}: q_num_heads must be a positive multiple of kv_num_heads"
+    );
     let mut slots = tract_onnx::model::optional_inputs(node);
     let _q = slots.next();
     let _k = slots.next();
@@ -121,7 +124,11 @@ impl Kernel for LinearAttention {
         let mut state = match self.past {
             Some(i) => {
                 let p = to_f64(&inputs[i])?;
-                ensure!(p.shape() == [b, hkv, dk, dv], "{op}: past_state must be [{b}, {hkv}, {dk}, {dv}], got {:?}", p.shape());
+                ensure!(
+                    p.shape() == [b, hkv, dk, dv],
+                    "{op}: past_state must be [{b}, {hkv}, {dk}, {dv}], got {:?}",
+                    p.shape()
+                );
                 p.into_shape_with_order((b, hkv, dk, dv))?
             }
             None => tract_ndarray::Array4::<f64>::zeros((b, hkv, dk, dv)),
@@ -141,7 +148,10 @@ impl Kernel for LinearAttention {
         };
         let beta = self.beta.map(|i| to_f64(&inputs[i])).transpose()?;
         if let Some(bt) = &beta {
-            ensure!(bt.ndim() == 3 && bt.shape()[..2] == [b, t] && (bt.shape()[2] == hkv || bt.shape()[2] == 1), "{op}: beta must be [B, T, H_kv] or [B, T, 1]");
+            ensure!(
+                bt.ndim() == 3 && bt.shape()[..2] == [b, t] && (bt.shape()[2] == hkv || bt.shape()[2] == 1),
+                "{op}: beta must be [B, T, H_kv] or [B, T, 1]"
+            );
         }
         let gated = matches!(self.rule, Rule::Gated | Rule::GatedDelta);
         let delta = matches!(self.rule, Rule::Delta | Rule::GatedDelta);
@@ -159,7 +169,8 @@ impl Kernel for LinearAttention {
                             s.row_mut(kk).mapv_inplace(|x| x * e);
                         }
                     }
-                    let beta_t = beta.as_ref().map(|bt| bt[[bi, ti, if bt.shape()[2] == 1 { 0 } else { h }]]).unwrap_or(1.0);
+                    let beta_t =
+                        beta.as_ref().map(|bt| bt[[bi, ti, if bt.shape()[2] == 1 { 0 } else { h }]]).unwrap_or(1.0);
                     if delta {
                         for (vv, p) in kv_proj.iter_mut().enumerate() {
                             *p = (0..dk).map(|kk| s[[kk, vv]] * k[[bi, ti, h * dk + kk]]).sum();

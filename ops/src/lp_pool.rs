@@ -157,7 +157,8 @@ impl Kernel for LpPool {
                     let mut ix = 0usize;
                     let mut inside = true;
                     for i in 0..n {
-                        let pos = (ocoord[i] * g.strides[i] + kcoord[i] * g.dilations[i]) as i64 - g.pad_begin[i] as i64;
+                        let pos =
+                            (ocoord[i] * g.strides[i] + kcoord[i] * g.dilations[i]) as i64 - g.pad_begin[i] as i64;
                         if pos < 0 || pos >= spatial[i] as i64 {
                             inside = false;
                             break;

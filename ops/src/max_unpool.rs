@@ -30,7 +30,11 @@ impl MaxUnpool {
     fn default_shape(&self, x: &[usize]) -> TractResult<Vec<usize>> {
         ensure!(x.len() >= 3, "MaxUnpool: X must be [N, C, spatial...]");
         let n = x.len() - 2;
-        ensure!(self.kernel.len() == n, "MaxUnpool: kernel_shape has {} values for {n} spatial axes", self.kernel.len());
+        ensure!(
+            self.kernel.len() == n,
+            "MaxUnpool: kernel_shape has {} values for {n} spatial axes",
+            self.kernel.len()
+        );
         let strides = self.strides.clone().unwrap_or_else(|| vec![1; n]);
         let pads = self.pads.clone().unwrap_or_else(|| vec![0; 2 * n]);
         ensure!(strides.len() == n && pads.len() == 2 * n, "MaxUnpool: strides/pads length");

@@ -86,7 +86,12 @@ impl Kernel for LossKernel {
         ensure!(inputs.len() == 2 + self.has_weight as usize, "{}: wrong number of inputs", self.op);
         let dt = inputs[0].datum_type;
         ensure!(dt.is_float(), "{}: input must be a float tensor, got {dt:?}", self.op);
-        ensure!(inputs[1].datum_type.is_integer(), "{}: target must be integer, got {:?}", self.op, inputs[1].datum_type);
+        ensure!(
+            inputs[1].datum_type.is_integer(),
+            "{}: target must be integer, got {:?}",
+            self.op,
+            inputs[1].datum_type
+        );
         let loss = if self.reduction == Reduction::None {
             TypedFact::dt_shape(dt, inputs[1].shape.clone())
         } else {
@@ -110,7 +115,11 @@ impl Kernel for LossKernel {
         let d: usize = shape[2..].iter().product();
         let mut tshape = vec![n];
         tshape.extend_from_slice(&shape[2..]);
-        ensure!(target.shape() == tshape.as_slice(), "{op}: target shape {:?} does not match input {shape:?}", target.shape());
+        ensure!(
+            target.shape() == tshape.as_slice(),
+            "{op}: target shape {:?} does not match input {shape:?}",
+            target.shape()
+        );
         if let Some(w) = &weight {
             ensure!(w.shape() == [c], "{op}: weight shape {:?} must be [{c}]", w.shape());
         }

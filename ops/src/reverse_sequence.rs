@@ -20,7 +20,10 @@ pub fn build(_ctx: &ParsingContext, node: &NodeProto) -> BuildResult {
         (batch_axis == 0 && time_axis == 1) || (batch_axis == 1 && time_axis == 0),
         "ReverseSequence: batch_axis and time_axis must be 0 and 1 in some order"
     );
-    Ok((expand(KernelExpansion(ReverseSequence { batch_axis: batch_axis as usize, time_axis: time_axis as usize })), vec![]))
+    Ok((
+        expand(KernelExpansion(ReverseSequence { batch_axis: batch_axis as usize, time_axis: time_axis as usize })),
+        vec![],
+    ))
 }
 
 impl Kernel for ReverseSequence {

@@ -93,8 +93,16 @@ impl Kernel for RoiAlign {
                 rh = rh.max(1.0);
             }
             let (bh, bw) = (rh / oh as f64, rw / ow as f64);
-            let gh = if self.sampling_ratio > 0 { self.sampling_ratio as usize } else { (rh / oh as f64).ceil().max(0.0) as usize };
-            let gw = if self.sampling_ratio > 0 { self.sampling_ratio as usize } else { (rw / ow as f64).ceil().max(0.0) as usize };
+            let gh = if self.sampling_ratio > 0 {
+                self.sampling_ratio as usize
+            } else {
+                (rh / oh as f64).ceil().max(0.0) as usize
+            };
+            let gw = if self.sampling_ratio > 0 {
+                self.sampling_ratio as usize
+            } else {
+                (rw / ow as f64).ceil().max(0.0) as usize
+            };
             let count = (gh * gw).max(1) as f64;
             for ph in 0..oh {
                 for pw in 0..ow {
@@ -117,7 +125,8 @@ impl Kernel for RoiAlign {
                                 .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))))
                                 .unwrap_or(0.0)
                         } else {
-                            samples.iter().map(|s| s.iter().map(|(p, wt)| wt * val(*p)).sum::<f64>()).sum::<f64>() / count
+                            samples.iter().map(|s| s.iter().map(|(p, wt)| wt * val(*p)).sum::<f64>()).sum::<f64>()
+                                / count
                         };
                         out[[ri, ch, ph, pw]] = v;
                     }

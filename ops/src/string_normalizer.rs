@@ -88,7 +88,9 @@ impl Kernel for StringNormalizer {
         let n: TDim = match &inputs[0].konst {
             Some(k) => self.normalize(k)?.len().into(),
             None if self.stopwords.is_empty() => inputs[0].shape[inputs[0].rank().max(1) - 1].clone(),
-            None => self.count.clone().map(TDim::Sym).ok_or_else(|| format_err!("StringNormalizer: input must be known"))?,
+            None => {
+                self.count.clone().map(TDim::Sym).ok_or_else(|| format_err!("StringNormalizer: input must be known"))?
+            }
         };
         let shape: TVec<TDim> = if inputs[0].rank() == 2 { tvec!(1.into(), n) } else { tvec!(n) };
         Ok(tvec!(TypedFact::dt_shape(DatumType::String, shape)))

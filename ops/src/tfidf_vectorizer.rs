@@ -146,8 +146,20 @@ impl Kernel for TfIdfVectorizer {
                 let w = self.weights.get(i).copied();
                 *f = match (self.mode.as_str(), w) {
                     ("TF", _) => *f,
-                    ("IDF", Some(w)) => if *f > 0.0 { w } else { 0.0 },
-                    ("IDF", None) => if *f > 0.0 { 1.0 } else { 0.0 },
+                    ("IDF", Some(w)) => {
+                        if *f > 0.0 {
+                            w
+                        } else {
+                            0.0
+                        }
+                    }
+                    ("IDF", None) => {
+                        if *f > 0.0 {
+                            1.0
+                        } else {
+                            0.0
+                        }
+                    }
                     (_, Some(w)) => w * *f,
                     (_, None) => *f,
                 };

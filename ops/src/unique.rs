@@ -50,7 +50,9 @@ impl Unique {
         // one key per slice: its values in order
         let keys: Vec<Vec<Key>> = if x.datum_type() == DatumType::String {
             let v = x.to_plain_array_view::<String>()?;
-            (0..n).map(|i| v.index_axis(tract_ndarray::Axis(axis), i).iter().map(|s| Key::S(s.clone())).collect()).collect()
+            (0..n)
+                .map(|i| v.index_axis(tract_ndarray::Axis(axis), i).iter().map(|s| Key::S(s.clone())).collect())
+                .collect()
         } else {
             let v = to_f64(&x)?;
             (0..n).map(|i| v.index_axis(tract_ndarray::Axis(axis), i).iter().map(|f| Key::F(*f)).collect()).collect()

@@ -55,7 +55,10 @@ impl Kernel for Upsample {
         let scales: Vec<f32> = match &self.scales {
             Some(s) => s.clone(),
             None => {
-                let k = inputs.get(1).and_then(|f| f.konst.as_ref()).ok_or_else(|| format_err!("Upsample: scales must be a constant"))?;
+                let k = inputs
+                    .get(1)
+                    .and_then(|f| f.konst.as_ref())
+                    .ok_or_else(|| format_err!("Upsample: scales must be a constant"))?;
                 k.cast_to::<f32>()?.try_as_plain_ram()?.as_slice::<f32>()?.to_vec()
             }
         };
@@ -72,7 +75,8 @@ impl Kernel for Upsample {
         let out = self.out_shape(x.shape(), &scales)?;
         for (axis, (len, s)) in out.iter().zip(&scales).enumerate() {
             let n = x.shape()[axis];
-            let idx: Vec<i64> = (0..*len).map(|i| ((i as f32 / s).floor() as usize).min(n.saturating_sub(1)) as i64).collect();
+            let idx: Vec<i64> =
+                (0..*len).map(|i| ((i as f32 / s).floor() as usize).min(n.saturating_sub(1)) as i64).collect();
             x = crate::compress::gather_axis(&x, axis, &tensor1(&idx))?;
         }
         Ok(tvec!(x.into_tvalue()))
