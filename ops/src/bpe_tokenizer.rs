@@ -14,7 +14,8 @@ use tract_onnx::tract_hir::internal::*;
 
 use crate::kernel::*;
 use crate::tokenizer::{
-    id_rows, int_attr, is_contrib_domain, no_parallelism, node_label, string_attr, tensor_of, Encode, SharedTokenizer,
+    has_output, id_rows, int_attr, is_contrib_domain, no_parallelism, node_label, string_attr, tensor_of, Encode,
+    SharedTokenizer,
 };
 use crate::BuildResult;
 
@@ -70,7 +71,8 @@ pub fn build_gpt2_tokenizer(ctx: &ParsingContext, node: &NodeProto) -> BuildResu
         add_special_tokens: true,
         pad_id: 0,
         padding_length: (padding_length > 0).then_some(padding_length as usize),
-        nboutputs: node.output.len().clamp(1, 3),
+        mask: has_output(node, 1),
+        offsets: has_output(node, 2),
         seq: None,
     };
     Ok((expand(KernelExpansion(encode)), vec![]))

@@ -61,6 +61,11 @@ pub(crate) fn int_attr(node: &NodeProto, name: &str, default: i64) -> i64 {
     node.attribute.iter().find(|a| a.name == name).map(|a| a.i).unwrap_or(default)
 }
 
+/// True when the node has output `ix` under a non-empty name.
+pub(crate) fn has_output(node: &NodeProto, ix: usize) -> bool {
+    node.output.get(ix).is_some_and(|o| !o.is_empty())
+}
+
 /// A loaded `tokenizers` tokenizer, shared by the op's clones (equality is identity).
 #[derive(Clone)]
 pub struct SharedTokenizer(pub Arc<tokenizers::Tokenizer>);
@@ -124,7 +129,9 @@ pub struct Encode {
     pub pad_id: i64,
     /// GPT2Tokenizer's `padding_length`: truncate and pad every row to it.
     pub padding_length: Option<usize>,
-    pub nboutputs: usize,
+    /// Which of the optional outputs the node has (tract drops outputs with empty names).
+    pub mask: bool,
+    pub offsets: bool,
     pub seq: Option<Symbol>,
 }
 
@@ -147,7 +154,8 @@ pub fn build_hf_json_tokenizer(ctx: &ParsingContext, node: &NodeProto) -> BuildR
         tokenizer: SharedTokenizer(Arc::new(tok)),
         add_special_tokens: int_attr(node, "add_special_tokens", 1) != 0,
         padding_length: None,
-        nboutputs: node.output.len().clamp(1, 3),
+        mask: has_output(node, 1),
+        offsets: has_output(node, 2),
         seq: None,
     };
     Ok((expand(KernelExpansion(encode)), vec![]))
@@ -158,7 +166,7 @@ impl Kernel for Encode {
         self.op
     }
     fn nboutputs(&self) -> usize {
-        self.nboutputs
+        1 + self.mask as usize + self.offsets as usize
     }
     fn rules<'r, 'p: 'r, 's: 'r>(
         &'s self,
@@ -169,7 +177,7 @@ impl Kernel for Encode {
         check_input_arity(inputs, 1)?;
         for (ix, o) in outputs.iter().enumerate() {
             s.equals(&o.datum_type, DatumType::I64)?;
-            let extra = if ix == 2 { 2 } else { 1 };
+            let extra = if self.offsets && ix + 1 == outputs.len() { 2 } else { 1 };
             s.given(&inputs[0].rank, move |s, r| s.equals(&o.rank, r + extra))?;
         }
         Ok(())
@@ -192,8 +200,8 @@ impl Kernel for Encode {
         };
         let mut shape = inputs[0].shape.to_tvec();
         shape.push(len);
-        let mut facts = tvec![TypedFact::dt_shape(DatumType::I64, shape.clone()); self.nboutputs.min(2)];
-        if self.nboutputs == 3 {
+        let mut facts = tvec![TypedFact::dt_shape(DatumType::I64, shape.clone()); 1 + self.mask as usize];
+        if self.offsets {
             shape.push(2.into());
             facts.push(TypedFact::dt_shape(DatumType::I64, shape));
         }
@@ -218,8 +226,7 @@ impl Kernel for Encode {
                 .map_err(|e| format_err!("{} node `{}`: tokenizing a string: {e}", self.op, self.node))?;
             let mut ids: Vec<i64> = enc.get_ids().iter().map(|&i| i as i64).collect();
             let mut mask: Vec<i64> = enc.get_attention_mask().iter().map(|&m| m as i64).collect();
-            let mut offsets: Vec<(usize, usize)> =
-                if self.nboutputs == 3 { enc.get_offsets().to_vec() } else { Vec::new() };
+            let mut offsets: Vec<(usize, usize)> = if self.offsets { enc.get_offsets().to_vec() } else { Vec::new() };
             if let Some(n) = self.padding_length {
                 ids.truncate(n);
                 mask.truncate(n);
@@ -231,7 +238,7 @@ impl Kernel for Encode {
         let n = rows.len();
         let mut ids = vec![self.pad_id; n * len];
         let mut mask = vec![0i64; n * len];
-        let mut offsets = vec![0i64; if self.nboutputs == 3 { n * len * 2 } else { 0 }];
+        let mut offsets = vec![0i64; if self.offsets { n * len * 2 } else { 0 }];
         for (r, (i, m, o)) in rows.iter().enumerate() {
             ids[r * len..][..i.len()].copy_from_slice(i);
             mask[r * len..][..m.len()].copy_from_slice(m);
@@ -243,10 +250,10 @@ impl Kernel for Encode {
         let mut shape: Vec<usize> = input.shape().to_vec();
         shape.push(len);
         let mut out = tvec![tensor_of(&shape, ids)?];
-        if self.nboutputs >= 2 {
+        if self.mask {
             out.push(tensor_of(&shape, mask)?);
         }
-        if self.nboutputs == 3 {
+        if self.offsets {
             shape.push(2);
             out.push(tensor_of(&shape, offsets)?);
         }

@@ -612,3 +612,22 @@ fn throughput() {
         println!("{name}: {bytes} bytes; one string per run {single:.2} MB/s; corpus as one batch {batched:.2} MB/s");
     }
 }
+
+#[test]
+fn optional_outputs_may_be_left_out() {
+    // onnxruntime-extensions' layout: input_ids, (no attention_mask), offset_mapping.
+    let (json, config) = files("tiny_gpt2");
+    let mut m = pb::ModelProto::decode(&*model_from_tokenizer_json(&json, &config).unwrap()).unwrap();
+    let g = m.graph.as_mut().unwrap();
+    g.node[0].output = vec!["input_ids".into(), "".into(), "offset_mapping".into()];
+    g.output[1].name = "offset_mapping".into();
+    let s = session(&m.encode_to_vec());
+    let out = s.run([("input_text", strings(&["Hello world".into(), "a".into()]))]).expect("run");
+    let l = out.output("input_ids").unwrap().dims()[1];
+    let offsets = out.output("offset_mapping").unwrap();
+    assert_eq!(offsets.dims(), &[2, l, 2]);
+    let o = offsets.to_vec::<i64>().unwrap();
+    assert_eq!((o[0], o[2 * l - 1]), (0, 11), "row 0 spans `Hello world`");
+    assert_eq!(&o[2 * l..2 * l + 2], &[0, 1], "row 1 is `a`");
+    assert!(o[2 * l + 2..].iter().all(|&x| x == 0), "padding has zero offsets");
+}
