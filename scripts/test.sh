@@ -36,9 +36,10 @@ if [ "${KILN_SKIP_INSTALL:-0}" != 1 ]; then
     for c in rustfmt clippy; do grep -q "^$c" <<<"$installed" || rustup component add "$c"; done
     rustup target list --installed | grep -qx wasm32-unknown-unknown || rustup target add wasm32-unknown-unknown
   fi
-  if ! .venv/bin/python -c "import onnx, onnxruntime, numpy" 2>/dev/null; then
-    python3 -m venv .venv
-    .venv/bin/pip install -q onnx==1.22.0 onnxruntime numpy
+  if ! .venv/bin/python -c "import onnx, onnxruntime, numpy, onnxruntime_extensions" 2>/dev/null; then
+    [ -x .venv/bin/pip ] || python3 -m venv .venv
+    # onnxruntime-extensions: the tokenizer op tests check that kiln's tokenizer models load in it too
+    .venv/bin/pip install -q onnx==1.22.0 onnxruntime numpy onnxruntime-extensions
   fi
 fi
 
