@@ -27,7 +27,7 @@ impl GpuTensor {
         self.len() == 0
     }
     pub fn byte_len(&self) -> u64 {
-        (self.len() * self.dt.size_of()) as u64
+        (self.len() * gpu_size_of(self.dt)) as u64
     }
 }
 
@@ -165,7 +165,7 @@ impl Recorder {
     pub fn alloc(&mut self, ctx: &Context, shape: &[usize], dt: DatumType) -> Result<GpuTensor> {
         let bytes = shape
             .iter()
-            .try_fold(dt.size_of(), |a, d| a.checked_mul(*d))
+            .try_fold(gpu_size_of(dt), |a, d| a.checked_mul(*d))
             .ok_or_else(|| Error::new(format!("webgpu: tensor of shape {shape:?} is too large")))?
             as u64;
         let buffer = self.pool.take(ctx, bytes)?;
@@ -388,9 +388,35 @@ impl Recorder {
     }
 }
 
-/// A host tensor's bytes as the GPU stores them (f32, i32, u32 as is; others are refused for now).
+/// Bytes per element on the GPU: a bool is an f32 0.0 / 1.0 (one 4-byte word, like every GPU element).
+/// An i64 is an i32 on the GPU (range-checked at upload, like onnxruntime's WebGPU EP).
+pub fn gpu_size_of(dt: DatumType) -> usize {
+    match dt {
+        DatumType::Bool | DatumType::I64 => 4,
+        _ => dt.size_of(),
+    }
+}
+
+/// A host tensor's bytes as the GPU stores them (f32, i32, u32 as is; bool as f32 0.0 / 1.0; others are refused
+/// for now).
 pub fn host_bytes(t: &Tensor) -> Result<Vec<u8>> {
     match t.datum_type() {
+        DatumType::Bool => {
+            let view = t.try_as_plain_ram().map_err(|e| Error::new(format!("webgpu: tensor data: {e}")))?;
+            let v = view.as_slice::<bool>().map_err(|e| Error::new(format!("webgpu: tensor data: {e}")))?;
+            Ok(v.iter().flat_map(|b| if *b { 1f32 } else { 0f32 }.to_le_bytes()).collect())
+        }
+        DatumType::I64 => {
+            let view = t.try_as_plain_ram().map_err(|e| Error::new(format!("webgpu: tensor data: {e}")))?;
+            let v = view.as_slice::<i64>().map_err(|e| Error::new(format!("webgpu: tensor data: {e}")))?;
+            let mut out = Vec::with_capacity(v.len() * 4);
+            for x in v {
+                let x = i32::try_from(*x)
+                    .map_err(|_| Error::new(format!("webgpu: i64 value {x} does not fit the GPU's 32-bit integers")))?;
+                out.extend(x.to_le_bytes());
+            }
+            Ok(out)
+        }
         DatumType::F32 | DatumType::I32 | DatumType::U32 => {
             let view = t.try_as_plain_ram().map_err(|e| Error::new(format!("webgpu: tensor data: {e}")))?;
             Ok(view.as_bytes().to_vec())
@@ -401,9 +427,20 @@ pub fn host_bytes(t: &Tensor) -> Result<Vec<u8>> {
 
 /// Bytes read back into a host tensor of `shape` and `dt`.
 pub fn tensor_from_bytes(dt: DatumType, shape: &[usize], bytes: &[u8]) -> Result<Tensor> {
-    let want = shape.iter().product::<usize>() * dt.size_of();
+    let n = shape.iter().product::<usize>();
+    let want = n * gpu_size_of(dt);
     if bytes.len() < want {
         return Err(Error::new(format!("webgpu: read back {} bytes, expected {want}", bytes.len())));
+    }
+    if dt == DatumType::I64 {
+        let v: Vec<i64> =
+            bytes[..want].chunks_exact(4).map(|w| i32::from_le_bytes([w[0], w[1], w[2], w[3]]) as i64).collect();
+        return Tensor::from_shape(shape, &v).map_err(|e| Error::new(format!("webgpu: building a tensor: {e}")));
+    }
+    if dt == DatumType::Bool {
+        let v: Vec<bool> =
+            bytes[..want].chunks_exact(4).map(|w| f32::from_le_bytes([w[0], w[1], w[2], w[3]]) != 0.0).collect();
+        return Tensor::from_shape(shape, &v).map_err(|e| Error::new(format!("webgpu: building a tensor: {e}")));
     }
     unsafe { Tensor::from_raw_dt(dt, shape, &bytes[..want]) }
         .map_err(|e| Error::new(format!("webgpu: building a tensor: {e}")))

@@ -36,10 +36,14 @@ pub enum UnaryOp {
     Silu,
     /// x^c for a constant exponent (the f32's bits).
     PowConst(u32),
+    /// f32 → bool
+    IsNan,
+    /// bool → bool
+    Not,
 }
 
 impl UnaryOp {
-    pub const ALL: [UnaryOp; 15] = [
+    pub const ALL: [UnaryOp; 17] = [
         UnaryOp::Neg,
         UnaryOp::Abs,
         UnaryOp::Exp,
@@ -55,6 +59,8 @@ impl UnaryOp {
         UnaryOp::Cos,
         UnaryOp::Square,
         UnaryOp::Silu,
+        UnaryOp::IsNan,
+        UnaryOp::Not,
     ];
     /// The op for tract's elementwise mini-op name.
     pub fn from_tract(name: &str) -> Option<UnaryOp> {
@@ -73,6 +79,8 @@ impl UnaryOp {
             "Cos" => UnaryOp::Cos,
             "Square" => UnaryOp::Square,
             "Silu" => UnaryOp::Silu,
+            "IsNan" => UnaryOp::IsNan,
+            "Not" => UnaryOp::Not,
             _ => return None,
         })
     }
@@ -97,6 +105,8 @@ impl UnaryOp {
             UnaryOp::Square => "x * x",
             UnaryOp::Silu => "x * sigmoid_safe(x)",
             UnaryOp::PowConst(_) => "x",
+            UnaryOp::IsNan => "b2f(is_nan(x))",
+            UnaryOp::Not => "b2f(x == 0.0)",
         }
         .into()
     }
@@ -113,10 +123,20 @@ pub enum BinaryOp {
     Max,
     Min,
     Pow,
+    /// Comparisons: f32 × f32 → bool.
+    Eq,
+    Ne,
+    Lt,
+    Gt,
+    Lte,
+    Gte,
+    /// bool × bool → bool.
+    And,
+    Or,
 }
 
 impl BinaryOp {
-    pub const ALL: [BinaryOp; 8] = [
+    pub const ALL: [BinaryOp; 16] = [
         BinaryOp::Add,
         BinaryOp::Sub,
         BinaryOp::SubF,
@@ -125,7 +145,23 @@ impl BinaryOp {
         BinaryOp::Max,
         BinaryOp::Min,
         BinaryOp::Pow,
+        BinaryOp::Eq,
+        BinaryOp::Ne,
+        BinaryOp::Lt,
+        BinaryOp::Gt,
+        BinaryOp::Lte,
+        BinaryOp::Gte,
+        BinaryOp::And,
+        BinaryOp::Or,
     ];
+    /// A comparison (f32 inputs, bool output).
+    pub fn is_comparison(&self) -> bool {
+        matches!(self, BinaryOp::Eq | BinaryOp::Ne | BinaryOp::Lt | BinaryOp::Gt | BinaryOp::Lte | BinaryOp::Gte)
+    }
+    /// A logical op (bool inputs and output).
+    pub fn is_logical(&self) -> bool {
+        matches!(self, BinaryOp::And | BinaryOp::Or)
+    }
     pub fn from_tract(name: &str) -> Option<BinaryOp> {
         Some(match name {
             "Add" => BinaryOp::Add,
@@ -136,6 +172,14 @@ impl BinaryOp {
             "Max" => BinaryOp::Max,
             "Min" => BinaryOp::Min,
             "Pow" => BinaryOp::Pow,
+            "Eq" => BinaryOp::Eq,
+            "NE" => BinaryOp::Ne,
+            "LT" => BinaryOp::Lt,
+            "GT" => BinaryOp::Gt,
+            "LTE" => BinaryOp::Lte,
+            "GTE" => BinaryOp::Gte,
+            "And" => BinaryOp::And,
+            "Or" => BinaryOp::Or,
             _ => return None,
         })
     }
@@ -150,6 +194,14 @@ impl BinaryOp {
             BinaryOp::Min => "min(x, y)",
             // WGSL's pow is undefined for x < 0; integer exponents keep their sign like the CPU's powf.
             BinaryOp::Pow => "pow_binary(x, y)",
+            BinaryOp::Eq => "b2f(x == y)",
+            BinaryOp::Ne => "b2f(x != y)",
+            BinaryOp::Lt => "b2f(x < y)",
+            BinaryOp::Gt => "b2f(x > y)",
+            BinaryOp::Lte => "b2f(x <= y)",
+            BinaryOp::Gte => "b2f(x >= y)",
+            BinaryOp::And => "b2f(x != 0.0 && y != 0.0)",
+            BinaryOp::Or => "b2f(x != 0.0 || y != 0.0)",
         }
         .into()
     }
@@ -250,6 +302,12 @@ pub enum Kernel {
         axis: usize,
         eps: u32,
     },
+    /// tract's Iff (ONNX Where): inputs (condition, then, else), broadcast.
+    Where,
+    /// Gather along `axis`: inputs (data, indices: i64 or i32, stored as i32).
+    Gather {
+        axis: usize,
+    },
 }
 
 /// The reductions of [`Kernel::Reduce`].
@@ -318,6 +376,35 @@ fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
     (0..out.len()).map(|i| if i < pad || shape[i - pad] == 1 { 0 } else { cs[i - pad] }).collect()
 }
 
+/// [`collapse`] for any number of operands.
+fn collapse_n(shape: &[usize], strides: &[Vec<usize>]) -> (Vec<usize>, Vec<Vec<usize>>) {
+    let mut s: Vec<usize> = vec![];
+    let mut out: Vec<Vec<usize>> = vec![vec![]; strides.len()];
+    for i in 0..shape.len() {
+        if shape[i] == 1 {
+            continue;
+        }
+        let merge =
+            !s.is_empty() && strides.iter().zip(&out).all(|(st, o)| o.last().is_some_and(|l| *l == st[i] * shape[i]));
+        if merge {
+            if let Some(l) = s.last_mut() {
+                *l *= shape[i];
+            }
+            for (st, o) in strides.iter().zip(out.iter_mut()) {
+                if let Some(l) = o.last_mut() {
+                    *l = st[i];
+                }
+            }
+        } else {
+            s.push(shape[i]);
+            for (st, o) in strides.iter().zip(out.iter_mut()) {
+                o.push(st[i]);
+            }
+        }
+    }
+    (s, out)
+}
+
 /// Merges adjacent dims that both operands traverse contiguously (fewer index steps per element).
 fn collapse(shape: &[usize], sa: &[usize], sb: &[usize]) -> (Vec<usize>, Vec<usize>, Vec<usize>) {
     let (mut s, mut a, mut b): (Vec<usize>, Vec<usize>, Vec<usize>) = (vec![], vec![], vec![]);
@@ -355,6 +442,38 @@ impl Kernel {
             Kernel::Concat { .. } => "Concat".into(),
             Kernel::Reduce { op, .. } => format!("Reduce{op:?}"),
             Kernel::RmsNorm { .. } => "RmsNorm".into(),
+            Kernel::Where => "Where".into(),
+            Kernel::Gather { .. } => "Gather".into(),
+        }
+    }
+
+    /// The output element type for inputs of `dts`, or `None` when the kernel does not take them. Bools live on
+    /// the GPU as f32 0.0 / 1.0.
+    pub fn output_dt(&self, dts: &[DatumType]) -> Option<DatumType> {
+        use DatumType::{Bool, F32};
+        let all = |dt: DatumType| dts.iter().all(|d| *d == dt);
+        match self {
+            Kernel::Unary(UnaryOp::IsNan) => all(F32).then_some(Bool),
+            Kernel::Unary(UnaryOp::Not) => all(Bool).then_some(Bool),
+            Kernel::Binary(op) if op.is_comparison() => all(F32).then_some(Bool),
+            Kernel::Binary(op) if op.is_logical() => all(Bool).then_some(Bool),
+            Kernel::View(_)
+            | Kernel::MoveAxis { .. }
+            | Kernel::Broadcast { .. }
+            | Kernel::Slice { .. }
+            | Kernel::Concat { .. } => {
+                let dt = *dts.first()?;
+                (matches!(dt, F32 | Bool) && all(dt)).then_some(dt)
+            }
+            Kernel::Gather { .. } => match dts {
+                [d, DatumType::I64 | DatumType::I32] if matches!(*d, F32 | Bool) => Some(*d),
+                _ => None,
+            },
+            Kernel::Where => match dts {
+                [Bool, t, f] if t == f && matches!(*t, F32 | Bool) => Some(*t),
+                _ => None,
+            },
+            _ => all(F32).then_some(F32),
         }
     }
 
@@ -368,7 +487,8 @@ impl Kernel {
             | Kernel::Slice { .. }
             | Kernel::Reduce { .. }
             | Kernel::RmsNorm { .. } => 1,
-            Kernel::Binary(_) | Kernel::MatMul { .. } => 2,
+            Kernel::Binary(_) | Kernel::MatMul { .. } | Kernel::Gather { .. } => 2,
+            Kernel::Where => 3,
             Kernel::Concat { inputs, .. } => *inputs,
         }
     }
@@ -438,6 +558,17 @@ impl Kernel {
                 Ok(s)
             }
             Kernel::Binary(_) => broadcast(inputs[0], inputs[1]),
+            Kernel::Where => broadcast(&broadcast(inputs[0], inputs[1])?, inputs[2]),
+            Kernel::Gather { axis } => {
+                let (d, i) = (inputs[0], inputs[1]);
+                if *axis >= d.len() {
+                    return Err(Error::new(format!("webgpu: gather axis {axis} out of range for {d:?}")));
+                }
+                let mut s: TVec<usize> = d[..*axis].into();
+                s.extend(i.iter().copied());
+                s.extend(d[axis + 1..].iter().copied());
+                Ok(s)
+            }
             Kernel::MatMul { transpose_a, transpose_b, transpose_c } => {
                 let (a, b) = (inputs[0], inputs[1]);
                 if a.len() != b.len() || a.len() < 2 {
@@ -478,15 +609,14 @@ impl Kernel {
     ) -> Result<GpuTensor> {
         let shapes: Vec<&[usize]> = inputs.iter().map(|t| &*t.shape).collect();
         let out_shape = self.output_shape(&shapes, syms)?;
-        for t in inputs {
-            if t.dt != DatumType::F32 {
-                return Err(Error::new(format!("webgpu: {} runs on f32, got {:?}", self.name(), t.dt)));
-            }
-        }
+        let dts: Vec<DatumType> = inputs.iter().map(|t| t.dt).collect();
+        let out_dt = self
+            .output_dt(&dts)
+            .ok_or_else(|| Error::new(format!("webgpu: {} does not run on {dts:?}", self.name())))?;
         if let Kernel::View(_) = self {
             return Ok(GpuTensor { buffer: inputs[0].buffer.clone(), shape: out_shape, dt: inputs[0].dt });
         }
-        let out = rec.alloc(ctx, &out_shape, DatumType::F32)?;
+        let out = rec.alloc(ctx, &out_shape, out_dt)?;
         if out.is_empty() {
             return Ok(out);
         }
@@ -497,7 +627,7 @@ impl Kernel {
                 let key = PipelineKey { family: "elementwise", entry: "unary_main", spec: vec![("UNARY", op.expr())] };
                 let pipeline = ctx.pipeline(&key, || elementwise_source(&op.expr(), "x"))?;
                 let mut u = vec![u32_of("length", n)?, 1, gx, 0];
-                u.extend([0u32; 24]);
+                u.extend([0u32; 32]);
                 rec.dispatch(
                     pipeline,
                     words(&u),
@@ -531,6 +661,7 @@ impl Kernel {
                     }
                     u.extend(block);
                 }
+                u.extend([0u32; 8]);
                 rec.dispatch(
                     pipeline,
                     words(&u),
@@ -572,6 +703,66 @@ impl Kernel {
                 );
             }
             Kernel::View(_) => {}
+            Kernel::Gather { axis } => {
+                let d = &inputs[0].shape;
+                let n = out.len();
+                let inner: usize = d[axis + 1..].iter().product();
+                let (gx, gy) = ctx.grid((n as u64).div_ceil(WG as u64))?;
+                let key = PipelineKey { family: "layout", entry: "gather_main", spec: vec![] };
+                let pipeline = ctx.pipeline(&key, || LAYOUT_WGSL.replace("{{WG}}", &WG.to_string()))?;
+                let mut u = vec![
+                    u32_of("length", n)?,
+                    0,
+                    gx,
+                    u32_of("length", d[*axis])?,
+                    u32_of("length", inner)?,
+                    u32_of("length", inputs[1].len())?,
+                    0,
+                    0,
+                ];
+                u.extend([0u32; 24]);
+                rec.dispatch(
+                    pipeline,
+                    words(&u),
+                    vec![
+                        Binding { index: 1, buffer: inputs[0].buffer.clone() },
+                        Binding { index: 2, buffer: inputs[1].buffer.clone() },
+                        Binding { index: 3, buffer: out.buffer.clone() },
+                    ],
+                    (gx, gy, 1),
+                );
+            }
+            Kernel::Where => {
+                let n = out.len();
+                let strides: Vec<Vec<usize>> =
+                    [inputs[1], inputs[2], inputs[0]].iter().map(|t| broadcast_strides(&t.shape, &out_shape)).collect();
+                let (shape, strides) = collapse_n(&out_shape, &strides);
+                if shape.len() > MAX_RANK {
+                    return Err(Error::new(format!("webgpu: rank {} exceeds Where's {MAX_RANK}", shape.len())));
+                }
+                let (gx, gy) = ctx.grid((n as u64).div_ceil(WG as u64))?;
+                let key = PipelineKey { family: "elementwise", entry: "where_main", spec: vec![] };
+                let pipeline = ctx.pipeline(&key, || elementwise_source("x", "x"))?;
+                let mut u = vec![u32_of("length", n)?, shape.len() as u32, gx, 0];
+                for v in std::iter::once(&shape).chain(strides.iter()) {
+                    let mut block = [0u32; 8];
+                    for (i, x) in v.iter().enumerate() {
+                        block[i] = u32_of("dim", *x)?;
+                    }
+                    u.extend(block);
+                }
+                rec.dispatch(
+                    pipeline,
+                    words(&u),
+                    vec![
+                        Binding { index: 1, buffer: inputs[1].buffer.clone() },
+                        Binding { index: 2, buffer: inputs[2].buffer.clone() },
+                        Binding { index: 3, buffer: out.buffer.clone() },
+                        Binding { index: 4, buffer: inputs[0].buffer.clone() },
+                    ],
+                    (gx, gy, 1),
+                );
+            }
             Kernel::MoveAxis { from, to } => {
                 let a = &inputs[0].shape;
                 let perm = move_axis_perm(a.len(), *from, *to)?;

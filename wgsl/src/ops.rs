@@ -4,10 +4,11 @@
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
-use tract_onnx::tract_core::ops::array::{MultiBroadcastTo, Slice, TypedConcat};
+use tract_onnx::tract_core::ops::array::{Gather, MultiBroadcastTo, Slice, TypedConcat};
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::einsum::prefix_matmul::PrefixMatMul;
 use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
+use tract_onnx::tract_core::ops::logic::Iff;
 use tract_onnx::tract_core::ops::math::PowConst;
 use tract_onnx::tract_core::ops::nn::{Reduce, Reducer, RmsNorm, Softmax, SoftmaxKind};
 
@@ -99,9 +100,6 @@ pub fn kernel_for(model: &TypedModel, node: &TypedNode, caps: &Caps) -> Result<K
             Some(p) => UnaryOp::PowConst(p.exponent.to_bits()),
             None => UnaryOp::from_tract(&ew.0.name()).ok_or_else(|| format!("no kernel for {}", ew.0.name()))?,
         };
-        if ew.1.is_some_and(|dt| dt != DatumType::F32) {
-            return Err("output type".into());
-        }
         Kernel::Unary(k)
     } else if let Some(mm) = node.op_as::<PrefixMatMul>() {
         if mm.quantize_output.is_some() || mm.operating_dt.is_some_and(|dt| dt != DatumType::F32) {
@@ -138,6 +136,13 @@ pub fn kernel_for(model: &TypedModel, node: &TypedNode, caps: &Caps) -> Result<K
             return Err("reduction over non-adjacent axes".into());
         }
         Kernel::Reduce { axes, op }
+    } else if let Some(g) = node.op_as::<Gather>() {
+        if g.output_type.is_some() {
+            return Err("gather with an output type".into());
+        }
+        Kernel::Gather { axis: g.axis }
+    } else if node.op_is::<Iff>() {
+        Kernel::Where
     } else if let Some(n) = node.op_as::<RmsNorm>() {
         let eps = n.eps.cast_to_scalar::<f32>().map_err(|e| e.to_string())?;
         Kernel::RmsNorm { axis: n.axis, eps: eps.to_bits() }
@@ -162,10 +167,14 @@ fn check(model: &TypedModel, node: &TypedNode, caps: &Caps, kernel: Kernel) -> R
         facts.push(model.outlet_fact(*i).map_err(|e| e.to_string())?.clone());
     }
     facts.push(node.outputs[0].fact.clone());
-    for f in &facts {
-        if f.datum_type != DatumType::F32 {
-            return Err(format!("element type {:?}", f.datum_type));
+    let dts: Vec<DatumType> = facts.iter().map(|f| f.datum_type).collect();
+    if let Some((out, ins)) = dts.split_last() {
+        if kernel.output_dt(ins) != Some(*out) {
+            let odd = dts.iter().find(|d| !matches!(d, DatumType::F32 | DatumType::Bool)).unwrap_or(out);
+            return Err(format!("element type {odd:?}"));
         }
+    }
+    for f in &facts {
         if !f.is_plain() {
             return Err("not a plain tensor".into());
         }

@@ -1,4 +1,5 @@
-// Elementwise kernels on f32: unary (`unary_main`) and binary with numpy broadcasting (`binary_main`).
+// Elementwise kernels on f32 (bools as 0.0 / 1.0): unary (`unary_main`), binary with numpy broadcasting
+// (`binary_main`) and Where (`where_main`: c ? a : b, broadcast, with the condition at binding 4).
 // The host substitutes {{WG}} (workgroup size), {{UNARY}} and {{BINARY}} (one expression each, per specialisation).
 // Shapes and strides are uniforms: a new length never recompiles.
 
@@ -10,12 +11,24 @@ struct Params {
     shape: array<vec4<u32>, 2>,
     a_strides: array<vec4<u32>, 2>,
     b_strides: array<vec4<u32>, 2>,
+    c_strides: array<vec4<u32>, 2>,
 };
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> a: array<f32>;
 @group(0) @binding(2) var<storage, read> b: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@group(0) @binding(4) var<storage, read> c: array<f32>;
+
+// bools are stored as f32 0.0 / 1.0
+fn b2f(v: bool) -> f32 {
+    return select(0.0, 1.0, v);
+}
+
+// NaN by its bits (a float comparison may be folded away)
+fn is_nan(x: f32) -> bool {
+    return (bitcast<u32>(x) & 0x7fffffffu) > 0x7f800000u;
+}
 
 fn erf_approx(x: f32) -> f32 {
     // Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7).
@@ -86,4 +99,27 @@ fn binary_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
         ib = ib + c * p.b_strides[q][r];
     }
     out[i] = op_binary(a[ia], b[ib]);
+}
+
+@compute @workgroup_size({{WG}})
+fn where_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = (wid.x + wid.y * p.groups_x) * {{WG}}u + lid;
+    if (i >= p.n) {
+        return;
+    }
+    var rem = i;
+    var ia = 0u;
+    var ib = 0u;
+    var ic = 0u;
+    for (var d = p.rank; d > 0u; d = d - 1u) {
+        let q = (d - 1u) / 4u;
+        let r = (d - 1u) % 4u;
+        let dim = p.shape[q][r];
+        let k = rem % dim;
+        rem = rem / dim;
+        ia = ia + k * p.a_strides[q][r];
+        ib = ib + k * p.b_strides[q][r];
+        ic = ic + k * p.c_strides[q][r];
+    }
+    out[i] = select(b[ib], a[ia], c[ic] != 0.0);
 }

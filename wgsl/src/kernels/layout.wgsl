@@ -41,3 +41,27 @@ fn copy_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
     }
     out[io] = a[ia];
 }
+
+// Gather along one axis: out[o, j, k] = a[o, idx[j], k] with `inner` = p.o_off elements per row, p.a_off the
+// axis length, p._p0 the number of indices; negative indices count from the end (i64 indices live on the GPU as
+// i32). An index out of range is clamped (the CPU reference reports an error; the GPU never reads out of bounds).
+@group(0) @binding(2) var<storage, read> idx: array<i32>;
+
+@compute @workgroup_size({{WG}})
+fn gather_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = (wid.x + wid.y * p.groups_x) * {{WG}}u + lid;
+    if (i >= p.n) {
+        return;
+    }
+    let inner = max(p.o_off, 1u);
+    let count = max(p._p0, 1u);
+    let k = i % inner;
+    let j = (i / inner) % count;
+    let o = i / (inner * count);
+    var at = idx[j];
+    if (at < 0) {
+        at = at + i32(p.a_off);
+    }
+    let row = u32(clamp(at, 0, max(i32(p.a_off) - 1, 0)));
+    out[i] = a[(o * p.a_off + row) * inner + k];
+}
