@@ -366,11 +366,27 @@ struct Graph {
     shapes: Vec<Vec<usize>>,
     inits: Vec<pb::TensorProto>,
     opset: i64,
+    /// Inputs fed as random bools (ONNX elem_type 9) rather than f32.
+    bools: Vec<usize>,
+    /// Some inputs' elements are NaN (IsNaN).
+    nans: bool,
 }
 
 impl Graph {
     fn new(op: &'static str, shapes: &[&[usize]]) -> Graph {
-        Graph { op, attrs: vec![], shapes: shapes.iter().map(|s| s.to_vec()).collect(), inits: vec![], opset: 17 }
+        Graph {
+            op,
+            attrs: vec![],
+            shapes: shapes.iter().map(|s| s.to_vec()).collect(),
+            inits: vec![],
+            opset: 17,
+            bools: vec![],
+            nans: false,
+        }
+    }
+    fn bools(mut self, inputs: &[usize]) -> Graph {
+        self.bools = inputs.to_vec();
+        self
     }
     fn attr(mut self, a: pb::AttributeProto) -> Graph {
         self.attrs.push(a);
@@ -397,7 +413,20 @@ impl Graph {
         let graph = pb::GraphProto {
             name: "g".into(),
             node: vec![node],
-            input: self.shapes.iter().enumerate().map(|(i, s)| value_info(&format!("x{i}"), Some(s))).collect(),
+            input: self
+                .shapes
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    let mut v = value_info(&format!("x{i}"), Some(s));
+                    if self.bools.contains(&i) {
+                        if let Some(TypeValue::TensorType(t)) = v.r#type.as_mut().and_then(|t| t.value.as_mut()) {
+                            t.elem_type = 9;
+                        }
+                    }
+                    v
+                })
+                .collect(),
             initializer: self.inits.clone(),
             output: vec![value_info("y", None)],
             ..Default::default()
@@ -428,7 +457,13 @@ fn run_graph(rng: &mut Rng, g: &Graph, tol: f32) -> Result<(), String> {
         .enumerate()
         .map(|(i, s)| {
             let n: usize = s.iter().product();
-            (format!("x{i}"), Tensor::from_vec(s, (0..n).map(|_| rng.range(-3.0, 3.0)).collect()).unwrap())
+            let t = if g.bools.contains(&i) {
+                Tensor::from_vec(s, (0..n).map(|_| rng.next() < 0.5).collect()).unwrap()
+            } else {
+                let v = (0..n).map(|_| if g.nans && rng.next() < 0.3 { f32::NAN } else { rng.range(-3.0, 3.0) });
+                Tensor::from_vec(s, v.collect()).unwrap()
+            };
+            (format!("x{i}"), t)
         })
         .collect();
     let cpu = Session::from_bytes(&bytes, &options(ExecutionProvider::Cpu)).map_err(|e| format!("{what}: cpu: {e}"))?;
@@ -453,10 +488,17 @@ fn run_graph(rng: &mut Rng, g: &Graph, tol: f32) -> Result<(), String> {
     gpu.set_gpu_poison(true);
     let got = gpu.run(feeds).map_err(|e| format!("{what}: gpu run: {e}"))?;
     let g = got.output("y").unwrap();
-    if w.dims() != g.dims() {
-        return Err(format!("{what}: shape {:?} on the GPU, {:?} on the CPU", g.dims(), w.dims()));
+    if w.dims() != g.dims() || w.element_type() != g.element_type() {
+        return Err(format!(
+            "{what}: {:?} {:?} on the GPU, {:?} {:?} on the CPU",
+            g.element_type(),
+            g.dims(),
+            w.element_type(),
+            w.dims()
+        ));
     }
-    let (w, g) = (w.to_vec::<f32>().unwrap(), g.to_vec::<f32>().unwrap());
+    let (w, g) = (w.to_f64_vec().unwrap(), g.to_f64_vec().unwrap());
+    let tol = tol as f64;
     for (i, (a, b)) in w.iter().zip(&g).enumerate() {
         if !((a - b).abs() <= tol + tol * a.abs() || (a.is_nan() && b.is_nan())) {
             return Err(format!("{what}: element {i}: gpu {b} vs cpu {a}"));
@@ -609,4 +651,61 @@ fn norms_match_cpu() {
         );
     }
     check_all(&mut rng, graphs, 1e-4);
+}
+
+#[test]
+fn logic_matches_cpu() {
+    if !gpu_available() {
+        return;
+    }
+    let mut rng = Rng(seed());
+    let pairs: &[(&[usize], &[usize])] =
+        &[(&[7], &[7]), (&[1], &[1]), (&[3, 1, 5], &[4, 1]), (&[2, 300], &[300]), (&[0, 3], &[1, 3])];
+    let mut graphs = vec![];
+    for (a, b) in pairs {
+        for op in ["Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual"] {
+            graphs.push(Graph::new(op, &[a, b]));
+            // equal elements too: x == x
+            graphs.push(Graph::new(op, &[a, a]));
+        }
+        for op in ["And", "Or"] {
+            graphs.push(Graph::new(op, &[a, b]).bools(&[0, 1]));
+        }
+        graphs.push(Graph::new("Where", &[a, b, a]).bools(&[0]));
+        graphs.push(Graph::new("Where", &[b, a, &[1]]).bools(&[0]));
+    }
+    for s in [&[1usize][..], &[17], &[3, 5, 7], &[0, 4], &[66000]] {
+        graphs.push(Graph::new("Not", &[s]).bools(&[0]));
+        let mut g = Graph::new("IsNaN", &[s]);
+        g.nans = true;
+        graphs.push(g);
+    }
+    check_all(&mut rng, graphs, 0.0);
+}
+
+#[test]
+fn gather_matches_cpu() {
+    if !gpu_available() {
+        return;
+    }
+    let mut rng = Rng(seed());
+    type C = (&'static [usize], &'static [i64], &'static [usize], i64);
+    let cases: &[C] = &[
+        (&[10, 4], &[3, 0, 9, -1], &[4], 0),
+        (&[10, 4], &[1, 2, 3, 1, 0, 2], &[2, 3], 1),
+        (&[5, 300], &[4, 4, -5], &[3], 0),
+        (&[2, 3, 4], &[2, 0], &[1, 2], -1),
+        (&[1, 1], &[0], &[1], 0),
+        (&[6, 2], &[], &[0], 0),
+        (&[1000, 3], &[999, 0, 500], &[3], 0),
+    ];
+    let graphs = cases
+        .iter()
+        .map(|(s, idx, ishape, axis)| {
+            let mut t = i64_init("idx", idx);
+            t.dims = ishape.iter().map(|d| *d as i64).collect();
+            Graph::new("Gather", &[s]).init(t).attr(attr_int("axis", *axis))
+        })
+        .collect();
+    check_all(&mut rng, graphs, 0.0);
 }
