@@ -124,6 +124,13 @@ pub struct Counters {
     pub dispatches: usize,
     pub uploads: usize,
     pub readbacks: usize,
+    /// Tensor buffers the pool has created (never freed: reused run after run), and their bytes.
+    pub buffers_created: usize,
+    pub buffer_bytes: u64,
+    /// Bytes of the uniform / upload / staging arenas now.
+    pub arena_bytes: u64,
+    /// Buffers given back to the pool within a flush, for later dispatches of the same flush.
+    pub reused_in_flush: usize,
 }
 
 /// The run-to-run GPU state: pool, arenas, pending commands.
@@ -135,6 +142,9 @@ pub struct Recorder {
     commands: Vec<Command>,
     pending_reads: usize,
     retired: Vec<Arc<wgpu::Buffer>>,
+    /// How many recorded commands hold each buffer (by address): a released tensor whose buffer nothing else
+    /// holds goes back to the pool at once, for the later work of the same flush (commands run in order).
+    cmd_refs: HashMap<usize, usize>,
     /// Fill every fresh output buffer with NaN first (tests: unwritten elements show).
     pub poison: bool,
     pub counters: Counters,
@@ -150,6 +160,7 @@ impl Default for Recorder {
             commands: vec![],
             pending_reads: 0,
             retired: vec![],
+            cmd_refs: HashMap::new(),
             poison: false,
             counters: Counters::default(),
         }
@@ -171,6 +182,7 @@ impl Recorder {
         let buffer = self.pool.take(ctx, bytes)?;
         if self.poison && bytes > 0 {
             let n = buffer.size() as usize;
+            self.hold(&buffer);
             self.commands.push(Command::Upload { dst: buffer.clone(), bytes: vec![0xff; n] });
         }
         Ok(GpuTensor { buffer, shape: shape.into(), dt })
@@ -179,7 +191,19 @@ impl Recorder {
     /// Returns a dead tensor's buffer to the pool once the recorded work that uses it has run (after the next
     /// flush); buffers still shared (views, weights) stay out of the pool.
     pub fn release(&mut self, t: GpuTensor) {
-        self.retired.push(t.buffer);
+        let refs = self.cmd_refs.get(&(Arc::as_ptr(&t.buffer) as usize)).copied().unwrap_or(0);
+        let size = t.buffer.size();
+        if Arc::strong_count(&t.buffer) == refs + 1 && size.is_power_of_two() && size >= 256 {
+            // only recorded commands hold it besides this tensor: later commands may overwrite it
+            self.counters.reused_in_flush += 1;
+            self.pool.free.entry(size).or_default().push(t.buffer);
+        } else {
+            self.retired.push(t.buffer);
+        }
+    }
+
+    fn hold(&mut self, b: &Arc<wgpu::Buffer>) {
+        *self.cmd_refs.entry(Arc::as_ptr(b) as usize).or_default() += 1;
     }
 
     fn recycle(&mut self) {
@@ -191,6 +215,7 @@ impl Recorder {
     /// Drops recorded work nobody reads (a failed run, or GPU results no output needs).
     pub fn discard(&mut self) {
         self.commands.clear();
+        self.cmd_refs.clear();
         self.pending_reads = 0;
         self.recycle();
     }
@@ -200,6 +225,7 @@ impl Recorder {
         let g = self.alloc_unpoisoned(ctx, t.shape(), t.datum_type())?;
         let bytes = host_bytes(t)?;
         if !bytes.is_empty() {
+            self.hold(&g.buffer);
             self.commands.push(Command::Upload { dst: g.buffer.clone(), bytes });
             self.counters.uploads += 1;
         }
@@ -224,6 +250,9 @@ impl Recorder {
         if groups.0 == 0 || groups.1 == 0 || groups.2 == 0 {
             return;
         }
+        for b in &bindings {
+            self.hold(&b.buffer);
+        }
         self.commands.push(Command::Dispatch { pipeline, bindings, uniform, groups });
     }
 
@@ -231,6 +260,7 @@ impl Recorder {
     pub fn readback(&mut self, t: &GpuTensor) -> PendingRead {
         let slot = self.pending_reads;
         self.pending_reads += 1;
+        self.hold(&t.buffer);
         self.commands.push(Command::Readback { src: t.buffer.clone(), bytes: t.byte_len(), slot });
         PendingRead(slot)
     }
@@ -243,6 +273,7 @@ impl Recorder {
     /// readback in the order recorded.
     pub fn flush(&mut self, ctx: &Context) -> Result<Vec<Vec<u8>>> {
         let commands = std::mem::take(&mut self.commands);
+        self.cmd_refs.clear();
         let reads = std::mem::replace(&mut self.pending_reads, 0);
         if commands.is_empty() {
             return Ok(vec![]);
@@ -347,6 +378,12 @@ impl Recorder {
         }
         ctx.queue.submit([encoder.finish()]);
         self.counters.submits += 1;
+        self.counters.buffers_created = self.pool.created;
+        self.counters.buffer_bytes = self.pool.bytes;
+        self.counters.arena_bytes = [&self.uniforms, &self.uploads, &self.staging]
+            .iter()
+            .map(|a| a.buffer.as_ref().map_or(0, |b| b.size()))
+            .sum();
         drop(commands);
         self.recycle();
         let mut out = vec![];
