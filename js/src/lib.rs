@@ -47,6 +47,125 @@ fn element_type(type_name: &str) -> Result<ElementType, String> {
     })
 }
 
+/// onnxruntime's `OrtErrorCode` for a kiln error kind (the number in onnxruntime-web's `ERROR_CODE: n` messages).
+pub fn ort_error_code(kind: kiln_provider::ErrorKind) -> u32 {
+    use kiln_provider::ErrorKind as K;
+    match kind {
+        K::InvalidArgument => 2,
+        K::Io => 3,
+        K::Runtime => 6,
+        K::NotImplemented => 9,
+        K::InvalidModel => 10,
+        K::ProviderUnavailable => 11,
+    }
+}
+
+/// A kiln error in onnxruntime-web's words: `"<what> ERROR_CODE: n, ERROR_MESSAGE: <message>"`.
+pub fn ort_message(what: &str, e: &kiln_provider::Error) -> String {
+    // onnxruntime's INVALID_PROTOBUF for bytes that are not a model at all
+    let code = if e.kind == kiln_provider::ErrorKind::InvalidModel && e.message.contains("protobuf decode failed") {
+        7
+    } else {
+        ort_error_code(e.kind)
+    };
+    format!("{what} ERROR_CODE: {code}, ERROR_MESSAGE: {}", e.message)
+}
+
+/// The session options the npm package passes down (already validated by its JS half).
+#[derive(Debug, Default, Clone)]
+pub struct JsSessionOptions {
+    pub execution_providers: Vec<String>,
+    pub graph_optimization_level: Option<String>,
+    pub free_dimension_overrides: Vec<(String, f64)>,
+    pub external_data: Vec<(String, Vec<u8>)>,
+}
+
+/// Builds kiln's [`SessionOptions`] from the npm package's options, with onnxruntime-web's messages.
+pub fn session_options(o: JsSessionOptions) -> Result<SessionOptions, String> {
+    let mut opts = SessionOptions::default();
+    for name in &o.execution_providers {
+        // 'webgpu' is not in the wasm build yet: the JS half filters it out like an unavailable backend.
+        if let Ok(ep) = kiln_provider::ExecutionProvider::from_name(name) {
+            opts.execution_providers.push(ep);
+        }
+    }
+    if let Some(level) = &o.graph_optimization_level {
+        opts.optimization = kiln_provider::OptimizationLevel::from_name(level)
+            .map_err(|_| format!("unsupported graph optimization level: {level}"))?;
+    }
+    for (name, value) in o.free_dimension_overrides {
+        if !(value.is_finite() && value >= 0.0 && value.fract() == 0.0 && value <= i64::MAX as f64) {
+            return Err(format!("free dimension override value must be a non-negative integer: {value}"));
+        }
+        opts.free_dimension_overrides.insert(name, value as i64);
+    }
+    if !o.external_data.is_empty() {
+        let mut r = kiln_provider::InMemoryResolver::new();
+        for (path, bytes) in o.external_data {
+            let bytes = std::sync::Arc::new(bytes);
+            let trimmed = path.trim_start_matches("./").to_string();
+            if trimmed != path {
+                r.files.insert(trimmed, bytes.clone());
+            }
+            r.files.insert(path, bytes);
+        }
+        opts.external_data = Some(std::sync::Arc::new(r));
+    }
+    Ok(opts)
+}
+
+/// One dimension of onnxruntime-web's `ValueMetadata.shape`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MetaDim {
+    Fixed(f64),
+    Symbolic(String),
+}
+
+/// onnxruntime-web's `ValueMetadata`: a name, the type (`None`: not a tensor kiln can represent) and the shape
+/// (empty when undeclared; unnamed unknown dims are -1).
+pub fn metadata(v: &kiln_provider::ValueInfo) -> (String, Option<&'static str>, Vec<MetaDim>) {
+    let shape = v
+        .shape
+        .iter()
+        .flatten()
+        .map(|d| match d {
+            kiln_provider::Dim::Fixed(n) => MetaDim::Fixed(*n as f64),
+            kiln_provider::Dim::Symbolic(s) => MetaDim::Symbolic(s.clone()),
+            kiln_provider::Dim::Unknown => MetaDim::Fixed(-1.0),
+        })
+        .collect();
+    (v.name.clone(), v.element_type.map(|t| t.name()), shape)
+}
+
+/// Tensor dims from JavaScript numbers: non-negative integers.
+pub fn dims_of(dims: &[f64]) -> Result<Vec<usize>, String> {
+    dims.iter()
+        .map(|d| {
+            if d.is_finite() && *d >= 0.0 && d.fract() == 0.0 && *d <= u32::MAX as f64 {
+                Ok(*d as usize)
+            } else {
+                Err(format!("invalid tensor dimension: {d}"))
+            }
+        })
+        .collect()
+}
+
+/// A feed from the npm package: numeric data as little-endian bytes (bool: one byte each, non-zero is true).
+pub fn feed_from_bytes(type_name: &str, dims: &[f64], bytes: &[u8]) -> Result<KilnTensor, String> {
+    let dims = dims_of(dims)?;
+    let et = element_type(type_name)?;
+    if et == ElementType::Bool {
+        return KilnTensor::from_vec(&dims, bytes.iter().map(|b| *b != 0).collect()).map_err(|e| e.message);
+    }
+    KilnTensor::from_bytes(et, &dims, bytes).map_err(|e| e.message)
+}
+
+/// A string feed.
+pub fn feed_from_strings(dims: &[f64], strings: Vec<String>) -> Result<KilnTensor, String> {
+    let dims = dims_of(dims)?;
+    KilnTensor::from_vec(&dims, strings).map_err(|e| e.message)
+}
+
 #[cfg(target_arch = "wasm32")]
 mod web {
     use std::rc::Rc;
@@ -197,6 +316,141 @@ mod web {
         }
     }
 
+    fn get(o: &JsValue, k: &str) -> JsValue {
+        Reflect::get(o, &k.into()).unwrap_or(JsValue::UNDEFINED)
+    }
+
+    fn strings_of(v: &JsValue) -> Vec<String> {
+        v.dyn_ref::<Array>().map(|a| a.iter().filter_map(|x| x.as_string()).collect()).unwrap_or_default()
+    }
+
+    fn numbers_of(v: &JsValue) -> Vec<f64> {
+        v.dyn_ref::<Array>().map(|a| a.iter().map(|x| x.as_f64().unwrap_or(f64::NAN)).collect()).unwrap_or_default()
+    }
+
+    fn metadata_js(vs: &[kiln_provider::ValueInfo]) -> Result<Array, JsValue> {
+        let out = Array::new();
+        for v in vs {
+            let (name, ty, shape) = super::metadata(v);
+            let m = Object::new();
+            Reflect::set(&m, &"name".into(), &name.into())?;
+            match ty {
+                Some(ty) => {
+                    Reflect::set(&m, &"isTensor".into(), &true.into())?;
+                    Reflect::set(&m, &"type".into(), &ty.into())?;
+                    let dims = Array::new();
+                    for d in shape {
+                        dims.push(&match d {
+                            super::MetaDim::Fixed(n) => JsValue::from_f64(n),
+                            super::MetaDim::Symbolic(s) => JsValue::from_str(&s),
+                        });
+                    }
+                    Reflect::set(&m, &"shape".into(), &dims)?;
+                }
+                None => Reflect::set(&m, &"isTensor".into(), &false.into()).map(|_| ())?,
+            }
+            out.push(&m);
+        }
+        Ok(out)
+    }
+
+    /// The npm package's session: the JS half (js/lib) validates arguments like onnxruntime-common and calls this.
+    /// Errors are JS `Error`s with onnxruntime-web's wording; none leaves the module unusable.
+    #[wasm_bindgen]
+    pub struct KilnSession {
+        inner: Session,
+    }
+
+    #[wasm_bindgen]
+    impl KilnSession {
+        /// `options`: `{ executionProviders: string[], graphOptimizationLevel?: string,
+        /// freeDimensionOverrides?: [name, value][], externalData?: [path, Uint8Array][] }`.
+        pub fn load(bytes: &[u8], options: JsValue) -> Result<KilnSession, JsError> {
+            let mut o = super::JsSessionOptions::default();
+            if options.is_object() {
+                o.execution_providers = strings_of(&get(&options, "executionProviders"));
+                o.graph_optimization_level = get(&options, "graphOptimizationLevel").as_string();
+                if let Some(a) = get(&options, "freeDimensionOverrides").dyn_ref::<Array>() {
+                    for pair in a.iter() {
+                        let pair: Array = pair.unchecked_into();
+                        o.free_dimension_overrides.push((
+                            pair.get(0).as_string().unwrap_or_default(),
+                            pair.get(1).as_f64().unwrap_or(f64::NAN),
+                        ));
+                    }
+                }
+                if let Some(a) = get(&options, "externalData").dyn_ref::<Array>() {
+                    for pair in a.iter() {
+                        let pair: Array = pair.unchecked_into();
+                        let data =
+                            pair.get(1).dyn_into::<Uint8Array>().map_err(|_| err("external data must be bytes"))?;
+                        o.external_data.push((pair.get(0).as_string().unwrap_or_default(), data.to_vec()));
+                    }
+                }
+            }
+            let opts = super::session_options(o).map_err(err)?;
+            let session = pollster::block_on(Session::from_bytes(bytes, &opts))
+                .map_err(|e| err(super::ort_message("Can't create a session.", &e)))?;
+            Ok(KilnSession { inner: session })
+        }
+
+        #[wasm_bindgen(js_name = inputMetadata)]
+        pub fn input_metadata(&self) -> Result<Array, JsValue> {
+            metadata_js(self.inner.inputs())
+        }
+
+        #[wasm_bindgen(js_name = outputMetadata)]
+        pub fn output_metadata(&self) -> Result<Array, JsValue> {
+            metadata_js(self.inner.outputs())
+        }
+
+        /// The provider the session runs on (`'cpu'` or `'webgpu'`).
+        #[wasm_bindgen(js_name = executionProvider)]
+        pub fn execution_provider(&self) -> String {
+            self.inner.execution_provider().name().to_string()
+        }
+
+        /// `feeds`: `[name, type, dims, Uint8Array | string[]][]`; `fetches`: output names. Returns
+        /// `[name, type, dims, Uint8Array | string[]][]` in the order of `fetches`.
+        pub fn run(&self, feeds: Array, fetches: Vec<String>) -> Result<Array, JsError> {
+            let mut inputs = vec![];
+            for f in feeds.iter() {
+                let f: Array = f.unchecked_into();
+                let name = f.get(0).as_string().unwrap_or_default();
+                let type_name = f.get(1).as_string().unwrap_or_default();
+                let dims = numbers_of(&f.get(2));
+                let data = f.get(3);
+                let t = if type_name == "string" {
+                    super::feed_from_strings(&dims, strings_of(&data))
+                } else {
+                    let bytes = data.dyn_into::<Uint8Array>().map_err(|_| err("tensor data must be bytes"))?;
+                    super::feed_from_bytes(&type_name, &dims, &bytes.to_vec())
+                }
+                .map_err(|m| err(format!("input '{name}': {m}")))?;
+                inputs.push((name, t));
+            }
+            let names: Vec<&str> = fetches.iter().map(|s| s.as_str()).collect();
+            let outputs = pollster::block_on(self.inner.run_with_outputs(inputs, &names))
+                .map_err(|e| err(super::ort_message("failed to call OrtRun().", &e)))?;
+            let out = Array::new();
+            for (name, t) in outputs.into_vec() {
+                let dims: Array = t.dims().iter().map(|d| JsValue::from_f64(*d as f64)).collect();
+                let data: JsValue = if t.element_type() == ElementType::String {
+                    t.as_slice::<String>().map_err(err)?.iter().map(|s| JsValue::from_str(s)).collect::<Array>().into()
+                } else {
+                    Uint8Array::from(t.as_bytes().map_err(err)?).into()
+                };
+                let entry = Array::new();
+                entry.push(&name.into());
+                entry.push(&t.element_type().name().into());
+                entry.push(&dims);
+                entry.push(&data);
+                out.push(&entry);
+            }
+            Ok(out)
+        }
+    }
+
     /// A feed: a kiln `Tensor`, or anything shaped like onnxruntime-web's (`{ type, data, dims }`).
     fn tensor_of(value: &JsValue) -> Result<KilnTensor, JsError> {
         let get = |k: &str| Reflect::get(value, &k.into()).map_err(|_| err(format!("feed has no `{k}`")));
@@ -233,5 +487,53 @@ mod tests {
         assert_eq!(t.to_vec::<f32>().unwrap(), vec![1.0, 2.0]);
         assert!(tensor_from_bytes("complex64", &[1], &[0; 8]).is_err());
         assert!(tensor_from_bytes("float32", &[3], &[0; 8]).is_err());
+    }
+
+    #[test]
+    fn options_in_onnxruntime_web_words() {
+        let o = |level: &str, dims: Vec<(String, f64)>| JsSessionOptions {
+            execution_providers: vec!["webgpu".into(), "wasm".into()],
+            graph_optimization_level: Some(level.into()),
+            free_dimension_overrides: dims,
+            external_data: vec![("./w.bin".into(), vec![1, 2])],
+        };
+        let opts = session_options(o("basic", vec![("batch".into(), 1.0)])).unwrap();
+        assert_eq!(opts.free_dimension_overrides.get("batch"), Some(&1));
+        assert_eq!(opts.execution_providers.len(), 2);
+        assert_eq!(opts.external_data.unwrap().read("w.bin", 1, None).unwrap(), vec![2]);
+        assert_eq!(session_options(o("fast", vec![])).unwrap_err(), "unsupported graph optimization level: fast");
+        assert_eq!(
+            session_options(o("all", vec![("b".into(), -1.0)])).unwrap_err(),
+            "free dimension override value must be a non-negative integer: -1"
+        );
+    }
+
+    #[test]
+    fn feeds_and_metadata() {
+        let t = feed_from_bytes("bool", &[3.0], &[0, 7, 1]).unwrap();
+        assert_eq!(t.to_vec::<bool>().unwrap(), vec![false, true, true]);
+        assert!(feed_from_bytes("float32", &[1.5], &[0; 4]).is_err());
+        assert!(feed_from_bytes("float32", &[f64::NAN], &[0; 4]).is_err());
+        assert!(feed_from_bytes("int64", &[1.0], &[0; 4]).is_err());
+        let s = feed_from_strings(&[2.0], vec!["a".into(), "b".into()]).unwrap();
+        assert_eq!(s.to_vec::<String>().unwrap(), vec!["a".to_string(), "b".to_string()]);
+        let v = kiln_provider::ValueInfo {
+            name: "x".into(),
+            element_type: Some(ElementType::F32),
+            onnx_type: 1,
+            shape: Some(vec![
+                kiln_provider::Dim::Symbolic("batch".into()),
+                kiln_provider::Dim::Fixed(3),
+                kiln_provider::Dim::Unknown,
+            ]),
+        };
+        let (name, ty, shape) = metadata(&v);
+        assert_eq!((name.as_str(), ty), ("x", Some("float32")));
+        assert_eq!(shape, vec![MetaDim::Symbolic("batch".into()), MetaDim::Fixed(3.0), MetaDim::Fixed(-1.0)]);
+        let e = kiln_provider::Error::invalid_argument("bad");
+        assert_eq!(
+            ort_message("failed to call OrtRun().", &e),
+            "failed to call OrtRun(). ERROR_CODE: 2, ERROR_MESSAGE: bad"
+        );
     }
 }

@@ -1,0 +1,36 @@
+// kiln-web for browsers and Web Workers (and bundlers): the .wasm is fetched once with streaming compilation, from
+// env.wasm.wasmBinary, env.wasm.wasmPaths (a prefix or { wasm }) or beside dist/kiln_js.js.
+import init from '../dist/kiln_js.js';
+import * as glue from '../dist/kiln_js.js';
+import { env } from '../dist/onnxruntime-common/index.js';
+import { ort, registerKiln } from './core.js';
+
+const WASM_NAME = 'kiln_js_bg.wasm';
+
+registerKiln({
+  async loadWasm(generation) {
+    const { wasmBinary, wasmPaths } = env.wasm;
+    let source;
+    if (wasmBinary) source = wasmBinary;
+    else if (typeof wasmPaths === 'string') source = new URL(WASM_NAME, new URL(wasmPaths, globalThis.location?.href));
+    else if (wasmPaths?.wasm) source = wasmPaths.wasm;
+    else source = new URL(`../dist/${WASM_NAME}`, import.meta.url);
+    // after a wasm trap: a fresh copy of the glue module, hence a fresh instance
+    const g = generation === 0 ? glue : await import(new URL(`../dist/kiln_js.js?instance=${generation}`, import.meta.url).href);
+    await (generation === 0 ? init : g.default)({ module_or_path: source });
+    return g;
+  },
+  async loadFile(file) {
+    if (file instanceof Uint8Array) return file;
+    if (file instanceof ArrayBuffer || (typeof SharedArrayBuffer !== 'undefined' && file instanceof SharedArrayBuffer)) {
+      return new Uint8Array(file);
+    }
+    if (typeof Blob !== 'undefined' && file instanceof Blob) return new Uint8Array(await file.arrayBuffer());
+    const response = await fetch(file);
+    if (!response.ok) throw new Error(`failed to load external data file: ${file}`);
+    return new Uint8Array(await response.arrayBuffer());
+  },
+});
+
+export * from '../dist/onnxruntime-common/index.js';
+export default ort;
