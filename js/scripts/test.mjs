@@ -1,0 +1,86 @@
+// npm test: the parity suite (test/parity.mjs) on onnxruntime-web@1.30.0, then on kiln-web, then the records of
+// the two runs compared (metadata and error messages exactly, numbers within each record's tolerance).
+// Needs `npm run build` first (dist/). KILN_PARITY_ONLY=kiln-web runs one side without the comparison.
+import { spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const js = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+if (!fs.existsSync(path.join(js, 'dist/kiln_js_bg.wasm'))) {
+  console.error('kiln-web is not built: run `npm run build` first');
+  process.exit(1);
+}
+// Differences known and tracked on kiln's side: reported on every run, not failures. Keep this list short.
+const KNOWN = {
+  'create disabled':
+    "kiln's OptimizationLevel::Disabled runs tract's undecluttered model, which cannot evaluate the symbolic " +
+    'dim expression past_sequence_length + sequence_length in a Slice (the native Session fails the same way)',
+};
+
+const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'kiln-parity-'));
+const impls = process.env.KILN_PARITY_ONLY ? [process.env.KILN_PARITY_ONLY] : ['onnxruntime-web', 'kiln-web'];
+const outs = {};
+let failed = false;
+for (const impl of impls) {
+  console.log(`\n=== parity suite on ${impl}`);
+  outs[impl] = path.join(tmp, `${impl}.json`);
+  const r = spawnSync(process.execPath, ['--test', '--test-reporter=spec', 'test/parity.mjs'], {
+    cwd: js,
+    stdio: 'inherit',
+    env: { ...process.env, KILN_PARITY_IMPL: impl, KILN_PARITY_OUT: outs[impl] },
+  });
+  if (r.status !== 0) {
+    console.error(`parity suite failed on ${impl}`);
+    failed = true;
+  }
+}
+
+function compare(a, b, tol, where, diffs) {
+  if (typeof a === 'number' && typeof b === 'number' && tol) {
+    const ok = (Number.isNaN(a) && Number.isNaN(b)) || a === b || Math.abs(a - b) <= (tol.atol ?? 0) + (tol.rtol ?? 0) * Math.abs(b);
+    if (!ok) diffs.push(`${where}: ${a} vs ${b}`);
+  } else if (Array.isArray(a) && Array.isArray(b)) {
+    if (a.length !== b.length) diffs.push(`${where}: length ${a.length} vs ${b.length}`);
+    else a.forEach((x, i) => compare(x, b[i], tol, `${where}[${i}]`, diffs));
+  } else if (a && b && typeof a === 'object' && typeof b === 'object') {
+    const keys = new Set([...Object.keys(a), ...Object.keys(b)]);
+    for (const k of keys) {
+      if (!(k in a) || !(k in b)) diffs.push(`${where}.${k}: only in ${k in a ? 'the first' : 'the second'}`);
+      else compare(a[k], b[k], tol, `${where}.${k}`, diffs);
+    }
+  } else if (a !== b) {
+    diffs.push(`${where}: ${JSON.stringify(a)} vs ${JSON.stringify(b)}`);
+  }
+}
+
+if (impls.length === 2 && fs.existsSync(outs['onnxruntime-web']) && fs.existsSync(outs['kiln-web'])) {
+  console.log('\n=== onnxruntime-web vs kiln-web records');
+  const ortRecords = JSON.parse(fs.readFileSync(outs['onnxruntime-web'], 'utf8')).records;
+  const kilnRecords = JSON.parse(fs.readFileSync(outs['kiln-web'], 'utf8')).records;
+  let same = 0;
+  for (const key of new Set([...Object.keys(ortRecords), ...Object.keys(kilnRecords)])) {
+    const o = ortRecords[key];
+    const k = kilnRecords[key];
+    if (!o || !k) {
+      console.log(`DIFF ${key}: recorded only on ${o ? 'onnxruntime-web' : 'kiln-web'}`);
+      failed = true;
+      continue;
+    }
+    const diffs = [];
+    compare(k.value, o.value, o.tol, key, diffs);
+    if (diffs.length && KNOWN[key]) {
+      console.log(`KNOWN ${key}: ${KNOWN[key]}\n  ${diffs.slice(0, 2).join('\n  ')}`);
+    } else if (diffs.length) {
+      failed = true;
+      console.log(`DIFF ${key} (kiln-web vs onnxruntime-web):\n  ${diffs.slice(0, 8).join('\n  ')}${diffs.length > 8 ? `\n  ... ${diffs.length - 8} more` : ''}`);
+    } else same++;
+  }
+  console.log(`${same} records the same on both`);
+} else if (impls.length === 2) {
+  failed = true;
+}
+fs.rmSync(tmp, { recursive: true, force: true });
+console.log(failed ? '\nparity: FAILED' : '\nparity: ok');
+process.exit(failed ? 1 : 0);

@@ -1,0 +1,446 @@
+// The parity suite: written purely against onnxruntime-web's API, run once on onnxruntime-web@1.30.0 and once on
+// kiln-web (npm test runs both and compares what each run records). Node, executionProviders 'wasm' / 'cpu'.
+//
+//   KILN_PARITY_IMPL=onnxruntime-web|kiln-web  which package to import (default onnxruntime-web)
+//   KILN_PARITY_OUT=file.json                  where to write the records the two runs are compared on
+//
+// Each run checks outputs against the fixtures' expected outputs itself; the records (metadata, error messages,
+// output samples) are compared across the two runs by scripts/test.mjs.
+import { test, after } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const IMPL = process.env.KILN_PARITY_IMPL ?? 'onnxruntime-web';
+const ort = await import(IMPL);
+const { InferenceSession, Tensor, env } = ort;
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const root = path.resolve(here, '../..');
+const TINY = path.join(root, 'conformance/fixtures/tiny');
+const SHARED = path.resolve(root, '../shared/models');
+const TINY_LLAMA = path.join(TINY, 'tiny-llama/onnx_optimum/model.onnx');
+
+env.wasm.numThreads = 1;
+
+// ---- records compared across the two runs -------------------------------------------------------------------------
+const records = {};
+// tol: numbers within |a - b| <= tol.atol + tol.rtol * |b| across the runs (exact when absent)
+function record(key, value, tol) {
+  assert.ok(!(key in records), `record ${key} twice`);
+  records[key] = tol ? { value, tol } : { value };
+}
+after(() => {
+  if (process.env.KILN_PARITY_OUT) fs.writeFileSync(process.env.KILN_PARITY_OUT, JSON.stringify({ impl: IMPL, records }, null, 1));
+});
+
+// The message of an error a call throws or rejects with; engine messages (after ERROR_MESSAGE:) are the engine's own.
+async function errorOf(f) {
+  try {
+    await f();
+  } catch (e) {
+    assert.ok(e instanceof Error, `not an Error: ${e}`);
+    return `${e.constructor.name}: ${e.message.replace(/ERROR_MESSAGE: .*/s, 'ERROR_MESSAGE: ...')}`;
+  }
+  assert.fail('expected an error');
+}
+
+// ---- ONNX TensorProto files (test_data_set_*/input_N.pb) ----------------------------------------------------------
+function readProto(file) {
+  const buf = fs.readFileSync(file);
+  let pos = 0;
+  const varint = () => {
+    let v = 0n;
+    let shift = 0n;
+    for (;;) {
+      const b = buf[pos++];
+      v |= BigInt(b & 0x7f) << shift;
+      if (!(b & 0x80)) return v;
+      shift += 7n;
+    }
+  };
+  const t = { dims: [], name: '', dataType: 0, raw: null, ints: [], floats: [], doubles: [], strings: [] };
+  while (pos < buf.length) {
+    const key = Number(varint());
+    const field = key >> 3;
+    const wire = key & 7;
+    const packed = (read) => {
+      const len = Number(varint());
+      const end = pos + len;
+      const out = [];
+      while (pos < end) out.push(read());
+      return out;
+    };
+    if (wire === 2) {
+      if (field === 1) t.dims.push(...packed(() => Number(BigInt.asIntN(64, varint()))));
+      else if (field === 5 || field === 7) t.ints.push(...packed(() => BigInt.asIntN(64, varint())));
+      else if (field === 4) t.floats.push(...packed(() => ((pos += 4), buf.readFloatLE(pos - 4))));
+      else if (field === 10) t.doubles.push(...packed(() => ((pos += 8), buf.readDoubleLE(pos - 8))));
+      else {
+        const len = Number(varint());
+        const bytes = buf.subarray(pos, pos + len);
+        pos += len;
+        if (field === 8) t.name = bytes.toString('utf8');
+        else if (field === 9) t.raw = bytes;
+        else if (field === 6) t.strings.push(bytes.toString('utf8'));
+      }
+    } else if (wire === 0) {
+      const v = varint();
+      if (field === 1) t.dims.push(Number(v));
+      else if (field === 2) t.dataType = Number(v);
+      else if (field === 5 || field === 7) t.ints.push(BigInt.asIntN(64, v));
+    } else if (wire === 5) {
+      if (field === 4) t.floats.push(buf.readFloatLE(pos));
+      pos += 4;
+    } else if (wire === 1) {
+      if (field === 10) t.doubles.push(buf.readDoubleLE(pos));
+      pos += 8;
+    } else throw new Error(`${file}: unexpected wire type ${wire}`);
+  }
+  const TYPES = { 1: 'float32', 2: 'uint8', 3: 'int8', 4: 'uint16', 5: 'int16', 6: 'int32', 7: 'int64', 8: 'string', 9: 'bool', 10: 'float16', 11: 'float64', 12: 'uint32', 13: 'uint64' };
+  const ARRAYS = { float32: Float32Array, uint8: Uint8Array, int8: Int8Array, uint16: Uint16Array, int16: Int16Array, int32: Int32Array, int64: BigInt64Array, bool: Uint8Array, float16: Uint16Array, float64: Float64Array, uint32: Uint32Array, uint64: BigUint64Array };
+  const type = TYPES[t.dataType];
+  assert.ok(type, `${file}: data type ${t.dataType}`);
+  let data;
+  if (type === 'string') data = t.strings;
+  else if (t.raw) data = new ARRAYS[type](new Uint8Array(t.raw).buffer.slice(0), 0, t.raw.length / ARRAYS[type].BYTES_PER_ELEMENT);
+  else if (type === 'float32') data = Float32Array.from(t.floats);
+  else if (type === 'float64') data = Float64Array.from(t.doubles);
+  else if (type === 'int64' || type === 'uint64') data = ARRAYS[type].from(t.ints);
+  else data = ARRAYS[type].from(t.ints.map(Number));
+  return { name: t.name, tensor: new Tensor(type, data, t.dims) };
+}
+
+function readDataSet(dir) {
+  const load = (prefix) =>
+    fs
+      .readdirSync(dir)
+      .filter((f) => f.startsWith(prefix))
+      .sort((a, b) => parseInt(a.slice(prefix.length), 10) - parseInt(b.slice(prefix.length), 10))
+      .map((f) => readProto(path.join(dir, f)));
+  return { inputs: load('input_'), outputs: load('output_') };
+}
+
+// ---- numbers --------------------------------------------------------------------------------------------------------
+function f16ToF32(h) {
+  const s = h & 0x8000 ? -1 : 1;
+  const e = (h >> 10) & 0x1f;
+  const m = h & 0x3ff;
+  if (e === 0) return s * m * 2 ** -24;
+  if (e === 31) return m ? NaN : s * Infinity;
+  return s * (1 + m / 1024) * 2 ** (e - 15);
+}
+const numbers = (t) => (t.type === 'float16' ? Array.from(t.data, f16ToF32) : Array.from(t.data, Number));
+
+function assertClose(actual, expected, { rtol = 1e-3, atol = 1e-4, atolOfMax = 0 }, what) {
+  assert.equal(actual.type, expected.type, `${what}: type`);
+  assert.deepEqual(Array.from(actual.dims), Array.from(expected.dims), `${what}: dims`);
+  const a = numbers(actual);
+  const e = numbers(expected);
+  const scale = atolOfMax ? e.reduce((m, v) => (Number.isFinite(v) ? Math.max(m, Math.abs(v)) : m), 0) : 0;
+  const tol = atol + atolOfMax * scale;
+  let bad = 0;
+  let worst = 0;
+  for (let i = 0; i < a.length; i++) {
+    const d = Math.abs(a[i] - e[i]);
+    if (!(d <= tol + rtol * Math.abs(e[i])) && !(Number.isNaN(a[i]) && Number.isNaN(e[i]))) bad++;
+    if (d > worst) worst = d;
+  }
+  assert.equal(bad, 0, `${what}: ${bad} of ${a.length} values differ (max |diff| ${worst})`);
+}
+
+// A sample of a tensor's values for the cross-run records: up to 256 evenly spread values.
+function sample(t) {
+  const v = numbers(t);
+  const step = Math.max(1, Math.floor(v.length / 256));
+  return { type: t.type, dims: Array.from(t.dims), values: v.filter((_, i) => i % step === 0).slice(0, 256) };
+}
+
+function argmaxRows(t) {
+  const v = numbers(t);
+  const n = t.dims[t.dims.length - 1];
+  const out = [];
+  for (let r = 0; r < v.length / n; r++) {
+    let best = 0;
+    for (let i = 1; i < n; i++) if (v[r * n + i] > v[r * n + best]) best = i;
+    out.push(best);
+  }
+  return out;
+}
+
+const tinyLlamaFeeds = (ids, past = 0) => {
+  const feeds = {
+    input_ids: new Tensor('int64', BigInt64Array.from(ids.map(BigInt)), [1, ids.length]),
+    attention_mask: new Tensor('int64', new BigInt64Array(past + ids.length).fill(1n), [1, past + ids.length]),
+    position_ids: new Tensor('int64', BigInt64Array.from(ids.map((_, i) => BigInt(past + i))), [1, ids.length]),
+  };
+  for (let l = 0; l < 2; l++) {
+    for (const kv of ['key', 'value']) feeds[`past_key_values.${l}.${kv}`] = new Tensor('float32', new Float32Array(0), [1, 2, 0, 16]);
+  }
+  return feeds;
+};
+
+// ---- env ----------------------------------------------------------------------------------------------------------
+test('env', async () => {
+  assert.equal(env.versions.common, '1.30.0');
+  assert.equal(typeof env.versions.web, 'string');
+  assert.equal(env.logLevel, 'warning');
+  env.logLevel = 'error';
+  assert.equal(env.logLevel, 'error');
+  env.logLevel = 'warning';
+  record('env.logLevel invalid', await errorOf(() => (env.logLevel = 'loud')));
+  assert.equal(env.wasm.numThreads, 1);
+  record('env keys', ['logLevel', 'versions', 'wasm', 'webgpu'].map((k) => k in env));
+});
+
+// ---- Tensor -------------------------------------------------------------------------------------------------------
+test('Tensor: every type and constructor form', async () => {
+  const forms = {
+    float32: [new Float32Array([1.5, -2]), [1.5, -2]],
+    float64: [new Float64Array([1.5, -2]), [1.5, -2]],
+    float16: [new Uint16Array([0x3c00, 0xc000])],
+    int8: [new Int8Array([1, -2]), [1, -2]],
+    int16: [new Int16Array([1, -2]), [1, -2]],
+    int32: [new Int32Array([1, -2]), [1, -2]],
+    int64: [new BigInt64Array([1n, -2n]), [1n, -2n], [1, -2]],
+    uint8: [new Uint8Array([1, 2]), [1, 2]],
+    uint16: [new Uint16Array([1, 2]), [1, 2]],
+    uint32: [new Uint32Array([1, 2]), [1, 2]],
+    uint64: [new BigUint64Array([1n, 2n]), [1n, 2n], [1, 2]],
+    bool: [new Uint8Array([1, 0]), [true, false]],
+    string: [['a', 'bc']],
+  };
+  const seen = {};
+  for (const [type, datas] of Object.entries(forms)) {
+    for (const data of datas) {
+      for (const t of [new Tensor(type, data, [2, 1]), new Tensor(type, data)]) {
+        assert.equal(t.type, type);
+        assert.equal(t.size, 2);
+        assert.equal(t.location, 'cpu');
+        assert.deepEqual(await t.getData(), t.data);
+        seen[type] = { ctor: t.data.constructor.name, dims: Array.from(t.dims), data: Array.from(t.data, (x) => (typeof x === 'bigint' ? `${x}n` : x)) };
+      }
+    }
+  }
+  // (data, dims) with the type inferred
+  seen.inferred = [new Tensor(new Float32Array(2), [1, 2]).type, new Tensor(new BigInt64Array(2)).type, new Tensor(['x']).type, new Tensor([true]).type];
+  const r = new Tensor('float32', new Float32Array(6), [2, 3]).reshape([3, 2]);
+  seen.reshape = Array.from(r.dims);
+  const d = new Tensor('float32', new Float32Array(2));
+  d.dispose();
+  seen.disposedLocation = d.location;
+  record('tensors', seen);
+  record('Tensor size mismatch', await errorOf(() => new Tensor('float32', new Float32Array(3), [2, 2])));
+  record('Tensor bad type', await errorOf(() => new Tensor('complex64', new Float32Array(2), [2])));
+  record('Tensor bad dims', await errorOf(() => new Tensor('float32', new Float32Array(2), [-1, -2])));
+});
+
+// ---- InferenceSession.create --------------------------------------------------------------------------------------
+test('InferenceSession.create: argument forms, options and errors', async () => {
+  const bytes = fs.readFileSync(TINY_LLAMA);
+  const u8 = new Uint8Array(bytes);
+  const padded = new Uint8Array(u8.length + 16);
+  padded.set(u8, 7);
+  const ab = u8.slice().buffer;
+  const forms = {
+    path: () => InferenceSession.create(TINY_LLAMA),
+    uint8array: () => InferenceSession.create(u8, { executionProviders: ['wasm'] }),
+    arraybuffer: () => InferenceSession.create(ab, { executionProviders: ['cpu'] }),
+    'buffer,offset,length': () => InferenceSession.create(padded.buffer, 7, u8.length, { executionProviders: [{ name: 'wasm' }] }),
+    'buffer,offset': () => InferenceSession.create(u8.slice().buffer, 0),
+    'webgpu falls back': () => InferenceSession.create(u8, { executionProviders: ['webgpu', 'wasm'] }),
+    disabled: () => InferenceSession.create(u8, { graphOptimizationLevel: 'disabled' }),
+    basic: () => InferenceSession.create(u8, { graphOptimizationLevel: 'basic' }),
+    extended: () => InferenceSession.create(u8, { graphOptimizationLevel: 'extended' }),
+    all: () => InferenceSession.create(u8, { graphOptimizationLevel: 'all', logSeverityLevel: 3, extra: {}, unknownOption: 1 }),
+    freeDims: () => InferenceSession.create(u8, { freeDimensionOverrides: { batch_size: 1 } }),
+  };
+  const warn = console.warn;
+  console.warn = () => {};
+  try {
+    // a failing form is recorded (and shows as a difference between the two runs) rather than ending the test
+    for (const [form, make] of Object.entries(forms)) {
+      try {
+        const s = await make();
+        const out = await s.run(tinyLlamaFeeds([11, 22, 33, 44, 55]));
+        record(`create ${form}`, { next: argmaxRows(out.logits).at(-1), logits: sample(out.logits) }, { atol: 1e-4, rtol: 1e-3 });
+        await s.release();
+      } catch (e) {
+        record(`create ${form}`, { error: e.message });
+      }
+    }
+    // onnxruntime's greedy next token after 11, 22, 33, 44, 55 (examples/tests/data/tiny_greedy.json)
+    assert.equal(records['create path'].value.next, 614);
+  } finally {
+    console.warn = warn;
+  }
+  const bad = {
+    'no argument': () => InferenceSession.create(),
+    'number': () => InferenceSession.create(42),
+    'options not an object': () => InferenceSession.create(u8, 'wasm'),
+    'byteOffset out of range': () => InferenceSession.create(ab, ab.byteLength + 1),
+    'byteOffset not an integer': () => InferenceSession.create(ab, 1.5),
+    'byteLength out of range': () => InferenceSession.create(ab, 0, ab.byteLength + 1),
+    'byteLength not a number': () => InferenceSession.create(ab, 0, 'x'),
+    'unknown backend': () => InferenceSession.create(u8, { executionProviders: ['foo'] }),
+    'garbage model': () => InferenceSession.create(new Uint8Array([1, 2, 3, 4]), { executionProviders: ['wasm'] }),
+    'bad optimization level': () => InferenceSession.create(u8, { graphOptimizationLevel: 'fast' }),
+    'bad free dimension': () => InferenceSession.create(u8, { freeDimensionOverrides: { batch_size: -1 } }),
+  };
+  for (const [what, f] of Object.entries(bad)) record(`create error: ${what}`, await errorOf(f));
+});
+
+// ---- metadata -----------------------------------------------------------------------------------------------------
+const FIXTURES = fs.existsSync(TINY)
+  ? fs
+      .readdirSync(TINY)
+      .flatMap((m) => fs.readdirSync(path.join(TINY, m)).map((v) => path.join(m, v)))
+      .filter((d) => fs.existsSync(path.join(TINY, d, 'model.onnx')))
+      .sort()
+  : [];
+
+const tolerance = (variant) =>
+  /q4|int4/.test(variant) ? { rtol: 1e-3, atol: 1e-2 } : /int8/.test(variant) ? { rtol: 1e-3, atol: 0, atolOfMax: 1e-3 } : /fp16/.test(variant) ? { rtol: 1e-3, atol: 1e-2 } : { rtol: 1e-3, atol: 1e-4 };
+
+for (const fixture of FIXTURES) {
+  test(`fixture ${fixture}: metadata, prefill and decode against test_data_set_*`, async () => {
+    const dir = path.join(TINY, fixture);
+    const session = await InferenceSession.create(path.join(dir, 'model.onnx'), { executionProviders: ['wasm'] });
+    record(`${fixture} names`, { inputs: session.inputNames, outputs: session.outputNames });
+    record(`${fixture} metadata`, { inputs: session.inputMetadata, outputs: session.outputMetadata });
+    const sets = fs.readdirSync(dir).filter((d) => d.startsWith('test_data_set_')).sort();
+    assert.ok(sets.length > 0);
+    for (const set of sets) {
+      const { inputs, outputs } = readDataSet(path.join(dir, set));
+      const feeds = {};
+      inputs.forEach((t, i) => (feeds[t.name || session.inputNames[i]] = t.tensor));
+      const results = await session.run(feeds);
+      outputs.forEach((t, i) => {
+        const name = t.name || session.outputNames[i];
+        assertClose(results[name], t.tensor, tolerance(fixture), `${fixture}/${set} ${name}`);
+      });
+      record(`${fixture} ${set} outputs`, Object.fromEntries(Object.entries(results).map(([k, v]) => [k, sample(v)])), { ...tolerance(fixture), atol: 1e-2 });
+    }
+    await session.release();
+  });
+}
+
+// ---- run: fetches, options, validation, errors, concurrency -------------------------------------------------------
+test('run: overloads, fetches, validation messages, errors and a queue of concurrent runs', async () => {
+  const session = await InferenceSession.create(TINY_LLAMA, { executionProviders: ['wasm'] });
+  const feeds = tinyLlamaFeeds([11, 22, 33, 44, 55]);
+  const all = await session.run(feeds);
+  assert.deepEqual(Object.keys(all).sort(), [...session.outputNames].sort());
+  const withOptions = await session.run(feeds, { logSeverityLevel: 2, tag: 't' });
+  assert.deepEqual(Array.from(withOptions.logits.data), Array.from(all.logits.data));
+  const named = await session.run(feeds, ['present.1.value', 'logits']);
+  record('run fetches as names', Object.keys(named).sort());
+  assert.deepEqual(Array.from(named.logits.data), Array.from(all.logits.data));
+  const asObject = await session.run(feeds, { logits: null }, {});
+  record('run fetches as object', Object.keys(asObject));
+  const pre = new Tensor('float32', new Float32Array(5000), [1, 5, 1000]);
+  const prealloc = await session.run(feeds, { logits: pre });
+  // (onnxruntime-web 1.30 returns the preallocated tensor but leaves a CPU one unfilled; kiln-web fills it)
+  record('run preallocated output', { same: prealloc.logits === pre });
+
+  const wrongType = { ...feeds, input_ids: new Tensor('int32', new Int32Array([1, 2, 3, 4, 5]), [1, 5]) };
+  const { input_ids: _dropped, ...missing } = feeds;
+  const bad = {
+    'feeds not an object': () => session.run('x'),
+    'feeds an array': () => session.run([]),
+    'feeds a Tensor': () => session.run(feeds.input_ids),
+    'missing input': () => session.run(missing),
+    'null fetches': () => session.run(feeds, null),
+    'fetches a Tensor': () => session.run(feeds, feeds.input_ids),
+    'empty fetches': () => session.run(feeds, []),
+    'fetches not strings': () => session.run(feeds, [1]),
+    'invalid output name': () => session.run(feeds, ['y']),
+    'options not an object': () => session.run(feeds, ['logits'], 'x'),
+    'argument[1] a number': () => session.run(feeds, 1),
+    'extra feed': () => session.run({ ...feeds, extra: feeds.input_ids }),
+    'wrong element type': () => session.run(wrongType),
+  };
+  for (const [what, f] of Object.entries(bad)) record(`run error: ${what}`, await errorOf(f));
+  // still usable after every error
+  const again = await session.run(feeds);
+  assert.deepEqual(Array.from(again.logits.data), Array.from(all.logits.data));
+
+  // concurrent runs queue and each gets its own result
+  const prompts = [[1, 2, 3], [7, 8], [11, 22, 33, 44, 55], [9]];
+  const together = await Promise.all(prompts.map((p) => session.run(tinyLlamaFeeds(p))));
+  for (let i = 0; i < prompts.length; i++) {
+    const alone = await session.run(tinyLlamaFeeds(prompts[i]));
+    assert.deepEqual(Array.from(together[i].logits.data), Array.from(alone.logits.data));
+  }
+  record('concurrent next tokens', together.map((r) => argmaxRows(r.logits).at(-1)));
+  await session.release();
+});
+
+// ---- real models from ../shared -----------------------------------------------------------------------------------
+const MINILM = path.join(SHARED, 'all-minilm-l6-v2/onnx/model_quantized.onnx');
+test('all-MiniLM-L6-v2 (quantized): sentence embeddings', { skip: !fs.existsSync(MINILM) && `${MINILM} not present` }, async () => {
+  const plain = await InferenceSession.create(MINILM, { executionProviders: ['wasm'] });
+  record('minilm metadata', { inputs: plain.inputMetadata, outputs: plain.outputMetadata });
+  const [batch, seq] = plain.inputMetadata[0].shape;
+  await plain.release();
+  const session = await InferenceSession.create(MINILM, { executionProviders: ['wasm'], freeDimensionOverrides: { [batch]: 2, [seq]: 6 } });
+  record('minilm metadata with freeDimensionOverrides', { inputs: session.inputMetadata, outputs: session.outputMetadata });
+  // "hello world" and "the quick brown fox" in bert-base-uncased word pieces, padded to one batch
+  const rows = [[101, 7592, 2088, 102, 0, 0], [101, 1996, 4248, 2829, 4419, 102]];
+  const mask = rows.map((r) => r.map((id, i) => (i === 0 || id !== 0 ? 1 : 0)));
+  const t = (v) => new Tensor('int64', BigInt64Array.from(v.flat().map(BigInt)), [2, 6]);
+  const out = await session.run({ input_ids: t(rows), attention_mask: t(mask), token_type_ids: t(rows.map((r) => r.map(() => 0))) });
+  const h = out.last_hidden_state;
+  assert.deepEqual(Array.from(h.dims), [2, 6, 384]);
+  const emb = rows.map((_, b) => {
+    const e = new Array(384).fill(0);
+    let n = 0;
+    for (let s = 0; s < 6; s++) {
+      if (!mask[b][s]) continue;
+      n++;
+      for (let k = 0; k < 384; k++) e[k] += h.data[(b * 6 + s) * 384 + k];
+    }
+    const norm = Math.hypot(...e.map((x) => x / n));
+    return e.map((x) => x / n / norm);
+  });
+  const cosine = emb[0].reduce((a, x, k) => a + x * emb[1][k], 0);
+  record('minilm embeddings', { first: emb[0].slice(0, 16), second: emb[1].slice(0, 16), cosine }, { atol: 0.02, rtol: 0 });
+  await session.release();
+});
+
+const SMOL = path.join(SHARED, 'smollm2-135m-instruct/onnx/model_q4f16.onnx');
+test('SmolLM2-135M q4f16: prefill against onnxruntime, then a decode step', { skip: !fs.existsSync(SMOL) && `${SMOL} not present` }, async () => {
+  const session = await InferenceSession.create(SMOL, { executionProviders: ['wasm'] });
+  record('smollm2 metadata', { inputs: session.inputMetadata.slice(0, 5), outputs: session.outputMetadata.slice(0, 3), n: [session.inputNames.length, session.outputNames.length] });
+  const { inputs, outputs } = readDataSet(path.join(path.dirname(SMOL), 'test_data_q4f16'));
+  const feeds = {};
+  inputs.forEach((t, i) => (feeds[t.name || session.inputNames[i]] = t.tensor));
+  const prefill = await session.run(feeds);
+  const expected = outputs[0].tensor;
+  const got = argmaxRows(prefill.logits);
+  const want = argmaxRows(expected);
+  // shared/README.md: argmax equal where onnxruntime's top-2 margin is above 0.25, mean |logit diff| at most 0.3
+  for (const p of [0, 1, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14, 16, 17, 19, 21, 22, 23]) assert.equal(got[p], want[p], `argmax at ${p}`);
+  const a = numbers(prefill.logits);
+  const e = numbers(expected);
+  const meanDiff = a.reduce((s, x, i) => s + Math.abs(x - e[i]), 0) / a.length;
+  assert.ok(meanDiff <= 0.3, `mean |logit diff| ${meanDiff}`);
+  // decode: the next token (the greedy pick after the 24 tokens) with the presents as the past
+  const ids = feeds.input_ids.data;
+  const past = ids.length;
+  const next = BigInt(got.at(-1));
+  const step = {
+    input_ids: new Tensor('int64', BigInt64Array.from([next]), [1, 1]),
+    attention_mask: new Tensor('int64', new BigInt64Array(past + 1).fill(1n), [1, past + 1]),
+    position_ids: new Tensor('int64', BigInt64Array.from([BigInt(past)]), [1, 1]),
+  };
+  for (const name of session.inputNames.filter((n) => n.startsWith('past_key_values.'))) {
+    step[name] = prefill[name.replace('past_key_values.', 'present.')];
+  }
+  const decoded = await session.run(step, ['logits']);
+  assert.deepEqual(Array.from(decoded.logits.dims), [1, 1, 49152]);
+  record('smollm2 prefill argmax', got.filter((_, p) => ![2, 8, 15, 18, 20].includes(p)));
+  record('smollm2 decode', { dims: Array.from(decoded.logits.dims), values: sample(decoded.logits).values }, { atol: 1, rtol: 0 });
+  await session.release();
+});
