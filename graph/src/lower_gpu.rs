@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use kiln_wgsl::ops::{kernel_for, GpuOp, ToDevice, ToHost};
-use kiln_wgsl::Caps;
+use kiln_wgsl::{Caps, Kernel};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::einsum::prefix_matmul::rewrite_einsum_to_prefix_matmul;
 use tract_onnx::tract_core::ops::konst::Const;
@@ -64,6 +64,7 @@ pub fn lower(model: &TypedModel, caps: &Caps) -> Result<Lowered> {
     let mut dev: HashMap<OutletId, OutletId> = HashMap::new();
     let mut placement = vec![];
     let order = src.eval_order().map_err(tract_err("ordering the model"))?;
+    let kernels = placement_plan(&src, &order, caps);
     for id in order {
         let node = src.node(id);
         if node.op_is::<TypedSource>() {
@@ -73,7 +74,7 @@ pub fn lower(model: &TypedModel, caps: &Caps) -> Result<Lowered> {
             continue;
         }
         let is_const = node.op_is::<Const>();
-        let kernel = if is_const { Err("constant".to_string()) } else { kernel_for(&src, node, caps) };
+        let kernel = kernels.get(&id).cloned().unwrap_or_else(|| Err("constant".to_string()));
         match kernel {
             Ok(kernel) => {
                 let mut inputs = tvec![];
@@ -131,6 +132,54 @@ pub fn lower(model: &TypedModel, caps: &Caps) -> Result<Lowered> {
     target.outputs = outputs;
     target.properties.clone_from(&src.properties);
     Ok(Lowered { model: target, placement })
+}
+
+/// Each compute node's kernel, or why it stays on the CPU. A cheap node (data movement, casts, comparisons,
+/// elementwise) whose inputs all come from the host and whose result a CPU node needs stays on the CPU too: on
+/// the GPU it would cost an upload, a readback and a submit in the middle of the run, for no gain. Repeated until
+/// nothing changes, so host-side chains (shape and mask arithmetic) stay whole.
+fn placement_plan(
+    src: &TypedModel,
+    order: &[usize],
+    caps: &Caps,
+) -> HashMap<usize, std::result::Result<Kernel, String>> {
+    let mut kernels: HashMap<usize, std::result::Result<Kernel, String>> = HashMap::new();
+    for &id in order {
+        let node = src.node(id);
+        if node.op_is::<TypedSource>() || node.op_is::<Const>() {
+            continue;
+        }
+        kernels.insert(id, kernel_for(src, node, caps));
+    }
+    let on_gpu =
+        |k: &HashMap<usize, std::result::Result<Kernel, String>>, n: usize| k.get(&n).is_some_and(|k| k.is_ok());
+    loop {
+        let mut changed = false;
+        for &id in order {
+            let cheap = match kernels.get(&id) {
+                Some(Ok(k)) => !matches!(
+                    k,
+                    Kernel::MatMul { .. } | Kernel::Softmax { .. } | Kernel::Reduce { .. } | Kernel::RmsNorm { .. }
+                ),
+                _ => false,
+            };
+            if !cheap {
+                continue;
+            }
+            let node = src.node(id);
+            let host_inputs = node.inputs.iter().all(|i| !on_gpu(&kernels, i.node));
+            let cpu_consumer = node.outputs.iter().any(|o| {
+                o.successors.iter().any(|s| !on_gpu(&kernels, s.node) && !src.node(s.node).op_is::<TypedSource>())
+            });
+            if host_inputs && cpu_consumer {
+                kernels.insert(id, Err("host-side chain (inputs and consumers on the CPU)".into()));
+                changed = true;
+            }
+        }
+        if !changed {
+            return kernels;
+        }
+    }
 }
 
 fn device_wire(

@@ -40,6 +40,17 @@ pub enum UnaryOp {
     IsNan,
     /// bool → bool
     Not,
+    /// 0.5·x·(1 + erf(x/√2))
+    GeluExact,
+    /// 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x^p))), p = 2 when `fast` (tract's fast_impl), else 3
+    GeluApprox {
+        fast: bool,
+    },
+    /// Between f32, bool (f32 0/1 on the GPU) and i32 / i64 (i32 bits on the GPU).
+    Cast {
+        from: DatumType,
+        to: DatumType,
+    },
 }
 
 impl UnaryOp {
@@ -107,6 +118,14 @@ impl UnaryOp {
             UnaryOp::PowConst(_) => "x",
             UnaryOp::IsNan => "b2f(is_nan(x))",
             UnaryOp::Not => "b2f(x == 0.0)",
+            UnaryOp::GeluExact => "0.5 * x * (1.0 + erf_approx(x * 0.70710678118654752))",
+            UnaryOp::GeluApprox { fast: true } => {
+                "0.5 * x * (1.0 + tanh_safe(0.79788456080286536 * (x + 0.044715 * x * x)))"
+            }
+            UnaryOp::GeluApprox { fast: false } => {
+                "0.5 * x * (1.0 + tanh_safe(0.79788456080286536 * (x + 0.044715 * x * x * x)))"
+            }
+            UnaryOp::Cast { from, to } => cast_expr(*from, *to),
         }
         .into()
     }
@@ -204,6 +223,33 @@ impl BinaryOp {
             BinaryOp::Or => "b2f(x != 0.0 || y != 0.0)",
         }
         .into()
+    }
+}
+
+/// Which GPU representation an element type has: 0 f32, 1 bool (f32 0/1), 2 integer (i32 bits).
+fn gpu_repr(dt: DatumType) -> Option<u8> {
+    match dt {
+        DatumType::F32 => Some(0),
+        DatumType::Bool => Some(1),
+        DatumType::I32 | DatumType::I64 => Some(2),
+        _ => None,
+    }
+}
+
+/// Whether [`UnaryOp::Cast`] has a kernel from `from` to `to`.
+pub fn cast_supported(from: DatumType, to: DatumType) -> bool {
+    gpu_repr(from).is_some() && gpu_repr(to).is_some()
+}
+
+fn cast_expr(from: DatumType, to: DatumType) -> &'static str {
+    match (gpu_repr(from), gpu_repr(to)) {
+        (Some(0), Some(1)) => "b2f(x != 0.0)",
+        (Some(0), Some(2)) => "bitcast<f32>(i32(x))",
+        (Some(1), Some(2)) => "bitcast<f32>(i32(x))",
+        (Some(2), Some(0)) => "f32(bitcast<i32>(x))",
+        (Some(2), Some(1)) => "b2f(bitcast<i32>(x) != 0)",
+        // same representation, or bool → f32 (already 0.0 / 1.0)
+        _ => "x",
     }
 }
 
@@ -455,6 +501,7 @@ impl Kernel {
         match self {
             Kernel::Unary(UnaryOp::IsNan) => all(F32).then_some(Bool),
             Kernel::Unary(UnaryOp::Not) => all(Bool).then_some(Bool),
+            Kernel::Unary(UnaryOp::Cast { from, to }) => (all(*from) && cast_supported(*from, *to)).then_some(*to),
             Kernel::Binary(op) if op.is_comparison() => all(F32).then_some(Bool),
             Kernel::Binary(op) if op.is_logical() => all(Bool).then_some(Bool),
             Kernel::View(_)

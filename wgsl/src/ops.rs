@@ -6,14 +6,16 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::array::{Gather, MultiBroadcastTo, Slice, TypedConcat};
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
+use tract_onnx::tract_core::ops::cast::Cast;
 use tract_onnx::tract_core::ops::einsum::prefix_matmul::PrefixMatMul;
 use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
 use tract_onnx::tract_core::ops::logic::Iff;
 use tract_onnx::tract_core::ops::math::PowConst;
+use tract_onnx::tract_core::ops::nn::{GeluApproximate, GeluExact};
 use tract_onnx::tract_core::ops::nn::{Reduce, Reducer, RmsNorm, Softmax, SoftmaxKind};
 
 use crate::context::Caps;
-use crate::kernels::{BinaryOp, Kernel, ReduceOp, UnaryOp, View, MAX_BATCH_RANK, MAX_RANK};
+use crate::kernels::{cast_supported, BinaryOp, Kernel, ReduceOp, UnaryOp, View, MAX_BATCH_RANK, MAX_RANK};
 
 /// A node computed by a GPU kernel. `cpu` is the op it replaced: the CPU reference and tract's evaluation.
 #[derive(Debug, Clone)]
@@ -96,9 +98,14 @@ pub fn kernel_for(model: &TypedModel, node: &TypedNode, caps: &Caps) -> Result<K
         let k = BinaryOp::from_tract(bin.0.name()).ok_or_else(|| format!("no kernel for binary {}", bin.0.name()))?;
         Kernel::Binary(k)
     } else if let Some(ew) = node.op_as::<ElementWiseOp>() {
-        let k = match ew.0.downcast_ref::<PowConst>() {
-            Some(p) => UnaryOp::PowConst(p.exponent.to_bits()),
-            None => UnaryOp::from_tract(&ew.0.name()).ok_or_else(|| format!("no kernel for {}", ew.0.name()))?,
+        let k = if let Some(p) = ew.0.downcast_ref::<PowConst>() {
+            UnaryOp::PowConst(p.exponent.to_bits())
+        } else if let Some(g) = ew.0.downcast_ref::<GeluApproximate>() {
+            UnaryOp::GeluApprox { fast: g.fast_impl }
+        } else if ew.0.downcast_ref::<GeluExact>().is_some() {
+            UnaryOp::GeluExact
+        } else {
+            UnaryOp::from_tract(&ew.0.name()).ok_or_else(|| format!("no kernel for {}", ew.0.name()))?
         };
         Kernel::Unary(k)
     } else if let Some(mm) = node.op_as::<PrefixMatMul>() {
@@ -136,6 +143,12 @@ pub fn kernel_for(model: &TypedModel, node: &TypedNode, caps: &Caps) -> Result<K
             return Err("reduction over non-adjacent axes".into());
         }
         Kernel::Reduce { axes, op }
+    } else if let Some(c) = node.op_as::<Cast>() {
+        let from = model.outlet_fact(node.inputs[0]).map_err(|e| e.to_string())?.datum_type;
+        if !cast_supported(from, c.to) {
+            return Err(format!("cast {from:?} to {:?}", c.to));
+        }
+        Kernel::Unary(UnaryOp::Cast { from, to: c.to })
     } else if let Some(g) = node.op_as::<Gather>() {
         if g.output_type.is_some() {
             return Err("gather with an output type".into());
