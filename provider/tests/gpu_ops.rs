@@ -709,3 +709,31 @@ fn gather_matches_cpu() {
         .collect();
     check_all(&mut rng, graphs, 0.0);
 }
+
+#[test]
+fn cast_and_gelu_match_cpu() {
+    if !gpu_available() {
+        return;
+    }
+    let mut rng = Rng(seed());
+    let mut graphs = vec![];
+    for s in [&[1usize][..], &[17], &[3, 5, 7], &[0, 4], &[66000]] {
+        // to: 1 f32, 6 i32, 9 bool (a cast to i64 goes through kiln's TDim pair of casts, on the CPU)
+        for to in [6, 9, 1] {
+            graphs.push(Graph::new("Cast", &[s]).attr(attr_int("to", to)));
+        }
+        for to in [1, 6] {
+            graphs.push(Graph::new("Cast", &[s]).attr(attr_int("to", to)).bools(&[0]));
+        }
+        for approximate in ["none", "tanh"] {
+            let a = pb::AttributeProto {
+                name: "approximate".into(),
+                s: approximate.as_bytes().to_vec(),
+                r#type: pb::attribute_proto::AttributeType::String as i32,
+                ..Default::default()
+            };
+            graphs.push(Graph::new("Gelu", &[s]).attr(a).opset(20));
+        }
+    }
+    check_all(&mut rng, graphs, 1e-5);
+}
