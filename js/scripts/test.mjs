@@ -17,6 +17,9 @@ const KNOWN = {
   'create disabled':
     "kiln's OptimizationLevel::Disabled runs tract's undecluttered model, which cannot evaluate the symbolic " +
     'dim expression past_sequence_length + sequence_length in a Slice (the native Session fails the same way)',
+  'types unnamed dim':
+    "kiln's import gives a dim declared with neither dim_value nor dim_param no symbol, so tract cannot type the input",
+  'types no shape': "kiln's import cannot type an input declared without a shape",
 };
 
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'kiln-parity-'));

@@ -62,11 +62,13 @@ pub fn ort_error_code(kind: kiln_provider::ErrorKind) -> u32 {
 
 /// A kiln error in onnxruntime-web's words: `"<what> ERROR_CODE: n, ERROR_MESSAGE: <message>"`.
 pub fn ort_message(what: &str, e: &kiln_provider::Error) -> String {
-    // onnxruntime's INVALID_PROTOBUF for bytes that are not a model at all
-    let code = if e.kind == kiln_provider::ErrorKind::InvalidModel && e.message.contains("protobuf decode failed") {
-        7
-    } else {
-        ort_error_code(e.kind)
+    use kiln_provider::ErrorKind as K;
+    let code = match e.kind {
+        // onnxruntime's INVALID_PROTOBUF for bytes that are not a model at all
+        K::InvalidModel if e.message.contains("protobuf decode failed") => 7,
+        // onnxruntime reports an external data file it was not given as FAIL
+        K::InvalidArgument | K::Io if e.message.contains("external") && e.message.contains("provided") => 1,
+        kind => ort_error_code(kind),
     };
     format!("{what} ERROR_CODE: {code}, ERROR_MESSAGE: {}", e.message)
 }
@@ -122,7 +124,8 @@ pub enum MetaDim {
 }
 
 /// onnxruntime-web's `ValueMetadata`: a name, the type (`None`: not a tensor kiln can represent) and the shape
-/// (empty when undeclared; unnamed unknown dims are -1).
+/// (empty when undeclared; a dim with neither a value nor a name is 4294967295, onnxruntime-web 1.30's -1 read as
+/// an unsigned 32-bit number, kept for parity).
 pub fn metadata(v: &kiln_provider::ValueInfo) -> (String, Option<&'static str>, Vec<MetaDim>) {
     let shape = v
         .shape
@@ -131,7 +134,7 @@ pub fn metadata(v: &kiln_provider::ValueInfo) -> (String, Option<&'static str>, 
         .map(|d| match d {
             kiln_provider::Dim::Fixed(n) => MetaDim::Fixed(*n as f64),
             kiln_provider::Dim::Symbolic(s) => MetaDim::Symbolic(s.clone()),
-            kiln_provider::Dim::Unknown => MetaDim::Fixed(-1.0),
+            kiln_provider::Dim::Unknown => MetaDim::Fixed(u32::MAX as f64),
         })
         .collect();
     (v.name.clone(), v.element_type.map(|t| t.name()), shape)
@@ -529,7 +532,7 @@ mod tests {
         };
         let (name, ty, shape) = metadata(&v);
         assert_eq!((name.as_str(), ty), ("x", Some("float32")));
-        assert_eq!(shape, vec![MetaDim::Symbolic("batch".into()), MetaDim::Fixed(3.0), MetaDim::Fixed(-1.0)]);
+        assert_eq!(shape, vec![MetaDim::Symbolic("batch".into()), MetaDim::Fixed(3.0), MetaDim::Fixed(4294967295.0)]);
         let e = kiln_provider::Error::invalid_argument("bad");
         assert_eq!(
             ort_message("failed to call OrtRun().", &e),

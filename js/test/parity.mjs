@@ -377,6 +377,141 @@ test('run: overloads, fetches, validation messages, errors and a queue of concur
   await session.release();
 });
 
+// ---- every element type through a small hand-made model ----------------------------------------------------------
+// ONNX protobuf, written by hand: Identity for each type (x_T → y_T), Not on a bool, declared shapes with a fixed, a
+// named and an unnamed dim, and one input with no shape.
+// protobuf writing helpers
+const pb = {
+  varint(n) {
+    const out = [];
+    let v = BigInt(n);
+    do {
+      let b = Number(v & 0x7fn);
+      v >>= 7n;
+      if (v) b |= 0x80;
+      out.push(b);
+    } while (v);
+    return out;
+  },
+  num: (n, v) => [...pb.varint((n << 3) | 0), ...pb.varint(v)],
+  bytes: (n, b) => [...pb.varint((n << 3) | 2), ...pb.varint(b.length), ...b],
+  str: (n, s) => pb.bytes(n, [...Buffer.from(s, 'utf8')]),
+};
+
+// y = x + w, w a float32 [4] initializer stored in the external file `location`
+function externalDataModel(location) {
+  const { num, bytes, str } = pb;
+  const valueInfo = (name) => str(1, name).concat(bytes(2, bytes(1, [...num(1, 1), ...bytes(2, bytes(1, num(1, 4)))])));
+  const entry = (k, v) => bytes(13, [...str(1, k), ...str(2, v)]);
+  const w = [...num(1, 4), ...num(2, 1), ...str(8, 'w'), ...entry('location', location), ...entry('offset', '8'), ...entry('length', '16'), ...num(14, 1)];
+  const graph = [...bytes(1, [...str(1, 'x'), ...str(1, 'w'), ...str(2, 'y'), ...str(4, 'Add')]), ...str(2, 'ext'), ...bytes(5, w), ...bytes(11, valueInfo('x')), ...bytes(12, valueInfo('y'))];
+  return new Uint8Array([...num(1, 8), ...bytes(8, num(2, 17)), ...bytes(7, graph)]);
+}
+
+test('externalData: {path, data} as Uint8Array and ArrayBuffer', async () => {
+  const file = new Uint8Array(8 + 16 + 8);
+  new Float32Array(file.buffer, 8, 4).set([10, 20, 30, 40]);
+  const x = { x: new Tensor('float32', new Float32Array([1, 2, 3, 4]), [4]) };
+  const cases = {
+    uint8array: [externalDataModel('weights.bin'), [{ path: 'weights.bin', data: file }]],
+    arraybuffer: [externalDataModel('weights.bin'), [{ path: 'weights.bin', data: file.slice().buffer }]],
+    'path with ./': [externalDataModel('weights.bin'), [{ path: './weights.bin', data: file }]],
+  };
+  for (const [what, [model, externalData]] of Object.entries(cases)) {
+    try {
+      const session = await InferenceSession.create(model, { executionProviders: ['wasm'], externalData });
+      record(`externalData ${what}`, Array.from((await session.run(x)).y.data));
+      await session.release();
+    } catch (e) {
+      record(`externalData ${what}`, { error: e.message });
+    }
+  }
+  record('externalData missing', await errorOf(() => InferenceSession.create(externalDataModel('weights.bin'), { externalData: [] })));
+});
+
+function onnxModel(shapeOf = (t) => (t === 'string' ? [2, 'm'] : [2, 'n', 3]), types = ONNX_TYPES) {
+  const varint = (n) => {
+    const out = [];
+    let v = BigInt(n);
+    do {
+      let b = Number(v & 0x7fn);
+      v >>= 7n;
+      if (v) b |= 0x80;
+      out.push(b);
+    } while (v);
+    return out;
+  };
+  const field = (n, wire) => varint((n << 3) | wire);
+  const num = (n, v) => [...field(n, 0), ...varint(v)];
+  const bytes = (n, b) => [...field(n, 2), ...varint(b.length), ...b];
+  const str = (n, s) => bytes(n, [...Buffer.from(s, 'utf8')]);
+  const dim = (d) => bytes(1, d === null ? [] : typeof d === 'number' ? num(1, d) : str(2, d));
+  const valueInfo = (name, elemType, shape) =>
+    str(1, name).concat(bytes(2, bytes(1, [...num(1, elemType), ...(shape ? bytes(2, shape.flatMap(dim)) : [])])));
+  const node = (op, inputs, outputs) => [...inputs.flatMap((i) => str(1, i)), ...outputs.flatMap((o) => str(2, o)), ...str(4, op)];
+  const graph = [];
+  for (const t of Object.keys(types)) graph.push(...bytes(1, node('Identity', [`x_${t}`], [`y_${t}`])));
+  if (types.bool) graph.push(...bytes(1, node('Not', ['x_bool'], ['not_bool'])));
+  graph.push(...str(2, 'types'));
+  for (const [t, code] of Object.entries(types)) graph.push(...bytes(11, valueInfo(`x_${t}`, code, shapeOf(t))));
+  for (const [t, code] of Object.entries(types)) graph.push(...bytes(12, valueInfo(`y_${t}`, code, shapeOf(t))));
+  if (types.bool) graph.push(...bytes(12, valueInfo('not_bool', 9, shapeOf('bool'))));
+  return new Uint8Array([...num(1, 8), ...bytes(8, num(2, 17)), ...str(2, 'parity'), ...bytes(7, graph)]);
+}
+const ONNX_TYPES = { float32: 1, uint8: 2, int8: 3, uint16: 4, int16: 5, int32: 6, int64: 7, string: 8, bool: 9, float16: 10, float64: 11, uint32: 12, uint64: 13 };
+
+test('every element type in and out (Identity), bool semantics (Not), declared shapes in metadata', async () => {
+  const session = await InferenceSession.create(onnxModel(), { executionProviders: ['wasm'] });
+  record('types metadata', { inputs: session.inputMetadata, outputs: session.outputMetadata });
+  const values = {
+    float32: new Float32Array([1.5, -2, 0, 3.25, NaN, Infinity]),
+    float64: new Float64Array([1.5, -2, 0, 1e300, -0, 7]),
+    float16: new Uint16Array([0x3c00, 0xc000, 0, 0x7c00, 0x3555, 1]),
+    int8: new Int8Array([1, -2, 127, -128, 0, 5]),
+    int16: new Int16Array([1, -2, 32767, -32768, 0, 5]),
+    int32: new Int32Array([1, -2, 2 ** 31 - 1, -(2 ** 31), 0, 5]),
+    int64: new BigInt64Array([1n, -2n, 2n ** 63n - 1n, -(2n ** 63n), 0n, 5n]),
+    uint8: new Uint8Array([1, 2, 255, 0, 0, 5]),
+    uint16: new Uint16Array([1, 2, 65535, 0, 0, 5]),
+    uint32: new Uint32Array([1, 2, 2 ** 32 - 1, 0, 0, 5]),
+    uint64: new BigUint64Array([1n, 2n, 2n ** 64n - 1n, 0n, 0n, 5n]),
+    bool: new Uint8Array([1, 0, 1, 1, 0, 0]),
+    string: ['a', '', 'ünïcödé', 'tab\there', 'x', 'yz'],
+  };
+  const feeds = {};
+  for (const [t, v] of Object.entries(values)) feeds[`x_${t}`] = new Tensor(t, v, t === 'string' ? [2, 3] : [2, 1, 3]);
+  const out = await session.run(feeds);
+  const seen = {};
+  for (const t of Object.keys(values)) {
+    const y = out[`y_${t}`];
+    assert.equal(y.type, t);
+    assert.deepEqual(Array.from(y.dims), t === 'string' ? [2, 3] : [2, 1, 3]);
+    assert.deepEqual(Array.from(y.data), Array.from(values[t]), t);
+    seen[t] = { ctor: y.data.constructor.name, data: Array.from(y.data, (x) => (typeof x === 'bigint' ? `${x}n` : Number.isNaN(x) ? 'NaN' : x)) };
+  }
+  seen.not = Array.from(out.not_bool.data);
+  record('types outputs', seen);
+  // bool from boolean[], int64 from number[]
+  const alt = { ...feeds, x_bool: new Tensor('bool', [true, false, true, false, true, false], [2, 1, 3]), x_int64: new Tensor('int64', [1, 2, 3, 4, 5, 6], [2, 1, 3]) };
+  const out2 = await session.run(alt, ['not_bool', 'y_int64']);
+  record('types from plain arrays', { not: Array.from(out2.not_bool.data), int64: Array.from(out2.y_int64.data, String) });
+  record('types wrong dims', await errorOf(() => session.run({ ...feeds, x_float32: new Tensor('float32', new Float32Array(6), [3, 1, 2]) })));
+  record('types wrong rank', await errorOf(() => session.run({ ...feeds, x_float32: new Tensor('float32', new Float32Array(6), [6]) })));
+  await session.release();
+});
+
+test('unnamed dims and undeclared shapes', async () => {
+  for (const [what, shape] of [['unnamed dim', [null, 3]], ['no shape', null]]) {
+    try {
+      const session = await InferenceSession.create(onnxModel(() => shape, { float32: 1 }));
+      const out = await session.run({ x_float32: new Tensor('float32', new Float32Array([1, 2, 3, 4, 5, 6]), [2, 3]) });
+      record(`types ${what}`, { metadata: session.inputMetadata, out: Array.from(out.y_float32.data) });
+    } catch (e) {
+      record(`types ${what}`, { error: e.message });
+    }
+  }
+});
+
 // ---- real models from ../shared -----------------------------------------------------------------------------------
 const MINILM = path.join(SHARED, 'all-minilm-l6-v2/onnx/model_quantized.onnx');
 test('all-MiniLM-L6-v2 (quantized): sentence embeddings', { skip: !fs.existsSync(MINILM) && `${MINILM} not present` }, async () => {
