@@ -71,6 +71,13 @@ if [ "${KILN_SKIP_JS:-0}" != 1 ] && command -v node >/dev/null; then
   if [ -n "$wbg" ] && [ -x "$wbg" ]; then
     "$wbg" --target nodejs --out-dir target/kiln-js-node target/wasm32-unknown-unknown/release/kiln_js.wasm
     node js/tests/smoke.cjs target/kiln-js-node/kiln_js.js | tail -n 1
+    # the npm package kiln-web: its parity suite against onnxruntime-web@1.30.0 (js/README.md)
+    step "kiln-web: npm run build && npm test (parity with onnxruntime-web)"
+    [ -d js/node_modules/onnxruntime-web ] && [ -d js/node_modules/onnxruntime-common ] ||
+      (cd js && npm ci --no-audit --no-fund)
+    wbg_path="$(realpath "$(command -v "$wbg")")"
+    (cd js && WASM_BINDGEN="$wbg_path" KILN_SKIP_CARGO=1 npm run build && npm test) |
+      grep -E '^(=== |KNOWN|DIFF|parity|kiln-web:|✖|ℹ (pass|fail|skipped))|records the same'
   else
     echo "skipped: wasm-bindgen $wbg_version could not be installed"
   fi
