@@ -3,7 +3,7 @@
 import init from '../dist/kiln_js.js';
 import * as glue from '../dist/kiln_js.js';
 import { env } from '../dist/onnxruntime-common/index.js';
-import { ort, registerKiln } from './core.js';
+import { fetchWithProgress, ort, registerKiln } from './core.js';
 
 const WASM_NAME = 'kiln_js_bg.wasm';
 
@@ -20,15 +20,14 @@ registerKiln({
     await (generation === 0 ? init : g.default)({ module_or_path: source });
     return g;
   },
+  loadModel: (url, onProgress) => fetchWithProgress(url, onProgress),
   async loadFile(file) {
     if (file instanceof Uint8Array) return file;
     if (file instanceof ArrayBuffer || (typeof SharedArrayBuffer !== 'undefined' && file instanceof SharedArrayBuffer)) {
       return new Uint8Array(file);
     }
     if (typeof Blob !== 'undefined' && file instanceof Blob) return new Uint8Array(await file.arrayBuffer());
-    const response = await fetch(file);
-    if (!response.ok) throw new Error(`failed to load external data file: ${file}`);
-    return new Uint8Array(await response.arrayBuffer());
+    return fetchWithProgress(file, undefined, 'external data file');
   },
 });
 

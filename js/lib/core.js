@@ -128,6 +128,59 @@ function encode(tensor, what, isOutput = false) {
   return [type, Array.from(dims), new Uint8Array(data.buffer, data.byteOffset, data.byteLength)];
 }
 
+/** Downloads a URL, calling onProgress({ loaded, total }) as bytes arrive (total: 0 when the server does not say). */
+export async function fetchWithProgress(url, onProgress, what = 'model') {
+  const response = await fetch(url);
+  if (!response.ok) throw new Error(`failed to load ${what}: ${url} (HTTP ${response.status})`);
+  const total = Number(response.headers.get('Content-Length')) || 0;
+  if (!onProgress || !response.body) {
+    const bytes = new Uint8Array(await response.arrayBuffer());
+    onProgress?.({ loaded: bytes.length, total: total || bytes.length });
+    return bytes;
+  }
+  const reader = response.body.getReader();
+  let buffer = new Uint8Array(total || 1 << 20);
+  let loaded = 0;
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    if (loaded + value.length > buffer.length) {
+      const grown = new Uint8Array(Math.max(buffer.length * 2, loaded + value.length));
+      grown.set(buffer.subarray(0, loaded));
+      buffer = grown;
+    }
+    buffer.set(value, loaded);
+    loaded += value.length;
+    onProgress({ loaded, total });
+  }
+  return loaded === buffer.length ? buffer : buffer.slice(0, loaded);
+}
+
+const SRI_ALGORITHMS = { sha256: 'SHA-256', sha384: 'SHA-384', sha512: 'SHA-512' };
+
+/**
+ * Checks bytes against a Subresource Integrity string (`'sha256-<base64>'`, several space-separated hashes allowed:
+ * any one matching passes, as in browsers).
+ */
+export async function checkIntegrity(bytes, integrity) {
+  const wanted = String(integrity)
+    .trim()
+    .split(/\s+/)
+    .map((h) => /^(sha256|sha384|sha512)-([A-Za-z0-9+/=_-]+)(\?.*)?$/.exec(h))
+    .filter(Boolean);
+  if (wanted.length === 0) throw new TypeError(`unsupported integrity value: ${integrity} (expected sha256-, sha384- or sha512-<base64>)`);
+  const got = [];
+  for (const [, alg, hash] of wanted) {
+    const digest = new Uint8Array(await globalThis.crypto.subtle.digest(SRI_ALGORITHMS[alg], bytes));
+    let binary = '';
+    for (const b of digest) binary += String.fromCharCode(b);
+    const b64 = btoa(binary);
+    if (b64 === hash.replace(/-/g, '+').replace(/_/g, '/')) return;
+    got.push(`${alg}-${b64}`);
+  }
+  throw new Error(`the model does not match its integrity value: expected ${integrity}, got ${got.join(' ')}`);
+}
+
 /** Makes the backend for one platform and registers it under onnxruntime-web's names. */
 export function registerKiln(/** @type {Platform} */ platform) {
   let instance = null; // { exports, dead }
@@ -142,7 +195,10 @@ export function registerKiln(/** @type {Platform} */ platform) {
       await wasmInstance();
     },
     async createInferenceSessionHandler(pathOrBuffer, options = {}) {
-      const model = typeof pathOrBuffer === 'string' ? await platform.loadFile(pathOrBuffer) : pathOrBuffer;
+      // kiln-web's additions: onProgress({ loaded, total }) while a model URL or file loads; integrity ('sha256-...')
+      const onProgress = typeof options.onProgress === 'function' ? options.onProgress : undefined;
+      const model = typeof pathOrBuffer === 'string' ? await platform.loadModel(pathOrBuffer, onProgress) : pathOrBuffer;
+      if (options.integrity !== undefined) await checkIntegrity(model, options.integrity);
       const eps = (options.executionProviders ?? []).map((ep) => (typeof ep === 'string' ? ep : ep.name));
       const freeDims = [];
       if (options.freeDimensionOverrides) {

@@ -3,7 +3,7 @@
 import { readFile } from 'node:fs/promises';
 import * as glue from '../dist/kiln_js.js';
 import { env } from '../dist/onnxruntime-common/index.js';
-import { ort, registerKiln } from './core.js';
+import { fetchWithProgress, ort, registerKiln } from './core.js';
 
 registerKiln({
   async loadWasm(generation) {
@@ -18,8 +18,18 @@ registerKiln({
     g.initSync({ module: await WebAssembly.compile(bytes) });
     return g;
   },
+  // a path, or an http(s) URL (downloaded with fetch)
+  async loadModel(pathOrUrl, onProgress) {
+    if (/^https?:\/\//.test(pathOrUrl)) return fetchWithProgress(pathOrUrl, onProgress);
+    const bytes = new Uint8Array(await readFile(pathOrUrl));
+    onProgress?.({ loaded: bytes.length, total: bytes.length });
+    return bytes;
+  },
   async loadFile(file) {
-    if (typeof file === 'string') return new Uint8Array(await readFile(file));
+    if (typeof file === 'string') {
+      if (/^https?:\/\//.test(file)) return fetchWithProgress(file, undefined, 'external data file');
+      return new Uint8Array(await readFile(file));
+    }
     if (file instanceof Uint8Array) return file;
     if (file instanceof ArrayBuffer || (typeof SharedArrayBuffer !== 'undefined' && file instanceof SharedArrayBuffer)) {
       return new Uint8Array(file);

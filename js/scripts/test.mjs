@@ -40,6 +40,15 @@ for (const impl of impls) {
   }
 }
 
+if (impls.includes('kiln-web')) {
+  console.log('\n=== kiln-web additions (test/kiln-extras.mjs)');
+  const r = spawnSync(process.execPath, ['--test', '--test-reporter=spec', 'test/kiln-extras.mjs'], { cwd: js, stdio: 'inherit' });
+  if (r.status !== 0) {
+    console.error('kiln-web additions failed');
+    failed = true;
+  }
+}
+
 function compare(a, b, tol, where, diffs) {
   if (typeof a === 'number' && typeof b === 'number' && tol) {
     const ok = (Number.isNaN(a) && Number.isNaN(b)) || a === b || Math.abs(a - b) <= (tol.atol ?? 0) + (tol.rtol ?? 0) * Math.abs(b);
