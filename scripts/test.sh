@@ -24,6 +24,8 @@ if [ "${KILN_SKIP_INSTALL:-0}" != 1 ]; then
   command -v curl >/dev/null || need_apt+=(curl ca-certificates)
   command -v python3 >/dev/null || need_apt+=(python3)
   python3 -c "import ensurepip, venv" 2>/dev/null || need_apt+=(python3-venv python3-pip)
+  # headless chromium: kiln-web's browser test (js/test/browser.mjs)
+  command -v chromium >/dev/null || need_apt+=(chromium)
   [ ${#need_apt[@]} -eq 0 ] || apt_install "${need_apt[@]}"
   # lavapipe (Mesa's CPU Vulkan driver): the GPU backend's tests run on it
   if ! dpkg -s mesa-vulkan-drivers libvulkan1 >/dev/null 2>&1; then apt_install mesa-vulkan-drivers libvulkan1; fi

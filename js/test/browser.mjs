@@ -1,0 +1,80 @@
+// Headless Chromium (Debian's chromium through playwright-core): an app written for onnxruntime-web, loaded through
+// an import map that points 'onnxruntime-web' at kiln-web, unchanged, on the main thread and in a module Web Worker;
+// the same page with the import map pointing at onnxruntime-web@1.30.0 must give the same results. Skipped when no
+// chromium is installed (CHROMIUM=/path/to/chromium overrides /usr/bin/chromium).
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import http from 'node:http';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const js = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+const fixtures = path.resolve(js, '../conformance/fixtures/tiny');
+const executablePath = process.env.CHROMIUM ?? '/usr/bin/chromium';
+const skip = !fs.existsSync(executablePath) && `no chromium at ${executablePath}`;
+
+const ENTRIES = {
+  'kiln-web': '/lib/browser.js',
+  'onnxruntime-web': '/node_modules/onnxruntime-web/dist/ort.bundle.min.mjs',
+};
+const TYPES = { '.js': 'text/javascript', '.mjs': 'text/javascript', '.wasm': 'application/wasm', '.html': 'text/html', '.json': 'application/json' };
+
+let server;
+let base;
+let browser;
+before(async () => {
+  if (skip) return;
+  server = http.createServer((req, res) => {
+    const url = new URL(req.url, 'http://x');
+    let file;
+    if (url.pathname === '/page.html') {
+      const entry = ENTRIES[url.searchParams.get('impl')];
+      const html = fs
+        .readFileSync(path.join(js, 'test/browser/page.html'), 'utf8')
+        .replace('IMPORT_MAP', JSON.stringify({ imports: { 'onnxruntime-web': entry } }))
+        .replace('WORKER_ENTRY', JSON.stringify(entry));
+      res.writeHead(200, { 'Content-Type': 'text/html' }).end(html);
+      return;
+    }
+    if (url.pathname.startsWith('/fixtures/')) file = path.join(fixtures, url.pathname.slice('/fixtures/'.length));
+    else file = path.join(js, url.pathname);
+    if (!file.startsWith(js) && !file.startsWith(fixtures)) return res.writeHead(403).end();
+    fs.readFile(file, (err, data) => {
+      if (err) return res.writeHead(404).end();
+      res.writeHead(200, { 'Content-Type': TYPES[path.extname(file)] ?? 'application/octet-stream' }).end(data);
+    });
+  });
+  await new Promise((r) => server.listen(0, '127.0.0.1', r));
+  base = `http://127.0.0.1:${server.address().port}`;
+  const { chromium } = await import('playwright-core');
+  browser = await chromium.launch({ executablePath, args: ['--no-sandbox'] });
+});
+after(async () => {
+  await browser?.close();
+  server?.close();
+});
+
+const results = {};
+for (const impl of ['onnxruntime-web', 'kiln-web']) {
+  test(`browser: the onnxruntime-web app on ${impl} (import map), main thread and Web Worker`, { skip }, async () => {
+    const page = await browser.newPage();
+    const logs = [];
+    page.on('console', (m) => logs.push(m.text()));
+    page.on('pageerror', (e) => logs.push(String(e)));
+    await page.goto(`${base}/page.html?impl=${impl}`);
+    await page.waitForFunction(() => window.mainThread && window.worker, null, { timeout: 60000 });
+    const main = await page.evaluate(() => window.mainThread);
+    const worker = await page.evaluate(() => window.worker);
+    await page.close();
+    for (const [where, r] of [['main thread', main], ['worker', worker]]) {
+      assert.ok(!r.failure, `${impl} ${where}: ${r.failure}\n${logs.join('\n')}`);
+      assert.equal(r.next, 614, `${impl} ${where}`);
+      assert.deepEqual(r.dims, [1, 5, 1000]);
+      assert.equal(r.error, "input 'input_ids' is missing in 'feeds'.");
+    }
+    delete main.versions.kiln;
+    results[impl] = main;
+    if (results['onnxruntime-web'] && results['kiln-web']) assert.deepEqual(results['kiln-web'], results['onnxruntime-web']);
+  });
+}
