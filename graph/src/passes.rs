@@ -29,6 +29,12 @@ pub fn run(model: &mut Model, level: OptimizationLevel) -> Result<()> {
         .map_err(|e| Error::from_tract(ErrorKind::InvalidModel, "moving gathers before casts", &e))?;
     model.pass_log.extend(gathers);
     if level == OptimizationLevel::All {
+        // CPU only (the GPU lowering loads at Basic and knows tract's Softmax): onnxruntime's softmax arithmetic
+        let n = kiln_ops::softmax::use_ort_softmax(&mut model.typed)
+            .map_err(|e| Error::from_tract(ErrorKind::InvalidModel, "swapping softmax kernels", &e))?;
+        if n > 0 {
+            model.pass_log.push(format!("{n} softmax node(s) use onnxruntime's CPU arithmetic"));
+        }
         model.typed.optimize().map_err(|e| Error::from_tract(ErrorKind::InvalidModel, "optimising the model", &e))?;
     }
     Ok(())

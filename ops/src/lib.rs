@@ -16,6 +16,8 @@ pub mod compress;
 pub mod cumprod;
 pub mod det;
 pub mod dft;
+pub mod div;
+pub mod erf;
 pub mod flatten;
 pub mod gemm;
 pub mod kernel;
@@ -30,6 +32,7 @@ pub mod pad;
 pub mod prelu;
 pub mod reverse_sequence;
 pub mod roi_align;
+pub mod softmax;
 pub mod softmax_cross_entropy_loss;
 pub mod string_concat;
 pub mod string_normalizer;
@@ -129,6 +132,8 @@ pub const KILN_OPS: &[(&str, OpBuilder)] = &[
     ("RoiAlign", onnx_domain_only!(roi_align::build)),
     ("PRelu", onnx_domain_only!(prelu::build)),
     ("DFT", onnx_domain_only!(dft::build)),
+    ("Div", onnx_domain_only!(div::build)),
+    ("Erf", onnx_domain_only!(erf::build)),
     ("HfJsonTokenizer", tokenizer::build_hf_json_tokenizer),
     ("HfJsonDecoder", tokenizer::build_hf_json_decoder),
     ("GPT2Tokenizer", tokenizer::build_gpt2_tokenizer),
