@@ -256,9 +256,13 @@ impl GpuBackend {
             self.flush(rec, &mut state, &mut pending)?;
         }
         rec.discard();
-        for (_, g) in dev.drain() {
+        // in a fixed order, so that run after run the pool hands out the same buffers (cached bind groups hit)
+        let mut rest: Vec<(OutletId, GpuTensor)> = dev.drain().collect();
+        rest.sort_by_key(|(o, _)| (o.node, o.slot));
+        for (_, g) in rest {
             rec.release(g);
         }
+        rec.end_run();
         let mut result = vec![];
         for o in wanted {
             let v = host_value(&state, o)?;

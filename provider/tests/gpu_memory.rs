@@ -61,4 +61,16 @@ fn thousand_runs_do_not_grow_gpu_memory() {
     );
     assert_eq!(warm, Some(memory()), "GPU buffers grew between run 4 and run 1000 (created, pool bytes, arena bytes)");
     assert!(report.counters.submits <= report.runs, "more than one submit per run: {:?}", report.counters);
+    // a steady decode loop (same shapes run after run) creates no bind group once warm
+    let (feeds, _) = &sets[1];
+    let bind_groups = || session.gpu_placement().unwrap_or_default().counters.bind_groups_created;
+    let mut warm_groups = 0;
+    for run in 0..40 {
+        session.run(feeds.clone()).unwrap_or_else(|e| panic!("decode run {run}: {e}"));
+        if run == 19 {
+            warm_groups = bind_groups();
+        }
+    }
+    eprintln!("bind groups created: {warm_groups} after 20 decode runs, {} after 40", bind_groups());
+    assert_eq!(warm_groups, bind_groups(), "a steady decode loop still creates bind groups");
 }

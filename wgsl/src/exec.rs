@@ -81,11 +81,13 @@ impl BufferPool {
 struct Arena {
     usage: wgpu::BufferUsages,
     buffer: Option<wgpu::Buffer>,
+    /// Bumped each time the buffer is replaced (bind groups on the old one are stale).
+    generation: u64,
 }
 
 impl Arena {
     fn new(usage: wgpu::BufferUsages) -> Arena {
-        Arena { usage, buffer: None }
+        Arena { usage, buffer: None, generation: 0 }
     }
     fn ensure(&mut self, ctx: &Context, bytes: u64) -> wgpu::Buffer {
         let need = bytes.max(256);
@@ -101,9 +103,24 @@ impl Arena {
             mapped_at_creation: false,
         });
         self.buffer = Some(b.clone());
+        self.generation += 1;
         b
     }
 }
+
+/// A bind group by what it binds: pipeline, uniform arena generation, uniform offset and size, and each
+/// (binding, buffer) by address. The entry holds the buffers weakly (so the pool's "nobody else holds it" test
+/// still works, and an address cannot be reused while the entry exists); an entry with a dead buffer is rebuilt.
+type BindKey = (usize, u64, u64, u64, Vec<(u32, usize)>);
+
+struct BindEntry {
+    group: wgpu::BindGroup,
+    _pipeline: Arc<wgpu::ComputePipeline>,
+    buffers: Vec<std::sync::Weak<wgpu::Buffer>>,
+}
+
+/// Bind groups cached across flushes (the steady state of a run creates none); cleared past this many.
+const BIND_CACHE_MAX: usize = 8192;
 
 /// One binding of a dispatch: its binding index and the buffer.
 pub struct Binding {
@@ -131,6 +148,8 @@ pub struct Counters {
     pub arena_bytes: u64,
     /// Buffers given back to the pool within a flush, for later dispatches of the same flush.
     pub reused_in_flush: usize,
+    /// Bind groups created (the others came from the cache).
+    pub bind_groups_created: usize,
 }
 
 /// The run-to-run GPU state: pool, arenas, pending commands.
@@ -145,6 +164,8 @@ pub struct Recorder {
     /// How many recorded commands hold each buffer (by address): a released tensor whose buffer nothing else
     /// holds goes back to the pool at once, for the later work of the same flush (commands run in order).
     cmd_refs: HashMap<usize, usize>,
+    bind_cache: HashMap<BindKey, BindEntry>,
+    bind_generation: u64,
     /// Fill every fresh output buffer with NaN first (tests: unwritten elements show).
     pub poison: bool,
     pub counters: Counters,
@@ -161,6 +182,8 @@ impl Default for Recorder {
             pending_reads: 0,
             retired: vec![],
             cmd_refs: HashMap::new(),
+            bind_cache: HashMap::new(),
+            bind_generation: 0,
             poison: false,
             counters: Counters::default(),
         }
@@ -209,6 +232,15 @@ impl Recorder {
     fn recycle(&mut self) {
         for b in std::mem::take(&mut self.retired) {
             self.pool.give(b);
+        }
+    }
+
+    /// Ends a run: the pool's free buffers are put in a fixed order, so that every run with the same shapes gets
+    /// the same buffers (and its cached bind groups) whatever order the previous run freed them in.
+    pub fn end_run(&mut self) {
+        self.discard();
+        for v in self.pool.free.values_mut() {
+            v.sort_by_key(|b| Arc::as_ptr(b) as usize);
         }
     }
 
@@ -303,6 +335,10 @@ impl Recorder {
             }
         }
         let uni = self.uniforms.ensure(ctx, uni_len);
+        if self.uniforms.generation != self.bind_generation || self.bind_cache.len() > BIND_CACHE_MAX {
+            self.bind_cache.clear();
+            self.bind_generation = self.uniforms.generation;
+        }
         let up = self.uploads.ensure(ctx, up_len);
         let st = self.staging.ensure(ctx, st_len);
         let mut uni_bytes = vec![0u8; uni_len as usize];
@@ -335,27 +371,45 @@ impl Recorder {
                         timestamp_writes: None,
                     });
                     while let Some(Command::Dispatch { pipeline, bindings, uniform, groups }) = commands.get(i) {
-                        let mut entries = vec![wgpu::BindGroupEntry {
-                            binding: 0,
-                            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                                buffer: &uni,
-                                offset: offsets[i],
-                                size: wgpu::BufferSize::new(uniform.len() as u64),
-                            }),
-                        }];
-                        for b in bindings {
-                            entries.push(wgpu::BindGroupEntry {
-                                binding: b.index,
-                                resource: b.buffer.as_entire_binding(),
+                        let key: BindKey = (
+                            Arc::as_ptr(pipeline) as usize,
+                            self.bind_generation,
+                            offsets[i],
+                            uniform.len() as u64,
+                            bindings.iter().map(|b| (b.index, Arc::as_ptr(&b.buffer) as usize)).collect(),
+                        );
+                        let live =
+                            self.bind_cache.get(&key).is_some_and(|e| e.buffers.iter().all(|w| w.strong_count() > 0));
+                        if !live {
+                            let mut entries = vec![wgpu::BindGroupEntry {
+                                binding: 0,
+                                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                                    buffer: &uni,
+                                    offset: offsets[i],
+                                    size: wgpu::BufferSize::new(uniform.len() as u64),
+                                }),
+                            }];
+                            for b in bindings {
+                                entries.push(wgpu::BindGroupEntry {
+                                    binding: b.index,
+                                    resource: b.buffer.as_entire_binding(),
+                                });
+                            }
+                            let group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                                label: None,
+                                layout: &pipeline.get_bind_group_layout(0),
+                                entries: &entries,
                             });
+                            self.counters.bind_groups_created += 1;
+                            let buffers = bindings.iter().map(|b| Arc::downgrade(&b.buffer)).collect();
+                            self.bind_cache
+                                .insert(key.clone(), BindEntry { group, _pipeline: pipeline.clone(), buffers });
                         }
-                        let group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                            label: None,
-                            layout: &pipeline.get_bind_group_layout(0),
-                            entries: &entries,
-                        });
+                        let Some(entry) = self.bind_cache.get(&key) else {
+                            return Err(Error::new("webgpu: bind group cache"));
+                        };
                         pass.set_pipeline(pipeline);
-                        pass.set_bind_group(0, &group, &[]);
+                        pass.set_bind_group(0, &entry.group, &[]);
                         pass.dispatch_workgroups(groups.0, groups.1, groups.2);
                         self.counters.dispatches += 1;
                         i += 1;
