@@ -8,6 +8,7 @@ import { fetchWithProgress, ort, registerKiln } from './core.js';
 const WASM_NAME = 'kiln_js_bg.wasm';
 
 registerKiln({
+  checksOutputLocation: true,
   async loadWasm(generation) {
     const { wasmBinary, wasmPaths } = env.wasm;
     let source;

@@ -6,7 +6,7 @@ import { env, registerBackend, Tensor } from '../dist/onnxruntime-common/index.j
 
 export const KILN_WEB_VERSION = '0.1.0';
 
-/** @typedef {{ loadWasm(): Promise<object>, loadFile(file: string | Blob | ArrayBufferLike | Uint8Array): Promise<Uint8Array> }} Platform */
+/** @typedef {{ loadWasm(generation: number): Promise<object>, loadModel(url: string, onProgress?: Function): Promise<Uint8Array>, loadFile(file: string | Blob | ArrayBufferLike | Uint8Array): Promise<Uint8Array>, checksOutputLocation?: boolean }} Platform */
 
 const TYPED_ARRAYS = {
   float32: Float32Array,
@@ -66,7 +66,7 @@ class KilnSessionHandler {
     return result;
   }
 
-  async runNow(feeds, fetches) {
+  async runNow(feeds, fetches, options) {
     if (!this.native) throw new Error('cannot run inference. the session has been released.');
     if (this.instance.dead) {
       throw new Error('cannot run inference. kiln hit an internal error in an earlier call; create the session again.');
@@ -82,6 +82,7 @@ class KilnSessionHandler {
       const pre = fetches[name];
       if (pre) encode(pre, `output "${name}"`, true);
     }
+    validateRunOptions(options);
     let results;
     try {
       results = this.native.run(inputs, names);
@@ -107,6 +108,35 @@ class KilnSessionHandler {
       }
     }
     return out;
+  }
+}
+
+// onnxruntime-web's checks of session options, in its order and words (lib/wasm/session-options.ts).
+function validateSessionOptions(options) {
+  const level = options.graphOptimizationLevel ?? 'all';
+  if (!['disabled', 'basic', 'extended', 'layout', 'all'].includes(level)) {
+    throw new Error(`unsupported graph optimization level: ${level}`);
+  }
+  const mode = options.executionMode ?? 'sequential';
+  if (mode !== 'sequential' && mode !== 'parallel') throw new Error(`unsupported execution mode: ${mode}`);
+  const severity = options.logSeverityLevel ?? 2;
+  if (!Number.isInteger(severity) || severity < 0 || severity > 4) throw new Error(`log severity level is not valid: ${severity}`);
+  const verbosity = options.logVerbosityLevel ?? 0;
+  if (!Number.isInteger(verbosity) || verbosity < 0 || verbosity > 4) throw new Error(`log verbosity level is not valid: ${verbosity}`);
+  if (options.enableGraphCapture !== undefined && typeof options.enableGraphCapture !== 'boolean') {
+    throw new Error(`enableGraphCapture must be a boolean value: ${options.enableGraphCapture}`);
+  }
+}
+
+// onnxruntime-web's checks of run options (lib/wasm/run-options.ts).
+function validateRunOptions(options = {}) {
+  const severity = options.logSeverityLevel;
+  if (severity !== undefined && (typeof severity !== 'number' || !Number.isInteger(severity) || severity < 0 || severity > 4)) {
+    throw new Error(`log severity level is not valid: ${severity}`);
+  }
+  const verbosity = options.logVerbosityLevel;
+  if (verbosity !== undefined && (typeof verbosity !== 'number' || !Number.isInteger(verbosity))) {
+    throw new Error(`log verbosity level is not valid: ${verbosity}`);
   }
 }
 
@@ -200,6 +230,7 @@ export function registerKiln(/** @type {Platform} */ platform) {
       const model = typeof pathOrBuffer === 'string' ? await platform.loadModel(pathOrBuffer, onProgress) : pathOrBuffer;
       if (options.integrity !== undefined) await checkIntegrity(model, options.integrity);
       const eps = (options.executionProviders ?? []).map((ep) => (typeof ep === 'string' ? ep : ep.name));
+      validateSessionOptions(options);
       const freeDims = [];
       if (options.freeDimensionOverrides) {
         for (const [name, value] of Object.entries(options.freeDimensionOverrides)) {
@@ -215,7 +246,7 @@ export function registerKiln(/** @type {Platform} */ platform) {
         const data = await platform.loadFile(typeof entry === 'string' ? entry : entry.data);
         externalData.push([path, data]);
       }
-      const level = options.graphOptimizationLevel;
+      const level = options.graphOptimizationLevel ?? 'all';
       const wasm = await wasmInstance();
       try {
         const native = wasm.exports.KilnSession.load(model, {
@@ -224,7 +255,18 @@ export function registerKiln(/** @type {Platform} */ platform) {
           freeDimensionOverrides: freeDims,
           externalData,
         });
-        return new KilnSessionHandler(wasm, native);
+        const handler = new KilnSessionHandler(wasm, native);
+        // onnxruntime-web's WebGPU-enabled builds (browsers; not Node's) check preferredOutputLocation once the model
+        // is loaded
+        for (const name of platform.checksOutputLocation ? handler.outputNames : []) {
+          const where = options.preferredOutputLocation;
+          const location = typeof where === 'string' ? where : (where?.[name] ?? 'cpu');
+          if (!['cpu', 'cpu-pinned', 'gpu-buffer', 'ml-tensor'].includes(location)) {
+            native.free();
+            throw new Error(`Not supported preferred output location: ${location}.`);
+          }
+        }
+        return handler;
       } catch (e) {
         if (isTrap(e)) wasm.dead = true;
         throw asError(e);
