@@ -1,11 +1,13 @@
 // Headless Chromium (Debian's chromium through playwright-core): an app written for onnxruntime-web, loaded through
 // an import map that points 'onnxruntime-web' at kiln-web, unchanged, on the main thread and in a module Web Worker;
-// the same page with the import map pointing at onnxruntime-web@1.30.0 must give the same results. Skipped when no
+// the same page with the import map pointing at onnxruntime-web@1.30.0 must give the same results; and the app
+// bundled by Vite with 'onnxruntime-web' aliased to kiln-web. Skipped when no
 // chromium is installed (CHROMIUM=/path/to/chromium overrides /usr/bin/chromium).
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import http from 'node:http';
+import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -23,11 +25,30 @@ const TYPES = { '.js': 'text/javascript', '.mjs': 'text/javascript', '.wasm': 'a
 let server;
 let base;
 let browser;
+let viteOut;
 before(async () => {
   if (skip) return;
+  // the Vite build of test/vite, served under /vite/
+  viteOut = fs.mkdtempSync(path.join(os.tmpdir(), 'kiln-vite-'));
+  const { build } = await import('vite');
+  await build({
+    root: path.join(js, 'test/vite'),
+    base: '/vite/',
+    logLevel: 'warn',
+    resolve: { alias: { 'onnxruntime-web': path.join(js, 'lib/browser.js') } },
+    build: { outDir: viteOut, emptyOutDir: true, target: 'es2022' },
+  });
   server = http.createServer((req, res) => {
     const url = new URL(req.url, 'http://x');
     let file;
+    if (url.pathname.startsWith('/vite/')) {
+      file = path.join(viteOut, url.pathname.slice('/vite/'.length) || 'index.html');
+      fs.readFile(file, (err, data) => {
+        if (err) return res.writeHead(404).end();
+        res.writeHead(200, { 'Content-Type': TYPES[path.extname(file)] ?? 'application/octet-stream' }).end(data);
+      });
+      return;
+    }
     if (url.pathname === '/page.html') {
       const entry = ENTRIES[url.searchParams.get('impl')];
       const html = fs
@@ -53,6 +74,22 @@ before(async () => {
 after(async () => {
   await browser?.close();
   server?.close();
+  if (viteOut) fs.rmSync(viteOut, { recursive: true, force: true });
+});
+
+test('browser: the onnxruntime-web app bundled by Vite with the name aliased to kiln-web', { skip }, async () => {
+  const page = await browser.newPage();
+  const logs = [];
+  page.on('console', (m) => logs.push(m.text()));
+  page.on('pageerror', (e) => logs.push(String(e)));
+  await page.goto(`${base}/vite/index.html`);
+  await page.waitForFunction(() => window.mainThread, null, { timeout: 60000 });
+  const r = await page.evaluate(() => window.mainThread);
+  await page.close();
+  assert.ok(!r.failure, `${r.failure}\n${logs.join('\n')}`);
+  assert.equal(r.next, 614);
+  assert.equal(r.error, "input 'input_ids' is missing in 'feeds'.");
+  assert.ok(r.versions.kiln, 'kiln-web, not onnxruntime-web');
 });
 
 const results = {};
