@@ -40,6 +40,11 @@ fn erf_approx(x: f32) -> f32 {
 }
 
 fn tanh_safe(x: f32) -> f32 {
+    // near zero 1 - exp(-2|x|) cancels: the odd series instead (|error| < 1e-8 relative below 0.25)
+    if (abs(x) < 0.25) {
+        let x2 = x * x;
+        return x * (1.0 + x2 * (-0.33333333 + x2 * (0.13333333 + x2 * (-0.053968254 + x2 * 0.021869489))));
+    }
     let e = exp(-2.0 * abs(x));
     return sign(x) * (1.0 - e) / (1.0 + e);
 }
