@@ -87,7 +87,13 @@ class KilnSessionHandler {
     try {
       results = this.native.run(inputs, names);
     } catch (e) {
-      if (isTrap(e)) this.instance.dead = true;
+      if (isTrap(e)) {
+        this.instance.dead = true;
+        throw new Error(
+          `failed to call OrtRun(). ERROR_CODE: 6, ERROR_MESSAGE: kiln hit an internal error (wasm trap: ${e.message}); ` +
+            'this session can no longer run, create it again',
+        );
+      }
       throw asError(e);
     }
     const out = {};
@@ -268,7 +274,10 @@ export function registerKiln(/** @type {Platform} */ platform) {
         }
         return handler;
       } catch (e) {
-        if (isTrap(e)) wasm.dead = true;
+        if (isTrap(e)) {
+          wasm.dead = true;
+          throw new Error(`Can't create a session. ERROR_CODE: 6, ERROR_MESSAGE: kiln hit an internal error (wasm trap: ${e.message})`);
+        }
         throw asError(e);
       }
     },

@@ -1,5 +1,5 @@
 // kiln-web's additions to onnxruntime-web's API (run on kiln-web only): InferenceSession.create(url | path,
-// { onProgress }) and { integrity: 'sha256-...' } (Subresource Integrity format).
+// { onProgress }) and { integrity: 'sha256-...' } (Subresource Integrity format); and what happens when kiln traps.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import crypto from 'node:crypto';
@@ -70,4 +70,33 @@ test('onProgress: a model URL streams with progress; a path reports once', async
   const events = [];
   await (await ort.InferenceSession.create(MODEL, { onProgress: (p) => events.push(p) })).release();
   assert.deepEqual(events, [{ loaded: bytes.length, total: bytes.length }]);
+});
+
+// tiny-llama fed a token id past its 1000-token vocabulary: onnxruntime reports an error; tract's Gather panics, which
+// in wasm is a trap. The run must reject with an Error, and the module must stay usable for new sessions.
+test('a wasm trap is an Error, and new sessions work afterwards', async () => {
+  const feeds = (s, id) => {
+    const f = {
+      input_ids: new ort.Tensor('int64', BigInt64Array.from([id]), [1, 1]),
+      attention_mask: new ort.Tensor('int64', BigInt64Array.from([1n]), [1, 1]),
+      position_ids: new ort.Tensor('int64', BigInt64Array.from([0n]), [1, 1]),
+    };
+    for (const n of s.inputNames.filter((n) => n.startsWith('past'))) f[n] = new ort.Tensor('float32', new Float32Array(0), [1, 2, 0, 16]);
+    return f;
+  };
+  const other = await ort.InferenceSession.create(MODEL);
+  const s = await ort.InferenceSession.create(MODEL);
+  const e = await s.run(feeds(s, 99999n)).then(() => null, (e) => e);
+  assert.ok(e instanceof Error && e.constructor === Error, `${e}`);
+  assert.match(e.message, /^failed to call OrtRun\(\)\. ERROR_CODE: \d+, ERROR_MESSAGE: /);
+  if (/wasm trap/.test(e.message)) {
+    // that instance is gone: its sessions say so, new sessions get a fresh instance
+    await assert.rejects(s.run(feeds(s, 1n)), /create it again|create the session again/);
+    await assert.rejects(other.run(feeds(other, 1n)), /create the session again/);
+  }
+  const fresh = await ort.InferenceSession.create(MODEL);
+  assert.deepEqual(Array.from((await fresh.run(feeds(fresh, 1n))).logits.dims), [1, 1, 1000]);
+  await fresh.release();
+  await s.release();
+  await other.release();
 });

@@ -523,6 +523,15 @@ test('unnamed dims and undeclared shapes', async () => {
   }
 });
 
+test('run: a token id past the vocabulary is an error, and a new session works', async () => {
+  const session = await InferenceSession.create(TINY_LLAMA, { executionProviders: ['wasm'] });
+  record('run error: token id out of range', await errorOf(() => session.run(tinyLlamaFeeds([99999]))));
+  await session.release();
+  const fresh = await InferenceSession.create(TINY_LLAMA, { executionProviders: ['wasm'] });
+  record('run after token id out of range', argmaxRows((await fresh.run(tinyLlamaFeeds([11, 22, 33, 44, 55]))).logits).at(-1));
+  await fresh.release();
+});
+
 // ---- real models from ../shared -----------------------------------------------------------------------------------
 const MINILM = path.join(SHARED, 'all-minilm-l6-v2/onnx/model_quantized.onnx');
 test('all-MiniLM-L6-v2 (quantized): sentence embeddings', { skip: !fs.existsSync(MINILM) && `${MINILM} not present` }, async () => {
