@@ -27,7 +27,7 @@ impl ElementWiseMiniOp for OrtErf {
     }
     fn eval_in_place(&self, t: &mut Tensor, out_dt: Option<DatumType>) -> TractResult<()> {
         if t.datum_type() == f32::datum_type() {
-            t.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?.iter_mut().for_each(|x| *x = erf_f32(*x));
+            erf_slice(t.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?);
             Ok(())
         } else {
             TractErf {}.eval_in_place(t, out_dt)
@@ -73,7 +73,25 @@ const EXP_P: [f32; 7] = [
 ];
 const EXP_C: f32 = 12_582_912.0;
 
+/// erf in place over a slice (with the FMA instructions inlined where the CPU has them).
+pub fn erf_slice(xs: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports FMA (checked just above).
+        unsafe { erf_slice_fma(xs) };
+        return;
+    }
+    xs.iter_mut().for_each(|x| *x = erf_f32(*x));
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma")]
+unsafe fn erf_slice_fma(xs: &mut [f32]) {
+    xs.iter_mut().for_each(|x| *x = erf_f32(*x));
+}
+
 /// erf(x) as MLAS computes it on x86-64 (the FMA3/AVX512 kernels).
+#[inline(always)]
 pub fn erf_f32(x: f32) -> f32 {
     let sign = x.to_bits() & 0x8000_0000;
     let a = x.abs().min(UPPER_ABS_RANGE);

@@ -121,6 +121,7 @@ const POLY: [f32; 5] = [
 ];
 
 /// MLAS's exp of `v` (already biased by the negative maximum).
+#[inline(always)]
 fn exp_mlas(v: f32) -> f32 {
     let v = if v > LOWER_RANGE { v } else { LOWER_RANGE };
     let biased = LOG2_RECIPROCAL.mul_add(v, ROUNDING_BIAS);
@@ -133,12 +134,30 @@ fn exp_mlas(v: f32) -> f32 {
     }
     p = p.mul_add(v, 1.0);
     p = p.mul_add(v, 1.0);
-    // vscalefps: p * 2^m, rounded once
-    (p as f64 * (m as f64).exp2()) as f32
+    // vscalefps: p * 2^m, rounded once (m is an integer in [-150, 128]: 2^m is exact in f64)
+    let pow2 = f64::from_bits(((m as i64 + 1023) as u64) << 52);
+    (p as f64 * pow2) as f32
 }
 
-/// One softmax row, onnxruntime's AVX512F arithmetic.
+/// One softmax row, onnxruntime's AVX512F arithmetic (with the FMA instructions inlined where the CPU has them).
 pub fn softmax_row(x: &[f32], y: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports FMA (checked just above).
+        unsafe { softmax_row_fma(x, y) };
+        return;
+    }
+    softmax_row_impl(x, y)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma")]
+unsafe fn softmax_row_fma(x: &[f32], y: &mut [f32]) {
+    softmax_row_impl(x, y)
+}
+
+#[inline(always)]
+fn softmax_row_impl(x: &[f32], y: &mut [f32]) {
     let max = x.iter().fold(f32::MIN, |m, &v| if v > m { v } else { m });
     let negative_max = -max;
     let mut acc = [0f32; 16];
