@@ -9,5 +9,8 @@ if [ -f "$smol" ]; then
 else
   model=conformance/fixtures/tiny/tiny-llama/onnx_optimum/model.onnx ids=11,22,33,44,55
 fi
-cargo build --release -q -p kiln-examples --bin kiln-run
+# scripts/test.sh sets KILN_DEMO_NO_BUILD=1: its `cargo test` already built kiln-run
+if [ "${KILN_DEMO_NO_BUILD:-0}" != 1 ] || [ ! -x target/release/kiln-run ]; then
+  cargo build --release -q -p kiln-examples --bin kiln-run
+fi
 exec target/release/kiln-run "$model" --ids "$ids" --greedy 20 "$@"

@@ -87,11 +87,12 @@ fi
 
 if [ -f conformance/src/main.rs ]; then
   step "conformance summary (informational)"
-  cargo build --release -p kiln-conformance --bin kiln-conformance
+  # `cargo test` above built the binary; a `cargo build -p` here would resolve features differently and rebuild tract
+  [ -x target/release/kiln-conformance ] || cargo build --release -p kiln-conformance --bin kiln-conformance
   timeout 1800 target/release/kiln-conformance --suite all 2>&1 | tail -n 5 || echo "(the conformance run did not finish cleanly)"
 fi
 
 step "demo"
-bash scripts/demo.sh --greedy 8 | grep -E '^(model|tokens|prefill|decode|text)'
+KILN_DEMO_NO_BUILD=1 bash scripts/demo.sh --greedy 8 | grep -E '^(model|tokens|prefill|decode|text)'
 
 step "all checks passed in ${SECONDS}s"
