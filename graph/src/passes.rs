@@ -7,9 +7,9 @@ use crate::import::{Model, OptimizationLevel};
 
 /// Runs the passes the optimisation level asks for.
 pub fn run(model: &mut Model, level: OptimizationLevel) -> Result<()> {
-    if level == OptimizationLevel::Disabled {
-        return Ok(());
-    }
+    // Every level declutters: tract's typed model as imported cannot always run (symbolic shape arithmetic is only
+    // resolved by declutter), and float16 arithmetic in float32 is how onnxruntime's CPU kernels compute, not a
+    // graph optimisation. `Disabled` stops there.
     if crate::float16::compute_in_f32(&mut model.typed)
         .map_err(|e| Error::from_tract(ErrorKind::InvalidModel, "computing float16 in float32", &e))?
     {
@@ -21,6 +21,9 @@ pub fn run(model: &mut Model, level: OptimizationLevel) -> Result<()> {
         .map_err(|e| Error::from_tract(ErrorKind::InvalidModel, "decluttering the model", &e))?;
     if !guarded.is_empty() {
         model.pass_log.push(format!("declutter withheld on {guarded:?} (symbolic uniform operand)"));
+    }
+    if level == OptimizationLevel::Disabled {
+        return Ok(());
     }
     let untied = crate::untie::untie_matmul_constants(&mut model.typed)
         .map_err(|e| Error::from_tract(ErrorKind::InvalidModel, "untying matmul constants", &e))?;

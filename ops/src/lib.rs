@@ -11,6 +11,7 @@ pub mod bitcast;
 pub mod bpe_tokenizer;
 pub mod causal_conv_with_state;
 pub mod center_crop_pad;
+pub mod checked_gather;
 pub mod col2im;
 pub mod compress;
 pub mod cumprod;

@@ -15,6 +15,8 @@ type Plan = Arc<TypedSimplePlan>;
 
 pub(crate) struct CpuBackend {
     model: Arc<Model>,
+    /// The model as planned (gathers guarded).
+    typed: Arc<TypedModel>,
     options: RunOptions,
     full: Plan,
     subsets: Mutex<HashMap<Vec<usize>, Plan>>,
@@ -35,9 +37,15 @@ impl CpuBackend {
             let _ = options;
             RunOptions::default()
         };
-        let full = SimplePlan::new_with_options(model.typed.clone(), &run_options)
+        // tract's Gather indexes without bounds checks: an out-of-range index must be an error, not a panic (a trap
+        // in wasm)
+        let mut typed = model.typed.clone();
+        kiln_ops::checked_gather::guard_gathers(&mut typed)
+            .map_err(|e| Error::from_tract(ErrorKind::InvalidModel, "guarding gathers", &e))?;
+        let typed = Arc::new(typed);
+        let full = SimplePlan::new_with_options((*typed).clone(), &run_options)
             .map_err(|e| Error::from_tract(ErrorKind::InvalidModel, "planning the model", &e))?;
-        Ok(CpuBackend { model, options: run_options, full, subsets: Mutex::new(HashMap::new()) })
+        Ok(CpuBackend { model, typed, options: run_options, full, subsets: Mutex::new(HashMap::new()) })
     }
 
     fn plan_for(&self, outputs: &[usize]) -> Result<Plan> {
@@ -48,7 +56,7 @@ impl CpuBackend {
         if let Some(p) = cache.get(outputs) {
             return Ok(p.clone());
         }
-        let mut typed = self.model.typed.clone();
+        let mut typed = (*self.typed).clone();
         let outlets: Vec<OutletId> = outputs.iter().map(|o| typed.outputs[*o]).collect();
         typed
             .select_output_outlets(&outlets)

@@ -272,3 +272,35 @@ fn gpu_request_falls_back_to_cpu_with_a_note() {
     assert_eq!(ExecutionProvider::from_name("wasm").unwrap(), ExecutionProvider::Cpu);
     assert!(ExecutionProvider::from_name("cuda").is_err());
 }
+
+#[test]
+fn out_of_range_gather_indices_are_errors() {
+    // tiny-llama's embedding Gather with a token id past its vocabulary (1000): an error naming the range, and the
+    // session keeps working
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../conformance/fixtures/tiny/tiny-llama/onnx_dynamo_eager_op20/model.onnx");
+    for level in ["disabled", "basic", "all"] {
+        let opts = SessionOptions { optimization: OptimizationLevel::from_name(level).unwrap(), ..Default::default() };
+        let s = Session::from_path(&model, &opts).unwrap_or_else(|e| panic!("{level}: {e}"));
+        let feeds = |id: i64| -> Vec<(String, Tensor)> {
+            s.inputs()
+                .iter()
+                .map(|i| {
+                    let t = match i.name.as_str() {
+                        "input_ids" => Tensor::from_vec(&[1, 2], vec![5i64, id]).unwrap(),
+                        "attention_mask" => Tensor::from_vec(&[1, 2], vec![1i64, 1]).unwrap(),
+                        "position_ids" => Tensor::from_vec(&[1, 2], vec![0i64, 1]).unwrap(),
+                        _ => Tensor::from_vec(&[1, 2, 0, 16], Vec::<f32>::new()).unwrap(),
+                    };
+                    (i.name.clone(), t)
+                })
+                .collect()
+        };
+        for bad in [1000i64, 99999, -1001, i64::MIN] {
+            let e = err_of(s.run(feeds(bad)));
+            assert!(e.message.contains("out of range") && e.message.contains(&bad.to_string()), "{level}: {e}");
+        }
+        s.run(feeds(999)).unwrap_or_else(|e| panic!("{level}: {e}"));
+        s.run(feeds(-1)).unwrap_or_else(|e| panic!("{level}: {e}"));
+    }
+}
