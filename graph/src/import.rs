@@ -184,6 +184,7 @@ pub fn load_proto(mut proto: pb::ModelProto, options: &LoadOptions) -> Result<Mo
     apply_free_dimension_overrides(&mut proto, &options.free_dimension_overrides)?;
     apply_constant_inputs(&mut proto, &options.constant_inputs)?;
     let (inputs, outputs) = io_metadata(&proto)?;
+    name_unnamed_input_dims(&mut proto)?;
     let opset = proto
         .opset_import
         .iter()
@@ -522,6 +523,38 @@ fn inline_external_data(proto: &mut pb::ModelProto, resolver: Option<&dyn Extern
         t.data_location = Some(pb::tensor_proto::DataLocation::Default as i32);
         Ok(())
     })
+}
+
+/// tract needs a fact for every input: a dim declared with neither a value nor a name (or as `?`) gets a fresh symbol
+/// of its own (it varies freely, as onnxruntime treats it); an input with no declared shape at all is refused, naming
+/// it. The metadata the caller sees keeps the declared (unknown) dims.
+fn name_unnamed_input_dims(proto: &mut pb::ModelProto) -> Result<()> {
+    let Some(graph) = proto.graph.as_mut() else { return Ok(()) };
+    let initialized: HashSet<String> = graph.initializer.iter().map(|i| i.name.clone()).collect();
+    for (ix, vi) in graph.input.iter_mut().enumerate() {
+        if initialized.contains(&vi.name) {
+            continue;
+        }
+        let Some(TypeValue::TensorType(tt)) = vi.r#type.as_mut().and_then(|t| t.value.as_mut()) else { continue };
+        let Some(shape) = tt.shape.as_mut() else {
+            return Err(Error::not_implemented(format!(
+                "input `{}` declares no shape: kiln needs at least its rank (declare its dims, or fix them with free \
+                 dimension overrides)",
+                vi.name
+            )));
+        };
+        for (axis, d) in shape.dim.iter_mut().enumerate() {
+            let unnamed = match &d.value {
+                None => true,
+                Some(DimValue::DimValue(v)) => *v < 0,
+                Some(DimValue::DimParam(p)) => p.is_empty() || p == "?",
+            };
+            if unnamed {
+                d.value = Some(DimValue::DimParam(format!("kiln_input{ix}_dim{axis}")));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn apply_free_dimension_overrides(proto: &mut pb::ModelProto, overrides: &HashMap<String, i64>) -> Result<()> {

@@ -304,3 +304,17 @@ fn out_of_range_gather_indices_are_errors() {
         s.run(feeds(-1)).unwrap_or_else(|e| panic!("{level}: {e}"));
     }
 }
+
+#[test]
+fn unnamed_dims_vary_freely_and_shapeless_inputs_are_refused_by_name() {
+    let s = load("unnamed_dim.onnx");
+    assert_eq!(s.inputs()[0].shape, Some(vec![Dim::Unknown, Dim::Fixed(3)]));
+    for rows in [1usize, 4] {
+        let x = Tensor::from_vec(&[rows, 3], (0..rows * 3).map(|v| v as f32).collect()).unwrap();
+        let y = s.run([("x", x)]).unwrap().output("y").unwrap().to_vec::<f32>().unwrap();
+        assert_eq!(y, (0..rows * 3).map(|v| v as f32 + 1.0).collect::<Vec<_>>());
+    }
+    let e = err_of(Session::from_path(data("no_shape.onnx"), &Default::default()));
+    assert_eq!(e.kind, ErrorKind::NotImplemented);
+    assert!(e.message.contains("`x`") && e.message.contains("no shape"), "{e}");
+}

@@ -61,6 +61,8 @@ y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])
 wt = numpy_helper.from_array(W, "W")
 g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "ext", [x], [y], [wt])
 model = helper.make_model(g, opset_imports=OPSET)
+if os.path.exists(os.path.join(HERE, "weights.bin")):
+    os.remove(os.path.join(HERE, "weights.bin"))  # onnx appends to an existing file
 onnx.external_data_helper.convert_model_to_external_data(
     model, all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
 onnx.save(model, os.path.join(HERE, "external_data.onnx"))
@@ -83,4 +85,16 @@ yv = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq"])
 z = helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", "seq"])
 g = helper.make_graph([helper.make_node("Add", ["x", "y"], ["z"])], "free_dims", [x, yv], [z])
 save(helper.make_model(g, opset_imports=OPSET), "free_dims.onnx")
+print("ok")
+
+# 7. Unnamed dims: x [?, 3] (no value, no name) → y = x + 1; and an input declared without any shape.
+x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3])
+y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])
+one = numpy_helper.from_array(np.array(1.0, dtype=np.float32), "one")
+g = helper.make_graph([helper.make_node("Add", ["x", "one"], ["y"])], "unnamed", [x], [y], [one])
+save(helper.make_model(g, opset_imports=OPSET), "unnamed_dim.onnx")
+x = helper.make_tensor_value_info("x", TensorProto.FLOAT, None)
+y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+g = helper.make_graph([helper.make_node("Add", ["x", "one"], ["y"])], "no_shape", [x], [y], [one])
+onnx.save(helper.make_model(g, opset_imports=OPSET), os.path.join(HERE, "no_shape.onnx"))  # the checker refuses it; onnxruntime loads it
 print("ok")
