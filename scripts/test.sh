@@ -59,7 +59,7 @@ cargo build --release -p kiln-js --target wasm32-unknown-unknown
 ls -l target/wasm32-unknown-unknown/release/kiln_js.wasm
 
 # kiln-js in Node through wasm-bindgen's glue. wasm-bindgen must match the wasm-bindgen crate in Cargo.lock; it is
-# installed when missing (a few minutes; KILN_SKIP_JS=1 skips this step), and a failed install only skips the step.
+# installed when missing (a few minutes; KILN_SKIP_JS=1 skips this step for local runs).
 if [ "${KILN_SKIP_JS:-0}" != 1 ] && command -v node >/dev/null; then
   step "kiln-js in node (js/tests/smoke.cjs)"
   wbg_version="$(awk '/^name = "wasm-bindgen"$/ { getline; gsub(/version = |"/, ""); print; exit }' Cargo.lock)"
@@ -67,7 +67,7 @@ if [ "${KILN_SKIP_JS:-0}" != 1 ] && command -v node >/dev/null; then
   if [ -z "$wbg" ] || [ "$("$wbg" --version | cut -d' ' -f2)" != "$wbg_version" ]; then
     wbg=target/wasm-bindgen-cli/bin/wasm-bindgen
     if [ ! -x "$wbg" ] || [ "$("$wbg" --version | cut -d' ' -f2)" != "$wbg_version" ]; then
-      cargo install -q --locked wasm-bindgen-cli --version "=$wbg_version" --root target/wasm-bindgen-cli || wbg=""
+      cargo install -q --locked wasm-bindgen-cli --version "=$wbg_version" --root target/wasm-bindgen-cli
     fi
   fi
   if [ -n "$wbg" ] && [ -x "$wbg" ]; then
@@ -81,7 +81,8 @@ if [ "${KILN_SKIP_JS:-0}" != 1 ] && command -v node >/dev/null; then
     (cd js && WASM_BINDGEN="$wbg_path" KILN_SKIP_CARGO=1 npm run build && npm test) |
       grep -E '^(=== |KNOWN|DIFF|parity|kiln-web:|✖|ℹ (pass|fail|skipped))|records the same'
   else
-    echo "skipped: wasm-bindgen $wbg_version could not be installed"
+    echo "wasm-bindgen $wbg_version is not installed"
+    exit 1
   fi
 fi
 
