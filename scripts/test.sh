@@ -67,7 +67,7 @@ if [ "${KILN_SKIP_JS:-0}" != 1 ] && command -v node >/dev/null; then
   if [ -z "$wbg" ] || [ "$("$wbg" --version | cut -d' ' -f2)" != "$wbg_version" ]; then
     wbg=target/wasm-bindgen-cli/bin/wasm-bindgen
     if [ ! -x "$wbg" ] || [ "$("$wbg" --version | cut -d' ' -f2)" != "$wbg_version" ]; then
-      cargo install -q --locked wasm-bindgen-cli --version "=$wbg_version" --root target/wasm-bindgen-cli
+      cargo install -q wasm-bindgen-cli --version "=$wbg_version" --root target/wasm-bindgen-cli
     fi
   fi
   if [ -n "$wbg" ] && [ -x "$wbg" ]; then
