@@ -796,6 +796,7 @@ fn run_sets(
                     Err(e) => return Outcome { status: Status::Error(format!("load: {}", e.message)), provider, note },
                 }
             }
+            // cannot fire: set just above when it was empty
             shared.as_ref().unwrap()
         } else {
             match Session::from_bytes(model_bytes, &opts) {
@@ -872,6 +873,7 @@ fn run_case_inner(case: &Case, backend: Backend, ops: &mut Vec<String>) -> Outco
         }
         Prepared::Ready { model, model_bytes, sets } => (model, model_bytes, sets),
     };
+    // cannot fire: prepare() returns Done for a model without a graph
     let graph = model.graph.as_ref().expect("checked in prepare");
     *ops = ops_of(graph);
     let tol = Tolerance::for_case(case);
@@ -970,6 +972,7 @@ impl Worker {
             .stdout(Stdio::piped())
             .stderr(if verbose { Stdio::inherit() } else { Stdio::null() })
             .spawn()?;
+        // cannot fire: the worker is spawned with piped stdin/stdout just above
         let stdin = child.stdin.take().expect("piped");
         let stdout = child.stdout.take().expect("piped");
         let (tx, rx) = mpsc::channel();
@@ -1002,6 +1005,8 @@ pub fn run_isolated(
     let queue: Arc<Mutex<std::collections::VecDeque<usize>>> = Arc::new(Mutex::new((0..cases.len()).collect()));
     let results: Arc<Mutex<Vec<Option<CaseResult>>>> = Arc::new(Mutex::new(vec![None; cases.len()]));
     let done = Arc::new(Mutex::new(0usize));
+    // The lock unwraps below cannot fire: a lock is only poisoned by a panic while held, and no code in these short
+    // critical sections panics (cases run in worker processes).
     std::thread::scope(|s| {
         for _ in 0..cfg.jobs.max(1) {
             let queue = queue.clone();
@@ -1047,6 +1052,7 @@ fn run_in_worker(exe: &Path, slot: &mut Option<Worker>, case: &Case, cfg: &RunCo
             Err(e) => return fail(Status::Error(format!("starting a worker ({}): {e}", exe.display()))),
         }
     }
+    // cannot fire: the slot was filled just above when empty
     let w = slot.as_mut().expect("spawned");
     let line = format!("{}\t{}\t{}\n", case.suite.name(), case.name, case.path.display());
     if w.stdin.write_all(line.as_bytes()).and_then(|_| w.stdin.flush()).is_err() {
@@ -1077,6 +1083,7 @@ fn run_in_worker(exe: &Path, slot: &mut Option<Worker>, case: &Case, cfg: &RunCo
             fail(Status::Error(format!("timed out after {}s", cfg.timeout.as_secs())))
         }
         Err(mpsc::RecvTimeoutError::Disconnected) => {
+            // cannot fire: `w` above borrowed from this slot, which nothing emptied since
             let mut w = slot.take().expect("present");
             let code = w.child.wait().ok().map(|s| format!("{s}")).unwrap_or_default();
             fail(Status::Error(format!("the worker crashed ({code})")))

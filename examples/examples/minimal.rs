@@ -34,13 +34,16 @@ fn main() -> kiln_provider::Result<()> {
                         _ => 0,
                     })
                     .collect();
-                Tensor::from_bytes(input.element_type.unwrap(), &dims, &[])?
+                let et = input.element_type.ok_or_else(|| {
+                    kiln_provider::Error::not_implemented(format!("input `{}` has an unsupported type", input.name))
+                })?;
+                Tensor::from_bytes(et, &dims, &[])?
             }
         };
         feeds.push((input.name.clone(), tensor));
     }
     let outputs = session.run(feeds)?;
-    let logits = outputs.get("logits").expect("a logits output");
+    let logits = outputs.output("logits")?;
     println!("logits {:?} {}", logits.dims(), logits.element_type());
     Ok(())
 }

@@ -162,7 +162,9 @@ impl Kernel for LinearAttention {
                 for h in 0..hkv {
                     let mut s = state.slice_mut(tract_ndarray::s![bi, h, .., ..]);
                     if gated {
-                        let d = decay.as_ref().expect("checked at build");
+                        let d = decay
+                            .as_ref()
+                            .ok_or_else(|| format_err!("{op}: update_rule {:?} needs decay", self.rule))?;
                         for kk in 0..dk {
                             let g = if per_key_decay { d[[bi, ti, h * dk + kk]] } else { d[[bi, ti, h]] };
                             let e = g.exp();
