@@ -3,6 +3,9 @@
 # Extra arguments go to kiln-run (e.g. --threads 2 --provider gpu --greedy 40).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
+ensure_rust
 smol=../shared/models/smollm2-135m-instruct/onnx/model_q4f16.onnx
 if [ -f "$smol" ]; then
   model=$smol ids=6403,1980,253,655   # "Once upon a time"

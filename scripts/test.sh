@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Every check CI runs, in order. Installs what is missing first (fresh Debian machine: Rust via rustup, a C compiler,
-# python3-venv; then the rustfmt/clippy components, the wasm32 target and the Python venv at .venv).
+# Every check CI runs, in order. Installs what is missing first (fresh Debian machine: a C compiler and Rust via
+# rustup, python3-venv, chromium, node/npm, lavapipe; then the rustfmt/clippy components, the wasm32 target, the Python
+# venv at .venv, wasm-bindgen-cli and the npm dependencies of js/).
 #
 #   bash scripts/test.sh            # everything
 #   KILN_SKIP_INSTALL=1 bash scripts/test.sh   # checks only
@@ -10,29 +11,23 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 SECONDS=0
 step() { printf '\n=== [%4ds] %s\n' "$SECONDS" "$*"; }
 
-as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else "$@"; fi; }
-apt_install() {
-  command -v apt-get >/dev/null || { echo "missing: $* (no apt-get here; install them by hand)"; return 1; }
-  as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@"
-}
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 
 if [ "${KILN_SKIP_INSTALL:-0}" != 1 ]; then
   step "install what is missing"
-  [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
+  ensure_rust
   need_apt=()
-  command -v cc >/dev/null || need_apt+=(build-essential)
-  command -v curl >/dev/null || need_apt+=(curl ca-certificates)
   command -v python3 >/dev/null || need_apt+=(python3)
   python3 -c "import ensurepip, venv" 2>/dev/null || need_apt+=(python3-venv python3-pip)
   # headless chromium: kiln-web's browser test (js/test/browser.mjs)
   command -v chromium >/dev/null || need_apt+=(chromium)
+  # node + npm: kiln-js's Node smoke test and kiln-web's npm test
+  command -v node >/dev/null || need_apt+=(nodejs)
+  command -v npm >/dev/null || need_apt+=(npm)
   [ ${#need_apt[@]} -eq 0 ] || apt_install "${need_apt[@]}"
   # lavapipe (Mesa's CPU Vulkan driver): the GPU backend's tests run on it
   if ! dpkg -s mesa-vulkan-drivers libvulkan1 >/dev/null 2>&1; then apt_install mesa-vulkan-drivers libvulkan1; fi
-  if ! command -v cargo >/dev/null; then
-    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
-    export PATH="$HOME/.cargo/bin:$PATH"
-  fi
   if command -v rustup >/dev/null; then
     installed="$(rustup component list --installed 2>/dev/null || true)"
     for c in rustfmt clippy; do grep -q "^$c" <<<"$installed" || rustup component add "$c"; done
@@ -60,7 +55,7 @@ ls -l target/wasm32-unknown-unknown/release/kiln_js.wasm
 
 # kiln-js in Node through wasm-bindgen's glue. wasm-bindgen must match the wasm-bindgen crate in Cargo.lock; it is
 # installed when missing (a few minutes; KILN_SKIP_JS=1 skips this step for local runs).
-if [ "${KILN_SKIP_JS:-0}" != 1 ] && command -v node >/dev/null; then
+if [ "${KILN_SKIP_JS:-0}" != 1 ]; then
   step "kiln-js in node (js/tests/smoke.cjs)"
   wbg_version="$(awk '/^name = "wasm-bindgen"$/ { getline; gsub(/version = |"/, ""); print; exit }' Cargo.lock)"
   wbg="$(command -v wasm-bindgen || true)"
