@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use kiln_graph::{
     Dim, ElementType, Error, ErrorKind, ExternalDataResolver, LoadOptions, Model, OptimizationLevel, Result, ValueInfo,
@@ -141,8 +141,6 @@ pub struct Session {
     backend: Backend,
     provider: ExecutionProvider,
     provider_note: Option<String>,
-    // serialises runs that share cached plans; tract states are per run.
-    _lock: Mutex<()>,
 }
 
 fn guard<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
@@ -211,7 +209,6 @@ impl Session {
                         backend: Backend::Cpu(backend),
                         provider: ExecutionProvider::Cpu,
                         provider_note: note,
-                        _lock: Mutex::new(()),
                     });
                 }
                 #[cfg(not(target_arch = "wasm32"))]
@@ -222,7 +219,6 @@ impl Session {
                             backend: Backend::Gpu(Box::new(backend)),
                             provider: ExecutionProvider::WebGpu,
                             provider_note: note,
-                            _lock: Mutex::new(()),
                         });
                     }
                 }
@@ -242,7 +238,6 @@ impl Session {
             backend: Backend::Cpu(backend),
             provider: ExecutionProvider::Cpu,
             provider_note: note.or(Some("falling back to cpu".into())),
-            _lock: Mutex::new(()),
         })
     }
 
