@@ -239,6 +239,16 @@ pub struct CaseResult {
     pub provider: String,
     /// Why the provider differs from the one asked for, if it does.
     pub provider_note: String,
+    /// On the webgpu provider: `gpu/total` compute nodes placed on the GPU (empty otherwise).
+    pub placement: String,
+}
+
+impl CaseResult {
+    /// Every compute node of the case ran on the GPU (and it has at least one).
+    pub fn fully_on_gpu(&self) -> bool {
+        self.provider == "webgpu"
+            && self.placement.split_once('/').is_some_and(|(g, t)| g == t && t.parse::<usize>().is_ok_and(|t| t > 0))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -765,6 +775,18 @@ struct Outcome {
     status: Status,
     provider: String,
     note: String,
+    placement: String,
+}
+
+/// `gpu/total` compute nodes on the GPU, for a session on the webgpu provider.
+fn gpu_placement(session: &Session) -> String {
+    #[cfg(not(target_arch = "wasm32"))]
+    if let Some(r) = session.gpu_placement() {
+        let gpu = r.nodes.iter().filter(|n| n.device == kiln_provider::Device::Gpu).count();
+        return format!("{gpu}/{}", r.nodes.len());
+    }
+    let _ = session;
+    String::new()
 }
 
 fn run_sets(
@@ -776,6 +798,7 @@ fn run_sets(
 ) -> Outcome {
     let mut provider = String::new();
     let mut note = String::new();
+    let mut placement = String::new();
     // with constant inputs the session depends on the data set; otherwise one session serves every set
     let mut shared: Option<Session> = None;
     for set in sets {
@@ -793,7 +816,14 @@ fn run_sets(
             if shared.is_none() {
                 match Session::from_bytes(model_bytes, &opts) {
                     Ok(s) => shared = Some(s),
-                    Err(e) => return Outcome { status: Status::Error(format!("load: {}", e.message)), provider, note },
+                    Err(e) => {
+                        return Outcome {
+                            status: Status::Error(format!("load: {}", e.message)),
+                            provider,
+                            note,
+                            placement: placement.clone(),
+                        }
+                    }
                 }
             }
             // cannot fire: set just above when it was empty
@@ -804,28 +834,53 @@ fn run_sets(
                     fresh = s;
                     &fresh
                 }
-                Err(e) => return Outcome { status: Status::Error(format!("load: {}", e.message)), provider, note },
+                Err(e) => {
+                    return Outcome {
+                        status: Status::Error(format!("load: {}", e.message)),
+                        provider,
+                        note,
+                        placement: placement.clone(),
+                    }
+                }
             }
         };
         provider = session.execution_provider().name().to_string();
         note = session.provider_note().unwrap_or_default().to_string();
+        placement = gpu_placement(session);
         let names: Vec<&str> = set.outputs.iter().map(|(n, _)| n.as_str()).collect();
         let result = if names.is_empty() { session.run(feeds) } else { session.run_with_outputs(feeds, &names) };
         let outs = match result {
             Ok(o) => o,
-            Err(e) => return Outcome { status: Status::Error(format!("run: {}", e.message)), provider, note },
+            Err(e) => {
+                return Outcome {
+                    status: Status::Error(format!("run: {}", e.message)),
+                    provider,
+                    note,
+                    placement: placement.clone(),
+                }
+            }
         };
         for (name, expected) in &set.outputs {
             let Some(actual) = outs.get(name) else {
-                return Outcome { status: Status::Error(format!("output `{name}` missing")), provider, note };
+                return Outcome {
+                    status: Status::Error(format!("output `{name}` missing")),
+                    provider,
+                    note,
+                    placement: placement.clone(),
+                };
             };
             if let Err(detail) = compare(actual, expected, tol) {
-                return Outcome { status: Status::Mismatch { output: name.clone(), detail }, provider, note };
+                return Outcome {
+                    status: Status::Mismatch { output: name.clone(), detail },
+                    provider,
+                    note,
+                    placement: placement.clone(),
+                };
             }
         }
     }
     let status = if constants.is_empty() { Status::Pass } else { Status::PassConstInputs(constants.to_vec()) };
-    Outcome { status, provider, note }
+    Outcome { status, provider, note, placement }
 }
 
 fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, String> {
@@ -845,6 +900,7 @@ pub fn run_case(case: &Case, backend: Backend) -> CaseResult {
         ops: vec![],
         provider: String::new(),
         provider_note: String::new(),
+        placement: String::new(),
     };
     let r = guarded(|| run_case_inner(case, backend, &mut result.ops));
     match r {
@@ -852,6 +908,7 @@ pub fn run_case(case: &Case, backend: Backend) -> CaseResult {
             result.status = o.status;
             result.provider = o.provider;
             result.provider_note = o.note;
+            result.placement = o.placement;
         }
         Err(msg) => result.status = Status::Error(format!("panic: {}", clean(&msg))),
     }
@@ -859,7 +916,7 @@ pub fn run_case(case: &Case, backend: Backend) -> CaseResult {
 }
 
 fn run_case_inner(case: &Case, backend: Backend, ops: &mut Vec<String>) -> Outcome {
-    let none = |status| Outcome { status, provider: String::new(), note: String::new() };
+    let none = |status| Outcome { status, provider: String::new(), note: String::new(), placement: String::new() };
     let (model, model_bytes, sets) = match prepare(case) {
         Prepared::Done(s) => {
             if let Ok(bytes) =
@@ -931,7 +988,7 @@ fn run_case_inner(case: &Case, backend: Backend, ops: &mut Vec<String>) -> Outco
 // ---------------------------------------------------------------------------------------------------------------
 
 /// The worker loop: reads `suite<TAB>name<TAB>path` lines from stdin, runs each case, and writes one
-/// `RESULT<TAB>ops<TAB>provider<TAB>note<TAB>status...` line per case on stdout.
+/// `RESULT<TAB>ops<TAB>provider<TAB>note<TAB>placement<TAB>status...` line per case on stdout.
 pub fn worker_main(backend: Backend) {
     std::panic::set_hook(Box::new(|_| {}));
     let stdin = std::io::stdin();
@@ -946,10 +1003,11 @@ pub fn worker_main(backend: Backend) {
         let case = Case { suite, name: f[1].to_string(), path: PathBuf::from(f[2]) };
         let r = run_case(&case, backend);
         let msg = format!(
-            "RESULT\t{}\t{}\t{}\t{}\n",
+            "RESULT\t{}\t{}\t{}\t{}\t{}\n",
             r.ops.join(","),
             clean(&r.provider),
             clean(&r.provider_note),
+            clean(&r.placement),
             r.status.encode()
         );
         if stdout.write_all(msg.as_bytes()).and_then(|_| stdout.flush()).is_err() {
@@ -1045,6 +1103,7 @@ fn run_in_worker(exe: &Path, slot: &mut Option<Worker>, case: &Case, cfg: &RunCo
         ops: vec![],
         provider: String::new(),
         provider_note: String::new(),
+        placement: String::new(),
     };
     if slot.is_none() {
         match Worker::spawn(exe, cfg.backend, verbose) {
@@ -1064,7 +1123,7 @@ fn run_in_worker(exe: &Path, slot: &mut Option<Worker>, case: &Case, cfg: &RunCo
     match w.lines.recv_timeout(cfg.timeout) {
         Ok(line) => {
             let f: Vec<&str> = line.split('\t').collect();
-            let status = Status::decode(&f[4.min(f.len())..]).unwrap_or(Status::Error("bad worker reply".into()));
+            let status = Status::decode(&f[5.min(f.len())..]).unwrap_or(Status::Error("bad worker reply".into()));
             CaseResult {
                 case: case.clone(),
                 status,
@@ -1074,6 +1133,7 @@ fn run_in_worker(exe: &Path, slot: &mut Option<Worker>, case: &Case, cfg: &RunCo
                     .unwrap_or_default(),
                 provider: f.get(2).map(|s| s.to_string()).unwrap_or_default(),
                 provider_note: f.get(3).map(|s| s.to_string()).unwrap_or_default(),
+                placement: f.get(4).map(|s| s.to_string()).unwrap_or_default(),
             }
         }
         Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -1165,7 +1225,16 @@ pub fn totals_line(results: &[CaseResult]) -> String {
 
 /// One line per case, sorted: `node/test_abs: pass`.
 pub fn case_lines(results: &[CaseResult]) -> String {
-    let mut lines: Vec<String> = results.iter().map(|r| format!("{}: {}", r.case.id(), r.status.line())).collect();
+    let mut lines: Vec<String> = results
+        .iter()
+        .map(|r| {
+            if r.placement.is_empty() {
+                format!("{}: {}", r.case.id(), r.status.line())
+            } else {
+                format!("{}: {} [gpu nodes {}]", r.case.id(), r.status.line(), r.placement)
+            }
+        })
+        .collect();
     lines.sort();
     lines.join("\n")
 }
@@ -1222,6 +1291,14 @@ pub fn summary(results: &[CaseResult]) -> String {
         by_kind("unsupported type"),
     ));
     out.push_str(&totals_line(results));
+    if results.iter().any(|r| r.provider == "webgpu") {
+        let passing: Vec<&CaseResult> = results.iter().filter(|r| r.status.is_pass()).collect();
+        out.push_str(&format!(
+            "\nfully on the GPU: {} of {} passing cases (every compute node placed on the GPU)",
+            passing.iter().filter(|r| r.fully_on_gpu()).count(),
+            passing.len()
+        ));
+    }
     out
 }
 
