@@ -7,6 +7,8 @@ use crate::context::{Context, PipelineKey};
 use crate::exec::{Binding, GpuTensor, Recorder};
 use crate::{Error, Result};
 
+/// Shared helpers (index arithmetic, bool encoding), prepended to every family.
+pub const PRELUDE_WGSL: &str = include_str!("kernels/prelude.wgsl");
 pub const ELEMENTWISE_WGSL: &str = include_str!("kernels/elementwise.wgsl");
 pub const MATMUL_WGSL: &str = include_str!("kernels/matmul.wgsl");
 pub const SOFTMAX_WGSL: &str = include_str!("kernels/softmax.wgsl");
@@ -389,6 +391,78 @@ fn u32_of(what: &str, v: usize) -> Result<u32> {
     u32::try_from(v).map_err(|_| Error::new(format!("webgpu: {what} {v} exceeds 32-bit indexing")))
 }
 
+/// The specialised WGSL of a family: the prelude, then the family's text, with every `{{NAME}}` of `spec` replaced
+/// (`WG` defaults to 256).
+fn shader_source(family: &str, spec: &[(&'static str, String)]) -> Result<String> {
+    let body = match family {
+        "elementwise" => ELEMENTWISE_WGSL,
+        "matmul" => MATMUL_WGSL,
+        "softmax" => SOFTMAX_WGSL,
+        "layout" => LAYOUT_WGSL,
+        "reduce" => REDUCE_WGSL,
+        other => return Err(Error::new(format!("webgpu: no kernel family {other}"))),
+    };
+    let mut text = format!("{PRELUDE_WGSL}\n{body}");
+    if !spec.iter().any(|(k, _)| *k == "WG") {
+        text = text.replace("{{WG}}", &WG.to_string());
+    }
+    for (k, v) in spec {
+        text = text.replace(&format!("{{{{{k}}}}}"), v);
+    }
+    if let Some(at) = text.find("{{") {
+        let name: String = text[at..].chars().take(24).collect();
+        return Err(Error::new(format!("webgpu: {family} left unspecialised at {name}")));
+    }
+    Ok(text)
+}
+
+/// One dispatch of `family::entry` specialised by `spec`: the uniform block at binding 0, `bindings` (binding
+/// index, tensor) for the storage buffers, `groups` workgroups.
+#[allow(clippy::too_many_arguments)]
+fn launch(
+    ctx: &Context,
+    rec: &mut Recorder,
+    family: &'static str,
+    entry: &'static str,
+    spec: Vec<(&'static str, String)>,
+    uniform: &[u32],
+    bindings: &[(u32, &GpuTensor)],
+    groups: (u32, u32, u32),
+) -> Result<()> {
+    let key = PipelineKey { family, entry, spec };
+    let mut failed = None;
+    let pipeline = ctx.pipeline(&key, || {
+        shader_source(family, &key.spec).unwrap_or_else(|e| {
+            failed = Some(e);
+            String::new()
+        })
+    });
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    let pipeline = pipeline?;
+    let bindings = bindings.iter().map(|(index, t)| Binding { index: *index, buffer: t.buffer.clone() }).collect();
+    rec.dispatch(pipeline, words(uniform), bindings, groups);
+    Ok(())
+}
+
+/// Appends `v` to a uniform as a block of `len` words (zero-filled), each checked to fit a u32.
+fn push_block(u: &mut Vec<u32>, v: &[usize], len: usize) -> Result<()> {
+    if v.len() > len {
+        return Err(Error::new(format!("webgpu: {} dims exceed the kernel's {len}", v.len())));
+    }
+    for x in v {
+        u.push(u32_of("dim", *x)?);
+    }
+    u.extend(std::iter::repeat_n(0, len - v.len()));
+    Ok(())
+}
+
+/// (x, y) workgroups for `n` invocations of `WG` each.
+fn grid_for(ctx: &Context, n: usize) -> Result<(u32, u32)> {
+    ctx.grid((n as u64).div_ceil(WG as u64))
+}
+
 fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
     let mut s = vec![1; shape.len()];
     for i in (0..shape.len().saturating_sub(1)).rev() {
@@ -667,58 +741,40 @@ impl Kernel {
         if out.is_empty() {
             return Ok(out);
         }
+        let n = out.len();
+        let (gx, gy) = grid_for(ctx, n)?;
         match self {
+            Kernel::View(_) => {}
             Kernel::Unary(op) => {
-                let n = out.len();
-                let (gx, gy) = ctx.grid((n as u64).div_ceil(WG as u64))?;
-                let key = PipelineKey { family: "elementwise", entry: "unary_main", spec: vec![("UNARY", op.expr())] };
-                let pipeline = ctx.pipeline(&key, || elementwise_source(&op.expr(), "x"))?;
                 let mut u = vec![u32_of("length", n)?, 1, gx, 0];
                 u.extend([0u32; 32]);
-                rec.dispatch(
-                    pipeline,
-                    words(&u),
-                    vec![
-                        Binding { index: 1, buffer: inputs[0].buffer.clone() },
-                        Binding { index: 3, buffer: out.buffer.clone() },
-                    ],
-                    (gx, gy, 1),
-                );
+                let spec = vec![("UNARY", op.expr()), ("BINARY", "x".into())];
+                let b = [(1, inputs[0]), (3, &out)];
+                launch(ctx, rec, "elementwise", "unary_main", spec, &u, &b, (gx, gy, 1))?;
             }
             Kernel::Binary(op) => {
-                let n = out.len();
                 let sa = broadcast_strides(&inputs[0].shape, &out_shape);
                 let sb = broadcast_strides(&inputs[1].shape, &out_shape);
                 let (shape, sa, sb) = collapse(&out_shape, &sa, &sb);
-                if shape.len() > MAX_RANK {
-                    return Err(Error::new(format!(
-                        "webgpu: rank {} exceeds the elementwise kernel's {MAX_RANK}",
-                        shape.len()
-                    )));
-                }
-                let (gx, gy) = ctx.grid((n as u64).div_ceil(WG as u64))?;
-                let key =
-                    PipelineKey { family: "elementwise", entry: "binary_main", spec: vec![("BINARY", op.expr())] };
-                let pipeline = ctx.pipeline(&key, || elementwise_source("x", &op.expr()))?;
                 let mut u = vec![u32_of("length", n)?, shape.len() as u32, gx, 0];
-                for v in [&shape, &sa, &sb] {
-                    let mut block = [0u32; 8];
-                    for (i, x) in v.iter().enumerate() {
-                        block[i] = u32_of("dim", *x)?;
-                    }
-                    u.extend(block);
+                for v in [&shape, &sa, &sb, &vec![]] {
+                    push_block(&mut u, v, MAX_RANK)?;
                 }
-                u.extend([0u32; 8]);
-                rec.dispatch(
-                    pipeline,
-                    words(&u),
-                    vec![
-                        Binding { index: 1, buffer: inputs[0].buffer.clone() },
-                        Binding { index: 2, buffer: inputs[1].buffer.clone() },
-                        Binding { index: 3, buffer: out.buffer.clone() },
-                    ],
-                    (gx, gy, 1),
-                );
+                let spec = vec![("UNARY", "x".into()), ("BINARY", op.expr())];
+                let b = [(1, inputs[0]), (2, inputs[1]), (3, &out)];
+                launch(ctx, rec, "elementwise", "binary_main", spec, &u, &b, (gx, gy, 1))?;
+            }
+            Kernel::Where => {
+                let strides: Vec<Vec<usize>> =
+                    [inputs[1], inputs[2], inputs[0]].iter().map(|t| broadcast_strides(&t.shape, &out_shape)).collect();
+                let (shape, strides) = collapse_n(&out_shape, &strides);
+                let mut u = vec![u32_of("length", n)?, shape.len() as u32, gx, 0];
+                for v in std::iter::once(&shape).chain(strides.iter()) {
+                    push_block(&mut u, v, MAX_RANK)?;
+                }
+                let spec = vec![("UNARY", "x".into()), ("BINARY", "x".into())];
+                let b = [(1, inputs[1]), (2, inputs[2]), (3, &out), (4, inputs[0])];
+                launch(ctx, rec, "elementwise", "where_main", spec, &u, &b, (gx, gy, 1))?;
             }
             Kernel::Softmax { axis, log } => {
                 let shape = &inputs[0].shape;
@@ -727,88 +783,20 @@ impl Kernel {
                 }
                 let len = shape[*axis];
                 let inner: usize = shape[axis + 1..].iter().product();
-                let rows = out.len() / len.max(1);
+                let rows = n / len.max(1);
                 let (gx, gy) = ctx.grid(rows as u64)?;
-                let wg = softmax_wg(ctx);
-                let key = PipelineKey {
-                    family: "softmax",
-                    entry: "main",
-                    spec: vec![("WG", wg.to_string()), ("LOG", log.to_string())],
-                };
-                let pipeline = ctx.pipeline(&key, || {
-                    SOFTMAX_WGSL.replace("{{WG}}", &wg.to_string()).replace("{{LOG}}", &log.to_string())
-                })?;
-                let u = vec![u32_of("rows", rows)?, u32_of("length", len)?, u32_of("length", inner)?, gx];
-                rec.dispatch(
-                    pipeline,
-                    words(&u),
-                    vec![
-                        Binding { index: 1, buffer: inputs[0].buffer.clone() },
-                        Binding { index: 3, buffer: out.buffer.clone() },
-                    ],
-                    (gx, gy, 1),
-                );
+                let spec = vec![("WG", softmax_wg(ctx).to_string()), ("LOG", log.to_string())];
+                let u = [u32_of("rows", rows)?, u32_of("length", len)?, u32_of("length", inner)?, gx];
+                launch(ctx, rec, "softmax", "main", spec, &u, &[(1, inputs[0]), (3, &out)], (gx, gy, 1))?;
             }
-            Kernel::View(_) => {}
             Kernel::Gather { axis } => {
                 let d = &inputs[0].shape;
-                let n = out.len();
                 let inner: usize = d[axis + 1..].iter().product();
-                let (gx, gy) = ctx.grid((n as u64).div_ceil(WG as u64))?;
-                let key = PipelineKey { family: "layout", entry: "gather_main", spec: vec![] };
-                let pipeline = ctx.pipeline(&key, || LAYOUT_WGSL.replace("{{WG}}", &WG.to_string()))?;
-                let mut u = vec![
-                    u32_of("length", n)?,
-                    0,
-                    gx,
-                    u32_of("length", d[*axis])?,
-                    u32_of("length", inner)?,
-                    u32_of("length", inputs[1].len())?,
-                    0,
-                    0,
-                ];
-                u.extend([0u32; 24]);
-                rec.dispatch(
-                    pipeline,
-                    words(&u),
-                    vec![
-                        Binding { index: 1, buffer: inputs[0].buffer.clone() },
-                        Binding { index: 2, buffer: inputs[1].buffer.clone() },
-                        Binding { index: 3, buffer: out.buffer.clone() },
-                    ],
-                    (gx, gy, 1),
-                );
-            }
-            Kernel::Where => {
-                let n = out.len();
-                let strides: Vec<Vec<usize>> =
-                    [inputs[1], inputs[2], inputs[0]].iter().map(|t| broadcast_strides(&t.shape, &out_shape)).collect();
-                let (shape, strides) = collapse_n(&out_shape, &strides);
-                if shape.len() > MAX_RANK {
-                    return Err(Error::new(format!("webgpu: rank {} exceeds Where's {MAX_RANK}", shape.len())));
-                }
-                let (gx, gy) = ctx.grid((n as u64).div_ceil(WG as u64))?;
-                let key = PipelineKey { family: "elementwise", entry: "where_main", spec: vec![] };
-                let pipeline = ctx.pipeline(&key, || elementwise_source("x", "x"))?;
-                let mut u = vec![u32_of("length", n)?, shape.len() as u32, gx, 0];
-                for v in std::iter::once(&shape).chain(strides.iter()) {
-                    let mut block = [0u32; 8];
-                    for (i, x) in v.iter().enumerate() {
-                        block[i] = u32_of("dim", *x)?;
-                    }
-                    u.extend(block);
-                }
-                rec.dispatch(
-                    pipeline,
-                    words(&u),
-                    vec![
-                        Binding { index: 1, buffer: inputs[1].buffer.clone() },
-                        Binding { index: 2, buffer: inputs[2].buffer.clone() },
-                        Binding { index: 3, buffer: out.buffer.clone() },
-                        Binding { index: 4, buffer: inputs[0].buffer.clone() },
-                    ],
-                    (gx, gy, 1),
-                );
+                let mut u = vec![u32_of("length", n)?, 0, gx];
+                u.extend([u32_of("length", d[*axis])?, u32_of("length", inner)?, u32_of("length", inputs[1].len())?]);
+                u.extend([0u32; 26]);
+                let b = [(1, inputs[0]), (2, inputs[1]), (3, &out)];
+                launch(ctx, rec, "layout", "gather_main", vec![], &u, &b, (gx, gy, 1))?;
             }
             Kernel::MoveAxis { from, to } => {
                 let a = &inputs[0].shape;
@@ -831,39 +819,20 @@ impl Kernel {
                 let mut at = 0;
                 for t in inputs {
                     if !t.is_empty() {
-                        strided_copy(
-                            ctx,
-                            rec,
-                            t,
-                            0,
-                            &contiguous_strides(&t.shape),
-                            &out,
-                            at * so[*axis],
-                            &so,
-                            &t.shape,
-                        )?;
+                        let st = contiguous_strides(&t.shape);
+                        strided_copy(ctx, rec, t, 0, &st, &out, at * so[*axis], &so, &t.shape)?;
                     }
                     at += t.shape[*axis];
                 }
             }
             Kernel::Reduce { axes, op } => {
-                let (rows, len, inner) = reduce_geometry(&inputs[0].shape, axes)?;
-                let [init, map, combine, finish] = op.exprs();
-                self.row_dispatch(
-                    ctx,
-                    rec,
-                    inputs[0],
-                    &out,
-                    "reduce_main",
-                    [init, map, combine, finish],
-                    (rows, len, inner),
-                    0,
-                )?;
+                let geometry = reduce_geometry(&inputs[0].shape, axes)?;
+                row_dispatch(ctx, rec, inputs[0], &out, "reduce_main", op.exprs(), geometry, 0)?;
             }
             Kernel::RmsNorm { axis, eps } => {
-                let (rows, len, inner) = reduce_geometry(&inputs[0].shape, &[*axis])?;
+                let geometry = reduce_geometry(&inputs[0].shape, &[*axis])?;
                 let e = ["0.0", "v * v", "a + b", "acc"];
-                self.row_dispatch(ctx, rec, inputs[0], &out, "rms_main", e, (rows, len, inner), *eps)?;
+                row_dispatch(ctx, rec, inputs[0], &out, "rms_main", e, geometry, *eps)?;
             }
             Kernel::MatMul { transpose_a, transpose_b, transpose_c } => {
                 let (a, b) = (&inputs[0].shape, &inputs[1].shape);
@@ -909,89 +878,44 @@ impl Kernel {
                     }
                     ("tiled", gx, gy)
                 };
-                let key = PipelineKey { family: "matmul", entry, spec: vec![] };
-                let pipeline = ctx.pipeline(&key, || MATMUL_WGSL.to_string())?;
-                let mut u = vec![
-                    u32_of("m", m)?,
-                    u32_of("n", n)?,
-                    u32_of("k", k)?,
-                    bshape.len() as u32,
-                    u32_of("stride", a_sm)?,
-                    u32_of("stride", a_sk)?,
-                    u32_of("stride", b_sk)?,
-                    u32_of("stride", b_sn)?,
-                    u32_of("stride", c_sm)?,
-                    u32_of("stride", c_sn)?,
-                    gx,
-                    0,
-                ];
-                for v in [&bshape, &abs, &bbs, &cbs] {
-                    let mut block = [0u32; 4];
-                    for (i, x) in v.iter().enumerate() {
-                        block[i] = u32_of("batch", *x)?;
-                    }
-                    u.extend(block);
+                let mut u = vec![u32_of("m", m)?, u32_of("n", n)?, u32_of("k", k)?, bshape.len() as u32];
+                for s in [a_sm, a_sk, b_sk, b_sn, c_sm, c_sn] {
+                    u.push(u32_of("stride", s)?);
                 }
-                rec.dispatch(
-                    pipeline,
-                    words(&u),
-                    vec![
-                        Binding { index: 1, buffer: inputs[0].buffer.clone() },
-                        Binding { index: 2, buffer: inputs[1].buffer.clone() },
-                        Binding { index: 3, buffer: out.buffer.clone() },
-                    ],
-                    (gx, gy, batch.max(1) as u32),
-                );
+                u.extend([gx, 0]);
+                for v in [&bshape, &abs, &bbs, &cbs] {
+                    push_block(&mut u, v, MAX_BATCH_RANK)?;
+                }
+                let b = [(1, inputs[0]), (2, inputs[1]), (3, &out)];
+                launch(ctx, rec, "matmul", entry, vec![], &u, &b, (gx, gy, batch.max(1) as u32))?;
             }
         }
         Ok(out)
     }
 }
 
-impl Kernel {
-    #[allow(clippy::too_many_arguments)]
-    fn row_dispatch(
-        &self,
-        ctx: &Context,
-        rec: &mut Recorder,
-        x: &GpuTensor,
-        out: &GpuTensor,
-        entry: &'static str,
-        exprs: [&str; 4],
-        (rows, len, inner): (usize, usize, usize),
-        eps: u32,
-    ) -> Result<()> {
-        let (gx, gy) = ctx.grid(rows as u64)?;
-        let wg = softmax_wg(ctx);
-        let [init, map, combine, finish] = exprs;
-        let key = PipelineKey {
-            family: "reduce",
-            entry,
-            spec: vec![
-                ("WG", wg.to_string()),
-                ("INIT", init.into()),
-                ("MAP", map.into()),
-                ("COMBINE", combine.into()),
-                ("FINISH", finish.into()),
-            ],
-        };
-        let pipeline = ctx.pipeline(&key, || {
-            REDUCE_WGSL
-                .replace("{{WG}}", &wg.to_string())
-                .replace("{{INIT}}", init)
-                .replace("{{MAP}}", map)
-                .replace("{{COMBINE}}", combine)
-                .replace("{{FINISH}}", finish)
-        })?;
-        let u = vec![u32_of("rows", rows)?, u32_of("length", len)?, u32_of("length", inner)?, gx, eps, 0, 0, 0];
-        rec.dispatch(
-            pipeline,
-            words(&u),
-            vec![Binding { index: 1, buffer: x.buffer.clone() }, Binding { index: 3, buffer: out.buffer.clone() }],
-            (gx, gy, 1),
-        );
-        Ok(())
-    }
+/// One workgroup per output row of a reduction family entry (`reduce_main`, `rms_main`).
+#[allow(clippy::too_many_arguments)]
+fn row_dispatch(
+    ctx: &Context,
+    rec: &mut Recorder,
+    x: &GpuTensor,
+    out: &GpuTensor,
+    entry: &'static str,
+    [init, map, combine, finish]: [&str; 4],
+    (rows, len, inner): (usize, usize, usize),
+    eps: u32,
+) -> Result<()> {
+    let (gx, gy) = ctx.grid(rows as u64)?;
+    let spec = vec![
+        ("WG", softmax_wg(ctx).to_string()),
+        ("INIT", init.into()),
+        ("MAP", map.into()),
+        ("COMBINE", combine.into()),
+        ("FINISH", finish.into()),
+    ];
+    let u = [u32_of("rows", rows)?, u32_of("length", len)?, u32_of("length", inner)?, gx, eps, 0, 0, 0];
+    launch(ctx, rec, "reduce", entry, spec, &u, &[(1, x), (3, out)], (gx, gy, 1))
 }
 
 /// (rows, len, inner) of a reduction over adjacent `axes` (size-1 axes in between are fine).
@@ -1044,28 +968,13 @@ fn strided_copy(
         return Ok(());
     }
     let (shape, sa, so) = collapse(shape, sa, so);
-    if shape.len() > MAX_RANK {
-        return Err(Error::new(format!("webgpu: rank {} exceeds the copy kernel's {MAX_RANK}", shape.len())));
-    }
-    let (gx, gy) = ctx.grid((n as u64).div_ceil(WG as u64))?;
-    let key = PipelineKey { family: "layout", entry: "copy_main", spec: vec![] };
-    let pipeline = ctx.pipeline(&key, || LAYOUT_WGSL.replace("{{WG}}", &WG.to_string()))?;
-    let mut u =
-        vec![u32_of("length", n)?, shape.len() as u32, gx, u32_of("offset", a_off)?, u32_of("offset", o_off)?, 0, 0, 0];
+    let (gx, gy) = grid_for(ctx, n)?;
+    let mut u = vec![u32_of("length", n)?, shape.len() as u32, gx, u32_of("offset", a_off)?, u32_of("offset", o_off)?];
+    u.extend([0, 0, 0]);
     for v in [&shape, &sa, &so] {
-        let mut block = [0u32; 8];
-        for (i, x) in v.iter().enumerate() {
-            block[i] = u32_of("dim", *x)?;
-        }
-        u.extend(block);
+        push_block(&mut u, v, MAX_RANK)?;
     }
-    rec.dispatch(
-        pipeline,
-        words(&u),
-        vec![Binding { index: 1, buffer: a.buffer.clone() }, Binding { index: 3, buffer: out.buffer.clone() }],
-        (gx, gy, 1),
-    );
-    Ok(())
+    launch(ctx, rec, "layout", "copy_main", vec![], &u, &[(1, a), (3, out)], (gx, gy, 1))
 }
 
 fn softmax_wg(ctx: &Context) -> u32 {
@@ -1074,8 +983,4 @@ fn softmax_wg(ctx: &Context) -> u32 {
         wg /= 2;
     }
     wg
-}
-
-fn elementwise_source(unary: &str, binary: &str) -> String {
-    ELEMENTWISE_WGSL.replace("{{WG}}", &WG.to_string()).replace("{{UNARY}}", unary).replace("{{BINARY}}", binary)
 }

@@ -1,7 +1,7 @@
 // Data movement on 4-byte elements (f32 bit patterns, copied as u32): one strided copy,
 // out[o_off + sum(c_d * o_strides_d)] = a[a_off + sum(c_d * a_strides_d)] over the iteration `shape`.
 // Transpose (MoveAxis), Expand (MultiBroadcastTo: stride 0), Slice (offset) and each input of a Concat (output
-// offset) are all this one kernel. {{WG}}: workgroup size. Shapes, strides and offsets are uniforms.
+// offset) are all this one kernel. Shapes, strides and offsets are uniforms (offsets3 etc.: the prelude).
 
 struct Params {
     n: u32,
@@ -21,25 +21,14 @@ struct Params {
 @group(0) @binding(1) var<storage, read> a: array<u32>;
 @group(0) @binding(3) var<storage, read_write> out: array<u32>;
 
-@compute @workgroup_size({{WG}})
+@compute @workgroup_size(WG)
 fn copy_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let i = (wid.x + wid.y * p.groups_x) * {{WG}}u + lid;
+    let i = flat_index(wid, lid, p.groups_x);
     if (i >= p.n) {
         return;
     }
-    var rem = i;
-    var ia = p.a_off;
-    var io = p.o_off;
-    for (var d = p.rank; d > 0u; d = d - 1u) {
-        let q = (d - 1u) / 4u;
-        let r = (d - 1u) % 4u;
-        let dim = p.shape[q][r];
-        let c = rem % dim;
-        rem = rem / dim;
-        ia = ia + c * p.a_strides[q][r];
-        io = io + c * p.o_strides[q][r];
-    }
-    out[io] = a[ia];
+    let o = offsets3(i, p.rank, p.shape, p.a_strides, p.o_strides, p.o_strides);
+    out[p.o_off + o.y] = a[p.a_off + o.x];
 }
 
 // Gather along one axis: out[o, j, k] = a[o, idx[j], k] with `inner` = p.o_off elements per row, p.a_off the
@@ -47,9 +36,9 @@ fn copy_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
 // i32). An index out of range is clamped (the CPU reference reports an error; the GPU never reads out of bounds).
 @group(0) @binding(2) var<storage, read> idx: array<i32>;
 
-@compute @workgroup_size({{WG}})
+@compute @workgroup_size(WG)
 fn gather_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let i = (wid.x + wid.y * p.groups_x) * {{WG}}u + lid;
+    let i = flat_index(wid, lid, p.groups_x);
     if (i >= p.n) {
         return;
     }
