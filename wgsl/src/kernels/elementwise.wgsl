@@ -1,7 +1,7 @@
 // Elementwise kernels on f32 (bools as 0.0 / 1.0): unary (`unary_main`), binary with numpy broadcasting
-// (`binary_main`) and Where (`where_main`: c ? a : b, broadcast, with the condition at binding 4).
-// The host substitutes {{UNARY}} and {{BINARY}} (one expression each, per specialisation); WG, b2f, is_nan and
-// offsets3 come from the prelude.
+// (`binary_main`; `binary_int_main` on i32 bits) and Where (`where_main`: c ? a : b, broadcast, with the condition
+// at binding 4). The host substitutes {{UNARY}}, {{BINARY}} and {{BINARY_INT}} (one expression each, per
+// specialisation); WG, b2f, is_nan and offsets3 come from the prelude.
 // Shapes and strides are uniforms: a new length never recompiles.
 
 struct Params {
@@ -67,6 +67,11 @@ fn op_binary(x: f32, y: f32) -> f32 {
     return {{BINARY}};
 }
 
+// Integer operands (i32 bits; i64 lives on the GPU as i32): the result as stored (an i32's bits, or a bool).
+fn op_binary_int(x: i32, y: i32) -> f32 {
+    return {{BINARY_INT}};
+}
+
 @compute @workgroup_size(WG)
 fn unary_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let i = flat_index(wid, lid, p.groups_x);
@@ -87,11 +92,22 @@ fn binary_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
 }
 
 @compute @workgroup_size(WG)
+fn binary_int_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, lid, p.groups_x);
+    if (i >= p.n) {
+        return;
+    }
+    let o = offsets3(i, p.rank, p.shape, p.a_strides, p.b_strides, p.c_strides);
+    out[i] = op_binary_int(bitcast<i32>(a[o.x]), bitcast<i32>(b[o.y]));
+}
+
+@compute @workgroup_size(WG)
 fn where_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let i = flat_index(wid, lid, p.groups_x);
     if (i >= p.n) {
         return;
     }
     let o = offsets3(i, p.rank, p.shape, p.a_strides, p.b_strides, p.c_strides);
-    out[i] = select(b[o.y], a[o.x], c[o.z] != 0.0);
+    // on the bits: integers (i32 bits) pass through unchanged
+    out[i] = bitcast<f32>(select(bitcast<u32>(b[o.y]), bitcast<u32>(a[o.x]), c[o.z] != 0.0));
 }
