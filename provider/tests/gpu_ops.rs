@@ -604,7 +604,10 @@ fn transpose_matches_cpu() {
         (&[0, 3], &[1, 0]),
         (&[257, 3], &[1, 0]),
     ];
-    let graphs = cases.iter().map(|(s, p)| Graph::new("Transpose", &[s]).attr(attr_ints("perm", p))).collect();
+    let mut graphs: Vec<Graph> =
+        cases.iter().map(|(s, p)| Graph::new("Transpose", &[s]).attr(attr_ints("perm", p))).collect();
+    // integers move as bits
+    graphs.extend(cases.iter().map(|(s, p)| Graph::new("Transpose", &[s]).attr(attr_ints("perm", p)).ints(&[0])));
     check_all(&mut rng, graphs, 0.0);
 }
 
@@ -623,7 +626,12 @@ fn concat_matches_cpu() {
         (&[&[300, 7], &[300, 9]], -1),
         (&[&[1, 2, 1, 64], &[1, 2, 3, 64]], 2),
     ];
-    let graphs = cases.iter().map(|(s, a)| Graph::new("Concat", s).attr(attr_int("axis", *a))).collect();
+    let mut graphs: Vec<Graph> =
+        cases.iter().map(|(s, a)| Graph::new("Concat", s).attr(attr_int("axis", *a))).collect();
+    for (s, a) in cases {
+        let ints: Vec<usize> = (0..s.len()).collect();
+        graphs.push(Graph::new("Concat", s).attr(attr_int("axis", *a)).ints(&ints).all_gpu());
+    }
     check_all(&mut rng, graphs, 0.0);
 }
 
@@ -666,7 +674,9 @@ fn expand_matches_cpu() {
         (&[2, 1], &[2, 0]),
         (&[1, 1], &[1, 1]),
     ];
-    let graphs = cases.iter().map(|(s, t)| Graph::new("Expand", &[s]).init(i64_init("shape", t))).collect();
+    let mut graphs: Vec<Graph> =
+        cases.iter().map(|(s, t)| Graph::new("Expand", &[s]).init(i64_init("shape", t))).collect();
+    graphs.extend(cases.iter().map(|(s, t)| Graph::new("Expand", &[s]).init(i64_init("shape", t)).ints(&[0])));
     check_all(&mut rng, graphs, 0.0);
 }
 
@@ -774,14 +784,15 @@ fn gather_matches_cpu() {
         (&[6, 2], &[], &[0], 0),
         (&[1000, 3], &[999, 0, 500], &[3], 0),
     ];
-    let graphs = cases
-        .iter()
-        .map(|(s, idx, ishape, axis)| {
+    let mut graphs = vec![];
+    for ints in [false, true] {
+        for (s, idx, ishape, axis) in cases {
             let mut t = i64_init("idx", idx);
             t.dims = ishape.iter().map(|d| *d as i64).collect();
-            Graph::new("Gather", &[s]).init(t).attr(attr_int("axis", *axis))
-        })
-        .collect();
+            let g = Graph::new("Gather", &[s]).init(t).attr(attr_int("axis", *axis));
+            graphs.push(if ints { g.ints(&[0]) } else { g });
+        }
+    }
     check_all(&mut rng, graphs, 0.0);
 }
 

@@ -191,6 +191,16 @@ fn kernel_of(model: &TypedModel, node: &TypedNode, caps: &Caps) -> Result<Kernel
         }
         Kernel::Downsample { axis: d.axis, stride: d.stride, modulo: d.modulo }
     } else if let Some(p) = node.op_as::<Pad>() {
+        if !matches!(p.mode, PadMode::Constant(_)) {
+            // the CPU reads a reflection wider than the axis from the padded border: keep it there
+            let fact = model.outlet_fact(node.inputs[0]).map_err(|e| e.to_string())?;
+            for (d, (a, b)) in fact.shape.iter().zip(&p.pads) {
+                let wide = |n: usize| (p.mode == PadMode::Reflect && (*a >= n || *b >= n)) || n == 0;
+                if d.to_usize().is_ok_and(|n| (*a > 0 || *b > 0) && wide(n)) {
+                    return Err(format!("{:?} padding by {:?} of an axis of {d}", p.mode, (a, b)));
+                }
+            }
+        }
         let mode = match &p.mode {
             PadMode::Reflect => PadKind::Reflect,
             PadMode::Edge => PadKind::Edge,
