@@ -1188,3 +1188,95 @@ fn split_and_views_match_cpu() {
     }
     check_all(&mut rng, graphs, 0.0);
 }
+
+/// Range on the GPU: its length must be a dim the run knows (an input's symbol), so the model takes `x` of a
+/// symbolic length `S` and builds `Range(start, Cast(Shape(x)[0]) + shift, step)` in int32 (`elem` 6) or int64.
+fn range_model(elem: i32, start: i64, shift: i64, step: i64) -> Vec<u8> {
+    let dim = |v: DimValue| pb::tensor_shape_proto::Dimension { value: Some(v), ..Default::default() };
+    let tensor = |elem: i32, shape: Vec<pb::tensor_shape_proto::Dimension>| pb::TypeProto {
+        value: Some(TypeValue::TensorType(pb::type_proto::Tensor {
+            elem_type: elem,
+            shape: Some(pb::TensorShapeProto { dim: shape }),
+        })),
+        ..Default::default()
+    };
+    let scalar = |name: &str, v: i64| {
+        if elem == 6 {
+            pb::TensorProto { name: name.into(), data_type: 6, int32_data: vec![v as i32], ..Default::default() }
+        } else {
+            i64_scalar(name, v)
+        }
+    };
+    let node = |op: &str, inputs: &[&str], output: &str, attrs: Vec<pb::AttributeProto>| pb::NodeProto {
+        op_type: op.into(),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![output.into()],
+        attribute: attrs,
+        ..Default::default()
+    };
+    let graph = pb::GraphProto {
+        name: "g".into(),
+        node: vec![
+            node("Shape", &["x"], "shape", vec![]),
+            node("Gather", &["shape", "zero"], "len", vec![attr_int("axis", 0)]),
+            node("Cast", &["len"], "len_cast", vec![attr_int("to", elem as i64)]),
+            node("Add", &["len_cast", "shift"], "limit", vec![]),
+            node("Range", &["start", "limit", "step"], "y", vec![]),
+        ],
+        input: vec![pb::ValueInfoProto {
+            name: "x".into(),
+            r#type: Some(tensor(1, vec![dim(DimValue::DimParam("S".into()))])),
+            ..Default::default()
+        }],
+        initializer: vec![i64_scalar("zero", 0), scalar("shift", shift), scalar("start", start), scalar("step", step)],
+        output: vec![pb::ValueInfoProto { name: "y".into(), ..Default::default() }],
+        ..Default::default()
+    };
+    pb::ModelProto {
+        ir_version: 8,
+        opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: 17 }],
+        graph: Some(graph),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+#[test]
+fn range_matches_cpu() {
+    if !gpu_available() {
+        return;
+    }
+    let mut failures = vec![];
+    // int32 (an int64 cast of a shape stays a TDim in tract: shape arithmetic, on the CPU)
+    for elem in [6] {
+        for (start, shift, step) in [(0, 0, 1), (3, 5, 2), (-4, 0, 3), (2, 0, 1), (5, 1, 1)] {
+            let bytes = range_model(elem, start, shift, step);
+            let what = format!("Range elem {elem} start {start} limit S+{shift} step {step}");
+            let cpu = Session::from_bytes(&bytes, &options(ExecutionProvider::Cpu)).expect("cpu");
+            let gpu = Session::from_bytes(&bytes, &options(ExecutionProvider::WebGpu)).expect("gpu");
+            let report = gpu.gpu_placement().expect("placement");
+            let range = report.nodes.iter().find(|n| n.op == "Range");
+            if range.is_none_or(|n| n.device != kiln_provider::Device::Gpu) {
+                failures.push(format!("{what}: Range not on the GPU: {:?}", report.nodes));
+                continue;
+            }
+            gpu.set_gpu_poison(true);
+            // one session, several lengths (S is a uniform: no recompilation), including 0 and beyond a workgroup
+            for s in [1usize, 7, 300, 0, 70001] {
+                let x = Tensor::from_vec(&[s], vec![0.5f32; s]).unwrap();
+                let want = cpu.run(vec![("x".to_string(), x.clone())]).map_err(|e| format!("{what}: cpu: {e}"));
+                let got = gpu.run(vec![("x".to_string(), x)]).map_err(|e| format!("{what}: gpu: {e}"));
+                match (want, got) {
+                    (Ok(w), Ok(g)) => {
+                        let (w, g) = (w.output("y").unwrap(), g.output("y").unwrap());
+                        if w.dims() != g.dims() || w.to_f64_vec().unwrap() != g.to_f64_vec().unwrap() {
+                            failures.push(format!("{what} S={s}: gpu {:?} vs cpu {:?}", g.dims(), w.dims()));
+                        }
+                    }
+                    (w, g) => failures.push(format!("{what} S={s}: {:?} / {:?}", w.err(), g.err())),
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+}

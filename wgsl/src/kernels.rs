@@ -401,6 +401,11 @@ pub enum Kernel {
     Trilu {
         upper: bool,
     },
+    /// tract's Range on integers: inputs (start, limit, step) as scalars on the GPU, `len` elements (a dim the run's
+    /// symbols give: never one only the CPU's evaluation could tell).
+    Range {
+        len: TDim,
+    },
     /// tract's CumSum along `axis`.
     CumSum {
         axis: usize,
@@ -660,6 +665,7 @@ impl Kernel {
             Kernel::Tile { .. } => "Tile".into(),
             Kernel::Trilu { .. } => "Trilu".into(),
             Kernel::CumSum { .. } => "CumSum".into(),
+            Kernel::Range { .. } => "Range".into(),
         }
     }
 
@@ -701,6 +707,7 @@ impl Kernel {
                 _ => None,
             },
             Kernel::CumSum { .. } => (all(F32) || int.is_some()).then_some(first?),
+            Kernel::Range { .. } => int,
             Kernel::Reduce { op, .. } if op.is_arg() => all(F32).then_some(I64),
             _ => all(F32).then_some(F32),
         }
@@ -725,6 +732,7 @@ impl Kernel {
             | Kernel::Gather { .. }
             | Kernel::GatherNd { .. }
             | Kernel::Trilu { .. } => 2,
+            Kernel::Range { .. } => 3,
             Kernel::Where => 3,
             Kernel::Concat { inputs, .. } => *inputs,
         }
@@ -743,6 +751,14 @@ impl Kernel {
         match self {
             Kernel::Unary(_) | Kernel::Softmax { .. } | Kernel::RmsNorm { .. } | Kernel::CumSum { .. } => {
                 Ok(inputs[0].into())
+            }
+            Kernel::Range { len } => {
+                if inputs.iter().any(|i| i.iter().product::<usize>() != 1) {
+                    return Err(Error::new(format!("webgpu: Range of non-scalars {inputs:?}")));
+                }
+                // a limit short of the start: no element (like the CPU)
+                let n = len.eval_to_i64(syms).map_err(|_| Error::new(format!("webgpu: dim {len} has no value")))?;
+                Ok(tvec![n.max(0) as usize])
             }
             Kernel::Trilu { .. } => {
                 if inputs[0].len() < 2 || inputs[1].iter().product::<usize>() != 1 {
@@ -1066,6 +1082,13 @@ impl Kernel {
                 u.extend([0u32; 16]);
                 let b = [(1, inputs[0]), (2, inputs[1]), (3, &out)];
                 launch(ctx, rec, "layout", "gather_nd_main", vec![], &u, &b, (gx, gy, 1))?;
+            }
+            Kernel::Range { .. } => {
+                let mut u = vec![u32_of("length", n)?, 0, gx];
+                u.extend([0u32; 37]);
+                // binding 2 (i32): start, binding 1: step
+                let b = [(1, inputs[2]), (2, inputs[0]), (3, &out)];
+                launch(ctx, rec, "layout", "range_main", vec![], &u, &b, (gx, gy, 1))?;
             }
             Kernel::CumSum { axis, exclusive, reverse } => {
                 let shape = &inputs[0].shape;

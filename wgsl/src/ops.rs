@@ -5,7 +5,7 @@
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::array::{
-    CumSum, Gather, GatherNd, MultiBroadcastTo, Pad, PadMode, Slice, Tile, Trilu, TypedConcat,
+    CumSum, Gather, GatherNd, MultiBroadcastTo, Pad, PadMode, Range, Slice, Tile, Trilu, TypedConcat,
 };
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::cast::Cast;
@@ -214,6 +214,20 @@ fn kernel_of(model: &TypedModel, node: &TypedNode, caps: &Caps) -> Result<Kernel
         Kernel::Tile { multipliers: t.multipliers.to_vec() }
     } else if let Some(t) = node.op_as::<Trilu>() {
         Kernel::Trilu { upper: t.upper }
+    } else if node.op_is::<Range>() {
+        // the length must come from the run's symbols (an input's dims), not from the values on the GPU
+        let len = node.outputs[0].fact.shape.iter().next().cloned().ok_or("a Range without a length")?;
+        let mut known = std::collections::HashSet::new();
+        for i in model.input_outlets().map_err(|e| e.to_string())? {
+            let f = model.outlet_fact(*i).map_err(|e| e.to_string())?;
+            for d in f.shape.iter() {
+                known.extend(d.symbols());
+            }
+        }
+        if !len.symbols().iter().all(|s| known.contains(s)) {
+            return Err(format!("Range of a length only its values tell ({len})"));
+        }
+        Kernel::Range { len }
     } else if let Some(c) = node.op_as::<CumSum>() {
         Kernel::CumSum { axis: c.axis, exclusive: c.exclusive, reverse: c.reverse }
     } else if node.op_is::<Iff>() {

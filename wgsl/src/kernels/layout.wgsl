@@ -2,7 +2,7 @@
 // arithmetic). One strided copy, out[o_off + sum(c_d * o_strides_d)] = a[a_off + sum(c_d * a_strides_d)] over the
 // iteration `shape`: Transpose (MoveAxis), Expand (MultiBroadcastTo: stride 0), Slice (offset), Downsample (strided
 // Slice: a negative step is a wrapping u32 stride) and each input of a Concat (output offset) are all this one
-// kernel. Also Gather, GatherND, Pad / Tile (`remap_main`) and Trilu. Shapes, strides and offsets are uniforms (offsets3 etc.: the prelude).
+// kernel. Also Gather, GatherND, Pad / Tile (`remap_main`), Trilu and integer Range. Shapes, strides and offsets are uniforms (offsets3 etc.: the prelude).
 
 struct Params {
     n: u32,
@@ -142,4 +142,14 @@ fn gather_nd_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
         ia = ia + u32(clamp(at, 0, max(dim - 1, 0))) * at8(p.a_strides, t);
     }
     out[i] = a[ia];
+}
+
+// Integer Range: out[i] = start + i * step, start = idx[0], step = a[0] (i32 bits; adds wrap like i32).
+@compute @workgroup_size(WG)
+fn range_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, lid, p.groups_x);
+    if (i >= p.n) {
+        return;
+    }
+    out[i] = bitcast<u32>(idx[0] + i32(i) * bitcast<i32>(a[0]));
 }
