@@ -1064,7 +1064,7 @@ fn trilu_matches_cpu() {
     for s in shapes {
         for upper in [0, 1] {
             graphs.push(Graph::new("Trilu", &[s]).attr(attr_int("upper", upper)).opset(14).all_gpu());
-            for k in [-1, 2, 10, -10] {
+            for k in [-1, 2, 10, -10, i32::MAX as i64, i32::MIN as i64 + 1] {
                 let g = || {
                     Graph::new("Trilu", &[s])
                         .init(i64_scalar("k", k))

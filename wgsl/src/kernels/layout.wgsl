@@ -112,7 +112,9 @@ fn trilu_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
     let cols = max(p.o_off, 1u);
     let col = i32(i % cols);
     let row = i32((i / cols) % max(p.a_off, 1u));
-    let k = idx[0];
+    // (a k past the matrix acts as the matrix's own extent: no i32 overflow in row + k)
+    let extent = i32(min(cols + max(p.a_off, 1u), 0x3fffffffu));
+    let k = clamp(idx[0], -extent, extent);
     var keep = col <= row + k;
     if (p._p0 == 1u) {
         keep = col >= row + k;
