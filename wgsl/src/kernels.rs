@@ -7,11 +7,14 @@ use crate::context::{Context, PipelineKey};
 use crate::exec::{Binding, GpuTensor, Recorder};
 use crate::{Error, Result};
 
+/// Shared helpers (index arithmetic, bool encoding), prepended to every family.
+pub const PRELUDE_WGSL: &str = include_str!("kernels/prelude.wgsl");
 pub const ELEMENTWISE_WGSL: &str = include_str!("kernels/elementwise.wgsl");
 pub const MATMUL_WGSL: &str = include_str!("kernels/matmul.wgsl");
 pub const SOFTMAX_WGSL: &str = include_str!("kernels/softmax.wgsl");
 pub const LAYOUT_WGSL: &str = include_str!("kernels/layout.wgsl");
 pub const REDUCE_WGSL: &str = include_str!("kernels/reduce.wgsl");
+pub const SCAN_WGSL: &str = include_str!("kernels/scan.wgsl");
 
 /// Ranks the elementwise and matmul uniforms have room for.
 pub const MAX_RANK: usize = 8;
@@ -202,6 +205,26 @@ impl BinaryOp {
             _ => return None,
         })
     }
+    /// The expression on i32 operands (`None`: no integer kernel).
+    fn int_expr(&self) -> Option<&'static str> {
+        Some(match self {
+            BinaryOp::Add => "bitcast<f32>(x + y)",
+            BinaryOp::Sub => "bitcast<f32>(x - y)",
+            BinaryOp::SubF => "bitcast<f32>(y - x)",
+            BinaryOp::Mul => "bitcast<f32>(x * y)",
+            // truncating, like Rust's (and the CPU's) integer division
+            BinaryOp::Div => "bitcast<f32>(x / y)",
+            BinaryOp::Max => "bitcast<f32>(max(x, y))",
+            BinaryOp::Min => "bitcast<f32>(min(x, y))",
+            BinaryOp::Eq => "b2f(x == y)",
+            BinaryOp::Ne => "b2f(x != y)",
+            BinaryOp::Lt => "b2f(x < y)",
+            BinaryOp::Gt => "b2f(x > y)",
+            BinaryOp::Lte => "b2f(x <= y)",
+            BinaryOp::Gte => "b2f(x >= y)",
+            BinaryOp::Pow | BinaryOp::And | BinaryOp::Or => return None,
+        })
+    }
     fn expr(&self) -> String {
         match self {
             BinaryOp::Add => "x + y",
@@ -354,6 +377,50 @@ pub enum Kernel {
     Gather {
         axis: usize,
     },
+    /// tract's GatherNd (ONNX GatherND): inputs (data, indices), the first `batch_dims` axes shared.
+    GatherNd {
+        batch_dims: usize,
+    },
+    /// tract's Downsample (what a Slice with a step becomes): every `stride`-th element of `axis` from `modulo`;
+    /// a negative stride walks from the end.
+    Downsample {
+        axis: usize,
+        stride: isize,
+        modulo: usize,
+    },
+    /// tract's Pad: (before, after) per axis.
+    Pad {
+        pads: Vec<(usize, usize)>,
+        mode: PadKind,
+    },
+    /// tract's Tile: each axis repeated (symbolic multipliers take the run's values).
+    Tile {
+        multipliers: Vec<TDim>,
+    },
+    /// tract's Trilu over the last two axes: inputs (x, k: a scalar i64).
+    Trilu {
+        upper: bool,
+    },
+    /// tract's Range on integers: inputs (start, limit, step) as scalars on the GPU, `len` elements (a dim the run's
+    /// symbols give: never one only the CPU's evaluation could tell).
+    Range {
+        len: TDim,
+    },
+    /// tract's CumSum along `axis`.
+    CumSum {
+        axis: usize,
+        exclusive: bool,
+        reverse: bool,
+    },
+}
+
+/// How [`Kernel::Pad`] fills the border.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PadKind {
+    /// A constant: its bits as the GPU stores the element type.
+    Constant(u32),
+    Reflect,
+    Edge,
 }
 
 /// The reductions of [`Kernel::Reduce`].
@@ -364,10 +431,20 @@ pub enum ReduceOp {
     Max,
     Min,
     MeanOfSquares,
+    /// The index of the largest / smallest element (i64; the last one among ties when `last`).
+    ArgMax {
+        last: bool,
+    },
+    ArgMin {
+        last: bool,
+    },
 }
 
 impl ReduceOp {
     /// (init, map of `v`, combine of `a` and `b`, finish of `acc` and `n`)
+    fn is_arg(&self) -> bool {
+        matches!(self, ReduceOp::ArgMax { .. } | ReduceOp::ArgMin { .. })
+    }
     fn exprs(&self) -> [&'static str; 4] {
         match self {
             ReduceOp::Sum => ["0.0", "v", "a + b", "acc"],
@@ -375,6 +452,8 @@ impl ReduceOp {
             ReduceOp::Max => ["-3.4028235e38", "v", "max(a, b)", "acc"],
             ReduceOp::Min => ["3.4028235e38", "v", "min(a, b)", "acc"],
             ReduceOp::MeanOfSquares => ["0.0", "v * v", "a + b", "acc / max(n, 1.0)"],
+            ReduceOp::ArgMax { .. } => ["-3.4028235e38", "v", "a", "acc"],
+            ReduceOp::ArgMin { .. } => ["3.4028235e38", "v", "a", "acc"],
         }
     }
 }
@@ -387,6 +466,96 @@ fn words(v: &[u32]) -> Vec<u8> {
 
 fn u32_of(what: &str, v: usize) -> Result<u32> {
     u32::try_from(v).map_err(|_| Error::new(format!("webgpu: {what} {v} exceeds 32-bit indexing")))
+}
+
+/// The specialised WGSL of a family: the prelude, then the family's text, with every `{{NAME}}` of `spec` replaced
+/// (`WG` defaults to 256).
+fn shader_source(family: &str, spec: &[(&'static str, String)]) -> Result<String> {
+    let body = match family {
+        "elementwise" => ELEMENTWISE_WGSL,
+        "matmul" => MATMUL_WGSL,
+        "softmax" => SOFTMAX_WGSL,
+        "layout" => LAYOUT_WGSL,
+        "reduce" => REDUCE_WGSL,
+        "scan" => SCAN_WGSL,
+        other => return Err(Error::new(format!("webgpu: no kernel family {other}"))),
+    };
+    let mut text = format!("{PRELUDE_WGSL}\n{body}");
+    for (k, v) in spec {
+        text = text.replace(&format!("{{{{{k}}}}}"), v);
+    }
+    // what a specialisation leaves out (the placeholders of the family's other entries)
+    for (k, v) in SPEC_DEFAULTS {
+        text = text.replace(&format!("{{{{{k}}}}}"), v);
+    }
+    if let Some(at) = text.find("{{") {
+        let name: String = text[at..].chars().take(24).collect();
+        return Err(Error::new(format!("webgpu: {family} left unspecialised at {name}")));
+    }
+    Ok(text)
+}
+
+/// Values of the placeholders a specialisation does not set.
+const SPEC_DEFAULTS: [(&str, &str); 12] = [
+    ("TYPE", "f32"),
+    ("WG", "256"),
+    ("UNARY", "x"),
+    ("BINARY", "x"),
+    ("BINARY_INT", "bitcast<f32>(x)"),
+    ("LOG", "false"),
+    ("INIT", "0.0"),
+    ("MAP", "v"),
+    ("COMBINE", "a + b"),
+    ("FINISH", "acc"),
+    ("ARG_CMP", "false"),
+    ("ARG_TIE", "false"),
+];
+
+/// One dispatch of `family::entry` specialised by `spec`: the uniform block at binding 0, `bindings` (binding
+/// index, tensor) for the storage buffers, `groups` workgroups.
+#[allow(clippy::too_many_arguments)]
+fn launch(
+    ctx: &Context,
+    rec: &mut Recorder,
+    family: &'static str,
+    entry: &'static str,
+    spec: Vec<(&'static str, String)>,
+    uniform: &[u32],
+    bindings: &[(u32, &GpuTensor)],
+    groups: (u32, u32, u32),
+) -> Result<()> {
+    let key = PipelineKey { family, entry, spec };
+    let mut failed = None;
+    let pipeline = ctx.pipeline(&key, || {
+        shader_source(family, &key.spec).unwrap_or_else(|e| {
+            failed = Some(e);
+            String::new()
+        })
+    });
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    let pipeline = pipeline?;
+    let bindings = bindings.iter().map(|(index, t)| Binding { index: *index, buffer: t.buffer.clone() }).collect();
+    rec.dispatch(pipeline, words(uniform), bindings, groups);
+    Ok(())
+}
+
+/// Appends `v` to a uniform as a block of `len` words (zero-filled), each checked to fit a u32.
+fn push_block(u: &mut Vec<u32>, v: &[usize], len: usize) -> Result<()> {
+    if v.len() > len {
+        return Err(Error::new(format!("webgpu: {} dims exceed the kernel's {len}", v.len())));
+    }
+    for x in v {
+        u.push(u32_of("dim", *x)?);
+    }
+    u.extend(std::iter::repeat_n(0, len - v.len()));
+    Ok(())
+}
+
+/// (x, y) workgroups for `n` invocations of `WG` each.
+fn grid_for(ctx: &Context, n: usize) -> Result<(u32, u32)> {
+    ctx.grid((n as u64).div_ceil(WG as u64))
 }
 
 fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
@@ -490,36 +659,56 @@ impl Kernel {
             Kernel::RmsNorm { .. } => "RmsNorm".into(),
             Kernel::Where => "Where".into(),
             Kernel::Gather { .. } => "Gather".into(),
+            Kernel::GatherNd { .. } => "GatherNd".into(),
+            Kernel::Downsample { .. } => "Downsample".into(),
+            Kernel::Pad { .. } => "Pad".into(),
+            Kernel::Tile { .. } => "Tile".into(),
+            Kernel::Trilu { .. } => "Trilu".into(),
+            Kernel::CumSum { .. } => "CumSum".into(),
+            Kernel::Range { .. } => "Range".into(),
         }
     }
 
     /// The output element type for inputs of `dts`, or `None` when the kernel does not take them. Bools live on
-    /// the GPU as f32 0.0 / 1.0.
+    /// the GPU as f32 0.0 / 1.0, i64 as i32 (range-checked at upload); data movement takes any of f32, bool, i32
+    /// and i64 (4-byte elements moved as bits).
     pub fn output_dt(&self, dts: &[DatumType]) -> Option<DatumType> {
-        use DatumType::{Bool, F32};
+        use DatumType::{Bool, F32, I32, I64};
         let all = |dt: DatumType| dts.iter().all(|d| *d == dt);
+        let first = dts.first().copied();
+        let int = first.filter(|d| matches!(d, I32 | I64) && all(*d));
+        let moved = first.filter(|d| gpu_repr(*d).is_some() && all(*d));
         match self {
             Kernel::Unary(UnaryOp::IsNan) => all(F32).then_some(Bool),
             Kernel::Unary(UnaryOp::Not) => all(Bool).then_some(Bool),
             Kernel::Unary(UnaryOp::Cast { from, to }) => (all(*from) && cast_supported(*from, *to)).then_some(*to),
-            Kernel::Binary(op) if op.is_comparison() => all(F32).then_some(Bool),
+            Kernel::Binary(BinaryOp::Eq | BinaryOp::Ne) if all(Bool) => Some(Bool),
+            Kernel::Binary(op) if op.is_comparison() => (all(F32) || int.is_some()).then_some(Bool),
             Kernel::Binary(op) if op.is_logical() => all(Bool).then_some(Bool),
+            Kernel::Binary(op) if int.is_some() => op.int_expr().and(int),
             Kernel::View(_)
             | Kernel::MoveAxis { .. }
             | Kernel::Broadcast { .. }
             | Kernel::Slice { .. }
-            | Kernel::Concat { .. } => {
-                let dt = *dts.first()?;
-                (matches!(dt, F32 | Bool) && all(dt)).then_some(dt)
-            }
-            Kernel::Gather { .. } => match dts {
-                [d, DatumType::I64 | DatumType::I32] if matches!(*d, F32 | Bool) => Some(*d),
+            | Kernel::Concat { .. }
+            | Kernel::Downsample { .. }
+            | Kernel::Pad { .. }
+            | Kernel::Tile { .. } => moved,
+            Kernel::Gather { .. } | Kernel::GatherNd { .. } => match dts {
+                [d, I64 | I32] if gpu_repr(*d).is_some() => Some(*d),
+                _ => None,
+            },
+            Kernel::Trilu { .. } => match dts {
+                [d, I64] if gpu_repr(*d).is_some() => Some(*d),
                 _ => None,
             },
             Kernel::Where => match dts {
-                [Bool, t, f] if t == f && matches!(*t, F32 | Bool) => Some(*t),
+                [Bool, t, f] if t == f && gpu_repr(*t).is_some() => Some(*t),
                 _ => None,
             },
+            Kernel::CumSum { .. } => (all(F32) || int.is_some()).then_some(first?),
+            Kernel::Range { .. } => int,
+            Kernel::Reduce { op, .. } if op.is_arg() => all(F32).then_some(I64),
             _ => all(F32).then_some(F32),
         }
     }
@@ -533,8 +722,17 @@ impl Kernel {
             | Kernel::Broadcast { .. }
             | Kernel::Slice { .. }
             | Kernel::Reduce { .. }
-            | Kernel::RmsNorm { .. } => 1,
-            Kernel::Binary(_) | Kernel::MatMul { .. } | Kernel::Gather { .. } => 2,
+            | Kernel::RmsNorm { .. }
+            | Kernel::Downsample { .. }
+            | Kernel::Pad { .. }
+            | Kernel::Tile { .. }
+            | Kernel::CumSum { .. } => 1,
+            Kernel::Binary(_)
+            | Kernel::MatMul { .. }
+            | Kernel::Gather { .. }
+            | Kernel::GatherNd { .. }
+            | Kernel::Trilu { .. } => 2,
+            Kernel::Range { .. } => 3,
             Kernel::Where => 3,
             Kernel::Concat { inputs, .. } => *inputs,
         }
@@ -551,7 +749,61 @@ impl Kernel {
             )));
         }
         match self {
-            Kernel::Unary(_) | Kernel::Softmax { .. } | Kernel::RmsNorm { .. } => Ok(inputs[0].into()),
+            Kernel::Unary(_) | Kernel::Softmax { .. } | Kernel::RmsNorm { .. } | Kernel::CumSum { .. } => {
+                Ok(inputs[0].into())
+            }
+            Kernel::Range { len } => {
+                if inputs.iter().any(|i| i.iter().product::<usize>() != 1) {
+                    return Err(Error::new(format!("webgpu: Range of non-scalars {inputs:?}")));
+                }
+                // a limit short of the start: no element (like the CPU)
+                let n = len.eval_to_i64(syms).map_err(|_| Error::new(format!("webgpu: dim {len} has no value")))?;
+                Ok(tvec![n.max(0) as usize])
+            }
+            Kernel::Trilu { .. } => {
+                if inputs[0].len() < 2 || inputs[1].iter().product::<usize>() != 1 {
+                    return Err(Error::new(format!("webgpu: Trilu of {:?} with k of {:?}", inputs[0], inputs[1])));
+                }
+                Ok(inputs[0].into())
+            }
+            Kernel::Downsample { axis, stride, modulo } => {
+                let mut s: TVec<usize> = inputs[0].into();
+                let step = stride.unsigned_abs();
+                match s.get_mut(*axis) {
+                    Some(d) if step > 0 => *d = d.saturating_sub(*modulo).div_ceil(step),
+                    _ => return Err(Error::new(format!("webgpu: downsample {self:?} of {:?}", inputs[0]))),
+                }
+                Ok(s)
+            }
+            Kernel::Pad { pads, .. } => {
+                if pads.len() != inputs[0].len() {
+                    return Err(Error::new(format!("webgpu: pads {pads:?} for shape {:?}", inputs[0])));
+                }
+                Ok(inputs[0].iter().zip(pads).map(|(d, (a, b))| d + a + b).collect())
+            }
+            Kernel::Tile { multipliers } => {
+                if multipliers.len() != inputs[0].len() {
+                    return Err(Error::new(format!("webgpu: tile {multipliers:?} of shape {:?}", inputs[0])));
+                }
+                let mut s = tvec![];
+                for (d, m) in inputs[0].iter().zip(multipliers) {
+                    s.push(d * eval_dim(m, syms)?);
+                }
+                Ok(s)
+            }
+            Kernel::GatherNd { batch_dims } => {
+                let (d, i) = (inputs[0], inputs[1]);
+                let n = i.last().copied().unwrap_or(0);
+                if i.is_empty() || n == 0 || batch_dims + n > d.len() || i.len() <= *batch_dims {
+                    return Err(Error::new(format!("webgpu: GatherND of {d:?} with indices {i:?}")));
+                }
+                if d[..*batch_dims] != i[..*batch_dims] {
+                    return Err(Error::new(format!("webgpu: GatherND batch dims of {d:?} and {i:?} differ")));
+                }
+                let mut s: TVec<usize> = i[..i.len() - 1].into();
+                s.extend(d[batch_dims + n..].iter().copied());
+                Ok(s)
+            }
             Kernel::View(v) => v.output_shape(inputs[0], syms),
             Kernel::MoveAxis { from, to } => {
                 let perm = move_axis_perm(inputs[0].len(), *from, *to)?;
@@ -667,58 +919,45 @@ impl Kernel {
         if out.is_empty() {
             return Ok(out);
         }
+        let n = out.len();
+        let (gx, gy) = grid_for(ctx, n)?;
         match self {
+            Kernel::View(_) => {}
             Kernel::Unary(op) => {
-                let n = out.len();
-                let (gx, gy) = ctx.grid((n as u64).div_ceil(WG as u64))?;
-                let key = PipelineKey { family: "elementwise", entry: "unary_main", spec: vec![("UNARY", op.expr())] };
-                let pipeline = ctx.pipeline(&key, || elementwise_source(&op.expr(), "x"))?;
                 let mut u = vec![u32_of("length", n)?, 1, gx, 0];
                 u.extend([0u32; 32]);
-                rec.dispatch(
-                    pipeline,
-                    words(&u),
-                    vec![
-                        Binding { index: 1, buffer: inputs[0].buffer.clone() },
-                        Binding { index: 3, buffer: out.buffer.clone() },
-                    ],
-                    (gx, gy, 1),
-                );
+                let spec = vec![("UNARY", op.expr())];
+                let b = [(1, inputs[0]), (3, &out)];
+                launch(ctx, rec, "elementwise", "unary_main", spec, &u, &b, (gx, gy, 1))?;
             }
             Kernel::Binary(op) => {
-                let n = out.len();
                 let sa = broadcast_strides(&inputs[0].shape, &out_shape);
                 let sb = broadcast_strides(&inputs[1].shape, &out_shape);
                 let (shape, sa, sb) = collapse(&out_shape, &sa, &sb);
-                if shape.len() > MAX_RANK {
-                    return Err(Error::new(format!(
-                        "webgpu: rank {} exceeds the elementwise kernel's {MAX_RANK}",
-                        shape.len()
-                    )));
-                }
-                let (gx, gy) = ctx.grid((n as u64).div_ceil(WG as u64))?;
-                let key =
-                    PipelineKey { family: "elementwise", entry: "binary_main", spec: vec![("BINARY", op.expr())] };
-                let pipeline = ctx.pipeline(&key, || elementwise_source("x", &op.expr()))?;
                 let mut u = vec![u32_of("length", n)?, shape.len() as u32, gx, 0];
-                for v in [&shape, &sa, &sb] {
-                    let mut block = [0u32; 8];
-                    for (i, x) in v.iter().enumerate() {
-                        block[i] = u32_of("dim", *x)?;
-                    }
-                    u.extend(block);
+                for v in [&shape, &sa, &sb, &vec![]] {
+                    push_block(&mut u, v, MAX_RANK)?;
                 }
-                u.extend([0u32; 8]);
-                rec.dispatch(
-                    pipeline,
-                    words(&u),
-                    vec![
-                        Binding { index: 1, buffer: inputs[0].buffer.clone() },
-                        Binding { index: 2, buffer: inputs[1].buffer.clone() },
-                        Binding { index: 3, buffer: out.buffer.clone() },
-                    ],
-                    (gx, gy, 1),
-                );
+                let b = [(1, inputs[0]), (2, inputs[1]), (3, &out)];
+                if gpu_repr(inputs[0].dt) == Some(2) {
+                    let expr = op.int_expr().ok_or_else(|| Error::new(format!("webgpu: no integer {op:?}")))?;
+                    let spec = vec![("BINARY_INT", expr.to_string())];
+                    launch(ctx, rec, "elementwise", "binary_int_main", spec, &u, &b, (gx, gy, 1))?;
+                } else {
+                    let spec = vec![("BINARY", op.expr())];
+                    launch(ctx, rec, "elementwise", "binary_main", spec, &u, &b, (gx, gy, 1))?;
+                }
+            }
+            Kernel::Where => {
+                let strides: Vec<Vec<usize>> =
+                    [inputs[1], inputs[2], inputs[0]].iter().map(|t| broadcast_strides(&t.shape, &out_shape)).collect();
+                let (shape, strides) = collapse_n(&out_shape, &strides);
+                let mut u = vec![u32_of("length", n)?, shape.len() as u32, gx, 0];
+                for v in std::iter::once(&shape).chain(strides.iter()) {
+                    push_block(&mut u, v, MAX_RANK)?;
+                }
+                let b = [(1, inputs[1]), (2, inputs[2]), (3, &out), (4, inputs[0])];
+                launch(ctx, rec, "elementwise", "where_main", vec![], &u, &b, (gx, gy, 1))?;
             }
             Kernel::Softmax { axis, log } => {
                 let shape = &inputs[0].shape;
@@ -727,88 +966,20 @@ impl Kernel {
                 }
                 let len = shape[*axis];
                 let inner: usize = shape[axis + 1..].iter().product();
-                let rows = out.len() / len.max(1);
+                let rows = n / len.max(1);
                 let (gx, gy) = ctx.grid(rows as u64)?;
-                let wg = softmax_wg(ctx);
-                let key = PipelineKey {
-                    family: "softmax",
-                    entry: "main",
-                    spec: vec![("WG", wg.to_string()), ("LOG", log.to_string())],
-                };
-                let pipeline = ctx.pipeline(&key, || {
-                    SOFTMAX_WGSL.replace("{{WG}}", &wg.to_string()).replace("{{LOG}}", &log.to_string())
-                })?;
-                let u = vec![u32_of("rows", rows)?, u32_of("length", len)?, u32_of("length", inner)?, gx];
-                rec.dispatch(
-                    pipeline,
-                    words(&u),
-                    vec![
-                        Binding { index: 1, buffer: inputs[0].buffer.clone() },
-                        Binding { index: 3, buffer: out.buffer.clone() },
-                    ],
-                    (gx, gy, 1),
-                );
+                let spec = vec![("WG", softmax_wg(ctx).to_string()), ("LOG", log.to_string())];
+                let u = [u32_of("rows", rows)?, u32_of("length", len)?, u32_of("length", inner)?, gx];
+                launch(ctx, rec, "softmax", "main", spec, &u, &[(1, inputs[0]), (3, &out)], (gx, gy, 1))?;
             }
-            Kernel::View(_) => {}
             Kernel::Gather { axis } => {
                 let d = &inputs[0].shape;
-                let n = out.len();
                 let inner: usize = d[axis + 1..].iter().product();
-                let (gx, gy) = ctx.grid((n as u64).div_ceil(WG as u64))?;
-                let key = PipelineKey { family: "layout", entry: "gather_main", spec: vec![] };
-                let pipeline = ctx.pipeline(&key, || LAYOUT_WGSL.replace("{{WG}}", &WG.to_string()))?;
-                let mut u = vec![
-                    u32_of("length", n)?,
-                    0,
-                    gx,
-                    u32_of("length", d[*axis])?,
-                    u32_of("length", inner)?,
-                    u32_of("length", inputs[1].len())?,
-                    0,
-                    0,
-                ];
-                u.extend([0u32; 24]);
-                rec.dispatch(
-                    pipeline,
-                    words(&u),
-                    vec![
-                        Binding { index: 1, buffer: inputs[0].buffer.clone() },
-                        Binding { index: 2, buffer: inputs[1].buffer.clone() },
-                        Binding { index: 3, buffer: out.buffer.clone() },
-                    ],
-                    (gx, gy, 1),
-                );
-            }
-            Kernel::Where => {
-                let n = out.len();
-                let strides: Vec<Vec<usize>> =
-                    [inputs[1], inputs[2], inputs[0]].iter().map(|t| broadcast_strides(&t.shape, &out_shape)).collect();
-                let (shape, strides) = collapse_n(&out_shape, &strides);
-                if shape.len() > MAX_RANK {
-                    return Err(Error::new(format!("webgpu: rank {} exceeds Where's {MAX_RANK}", shape.len())));
-                }
-                let (gx, gy) = ctx.grid((n as u64).div_ceil(WG as u64))?;
-                let key = PipelineKey { family: "elementwise", entry: "where_main", spec: vec![] };
-                let pipeline = ctx.pipeline(&key, || elementwise_source("x", "x"))?;
-                let mut u = vec![u32_of("length", n)?, shape.len() as u32, gx, 0];
-                for v in std::iter::once(&shape).chain(strides.iter()) {
-                    let mut block = [0u32; 8];
-                    for (i, x) in v.iter().enumerate() {
-                        block[i] = u32_of("dim", *x)?;
-                    }
-                    u.extend(block);
-                }
-                rec.dispatch(
-                    pipeline,
-                    words(&u),
-                    vec![
-                        Binding { index: 1, buffer: inputs[1].buffer.clone() },
-                        Binding { index: 2, buffer: inputs[2].buffer.clone() },
-                        Binding { index: 3, buffer: out.buffer.clone() },
-                        Binding { index: 4, buffer: inputs[0].buffer.clone() },
-                    ],
-                    (gx, gy, 1),
-                );
+                let mut u = vec![u32_of("length", n)?, 0, gx];
+                u.extend([u32_of("length", d[*axis])?, u32_of("length", inner)?, u32_of("length", inputs[1].len())?]);
+                u.extend([0u32; 34]);
+                let b = [(1, inputs[0]), (2, inputs[1]), (3, &out)];
+                launch(ctx, rec, "layout", "gather_main", vec![], &u, &b, (gx, gy, 1))?;
             }
             Kernel::MoveAxis { from, to } => {
                 let a = &inputs[0].shape;
@@ -831,39 +1002,108 @@ impl Kernel {
                 let mut at = 0;
                 for t in inputs {
                     if !t.is_empty() {
-                        strided_copy(
-                            ctx,
-                            rec,
-                            t,
-                            0,
-                            &contiguous_strides(&t.shape),
-                            &out,
-                            at * so[*axis],
-                            &so,
-                            &t.shape,
-                        )?;
+                        let st = contiguous_strides(&t.shape);
+                        strided_copy(ctx, rec, t, 0, &st, &out, at * so[*axis], &so, &t.shape)?;
                     }
                     at += t.shape[*axis];
                 }
             }
             Kernel::Reduce { axes, op } => {
-                let (rows, len, inner) = reduce_geometry(&inputs[0].shape, axes)?;
+                let layout = reduce_layout(&inputs[0].shape, axes)?;
                 let [init, map, combine, finish] = op.exprs();
-                self.row_dispatch(
-                    ctx,
-                    rec,
-                    inputs[0],
-                    &out,
-                    "reduce_main",
-                    [init, map, combine, finish],
-                    (rows, len, inner),
-                    0,
-                )?;
+                let spec = match op {
+                    ReduceOp::ArgMax { last } | ReduceOp::ArgMin { last } => {
+                        let cmp = if matches!(op, ReduceOp::ArgMax { .. }) { "v > w" } else { "v < w" };
+                        let tie = if *last { "j > k" } else { "j < k" };
+                        vec![("INIT", init.into()), ("ARG_CMP", cmp.into()), ("ARG_TIE", tie.into())]
+                    }
+                    _ => vec![
+                        ("INIT", init.into()),
+                        ("MAP", map.into()),
+                        ("COMBINE", combine.into()),
+                        ("FINISH", finish.into()),
+                    ],
+                };
+                let entry = if op.is_arg() { "arg_main" } else { "reduce_main" };
+                row_dispatch(ctx, rec, inputs[0], &out, entry, spec, &layout, 0)?;
             }
             Kernel::RmsNorm { axis, eps } => {
-                let (rows, len, inner) = reduce_geometry(&inputs[0].shape, &[*axis])?;
-                let e = ["0.0", "v * v", "a + b", "acc"];
-                self.row_dispatch(ctx, rec, inputs[0], &out, "rms_main", e, (rows, len, inner), *eps)?;
+                let layout = reduce_layout(&inputs[0].shape, &[*axis])?;
+                let spec = vec![("MAP", "v * v".into())];
+                row_dispatch(ctx, rec, inputs[0], &out, "rms_main", spec, &layout, *eps)?;
+            }
+            Kernel::Downsample { axis, stride, modulo } => {
+                let a = &inputs[0].shape;
+                let sa = contiguous_strides(a);
+                let mut strides: Vec<i64> = sa.iter().map(|s| *s as i64).collect();
+                let (off, step) = if *stride > 0 {
+                    (modulo * sa[*axis], *stride as i64)
+                } else {
+                    (a[*axis].saturating_sub(1) * sa[*axis], *stride as i64)
+                };
+                strides[*axis] = step * sa[*axis] as i64;
+                strided_copy_signed(ctx, rec, inputs[0], off, &strides, &out)?;
+            }
+            Kernel::Pad { pads, mode } => {
+                let (code, value) = match mode {
+                    PadKind::Constant(bits) => (0, *bits),
+                    PadKind::Reflect => (1, 0),
+                    PadKind::Edge => (2, 0),
+                };
+                if code != 0 && inputs[0].is_empty() {
+                    return Err(Error::new(format!("webgpu: {mode:?} padding of an empty tensor")));
+                }
+                let before: Vec<usize> = pads.iter().map(|p| p.0).collect();
+                remap(ctx, rec, inputs[0], &out, code, value, &before)?;
+            }
+            Kernel::Tile { .. } => {
+                remap(ctx, rec, inputs[0], &out, 3, 0, &vec![0; out_shape.len()])?;
+            }
+            Kernel::Trilu { upper } => {
+                let r = out_shape.len();
+                let mut u = vec![u32_of("length", n)?, 0, gx, u32_of("rows", out_shape[r - 2])?];
+                u.extend([u32_of("columns", out_shape[r - 1])?, *upper as u32, 0, 0]);
+                u.extend([0u32; 32]);
+                let b = [(1, inputs[0]), (2, inputs[1]), (3, &out)];
+                launch(ctx, rec, "layout", "trilu_main", vec![], &u, &b, (gx, gy, 1))?;
+            }
+            Kernel::GatherNd { batch_dims } => {
+                let (d, i) = (&inputs[0].shape, &inputs[1].shape);
+                let bd = *batch_dims;
+                let k = i[i.len() - 1];
+                let slice: usize = d[bd + k..].iter().product();
+                let remaining: usize = i[bd..i.len() - 1].iter().product();
+                let batch_stride: usize = d[bd..].iter().product();
+                let sd = contiguous_strides(d);
+                let mut u = vec![u32_of("length", n)?, u32_of("rank", k)?, gx, u32_of("length", slice)?];
+                u.extend([u32_of("length", remaining)?, u32_of("length", batch_stride)?, 0, 0]);
+                push_block(&mut u, &d[bd..bd + k], MAX_RANK)?;
+                push_block(&mut u, &sd[bd..bd + k], MAX_RANK)?;
+                u.extend([0u32; 16]);
+                let b = [(1, inputs[0]), (2, inputs[1]), (3, &out)];
+                launch(ctx, rec, "layout", "gather_nd_main", vec![], &u, &b, (gx, gy, 1))?;
+            }
+            Kernel::Range { .. } => {
+                let mut u = vec![u32_of("length", n)?, 0, gx];
+                u.extend([0u32; 37]);
+                // binding 2 (i32): start, binding 1: step
+                let b = [(1, inputs[2]), (2, inputs[0]), (3, &out)];
+                launch(ctx, rec, "layout", "range_main", vec![], &u, &b, (gx, gy, 1))?;
+            }
+            Kernel::CumSum { axis, exclusive, reverse } => {
+                let shape = &inputs[0].shape;
+                if *axis >= shape.len() {
+                    return Err(Error::new(format!("webgpu: cumsum axis {axis} out of range for {shape:?}")));
+                }
+                let len = shape[*axis];
+                let inner: usize = shape[axis + 1..].iter().product();
+                let lines = n / len.max(1);
+                let (gx, gy) = grid_for(ctx, lines)?;
+                let flags = *exclusive as u32 | (*reverse as u32) << 1;
+                let u = [u32_of("rows", lines)?, u32_of("length", len)?, u32_of("length", inner)?, gx, flags, 0, 0, 0];
+                let ty = if gpu_repr(inputs[0].dt) == Some(2) { "i32" } else { "f32" };
+                let spec = vec![("TYPE", ty.to_string())];
+                launch(ctx, rec, "scan", "cumsum_main", spec, &u, &[(1, inputs[0]), (3, &out)], (gx, gy, 1))?;
             }
             Kernel::MatMul { transpose_a, transpose_b, transpose_c } => {
                 let (a, b) = (&inputs[0].shape, &inputs[1].shape);
@@ -909,103 +1149,125 @@ impl Kernel {
                     }
                     ("tiled", gx, gy)
                 };
-                let key = PipelineKey { family: "matmul", entry, spec: vec![] };
-                let pipeline = ctx.pipeline(&key, || MATMUL_WGSL.to_string())?;
-                let mut u = vec![
-                    u32_of("m", m)?,
-                    u32_of("n", n)?,
-                    u32_of("k", k)?,
-                    bshape.len() as u32,
-                    u32_of("stride", a_sm)?,
-                    u32_of("stride", a_sk)?,
-                    u32_of("stride", b_sk)?,
-                    u32_of("stride", b_sn)?,
-                    u32_of("stride", c_sm)?,
-                    u32_of("stride", c_sn)?,
-                    gx,
-                    0,
-                ];
-                for v in [&bshape, &abs, &bbs, &cbs] {
-                    let mut block = [0u32; 4];
-                    for (i, x) in v.iter().enumerate() {
-                        block[i] = u32_of("batch", *x)?;
-                    }
-                    u.extend(block);
+                let mut u = vec![u32_of("m", m)?, u32_of("n", n)?, u32_of("k", k)?, bshape.len() as u32];
+                for s in [a_sm, a_sk, b_sk, b_sn, c_sm, c_sn] {
+                    u.push(u32_of("stride", s)?);
                 }
-                rec.dispatch(
-                    pipeline,
-                    words(&u),
-                    vec![
-                        Binding { index: 1, buffer: inputs[0].buffer.clone() },
-                        Binding { index: 2, buffer: inputs[1].buffer.clone() },
-                        Binding { index: 3, buffer: out.buffer.clone() },
-                    ],
-                    (gx, gy, batch.max(1) as u32),
-                );
+                u.extend([gx, 0]);
+                for v in [&bshape, &abs, &bbs, &cbs] {
+                    push_block(&mut u, v, MAX_BATCH_RANK)?;
+                }
+                let b = [(1, inputs[0]), (2, inputs[1]), (3, &out)];
+                launch(ctx, rec, "matmul", entry, vec![], &u, &b, (gx, gy, batch.max(1) as u32))?;
             }
         }
         Ok(out)
     }
 }
 
-impl Kernel {
-    #[allow(clippy::too_many_arguments)]
-    fn row_dispatch(
-        &self,
-        ctx: &Context,
-        rec: &mut Recorder,
-        x: &GpuTensor,
-        out: &GpuTensor,
-        entry: &'static str,
-        exprs: [&str; 4],
-        (rows, len, inner): (usize, usize, usize),
-        eps: u32,
-    ) -> Result<()> {
-        let (gx, gy) = ctx.grid(rows as u64)?;
-        let wg = softmax_wg(ctx);
-        let [init, map, combine, finish] = exprs;
-        let key = PipelineKey {
-            family: "reduce",
-            entry,
-            spec: vec![
-                ("WG", wg.to_string()),
-                ("INIT", init.into()),
-                ("MAP", map.into()),
-                ("COMBINE", combine.into()),
-                ("FINISH", finish.into()),
-            ],
-        };
-        let pipeline = ctx.pipeline(&key, || {
-            REDUCE_WGSL
-                .replace("{{WG}}", &wg.to_string())
-                .replace("{{INIT}}", init)
-                .replace("{{MAP}}", map)
-                .replace("{{COMBINE}}", combine)
-                .replace("{{FINISH}}", finish)
-        })?;
-        let u = vec![u32_of("rows", rows)?, u32_of("length", len)?, u32_of("length", inner)?, gx, eps, 0, 0, 0];
-        rec.dispatch(
-            pipeline,
-            words(&u),
-            vec![Binding { index: 1, buffer: x.buffer.clone() }, Binding { index: 3, buffer: out.buffer.clone() }],
-            (gx, gy, 1),
-        );
-        Ok(())
+/// One workgroup per output row of a reduction family entry (`reduce_main`, `arg_main`, `rms_main`).
+#[allow(clippy::too_many_arguments)]
+fn row_dispatch(
+    ctx: &Context,
+    rec: &mut Recorder,
+    x: &GpuTensor,
+    out: &GpuTensor,
+    entry: &'static str,
+    mut spec: Vec<(&'static str, String)>,
+    [kept, reduced]: &[(Vec<usize>, Vec<usize>); 2],
+    eps: u32,
+) -> Result<()> {
+    let rows: usize = kept.0.iter().product();
+    let len: usize = reduced.0.iter().product();
+    let (gx, gy) = ctx.grid(rows as u64)?;
+    spec.insert(0, ("WG", softmax_wg(ctx).to_string()));
+    let mut u = vec![u32_of("rows", rows)?, u32_of("length", len)?, gx, eps];
+    u.extend([kept.0.len() as u32, reduced.0.len() as u32, 0, 0]);
+    for v in [&kept.0, &kept.1, &reduced.0, &reduced.1] {
+        push_block(&mut u, v, MAX_RANK)?;
     }
+    launch(ctx, rec, "reduce", entry, spec, &u, &[(1, x), (3, out)], (gx, gy, 1))
 }
 
-/// (rows, len, inner) of a reduction over adjacent `axes` (size-1 axes in between are fine).
-fn reduce_geometry(shape: &[usize], axes: &[usize]) -> Result<(usize, usize, usize)> {
-    let (Some(lo), Some(hi)) = (axes.iter().min(), axes.iter().max()) else {
-        return Err(Error::new("webgpu: a reduction over no axis"));
-    };
-    if *hi >= shape.len() || (*lo..=*hi).any(|a| !axes.contains(&a) && shape[a] != 1) {
+/// The kept and the reduced axes of a reduction over `axes` (any set) of a contiguous tensor of `shape`, each as
+/// (dims, strides) with size-1 axes dropped and neighbours contiguous in memory merged. The kept axes, in order,
+/// number the output rows.
+fn reduce_layout(shape: &[usize], axes: &[usize]) -> Result<[(Vec<usize>, Vec<usize>); 2]> {
+    if axes.is_empty() || axes.iter().any(|a| *a >= shape.len()) {
         return Err(Error::new(format!("webgpu: reduction over axes {axes:?} of {shape:?}")));
     }
-    let outer: usize = shape[..*lo].iter().product();
-    let len: usize = shape[*lo..=*hi].iter().product();
-    let inner: usize = shape[hi + 1..].iter().product();
-    Ok((outer * inner, len, inner))
+    let st = contiguous_strides(shape);
+    let mut groups: [(Vec<usize>, Vec<usize>); 2] = Default::default();
+    for i in 0..shape.len() {
+        if shape[i] == 1 {
+            continue;
+        }
+        let g = &mut groups[axes.contains(&i) as usize];
+        if let (Some(ls), Some(lt)) = (g.0.last_mut(), g.1.last_mut()) {
+            if *lt == st[i] * shape[i] {
+                *ls *= shape[i];
+                *lt = st[i];
+                continue;
+            }
+        }
+        g.0.push(shape[i]);
+        g.1.push(st[i]);
+    }
+    Ok(groups)
+}
+
+/// Records Pad / Tile: every output element from its input coordinates, `mode` (0 constant `value`, 1 reflect,
+/// 2 edge, 3 wrap) outside the input, `before` the leading pad per axis.
+fn remap(
+    ctx: &Context,
+    rec: &mut Recorder,
+    a: &GpuTensor,
+    out: &GpuTensor,
+    mode: u32,
+    value: u32,
+    before: &[usize],
+) -> Result<()> {
+    let n = out.len();
+    let (gx, gy) = grid_for(ctx, n)?;
+    let mut u = vec![u32_of("length", n)?, out.shape.len() as u32, gx, mode, value, 0, 0, 0];
+    for v in [&out.shape[..], &contiguous_strides(&a.shape), &a.shape[..], before] {
+        push_block(&mut u, v, MAX_RANK)?;
+    }
+    launch(ctx, rec, "layout", "remap_main", vec![], &u, &[(1, a), (3, out)], (gx, gy, 1))
+}
+
+/// Records `out[c] = a[a_off + Σ c·sa]` over `out`'s shape (contiguous) with signed input strides (a negative
+/// one walks backwards: u32 arithmetic wraps, and every address it reaches is in range).
+fn strided_copy_signed(
+    ctx: &Context,
+    rec: &mut Recorder,
+    a: &GpuTensor,
+    a_off: usize,
+    sa: &[i64],
+    out: &GpuTensor,
+) -> Result<()> {
+    let n = out.len();
+    if n == 0 {
+        return Ok(());
+    }
+    let keep: Vec<usize> = (0..out.shape.len()).filter(|i| out.shape[*i] != 1).collect();
+    let shape: Vec<usize> = keep.iter().map(|i| out.shape[*i]).collect();
+    let so = contiguous_strides(&shape);
+    let (gx, gy) = grid_for(ctx, n)?;
+    let mut u = vec![u32_of("length", n)?, shape.len() as u32, gx, u32_of("offset", a_off)?, 0, 0, 0, 0];
+    push_block(&mut u, &shape, MAX_RANK)?;
+    let mut block = [0u32; MAX_RANK];
+    for (b, i) in block.iter_mut().zip(&keep) {
+        let s = sa[*i];
+        if s.unsigned_abs() > u32::MAX as u64 {
+            return Err(Error::new(format!("webgpu: stride {s} exceeds 32-bit indexing")));
+        }
+        *b = s as u32;
+    }
+    u.extend(block);
+    push_block(&mut u, &so, MAX_RANK)?;
+    u.extend([0u32; 8]);
+    launch(ctx, rec, "layout", "copy_main", vec![], &u, &[(1, a), (3, out)], (gx, gy, 1))
 }
 
 /// Output axis j takes input axis `perm[j]` when axis `from` moves to `to`.
@@ -1044,28 +1306,13 @@ fn strided_copy(
         return Ok(());
     }
     let (shape, sa, so) = collapse(shape, sa, so);
-    if shape.len() > MAX_RANK {
-        return Err(Error::new(format!("webgpu: rank {} exceeds the copy kernel's {MAX_RANK}", shape.len())));
+    let (gx, gy) = grid_for(ctx, n)?;
+    let mut u = vec![u32_of("length", n)?, shape.len() as u32, gx, u32_of("offset", a_off)?, u32_of("offset", o_off)?];
+    u.extend([0, 0, 0]);
+    for v in [&shape, &sa, &so, &vec![]] {
+        push_block(&mut u, v, MAX_RANK)?;
     }
-    let (gx, gy) = ctx.grid((n as u64).div_ceil(WG as u64))?;
-    let key = PipelineKey { family: "layout", entry: "copy_main", spec: vec![] };
-    let pipeline = ctx.pipeline(&key, || LAYOUT_WGSL.replace("{{WG}}", &WG.to_string()))?;
-    let mut u =
-        vec![u32_of("length", n)?, shape.len() as u32, gx, u32_of("offset", a_off)?, u32_of("offset", o_off)?, 0, 0, 0];
-    for v in [&shape, &sa, &so] {
-        let mut block = [0u32; 8];
-        for (i, x) in v.iter().enumerate() {
-            block[i] = u32_of("dim", *x)?;
-        }
-        u.extend(block);
-    }
-    rec.dispatch(
-        pipeline,
-        words(&u),
-        vec![Binding { index: 1, buffer: a.buffer.clone() }, Binding { index: 3, buffer: out.buffer.clone() }],
-        (gx, gy, 1),
-    );
-    Ok(())
+    launch(ctx, rec, "layout", "copy_main", vec![], &u, &[(1, a), (3, out)], (gx, gy, 1))
 }
 
 fn softmax_wg(ctx: &Context) -> u32 {
@@ -1074,8 +1321,4 @@ fn softmax_wg(ctx: &Context) -> u32 {
         wg /= 2;
     }
     wg
-}
-
-fn elementwise_source(unary: &str, binary: &str) -> String {
-    ELEMENTWISE_WGSL.replace("{{WG}}", &WG.to_string()).replace("{{UNARY}}", unary).replace("{{BINARY}}", binary)
 }

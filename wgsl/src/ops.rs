@@ -4,9 +4,12 @@
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
-use tract_onnx::tract_core::ops::array::{Gather, MultiBroadcastTo, Slice, TypedConcat};
+use tract_onnx::tract_core::ops::array::{
+    CumSum, Gather, GatherNd, MultiBroadcastTo, Pad, PadMode, Range, Slice, Tile, Trilu, TypedConcat,
+};
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::cast::Cast;
+use tract_onnx::tract_core::ops::downsample::Downsample;
 use tract_onnx::tract_core::ops::einsum::prefix_matmul::PrefixMatMul;
 use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
 use tract_onnx::tract_core::ops::logic::Iff;
@@ -15,7 +18,7 @@ use tract_onnx::tract_core::ops::nn::{GeluApproximate, GeluExact};
 use tract_onnx::tract_core::ops::nn::{Reduce, Reducer, RmsNorm, Softmax, SoftmaxKind};
 
 use crate::context::Caps;
-use crate::kernels::{cast_supported, BinaryOp, Kernel, ReduceOp, UnaryOp, View, MAX_BATCH_RANK, MAX_RANK};
+use crate::kernels::{cast_supported, BinaryOp, Kernel, PadKind, ReduceOp, UnaryOp, View, MAX_BATCH_RANK, MAX_RANK};
 
 /// A node computed by a GPU kernel. `cpu` is the op it replaced: the CPU reference and tract's evaluation.
 #[derive(Debug, Clone)]
@@ -94,6 +97,31 @@ transfer_op!(ToHost, "ToHost");
 
 /// The kernel for a node, or why it stays on the CPU.
 pub fn kernel_for(model: &TypedModel, node: &TypedNode, caps: &Caps) -> Result<Kernel, String> {
+    kernel_at_depth(model, node, caps, 0)
+}
+
+/// How far [`kernel_for`] follows integer results downstream.
+const INT_CHAIN_DEPTH: usize = 8;
+
+/// [`kernel_for`], `depth` consumers down an integer chain. An integer result (shape, position and mask arithmetic,
+/// mostly) computed on the GPU that a CPU node then needs costs a readback and a submit in the middle of the run:
+/// integer results go to the GPU only when no consumer down the chain stays on the CPU.
+fn kernel_at_depth(model: &TypedModel, node: &TypedNode, caps: &Caps, depth: usize) -> Result<Kernel, String> {
+    let kernel = kernel_of(model, node, caps)?;
+    if matches!(node.outputs[0].fact.datum_type, DatumType::I64 | DatumType::I32) {
+        if depth >= INT_CHAIN_DEPTH {
+            return Err("integer chain too deep to place".into());
+        }
+        for s in &node.outputs[0].successors {
+            if kernel_at_depth(model, model.node(s.node), caps, depth + 1).is_err() {
+                return Err("integer result a CPU node needs (shape arithmetic)".into());
+            }
+        }
+    }
+    Ok(kernel)
+}
+
+fn kernel_of(model: &TypedModel, node: &TypedNode, caps: &Caps) -> Result<Kernel, String> {
     let kernel = if let Some(bin) = node.op_as::<TypedBinOp>() {
         let k = BinaryOp::from_tract(bin.0.name()).ok_or_else(|| format!("no kernel for binary {}", bin.0.name()))?;
         Kernel::Binary(k)
@@ -133,14 +161,15 @@ pub fn kernel_for(model: &TypedModel, node: &TypedNode, caps: &Caps) -> Result<K
             Reducer::Max => ReduceOp::Max,
             Reducer::Min => ReduceOp::Min,
             Reducer::MeanOfSquares => ReduceOp::MeanOfSquares,
+            Reducer::ArgMax(last) => ReduceOp::ArgMax { last },
+            Reducer::ArgMin(last) => ReduceOp::ArgMin { last },
             other => return Err(format!("no kernel for reducer {other:?}")),
         };
-        let fact = model.outlet_fact(node.inputs[0]).map_err(|e| e.to_string())?;
         let mut axes: Vec<usize> = r.axes.to_vec();
         axes.sort_unstable();
-        let (lo, hi) = (axes.first().copied().unwrap_or(0), axes.last().copied().unwrap_or(0));
-        if axes.is_empty() || (lo..=hi).any(|a| !axes.contains(&a) && fact.shape.get(a) != Some(&TDim::Val(1))) {
-            return Err("reduction over non-adjacent axes".into());
+        axes.dedup();
+        if axes.is_empty() {
+            return Err("reduction over no axis".into());
         }
         Kernel::Reduce { axes, op }
     } else if let Some(c) = node.op_as::<Cast>() {
@@ -154,6 +183,53 @@ pub fn kernel_for(model: &TypedModel, node: &TypedNode, caps: &Caps) -> Result<K
             return Err("gather with an output type".into());
         }
         Kernel::Gather { axis: g.axis }
+    } else if let Some(g) = node.op_as::<GatherNd>() {
+        Kernel::GatherNd { batch_dims: g.batch_dims }
+    } else if let Some(d) = node.op_as::<Downsample>() {
+        if d.stride == 0 || (d.stride < 0 && d.modulo != 0) {
+            return Err(format!("downsample by {} from {}", d.stride, d.modulo));
+        }
+        Kernel::Downsample { axis: d.axis, stride: d.stride, modulo: d.modulo }
+    } else if let Some(p) = node.op_as::<Pad>() {
+        if !matches!(p.mode, PadMode::Constant(_)) {
+            // the CPU reads a reflection wider than the axis from the padded border: keep it there
+            let fact = model.outlet_fact(node.inputs[0]).map_err(|e| e.to_string())?;
+            for (d, (a, b)) in fact.shape.iter().zip(&p.pads) {
+                let wide = |n: usize| (p.mode == PadMode::Reflect && (*a >= n || *b >= n)) || n == 0;
+                if d.to_usize().is_ok_and(|n| (*a > 0 || *b > 0) && wide(n)) {
+                    return Err(format!("{:?} padding by {:?} of an axis of {d}", p.mode, (a, b)));
+                }
+            }
+        }
+        let mode = match &p.mode {
+            PadMode::Reflect => PadKind::Reflect,
+            PadMode::Edge => PadKind::Edge,
+            PadMode::Constant(v) => {
+                let dt = model.outlet_fact(node.inputs[0]).map_err(|e| e.to_string())?.datum_type;
+                PadKind::Constant(pad_bits(v, dt)?)
+            }
+        };
+        Kernel::Pad { pads: p.pads.clone(), mode }
+    } else if let Some(t) = node.op_as::<Tile>() {
+        Kernel::Tile { multipliers: t.multipliers.to_vec() }
+    } else if let Some(t) = node.op_as::<Trilu>() {
+        Kernel::Trilu { upper: t.upper }
+    } else if node.op_is::<Range>() {
+        // the length must come from the run's symbols (an input's dims), not from the values on the GPU
+        let len = node.outputs[0].fact.shape.iter().next().cloned().ok_or("a Range without a length")?;
+        let mut known = std::collections::HashSet::new();
+        for i in model.input_outlets().map_err(|e| e.to_string())? {
+            let f = model.outlet_fact(*i).map_err(|e| e.to_string())?;
+            for d in f.shape.iter() {
+                known.extend(d.symbols());
+            }
+        }
+        if !len.symbols().iter().all(|s| known.contains(s)) {
+            return Err(format!("Range of a length only its values tell ({len})"));
+        }
+        Kernel::Range { len }
+    } else if let Some(c) = node.op_as::<CumSum>() {
+        Kernel::CumSum { axis: c.axis, exclusive: c.exclusive, reverse: c.reverse }
     } else if node.op_is::<Iff>() {
         Kernel::Where
     } else if let Some(n) = node.op_as::<RmsNorm>() {
@@ -170,6 +246,20 @@ pub fn kernel_for(model: &TypedModel, node: &TypedNode, caps: &Caps) -> Result<K
     check(model, node, caps, kernel)
 }
 
+/// A Pad constant's bits as the GPU stores `dt` (f32; bool as f32 0/1; i32 / i64 as i32).
+fn pad_bits(v: &Tensor, dt: DatumType) -> Result<u32, String> {
+    let err = |e: TractError| e.to_string();
+    Ok(match dt {
+        DatumType::F32 => v.cast_to_scalar::<f32>().map_err(err)?.to_bits(),
+        DatumType::Bool => if v.cast_to_scalar::<bool>().map_err(err)? { 1f32 } else { 0f32 }.to_bits(),
+        DatumType::I32 | DatumType::I64 => {
+            let x = v.cast_to_scalar::<i64>().map_err(err)?;
+            i32::try_from(x).map_err(|_| format!("pad value {x} does not fit the GPU's i32"))? as u32
+        }
+        other => return Err(format!("element type {other:?}")),
+    })
+}
+
 /// The checks every kernel shares: arity, element type, rank, size.
 fn check(model: &TypedModel, node: &TypedNode, caps: &Caps, kernel: Kernel) -> Result<Kernel, String> {
     if node.inputs.len() != kernel.arity() || node.outputs.len() != 1 {
@@ -183,7 +273,10 @@ fn check(model: &TypedModel, node: &TypedNode, caps: &Caps, kernel: Kernel) -> R
     let dts: Vec<DatumType> = facts.iter().map(|f| f.datum_type).collect();
     if let Some((out, ins)) = dts.split_last() {
         if kernel.output_dt(ins) != Some(*out) {
-            let odd = dts.iter().find(|d| !matches!(d, DatumType::F32 | DatumType::Bool)).unwrap_or(out);
+            let odd = dts
+                .iter()
+                .find(|d| !matches!(d, DatumType::F32 | DatumType::Bool | DatumType::I32 | DatumType::I64))
+                .unwrap_or(out);
             return Err(format!("element type {odd:?}"));
         }
     }

@@ -1,6 +1,7 @@
 // Elementwise kernels on f32 (bools as 0.0 / 1.0): unary (`unary_main`), binary with numpy broadcasting
-// (`binary_main`) and Where (`where_main`: c ? a : b, broadcast, with the condition at binding 4).
-// The host substitutes {{WG}} (workgroup size), {{UNARY}} and {{BINARY}} (one expression each, per specialisation).
+// (`binary_main`; `binary_int_main` on i32 bits) and Where (`where_main`: c ? a : b, broadcast, with the condition
+// at binding 4). The host substitutes {{UNARY}}, {{BINARY}} and {{BINARY_INT}} (one expression each, per
+// specialisation); WG, b2f, is_nan and offsets3 come from the prelude.
 // Shapes and strides are uniforms: a new length never recompiles.
 
 struct Params {
@@ -19,16 +20,6 @@ struct Params {
 @group(0) @binding(2) var<storage, read> b: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 @group(0) @binding(4) var<storage, read> c: array<f32>;
-
-// bools are stored as f32 0.0 / 1.0
-fn b2f(v: bool) -> f32 {
-    return select(0.0, 1.0, v);
-}
-
-// NaN by its bits (a float comparison may be folded away)
-fn is_nan(x: f32) -> bool {
-    return (bitcast<u32>(x) & 0x7fffffffu) > 0x7f800000u;
-}
 
 fn erf_approx(x: f32) -> f32 {
     // Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7).
@@ -76,55 +67,47 @@ fn op_binary(x: f32, y: f32) -> f32 {
     return {{BINARY}};
 }
 
-@compute @workgroup_size({{WG}})
+// Integer operands (i32 bits; i64 lives on the GPU as i32): the result as stored (an i32's bits, or a bool).
+fn op_binary_int(x: i32, y: i32) -> f32 {
+    return {{BINARY_INT}};
+}
+
+@compute @workgroup_size(WG)
 fn unary_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let i = (wid.x + wid.y * p.groups_x) * {{WG}}u + lid;
+    let i = flat_index(wid, lid, p.groups_x);
     if (i >= p.n) {
         return;
     }
     out[i] = op_unary(a[i]);
 }
 
-@compute @workgroup_size({{WG}})
+@compute @workgroup_size(WG)
 fn binary_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let i = (wid.x + wid.y * p.groups_x) * {{WG}}u + lid;
+    let i = flat_index(wid, lid, p.groups_x);
     if (i >= p.n) {
         return;
     }
-    var rem = i;
-    var ia = 0u;
-    var ib = 0u;
-    for (var d = p.rank; d > 0u; d = d - 1u) {
-        let q = (d - 1u) / 4u;
-        let r = (d - 1u) % 4u;
-        let dim = p.shape[q][r];
-        let c = rem % dim;
-        rem = rem / dim;
-        ia = ia + c * p.a_strides[q][r];
-        ib = ib + c * p.b_strides[q][r];
-    }
-    out[i] = op_binary(a[ia], b[ib]);
+    let o = offsets3(i, p.rank, p.shape, p.a_strides, p.b_strides, p.c_strides);
+    out[i] = op_binary(a[o.x], b[o.y]);
 }
 
-@compute @workgroup_size({{WG}})
-fn where_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let i = (wid.x + wid.y * p.groups_x) * {{WG}}u + lid;
+@compute @workgroup_size(WG)
+fn binary_int_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, lid, p.groups_x);
     if (i >= p.n) {
         return;
     }
-    var rem = i;
-    var ia = 0u;
-    var ib = 0u;
-    var ic = 0u;
-    for (var d = p.rank; d > 0u; d = d - 1u) {
-        let q = (d - 1u) / 4u;
-        let r = (d - 1u) % 4u;
-        let dim = p.shape[q][r];
-        let k = rem % dim;
-        rem = rem / dim;
-        ia = ia + k * p.a_strides[q][r];
-        ib = ib + k * p.b_strides[q][r];
-        ic = ic + k * p.c_strides[q][r];
+    let o = offsets3(i, p.rank, p.shape, p.a_strides, p.b_strides, p.c_strides);
+    out[i] = op_binary_int(bitcast<i32>(a[o.x]), bitcast<i32>(b[o.y]));
+}
+
+@compute @workgroup_size(WG)
+fn where_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, lid, p.groups_x);
+    if (i >= p.n) {
+        return;
     }
-    out[i] = select(b[ib], a[ia], c[ic] != 0.0);
+    let o = offsets3(i, p.rank, p.shape, p.a_strides, p.b_strides, p.c_strides);
+    // on the bits: integers (i32 bits) pass through unchanged
+    out[i] = bitcast<f32>(select(bitcast<u32>(b[o.y]), bitcast<u32>(a[o.x]), c[o.z] != 0.0));
 }

@@ -97,7 +97,7 @@ fn tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) li
 
 @compute @workgroup_size(256)
 fn mv_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-    let n = (wid.x + wid.y * p.groups_x) * 256u + li;
+    let n = group_index(wid, p.groups_x) * 256u + li;
     if (n >= p.n) {
         return;
     }
@@ -113,7 +113,7 @@ var<workgroup> red: array<f32, 64>;
 
 @compute @workgroup_size(64)
 fn mv_dot(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-    let n = wid.x + wid.y * p.groups_x;
+    let n = group_index(wid, p.groups_x);
     let off = batch_offsets(wid.z);
     var acc = 0.0;
     if (n < p.n) {
