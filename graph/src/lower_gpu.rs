@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use kiln_wgsl::ops::{kernel_for, GpuOp, ToDevice, ToHost};
 use kiln_wgsl::{Caps, Kernel};
 use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::einsum::prefix_matmul::rewrite_einsum_to_prefix_matmul;
 use tract_onnx::tract_core::ops::konst::Const;
 use tract_onnx::tract_core::ops::source::TypedSource;
@@ -214,4 +215,79 @@ fn host_wire(
     let h = target.wire_node(name, ToHost, &[d]).map_err(tract_err("wiring a transfer"))?[0];
     host.insert(outlet, h);
     Ok(h)
+}
+
+/// A constant whose bytes live on the GPU only (uploaded when the session was created): the host keeps its fact
+/// (element type, shape), not its data. The GPU executor never evaluates it (its only consumers are [`ToDevice`]
+/// transfers, served by the uploaded buffer); evaluating it on the CPU is an error.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DeviceConst {
+    pub fact: TypedFact,
+}
+
+impl Op for DeviceConst {
+    fn name(&self) -> StaticName {
+        "DeviceConst".into()
+    }
+    op_as_typed_op!();
+}
+
+impl EvalOp for DeviceConst {
+    not_out_of_plan!();
+    fn eval(&self, _ctx: &EvalContext, _inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        bail!("this constant lives on the GPU only; it has no host value")
+    }
+}
+
+impl TypedOp for DeviceConst {
+    as_op!();
+    fn output_facts(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        Ok(tvec!(self.fact.clone()))
+    }
+}
+
+/// The constants of a lowered model that only feed [`ToDevice`] transfers (and are no model output): once their
+/// bytes are on the GPU, the host does not need them.
+pub fn device_only_constants(model: &TypedModel) -> Vec<usize> {
+    let outputs: Vec<OutletId> = model.outputs.clone();
+    model
+        .nodes()
+        .iter()
+        .filter(|n| n.op_is::<Const>() && n.outputs.len() == 1 && !outputs.contains(&OutletId::new(n.id, 0)))
+        .filter(|n| {
+            let succ = &n.outputs[0].successors;
+            !succ.is_empty() && succ.iter().all(|s| model.node(s.node).op_is::<ToDevice>())
+        })
+        .map(|n| n.id)
+        .collect()
+}
+
+/// Replaces each constant node of `nodes` with a [`DeviceConst`] of the same fact (without its value), so the model
+/// no longer holds the tensor. Returns the bytes released (counted once per tensor).
+pub fn drop_host_constants(model: &mut TypedModel, nodes: &[usize]) -> u64 {
+    let mut released = 0u64;
+    for &id in nodes {
+        let Some(node) = model.nodes.get_mut(id) else { continue };
+        let Some(k) = node.op_as::<Const>() else { continue };
+        released += (k.val().len() * k.val().datum_type().size_of()) as u64;
+        let Some(out) = node.outputs.get_mut(0) else { continue };
+        let fact = out.fact.without_value();
+        out.fact = fact.clone();
+        node.op = Box::new(DeviceConst { fact });
+    }
+    released
+}
+
+/// Bytes of the constant tensors a model holds on the host (each distinct tensor counted once).
+pub fn host_constant_bytes(model: &TypedModel) -> u64 {
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0u64;
+    for n in model.nodes() {
+        if let Some(k) = n.op_as::<Const>() {
+            if seen.insert(Arc::as_ptr(k.val()) as usize) {
+                total += (k.val().len() * k.val().datum_type().size_of()) as u64;
+            }
+        }
+    }
+    total
 }

@@ -6,7 +6,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use kiln_graph::lower_gpu::{lower, Device, Lowered, NodePlacement};
+use kiln_graph::lower_gpu::{
+    device_only_constants, drop_host_constants, host_constant_bytes, lower, Device, DeviceConst, Lowered, NodePlacement,
+};
 use kiln_graph::tract_onnx::prelude::*;
 use kiln_graph::tract_onnx::tract_core::ops::konst::Const;
 use kiln_graph::tract_onnx::tract_core::plan::{SimplePlan, SimpleState};
@@ -36,6 +38,12 @@ pub struct PlacementReport {
     /// Totals over the session's runs so far.
     pub counters: Counters,
     pub runs: usize,
+    /// Constant tensors uploaded once at session creation, and their bytes on the GPU.
+    pub weights_on_gpu: usize,
+    pub weight_bytes_on_gpu: u64,
+    /// Bytes of constants the lowered plan still holds on the host (those CPU nodes use); the weights placed on
+    /// the GPU are not among them.
+    pub host_constant_bytes: u64,
 }
 
 impl PlacementReport {
@@ -50,12 +58,18 @@ pub(crate) struct GpuBackend {
     plan: Arc<TypedSimplePlan>,
     order: Vec<usize>,
     weights: HashMap<usize, GpuTensor>,
+    weight_bytes: u64,
+    host_constant_bytes: u64,
     rec: Mutex<(Recorder, usize)>,
 }
 
 impl GpuBackend {
     /// The backend on the first adapter, or why there is none (no adapter, a device or lowering failure).
-    pub(crate) async fn create(model: &Model) -> std::result::Result<GpuBackend, String> {
+    ///
+    /// On success the constants of `model.typed` are replaced by [`DeviceConst`] placeholders: the session runs the
+    /// backend's lowered plan, which holds the constants CPU nodes need, and the GPU holds the rest, so no weight
+    /// placed on the GPU stays in host memory. (`model.typed` keeps the graph, for inspection.)
+    pub(crate) async fn create(model: &mut Model) -> std::result::Result<GpuBackend, String> {
         let ctx = match kiln_wgsl::Context::new().await {
             Ok(Some(ctx)) => ctx,
             Ok(None) => return Err("no GPU adapter found".into()),
@@ -64,6 +78,9 @@ impl GpuBackend {
         let adapter = ctx.caps.adapter.clone();
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| GpuBackend::new(ctx, model))) {
             Ok(Ok(b)) => {
+                let consts: Vec<usize> =
+                    model.typed.nodes().iter().filter(|n| n.op_is::<Const>()).map(|n| n.id).collect();
+                drop_host_constants(&mut model.typed, &consts);
                 log::info!(
                     "execution provider webgpu: adapter {adapter}, {} of {} compute nodes on the GPU",
                     b.lowered.gpu_nodes(),
@@ -77,11 +94,11 @@ impl GpuBackend {
     }
 
     pub(crate) fn new(ctx: Arc<Context>, model: &Model) -> Result<GpuBackend> {
-        let lowered = lower(&model.typed, &ctx.caps)?;
-        let order = lowered.model.eval_order().map_err(tract_err("ordering the lowered model"))?;
-        let plan = SimplePlan::new(lowered.model.clone()).map_err(tract_err("planning the lowered model"))?;
+        let mut lowered = lower(&model.typed, &ctx.caps)?;
         // weights: constants that feed the GPU, uploaded once
         let mut weights = HashMap::new();
+        let mut weight_bytes = 0u64;
+        let mut staged = 0u64;
         for node in lowered.model.nodes() {
             if !node.op_is::<ToDevice>() {
                 continue;
@@ -91,7 +108,7 @@ impl GpuBackend {
                 let t = k.val();
                 let bytes = kiln_wgsl::exec::host_bytes(t).map_err(gpu_err)?;
                 let size = (bytes.len() as u64).div_ceil(4).max(1) * 4;
-                if size > ctx.caps.max_storage_binding {
+                if size > ctx.caps.max_storage_binding || size > ctx.caps.max_buffer_size {
                     return Err(Error::runtime(format!(
                         "webgpu: weight `{}` ({} bytes) exceeds the adapter's storage binding limit",
                         src.name, size
@@ -105,9 +122,9 @@ impl GpuBackend {
                         | kiln_wgsl::wgpu::BufferUsages::COPY_SRC,
                     mapped_at_creation: false,
                 });
-                if !bytes.is_empty() {
-                    ctx.queue.write_buffer(&buffer, 0, &bytes);
-                }
+                upload_in_chunks(&ctx, &buffer, &bytes, &mut staged)?;
+                drop(bytes);
+                weight_bytes += size;
                 weights.insert(
                     node.id,
                     GpuTensor { buffer: Arc::new(buffer), shape: t.shape().into(), dt: t.datum_type() },
@@ -115,10 +132,26 @@ impl GpuBackend {
             }
         }
         ctx.take_error().map_err(gpu_err)?;
+        // the uploaded constants only the GPU reads leave the host: the lowered model (and the plan built from it)
+        // keeps their facts, not their bytes
+        let device_only = device_only_constants(&lowered.model);
+        drop_host_constants(&mut lowered.model, &device_only);
+        let host_constant_bytes = host_constant_bytes(&lowered.model);
+        let order = lowered.model.eval_order().map_err(tract_err("ordering the lowered model"))?;
+        let plan = SimplePlan::new(lowered.model.clone()).map_err(tract_err("planning the lowered model"))?;
         let poison = std::env::var("KILN_GPU_POISON").is_ok_and(|v| v == "1");
         let mut rec = Recorder::default();
         rec.poison = poison;
-        Ok(GpuBackend { ctx, lowered, plan, order, weights, rec: Mutex::new((rec, 0)) })
+        Ok(GpuBackend {
+            ctx,
+            lowered,
+            plan,
+            order,
+            weights,
+            weight_bytes,
+            host_constant_bytes,
+            rec: Mutex::new((rec, 0)),
+        })
     }
 
     pub(crate) fn report(&self) -> PlacementReport {
@@ -131,6 +164,9 @@ impl GpuBackend {
             to_host,
             counters,
             runs,
+            weights_on_gpu: self.weights.len(),
+            weight_bytes_on_gpu: self.weight_bytes,
+            host_constant_bytes: self.host_constant_bytes,
         }
     }
 
@@ -192,6 +228,10 @@ impl GpuBackend {
         for &id in self.order.iter().filter(|n| needed[**n]) {
             let node = model.node(id);
             if node.inputs.is_empty() {
+                // a weight that lives on the GPU only: its ToDevice consumers use the uploaded buffer
+                if node.op_is::<DeviceConst>() {
+                    continue;
+                }
                 if state.turn_state.values[id].is_none() {
                     state.compute_one(id).map_err(tract_err("evaluating a constant"))?;
                 }
@@ -285,6 +325,40 @@ impl GpuBackend {
         }
         Ok(())
     }
+}
+
+/// Bytes written through the queue between two waits while uploading weights (native).
+const UPLOAD_WINDOW: u64 = 16 << 20;
+const UPLOAD_CHUNK: usize = 4 << 20;
+
+/// Writes `bytes` to `buffer` in chunks. Natively the queue's staging memory is recycled every
+/// [`UPLOAD_WINDOW`] bytes (a submit, then a wait): the staging copies of a big weight never pile up in host
+/// memory beside the weight itself (they would on lavapipe, whose GPU memory is host memory).
+fn upload_in_chunks(ctx: &Context, buffer: &kiln_wgsl::wgpu::Buffer, bytes: &[u8], staged: &mut u64) -> Result<()> {
+    let mut offset = 0u64;
+    for chunk in bytes.chunks(UPLOAD_CHUNK) {
+        // write_buffer wants a multiple of 4 bytes
+        if chunk.len() % 4 == 0 {
+            ctx.queue.write_buffer(buffer, offset, chunk);
+        } else {
+            let mut padded = chunk.to_vec();
+            padded.resize(chunk.len().div_ceil(4) * 4, 0);
+            ctx.queue.write_buffer(buffer, offset, &padded);
+        }
+        offset += chunk.len() as u64;
+        *staged += chunk.len() as u64;
+        if *staged >= UPLOAD_WINDOW {
+            *staged = 0;
+            #[cfg(not(target_arch = "wasm32"))]
+            {
+                ctx.queue.submit([]);
+                ctx.device
+                    .poll(kiln_wgsl::wgpu::PollType::Wait { submission_index: None, timeout: None })
+                    .map_err(|e| Error::runtime(format!("webgpu: uploading weights: {e}")))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn host_value(state: &TypedSimpleState, o: OutletId) -> Result<TractTensor> {

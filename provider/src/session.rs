@@ -179,7 +179,7 @@ impl Session {
         let mut gpu_note = String::new();
         #[cfg(not(target_arch = "wasm32"))]
         if options.wants_gpu() {
-            match crate::gpu::GpuBackend::create(&model).await {
+            match crate::gpu::GpuBackend::create(&mut model).await {
                 Ok(b) => gpu_backend = Some(b),
                 Err(msg) => {
                     log::warn!("execution provider webgpu: {msg}; using the next provider");
