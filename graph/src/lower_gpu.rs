@@ -10,7 +10,8 @@ use kiln_wgsl::ops::{kernel_for, GpuOp, ToDevice, ToHost};
 use kiln_wgsl::{Caps, Kernel};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
-use tract_onnx::tract_core::ops::einsum::prefix_matmul::rewrite_einsum_to_prefix_matmul;
+use tract_onnx::tract_core::ops::array::{Gather, TypedConcat};
+use tract_onnx::tract_core::ops::einsum::prefix_matmul::{rewrite_einsum_to_prefix_matmul, PrefixMatMul};
 use tract_onnx::tract_core::ops::konst::Const;
 use tract_onnx::tract_core::ops::source::TypedSource;
 
@@ -60,6 +61,7 @@ fn tract_err(what: &str) -> impl Fn(TractError) -> Error + '_ {
 pub fn lower(model: &TypedModel, caps: &Caps) -> Result<Lowered> {
     let mut src = model.clone();
     rewrite_einsum_to_prefix_matmul(&mut src, true).map_err(tract_err("rewriting einsums as matmuls"))?;
+    split_large_weights(&mut src, caps)?;
     let mut target = TypedModel { symbols: src.symbols.clone(), ..TypedModel::default() };
     let mut host: HashMap<OutletId, OutletId> = HashMap::new();
     let mut dev: HashMap<OutletId, OutletId> = HashMap::new();
@@ -290,4 +292,101 @@ pub fn host_constant_bytes(model: &TypedModel) -> u64 {
         }
     }
     total
+}
+
+/// The largest tensor one GPU binding can hold, in bytes.
+pub fn binding_limit(caps: &Caps) -> u64 {
+    caps.max_storage_binding.min(caps.max_buffer_size)
+}
+
+/// Splits constant weights larger than the adapter's storage binding limit, so their nodes still run on the GPU:
+/// a MatMul's constant operand is cut along N (or M, for a constant left operand) into chunks under the limit, one
+/// matmul per chunk, the results concatenated; a Gather's constant table is cut along a non-gathered axis (the
+/// embedding dimension of a `[vocab, hidden]` table), one gather per chunk, concatenated — no chunk repeats work.
+/// A weight that cannot be cut under the limit is left whole (its node stays on the CPU: "shape too large").
+pub fn split_large_weights(model: &mut TypedModel, caps: &Caps) -> Result<()> {
+    let limit = binding_limit(caps);
+    let order = model.eval_order().map_err(tract_err("ordering the model"))?;
+    for id in order {
+        let node = model.node(id);
+        let konst = |slot: usize| -> Option<Arc<Tensor>> {
+            let input = node.inputs.get(slot)?;
+            let k = model.node(input.node).op_as::<Const>()?;
+            let t = k.val();
+            let bytes = (t.len() * t.datum_type().size_of()) as u64;
+            (bytes > limit && t.datum_type() == DatumType::F32 && t.is_plain()).then(|| t.clone())
+        };
+        let plan = if let Some(mm) = node.op_as::<PrefixMatMul>() {
+            if let Some(b) = konst(1) {
+                // B: [.., K, N] (or [.., N, K] transposed); C: [.., M, N] (or [.., N, M])
+                let r = b.rank();
+                let cut = if mm.transpose_b { r.wrapping_sub(2) } else { r.wrapping_sub(1) };
+                let rc = node.outputs[0].fact.rank();
+                let out = if mm.transpose_c { rc.wrapping_sub(2) } else { rc.wrapping_sub(1) };
+                Some((1, b, cut, out))
+            } else if let Some(a) = konst(0) {
+                // A: [.., M, K] (or [.., K, M]); C: [.., M, N] (or [.., N, M])
+                let r = a.rank();
+                let cut = if mm.transpose_a { r.wrapping_sub(1) } else { r.wrapping_sub(2) };
+                let rc = node.outputs[0].fact.rank();
+                let out = if mm.transpose_c { rc.wrapping_sub(1) } else { rc.wrapping_sub(2) };
+                Some((0, a, cut, out))
+            } else {
+                None
+            }
+        } else if let Some(g) = node.op_as::<Gather>() {
+            match konst(0) {
+                // the table's axes after the gathered one land after the indices' axes in the output
+                Some(t) if g.output_type.is_none() => {
+                    let idx_rank = model.outlet_fact(node.inputs[1]).map(|f| f.rank()).unwrap_or(0);
+                    let cut = (0..t.rank()).filter(|a| *a != g.axis).max_by_key(|a| t.shape()[*a]);
+                    cut.map(|cut| {
+                        let out = if cut < g.axis { cut } else { cut - 1 + idx_rank };
+                        (0, t, cut, out)
+                    })
+                }
+                _ => None,
+            }
+        } else {
+            None
+        };
+        let Some((slot, weight, cut, out_axis)) = plan else { continue };
+        if cut >= weight.rank() || out_axis >= node.outputs[0].fact.rank() {
+            continue;
+        }
+        let len = weight.shape()[cut];
+        let slice_bytes = (weight.len() / len.max(1) * weight.datum_type().size_of()) as u64;
+        if len < 2 || slice_bytes == 0 || slice_bytes > limit {
+            continue;
+        }
+        let per_chunk = ((limit / slice_bytes) as usize).clamp(1, len);
+        let mut patch = TypedModelPatch::new(format!("split {} under the binding limit", node.name));
+        let mut taps = tvec![];
+        for i in &node.inputs {
+            taps.push(patch.tap_model(model, *i).map_err(tract_err("splitting a weight"))?);
+        }
+        let mut parts = tvec![];
+        let mut start = 0;
+        while start < len {
+            let end = (start + per_chunk).min(len);
+            let chunk = weight.slice(cut, start, end).map_err(tract_err("slicing a weight"))?;
+            let k = patch
+                .add_const(format!("{}.split{}", model.node(node.inputs[slot].node).name, parts.len()), chunk)
+                .map_err(tract_err("splitting a weight"))?;
+            let mut inputs = taps.clone();
+            inputs[slot] = k;
+            let o = patch
+                .wire_node(format!("{}.split{}", node.name, parts.len()), node.op.clone(), &inputs)
+                .map_err(tract_err("splitting a weight"))?;
+            parts.push(o[0]);
+            start = end;
+        }
+        let cat = patch
+            .wire_node(format!("{}.concat", node.name), TypedConcat::new(out_axis), &parts)
+            .map_err(tract_err("splitting a weight"))?;
+        patch.shunt_outside(model, OutletId::new(id, 0), cat[0]).map_err(tract_err("splitting a weight"))?;
+        log::info!("webgpu: {} split into {} parts under the {limit}-byte binding limit", node.name, parts.len());
+        patch.apply(model).map_err(tract_err("splitting a weight"))?;
+    }
+    Ok(())
 }
