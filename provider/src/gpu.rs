@@ -4,7 +4,12 @@
 //! once, when the session is created; intermediate buffers come from a pool and go back to it at their last use.
 
 use std::collections::HashMap;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Poll, Waker};
 
 use kiln_graph::lower_gpu::{
     device_only_constants, drop_host_constants, host_constant_bytes, lower, Device, DeviceConst, Lowered, NodePlacement,
@@ -60,7 +65,11 @@ pub(crate) struct GpuBackend {
     weights: HashMap<usize, GpuTensor>,
     weight_bytes: u64,
     host_constant_bytes: u64,
-    rec: Mutex<(Recorder, usize)>,
+    /// The recorder, one run at a time (runs queue on it without blocking a thread).
+    rec: AsyncLock<Recorder>,
+    /// Counters after the last run, and the number of runs.
+    stats: Mutex<(Counters, usize)>,
+    poison: AtomicBool,
 }
 
 impl GpuBackend {
@@ -140,8 +149,6 @@ impl GpuBackend {
         let order = lowered.model.eval_order().map_err(tract_err("ordering the lowered model"))?;
         let plan = SimplePlan::new(lowered.model.clone()).map_err(tract_err("planning the lowered model"))?;
         let poison = std::env::var("KILN_GPU_POISON").is_ok_and(|v| v == "1");
-        let mut rec = Recorder::default();
-        rec.poison = poison;
         Ok(GpuBackend {
             ctx,
             lowered,
@@ -150,13 +157,15 @@ impl GpuBackend {
             weights,
             weight_bytes,
             host_constant_bytes,
-            rec: Mutex::new((rec, 0)),
+            rec: AsyncLock::new(Recorder::default()),
+            stats: Mutex::new((Counters::default(), 0)),
+            poison: AtomicBool::new(poison),
         })
     }
 
     pub(crate) fn report(&self) -> PlacementReport {
         let (to_device, to_host) = self.lowered.transfers();
-        let (counters, runs) = self.rec.lock().map(|g| (g.0.counters, g.1)).unwrap_or_default();
+        let (counters, runs) = self.stats.lock().map(|g| *g).unwrap_or_default();
         PlacementReport {
             adapter: format!("{} ({})", self.ctx.caps.adapter, self.ctx.caps.backend),
             nodes: self.lowered.placement.clone(),
@@ -172,23 +181,31 @@ impl GpuBackend {
 
     /// Poisons fresh output buffers with NaN (tests).
     pub(crate) fn set_poison(&self, on: bool) {
-        if let Ok(mut g) = self.rec.lock() {
-            g.0.poison = on;
-        }
+        self.poison.store(on, Ordering::Relaxed);
     }
 
-    pub(crate) fn run(&self, inputs: Vec<Tensor>, outputs: &[usize]) -> Result<Vec<Tensor>> {
-        let mut guard = self.rec.lock().map_err(|_| Error::runtime("webgpu: recorder poisoned"))?;
-        guard.1 += 1;
-        let rec = &mut guard.0;
-        let r = self.run_with(rec, inputs, outputs);
+    /// One run: GPU work is recorded and submitted once per flush; readbacks are awaited (`map_async`), never
+    /// blocked on in a browser. Runs on one backend queue one after another.
+    pub(crate) async fn run(&self, inputs: Vec<Tensor>, outputs: &[usize]) -> Result<Vec<Tensor>> {
+        let mut rec = self.rec.lock().await;
+        rec.poison = self.poison.load(Ordering::Relaxed);
+        let r = self.run_with(&mut rec, inputs, outputs).await;
         if r.is_err() {
             rec.discard();
+        }
+        if let Ok(mut g) = self.stats.lock() {
+            g.0 = rec.counters;
+            g.1 += 1;
         }
         r
     }
 
-    fn run_with(&self, rec: &mut Recorder, inputs: Vec<Tensor>, outputs: &[usize]) -> Result<Vec<Tensor>> {
+    /// [`GpuBackend::run`], with a panic inside turned into an error (as the CPU path does).
+    pub(crate) async fn run_guarded(&self, inputs: Vec<Tensor>, outputs: &[usize]) -> Result<Vec<Tensor>> {
+        CatchUnwind(Box::pin(self.run(inputs, outputs))).await
+    }
+
+    async fn run_with(&self, rec: &mut Recorder, inputs: Vec<Tensor>, outputs: &[usize]) -> Result<Vec<Tensor>> {
         let ctx = &*self.ctx;
         let model = self.plan.model();
         let mut wanted = vec![];
@@ -266,7 +283,7 @@ impl GpuBackend {
                 pending.push((OutletId::new(id, 0), p, g.shape.clone(), g.dt));
             } else {
                 if node.inputs.iter().any(|i| pending.iter().any(|p| p.0 == *i)) {
-                    self.flush(rec, &mut state, &mut pending)?;
+                    self.flush(rec, &mut state, &mut pending).await?;
                 }
                 state.compute_one(id).map_err(|e| Error::from_tract(ErrorKind::Runtime, "running the model", &e))?;
                 if let Some(vs) = state.turn_state.values[id].clone() {
@@ -293,7 +310,7 @@ impl GpuBackend {
             }
         }
         if !pending.is_empty() {
-            self.flush(rec, &mut state, &mut pending)?;
+            self.flush(rec, &mut state, &mut pending).await?;
         }
         rec.discard();
         // in a fixed order, so that run after run the pool hands out the same buffers (cached bind groups hit)
@@ -311,13 +328,13 @@ impl GpuBackend {
         Ok(result)
     }
 
-    fn flush(
+    async fn flush(
         &self,
         rec: &mut Recorder,
         state: &mut TypedSimpleState,
         pending: &mut Vec<(OutletId, PendingRead, TVec<usize>, DatumType)>,
     ) -> Result<()> {
-        let bytes = rec.flush(&self.ctx).map_err(gpu_err)?;
+        let bytes = rec.flush(&self.ctx).await.map_err(gpu_err)?;
         for (outlet, p, shape, dt) in pending.drain(..) {
             let b = bytes.get(p.0).ok_or_else(|| Error::runtime("webgpu: a readback is missing"))?;
             let t = tensor_from_bytes(dt, &shape, b).map_err(gpu_err)?;
@@ -379,6 +396,92 @@ fn resolve_symbols(state: &mut TypedSimpleState, fact: &TypedFact, shape: &[usiz
         if let TDim::Sym(s) = d {
             if state.turn_state.resolved_symbols.get(s).is_none() {
                 state.turn_state.resolved_symbols.set(s, *v as i64);
+            }
+        }
+    }
+}
+
+/// A FIFO lock whose waiters are futures: a run waits for the one before it without blocking a thread (a browser's
+/// main thread cannot block). The value leaves the lock while a guard holds it.
+struct AsyncLock<T> {
+    state: Mutex<(Option<T>, VecDeque<Waker>)>,
+}
+
+struct AsyncGuard<'a, T> {
+    lock: &'a AsyncLock<T>,
+    value: Option<T>,
+}
+
+impl<T> AsyncLock<T> {
+    fn new(value: T) -> AsyncLock<T> {
+        AsyncLock { state: Mutex::new((Some(value), VecDeque::new())) }
+    }
+
+    fn lock(&self) -> impl Future<Output = AsyncGuard<'_, T>> + '_ {
+        std::future::poll_fn(move |cx| {
+            let mut g = match self.state.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            match g.0.take() {
+                Some(value) => Poll::Ready(AsyncGuard { lock: self, value: Some(value) }),
+                None => {
+                    if !g.1.iter().any(|w| w.will_wake(cx.waker())) {
+                        g.1.push_back(cx.waker().clone());
+                    }
+                    Poll::Pending
+                }
+            }
+        })
+    }
+}
+
+impl<T> std::ops::Deref for AsyncGuard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        // the value is only taken out in Drop
+        self.value.as_ref().expect("an async guard holds its value until dropped")
+    }
+}
+
+impl<T> std::ops::DerefMut for AsyncGuard<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        self.value.as_mut().expect("an async guard holds its value until dropped")
+    }
+}
+
+impl<T> Drop for AsyncGuard<'_, T> {
+    fn drop(&mut self) {
+        let waiter = {
+            let mut g = match self.lock.state.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            g.0 = self.value.take();
+            g.1.pop_front()
+        };
+        if let Some(w) = waiter {
+            w.wake();
+        }
+    }
+}
+
+/// Polls a future inside `catch_unwind`: a panic becomes a kiln error.
+struct CatchUnwind<'a>(Pin<Box<dyn Future<Output = Result<Vec<Tensor>>> + Send + 'a>>);
+
+impl Future for CatchUnwind<'_> {
+    type Output = Result<Vec<Tensor>>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        let inner = &mut self.0;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.as_mut().poll(cx))) {
+            Ok(p) => p,
+            Err(p) => {
+                let msg = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "unknown panic".into());
+                Poll::Ready(Err(Error::runtime(format!("running the model: internal error (caught panic: {msg})"))))
             }
         }
     }

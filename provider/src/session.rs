@@ -283,7 +283,7 @@ impl Session {
     /// Runs the model and returns every output.
     pub async fn run<N: AsRef<str>>(&self, feeds: impl IntoIterator<Item = (N, Tensor)>) -> Result<Outputs> {
         let all: Vec<usize> = (0..self.model.outputs.len()).collect();
-        self.run_indices(feeds, &all)
+        self.run_indices(feeds, &all).await
     }
 
     /// Runs the model computing only the named outputs (in that order).
@@ -308,20 +308,20 @@ impl Session {
         if ixs.is_empty() {
             return Err(Error::invalid_argument("no output asked for"));
         }
-        self.run_indices(feeds, &ixs)
+        self.run_indices(feeds, &ixs).await
     }
 
-    fn run_indices<N: AsRef<str>>(
+    async fn run_indices<N: AsRef<str>>(
         &self,
         feeds: impl IntoIterator<Item = (N, Tensor)>,
         outputs: &[usize],
     ) -> Result<Outputs> {
         let inputs = self.order_feeds(feeds)?;
-        let values = guard("running the model", || match &self.backend {
-            Backend::Cpu(cpu) => cpu.run(inputs, outputs),
+        let values = match &self.backend {
+            Backend::Cpu(cpu) => guard("running the model", || cpu.run(inputs, outputs))?,
             #[cfg(not(target_arch = "wasm32"))]
-            Backend::Gpu(gpu) => gpu.run(inputs, outputs),
-        })?;
+            Backend::Gpu(gpu) => gpu.run_guarded(inputs, outputs).await?,
+        };
         let mut entries = vec![];
         for (ix, v) in outputs.iter().zip(values) {
             entries.push((self.model.outputs[*ix].name.clone(), v));
