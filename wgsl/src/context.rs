@@ -44,9 +44,8 @@ pub const MAX_BINDING_ENV: &str = "KILN_GPU_MAX_BINDING";
 
 impl Caps {
     /// These caps with `max_storage_binding` (and `max_buffer_size`) lowered to [`MAX_BINDING_ENV`] when it is set
-    /// to a smaller positive number of bytes (a multiple of 4 is kept).
+    /// to a smaller positive number of bytes (a multiple of 4 is kept). (There is no environment in a browser.)
     pub fn with_env_cap(mut self) -> Caps {
-        #[cfg(not(target_arch = "wasm32"))]
         if let Some(cap) = std::env::var(MAX_BINDING_ENV).ok().and_then(|v| v.trim().parse::<u64>().ok()) {
             let cap = cap / 4 * 4;
             if cap > 0 {
@@ -113,6 +112,13 @@ impl Context {
     pub async fn new() -> Result<Option<Arc<Context>>> {
         #[cfg(not(target_arch = "wasm32"))]
         quiet_loader();
+        // In a page or worker without WebGPU (or in Node, which has neither window nor worker scope and where
+        // wgpu's instance would panic), there is no adapter.
+        #[cfg(target_arch = "wasm32")]
+        if !wgpu::util::is_browser_webgpu_supported().await {
+            log::info!("webgpu: navigator.gpu is missing or has no adapter");
+            return Ok(None);
+        }
         let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
         let adapter = match instance
             .request_adapter(&wgpu::RequestAdapterOptions {

@@ -559,6 +559,8 @@ impl Submitted {
             _ => {
                 // nothing to read: natively wait for the work (its errors surface here); a browser reports errors
                 // through the device's error handler, in order
+                #[cfg(target_arch = "wasm32")]
+                let _ = self.wait;
                 #[cfg(not(target_arch = "wasm32"))]
                 if self.wait {
                     ctx.device
