@@ -13,6 +13,8 @@ use common::*;
 use graphs::*;
 use kiln_provider::{ExecutionProvider, Session, Tensor};
 
+type Feeds = Vec<(String, Tensor)>;
+
 fn assert_send<T: Send>(_: &T) {}
 
 #[test]
@@ -30,7 +32,7 @@ fn concurrent_runs_queue_and_match_the_reference() {
         pollster::block_on(Session::from_path(dir.join("model.onnx"), &options(ExecutionProvider::Cpu)))
             .expect("loading"),
     );
-    let sets: Vec<(Vec<(String, Tensor)>, Vec<(String, Tensor)>)> = ["test_data_set_0", "test_data_set_1"]
+    let sets: Vec<(Feeds, Feeds)> = ["test_data_set_0", "test_data_set_1"]
         .iter()
         .map(|s| (read_inputs(&blocking, &dir.join(s)), read_outputs(&blocking, &dir.join(s))))
         .collect();

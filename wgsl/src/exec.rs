@@ -461,10 +461,13 @@ impl Recorder {
     }
 }
 
+/// The outcome of a map request, once known, and the task waiting for it.
+type SignalState = (Option<std::result::Result<(), String>>, Option<std::task::Waker>);
+
 /// A one-shot completion set by a wgpu callback (which may run on any thread, or from the browser's event loop).
 #[derive(Default)]
 struct Signal {
-    state: std::sync::Mutex<(Option<std::result::Result<(), String>>, Option<std::task::Waker>)>,
+    state: std::sync::Mutex<SignalState>,
 }
 
 impl Signal {
