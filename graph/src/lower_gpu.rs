@@ -390,3 +390,80 @@ pub fn split_large_weights(model: &mut TypedModel, caps: &Caps) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n).map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000) as f32 / 500.0 - 1.0).collect()
+    }
+
+    fn run(model: &TypedModel, inputs: TVec<TValue>) -> Vec<f32> {
+        let plan = SimplePlan::new(model.clone()).expect("planning");
+        let out = plan.run(inputs).expect("running");
+        out[0].to_plain_array_view::<f32>().expect("f32 output").iter().copied().collect()
+    }
+
+    fn close(a: &[f32], b: &[f32]) {
+        assert_eq!(a.len(), b.len());
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "element {i}: {x} vs {y}");
+        }
+    }
+
+    /// A 256 KB weight under a 64 KiB cap: four matmuls on the GPU and a concat, same values as the original.
+    #[test]
+    fn a_matmul_weight_over_the_limit_is_split_along_n() {
+        let (m, k, n) = (3usize, 64usize, 1000usize);
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact([m, k])).unwrap();
+        let w = model.add_const("w", Tensor::from_shape(&[k, n], &values(k * n, 7)).unwrap()).unwrap();
+        let mm = PrefixMatMul {
+            transpose_a: false,
+            transpose_b: false,
+            transpose_c: false,
+            quantize_output: None,
+            operating_dt: None,
+        };
+        let y = model.wire_node("y", mm, &[x, w]).unwrap();
+        model.select_output_outlets(&y).unwrap();
+        let lowered = lower(&model, &Caps::webgpu_defaults().with_binding_cap(64 << 10)).unwrap();
+        let mms = lowered.placement.iter().filter(|p| p.op == "PrefixMatMul" && p.device == Device::Gpu).count();
+        assert_eq!(mms, 4, "{:?}", lowered.placement);
+        assert!(lowered.placement.iter().all(|p| p.device == Device::Gpu), "{:?}", lowered.placement);
+        let cut = lowered.model.nodes().iter().filter_map(|n| n.op_as::<Const>()).map(|k| k.val().len()).max();
+        assert!(cut.unwrap_or(0) * 4 <= 64 << 10, "a constant over the limit is left");
+        let input = Tensor::from_shape(&[m, k], &values(m * k, 3)).unwrap();
+        close(&run(&lowered.model, tvec!(input.clone().into())), &run(&model, tvec!(input.into())));
+    }
+
+    /// An embedding over the cap is cut along its hidden axis; a 1-D table over the cap cannot be cut under it and
+    /// stays on the CPU as "shape too large".
+    #[test]
+    fn gather_tables_over_the_limit_are_split_or_stay_on_the_cpu() {
+        let caps = Caps::webgpu_defaults().with_binding_cap(64 << 10);
+        let (vocab, hidden) = (1000usize, 64usize);
+        let mut model = TypedModel::default();
+        let ids = model.add_source("ids", i64::fact([2, 3])).unwrap();
+        let table = model.add_const("t", Tensor::from_shape(&[vocab, hidden], &values(vocab * hidden, 1)).unwrap());
+        let y = model.wire_node("y", Gather { axis: 0, output_type: None }, &[table.unwrap(), ids]).unwrap();
+        model.select_output_outlets(&y).unwrap();
+        let lowered = lower(&model, &caps).unwrap();
+        let gathers = lowered.placement.iter().filter(|p| p.op == "Gather" && p.device == Device::Gpu).count();
+        assert!(gathers >= 4, "{:?}", lowered.placement);
+        assert!(lowered.placement.iter().all(|p| p.device == Device::Gpu), "{:?}", lowered.placement);
+        let input = Tensor::from_shape(&[2, 3], &[0i64, 999, 5, -1, 500, 17]).unwrap();
+        close(&run(&lowered.model, tvec!(input.clone().into())), &run(&model, tvec!(input.into())));
+
+        let mut model = TypedModel::default();
+        let ids = model.add_source("ids", i64::fact([4])).unwrap();
+        let table = model.add_const("t", Tensor::from_shape(&[20000], &values(20000, 2)).unwrap()).unwrap();
+        let y = model.wire_node("y", Gather { axis: 0, output_type: None }, &[table, ids]).unwrap();
+        model.select_output_outlets(&y).unwrap();
+        let lowered = lower(&model, &caps).unwrap();
+        let g = lowered.placement.iter().find(|p| p.op == "Gather").expect("the gather's placement");
+        assert_eq!(g.device, Device::Cpu);
+        assert!(g.reason.as_deref().is_some_and(|r| r.contains("shape too large")), "{:?}", g.reason);
+    }
+}

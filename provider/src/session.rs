@@ -252,6 +252,8 @@ impl Session {
     pub fn provider_note(&self) -> Option<&str> {
         self.provider_note.as_deref()
     }
+    /// The loaded model. On the WebGPU provider its typed graph keeps the structure but not the constants' data:
+    /// those live in the GPU backend's plan (what CPU nodes need) and on the GPU (the weights), not twice.
     pub fn model(&self) -> &Model {
         &self.model
     }
