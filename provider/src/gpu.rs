@@ -115,7 +115,19 @@ impl GpuBackend {
             let src = lowered.model.node(node.inputs[0].node);
             if let Some(k) = src.op_as::<Const>() {
                 let t = k.val();
-                let bytes = kiln_wgsl::exec::host_bytes(t).map_err(gpu_err)?;
+                // f32 / i32 / u32 go up from the tensor's own bytes; bool and i64 are converted first
+                let plain = matches!(t.datum_type(), DatumType::F32 | DatumType::I32 | DatumType::U32);
+                let converted = if plain { None } else { Some(kiln_wgsl::exec::host_bytes(t).map_err(gpu_err)?) };
+                let view = if plain {
+                    Some(t.try_as_plain_ram().map_err(|e| Error::runtime(format!("webgpu: weight data: {e}")))?)
+                } else {
+                    None
+                };
+                let bytes: &[u8] = match (&converted, &view) {
+                    (Some(c), _) => c,
+                    (None, Some(v)) => v.as_bytes(),
+                    (None, None) => &[],
+                };
                 let size = (bytes.len() as u64).div_ceil(4).max(1) * 4;
                 if size > ctx.caps.max_storage_binding || size > ctx.caps.max_buffer_size {
                     return Err(Error::runtime(format!(
@@ -131,8 +143,7 @@ impl GpuBackend {
                         | kiln_wgsl::wgpu::BufferUsages::COPY_SRC,
                     mapped_at_creation: false,
                 });
-                upload_in_chunks(&ctx, &buffer, &bytes, &mut staged)?;
-                drop(bytes);
+                upload_in_chunks(&ctx, &buffer, bytes, &mut staged)?;
                 weight_bytes += size;
                 weights.insert(
                     node.id,
