@@ -199,6 +199,8 @@ impl GpuBackend {
     /// blocked on in a browser. Runs on one backend queue one after another.
     pub(crate) async fn run(&self, inputs: Vec<Tensor>, outputs: &[usize]) -> Result<Vec<Tensor>> {
         let mut rec = self.rec.lock().await;
+        // work a run that panicked half-way left behind (a finished run leaves none)
+        rec.discard();
         rec.poison = self.poison.load(Ordering::Relaxed);
         let r = self.run_with(&mut rec, inputs, outputs).await;
         if r.is_err() {
