@@ -6,7 +6,6 @@
 pub mod error;
 pub mod float16;
 pub mod import;
-#[cfg(not(target_arch = "wasm32"))]
 pub mod lower_gpu;
 pub mod passes;
 pub mod symbolic;

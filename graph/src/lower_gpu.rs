@@ -9,7 +9,9 @@ use std::collections::HashMap;
 use kiln_wgsl::ops::{kernel_for, GpuOp, ToDevice, ToHost};
 use kiln_wgsl::{Caps, Kernel};
 use tract_onnx::prelude::*;
-use tract_onnx::tract_core::ops::einsum::prefix_matmul::rewrite_einsum_to_prefix_matmul;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::array::{Gather, TypedConcat};
+use tract_onnx::tract_core::ops::einsum::prefix_matmul::{rewrite_einsum_to_prefix_matmul, PrefixMatMul};
 use tract_onnx::tract_core::ops::konst::Const;
 use tract_onnx::tract_core::ops::source::TypedSource;
 
@@ -59,6 +61,7 @@ fn tract_err(what: &str) -> impl Fn(TractError) -> Error + '_ {
 pub fn lower(model: &TypedModel, caps: &Caps) -> Result<Lowered> {
     let mut src = model.clone();
     rewrite_einsum_to_prefix_matmul(&mut src, true).map_err(tract_err("rewriting einsums as matmuls"))?;
+    split_large_weights(&mut src, caps)?;
     let mut target = TypedModel { symbols: src.symbols.clone(), ..TypedModel::default() };
     let mut host: HashMap<OutletId, OutletId> = HashMap::new();
     let mut dev: HashMap<OutletId, OutletId> = HashMap::new();
@@ -214,4 +217,253 @@ fn host_wire(
     let h = target.wire_node(name, ToHost, &[d]).map_err(tract_err("wiring a transfer"))?[0];
     host.insert(outlet, h);
     Ok(h)
+}
+
+/// A constant whose bytes live on the GPU only (uploaded when the session was created): the host keeps its fact
+/// (element type, shape), not its data. The GPU executor never evaluates it (its only consumers are [`ToDevice`]
+/// transfers, served by the uploaded buffer); evaluating it on the CPU is an error.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DeviceConst {
+    pub fact: TypedFact,
+}
+
+impl Op for DeviceConst {
+    fn name(&self) -> StaticName {
+        "DeviceConst".into()
+    }
+    op_as_typed_op!();
+}
+
+impl EvalOp for DeviceConst {
+    not_out_of_plan!();
+    fn eval(&self, _ctx: &EvalContext, _inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        bail!("this constant lives on the GPU only; it has no host value")
+    }
+}
+
+impl TypedOp for DeviceConst {
+    as_op!();
+    fn output_facts(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        Ok(tvec!(self.fact.clone()))
+    }
+}
+
+/// The constants of a lowered model that only feed [`ToDevice`] transfers (and are no model output): once their
+/// bytes are on the GPU, the host does not need them.
+pub fn device_only_constants(model: &TypedModel) -> Vec<usize> {
+    let outputs: Vec<OutletId> = model.outputs.clone();
+    model
+        .nodes()
+        .iter()
+        .filter(|n| n.op_is::<Const>() && n.outputs.len() == 1 && !outputs.contains(&OutletId::new(n.id, 0)))
+        .filter(|n| {
+            let succ = &n.outputs[0].successors;
+            !succ.is_empty() && succ.iter().all(|s| model.node(s.node).op_is::<ToDevice>())
+        })
+        .map(|n| n.id)
+        .collect()
+}
+
+/// Replaces each constant node of `nodes` with a [`DeviceConst`] of the same fact (without its value), so the model
+/// no longer holds the tensor. Returns the bytes released (counted once per tensor).
+pub fn drop_host_constants(model: &mut TypedModel, nodes: &[usize]) -> u64 {
+    let mut released = 0u64;
+    for &id in nodes {
+        let Some(node) = model.nodes.get_mut(id) else { continue };
+        let Some(k) = node.op_as::<Const>() else { continue };
+        released += (k.val().len() * k.val().datum_type().size_of()) as u64;
+        let Some(out) = node.outputs.get_mut(0) else { continue };
+        let fact = out.fact.without_value();
+        out.fact = fact.clone();
+        node.op = Box::new(DeviceConst { fact });
+    }
+    released
+}
+
+/// Bytes of the constant tensors a model holds on the host (each distinct tensor counted once).
+pub fn host_constant_bytes(model: &TypedModel) -> u64 {
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0u64;
+    for n in model.nodes() {
+        if let Some(k) = n.op_as::<Const>() {
+            if seen.insert(Arc::as_ptr(k.val()) as usize) {
+                total += (k.val().len() * k.val().datum_type().size_of()) as u64;
+            }
+        }
+    }
+    total
+}
+
+/// The largest tensor one GPU binding can hold, in bytes.
+pub fn binding_limit(caps: &Caps) -> u64 {
+    caps.max_storage_binding.min(caps.max_buffer_size)
+}
+
+/// Splits constant weights larger than the adapter's storage binding limit, so their nodes still run on the GPU:
+/// a MatMul's constant operand is cut along N (or M, for a constant left operand) into chunks under the limit, one
+/// matmul per chunk, the results concatenated; a Gather's constant table is cut along a non-gathered axis (the
+/// embedding dimension of a `[vocab, hidden]` table), one gather per chunk, concatenated — no chunk repeats work.
+/// A weight that cannot be cut under the limit is left whole (its node stays on the CPU: "shape too large").
+pub fn split_large_weights(model: &mut TypedModel, caps: &Caps) -> Result<()> {
+    let limit = binding_limit(caps);
+    let order = model.eval_order().map_err(tract_err("ordering the model"))?;
+    for id in order {
+        let node = model.node(id);
+        let konst = |slot: usize| -> Option<Arc<Tensor>> {
+            let input = node.inputs.get(slot)?;
+            let k = model.node(input.node).op_as::<Const>()?;
+            let t = k.val();
+            let bytes = (t.len() * t.datum_type().size_of()) as u64;
+            (bytes > limit && t.datum_type() == DatumType::F32 && t.is_plain()).then(|| t.clone())
+        };
+        let plan = if let Some(mm) = node.op_as::<PrefixMatMul>() {
+            if let Some(b) = konst(1) {
+                // B: [.., K, N] (or [.., N, K] transposed); C: [.., M, N] (or [.., N, M])
+                let r = b.rank();
+                let cut = if mm.transpose_b { r.wrapping_sub(2) } else { r.wrapping_sub(1) };
+                let rc = node.outputs[0].fact.rank();
+                let out = if mm.transpose_c { rc.wrapping_sub(2) } else { rc.wrapping_sub(1) };
+                Some((1, b, cut, out))
+            } else if let Some(a) = konst(0) {
+                // A: [.., M, K] (or [.., K, M]); C: [.., M, N] (or [.., N, M])
+                let r = a.rank();
+                let cut = if mm.transpose_a { r.wrapping_sub(1) } else { r.wrapping_sub(2) };
+                let rc = node.outputs[0].fact.rank();
+                let out = if mm.transpose_c { rc.wrapping_sub(1) } else { rc.wrapping_sub(2) };
+                Some((0, a, cut, out))
+            } else {
+                None
+            }
+        } else if let Some(g) = node.op_as::<Gather>() {
+            match konst(0) {
+                // the table's axes after the gathered one land after the indices' axes in the output
+                Some(t) if g.output_type.is_none() => {
+                    let idx_rank = model.outlet_fact(node.inputs[1]).map(|f| f.rank()).unwrap_or(0);
+                    let cut = (0..t.rank()).filter(|a| *a != g.axis).max_by_key(|a| t.shape()[*a]);
+                    cut.map(|cut| {
+                        let out = if cut < g.axis { cut } else { cut - 1 + idx_rank };
+                        (0, t, cut, out)
+                    })
+                }
+                _ => None,
+            }
+        } else {
+            None
+        };
+        let Some((slot, weight, cut, out_axis)) = plan else { continue };
+        if cut >= weight.rank() || out_axis >= node.outputs[0].fact.rank() {
+            continue;
+        }
+        let len = weight.shape()[cut];
+        let slice_bytes = (weight.len() / len.max(1) * weight.datum_type().size_of()) as u64;
+        if len < 2 || slice_bytes == 0 || slice_bytes > limit {
+            continue;
+        }
+        let per_chunk = ((limit / slice_bytes) as usize).clamp(1, len);
+        let mut patch = TypedModelPatch::new(format!("split {} under the binding limit", node.name));
+        let mut taps = tvec![];
+        for i in &node.inputs {
+            taps.push(patch.tap_model(model, *i).map_err(tract_err("splitting a weight"))?);
+        }
+        let mut parts = tvec![];
+        let mut start = 0;
+        while start < len {
+            let end = (start + per_chunk).min(len);
+            let chunk = weight.slice(cut, start, end).map_err(tract_err("slicing a weight"))?;
+            let k = patch
+                .add_const(format!("{}.split{}", model.node(node.inputs[slot].node).name, parts.len()), chunk)
+                .map_err(tract_err("splitting a weight"))?;
+            let mut inputs = taps.clone();
+            inputs[slot] = k;
+            let o = patch
+                .wire_node(format!("{}.split{}", node.name, parts.len()), node.op.clone(), &inputs)
+                .map_err(tract_err("splitting a weight"))?;
+            parts.push(o[0]);
+            start = end;
+        }
+        let cat = patch
+            .wire_node(format!("{}.concat", node.name), TypedConcat::new(out_axis), &parts)
+            .map_err(tract_err("splitting a weight"))?;
+        patch.shunt_outside(model, OutletId::new(id, 0), cat[0]).map_err(tract_err("splitting a weight"))?;
+        log::info!("webgpu: {} split into {} parts under the {limit}-byte binding limit", node.name, parts.len());
+        patch.apply(model).map_err(tract_err("splitting a weight"))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n).map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000) as f32 / 500.0 - 1.0).collect()
+    }
+
+    fn run(model: &TypedModel, inputs: TVec<TValue>) -> Vec<f32> {
+        let plan = SimplePlan::new(model.clone()).expect("planning");
+        let out = plan.run(inputs).expect("running");
+        out[0].to_plain_array_view::<f32>().expect("f32 output").iter().copied().collect()
+    }
+
+    fn close(a: &[f32], b: &[f32]) {
+        assert_eq!(a.len(), b.len());
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "element {i}: {x} vs {y}");
+        }
+    }
+
+    /// A 256 KB weight under a 64 KiB cap: four matmuls on the GPU and a concat, same values as the original.
+    #[test]
+    fn a_matmul_weight_over_the_limit_is_split_along_n() {
+        let (m, k, n) = (3usize, 64usize, 1000usize);
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact([m, k])).unwrap();
+        let w = model.add_const("w", Tensor::from_shape(&[k, n], &values(k * n, 7)).unwrap()).unwrap();
+        let mm = PrefixMatMul {
+            transpose_a: false,
+            transpose_b: false,
+            transpose_c: false,
+            quantize_output: None,
+            operating_dt: None,
+        };
+        let y = model.wire_node("y", mm, &[x, w]).unwrap();
+        model.select_output_outlets(&y).unwrap();
+        let lowered = lower(&model, &Caps::webgpu_defaults().with_binding_cap(64 << 10)).unwrap();
+        let mms = lowered.placement.iter().filter(|p| p.op == "PrefixMatMul" && p.device == Device::Gpu).count();
+        assert_eq!(mms, 4, "{:?}", lowered.placement);
+        assert!(lowered.placement.iter().all(|p| p.device == Device::Gpu), "{:?}", lowered.placement);
+        let cut = lowered.model.nodes().iter().filter_map(|n| n.op_as::<Const>()).map(|k| k.val().len()).max();
+        assert!(cut.unwrap_or(0) * 4 <= 64 << 10, "a constant over the limit is left");
+        let input = Tensor::from_shape(&[m, k], &values(m * k, 3)).unwrap();
+        close(&run(&lowered.model, tvec!(input.clone().into())), &run(&model, tvec!(input.into())));
+    }
+
+    /// An embedding over the cap is cut along its hidden axis; a 1-D table over the cap cannot be cut under it and
+    /// stays on the CPU as "shape too large".
+    #[test]
+    fn gather_tables_over_the_limit_are_split_or_stay_on_the_cpu() {
+        let caps = Caps::webgpu_defaults().with_binding_cap(64 << 10);
+        let (vocab, hidden) = (1000usize, 64usize);
+        let mut model = TypedModel::default();
+        let ids = model.add_source("ids", i64::fact([2, 3])).unwrap();
+        let table = model.add_const("t", Tensor::from_shape(&[vocab, hidden], &values(vocab * hidden, 1)).unwrap());
+        let y = model.wire_node("y", Gather { axis: 0, output_type: None }, &[table.unwrap(), ids]).unwrap();
+        model.select_output_outlets(&y).unwrap();
+        let lowered = lower(&model, &caps).unwrap();
+        let gathers = lowered.placement.iter().filter(|p| p.op == "Gather" && p.device == Device::Gpu).count();
+        assert!(gathers >= 4, "{:?}", lowered.placement);
+        assert!(lowered.placement.iter().all(|p| p.device == Device::Gpu), "{:?}", lowered.placement);
+        let input = Tensor::from_shape(&[2, 3], &[0i64, 999, 5, -1, 500, 17]).unwrap();
+        close(&run(&lowered.model, tvec!(input.clone().into())), &run(&model, tvec!(input.into())));
+
+        let mut model = TypedModel::default();
+        let ids = model.add_source("ids", i64::fact([4])).unwrap();
+        let table = model.add_const("t", Tensor::from_shape(&[20000], &values(20000, 2)).unwrap()).unwrap();
+        let y = model.wire_node("y", Gather { axis: 0, output_type: None }, &[table, ids]).unwrap();
+        model.select_output_outlets(&y).unwrap();
+        let lowered = lower(&model, &caps).unwrap();
+        let g = lowered.placement.iter().find(|p| p.op == "Gather").expect("the gather's placement");
+        assert_eq!(g.device, Device::Cpu);
+        assert!(g.reason.as_deref().is_some_and(|r| r.contains("shape too large")), "{:?}", g.reason);
+    }
 }

@@ -4,9 +4,16 @@
 //! once, when the session is created; intermediate buffers come from a pool and go back to it at their last use.
 
 use std::collections::HashMap;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Poll, Waker};
 
-use kiln_graph::lower_gpu::{lower, Device, Lowered, NodePlacement};
+use kiln_graph::lower_gpu::{
+    device_only_constants, drop_host_constants, host_constant_bytes, lower, Device, DeviceConst, Lowered, NodePlacement,
+};
 use kiln_graph::tract_onnx::prelude::*;
 use kiln_graph::tract_onnx::tract_core::ops::konst::Const;
 use kiln_graph::tract_onnx::tract_core::plan::{SimplePlan, SimpleState};
@@ -36,6 +43,12 @@ pub struct PlacementReport {
     /// Totals over the session's runs so far.
     pub counters: Counters,
     pub runs: usize,
+    /// Constant tensors uploaded once at session creation, and their bytes on the GPU.
+    pub weights_on_gpu: usize,
+    pub weight_bytes_on_gpu: u64,
+    /// Bytes of constants the lowered plan still holds on the host (those CPU nodes use); the weights placed on
+    /// the GPU are not among them.
+    pub host_constant_bytes: u64,
 }
 
 impl PlacementReport {
@@ -50,12 +63,22 @@ pub(crate) struct GpuBackend {
     plan: Arc<TypedSimplePlan>,
     order: Vec<usize>,
     weights: HashMap<usize, GpuTensor>,
-    rec: Mutex<(Recorder, usize)>,
+    weight_bytes: u64,
+    host_constant_bytes: u64,
+    /// The recorder, one run at a time (runs queue on it without blocking a thread).
+    rec: AsyncLock<Recorder>,
+    /// Counters after the last run, and the number of runs.
+    stats: Mutex<(Counters, usize)>,
+    poison: AtomicBool,
 }
 
 impl GpuBackend {
     /// The backend on the first adapter, or why there is none (no adapter, a device or lowering failure).
-    pub(crate) async fn create(model: &Model) -> std::result::Result<GpuBackend, String> {
+    ///
+    /// On success the constants of `model.typed` are replaced by [`DeviceConst`] placeholders: the session runs the
+    /// backend's lowered plan, which holds the constants CPU nodes need, and the GPU holds the rest, so no weight
+    /// placed on the GPU stays in host memory. (`model.typed` keeps the graph, for inspection.)
+    pub(crate) async fn create(model: &mut Model) -> std::result::Result<GpuBackend, String> {
         let ctx = match kiln_wgsl::Context::new().await {
             Ok(Some(ctx)) => ctx,
             Ok(None) => return Err("no GPU adapter found".into()),
@@ -64,6 +87,9 @@ impl GpuBackend {
         let adapter = ctx.caps.adapter.clone();
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| GpuBackend::new(ctx, model))) {
             Ok(Ok(b)) => {
+                let consts: Vec<usize> =
+                    model.typed.nodes().iter().filter(|n| n.op_is::<Const>()).map(|n| n.id).collect();
+                drop_host_constants(&mut model.typed, &consts);
                 log::info!(
                     "execution provider webgpu: adapter {adapter}, {} of {} compute nodes on the GPU",
                     b.lowered.gpu_nodes(),
@@ -77,11 +103,11 @@ impl GpuBackend {
     }
 
     pub(crate) fn new(ctx: Arc<Context>, model: &Model) -> Result<GpuBackend> {
-        let lowered = lower(&model.typed, &ctx.caps)?;
-        let order = lowered.model.eval_order().map_err(tract_err("ordering the lowered model"))?;
-        let plan = SimplePlan::new(lowered.model.clone()).map_err(tract_err("planning the lowered model"))?;
+        let mut lowered = lower(&model.typed, &ctx.caps)?;
         // weights: constants that feed the GPU, uploaded once
         let mut weights = HashMap::new();
+        let mut weight_bytes = 0u64;
+        let mut staged = 0u64;
         for node in lowered.model.nodes() {
             if !node.op_is::<ToDevice>() {
                 continue;
@@ -89,9 +115,21 @@ impl GpuBackend {
             let src = lowered.model.node(node.inputs[0].node);
             if let Some(k) = src.op_as::<Const>() {
                 let t = k.val();
-                let bytes = kiln_wgsl::exec::host_bytes(t).map_err(gpu_err)?;
+                // f32 / i32 / u32 go up from the tensor's own bytes; bool and i64 are converted first
+                let plain = matches!(t.datum_type(), DatumType::F32 | DatumType::I32 | DatumType::U32);
+                let converted = if plain { None } else { Some(kiln_wgsl::exec::host_bytes(t).map_err(gpu_err)?) };
+                let view = if plain {
+                    Some(t.try_as_plain_ram().map_err(|e| Error::runtime(format!("webgpu: weight data: {e}")))?)
+                } else {
+                    None
+                };
+                let bytes: &[u8] = match (&converted, &view) {
+                    (Some(c), _) => c,
+                    (None, Some(v)) => v.as_bytes(),
+                    (None, None) => &[],
+                };
                 let size = (bytes.len() as u64).div_ceil(4).max(1) * 4;
-                if size > ctx.caps.max_storage_binding {
+                if size > ctx.caps.max_storage_binding || size > ctx.caps.max_buffer_size {
                     return Err(Error::runtime(format!(
                         "webgpu: weight `{}` ({} bytes) exceeds the adapter's storage binding limit",
                         src.name, size
@@ -105,9 +143,8 @@ impl GpuBackend {
                         | kiln_wgsl::wgpu::BufferUsages::COPY_SRC,
                     mapped_at_creation: false,
                 });
-                if !bytes.is_empty() {
-                    ctx.queue.write_buffer(&buffer, 0, &bytes);
-                }
+                upload_in_chunks(&ctx, &buffer, bytes, &mut staged)?;
+                weight_bytes += size;
                 weights.insert(
                     node.id,
                     GpuTensor { buffer: Arc::new(buffer), shape: t.shape().into(), dt: t.datum_type() },
@@ -115,15 +152,31 @@ impl GpuBackend {
             }
         }
         ctx.take_error().map_err(gpu_err)?;
+        // the uploaded constants only the GPU reads leave the host: the lowered model (and the plan built from it)
+        // keeps their facts, not their bytes
+        let device_only = device_only_constants(&lowered.model);
+        drop_host_constants(&mut lowered.model, &device_only);
+        let host_constant_bytes = host_constant_bytes(&lowered.model);
+        let order = lowered.model.eval_order().map_err(tract_err("ordering the lowered model"))?;
+        let plan = SimplePlan::new(lowered.model.clone()).map_err(tract_err("planning the lowered model"))?;
         let poison = std::env::var("KILN_GPU_POISON").is_ok_and(|v| v == "1");
-        let mut rec = Recorder::default();
-        rec.poison = poison;
-        Ok(GpuBackend { ctx, lowered, plan, order, weights, rec: Mutex::new((rec, 0)) })
+        Ok(GpuBackend {
+            ctx,
+            lowered,
+            plan,
+            order,
+            weights,
+            weight_bytes,
+            host_constant_bytes,
+            rec: AsyncLock::new(Recorder::default()),
+            stats: Mutex::new((Counters::default(), 0)),
+            poison: AtomicBool::new(poison),
+        })
     }
 
     pub(crate) fn report(&self) -> PlacementReport {
         let (to_device, to_host) = self.lowered.transfers();
-        let (counters, runs) = self.rec.lock().map(|g| (g.0.counters, g.1)).unwrap_or_default();
+        let (counters, runs) = self.stats.lock().map(|g| *g).unwrap_or_default();
         PlacementReport {
             adapter: format!("{} ({})", self.ctx.caps.adapter, self.ctx.caps.backend),
             nodes: self.lowered.placement.clone(),
@@ -131,28 +184,41 @@ impl GpuBackend {
             to_host,
             counters,
             runs,
+            weights_on_gpu: self.weights.len(),
+            weight_bytes_on_gpu: self.weight_bytes,
+            host_constant_bytes: self.host_constant_bytes,
         }
     }
 
     /// Poisons fresh output buffers with NaN (tests).
     pub(crate) fn set_poison(&self, on: bool) {
-        if let Ok(mut g) = self.rec.lock() {
-            g.0.poison = on;
-        }
+        self.poison.store(on, Ordering::Relaxed);
     }
 
-    pub(crate) fn run(&self, inputs: Vec<Tensor>, outputs: &[usize]) -> Result<Vec<Tensor>> {
-        let mut guard = self.rec.lock().map_err(|_| Error::runtime("webgpu: recorder poisoned"))?;
-        guard.1 += 1;
-        let rec = &mut guard.0;
-        let r = self.run_with(rec, inputs, outputs);
+    /// One run: GPU work is recorded and submitted once per flush; readbacks are awaited (`map_async`), never
+    /// blocked on in a browser. Runs on one backend queue one after another.
+    pub(crate) async fn run(&self, inputs: Vec<Tensor>, outputs: &[usize]) -> Result<Vec<Tensor>> {
+        let mut rec = self.rec.lock().await;
+        // work a run that panicked half-way left behind (a finished run leaves none)
+        rec.discard();
+        rec.poison = self.poison.load(Ordering::Relaxed);
+        let r = self.run_with(&mut rec, inputs, outputs).await;
         if r.is_err() {
             rec.discard();
+        }
+        if let Ok(mut g) = self.stats.lock() {
+            g.0 = rec.counters;
+            g.1 += 1;
         }
         r
     }
 
-    fn run_with(&self, rec: &mut Recorder, inputs: Vec<Tensor>, outputs: &[usize]) -> Result<Vec<Tensor>> {
+    /// [`GpuBackend::run`], with a panic inside turned into an error (as the CPU path does).
+    pub(crate) async fn run_guarded(&self, inputs: Vec<Tensor>, outputs: &[usize]) -> Result<Vec<Tensor>> {
+        CatchUnwind(Box::pin(self.run(inputs, outputs))).await
+    }
+
+    async fn run_with(&self, rec: &mut Recorder, inputs: Vec<Tensor>, outputs: &[usize]) -> Result<Vec<Tensor>> {
         let ctx = &*self.ctx;
         let model = self.plan.model();
         let mut wanted = vec![];
@@ -192,6 +258,10 @@ impl GpuBackend {
         for &id in self.order.iter().filter(|n| needed[**n]) {
             let node = model.node(id);
             if node.inputs.is_empty() {
+                // a weight that lives on the GPU only: its ToDevice consumers use the uploaded buffer
+                if node.op_is::<DeviceConst>() {
+                    continue;
+                }
                 if state.turn_state.values[id].is_none() {
                     state.compute_one(id).map_err(tract_err("evaluating a constant"))?;
                 }
@@ -226,7 +296,7 @@ impl GpuBackend {
                 pending.push((OutletId::new(id, 0), p, g.shape.clone(), g.dt));
             } else {
                 if node.inputs.iter().any(|i| pending.iter().any(|p| p.0 == *i)) {
-                    self.flush(rec, &mut state, &mut pending)?;
+                    self.flush(rec, &mut state, &mut pending).await?;
                 }
                 state.compute_one(id).map_err(|e| Error::from_tract(ErrorKind::Runtime, "running the model", &e))?;
                 if let Some(vs) = state.turn_state.values[id].clone() {
@@ -253,7 +323,7 @@ impl GpuBackend {
             }
         }
         if !pending.is_empty() {
-            self.flush(rec, &mut state, &mut pending)?;
+            self.flush(rec, &mut state, &mut pending).await?;
         }
         rec.discard();
         // in a fixed order, so that run after run the pool hands out the same buffers (cached bind groups hit)
@@ -271,13 +341,13 @@ impl GpuBackend {
         Ok(result)
     }
 
-    fn flush(
+    async fn flush(
         &self,
         rec: &mut Recorder,
         state: &mut TypedSimpleState,
         pending: &mut Vec<(OutletId, PendingRead, TVec<usize>, DatumType)>,
     ) -> Result<()> {
-        let bytes = rec.flush(&self.ctx).map_err(gpu_err)?;
+        let bytes = rec.flush(&self.ctx).await.map_err(gpu_err)?;
         for (outlet, p, shape, dt) in pending.drain(..) {
             let b = bytes.get(p.0).ok_or_else(|| Error::runtime("webgpu: a readback is missing"))?;
             let t = tensor_from_bytes(dt, &shape, b).map_err(gpu_err)?;
@@ -285,6 +355,40 @@ impl GpuBackend {
         }
         Ok(())
     }
+}
+
+/// Bytes written through the queue between two waits while uploading weights (native).
+const UPLOAD_WINDOW: u64 = 16 << 20;
+const UPLOAD_CHUNK: usize = 4 << 20;
+
+/// Writes `bytes` to `buffer` in chunks. Natively the queue's staging memory is recycled every
+/// [`UPLOAD_WINDOW`] bytes (a submit, then a wait): the staging copies of a big weight never pile up in host
+/// memory beside the weight itself (they would on lavapipe, whose GPU memory is host memory).
+fn upload_in_chunks(ctx: &Context, buffer: &kiln_wgsl::wgpu::Buffer, bytes: &[u8], staged: &mut u64) -> Result<()> {
+    let mut offset = 0u64;
+    for chunk in bytes.chunks(UPLOAD_CHUNK) {
+        // write_buffer wants a multiple of 4 bytes
+        if chunk.len() % 4 == 0 {
+            ctx.queue.write_buffer(buffer, offset, chunk);
+        } else {
+            let mut padded = chunk.to_vec();
+            padded.resize(chunk.len().div_ceil(4) * 4, 0);
+            ctx.queue.write_buffer(buffer, offset, &padded);
+        }
+        offset += chunk.len() as u64;
+        *staged += chunk.len() as u64;
+        if *staged >= UPLOAD_WINDOW {
+            *staged = 0;
+            #[cfg(not(target_arch = "wasm32"))]
+            {
+                ctx.queue.submit([]);
+                ctx.device
+                    .poll(kiln_wgsl::wgpu::PollType::Wait { submission_index: None, timeout: None })
+                    .map_err(|e| Error::runtime(format!("webgpu: uploading weights: {e}")))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn host_value(state: &TypedSimpleState, o: OutletId) -> Result<TractTensor> {
@@ -305,6 +409,92 @@ fn resolve_symbols(state: &mut TypedSimpleState, fact: &TypedFact, shape: &[usiz
         if let TDim::Sym(s) = d {
             if state.turn_state.resolved_symbols.get(s).is_none() {
                 state.turn_state.resolved_symbols.set(s, *v as i64);
+            }
+        }
+    }
+}
+
+/// A FIFO lock whose waiters are futures: a run waits for the one before it without blocking a thread (a browser's
+/// main thread cannot block). The value leaves the lock while a guard holds it.
+struct AsyncLock<T> {
+    state: Mutex<(Option<T>, VecDeque<Waker>)>,
+}
+
+struct AsyncGuard<'a, T> {
+    lock: &'a AsyncLock<T>,
+    value: Option<T>,
+}
+
+impl<T> AsyncLock<T> {
+    fn new(value: T) -> AsyncLock<T> {
+        AsyncLock { state: Mutex::new((Some(value), VecDeque::new())) }
+    }
+
+    fn lock(&self) -> impl Future<Output = AsyncGuard<'_, T>> + '_ {
+        std::future::poll_fn(move |cx| {
+            let mut g = match self.state.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            match g.0.take() {
+                Some(value) => Poll::Ready(AsyncGuard { lock: self, value: Some(value) }),
+                None => {
+                    if !g.1.iter().any(|w| w.will_wake(cx.waker())) {
+                        g.1.push_back(cx.waker().clone());
+                    }
+                    Poll::Pending
+                }
+            }
+        })
+    }
+}
+
+impl<T> std::ops::Deref for AsyncGuard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        // the value is only taken out in Drop
+        self.value.as_ref().expect("an async guard holds its value until dropped")
+    }
+}
+
+impl<T> std::ops::DerefMut for AsyncGuard<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        self.value.as_mut().expect("an async guard holds its value until dropped")
+    }
+}
+
+impl<T> Drop for AsyncGuard<'_, T> {
+    fn drop(&mut self) {
+        let waiter = {
+            let mut g = match self.lock.state.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            g.0 = self.value.take();
+            g.1.pop_front()
+        };
+        if let Some(w) = waiter {
+            w.wake();
+        }
+    }
+}
+
+/// Polls a future inside `catch_unwind`: a panic becomes a kiln error.
+struct CatchUnwind<'a>(Pin<Box<dyn Future<Output = Result<Vec<Tensor>>> + Send + 'a>>);
+
+impl Future for CatchUnwind<'_> {
+    type Output = Result<Vec<Tensor>>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        let inner = &mut self.0;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.as_mut().poll(cx))) {
+            Ok(p) => p,
+            Err(p) => {
+                let msg = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "unknown panic".into());
+                Poll::Ready(Err(Error::runtime(format!("running the model: internal error (caught panic: {msg})"))))
             }
         }
     }

@@ -2,14 +2,11 @@
 //! runs it; [`blocking::Session`] wraps it for native callers that do not run an async executor.
 
 mod cpu;
-#[cfg(not(target_arch = "wasm32"))]
 mod gpu;
 pub mod session;
 pub mod tensor;
 
-#[cfg(not(target_arch = "wasm32"))]
 pub use gpu::PlacementReport;
-#[cfg(not(target_arch = "wasm32"))]
 pub use kiln_graph::lower_gpu::{Device, NodePlacement};
 pub use kiln_graph::{
     Dim, ElementType, Error, ErrorKind, ExternalDataResolver, InMemoryResolver, OptimizationLevel, Result, ValueInfo,

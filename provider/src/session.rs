@@ -67,7 +67,7 @@ impl std::fmt::Debug for SessionOptions {
 
 impl SessionOptions {
     fn wants_gpu(&self) -> bool {
-        cfg!(not(target_arch = "wasm32")) && self.execution_providers.first() == Some(&ExecutionProvider::WebGpu)
+        self.execution_providers.first() == Some(&ExecutionProvider::WebGpu)
     }
     fn load_options(&self) -> LoadOptions {
         // The GPU lowering works on the decluttered model; the CPU fallback optimises it afterwards.
@@ -131,7 +131,6 @@ impl Outputs {
 
 pub(crate) enum Backend {
     Cpu(CpuBackend),
-    #[cfg(not(target_arch = "wasm32"))]
     Gpu(Box<crate::gpu::GpuBackend>),
 }
 
@@ -171,15 +170,11 @@ impl Session {
         Self::from_model(model, options).await
     }
 
-    #[cfg_attr(target_arch = "wasm32", allow(unused_mut))]
     async fn from_model(mut model: Model, options: &SessionOptions) -> Result<Session> {
-        #[cfg(not(target_arch = "wasm32"))]
         let mut gpu_backend = None;
-        #[cfg(not(target_arch = "wasm32"))]
         let mut gpu_note = String::new();
-        #[cfg(not(target_arch = "wasm32"))]
         if options.wants_gpu() {
-            match crate::gpu::GpuBackend::create(&model).await {
+            match crate::gpu::GpuBackend::create(&mut model).await {
                 Ok(b) => gpu_backend = Some(b),
                 Err(msg) => {
                     log::warn!("execution provider webgpu: {msg}; using the next provider");
@@ -211,7 +206,6 @@ impl Session {
                         provider_note: note,
                     });
                 }
-                #[cfg(not(target_arch = "wasm32"))]
                 ExecutionProvider::WebGpu if gpu_backend.is_some() => {
                     if let Some(backend) = gpu_backend.take() {
                         return Ok(Session {
@@ -223,10 +217,7 @@ impl Session {
                     }
                 }
                 ExecutionProvider::WebGpu => {
-                    #[cfg(not(target_arch = "wasm32"))]
                     let why = gpu_note.as_str();
-                    #[cfg(target_arch = "wasm32")]
-                    let why = "not available in this build yet";
                     note = Some(format!("execution provider webgpu: {why}; using the next provider"));
                 }
             }
@@ -261,11 +252,12 @@ impl Session {
     pub fn provider_note(&self) -> Option<&str> {
         self.provider_note.as_deref()
     }
+    /// The loaded model. On the WebGPU provider its typed graph keeps the structure but not the constants' data:
+    /// those live in the GPU backend's plan (what CPU nodes need) and on the GPU (the weights), not twice.
     pub fn model(&self) -> &Model {
         &self.model
     }
     /// The GPU placement report (`None` when the session runs on the CPU).
-    #[cfg(not(target_arch = "wasm32"))]
     pub fn gpu_placement(&self) -> Option<crate::gpu::PlacementReport> {
         match &self.backend {
             Backend::Gpu(g) => Some(g.report()),
@@ -273,7 +265,6 @@ impl Session {
         }
     }
     /// Tests: fill fresh GPU output buffers with NaN so unwritten elements show.
-    #[cfg(not(target_arch = "wasm32"))]
     pub fn set_gpu_poison(&self, on: bool) {
         if let Backend::Gpu(g) = &self.backend {
             g.set_poison(on);
@@ -283,7 +274,7 @@ impl Session {
     /// Runs the model and returns every output.
     pub async fn run<N: AsRef<str>>(&self, feeds: impl IntoIterator<Item = (N, Tensor)>) -> Result<Outputs> {
         let all: Vec<usize> = (0..self.model.outputs.len()).collect();
-        self.run_indices(feeds, &all)
+        self.run_indices(feeds, &all).await
     }
 
     /// Runs the model computing only the named outputs (in that order).
@@ -308,20 +299,19 @@ impl Session {
         if ixs.is_empty() {
             return Err(Error::invalid_argument("no output asked for"));
         }
-        self.run_indices(feeds, &ixs)
+        self.run_indices(feeds, &ixs).await
     }
 
-    fn run_indices<N: AsRef<str>>(
+    async fn run_indices<N: AsRef<str>>(
         &self,
         feeds: impl IntoIterator<Item = (N, Tensor)>,
         outputs: &[usize],
     ) -> Result<Outputs> {
         let inputs = self.order_feeds(feeds)?;
-        let values = guard("running the model", || match &self.backend {
-            Backend::Cpu(cpu) => cpu.run(inputs, outputs),
-            #[cfg(not(target_arch = "wasm32"))]
-            Backend::Gpu(gpu) => gpu.run(inputs, outputs),
-        })?;
+        let values = match &self.backend {
+            Backend::Cpu(cpu) => guard("running the model", || cpu.run(inputs, outputs))?,
+            Backend::Gpu(gpu) => gpu.run_guarded(inputs, outputs).await?,
+        };
         let mut entries = vec![];
         for (ix, v) in outputs.iter().zip(values) {
             entries.push((self.model.outputs[*ix].name.clone(), v));

@@ -38,6 +38,31 @@ impl Caps {
     }
 }
 
+/// Environment variable capping the storage binding size kiln plans for (bytes; tests of the splitting and the
+/// "shape too large" fallback use a small cap on any adapter).
+pub const MAX_BINDING_ENV: &str = "KILN_GPU_MAX_BINDING";
+
+impl Caps {
+    /// These caps with `max_storage_binding` (and `max_buffer_size`) lowered to [`MAX_BINDING_ENV`] when it is set
+    /// to a smaller positive number of bytes (a multiple of 4 is kept). (There is no environment in a browser.)
+    pub fn with_env_cap(mut self) -> Caps {
+        if let Some(cap) = std::env::var(MAX_BINDING_ENV).ok().and_then(|v| v.trim().parse::<u64>().ok()) {
+            let cap = cap / 4 * 4;
+            if cap > 0 {
+                self = self.with_binding_cap(cap);
+            }
+        }
+        self
+    }
+
+    /// These caps with the storage binding and buffer size limits lowered to at most `cap` bytes.
+    pub fn with_binding_cap(mut self, cap: u64) -> Caps {
+        self.max_storage_binding = self.max_storage_binding.min(cap);
+        self.max_buffer_size = self.max_buffer_size.min(cap);
+        self
+    }
+}
+
 /// A compute pipeline's identity: the kernel family, the entry point and the specialisation (the substituted
 /// template values). Runtime sizes never enter it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -87,6 +112,13 @@ impl Context {
     pub async fn new() -> Result<Option<Arc<Context>>> {
         #[cfg(not(target_arch = "wasm32"))]
         quiet_loader();
+        // In a page or worker without WebGPU (or in Node, which has neither window nor worker scope and where
+        // wgpu's instance would panic), there is no adapter.
+        #[cfg(target_arch = "wasm32")]
+        if !wgpu::util::is_browser_webgpu_supported().await {
+            log::info!("webgpu: navigator.gpu is missing or has no adapter");
+            return Ok(None);
+        }
         let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
         let adapter = match instance
             .request_adapter(&wgpu::RequestAdapterOptions {
@@ -136,6 +168,7 @@ impl Context {
             shader_f16: features.contains(wgpu::Features::SHADER_F16),
             subgroups: features.contains(wgpu::Features::SUBGROUP),
         };
+        let caps = caps.with_env_cap();
         log::info!("webgpu: adapter {} ({}), {:?}", caps.adapter, caps.backend, caps);
         Ok(Some(Arc::new(Context {
             device,

@@ -301,14 +301,22 @@ impl Recorder {
         self.pending_reads > 0
     }
 
-    /// Encodes everything recorded into one command encoder, submits once, waits, and returns the bytes of each
-    /// readback in the order recorded.
-    pub fn flush(&mut self, ctx: &Context) -> Result<Vec<Vec<u8>>> {
+    /// Encodes everything recorded into one command encoder, submits once, and returns the bytes of each readback
+    /// in the order recorded, once the GPU is done: `map_async` and a future (natively the future waits on the
+    /// device; in a browser it resolves when the browser has mapped the staging buffer — nothing blocks).
+    pub async fn flush(&mut self, ctx: &Context) -> Result<Vec<Vec<u8>>> {
+        let submitted = self.submit(ctx)?;
+        submitted.read(ctx).await
+    }
+
+    /// The first half of [`Recorder::flush`]: encodes and submits the recorded work, and asks for the staging
+    /// buffer's mapping; [`Submitted::read`] awaits it.
+    pub fn submit(&mut self, ctx: &Context) -> Result<Submitted> {
         let commands = std::mem::take(&mut self.commands);
         self.cmd_refs.clear();
         let reads = std::mem::replace(&mut self.pending_reads, 0);
         if commands.is_empty() {
-            return Ok(vec![]);
+            return Ok(Submitted { reads: vec![], staging: None, mapped: None, wait: false });
         }
         let align = ctx.caps.min_uniform_alignment.max(16) as u64;
         // lay out the arenas
@@ -440,40 +448,131 @@ impl Recorder {
             .sum();
         drop(commands);
         self.recycle();
-        let mut out = vec![];
         if st_len > 0 && reads > 0 {
-            let done: Arc<std::sync::Mutex<Option<std::result::Result<(), wgpu::BufferAsyncError>>>> = Arc::default();
-            let d = done.clone();
+            let signal = Arc::new(Signal::default());
+            let sig = signal.clone();
             st.map_async(wgpu::MapMode::Read, 0..st_len, move |r| {
-                if let Ok(mut g) = d.lock() {
-                    *g = Some(r);
-                }
+                sig.set(r.map_err(|e| format!("webgpu: reading results back: {e}")))
             });
-            ctx.device
-                .poll(wgpu::PollType::Wait { submission_index: None, timeout: None })
-                .map_err(|e| Error::new(format!("webgpu: waiting for the device: {e}")))?;
-            ctx.take_error()?;
-            let status = done.lock().map_err(|_| Error::new("webgpu: map state poisoned"))?.take();
-            match status {
-                Some(Ok(())) => {}
-                Some(Err(e)) => return Err(Error::new(format!("webgpu: reading results back: {e}"))),
-                None => return Err(Error::new("webgpu: the readback did not complete")),
-            }
-            {
-                let view = st
-                    .get_mapped_range(0..st_len)
-                    .map_err(|e| Error::new(format!("webgpu: reading results back: {e}")))?;
-                for (off, len) in &read_at {
-                    out.push(view[*off as usize..(*off + *len) as usize].to_vec());
-                }
-            }
-            st.unmap();
+            Ok(Submitted { reads: read_at, staging: Some((st, st_len)), mapped: Some(signal), wait: true })
         } else {
-            ctx.device
-                .poll(wgpu::PollType::Wait { submission_index: None, timeout: None })
-                .map_err(|e| Error::new(format!("webgpu: waiting for the device: {e}")))?;
-            ctx.take_error()?;
-            out.resize(reads, vec![]);
+            Ok(Submitted { reads: vec![(0, 0); reads], staging: None, mapped: None, wait: true })
+        }
+    }
+}
+
+/// The outcome of a map request, once known, and the task waiting for it.
+type SignalState = (Option<std::result::Result<(), String>>, Option<std::task::Waker>);
+
+/// A one-shot completion set by a wgpu callback (which may run on any thread, or from the browser's event loop).
+#[derive(Default)]
+struct Signal {
+    state: std::sync::Mutex<SignalState>,
+}
+
+impl Signal {
+    fn set(&self, r: std::result::Result<(), String>) {
+        let waker = match self.state.lock() {
+            Ok(mut g) => {
+                g.0 = Some(r);
+                g.1.take()
+            }
+            Err(_) => None,
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+    fn take(&self, waker: Option<&std::task::Waker>) -> Option<std::result::Result<(), String>> {
+        let mut g = self.state.lock().ok()?;
+        let r = g.0.take();
+        if r.is_none() {
+            if let Some(w) = waker {
+                g.1 = Some(w.clone());
+            }
+        }
+        r
+    }
+}
+
+/// Waits for the device: natively a blocking `poll` (the map callback fires inside it); in a browser the future
+/// stays pending until the browser runs the callback, and nothing blocks.
+struct MapWait<'a> {
+    ctx: &'a Context,
+    signal: &'a Signal,
+}
+
+impl std::future::Future for MapWait<'_> {
+    type Output = Result<()>;
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<()>> {
+        use std::task::Poll;
+        if let Some(r) = self.signal.take(Some(cx.waker())) {
+            return Poll::Ready(r.map_err(Error::new));
+        }
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            if let Err(e) = self.ctx.device.poll(wgpu::PollType::Wait { submission_index: None, timeout: None }) {
+                return Poll::Ready(Err(Error::new(format!("webgpu: waiting for the device: {e}"))));
+            }
+            match self.signal.take(None) {
+                Some(r) => Poll::Ready(r.map_err(Error::new)),
+                None => Poll::Ready(Err(Error::new("webgpu: the readback did not complete"))),
+            }
+        }
+        #[cfg(target_arch = "wasm32")]
+        {
+            let _ = self.ctx;
+            Poll::Pending
+        }
+    }
+}
+
+/// Work submitted by [`Recorder::submit`]; [`Submitted::read`] returns the readbacks' bytes.
+#[must_use = "a submission's readbacks come with `read`"]
+pub struct Submitted {
+    /// (offset, length) of each readback in the staging buffer.
+    reads: Vec<(u64, u64)>,
+    staging: Option<(wgpu::Buffer, u64)>,
+    mapped: Option<Arc<Signal>>,
+    /// Whether anything was submitted.
+    wait: bool,
+}
+
+impl Submitted {
+    /// The bytes of each readback, in the order recorded, once the GPU is done.
+    pub async fn read(self, ctx: &Context) -> Result<Vec<Vec<u8>>> {
+        let mut out = vec![];
+        match (&self.staging, &self.mapped) {
+            (Some((st, st_len)), Some(signal)) => {
+                let r = MapWait { ctx, signal }.await;
+                ctx.take_error()?;
+                r?;
+                {
+                    let view = st
+                        .get_mapped_range(0..*st_len)
+                        .map_err(|e| Error::new(format!("webgpu: reading results back: {e}")))?;
+                    for (off, len) in &self.reads {
+                        let (a, b) = (*off as usize, (*off + *len) as usize);
+                        let bytes = view.get(a..b).ok_or_else(|| Error::new("webgpu: a readback is out of range"))?;
+                        out.push(bytes.to_vec());
+                    }
+                }
+                st.unmap();
+            }
+            _ => {
+                // nothing to read: natively wait for the work (its errors surface here); a browser reports errors
+                // through the device's error handler, in order
+                #[cfg(target_arch = "wasm32")]
+                let _ = self.wait;
+                #[cfg(not(target_arch = "wasm32"))]
+                if self.wait {
+                    ctx.device
+                        .poll(wgpu::PollType::Wait { submission_index: None, timeout: None })
+                        .map_err(|e| Error::new(format!("webgpu: waiting for the device: {e}")))?;
+                }
+                ctx.take_error()?;
+                out.resize(self.reads.len(), vec![]);
+            }
         }
         Ok(out)
     }

@@ -449,8 +449,8 @@ impl ReduceOp {
         match self {
             ReduceOp::Sum => ["0.0", "v", "a + b", "acc"],
             ReduceOp::Prod => ["1.0", "v", "a * b", "acc"],
-            ReduceOp::Max => ["-3.4028235e38", "v", "max(a, b)", "acc"],
-            ReduceOp::Min => ["3.4028235e38", "v", "min(a, b)", "acc"],
+            ReduceOp::Max => ["-3.40282346e38", "v", "max(a, b)", "acc"],
+            ReduceOp::Min => ["3.40282346e38", "v", "min(a, b)", "acc"],
             ReduceOp::MeanOfSquares => ["0.0", "v * v", "a + b", "acc / max(n, 1.0)"],
             ReduceOp::ArgMax { .. } => ["-3.4028235e38", "v", "a", "acc"],
             ReduceOp::ArgMin { .. } => ["3.4028235e38", "v", "a", "acc"],

@@ -50,7 +50,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let outer = row / max(p.inner, 1u);
     let inner = row % max(p.inner, 1u);
     let base = outer * p.len * p.inner + inner;
-    var m = -3.4028235e38;
+    var m = -3.40282346e38;
     if (valid) {
         for (var j = lid; j < p.len; j = j + WG) {
             m = max(m, x[base + j * p.inner]);
