@@ -2,11 +2,15 @@
 //! runs it; [`blocking::Session`] wraps it for native callers that do not run an async executor.
 
 mod cpu;
+pub mod custom_op;
 #[cfg(not(target_arch = "wasm32"))]
 mod gpu;
 pub mod session;
 pub mod tensor;
 
+pub use custom_op::{
+    AttributeLookup, AttributeValue, CustomOp, CustomOpFuture, CustomOpOutput, CustomOpRegistration, HostOpInfo,
+};
 #[cfg(not(target_arch = "wasm32"))]
 pub use gpu::PlacementReport;
 #[cfg(not(target_arch = "wasm32"))]
