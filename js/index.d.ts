@@ -43,8 +43,8 @@ declare module './dist/onnxruntime-common/index.js' {
   }
 }
 
-/** Registers a custom operator for every session created afterwards. */
-export function registerCustomOp(op: CustomOp): void;
+/** Registers a custom operator for every session created afterwards; returns a function that unregisters it. */
+export function registerCustomOp(op: CustomOp): () => void;
 
 type Json = string | Uint8Array | ArrayBuffer | object;
 

@@ -50,11 +50,16 @@ function checkCustomOp(op) {
 
 /**
  * Registers a custom operator for every session created afterwards (a session's own `customOps` override it; both
- * override kiln's built-in operators, the ai.onnx.contrib tokenizers included).
+ * override kiln's built-in operators, the ai.onnx.contrib tokenizers included). Returns a function that unregisters it.
  */
 export function registerCustomOp(op) {
   checkCustomOp(op);
-  globalCustomOps.set(opKey(op.domain, op.opType), op);
+  const key = opKey(op.domain, op.opType);
+  globalCustomOps.set(key, op);
+  // unregisters it again (unless something else was registered for the same op since)
+  return () => {
+    if (globalCustomOps.get(key) === op) globalCustomOps.delete(key);
+  };
 }
 
 // An output declaration as the wasm side takes it: [type | null, dims | null] (dims: number, or null when dynamic).
@@ -226,7 +231,6 @@ class KilnSessionHandler {
     for (const [name, type, dims, data] of results) {
       const pre = fetches[name];
       const values = type === 'string' ? data : new TYPED_ARRAYS[type](data.buffer, data.byteOffset, data.length / TYPED_ARRAYS[type].BYTES_PER_ELEMENT);
-      if (!this.native) throw new Error('cannot run inference. the session has been released.');
       if (pre) {
         if (pre.type !== type || pre.dims.length !== dims.length || pre.dims.some((d, i) => d !== dims[i])) {
           throw new Error(
