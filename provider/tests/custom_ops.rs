@@ -269,6 +269,8 @@ impl CustomOp for Wrong {
             Ok(vec![match kind {
                 0 => Tensor::from_vec(&[n, 3], vec![1i64; n * 3])?,
                 1 => Tensor::from_vec(&[n * 3], vec![1f32; n * 3])?,
+                // y is declared [N, 3] and N is bound by x
+                3 => Tensor::from_vec(&[n + 1, 3], vec![1f32; (n + 1) * 3])?,
                 _ => Tensor::from_vec(&[n, 4], vec![1f32; n * 4])?,
             }])
         })
@@ -277,7 +279,12 @@ impl CustomOp for Wrong {
 
 #[test]
 fn outputs_that_do_not_fit_the_node_are_run_errors() {
-    for (kind, want) in [(0u8, "the model expects F32"), (1, "the model expects rank 2"), (2, "expects 3 at axis 1")] {
+    for (kind, want) in [
+        (0u8, "the model expects F32"),
+        (1, "the model expects rank 2"),
+        (2, "expects 3 at axis 1"),
+        (3, "dim `N` is 3 here but 2 elsewhere"),
+    ] {
         let mut o = SessionOptions::default();
         o.custom_ops.push(CustomOpRegistration::new("test.kiln", "Scale", Arc::new(Wrong(kind))));
         let s = Session::from_bytes(&scale_model(true), &o).unwrap();
@@ -450,4 +457,36 @@ fn attributes_reach_the_callback() {
             ("names".to_string(), AttributeValue::Strings(vec!["a".into(), "é".into()])),
         ]
     );
+}
+
+#[test]
+fn a_custom_node_inside_a_subgraph_is_a_load_error() {
+    // If(cond) { then: Scale(x) } else { x }: the branch would run inside tract, where no callback can be awaited
+    let mut scale = node("Scale", "test.kiln", "inner_scale", &["x"], &["t"]);
+    scale.attribute.push(float_attr("factor", 2.0));
+    let branch = |nodes: Vec<pb::NodeProto>, out: &str| pb::GraphProto {
+        name: "b".into(),
+        node: nodes,
+        output: vec![vi(out, 1, Some(&["N", "3"]))],
+        ..Default::default()
+    };
+    let identity = node("Identity", "", "id", &["x"], &["e"]);
+    let mut iff = node("If", "", "if", &["cond"], &["y"]);
+    for (name, g) in [("then_branch", branch(vec![scale], "t")), ("else_branch", branch(vec![identity], "e"))] {
+        iff.attribute.push(pb::AttributeProto {
+            name: name.into(),
+            r#type: pb::attribute_proto::AttributeType::Graph as i32,
+            g: Some(g),
+            ..Default::default()
+        });
+    }
+    let bytes = model(
+        vec![iff],
+        vec![vi("cond", 9, Some(&[])), vi("x", 1, Some(&["N", "3"]))],
+        vec![vi("y", 1, Some(&["N", "3"]))],
+        vec![],
+    );
+    let (o, _) = scale_options(false);
+    let e = Session::from_bytes(&bytes, &o).err().expect("a load error");
+    assert!(e.message.contains("inner_scale") && e.message.contains("subgraph"), "{e}");
 }
