@@ -3,11 +3,11 @@
 import init from '../dist/kiln_js.js';
 import * as glue from '../dist/kiln_js.js';
 import { env } from '../dist/onnxruntime-common/index.js';
-import { fetchWithProgress, ort, registerKiln } from './core.js';
+import { fetchWithProgress, ort, registerCustomOp, registerKiln } from './core.js';
 
 const WASM_NAME = 'kiln_js_bg.wasm';
 
-registerKiln({
+const { modelFromTokenizerJson, decoderModelFromTokenizerJson } = registerKiln({
   checksOutputLocation: true,
   async loadWasm(generation) {
     const { wasmBinary, wasmPaths } = env.wasm;
@@ -33,4 +33,5 @@ registerKiln({
 });
 
 export * from '../dist/onnxruntime-common/index.js';
+export { registerCustomOp, modelFromTokenizerJson, decoderModelFromTokenizerJson };
 export default ort;

@@ -31,10 +31,90 @@ const asError = (e) => {
   return new Error(typeof e === 'string' ? e : String(e?.message ?? e));
 };
 
+// ---- custom operators ---------------------------------------------------------------------------------------------
+// { domain, opType, inputs?, outputs?, compute(inputs, attributes) }: compute gets CPU Tensors and the node's
+// attributes as plain values, returns a Tensor, an array of Tensors or a record by output name (or a Promise of one).
+
+const globalCustomOps = new Map();
+const opKey = (domain, opType) => `${domain === 'ai.onnx' ? '' : (domain ?? '')}\u0000${opType}`;
+
+function checkCustomOp(op) {
+  if (!op || typeof op !== 'object') throw new TypeError('a custom operator must be an object { domain, opType, compute }');
+  if (op.domain !== undefined && typeof op.domain !== 'string') throw new TypeError(`custom operator domain must be a string: ${op.domain}`);
+  if (typeof op.opType !== 'string' || op.opType === '') throw new TypeError(`custom operator opType must be a non-empty string: ${op.opType}`);
+  if (typeof op.compute !== 'function') throw new TypeError(`custom operator ${op.domain ?? ''}/${op.opType}: compute must be a function`);
+  if (op.inputs !== undefined && !Array.isArray(op.inputs)) throw new TypeError(`custom operator ${op.domain ?? ''}/${op.opType}: inputs must be an array`);
+  if (op.outputs !== undefined && !Array.isArray(op.outputs)) throw new TypeError(`custom operator ${op.domain ?? ''}/${op.opType}: outputs must be an array`);
+  return op;
+}
+
+/**
+ * Registers a custom operator for every session created afterwards (a session's own `customOps` override it; both
+ * override kiln's built-in operators, the ai.onnx.contrib tokenizers included). Returns a function that unregisters it.
+ */
+export function registerCustomOp(op) {
+  checkCustomOp(op);
+  const key = opKey(op.domain, op.opType);
+  globalCustomOps.set(key, op);
+  // unregisters it again (unless something else was registered for the same op since)
+  return () => {
+    if (globalCustomOps.get(key) === op) globalCustomOps.delete(key);
+  };
+}
+
+// An output declaration as the wasm side takes it: [type | null, dims | null] (dims: number, or null when dynamic).
+function outputDecl(o) {
+  if (o === undefined || o === null) return [null, null];
+  if (typeof o === 'string') return [o, null];
+  const dims = Array.isArray(o.dims) ? o.dims.map((d) => (typeof d === 'number' && d >= 0 ? d : null)) : null;
+  return [typeof o.type === 'string' ? o.type : null, dims];
+}
+
+const inputType = (i) => (typeof i === 'string' ? i : i?.type);
+
+function attributesOf(pairs) {
+  const attributes = {};
+  for (const [name, value] of pairs) {
+    attributes[name] = value && typeof value === 'object' && 'tensor' in value ? decode(...value.tensor) : value;
+  }
+  return attributes;
+}
+
+// [type, dims, Uint8Array | string[]] → a Tensor
+function decode(type, dims, data) {
+  const values = type === 'string' ? data : new TYPED_ARRAYS[type](data.buffer, data.byteOffset, data.length / TYPED_ARRAYS[type].BYTES_PER_ELEMENT);
+  return new Tensor(type, values, dims);
+}
+
+const describeOp = (step) => `custom operator ${step.domain || 'ai.onnx'}/${step.opType} (node \`${step.node}\`)`;
+
+// compute's result, in the node's output order, as the wasm side takes them
+function customOutputs(step, result) {
+  const names = step.outputs;
+  let list;
+  if (Array.isArray(result)) list = result;
+  else if (result && typeof result === 'object' && 'dims' in result && 'type' in result) list = [result];
+  else if (result && typeof result === 'object') {
+    list = names.map((n) => {
+      if (!(n in result)) throw new Error(`${describeOp(step)}: compute returned no output '${n}'`);
+      return result[n];
+    });
+  } else throw new Error(`${describeOp(step)}: compute must return a Tensor, an array of Tensors or a record of Tensors, got ${result}`);
+  if (list.length !== names.length) {
+    throw new Error(`${describeOp(step)}: compute returned ${list.length} output(s), the node has ${names.length} (${names.join(', ')})`);
+  }
+  return list.map((t, i) => {
+    if (!t || typeof t !== 'object' || !('dims' in t) || !('type' in t)) throw new Error(`${describeOp(step)}: output ${i} is not a Tensor`);
+    return encode(t, `output "${names[i]}" of ${describeOp(step)}`);
+  });
+}
+
 class KilnSessionHandler {
-  constructor(instance, native) {
+  constructor(instance, native, customOps = new Map()) {
     this.instance = instance;
     this.native = native;
+    this.customOps = customOps;
+    this.stepped = native.hasCustomOps();
     this.inputMetadata = Object.freeze(native.inputMetadata());
     this.outputMetadata = Object.freeze(native.outputMetadata());
     this.inputNames = Object.freeze(this.inputMetadata.map((m) => m.name));
@@ -66,6 +146,50 @@ class KilnSessionHandler {
     return result;
   }
 
+  // A model with custom operators: kiln runs until a custom node, hands its inputs here, this awaits the operator's
+  // compute and hands the outputs back; a throwing compute fails the run (the session stays usable).
+  async runStepped(inputs, names, trapped) {
+    let run;
+    try {
+      run = this.native.startRun(inputs, names);
+    } catch (e) {
+      throw trapped(e);
+    }
+    try {
+      for (;;) {
+        let step;
+        try {
+          step = run.step();
+        } catch (e) {
+          throw trapped(e);
+        }
+        if (step.done) return step.results;
+        try {
+          const op = this.customOps.get(opKey(step.domain, step.opType));
+          if (!op) throw new Error(`${describeOp(step)} is not registered`);
+          const tensors = step.inputs.map((entry) => decode(...entry));
+          if (op.inputs) {
+            if (op.inputs.length !== tensors.length) {
+              throw new Error(`${describeOp(step)}: the node has ${tensors.length} input(s), the operator declares ${op.inputs.length}`);
+            }
+            op.inputs.forEach((want, i) => {
+              const type = inputType(want);
+              if (type && type !== tensors[i].type) throw new Error(`${describeOp(step)}: input ${i} is ${tensors[i].type}, the operator declares ${type}`);
+            });
+          }
+          const result = await op.compute(tensors, attributesOf(step.attributes));
+          run.resume(customOutputs(step, result));
+        } catch (e) {
+          if (this.instance.dead || isTrap(e)) throw trapped(e);
+          const message = e instanceof Error ? e.message : String(e);
+          run.fail(message.includes(describeOp(step)) ? message : `${describeOp(step)}: ${message}`);
+        }
+      }
+    } finally {
+      if (!this.instance.dead) run.free();
+    }
+  }
+
   async runNow(feeds, fetches, options) {
     if (!this.native) throw new Error('cannot run inference. the session has been released.');
     if (this.instance.dead) {
@@ -84,17 +208,24 @@ class KilnSessionHandler {
     }
     validateRunOptions(options);
     let results;
-    try {
-      results = this.native.run(inputs, names);
-    } catch (e) {
+    const trapped = (e) => {
       if (isTrap(e)) {
         this.instance.dead = true;
-        throw new Error(
+        return new Error(
           `failed to call OrtRun(). ERROR_CODE: 6, ERROR_MESSAGE: kiln hit an internal error (wasm trap: ${e.message}); ` +
             'this session can no longer run, create it again',
         );
       }
-      throw asError(e);
+      return asError(e);
+    };
+    if (this.stepped) {
+      results = await this.runStepped(inputs, names, trapped);
+    } else {
+      try {
+        results = this.native.run(inputs, names);
+      } catch (e) {
+        throw trapped(e);
+      }
     }
     const out = {};
     for (const [name, type, dims, data] of results) {
@@ -253,6 +384,12 @@ export function registerKiln(/** @type {Platform} */ platform) {
         externalData.push([path, data]);
       }
       const level = options.graphOptimizationLevel ?? 'all';
+      // custom operators: the global ones, then the session's (later entries win)
+      const customOps = new Map(globalCustomOps);
+      if (options.customOps !== undefined) {
+        if (!Array.isArray(options.customOps)) throw new TypeError('customOps must be an array');
+        for (const op of options.customOps) customOps.set(opKey(checkCustomOp(op).domain, op.opType), op);
+      }
       const wasm = await wasmInstance();
       try {
         const native = wasm.exports.KilnSession.load(model, {
@@ -260,8 +397,9 @@ export function registerKiln(/** @type {Platform} */ platform) {
           graphOptimizationLevel: level,
           freeDimensionOverrides: freeDims,
           externalData,
+          customOps: [...customOps.values()].map((op) => [op.domain ?? '', op.opType, (op.outputs ?? []).map(outputDecl)]),
         });
-        const handler = new KilnSessionHandler(wasm, native);
+        const handler = new KilnSessionHandler(wasm, native, customOps);
         // onnxruntime-web's WebGPU-enabled builds (browsers; not Node's) check preferredOutputLocation once the model
         // is loaded
         for (const name of platform.checksOutputLocation ? handler.outputNames : []) {
@@ -291,11 +429,38 @@ export function registerKiln(/** @type {Platform} */ platform) {
       throw new Error('WebGPU is not available in this build of kiln-web yet.');
     },
   };
+  // kiln-web's tokenizer helpers: ONNX models around the ai.onnx.contrib tokenizer ops (bytes to create a session on)
+  const text = (v, what) => {
+    if (typeof v === 'string') return v;
+    if (v instanceof Uint8Array || v instanceof ArrayBuffer) return new TextDecoder().decode(v);
+    if (v && typeof v === 'object') return JSON.stringify(v);
+    if (v === undefined || v === null) return '';
+    throw new TypeError(`${what} must be a string, bytes or an object`);
+  };
+  const helper = (f) => async (...args) => {
+    const wasm = await wasmInstance();
+    try {
+      return f(wasm.exports, ...args);
+    } catch (e) {
+      if (isTrap(e)) wasm.dead = true;
+      throw asError(e);
+    }
+  };
   registerBackend('webgpu', webgpu, 5);
   registerBackend('cpu', backend, 10);
   registerBackend('wasm', backend, 10);
   Object.defineProperty(env.versions, 'web', { value: env.versions.common, enumerable: true });
   Object.defineProperty(env.versions, 'kiln', { value: KILN_WEB_VERSION, enumerable: true });
+  return {
+    /** tokenizer.json (+ tokenizer_config.json) → an ONNX model: `input_text` string [N] → `input_ids`, `attention_mask`. */
+    modelFromTokenizerJson: helper((x, json, config) =>
+      x.modelFromTokenizerJson(text(json, 'tokenizerJson'), text(config, 'tokenizerConfigJson')),
+    ),
+    /** The decoder: `ids` int64 [N, L] → `text` string [N]. */
+    decoderModelFromTokenizerJson: helper((x, json, config, options = {}) =>
+      x.decoderModelFromTokenizerJson(text(json, 'tokenizerJson'), text(config, 'tokenizerConfigJson'), Boolean(options.skipSpecialTokens)),
+    ),
+  };
 }
 
 export { ort };

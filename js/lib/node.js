@@ -3,9 +3,9 @@
 import { readFile } from 'node:fs/promises';
 import * as glue from '../dist/kiln_js.js';
 import { env } from '../dist/onnxruntime-common/index.js';
-import { fetchWithProgress, ort, registerKiln } from './core.js';
+import { fetchWithProgress, ort, registerCustomOp, registerKiln } from './core.js';
 
-registerKiln({
+const { modelFromTokenizerJson, decoderModelFromTokenizerJson } = registerKiln({
   async loadWasm(generation) {
     const { wasmBinary, wasmPaths } = env.wasm;
     let bytes;
@@ -41,4 +41,5 @@ registerKiln({
 });
 
 export * from '../dist/onnxruntime-common/index.js';
+export { registerCustomOp, modelFromTokenizerJson, decoderModelFromTokenizerJson };
 export default ort;

@@ -1,6 +1,6 @@
 // npm test: the parity suite (test/parity.mjs) on onnxruntime-web@1.30.0, then on kiln-web, then the records of
 // the two runs compared (metadata and error messages exactly, numbers within each record's tolerance); kiln-web's
-// additions (test/kiln-extras.mjs); the browser check in headless chromium (test/browser.mjs, skipped without it).
+// additions (test/kiln-extras.mjs); tokenizer operators and JavaScript custom operators (test/kiln-ops.mjs); the browser check in headless chromium (test/browser.mjs, skipped without it).
 // Needs `npm run build` first (dist/). KILN_PARITY_ONLY=kiln-web runs one side without the comparison.
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
@@ -44,6 +44,12 @@ if (impls.includes('kiln-web')) {
   const r = spawnSync(process.execPath, ['--test', '--test-reporter=spec', 'test/kiln-extras.mjs'], { cwd: js, stdio: 'inherit' });
   if (r.status !== 0) {
     console.error('kiln-web additions failed');
+    failed = true;
+  }
+  console.log('\n=== kiln-web: tokenizer operators and JavaScript custom operators (test/kiln-ops.mjs)');
+  const o = spawnSync(process.execPath, ['--test', '--test-reporter=spec', 'test/kiln-ops.mjs'], { cwd: js, stdio: 'inherit' });
+  if (o.status !== 0) {
+    console.error('kiln-web tokenizer / custom operator tests failed');
     failed = true;
   }
   console.log('\n=== headless chromium: an onnxruntime-web app through an import map, main thread and worker (test/browser.mjs)');

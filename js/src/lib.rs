@@ -116,6 +116,46 @@ pub fn session_options(o: JsSessionOptions) -> Result<SessionOptions, String> {
     Ok(opts)
 }
 
+/// The ONNX model of a tokenizer (`ai.onnx.contrib` HfJsonTokenizer: `input_text` string [N] → `input_ids`,
+/// `attention_mask` int64 [N, L]) for tokenizer.json (and tokenizer_config.json, may be empty).
+pub fn tokenizer_model(tokenizer_json: &str, tokenizer_config_json: &str) -> Result<Vec<u8>, String> {
+    kiln_ops::tokenizer::model_from_tokenizer_json(tokenizer_json, tokenizer_config_json).map_err(|e| format!("{e:#}"))
+}
+
+/// The decoder counterpart: `ids` int64 [N, L] → `text` string [N].
+pub fn decoder_model(
+    tokenizer_json: &str,
+    tokenizer_config_json: &str,
+    skip_special_tokens: bool,
+) -> Result<Vec<u8>, String> {
+    kiln_ops::tokenizer::decoder_model_from_tokenizer_json(tokenizer_json, tokenizer_config_json, skip_special_tokens)
+        .map_err(|e| format!("{e:#}"))
+}
+
+/// A custom operator's output declaration from the npm package: a type name (or none) and dims (numbers fixed,
+/// `None` known at run time; no dims at all: undeclared).
+pub fn custom_op_output(
+    type_name: Option<&str>,
+    dims: Option<Vec<Option<f64>>>,
+) -> Result<kiln_provider::CustomOpOutput, String> {
+    let element_type = match type_name {
+        None | Some("") => None,
+        Some(t) => Some(element_type(t)?),
+    };
+    let dims = match dims {
+        None => None,
+        Some(ds) => Some(
+            ds.into_iter()
+                .map(|d| match d {
+                    Some(n) if n >= 0.0 => dims_of(&[n]).map(|v| Some(v[0])),
+                    _ => Ok(None),
+                })
+                .collect::<Result<Vec<_>, String>>()?,
+        ),
+    };
+    Ok(kiln_provider::CustomOpOutput { element_type, dims })
+}
+
 /// One dimension of onnxruntime-web's `ValueMetadata.shape`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum MetaDim {
@@ -171,7 +211,11 @@ pub fn feed_from_strings(dims: &[f64], strings: Vec<String>) -> Result<KilnTenso
 
 #[cfg(target_arch = "wasm32")]
 mod web {
+    use std::cell::RefCell;
+    use std::future::Future;
+    use std::pin::Pin;
     use std::rc::Rc;
+    use std::task::{Context, Poll};
 
     use js_sys::{Array, Object, Reflect, Uint8Array};
     use kiln_provider::{ElementType, ExecutionProvider, Session, SessionOptions, Tensor as KilnTensor};
@@ -357,17 +401,219 @@ mod web {
         Ok(out)
     }
 
+    /// `modelFromTokenizerJson(tokenizerJson, tokenizerConfigJson)`: the tokenizer model's bytes.
+    #[wasm_bindgen(js_name = modelFromTokenizerJson)]
+    pub fn model_from_tokenizer_json(tokenizer_json: &str, tokenizer_config_json: &str) -> Result<Vec<u8>, JsError> {
+        super::tokenizer_model(tokenizer_json, tokenizer_config_json).map_err(err)
+    }
+
+    /// `decoderModelFromTokenizerJson(tokenizerJson, tokenizerConfigJson, skipSpecialTokens)`: the decoder's bytes.
+    #[wasm_bindgen(js_name = decoderModelFromTokenizerJson)]
+    pub fn decoder_model_from_tokenizer_json(
+        tokenizer_json: &str,
+        tokenizer_config_json: &str,
+        skip_special_tokens: bool,
+    ) -> Result<Vec<u8>, JsError> {
+        super::decoder_model(tokenizer_json, tokenizer_config_json, skip_special_tokens).map_err(err)
+    }
+
+    // ---- custom operators computed in JavaScript ------------------------------------------------------------------
+    //
+    // Every call into this module stays synchronous, so that a trap inside kiln is an exception of that call (which
+    // the JS half catches) rather than an uncaught one in a microtask: a run with custom operators is a `KilnRun`
+    // that JS steps. `step()` polls the session's run future; at a custom node the future awaits a `HostReply`,
+    // `step()` returns the node's request to JS, JS awaits the operator's `compute` and hands the outputs back with
+    // `resume()` (or the error with `fail()`), then steps again.
+
+    /// A custom node's request, and the reply JS gives it.
+    #[derive(Default)]
+    struct Channel {
+        request: Option<(kiln_provider::HostOpInfo, Vec<KilnTensor>)>,
+        reply: Option<Result<Vec<KilnTensor>, String>>,
+    }
+
+    /// The session's side of a JS custom operator: posts the request, waits for the reply.
+    struct JsHostOp {
+        channel: Rc<RefCell<Channel>>,
+    }
+
+    // SAFETY: wasm32-unknown-unknown as built here has no threads (no atomics target feature): nothing is shared
+    // across threads. `CustomOp` is `Send + Sync` for native callers.
+    unsafe impl Send for JsHostOp {}
+    unsafe impl Sync for JsHostOp {}
+
+    impl kiln_provider::CustomOp for JsHostOp {
+        fn compute(&self, node: &kiln_provider::HostOpInfo, inputs: Vec<KilnTensor>) -> kiln_provider::CustomOpFuture {
+            {
+                let mut c = self.channel.borrow_mut();
+                c.request = Some((node.clone(), inputs));
+                c.reply = None;
+            }
+            Box::pin(HostReply { channel: self.channel.clone() })
+        }
+    }
+
+    struct HostReply {
+        channel: Rc<RefCell<Channel>>,
+    }
+
+    impl Future for HostReply {
+        type Output = kiln_provider::Result<Vec<KilnTensor>>;
+        fn poll(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Self::Output> {
+            match self.channel.borrow_mut().reply.take() {
+                Some(Ok(v)) => Poll::Ready(Ok(v)),
+                Some(Err(m)) => Poll::Ready(Err(kiln_provider::Error::runtime(m))),
+                None => Poll::Pending,
+            }
+        }
+    }
+
+    fn tensor_entry(t: &KilnTensor) -> Result<Array, JsError> {
+        let dims: Array = t.dims().iter().map(|d| JsValue::from_f64(*d as f64)).collect();
+        let data: JsValue = if t.element_type() == ElementType::String {
+            t.as_slice::<String>().map_err(err)?.iter().map(|s| JsValue::from_str(s)).collect::<Array>().into()
+        } else {
+            Uint8Array::from(t.as_bytes().map_err(err)?).into()
+        };
+        let entry = Array::new();
+        entry.push(&t.element_type().name().into());
+        entry.push(&dims);
+        entry.push(&data);
+        Ok(entry)
+    }
+
+    /// `[type, dims, Uint8Array | string[]]` → a tensor.
+    fn tensor_of_entry(f: &Array) -> Result<KilnTensor, String> {
+        let type_name = f.get(0).as_string().unwrap_or_default();
+        let dims = numbers_of(&f.get(1));
+        let data = f.get(2);
+        if type_name == "string" {
+            super::feed_from_strings(&dims, strings_of(&data))
+        } else {
+            let bytes = data.dyn_into::<Uint8Array>().map_err(|_| "tensor data must be bytes".to_string())?;
+            super::feed_from_bytes(&type_name, &dims, &bytes.to_vec())
+        }
+    }
+
+    fn attribute_js(v: &kiln_provider::AttributeValue) -> Result<JsValue, JsError> {
+        use kiln_provider::AttributeValue as A;
+        Ok(match v {
+            A::Float(f) => JsValue::from_f64(*f as f64),
+            A::Int(i) => JsValue::from_f64(*i as f64),
+            A::String(s) => JsValue::from_str(s),
+            A::Floats(fs) => fs.iter().map(|f| JsValue::from_f64(*f as f64)).collect::<Array>().into(),
+            A::Ints(is) => is.iter().map(|i| JsValue::from_f64(*i as f64)).collect::<Array>().into(),
+            A::Strings(ss) => ss.iter().map(|s| JsValue::from_str(s)).collect::<Array>().into(),
+            A::Tensor(t) => {
+                let t = KilnTensor::from_tract(t.clone()).map_err(err)?;
+                let e = tensor_entry(&t)?;
+                let o = Object::new();
+                Reflect::set(&o, &"tensor".into(), &e).map_err(|_| err("attribute"))?;
+                o.into()
+            }
+        })
+    }
+
+    /// One run of a session with custom operators, stepped by JS.
+    #[wasm_bindgen]
+    pub struct KilnRun {
+        future: Option<Pin<Box<dyn Future<Output = kiln_provider::Result<kiln_provider::Outputs>>>>>,
+        channel: Rc<RefCell<Channel>>,
+    }
+
+    #[wasm_bindgen]
+    impl KilnRun {
+        /// Runs until the next custom node or the end. Returns `{ done: true, results }` (results as `run` returns
+        /// them) or `{ done: false, domain, opType, node, outputs, inputs, attributes }` (inputs as
+        /// `[type, dims, data][]`, attributes as `[name, value][]`); throws the run's error.
+        pub fn step(&mut self) -> Result<JsValue, JsError> {
+            let Some(future) = self.future.as_mut() else {
+                return Err(err("failed to call OrtRun(). ERROR_CODE: 1, ERROR_MESSAGE: this run is over"));
+            };
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            let o = Object::new();
+            let set = |k: &str, v: &JsValue| Reflect::set(&o, &k.into(), v).map(|_| ()).map_err(|_| err("step"));
+            match future.as_mut().poll(&mut cx) {
+                Poll::Ready(r) => {
+                    self.future = None;
+                    self.channel.borrow_mut().request = None;
+                    let outputs = r.map_err(|e| err(super::ort_message("failed to call OrtRun().", &e)))?;
+                    set("done", &true.into())?;
+                    set("results", &encode_outputs(outputs)?.into())?;
+                }
+                Poll::Pending => {
+                    let (info, inputs) = self.channel.borrow_mut().request.take().ok_or_else(|| {
+                        err("failed to call OrtRun(). ERROR_CODE: 1, ERROR_MESSAGE: the run waits on nothing")
+                    })?;
+                    set("done", &false.into())?;
+                    set("domain", &info.domain.clone().into())?;
+                    set("opType", &info.op_type.clone().into())?;
+                    set("node", &info.node.clone().into())?;
+                    set("outputs", &info.outputs.iter().map(|s| JsValue::from_str(s)).collect::<Array>().into())?;
+                    let ins = Array::new();
+                    for t in &inputs {
+                        let e = tensor_entry(t)?;
+                        ins.push(&e);
+                    }
+                    set("inputs", &ins.into())?;
+                    let attrs = Array::new();
+                    for (name, v) in &info.attributes {
+                        let pair = Array::new();
+                        pair.push(&name.into());
+                        pair.push(&attribute_js(v)?);
+                        attrs.push(&pair);
+                    }
+                    set("attributes", &attrs.into())?;
+                }
+            }
+            Ok(o.into())
+        }
+
+        /// The custom node's outputs: `[type, dims, Uint8Array | string[]][]` in the node's output order.
+        pub fn resume(&mut self, outputs: Array) {
+            let mut ts = vec![];
+            for (ix, f) in outputs.iter().enumerate() {
+                let f: Array = f.unchecked_into();
+                match tensor_of_entry(&f) {
+                    Ok(t) => ts.push(t),
+                    Err(m) => {
+                        self.channel.borrow_mut().reply = Some(Err(format!("output {ix}: {m}")));
+                        return;
+                    }
+                }
+            }
+            self.channel.borrow_mut().reply = Some(Ok(ts));
+        }
+
+        /// The custom node failed: the run fails with `message`.
+        pub fn fail(&mut self, message: String) {
+            self.channel.borrow_mut().reply = Some(Err(message));
+        }
+    }
+
+    fn encode_outputs(outputs: kiln_provider::Outputs) -> Result<Array, JsError> {
+        let out = Array::new();
+        for (name, t) in outputs.into_vec() {
+            let entry = tensor_entry(&t)?;
+            entry.unshift(&name.into());
+            out.push(&entry);
+        }
+        Ok(out)
+    }
+
     /// The npm package's session: the JS half (js/lib) validates arguments like onnxruntime-common and calls this.
     /// Errors are JS `Error`s with onnxruntime-web's wording; none leaves the module unusable.
     #[wasm_bindgen]
     pub struct KilnSession {
-        inner: Session,
+        inner: Rc<Session>,
+        channel: Rc<RefCell<Channel>>,
     }
 
     #[wasm_bindgen]
     impl KilnSession {
         /// `options`: `{ executionProviders: string[], graphOptimizationLevel?: string,
-        /// freeDimensionOverrides?: [name, value][], externalData?: [path, Uint8Array][] }`.
+        /// freeDimensionOverrides?: [name, value][], externalData?: [path, Uint8Array][],
+        /// customOps?: [domain, opType, [type | null, (number | null)[] | null][]][] }`.
         pub fn load(bytes: &[u8], options: JsValue) -> Result<KilnSession, JsError> {
             let mut o = super::JsSessionOptions::default();
             if options.is_object() {
@@ -391,10 +637,53 @@ mod web {
                     }
                 }
             }
-            let opts = super::session_options(o).map_err(err)?;
+            let mut opts = super::session_options(o).map_err(err)?;
+            let channel = Rc::new(RefCell::new(Channel::default()));
+            if options.is_object() {
+                if let Some(a) = get(&options, "customOps").dyn_ref::<Array>() {
+                    for op in a.iter() {
+                        let op: Array = op.unchecked_into();
+                        let domain = op.get(0).as_string().unwrap_or_default();
+                        let op_type = op.get(1).as_string().unwrap_or_default();
+                        let mut outputs = vec![];
+                        if let Some(outs) = op.get(2).dyn_ref::<Array>() {
+                            for o in outs.iter() {
+                                let o: Array = o.unchecked_into();
+                                let dims = o.get(1).dyn_ref::<Array>().map(|a| a.iter().map(|d| d.as_f64()).collect());
+                                outputs.push(
+                                    super::custom_op_output(o.get(0).as_string().as_deref(), dims)
+                                        .map_err(|m| err(format!("custom operator {domain}/{op_type}: {m}")))?,
+                                );
+                            }
+                        }
+                        let host = std::sync::Arc::new(JsHostOp { channel: channel.clone() });
+                        opts.custom_ops.push(
+                            kiln_provider::CustomOpRegistration::new(domain, op_type, host).with_outputs(outputs),
+                        );
+                    }
+                }
+            }
             let session = pollster::block_on(Session::from_bytes(bytes, &opts))
                 .map_err(|e| err(super::ort_message("Can't create a session.", &e)))?;
-            Ok(KilnSession { inner: session })
+            Ok(KilnSession { inner: Rc::new(session), channel })
+        }
+
+        /// True when the model has nodes computed by the application's custom operators (run with `startRun`).
+        #[wasm_bindgen(js_name = hasCustomOps)]
+        pub fn has_custom_ops(&self) -> bool {
+            self.inner.has_custom_ops()
+        }
+
+        /// A run to step (see [`KilnRun`]); same arguments as `run`.
+        #[wasm_bindgen(js_name = startRun)]
+        pub fn start_run(&self, feeds: Array, fetches: Vec<String>) -> Result<KilnRun, JsError> {
+            let inputs = feeds_of(&feeds)?;
+            let session = self.inner.clone();
+            let future = Box::pin(async move {
+                let names: Vec<&str> = fetches.iter().map(|s| s.as_str()).collect();
+                session.run_with_outputs(inputs, &names).await
+            });
+            Ok(KilnRun { future: Some(future), channel: self.channel.clone() })
         }
 
         #[wasm_bindgen(js_name = inputMetadata)]
@@ -416,42 +705,27 @@ mod web {
         /// `feeds`: `[name, type, dims, Uint8Array | string[]][]`; `fetches`: output names. Returns
         /// `[name, type, dims, Uint8Array | string[]][]` in the order of `fetches`.
         pub fn run(&self, feeds: Array, fetches: Vec<String>) -> Result<Array, JsError> {
-            let mut inputs = vec![];
-            for f in feeds.iter() {
-                let f: Array = f.unchecked_into();
-                let name = f.get(0).as_string().unwrap_or_default();
-                let type_name = f.get(1).as_string().unwrap_or_default();
-                let dims = numbers_of(&f.get(2));
-                let data = f.get(3);
-                let t = if type_name == "string" {
-                    super::feed_from_strings(&dims, strings_of(&data))
-                } else {
-                    let bytes = data.dyn_into::<Uint8Array>().map_err(|_| err("tensor data must be bytes"))?;
-                    super::feed_from_bytes(&type_name, &dims, &bytes.to_vec())
-                }
-                .map_err(|m| err(format!("input '{name}': {m}")))?;
-                inputs.push((name, t));
+            if self.inner.has_custom_ops() {
+                return Err(err("failed to call OrtRun(). ERROR_CODE: 1, ERROR_MESSAGE: a model with custom operators runs with startRun"));
             }
+            let inputs = feeds_of(&feeds)?;
             let names: Vec<&str> = fetches.iter().map(|s| s.as_str()).collect();
             let outputs = pollster::block_on(self.inner.run_with_outputs(inputs, &names))
                 .map_err(|e| err(super::ort_message("failed to call OrtRun().", &e)))?;
-            let out = Array::new();
-            for (name, t) in outputs.into_vec() {
-                let dims: Array = t.dims().iter().map(|d| JsValue::from_f64(*d as f64)).collect();
-                let data: JsValue = if t.element_type() == ElementType::String {
-                    t.as_slice::<String>().map_err(err)?.iter().map(|s| JsValue::from_str(s)).collect::<Array>().into()
-                } else {
-                    Uint8Array::from(t.as_bytes().map_err(err)?).into()
-                };
-                let entry = Array::new();
-                entry.push(&name.into());
-                entry.push(&t.element_type().name().into());
-                entry.push(&dims);
-                entry.push(&data);
-                out.push(&entry);
-            }
-            Ok(out)
+            encode_outputs(outputs)
         }
+    }
+
+    /// `[name, type, dims, Uint8Array | string[]][]` → named tensors.
+    fn feeds_of(feeds: &Array) -> Result<Vec<(String, KilnTensor)>, JsError> {
+        let mut inputs = vec![];
+        for f in feeds.iter() {
+            let f: Array = f.unchecked_into();
+            let name = f.get(0).as_string().unwrap_or_default();
+            let t = tensor_of_entry(&f.slice(1, 4)).map_err(|m| err(format!("input '{name}': {m}")))?;
+            inputs.push((name, t));
+        }
+        Ok(inputs)
     }
 
     /// A feed: a kiln `Tensor`, or anything shaped like onnxruntime-web's (`{ type, data, dims }`).

@@ -13,6 +13,7 @@ import { fileURLToPath } from 'node:url';
 
 const js = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const fixtures = path.resolve(js, '../conformance/fixtures/tiny');
+const tokData = path.resolve(js, '../ops/tests/data/tokenizer');
 const executablePath = process.env.CHROMIUM ?? '/usr/bin/chromium';
 const skip = !fs.existsSync(executablePath) && `no chromium at ${executablePath}`;
 
@@ -59,8 +60,9 @@ before(async () => {
       return;
     }
     if (url.pathname.startsWith('/fixtures/')) file = path.join(fixtures, url.pathname.slice('/fixtures/'.length));
+    else if (url.pathname.startsWith('/tok/')) file = path.join(tokData, url.pathname.slice('/tok/'.length));
     else file = path.join(js, url.pathname);
-    if (!file.startsWith(js) && !file.startsWith(fixtures)) return res.writeHead(403).end();
+    if (!file.startsWith(js) && !file.startsWith(fixtures) && !file.startsWith(tokData)) return res.writeHead(403).end();
     fs.readFile(file, (err, data) => {
       if (err) return res.writeHead(404).end();
       res.writeHead(200, { 'Content-Type': TYPES[path.extname(file)] ?? 'application/octet-stream' }).end(data);
@@ -115,3 +117,20 @@ for (const impl of ['onnxruntime-web', 'kiln-web']) {
     if (results['onnxruntime-web'] && results['kiln-web']) assert.deepEqual(results['kiln-web'], results['onnxruntime-web']);
   });
 }
+
+// kiln-web's tokenizer operators (SmolLM2's and MiniLM's tokenizer.json vs Python tokenizers) and JavaScript custom
+// operators, in the browser: the same checks as test/kiln-ops.mjs runs in Node.
+test('browser: tokenizer operators and JavaScript custom operators (test/kiln-ops-checks.mjs)', { skip }, async () => {
+  const { customOpChecks, tokenizerChecks } = await import('./kiln-ops-checks.mjs');
+  const names = Object.keys({ ...customOpChecks, ...tokenizerChecks });
+  const page = await browser.newPage();
+  const logs = [];
+  page.on('console', (m) => logs.push(m.text()));
+  page.on('pageerror', (e) => logs.push(String(e)));
+  await page.goto(`${base}/test/browser/kiln-ops.html`);
+  await page.waitForFunction(() => window.results, null, { timeout: 60000 });
+  const results = await page.evaluate(() => window.results);
+  await page.close();
+  assert.deepEqual(Object.keys(results), names, logs.join('\n'));
+  for (const [name, r] of Object.entries(results)) assert.ok(!String(r).startsWith('FAIL'), `${name}: ${r}\n${logs.join('\n')}`);
+});

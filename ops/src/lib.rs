@@ -21,6 +21,7 @@ pub mod div;
 pub mod erf;
 pub mod flatten;
 pub mod gemm;
+pub mod host_op;
 pub mod kernel;
 pub mod label_encoder;
 pub mod linear_attention;
@@ -139,4 +140,5 @@ pub const KILN_OPS: &[(&str, OpBuilder)] = &[
     ("HfJsonDecoder", tokenizer::build_hf_json_decoder),
     ("GPT2Tokenizer", tokenizer::build_gpt2_tokenizer),
     ("BpeDecoder", tokenizer::build_bpe_decoder),
+    (host_op::HOST_OP_TYPE, host_op::build_host_op),
 ];

@@ -2,10 +2,14 @@
 //! runs it; [`blocking::Session`] wraps it for native callers that do not run an async executor.
 
 mod cpu;
+pub mod custom_op;
 mod gpu;
 pub mod session;
 pub mod tensor;
 
+pub use custom_op::{
+    AttributeLookup, AttributeValue, CustomOp, CustomOpFuture, CustomOpOutput, CustomOpRegistration, HostOpInfo,
+};
 pub use gpu::PlacementReport;
 pub use kiln_graph::lower_gpu::{Device, NodePlacement};
 pub use kiln_graph::{

@@ -9,6 +9,7 @@ use kiln_graph::{
 };
 
 use crate::cpu::CpuBackend;
+use crate::custom_op::CustomOpRegistration;
 use crate::tensor::Tensor;
 
 /// Execution providers, in onnxruntime-web's names.
@@ -52,6 +53,9 @@ pub struct SessionOptions {
     pub constant_inputs: Vec<(String, Tensor)>,
     /// CPU threads for tract's kernels (`None` or 1: the calling thread only).
     pub intra_op_num_threads: Option<usize>,
+    /// Custom operators the application computes (later entries win for the same domain and op type; they
+    /// override kiln's built-in ops, the tokenizers included). A model using them runs on the CPU, node by node.
+    pub custom_ops: Vec<CustomOpRegistration>,
 }
 
 impl std::fmt::Debug for SessionOptions {
@@ -61,6 +65,7 @@ impl std::fmt::Debug for SessionOptions {
             .field("free_dimension_overrides", &self.free_dimension_overrides)
             .field("optimization", &self.optimization)
             .field("intra_op_num_threads", &self.intra_op_num_threads)
+            .field("custom_ops", &self.custom_ops)
             .finish()
     }
 }
@@ -142,7 +147,16 @@ pub struct Session {
     provider_note: Option<String>,
 }
 
-fn guard<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+/// Loads a model after rewriting the nodes of registered custom operators into host-op nodes.
+fn load_with_custom_ops(bytes: &[u8], load: LoadOptions, options: &SessionOptions) -> Result<Model> {
+    let mut proto = kiln_graph::decode(bytes)?;
+    let decls: Vec<_> = options.custom_ops.iter().map(|c| c.decl()).collect();
+    kiln_ops::host_op::rewrite_custom_nodes(&mut proto, &decls)
+        .map_err(|e| Error::from_tract(ErrorKind::InvalidModel, "custom operators", &e))?;
+    kiln_graph::load_proto(proto, &load)
+}
+
+pub(crate) fn guard<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(r) => r,
         Err(p) => {
@@ -159,21 +173,49 @@ fn guard<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
 impl Session {
     /// Loads a model from ONNX bytes.
     pub async fn from_bytes(bytes: &[u8], options: &SessionOptions) -> Result<Session> {
-        let model = guard("loading the model", || kiln_graph::load_bytes(bytes, &options.load_options()))?;
+        let model = guard("loading the model", || {
+            if options.custom_ops.is_empty() {
+                kiln_graph::load_bytes(bytes, &options.load_options())
+            } else {
+                load_with_custom_ops(bytes, options.load_options(), options)
+            }
+        })?;
         Self::from_model(model, options).await
     }
 
     /// Loads a model from a file; external data defaults to the model's folder.
     pub async fn from_path(path: impl AsRef<Path>, options: &SessionOptions) -> Result<Session> {
         let path = path.as_ref();
-        let model = guard("loading the model", || kiln_graph::load_path(path, &options.load_options()))?;
+        let model = guard("loading the model", || {
+            if options.custom_ops.is_empty() {
+                return kiln_graph::load_path(path, &options.load_options());
+            }
+            let bytes = std::fs::read(path)
+                .map_err(|e| Error::new(ErrorKind::Io, format!("reading model {}: {e}", path.display())))?;
+            let mut load = options.load_options();
+            if load.external_data.is_none() {
+                let dir = path.parent().map(|p| p.to_path_buf()).unwrap_or_else(|| ".".into());
+                load.external_data = Some(Arc::new(kiln_graph::DirectoryResolver { dir }));
+            }
+            load_with_custom_ops(&bytes, load, options)
+        })?;
         Self::from_model(model, options).await
     }
 
     async fn from_model(mut model: Model, options: &SessionOptions) -> Result<Session> {
         let mut gpu_backend = None;
         let mut gpu_note = String::new();
-        if options.wants_gpu() {
+        let host_ops = crate::cpu::has_host_ops(&model.typed);
+        if options.wants_gpu() && host_ops {
+            gpu_note = "the model has custom operators, which run on the CPU only".into();
+            log::warn!("execution provider webgpu: {gpu_note}; using the next provider");
+            if options.optimization == OptimizationLevel::All {
+                model
+                    .typed
+                    .optimize()
+                    .map_err(|e| Error::from_tract(ErrorKind::InvalidModel, "optimising the model", &e))?;
+            }
+        } else if options.wants_gpu() {
             match crate::gpu::GpuBackend::create(&mut model).await {
                 Ok(b) => gpu_backend = Some(b),
                 Err(msg) => {
@@ -302,6 +344,14 @@ impl Session {
         self.run_indices(feeds, &ixs).await
     }
 
+    /// True when the model has nodes computed by the application's custom operators.
+    pub fn has_custom_ops(&self) -> bool {
+        match &self.backend {
+            Backend::Cpu(cpu) => cpu.has_host_ops(),
+            Backend::Gpu(_) => false,
+        }
+    }
+
     async fn run_indices<N: AsRef<str>>(
         &self,
         feeds: impl IntoIterator<Item = (N, Tensor)>,
@@ -309,6 +359,7 @@ impl Session {
     ) -> Result<Outputs> {
         let inputs = self.order_feeds(feeds)?;
         let values = match &self.backend {
+            Backend::Cpu(cpu) if cpu.has_host_ops() => cpu.run_stepwise(inputs, outputs).await?,
             Backend::Cpu(cpu) => guard("running the model", || cpu.run(inputs, outputs))?,
             Backend::Gpu(gpu) => gpu.run_guarded(inputs, outputs).await?,
         };
