@@ -5,6 +5,7 @@
 
 pub mod error;
 pub mod float16;
+pub mod fuse_gpu;
 pub mod import;
 pub mod lower_gpu;
 pub mod passes;

@@ -4,6 +4,7 @@
 use tract_onnx::prelude::*;
 
 use crate::context::{Context, PipelineKey};
+use crate::fused::FusedProgram;
 use crate::exec::{Binding, GpuTensor, Recorder};
 use crate::{Error, Result};
 
@@ -98,7 +99,7 @@ impl UnaryOp {
             _ => return None,
         })
     }
-    fn expr(&self) -> String {
+    pub(crate) fn expr(&self) -> String {
         if let UnaryOp::PowConst(bits) = self {
             return format!("pow_binary(x, bitcast<f32>({bits}u))");
         }
@@ -225,7 +226,7 @@ impl BinaryOp {
             BinaryOp::Pow | BinaryOp::And | BinaryOp::Or => return None,
         })
     }
-    fn expr(&self) -> String {
+    pub(crate) fn expr(&self) -> String {
         match self {
             BinaryOp::Add => "x + y",
             BinaryOp::Sub => "x - y",
@@ -412,6 +413,8 @@ pub enum Kernel {
         exclusive: bool,
         reverse: bool,
     },
+    /// A group of elementwise nodes in one dispatch (kiln-graph's fusion pass).
+    Fused(Box<FusedProgram>),
 }
 
 /// How [`Kernel::Pad`] fills the border.
@@ -458,13 +461,13 @@ impl ReduceOp {
     }
 }
 
-const WG: u32 = 256;
+pub(crate) const WG: u32 = 256;
 
-fn words(v: &[u32]) -> Vec<u8> {
+pub(crate) fn words(v: &[u32]) -> Vec<u8> {
     v.iter().flat_map(|w| w.to_le_bytes()).collect()
 }
 
-fn u32_of(what: &str, v: usize) -> Result<u32> {
+pub(crate) fn u32_of(what: &str, v: usize) -> Result<u32> {
     u32::try_from(v).map_err(|_| Error::new(format!("webgpu: {what} {v} exceeds 32-bit indexing")))
 }
 
@@ -585,14 +588,14 @@ pub fn broadcast(a: &[usize], b: &[usize]) -> Result<TVec<usize>> {
 }
 
 /// Broadcast strides of `shape` (left-padded) against `out`: 0 where broadcast.
-fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
+pub(crate) fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
     let cs = contiguous_strides(shape);
     let pad = out.len() - shape.len();
     (0..out.len()).map(|i| if i < pad || shape[i - pad] == 1 { 0 } else { cs[i - pad] }).collect()
 }
 
 /// [`collapse`] for any number of operands.
-fn collapse_n(shape: &[usize], strides: &[Vec<usize>]) -> (Vec<usize>, Vec<Vec<usize>>) {
+pub(crate) fn collapse_n(shape: &[usize], strides: &[Vec<usize>]) -> (Vec<usize>, Vec<Vec<usize>>) {
     let mut s: Vec<usize> = vec![];
     let mut out: Vec<Vec<usize>> = vec![vec![]; strides.len()];
     for i in 0..shape.len() {
@@ -666,6 +669,7 @@ impl Kernel {
             Kernel::Trilu { .. } => "Trilu".into(),
             Kernel::CumSum { .. } => "CumSum".into(),
             Kernel::Range { .. } => "Range".into(),
+            Kernel::Fused(p) => p.name(),
         }
     }
 
@@ -709,6 +713,7 @@ impl Kernel {
             Kernel::CumSum { .. } => (all(F32) || int.is_some()).then_some(first?),
             Kernel::Range { .. } => int,
             Kernel::Reduce { op, .. } if op.is_arg() => all(F32).then_some(I64),
+            Kernel::Fused(p) => dts.iter().all(|d| matches!(*d, F32 | Bool)).then_some(p.out_dt),
             _ => all(F32).then_some(F32),
         }
     }
@@ -735,6 +740,7 @@ impl Kernel {
             Kernel::Range { .. } => 3,
             Kernel::Where => 3,
             Kernel::Concat { inputs, .. } => *inputs,
+            Kernel::Fused(p) => p.inputs,
         }
     }
 
@@ -858,6 +864,13 @@ impl Kernel {
             }
             Kernel::Binary(_) => broadcast(inputs[0], inputs[1]),
             Kernel::Where => broadcast(&broadcast(inputs[0], inputs[1])?, inputs[2]),
+            Kernel::Fused(_) => {
+                let mut s: TVec<usize> = tvec![];
+                for i in inputs {
+                    s = broadcast(&s, i)?;
+                }
+                Ok(s)
+            }
             Kernel::Gather { axis } => {
                 let (d, i) = (inputs[0], inputs[1]);
                 if *axis >= d.len() {
@@ -912,6 +925,9 @@ impl Kernel {
         let out_dt = self
             .output_dt(&dts)
             .ok_or_else(|| Error::new(format!("webgpu: {} does not run on {dts:?}", self.name())))?;
+        if let Kernel::Fused(p) = self {
+            return p.encode(ctx, rec, inputs);
+        }
         if let Kernel::View(_) = self {
             return Ok(GpuTensor { buffer: inputs[0].buffer.clone(), shape: out_shape, dt: inputs[0].dt });
         }
@@ -922,7 +938,7 @@ impl Kernel {
         let n = out.len();
         let (gx, gy) = grid_for(ctx, n)?;
         match self {
-            Kernel::View(_) => {}
+            Kernel::View(_) | Kernel::Fused(_) => {}
             Kernel::Unary(op) => {
                 let mut u = vec![u32_of("length", n)?, 1, gx, 0];
                 u.extend([0u32; 32]);

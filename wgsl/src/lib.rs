@@ -6,6 +6,7 @@
 
 pub mod context;
 pub mod exec;
+pub mod fused;
 pub mod kernels;
 pub mod ops;
 
