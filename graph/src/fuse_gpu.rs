@@ -41,7 +41,8 @@ fn step_of(model: &TypedModel, node: &TypedNode) -> Option<Step> {
 /// Fuses every group of two or more elementwise GPU nodes; returns how many fused nodes it made.
 pub fn fuse_elementwise(model: &mut TypedModel) -> Result<usize> {
     let order = model.eval_order().map_err(tract_err("ordering the lowered model"))?;
-    let outputs: HashSet<OutletId> = model.output_outlets().map_err(tract_err("model outputs"))?.iter().copied().collect();
+    let outputs: HashSet<OutletId> =
+        model.output_outlets().map_err(tract_err("model outputs"))?.iter().copied().collect();
     let fusable: HashSet<usize> = order.iter().copied().filter(|&n| step_of(model, model.node(n)).is_some()).collect();
     // a fusable node folds into its consumer when that consumer is its only use and is fusable too
     let folds_into = |n: usize| -> Option<usize> {

@@ -1280,3 +1280,31 @@ fn range_matches_cpu() {
     }
     assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
 }
+
+#[test]
+fn clip_and_einsum_match_cpu() {
+    if !gpu_available() {
+        return;
+    }
+    let mut rng = Rng(seed());
+    let mut graphs = vec![];
+    for s in [&[1usize][..], &[17], &[3, 5, 7], &[0, 4], &[66000]] {
+        // Clip with both bounds, with only a min (empty max name), and with bounds as initializers
+        graphs.push(Graph::new("Clip", &[s]).init(f32_scalar("lo", -0.5)).init(f32_scalar("hi", 0.75)).all_gpu());
+        graphs.push(Graph::new("Clip", &[s]).init(f32_scalar("lo", 0.1)).all_gpu());
+    }
+    // Einsum as tract rewrites it into a matmul: batched, transposed operand
+    let einsum = |eq: &str, a: &[usize], b: &[usize]| {
+        let attr = pb::AttributeProto {
+            name: "equation".into(),
+            s: eq.as_bytes().to_vec(),
+            r#type: pb::attribute_proto::AttributeType::String as i32,
+            ..Default::default()
+        };
+        Graph::new("Einsum", &[a, b]).attr(attr).opset(12)
+    };
+    graphs.push(einsum("bij,bjk->bik", &[3, 5, 7], &[3, 7, 9]));
+    graphs.push(einsum("ij,kj->ik", &[33, 17], &[65, 17]));
+    graphs.push(einsum("bhqd,bhkd->bhqk", &[1, 3, 4, 16], &[1, 3, 9, 16]));
+    check_all(&mut rng, graphs, 1e-4);
+}

@@ -155,7 +155,11 @@ impl FusedProgram {
     pub fn encode(&self, ctx: &Context, rec: &mut Recorder, inputs: &[&GpuTensor]) -> Result<GpuTensor> {
         self.check()?;
         if inputs.len() != self.inputs {
-            return Err(Error::new(format!("webgpu: fused kernel expects {} inputs, got {}", self.inputs, inputs.len())));
+            return Err(Error::new(format!(
+                "webgpu: fused kernel expects {} inputs, got {}",
+                self.inputs,
+                inputs.len()
+            )));
         }
         let mut out_shape: TVec<usize> = tvec![];
         for t in inputs {
@@ -240,11 +244,13 @@ impl EvalOp for FusedChain {
         for (op, srcs) in &self.steps {
             let mut args = tvec![];
             for s in srcs {
-                args.push(match *s {
-                    Src::Input(i) => inputs.get(i as usize).cloned(),
-                    Src::Step(i) => values.get(i as usize).cloned(),
-                }
-                .ok_or_else(|| format_err!("FusedChain: operand {s:?} out of range"))?);
+                args.push(
+                    match *s {
+                        Src::Input(i) => inputs.get(i as usize).cloned(),
+                        Src::Step(i) => values.get(i as usize).cloned(),
+                    }
+                    .ok_or_else(|| format_err!("FusedChain: operand {s:?} out of range"))?,
+                );
             }
             let mut out = op.eval(ctx, args)?;
             ensure!(!out.is_empty(), "FusedChain: {} gave no output", op.name());

@@ -4,8 +4,8 @@
 use tract_onnx::prelude::*;
 
 use crate::context::{Context, PipelineKey};
-use crate::fused::FusedProgram;
 use crate::exec::{Binding, GpuTensor, Recorder};
+use crate::fused::FusedProgram;
 use crate::{Error, Result};
 
 /// Shared helpers (index arithmetic, bool encoding), prepended to every family.
