@@ -11,6 +11,7 @@
 //! - Mul of two N-element f32 tensors (elementwise): GB/s = 12·N bytes (two reads, one write) / per-kernel time.
 //! - The ceiling: `copy_buffer_to_buffer` of a MIB-MiB buffer, counted as read + write (2·size per copy).
 //!
+//! Elementwise fusion is switched off (KILN_GPU_FUSION=0) so that each node is its own dispatch.
 //! Defaults depend on the adapter (a CPU adapter such as lavapipe gets small sizes). The median of R runs is used.
 use std::time::{Duration, Instant};
 
@@ -191,6 +192,8 @@ fn arg(args: &[String], name: &str) -> Result<Option<usize>, BoxError> {
 
 fn main() -> Result<(), BoxError> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // one dispatch per node: the elementwise fusion pass would merge a chain of Muls into one kernel
+    std::env::set_var("KILN_GPU_FUSION", "0");
     if args.iter().any(|a| a == "-h" || a == "--help") {
         println!("kiln-gpu-bench [--matmul S] [--matvec K] [--elementwise N] [--chain C] [--runs R] [--copy MIB]");
         return Ok(());

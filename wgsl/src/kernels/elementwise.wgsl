@@ -72,6 +72,16 @@ fn op_binary_int(x: i32, y: i32) -> f32 {
     return {{BINARY_INT}};
 }
 
+// The operands' offsets of output element `i`: one multiply when the shape collapsed to one dim (same shapes, or a
+// scalar operand: the common case, and the cheap one on CPU adapters, where offsets3's by-value uniform arrays are
+// slow), else the general strided walk.
+fn offsets(i: u32) -> vec3<u32> {
+    if (p.rank <= 1u) {
+        return i * vec3<u32>(p.a_strides[0].x, p.b_strides[0].x, p.c_strides[0].x);
+    }
+    return offsets3(i, p.rank, p.shape, p.a_strides, p.b_strides, p.c_strides);
+}
+
 @compute @workgroup_size(WG)
 fn unary_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let i = flat_index(wid, lid, p.groups_x);
@@ -87,7 +97,7 @@ fn binary_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
     if (i >= p.n) {
         return;
     }
-    let o = offsets3(i, p.rank, p.shape, p.a_strides, p.b_strides, p.c_strides);
+    let o = offsets(i);
     out[i] = op_binary(a[o.x], b[o.y]);
 }
 
@@ -97,7 +107,7 @@ fn binary_int_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocat
     if (i >= p.n) {
         return;
     }
-    let o = offsets3(i, p.rank, p.shape, p.a_strides, p.b_strides, p.c_strides);
+    let o = offsets(i);
     out[i] = op_binary_int(bitcast<i32>(a[o.x]), bitcast<i32>(b[o.y]));
 }
 
@@ -107,7 +117,7 @@ fn where_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
     if (i >= p.n) {
         return;
     }
-    let o = offsets3(i, p.rank, p.shape, p.a_strides, p.b_strides, p.c_strides);
+    let o = offsets(i);
     // on the bits: integers (i32 bits) pass through unchanged
     out[i] = bitcast<f32>(select(bitcast<u32>(b[o.y]), bitcast<u32>(a[o.x]), c[o.z] != 0.0));
 }
