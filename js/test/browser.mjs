@@ -172,6 +172,23 @@ for (const ep of ['wasm', 'webgpu']) {
   }
 }
 
+// kiln-web only, on 'webgpu' (docs/MIGRATING.md): env.webgpu.device, gpu-buffer feeds and outputs, the warning when a
+// model asked on 'webgpu' stays on the CPU; then, on a fresh page, onnxruntime-web's powerPreference validation.
+test("browser: kiln-web on 'webgpu': env.webgpu, GPU tensors, fallback warnings (test/browser/webgpu-extras.html)", { skip }, async () => {
+  for (const query of ['', '?fresh=1']) {
+    const page = await browser.newPage();
+    const logs = [];
+    page.on('console', (m) => logs.push(m.text()));
+    page.on('pageerror', (e) => logs.push(String(e)));
+    await page.goto(`${base}/test/browser/webgpu-extras.html${query}`);
+    await page.waitForFunction(() => window.results, null, { timeout: 60000 });
+    const results = await page.evaluate(() => window.results);
+    await page.close();
+    assert.equal(Object.keys(results).length, query ? 1 : 5, JSON.stringify(results));
+    for (const [name, r] of Object.entries(results)) assert.equal(r, 'ok', `${name}: ${r}\n${logs.join('\n')}`);
+  }
+});
+
 // kiln-web's tokenizer operators (SmolLM2's and MiniLM's tokenizer.json vs Python tokenizers) and JavaScript custom
 // operators, in the browser: the same checks as test/kiln-ops.mjs runs in Node.
 test('browser: tokenizer operators and JavaScript custom operators (test/kiln-ops-checks.mjs)', { skip }, async () => {
