@@ -109,7 +109,7 @@ const TOL = { 'kiln-web': { wasm: 1e-4, webgpu: 1e-4 }, 'onnxruntime-web': { was
 const ORT_OFF = { webgpu: ['tiny-llama/onnx_dynamo_eager_op20'], wasm: [] };
 const modelOf = (key) => key.split(' ')[0];
 const runs = {};
-const summary = (r) => ({ next: r.next, dims: r.dims, inputs: r.inputs, error: r.error, device: r.device });
+const summary = (r) => ({ next: r.next, dims: r.dims, inputs: r.inputs, error: r.error, device: r.device, more: r.more });
 function close(a, b, tol, what) {
   assert.equal(a.length, b.length, `${what}: length`);
   for (let i = 0; i < a.length; i++) assert.ok(Math.abs(a[i] - b[i]) <= tol, `${what}[${i}]: ${a[i]} vs ${b[i]}`);
@@ -133,6 +133,8 @@ for (const ep of ['wasm', 'webgpu']) {
         assert.equal(r.next, 614, what);
         assert.deepEqual(r.dims, [1, 5, 1000]);
         assert.equal(r.error, "input 'input_ids' is missing in 'feeds'.");
+        assert.deepEqual(r.more.decode.dims, [1, 1, 1000], `${what}: decode`);
+        assert.deepEqual(r.more.decode.present, [1, 2, 6, 16], `${what}: decode`);
         if (ep === 'webgpu') assert.deepEqual(r.device, { isGPUDevice: true, hasQueue: true }, `${what}: env.webgpu.device`);
         assert.ok(Object.keys(r.fixtures).length >= 8, `${what}: fixtures ${Object.keys(r.fixtures)}`);
         let worst = 0;
@@ -184,7 +186,7 @@ test("browser: kiln-web on 'webgpu': env.webgpu, GPU tensors, fallback warnings 
     await page.waitForFunction(() => window.results, null, { timeout: 60000 });
     const results = await page.evaluate(() => window.results);
     await page.close();
-    assert.equal(Object.keys(results).length, query ? 1 : 5, JSON.stringify(results));
+    assert.equal(Object.keys(results).length, query ? 1 : 6, JSON.stringify(results));
     for (const [name, r] of Object.entries(results)) assert.equal(r, 'ok', `${name}: ${r}\n${logs.join('\n')}`);
   }
 });
