@@ -73,8 +73,14 @@ if [ "${KILN_SKIP_JS:-0}" != 1 ]; then
     [ -d js/node_modules/onnxruntime-web ] && [ -d js/node_modules/onnxruntime-common ] ||
       (cd js && npm ci --no-audit --no-fund)
     wbg_path="$(realpath "$(command -v "$wbg")")"
+    # (its browser part, test/browser.mjs, runs the package on 'wasm' and on 'webgpu' in headless chromium:
+    # SwiftShader's WebGPU adapter, no GPU needed)
     (cd js && WASM_BINDGEN="$wbg_path" KILN_SKIP_CARGO=1 npm run build && npm test) |
-      grep -E '^(=== |KNOWN|DIFF|parity|kiln-web:|✖|ℹ (pass|fail|skipped))|records the same'
+      grep -E '^(=== |KNOWN|DIFF|parity|kiln-web:|✖|ℹ (pass|fail|skipped))|records the same|^ℹ (kiln-web|onnxruntime-web) (wasm|webgpu) [^ ]+( thread)?: '
+    # kiln's GPU backend built for wasm32 on chromium's WebGPU (SwiftShader): the tiny fixtures mostly on the GPU,
+    # one submit per run, within 1e-4 of the reference
+    step "kiln's GPU backend in headless chromium (provider/tests/webgpu_browser/run.sh)"
+    PATH="$(dirname "$wbg_path"):$PATH" bash provider/tests/webgpu_browser/run.sh 2>&1 | grep -vE '^\s+(Compiling|Finished)'
   else
     echo "wasm-bindgen $wbg_version is not installed"
     exit 1

@@ -9,6 +9,7 @@ const WASM_NAME = 'kiln_js_bg.wasm';
 
 const { modelFromTokenizerJson, decoderModelFromTokenizerJson } = registerKiln({
   checksOutputLocation: true,
+  webgpu: true,
   async loadWasm(generation) {
     const { wasmBinary, wasmPaths } = env.wasm;
     let source;

@@ -6,7 +6,7 @@ import { env, registerBackend, Tensor } from '../dist/onnxruntime-common/index.j
 
 export const KILN_WEB_VERSION = '0.1.0';
 
-/** @typedef {{ loadWasm(generation: number): Promise<object>, loadModel(url: string, onProgress?: Function): Promise<Uint8Array>, loadFile(file: string | Blob | ArrayBufferLike | Uint8Array): Promise<Uint8Array>, checksOutputLocation?: boolean }} Platform */
+/** @typedef {{ loadWasm(generation: number): Promise<object>, loadModel(url: string, onProgress?: Function): Promise<Uint8Array>, loadFile(file: string | Blob | ArrayBufferLike | Uint8Array): Promise<Uint8Array>, checksOutputLocation?: boolean, webgpu?: boolean }} Platform */
 
 const TYPED_ARRAYS = {
   float32: Float32Array,
@@ -114,12 +114,12 @@ class KilnSessionHandler {
     this.instance = instance;
     this.native = native;
     this.customOps = customOps;
-    this.stepped = native.hasCustomOps();
     this.inputMetadata = Object.freeze(native.inputMetadata());
     this.outputMetadata = Object.freeze(native.outputMetadata());
     this.inputNames = Object.freeze(this.inputMetadata.map((m) => m.name));
     this.outputNames = Object.freeze(this.outputMetadata.map((m) => m.name));
     this.queue = Promise.resolve();
+    this.onWebGpu = native.executionProvider() === 'webgpu';
   }
 
   async dispose() {
@@ -146,8 +146,10 @@ class KilnSessionHandler {
     return result;
   }
 
-  // A model with custom operators: kiln runs until a custom node, hands its inputs here, this awaits the operator's
-  // compute and hands the outputs back; a throwing compute fails the run (the session stays usable).
+  // Every run is stepped from here: kiln runs until it waits on the browser (the WebGPU provider: `step.wait`, a
+  // promise to await), until a custom node (its inputs are handed here, this awaits the operator's compute and hands
+  // the outputs back; a throwing compute fails the run, the session stays usable), or until the end. Each step is a
+  // synchronous call, so a wasm trap is an exception caught here, never an uncaught one.
   async runStepped(inputs, names, trapped) {
     let run;
     try {
@@ -164,6 +166,10 @@ class KilnSessionHandler {
           throw trapped(e);
         }
         if (step.done) return step.results;
+        if (step.wait) {
+          await step.wait;
+          continue;
+        }
         try {
           const op = this.customOps.get(opKey(step.domain, step.opType));
           if (!op) throw new Error(`${describeOp(step)} is not registered`);
@@ -198,13 +204,13 @@ class KilnSessionHandler {
     const inputs = [];
     for (const [name, tensor] of Object.entries(feeds)) {
       if (this.inputNames.indexOf(name) === -1) throw new Error(`invalid input '${name}'`);
-      inputs.push([name, ...encode(tensor, `input "${name}"`)]);
+      inputs.push([name, ...encode(tensor, `input "${name}"`, false, this.onWebGpu)]);
     }
     const names = Object.keys(fetches);
     for (const name of names) {
       if (this.outputNames.indexOf(name) === -1) throw new Error(`invalid output '${name}'`);
       const pre = fetches[name];
-      if (pre) encode(pre, `output "${name}"`, true);
+      if (pre) encode(pre, `output "${name}"`, true, this.onWebGpu);
     }
     validateRunOptions(options);
     let results;
@@ -218,15 +224,7 @@ class KilnSessionHandler {
       }
       return asError(e);
     };
-    if (this.stepped) {
-      results = await this.runStepped(inputs, names, trapped);
-    } else {
-      try {
-        results = this.native.run(inputs, names);
-      } catch (e) {
-        throw trapped(e);
-      }
-    }
+    results = await this.runStepped(inputs, names, trapped);
     const out = {};
     for (const [name, type, dims, data] of results) {
       const pre = fetches[name];
@@ -278,7 +276,11 @@ function validateRunOptions(options = {}) {
 }
 
 // A tensor as the wasm side takes it: [type, dims, Uint8Array | string[]]; onnxruntime-web's messages.
-function encode(tensor, what, isOutput = false) {
+function encode(tensor, what, isOutput = false, onWebGpu = false) {
+  if (tensor.location === 'gpu-buffer' && onWebGpu) {
+    // onnxruntime-web binds the buffer; kiln's GPU tensors live in kiln's own device (docs/MIGRATING.md)
+    throw new Error(`kiln-web: ${what} is a gpu-buffer tensor; kiln takes CPU tensors (Tensor location "gpu-buffer" is not supported yet)`);
+  }
   if (tensor.location === 'gpu-buffer') throw new Error('Tensor location "gpu-buffer" is not supported without using WebGPU.');
   if (tensor.location === 'ml-tensor') throw new Error('Tensor location "ml-tensor" is not supported without using WebNN.');
   if (tensor.location !== 'cpu' && tensor.location !== 'cpu-pinned') {
@@ -348,8 +350,61 @@ export async function checkIntegrity(bytes, integrity) {
   throw new Error(`the model does not match its integrity value: expected ${integrity}, got ${got.join(' ')}`);
 }
 
+const LOG_LEVELS = ['verbose', 'info', 'warning', 'error', 'fatal'];
+const warns = () => LOG_LEVELS.indexOf(env.logLevel ?? 'warning') <= 2;
+
+// onnxruntime-web's checks before its WebGPU backend initialises (same order and words): WebGPU in this environment
+// (Node has no navigator.gpu), env.webgpu.adapter / powerPreference / forceFallbackAdapter valid, and an adapter.
+// kiln then requests its own adapter and device per session (wgpu's request_adapter, high-performance).
+async function checkWebGpu() {
+  if (typeof navigator === 'undefined' || !navigator.gpu) throw new Error('WebGPU is not supported in current environment');
+  let adapter = env.webgpu.adapter;
+  if (adapter) {
+    if (typeof adapter.limits !== 'object' || typeof adapter.features !== 'object' || typeof adapter.requestDevice !== 'function') {
+      throw new Error('Invalid GPU adapter set in `env.webgpu.adapter`. It must be a GPUAdapter object.');
+    }
+  } else {
+    const powerPreference = env.webgpu.powerPreference;
+    if (powerPreference !== undefined && powerPreference !== 'low-power' && powerPreference !== 'high-performance') {
+      throw new Error(`Invalid powerPreference setting: "${powerPreference}"`);
+    }
+    const forceFallbackAdapter = env.webgpu.forceFallbackAdapter;
+    if (forceFallbackAdapter !== undefined && typeof forceFallbackAdapter !== 'boolean') {
+      throw new Error(`Invalid forceFallbackAdapter setting: "${forceFallbackAdapter}"`);
+    }
+    adapter = await navigator.gpu.requestAdapter({ powerPreference, forceFallbackAdapter });
+    if (!adapter) throw new Error('Failed to get GPU adapter. You may need to enable flag "--enable-unsafe-webgpu" if you are using Chrome.');
+  }
+}
+
+// The GPUDevice of the first session kiln created on 'webgpu' (env.webgpu.device's value).
+let webgpuDevice;
+
+// env.webgpu.device: onnxruntime-web's getter resolves to its GPUDevice; kiln creates its device with a session on
+// 'webgpu', so before one exists the promise rejects. An application's own GPUDevice cannot be adopted: wgpu 30 (kiln's
+// WebGPU layer) only creates devices itself, it has no constructor from an existing GPUDevice.
+function defineWebGpuDevice() {
+  Object.defineProperty(env.webgpu, 'device', {
+    configurable: true,
+    enumerable: true,
+    get() {
+      if (webgpuDevice) return Promise.resolve(webgpuDevice);
+      return Promise.reject(
+        new Error("kiln-web: env.webgpu.device is available once a session was created on 'webgpu' (kiln creates its GPUDevice with the session)"),
+      );
+    },
+    set(value) {
+      if (value === undefined) return;
+      throw new Error(
+        'kiln-web: env.webgpu.device cannot be set: kiln creates its own GPUDevice (wgpu 30 cannot adopt an existing one); read env.webgpu.device after creating a session on \'webgpu\' to share kiln\'s device instead',
+      );
+    },
+  });
+}
+
 /** Makes the backend for one platform and registers it under onnxruntime-web's names. */
 export function registerKiln(/** @type {Platform} */ platform) {
+  defineWebGpuDevice();
   let instance = null; // { exports, dead }
   let generation = 0;
   const wasmInstance = async () => {
@@ -358,8 +413,9 @@ export function registerKiln(/** @type {Platform} */ platform) {
   };
 
   const backend = {
-    async init() {
+    async init(name) {
       await wasmInstance();
+      if (name === 'webgpu') await checkWebGpu();
     },
     async createInferenceSessionHandler(pathOrBuffer, options = {}) {
       // kiln-web's additions: onProgress({ loaded, total }) while a model URL or file loads; integrity ('sha256-...')
@@ -392,13 +448,32 @@ export function registerKiln(/** @type {Platform} */ platform) {
       }
       const wasm = await wasmInstance();
       try {
-        const native = wasm.exports.KilnSession.load(model, {
+        const load = wasm.exports.KilnSession.startLoad(model, {
           executionProviders: eps,
           graphOptimizationLevel: level,
           freeDimensionOverrides: freeDims,
           externalData,
           customOps: [...customOps.values()].map((op) => [op.domain ?? '', op.opType, (op.outputs ?? []).map(outputDecl)]),
         });
+        let native;
+        try {
+          for (;;) {
+            const step = load.step();
+            if (step.done) {
+              native = step.session;
+              break;
+            }
+            await step.wait;
+          }
+        } finally {
+          if (!wasm.dead) load.free();
+        }
+        // asked for 'webgpu' first but on the CPU (the model has custom operators, or kiln could not use the
+        // adapter): say why, like onnxruntime-web's warning for an execution provider it removes
+        if (eps[0] === 'webgpu' && native.executionProvider() !== 'webgpu' && warns()) {
+          console.warn(`kiln-web: ${native.providerNote() ?? 'execution provider webgpu is not used'}`);
+        }
+        if (native.executionProvider() === 'webgpu' && !webgpuDevice) webgpuDevice = native.webgpuDevice();
         const handler = new KilnSessionHandler(wasm, native, customOps);
         // onnxruntime-web's WebGPU-enabled builds (browsers; not Node's) check preferredOutputLocation once the model
         // is loaded
@@ -420,15 +495,6 @@ export function registerKiln(/** @type {Platform} */ platform) {
       }
     },
   };
-  // WebGPU is not in kiln's wasm build yet: asking for it warns and falls back like an unavailable backend.
-  const webgpu = {
-    async init() {
-      throw new Error('WebGPU is not available in this build of kiln-web yet.');
-    },
-    async createInferenceSessionHandler() {
-      throw new Error('WebGPU is not available in this build of kiln-web yet.');
-    },
-  };
   // kiln-web's tokenizer helpers: ONNX models around the ai.onnx.contrib tokenizer ops (bytes to create a session on)
   const text = (v, what) => {
     if (typeof v === 'string') return v;
@@ -446,7 +512,10 @@ export function registerKiln(/** @type {Platform} */ platform) {
       throw asError(e);
     }
   };
-  registerBackend('webgpu', webgpu, 5);
+  // one backend under the three names, like onnxruntime-web: an available 'webgpu' keeps 'wasm' in the session's
+  // list (kiln's fallback), an unavailable one is removed with onnxruntime-common's warning
+  // (Node: not registered, as in onnxruntime-web's Node build: asking for it gives "backend not found.")
+  if (platform.webgpu) registerBackend('webgpu', backend, 5);
   registerBackend('cpu', backend, 10);
   registerBackend('wasm', backend, 10);
   Object.defineProperty(env.versions, 'web', { value: env.versions.common, enumerable: true });

@@ -4,6 +4,7 @@
 //   3. onnxruntime-common's ES modules (the API layer: Tensor, InferenceSession, env; MIT) copied to
 //      dist/onnxruntime-common, so the package has no runtime dependency and loads unbundled in a browser.
 // KILN_SKIP_CARGO=1 skips step 1 (the .wasm is already built). WASM_BINDGEN overrides the wasm-bindgen binary.
+// KILN_KEEP_NAMES=1 keeps the wasm's name section (function names in a trap's stack trace).
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -44,7 +45,10 @@ if (!wbg) {
 
 fs.rmSync(dist, { recursive: true, force: true });
 fs.mkdirSync(dist, { recursive: true });
-run(wbg, ['--target', 'web', '--out-dir', dist, '--out-name', 'kiln_js', wasm]);
+// The wasm's name section (function names, 2.9 MB: only stack traces of a trap use it) is left out unless
+// KILN_KEEP_NAMES=1.
+const names = process.env.KILN_KEEP_NAMES === '1' ? [] : ['--remove-name-section'];
+run(wbg, ['--target', 'web', ...names, '--out-dir', dist, '--out-name', 'kiln_js', wasm]);
 
 const common = path.join(js, 'node_modules/onnxruntime-common');
 const commonOut = path.join(dist, 'onnxruntime-common');

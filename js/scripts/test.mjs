@@ -1,6 +1,8 @@
 // npm test: the parity suite (test/parity.mjs) on onnxruntime-web@1.30.0, then on kiln-web, then the records of
 // the two runs compared (metadata and error messages exactly, numbers within each record's tolerance); kiln-web's
-// additions (test/kiln-extras.mjs); tokenizer operators and JavaScript custom operators (test/kiln-ops.mjs); the browser check in headless chromium (test/browser.mjs, skipped without it).
+// additions (test/kiln-extras.mjs); tokenizer operators and JavaScript custom operators (test/kiln-ops.mjs); the
+// browser checks in headless chromium (test/browser.mjs, skipped without it): the app and the tiny fixtures on 'wasm'
+// and 'webgpu' (SwiftShader), both packages, main thread and worker, and kiln-web's WebGPU-only behaviour.
 // Needs `npm run build` first (dist/). KILN_PARITY_ONLY=kiln-web runs one side without the comparison.
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
@@ -52,7 +54,7 @@ if (impls.includes('kiln-web')) {
     console.error('kiln-web tokenizer / custom operator tests failed');
     failed = true;
   }
-  console.log('\n=== headless chromium: an onnxruntime-web app through an import map, main thread and worker (test/browser.mjs)');
+  console.log("\n=== headless chromium: an onnxruntime-web app and the tiny fixtures on 'wasm' and 'webgpu', import map, main thread and worker (test/browser.mjs)");
   const b = spawnSync(process.execPath, ['--test', '--test-reporter=spec', 'test/browser.mjs'], { cwd: js, stdio: 'inherit' });
   if (b.status !== 0) {
     console.error('browser tests failed');

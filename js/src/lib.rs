@@ -86,7 +86,8 @@ pub struct JsSessionOptions {
 pub fn session_options(o: JsSessionOptions) -> Result<SessionOptions, String> {
     let mut opts = SessionOptions::default();
     for name in &o.execution_providers {
-        // 'webgpu' is not in the wasm build yet: the JS half filters it out like an unavailable backend.
+        // 'webgpu' is kiln's GPU backend (the browser's WebGPU on wasm32); the JS half has already dropped it, with
+        // onnxruntime-web's warning, where there is no WebGPU adapter.
         if let Ok(ep) = kiln_provider::ExecutionProvider::from_name(name) {
             opts.execution_providers.push(ep);
         }
@@ -425,6 +426,37 @@ mod web {
     // `step()` returns the node's request to JS, JS awaits the operator's `compute` and hands the outputs back with
     // `resume()` (or the error with `fail()`), then steps again.
 
+    /// A waker that resolves a JS promise: a future polled from a synchronous call (`step()`) that is pending on the
+    /// browser (requestAdapter, requestDevice, mapAsync) hands JS this promise to await before it steps again.
+    struct JsWake {
+        resolve: RefCell<Option<js_sys::Function>>,
+    }
+
+    // SAFETY: wasm32-unknown-unknown as built here has no threads: the waker never leaves this thread.
+    unsafe impl Send for JsWake {}
+    unsafe impl Sync for JsWake {}
+
+    impl std::task::Wake for JsWake {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.wake_by_ref();
+        }
+        fn wake_by_ref(self: &std::sync::Arc<Self>) {
+            let resolve = self.resolve.borrow_mut().take();
+            if let Some(f) = resolve {
+                let _ = f.call0(&JsValue::UNDEFINED);
+            }
+        }
+    }
+
+    /// A waker and the promise it resolves when woken.
+    fn js_waker() -> (std::task::Waker, js_sys::Promise) {
+        let mut resolve = None;
+        let promise = js_sys::Promise::new(&mut |res, _| resolve = Some(res));
+        #[allow(clippy::arc_with_non_send_sync)]
+        let wake = std::sync::Arc::new(JsWake { resolve: RefCell::new(resolve) });
+        (std::task::Waker::from(wake), promise)
+    }
+
     /// A custom node's request, and the reply JS gives it.
     #[derive(Default)]
     struct Channel {
@@ -523,14 +555,16 @@ mod web {
 
     #[wasm_bindgen]
     impl KilnRun {
-        /// Runs until the next custom node or the end. Returns `{ done: true, results }` (results as `run` returns
-        /// them) or `{ done: false, domain, opType, node, outputs, inputs, attributes }` (inputs as
+        /// Runs until the next custom node, a wait on the browser, or the end. Returns `{ done: true, results }`
+        /// (`[name, type, dims, Uint8Array | string[]][]`), `{ done: false, wait }` (a promise to await before stepping
+        /// again: the GPU is busy) or `{ done: false, domain, opType, node, outputs, inputs, attributes }` (inputs as
         /// `[type, dims, data][]`, attributes as `[name, value][]`); throws the run's error.
         pub fn step(&mut self) -> Result<JsValue, JsError> {
             let Some(future) = self.future.as_mut() else {
                 return Err(err("failed to call OrtRun(). ERROR_CODE: 1, ERROR_MESSAGE: this run is over"));
             };
-            let mut cx = Context::from_waker(std::task::Waker::noop());
+            let (waker, wait) = js_waker();
+            let mut cx = Context::from_waker(&waker);
             let o = Object::new();
             let set = |k: &str, v: &JsValue| Reflect::set(&o, &k.into(), v).map(|_| ()).map_err(|_| err("step"));
             match future.as_mut().poll(&mut cx) {
@@ -542,10 +576,13 @@ mod web {
                     set("results", &encode_outputs(outputs)?.into())?;
                 }
                 Poll::Pending => {
-                    let (info, inputs) = self.channel.borrow_mut().request.take().ok_or_else(|| {
-                        err("failed to call OrtRun(). ERROR_CODE: 1, ERROR_MESSAGE: the run waits on nothing")
-                    })?;
+                    let request = self.channel.borrow_mut().request.take();
                     set("done", &false.into())?;
+                    let Some((info, inputs)) = request else {
+                        // waiting on the browser (the GPU): step again once `wait` resolves
+                        set("wait", &wait.into())?;
+                        return Ok(o.into());
+                    };
                     set("domain", &info.domain.clone().into())?;
                     set("opType", &info.op_type.clone().into())?;
                     set("node", &info.node.clone().into())?;
@@ -611,10 +648,12 @@ mod web {
 
     #[wasm_bindgen]
     impl KilnSession {
-        /// `options`: `{ executionProviders: string[], graphOptimizationLevel?: string,
-        /// freeDimensionOverrides?: [name, value][], externalData?: [path, Uint8Array][],
-        /// customOps?: [domain, opType, [type | null, (number | null)[] | null][]][] }`.
-        pub fn load(bytes: &[u8], options: JsValue) -> Result<KilnSession, JsError> {
+        /// Starts loading a model; JS steps the returned [`KilnLoad`] (the WebGPU provider waits on the browser for
+        /// its adapter, device and weight uploads). `options`: `{ executionProviders: string[],
+        /// graphOptimizationLevel?: string, freeDimensionOverrides?: [name, value][], externalData?:
+        /// [path, Uint8Array][], customOps?: [domain, opType, [type | null, (number | null)[] | null][]][] }`.
+        #[wasm_bindgen(js_name = startLoad)]
+        pub fn start_load(bytes: Vec<u8>, options: JsValue) -> Result<KilnLoad, JsError> {
             let mut o = super::JsSessionOptions::default();
             if options.is_object() {
                 o.execution_providers = strings_of(&get(&options, "executionProviders"));
@@ -663,9 +702,8 @@ mod web {
                     }
                 }
             }
-            let session = pollster::block_on(Session::from_bytes(bytes, &opts))
-                .map_err(|e| err(super::ort_message("Can't create a session.", &e)))?;
-            Ok(KilnSession { inner: Rc::new(session), channel })
+            let future = Box::pin(async move { Session::from_bytes(&bytes, &opts).await });
+            Ok(KilnLoad { future: Some(future), channel })
         }
 
         /// True when the model has nodes computed by the application's custom operators (run with `startRun`).
@@ -702,17 +740,54 @@ mod web {
             self.inner.execution_provider().name().to_string()
         }
 
-        /// `feeds`: `[name, type, dims, Uint8Array | string[]][]`; `fetches`: output names. Returns
-        /// `[name, type, dims, Uint8Array | string[]][]` in the order of `fetches`.
-        pub fn run(&self, feeds: Array, fetches: Vec<String>) -> Result<Array, JsError> {
-            if self.inner.has_custom_ops() {
-                return Err(err("failed to call OrtRun(). ERROR_CODE: 1, ERROR_MESSAGE: a model with custom operators runs with startRun"));
+        /// Why the session is not on the first provider asked for (e.g. no WebGPU adapter), if it is not.
+        #[wasm_bindgen(js_name = providerNote)]
+        pub fn provider_note(&self) -> Option<String> {
+            self.inner.provider_note().map(String::from)
+        }
+
+        /// The `GPUDevice` the session's WebGPU provider runs on (`undefined` on the CPU).
+        #[wasm_bindgen(js_name = webgpuDevice)]
+        pub fn webgpu_device(&self) -> JsValue {
+            let device = self.inner.gpu_device().and_then(|d| d.as_webgpu());
+            device.map(|d| JsValue::from(d.clone())).unwrap_or(JsValue::UNDEFINED)
+        }
+    }
+
+    /// A session being created, stepped by JS like [`KilnRun`] (every poll happens inside a synchronous call, so a
+    /// trap is an exception of that call, never an uncaught one in a microtask).
+    #[wasm_bindgen]
+    pub struct KilnLoad {
+        future: Option<Pin<Box<dyn Future<Output = kiln_provider::Result<Session>>>>>,
+        channel: Rc<RefCell<Channel>>,
+    }
+
+    #[wasm_bindgen]
+    impl KilnLoad {
+        /// Returns `{ done: true, session }` or `{ done: false, wait }` (a promise to await before stepping again);
+        /// throws the load error in onnxruntime-web's words.
+        pub fn step(&mut self) -> Result<JsValue, JsError> {
+            let Some(future) = self.future.as_mut() else {
+                return Err(err("Can't create a session. ERROR_CODE: 1, ERROR_MESSAGE: this load is over"));
+            };
+            let (waker, wait) = js_waker();
+            let mut cx = Context::from_waker(&waker);
+            let o = Object::new();
+            let set = |k: &str, v: &JsValue| Reflect::set(&o, &k.into(), v).map(|_| ()).map_err(|_| err("step"));
+            match future.as_mut().poll(&mut cx) {
+                Poll::Ready(r) => {
+                    self.future = None;
+                    let session = r.map_err(|e| err(super::ort_message("Can't create a session.", &e)))?;
+                    set("done", &true.into())?;
+                    let session = KilnSession { inner: Rc::new(session), channel: self.channel.clone() };
+                    set("session", &session.into())?;
+                }
+                Poll::Pending => {
+                    set("done", &false.into())?;
+                    set("wait", &wait.into())?;
+                }
             }
-            let inputs = feeds_of(&feeds)?;
-            let names: Vec<&str> = fetches.iter().map(|s| s.as_str()).collect();
-            let outputs = pollster::block_on(self.inner.run_with_outputs(inputs, &names))
-                .map_err(|e| err(super::ort_message("failed to call OrtRun().", &e)))?;
-            encode_outputs(outputs)
+            Ok(o.into())
         }
     }
 

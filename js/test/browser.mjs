@@ -71,7 +71,8 @@ before(async () => {
   await new Promise((r) => server.listen(0, '127.0.0.1', r));
   base = `http://127.0.0.1:${server.address().port}`;
   const { chromium } = await import('playwright-core');
-  browser = await chromium.launch({ executablePath, args: ['--no-sandbox'] });
+  // WebGPU on: Chromium's SwiftShader adapter where the machine has no GPU (CI)
+  browser = await chromium.launch({ executablePath, args: ['--no-sandbox', '--enable-unsafe-webgpu'] });
 });
 after(async () => {
   await browser?.close();
@@ -94,29 +95,101 @@ test('browser: the onnxruntime-web app bundled by Vite with the name aliased to 
   assert.ok(r.versions.kiln, 'kiln-web, not onnxruntime-web');
 });
 
-const results = {};
-for (const impl of ['onnxruntime-web', 'kiln-web']) {
-  test(`browser: the onnxruntime-web app on ${impl} (import map), main thread and Web Worker`, { skip }, async () => {
+// The app and the tiny fixtures on each execution provider, on each package, main thread and worker. Each run checks
+// the fixtures against their references (onnxruntime's outputs); kiln-web's run is then compared with
+// onnxruntime-web's on the same provider: metadata and messages exactly, numbers within tolerance.
+// 'webgpu': kiln's GPU backend on the browser's WebGPU (the session must be on it: env.webgpu.device resolves to
+// kiln's GPUDevice only then) against onnxruntime-web's WebGPU EP.
+// max |output - reference| per package and provider: kiln-web must match the references on both; onnxruntime-web's
+// WebGPU EP is looser on SwiftShader (7.6e-3 on tiny-llama's dynamo export), the comparison uses its bound
+const TOL = { 'kiln-web': { wasm: 1e-4, webgpu: 1e-4 }, 'onnxruntime-web': { wasm: 1e-4, webgpu: 2e-2 } };
+// Where onnxruntime-web itself is off the reference, kiln-web is checked against the reference only (not compared
+// with onnxruntime-web): its WebGPU EP gives tiny-llama's dynamo export present.0.key 0.70 away from onnxruntime's
+// CPU result (SwiftShader, onnxruntime-web 1.30.0). Listed so that a change shows.
+const ORT_OFF = { webgpu: ['tiny-llama/onnx_dynamo_eager_op20'], wasm: [] };
+const modelOf = (key) => key.split(' ')[0];
+const runs = {};
+const summary = (r) => ({ next: r.next, dims: r.dims, inputs: r.inputs, error: r.error, device: r.device, more: r.more });
+function close(a, b, tol, what) {
+  assert.equal(a.length, b.length, `${what}: length`);
+  for (let i = 0; i < a.length; i++) assert.ok(Math.abs(a[i] - b[i]) <= tol, `${what}[${i}]: ${a[i]} vs ${b[i]}`);
+}
+for (const ep of ['wasm', 'webgpu']) {
+  for (const impl of ['onnxruntime-web', 'kiln-web']) {
+    test(`browser: the onnxruntime-web app and the tiny fixtures on ${impl}, '${ep}' (import map), main thread and Web Worker`, { skip }, async (t) => {
+      const page = await browser.newPage();
+      const logs = [];
+      page.on('console', (m) => logs.push(m.text()));
+      page.on('pageerror', (e) => logs.push(String(e)));
+      await page.goto(`${base}/page.html?impl=${impl}&ep=${ep}&fixtures=1`);
+      await page.waitForFunction(() => window.mainThread && window.worker, null, { timeout: 120000 });
+      const main = await page.evaluate(() => window.mainThread);
+      const worker = await page.evaluate(() => window.worker);
+      await page.close();
+      for (const [where, r] of [['main thread', main], ['worker', worker]]) {
+        const what = `${impl} ${ep} ${where}`;
+        assert.ok(!r.failure, `${what}: ${r.failure}\n${logs.join('\n')}`);
+        assert.equal(!!r.versions.kiln, impl === 'kiln-web', `${what}: the package the page imported`);
+        assert.equal(r.next, 614, what);
+        assert.deepEqual(r.dims, [1, 5, 1000]);
+        assert.equal(r.error, "input 'input_ids' is missing in 'feeds'.");
+        assert.deepEqual(r.more.decode.dims, [1, 1, 1000], `${what}: decode`);
+        assert.deepEqual(r.more.decode.present, [1, 2, 6, 16], `${what}: decode`);
+        if (ep === 'webgpu') assert.deepEqual(r.device, { isGPUDevice: true, hasQueue: true }, `${what}: env.webgpu.device`);
+        assert.ok(Object.keys(r.fixtures).length >= 8, `${what}: fixtures ${Object.keys(r.fixtures)}`);
+        let worst = 0;
+        for (const [key, f] of Object.entries(r.fixtures)) {
+          assert.ok(!f.error, `${what} ${key}: ${f.error}\n${logs.join('\n')}`);
+          const off = impl === 'onnxruntime-web' && ORT_OFF[ep].includes(modelOf(key));
+          for (const [name, o] of Object.entries(f.outputs)) {
+            if (off) t.diagnostic(`${what} ${key} ${name}: max |diff| to the reference ${o.maxDiff.toExponential(2)} (listed in ORT_OFF)`);
+            else assert.ok(o.maxDiff <= TOL[impl][ep], `${what} ${key} ${name}: max |diff| to the reference ${o.maxDiff}`);
+            if (!off) worst = Math.max(worst, o.maxDiff);
+          }
+        }
+        t.diagnostic(`${what}: ${Object.keys(r.fixtures).length} fixture data sets, max |output - reference| ${worst.toExponential(2)}`);
+        // the worker computes what the main thread does
+        assert.deepEqual(summary(worker), summary(main), `${impl} ${ep}: worker vs main thread`);
+      }
+      delete main.versions.kiln;
+      runs[`${impl} ${ep}`] = main;
+      const ort = runs[`onnxruntime-web ${ep}`];
+      const kiln = runs[`kiln-web ${ep}`];
+      if (ort && kiln) {
+        assert.deepEqual(summary(kiln), summary(ort));
+        assert.deepEqual(kiln.versions, ort.versions);
+        const tol = 2 * TOL['onnxruntime-web'][ep];
+        close(kiln.sample, ort.sample, tol, `${ep} logits`);
+        assert.deepEqual(Object.keys(kiln.fixtures), Object.keys(ort.fixtures));
+        for (const [key, f] of Object.entries(kiln.fixtures)) {
+          if (ORT_OFF[ep].includes(modelOf(key))) continue;
+          for (const [name, o] of Object.entries(f.outputs)) {
+            const p = ort.fixtures[key].outputs[name];
+            assert.deepEqual([o.type, o.dims], [p.type, p.dims], `${ep} ${key} ${name}`);
+            close(o.sample, p.sample, tol, `${ep} ${key} ${name} (kiln-web vs onnxruntime-web)`);
+          }
+        }
+      }
+    });
+  }
+}
+
+// kiln-web only, on 'webgpu' (docs/MIGRATING.md): env.webgpu.device, gpu-buffer feeds and outputs, the warning when a
+// model asked on 'webgpu' stays on the CPU; then, on a fresh page, onnxruntime-web's powerPreference validation.
+test("browser: kiln-web on 'webgpu': env.webgpu, GPU tensors, fallback warnings (test/browser/webgpu-extras.html)", { skip }, async () => {
+  for (const query of ['', '?fresh=1']) {
     const page = await browser.newPage();
     const logs = [];
     page.on('console', (m) => logs.push(m.text()));
     page.on('pageerror', (e) => logs.push(String(e)));
-    await page.goto(`${base}/page.html?impl=${impl}`);
-    await page.waitForFunction(() => window.mainThread && window.worker, null, { timeout: 60000 });
-    const main = await page.evaluate(() => window.mainThread);
-    const worker = await page.evaluate(() => window.worker);
+    await page.goto(`${base}/test/browser/webgpu-extras.html${query}`);
+    await page.waitForFunction(() => window.results, null, { timeout: 60000 });
+    const results = await page.evaluate(() => window.results);
     await page.close();
-    for (const [where, r] of [['main thread', main], ['worker', worker]]) {
-      assert.ok(!r.failure, `${impl} ${where}: ${r.failure}\n${logs.join('\n')}`);
-      assert.equal(r.next, 614, `${impl} ${where}`);
-      assert.deepEqual(r.dims, [1, 5, 1000]);
-      assert.equal(r.error, "input 'input_ids' is missing in 'feeds'.");
-    }
-    delete main.versions.kiln;
-    results[impl] = main;
-    if (results['onnxruntime-web'] && results['kiln-web']) assert.deepEqual(results['kiln-web'], results['onnxruntime-web']);
-  });
-}
+    assert.equal(Object.keys(results).length, query ? 1 : 6, JSON.stringify(results));
+    for (const [name, r] of Object.entries(results)) assert.equal(r, 'ok', `${name}: ${r}\n${logs.join('\n')}`);
+  }
+});
 
 // kiln-web's tokenizer operators (SmolLM2's and MiniLM's tokenizer.json vs Python tokenizers) and JavaScript custom
 // operators, in the browser: the same checks as test/kiln-ops.mjs runs in Node.

@@ -284,6 +284,8 @@ test('InferenceSession.create: argument forms, options and errors', async () => 
     'byteLength out of range': () => InferenceSession.create(ab, 0, ab.byteLength + 1),
     'byteLength not a number': () => InferenceSession.create(ab, 0, 'x'),
     'unknown backend': () => InferenceSession.create(u8, { executionProviders: ['foo'] }),
+    // Node has no WebGPU: the provider is removed, none is left
+    'only webgpu': () => InferenceSession.create(u8, { executionProviders: ['webgpu'] }),
     'garbage model': () => InferenceSession.create(new Uint8Array([1, 2, 3, 4]), { executionProviders: ['wasm'] }),
     'bad optimization level': () => InferenceSession.create(u8, { graphOptimizationLevel: 'fast' }),
     'bad free dimension': () => InferenceSession.create(u8, { freeDimensionOverrides: { batch_size: -1 } }),

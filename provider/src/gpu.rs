@@ -191,6 +191,10 @@ impl GpuBackend {
     }
 
     /// Poisons fresh output buffers with NaN (tests).
+    pub(crate) fn device(&self) -> &kiln_wgsl::wgpu::Device {
+        &self.ctx.device
+    }
+
     pub(crate) fn set_poison(&self, on: bool) {
         self.poison.store(on, Ordering::Relaxed);
     }

@@ -306,6 +306,14 @@ impl Session {
             Backend::Cpu(_) => None,
         }
     }
+    /// The wgpu device the WebGPU provider runs on (`None` on the CPU). In a browser it wraps a `GPUDevice`
+    /// (`wgpu::Device::as_webgpu`).
+    pub fn gpu_device(&self) -> Option<&kiln_wgsl::wgpu::Device> {
+        match &self.backend {
+            Backend::Gpu(g) => Some(g.device()),
+            Backend::Cpu(_) => None,
+        }
+    }
     /// Tests: fill fresh GPU output buffers with NaN so unwritten elements show.
     pub fn set_gpu_poison(&self, on: bool) {
         if let Backend::Gpu(g) = &self.backend {
