@@ -361,3 +361,69 @@ fn tiny_llama_optimum_q4_gpu() {
     }
     assert!(failures.is_empty(), "{model} on the GPU:\n  {}", failures.join("\n  "));
 }
+
+/// Positions where onnxruntime's top-2 logit margin is above 0.25 (../shared/README.md).
+const CONFIDENT: [usize; 19] = [0, 1, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14, 16, 17, 19, 21, 22, 23];
+
+fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, v) in row.iter().enumerate() {
+        if *v > row[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// SmolLM2-135M q4f16 (210 MatMulNBits, accuracy_level 4) on the GPU, teacher-forced against onnxruntime 1.32 CPU
+/// with the CPU test's criterion (smollm2.rs): argmax equal at every confident position, mean |logit diff| <= 0.3;
+/// every MatMulNBits node (and its int8 activation quantization) on the GPU. Skipped when ../shared is absent.
+#[test]
+fn smollm2_q4f16_teacher_forced_gpu() {
+    let dir = shared_models().join("smollm2-135m-instruct/onnx");
+    let model = dir.join("model_q4f16.onnx");
+    let set = dir.join("test_data_q4f16");
+    if !model.exists() || !set.exists() {
+        eprintln!("skipped: model not found ({})", model.display());
+        return;
+    }
+    let session = Session::from_path(&model, &options(ExecutionProvider::WebGpu)).expect("loading SmolLM2 q4f16");
+    let Some(report) = session.gpu_placement() else {
+        eprintln!("\n!!!!!!!! SKIPPING SmolLM2 ON THE GPU: no GPU adapter ({:?}) !!!!!!!!\n", session.provider_note());
+        return;
+    };
+    let qmm: Vec<_> = report.nodes.iter().filter(|n| n.op == "MatMulNBits").collect();
+    assert_eq!(qmm.len(), 210, "MatMulNBits nodes");
+    let off: Vec<_> = qmm.iter().filter(|n| n.device != Device::Gpu).collect();
+    assert!(off.is_empty(), "MatMulNBits nodes on the CPU: {off:?}");
+    let quant: Vec<_> = report.nodes.iter().filter(|n| n.op == "MatMulNBitsQuantizeA").collect();
+    assert!(quant.iter().all(|n| n.device == Device::Gpu), "int8 quantization of A on the CPU: {quant:?}");
+    eprintln!(
+        "SmolLM2 q4f16: {} of {} compute nodes on the GPU, {} weight bytes on the GPU, {} on the host",
+        report.gpu_nodes(),
+        report.nodes.len(),
+        report.weight_bytes_on_gpu,
+        report.host_constant_bytes
+    );
+    session.set_gpu_poison(true);
+    let t = std::time::Instant::now();
+    let outputs = session.run(read_inputs(&session, &set)).expect("prefill");
+    eprintln!("SmolLM2 q4f16 prefill of 24 on the GPU: {:?}", t.elapsed());
+    let expected = read_tensor(&set.join("output_0.pb"));
+    let got = outputs.get("logits").expect("logits");
+    assert_eq!(got.dims(), expected.dims());
+    let vocab = *expected.dims().last().unwrap();
+    let (a, b) = (f32_values(got), f32_values(&expected));
+    let mean = a.iter().zip(&b).map(|(x, y)| (x - y).abs() as f64).sum::<f64>() / a.len() as f64;
+    let mut mismatched = vec![];
+    for pos in 0..expected.dims()[1] {
+        let (ga, ea) = (argmax(&a[pos * vocab..][..vocab]), argmax(&b[pos * vocab..][..vocab]));
+        if ga != ea {
+            mismatched.push((pos, ga, ea));
+        }
+    }
+    eprintln!("SmolLM2 q4f16 GPU: mean |logit diff| {mean:.4}; argmax differs at (pos, kiln, ort) {mismatched:?}");
+    let bad: Vec<_> = mismatched.iter().filter(|(p, _, _)| CONFIDENT.contains(p)).collect();
+    assert!(bad.is_empty(), "argmax differs at confident positions (pos, kiln, ort): {bad:?}");
+    assert!(mean <= 0.3, "mean |logit diff| {mean:.4} > 0.3");
+}
