@@ -249,7 +249,13 @@ fn run_case(rng: &mut Rng, c: Case, a_dims: &[usize], rel: f64) -> Result<(), St
     let got = gpu.run(feeds).map_err(|e| format!("{what}: gpu run: {e}"))?;
     let (w, g) = (want.output("y").map_err(|e| e.to_string())?, got.output("y").map_err(|e| e.to_string())?);
     if w.dims() != g.dims() || w.element_type() != g.element_type() {
-        return Err(format!("{what}: {:?} {:?} on the GPU, {:?} {:?} on the CPU", g.element_type(), g.dims(), w.element_type(), w.dims()));
+        return Err(format!(
+            "{what}: {:?} {:?} on the GPU, {:?} {:?} on the CPU",
+            g.element_type(),
+            g.dims(),
+            w.element_type(),
+            w.dims()
+        ));
     }
     let (w, g) = (w.to_f64_vec().map_err(|e| e.to_string())?, g.to_f64_vec().map_err(|e| e.to_string())?);
     let max = w.iter().fold(0f64, |m, v| m.max(v.abs()));
@@ -257,7 +263,7 @@ fn run_case(rng: &mut Rng, c: Case, a_dims: &[usize], rel: f64) -> Result<(), St
         return Err(format!("{what}: an all-zero reference"));
     }
     for (i, (a, b)) in w.iter().zip(&g).enumerate() {
-        if !((a - b).abs() <= rel * max) {
+        if (a - b).is_nan() || (a - b).abs() > rel * max {
             return Err(format!("{what}: element {i}: gpu {b} vs cpu {a} (max |ref| {max})"));
         }
     }
@@ -298,7 +304,8 @@ fn matmul_nbits_variants_match_cpu_on_the_gpu() {
         return;
     }
     let mut rng = Rng(seed());
-    let base = Case { bits: 4, block_size: 32, k: 200, n: 130, zp: Zp::None, f16: false, bias: false, accuracy_level: 0 };
+    let base =
+        Case { bits: 4, block_size: 32, k: 200, n: 130, zp: Zp::None, f16: false, bias: false, accuracy_level: 0 };
     let cases = [
         // float16 A and scales (f16 pairs unpacked in the kernel), with and without packed zero points
         (Case { f16: true, ..base }, 2e-3),
@@ -343,7 +350,12 @@ fn tiny_llama_optimum_q4_gpu() {
     assert!(!qmm.is_empty(), "{model}: no MatMulNBits node: {:?}", report.nodes);
     let off: Vec<_> = qmm.iter().filter(|n| n.device != Device::Gpu).collect();
     assert!(off.is_empty(), "{model}: MatMulNBits nodes on the CPU: {off:?}");
-    eprintln!("{model}: {} of {} compute nodes on the GPU, {} MatMulNBits", report.gpu_nodes(), report.nodes.len(), qmm.len());
+    eprintln!(
+        "{model}: {} of {} compute nodes on the GPU, {} MatMulNBits",
+        report.gpu_nodes(),
+        report.nodes.len(),
+        qmm.len()
+    );
     session.set_gpu_poison(true);
     let mut failures = vec![];
     for set in ["test_data_set_0", "test_data_set_1"] {
@@ -408,7 +420,12 @@ fn smollm2_q4f16_teacher_forced_gpu() {
     session.set_gpu_poison(true);
     let t = std::time::Instant::now();
     let outputs = session.run(read_inputs(&session, &set)).expect("prefill");
-    eprintln!("SmolLM2 q4f16 prefill of 24 on the GPU: {:?}", t.elapsed());
+    eprintln!("SmolLM2 q4f16 prefill of 24 on the GPU (first run, pipelines built): {:?}", t.elapsed());
+    let t = std::time::Instant::now();
+    let again = session.run(read_inputs(&session, &set)).expect("prefill again");
+    eprintln!("SmolLM2 q4f16 prefill of 24 on the GPU (second run): {:?}", t.elapsed());
+    let same = f32_values(again.get("logits").expect("logits")) == f32_values(outputs.get("logits").expect("logits"));
+    assert!(same, "a second run gives other logits");
     let expected = read_tensor(&set.join("output_0.pb"));
     let got = outputs.get("logits").expect("logits");
     assert_eq!(got.dims(), expected.dims());

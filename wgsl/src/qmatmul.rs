@@ -95,7 +95,10 @@ impl QMatMul {
         for (i, (shape, want)) in inputs[1..].iter().zip(words).enumerate() {
             let have: usize = shape.iter().product();
             if have < want {
-                return Err(Error::new(format!("webgpu: MatMulNBits operand {} holds {have} words, needs {want}", i + 1)));
+                return Err(Error::new(format!(
+                    "webgpu: MatMulNBits operand {} holds {have} words, needs {want}",
+                    i + 1
+                )));
             }
         }
         let mut s: TVec<usize> = (*a).into();
@@ -107,11 +110,7 @@ impl QMatMul {
 
     /// The WGSL of the packed operands: B and scales always, zero points as the specialisation wants.
     fn spec(&self) -> Vec<(&'static str, String)> {
-        let scale = if self.scales_f16 {
-            "unpack2x16float(scales[i / 2u])[i % 2u]"
-        } else {
-            "bitcast<f32>(scales[i])"
-        };
+        let scale = if self.scales_f16 { "unpack2x16float(scales[i / 2u])[i % 2u]" } else { "bitcast<f32>(scales[i])" };
         let (zp_decl, zero) = match self.zero_points {
             QZeroPoints::Default => ("", "f32(1u << (BITS - 1u))"),
             QZeroPoints::Packed => (
@@ -131,7 +130,13 @@ impl QMatMul {
     }
 
     /// Records `out = A · dequant(B)ᵀ` (`out` allocated by the caller, `[.., N]`).
-    pub(crate) fn encode(&self, ctx: &Context, rec: &mut Recorder, inputs: &[&GpuTensor], out: &GpuTensor) -> Result<()> {
+    pub(crate) fn encode(
+        &self,
+        ctx: &Context,
+        rec: &mut Recorder,
+        inputs: &[&GpuTensor],
+        out: &GpuTensor,
+    ) -> Result<()> {
         if inputs.len() != self.arity() {
             return Err(Error::new(format!("webgpu: MatMulNBits expects {} inputs", self.arity())));
         }

@@ -92,7 +92,10 @@ fn tiled_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
     let m0 = wid.y * 64u;
     let n0 = wid.x * 64u;
     let words = p.k_blocks * BLOB_WORDS;
-    var acc: array<f32, 16>;
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
     for (var k0 = 0u; k0 < p.k; k0 = k0 + 16u) {
         for (var t = 0u; t < 4u; t = t + 1u) {
             let e = li + t * 256u;
@@ -130,28 +133,31 @@ fn tiled_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
             }
         }
         workgroupBarrier();
+        // four rows of accumulators as vec4 (columns lid.x + 16 j): registers, no indexed local array
         for (var kk = 0u; kk < 16u; kk = kk + 1u) {
-            var av: array<f32, 4>;
-            var bv: array<f32, 4>;
-            for (var i = 0u; i < 4u; i = i + 1u) {
-                av[i] = As[kk * 64u + lid.y + 16u * i];
-                bv[i] = Bs[kk * 64u + lid.x + 16u * i];
-            }
-            for (var i = 0u; i < 4u; i = i + 1u) {
-                for (var j = 0u; j < 4u; j = j + 1u) {
-                    acc[i * 4u + j] = acc[i * 4u + j] + av[i] * bv[j];
-                }
-            }
+            let ar = kk * 64u + lid.y;
+            let br = kk * 64u + lid.x;
+            let bv = vec4<f32>(Bs[br], Bs[br + 16u], Bs[br + 32u], Bs[br + 48u]);
+            acc0 = acc0 + As[ar] * bv;
+            acc1 = acc1 + As[ar + 16u] * bv;
+            acc2 = acc2 + As[ar + 32u] * bv;
+            acc3 = acc3 + As[ar + 48u] * bv;
         }
         workgroupBarrier();
     }
-    for (var i = 0u; i < 4u; i = i + 1u) {
-        let gm = m0 + lid.y + 16u * i;
-        for (var j = 0u; j < 4u; j = j + 1u) {
-            let gn = n0 + lid.x + 16u * j;
-            if (gm < p.m && gn < p.n) {
-                y[gm * p.n + gn] = acc[i * 4u + j];
-            }
+    store_row(m0 + lid.y, n0 + lid.x, acc0);
+    store_row(m0 + lid.y + 16u, n0 + lid.x, acc1);
+    store_row(m0 + lid.y + 32u, n0 + lid.x, acc2);
+    store_row(m0 + lid.y + 48u, n0 + lid.x, acc3);
+}
+
+fn store_row(gm: u32, gn: u32, v: vec4<f32>) {
+    if (gm >= p.m) {
+        return;
+    }
+    for (var j = 0u; j < 4u; j = j + 1u) {
+        if (gn + 16u * j < p.n) {
+            y[gm * p.n + gn + 16u * j] = v[j];
         }
     }
 }
