@@ -443,4 +443,40 @@ fn smollm2_q4f16_teacher_forced_gpu() {
     let bad: Vec<_> = mismatched.iter().filter(|(p, _, _)| CONFIDENT.contains(p)).collect();
     assert!(bad.is_empty(), "argmax differs at confident positions (pos, kiln, ort): {bad:?}");
     assert!(mean <= 0.3, "mean |logit diff| {mean:.4} > 0.3");
+
+    // decode on the GPU (the one-row kernel): prefill 23 tokens, then feed token 24 with the GPU's own present.* as
+    // past; its logits must agree with the 24-token prefill's last row as on the CPU (smollm2.rs)
+    let feeds = read_inputs(&session, &set);
+    let ids = feeds[0].1.to_vec::<i64>().unwrap();
+    let n = ids.len();
+    let mut prefill = vec![];
+    for (name, t) in &feeds {
+        let t = match name.as_str() {
+            "input_ids" => Tensor::from_vec(&[1, n - 1], ids[..n - 1].to_vec()).unwrap(),
+            "attention_mask" => Tensor::from_vec(&[1, n - 1], vec![1i64; n - 1]).unwrap(),
+            "position_ids" => Tensor::from_vec(&[1, n - 1], (0..n as i64 - 1).collect()).unwrap(),
+            _ => t.clone(),
+        };
+        prefill.push((name.clone(), t));
+    }
+    let first = session.run(prefill).expect("prefill of 23");
+    let mut step = vec![
+        ("input_ids".to_string(), Tensor::from_vec(&[1, 1], vec![ids[n - 1]]).unwrap()),
+        ("attention_mask".to_string(), Tensor::from_vec(&[1, n], vec![1i64; n]).unwrap()),
+        ("position_ids".to_string(), Tensor::from_vec(&[1, 1], vec![n as i64 - 1]).unwrap()),
+    ];
+    for info in session.inputs() {
+        if let Some(layer) = info.name.strip_prefix("past_key_values.") {
+            step.push((info.name.clone(), first.get(&format!("present.{layer}")).unwrap().clone()));
+        }
+    }
+    let t = std::time::Instant::now();
+    let decoded = session.run(step).expect("decode step");
+    eprintln!("SmolLM2 q4f16 decode step on the GPU: {:?}", t.elapsed());
+    let d = f32_values(decoded.get("logits").unwrap());
+    let last = &a[(n - 1) * vocab..][..vocab];
+    let mean = d.iter().zip(last).map(|(x, y)| (x - y).abs() as f64).sum::<f64>() / vocab as f64;
+    eprintln!("decode step vs prefill row {}: mean |diff| {mean:.4}", n - 1);
+    assert_eq!(argmax(&d), argmax(last), "decode step argmax differs from the prefill's");
+    assert!(mean <= 0.25, "decode step vs prefill: mean |diff| {mean:.4}");
 }

@@ -147,8 +147,13 @@ impl QMatMul {
         if self.zero_points != QZeroPoints::Default {
             b.push((5, inputs[3]));
         }
+        let mut spec = self.spec();
         let (entry, gx, gy, gz) = if rows <= MV_MAX_ROWS {
-            let (gx, gy) = ctx.grid((self.n as u64).div_ceil(8))?;
+            // about 8 words (64 4-bit weights) per invocation, 4 to 32 invocations per column
+            let words = kb * self.block_size as usize * self.bits as usize / 32;
+            let lanes = words.div_ceil(8).next_power_of_two().clamp(4, 32);
+            spec.push(("LANES", lanes.to_string()));
+            let (gx, gy) = ctx.grid((self.n as u64).div_ceil((256 / lanes) as u64))?;
             ("mv_main", gx, gy, rows as u32)
         } else {
             let gx = u32_of("grid", self.n.div_ceil(64))?;
@@ -156,11 +161,12 @@ impl QMatMul {
             if gx > ctx.caps.max_workgroups_per_dim || gy > ctx.caps.max_workgroups_per_dim {
                 return Err(Error::new(format!("webgpu: MatMulNBits {rows}x{} exceeds the adapter's grid", self.n)));
             }
+            spec.push(("LANES", "32".into()));
             ("tiled_main", gx, gy, 1)
         };
         let u = [u32_of("m", rows)?, u32_of("n", self.n)?, u32_of("k", self.k)?, u32_of("blocks", kb)?];
         let u = [&u[..], &[u32_of("bytes", zp_bytes)?, gx, 0, 0]].concat();
-        launch(ctx, rec, "qmatmul", entry, self.spec(), &u, &b, (gx, gy, gz))
+        launch(ctx, rec, "qmatmul", entry, spec, &u, &b, (gx, gy, gz))
     }
 }
 
@@ -181,7 +187,7 @@ pub(crate) fn quantize_blocks(
     let blocks = rows * kb;
     let (gx, gy) = ctx.grid((blocks as u64).div_ceil(256))?;
     let u = [u32_of("m", rows)?, 0, u32_of("k", k)?, u32_of("blocks", kb)?, 0, gx, 0, 0];
-    let spec = QMatMul {
+    let mut spec = QMatMul {
         k,
         n: 0,
         bits: 8,
@@ -190,5 +196,6 @@ pub(crate) fn quantize_blocks(
         zero_points: QZeroPoints::Default,
     }
     .spec();
+    spec.push(("LANES", "32".into()));
     launch(ctx, rec, "qmatmul", "quantize_main", spec, &u, &[(1, a), (3, out)], (gx, gy, 1))
 }

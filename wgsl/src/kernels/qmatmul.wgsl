@@ -5,7 +5,7 @@
 // whole number of words (BS >= 16, a power of two). Scales: f32 bits, or f16 pairs (SCALES_F16, unpack2x16float).
 // Zero points (ZP_FNS): none (2^(BITS-1)), packed uint8 (ceil(k_blocks * BITS / 8) bytes per column, as u32 words)
 // or f32, one per block.
-//   mv_main:       few rows (decode): a workgroup per MV_COLS columns of one row, 32 invocations per column
+//   mv_main:       few rows (decode): a workgroup per MV_COLS columns of one row, LANES invocations per column
 //                  splitting K word by word, summed in workgroup memory.
 //   tiled_main:    many rows: a 64x64 output tile per 16x16 workgroup (4x4 per invocation), K in steps of 16 (one
 //                  block per step and column), the B tile dequantized into workgroup memory.
@@ -33,7 +33,9 @@ const MASK: u32 = (1u << BITS) - 1u;
 const BLOB_WORDS: u32 = BS * BITS / 32u;
 // words per column in one 16-wide K step
 const TW: u32 = 16u / PER_WORD;
-const MV_COLS: u32 = 8u;
+// mv_main: LANES invocations per column (a power of two <= 32, more for longer columns), MV_COLS columns
+const LANES: u32 = {{LANES}}u;
+const MV_COLS: u32 = 256u / LANES;
 
 {{QM_FNS}}
 
@@ -41,15 +43,15 @@ var<workgroup> part: array<f32, 256>;
 
 @compute @workgroup_size(256)
 fn mv_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-    let col = group_index(wid, p.groups_x) * MV_COLS + li / 32u;
-    let lane = li % 32u;
+    let col = group_index(wid, p.groups_x) * MV_COLS + li / LANES;
+    let lane = li % LANES;
     let row = wid.z;
     var acc = 0.0;
     if (col < p.n) {
         let words = p.k_blocks * BLOB_WORDS;
         let a0 = row * p.k;
         let b0 = col * words;
-        for (var w = lane; w < words; w = w + 32u) {
+        for (var w = lane; w < words; w = w + LANES) {
             let blk = w / BLOB_WORDS;
             let kb = blk * BS + (w % BLOB_WORDS) * PER_WORD;
             let q = b[b0 + w];
@@ -72,7 +74,7 @@ fn mv_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
     }
     part[li] = acc;
     workgroupBarrier();
-    for (var st = 16u; st > 0u; st = st / 2u) {
+    for (var st = LANES / 2u; st > 0u; st = st / 2u) {
         if (lane < st) {
             part[li] = part[li] + part[li + st];
         }
