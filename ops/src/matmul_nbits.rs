@@ -1,9 +1,11 @@
 //! com.microsoft MatMulNBits: `Y = A · dequant(B)ᵀ (+ bias)` with block-wise quantized weights.
 //!
 //! tract 0.23.9's own implementation maps block size 32 onto its Q4_0 packed format and is wrong in some layers (max
-//! logit diff 3.7 on an int4 export). kiln's is the straightforward reference: the constant weight is dequantized once,
-//! at load, into a plain f32 `[K, N]` constant and the node becomes an ordinary matmul, which tract's optimiser packs
-//! and runs with its f32 kernels.
+//! logit diff 3.7 on an int4 export). kiln's typed model keeps the weight packed ([`PackedMatMulNBits`]: B and packed
+//! zero points as u32 words, float16 scales as pairs of halves), which the GPU lowering binds as is and dequantizes in
+//! its kernel (kiln-wgsl's `qmatmul`): no f32 copy of a GPU-placed weight exists anywhere. On the CPU, tract's codegen
+//! (the optimised plan) dequantizes the constant weight once into a plain f32 `[K, N]` constant and the node becomes
+//! an ordinary matmul, which tract packs and runs with its f32 kernels; an unoptimised plan dequantizes at each run.
 //!
 //! Semantics (onnxruntime contrib op docs):
 //! - `A`: T1 `[..., K]` (float or float16); `Y` has A's type and shape `[..., N]`.
