@@ -474,13 +474,75 @@ impl EvalOp for PackedMatMulNBits {
     fn eval_out_of_plan(&self, inputs: TVec<TValue>) -> TractResult<Option<TVec<TValue>>> {
         Ok(Some(self.eval(&EvalContext::out_of_plan(), inputs)?))
     }
-    fn eval(&self, ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+    /// An unoptimised plan (tract's codegen never ran): one column of the weight dequantized at a time, never the
+    /// whole weight (a node left on the CPU beside the GPU, too big for a GPU binding, must not cost a copy of it).
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let label = &self.label;
         let want = if self.zero_points == ZeroPointKind::Default { 3 } else { 4 };
-        ensure!(inputs.len() == want, "MatMulNBits node `{}`: expected {want} inputs", self.label);
-        let w = self.dequantize(&inputs[1], &inputs[2], inputs.get(3).map(|t| &**t))?;
-        let rank = inputs[0].rank();
-        ensure!(rank >= 1, "MatMulNBits node `{}`: A must have rank 1 or more", self.label);
-        self.einsum(rank)?.eval(ctx, tvec!(inputs[0].clone(), w.into_tvalue()))
+        ensure!(inputs.len() == want, "MatMulNBits node `{label}`: expected {want} inputs");
+        let (k, n, bits, bs) = (self.k, self.n, self.bits, self.block_size);
+        let reference = self.reference();
+        let (k_blocks, blob) = (reference.k_blocks(), reference.blob_size());
+        let a_view = inputs[0].try_as_plain_ram()?;
+        let a = a_view.as_slice::<f32>()?;
+        let a_shape = inputs[0].shape();
+        ensure!(a_shape.last() == Some(&k), "MatMulNBits node `{label}`: A of shape {a_shape:?}, K={k}");
+        let b_view = inputs[1].try_as_plain_ram()?;
+        let b = b_view.as_slice::<u32>()?;
+        let s_view = inputs[2].try_as_plain_ram()?;
+        let z_view = match inputs.get(3) {
+            Some(z) => Some(z.try_as_plain_ram()?),
+            None => None,
+        };
+        let byte = |words: &[u32], i: usize| (words[i / 4] >> (8 * (i % 4))) as u8;
+        ensure!(b.len() * 4 >= n * k_blocks * blob, "MatMulNBits node `{label}`: B too short");
+        let scale_at: Box<dyn Fn(usize) -> f32> = if self.scales_f16 {
+            let w = s_view.as_slice::<u32>()?;
+            ensure!(w.len() * 2 >= n * k_blocks, "MatMulNBits node `{label}`: scales too short");
+            Box::new(move |i| f16::from_bits((w[i / 2] >> (16 * (i % 2))) as u16).to_f32())
+        } else {
+            let w = s_view.as_slice::<f32>()?;
+            ensure!(w.len() >= n * k_blocks, "MatMulNBits node `{label}`: scales too short");
+            Box::new(move |i| w[i])
+        };
+        let mask = ((1u32 << bits) - 1) as u8;
+        let per_col = (k_blocks * bits).div_ceil(8);
+        let zero_at: Box<dyn Fn(usize, usize) -> f32> = match (self.zero_points, &z_view) {
+            (ZeroPointKind::Default, _) => Box::new(move |_, _| (1u32 << (bits - 1)) as f32),
+            (ZeroPointKind::Packed, Some(z)) => {
+                let w = z.as_slice::<u32>()?;
+                ensure!(w.len() * 4 >= n * per_col, "MatMulNBits node `{label}`: zero points too short");
+                Box::new(move |col, blk| {
+                    let bit = blk * bits;
+                    ((byte(w, col * per_col + bit / 8) >> (bit % 8)) & mask) as f32
+                })
+            }
+            (ZeroPointKind::Float, Some(z)) => {
+                let w = z.as_slice::<f32>()?;
+                ensure!(w.len() >= n * k_blocks, "MatMulNBits node `{label}`: zero points too short");
+                Box::new(move |col, blk| w[col * k_blocks + blk])
+            }
+            _ => bail!("MatMulNBits node `{label}`: zero points missing"),
+        };
+        let rows = a.len() / k.max(1);
+        let mut y = vec![0f32; rows * n];
+        let mut column = vec![0f32; k];
+        for col in 0..n {
+            for (kk, w) in column.iter_mut().enumerate() {
+                let blk = kk / bs;
+                let bit = (kk % bs) * bits;
+                let q = (byte(b, (col * k_blocks + blk) * blob + bit / 8) >> (bit % 8)) & mask;
+                *w = (q as f32 - zero_at(col, blk)) * scale_at(col * k_blocks + blk);
+            }
+            for r in 0..rows {
+                y[r * n + col] = a[r * k..][..k].iter().zip(&column).map(|(x, w)| x * w).sum();
+            }
+        }
+        let mut shape: TVec<usize> = a_shape.into();
+        if let Some(l) = shape.last_mut() {
+            *l = n;
+        }
+        Ok(tvec!(Tensor::from_shape(&shape, &y)?.into_tvalue()))
     }
 }
 
