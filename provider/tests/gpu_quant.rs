@@ -1,7 +1,7 @@
 //! com.microsoft MatMulNBits on the GPU: the packed weight stays packed on the GPU and the kernels dequantize it
 //! (no f32 copy of the weight anywhere for a GPU-placed node), checked against the CPU op on one-node models with
-//! random packed weights, scales and zero points — bits 4 and 8, block sizes 16 to 256, K a multiple of the block
-//! size or not, one row (the decode kernel), a few rows, many rows with batch dims (the tiled kernel), with and
+//! random packed weights, scales and zero points — bits 4 and 8 (and 2), block sizes 16 to 256, K a multiple of the
+//! block size or not, one row (the decode kernel), a few rows, many rows with batch dims (the tiled kernel), with and
 //! without zero points (packed uint8 and float), float and float16 scales, bias, accuracy_level 4 — with the GPU's
 //! output buffers poisoned (NaN) first, and the MatMulNBits node placed on the GPU. Then the tiny llama q4 fixture
 //! against onnxruntime's outputs with every MatMulNBits node on the GPU, and SmolLM2-135M q4f16 teacher-forced.
@@ -320,6 +320,9 @@ fn matmul_nbits_variants_match_cpu_on_the_gpu() {
         (Case { accuracy_level: 4, ..base }, 1e-4),
         (Case { accuracy_level: 4, zp: Zp::Packed, bits: 8, block_size: 256, k: 300, ..base }, 1e-4),
         (Case { accuracy_level: 4, f16: true, block_size: 64, ..base }, 2e-3),
+        // 2 bits (16 weights a word), with packed zero points
+        (Case { bits: 2, block_size: 16, zp: Zp::Packed, ..base }, 1e-4),
+        (Case { bits: 2, block_size: 64, ..base }, 1e-4),
         // wide N (more workgroups than one row of the grid needs), K of one partial block
         (Case { n: 1000, k: 24, block_size: 32, ..base }, 1e-4),
     ];
