@@ -307,6 +307,8 @@ impl Expansion for MatMulNBits {
             block_size: self.block_size,
             scales_f16,
             zero_points: zp_kind,
+            // onnxruntime keeps float activations when the zero points are floats (no integer form of the weight)
+            int8_activations: self.int8_activations && zp_kind != ZeroPointKind::Float,
         };
         let b_k = model.add_const(format!("{prefix}.b_packed"), Tensor::from_shape(&[b_words.len()], &b_words)?)?;
         let s_k = model.add_const(format!("{prefix}.scales"), scales_t)?;
@@ -315,10 +317,6 @@ impl Expansion for MatMulNBits {
             a = model.wire_node(format!("{prefix}.cast_a"), cast(f32::datum_type()), &[a])?[0];
         }
         // onnxruntime keeps float activations when the zero points are floats (no integer form of the weight)
-        if self.int8_activations && zp_kind != ZeroPointKind::Float {
-            let op = QuantizeBlocksInt8 { block_size: self.block_size };
-            a = model.wire_node(format!("{prefix}.quantize_a"), op, &[a])?[0];
-        }
         let mut wires = tvec![a, b_k, s_k];
         if let Some(z) = zp_t {
             wires.push(model.add_const(format!("{prefix}.zero_points"), z)?);
@@ -381,7 +379,8 @@ pub enum ZeroPointKind {
 /// MatMulNBits as the typed model keeps it: `Y[.., n] = Σ_k A[.., k] · W[n, k]` with W still quantized.
 /// Inputs: A (f32 `[.., K]`), B (u32 words of the ONNX uint8 blob bytes, `[N · k_blocks · blob_size / 4]`), scales
 /// (f32 `[N · k_blocks]`, or u32 `[ceil(N · k_blocks / 2)]` of float16 pairs when `scales_f16`), and, unless
-/// `zero_points` is `Default`, the zero points (u32 words of the packed bytes, or f32 `[N · k_blocks]`).
+/// `zero_points` is `Default`, the zero points (u32 words of the packed bytes, or f32 `[N · k_blocks]`). With
+/// `int8_activations`, A is quantized to int8 per block first (accuracy_level 4, [`QuantizeBlocksInt8`]).
 ///
 /// The GPU lowering binds these as they are and dequantizes in its kernel. On the CPU, tract's codegen (the
 /// optimised plan) replaces the node with a dequantized f32 `[K, N]` constant and an EinSum, which tract packs and
@@ -395,6 +394,8 @@ pub struct PackedMatMulNBits {
     pub block_size: usize,
     pub scales_f16: bool,
     pub zero_points: ZeroPointKind,
+    /// accuracy_level 4: A goes through [`QuantizeBlocksInt8`] (per block of `block_size`) first.
+    pub int8_activations: bool,
 }
 
 impl PackedMatMulNBits {
@@ -458,13 +459,14 @@ impl Op for PackedMatMulNBits {
     }
     fn info(&self) -> TractResult<Vec<String>> {
         Ok(vec![format!(
-            "K={} N={} bits={} block_size={} scales {} zero points {:?}",
+            "K={} N={} bits={} block_size={} scales {} zero points {:?} int8 activations {}",
             self.k,
             self.n,
             self.bits,
             self.block_size,
             if self.scales_f16 { "f16" } else { "f32" },
-            self.zero_points
+            self.zero_points,
+            self.int8_activations
         )])
     }
     op_as_typed_op!();
@@ -483,9 +485,14 @@ impl EvalOp for PackedMatMulNBits {
         let (k, n, bits, bs) = (self.k, self.n, self.bits, self.block_size);
         let reference = self.reference();
         let (k_blocks, blob) = (reference.k_blocks(), reference.blob_size());
-        let a_view = inputs[0].try_as_plain_ram()?;
-        let a = a_view.as_slice::<f32>()?;
         let a_shape = inputs[0].shape();
+        let mut a_t = inputs[0].clone().into_tensor();
+        if self.int8_activations {
+            let mut view = a_t.try_as_plain_ram_mut()?;
+            QuantizeBlocksInt8 { block_size: bs }.apply(view.as_slice_mut::<f32>()?, k);
+        }
+        let a_view = a_t.try_as_plain_ram()?;
+        let a = a_view.as_slice::<f32>()?;
         ensure!(a_shape.last() == Some(&k), "MatMulNBits node `{label}`: A of shape {a_shape:?}, K={k}");
         let b_view = inputs[1].try_as_plain_ram()?;
         let b = b_view.as_slice::<u32>()?;
@@ -586,7 +593,11 @@ impl TypedOp for PackedMatMulNBits {
         let w = self.dequantize(&b, &s, zp.as_deref())?;
         let rank = model.outlet_fact(node.inputs[0])?.rank();
         let mut patch = TypedModelPatch::new(format!("dequantize {}", node.name));
-        let a = patch.tap_model(model, node.inputs[0])?;
+        let mut a = patch.tap_model(model, node.inputs[0])?;
+        if self.int8_activations {
+            let op = QuantizeBlocksInt8 { block_size: self.block_size };
+            a = patch.wire_node(format!("{}.quantize_a", node.name), op, &[a])?[0];
+        }
         let w = patch.add_const(format!("{}.weight_kn", node.name), w)?;
         let y = patch.wire_node(&node.name, self.einsum(rank)?, &[a, w])?[0];
         patch.shunt_outside(model, node.id.into(), y)?;

@@ -320,6 +320,8 @@ fn matmul_nbits_variants_match_cpu_on_the_gpu() {
         (Case { accuracy_level: 4, ..base }, 1e-4),
         (Case { accuracy_level: 4, zp: Zp::Packed, bits: 8, block_size: 256, k: 300, ..base }, 1e-4),
         (Case { accuracy_level: 4, f16: true, block_size: 64, ..base }, 2e-3),
+        // a row too long for the decode kernel's workgroup memory: A quantized by a dispatch of its own
+        (Case { accuracy_level: 4, k: 2100, n: 40, ..base }, 1e-4),
         // 2 bits (16 weights a word), with packed zero points
         (Case { bits: 2, block_size: 16, zp: Zp::Packed, ..base }, 1e-4),
         (Case { bits: 2, block_size: 64, ..base }, 1e-4),
@@ -392,7 +394,7 @@ fn argmax(row: &[f32]) -> usize {
 
 /// SmolLM2-135M q4f16 (210 MatMulNBits, accuracy_level 4) on the GPU, teacher-forced against onnxruntime 1.32 CPU
 /// with the CPU test's criterion (smollm2.rs): argmax equal at every confident position, mean |logit diff| <= 0.3;
-/// every MatMulNBits node (and its int8 activation quantization) on the GPU. Skipped when ../shared is absent.
+/// every MatMulNBits node on the GPU (with accuracy_level 4's int8 activations computed there too). Skipped when ../shared is absent.
 #[test]
 fn smollm2_q4f16_teacher_forced_gpu() {
     let dir = shared_models().join("smollm2-135m-instruct/onnx");
@@ -411,8 +413,6 @@ fn smollm2_q4f16_teacher_forced_gpu() {
     assert_eq!(qmm.len(), 210, "MatMulNBits nodes");
     let off: Vec<_> = qmm.iter().filter(|n| n.device != Device::Gpu).collect();
     assert!(off.is_empty(), "MatMulNBits nodes on the CPU: {off:?}");
-    let quant: Vec<_> = report.nodes.iter().filter(|n| n.op == "MatMulNBitsQuantizeA").collect();
-    assert!(quant.iter().all(|n| n.device == Device::Gpu), "int8 quantization of A on the CPU: {quant:?}");
     eprintln!(
         "SmolLM2 q4f16: {} of {} compute nodes on the GPU, {} weight bytes on the GPU, {} on the host",
         report.gpu_nodes(),

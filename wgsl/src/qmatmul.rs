@@ -14,6 +14,8 @@ use crate::{Error, Result};
 
 /// Rows of A up to which the matrix-vector kernel runs (one workgroup row per row of A); more take the tiled one.
 const MV_MAX_ROWS: usize = 4;
+/// The longest row of A the decode kernel quantizes to int8 in workgroup memory (8 KiB).
+const MV_SHARED_K: usize = 2048;
 
 /// How a [`QMatMul`] gets its zero points.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -35,6 +37,9 @@ pub struct QMatMul {
     pub block_size: u32,
     pub scales_f16: bool,
     pub zero_points: QZeroPoints,
+    /// accuracy_level 4: A quantized to int8 per block first (in the decode kernel's workgroup memory when K fits,
+    /// else by a first dispatch).
+    pub int8_activations: bool,
 }
 
 impl QMatMul {
@@ -58,6 +63,7 @@ impl QMatMul {
                 ZeroPointKind::Packed => QZeroPoints::Packed,
                 ZeroPointKind::Float => QZeroPoints::Float,
             },
+            int8_activations: op.int8_activations,
         })
     }
 
@@ -127,6 +133,9 @@ impl QMatMul {
              fn zero_at(col: u32, blk: u32, i: u32) -> f32 {{\n    return {zero};\n}}\n"
         );
         vec![("BITS", self.bits.to_string()), ("BS", self.block_size.to_string()), ("QM_FNS", fns)]
+            .into_iter()
+            .chain([("INT8_A", "false".to_string()), ("AQ_LEN", "1".to_string())])
+            .collect()
     }
 
     /// Records `out = A · dequant(B)ᵀ` (`out` allocated by the caller, `[.., N]`).
@@ -141,6 +150,18 @@ impl QMatMul {
             return Err(Error::new(format!("webgpu: MatMulNBits expects {} inputs", self.arity())));
         }
         let rows = inputs[0].len() / self.k.max(1);
+        let in_kernel = self.int8_activations && rows <= MV_MAX_ROWS && self.k <= MV_SHARED_K;
+        if self.int8_activations && !in_kernel {
+            // quantize A first (a dispatch of its own), then the plain kernel on the result
+            let q = rec.alloc(ctx, &inputs[0].shape, inputs[0].dt)?;
+            quantize_blocks(ctx, rec, self.block_size as usize, inputs[0], &q)?;
+            let plain = QMatMul { int8_activations: false, ..self.clone() };
+            let mut ins = inputs.to_vec();
+            ins[0] = &q;
+            let r = plain.encode(ctx, rec, &ins, out);
+            rec.release(q);
+            return r;
+        }
         let kb = self.k_blocks();
         let zp_bytes = (kb * self.bits as usize).div_ceil(8);
         let mut b = vec![(1, inputs[0]), (2, inputs[1]), (3, out), (4, inputs[2])];
@@ -153,6 +174,11 @@ impl QMatMul {
             let words = kb * self.block_size as usize * self.bits as usize / 32;
             let lanes = words.div_ceil(8).next_power_of_two().clamp(4, 32);
             spec.push(("LANES", lanes.to_string()));
+            if in_kernel {
+                spec.retain(|(k, _)| *k != "INT8_A" && *k != "AQ_LEN");
+                spec.push(("INT8_A", "true".into()));
+                spec.push(("AQ_LEN", MV_SHARED_K.to_string()));
+            }
             let (gx, gy) = ctx.grid((self.n as u64).div_ceil((256 / lanes) as u64))?;
             ("mv_main", gx, gy, rows as u32)
         } else {
@@ -194,6 +220,7 @@ pub(crate) fn quantize_blocks(
         block_size: u32_of("block size", block_size)?,
         scales_f16: false,
         zero_points: QZeroPoints::Default,
+        int8_activations: false,
     }
     .spec();
     spec.push(("LANES", "32".into()));

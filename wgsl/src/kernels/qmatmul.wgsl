@@ -40,12 +40,42 @@ const MV_COLS: u32 = 256u / LANES;
 {{QM_FNS}}
 
 var<workgroup> part: array<f32, 256>;
+// INT8_A: the row of A quantized to int8 per block (accuracy_level 4), AQ_LEN >= K
+const INT8_A: bool = {{INT8_A}};
+var<workgroup> aq: array<f32, {{AQ_LEN}}>;
+
+fn a_row(a0: u32, k: u32) -> f32 {
+    if (INT8_A) {
+        return aq[k];
+    }
+    return a[a0 + k];
+}
 
 @compute @workgroup_size(256)
 fn mv_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let col = group_index(wid, p.groups_x) * MV_COLS + li / LANES;
     let lane = li % LANES;
     let row = wid.z;
+    if (INT8_A) {
+        // onnxruntime's MLAS at accuracy_level 4: scale = max|a| / 127 per block, q = round_half_even(a / scale)
+        for (var blk = li; blk < p.k_blocks; blk = blk + 256u) {
+            let start = blk * BS;
+            let end = min(start + BS, p.k);
+            var amax = 0.0;
+            for (var j = start; j < end; j = j + 1u) {
+                amax = max(amax, abs(a[row * p.k + j]));
+            }
+            let scale = amax / 127.0;
+            var inverse = 0.0;
+            if (amax != 0.0) {
+                inverse = 127.0 / amax;
+            }
+            for (var j = start; j < end; j = j + 1u) {
+                aq[j] = clamp(round(a[row * p.k + j] * inverse), -127.0, 127.0) * scale;
+            }
+        }
+        workgroupBarrier();
+    }
     var acc = 0.0;
     if (col < p.n) {
         let words = p.k_blocks * BLOB_WORDS;
@@ -60,12 +90,12 @@ fn mv_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
             var s = 0.0;
             if (kb + PER_WORD <= p.k) {
                 for (var i = 0u; i < PER_WORD; i = i + 1u) {
-                    s = s + (f32((q >> (i * BITS)) & MASK) - z) * a[a0 + kb + i];
+                    s = s + (f32((q >> (i * BITS)) & MASK) - z) * a_row(a0, kb + i);
                 }
             } else {
                 for (var i = 0u; i < PER_WORD; i = i + 1u) {
                     if (kb + i < p.k) {
-                        s = s + (f32((q >> (i * BITS)) & MASK) - z) * a[a0 + kb + i];
+                        s = s + (f32((q >> (i * BITS)) & MASK) - z) * a_row(a0, kb + i);
                     }
                 }
             }
