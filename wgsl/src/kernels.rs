@@ -418,10 +418,6 @@ pub enum Kernel {
     Fused(Box<FusedProgram>),
     /// com.microsoft MatMulNBits, dequantizing in the kernel: inputs (A, packed B, scales[, zero points]).
     QMatMul(crate::qmatmul::QMatMul),
-    /// MatMulNBits accuracy_level 4: int8 quantize-dequantize of A per block of `block_size` along the last axis.
-    QuantizeBlocks {
-        block_size: usize,
-    },
 }
 
 /// How [`Kernel::Pad`] fills the border.
@@ -679,7 +675,6 @@ impl Kernel {
             Kernel::Range { .. } => "Range".into(),
             Kernel::Fused(p) => p.name(),
             Kernel::QMatMul(_) => "MatMulNBits".into(),
-            Kernel::QuantizeBlocks { .. } => "QuantizeBlocksInt8".into(),
         }
     }
 
@@ -742,8 +737,7 @@ impl Kernel {
             | Kernel::Downsample { .. }
             | Kernel::Pad { .. }
             | Kernel::Tile { .. }
-            | Kernel::CumSum { .. }
-            | Kernel::QuantizeBlocks { .. } => 1,
+            | Kernel::CumSum { .. } => 1,
             Kernel::Binary(_)
             | Kernel::MatMul { .. }
             | Kernel::Gather { .. }
@@ -771,7 +765,6 @@ impl Kernel {
             Kernel::Unary(_) | Kernel::Softmax { .. } | Kernel::RmsNorm { .. } | Kernel::CumSum { .. } => {
                 Ok(inputs[0].into())
             }
-            Kernel::QuantizeBlocks { .. } => Ok(inputs[0].into()),
             Kernel::QMatMul(q) => q.output_shape(inputs),
             Kernel::Range { len } => {
                 if inputs.iter().any(|i| i.iter().product::<usize>() != 1) {
@@ -955,9 +948,6 @@ impl Kernel {
         match self {
             Kernel::View(_) | Kernel::Fused(_) => {}
             Kernel::QMatMul(q) => q.encode(ctx, rec, inputs, &out)?,
-            Kernel::QuantizeBlocks { block_size } => {
-                crate::qmatmul::quantize_blocks(ctx, rec, *block_size, inputs[0], &out)?
-            }
             Kernel::Unary(op) => {
                 let mut u = vec![u32_of("length", n)?, 1, gx, 0];
                 u.extend([0u32; 32]);
