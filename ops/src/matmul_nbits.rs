@@ -1,9 +1,11 @@
 //! com.microsoft MatMulNBits: `Y = A · dequant(B)ᵀ (+ bias)` with block-wise quantized weights.
 //!
 //! tract 0.23.9's own implementation maps block size 32 onto its Q4_0 packed format and is wrong in some layers (max
-//! logit diff 3.7 on an int4 export). kiln's is the straightforward reference: the constant weight is dequantized once,
-//! at load, into a plain f32 `[K, N]` constant and the node becomes an ordinary matmul, which tract's optimiser packs
-//! and runs with its f32 kernels.
+//! logit diff 3.7 on an int4 export). kiln's typed model keeps the weight packed ([`PackedMatMulNBits`]: B and packed
+//! zero points as u32 words, float16 scales as pairs of halves), which the GPU lowering binds as is and dequantizes in
+//! its kernel (kiln-wgsl's `qmatmul`): no f32 copy of a GPU-placed weight exists anywhere. On the CPU, tract's codegen
+//! (the optimised plan) dequantizes the constant weight once into a plain f32 `[K, N]` constant and the node becomes
+//! an ordinary matmul, which tract packs and runs with its f32 kernels; an unoptimised plan dequantizes at each run.
 //!
 //! Semantics (onnxruntime contrib op docs):
 //! - `A`: T1 `[..., K]` (float or float16); `Y` has A's type and shape `[..., N]`.
@@ -238,42 +240,88 @@ impl Expansion for MatMulNBits {
             "MatMulNBits node `{label}`: B must be uint8 (got {:?})",
             b.datum_type()
         );
-        let scales = as_f32(&*self.konst(model, inputs[2], "scales")?, label, "scales")?;
+        let scales = self.konst(model, inputs[2], "scales")?;
+        ensure!(
+            scales.datum_type().is_float(),
+            "MatMulNBits node `{label}`: scales must be float or float16 (got {:?})",
+            scales.datum_type()
+        );
         let zp_tensor = match self.zero_points {
             Some(slot) => Some(self.konst(model, inputs[slot], "zero_points")?),
             None => None,
         };
-        let zp_f32 = match &zp_tensor {
-            Some(t) if t.datum_type() != u8::datum_type() => Some(as_f32(t, label, "zero_points")?),
-            _ => None,
+        let (k_blocks, blob) = (self.k_blocks(), self.blob_size());
+        let (n, bits) = (self.n, self.bits);
+        ensure!(
+            b.len() == n * k_blocks * blob,
+            "MatMulNBits node `{label}`: B holds {} bytes, expected N·k_blocks·blob_size = {n}·{k_blocks}·{blob} = {}",
+            b.len(),
+            n * k_blocks * blob
+        );
+        ensure!(
+            scales.len() == n * k_blocks,
+            "MatMulNBits node `{label}`: scales hold {} values, expected N·k_blocks = {}",
+            scales.len(),
+            n * k_blocks
+        );
+        // The packed form the typed model keeps (the GPU binds it as is; the CPU dequantizes it at codegen): B and
+        // packed zero points as little-endian u32 words, float16 scales as pairs of halves in u32 words.
+        let b_words = words_of(b.try_as_plain_ram()?.as_slice::<u8>()?);
+        let scales_f16 = scales.datum_type() == f16::datum_type();
+        let scales_t = if scales_f16 {
+            let view = scales.try_as_plain_ram()?;
+            let halves: Vec<u16> = view.as_slice::<f16>()?.iter().map(|h| h.to_bits()).collect();
+            Tensor::from_shape(&[halves.len().div_ceil(2)], &pack_halves(&halves))?
+        } else {
+            let s = as_f32(&scales, label, "scales")?;
+            s.into_shape(&[n * k_blocks])?
         };
-        let b_plain = b.try_as_plain_ram()?;
-        let scales_plain = scales.try_as_plain_ram()?;
-        let zp_plain = match (&zp_tensor, &zp_f32) {
-            (_, Some(f)) => Some(f.try_as_plain_ram()?),
-            (Some(t), None) => Some(t.try_as_plain_ram()?),
-            _ => None,
+        let (zp_kind, zp_t) = match &zp_tensor {
+            None => (ZeroPointKind::Default, None),
+            Some(t) if t.datum_type() == u8::datum_type() => {
+                let per_col = (k_blocks * bits).div_ceil(8);
+                ensure!(
+                    t.len() == n * per_col,
+                    "MatMulNBits node `{label}`: packed zero_points hold {} bytes, expected {}",
+                    t.len(),
+                    n * per_col
+                );
+                let w = words_of(t.try_as_plain_ram()?.as_slice::<u8>()?);
+                (ZeroPointKind::Packed, Some(Tensor::from_shape(&[w.len()], &w)?))
+            }
+            Some(t) => {
+                ensure!(
+                    t.len() == n * k_blocks,
+                    "MatMulNBits node `{label}`: zero_points hold {} values, expected N·k_blocks = {}",
+                    t.len(),
+                    n * k_blocks
+                );
+                (ZeroPointKind::Float, Some(as_f32(t, label, "zero_points")?.into_shape(&[n * k_blocks])?))
+            }
         };
-        let zero_points = match (&zp_plain, &zp_f32) {
-            (None, _) => ZeroPoints::Default,
-            (Some(p), Some(_)) => ZeroPoints::Float(p.as_slice::<f32>()?),
-            (Some(p), None) => ZeroPoints::Packed(p.as_slice::<u8>()?),
+        let packed = PackedMatMulNBits {
+            label: label.clone(),
+            k: self.k,
+            n,
+            bits,
+            block_size: self.block_size,
+            scales_f16,
+            zero_points: zp_kind,
+            // onnxruntime keeps float activations when the zero points are floats (no integer form of the weight)
+            int8_activations: self.int8_activations && zp_kind != ZeroPointKind::Float,
         };
-        let w = self.dequantize_kn(b_plain.as_slice::<u8>()?, scales_plain.as_slice::<f32>()?, zero_points)?;
-        let w = model.add_const(format!("{prefix}.weight_kn"), Tensor::from_shape(&[self.k, self.n], &w)?)?;
-
+        let b_k = model.add_const(format!("{prefix}.b_packed"), Tensor::from_shape(&[b_words.len()], &b_words)?)?;
+        let s_k = model.add_const(format!("{prefix}.scales"), scales_t)?;
         let mut a = inputs[0];
         if dt != f32::datum_type() {
             a = model.wire_node(format!("{prefix}.cast_a"), cast(f32::datum_type()), &[a])?[0];
         }
         // onnxruntime keeps float activations when the zero points are floats (no integer form of the weight)
-        if self.int8_activations && zp_f32.is_none() {
-            let op = QuantizeBlocksInt8 { block_size: self.block_size };
-            a = model.wire_node(format!("{prefix}.quantize_a"), op, &[a])?[0];
+        let mut wires = tvec![a, b_k, s_k];
+        if let Some(z) = zp_t {
+            wires.push(model.add_const(format!("{prefix}.zero_points"), z)?);
         }
-        let lead: String = "abcdefgh".chars().take(rank - 1).collect();
-        let axes = AxesMapping::from_strs(&[format!("{lead}k"), "kn".to_string()], &[format!("{lead}n")])?;
-        let mut y = model.wire_node(format!("{prefix}.matmul"), EinSum::new(axes, f32::datum_type()), &[a, w])?[0];
+        let mut y = model.wire_node(format!("{prefix}.matmul"), packed, &wires)?[0];
         if let Some(slot) = self.bias {
             let mut bias = inputs[slot];
             let bias_fact = model.outlet_fact(bias)?.clone();
@@ -292,6 +340,268 @@ impl Expansion for MatMulNBits {
             y = model.wire_node(format!("{prefix}.cast_y"), cast(dt), &[y])?[0];
         }
         Ok(tvec!(y))
+    }
+}
+
+/// Bytes as little-endian u32 words (the last one zero-padded).
+pub fn words_of(bytes: &[u8]) -> Vec<u32> {
+    bytes
+        .chunks(4)
+        .map(|c| {
+            let mut w = [0u8; 4];
+            w[..c.len()].copy_from_slice(c);
+            u32::from_le_bytes(w)
+        })
+        .collect()
+}
+
+/// The bytes of little-endian u32 words, `len` of them.
+pub fn bytes_of(words: &[u32], len: usize) -> Vec<u8> {
+    words.iter().flat_map(|w| w.to_le_bytes()).take(len).collect()
+}
+
+/// float16 bit patterns two per u32 word, the even one in the low half (WGSL's `unpack2x16float` order).
+pub fn pack_halves(halves: &[u16]) -> Vec<u32> {
+    halves.chunks(2).map(|c| c[0] as u32 | (c.get(1).copied().unwrap_or(0) as u32) << 16).collect()
+}
+
+/// What the zero points of a [`PackedMatMulNBits`] are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ZeroPointKind {
+    /// None given: `2^(bits-1)`.
+    Default,
+    /// uint8 packed `bits` per block, `ceil(k_blocks · bits / 8)` bytes per column, as u32 words.
+    Packed,
+    /// f32, one per block.
+    Float,
+}
+
+/// MatMulNBits as the typed model keeps it: `Y[.., n] = Σ_k A[.., k] · W[n, k]` with W still quantized.
+/// Inputs: A (f32 `[.., K]`), B (u32 words of the ONNX uint8 blob bytes, `[N · k_blocks · blob_size / 4]`), scales
+/// (f32 `[N · k_blocks]`, or u32 `[ceil(N · k_blocks / 2)]` of float16 pairs when `scales_f16`), and, unless
+/// `zero_points` is `Default`, the zero points (u32 words of the packed bytes, or f32 `[N · k_blocks]`). With
+/// `int8_activations`, A is quantized to int8 per block first (accuracy_level 4, [`QuantizeBlocksInt8`]).
+///
+/// The GPU lowering binds these as they are and dequantizes in its kernel. On the CPU, tract's codegen (the
+/// optimised plan) replaces the node with a dequantized f32 `[K, N]` constant and an EinSum, which tract packs and
+/// runs with its f32 kernels; an unoptimised plan evaluates the node directly.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PackedMatMulNBits {
+    pub label: String,
+    pub k: usize,
+    pub n: usize,
+    pub bits: usize,
+    pub block_size: usize,
+    pub scales_f16: bool,
+    pub zero_points: ZeroPointKind,
+    /// accuracy_level 4: A goes through [`QuantizeBlocksInt8`] (per block of `block_size`) first.
+    pub int8_activations: bool,
+}
+
+impl PackedMatMulNBits {
+    fn reference(&self) -> MatMulNBits {
+        MatMulNBits {
+            label: self.label.clone(),
+            k: self.k,
+            n: self.n,
+            bits: self.bits,
+            block_size: self.block_size,
+            int8_activations: false,
+            zero_points: None,
+            bias: None,
+        }
+    }
+
+    /// The dequantized `[K, N]` weight from the node's constant inputs (B, scales, zero points).
+    pub fn dequantize(&self, b: &Tensor, scales: &Tensor, zp: Option<&Tensor>) -> TractResult<Tensor> {
+        let op = self.reference();
+        let (k_blocks, blob) = (op.k_blocks(), op.blob_size());
+        let b_bytes = bytes_of(b.try_as_plain_ram()?.as_slice::<u32>()?, self.n * k_blocks * blob);
+        let count = self.n * k_blocks;
+        let scales: Vec<f32> = if self.scales_f16 {
+            let view = scales.try_as_plain_ram()?;
+            let words = view.as_slice::<u32>()?;
+            (0..count)
+                .map(|i| f16::from_bits((words.get(i / 2).copied().unwrap_or(0) >> (16 * (i % 2))) as u16).to_f32())
+                .collect()
+        } else {
+            scales.try_as_plain_ram()?.as_slice::<f32>()?.to_vec()
+        };
+        let zp_bytes;
+        let zp_view;
+        let zero_points = match (self.zero_points, zp) {
+            (ZeroPointKind::Default, _) => ZeroPoints::Default,
+            (ZeroPointKind::Packed, Some(z)) => {
+                let per_col = (k_blocks * self.bits).div_ceil(8);
+                zp_bytes = bytes_of(z.try_as_plain_ram()?.as_slice::<u32>()?, self.n * per_col);
+                ZeroPoints::Packed(&zp_bytes)
+            }
+            (ZeroPointKind::Float, Some(z)) => {
+                zp_view = z.try_as_plain_ram()?;
+                ZeroPoints::Float(zp_view.as_slice::<f32>()?)
+            }
+            _ => bail!("MatMulNBits node `{}`: zero points missing", self.label),
+        };
+        let w = op.dequantize_kn(&b_bytes, &scales, zero_points)?;
+        Tensor::from_shape(&[self.k, self.n], &w)
+    }
+
+    fn einsum(&self, rank: usize) -> TractResult<EinSum> {
+        let lead: String = "abcdefgh".chars().take(rank - 1).collect();
+        let axes = AxesMapping::from_strs(&[format!("{lead}k"), "kn".to_string()], &[format!("{lead}n")])?;
+        Ok(EinSum::new(axes, f32::datum_type()))
+    }
+}
+
+impl Op for PackedMatMulNBits {
+    fn name(&self) -> StaticName {
+        "MatMulNBits".into()
+    }
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!(
+            "K={} N={} bits={} block_size={} scales {} zero points {:?} int8 activations {}",
+            self.k,
+            self.n,
+            self.bits,
+            self.block_size,
+            if self.scales_f16 { "f16" } else { "f32" },
+            self.zero_points,
+            self.int8_activations
+        )])
+    }
+    op_as_typed_op!();
+}
+
+impl EvalOp for PackedMatMulNBits {
+    fn eval_out_of_plan(&self, inputs: TVec<TValue>) -> TractResult<Option<TVec<TValue>>> {
+        Ok(Some(self.eval(&EvalContext::out_of_plan(), inputs)?))
+    }
+    /// An unoptimised plan (tract's codegen never ran): one column of the weight dequantized at a time, never the
+    /// whole weight (a node left on the CPU beside the GPU, too big for a GPU binding, must not cost a copy of it).
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let label = &self.label;
+        let want = if self.zero_points == ZeroPointKind::Default { 3 } else { 4 };
+        ensure!(inputs.len() == want, "MatMulNBits node `{label}`: expected {want} inputs");
+        let (k, n, bits, bs) = (self.k, self.n, self.bits, self.block_size);
+        let reference = self.reference();
+        let (k_blocks, blob) = (reference.k_blocks(), reference.blob_size());
+        let a_shape = inputs[0].shape();
+        let mut a_t = inputs[0].clone().into_tensor();
+        if self.int8_activations {
+            let mut view = a_t.try_as_plain_ram_mut()?;
+            QuantizeBlocksInt8 { block_size: bs }.apply(view.as_slice_mut::<f32>()?, k);
+        }
+        let a_view = a_t.try_as_plain_ram()?;
+        let a = a_view.as_slice::<f32>()?;
+        ensure!(a_shape.last() == Some(&k), "MatMulNBits node `{label}`: A of shape {a_shape:?}, K={k}");
+        let b_view = inputs[1].try_as_plain_ram()?;
+        let b = b_view.as_slice::<u32>()?;
+        let s_view = inputs[2].try_as_plain_ram()?;
+        let z_view = match inputs.get(3) {
+            Some(z) => Some(z.try_as_plain_ram()?),
+            None => None,
+        };
+        let byte = |words: &[u32], i: usize| (words[i / 4] >> (8 * (i % 4))) as u8;
+        ensure!(b.len() * 4 >= n * k_blocks * blob, "MatMulNBits node `{label}`: B too short");
+        let scale_at: Box<dyn Fn(usize) -> f32> = if self.scales_f16 {
+            let w = s_view.as_slice::<u32>()?;
+            ensure!(w.len() * 2 >= n * k_blocks, "MatMulNBits node `{label}`: scales too short");
+            Box::new(move |i| f16::from_bits((w[i / 2] >> (16 * (i % 2))) as u16).to_f32())
+        } else {
+            let w = s_view.as_slice::<f32>()?;
+            ensure!(w.len() >= n * k_blocks, "MatMulNBits node `{label}`: scales too short");
+            Box::new(move |i| w[i])
+        };
+        let mask = ((1u32 << bits) - 1) as u8;
+        let per_col = (k_blocks * bits).div_ceil(8);
+        let zero_at: Box<dyn Fn(usize, usize) -> f32> = match (self.zero_points, &z_view) {
+            (ZeroPointKind::Default, _) => Box::new(move |_, _| (1u32 << (bits - 1)) as f32),
+            (ZeroPointKind::Packed, Some(z)) => {
+                let w = z.as_slice::<u32>()?;
+                ensure!(w.len() * 4 >= n * per_col, "MatMulNBits node `{label}`: zero points too short");
+                Box::new(move |col, blk| {
+                    let bit = blk * bits;
+                    ((byte(w, col * per_col + bit / 8) >> (bit % 8)) & mask) as f32
+                })
+            }
+            (ZeroPointKind::Float, Some(z)) => {
+                let w = z.as_slice::<f32>()?;
+                ensure!(w.len() >= n * k_blocks, "MatMulNBits node `{label}`: zero points too short");
+                Box::new(move |col, blk| w[col * k_blocks + blk])
+            }
+            _ => bail!("MatMulNBits node `{label}`: zero points missing"),
+        };
+        let rows = a.len() / k.max(1);
+        let mut y = vec![0f32; rows * n];
+        let mut column = vec![0f32; k];
+        for col in 0..n {
+            for (kk, w) in column.iter_mut().enumerate() {
+                let blk = kk / bs;
+                let bit = (kk % bs) * bits;
+                let q = (byte(b, (col * k_blocks + blk) * blob + bit / 8) >> (bit % 8)) & mask;
+                *w = (q as f32 - zero_at(col, blk)) * scale_at(col * k_blocks + blk);
+            }
+            for r in 0..rows {
+                y[r * n + col] = a[r * k..][..k].iter().zip(&column).map(|(x, w)| x * w).sum();
+            }
+        }
+        let mut shape: TVec<usize> = a_shape.into();
+        if let Some(l) = shape.last_mut() {
+            *l = n;
+        }
+        Ok(tvec!(Tensor::from_shape(&shape, &y)?.into_tvalue()))
+    }
+}
+
+impl TypedOp for PackedMatMulNBits {
+    as_op!();
+
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let want = if self.zero_points == ZeroPointKind::Default { 3 } else { 4 };
+        ensure!(inputs.len() == want, "MatMulNBits node `{}`: expected {want} inputs", self.label);
+        let a = inputs[0];
+        ensure!(a.datum_type == f32::datum_type(), "MatMulNBits node `{}`: A must be f32 here", self.label);
+        ensure!(a.rank() >= 1, "MatMulNBits node `{}`: A must have rank 1 or more", self.label);
+        let mut shape: TVec<TDim> = a.shape.iter().cloned().collect();
+        if let Some(last) = shape.last_mut() {
+            *last = self.n.to_dim();
+        }
+        Ok(tvec!(f32::fact(shape)))
+    }
+
+    fn axes_mapping(&self, inputs: &[&TypedFact], outputs: &[&TypedFact]) -> TractResult<AxesMapping> {
+        // the leading axes of A map to the output's; K, N and the packed operands do not map
+        let rank = inputs[0].rank();
+        let mut axes = AxesMapping::disconnected(inputs, outputs)?;
+        for ax in 0..rank.saturating_sub(1) {
+            axes = axes.linking((InOut::In(0), ax), (InOut::Out(0), ax))?;
+        }
+        Ok(axes)
+    }
+
+    fn codegen(&self, model: &TypedModel, node: &TypedNode) -> TractResult<Option<TypedModelPatch>> {
+        // the CPU's optimised plan: a dequantized f32 constant and a plain matmul, which tract packs
+        let konst = |slot: usize| model.outlet_fact(node.inputs[slot]).ok().and_then(|f| f.konst.clone());
+        let (Some(b), Some(s)) = (konst(1), konst(2)) else { return Ok(None) };
+        let zp = match node.inputs.len() {
+            4 => match konst(3) {
+                Some(z) => Some(z),
+                None => return Ok(None),
+            },
+            _ => None,
+        };
+        let w = self.dequantize(&b, &s, zp.as_deref())?;
+        let rank = model.outlet_fact(node.inputs[0])?.rank();
+        let mut patch = TypedModelPatch::new(format!("dequantize {}", node.name));
+        let mut a = patch.tap_model(model, node.inputs[0])?;
+        if self.int8_activations {
+            let op = QuantizeBlocksInt8 { block_size: self.block_size };
+            a = patch.wire_node(format!("{}.quantize_a", node.name), op, &[a])?[0];
+        }
+        let w = patch.add_const(format!("{}.weight_kn", node.name), w)?;
+        let y = patch.wire_node(&node.name, self.einsum(rank)?, &[a, w])?[0];
+        patch.shunt_outside(model, node.id.into(), y)?;
+        Ok(Some(patch))
     }
 }
 

@@ -9,6 +9,7 @@ pub mod exec;
 pub mod fused;
 pub mod kernels;
 pub mod ops;
+pub mod qmatmul;
 
 pub use context::{Caps, Context, PipelineKey};
 pub use exec::{Counters, GpuTensor, PendingRead, Recorder};

@@ -141,6 +141,8 @@ fn kernel_of(model: &TypedModel, node: &TypedNode, caps: &Caps) -> Result<Kernel
             return Err("quantized matmul".into());
         }
         Kernel::MatMul { transpose_a: mm.transpose_a, transpose_b: mm.transpose_b, transpose_c: mm.transpose_c }
+    } else if let Some(q) = node.op_as::<kiln_ops::matmul_nbits::PackedMatMulNBits>() {
+        Kernel::QMatMul(crate::qmatmul::QMatMul::for_op(q)?)
     } else if let Some(ax) = node.op_as::<AxisOp>() {
         Kernel::View(match ax {
             AxisOp::Add(a) => View::AddAxis(*a),

@@ -1,0 +1,219 @@
+// Quantized matmul (com.microsoft MatMulNBits), dequantizing in the kernel — no dequantized copy of the weight:
+//   Y[r, n] = sum_k A[r, k] * W[n, k],  W[n, k] = (q[n, k] - zero[n, k / BS]) * scale[n, k / BS].
+// B: the ONNX uint8 blob [N, k_blocks, BS * BITS / 8] as little-endian u32 words; weight k of a block sits at bit
+// k * BITS of its blob, least significant first, so weight i of a word is (word >> (i * BITS)) & MASK. A block is a
+// whole number of words (BS >= 16, a power of two). Scales: f32 bits, or f16 pairs (SCALES_F16, unpack2x16float).
+// Zero points (ZP_FNS): none (2^(BITS-1)), packed uint8 (ceil(k_blocks * BITS / 8) bytes per column, as u32 words)
+// or f32, one per block.
+//   mv_main:       few rows (decode): a workgroup per MV_COLS columns of one row, LANES invocations per column
+//                  splitting K word by word, summed in workgroup memory.
+//   tiled_main:    many rows: a 64x64 output tile per 16x16 workgroup (4x4 per invocation), K in steps of 16 (one
+//                  block per step and column), the B tile dequantized into workgroup memory.
+//   quantize_main: accuracy_level 4's int8 quantize-dequantize of A per block of BS along K (onnxruntime's MLAS).
+
+struct Params {
+    m: u32,
+    n: u32,
+    k: u32,
+    k_blocks: u32,
+    zp_bytes: u32,
+    groups_x: u32,
+    _p0: u32,
+    _p1: u32,
+};
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> a: array<f32>;
+@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+
+const BITS: u32 = {{BITS}}u;
+const BS: u32 = {{BS}}u;
+const PER_WORD: u32 = 32u / BITS;
+const MASK: u32 = (1u << BITS) - 1u;
+const BLOB_WORDS: u32 = BS * BITS / 32u;
+// words per column in one 16-wide K step
+const TW: u32 = 16u / PER_WORD;
+// mv_main: LANES invocations per column (a power of two <= 32, more for longer columns), MV_COLS columns
+const LANES: u32 = {{LANES}}u;
+const MV_COLS: u32 = 256u / LANES;
+
+{{QM_FNS}}
+
+var<workgroup> part: array<f32, 256>;
+// INT8_A: the row of A quantized to int8 per block (accuracy_level 4), AQ_LEN >= K
+const INT8_A: bool = {{INT8_A}};
+var<workgroup> aq: array<f32, {{AQ_LEN}}>;
+
+fn a_row(a0: u32, k: u32) -> f32 {
+    if (INT8_A) {
+        return aq[k];
+    }
+    return a[a0 + k];
+}
+
+@compute @workgroup_size(256)
+fn mv_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let col = group_index(wid, p.groups_x) * MV_COLS + li / LANES;
+    let lane = li % LANES;
+    let row = wid.z;
+    if (INT8_A) {
+        // onnxruntime's MLAS at accuracy_level 4: scale = max|a| / 127 per block, q = round_half_even(a / scale)
+        for (var blk = li; blk < p.k_blocks; blk = blk + 256u) {
+            let start = blk * BS;
+            let end = min(start + BS, p.k);
+            var amax = 0.0;
+            for (var j = start; j < end; j = j + 1u) {
+                amax = max(amax, abs(a[row * p.k + j]));
+            }
+            let scale = amax / 127.0;
+            var inverse = 0.0;
+            if (amax != 0.0) {
+                inverse = 127.0 / amax;
+            }
+            for (var j = start; j < end; j = j + 1u) {
+                aq[j] = clamp(round(a[row * p.k + j] * inverse), -127.0, 127.0) * scale;
+            }
+        }
+        workgroupBarrier();
+    }
+    var acc = 0.0;
+    if (col < p.n) {
+        let words = p.k_blocks * BLOB_WORDS;
+        let a0 = row * p.k;
+        let b0 = col * words;
+        for (var w = lane; w < words; w = w + LANES) {
+            let blk = w / BLOB_WORDS;
+            let kb = blk * BS + (w % BLOB_WORDS) * PER_WORD;
+            let q = b[b0 + w];
+            let si = col * p.k_blocks + blk;
+            let z = zero_at(col, blk, si);
+            var s = 0.0;
+            if (kb + PER_WORD <= p.k) {
+                for (var i = 0u; i < PER_WORD; i = i + 1u) {
+                    s = s + (f32((q >> (i * BITS)) & MASK) - z) * a_row(a0, kb + i);
+                }
+            } else {
+                for (var i = 0u; i < PER_WORD; i = i + 1u) {
+                    if (kb + i < p.k) {
+                        s = s + (f32((q >> (i * BITS)) & MASK) - z) * a_row(a0, kb + i);
+                    }
+                }
+            }
+            acc = acc + s * scale_at(si);
+        }
+    }
+    part[li] = acc;
+    workgroupBarrier();
+    for (var st = LANES / 2u; st > 0u; st = st / 2u) {
+        if (lane < st) {
+            part[li] = part[li] + part[li + st];
+        }
+        workgroupBarrier();
+    }
+    if (lane == 0u && col < p.n) {
+        y[row * p.n + col] = part[li];
+    }
+}
+
+var<workgroup> As: array<f32, 1024>;
+var<workgroup> Bs: array<f32, 1024>;
+
+@compute @workgroup_size(16, 16)
+fn tiled_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
+              @builtin(local_invocation_index) li: u32) {
+    let m0 = wid.y * 64u;
+    let n0 = wid.x * 64u;
+    let words = p.k_blocks * BLOB_WORDS;
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
+    for (var k0 = 0u; k0 < p.k; k0 = k0 + 16u) {
+        for (var t = 0u; t < 4u; t = t + 1u) {
+            let e = li + t * 256u;
+            let kk = e / 64u;
+            let xx = e % 64u;
+            let gk = k0 + kk;
+            var va = 0.0;
+            if (m0 + xx < p.m && gk < p.k) {
+                va = a[(m0 + xx) * p.k + gk];
+            }
+            As[e] = va;
+        }
+        let blk = k0 / BS;
+        for (var j = li; j < 64u * TW; j = j + 256u) {
+            let nn = j / TW;
+            let jw = j % TW;
+            let col = n0 + nn;
+            let kb = k0 + jw * PER_WORD;
+            if (col < p.n) {
+                let q = b[col * words + blk * BLOB_WORDS + (k0 % BS) / PER_WORD + jw];
+                let si = col * p.k_blocks + blk;
+                let s = scale_at(si);
+                let z = zero_at(col, blk, si);
+                for (var i = 0u; i < PER_WORD; i = i + 1u) {
+                    var v = 0.0;
+                    if (kb + i < p.k) {
+                        v = (f32((q >> (i * BITS)) & MASK) - z) * s;
+                    }
+                    Bs[(jw * PER_WORD + i) * 64u + nn] = v;
+                }
+            } else {
+                for (var i = 0u; i < PER_WORD; i = i + 1u) {
+                    Bs[(jw * PER_WORD + i) * 64u + nn] = 0.0;
+                }
+            }
+        }
+        workgroupBarrier();
+        // four rows of accumulators as vec4 (columns lid.x + 16 j): registers, no indexed local array
+        for (var kk = 0u; kk < 16u; kk = kk + 1u) {
+            let ar = kk * 64u + lid.y;
+            let br = kk * 64u + lid.x;
+            let bv = vec4<f32>(Bs[br], Bs[br + 16u], Bs[br + 32u], Bs[br + 48u]);
+            acc0 = acc0 + As[ar] * bv;
+            acc1 = acc1 + As[ar + 16u] * bv;
+            acc2 = acc2 + As[ar + 32u] * bv;
+            acc3 = acc3 + As[ar + 48u] * bv;
+        }
+        workgroupBarrier();
+    }
+    store_row(m0 + lid.y, n0 + lid.x, acc0);
+    store_row(m0 + lid.y + 16u, n0 + lid.x, acc1);
+    store_row(m0 + lid.y + 32u, n0 + lid.x, acc2);
+    store_row(m0 + lid.y + 48u, n0 + lid.x, acc3);
+}
+
+fn store_row(gm: u32, gn: u32, v: vec4<f32>) {
+    if (gm >= p.m) {
+        return;
+    }
+    for (var j = 0u; j < 4u; j = j + 1u) {
+        if (gn + 16u * j < p.n) {
+            y[gm * p.n + gn + 16u * j] = v[j];
+        }
+    }
+}
+
+@compute @workgroup_size(256)
+fn quantize_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let i = flat_index(wid, li, p.groups_x);
+    if (i >= p.m * p.k_blocks) {
+        return;
+    }
+    let row = i / p.k_blocks;
+    let blk = i % p.k_blocks;
+    let start = row * p.k + blk * BS;
+    let end = min(start + BS, row * p.k + p.k);
+    var amax = 0.0;
+    for (var j = start; j < end; j = j + 1u) {
+        amax = max(amax, abs(a[j]));
+    }
+    let scale = amax / 127.0;
+    var inverse = 0.0;
+    if (amax != 0.0) {
+        inverse = 127.0 / amax;
+    }
+    for (var j = start; j < end; j = j + 1u) {
+        y[j] = clamp(round(a[j] * inverse), -127.0, 127.0) * scale;
+    }
+}

@@ -1,0 +1,228 @@
+//! Quantized matmul on the GPU: com.microsoft MatMulNBits (kiln-ops' `PackedMatMulNBits`) with the weight kept
+//! packed on the GPU and dequantized inside the kernel (`kernels/qmatmul.wgsl`), and accuracy_level 4's int8
+//! quantize-dequantize of the activations (`QuantizeBlocksInt8`).
+//!
+//! Inputs as the typed model keeps them: A (f32 `[.., K]`), B (u32 words of the blob bytes), scales (f32, or u32
+//! words of float16 pairs), zero points (u32 words of packed uint8, or f32; absent: `2^(bits-1)`).
+
+use tract_onnx::prelude::*;
+
+use crate::context::Context;
+use crate::exec::{GpuTensor, Recorder};
+use crate::kernels::{launch, u32_of};
+use crate::{Error, Result};
+
+/// Rows of A up to which the matrix-vector kernel runs (one workgroup row per row of A); more take the tiled one.
+const MV_MAX_ROWS: usize = 4;
+/// The longest row of A the decode kernel quantizes to int8 in workgroup memory (8 KiB).
+const MV_SHARED_K: usize = 2048;
+
+/// How a [`QMatMul`] gets its zero points.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QZeroPoints {
+    /// `2^(bits-1)`.
+    Default,
+    /// uint8, packed `bits` per block, `ceil(k_blocks · bits / 8)` bytes per column, in u32 words.
+    Packed,
+    /// f32, one per block.
+    Float,
+}
+
+/// The specialisation of a quantized matmul: `Y[.., N] = A[.., K] · dequant(B)ᵀ`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct QMatMul {
+    pub k: usize,
+    pub n: usize,
+    pub bits: u32,
+    pub block_size: u32,
+    pub scales_f16: bool,
+    pub zero_points: QZeroPoints,
+    /// accuracy_level 4: A quantized to int8 per block first (in the decode kernel's workgroup memory when K fits,
+    /// else by a first dispatch).
+    pub int8_activations: bool,
+}
+
+impl QMatMul {
+    /// The specialisation for a kiln-ops MatMulNBits node, or why it has none.
+    pub fn for_op(op: &kiln_ops::matmul_nbits::PackedMatMulNBits) -> std::result::Result<QMatMul, String> {
+        use kiln_ops::matmul_nbits::ZeroPointKind;
+        if !matches!(op.bits, 2 | 4 | 8) {
+            return Err(format!("MatMulNBits with {} bits", op.bits));
+        }
+        if !op.block_size.is_power_of_two() || !(16..=4096).contains(&op.block_size) {
+            return Err(format!("MatMulNBits block size {} (a power of two from 16)", op.block_size));
+        }
+        Ok(QMatMul {
+            k: op.k,
+            n: op.n,
+            bits: op.bits as u32,
+            block_size: op.block_size as u32,
+            scales_f16: op.scales_f16,
+            zero_points: match op.zero_points {
+                ZeroPointKind::Default => QZeroPoints::Default,
+                ZeroPointKind::Packed => QZeroPoints::Packed,
+                ZeroPointKind::Float => QZeroPoints::Float,
+            },
+            int8_activations: op.int8_activations,
+        })
+    }
+
+    pub fn arity(&self) -> usize {
+        if self.zero_points == QZeroPoints::Default {
+            3
+        } else {
+            4
+        }
+    }
+
+    fn k_blocks(&self) -> usize {
+        self.k.div_ceil(self.block_size as usize)
+    }
+
+    /// Words (u32) each input must hold: B, scales, zero points.
+    fn input_words(&self) -> [usize; 3] {
+        let kb = self.k_blocks();
+        let blob_words = self.block_size as usize * self.bits as usize / 32;
+        let scales = if self.scales_f16 { (self.n * kb).div_ceil(2) } else { self.n * kb };
+        let zp = match self.zero_points {
+            QZeroPoints::Default => 0,
+            QZeroPoints::Packed => (self.n * (kb * self.bits as usize).div_ceil(8)).div_ceil(4),
+            QZeroPoints::Float => self.n * kb,
+        };
+        [self.n * kb * blob_words, scales, zp]
+    }
+
+    pub fn output_shape(&self, inputs: &[&[usize]]) -> Result<TVec<usize>> {
+        let a = inputs.first().ok_or_else(|| Error::new("webgpu: MatMulNBits without inputs"))?;
+        if a.last() != Some(&self.k) {
+            return Err(Error::new(format!("webgpu: MatMulNBits with K={} on A of shape {a:?}", self.k)));
+        }
+        let words = self.input_words();
+        for (i, (shape, want)) in inputs[1..].iter().zip(words).enumerate() {
+            let have: usize = shape.iter().product();
+            if have < want {
+                return Err(Error::new(format!(
+                    "webgpu: MatMulNBits operand {} holds {have} words, needs {want}",
+                    i + 1
+                )));
+            }
+        }
+        let mut s: TVec<usize> = (*a).into();
+        if let Some(l) = s.last_mut() {
+            *l = self.n;
+        }
+        Ok(s)
+    }
+
+    /// The WGSL of the packed operands: B and scales always, zero points as the specialisation wants.
+    fn spec(&self) -> Vec<(&'static str, String)> {
+        let scale = if self.scales_f16 { "unpack2x16float(scales[i / 2u])[i % 2u]" } else { "bitcast<f32>(scales[i])" };
+        let (zp_decl, zero) = match self.zero_points {
+            QZeroPoints::Default => ("", "f32(1u << (BITS - 1u))"),
+            QZeroPoints::Packed => (
+                "@group(0) @binding(5) var<storage, read> zps: array<u32>;",
+                "f32((zps[(col * p.zp_bytes + blk * BITS / 8u) / 4u] >> \
+                 (((col * p.zp_bytes + blk * BITS / 8u) % 4u) * 8u + (blk * BITS) % 8u)) & MASK)",
+            ),
+            QZeroPoints::Float => ("@group(0) @binding(5) var<storage, read> zps: array<u32>;", "bitcast<f32>(zps[i])"),
+        };
+        let fns = format!(
+            "@group(0) @binding(2) var<storage, read> b: array<u32>;\n\
+             @group(0) @binding(4) var<storage, read> scales: array<u32>;\n{zp_decl}\n\
+             fn scale_at(i: u32) -> f32 {{\n    return {scale};\n}}\n\
+             fn zero_at(col: u32, blk: u32, i: u32) -> f32 {{\n    return {zero};\n}}\n"
+        );
+        vec![("BITS", self.bits.to_string()), ("BS", self.block_size.to_string()), ("QM_FNS", fns)]
+            .into_iter()
+            .chain([("INT8_A", "false".to_string()), ("AQ_LEN", "1".to_string())])
+            .collect()
+    }
+
+    /// Records `out = A · dequant(B)ᵀ` (`out` allocated by the caller, `[.., N]`).
+    pub(crate) fn encode(
+        &self,
+        ctx: &Context,
+        rec: &mut Recorder,
+        inputs: &[&GpuTensor],
+        out: &GpuTensor,
+    ) -> Result<()> {
+        if inputs.len() != self.arity() {
+            return Err(Error::new(format!("webgpu: MatMulNBits expects {} inputs", self.arity())));
+        }
+        let rows = inputs[0].len() / self.k.max(1);
+        let in_kernel = self.int8_activations && rows <= MV_MAX_ROWS && self.k <= MV_SHARED_K;
+        if self.int8_activations && !in_kernel {
+            // quantize A first (a dispatch of its own), then the plain kernel on the result
+            let q = rec.alloc(ctx, &inputs[0].shape, inputs[0].dt)?;
+            quantize_blocks(ctx, rec, self.block_size as usize, inputs[0], &q)?;
+            let plain = QMatMul { int8_activations: false, ..self.clone() };
+            let mut ins = inputs.to_vec();
+            ins[0] = &q;
+            let r = plain.encode(ctx, rec, &ins, out);
+            rec.release(q);
+            return r;
+        }
+        let kb = self.k_blocks();
+        let zp_bytes = (kb * self.bits as usize).div_ceil(8);
+        let mut b = vec![(1, inputs[0]), (2, inputs[1]), (3, out), (4, inputs[2])];
+        if self.zero_points != QZeroPoints::Default {
+            b.push((5, inputs[3]));
+        }
+        let mut spec = self.spec();
+        let (entry, gx, gy, gz) = if rows <= MV_MAX_ROWS {
+            // about 8 words (64 4-bit weights) per invocation, 4 to 32 invocations per column
+            let words = kb * self.block_size as usize * self.bits as usize / 32;
+            let lanes = words.div_ceil(8).next_power_of_two().clamp(4, 32);
+            spec.push(("LANES", lanes.to_string()));
+            if in_kernel {
+                spec.retain(|(k, _)| *k != "INT8_A" && *k != "AQ_LEN");
+                spec.push(("INT8_A", "true".into()));
+                spec.push(("AQ_LEN", MV_SHARED_K.to_string()));
+            }
+            let (gx, gy) = ctx.grid((self.n as u64).div_ceil((256 / lanes) as u64))?;
+            ("mv_main", gx, gy, rows as u32)
+        } else {
+            let gx = u32_of("grid", self.n.div_ceil(64))?;
+            let gy = u32_of("grid", rows.div_ceil(64))?;
+            if gx > ctx.caps.max_workgroups_per_dim || gy > ctx.caps.max_workgroups_per_dim {
+                return Err(Error::new(format!("webgpu: MatMulNBits {rows}x{} exceeds the adapter's grid", self.n)));
+            }
+            spec.push(("LANES", "32".into()));
+            ("tiled_main", gx, gy, 1)
+        };
+        let u = [u32_of("m", rows)?, u32_of("n", self.n)?, u32_of("k", self.k)?, u32_of("blocks", kb)?];
+        let u = [&u[..], &[u32_of("bytes", zp_bytes)?, gx, 0, 0]].concat();
+        launch(ctx, rec, "qmatmul", entry, spec, &u, &b, (gx, gy, gz))
+    }
+}
+
+/// Records accuracy_level 4's quantize-dequantize of `a` (int8 per block of `block_size` along the last axis).
+pub(crate) fn quantize_blocks(
+    ctx: &Context,
+    rec: &mut Recorder,
+    block_size: usize,
+    a: &GpuTensor,
+    out: &GpuTensor,
+) -> Result<()> {
+    let k = a.shape.last().copied().unwrap_or(1).max(1);
+    if block_size == 0 {
+        return Err(Error::new("webgpu: int8 quantization in blocks of 0"));
+    }
+    let rows = a.len() / k;
+    let kb = k.div_ceil(block_size);
+    let blocks = rows * kb;
+    let (gx, gy) = ctx.grid((blocks as u64).div_ceil(256))?;
+    let u = [u32_of("m", rows)?, 0, u32_of("k", k)?, u32_of("blocks", kb)?, 0, gx, 0, 0];
+    let mut spec = QMatMul {
+        k,
+        n: 0,
+        bits: 8,
+        block_size: u32_of("block size", block_size)?,
+        scales_f16: false,
+        zero_points: QZeroPoints::Default,
+        int8_activations: false,
+    }
+    .spec();
+    spec.push(("LANES", "32".into()));
+    launch(ctx, rec, "qmatmul", "quantize_main", spec, &u, &[(1, a), (3, out)], (gx, gy, 1))
+}
