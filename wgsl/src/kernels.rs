@@ -16,6 +16,7 @@ pub const SOFTMAX_WGSL: &str = include_str!("kernels/softmax.wgsl");
 pub const LAYOUT_WGSL: &str = include_str!("kernels/layout.wgsl");
 pub const REDUCE_WGSL: &str = include_str!("kernels/reduce.wgsl");
 pub const SCAN_WGSL: &str = include_str!("kernels/scan.wgsl");
+pub const ATTENTION_WGSL: &str = include_str!("kernels/attention.wgsl");
 
 /// Ranks the elementwise and matmul uniforms have room for.
 pub const MAX_RANK: usize = 8;
@@ -415,6 +416,8 @@ pub enum Kernel {
     },
     /// A group of elementwise nodes in one dispatch (kiln-graph's fusion pass).
     Fused(Box<FusedProgram>),
+    /// ONNX Attention's Y, fused (crate::attention).
+    Attention(Box<crate::attention::AttentionSpec>),
 }
 
 /// How [`Kernel::Pad`] fills the border.
@@ -481,6 +484,7 @@ fn shader_source(family: &str, spec: &[(&'static str, String)]) -> Result<String
         "layout" => LAYOUT_WGSL,
         "reduce" => REDUCE_WGSL,
         "scan" => SCAN_WGSL,
+        "attention" => ATTENTION_WGSL,
         other => return Err(Error::new(format!("webgpu: no kernel family {other}"))),
     };
     let mut text = format!("{PRELUDE_WGSL}\n{body}");
@@ -517,7 +521,7 @@ const SPEC_DEFAULTS: [(&str, &str); 12] = [
 /// One dispatch of `family::entry` specialised by `spec`: the uniform block at binding 0, `bindings` (binding
 /// index, tensor) for the storage buffers, `groups` workgroups.
 #[allow(clippy::too_many_arguments)]
-fn launch(
+pub(crate) fn launch(
     ctx: &Context,
     rec: &mut Recorder,
     family: &'static str,
@@ -670,6 +674,7 @@ impl Kernel {
             Kernel::CumSum { .. } => "CumSum".into(),
             Kernel::Range { .. } => "Range".into(),
             Kernel::Fused(p) => p.name(),
+            Kernel::Attention(_) => "Attention".into(),
         }
     }
 
@@ -714,6 +719,7 @@ impl Kernel {
             Kernel::Range { .. } => int,
             Kernel::Reduce { op, .. } if op.is_arg() => all(F32).then_some(I64),
             Kernel::Fused(p) => dts.iter().all(|d| matches!(*d, F32 | Bool)).then_some(p.out_dt),
+            Kernel::Attention(a) => a.output_dt(dts),
             _ => all(F32).then_some(F32),
         }
     }
@@ -741,6 +747,7 @@ impl Kernel {
             Kernel::Where => 3,
             Kernel::Concat { inputs, .. } => *inputs,
             Kernel::Fused(p) => p.inputs,
+            Kernel::Attention(a) => a.arity(),
         }
     }
 
@@ -811,6 +818,7 @@ impl Kernel {
                 Ok(s)
             }
             Kernel::View(v) => v.output_shape(inputs[0], syms),
+            Kernel::Attention(a) => a.output_shape(inputs),
             Kernel::MoveAxis { from, to } => {
                 let perm = move_axis_perm(inputs[0].len(), *from, *to)?;
                 Ok(perm.iter().map(|p| inputs[0][*p]).collect())
@@ -939,6 +947,7 @@ impl Kernel {
         let (gx, gy) = grid_for(ctx, n)?;
         match self {
             Kernel::View(_) | Kernel::Fused(_) => {}
+            Kernel::Attention(a) => a.encode(ctx, rec, inputs, &out)?,
             Kernel::Unary(op) => {
                 let mut u = vec![u32_of("length", n)?, 1, gx, 0];
                 u.extend([0u32; 32]);

@@ -240,6 +240,8 @@ fn kernel_of(model: &TypedModel, node: &TypedNode, caps: &Caps) -> Result<Kernel
             return Err("softmax over several axes or quantized".into());
         }
         Kernel::Softmax { axis: sm.axes[0], log: sm.kind == SoftmaxKind::LogSoftmax }
+    } else if let Some(a) = node.op_as::<crate::attention::AttentionYOp>() {
+        crate::attention::kernel_for(model, node, a)?
     } else {
         return Err(format!("no kernel for {}", node.op.name()));
     };

@@ -1,0 +1,425 @@
+//! ONNX Attention (opset 23) on the GPU — kiln's fused kernel — against kiln's CPU op, on one-node models with
+//! random inputs (a fresh seed per run, printed) and the GPU's output buffers poisoned (NaN) first: odd head
+//! counts, GQA ratios 1/3/4, past lengths 0/1/odd/long (more than one K/V tile), one query and many, causal or
+//! not, bool and float masks (broadcast, short last dim, padding, fully masked rows), head sizes 16/64/80 (and
+//! different K and V head sizes), 3D and 4D inputs, scale and softcap; Y, present_key and present_value all
+//! compared, and the attention node required on the GPU. Then RotaryEmbedding (opset 23) on the GPU, and the tiny
+//! fixtures that use ONNX Attention.
+//! Skips, loudly, only when the machine has no GPU adapter (CI installs lavapipe).
+#![cfg(not(target_arch = "wasm32"))]
+
+mod common;
+
+use kiln_graph::tract_onnx::pb;
+use kiln_graph::tract_onnx::pb::tensor_shape_proto::dimension::Value as DimValue;
+use kiln_graph::tract_onnx::pb::type_proto::Value as TypeValue;
+use kiln_provider::blocking::Session;
+use kiln_provider::{Device, ExecutionProvider, SessionOptions, Tensor};
+
+use prost::Message;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 40) as f32 / (1u64 << 24) as f32
+    }
+    fn range(&mut self, lo: f32, hi: f32) -> f32 {
+        lo + (hi - lo) * self.next()
+    }
+}
+
+fn seed() -> u64 {
+    let s = std::env::var("KILN_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
+    });
+    eprintln!("gpu_attention: seed {s} (KILN_TEST_SEED={s} to replay)");
+    s | 1
+}
+
+fn value_info(name: &str, elem_type: i32, dims: Option<&[usize]>) -> pb::ValueInfoProto {
+    let shape = dims.map(|d| pb::TensorShapeProto {
+        dim: d
+            .iter()
+            .map(|v| pb::tensor_shape_proto::Dimension {
+                value: Some(DimValue::DimValue(*v as i64)),
+                ..Default::default()
+            })
+            .collect(),
+    });
+    pb::ValueInfoProto {
+        name: name.into(),
+        r#type: Some(pb::TypeProto {
+            value: Some(TypeValue::TensorType(pb::type_proto::Tensor { elem_type, shape })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn attr_int(name: &str, v: i64) -> pb::AttributeProto {
+    pb::AttributeProto {
+        name: name.into(),
+        i: v,
+        r#type: pb::attribute_proto::AttributeType::Int as i32,
+        ..Default::default()
+    }
+}
+
+fn attr_float(name: &str, v: f32) -> pb::AttributeProto {
+    pb::AttributeProto {
+        name: name.into(),
+        f: v,
+        r#type: pb::attribute_proto::AttributeType::Float as i32,
+        ..Default::default()
+    }
+}
+
+/// One node, its inputs (name, elem type, shape; an empty name is an absent optional input), its outputs.
+fn one_node_model(
+    op: &str,
+    attrs: Vec<pb::AttributeProto>,
+    inputs: &[(String, i32, Vec<usize>)],
+    outputs: &[&str],
+) -> Vec<u8> {
+    let node = pb::NodeProto {
+        op_type: op.into(),
+        input: inputs.iter().map(|i| i.0.clone()).collect(),
+        output: outputs.iter().map(|o| o.to_string()).collect(),
+        attribute: attrs,
+        ..Default::default()
+    };
+    let graph = pb::GraphProto {
+        name: "g".into(),
+        node: vec![node],
+        input: inputs.iter().filter(|i| !i.0.is_empty()).map(|(n, t, s)| value_info(n, *t, Some(s))).collect(),
+        output: outputs.iter().filter(|o| !o.is_empty()).map(|o| value_info(o, 1, None)).collect(),
+        ..Default::default()
+    };
+    pb::ModelProto {
+        ir_version: 10,
+        opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: 23 }],
+        graph: Some(graph),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+fn options(ep: ExecutionProvider) -> SessionOptions {
+    SessionOptions { execution_providers: vec![ep], ..Default::default() }
+}
+
+fn gpu_available() -> bool {
+    let bytes = one_node_model("Relu", vec![], &[("x".into(), 1, vec![2])], &["y"]);
+    let s = Session::from_bytes(&bytes, &options(ExecutionProvider::WebGpu)).expect("loading");
+    if s.execution_provider() != ExecutionProvider::WebGpu {
+        eprintln!(
+            "\n!!!!!!!! SKIPPING GPU TESTS: no GPU adapter on this machine ({:?}). \
+             Install lavapipe: apt-get install -y mesa-vulkan-drivers libvulkan1 !!!!!!!!\n",
+            s.provider_note()
+        );
+        return false;
+    }
+    true
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Mask {
+    None,
+    /// bool, [batch, 1, q_seq, total] with left padding (some batches, some leading keys masked) and random holes
+    Bool,
+    /// bool [q_seq, total - 2]: broadcast over batch and heads, its last dim short of total (the tail masked)
+    BoolShort,
+    /// float additive, [batch, q_heads, q_seq, total]: random values and -inf holes
+    Float,
+    /// float [batch, 1, 1, total] with the most negative f32 on padding (optimum's style)
+    FloatPad,
+    /// bool with every key of some rows masked (those rows are zeros)
+    BoolEmptyRows,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Case {
+    batch: usize,
+    hq: usize,
+    hkv: usize,
+    s: usize,
+    /// new K/V length (the query length unless cross-attention)
+    l: usize,
+    past: usize,
+    dk: usize,
+    dv: usize,
+    three_d: bool,
+    causal: bool,
+    mask: Mask,
+    scale: Option<f32>,
+    softcap: f32,
+}
+
+const BASE: Case = Case {
+    batch: 1,
+    hq: 4,
+    hkv: 4,
+    s: 5,
+    l: 5,
+    past: 0,
+    dk: 16,
+    dv: 16,
+    three_d: false,
+    causal: false,
+    mask: Mask::None,
+    scale: None,
+    softcap: 0.0,
+};
+
+fn tensor_f32(rng: &mut Rng, dims: &[usize], lo: f32, hi: f32) -> Tensor {
+    let n: usize = dims.iter().product();
+    Tensor::from_vec(dims, (0..n).map(|_| rng.range(lo, hi)).collect::<Vec<f32>>()).unwrap()
+}
+
+fn run_case(rng: &mut Rng, c: Case) -> Result<(), String> {
+    let what = format!("{c:?}");
+    let total = c.past + c.l;
+    let (qd, kd, vd) = if c.three_d {
+        (vec![c.batch, c.s, c.hq * c.dk], vec![c.batch, c.l, c.hkv * c.dk], vec![c.batch, c.l, c.hkv * c.dv])
+    } else {
+        (vec![c.batch, c.hq, c.s, c.dk], vec![c.batch, c.hkv, c.l, c.dk], vec![c.batch, c.hkv, c.l, c.dv])
+    };
+    let mut inputs: Vec<(String, i32, Vec<usize>)> =
+        vec![("q".into(), 1, qd.clone()), ("k".into(), 1, kd.clone()), ("v".into(), 1, vd.clone())];
+    let mut feeds: Vec<(String, Tensor)> = vec![
+        ("q".into(), tensor_f32(rng, &qd, -1.5, 1.5)),
+        ("k".into(), tensor_f32(rng, &kd, -1.5, 1.5)),
+        ("v".into(), tensor_f32(rng, &vd, -1.0, 1.0)),
+    ];
+    // the mask
+    let bool_mask = |dims: Vec<usize>, f: &mut dyn FnMut(&[usize]) -> bool| -> Tensor {
+        let n: usize = dims.iter().product();
+        let mut data = Vec::with_capacity(n);
+        for flat in 0..n {
+            let mut ix = vec![0; dims.len()];
+            let mut rem = flat;
+            for d in (0..dims.len()).rev() {
+                ix[d] = rem % dims[d];
+                rem /= dims[d];
+            }
+            data.push(f(&ix));
+        }
+        Tensor::from_vec(&dims, data).unwrap()
+    };
+    let mask = match c.mask {
+        Mask::None => None,
+        Mask::Bool => {
+            let dims = vec![c.batch, 1, c.s, total];
+            // batch b is left-padded by b keys; ~1 in 7 of the rest masked at random
+            let t = bool_mask(dims.clone(), &mut |ix| ix[3] >= ix[0].min(total - 1) && rng.next() > 0.15);
+            Some((t, 9, dims))
+        }
+        Mask::BoolShort => {
+            let dims = vec![c.s, total - 2];
+            let t = bool_mask(dims.clone(), &mut |_| rng.next() > 0.2);
+            Some((t, 9, dims))
+        }
+        Mask::BoolEmptyRows => {
+            let dims = vec![c.batch, c.hq, c.s, total];
+            let t = bool_mask(dims.clone(), &mut |ix| ix[2] % 2 == 1 && rng.next() > 0.3);
+            Some((t, 9, dims))
+        }
+        Mask::Float => {
+            let dims = vec![c.batch, c.hq, c.s, total];
+            let n: usize = dims.iter().product();
+            let data: Vec<f32> =
+                (0..n).map(|_| if rng.next() < 0.1 { f32::NEG_INFINITY } else { rng.range(-2.0, 1.0) }).collect();
+            Some((Tensor::from_vec(&dims, data).unwrap(), 1, dims))
+        }
+        Mask::FloatPad => {
+            let dims = vec![c.batch, 1, 1, total];
+            let n: usize = dims.iter().product();
+            let data: Vec<f32> = (0..n).map(|i| if i % total < (i / total) * 2 { f32::MIN } else { 0.0 }).collect();
+            Some((Tensor::from_vec(&dims, data).unwrap(), 1, dims))
+        }
+    };
+    match mask {
+        Some((t, ty, dims)) => {
+            inputs.push(("mask".into(), ty, dims));
+            feeds.push(("mask".into(), t));
+        }
+        None if c.past > 0 => inputs.push((String::new(), 1, vec![])),
+        None => {}
+    }
+    if c.past > 0 {
+        let pk = vec![c.batch, c.hkv, c.past, c.dk];
+        let pv = vec![c.batch, c.hkv, c.past, c.dv];
+        inputs.push(("past_key".into(), 1, pk.clone()));
+        inputs.push(("past_value".into(), 1, pv.clone()));
+        feeds.push(("past_key".into(), tensor_f32(rng, &pk, -1.5, 1.5)));
+        feeds.push(("past_value".into(), tensor_f32(rng, &pv, -1.0, 1.0)));
+    }
+    let mut attrs = vec![attr_int("is_causal", c.causal as i64)];
+    if c.three_d {
+        attrs.push(attr_int("q_num_heads", c.hq as i64));
+        attrs.push(attr_int("kv_num_heads", c.hkv as i64));
+    }
+    if let Some(s) = c.scale {
+        attrs.push(attr_float("scale", s));
+    }
+    if c.softcap > 0.0 {
+        attrs.push(attr_float("softcap", c.softcap));
+    }
+    let outputs = ["y", "present_key", "present_value"];
+    let bytes = one_node_model("Attention", attrs, &inputs, &outputs);
+    let cpu = Session::from_bytes(&bytes, &options(ExecutionProvider::Cpu)).map_err(|e| format!("{what}: cpu: {e}"))?;
+    let want = cpu.run(feeds.clone()).map_err(|e| format!("{what}: cpu run: {e}"))?;
+    let gpu = Session::from_bytes(&bytes, &options(ExecutionProvider::WebGpu))
+        .map_err(|e| format!("{what}: gpu load: {e}"))?;
+    let report = gpu.gpu_placement().ok_or_else(|| format!("{what}: not on the GPU: {:?}", gpu.provider_note()))?;
+    let att = report.nodes.iter().find(|n| n.op == "KilnAttentionY");
+    if att.is_none_or(|n| n.device != Device::Gpu) {
+        return Err(format!("{what}: the attention is not on the GPU: {:?}", report.nodes));
+    }
+    if let Some(n) = report.nodes.iter().find(|n| n.device == Device::Cpu) {
+        return Err(format!("{what}: {} ({:?}) stays on the CPU", n.op, n.reason));
+    }
+    gpu.set_gpu_poison(true);
+    let got = gpu.run(feeds).map_err(|e| format!("{what}: gpu run: {e}"))?;
+    for name in outputs {
+        let (w, g) = (want.output(name).unwrap(), got.output(name).unwrap());
+        if w.dims() != g.dims() {
+            return Err(format!("{what}: {name}: shape {:?} on the GPU, {:?} on the CPU", g.dims(), w.dims()));
+        }
+        let (w, g) = (w.to_vec::<f32>().unwrap(), g.to_vec::<f32>().unwrap());
+        for (i, (a, b)) in w.iter().zip(&g).enumerate() {
+            if !((a - b).abs() <= 2e-5 + 2e-5 * a.abs()) {
+                return Err(format!("{what}: {name}[{i}]: gpu {b} vs cpu {a}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn run_all(cases: &[Case]) {
+    if !gpu_available() {
+        return;
+    }
+    let mut rng = Rng(seed());
+    let failures: Vec<String> = cases.iter().filter_map(|c| run_case(&mut rng, *c).err()).collect();
+    assert!(failures.is_empty(), "{} of {} cases fail:\n{}", failures.len(), cases.len(), failures.join("\n"));
+}
+
+#[test]
+fn attention_prefill_matches_cpu() {
+    let mut cases = vec![];
+    for (hq, hkv) in [(4, 4), (3, 1), (6, 2), (8, 2), (5, 5), (12, 3)] {
+        for causal in [false, true] {
+            for dk in [16, 64, 80] {
+                cases.push(Case { hq, hkv, causal, dk, dv: dk, s: 7, l: 7, ..BASE });
+            }
+        }
+    }
+    // beyond one workgroup of rows (64) and one K/V tile, batches
+    cases.push(Case { batch: 2, hq: 3, hkv: 1, s: 70, l: 70, causal: true, dk: 64, dv: 64, ..BASE });
+    cases.push(Case { batch: 3, hq: 2, hkv: 2, s: 33, l: 33, causal: true, dk: 80, dv: 80, ..BASE });
+    // K and V head sizes differ; cross-attention (L != S)
+    cases.push(Case { dk: 16, dv: 80, ..BASE });
+    cases.push(Case { s: 3, l: 11, dk: 64, dv: 16, ..BASE });
+    cases.push(Case { s: 9, l: 4, causal: true, ..BASE });
+    run_all(&cases);
+}
+
+#[test]
+fn attention_with_past_matches_cpu() {
+    let mut cases = vec![];
+    for (hq, hkv) in [(4, 4), (3, 1), (8, 2), (7, 7)] {
+        for past in [1, 5, 129] {
+            for s in [1, 4] {
+                for causal in [false, true] {
+                    cases.push(Case { hq, hkv, past, s, l: s, causal, dk: 64, dv: 64, ..BASE });
+                }
+            }
+        }
+    }
+    cases.push(Case { batch: 2, hq: 9, hkv: 3, past: 300, s: 1, l: 1, causal: true, dk: 80, dv: 80, ..BASE });
+    cases.push(Case { batch: 2, hq: 4, hkv: 1, past: 37, s: 1, l: 1, dk: 16, dv: 16, ..BASE });
+    run_all(&cases);
+}
+
+#[test]
+fn attention_masks_match_cpu() {
+    let mut cases = vec![];
+    for mask in [Mask::Bool, Mask::BoolShort, Mask::Float, Mask::FloatPad, Mask::BoolEmptyRows] {
+        for (past, s) in [(0, 6), (3, 1), (17, 3), (70, 1)] {
+            for causal in [false, true] {
+                cases.push(Case { batch: 3, hq: 6, hkv: 2, past, s, l: s, causal, mask, ..BASE });
+            }
+        }
+    }
+    run_all(&cases);
+}
+
+#[test]
+fn attention_3d_scale_softcap_match_cpu() {
+    let mut cases = vec![];
+    for three_d in [false, true] {
+        for (hq, hkv) in [(4, 4), (6, 2), (3, 1)] {
+            cases.push(Case { hq, hkv, three_d, s: 5, l: 5, causal: true, mask: Mask::Bool, batch: 2, ..BASE });
+            cases.push(Case { hq, hkv, three_d, past: 9, s: 1, l: 1, dk: 80, dv: 80, ..BASE });
+        }
+    }
+    cases.push(Case { scale: Some(0.37), ..BASE });
+    cases.push(Case { softcap: 1.5, scale: Some(1.0), mask: Mask::Float, ..BASE });
+    cases.push(Case { softcap: 30.0, past: 4, s: 2, l: 2, causal: true, three_d: true, hq: 6, hkv: 3, ..BASE });
+    run_all(&cases);
+}
+
+/// A tiny fixture that uses ONNX Attention (the dynamo exporter's sdpa at opset 23): every Attention node on the
+/// GPU, prefill and one decode step matching onnxruntime's outputs at 1e-4.
+fn fixture(model: &str) {
+    use common::*;
+    let dir = tiny_fixtures().join(model);
+    let session = Session::from_path(dir.join("model.onnx"), &options(ExecutionProvider::WebGpu))
+        .unwrap_or_else(|e| panic!("{model}: loading: {e}"));
+    let Some(report) = session.gpu_placement() else {
+        eprintln!("\n!!!!!!!! SKIPPING {model} ON THE GPU: no GPU adapter ({:?}) !!!!!!!!\n", session.provider_note());
+        return;
+    };
+    session.set_gpu_poison(true);
+    let att: Vec<_> = report.nodes.iter().filter(|n| n.op.starts_with("KilnAttention")).collect();
+    assert!(!att.is_empty(), "{model}: no Attention node");
+    for n in &att {
+        assert_eq!(n.device, Device::Gpu, "{model}: {} stays on the CPU: {:?}", n.node, n.reason);
+    }
+    let cpu: Vec<String> = report
+        .nodes
+        .iter()
+        .filter(|n| n.device == Device::Cpu)
+        .map(|n| format!("{} ({})", n.op, n.reason.clone().unwrap_or_default()))
+        .collect();
+    eprintln!("{model}: {} of {} nodes on the GPU; on the CPU: {cpu:?}", report.gpu_nodes(), report.nodes.len());
+    let mut failures = vec![];
+    for set in ["test_data_set_0", "test_data_set_1"] {
+        let set_dir = dir.join(set);
+        let feeds = read_inputs(&session, &set_dir);
+        let expected = read_outputs(&session, &set_dir);
+        let outputs = session.run(feeds).unwrap_or_else(|e| panic!("{model}/{set}: running on the GPU: {e}"));
+        for (name, want) in &expected {
+            let got = outputs.get(name).unwrap_or_else(|| panic!("{model}/{set}: no output `{name}`"));
+            let (diff, ref_max) = max_diff(&format!("{model}/{set}/{name}"), got, want);
+            if diff > 1e-4 {
+                failures.push(format!("{set}/{name}: max|diff| {diff:.3e} > 1e-4 (max|ref| {ref_max:.3})"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{model} on the GPU:\n  {}", failures.join("\n  "));
+}
+
+#[test]
+fn tiny_gpt2_sdpa_op23_attention_on_gpu() {
+    fixture("tiny-gpt2/onnx_dynamo_sdpa_op23");
+}
+
+#[test]
+fn tiny_llama_sdpa_op23_attention_on_gpu() {
+    fixture("tiny-llama/onnx_dynamo_sdpa_op23");
+}
