@@ -423,3 +423,163 @@ fn tiny_gpt2_sdpa_op23_attention_on_gpu() {
 fn tiny_llama_sdpa_op23_attention_on_gpu() {
     fixture("tiny-llama/onnx_dynamo_sdpa_op23");
 }
+
+#[derive(Clone, Copy, Debug)]
+struct Rope {
+    batch: usize,
+    heads: usize,
+    seq: usize,
+    head: usize,
+    /// 0: the whole head
+    rotary_dim: usize,
+    interleaved: bool,
+    three_d: bool,
+    /// 0 none, 1 [batch, seq], 2 com.microsoft one-value offset (com.microsoft order for 1 and 2 when `microsoft`)
+    positions: u8,
+    microsoft: bool,
+}
+
+/// onnx's reference (op_rotary_embedding.py), written out: the independent check of both backends.
+fn rope_reference(c: &Rope, x: &[f32], cos: &[f32], sin: &[f32], cols: usize, pos: &[i64]) -> Vec<f32> {
+    let rot = if c.rotary_dim == 0 { c.head } else { c.rotary_dim };
+    let half = rot / 2;
+    let mut y = x.to_vec();
+    for b in 0..c.batch {
+        for h in 0..c.heads {
+            for s in 0..c.seq {
+                let base = if c.three_d {
+                    (b * c.seq + s) * c.heads * c.head + h * c.head
+                } else {
+                    ((b * c.heads + h) * c.seq + s) * c.head
+                };
+                let row = match c.positions {
+                    0 => b * c.seq + s,
+                    1 => pos[b * c.seq + s] as usize,
+                    _ => pos[0] as usize + s,
+                };
+                for i in 0..half {
+                    let (i1, i2) = if c.interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
+                    let (co, si) = (cos[row * cols + i], sin[row * cols + i]);
+                    y[base + i1] = co * x[base + i1] - si * x[base + i2];
+                    y[base + i2] = si * x[base + i1] + co * x[base + i2];
+                }
+            }
+        }
+    }
+    y
+}
+
+fn run_rope(rng: &mut Rng, c: Rope) -> Result<(), String> {
+    let what = format!("{c:?}");
+    let rot = if c.rotary_dim == 0 { c.head } else { c.rotary_dim };
+    let xd = if c.three_d { vec![c.batch, c.seq, c.heads * c.head] } else { vec![c.batch, c.heads, c.seq, c.head] };
+    let max_pos = 40;
+    let cols = rot / 2;
+    let cd = if c.positions == 0 { vec![c.batch, c.seq, cols] } else { vec![max_pos, cols] };
+    let x = tensor_f32(rng, &xd, -2.0, 2.0);
+    let cos = tensor_f32(rng, &cd, -1.0, 1.0);
+    let sin = tensor_f32(rng, &cd, -1.0, 1.0);
+    let pos: Vec<i64> = match c.positions {
+        0 => vec![],
+        1 => (0..c.batch * c.seq).map(|_| (rng.next() * max_pos as f32) as i64 % max_pos as i64).collect(),
+        _ => vec![(max_pos - c.seq) as i64 - 3],
+    };
+    let pos_dims = if c.positions == 2 { vec![1] } else { vec![c.batch, c.seq] };
+    let mut attrs = vec![attr_int("interleaved", c.interleaved as i64)];
+    if c.three_d || c.rotary_dim > 0 {
+        attrs.push(attr_int("num_heads", c.heads as i64));
+    }
+    if c.rotary_dim > 0 {
+        attrs.push(attr_int("rotary_embedding_dim", c.rotary_dim as i64));
+    }
+    let mut inputs: Vec<(String, i32, Vec<usize>)> = vec![("x".into(), 1, xd.clone())];
+    let mut feeds: Vec<(String, Tensor)> = vec![("x".into(), x.clone())];
+    let p = ("pos".to_string(), 7, pos_dims.clone());
+    let pt = ("pos".to_string(), Tensor::from_vec(&pos_dims, pos.clone()));
+    if c.microsoft {
+        inputs.push(p.clone());
+        feeds.push((pt.0.clone(), pt.1.clone().unwrap()));
+    }
+    inputs.push(("cos".into(), 1, cd.clone()));
+    inputs.push(("sin".into(), 1, cd.clone()));
+    feeds.push(("cos".into(), cos.clone()));
+    feeds.push(("sin".into(), sin.clone()));
+    if !c.microsoft && c.positions > 0 {
+        inputs.push(p);
+        feeds.push((pt.0, pt.1.unwrap()));
+    }
+    let mut bytes = one_node_model("RotaryEmbedding", attrs, &inputs, &["y"]);
+    if c.microsoft {
+        let mut m = pb::ModelProto::decode(&bytes[..]).unwrap();
+        m.opset_import.push(pb::OperatorSetIdProto { domain: "com.microsoft".into(), version: 1 });
+        if let Some(g) = m.graph.as_mut() {
+            g.node[0].domain = "com.microsoft".into();
+        }
+        bytes = m.encode_to_vec();
+    }
+    let want = rope_reference(
+        &c,
+        &x.to_vec::<f32>().unwrap(),
+        &cos.to_vec::<f32>().unwrap(),
+        &sin.to_vec::<f32>().unwrap(),
+        cols,
+        &pos,
+    );
+    let cpu = Session::from_bytes(&bytes, &options(ExecutionProvider::Cpu)).map_err(|e| format!("{what}: cpu: {e}"))?;
+    let gpu = Session::from_bytes(&bytes, &options(ExecutionProvider::WebGpu))
+        .map_err(|e| format!("{what}: gpu load: {e}"))?;
+    let report = gpu.gpu_placement().ok_or_else(|| format!("{what}: not on the GPU: {:?}", gpu.provider_note()))?;
+    if report.nodes.len() != 1 || report.nodes[0].device != Device::Gpu || report.nodes[0].op != "KilnRotaryEmbedding" {
+        return Err(format!("{what}: not one GPU node: {:?}", report.nodes));
+    }
+    gpu.set_gpu_poison(true);
+    for (backend, s) in [("cpu", &cpu), ("gpu", &gpu)] {
+        let got = s.run(feeds.clone()).map_err(|e| format!("{what}: {backend} run: {e}"))?;
+        let y = got.output("y").unwrap();
+        if y.dims() != xd.as_slice() {
+            return Err(format!("{what}: {backend}: shape {:?}", y.dims()));
+        }
+        for (i, (a, b)) in want.iter().zip(y.to_vec::<f32>().unwrap()).enumerate() {
+            if !((a - b).abs() <= 1e-5 + 1e-5 * a.abs()) {
+                return Err(format!("{what}: {backend}: y[{i}] = {b}, reference {a}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn rotary_embedding_matches_reference_on_gpu() {
+    if !gpu_available() {
+        return;
+    }
+    let mut rng = Rng(seed());
+    let base = Rope {
+        batch: 2,
+        heads: 3,
+        seq: 5,
+        head: 16,
+        rotary_dim: 0,
+        interleaved: false,
+        three_d: false,
+        positions: 1,
+        microsoft: false,
+    };
+    let mut cases = vec![];
+    for interleaved in [false, true] {
+        for three_d in [false, true] {
+            for positions in [0, 1] {
+                for (head, rotary_dim) in [(16, 0), (64, 0), (80, 32), (6, 0)] {
+                    cases.push(Rope { interleaved, three_d, positions, head, rotary_dim, ..base });
+                }
+            }
+            cases.push(Rope { interleaved, three_d, seq: 1, batch: 1, heads: 5, ..base });
+            // com.microsoft: position_ids [batch, seq] or one offset
+            for positions in [1, 2] {
+                cases.push(Rope { interleaved, three_d, positions, microsoft: true, ..base });
+            }
+        }
+    }
+    let failures: Vec<String> = cases.iter().filter_map(|c| run_rope(&mut rng, *c).err()).collect();
+    assert!(failures.is_empty(), "{} of {} cases fail:\n{}", failures.len(), cases.len(), failures.join("\n"));
+}

@@ -277,3 +277,65 @@ pub(crate) fn kernel_for(
     }
     Ok(crate::Kernel::Attention(Box::new(AttentionSpec { config: c.clone() })))
 }
+
+pub use kiln_ops::rotary::{RotaryConfig, RotaryOp};
+
+/// RotaryEmbedding's kernel (`kernels/rope.wgsl`): inputs (input, cos_cache, sin_cache, position_ids?).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RotarySpec {
+    pub config: RotaryConfig,
+}
+
+impl RotarySpec {
+    pub fn arity(&self) -> usize {
+        3 + self.config.has_positions as usize
+    }
+
+    pub fn output_dt(&self, dts: &[DatumType]) -> Option<DatumType> {
+        use DatumType::{F32, I32, I64};
+        let ok = dts.len() == self.arity()
+            && dts[..3].iter().all(|d| *d == F32)
+            && dts.get(3).is_none_or(|d| matches!(d, I64 | I32));
+        ok.then_some(F32)
+    }
+
+    pub fn encode(&self, ctx: &Context, rec: &mut Recorder, inputs: &[&GpuTensor], out: &GpuTensor) -> Result<()> {
+        let c = &self.config;
+        let bad = |m: String| Error::new(format!("webgpu: rotary embedding: {m}"));
+        let g = c.geometry(&inputs[0].shape).map_err(|e| bad(e.to_string()))?;
+        let (cos, sin) = (&inputs[1].shape, &inputs[2].shape);
+        if cos != sin {
+            return Err(bad(format!("cos {cos:?} and sin {sin:?} differ")));
+        }
+        let cols = cos.last().copied().unwrap_or(0);
+        if cols < g.rotary_dim / 2 || cols == 0 {
+            return Err(bad(format!("caches of {cos:?} for a rotary dim of {}", g.rotary_dim)));
+        }
+        let mut flags = c.interleaved as u32;
+        let rows = inputs[1].len() / cols;
+        if c.has_positions {
+            if cos.len() != 2 {
+                return Err(bad(format!("with position_ids the caches must be 2D, got {cos:?}")));
+            }
+            let n = inputs[3].len();
+            flags |= 2;
+            if c.microsoft && n == 1 {
+                flags |= 4;
+            } else if n != g.batch * g.seq {
+                return Err(bad(format!("{n} position_ids for [batch {}, seq {}]", g.batch, g.seq)));
+            }
+        } else if cos.len() != 3 || cos[0] != g.batch || cos[1] != g.seq {
+            return Err(bad(format!("without position_ids the caches must be [batch, seq, half], got {cos:?}")));
+        }
+        let n = out.len();
+        let (gx, gy) = ctx.grid((n as u64).div_ceil(crate::kernels::WG as u64))?;
+        let mut u = vec![u32_of("length", n)?, gx, u32_of("batch", g.batch)?, u32_of("heads", g.heads)?];
+        for x in [g.seq, g.head, g.rotary_dim, cols, g.strides[0], g.strides[1], g.strides[2]] {
+            u.push(u32_of("size", x)?);
+        }
+        u.extend([flags, u32_of("cache rows", rows)?, 0, 0, 0]);
+        let pos = if c.has_positions { inputs[3] } else { inputs[0] };
+        let b = [(1, inputs[0]), (2, inputs[1]), (3, out), (4, inputs[2]), (5, pos)];
+        launch(ctx, rec, "rope", "rope_main", vec![], &u, &b, (gx, gy, 1))
+    }
+}

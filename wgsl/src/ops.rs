@@ -242,6 +242,8 @@ fn kernel_of(model: &TypedModel, node: &TypedNode, caps: &Caps) -> Result<Kernel
         Kernel::Softmax { axis: sm.axes[0], log: sm.kind == SoftmaxKind::LogSoftmax }
     } else if let Some(a) = node.op_as::<crate::attention::AttentionYOp>() {
         crate::attention::kernel_for(model, node, a)?
+    } else if let Some(r) = node.op_as::<crate::attention::RotaryOp>() {
+        Kernel::Rotary(crate::attention::RotarySpec { config: r.config.clone() })
     } else {
         return Err(format!("no kernel for {}", node.op.name()));
     };
