@@ -107,6 +107,11 @@ fn one_node_model(
     .encode_to_vec()
 }
 
+/// |a - b| <= tol·(1 + |a|), false on NaN.
+fn close(a: f32, b: f32, tol: f32) -> bool {
+    (a - b).abs() <= tol + tol * a.abs()
+}
+
 fn options(ep: ExecutionProvider) -> SessionOptions {
     SessionOptions { execution_providers: vec![ep], ..Default::default() }
 }
@@ -291,7 +296,7 @@ fn run_case(rng: &mut Rng, c: Case) -> Result<(), String> {
         }
         let (w, g) = (w.to_vec::<f32>().unwrap(), g.to_vec::<f32>().unwrap());
         for (i, (a, b)) in w.iter().zip(&g).enumerate() {
-            if !((a - b).abs() <= 2e-5 + 2e-5 * a.abs()) {
+            if !close(*a, *b, 2e-5) {
                 return Err(format!("{what}: {name}[{i}]: gpu {b} vs cpu {a}"));
             }
         }
@@ -540,7 +545,7 @@ fn run_rope(rng: &mut Rng, c: Rope) -> Result<(), String> {
             return Err(format!("{what}: {backend}: shape {:?}", y.dims()));
         }
         for (i, (a, b)) in want.iter().zip(y.to_vec::<f32>().unwrap()).enumerate() {
-            if !((a - b).abs() <= 1e-5 + 1e-5 * a.abs()) {
+            if !close(*a, b, 1e-5) {
                 return Err(format!("{what}: {backend}: y[{i}] = {b}, reference {a}"));
             }
         }

@@ -92,7 +92,10 @@ impl AttentionSpec {
         let [_, hkv, l, _] = k;
         let dv = v[3];
         if k[0] != b || v[0] != b || k[3] != dk || v[1] != hkv || v[2] != l {
-            return Err(bad(format!("Q {:?}, K {:?}, V {:?} disagree", inputs[0].shape, inputs[1].shape, inputs[2].shape)));
+            return Err(bad(format!(
+                "Q {:?}, K {:?}, V {:?} disagree",
+                inputs[0].shape, inputs[1].shape, inputs[2].shape
+            )));
         }
         if hkv == 0 || hq % hkv != 0 {
             return Err(bad(format!("{hq} q heads over {hkv} kv heads")));
