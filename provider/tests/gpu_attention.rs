@@ -347,6 +347,12 @@ fn attention_with_past_matches_cpu() {
     }
     cases.push(Case { batch: 2, hq: 9, hkv: 3, past: 300, s: 1, l: 1, causal: true, dk: 80, dv: 80, ..BASE });
     cases.push(Case { batch: 2, hq: 4, hkv: 1, past: 37, s: 1, l: 1, dk: 16, dv: 16, ..BASE });
+    // enough workgroups that the keys are not split (the split path: the cases above with few batch × kv heads)
+    cases.push(Case { batch: 4, hq: 16, hkv: 8, past: 150, s: 1, l: 1, causal: true, dk: 64, dv: 64, ..BASE });
+    cases.push(Case { batch: 3, hq: 12, hkv: 12, past: 77, s: 2, l: 2, mask: Mask::Float, ..BASE });
+    // long decode: many splits, splits past the causal limit and the mask's short last dim
+    cases.push(Case { hq: 6, hkv: 2, past: 1500, s: 1, l: 1, causal: true, mask: Mask::BoolShort, ..BASE });
+    cases.push(Case { hq: 3, hkv: 1, past: 600, s: 3, l: 3, causal: true, dk: 80, dv: 80, ..BASE });
     run_all(&cases);
 }
 

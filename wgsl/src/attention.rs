@@ -18,6 +18,11 @@ use crate::exec::{GpuTensor, Recorder};
 use crate::kernels::{launch, u32_of};
 use crate::{Error, Result};
 
+/// Fewer workgroups than this (per batch, kv head and row block) and the keys are split across workgroups.
+const SPLIT_BELOW: usize = 32;
+/// At most this many key splits.
+const MAX_SPLITS: usize = 32;
+
 /// Largest head size the kernel takes.
 pub const MAX_HEAD: usize = 256;
 
@@ -161,8 +166,14 @@ impl AttentionSpec {
         let wg = 64usize;
         let rows = group * s;
         let blocks = rows.div_ceil(wg);
-        let (gx, gy) = ctx.grid((b * hkv * blocks) as u64)?;
         let dmax = dk.max(dv).max(16).next_power_of_two();
+        // few workgroups (decode: one per batch and kv head) and many keys: the keys are cut across workgroups
+        let groups = b * hkv * blocks;
+        let bk = 2048 / dmax;
+        let splits = if groups < SPLIT_BELOW && total >= 2 * bk { total.div_ceil(bk).min(MAX_SPLITS) } else { 1 };
+        let chunk = total.div_ceil(splits).div_ceil(bk) * bk;
+        let splits = total.div_ceil(chunk.max(1)).max(1);
+        let (gx, gy) = ctx.grid((groups * splits) as u64)?;
         let mut u = vec![];
         for x in [b, hq, s, hkv, l, past, total, dk, dv, group, blocks] {
             u.push(u32_of("attention size", x)?);
@@ -178,11 +189,14 @@ impl AttentionSpec {
         for x in ms {
             u.push(u32_of("stride", x)?);
         }
+        let all_rows = b * hkv * rows;
+        u.extend([u32_of("splits", splits)?, u32_of("chunk", chunk)?, u32_of("rows", all_rows)?, 0]);
         let pick = |ix: Option<usize>| ix.map_or(inputs[0], |i| inputs[i]);
+        let partial = if splits > 1 { Some(rec.alloc(ctx, &[all_rows * splits * (dv + 2)], DatumType::F32)?) } else { None };
         let bindings = [
             (1, inputs[0]),
             (2, inputs[1]),
-            (3, out),
+            (3, partial.as_ref().unwrap_or(out)),
             (4, inputs[2]),
             (5, pick(mask_ix)),
             (6, pick(pk_ix)),
@@ -190,7 +204,15 @@ impl AttentionSpec {
             (8, pick(np_ix)),
         ];
         let spec = vec![("WG", wg.to_string()), ("DMAX", dmax.to_string())];
-        launch(ctx, rec, "attention", "attention_main", spec, &u, &bindings, (gx, gy, 1))
+        launch(ctx, rec, "attention", "attention_main", spec.clone(), &u, &bindings, (gx, gy, 1))?;
+        if let Some(partial) = partial {
+            let (cx, cy) = ctx.grid(((all_rows * dv) as u64).div_ceil(wg as u64))?;
+            u[11] = cx;
+            let b = [(1, &partial), (3, out)];
+            launch(ctx, rec, "attention", "combine_main", spec, &u, &b, (cx, cy, 1))?;
+            rec.release(partial);
+        }
+        Ok(())
     }
 }
 

@@ -30,6 +30,9 @@ struct Params {
     vs: vec4<u32>,
     ys: vec4<u32>,
     ms: vec4<u32>,
+    // KV splits (decode: the keys cut across workgroups, partial results combined by combine_main), keys per
+    // split, rows over all (batch, kv head), -
+    sp: vec4<u32>,
 };
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -76,7 +79,10 @@ fn attention_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
     let cap = bitcast<f32>(p.misc.z);
     let mask_len = p.misc.w;
 
-    let g = group_index(wid, p.d2.w);
+    let splits = max(p.sp.x, 1u);
+    let gs = group_index(wid, p.d2.w);
+    let split = gs % splits;
+    let g = gs / splits;
     // uniform across the workgroup: every invocation takes part in the barriers
     let live = g < batch * hkv * blocks;
     let bh = g / max(blocks, 1u);
@@ -103,6 +109,11 @@ fn attention_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
     if (!live) {
         limit = 0u;
     }
+    var first_key = 0u;
+    if (splits > 1u) {
+        first_key = min(split * p.sp.y, limit);
+        limit = min(limit, first_key + p.sp.y);
+    }
 
     var qr: array<f32, DMAX>;
     var acc: array<f32, DMAX>;
@@ -122,7 +133,7 @@ fn attention_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
         np = u32(max(nonpad[b], 0));
     }
 
-    for (var t0 = 0u; t0 < limit; t0 = t0 + BK) {
+    for (var t0 = first_key; t0 < limit; t0 = t0 + BK) {
         // stage BK keys and values
         for (var e = lid; e < BK * dk; e = e + WG) {
             let jj = e / dk;
@@ -206,6 +217,16 @@ fn attention_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
         }
         workgroupBarrier();
     }
+    if (on_row && splits > 1u) {
+        // partial result of this split: m, l, acc[0..dv]
+        let at = ((bh * rows + r) * splits + split) * (dv + 2u);
+        y[at] = m;
+        y[at + 1u] = l;
+        for (var d = 0u; d < dv; d = d + 1u) {
+            y[at + 2u + d] = acc[d];
+        }
+        return;
+    }
     if (on_row) {
         let yb = b * p.ys.x + h * p.ys.y + i * p.ys.z;
         var inv = 0.0;
@@ -216,4 +237,49 @@ fn attention_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
             y[yb + d] = acc[d] * inv;
         }
     }
+}
+
+// Combines the splits' partial results (binding 1, as attention_main wrote them to its output) into Y: one
+// invocation per (row, channel).
+@compute @workgroup_size(WG)
+fn combine_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let dv = p.d2.x;
+    let f = flat_index(wid, lid, p.d2.w);
+    if (f >= p.sp.z * dv) {
+        return;
+    }
+    let splits = max(p.sp.x, 1u);
+    let row = f / dv;
+    let d = f % dv;
+    let s_len = max(p.d0.z, 1u);
+    let hkv = max(p.d0.w, 1u);
+    let rows = max(p.d2.y * s_len, 1u);
+    let bh = row / rows;
+    let r = row % rows;
+    let b = bh / hkv;
+    let h = (bh % hkv) * p.d2.y + r / s_len;
+    let i = r % s_len;
+    let base = row * splits * (dv + 2u);
+    var mx = NEG_BIG;
+    for (var t = 0u; t < splits; t = t + 1u) {
+        let at = base + t * (dv + 2u);
+        if (q[at + 1u] > 0.0) {
+            mx = max(mx, q[at]);
+        }
+    }
+    var l = 0.0;
+    var acc = 0.0;
+    for (var t = 0u; t < splits; t = t + 1u) {
+        let at = base + t * (dv + 2u);
+        if (q[at + 1u] > 0.0) {
+            let c = exp(q[at] - mx);
+            l = l + c * q[at + 1u];
+            acc = acc + c * q[at + 2u + d];
+        }
+    }
+    var v = 0.0;
+    if (l > 0.0) {
+        v = acc / l;
+    }
+    y[b * p.ys.x + h * p.ys.y + i * p.ys.z + d] = v;
 }
