@@ -167,7 +167,11 @@ fn placement_plan(
             let cheap = match kernels.get(&id) {
                 Some(Ok(k)) => !matches!(
                     k,
-                    Kernel::MatMul { .. } | Kernel::Softmax { .. } | Kernel::Reduce { .. } | Kernel::RmsNorm { .. }
+                    Kernel::MatMul { .. }
+                        | Kernel::Softmax { .. }
+                        | Kernel::Reduce { .. }
+                        | Kernel::RmsNorm { .. }
+                        | Kernel::Attention(_)
                 ),
                 _ => false,
             };

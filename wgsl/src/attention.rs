@@ -192,7 +192,8 @@ impl AttentionSpec {
         let all_rows = b * hkv * rows;
         u.extend([u32_of("splits", splits)?, u32_of("chunk", chunk)?, u32_of("rows", all_rows)?, 0]);
         let pick = |ix: Option<usize>| ix.map_or(inputs[0], |i| inputs[i]);
-        let partial = if splits > 1 { Some(rec.alloc(ctx, &[all_rows * splits * (dv + 2)], DatumType::F32)?) } else { None };
+        let partial =
+            if splits > 1 { Some(rec.alloc(ctx, &[all_rows * splits * (dv + 2)], DatumType::F32)?) } else { None };
         let bindings = [
             (1, inputs[0]),
             (2, inputs[1]),
