@@ -161,6 +161,8 @@ struct Case {
     mask: Mask,
     scale: Option<f32>,
     softcap: f32,
+    /// past_key / past_value given with a length of 0 (a prefill that feeds an empty cache)
+    empty_past: bool,
 }
 
 const BASE: Case = Case {
@@ -177,6 +179,7 @@ const BASE: Case = Case {
     mask: Mask::None,
     scale: None,
     softcap: 0.0,
+    empty_past: false,
 };
 
 fn tensor_f32(rng: &mut Rng, dims: &[usize], lo: f32, hi: f32) -> Tensor {
@@ -251,10 +254,10 @@ fn run_case(rng: &mut Rng, c: Case) -> Result<(), String> {
             inputs.push(("mask".into(), ty, dims));
             feeds.push(("mask".into(), t));
         }
-        None if c.past > 0 => inputs.push((String::new(), 1, vec![])),
+        None if c.past > 0 || c.empty_past => inputs.push((String::new(), 1, vec![])),
         None => {}
     }
-    if c.past > 0 {
+    if c.past > 0 || c.empty_past {
         let pk = vec![c.batch, c.hkv, c.past, c.dk];
         let pv = vec![c.batch, c.hkv, c.past, c.dv];
         inputs.push(("past_key".into(), 1, pk.clone()));
@@ -330,6 +333,11 @@ fn attention_prefill_matches_cpu() {
     cases.push(Case { dk: 16, dv: 80, ..BASE });
     cases.push(Case { s: 3, l: 11, dk: 64, dv: 16, ..BASE });
     cases.push(Case { s: 9, l: 4, causal: true, ..BASE });
+    // one token, no past
+    cases.push(Case { s: 1, l: 1, causal: true, hq: 3, hkv: 1, ..BASE });
+    // an empty past (prefill feeding an empty cache)
+    cases.push(Case { empty_past: true, causal: true, hq: 6, hkv: 2, ..BASE });
+    cases.push(Case { empty_past: true, mask: Mask::Bool, batch: 2, three_d: true, ..BASE });
     run_all(&cases);
 }
 
