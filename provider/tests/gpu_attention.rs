@@ -163,6 +163,8 @@ struct Case {
     softcap: f32,
     /// past_key / past_value given with a length of 0 (a prefill that feeds an empty cache)
     empty_past: bool,
+    /// nonpad_kv_seqlen (opset 24): batch b attends to its first total - 1 - 2b keys (at least one)
+    nonpad: bool,
 }
 
 const BASE: Case = Case {
@@ -180,6 +182,7 @@ const BASE: Case = Case {
     scale: None,
     softcap: 0.0,
     empty_past: false,
+    nonpad: false,
 };
 
 fn tensor_f32(rng: &mut Rng, dims: &[usize], lo: f32, hi: f32) -> Tensor {
@@ -254,7 +257,7 @@ fn run_case(rng: &mut Rng, c: Case) -> Result<(), String> {
             inputs.push(("mask".into(), ty, dims));
             feeds.push(("mask".into(), t));
         }
-        None if c.past > 0 || c.empty_past => inputs.push((String::new(), 1, vec![])),
+        None if c.past > 0 || c.empty_past || c.nonpad => inputs.push((String::new(), 1, vec![])),
         None => {}
     }
     if c.past > 0 || c.empty_past {
@@ -264,6 +267,14 @@ fn run_case(rng: &mut Rng, c: Case) -> Result<(), String> {
         inputs.push(("past_value".into(), 1, pv.clone()));
         feeds.push(("past_key".into(), tensor_f32(rng, &pk, -1.5, 1.5)));
         feeds.push(("past_value".into(), tensor_f32(rng, &pv, -1.0, 1.0)));
+    } else if c.nonpad {
+        inputs.push((String::new(), 1, vec![]));
+        inputs.push((String::new(), 1, vec![]));
+    }
+    if c.nonpad {
+        let n: Vec<i64> = (0..c.batch).map(|b| (total as i64 - 1 - 2 * b as i64).max(1)).collect();
+        inputs.push(("nonpad".into(), 7, vec![c.batch]));
+        feeds.push(("nonpad".into(), Tensor::from_vec(&[c.batch], n).unwrap()));
     }
     let mut attrs = vec![attr_int("is_causal", c.causal as i64)];
     if c.three_d {
@@ -277,7 +288,12 @@ fn run_case(rng: &mut Rng, c: Case) -> Result<(), String> {
         attrs.push(attr_float("softcap", c.softcap));
     }
     let outputs = ["y", "present_key", "present_value"];
-    let bytes = one_node_model("Attention", attrs, &inputs, &outputs);
+    let mut bytes = one_node_model("Attention", attrs, &inputs, &outputs);
+    if c.nonpad {
+        let mut m = pb::ModelProto::decode(&bytes[..]).unwrap();
+        m.opset_import[0].version = 24;
+        bytes = m.encode_to_vec();
+    }
     let cpu = Session::from_bytes(&bytes, &options(ExecutionProvider::Cpu)).map_err(|e| format!("{what}: cpu: {e}"))?;
     let want = cpu.run(feeds.clone()).map_err(|e| format!("{what}: cpu run: {e}"))?;
     let gpu = Session::from_bytes(&bytes, &options(ExecutionProvider::WebGpu))
@@ -388,6 +404,10 @@ fn attention_3d_scale_softcap_match_cpu() {
     }
     cases.push(Case { scale: Some(0.37), ..BASE });
     cases.push(Case { softcap: 1.5, scale: Some(1.0), mask: Mask::Float, ..BASE });
+    // nonpad_kv_seqlen, with and without past and mask, one query or many (split keys and not)
+    cases.push(Case { nonpad: true, batch: 3, ..BASE });
+    cases.push(Case { nonpad: true, batch: 2, past: 200, s: 1, l: 1, hq: 6, hkv: 2, mask: Mask::Bool, ..BASE });
+    cases.push(Case { nonpad: true, batch: 4, past: 9, s: 3, l: 3, causal: true, three_d: true, ..BASE });
     cases.push(Case { softcap: 30.0, past: 4, s: 2, l: 2, causal: true, three_d: true, hq: 6, hkv: 3, ..BASE });
     run_all(&cases);
 }
