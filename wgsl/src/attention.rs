@@ -365,3 +365,215 @@ impl RotarySpec {
         launch(ctx, rec, "rope", "rope_main", vec![], &u, &b, (gx, gy, 1))
     }
 }
+
+/// The outlet a chain of reshapes (AxisOp other than a move) starts from.
+fn before_reshapes(model: &TypedModel, mut o: OutletId) -> OutletId {
+    loop {
+        let n = model.node(o.node);
+        match n.op_as::<AxisOp>() {
+            Some(AxisOp::Move(..)) | None => return o,
+            Some(_) => o = n.inputs[0],
+        }
+    }
+}
+
+/// The only consumer of an outlet, when it has exactly one and is no model output.
+fn sole_successor(model: &TypedModel, o: OutletId) -> Option<usize> {
+    let succ = &model.node(o.node).outputs[o.slot].successors;
+    (succ.len() == 1 && !model.outputs.contains(&o)).then(|| succ[0].node)
+}
+
+/// Follows reshapes downstream (each the sole consumer) from `o`.
+fn after_reshapes(model: &TypedModel, mut o: OutletId) -> OutletId {
+    while let Some(n) = sole_successor(model, o) {
+        match model.node(n).op_as::<AxisOp>() {
+            Some(AxisOp::Move(..)) | None => return o,
+            Some(_) => o = OutletId::new(n, 0),
+        }
+    }
+    o
+}
+
+/// A scalar f32 constant.
+fn scalar_const(model: &TypedModel, o: OutletId) -> Option<f32> {
+    let k = model.outlet_fact(o).ok()?.konst.clone()?;
+    (k.len() == 1 && k.datum_type() == DatumType::F32).then(|| k.cast_to_scalar::<f32>().ok()).flatten()
+}
+
+fn binop_name(node: &TypedNode) -> Option<String> {
+    node.op_as::<tract_onnx::tract_core::ops::binary::TypedBinOp>().map(|b| b.0.name().to_string())
+}
+
+/// Recognises the decomposed attention that exporters emit — `MatMul(Q, Kᵀ)` (· or / a scalar) (+ a float mask)
+/// → Softmax over the keys (→ `Where(IsNaN(p), 0, p)`) → `MatMul(·, V)`, with the batch and head axes merged or
+/// split by reshapes around the matmuls — and computes it with one [`AttentionYOp`] (the fused kernel on the GPU)
+/// on the 4D `[batch, heads, seq, head]` Q, K and V the reshapes start from. Only when K and V have as many heads
+/// (no repeated-K/V GQA yet) and every shape checks; anything else is left alone. Returns how many it fused.
+pub fn fuse_decomposed_attention(model: &mut TypedModel) -> TractResult<usize> {
+    use tract_onnx::tract_core::ops::einsum::prefix_matmul::PrefixMatMul;
+    use tract_onnx::tract_core::ops::logic::Iff;
+    use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
+    let mut done = 0;
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let Some(sm) = node.op_as::<Softmax>() else { continue };
+        let fact = &node.outputs[0].fact;
+        if sm.kind != SoftmaxKind::Softmax
+            || sm.quant_output_dt.is_some()
+            || fact.datum_type != DatumType::F32
+            || fact.rank() != 4
+            || sm.axes.as_slice() != [3]
+        {
+            continue;
+        }
+        let [b, hq, s, t]: [TDim; 4] = [0, 1, 2, 3].map(|i| fact.shape[i].clone());
+        // upstream: (+ mask) (· scale) reshapes MatMul(Q, Kᵀ)
+        let mut x = node.inputs[0];
+        let mut mask = None;
+        if binop_name(model.node(x.node)).as_deref() == Some("Add") {
+            let add = model.node(x.node);
+            let ranks: Vec<usize> =
+                add.inputs.iter().map(|i| model.outlet_fact(*i).map(|f| f.rank()).unwrap_or(0)).collect();
+            // the scores come from a matmul (through reshapes / a scale); the other operand is the mask
+            let from_mm = |o: OutletId| {
+                let mut o = before_reshapes(model, o);
+                if matches!(binop_name(model.node(o.node)).as_deref(), Some("Mul" | "Div")) {
+                    o = before_reshapes(model, model.node(o.node).inputs[0]);
+                }
+                model.node(o.node).op_is::<PrefixMatMul>()
+            };
+            let (si, mi) = if from_mm(add.inputs[0]) { (0, 1) } else { (1, 0) };
+            let mf = model.outlet_fact(add.inputs[mi])?;
+            // numpy broadcasting of the first three axes; the keys' axis whole (the kernel masks past its end)
+            let target = [&b, &hq, &s];
+            let fits = ranks[mi] == 4
+                && mf.datum_type == DatumType::F32
+                && mf.shape[3] == t
+                && (0..3).all(|i| mf.shape[i] == *target[i] || mf.shape[i] == 1.to_dim());
+            if !fits {
+                continue;
+            }
+            mask = Some(add.inputs[mi]);
+            x = add.inputs[si];
+        }
+        let mut scale = 1.0f32;
+        // a scalar scale commutes with reshapes (tract's declutter moves it across them)
+        x = before_reshapes(model, x);
+        if let Some(op) = binop_name(model.node(x.node)).filter(|n| n == "Mul" || n == "Div") {
+            let n = model.node(x.node);
+            let c = if op == "Mul" {
+                scalar_const(model, n.inputs[1]).or(scalar_const(model, n.inputs[0]))
+            } else {
+                scalar_const(model, n.inputs[1]).map(|c| 1.0 / c)
+            };
+            let Some(c) = c.filter(|c| c.is_finite()) else { continue };
+            let data = if scalar_const(model, n.inputs[1]).is_some() { n.inputs[0] } else { n.inputs[1] };
+            scale = c;
+            x = data;
+        }
+        let mm1 = model.node(before_reshapes(model, x).node);
+        let Some(m1) = mm1.op_as::<PrefixMatMul>() else { continue };
+        if m1.transpose_a || !m1.transpose_b || m1.transpose_c || m1.quantize_output.is_some() {
+            continue;
+        }
+        let (qa, kb) = (mm1.inputs[0], mm1.inputs[1]);
+        // downstream: (Where(IsNaN(p), 0, p)) reshapes MatMul(p, V) reshapes
+        let mut p = OutletId::new(id, 0);
+        let succ = &node.outputs[0].successors;
+        if succ.len() == 2 {
+            let (n0, n1) = (model.node(succ[0].node), model.node(succ[1].node));
+            let (isnan, iff) = if n0.op_is::<Iff>() { (n1, n0) } else { (n0, n1) };
+            let ok = iff.op_is::<Iff>()
+                && isnan.op.name().contains("IsNan")
+                && iff.inputs[0] == OutletId::new(isnan.id, 0)
+                && iff.inputs[2] == p
+                && scalar_const(model, iff.inputs[1]) == Some(0.0)
+                && isnan.outputs[0].successors.len() == 1;
+            if !ok {
+                continue;
+            }
+            p = OutletId::new(iff.id, 0);
+        }
+        let p_end = after_reshapes(model, p);
+        let Some(mm2_id) = sole_successor(model, p_end) else { continue };
+        let mm2 = model.node(mm2_id);
+        let Some(m2) = mm2.op_as::<PrefixMatMul>() else { continue };
+        if m2.transpose_a || m2.transpose_b || m2.transpose_c || m2.quantize_output.is_some() || mm2.inputs[0] != p_end
+        {
+            continue;
+        }
+        let vb = mm2.inputs[1];
+        let out = after_reshapes(model, OutletId::new(mm2_id, 0));
+        // the 4D tensors the reshapes start from, and the shapes the matmuls see
+        let q4 = before_reshapes(model, qa);
+        let k4 = before_reshapes(model, kb);
+        let v4 = before_reshapes(model, vb);
+        let shape = |o: OutletId| model.outlet_fact(o).map(|f| f.shape.to_tvec());
+        let (q4s, k4s, v4s, outs) = (shape(q4)?, shape(k4)?, shape(v4)?, shape(out)?);
+        if q4s.len() != 4 || k4s.len() != 4 || v4s.len() != 4 || outs.len() != 4 {
+            continue;
+        }
+        let (hk, hv, dk, dv) = (k4s[1].clone(), v4s[1].clone(), k4s[3].clone(), v4s[3].clone());
+        let four_ok = q4s[0] == b
+            && q4s[1] == hq
+            && q4s[2] == s
+            && q4s[3] == dk
+            && k4s[0] == b
+            && k4s[2] == t
+            && v4s[0] == b
+            && v4s[2] == t
+            && hk == hv
+            && outs.as_slice() == [b.clone(), hq.clone(), s.clone(), dv.clone()];
+        if !four_ok {
+            continue;
+        }
+        // memory order: the matmuls' (batch, m) must enumerate (b, h, s) as the 4D tensors do
+        let (qa_s, kb_s, pa_s, vb_s) = (shape(qa)?, shape(kb)?, shape(p_end)?, shape(vb)?);
+        let batch = |s: &TVec<TDim>| -> TDim { s[..s.len() - 2].iter().cloned().product() };
+        let r = qa_s.len();
+        let r2 = pa_s.len();
+        let mm_ok = r >= 2
+            && kb_s.len() == r
+            && qa_s[..r - 2] == kb_s[..r - 2]
+            && qa_s[r - 2] == s
+            && qa_s[r - 1] == dk
+            && kb_s[r - 2] == t
+            && kb_s[r - 1] == dk
+            && batch(&qa_s) == b.clone() * hq.clone()
+            && r2 >= 2
+            && vb_s.len() == r2
+            && pa_s[..r2 - 2] == vb_s[..r2 - 2]
+            && pa_s[r2 - 1] == t
+            && vb_s[r2 - 2] == t
+            && vb_s[r2 - 1] == dv
+            && batch(&vb_s) == b.clone() * hv.clone()
+            && batch(&pa_s) * pa_s[r2 - 2].clone() == b.clone() * hq.clone() * s.clone();
+        if !mm_ok || [q4, k4, v4].iter().any(|o| model.outlet_fact(*o).map_or(true, |f| f.datum_type != DatumType::F32))
+        {
+            continue;
+        }
+        let config = AttentionConfig {
+            q_num_heads: None,
+            kv_num_heads: None,
+            is_causal: false,
+            scale: Some(scale),
+            softcap: 0.0,
+            qk_mode: 0,
+            has_mask: mask.is_some(),
+            has_past_key: false,
+            has_past_value: false,
+            has_nonpad: false,
+        };
+        let name = model.node(id).name.clone();
+        let mut patch = TypedModelPatch::new(format!("fuse decomposed attention at {name}"));
+        let mut taps = tvec![patch.tap_model(model, q4)?, patch.tap_model(model, k4)?, patch.tap_model(model, v4)?];
+        if let Some(m) = mask {
+            taps.push(patch.tap_model(model, m)?);
+        }
+        let y = patch.wire_node(format!("{name}.attention"), AttentionYOp { config }, &taps)?[0];
+        patch.shunt_outside(model, out, y)?;
+        patch.apply(model)?;
+        done += 1;
+    }
+    Ok(done)
+}
