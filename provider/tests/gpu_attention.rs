@@ -628,6 +628,17 @@ fn tiny_gpt2_optimum_decomposed_attention_fused_on_gpu() {
     fixture("tiny-gpt2/onnx_optimum");
 }
 
+/// GQA: K read from before optimum's repeat_kv (Unsqueeze, Expand, Reshape), V as the grouped matmul reads it.
+#[test]
+fn tiny_llama_optimum_decomposed_gqa_attention_fused_on_gpu() {
+    fixture("tiny-llama/onnx_optimum");
+}
+
+#[test]
+fn tiny_gpt2_dynamo_eager_op20_decomposed_attention_fused_on_gpu() {
+    fixture("tiny-gpt2/onnx_dynamo_eager_op20");
+}
+
 fn node(op: &str, inputs: &[&str], output: &str, attrs: Vec<pb::AttributeProto>) -> pb::NodeProto {
     pb::NodeProto {
         op_type: op.into(),

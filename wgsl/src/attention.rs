@@ -377,6 +377,21 @@ fn before_reshapes(model: &TypedModel, mut o: OutletId) -> OutletId {
     }
 }
 
+/// The earliest rank-4 outlet of the chain of reshapes that ends at `o` (else where the chain starts).
+fn rank4_before_reshapes(model: &TypedModel, mut o: OutletId) -> OutletId {
+    let mut found = None;
+    loop {
+        if model.outlet_fact(o).is_ok_and(|f| f.rank() == 4) {
+            found = Some(o);
+        }
+        let n = model.node(o.node);
+        match n.op_as::<AxisOp>() {
+            Some(AxisOp::Move(..)) | None => return found.unwrap_or(o),
+            Some(_) => o = n.inputs[0],
+        }
+    }
+}
+
 /// The only consumer of an outlet, when it has exactly one and is no model output.
 fn sole_successor(model: &TypedModel, o: OutletId) -> Option<usize> {
     let succ = &model.node(o.node).outputs[o.slot].successors;
@@ -404,11 +419,48 @@ fn binop_name(node: &TypedNode) -> Option<String> {
     node.op_as::<tract_onnx::tract_core::ops::binary::TypedBinOp>().map(|b| b.0.name().to_string())
 }
 
+/// The `[batch, kv_heads, seq, head]` K that a repeat_kv (`Reshape([b, kv, g, t, d] → [b, kv·g, t, d])` of an
+/// `Expand` of an `Unsqueeze(2)`, maybe with a scalar `Mul` on the way) repeated into `k4`, and that scalar.
+fn unrepeat_kv(model: &TypedModel, k4: OutletId, kv_heads: &TDim) -> Option<(OutletId, f32)> {
+    use tract_onnx::tract_core::ops::array::MultiBroadcastTo;
+    let n = model.node(k4.node);
+    match n.op_as::<AxisOp>()? {
+        AxisOp::Reshape(1, from, to) if from.len() == 2 && to.len() == 1 && from[0] == *kv_heads => {}
+        _ => return None,
+    }
+    let mut x = n.inputs[0];
+    let mut scale = 1.0;
+    let mut seen_expand = false;
+    for _ in 0..3 {
+        let m = model.node(x.node);
+        if binop_name(m).as_deref() == Some("Mul") {
+            let (c, data) = match (scalar_const(model, m.inputs[1]), scalar_const(model, m.inputs[0])) {
+                (Some(c), _) => (c, m.inputs[0]),
+                (None, Some(c)) => (c, m.inputs[1]),
+                _ => return None,
+            };
+            scale *= c;
+            x = data;
+        } else if m.op_is::<MultiBroadcastTo>() && !seen_expand {
+            seen_expand = true;
+            x = m.inputs[0];
+        } else if matches!(m.op_as::<AxisOp>(), Some(AxisOp::Add(2))) && seen_expand {
+            let k = m.inputs[0];
+            let f = model.outlet_fact(k).ok()?;
+            return (f.rank() == 4 && f.shape[1] == *kv_heads && scale.is_finite()).then_some((k, scale));
+        } else {
+            return None;
+        }
+    }
+    None
+}
+
 /// Recognises the decomposed attention that exporters emit — `MatMul(Q, Kᵀ)` (· or / a scalar) (+ a float mask)
 /// → Softmax over the keys (→ `Where(IsNaN(p), 0, p)`) → `MatMul(·, V)`, with the batch and head axes merged or
 /// split by reshapes around the matmuls — and computes it with one [`AttentionYOp`] (the fused kernel on the GPU)
-/// on the 4D `[batch, heads, seq, head]` Q, K and V the reshapes start from. Only when K and V have as many heads
-/// (no repeated-K/V GQA yet) and every shape checks; anything else is left alone. Returns how many it fused.
+/// on the 4D `[batch, heads, seq, head]` Q, K and V the reshapes start from (GQA: K from before its repeat_kv, V
+/// as the grouped matmul reads it), when every shape checks; anything else is left alone. Returns how many it
+/// fused.
 pub fn fuse_decomposed_attention(model: &mut TypedModel) -> TractResult<usize> {
     use tract_onnx::tract_core::ops::einsum::prefix_matmul::PrefixMatMul;
     use tract_onnx::tract_core::ops::logic::Iff;
@@ -505,9 +557,9 @@ pub fn fuse_decomposed_attention(model: &mut TypedModel) -> TractResult<usize> {
         let vb = mm2.inputs[1];
         let out = after_reshapes(model, OutletId::new(mm2_id, 0));
         // the 4D tensors the reshapes start from, and the shapes the matmuls see
-        let q4 = before_reshapes(model, qa);
-        let k4 = before_reshapes(model, kb);
-        let v4 = before_reshapes(model, vb);
+        let q4 = rank4_before_reshapes(model, qa);
+        let k4 = rank4_before_reshapes(model, kb);
+        let v4 = rank4_before_reshapes(model, vb);
         let shape = |o: OutletId| model.outlet_fact(o).map(|f| f.shape.to_tvec());
         let (q4s, k4s, v4s, outs) = (shape(q4)?, shape(k4)?, shape(v4)?, shape(out)?);
         if q4s.len() != 4 || k4s.len() != 4 || v4s.len() != 4 || outs.len() != 4 {
@@ -522,7 +574,6 @@ pub fn fuse_decomposed_attention(model: &mut TypedModel) -> TractResult<usize> {
             && k4s[2] == t
             && v4s[0] == b
             && v4s[2] == t
-            && hk == hv
             && outs.as_slice() == [b.clone(), hq.clone(), s.clone(), dv.clone()];
         if !four_ok {
             continue;
@@ -551,6 +602,17 @@ pub fn fuse_decomposed_attention(model: &mut TypedModel) -> TractResult<usize> {
         if !mm_ok || [q4, k4, v4].iter().any(|o| model.outlet_fact(*o).map_or(true, |f| f.datum_type != DatumType::F32))
         {
             continue;
+        }
+        // GQA's repeat_kv: K read from before its repetition (never materialised for the kernel)
+        let mut k4 = k4;
+        if hk != hv {
+            match unrepeat_kv(model, k4, &hv) {
+                Some((k, c)) => {
+                    k4 = k;
+                    scale *= c;
+                }
+                None => continue,
+            }
         }
         let config = AttentionConfig {
             q_num_heads: None,
