@@ -6,6 +6,15 @@
 //! [`AttentionYOp`] (Y alone, reading past and new K/V in place: no concatenated or repeated K/V for the kernel)
 //! plus, where present_key / present_value are used, their concatenation as ordinary nodes (Concat of the past and
 //! the new keys; a 3D K is split into heads and transposed first), which have GPU kernels of their own.
+//!
+//! [`fuse_decomposed_attention`] maps the exporters' decomposed attention (MatMul, scale, mask, Softmax, MatMul,
+//! with GQA's repeat_kv) to the same op; [`RotarySpec`] is RotaryEmbedding's one-dispatch kernel
+//! (`kernels/rope.wgsl`, behind kiln-ops' `RotaryOp`).
+//!
+//! The kernel: one workgroup of 64 rows per (batch, kv head, row block), a row being one (q head of the group,
+//! query); K/V tiles of 2048 floats each in workgroup memory (16 KiB in all); the query and the accumulator in
+//! registers (head sizes up to 256); when there are fewer than 32 workgroups (decode), the keys are split across
+//! up to 32 workgroups and a second dispatch (`combine_main`) merges their partial softmax states.
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
