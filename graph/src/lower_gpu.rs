@@ -62,6 +62,8 @@ pub fn lower(model: &TypedModel, caps: &Caps) -> Result<Lowered> {
     let mut src = model.clone();
     rewrite_einsum_to_prefix_matmul(&mut src, true).map_err(tract_err("rewriting einsums as matmuls"))?;
     split_large_weights(&mut src, caps)?;
+    kiln_wgsl::attention::split_attention(&mut src).map_err(tract_err("splitting attention nodes"))?;
+    kiln_wgsl::attention::fuse_decomposed_attention(&mut src).map_err(tract_err("fusing decomposed attention"))?;
     let mut target = TypedModel { symbols: src.symbols.clone(), ..TypedModel::default() };
     let mut host: HashMap<OutletId, OutletId> = HashMap::new();
     let mut dev: HashMap<OutletId, OutletId> = HashMap::new();
@@ -171,6 +173,7 @@ fn placement_plan(
                         | Kernel::Softmax { .. }
                         | Kernel::Reduce { .. }
                         | Kernel::RmsNorm { .. }
+                        | Kernel::Attention(_)
                 ),
                 _ => false,
             };

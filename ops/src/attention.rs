@@ -597,3 +597,37 @@ impl AttentionOp {
         ])
     }
 }
+
+/// Attention's Y alone (the other outputs unused or computed by other nodes): what kiln's GPU lowering places on
+/// the GPU. Same inputs as [`AttentionOp`]; its CPU evaluation is [`AttentionOp`]'s first output.
+#[derive(Debug, Clone, Hash, PartialEq, Eq)]
+pub struct AttentionYOp {
+    pub config: AttentionConfig,
+}
+
+impl Op for AttentionYOp {
+    fn name(&self) -> StaticName {
+        "KilnAttentionY".into()
+    }
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!("{:?}", self.config)])
+    }
+    core::op_as_typed_op!();
+}
+
+impl TypedOp for AttentionYOp {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let all = AttentionOp { config: self.config.clone() }.output_facts(inputs)?;
+        Ok(tvec![all[0].clone()])
+    }
+    core::as_op!();
+}
+
+impl EvalOp for AttentionYOp {
+    core::op_out_of_plan!();
+
+    fn eval(&self, ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let mut all = AttentionOp { config: self.config.clone() }.eval(ctx, inputs)?;
+        Ok(tvec![all.swap_remove(0)])
+    }
+}

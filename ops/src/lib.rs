@@ -34,6 +34,7 @@ pub mod pad;
 pub mod prelu;
 pub mod reverse_sequence;
 pub mod roi_align;
+pub mod rotary;
 pub mod softmax;
 pub mod softmax_cross_entropy_loss;
 pub mod string_concat;
@@ -102,6 +103,7 @@ pub fn register(reg: &mut OnnxOpRegister) {
 /// Every op kiln registers: (op type, builder). Each builder checks the node's domain first.
 pub const KILN_OPS: &[(&str, OpBuilder)] = &[
     ("Attention", onnx_domain_only!(attention::build)),
+    ("RotaryEmbedding", rotary::build),
     ("Flatten", onnx_domain_only!(flatten::build)),
     ("Pad", onnx_domain_only!(pad::build)),
     ("Gemm", onnx_domain_only!(gemm::build)),

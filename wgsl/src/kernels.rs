@@ -17,6 +17,8 @@ pub const LAYOUT_WGSL: &str = include_str!("kernels/layout.wgsl");
 pub const REDUCE_WGSL: &str = include_str!("kernels/reduce.wgsl");
 pub const SCAN_WGSL: &str = include_str!("kernels/scan.wgsl");
 pub const QMATMUL_WGSL: &str = include_str!("kernels/qmatmul.wgsl");
+pub const ATTENTION_WGSL: &str = include_str!("kernels/attention.wgsl");
+pub const ROPE_WGSL: &str = include_str!("kernels/rope.wgsl");
 
 /// Ranks the elementwise and matmul uniforms have room for.
 pub const MAX_RANK: usize = 8;
@@ -418,6 +420,10 @@ pub enum Kernel {
     Fused(Box<FusedProgram>),
     /// com.microsoft MatMulNBits, dequantizing in the kernel: inputs (A, packed B, scales[, zero points]).
     QMatMul(crate::qmatmul::QMatMul),
+    /// ONNX Attention's Y, fused (crate::attention).
+    Attention(Box<crate::attention::AttentionSpec>),
+    /// RotaryEmbedding (crate::attention).
+    Rotary(crate::attention::RotarySpec),
 }
 
 /// How [`Kernel::Pad`] fills the border.
@@ -485,6 +491,8 @@ fn shader_source(family: &str, spec: &[(&'static str, String)]) -> Result<String
         "reduce" => REDUCE_WGSL,
         "scan" => SCAN_WGSL,
         "qmatmul" => QMATMUL_WGSL,
+        "attention" => ATTENTION_WGSL,
+        "rope" => ROPE_WGSL,
         other => return Err(Error::new(format!("webgpu: no kernel family {other}"))),
     };
     let mut text = format!("{PRELUDE_WGSL}\n{body}");
@@ -675,6 +683,8 @@ impl Kernel {
             Kernel::Range { .. } => "Range".into(),
             Kernel::Fused(p) => p.name(),
             Kernel::QMatMul(_) => "MatMulNBits".into(),
+            Kernel::Attention(_) => "Attention".into(),
+            Kernel::Rotary(_) => "RotaryEmbedding".into(),
         }
     }
 
@@ -720,6 +730,8 @@ impl Kernel {
             Kernel::Reduce { op, .. } if op.is_arg() => all(F32).then_some(I64),
             Kernel::Fused(p) => dts.iter().all(|d| matches!(*d, F32 | Bool)).then_some(p.out_dt),
             Kernel::QMatMul(_) => (first == Some(F32)).then_some(F32),
+            Kernel::Attention(a) => a.output_dt(dts),
+            Kernel::Rotary(r) => r.output_dt(dts),
             _ => all(F32).then_some(F32),
         }
     }
@@ -748,6 +760,8 @@ impl Kernel {
             Kernel::Concat { inputs, .. } => *inputs,
             Kernel::Fused(p) => p.inputs,
             Kernel::QMatMul(q) => q.arity(),
+            Kernel::Attention(a) => a.arity(),
+            Kernel::Rotary(r) => r.arity(),
         }
     }
 
@@ -819,6 +833,8 @@ impl Kernel {
                 Ok(s)
             }
             Kernel::View(v) => v.output_shape(inputs[0], syms),
+            Kernel::Attention(a) => a.output_shape(inputs),
+            Kernel::Rotary(_) => Ok(inputs[0].into()),
             Kernel::MoveAxis { from, to } => {
                 let perm = move_axis_perm(inputs[0].len(), *from, *to)?;
                 Ok(perm.iter().map(|p| inputs[0][*p]).collect())
@@ -948,6 +964,8 @@ impl Kernel {
         match self {
             Kernel::View(_) | Kernel::Fused(_) => {}
             Kernel::QMatMul(q) => q.encode(ctx, rec, inputs, &out)?,
+            Kernel::Attention(a) => a.encode(ctx, rec, inputs, &out)?,
+            Kernel::Rotary(r) => r.encode(ctx, rec, inputs, &out)?,
             Kernel::Unary(op) => {
                 let mut u = vec![u32_of("length", n)?, 1, gx, 0];
                 u.extend([0u32; 32]);

@@ -4,6 +4,7 @@
 //!
 //! Native shader text never contains `enable subgroups;` (naga rejects it).
 
+pub mod attention;
 pub mod context;
 pub mod exec;
 pub mod fused;

@@ -242,6 +242,10 @@ fn kernel_of(model: &TypedModel, node: &TypedNode, caps: &Caps) -> Result<Kernel
             return Err("softmax over several axes or quantized".into());
         }
         Kernel::Softmax { axis: sm.axes[0], log: sm.kind == SoftmaxKind::LogSoftmax }
+    } else if let Some(a) = node.op_as::<crate::attention::AttentionYOp>() {
+        crate::attention::kernel_for(model, node, a)?
+    } else if let Some(r) = node.op_as::<crate::attention::RotaryOp>() {
+        Kernel::Rotary(crate::attention::RotarySpec { config: r.config.clone() })
     } else {
         // shape arithmetic (tract's TDim values) is host work, whatever op wraps it
         if node.outputs.iter().any(|o| o.fact.datum_type == DatumType::TDim) {

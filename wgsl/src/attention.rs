@@ -1,0 +1,650 @@
+//! ONNX Attention on the GPU: the fused kernel (`kernels/attention.wgsl`) behind kiln's [`AttentionYOp`], and the
+//! graph pass that gives the lowering that op.
+//!
+//! kiln's typed `AttentionOp` has four outputs (Y, present_key, present_value, qk_matmul_output); a GPU kernel has
+//! one. [`split_attention`] rewrites each f32 Attention node whose qk_matmul_output nobody reads into an
+//! [`AttentionYOp`] (Y alone, reading past and new K/V in place: no concatenated or repeated K/V for the kernel)
+//! plus, where present_key / present_value are used, their concatenation as ordinary nodes (Concat of the past and
+//! the new keys; a 3D K is split into heads and transposed first), which have GPU kernels of their own.
+//!
+//! [`fuse_decomposed_attention`] maps the exporters' decomposed attention (MatMul, scale, mask, Softmax, MatMul,
+//! with GQA's repeat_kv) to the same op; [`RotarySpec`] is RotaryEmbedding's one-dispatch kernel
+//! (`kernels/rope.wgsl`, behind kiln-ops' `RotaryOp`).
+//!
+//! The kernel: one workgroup of 64 rows per (batch, kv head, row block), a row being one (q head of the group,
+//! query); K/V tiles of 2048 floats each in workgroup memory (16 KiB in all); the query and the accumulator in
+//! registers (head sizes up to 256); when there are fewer than 32 workgroups (decode), the keys are split across
+//! up to 32 workgroups and a second dispatch (`combine_main`) merges their partial softmax states.
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::array::TypedConcat;
+
+pub use kiln_ops::attention::{AttentionConfig, AttentionOp, AttentionYOp};
+
+use crate::context::Context;
+use crate::exec::{GpuTensor, Recorder};
+use crate::kernels::{launch, u32_of};
+use crate::{Error, Result};
+
+/// Fewer workgroups than this (per batch, kv head and row block) and the keys are split across workgroups.
+const SPLIT_BELOW: usize = 32;
+/// At most this many key splits.
+const MAX_SPLITS: usize = 32;
+
+/// Largest head size the kernel takes.
+pub const MAX_HEAD: usize = 256;
+
+/// The kernel's specialisation: what of the node's configuration is fixed (sizes come at run time).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct AttentionSpec {
+    pub config: AttentionConfig,
+}
+
+impl AttentionSpec {
+    pub fn arity(&self) -> usize {
+        let c = &self.config;
+        3 + c.has_mask as usize + c.has_past_key as usize + c.has_past_value as usize + c.has_nonpad as usize
+    }
+
+    fn slots(&self) -> [Option<usize>; 4] {
+        let c = &self.config;
+        let mut at = 3;
+        let mut next = |on: bool| {
+            on.then(|| {
+                at += 1;
+                at - 1
+            })
+        };
+        [next(c.has_mask), next(c.has_past_key), next(c.has_past_value), next(c.has_nonpad)]
+    }
+
+    /// Inputs: Q, K, V f32; the mask bool or f32; past f32; nonpad i64 / i32. Output: f32.
+    pub fn output_dt(&self, dts: &[DatumType]) -> Option<DatumType> {
+        use DatumType::{Bool, F32, I32, I64};
+        if dts.len() != self.arity() || dts[..3].iter().any(|d| *d != F32) {
+            return None;
+        }
+        let [mask, pk, pv, np] = self.slots();
+        let ok = mask.is_none_or(|i| matches!(dts[i], Bool | F32))
+            && pk.is_none_or(|i| dts[i] == F32)
+            && pv.is_none_or(|i| dts[i] == F32)
+            && np.is_none_or(|i| matches!(dts[i], I64 | I32));
+        ok.then_some(F32)
+    }
+
+    /// The [batch, heads, seq, head] reading of a 3D or 4D Q / K / V, with its element strides (batch, head, seq).
+    fn view(shape: &[usize], heads: Option<usize>, what: &str) -> Result<([usize; 4], [usize; 3])> {
+        match *shape {
+            [b, h, s, d] => Ok(([b, h, s, d], [h * s * d, s * d, d])),
+            [b, s, hidden] => {
+                let h = heads.ok_or_else(|| Error::new(format!("webgpu: attention: 3D {what} needs its heads")))?;
+                if h == 0 || hidden % h != 0 {
+                    return Err(Error::new(format!("webgpu: attention: {what} hidden {hidden} over {h} heads")));
+                }
+                let d = hidden / h;
+                Ok(([b, h, s, d], [s * hidden, d, hidden]))
+            }
+            _ => Err(Error::new(format!("webgpu: attention: {what} of shape {shape:?}"))),
+        }
+    }
+
+    pub fn output_shape(&self, inputs: &[&[usize]]) -> Result<TVec<usize>> {
+        let c = &self.config;
+        let (q, _) = Self::view(inputs[0], c.q_num_heads, "Q")?;
+        let (v, _) = Self::view(inputs[2], c.kv_num_heads, "V")?;
+        Ok(if inputs[0].len() == 4 { tvec![q[0], q[1], q[2], v[3]] } else { tvec![q[0], q[2], q[1] * v[3]] })
+    }
+
+    pub fn encode(&self, ctx: &Context, rec: &mut Recorder, inputs: &[&GpuTensor], out: &GpuTensor) -> Result<()> {
+        let c = &self.config;
+        let bad = |m: String| Error::new(format!("webgpu: attention: {m}"));
+        let (q, qs) = Self::view(&inputs[0].shape, c.q_num_heads, "Q")?;
+        let (k, ks) = Self::view(&inputs[1].shape, c.kv_num_heads, "K")?;
+        let (v, vs) = Self::view(&inputs[2].shape, c.kv_num_heads, "V")?;
+        let [b, hq, s, dk] = q;
+        let [_, hkv, l, _] = k;
+        let dv = v[3];
+        if k[0] != b || v[0] != b || k[3] != dk || v[1] != hkv || v[2] != l {
+            return Err(bad(format!(
+                "Q {:?}, K {:?}, V {:?} disagree",
+                inputs[0].shape, inputs[1].shape, inputs[2].shape
+            )));
+        }
+        if hkv == 0 || hq % hkv != 0 {
+            return Err(bad(format!("{hq} q heads over {hkv} kv heads")));
+        }
+        if dk > MAX_HEAD || dv > MAX_HEAD {
+            return Err(bad(format!("head sizes {dk} / {dv} over {MAX_HEAD}")));
+        }
+        let [mask_ix, pk_ix, pv_ix, np_ix] = self.slots();
+        let mut past = 0;
+        for (ix, d) in [(pk_ix, dk), (pv_ix, dv)] {
+            if let Some(ix) = ix {
+                let ps = &inputs[ix].shape;
+                if ps.len() != 4 || ps[0] != b || ps[1] != hkv || ps[3] != d {
+                    return Err(bad(format!("past of shape {ps:?} for [{b}, {hkv}, past, {d}]")));
+                }
+                past = ps[2];
+            }
+        }
+        if let (Some(a), Some(bb)) = (pk_ix, pv_ix) {
+            if inputs[a].shape[2] != inputs[bb].shape[2] {
+                return Err(bad("past_key and past_value lengths differ".into()));
+            }
+        }
+        let total = past + l;
+        let group = hq / hkv;
+        let mut flags = c.is_causal as u32;
+        let mut ms = [0usize; 4];
+        let mut mask_len = 0;
+        if let Some(ix) = mask_ix {
+            let shape = &inputs[ix].shape;
+            if shape.is_empty() || shape.len() > 4 {
+                return Err(bad(format!("mask of shape {shape:?}")));
+            }
+            let mut dims = [1usize; 4];
+            dims[4 - shape.len()..].copy_from_slice(shape);
+            let target = [b, hq, s, total];
+            let mut acc = 1;
+            for i in (0..4).rev() {
+                let ok = if i == 3 { dims[i] <= total } else { dims[i] == target[i] || dims[i] == 1 };
+                if !ok {
+                    return Err(bad(format!("mask {shape:?} does not broadcast to {target:?}")));
+                }
+                ms[i] = if i < 3 && dims[i] == 1 { 0 } else { acc };
+                acc *= dims[i];
+            }
+            mask_len = dims[3];
+            flags |= 2;
+            if inputs[ix].dt == DatumType::Bool {
+                flags |= 4;
+            }
+        }
+        if let Some(ix) = np_ix {
+            if inputs[ix].len() != b {
+                return Err(bad(format!("nonpad_kv_seqlen of {} values for batch {b}", inputs[ix].len())));
+            }
+            flags |= 8;
+        }
+        if c.softcap > 0.0 {
+            flags |= 16;
+        }
+        let scale = c.scale.unwrap_or(1.0 / (dk as f32).sqrt());
+        let ys = if inputs[0].shape.len() == 4 { [hq * s * dv, s * dv, dv] } else { [s * hq * dv, dv, hq * dv] };
+        let wg = 64usize;
+        let rows = group * s;
+        let blocks = rows.div_ceil(wg);
+        let dmax = dk.max(dv).max(16).next_power_of_two();
+        // few workgroups (decode: one per batch and kv head) and many keys: the keys are cut across workgroups
+        let groups = b * hkv * blocks;
+        let bk = 2048 / dmax;
+        let splits = if groups < SPLIT_BELOW && total >= 2 * bk { total.div_ceil(bk).min(MAX_SPLITS) } else { 1 };
+        let chunk = total.div_ceil(splits).div_ceil(bk) * bk;
+        let splits = total.div_ceil(chunk.max(1)).max(1);
+        let (gx, gy) = ctx.grid((groups * splits) as u64)?;
+        let mut u = vec![];
+        for x in [b, hq, s, hkv, l, past, total, dk, dv, group, blocks] {
+            u.push(u32_of("attention size", x)?);
+        }
+        u.push(gx);
+        u.extend([flags, scale.to_bits(), c.softcap.to_bits(), u32_of("mask length", mask_len)?]);
+        for st in [qs, ks, vs, ys] {
+            for x in st {
+                u.push(u32_of("stride", x)?);
+            }
+            u.push(0);
+        }
+        for x in ms {
+            u.push(u32_of("stride", x)?);
+        }
+        let all_rows = b * hkv * rows;
+        u.extend([u32_of("splits", splits)?, u32_of("chunk", chunk)?, u32_of("rows", all_rows)?, 0]);
+        let pick = |ix: Option<usize>| ix.map_or(inputs[0], |i| inputs[i]);
+        let partial =
+            if splits > 1 { Some(rec.alloc(ctx, &[all_rows * splits * (dv + 2)], DatumType::F32)?) } else { None };
+        let bindings = [
+            (1, inputs[0]),
+            (2, inputs[1]),
+            (3, partial.as_ref().unwrap_or(out)),
+            (4, inputs[2]),
+            (5, pick(mask_ix)),
+            (6, pick(pk_ix)),
+            (7, pick(pv_ix)),
+            (8, pick(np_ix)),
+        ];
+        let spec = vec![("WG", wg.to_string()), ("DMAX", dmax.to_string())];
+        launch(ctx, rec, "attention", "attention_main", spec.clone(), &u, &bindings, (gx, gy, 1))?;
+        if let Some(partial) = partial {
+            let (cx, cy) = ctx.grid(((all_rows * dv) as u64).div_ceil(wg as u64))?;
+            u[11] = cx;
+            let b = [(1, &partial), (3, out)];
+            launch(ctx, rec, "attention", "combine_main", spec, &u, &b, (cx, cy, 1))?;
+            rec.release(partial);
+        }
+        Ok(())
+    }
+}
+
+/// Whether an outlet is read (by a node or as a model output).
+fn used(model: &TypedModel, o: OutletId) -> bool {
+    !model.node(o.node).outputs[o.slot].successors.is_empty() || model.outputs.contains(&o)
+}
+
+/// Rewrites kiln's f32 Attention nodes (qk_matmul_output unused) as an [`AttentionYOp`] plus the present_key /
+/// present_value concatenations they feed (see the module's documentation). Returns how many it rewrote.
+pub fn split_attention(model: &mut TypedModel) -> TractResult<usize> {
+    let mut done = 0;
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let Some(op) = node.op_as::<AttentionOp>() else { continue };
+        let config = op.config.clone();
+        if node.outputs.len() != 4 || used(model, OutletId::new(id, 3)) {
+            continue;
+        }
+        if model.outlet_fact(node.inputs[0])?.datum_type != DatumType::F32 {
+            continue;
+        }
+        let name = node.name.clone();
+        let inputs = node.inputs.clone();
+        let mut patch = TypedModelPatch::new(format!("split attention {name}"));
+        let mut taps = tvec![];
+        for i in &inputs {
+            taps.push(patch.tap_model(model, *i)?);
+        }
+        let y = patch.wire_node(format!("{name}.y"), AttentionYOp { config: config.clone() }, &taps)?[0];
+        patch.shunt_outside(model, OutletId::new(id, 0), y)?;
+        let first_past = 3 + config.has_mask as usize;
+        for (which, slot) in [(1usize, 1usize), (2, 2)] {
+            if !used(model, OutletId::new(id, slot)) {
+                continue;
+            }
+            let cur = taps[which];
+            let fact = patch.outlet_fact(cur)?.clone();
+            let four = if fact.rank() == 3 {
+                let heads = config.kv_num_heads.context("Attention: 3D K / V need kv_num_heads")?;
+                let hidden = fact.shape[2].clone();
+                let head = hidden.clone() / heads as u64;
+                let split = AxisOp::Reshape(2, tvec![hidden], tvec![heads.to_dim(), head]);
+                let x = patch.wire_node(format!("{name}.present{which}.heads"), split, &[cur])?[0];
+                patch.wire_node(format!("{name}.present{which}.bhsd"), AxisOp::Move(1, 2), &[x])?[0]
+            } else {
+                cur
+            };
+            let out = if config.has_past_key && config.has_past_value {
+                let past = taps[first_past + which - 1];
+                patch.wire_node(format!("{name}.present{which}"), TypedConcat::new(2), &[past, four])?[0]
+            } else {
+                four
+            };
+            patch.shunt_outside(model, OutletId::new(id, slot), out)?;
+        }
+        patch.apply(model)?;
+        done += 1;
+    }
+    Ok(done)
+}
+
+/// The kernel for an [`AttentionYOp`] node, or why it stays on the CPU: head sizes must be known and at most
+/// [`MAX_HEAD`] (the rest — element types, ranks, sizes — the shared checks of `kernel_for` see to).
+pub(crate) fn kernel_for(
+    model: &TypedModel,
+    node: &TypedNode,
+    op: &AttentionYOp,
+) -> std::result::Result<crate::Kernel, String> {
+    let c = &op.config;
+    let fact = |i: usize| model.outlet_fact(node.inputs[i]).map_err(|e| e.to_string());
+    for (i, heads) in [(0, c.q_num_heads), (1, c.kv_num_heads), (2, c.kv_num_heads)] {
+        let f = fact(i)?;
+        let head = match f.rank() {
+            4 => f.shape[3].clone(),
+            3 => {
+                let h = heads.ok_or("3D attention input without its heads attribute")?;
+                f.shape[2].clone() / h as u64
+            }
+            r => return Err(format!("attention input of rank {r}")),
+        };
+        match head.to_usize() {
+            Ok(d) if d <= MAX_HEAD => {}
+            Ok(d) => return Err(format!("attention head size {d} over {MAX_HEAD}")),
+            Err(_) => return Err(format!("attention head size {head} unknown before the run")),
+        }
+    }
+    Ok(crate::Kernel::Attention(Box::new(AttentionSpec { config: c.clone() })))
+}
+
+pub use kiln_ops::rotary::{RotaryConfig, RotaryOp};
+
+/// RotaryEmbedding's kernel (`kernels/rope.wgsl`): inputs (input, cos_cache, sin_cache, position_ids?).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RotarySpec {
+    pub config: RotaryConfig,
+}
+
+impl RotarySpec {
+    pub fn arity(&self) -> usize {
+        3 + self.config.has_positions as usize
+    }
+
+    pub fn output_dt(&self, dts: &[DatumType]) -> Option<DatumType> {
+        use DatumType::{F32, I32, I64};
+        let ok = dts.len() == self.arity()
+            && dts[..3].iter().all(|d| *d == F32)
+            && dts.get(3).is_none_or(|d| matches!(d, I64 | I32));
+        ok.then_some(F32)
+    }
+
+    pub fn encode(&self, ctx: &Context, rec: &mut Recorder, inputs: &[&GpuTensor], out: &GpuTensor) -> Result<()> {
+        let c = &self.config;
+        let bad = |m: String| Error::new(format!("webgpu: rotary embedding: {m}"));
+        let g = c.geometry(&inputs[0].shape).map_err(|e| bad(e.to_string()))?;
+        let (cos, sin) = (&inputs[1].shape, &inputs[2].shape);
+        if cos != sin {
+            return Err(bad(format!("cos {cos:?} and sin {sin:?} differ")));
+        }
+        let cols = cos.last().copied().unwrap_or(0);
+        if cols < g.rotary_dim / 2 || cols == 0 {
+            return Err(bad(format!("caches of {cos:?} for a rotary dim of {}", g.rotary_dim)));
+        }
+        let mut flags = c.interleaved as u32;
+        let rows = inputs[1].len() / cols;
+        if c.has_positions {
+            if cos.len() != 2 {
+                return Err(bad(format!("with position_ids the caches must be 2D, got {cos:?}")));
+            }
+            let n = inputs[3].len();
+            flags |= 2;
+            if c.microsoft && n == 1 {
+                flags |= 4;
+            } else if n != g.batch * g.seq {
+                return Err(bad(format!("{n} position_ids for [batch {}, seq {}]", g.batch, g.seq)));
+            }
+        } else if cos.len() != 3 || cos[0] != g.batch || cos[1] != g.seq {
+            return Err(bad(format!("without position_ids the caches must be [batch, seq, half], got {cos:?}")));
+        }
+        let n = out.len();
+        let (gx, gy) = ctx.grid((n as u64).div_ceil(crate::kernels::WG as u64))?;
+        let mut u = vec![u32_of("length", n)?, gx, u32_of("batch", g.batch)?, u32_of("heads", g.heads)?];
+        for x in [g.seq, g.head, g.rotary_dim, cols, g.strides[0], g.strides[1], g.strides[2]] {
+            u.push(u32_of("size", x)?);
+        }
+        u.extend([flags, u32_of("cache rows", rows)?, 0, 0, 0]);
+        let pos = if c.has_positions { inputs[3] } else { inputs[0] };
+        let b = [(1, inputs[0]), (2, inputs[1]), (3, out), (4, inputs[2]), (5, pos)];
+        launch(ctx, rec, "rope", "rope_main", vec![], &u, &b, (gx, gy, 1))
+    }
+}
+
+/// The outlet a chain of reshapes (AxisOp other than a move) starts from.
+fn before_reshapes(model: &TypedModel, mut o: OutletId) -> OutletId {
+    loop {
+        let n = model.node(o.node);
+        match n.op_as::<AxisOp>() {
+            Some(AxisOp::Move(..)) | None => return o,
+            Some(_) => o = n.inputs[0],
+        }
+    }
+}
+
+/// The earliest rank-4 outlet of the chain of reshapes that ends at `o` (else where the chain starts).
+fn rank4_before_reshapes(model: &TypedModel, mut o: OutletId) -> OutletId {
+    let mut found = None;
+    loop {
+        if model.outlet_fact(o).is_ok_and(|f| f.rank() == 4) {
+            found = Some(o);
+        }
+        let n = model.node(o.node);
+        match n.op_as::<AxisOp>() {
+            Some(AxisOp::Move(..)) | None => return found.unwrap_or(o),
+            Some(_) => o = n.inputs[0],
+        }
+    }
+}
+
+/// The only consumer of an outlet, when it has exactly one and is no model output.
+fn sole_successor(model: &TypedModel, o: OutletId) -> Option<usize> {
+    let succ = &model.node(o.node).outputs[o.slot].successors;
+    (succ.len() == 1 && !model.outputs.contains(&o)).then(|| succ[0].node)
+}
+
+/// Follows reshapes downstream (each the sole consumer) from `o`.
+fn after_reshapes(model: &TypedModel, mut o: OutletId) -> OutletId {
+    while let Some(n) = sole_successor(model, o) {
+        match model.node(n).op_as::<AxisOp>() {
+            Some(AxisOp::Move(..)) | None => return o,
+            Some(_) => o = OutletId::new(n, 0),
+        }
+    }
+    o
+}
+
+/// A scalar f32 constant.
+fn scalar_const(model: &TypedModel, o: OutletId) -> Option<f32> {
+    let k = model.outlet_fact(o).ok()?.konst.clone()?;
+    (k.len() == 1 && k.datum_type() == DatumType::F32).then(|| k.cast_to_scalar::<f32>().ok()).flatten()
+}
+
+fn binop_name(node: &TypedNode) -> Option<String> {
+    node.op_as::<tract_onnx::tract_core::ops::binary::TypedBinOp>().map(|b| b.0.name().to_string())
+}
+
+/// The `[batch, kv_heads, seq, head]` K that a repeat_kv (`Reshape([b, kv, g, t, d] → [b, kv·g, t, d])` of an
+/// `Expand` of an `Unsqueeze(2)`, maybe with a scalar `Mul` on the way) repeated into `k4`, and that scalar.
+fn unrepeat_kv(model: &TypedModel, k4: OutletId, kv_heads: &TDim) -> Option<(OutletId, f32)> {
+    use tract_onnx::tract_core::ops::array::MultiBroadcastTo;
+    let n = model.node(k4.node);
+    match n.op_as::<AxisOp>()? {
+        AxisOp::Reshape(1, from, to) if from.len() == 2 && to.len() == 1 && from[0] == *kv_heads => {}
+        _ => return None,
+    }
+    let mut x = n.inputs[0];
+    let mut scale = 1.0;
+    let mut seen_expand = false;
+    for _ in 0..3 {
+        let m = model.node(x.node);
+        if binop_name(m).as_deref() == Some("Mul") {
+            let (c, data) = match (scalar_const(model, m.inputs[1]), scalar_const(model, m.inputs[0])) {
+                (Some(c), _) => (c, m.inputs[0]),
+                (None, Some(c)) => (c, m.inputs[1]),
+                _ => return None,
+            };
+            scale *= c;
+            x = data;
+        } else if m.op_is::<MultiBroadcastTo>() && !seen_expand {
+            seen_expand = true;
+            x = m.inputs[0];
+        } else if matches!(m.op_as::<AxisOp>(), Some(AxisOp::Add(2))) && seen_expand {
+            let k = m.inputs[0];
+            let f = model.outlet_fact(k).ok()?;
+            return (f.rank() == 4 && f.shape[1] == *kv_heads && scale.is_finite()).then_some((k, scale));
+        } else {
+            return None;
+        }
+    }
+    None
+}
+
+/// Recognises the decomposed attention that exporters emit — `MatMul(Q, Kᵀ)` (· or / a scalar) (+ a float mask)
+/// → Softmax over the keys (→ `Where(IsNaN(p), 0, p)`) → `MatMul(·, V)`, with the batch and head axes merged or
+/// split by reshapes around the matmuls — and computes it with one [`AttentionYOp`] (the fused kernel on the GPU)
+/// on the 4D `[batch, heads, seq, head]` Q, K and V the reshapes start from (GQA: K from before its repeat_kv, V
+/// as the grouped matmul reads it), when every shape checks; anything else is left alone. Returns how many it
+/// fused.
+pub fn fuse_decomposed_attention(model: &mut TypedModel) -> TractResult<usize> {
+    use tract_onnx::tract_core::ops::einsum::prefix_matmul::PrefixMatMul;
+    use tract_onnx::tract_core::ops::logic::Iff;
+    use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
+    let mut done = 0;
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let Some(sm) = node.op_as::<Softmax>() else { continue };
+        let fact = &node.outputs[0].fact;
+        if sm.kind != SoftmaxKind::Softmax
+            || sm.quant_output_dt.is_some()
+            || fact.datum_type != DatumType::F32
+            || fact.rank() != 4
+            || sm.axes.as_slice() != [3]
+        {
+            continue;
+        }
+        let [b, hq, s, t]: [TDim; 4] = [0, 1, 2, 3].map(|i| fact.shape[i].clone());
+        // upstream: (+ mask) (· scale) reshapes MatMul(Q, Kᵀ)
+        let mut x = node.inputs[0];
+        let mut mask = None;
+        if binop_name(model.node(x.node)).as_deref() == Some("Add") {
+            let add = model.node(x.node);
+            let ranks: Vec<usize> =
+                add.inputs.iter().map(|i| model.outlet_fact(*i).map(|f| f.rank()).unwrap_or(0)).collect();
+            // the scores come from a matmul (through reshapes / a scale); the other operand is the mask
+            let from_mm = |o: OutletId| {
+                let mut o = before_reshapes(model, o);
+                if matches!(binop_name(model.node(o.node)).as_deref(), Some("Mul" | "Div")) {
+                    o = before_reshapes(model, model.node(o.node).inputs[0]);
+                }
+                model.node(o.node).op_is::<PrefixMatMul>()
+            };
+            let (si, mi) = if from_mm(add.inputs[0]) { (0, 1) } else { (1, 0) };
+            let mf = model.outlet_fact(add.inputs[mi])?;
+            // numpy broadcasting of the first three axes; the keys' axis whole (the kernel masks past its end)
+            let target = [&b, &hq, &s];
+            let fits = ranks[mi] == 4
+                && mf.datum_type == DatumType::F32
+                && mf.shape[3] == t
+                && (0..3).all(|i| mf.shape[i] == *target[i] || mf.shape[i] == 1.to_dim());
+            if !fits {
+                continue;
+            }
+            mask = Some(add.inputs[mi]);
+            x = add.inputs[si];
+        }
+        let mut scale = 1.0f32;
+        // a scalar scale commutes with reshapes (tract's declutter moves it across them)
+        x = before_reshapes(model, x);
+        if let Some(op) = binop_name(model.node(x.node)).filter(|n| n == "Mul" || n == "Div") {
+            let n = model.node(x.node);
+            let c = if op == "Mul" {
+                scalar_const(model, n.inputs[1]).or(scalar_const(model, n.inputs[0]))
+            } else {
+                scalar_const(model, n.inputs[1]).map(|c| 1.0 / c)
+            };
+            let Some(c) = c.filter(|c| c.is_finite()) else { continue };
+            let data = if scalar_const(model, n.inputs[1]).is_some() { n.inputs[0] } else { n.inputs[1] };
+            scale = c;
+            x = data;
+        }
+        let mm1 = model.node(before_reshapes(model, x).node);
+        let Some(m1) = mm1.op_as::<PrefixMatMul>() else { continue };
+        if m1.transpose_a || !m1.transpose_b || m1.transpose_c || m1.quantize_output.is_some() {
+            continue;
+        }
+        let (qa, kb) = (mm1.inputs[0], mm1.inputs[1]);
+        // downstream: (Where(IsNaN(p), 0, p)) reshapes MatMul(p, V) reshapes
+        let mut p = OutletId::new(id, 0);
+        let succ = &node.outputs[0].successors;
+        if succ.len() == 2 {
+            let (n0, n1) = (model.node(succ[0].node), model.node(succ[1].node));
+            let (isnan, iff) = if n0.op_is::<Iff>() { (n1, n0) } else { (n0, n1) };
+            let ok = iff.op_is::<Iff>()
+                && isnan.op.name().contains("IsNan")
+                && iff.inputs[0] == OutletId::new(isnan.id, 0)
+                && iff.inputs[2] == p
+                && scalar_const(model, iff.inputs[1]) == Some(0.0)
+                && isnan.outputs[0].successors.len() == 1;
+            if !ok {
+                continue;
+            }
+            p = OutletId::new(iff.id, 0);
+        }
+        let p_end = after_reshapes(model, p);
+        let Some(mm2_id) = sole_successor(model, p_end) else { continue };
+        let mm2 = model.node(mm2_id);
+        let Some(m2) = mm2.op_as::<PrefixMatMul>() else { continue };
+        if m2.transpose_a || m2.transpose_b || m2.transpose_c || m2.quantize_output.is_some() || mm2.inputs[0] != p_end
+        {
+            continue;
+        }
+        let vb = mm2.inputs[1];
+        let out = after_reshapes(model, OutletId::new(mm2_id, 0));
+        // the 4D tensors the reshapes start from, and the shapes the matmuls see
+        let q4 = rank4_before_reshapes(model, qa);
+        let k4 = rank4_before_reshapes(model, kb);
+        let v4 = rank4_before_reshapes(model, vb);
+        let shape = |o: OutletId| model.outlet_fact(o).map(|f| f.shape.to_tvec());
+        let (q4s, k4s, v4s, outs) = (shape(q4)?, shape(k4)?, shape(v4)?, shape(out)?);
+        if q4s.len() != 4 || k4s.len() != 4 || v4s.len() != 4 || outs.len() != 4 {
+            continue;
+        }
+        let (hk, hv, dk, dv) = (k4s[1].clone(), v4s[1].clone(), k4s[3].clone(), v4s[3].clone());
+        let four_ok = q4s[0] == b
+            && q4s[1] == hq
+            && q4s[2] == s
+            && q4s[3] == dk
+            && k4s[0] == b
+            && k4s[2] == t
+            && v4s[0] == b
+            && v4s[2] == t
+            && outs.as_slice() == [b.clone(), hq.clone(), s.clone(), dv.clone()];
+        if !four_ok {
+            continue;
+        }
+        // memory order: the matmuls' (batch, m) must enumerate (b, h, s) as the 4D tensors do
+        let (qa_s, kb_s, pa_s, vb_s) = (shape(qa)?, shape(kb)?, shape(p_end)?, shape(vb)?);
+        let batch = |s: &TVec<TDim>| -> TDim { s[..s.len() - 2].iter().cloned().product() };
+        let r = qa_s.len();
+        let r2 = pa_s.len();
+        let mm_ok = r >= 2
+            && kb_s.len() == r
+            && qa_s[..r - 2] == kb_s[..r - 2]
+            && qa_s[r - 2] == s
+            && qa_s[r - 1] == dk
+            && kb_s[r - 2] == t
+            && kb_s[r - 1] == dk
+            && batch(&qa_s) == b.clone() * hq.clone()
+            && r2 >= 2
+            && vb_s.len() == r2
+            && pa_s[..r2 - 2] == vb_s[..r2 - 2]
+            && pa_s[r2 - 1] == t
+            && vb_s[r2 - 2] == t
+            && vb_s[r2 - 1] == dv
+            && batch(&vb_s) == b.clone() * hv.clone()
+            && batch(&pa_s) * pa_s[r2 - 2].clone() == b.clone() * hq.clone() * s.clone();
+        if !mm_ok || [q4, k4, v4].iter().any(|o| model.outlet_fact(*o).map_or(true, |f| f.datum_type != DatumType::F32))
+        {
+            continue;
+        }
+        // GQA's repeat_kv: K read from before its repetition (never materialised for the kernel)
+        let mut k4 = k4;
+        if hk != hv {
+            match unrepeat_kv(model, k4, &hv) {
+                Some((k, c)) => {
+                    k4 = k;
+                    scale *= c;
+                }
+                None => continue,
+            }
+        }
+        let config = AttentionConfig {
+            q_num_heads: None,
+            kv_num_heads: None,
+            is_causal: false,
+            scale: Some(scale),
+            softcap: 0.0,
+            qk_mode: 0,
+            has_mask: mask.is_some(),
+            has_past_key: false,
+            has_past_value: false,
+            has_nonpad: false,
+        };
+        let name = model.node(id).name.clone();
+        let mut patch = TypedModelPatch::new(format!("fuse decomposed attention at {name}"));
+        let mut taps = tvec![patch.tap_model(model, q4)?, patch.tap_model(model, k4)?, patch.tap_model(model, v4)?];
+        if let Some(m) = mask {
+            taps.push(patch.tap_model(model, m)?);
+        }
+        let y = patch.wire_node(format!("{name}.attention"), AttentionYOp { config }, &taps)?[0];
+        patch.shunt_outside(model, out, y)?;
+        patch.apply(model)?;
+        done += 1;
+    }
+    Ok(done)
+}

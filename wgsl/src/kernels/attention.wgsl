@@ -1,0 +1,285 @@
+// Fused attention (ONNX Attention's Y): scores, mask, causal cut, softcap and softmax never leave registers — an
+// online (flash-style) softmax over K/V tiles staged in workgroup memory, no S×T matrix anywhere.
+//
+// One workgroup per (batch, kv head, block of WG rows); a row is one (q head of the kv head's group, query)
+// pair, so the q heads that share a kv head (GQA) share its K/V tiles and K/V are never repeated. Each invocation
+// owns one row: its query and its accumulator in registers.
+// Keys 0..past come from past_key / past_value ([batch, kv_heads, past, head], contiguous), keys past.. from K / V
+// (3D or 4D, through strides). Masked keys (bool mask false, float mask -inf, beyond the mask's last dim, causal
+// j > i + past, j >= nonpad_kv_seqlen[b]) take no weight; a row with every key masked is zeros.
+//
+// {{DMAX}}: head sizes up to DMAX (a power of two); tiles hold TILE / DMAX keys.
+
+const DMAX: u32 = {{DMAX}}u;
+const TILE: u32 = 2048u;
+const BK: u32 = TILE / DMAX;
+const NEG_BIG: f32 = -3.40282346e38;
+
+struct Params {
+    // batch, q heads, q seq, kv heads
+    d0: vec4<u32>,
+    // new kv length, past length, total length, dk
+    d1: vec4<u32>,
+    // dv, group (q heads per kv head), row blocks per (batch, kv head), groups_x
+    d2: vec4<u32>,
+    // flags (1 causal, 2 mask, 4 bool mask, 8 nonpad, 16 softcap), scale bits, softcap bits, mask last-dim length
+    misc: vec4<u32>,
+    // element strides (batch, head, seq, -) of Q, K, V, Y; the mask's (batch, head, seq, key)
+    qs: vec4<u32>,
+    ks: vec4<u32>,
+    vs: vec4<u32>,
+    ys: vec4<u32>,
+    ms: vec4<u32>,
+    // KV splits (decode: the keys cut across workgroups, partial results combined by combine_main), keys per
+    // split, rows over all (batch, kv head), -
+    sp: vec4<u32>,
+};
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> q: array<f32>;
+@group(0) @binding(2) var<storage, read> k: array<f32>;
+@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+@group(0) @binding(4) var<storage, read> v: array<f32>;
+@group(0) @binding(5) var<storage, read> mask: array<f32>;
+@group(0) @binding(6) var<storage, read> past_k: array<f32>;
+@group(0) @binding(7) var<storage, read> past_v: array<f32>;
+@group(0) @binding(8) var<storage, read> nonpad: array<i32>;
+
+var<workgroup> ktile: array<f32, TILE>;
+var<workgroup> vtile: array<f32, TILE>;
+
+fn tanh_c(x: f32) -> f32 {
+    if (abs(x) < 0.25) {
+        let x2 = x * x;
+        return x * (1.0 + x2 * (-0.33333333 + x2 * (0.13333333 + x2 * (-0.053968254 + x2 * 0.021869489))));
+    }
+    let e = exp(-2.0 * min(abs(x), 40.0));
+    return sign(x) * (1.0 - e) / (1.0 + e);
+}
+
+// The float mask value is -inf (by its bits: comparisons with infinities may be folded away).
+fn is_neg_inf(x: f32) -> bool {
+    return bitcast<u32>(x) == 0xff800000u;
+}
+
+@compute @workgroup_size(WG)
+fn attention_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let batch = p.d0.x;
+    let hq = p.d0.y;
+    let s_len = p.d0.z;
+    let hkv = p.d0.w;
+    let past = p.d1.y;
+    let total = p.d1.z;
+    let dk = p.d1.w;
+    let dv = p.d2.x;
+    let group = p.d2.y;
+    let blocks = p.d2.z;
+    let flags = p.misc.x;
+    let scale = bitcast<f32>(p.misc.y);
+    let cap = bitcast<f32>(p.misc.z);
+    let mask_len = p.misc.w;
+
+    let splits = max(p.sp.x, 1u);
+    let gs = group_index(wid, p.d2.w);
+    let split = gs % splits;
+    let g = gs / splits;
+    // uniform across the workgroup: every invocation takes part in the barriers
+    let live = g < batch * hkv * blocks;
+    let bh = g / max(blocks, 1u);
+    let blk = g % max(blocks, 1u);
+    let b = bh / max(hkv, 1u);
+    let kh = bh % max(hkv, 1u);
+    let rows = group * s_len;
+    let r = blk * WG + lid;
+    let on_row = live && r < rows;
+    let h = kh * group + r / max(s_len, 1u);
+    let i = r % max(s_len, 1u);
+
+    // the keys this block can see: a causal block stops at its last query's past + i
+    var limit = total;
+    if ((flags & 1u) != 0u && live) {
+        let r0 = blk * WG;
+        let r1 = min(rows, r0 + WG) - 1u;
+        var imax = s_len - 1u;
+        if (r0 / s_len == r1 / s_len) {
+            imax = r1 % s_len;
+        }
+        limit = min(total, past + imax + 1u);
+    }
+    if (!live) {
+        limit = 0u;
+    }
+    var first_key = 0u;
+    if (splits > 1u) {
+        first_key = min(split * p.sp.y, limit);
+        limit = min(limit, first_key + p.sp.y);
+    }
+
+    var qr: array<f32, DMAX>;
+    var acc: array<f32, DMAX>;
+    if (on_row) {
+        let qb = b * p.qs.x + h * p.qs.y + i * p.qs.z;
+        for (var d = 0u; d < dk; d = d + 1u) {
+            qr[d] = q[qb + d];
+        }
+    }
+    for (var d = 0u; d < DMAX; d = d + 1u) {
+        acc[d] = 0.0;
+    }
+    var m = NEG_BIG;
+    var l = 0.0;
+    var np = total;
+    if ((flags & 8u) != 0u && live) {
+        np = u32(max(nonpad[b], 0));
+    }
+
+    for (var t0 = first_key; t0 < limit; t0 = t0 + BK) {
+        // stage BK keys and values
+        for (var e = lid; e < BK * dk; e = e + WG) {
+            let jj = e / dk;
+            let d = e % dk;
+            let j = t0 + jj;
+            var val = 0.0;
+            if (j < total) {
+                if (j < past) {
+                    val = past_k[((b * hkv + kh) * past + j) * dk + d];
+                } else {
+                    val = k[b * p.ks.x + kh * p.ks.y + (j - past) * p.ks.z + d];
+                }
+            }
+            ktile[jj * DMAX + d] = val;
+        }
+        for (var e = lid; e < BK * dv; e = e + WG) {
+            let jj = e / dv;
+            let d = e % dv;
+            let j = t0 + jj;
+            var val = 0.0;
+            if (j < total) {
+                if (j < past) {
+                    val = past_v[((b * hkv + kh) * past + j) * dv + d];
+                } else {
+                    val = v[b * p.vs.x + kh * p.vs.y + (j - past) * p.vs.z + d];
+                }
+            }
+            vtile[jj * DMAX + d] = val;
+        }
+        workgroupBarrier();
+        if (on_row) {
+            let n = min(BK, limit - t0);
+            for (var jj = 0u; jj < n; jj = jj + 1u) {
+                let j = t0 + jj;
+                if ((flags & 1u) != 0u && j > i + past) {
+                    continue;
+                }
+                if (j >= np) {
+                    continue;
+                }
+                var bias = 0.0;
+                if ((flags & 2u) != 0u) {
+                    if (j >= mask_len) {
+                        continue;
+                    }
+                    let mv = mask[b * p.ms.x + h * p.ms.y + i * p.ms.z + j * p.ms.w];
+                    if ((flags & 4u) != 0u) {
+                        if (mv == 0.0) {
+                            continue;
+                        }
+                    } else {
+                        if (is_neg_inf(mv)) {
+                            continue;
+                        }
+                        bias = mv;
+                    }
+                }
+                var dot = 0.0;
+                for (var d = 0u; d < dk; d = d + 1u) {
+                    dot = dot + qr[d] * ktile[jj * DMAX + d];
+                }
+                var x = dot * scale;
+                if ((flags & 16u) != 0u) {
+                    x = cap * tanh_c(x / cap);
+                }
+                x = x + bias;
+                if (x > m) {
+                    let c = exp(m - x);
+                    l = l * c;
+                    for (var d = 0u; d < dv; d = d + 1u) {
+                        acc[d] = acc[d] * c;
+                    }
+                    m = x;
+                }
+                let w = exp(x - m);
+                l = l + w;
+                for (var d = 0u; d < dv; d = d + 1u) {
+                    acc[d] = acc[d] + w * vtile[jj * DMAX + d];
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+    if (on_row && splits > 1u) {
+        // partial result of this split: m, l, acc[0..dv]
+        let at = ((bh * rows + r) * splits + split) * (dv + 2u);
+        y[at] = m;
+        y[at + 1u] = l;
+        for (var d = 0u; d < dv; d = d + 1u) {
+            y[at + 2u + d] = acc[d];
+        }
+        return;
+    }
+    if (on_row) {
+        let yb = b * p.ys.x + h * p.ys.y + i * p.ys.z;
+        var inv = 0.0;
+        if (l > 0.0) {
+            inv = 1.0 / l;
+        }
+        for (var d = 0u; d < dv; d = d + 1u) {
+            y[yb + d] = acc[d] * inv;
+        }
+    }
+}
+
+// Combines the splits' partial results (binding 1, as attention_main wrote them to its output) into Y: one
+// invocation per (row, channel).
+@compute @workgroup_size(WG)
+fn combine_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let dv = p.d2.x;
+    let f = flat_index(wid, lid, p.d2.w);
+    if (f >= p.sp.z * dv) {
+        return;
+    }
+    let splits = max(p.sp.x, 1u);
+    let row = f / dv;
+    let d = f % dv;
+    let s_len = max(p.d0.z, 1u);
+    let hkv = max(p.d0.w, 1u);
+    let rows = max(p.d2.y * s_len, 1u);
+    let bh = row / rows;
+    let r = row % rows;
+    let b = bh / hkv;
+    let h = (bh % hkv) * p.d2.y + r / s_len;
+    let i = r % s_len;
+    let base = row * splits * (dv + 2u);
+    var mx = NEG_BIG;
+    for (var t = 0u; t < splits; t = t + 1u) {
+        let at = base + t * (dv + 2u);
+        if (q[at + 1u] > 0.0) {
+            mx = max(mx, q[at]);
+        }
+    }
+    var l = 0.0;
+    var acc = 0.0;
+    for (var t = 0u; t < splits; t = t + 1u) {
+        let at = base + t * (dv + 2u);
+        if (q[at + 1u] > 0.0) {
+            let c = exp(q[at] - mx);
+            l = l + c * q[at + 1u];
+            acc = acc + c * q[at + 2u + d];
+        }
+    }
+    var v = 0.0;
+    if (l > 0.0) {
+        v = acc / l;
+    }
+    y[b * p.ys.x + h * p.ys.y + i * p.ys.z + d] = v;
+}
