@@ -410,16 +410,42 @@ impl OrtLayerNormExpansion {
                 return Ok(None);
             }
         }
-        Ok(Some(OrtLayerNorm { axis, epsilon: self.epsilon, arith: self.arith }))
+        Ok(Some(OrtLayerNorm { axis, epsilon: self.epsilon, arith: self.arith, tract_ln: self.tract_ln.clone() }))
     }
 }
 
 /// LayerNormalization over the axes from `axis` on, float32, onnxruntime's arithmetic.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct OrtLayerNorm {
     pub axis: usize,
     pub epsilon: f32,
     pub arith: LayerNormArith,
+    /// tract's LayerNormalization for the same node, which [`use_tract_layer_norm`] wires back.
+    tract_ln: Box<dyn Expansion>,
+}
+
+impl PartialEq for OrtLayerNorm {
+    fn eq(&self, other: &Self) -> bool {
+        self.axis == other.axis && self.epsilon.to_bits() == other.epsilon.to_bits() && self.arith == other.arith
+    }
+}
+
+/// Replaces every [`OrtLayerNorm`] of `model` by tract's decomposition of the node (reductions and elementwise ops,
+/// which the WebGPU lowering knows); returns how many. For models planned on the GPU: the CPU keeps onnxruntime's
+/// arithmetic.
+pub fn use_tract_layer_norm(model: &mut TypedModel) -> TractResult<usize> {
+    let ids: Vec<usize> = model.nodes().iter().filter(|n| n.op_is::<OrtLayerNorm>()).map(|n| n.id).collect();
+    for id in &ids {
+        let node = model.node(*id);
+        let Some(op) = node.op_as::<OrtLayerNorm>() else { continue };
+        let mut patch = TypedModelPatch::default();
+        let taps = patch.taps(model, &node.inputs)?;
+        let wires = Expansion::wire(op.tract_ln.as_ref(), &node.name, &mut patch.model, &taps)?;
+        ensure!(!wires.is_empty(), "tract's LayerNormalization wired no output");
+        patch.shunt_outside(model, OutletId::new(*id, 0), wires[0])?;
+        patch.apply(model)?;
+    }
+    Ok(ids.len())
 }
 
 impl std::hash::Hash for OrtLayerNorm {

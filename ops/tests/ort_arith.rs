@@ -66,3 +66,27 @@ fn add_layer_norm_matches_onnxruntime_skip_layer_norm() {
 fn gelu_subgraph_matches_onnxruntime_gelu() {
     check("gelu.onnx", "Gelu");
 }
+
+#[test]
+fn use_tract_layer_norm_restores_tract_decomposition() {
+    use tract_onnx::prelude::*;
+    let mut onnx = tract_onnx::onnx();
+    kiln_ops::register(&mut onnx.op_register);
+    let mut model = onnx.model_for_path(data("layer_norm_40.onnx")).unwrap().into_typed().unwrap();
+    let ort = model.nodes().iter().filter(|n| n.op_is::<kiln_ops::layer_norm::OrtLayerNorm>()).count();
+    assert_eq!(ort, 1, "the float32 LayerNormalization is kiln's");
+    let x = Tensor::from_shape(&[6, 40], &(0..240).map(|i| ((i * 37 % 101) as f32) / 7.0 - 3.0).collect::<Vec<_>>())
+        .unwrap();
+    let run = |m: &TypedModel| -> Vec<f32> {
+        let plan = m.clone().into_runnable().unwrap();
+        let out = plan.run(tvec!(x.clone().into_tvalue())).unwrap();
+        out[0].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec()
+    };
+    let want = run(&model);
+    assert_eq!(kiln_ops::layer_norm::use_tract_layer_norm(&mut model).unwrap(), 1);
+    assert!(!model.nodes().iter().any(|n| n.op_is::<kiln_ops::layer_norm::OrtLayerNorm>()));
+    let got = run(&model);
+    for (a, b) in want.iter().zip(&got) {
+        assert!((a - b).abs() <= 1e-5, "tract's decomposition {b} vs onnxruntime's arithmetic {a}");
+    }
+}
