@@ -103,7 +103,10 @@ fn heads_gelu(graph: &GraphProto, div: &NodeProto) -> bool {
         return mul2.op_type == "Mul"
             && crate::is_onnx_domain(mul2)
             && mul2.input.len() == 2
-            && mul2.input.iter().any(|i| i != &mul1.output[0] && scalar_constant(graph, i).is_some_and(|v| close(v, 0.5)));
+            && mul2
+                .input
+                .iter()
+                .any(|i| i != &mul1.output[0] && scalar_constant(graph, i).is_some_and(|v| close(v, 0.5)));
     }
     // Mul(0.5 * x, erf + 1), with 0.5 * x computed by a Mul of x
     graph.node.iter().any(|n| {

@@ -21,8 +21,8 @@
 //! Other element types, a stash type other than float32, scale or bias that are not exactly `X.shape[axis..]`-sized,
 //! and nodes asking for the optional Mean / InvStdDev outputs keep tract's LayerNormalization.
 
-use tract_onnx::model::ParsingContext;
 use std::collections::HashMap;
+use tract_onnx::model::ParsingContext;
 
 use tract_onnx::pb::{GraphProto, NodeProto, TensorProto};
 use tract_onnx::tract_hir::internal::*;
@@ -170,9 +170,27 @@ impl<'g> SymbolicShapes<'g> {
         let ints = |n: &NodeProto, attr: &str| n.attribute.iter().find(|a| a.name == attr).map(|a| a.ints.clone());
         let int = |n: &NodeProto, attr: &str| n.attribute.iter().find(|a| a.name == attr).map(|a| a.i);
         match node.op_type.as_str() {
-            "Cast" | "Erf" | "Sqrt" | "Relu" | "Tanh" | "Sigmoid" | "Neg" | "Abs" | "Exp" | "Log" | "Softmax"
-            | "Identity" | "Not" | "Reciprocal" | "Gelu" | "FastGelu" | "DequantizeLinear" | "QuantizeLinear"
-            | "LayerNormalization" | "SkipLayerNormalization" | "Dropout"
+            "Cast"
+            | "Erf"
+            | "Sqrt"
+            | "Relu"
+            | "Tanh"
+            | "Sigmoid"
+            | "Neg"
+            | "Abs"
+            | "Exp"
+            | "Log"
+            | "Softmax"
+            | "Identity"
+            | "Not"
+            | "Reciprocal"
+            | "Gelu"
+            | "FastGelu"
+            | "DequantizeLinear"
+            | "QuantizeLinear"
+            | "LayerNormalization"
+            | "SkipLayerNormalization"
+            | "Dropout"
                 if output == 0 =>
             {
                 self.shape(node.input.first()?, depth)
