@@ -20,10 +20,12 @@ pub mod dft;
 pub mod div;
 pub mod erf;
 pub mod flatten;
+pub mod gelu_div;
 pub mod gemm;
 pub mod host_op;
 pub mod kernel;
 pub mod label_encoder;
+pub mod layer_norm;
 pub mod linear_attention;
 pub mod lp_pool;
 pub mod matmul;
@@ -136,8 +138,9 @@ pub const KILN_OPS: &[(&str, OpBuilder)] = &[
     ("RoiAlign", onnx_domain_only!(roi_align::build)),
     ("PRelu", onnx_domain_only!(prelu::build)),
     ("DFT", onnx_domain_only!(dft::build)),
-    ("Div", onnx_domain_only!(div::build)),
+    ("Div", onnx_domain_only!(gelu_div::build)),
     ("Erf", onnx_domain_only!(erf::build)),
+    ("LayerNormalization", onnx_domain_only!(layer_norm::build)),
     ("HfJsonTokenizer", tokenizer::build_hf_json_tokenizer),
     ("HfJsonDecoder", tokenizer::build_hf_json_decoder),
     ("GPT2Tokenizer", tokenizer::build_gpt2_tokenizer),

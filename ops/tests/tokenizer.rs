@@ -516,10 +516,12 @@ fn tokenizer_minilm_mean_pooling_matches_python_and_onnxruntime() {
     }
     assert_eq!(n, reference["embeddings"].as_array().unwrap().len());
     println!("MiniLM chain: {n} sentences, lowest cosine {lowest:.6}, max |embedding diff| vs onnxruntime {worst:.2e}");
-    // The ids are identical (above); the embeddings agree to quantization noise, not bit for bit: kiln's Erf is within
-    // 2e-6 of onnxruntime's, which flips one uint8 of the first DynamicQuantizeLinear after GELU, and per-tensor
-    // dynamic quantization amplifies such flips over six layers (cosine 0.98 for the shortest input, [CLS] [SEP]).
-    assert!(lowest > 0.97 && worst < 0.05, "embeddings differ from onnxruntime's");
+    // The ids are identical (above) and kiln computes every node as onnxruntime's CPU kernels do (Div, Erf, Softmax,
+    // LayerNormalization, and the SkipLayerNormalization and Gelu arithmetic of onnxruntime's fusions: see
+    // kiln_ops::layer_norm and kiln_ops::gelu_div), so the hidden states are bit-identical and the embeddings differ
+    // only by the reference's 7 decimals and the pooling's summation order. Any ulp of difference before a
+    // DynamicQuantizeLinear would flip uint8 codes and compound over the six layers (cosine 0.98 before).
+    assert!(lowest >= 0.99999 && worst < 1e-6, "embeddings differ from onnxruntime's");
     // Retrieval agrees: every kiln embedding is nearest to onnxruntime's embedding of the same sentence.
     for (s, e) in got.iter().enumerate() {
         let best = wants
