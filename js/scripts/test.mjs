@@ -2,7 +2,9 @@
 // the two runs compared (metadata and error messages exactly, numbers within each record's tolerance); kiln-web's
 // additions (test/kiln-extras.mjs); tokenizer operators and JavaScript custom operators (test/kiln-ops.mjs); the
 // browser checks in headless chromium (test/browser.mjs, skipped without it): the app and the tiny fixtures on 'wasm'
-// and 'webgpu' (SwiftShader), both packages, main thread and worker, and kiln-web's WebGPU-only behaviour.
+// and 'webgpu' (SwiftShader), both packages, main thread and worker, kiln-web's WebGPU-only behaviour, and the parity
+// suite itself on both packages on 'wasm' and 'webgpu', main thread and Web Worker, compared the same way (the
+// comparison and the KNOWN lists are in test/parity-compare.mjs).
 // Needs `npm run build` first (dist/). KILN_PARITY_ONLY=kiln-web runs one side without the comparison.
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';

@@ -263,16 +263,26 @@ const PARITY_SKIP = {
     // ~120 MB of q4f16 weights: onnxruntime-web's WebGPU EP on SwiftShader (CI has no GPU) takes minutes for it;
     // kiln-web runs it on the wasm path below and natively on the GPU in the Rust tests
     'SmolLM2-135M': 'SmolLM2-135M left out on webgpu in the browser: too slow on SwiftShader for npm test',
+    'all-MiniLM-L6-v2': 'all-MiniLM-L6-v2 left out on webgpu in the browser: too slow on SwiftShader for npm test',
   },
   wasm: {},
+  // the Web Worker runs leave SmolLM2 to the main-thread run on 'wasm' (the same code; ~20 s more per package)
+  worker: { 'SmolLM2-135M': 'SmolLM2-135M runs on the main thread only in the browser (time budget of npm test)' },
 };
+// Fixtures onnxruntime-web's WebGPU EP itself gets wrong in Chromium (SwiftShader; its checks against onnxruntime's
+// CPU references fail: fp16 logits up to 0.86 off, int8 up to 4e7 off, tiny-llama's dynamo export 7.6e-3 off).
+// kiln-web must still pass them against the references; their records are not compared with onnxruntime-web's.
+const ORT_WEBGPU_OFF = ['tiny-gpt2/onnx_optimum_fp16', 'tiny-gpt2/onnx_optimum_int8', 'tiny-llama/onnx_dynamo_eager_op20', 'tiny-llama/onnx_optimum_fp16', 'tiny-llama/onnx_optimum_int8'];
 const parityRuns = {};
 async function parityIn(impl, ep, worker) {
   const page = await browser.newPage();
   const logs = [];
-  page.on('console', (m) => logs.push(m.text()));
+  page.on('console', (m) => {
+    logs.push(m.text());
+    if (process.env.KILN_BROWSER_VERBOSE && m.text().startsWith('parity:')) console.log(`${impl} ${ep}: ${m.text()} (${new Date().toISOString()})`);
+  });
   page.on('pageerror', (e) => logs.push(String(e)));
-  const query = new URLSearchParams({ entry: ENTRIES[impl].replace(/^/, '/repo/js'), ep, skip: JSON.stringify(PARITY_SKIP[ep]), worker: worker ? '1' : '0' });
+  const query = new URLSearchParams({ entry: ENTRIES[impl].replace(/^/, '/repo/js'), ep, skip: JSON.stringify({ ...PARITY_SKIP[ep], ...(worker ? PARITY_SKIP.worker : {}) }), worker: worker ? '1' : '0' });
   await page.goto(`${base}/repo/js/test/browser/parity.html?${query}`);
   await page.waitForFunction(() => window.result, null, { timeout: 600000 });
   const r = await page.evaluate(() => window.result);
@@ -289,7 +299,9 @@ for (const ep of ['wasm', 'webgpu']) {
       for (const [i, impl] of impls.entries()) {
         const r = runsOf[i];
         assert.ok(!r.failure, `${impl} ${ep} ${where}: ${r.failure}\n${r.logs.join('\n')}`);
-        const failed = r.results.filter((x) => x.status === 'fail');
+        const off = (name) => impl === 'onnxruntime-web' && ep === 'webgpu' && ORT_WEBGPU_OFF.some((f) => name === `fixture ${f}: metadata, prefill and decode against test_data_set_*`);
+        for (const x of r.results.filter((y) => y.status === 'fail' && off(y.name))) t.diagnostic(`KNOWN onnxruntime-web 'webgpu' off the reference (ORT_WEBGPU_OFF): ${x.error.split('\n')[0].slice(0, 160)}`);
+        const failed = r.results.filter((x) => x.status === 'fail' && !off(x.name));
         const skipped = r.results.filter((x) => x.status === 'skip');
         const slowest = r.results.filter((x) => x.ms > 2000).map((x) => `${x.name.slice(0, 40)} ${(x.ms / 1000).toFixed(1)} s`);
         if (slowest.length) t.diagnostic(`${impl}: slowest: ${slowest.join(', ')}`);
@@ -298,6 +310,11 @@ for (const ep of ['wasm', 'webgpu']) {
         assert.equal(failed.length, 0, `${impl} ${ep} ${where}:\n${failed.map((x) => `${x.name}: ${x.error}`).join('\n')}\n${r.logs.slice(-20).join('\n')}`);
         assert.ok(r.out, `${impl}: no records written`);
         records[impl] = r.out.records;
+      }
+      if (ep === 'webgpu') {
+        for (const impl of Object.keys(records)) {
+          records[impl] = Object.fromEntries(Object.entries(records[impl]).filter(([k]) => !ORT_WEBGPU_OFF.includes(k.split(' ')[0])));
+        }
       }
       const { same, lines, failed } = compareRecords(records['onnxruntime-web'], records['kiln-web'], { ...KNOWN, ...KNOWN_BROWSER[ep] });
       for (const line of lines) t.diagnostic(line);

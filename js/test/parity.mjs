@@ -381,6 +381,9 @@ test('run: overloads, fetches, validation messages, errors and a queue of concur
     'bad run log verbosity': () => session.run(feeds, { logVerbosityLevel: 'x' }),
     'gpu-buffer feed': () => session.run({ ...feeds, input_ids: Tensor.fromGpuBuffer({ size: 40, mapAsync() {} }, { dataType: 'int64', dims: [1, 5] }) }),
   };
+  // (a stand-in object is no GPUBuffer a real WebGPU session can read: onnxruntime-web's 'webgpu' session never
+  // settles on it; that feed is checked on 'wasm' only)
+  if (EP === 'webgpu') delete bad['gpu-buffer feed'];
   for (const [what, f] of Object.entries(bad)) record(`run error: ${what}`, await errorOf(f));
   // still usable after every error
   const again = await session.run(feeds);
@@ -390,7 +393,9 @@ test('run: overloads, fetches, validation messages, errors and a queue of concur
   // overlapping runs, and the records show that)
   const prompts = [[1, 2, 3], [7, 8], [11, 22, 33, 44, 55], [9]];
   let together;
-  try {
+  // (on 'webgpu' left out: onnxruntime-web 1.30's 'webgpu' session in a browser never settles overlapping runs, the
+  // suite would hang; kiln-web's queue on 'webgpu' is checked in test/browser/webgpu-extras.html)
+  if (EP !== 'webgpu') try {
     together = await Promise.all(prompts.map((p) => session.run(tinyLlamaFeeds(p))));
   } catch (e) {
     record('concurrent next tokens', { error: e.message });

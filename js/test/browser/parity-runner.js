@@ -35,7 +35,7 @@ export async function runParity({ entry, ep, skip = {} }) {
   const listing = await (await fetch('/__listing')).json();
   globalThis.Buffer = Buffer;
   globalThis.process = { env: { KILN_PARITY_IMPL: entry, KILN_PARITY_EP: ep, KILN_PARITY_OUT: '/__out/records.json' } };
-  globalThis.__kilnFs = { listing: new Map(Object.entries(listing)), written: {} };
+  globalThis.__kilnFs = { listing: new Map(Object.entries(listing)), written: {}, verbose: true };
   const start = performance.now();
   await import('/repo/js/test/parity.mjs');
   const patterns = Object.entries(skip).map(([re, why]) => [new RegExp(re), why]);

@@ -21,6 +21,7 @@ export async function runTests(skip = () => false) {
     }
     const start = performance.now();
     const diagnostics = [];
+    if (globalThis.__kilnFs?.verbose) console.log(`parity: start ${t.name}`);
     try {
       await t.fn({ name: t.name, diagnostic: (m) => diagnostics.push(String(m)) });
       results.push({ name: t.name, status: 'pass', ms: Math.round(performance.now() - start), diagnostics });
