@@ -2,27 +2,22 @@
 // the two runs compared (metadata and error messages exactly, numbers within each record's tolerance); kiln-web's
 // additions (test/kiln-extras.mjs); tokenizer operators and JavaScript custom operators (test/kiln-ops.mjs); the
 // browser checks in headless chromium (test/browser.mjs, skipped without it): the app and the tiny fixtures on 'wasm'
-// and 'webgpu' (SwiftShader), both packages, main thread and worker, and kiln-web's WebGPU-only behaviour.
+// and 'webgpu' (SwiftShader), both packages, main thread and worker, kiln-web's WebGPU-only behaviour, and the parity
+// suite itself on both packages on 'wasm' and 'webgpu', main thread and Web Worker, compared the same way (the
+// comparison and the KNOWN lists are in test/parity-compare.mjs).
 // Needs `npm run build` first (dist/). KILN_PARITY_ONLY=kiln-web runs one side without the comparison.
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { KNOWN, compareRecords } from '../test/parity-compare.mjs';
 
 const js = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 if (!fs.existsSync(path.join(js, 'dist/kiln_js_bg.wasm'))) {
   console.error('kiln-web is not built: run `npm run build` first');
   process.exit(1);
 }
-// Differences known and tracked on kiln's side: reported on every run, not failures. Keep this list short.
-const KNOWN = {
-  'types no shape': "kiln refuses an input declared without a shape (it needs the rank); onnxruntime accepts any rank",
-  'run error: token id out of range':
-    "kiln reports the out-of-range Gather index as a run error (ERROR_CODE 6, RUNTIME_EXCEPTION); onnxruntime " +
-    'reports INVALID_ARGUMENT (2)',
-};
-
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'kiln-parity-'));
 const impls = process.env.KILN_PARITY_ONLY ? [process.env.KILN_PARITY_ONLY] : ['onnxruntime-web', 'kiln-web'];
 const outs = {};
@@ -62,46 +57,13 @@ if (impls.includes('kiln-web')) {
   }
 }
 
-function compare(a, b, tol, where, diffs) {
-  if (typeof a === 'number' && typeof b === 'number' && tol) {
-    const ok = (Number.isNaN(a) && Number.isNaN(b)) || a === b || Math.abs(a - b) <= (tol.atol ?? 0) + (tol.rtol ?? 0) * Math.abs(b);
-    if (!ok) diffs.push(`${where}: ${a} vs ${b}`);
-  } else if (Array.isArray(a) && Array.isArray(b)) {
-    if (a.length !== b.length) diffs.push(`${where}: length ${a.length} vs ${b.length}`);
-    else a.forEach((x, i) => compare(x, b[i], tol, `${where}[${i}]`, diffs));
-  } else if (a && b && typeof a === 'object' && typeof b === 'object') {
-    const keys = new Set([...Object.keys(a), ...Object.keys(b)]);
-    for (const k of keys) {
-      if (!(k in a) || !(k in b)) diffs.push(`${where}.${k}: only in ${k in a ? 'the first' : 'the second'}`);
-      else compare(a[k], b[k], tol, `${where}.${k}`, diffs);
-    }
-  } else if (a !== b) {
-    diffs.push(`${where}: ${JSON.stringify(a)} vs ${JSON.stringify(b)}`);
-  }
-}
-
 if (impls.length === 2 && fs.existsSync(outs['onnxruntime-web']) && fs.existsSync(outs['kiln-web'])) {
   console.log('\n=== onnxruntime-web vs kiln-web records');
   const ortRecords = JSON.parse(fs.readFileSync(outs['onnxruntime-web'], 'utf8')).records;
   const kilnRecords = JSON.parse(fs.readFileSync(outs['kiln-web'], 'utf8')).records;
-  let same = 0;
-  for (const key of new Set([...Object.keys(ortRecords), ...Object.keys(kilnRecords)])) {
-    const o = ortRecords[key];
-    const k = kilnRecords[key];
-    if (!o || !k) {
-      console.log(`DIFF ${key}: recorded only on ${o ? 'onnxruntime-web' : 'kiln-web'}`);
-      failed = true;
-      continue;
-    }
-    const diffs = [];
-    compare(k.value, o.value, o.tol, key, diffs);
-    if (diffs.length && KNOWN[key]) {
-      console.log(`KNOWN ${key}: ${KNOWN[key]}\n  ${diffs.slice(0, 2).join('\n  ')}`);
-    } else if (diffs.length) {
-      failed = true;
-      console.log(`DIFF ${key} (kiln-web vs onnxruntime-web):\n  ${diffs.slice(0, 8).join('\n  ')}${diffs.length > 8 ? `\n  ... ${diffs.length - 8} more` : ''}`);
-    } else same++;
-  }
+  const { same, lines, failed: differ } = compareRecords(ortRecords, kilnRecords, KNOWN);
+  for (const line of lines) console.log(line);
+  if (differ) failed = true;
   console.log(`${same} records the same on both`);
 } else if (impls.length === 2) {
   failed = true;

@@ -1,7 +1,11 @@
 // The parity suite: written purely against onnxruntime-web's API, run once on onnxruntime-web@1.30.0 and once on
-// kiln-web (npm test runs both and compares what each run records). Node, executionProviders 'wasm' / 'cpu'.
+// kiln-web (npm test runs both and compares what each run records). Node on 'wasm' / 'cpu'; headless Chromium on
+// 'wasm' and 'webgpu', main thread and Web Worker (test/browser.mjs runs this file unchanged through
+// test/browser/parity-runner.js, with browser shims for the node: modules it imports).
 //
-//   KILN_PARITY_IMPL=onnxruntime-web|kiln-web  which package to import (default onnxruntime-web)
+//   KILN_PARITY_IMPL=onnxruntime-web|kiln-web  which package to import (default onnxruntime-web; a module URL in a browser)
+//   KILN_PARITY_EP=wasm|webgpu                 the execution provider of the model sessions (default wasm; the
+//                                              create-argument forms keep their own)
 //   KILN_PARITY_OUT=file.json                  where to write the records the two runs are compared on
 //
 // Each run checks outputs against the fixtures' expected outputs itself; the records (metadata, error messages,
@@ -15,6 +19,7 @@ import { fileURLToPath } from 'node:url';
 const IMPL = process.env.KILN_PARITY_IMPL ?? 'onnxruntime-web';
 const ort = await import(IMPL);
 const { InferenceSession, Tensor, env } = ort;
+const EP = process.env.KILN_PARITY_EP ?? 'wasm';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const root = path.resolve(here, '../..');
@@ -131,7 +136,9 @@ function f16ToF32(h) {
   if (e === 31) return m ? NaN : s * Infinity;
   return s * (1 + m / 1024) * 2 ** (e - 15);
 }
-const numbers = (t) => (t.type === 'float16' ? Array.from(t.data, f16ToF32) : Array.from(t.data, Number));
+// float16 data: a Uint16Array of bits, or a Float16Array where the runtime has one (onnxruntime-web returns those in a
+// browser that has Float16Array)
+const numbers = (t) => (t.data instanceof Uint16Array && t.type === 'float16' ? Array.from(t.data, f16ToF32) : Array.from(t.data, Number));
 
 function assertClose(actual, expected, { rtol = 1e-3, atol = 1e-4, atolOfMax = 0 }, what) {
   assert.equal(actual.type, expected.type, `${what}: type`);
@@ -316,7 +323,7 @@ const tolerance = (variant) =>
 for (const fixture of FIXTURES) {
   test(`fixture ${fixture}: metadata, prefill and decode against test_data_set_*`, async () => {
     const dir = path.join(TINY, fixture);
-    const session = await InferenceSession.create(path.join(dir, 'model.onnx'), { executionProviders: ['wasm'] });
+    const session = await InferenceSession.create(path.join(dir, 'model.onnx'), { executionProviders: [EP] });
     record(`${fixture} names`, { inputs: session.inputNames, outputs: session.outputNames });
     record(`${fixture} metadata`, { inputs: session.inputMetadata, outputs: session.outputMetadata });
     const sets = fs.readdirSync(dir).filter((d) => d.startsWith('test_data_set_')).sort();
@@ -338,7 +345,7 @@ for (const fixture of FIXTURES) {
 
 // ---- run: fetches, options, validation, errors, concurrency -------------------------------------------------------
 test('run: overloads, fetches, validation messages, errors and a queue of concurrent runs', async () => {
-  const session = await InferenceSession.create(TINY_LLAMA, { executionProviders: ['wasm'] });
+  const session = await InferenceSession.create(TINY_LLAMA, { executionProviders: [EP] });
   const feeds = tinyLlamaFeeds([11, 22, 33, 44, 55]);
   const all = await session.run(feeds);
   assert.deepEqual(Object.keys(all).sort(), [...session.outputNames].sort());
@@ -374,19 +381,32 @@ test('run: overloads, fetches, validation messages, errors and a queue of concur
     'bad run log verbosity': () => session.run(feeds, { logVerbosityLevel: 'x' }),
     'gpu-buffer feed': () => session.run({ ...feeds, input_ids: Tensor.fromGpuBuffer({ size: 40, mapAsync() {} }, { dataType: 'int64', dims: [1, 5] }) }),
   };
+  // (a stand-in object is no GPUBuffer a real WebGPU session can read: onnxruntime-web's 'webgpu' session never
+  // settles on it; that feed is checked on 'wasm' only)
+  if (EP === 'webgpu') delete bad['gpu-buffer feed'];
   for (const [what, f] of Object.entries(bad)) record(`run error: ${what}`, await errorOf(f));
   // still usable after every error
   const again = await session.run(feeds);
   assert.deepEqual(Array.from(again.logits.data), Array.from(all.logits.data));
 
-  // concurrent runs queue and each gets its own result
+  // concurrent runs queue and each gets its own result (recorded, not thrown: onnxruntime-web in a browser rejects
+  // overlapping runs, and the records show that)
   const prompts = [[1, 2, 3], [7, 8], [11, 22, 33, 44, 55], [9]];
-  const together = await Promise.all(prompts.map((p) => session.run(tinyLlamaFeeds(p))));
-  for (let i = 0; i < prompts.length; i++) {
-    const alone = await session.run(tinyLlamaFeeds(prompts[i]));
-    assert.deepEqual(Array.from(together[i].logits.data), Array.from(alone.logits.data));
+  let together;
+  // (on 'webgpu' left out: onnxruntime-web 1.30's 'webgpu' session in a browser never settles overlapping runs, the
+  // suite would hang; kiln-web's queue on 'webgpu' is checked in test/browser/webgpu-extras.html)
+  if (EP !== 'webgpu') try {
+    together = await Promise.all(prompts.map((p) => session.run(tinyLlamaFeeds(p))));
+  } catch (e) {
+    record('concurrent next tokens', { error: e.message });
   }
-  record('concurrent next tokens', together.map((r) => argmaxRows(r.logits).at(-1)));
+  if (together) {
+    for (let i = 0; i < prompts.length; i++) {
+      const alone = await session.run(tinyLlamaFeeds(prompts[i]));
+      assert.deepEqual(Array.from(together[i].logits.data), Array.from(alone.logits.data));
+    }
+    record('concurrent next tokens', together.map((r) => argmaxRows(r.logits).at(-1)));
+  }
   await session.release();
 });
 
@@ -432,7 +452,7 @@ test('externalData: {path, data} as Uint8Array and ArrayBuffer', async () => {
   };
   for (const [what, [model, externalData]] of Object.entries(cases)) {
     try {
-      const session = await InferenceSession.create(model, { executionProviders: ['wasm'], externalData });
+      const session = await InferenceSession.create(model, { executionProviders: [EP], externalData });
       record(`externalData ${what}`, Array.from((await session.run(x)).y.data));
       await session.release();
     } catch (e) {
@@ -474,7 +494,7 @@ function onnxModel(shapeOf = (t) => (t === 'string' ? [2, 'm'] : [2, 'n', 3]), t
 const ONNX_TYPES = { float32: 1, uint8: 2, int8: 3, uint16: 4, int16: 5, int32: 6, int64: 7, string: 8, bool: 9, float16: 10, float64: 11, uint32: 12, uint64: 13 };
 
 test('every element type in and out (Identity), bool semantics (Not), declared shapes in metadata', async () => {
-  const session = await InferenceSession.create(onnxModel(), { executionProviders: ['wasm'] });
+  const session = await InferenceSession.create(onnxModel(), { executionProviders: [EP] });
   record('types metadata', { inputs: session.inputMetadata, outputs: session.outputMetadata });
   const values = {
     float32: new Float32Array([1.5, -2, 0, 3.25, NaN, Infinity]),
@@ -499,7 +519,8 @@ test('every element type in and out (Identity), bool semantics (Not), declared s
     const y = out[`y_${t}`];
     assert.equal(y.type, t);
     assert.deepEqual(Array.from(y.dims), t === 'string' ? [2, 3] : [2, 1, 3]);
-    assert.deepEqual(Array.from(y.data), Array.from(values[t]), t);
+    if (t === 'float16') assert.deepEqual(numbers(y), Array.from(values[t], f16ToF32), t);
+    else assert.deepEqual(Array.from(y.data), Array.from(values[t]), t);
     seen[t] = { ctor: y.data.constructor.name, data: Array.from(y.data, (x) => (typeof x === 'bigint' ? `${x}n` : Number.isNaN(x) ? 'NaN' : x)) };
   }
   seen.not = Array.from(out.not_bool.data);
@@ -516,7 +537,7 @@ test('every element type in and out (Identity), bool semantics (Not), declared s
 test('unnamed dims and undeclared shapes', async () => {
   for (const [what, shape] of [['unnamed dim', [null, 3]], ['no shape', null]]) {
     try {
-      const session = await InferenceSession.create(onnxModel(() => shape, { float32: 1 }));
+      const session = await InferenceSession.create(onnxModel(() => shape, { float32: 1 }), { executionProviders: [EP] });
       const out = await session.run({ x_float32: new Tensor('float32', new Float32Array([1, 2, 3, 4, 5, 6]), [2, 3]) });
       record(`types ${what}`, { metadata: session.inputMetadata, out: Array.from(out.y_float32.data) });
     } catch (e) {
@@ -526,10 +547,10 @@ test('unnamed dims and undeclared shapes', async () => {
 });
 
 test('run: a token id past the vocabulary is an error, and a new session works', async () => {
-  const session = await InferenceSession.create(TINY_LLAMA, { executionProviders: ['wasm'] });
+  const session = await InferenceSession.create(TINY_LLAMA, { executionProviders: [EP] });
   record('run error: token id out of range', await errorOf(() => session.run(tinyLlamaFeeds([99999]))));
   await session.release();
-  const fresh = await InferenceSession.create(TINY_LLAMA, { executionProviders: ['wasm'] });
+  const fresh = await InferenceSession.create(TINY_LLAMA, { executionProviders: [EP] });
   record('run after token id out of range', argmaxRows((await fresh.run(tinyLlamaFeeds([11, 22, 33, 44, 55]))).logits).at(-1));
   await fresh.release();
 });
@@ -537,11 +558,11 @@ test('run: a token id past the vocabulary is an error, and a new session works',
 // ---- real models from ../shared -----------------------------------------------------------------------------------
 const MINILM = path.join(SHARED, 'all-minilm-l6-v2/onnx/model_quantized.onnx');
 test('all-MiniLM-L6-v2 (quantized): sentence embeddings', { skip: !fs.existsSync(MINILM) && `${MINILM} not present` }, async () => {
-  const plain = await InferenceSession.create(MINILM, { executionProviders: ['wasm'] });
+  const plain = await InferenceSession.create(MINILM, { executionProviders: [EP] });
   record('minilm metadata', { inputs: plain.inputMetadata, outputs: plain.outputMetadata });
   const [batch, seq] = plain.inputMetadata[0].shape;
   await plain.release();
-  const session = await InferenceSession.create(MINILM, { executionProviders: ['wasm'], freeDimensionOverrides: { [batch]: 2, [seq]: 6 } });
+  const session = await InferenceSession.create(MINILM, { executionProviders: [EP], freeDimensionOverrides: { [batch]: 2, [seq]: 6 } });
   record('minilm metadata with freeDimensionOverrides', { inputs: session.inputMetadata, outputs: session.outputMetadata });
   // "hello world" and "the quick brown fox" in bert-base-uncased word pieces, padded to one batch
   const rows = [[101, 7592, 2088, 102, 0, 0], [101, 1996, 4248, 2829, 4419, 102]];
@@ -568,7 +589,7 @@ test('all-MiniLM-L6-v2 (quantized): sentence embeddings', { skip: !fs.existsSync
 
 const SMOL = path.join(SHARED, 'smollm2-135m-instruct/onnx/model_q4f16.onnx');
 test('SmolLM2-135M q4f16: prefill against onnxruntime, then a decode step', { skip: !fs.existsSync(SMOL) && `${SMOL} not present` }, async () => {
-  const session = await InferenceSession.create(SMOL, { executionProviders: ['wasm'] });
+  const session = await InferenceSession.create(SMOL, { executionProviders: [EP] });
   record('smollm2 metadata', { inputs: session.inputMetadata.slice(0, 5), outputs: session.outputMetadata.slice(0, 3), n: [session.inputNames.length, session.outputNames.length] });
   const { inputs, outputs } = readDataSet(path.join(path.dirname(SMOL), 'test_data_q4f16'));
   const feeds = {};
