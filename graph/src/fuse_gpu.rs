@@ -144,7 +144,7 @@ fn build(model: &TypedModel, members: &[usize]) -> Option<(FusedProgram, FusedCh
         return None;
     }
     let out_dt = model.node(*members.last()?).outputs[0].fact.datum_type;
-    let program = FusedProgram { inputs: externals.len(), steps, out_dt };
+    let program = FusedProgram::new(externals.len(), steps, out_dt);
     program.check().ok()?;
     Some((program, FusedChain { inputs: externals.len(), steps: cpu_steps }, externals))
 }

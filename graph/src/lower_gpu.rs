@@ -402,6 +402,7 @@ pub fn split_large_weights(model: &mut TypedModel, caps: &Caps) -> Result<()> {
     Ok(())
 }
 
+// Unit tests: the unwraps below run on fixed, hand-built models, never on user data.
 #[cfg(test)]
 mod tests {
     use super::*;

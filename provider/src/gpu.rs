@@ -463,6 +463,7 @@ impl<T> std::ops::Deref for AsyncGuard<'_, T> {
 
 impl<T> std::ops::DerefMut for AsyncGuard<'_, T> {
     fn deref_mut(&mut self) -> &mut T {
+        // the value is only taken out in Drop
         self.value.as_mut().expect("an async guard holds its value until dropped")
     }
 }

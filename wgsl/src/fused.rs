@@ -42,6 +42,8 @@ pub struct FusedProgram {
     pub steps: Vec<Step>,
     /// The output element type (F32 or Bool).
     pub out_dt: DatumType,
+    /// The pipeline's specialisation, written once here rather than on every run's encode.
+    spec: String,
 }
 
 fn src(s: Src) -> String {
@@ -52,6 +54,11 @@ fn src(s: Src) -> String {
 }
 
 impl FusedProgram {
+    pub fn new(inputs: usize, steps: Vec<Step>, out_dt: DatumType) -> FusedProgram {
+        let spec = format!("{inputs}:{steps:?}:{out_dt:?}");
+        FusedProgram { inputs, steps, out_dt, spec }
+    }
+
     pub fn name(&self) -> String {
         let names: Vec<String> = self
             .steps
@@ -176,7 +183,7 @@ impl FusedProgram {
         }
         let n = out.len();
         let (gx, gy) = ctx.grid((n as u64).div_ceil(WG as u64))?;
-        let key = PipelineKey { family: "fused", entry: "fused_main", spec: vec![("PROGRAM", format!("{self:?}"))] };
+        let key = PipelineKey { family: "fused", entry: "fused_main", spec: vec![("PROGRAM", self.spec.clone())] };
         let pipeline = ctx.pipeline(&key, || self.source())?;
         let mut u = vec![u32_of("length", n)?, shape.len() as u32, gx, 0];
         let mut block = [0u32; 8];
