@@ -7,6 +7,7 @@ pub mod error;
 pub mod float16;
 pub mod fuse_gpu;
 pub mod import;
+pub mod int_dims;
 pub mod lower_gpu;
 pub mod passes;
 pub mod symbolic;

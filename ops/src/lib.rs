@@ -17,6 +17,7 @@ pub mod compress;
 pub mod cumprod;
 pub mod det;
 pub mod dft;
+pub mod dim_values;
 pub mod div;
 pub mod erf;
 pub mod flatten;

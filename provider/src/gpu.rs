@@ -261,12 +261,13 @@ impl GpuBackend {
 
         for &id in self.order.iter().filter(|n| needed[**n]) {
             let node = model.node(id);
-            if node.inputs.is_empty() {
+            if node.inputs.is_empty() && !node.op_is::<GpuOp>() {
                 // a weight that lives on the GPU only: its ToDevice consumers use the uploaded buffer
                 if node.op_is::<DeviceConst>() {
                     continue;
                 }
-                if state.turn_state.values[id].is_none() {
+                // constants once; other input-less ops (kiln's DimValues: the run's symbols) every run
+                if !node.op_is::<Const>() || state.turn_state.values[id].is_none() {
                     state.compute_one(id).map_err(tract_err("evaluating a constant"))?;
                 }
                 continue;

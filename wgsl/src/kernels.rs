@@ -410,6 +410,17 @@ pub enum Kernel {
     Range {
         len: TDim,
     },
+    /// kiln's DimValues: at most [`MAX_DIM_VALUES`] i64 values of the run's symbols (no input).
+    DimValues {
+        shape: Vec<usize>,
+        values: Vec<TDim>,
+    },
+    /// kiln's DimRange: `len` i64 values `start + i · step`, dims of the run's symbols (no input).
+    DimRange {
+        start: TDim,
+        step: TDim,
+        len: TDim,
+    },
     /// tract's CumSum along `axis`.
     CumSum {
         axis: usize,
@@ -681,6 +692,8 @@ impl Kernel {
             Kernel::Trilu { .. } => "Trilu".into(),
             Kernel::CumSum { .. } => "CumSum".into(),
             Kernel::Range { .. } => "Range".into(),
+            Kernel::DimValues { .. } => "DimValues".into(),
+            Kernel::DimRange { .. } => "DimRange".into(),
             Kernel::Fused(p) => p.name(),
             Kernel::QMatMul(_) => "MatMulNBits".into(),
             Kernel::Attention(_) => "Attention".into(),
@@ -727,6 +740,7 @@ impl Kernel {
             },
             Kernel::CumSum { .. } => (all(F32) || int.is_some()).then_some(first?),
             Kernel::Range { .. } => int,
+            Kernel::DimValues { .. } | Kernel::DimRange { .. } => dts.is_empty().then_some(I64),
             Kernel::Reduce { op, .. } if op.is_arg() => all(F32).then_some(I64),
             Kernel::Fused(p) => dts.iter().all(|d| matches!(*d, F32 | Bool)).then_some(p.out_dt),
             Kernel::QMatMul(_) => (first == Some(F32)).then_some(F32),
@@ -756,6 +770,7 @@ impl Kernel {
             | Kernel::GatherNd { .. }
             | Kernel::Trilu { .. } => 2,
             Kernel::Range { .. } => 3,
+            Kernel::DimValues { .. } | Kernel::DimRange { .. } => 0,
             Kernel::Where => 3,
             Kernel::Concat { inputs, .. } => *inputs,
             Kernel::Fused(p) => p.inputs,
@@ -788,6 +803,8 @@ impl Kernel {
                 let n = len.eval_to_i64(syms).map_err(|_| Error::new(format!("webgpu: dim {len} has no value")))?;
                 Ok(tvec![n.max(0) as usize])
             }
+            Kernel::DimValues { shape, .. } => Ok(shape.iter().copied().collect()),
+            Kernel::DimRange { len, .. } => Ok(tvec![dim_i64(len, syms)?.max(0) as usize]),
             Kernel::Trilu { .. } => {
                 if inputs[0].len() < 2 || inputs[1].iter().product::<usize>() != 1 {
                     return Err(Error::new(format!("webgpu: Trilu of {:?} with k of {:?}", inputs[0], inputs[1])));
@@ -1133,6 +1150,23 @@ impl Kernel {
                 let b = [(1, inputs[2]), (2, inputs[0]), (3, &out)];
                 launch(ctx, rec, "layout", "range_main", vec![], &u, &b, (gx, gy, 1))?;
             }
+            Kernel::DimValues { values, .. } => {
+                if values.len() > MAX_DIM_VALUES {
+                    return Err(Error::new(format!("webgpu: {} dim values exceed {MAX_DIM_VALUES}", values.len())));
+                }
+                let mut u = vec![u32_of("length", n)?, 0, gx, 0, 0, 0, 0, 0];
+                for d in values {
+                    u.push(dim_i64(d, syms)? as i32 as u32);
+                }
+                u.resize(40, 0);
+                launch(ctx, rec, "layout", "dim_values_main", vec![], &u, &[(3, &out)], (gx, gy, 1))?;
+            }
+            Kernel::DimRange { start, step, .. } => {
+                let (start, step) = (dim_i64(start, syms)? as i32 as u32, dim_i64(step, syms)? as i32 as u32);
+                let mut u = vec![u32_of("length", n)?, 0, gx, start, step];
+                u.resize(40, 0);
+                launch(ctx, rec, "layout", "dim_range_main", vec![], &u, &[(3, &out)], (gx, gy, 1))?;
+            }
             Kernel::CumSum { axis, exclusive, reverse } => {
                 let shape = &inputs[0].shape;
                 if *axis >= shape.len() {
@@ -1322,6 +1356,16 @@ fn move_axis_perm(rank: usize, from: usize, to: usize) -> Result<Vec<usize>> {
     let a = perm.remove(from);
     perm.insert(to, a);
     Ok(perm)
+}
+
+/// Values a [`Kernel::DimValues`] holds (its uniform's 32 spare words).
+pub const MAX_DIM_VALUES: usize = 32;
+
+/// A dim's i64 value in this run (i32 on the GPU, like every i64).
+fn dim_i64(d: &TDim, syms: &SymbolValues) -> Result<i64> {
+    let v = d.eval_to_i64(syms).map_err(|_| Error::new(format!("webgpu: dim {d} has no value")))?;
+    i32::try_from(v).map_err(|_| Error::new(format!("webgpu: dim {d} = {v} does not fit the GPU's i32")))?;
+    Ok(v)
 }
 
 fn eval_dim(d: &TDim, syms: &SymbolValues) -> Result<usize> {

@@ -244,6 +244,13 @@ fn kernel_of(model: &TypedModel, node: &TypedNode, caps: &Caps) -> Result<Kernel
         Kernel::Softmax { axis: sm.axes[0], log: sm.kind == SoftmaxKind::LogSoftmax }
     } else if let Some(a) = node.op_as::<crate::attention::AttentionYOp>() {
         crate::attention::kernel_for(model, node, a)?
+    } else if let Some(d) = node.op_as::<kiln_ops::dim_values::DimValues>() {
+        if d.values.len() > crate::kernels::MAX_DIM_VALUES {
+            return Err(format!("more than {} dim values", crate::kernels::MAX_DIM_VALUES));
+        }
+        Kernel::DimValues { shape: d.shape.to_vec(), values: d.values.clone() }
+    } else if let Some(d) = node.op_as::<kiln_ops::dim_values::DimRange>() {
+        Kernel::DimRange { start: d.start.clone(), step: d.step.clone(), len: d.len.clone() }
     } else if let Some(r) = node.op_as::<crate::attention::RotaryOp>() {
         Kernel::Rotary(crate::attention::RotarySpec { config: r.config.clone() })
     } else {

@@ -155,3 +155,33 @@ fn range_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
     }
     out[i] = bitcast<u32>(idx[0] + i32(i) * bitcast<i32>(a[0]));
 }
+
+// kiln's DimValues: out[i] = the i-th of up to 32 i32 values held in the uniform's shape..extra blocks.
+@compute @workgroup_size(WG)
+fn dim_values_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, lid, p.groups_x);
+    if (i >= p.n) {
+        return;
+    }
+    let b = i / 8u;
+    let d = i % 8u;
+    var v = at8(p.shape, d);
+    if (b == 1u) {
+        v = at8(p.a_strides, d);
+    } else if (b == 2u) {
+        v = at8(p.o_strides, d);
+    } else if (b == 3u) {
+        v = at8(p.extra, d);
+    }
+    out[i] = v;
+}
+
+// kiln's DimRange: out[i] = start + i * step (start = p.a_off, step = p.o_off, i32 bits; adds wrap like i32).
+@compute @workgroup_size(WG)
+fn dim_range_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, lid, p.groups_x);
+    if (i >= p.n) {
+        return;
+    }
+    out[i] = bitcast<u32>(bitcast<i32>(p.a_off) + i32(i) * bitcast<i32>(p.o_off));
+}
