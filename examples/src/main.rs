@@ -222,6 +222,12 @@ fn run(args: Args) -> Result<(), String> {
                 r.counters.uploads as f64 / runs as f64,
                 r.counters.readbacks as f64 / runs as f64
             );
+            #[cfg(not(target_arch = "wasm32"))]
+            println!(
+                "gpu host time per run: {:.2} ms encoding + submitting, {:.2} ms waiting for the GPU",
+                r.counters.submit_us as f64 / 1e3 / runs as f64,
+                r.counters.wait_us as f64 / 1e3 / runs as f64
+            );
         }
     }
     if !args.no_text {

@@ -150,6 +150,28 @@ pub struct Counters {
     pub reused_in_flush: usize,
     /// Bind groups created (the others came from the cache).
     pub bind_groups_created: usize,
+    /// Host time (µs, native only) spent encoding and submitting flushes, and waiting for their results.
+    pub submit_us: u64,
+    pub wait_us: u64,
+}
+
+/// A monotonic clock for the counters (native only: `Instant` panics in wasm32).
+#[cfg(not(target_arch = "wasm32"))]
+pub(crate) fn clock() -> Option<std::time::Instant> {
+    Some(std::time::Instant::now())
+}
+#[cfg(target_arch = "wasm32")]
+pub(crate) fn clock() -> Option<u64> {
+    None
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn micros_since(t: Option<std::time::Instant>) -> u64 {
+    t.map_or(0, |t| t.elapsed().as_micros() as u64)
+}
+#[cfg(target_arch = "wasm32")]
+fn micros_since(_: Option<u64>) -> u64 {
+    0
 }
 
 /// The run-to-run GPU state: pool, arenas, pending commands.
@@ -305,8 +327,13 @@ impl Recorder {
     /// in the order recorded, once the GPU is done: `map_async` and a future (natively the future waits on the
     /// device; in a browser it resolves when the browser has mapped the staging buffer — nothing blocks).
     pub async fn flush(&mut self, ctx: &Context) -> Result<Vec<Vec<u8>>> {
+        let t = clock();
         let submitted = self.submit(ctx)?;
-        submitted.read(ctx).await
+        self.counters.submit_us += micros_since(t);
+        let t = clock();
+        let r = submitted.read(ctx).await;
+        self.counters.wait_us += micros_since(t);
+        r
     }
 
     /// The first half of [`Recorder::flush`]: encodes and submits the recorded work, and asks for the staging

@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+"""PyTorch reference for the GPU decode benchmark (docs/BENCHMARKS.md): a SmolLM2-135M-shaped Llama (transformers'
+LlamaForCausalLM, random weights: 30 layers, hidden 576, 9 heads, 3 kv heads, MLP 1536, vocab 49152, tied
+embeddings), greedy decode on CUDA: prefill PROMPT tokens, then STEPS single-token steps; ms/token = mean step time
+(synchronised). Modes: eager with the dynamic cache; static cache + torch.compile (mode reduce-overhead: CUDA
+graphs). Needs torch + transformers (the device machine has them; not a CI dependency).
+
+    python3 bench/torch_decode.py [--dtype float32|float16|bfloat16] [--prompt 16] [--steps 64]
+"""
+import argparse
+import json
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+
+
+def config():
+    return LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                       num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                       rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True)
+
+
+def sync():
+    torch.cuda.synchronize()
+
+
+def eager(model, ids, steps):
+    past = None
+    times = []
+    x = ids
+    with torch.no_grad():
+        for _ in range(steps + 1):
+            sync()
+            t = time.perf_counter()
+            out = model(input_ids=x, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            x = out.logits[:, -1:].argmax(-1)
+            sync()
+            times.append((time.perf_counter() - t) * 1e3)
+    return times
+
+
+def compiled(model, ids, steps, dtype):
+    cache = StaticCache(config=model.config, max_batch_size=1, max_cache_len=ids.shape[1] + steps + 8,
+                        device="cuda", dtype=dtype)
+    step = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    times = []
+    with torch.no_grad():
+        n = ids.shape[1]
+        pos = torch.arange(n, device="cuda")
+        sync()
+        t = time.perf_counter()
+        out = model(input_ids=ids, past_key_values=cache, cache_position=pos, use_cache=True)
+        x = out.logits[:, -1:].argmax(-1)
+        sync()
+        times.append((time.perf_counter() - t) * 1e3)
+        for i in range(steps):
+            pos = torch.tensor([n + i], device="cuda")
+            sync()
+            t = time.perf_counter()
+            out = step(input_ids=x, past_key_values=cache, cache_position=pos, use_cache=True)
+            x = out.logits[:, -1:].argmax(-1).clone()
+            sync()
+            times.append((time.perf_counter() - t) * 1e3)
+    return times
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--prompt", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=64)
+    a = ap.parse_args()
+    dtype = getattr(torch, a.dtype)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config()).to("cuda", dtype).eval()
+    ids = torch.randint(0, 49152, (1, a.prompt), device="cuda")
+    res = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0), "dtype": a.dtype}
+    for name, f in [("eager", lambda: eager(model, ids, a.steps)),
+                    ("static+compile", lambda: compiled(model, ids, a.steps, dtype))]:
+        try:
+            f()  # warm-up (and compilation)
+            times = f()
+            steady = sorted(times[1:])[: max(1, len(times[1:]) * 9 // 10)]  # drop the slowest 10% (recompiles)
+            res[name] = {"prefill_ms": round(times[0], 2), "decode_ms": round(sum(times[1:]) / len(times[1:]), 3),
+                         "decode_ms_p90": round(sum(steady) / len(steady), 3)}
+        except Exception as e:  # noqa: BLE001 (report and go on)
+            res[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
