@@ -228,6 +228,17 @@ fn run(args: Args) -> Result<(), String> {
                 r.counters.submit_us as f64 / 1e3 / runs as f64,
                 r.counters.wait_us as f64 / 1e3 / runs as f64
             );
+            let mut prof = r.profile.clone();
+            prof.sort_by_key(|p| std::cmp::Reverse(p.2));
+            let total: u64 = prof.iter().map(|p| p.2).sum();
+            for (k, n, ns) in prof.iter().take(16) {
+                println!(
+                    "gpu profile: {k:<24} {:>8.1} dispatches/run {:>9.3} ms/run ({:>4.1}%)",
+                    *n as f64 / runs as f64,
+                    *ns as f64 / 1e6 / runs as f64,
+                    100.0 * *ns as f64 / total.max(1) as f64
+                );
+            }
         }
     }
     if !args.no_text {

@@ -49,6 +49,8 @@ pub struct PlacementReport {
     /// Bytes of constants the lowered plan still holds on the host (those CPU nodes use); the weights placed on
     /// the GPU are not among them.
     pub host_constant_bytes: u64,
+    /// GPU time per kernel over the runs so far (KILN_GPU_PROFILE=1, native): (kernel entry, dispatches, ns).
+    pub profile: Vec<(String, u64, u64)>,
 }
 
 impl PlacementReport {
@@ -69,6 +71,7 @@ pub(crate) struct GpuBackend {
     rec: AsyncLock<Recorder>,
     /// Counters after the last run, and the number of runs.
     stats: Mutex<(Counters, usize)>,
+    profile: Mutex<kiln_wgsl::exec::Profile>,
     poison: AtomicBool,
 }
 
@@ -170,6 +173,7 @@ impl GpuBackend {
             host_constant_bytes,
             rec: AsyncLock::new(Recorder::default()),
             stats: Mutex::new((Counters::default(), 0)),
+            profile: Mutex::default(),
             poison: AtomicBool::new(poison),
         })
     }
@@ -187,6 +191,11 @@ impl GpuBackend {
             weights_on_gpu: self.weights.len(),
             weight_bytes_on_gpu: self.weight_bytes,
             host_constant_bytes: self.host_constant_bytes,
+            profile: self
+                .profile
+                .lock()
+                .map(|p| p.iter().map(|(k, (n, ns))| (k.to_string(), *n, *ns)).collect())
+                .unwrap_or_default(),
         }
     }
 
@@ -213,6 +222,11 @@ impl GpuBackend {
         if let Ok(mut g) = self.stats.lock() {
             g.0 = rec.counters;
             g.1 += 1;
+        }
+        if !rec.profile.is_empty() {
+            if let Ok(mut p) = self.profile.lock() {
+                p.clone_from(&rec.profile);
+            }
         }
         r
     }

@@ -79,6 +79,8 @@ pub struct Context {
     errors: Arc<Mutex<Vec<String>>>,
     pipelines: Mutex<HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>>,
     compiled: Mutex<usize>,
+    /// Timestamp queries around every dispatch (KILN_GPU_PROFILE=1, native, where the adapter has them).
+    pub profiling: bool,
 }
 
 impl std::fmt::Debug for Context {
@@ -140,6 +142,15 @@ impl Context {
         if features.contains(wgpu::Features::SHADER_F16) {
             required |= wgpu::Features::SHADER_F16;
         }
+        // KILN_GPU_PROFILE=1 (native): GPU time per kernel from timestamp queries (kiln-run --placement prints it)
+        #[cfg(not(target_arch = "wasm32"))]
+        let profiling = std::env::var("KILN_GPU_PROFILE").is_ok_and(|v| v == "1")
+            && features.contains(wgpu::Features::TIMESTAMP_QUERY);
+        #[cfg(target_arch = "wasm32")]
+        let profiling = false;
+        if profiling {
+            required |= wgpu::Features::TIMESTAMP_QUERY;
+        }
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("kiln"),
@@ -177,6 +188,7 @@ impl Context {
             errors,
             pipelines: Mutex::default(),
             compiled: Mutex::new(0),
+            profiling,
         })))
     }
 

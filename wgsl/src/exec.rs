@@ -129,9 +129,22 @@ pub struct Binding {
 }
 
 enum Command {
-    Dispatch { pipeline: Arc<wgpu::ComputePipeline>, bindings: Vec<Binding>, uniform: Vec<u8>, groups: (u32, u32, u32) },
-    Upload { dst: Arc<wgpu::Buffer>, bytes: Vec<u8> },
-    Readback { src: Arc<wgpu::Buffer>, bytes: u64, slot: usize },
+    Dispatch {
+        pipeline: Arc<wgpu::ComputePipeline>,
+        bindings: Vec<Binding>,
+        uniform: Vec<u8>,
+        groups: (u32, u32, u32),
+        label: &'static str,
+    },
+    Upload {
+        dst: Arc<wgpu::Buffer>,
+        bytes: Vec<u8>,
+    },
+    Readback {
+        src: Arc<wgpu::Buffer>,
+        bytes: u64,
+        slot: usize,
+    },
 }
 
 /// Statistics of a session's GPU work.
@@ -154,6 +167,12 @@ pub struct Counters {
     pub submit_us: u64,
     pub wait_us: u64,
 }
+
+/// GPU time per kernel (KILN_GPU_PROFILE=1): label → (dispatches, nanoseconds).
+pub type Profile = std::collections::BTreeMap<&'static str, (u64, u64)>;
+
+/// Timestamp queries fit in one query set per flush; dispatches past this many go unmeasured.
+const PROFILE_MAX_DISPATCHES: u32 = 2048;
 
 /// A monotonic clock for the counters (native only: `Instant` panics in wasm32).
 #[cfg(not(target_arch = "wasm32"))]
@@ -191,6 +210,8 @@ pub struct Recorder {
     /// Fill every fresh output buffer with NaN first (tests: unwritten elements show).
     pub poison: bool,
     pub counters: Counters,
+    /// GPU time per kernel (KILN_GPU_PROFILE=1).
+    pub profile: Profile,
 }
 
 impl Default for Recorder {
@@ -208,6 +229,7 @@ impl Default for Recorder {
             bind_generation: 0,
             poison: false,
             counters: Counters::default(),
+            profile: Profile::default(),
         }
     }
 }
@@ -300,6 +322,7 @@ impl Recorder {
         uniform: Vec<u8>,
         bindings: Vec<Binding>,
         groups: (u32, u32, u32),
+        label: &'static str,
     ) {
         if groups.0 == 0 || groups.1 == 0 || groups.2 == 0 {
             return;
@@ -307,7 +330,30 @@ impl Recorder {
         for b in &bindings {
             self.hold(&b.buffer);
         }
-        self.commands.push(Command::Dispatch { pipeline, bindings, uniform, groups });
+        self.commands.push(Command::Dispatch { pipeline, bindings, uniform, groups, label });
+    }
+
+    /// Adds the timestamps of `labels`' dispatches (resolved into `read`) to the profile (native: waits).
+    #[cfg(not(target_arch = "wasm32"))]
+    fn read_profile(&mut self, ctx: &Context, read: &wgpu::Buffer, labels: &[&'static str]) -> Result<()> {
+        read.map_async(wgpu::MapMode::Read, .., |_| {});
+        ctx.device
+            .poll(wgpu::PollType::Wait { submission_index: None, timeout: None })
+            .map_err(|e| Error::new(format!("webgpu: reading the profile: {e}")))?;
+        let period = ctx.queue.get_timestamp_period() as f64;
+        {
+            let view = read.get_mapped_range(..).map_err(|e| Error::new(format!("webgpu: profile: {e}")))?;
+            let ticks: Vec<u64> =
+                view.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect();
+            for (k, label) in labels.iter().enumerate() {
+                let (a, b) = (ticks.get(2 * k).copied().unwrap_or(0), ticks.get(2 * k + 1).copied().unwrap_or(0));
+                let e = self.profile.entry(label).or_default();
+                e.0 += 1;
+                e.1 += (b.saturating_sub(a) as f64 * period) as u64;
+            }
+        }
+        read.unmap();
+        Ok(())
     }
 
     /// Records a copy of `t` to the host; its data comes with the next [`Recorder::flush`].
@@ -397,15 +443,37 @@ impl Recorder {
         }
         let mut encoder =
             ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("kiln run") });
+        let queries = ctx.profiling.then(|| {
+            ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some("kiln profile"),
+                ty: wgpu::QueryType::Timestamp,
+                count: 2 * PROFILE_MAX_DISPATCHES,
+            })
+        });
+        let mut profiled: Vec<&'static str> = vec![];
         let mut i = 0;
         while i < commands.len() {
             match &commands[i] {
                 Command::Dispatch { .. } => {
-                    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                        label: Some("kiln"),
-                        timestamp_writes: None,
-                    });
-                    while let Some(Command::Dispatch { pipeline, bindings, uniform, groups }) = commands.get(i) {
+                    // profiling: one pass per dispatch, timestamps at its start and end
+                    let timestamp_writes = match (&queries, commands.get(i)) {
+                        (Some(q), Some(Command::Dispatch { label, .. }))
+                            if (profiled.len() as u32) < PROFILE_MAX_DISPATCHES =>
+                        {
+                            let k = profiled.len() as u32;
+                            profiled.push(label);
+                            Some(wgpu::ComputePassTimestampWrites {
+                                query_set: q,
+                                beginning_of_pass_write_index: Some(2 * k),
+                                end_of_pass_write_index: Some(2 * k + 1),
+                            })
+                        }
+                        _ => None,
+                    };
+                    let one = timestamp_writes.is_some();
+                    let mut pass = encoder
+                        .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("kiln"), timestamp_writes });
+                    while let Some(Command::Dispatch { pipeline, bindings, uniform, groups, .. }) = commands.get(i) {
                         let key: BindKey = (
                             Arc::as_ptr(pipeline) as usize,
                             self.bind_generation,
@@ -448,6 +516,9 @@ impl Recorder {
                         pass.dispatch_workgroups(groups.0, groups.1, groups.2);
                         self.counters.dispatches += 1;
                         i += 1;
+                        if one {
+                            break;
+                        }
                     }
                 }
                 Command::Upload { dst, bytes } => {
@@ -465,8 +536,34 @@ impl Recorder {
                 }
             }
         }
+        let profile_read = match &queries {
+            Some(q) if !profiled.is_empty() => {
+                let bytes = 16 * profiled.len() as u64;
+                let usage = wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC;
+                let resolve = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("kiln profile"),
+                    size: bytes,
+                    usage,
+                    mapped_at_creation: false,
+                });
+                let read = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("kiln profile read"),
+                    size: bytes,
+                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                });
+                encoder.resolve_query_set(q, 0..2 * profiled.len() as u32, &resolve, 0);
+                encoder.copy_buffer_to_buffer(&resolve, 0, &read, 0, bytes);
+                Some(read)
+            }
+            _ => None,
+        };
         ctx.queue.submit([encoder.finish()]);
         self.counters.submits += 1;
+        #[cfg(not(target_arch = "wasm32"))]
+        if let Some(read) = profile_read {
+            self.read_profile(ctx, &read, &profiled)?;
+        }
         self.counters.buffers_created = self.pool.created;
         self.counters.buffer_bytes = self.pool.bytes;
         self.counters.arena_bytes = [&self.uniforms, &self.uploads, &self.staging]

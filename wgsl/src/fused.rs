@@ -201,7 +201,7 @@ impl FusedProgram {
         let mut bindings: Vec<Binding> =
             inputs.iter().enumerate().map(|(i, t)| Binding { index: i as u32 + 1, buffer: t.buffer.clone() }).collect();
         bindings.push(Binding { index: self.inputs as u32 + 1, buffer: out.buffer.clone() });
-        rec.dispatch(pipeline, words(&u), bindings, (gx, gy, 1));
+        rec.dispatch(pipeline, words(&u), bindings, (gx, gy, 1), "fused_elementwise");
         Ok(out)
     }
 }

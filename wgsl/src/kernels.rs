@@ -563,7 +563,7 @@ pub(crate) fn launch(
     }
     let pipeline = pipeline?;
     let bindings = bindings.iter().map(|(index, t)| Binding { index: *index, buffer: t.buffer.clone() }).collect();
-    rec.dispatch(pipeline, words(uniform), bindings, groups);
+    rec.dispatch(pipeline, words(uniform), bindings, groups, entry);
     Ok(())
 }
 
