@@ -267,6 +267,9 @@ fn matmul_matches_cpu() {
         (&[2, 1, 300], &[300, 7]),
         (&[2, 0, 5], &[2, 5, 3]),
         (&[4, 6], &[6, 0]),
+        // decode shapes (M = 1, mv_split): odd k past the 4-wide unrolled steps, n not a multiple of 16
+        (&[1, 1, 1539], &[1539, 577]),
+        (&[1, 576], &[576, 33]),
     ];
     let c = Case { atol: 1e-4, rtol: 1e-4, ..case("MatMul", -1.0, 1.0) };
     let mut failures = vec![];

@@ -1212,8 +1212,8 @@ impl Kernel {
                 }
                 let (entry, gx, gy) = if m == 1 {
                     if b_sn == 1 {
-                        let (gx, gy) = ctx.grid((n as u64).div_ceil(256))?;
-                        ("mv_rows", gx, gy)
+                        let (gx, gy) = ctx.grid((n as u64).div_ceil(16))?;
+                        ("mv_split", gx, gy)
                     } else {
                         let (gx, gy) = ctx.grid(n as u64)?;
                         ("mv_dot", gx, gy)

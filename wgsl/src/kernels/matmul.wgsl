@@ -2,7 +2,7 @@
 // transposed operands and broadcast batch dims (stride 0) need no copy. Sizes and strides are uniforms.
 //   tiled:   M > 1, a 64x64 output tile per 16x16 workgroup (4x4 per invocation), K in steps of 16 through
 //            workgroup memory.
-//   mv_rows: M = 1, one invocation per output column (B contiguous along n).
+//   mv_split: M = 1, B contiguous along n: 16 columns per workgroup, 16 lanes along k each (see below).
 //   mv_dot:  M = 1, one 64-wide workgroup per output column reducing along k (B contiguous along k).
 
 struct Params {
@@ -95,20 +95,6 @@ fn tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) li
     }
 }
 
-@compute @workgroup_size(256)
-fn mv_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-    let n = group_index(wid, p.groups_x) * 256u + li;
-    if (n >= p.n) {
-        return;
-    }
-    let off = batch_offsets(wid.z);
-    var acc = 0.0;
-    for (var k = 0u; k < p.k; k = k + 1u) {
-        acc = acc + a[off.x + k * p.a_sk] * b[off.y + k * p.b_sk + n * p.b_sn];
-    }
-    c[off.z + n * p.c_sn] = acc;
-}
-
 var<workgroup> red: array<f32, 64>;
 
 @compute @workgroup_size(64)
@@ -131,5 +117,45 @@ fn mv_dot(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index
     }
     if (li == 0u && n < p.n) {
         c[off.z + n * p.c_sn] = red[0];
+    }
+}
+
+// mv_split: M = 1, B contiguous along n (the decode shape of every projection). A workgroup covers 16 output
+// columns with 16 lanes along k each (neighbouring invocations read neighbouring columns: 64-byte segments), four
+// independent loads in flight per lane; the 16 partial sums of a column meet in workgroup memory. mv_rows' one
+// invocation per column (the kernel before it) walked all of k alone: a few workgroups for N = 576, each a chain of dependent loads.
+var<workgroup> part: array<f32, 256>;
+
+@compute @workgroup_size(256)
+fn mv_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let col = li % 16u;
+    let lane = li / 16u;
+    let n = group_index(wid, p.groups_x) * 16u + col;
+    let off = batch_offsets(wid.z);
+    var acc = vec4<f32>(0.0);
+    if (n < p.n) {
+        let bn = off.y + n * p.b_sn;
+        var k = lane;
+        for (; k + 48u < p.k; k = k + 64u) {
+            let x = vec4<f32>(a[off.x + k * p.a_sk], a[off.x + (k + 16u) * p.a_sk], a[off.x + (k + 32u) * p.a_sk],
+                              a[off.x + (k + 48u) * p.a_sk]);
+            let w = vec4<f32>(b[bn + k * p.b_sk], b[bn + (k + 16u) * p.b_sk], b[bn + (k + 32u) * p.b_sk],
+                              b[bn + (k + 48u) * p.b_sk]);
+            acc = acc + x * w;
+        }
+        for (; k < p.k; k = k + 16u) {
+            acc.x = acc.x + a[off.x + k * p.a_sk] * b[bn + k * p.b_sk];
+        }
+    }
+    part[li] = (acc.x + acc.y) + (acc.z + acc.w);
+    workgroupBarrier();
+    for (var s = 8u; s > 0u; s = s / 2u) {
+        if (lane < s) {
+            part[li] = part[li] + part[li + s * 16u];
+        }
+        workgroupBarrier();
+    }
+    if (lane == 0u && n < p.n) {
+        c[off.z + n * p.c_sn] = part[li];
     }
 }
