@@ -606,6 +606,9 @@ fn transpose_matches_cpu() {
         (&[2, 3, 4, 5, 6], &[0, 3, 1, 4, 2]),
         (&[0, 3], &[1, 0]),
         (&[257, 3], &[1, 0]),
+        // a decode step's head split: unit axes only move (no dispatch: a view)
+        (&[1, 1, 9, 64], &[0, 2, 1, 3]),
+        (&[2, 1, 3, 1], &[1, 0, 3, 2]),
     ];
     let mut graphs: Vec<Graph> =
         cases.iter().map(|(s, p)| Graph::new("Transpose", &[s]).attr(attr_ints("perm", p))).collect();
