@@ -4,6 +4,8 @@
 Default shape: SmolLM2-135M (30 layers, hidden 576, 9 heads, 3 kv heads, head 64, MLP 1536, vocab 49152), ~650 MB.
 Same interface as optimum's text-generation-with-past export: inputs input_ids, attention_mask, position_ids,
 past_key_values.{i}.{key,value}; outputs logits, present.{i}.{key,value}. Also writes config.json.
+Attention as optimum exports transformers' Llama: q and the repeat_kv'd k each scaled by head^-1/4, MatMul, additive
+mask, Softmax, MatMul (`--grouped-rows`: the older g*S-rows-per-kv-head GQA layout).
 
     .venv/bin/python bench/make_llama.py OUT_DIR [--layers 30 --hidden 576 --heads 9 --kv-heads 3 --mlp 1536 --vocab 49152]
 """
@@ -16,7 +18,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 
-def build(layers, hidden, heads, kv_heads, mlp, vocab, max_pos=2048, theta=100000.0, eps=1e-5, seed=0):
+def build(layers, hidden, heads, kv_heads, mlp, vocab, max_pos=2048, theta=100000.0, eps=1e-5, seed=0, grouped_rows=False):
     rng = np.random.default_rng(seed)
     d = hidden // heads
     g = heads // kv_heads
@@ -75,7 +77,7 @@ def build(layers, hidden, heads, kv_heads, mlp, vocab, max_pos=2048, theta=10000
     am = node("Cast", [node("Unsqueeze", ["attention_mask", const([1, 2], dtype=np.int64)])], to=TensorProto.BOOL)
     allowed = node("And", [causal, am])  # [B,1,S,T]
     mask = node("Where", [allowed, const(np.float32(0.0)), const(np.float32(-1e9))])
-    mask_g = node("Concat", [mask] * g, axis=2) if g > 1 else mask  # [B,1,g*S,T]
+    mask_g = (node("Concat", [mask] * g, axis=2) if g > 1 else mask) if grouped_rows else None  # [B,1,g*S,T]
 
     x = node("Gather", [weight([vocab, hidden], prefix="embed_tokens"), "input_ids"])
     inputs = [
@@ -87,6 +89,7 @@ def build(layers, hidden, heads, kv_heads, mlp, vocab, max_pos=2048, theta=10000
     ]
     outputs = []
     scale = const(np.float32(1.0 / np.sqrt(d)))
+    quarter = const(np.float32(d ** -0.25))
     perm = [0, 2, 1, 3]
     for i in range(layers):
         h = rmsnorm(x, f"l{i}_input_norm")
@@ -109,11 +112,30 @@ def build(layers, hidden, heads, kv_heads, mlp, vocab, max_pos=2048, theta=10000
                     n, TensorProto.FLOAT, ["batch_size", kv_heads, "past_sequence_length + sequence_length", d]
                 )
             )
-        # grouped-query attention: the g query heads of a kv head become g*S rows
-        qg = node("Reshape", [q, const([0, kv_heads, -1, d], dtype=np.int64)])
-        scores = node("Mul", [node("MatMul", [qg, node("Transpose", [pk], perm=[0, 1, 3, 2])]), scale])
-        probs = node("Softmax", [node("Add", [scores, mask_g])], axis=-1)
-        ctx = node("Reshape", [node("MatMul", [probs, pv]), const([0, heads, -1, d], dtype=np.int64)])
+        if grouped_rows:
+            # grouped-query attention: the g query heads of a kv head become g*S rows
+            qg = node("Reshape", [q, const([0, kv_heads, -1, d], dtype=np.int64)])
+            scores = node("Mul", [node("MatMul", [qg, node("Transpose", [pk], perm=[0, 1, 3, 2])]), scale])
+            probs = node("Softmax", [node("Add", [scores, mask_g])], axis=-1)
+            ctx = node("Reshape", [node("MatMul", [probs, pv]), const([0, heads, -1, d], dtype=np.int64)])
+        else:
+            # transformers' repeat_kv (what optimum exports): [B, kv, T, D] → [B, kv, g, T, D] → [B, H, T, D]
+            def repeat_kv(t):
+                if g == 1:
+                    return t
+                shape = node("Shape", [t])
+                b_, t_ = node("Gather", [shape, const(np.int64(0))]), node("Gather", [shape, const(np.int64(2))])
+                unsq = lambda x: node("Unsqueeze", [x, const([0], dtype=np.int64)])  # noqa: E731
+                big = node("Concat", [unsq(b_), const([kv_heads, g], dtype=np.int64), unsq(t_), const([d], dtype=np.int64)], axis=0)
+                flat = node("Concat", [unsq(b_), const([heads], dtype=np.int64), unsq(t_), const([d], dtype=np.int64)], axis=0)
+                e = node("Expand", [node("Unsqueeze", [t, const([2], dtype=np.int64)]), big])
+                return node("Reshape", [e, flat])
+            kr, vr = repeat_kv(pk), repeat_kv(pv)
+            # optimum's SDPA export scales q and the repeated k by d^-1/4 each (as SmolLM2's export does)
+            qs, ks = node("Mul", [q, quarter]), node("Mul", [kr, quarter])
+            scores = node("MatMul", [qs, node("Transpose", [ks], perm=[0, 1, 3, 2])])
+            probs = node("Softmax", [node("Add", [scores, mask])], axis=-1)
+            ctx = node("MatMul", [probs, vr])
         ctx = node("Reshape", [node("Transpose", [ctx], perm=perm), const([0, 0, hidden], dtype=np.int64)])
         x = node("Add", [x, node("MatMul", [ctx, weight([heads * d, hidden])])])
         h = rmsnorm(x, f"l{i}_post_attention_norm")
@@ -139,8 +161,10 @@ def main():
     ap.add_argument("--kv-heads", type=int, default=3)
     ap.add_argument("--mlp", type=int, default=1536)
     ap.add_argument("--vocab", type=int, default=49152)
+    ap.add_argument("--grouped-rows", action="store_true",
+                    help="GQA as g*S query rows per kv head (the older layout) instead of transformers' repeat_kv")
     a = ap.parse_args()
-    model = build(a.layers, a.hidden, a.heads, a.kv_heads, a.mlp, a.vocab)
+    model = build(a.layers, a.hidden, a.heads, a.kv_heads, a.mlp, a.vocab, grouped_rows=a.grouped_rows)
     os.makedirs(a.out_dir, exist_ok=True)
     path = os.path.join(a.out_dir, "model.onnx")
     onnx.save(model, path)
