@@ -100,8 +100,14 @@ impl AttentionSpec {
         let c = &self.config;
         let bad = |m: String| Error::new(format!("webgpu: attention: {m}"));
         let (q, qs) = Self::view(&inputs[0].shape, c.q_num_heads, "Q")?;
-        let (k, ks) = Self::view(&inputs[1].shape, c.kv_num_heads, "K")?;
-        let (v, vs) = Self::view(&inputs[2].shape, c.kv_num_heads, "V")?;
+        let (k, mut ks) = Self::view(&inputs[1].shape, c.kv_num_heads, "K")?;
+        let (v, mut vs) = Self::view(&inputs[2].shape, c.kv_num_heads, "V")?;
+        // a KV store (crate::kv) is read through its row stride
+        for (t, st) in [(inputs[1], &mut ks), (inputs[2], &mut vs)] {
+            if let (Some(l), [_, h, _, d]) = (&t.kv, &*t.shape) {
+                *st = [h * l.cap * d, l.cap * d, *d];
+            }
+        }
         let [b, hq, s, dk] = q;
         let [_, hkv, l, _] = k;
         let dv = v[3];
@@ -189,11 +195,13 @@ impl AttentionSpec {
         }
         u.push(gx);
         u.extend([flags, scale.to_bits(), c.softcap.to_bits(), u32_of("mask length", mask_len)?]);
-        for st in [qs, ks, vs, ys] {
+        // the 4th word of K's and V's strides: the rows per (batch, head) of past K / V (0: their length)
+        let past_rows = |ix: Option<usize>| ix.and_then(|i| inputs[i].kv.as_ref()).map_or(0, |l| l.cap);
+        for (st, w) in [(qs, 0), (ks, past_rows(pk_ix)), (vs, past_rows(pv_ix)), (ys, 0)] {
             for x in st {
                 u.push(u32_of("stride", x)?);
             }
-            u.push(0);
+            u.push(u32_of("stride", w)?);
         }
         for x in ms {
             u.push(u32_of("stride", x)?);

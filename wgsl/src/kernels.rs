@@ -953,7 +953,7 @@ impl Kernel {
             return p.encode(ctx, rec, inputs);
         }
         if let Kernel::View(_) = self {
-            return Ok(GpuTensor { buffer: inputs[0].buffer.clone(), shape: out_shape, dt: inputs[0].dt });
+            return Ok(GpuTensor::new(inputs[0].buffer.clone(), &out_shape, inputs[0].dt));
         }
         let out = rec.alloc(ctx, &out_shape, out_dt)?;
         if out.is_empty() {
