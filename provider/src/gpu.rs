@@ -193,8 +193,8 @@ impl GpuBackend {
         &self.ctx.device
     }
 
-    pub(crate) fn queue(&self) -> &kiln_wgsl::wgpu::Queue {
-        &self.ctx.queue
+    pub(crate) fn context(&self) -> &Arc<Context> {
+        &self.ctx
     }
 
     pub(crate) fn set_poison(&self, on: bool) {
@@ -204,7 +204,12 @@ impl GpuBackend {
     /// One run: GPU work is recorded and submitted once per flush; readbacks are awaited (`map_async`), never
     /// blocked on in a browser. Runs on one backend queue one after another. `locations[i]` says whether output
     /// `outputs[i]` is read back or left on the GPU.
-    pub(crate) async fn run(&self, inputs: Vec<Value>, outputs: &[usize], locations: &[Location]) -> Result<Vec<Value>> {
+    pub(crate) async fn run(
+        &self,
+        inputs: Vec<Value>,
+        outputs: &[usize],
+        locations: &[Location],
+    ) -> Result<Vec<Value>> {
         let mut rec = self.rec.lock().await;
         // work a run that panicked half-way left behind (a finished run leaves none)
         rec.discard();
@@ -232,7 +237,7 @@ impl GpuBackend {
 
     /// A GPU feed as this backend binds it: on this device, its buffer large enough.
     fn bind_feed(&self, name: &str, g: &crate::gpu_value::GpuTensor) -> Result<GpuTensor> {
-        if g.device != self.ctx.device {
+        if !Arc::ptr_eq(&g.ctx, &self.ctx) {
             return Err(Error::invalid_argument(format!(
                 "input `{name}`: the GPU tensor lives on another device than this session's (make it on \
                  Session::gpu_device(), or download() it and feed the host tensor)"
@@ -355,9 +360,11 @@ impl GpuBackend {
             if node.inputs.is_empty() {
                 if let Some(g) = gpu_feeds.get(&id) {
                     // a GPU feed a CPU node (or a host output) reads: read back once
-                    let host_readers = node.outputs[0].successors.iter().any(|s| {
-                        needed[s.node] && !model.node(s.node).op_is::<ToDevice>()
-                    }) || wanted.iter().enumerate().any(|(i, o)| o.node == id && !on_gpu(i));
+                    let host_readers = node.outputs[0]
+                        .successors
+                        .iter()
+                        .any(|s| needed[s.node] && !model.node(s.node).op_is::<ToDevice>())
+                        || wanted.iter().enumerate().any(|(i, o)| o.node == id && !on_gpu(i));
                     if host_readers {
                         let c = kiln_wgsl::kv::compact(ctx, rec, g).map_err(gpu_err)?;
                         let p = rec.readback(&c);
@@ -388,9 +395,6 @@ impl GpuBackend {
                     (None, None) => {
                         let i = node.inputs[0];
                         let t = host_value(&state, i)?;
-                        if std::env::var("KILN_DEBUG_KV").is_ok() {
-                            eprintln!("upload for {} from {} {:?}", node.name, model.node(i.node).name, t.shape());
-                        }
                         rec.upload(ctx, &t).map_err(gpu_err)?
                     }
                 };
@@ -419,9 +423,6 @@ impl GpuBackend {
                         let mut args: Vec<GpuTensor> = vec![];
                         for (slot, t) in ins.iter().enumerate() {
                             if t.kv.is_some() && !kiln_wgsl::kv::reads_kv_layout(&op.kernel, slot) {
-                                if std::env::var("KILN_DEBUG_KV").is_ok() {
-                                    eprintln!("compact for {} ({:?}) slot {slot}", node.name, op.kernel);
-                                }
                                 let c = kiln_wgsl::kv::compact(ctx, rec, t).map_err(gpu_err)?;
                                 temps.push(c.clone());
                                 args.push(c);
@@ -523,7 +524,7 @@ impl GpuBackend {
                 }
                 Some(g) => {
                     rec.counters.gpu_outputs += 1;
-                    let t = crate::gpu_value::GpuTensor::from_raw(g, &ctx.device, &ctx.queue)?;
+                    let t = crate::gpu_value::GpuTensor::from_raw(g, &self.ctx)?;
                     result.push(Value::Gpu(t));
                 }
                 None => {

@@ -2,8 +2,8 @@
 //! `preferredOutputLocation: 'cpu' | 'gpu-buffer'`, in Rust.
 //!
 //! A [`GpuTensor`] is a tensor that lives in a wgpu buffer: an output a WebGPU session left on the GPU, or a buffer
-//! the application made ([`GpuTensor::from_buffer`]). Fed back to the session that made it (or to any session on
-//! the same device) it is bound without a copy; a `present.*` fed back as `past_key_values.*` has the next
+//! the application made (`Session::gpu_tensor_from_buffer`). Fed back to the session it belongs to, it is bound
+//! without a copy; a `present.*` fed back as `past_key_values.*` has the next
 //! run's KV append write only the new rows (see `kiln_wgsl::kv`). [`Value`] is a feed or an output: a host
 //! [`Tensor`] or a [`GpuTensor`].
 
@@ -88,8 +88,9 @@ pub struct RunOptions {
 #[derive(Clone)]
 pub struct GpuTensor {
     pub(crate) raw: kiln_wgsl::GpuTensor,
-    pub(crate) device: wgpu::Device,
-    pub(crate) queue: wgpu::Queue,
+    /// The session's GPU context the buffer belongs to (its identity: wgpu's device handles of two instances may
+    /// compare equal).
+    pub(crate) ctx: Arc<kiln_wgsl::Context>,
     element_type: ElementType,
 }
 
@@ -117,18 +118,18 @@ fn gpu_err(e: kiln_wgsl::Error) -> Error {
 }
 
 impl GpuTensor {
-    pub(crate) fn from_raw(raw: kiln_wgsl::GpuTensor, device: &wgpu::Device, queue: &wgpu::Queue) -> Result<Self> {
+    pub(crate) fn from_raw(raw: kiln_wgsl::GpuTensor, ctx: &Arc<kiln_wgsl::Context>) -> Result<Self> {
         let element_type = ElementType::from_datum_type(raw.dt)?;
-        Ok(GpuTensor { raw, device: device.clone(), queue: queue.clone(), element_type })
+        Ok(GpuTensor { raw, ctx: ctx.clone(), element_type })
     }
 
-    /// A tensor of `element_type` and `dims` in an application's buffer on `device` (onnxruntime-web's
-    /// `Tensor.fromGpuBuffer`): row-major from offset 0, the buffer made with `STORAGE` and `COPY_SRC` usage
-    /// (a session only reads its feeds). A session takes it as a feed only when it runs on the same device
-    /// (`Session::gpu_device`). Element types: f32, f16, i32, u32 (their GPU layout is the host's).
-    pub fn from_buffer(
-        device: &wgpu::Device,
-        queue: &wgpu::Queue,
+    /// A tensor of `element_type` and `dims` in an application's buffer (onnxruntime-web's
+    /// `Tensor.fromGpuBuffer`), made on the device of the session `ctx` belongs to: row-major from offset 0, the
+    /// buffer made with `STORAGE` and `COPY_SRC` usage (a session only reads its feeds), at least as large as the
+    /// tensor. Element types: f32, f16, i32, u32 (their GPU layout is the host's). `Session::gpu_tensor_from_buffer`
+    /// is the public way in.
+    pub(crate) fn from_buffer(
+        ctx: &Arc<kiln_wgsl::Context>,
         buffer: wgpu::Buffer,
         element_type: ElementType,
         dims: &[usize],
@@ -139,11 +140,10 @@ impl GpuTensor {
                 format!("a GPU tensor from a buffer of {element_type} is not supported (f32, f16, int32, uint32 are)"),
             ));
         }
-        let needed = dims
-            .iter()
-            .try_fold(element_type.size_of(), |a, d| a.checked_mul(*d))
-            .ok_or_else(|| Error::invalid_argument(format!("tensor dims {dims:?} overflow")))?
-            as u64;
+        let needed =
+            dims.iter()
+                .try_fold(element_type.size_of(), |a, d| a.checked_mul(*d))
+                .ok_or_else(|| Error::invalid_argument(format!("tensor dims {dims:?} overflow")))? as u64;
         if buffer.size() < needed {
             return Err(Error::invalid_argument(format!(
                 "the GPU buffer holds {} bytes but a {element_type} tensor of dims {dims:?} needs {needed}",
@@ -158,7 +158,7 @@ impl GpuTensor {
             )));
         }
         let raw = kiln_wgsl::GpuTensor::new(Arc::new(buffer), dims, element_type.to_datum_type());
-        GpuTensor::from_raw(raw, device, queue)
+        GpuTensor::from_raw(raw, ctx)
     }
 
     pub fn dims(&self) -> &[usize] {
@@ -180,7 +180,7 @@ impl GpuTensor {
     }
     /// The device the buffer belongs to.
     pub fn device(&self) -> &wgpu::Device {
-        &self.device
+        &self.ctx.device
     }
     /// For a KV store (a `present.*` with spare rows): the rows its buffer holds per (batch, head) along axis 2.
     pub fn row_capacity(&self) -> Option<usize> {
@@ -201,27 +201,28 @@ impl GpuTensor {
         };
         let row = (d * kiln_wgsl::exec::gpu_size_of(self.raw.dt)) as u64;
         let n = rows as u64 * row;
-        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+        let buffer = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("kiln tensor"),
             size: ((b * h) as u64 * n).max(4),
             usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
         if n > 0 {
-            let mut enc = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("kiln") });
+            let mut enc =
+                self.ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("kiln") });
             for bh in 0..(b * h) as u64 {
                 enc.copy_buffer_to_buffer(&self.raw.buffer, bh * l.cap as u64 * row, &buffer, bh * n, n);
             }
-            self.queue.submit([enc.finish()]);
+            self.ctx.queue.submit([enc.finish()]);
         }
         let raw = kiln_wgsl::GpuTensor::new(Arc::new(buffer), &self.raw.shape, self.raw.dt);
-        GpuTensor::from_raw(raw, &self.device, &self.queue)
+        GpuTensor::from_raw(raw, &self.ctx)
     }
 
     /// The tensor's data on the host (onnxruntime-web's `getData()` / `download()` of a gpu-buffer tensor):
     /// exactly its logical elements.
     pub async fn download(&self) -> Result<Tensor> {
-        let bytes = kiln_wgsl::exec::download(&self.device, &self.queue, &self.raw).await.map_err(gpu_err)?;
+        let bytes = kiln_wgsl::exec::download(&self.ctx.device, &self.ctx.queue, &self.raw).await.map_err(gpu_err)?;
         let t = kiln_wgsl::exec::tensor_from_bytes(self.raw.dt, &self.raw.shape, &bytes).map_err(gpu_err)?;
         Tensor::from_tract(t)
     }

@@ -13,11 +13,11 @@ pub use custom_op::{
 };
 pub use gpu::PlacementReport;
 pub use gpu_value::{GpuTensor, Location, PreferredOutputLocation, RunOptions, Value};
-pub use kiln_wgsl::{wgpu, Counters};
 pub use kiln_graph::lower_gpu::{Device, NodePlacement};
 pub use kiln_graph::{
     Dim, ElementType, Error, ErrorKind, ExternalDataResolver, InMemoryResolver, OptimizationLevel, Result, ValueInfo,
 };
+pub use kiln_wgsl::{wgpu, Counters};
 pub use session::{ExecutionProvider, Outputs, Session, SessionOptions};
 pub use tensor::{Element, Tensor};
 

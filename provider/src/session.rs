@@ -414,8 +414,11 @@ impl Session {
         Ok(ixs)
     }
 
-    /// A GPU tensor in an application's `buffer`, made on this session's device ([`Session::gpu_device`]); see
-    /// [`GpuTensor::from_buffer`]. An error on the CPU provider.
+    /// A GPU tensor in an application's `buffer` (onnxruntime-web's `Tensor.fromGpuBuffer`): the buffer must have
+    /// been made on this session's device ([`Session::gpu_device`]; wgpu cannot tell a buffer's device, so this is
+    /// the caller's promise), row-major from offset 0, with `STORAGE` and `COPY_SRC` usage and at least the
+    /// tensor's bytes; element types f32, f16, int32, uint32. The tensor feeds this session (and is refused by a
+    /// session on another device). An error on the CPU provider.
     pub fn gpu_tensor_from_buffer(
         &self,
         buffer: kiln_wgsl::wgpu::Buffer,
@@ -423,10 +426,10 @@ impl Session {
         dims: &[usize],
     ) -> Result<GpuTensor> {
         match &self.backend {
-            Backend::Gpu(g) => GpuTensor::from_buffer(g.device(), g.queue(), buffer, element_type, dims),
-            Backend::Cpu(_) => Err(Error::invalid_argument(
-                "Tensor location \"gpu-buffer\" is not supported without using WebGPU.",
-            )),
+            Backend::Gpu(g) => GpuTensor::from_buffer(g.context(), buffer, element_type, dims),
+            Backend::Cpu(_) => {
+                Err(Error::invalid_argument("Tensor location \"gpu-buffer\" is not supported without using WebGPU."))
+            }
         }
     }
 

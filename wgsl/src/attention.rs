@@ -427,18 +427,18 @@ fn after_reshapes(model: &TypedModel, mut o: OutletId) -> OutletId {
 }
 
 /// A scalar f32 constant.
-fn scalar_const(model: &TypedModel, o: OutletId) -> Option<f32> {
+pub(crate) fn scalar_const(model: &TypedModel, o: OutletId) -> Option<f32> {
     let k = model.outlet_fact(o).ok()?.konst.clone()?;
     (k.len() == 1 && k.datum_type() == DatumType::F32).then(|| k.cast_to_scalar::<f32>().ok()).flatten()
 }
 
-fn binop_name(node: &TypedNode) -> Option<String> {
+pub(crate) fn binop_name(node: &TypedNode) -> Option<String> {
     node.op_as::<tract_onnx::tract_core::ops::binary::TypedBinOp>().map(|b| b.0.name().to_string())
 }
 
 /// The `[batch, kv_heads, seq, head]` K that a repeat_kv (`Reshape([b, kv, g, t, d] → [b, kv·g, t, d])` of an
 /// `Expand` of an `Unsqueeze(2)`, maybe with a scalar `Mul` on the way) repeated into `k4`, and that scalar.
-fn unrepeat_kv(model: &TypedModel, k4: OutletId, kv_heads: &TDim) -> Option<(OutletId, f32)> {
+pub(crate) fn unrepeat_kv(model: &TypedModel, k4: OutletId, kv_heads: &TDim) -> Option<(OutletId, f32)> {
     use tract_onnx::tract_core::ops::array::MultiBroadcastTo;
     let n = model.node(k4.node);
     match n.op_as::<AxisOp>()? {
@@ -622,6 +622,11 @@ pub fn fuse_decomposed_attention(model: &mut TypedModel) -> TractResult<usize> {
         }
         // GQA's repeat_kv: K read from before its repetition (never materialised for the kernel)
         let mut k4 = k4;
+        // a scalar factor tract moved onto K: the kernel reads K as it is (a KV cache in place) and scales
+        if let Some((data, c)) = crate::kv::scalar_factor(model, k4) {
+            k4 = data;
+            scale *= c;
+        }
         if hk != hv {
             match unrepeat_kv(model, k4, &hv) {
                 Some((k, c)) => {

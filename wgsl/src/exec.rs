@@ -261,7 +261,10 @@ impl Recorder {
     pub fn release(&mut self, t: GpuTensor) {
         let refs = self.cmd_refs.get(&(Arc::as_ptr(&t.buffer) as usize)).copied().unwrap_or(0);
         let size = t.buffer.size();
-        if Arc::strong_count(&t.buffer) == refs + 1 && size.is_power_of_two() && size >= 256 && self.pool.owns(&t.buffer)
+        if Arc::strong_count(&t.buffer) == refs + 1
+            && size.is_power_of_two()
+            && size >= 256
+            && self.pool.owns(&t.buffer)
         {
             // only recorded commands hold it besides this tensor: later commands may overwrite it
             self.counters.reused_in_flush += 1;
@@ -690,10 +693,7 @@ pub async fn download(device: &wgpu::Device, queue: &wgpu::Queue, t: &GpuTensor)
         }
         _ => {
             if padded > t.buffer.size() {
-                return Err(Error::new(format!(
-                    "webgpu: a {bytes}-byte tensor in a {}-byte buffer",
-                    t.buffer.size()
-                )));
+                return Err(Error::new(format!("webgpu: a {bytes}-byte tensor in a {}-byte buffer", t.buffer.size())));
             }
             encoder.copy_buffer_to_buffer(&t.buffer, 0, &staging, 0, padded);
         }

@@ -129,12 +129,7 @@ pub fn append(
     let total = pl + nl;
     let shape: TVec<usize> = tvec![b, h, total, d];
     if let Some(l) = &past.kv {
-        if l.cap >= total
-            && l
-                .high
-                .compare_exchange(pl, total, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-        {
+        if l.cap >= total && l.high.compare_exchange(pl, total, Ordering::AcqRel, Ordering::Acquire).is_ok() {
             let out = GpuTensor { buffer: past.buffer.clone(), shape, dt: past.dt, kv: Some(l.clone()) };
             copy_rows(rec, &new, nl, &out, l.cap, pl, b * h, nl, row)?;
             rec.counters.kv_appends_in_place += 1;
@@ -166,4 +161,77 @@ pub fn append(
     rec.counters.kv_grow_bytes += (b * h * pl) as u64 * row;
     rec.counters.kv_append_bytes += (b * h * nl) as u64 * row;
     Ok(Some(out))
+}
+
+/// `o = x · c` (or `c · x`) with `c` a finite scalar f32 constant: `(x, c)`.
+pub(crate) fn scalar_factor(model: &TypedModel, o: OutletId) -> Option<(OutletId, f32)> {
+    use crate::attention::{binop_name, scalar_const};
+    let n = model.node(o.node);
+    if binop_name(n).as_deref() != Some("Mul") || n.inputs.len() != 2 {
+        return None;
+    }
+    let (c, x) = match (scalar_const(model, n.inputs[1]), scalar_const(model, n.inputs[0])) {
+        (Some(c), _) => (c, n.inputs[0]),
+        (None, Some(c)) => (c, n.inputs[1]),
+        _ => return None,
+    };
+    let same = model.outlet_fact(x).ok()?.shape == model.outlet_fact(o).ok()?.shape;
+    (c.is_finite() && same).then_some((x, c))
+}
+
+/// Lets the fused attention read K and V from before GQA's repeat_kv (`Reshape([b, kv, g, t, d] → [b, kv·g, t,
+/// d])` of an `Expand` of an `Unsqueeze(2)`), as exporters emit it in front of ONNX Attention (opset 23): the
+/// kernel shares each kv head among its q heads itself, so the repeated K / V are never materialised, and a
+/// `present.*` kept as a KV store is read in place. Only 4D K / V without past inputs, both repeated alike (V
+/// without a scale). Returns how many attention nodes it rewrote.
+pub fn unrepeat_attention_kv(model: &mut TypedModel) -> TractResult<usize> {
+    use crate::attention::{unrepeat_kv, AttentionYOp};
+    use tract_onnx::tract_core::internal::*;
+    let mut done = 0;
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let Some(op) = node.op_as::<AttentionYOp>() else { continue };
+        let c = &op.config;
+        if c.has_past_key || c.has_past_value || node.inputs.len() < 3 {
+            continue;
+        }
+        let (k, v) = (node.inputs[1], node.inputs[2]);
+        let kv_heads = |o: OutletId| match model.node(o.node).op_as::<AxisOp>() {
+            Some(AxisOp::Reshape(1, from, to)) if from.len() == 2 && to.len() == 1 => Some(from[0].clone()),
+            _ => None,
+        };
+        let (Some(hk), Some(hv)) = (kv_heads(k), kv_heads(v)) else { continue };
+        if hk != hv || model.outlet_fact(k)?.rank() != 4 || model.outlet_fact(v)?.rank() != 4 {
+            continue;
+        }
+        let (Some((k0, ck)), Some((v0, cv))) = (unrepeat_kv(model, k, &hk), unrepeat_kv(model, v, &hv)) else {
+            continue;
+        };
+        if cv != 1.0 {
+            continue;
+        }
+        let dk = model.outlet_fact(k)?.shape[3].to_usize().ok();
+        let mut config = c.clone();
+        if ck != 1.0 {
+            let Some(base) = c.scale.or(dk.map(|d| 1.0 / (d as f32).sqrt())) else { continue };
+            config.scale = Some(base * ck);
+        }
+        let name = node.name.clone();
+        let inputs = node.inputs.clone();
+        let mut patch = TypedModelPatch::new(format!("unrepeat kv of {name}"));
+        let mut taps = tvec![];
+        for (i, o) in inputs.iter().enumerate() {
+            let o = match i {
+                1 => k0,
+                2 => v0,
+                _ => *o,
+            };
+            taps.push(patch.tap_model(model, o)?);
+        }
+        let y = patch.wire_node(format!("{name}.unrepeated"), AttentionYOp { config }, &taps)?[0];
+        patch.shunt_outside(model, OutletId::new(id, 0), y)?;
+        patch.apply(model)?;
+        done += 1;
+    }
+    Ok(done)
 }
