@@ -361,7 +361,7 @@ impl Recorder {
         if bytes == 0 {
             return Ok(());
         }
-        let aligned = src_offset % 4 == 0 && dst_offset % 4 == 0 && bytes % 4 == 0;
+        let aligned = src_offset.is_multiple_of(4) && dst_offset.is_multiple_of(4) && bytes.is_multiple_of(4);
         let fits = src_offset.checked_add(bytes).is_some_and(|e| e <= src.size())
             && dst_offset.checked_add(bytes).is_some_and(|e| e <= dst.size());
         if !aligned || !fits || Arc::ptr_eq(src, dst) || src == dst {
@@ -685,7 +685,7 @@ pub async fn download(device: &wgpu::Device, queue: &wgpu::Queue, t: &GpuTensor)
             let n = *rows as u64 * row;
             for bh in 0..(b * h) as u64 {
                 let from = bh * l.cap as u64 * row;
-                if n % 4 != 0 || from + n > t.buffer.size() {
+                if !n.is_multiple_of(4) || from + n > t.buffer.size() {
                     return Err(Error::new("webgpu: a KV store's rows are not 4-byte aligned"));
                 }
                 encoder.copy_buffer_to_buffer(&t.buffer, from, &staging, bh * n, n);

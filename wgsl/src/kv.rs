@@ -122,7 +122,7 @@ pub fn append(
     let [nb, nh, nl, nd] = dims4(&new.shape)?;
     let es = gpu_size_of(past.dt);
     let row = (d * es) as u64;
-    if nb != b || nh != h || nd != d || row % 4 != 0 || row == 0 || b * h == 0 {
+    if nb != b || nh != h || nd != d || !row.is_multiple_of(4) || row == 0 || b * h == 0 {
         return Ok(None);
     }
     let new = if new.kv.is_some() { compact(ctx, rec, new)? } else { new.clone() };
