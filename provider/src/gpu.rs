@@ -359,7 +359,8 @@ impl GpuBackend {
             let node = model.node(id);
             if node.inputs.is_empty() {
                 if let Some(g) = gpu_feeds.get(&id) {
-                    // a GPU feed a CPU node (or a host output) reads: read back once
+                    // a GPU feed a CPU node (or a host output) reads: read back (with the next flush, which the
+                    // first such reader asks for)
                     let host_readers = node.outputs[0]
                         .successors
                         .iter()
@@ -372,7 +373,6 @@ impl GpuBackend {
                         if g.kv.is_some() {
                             rec.release(c);
                         }
-                        self.flush(rec, &mut state, &mut pending).await?;
                     }
                     continue;
                 }
