@@ -64,6 +64,7 @@ pub fn lower(model: &TypedModel, caps: &Caps) -> Result<Lowered> {
     split_large_weights(&mut src, caps)?;
     kiln_wgsl::attention::split_attention(&mut src).map_err(tract_err("splitting attention nodes"))?;
     kiln_wgsl::attention::fuse_decomposed_attention(&mut src).map_err(tract_err("fusing decomposed attention"))?;
+    kiln_wgsl::kv::unrepeat_attention_kv(&mut src).map_err(tract_err("reading attention's K / V unrepeated"))?;
     crate::int_dims::rewrite(&mut src).map_err(tract_err("rewriting shape arithmetic as i64"))?;
     let mut target = TypedModel { symbols: src.symbols.clone(), ..TypedModel::default() };
     let mut host: HashMap<OutletId, OutletId> = HashMap::new();

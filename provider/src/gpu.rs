@@ -16,12 +16,14 @@ use kiln_graph::lower_gpu::{
 };
 use kiln_graph::tract_onnx::prelude::*;
 use kiln_graph::tract_onnx::tract_core::ops::konst::Const;
+use kiln_graph::tract_onnx::tract_core::ops::source::TypedSource;
 use kiln_graph::tract_onnx::tract_core::plan::{SimplePlan, SimpleState};
 use kiln_graph::{Error, ErrorKind, Model, Result};
 use kiln_wgsl::exec::tensor_from_bytes;
 use kiln_wgsl::ops::{GpuOp, ToDevice, ToHost};
-use kiln_wgsl::{Context, Counters, GpuTensor, PendingRead, Recorder};
+use kiln_wgsl::{Context, Counters, GpuTensor, Kernel, PendingRead, Recorder};
 
+use crate::gpu_value::{Location, Value};
 use crate::tensor::Tensor;
 
 fn gpu_err(e: kiln_wgsl::Error) -> Error {
@@ -148,10 +150,7 @@ impl GpuBackend {
                 });
                 upload_in_chunks(&ctx, &buffer, bytes, &mut staged)?;
                 weight_bytes += size;
-                weights.insert(
-                    node.id,
-                    GpuTensor { buffer: Arc::new(buffer), shape: t.shape().into(), dt: t.datum_type() },
-                );
+                weights.insert(node.id, GpuTensor::new(Arc::new(buffer), t.shape(), t.datum_type()));
             }
         }
         ctx.take_error().map_err(gpu_err)?;
@@ -204,18 +203,28 @@ impl GpuBackend {
         &self.ctx.device
     }
 
+    pub(crate) fn context(&self) -> &Arc<Context> {
+        &self.ctx
+    }
+
     pub(crate) fn set_poison(&self, on: bool) {
         self.poison.store(on, Ordering::Relaxed);
     }
 
     /// One run: GPU work is recorded and submitted once per flush; readbacks are awaited (`map_async`), never
-    /// blocked on in a browser. Runs on one backend queue one after another.
-    pub(crate) async fn run(&self, inputs: Vec<Tensor>, outputs: &[usize]) -> Result<Vec<Tensor>> {
+    /// blocked on in a browser. Runs on one backend queue one after another. `locations[i]` says whether output
+    /// `outputs[i]` is read back or left on the GPU.
+    pub(crate) async fn run(
+        &self,
+        inputs: Vec<Value>,
+        outputs: &[usize],
+        locations: &[Location],
+    ) -> Result<Vec<Value>> {
         let mut rec = self.rec.lock().await;
         // work a run that panicked half-way left behind (a finished run leaves none)
         rec.discard();
         rec.poison = self.poison.load(Ordering::Relaxed);
-        let r = self.run_with(&mut rec, inputs, outputs).await;
+        let r = self.run_with(&mut rec, inputs, outputs, locations).await;
         if r.is_err() {
             rec.discard();
         }
@@ -232,20 +241,73 @@ impl GpuBackend {
     }
 
     /// [`GpuBackend::run`], with a panic inside turned into an error (as the CPU path does).
-    pub(crate) async fn run_guarded(&self, inputs: Vec<Tensor>, outputs: &[usize]) -> Result<Vec<Tensor>> {
-        CatchUnwind(Box::pin(self.run(inputs, outputs))).await
+    pub(crate) async fn run_guarded(
+        &self,
+        inputs: Vec<Value>,
+        outputs: &[usize],
+        locations: &[Location],
+    ) -> Result<Vec<Value>> {
+        CatchUnwind(Box::pin(self.run(inputs, outputs, locations))).await
     }
 
-    async fn run_with(&self, rec: &mut Recorder, inputs: Vec<Tensor>, outputs: &[usize]) -> Result<Vec<Tensor>> {
+    /// A GPU feed as this backend binds it: on this device, its buffer large enough.
+    fn bind_feed(&self, name: &str, g: &crate::gpu_value::GpuTensor) -> Result<GpuTensor> {
+        if !Arc::ptr_eq(&g.ctx, &self.ctx) {
+            return Err(Error::invalid_argument(format!(
+                "input `{name}`: the GPU tensor lives on another device than this session's (make it on \
+                 Session::gpu_device(), or download() it and feed the host tensor)"
+            )));
+        }
+        let raw = &g.raw;
+        let rows = raw.row_stride().max(raw.shape.get(2).copied().unwrap_or(0));
+        let elems = if raw.kv.is_some() { raw.len() / raw.shape[2].max(1) * rows } else { raw.len() };
+        let need = (elems * kiln_wgsl::exec::gpu_size_of(raw.dt)) as u64;
+        if raw.buffer.size() < need {
+            return Err(Error::invalid_argument(format!(
+                "input `{name}`: the GPU buffer holds {} bytes, the tensor needs {need}",
+                raw.buffer.size()
+            )));
+        }
+        Ok(raw.clone())
+    }
+
+    async fn run_with(
+        &self,
+        rec: &mut Recorder,
+        inputs: Vec<Value>,
+        outputs: &[usize],
+        locations: &[Location],
+    ) -> Result<Vec<Value>> {
         let ctx = &*self.ctx;
         let model = self.plan.model();
         let mut wanted = vec![];
         for o in outputs {
             wanted.push(*model.outputs.get(*o).ok_or_else(|| Error::invalid_argument("no such output"))?);
         }
+        let on_gpu = |i: usize| locations.get(i) == Some(&Location::GpuBuffer);
+        // outputs left on the GPU: the device value behind each (a ToHost's input), kept to the end of the run;
+        // a ToHost nobody else reads is not run
+        let mut keep: HashMap<OutletId, OutletId> = HashMap::new();
+        for (i, o) in wanted.iter().enumerate() {
+            if on_gpu(i) && model.node(o.node).op_is::<ToHost>() {
+                keep.insert(*o, model.node(o.node).inputs[0]);
+            }
+        }
+        let store_outlets: std::collections::HashSet<OutletId> = keep.values().copied().collect();
         // the nodes the wanted outputs need, and how often each outlet is used
         let mut needed = vec![false; model.nodes().len()];
-        let mut stack: Vec<usize> = wanted.iter().map(|o| o.node).collect();
+        let mut stack: Vec<usize> = wanted
+            .iter()
+            .map(|o| match keep.get(o) {
+                Some(d) => d.node,
+                None => o.node,
+            })
+            .collect();
+        for (i, o) in wanted.iter().enumerate() {
+            if !on_gpu(i) || !keep.contains_key(o) {
+                stack.push(o.node);
+            }
+        }
         while let Some(n) = stack.pop() {
             if std::mem::replace(&mut needed[n], true) {
                 continue;
@@ -258,17 +320,52 @@ impl GpuBackend {
                 *uses.entry(*i).or_default() += 1;
             }
         }
-        for o in &wanted {
+        for (i, o) in wanted.iter().enumerate() {
             *uses.entry(*o).or_default() += 1;
+            if on_gpu(i) {
+                if let Some(d) = keep.get(o) {
+                    *uses.entry(*d).or_default() += 1;
+                }
+            }
         }
 
         let mut state = SimpleState::new(&self.plan).map_err(tract_err("starting a run"))?;
-        let tvalues: TVec<TValue> = inputs.into_iter().map(|t| t.into_tract().into_tvalue()).collect();
-        state
-            .set_inputs(tvalues)
-            .map_err(|e| Error::from_tract(ErrorKind::InvalidArgument, "feeding the inputs", &e))?;
+        let input_outlets = model.input_outlets().map_err(tract_err("the model's inputs"))?.to_vec();
+        if input_outlets.len() != inputs.len() {
+            return Err(Error::invalid_argument("wrong number of inputs"));
+        }
+        let mut gpu_feeds: HashMap<usize, GpuTensor> = HashMap::new();
+        for (ix, (v, outlet)) in inputs.into_iter().zip(&input_outlets).enumerate() {
+            match v {
+                Value::Cpu(t) => state
+                    .set_input(ix, t.into_tract().into_tvalue())
+                    .map_err(|e| Error::from_tract(ErrorKind::InvalidArgument, "feeding the inputs", &e))?,
+                Value::Gpu(g) => {
+                    let name = model.node(outlet.node).name.clone();
+                    gpu_feeds.insert(outlet.node, self.bind_feed(&name, &g)?);
+                }
+            }
+        }
         if state.turn_state.values.len() != model.nodes().len() {
             state.turn_state.values = vec![None; model.nodes().len()];
+        }
+        // a GPU feed's dims resolve the model's symbols as a host feed's would, and must agree with them
+        for (node, g) in &gpu_feeds {
+            let fact = model.outlet_fact(OutletId::new(*node, 0)).map_err(tract_err("the model's inputs"))?;
+            for (d, v) in fact.shape.iter().zip(&g.shape) {
+                if let TDim::Sym(sym) = d {
+                    match state.turn_state.resolved_symbols.get(sym) {
+                        Some(x) if x != *v as i64 => {
+                            return Err(Error::invalid_argument(format!(
+                                "input `{}`: dimension {sym} is {v} here but {x} in another input",
+                                model.node(*node).name
+                            )))
+                        }
+                        Some(_) => {}
+                        None => state.turn_state.resolved_symbols.set(sym, *v as i64),
+                    }
+                }
+            }
         }
         let mut dev: HashMap<OutletId, GpuTensor> = HashMap::new();
         let mut pending: Vec<(OutletId, PendingRead, TVec<usize>, DatumType)> = vec![];
@@ -276,20 +373,43 @@ impl GpuBackend {
         for &id in self.order.iter().filter(|n| needed[**n]) {
             let node = model.node(id);
             if node.inputs.is_empty() && !node.op_is::<GpuOp>() {
+                if let Some(g) = gpu_feeds.get(&id) {
+                    // a GPU feed a CPU node (or a host output) reads: read back (with the next flush, which the
+                    // first such reader asks for)
+                    let host_readers = node.outputs[0]
+                        .successors
+                        .iter()
+                        .any(|s| needed[s.node] && !model.node(s.node).op_is::<ToDevice>())
+                        || wanted.iter().enumerate().any(|(i, o)| o.node == id && !on_gpu(i));
+                    if host_readers {
+                        let c = kiln_wgsl::kv::compact(ctx, rec, g).map_err(gpu_err)?;
+                        let p = rec.readback(&c);
+                        pending.push((OutletId::new(id, 0), p, c.shape.clone(), c.dt));
+                        if g.kv.is_some() {
+                            rec.release(c);
+                        }
+                    }
+                    continue;
+                }
                 // a weight that lives on the GPU only: its ToDevice consumers use the uploaded buffer
                 if node.op_is::<DeviceConst>() {
                     continue;
                 }
                 // constants once; other input-less ops (kiln's DimValues: the run's symbols) every run
-                if !node.op_is::<Const>() || state.turn_state.values[id].is_none() {
+                let per_run = !(node.op_is::<Const>() || node.op_is::<TypedSource>());
+                if per_run || state.turn_state.values[id].is_none() {
                     state.compute_one(id).map_err(tract_err("evaluating a constant"))?;
                 }
                 continue;
             }
             if node.op_is::<ToDevice>() {
-                let g = match self.weights.get(&id) {
-                    Some(w) => w.clone(),
-                    None => {
+                let g = match (self.weights.get(&id), gpu_feeds.get(&node.inputs[0].node)) {
+                    (Some(w), _) => w.clone(),
+                    (None, Some(g)) => {
+                        rec.counters.gpu_feeds += 1;
+                        g.clone()
+                    }
+                    (None, None) => {
                         let i = node.inputs[0];
                         let t = host_value(&state, i)?;
                         rec.upload(ctx, &t).map_err(gpu_err)?
@@ -304,15 +424,51 @@ impl GpuBackend {
                             .ok_or_else(|| Error::runtime(format!("webgpu: input of {} not on the GPU", node.name)))?,
                     );
                 }
-                let out = op.kernel.encode(ctx, rec, &ins, &state.turn_state.resolved_symbols).map_err(|e| {
-                    Error::runtime(format!("webgpu: {} ({}): {}", node.name, op.kernel.name(), e.message))
-                })?;
+                let out_outlet = OutletId::new(id, 0);
+                let appended = match (&op.kernel, ins.as_slice()) {
+                    (Kernel::Concat { axis: 2, inputs: 2 }, [past, new]) => {
+                        kiln_wgsl::kv::append(ctx, rec, past, new, store_outlets.contains(&out_outlet))
+                            .map_err(gpu_err)?
+                    }
+                    _ => None,
+                };
+                let out = match appended {
+                    Some(out) => out,
+                    None => {
+                        // a KV store goes to kernels other than attention as a contiguous copy
+                        let mut temps = vec![];
+                        let mut args: Vec<GpuTensor> = vec![];
+                        for (slot, t) in ins.iter().enumerate() {
+                            if t.kv.is_some() && !kiln_wgsl::kv::reads_kv_layout(&op.kernel, slot) {
+                                let c = kiln_wgsl::kv::compact(ctx, rec, t).map_err(gpu_err)?;
+                                temps.push(c.clone());
+                                args.push(c);
+                            } else {
+                                args.push((*t).clone());
+                            }
+                        }
+                        let refs: Vec<&GpuTensor> = args.iter().collect();
+                        let out =
+                            op.kernel.encode(ctx, rec, &refs, &state.turn_state.resolved_symbols).map_err(|e| {
+                                Error::runtime(format!("webgpu: {} ({}): {}", node.name, op.kernel.name(), e.message))
+                            })?;
+                        drop(args);
+                        for t in temps {
+                            rec.release(t);
+                        }
+                        out
+                    }
+                };
                 resolve_symbols(&mut state, &node.outputs[0].fact, &out.shape);
-                dev.insert(OutletId::new(id, 0), out);
+                dev.insert(out_outlet, out);
             } else if node.op_is::<ToHost>() {
                 let g = dev.get(&node.inputs[0]).ok_or_else(|| Error::runtime("webgpu: ToHost of a host value"))?;
-                let p = rec.readback(g);
-                pending.push((OutletId::new(id, 0), p, g.shape.clone(), g.dt));
+                let c = kiln_wgsl::kv::compact(ctx, rec, g).map_err(gpu_err)?;
+                let p = rec.readback(&c);
+                pending.push((OutletId::new(id, 0), p, c.shape.clone(), c.dt));
+                if c.kv.is_none() && g.kv.is_some() {
+                    rec.release(c);
+                }
             } else {
                 if node.inputs.iter().any(|i| pending.iter().any(|p| p.0 == *i)) {
                     self.flush(rec, &mut state, &mut pending).await?;
@@ -341,7 +497,30 @@ impl GpuBackend {
                 }
             }
         }
-        if !pending.is_empty() {
+        // outputs left on the GPU: the device values behind them; host values (CPU nodes' outputs) go up
+        let mut gpu_out: HashMap<usize, GpuTensor> = HashMap::new();
+        for (i, o) in wanted.iter().enumerate() {
+            if !on_gpu(i) {
+                continue;
+            }
+            let g = match keep.get(o).and_then(|d| dev.get(d)) {
+                Some(g) => g.clone(),
+                None => match gpu_feeds.get(&o.node) {
+                    Some(g) => g.clone(),
+                    None => {
+                        let t = host_value(&state, *o)?;
+                        if t.datum_type() == DatumType::String {
+                            return Err(Error::invalid_argument("String tensor is not supported on GPU."));
+                        }
+                        rec.upload(ctx, &t).map_err(gpu_err)?
+                    }
+                },
+            };
+            // the application holds it now: the pool never hands it out again
+            rec.pool.disown(&g.buffer);
+            gpu_out.insert(i, g);
+        }
+        if !pending.is_empty() || !gpu_out.is_empty() {
             self.flush(rec, &mut state, &mut pending).await?;
         }
         rec.discard();
@@ -353,9 +532,23 @@ impl GpuBackend {
         }
         rec.end_run();
         let mut result = vec![];
-        for o in wanted {
-            let v = host_value(&state, o)?;
-            result.push(Tensor::from_tract(v)?);
+        for (i, o) in wanted.into_iter().enumerate() {
+            match gpu_out.remove(&i) {
+                // an empty tensor has no buffer to hand out: it comes back on the host (as onnxruntime-web does)
+                Some(g) if g.is_empty() => {
+                    let t = tensor_from_bytes(g.dt, &g.shape, &[]).map_err(gpu_err)?;
+                    result.push(Value::Cpu(Tensor::from_tract(t)?));
+                }
+                Some(g) => {
+                    rec.counters.gpu_outputs += 1;
+                    let t = crate::gpu_value::GpuTensor::from_raw(g, &self.ctx)?;
+                    result.push(Value::Gpu(t));
+                }
+                None => {
+                    let v = host_value(&state, o)?;
+                    result.push(Value::Cpu(Tensor::from_tract(v)?));
+                }
+            }
         }
         Ok(result)
     }
@@ -500,10 +693,10 @@ impl<T> Drop for AsyncGuard<'_, T> {
 }
 
 /// Polls a future inside `catch_unwind`: a panic becomes a kiln error.
-struct CatchUnwind<'a>(Pin<Box<dyn Future<Output = Result<Vec<Tensor>>> + Send + 'a>>);
+struct CatchUnwind<'a>(Pin<Box<dyn Future<Output = Result<Vec<Value>>> + Send + 'a>>);
 
 impl Future for CatchUnwind<'_> {
-    type Output = Result<Vec<Tensor>>;
+    type Output = Result<Vec<Value>>;
     fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
         let inner = &mut self.0;
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.as_mut().poll(cx))) {

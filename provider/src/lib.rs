@@ -4,6 +4,7 @@
 mod cpu;
 pub mod custom_op;
 mod gpu;
+pub mod gpu_value;
 pub mod session;
 pub mod tensor;
 
@@ -11,10 +12,12 @@ pub use custom_op::{
     AttributeLookup, AttributeValue, CustomOp, CustomOpFuture, CustomOpOutput, CustomOpRegistration, HostOpInfo,
 };
 pub use gpu::PlacementReport;
+pub use gpu_value::{GpuTensor, Location, PreferredOutputLocation, RunOptions, Value};
 pub use kiln_graph::lower_gpu::{Device, NodePlacement};
 pub use kiln_graph::{
     Dim, ElementType, Error, ErrorKind, ExternalDataResolver, InMemoryResolver, OptimizationLevel, Result, ValueInfo,
 };
+pub use kiln_wgsl::{wgpu, Counters};
 pub use session::{ExecutionProvider, Outputs, Session, SessionOptions};
 pub use tensor::{Element, Tensor};
 
@@ -22,7 +25,7 @@ pub use tensor::{Element, Tensor};
 pub mod blocking {
     use std::path::Path;
 
-    use crate::{Outputs, Result, SessionOptions, Tensor, ValueInfo};
+    use crate::{Outputs, Result, RunOptions, SessionOptions, Value, ValueInfo};
 
     pub struct Session(pub crate::Session);
 
@@ -39,15 +42,23 @@ pub mod blocking {
         pub fn outputs(&self) -> &[ValueInfo] {
             self.0.outputs()
         }
-        pub fn run<N: AsRef<str>>(&self, feeds: impl IntoIterator<Item = (N, Tensor)>) -> Result<Outputs> {
+        pub fn run<N: AsRef<str>, V: Into<Value>>(&self, feeds: impl IntoIterator<Item = (N, V)>) -> Result<Outputs> {
             pollster::block_on(self.0.run(feeds))
         }
-        pub fn run_with_outputs<N: AsRef<str>>(
+        pub fn run_with_outputs<N: AsRef<str>, V: Into<Value>>(
             &self,
-            feeds: impl IntoIterator<Item = (N, Tensor)>,
+            feeds: impl IntoIterator<Item = (N, V)>,
             output_names: &[&str],
         ) -> Result<Outputs> {
             pollster::block_on(self.0.run_with_outputs(feeds, output_names))
+        }
+        pub fn run_with<N: AsRef<str>, V: Into<Value>>(
+            &self,
+            feeds: impl IntoIterator<Item = (N, V)>,
+            output_names: Option<&[&str]>,
+            options: &RunOptions,
+        ) -> Result<Outputs> {
+            pollster::block_on(self.0.run_with(feeds, output_names, options))
         }
     }
 

@@ -10,6 +10,7 @@ use kiln_graph::{
 
 use crate::cpu::CpuBackend;
 use crate::custom_op::CustomOpRegistration;
+use crate::gpu_value::{GpuTensor, Location, PreferredOutputLocation, RunOptions, Value};
 use crate::tensor::Tensor;
 
 /// Execution providers, in onnxruntime-web's names.
@@ -56,6 +57,9 @@ pub struct SessionOptions {
     /// Custom operators the application computes (later entries win for the same domain and op type; they
     /// override kiln's built-in ops, the tokenizers included). A model using them runs on the CPU, node by node.
     pub custom_ops: Vec<CustomOpRegistration>,
+    /// onnxruntime-web's `preferredOutputLocation`: outputs to leave on the GPU (`'gpu-buffer'`, WebGPU sessions
+    /// only) instead of reading them back (`'cpu'`, the default). [`RunOptions`] may override it per run.
+    pub preferred_output_location: PreferredOutputLocation,
 }
 
 impl std::fmt::Debug for SessionOptions {
@@ -66,6 +70,7 @@ impl std::fmt::Debug for SessionOptions {
             .field("optimization", &self.optimization)
             .field("intra_op_num_threads", &self.intra_op_num_threads)
             .field("custom_ops", &self.custom_ops)
+            .field("preferred_output_location", &self.preferred_output_location)
             .finish()
     }
 }
@@ -90,21 +95,34 @@ impl SessionOptions {
     }
 }
 
-/// The outputs of a run, in the order asked for.
+/// The outputs of a run, in the order asked for. Outputs left on the GPU (`'gpu-buffer'`) are [`Value::Gpu`]:
+/// [`Outputs::get`], [`Outputs::iter`], [`Outputs::take`] and [`Outputs::into_vec`] see the host tensors only;
+/// [`Outputs::value`], [`Outputs::gpu`], [`Outputs::take_value`] and [`Outputs::into_values`] see every output.
 #[derive(Debug, Clone, Default)]
 pub struct Outputs {
-    entries: Vec<(String, Tensor)>,
+    entries: Vec<(String, Value)>,
 }
 
 impl Outputs {
     pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.value(name).and_then(|v| v.as_tensor())
+    }
+    /// One output, on the host or on the GPU.
+    pub fn value(&self, name: &str) -> Option<&Value> {
         self.entries.iter().find(|(n, _)| n == name).map(|(_, t)| t)
+    }
+    /// One output left on the GPU.
+    pub fn gpu(&self, name: &str) -> Option<&GpuTensor> {
+        self.value(name).and_then(|v| v.as_gpu())
     }
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.entries.iter().map(|(n, _)| n.as_str())
     }
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Tensor)> {
-        self.entries.iter().map(|(n, t)| (n.as_str(), t))
+        self.entries.iter().filter_map(|(n, v)| v.as_tensor().map(|t| (n.as_str(), t)))
+    }
+    pub fn values(&self) -> impl Iterator<Item = (&str, &Value)> {
+        self.entries.iter().map(|(n, v)| (n.as_str(), v))
     }
     pub fn len(&self) -> usize {
         self.entries.len()
@@ -114,23 +132,44 @@ impl Outputs {
     }
     pub fn into_vec(self) -> Vec<(String, Tensor)> {
         self.entries
+            .into_iter()
+            .filter_map(|(n, v)| match v {
+                Value::Cpu(t) => Some((n, t)),
+                Value::Gpu(_) => None,
+            })
+            .collect()
     }
-    /// Removes and returns one output.
+    pub fn into_values(self) -> Vec<(String, Value)> {
+        self.entries
+    }
+    /// Removes and returns one host output.
     pub fn take(&mut self, name: &str) -> Option<Tensor> {
+        let ix = self.entries.iter().position(|(n, v)| n == name && v.as_tensor().is_some())?;
+        match self.entries.remove(ix).1 {
+            Value::Cpu(t) => Some(t),
+            Value::Gpu(_) => None,
+        }
+    }
+    /// Removes and returns one output, on the host or on the GPU.
+    pub fn take_value(&mut self, name: &str) -> Option<Value> {
         let ix = self.entries.iter().position(|(n, _)| n == name)?;
         Some(self.entries.remove(ix).1)
     }
 }
 
 impl Outputs {
-    /// One output by name; an error lists the outputs this run returned.
+    /// One output by name; an error lists the outputs this run returned (and says when it is on the GPU).
     pub fn output(&self, name: &str) -> Result<&Tensor> {
-        self.get(name).ok_or_else(|| {
-            Error::invalid_argument(format!(
+        match self.value(name) {
+            Some(Value::Cpu(t)) => Ok(t),
+            Some(Value::Gpu(_)) => Err(Error::invalid_argument(format!(
+                "output `{name}` is on the GPU (preferred output location 'gpu-buffer'): download() it"
+            ))),
+            None => Err(Error::invalid_argument(format!(
                 "no output named `{name}` in this run's outputs ({})",
                 self.names().collect::<Vec<_>>().join(", ")
-            ))
-        })
+            ))),
+        }
     }
 }
 
@@ -145,6 +184,7 @@ pub struct Session {
     backend: Backend,
     provider: ExecutionProvider,
     provider_note: Option<String>,
+    preferred_output_location: PreferredOutputLocation,
 }
 
 /// Loads a model after rewriting the nodes of registered custom operators into host-op nodes.
@@ -246,6 +286,7 @@ impl Session {
                         backend: Backend::Cpu(backend),
                         provider: ExecutionProvider::Cpu,
                         provider_note: note,
+                        preferred_output_location: options.preferred_output_location.clone(),
                     });
                 }
                 ExecutionProvider::WebGpu if gpu_backend.is_some() => {
@@ -255,6 +296,7 @@ impl Session {
                             backend: Backend::Gpu(Box::new(backend)),
                             provider: ExecutionProvider::WebGpu,
                             provider_note: note,
+                            preferred_output_location: options.preferred_output_location.clone(),
                         });
                     }
                 }
@@ -271,6 +313,7 @@ impl Session {
             backend: Backend::Cpu(backend),
             provider: ExecutionProvider::Cpu,
             provider_note: note.or(Some("falling back to cpu".into())),
+            preferred_output_location: options.preferred_output_location.clone(),
         })
     }
 
@@ -321,18 +364,37 @@ impl Session {
         }
     }
 
-    /// Runs the model and returns every output.
-    pub async fn run<N: AsRef<str>>(&self, feeds: impl IntoIterator<Item = (N, Tensor)>) -> Result<Outputs> {
-        let all: Vec<usize> = (0..self.model.outputs.len()).collect();
-        self.run_indices(feeds, &all).await
+    /// Runs the model and returns every output. Feeds are host [`Tensor`]s or [`GpuTensor`]s (anything
+    /// `Into<Value>`).
+    pub async fn run<N: AsRef<str>, V: Into<Value>>(&self, feeds: impl IntoIterator<Item = (N, V)>) -> Result<Outputs> {
+        self.run_with(feeds, None, &RunOptions::default()).await
     }
 
     /// Runs the model computing only the named outputs (in that order).
-    pub async fn run_with_outputs<N: AsRef<str>>(
+    pub async fn run_with_outputs<N: AsRef<str>, V: Into<Value>>(
         &self,
-        feeds: impl IntoIterator<Item = (N, Tensor)>,
+        feeds: impl IntoIterator<Item = (N, V)>,
         output_names: &[&str],
     ) -> Result<Outputs> {
+        self.run_with(feeds, Some(output_names), &RunOptions::default()).await
+    }
+
+    /// Runs the model computing the named outputs (every output when `None`), with run options.
+    pub async fn run_with<N: AsRef<str>, V: Into<Value>>(
+        &self,
+        feeds: impl IntoIterator<Item = (N, V)>,
+        output_names: Option<&[&str]>,
+        options: &RunOptions,
+    ) -> Result<Outputs> {
+        let ixs = match output_names {
+            None => (0..self.model.outputs.len()).collect(),
+            Some(names) => self.output_indices(names)?,
+        };
+        let prefs = options.preferred_output_location.as_ref().unwrap_or(&self.preferred_output_location);
+        self.run_indices(feeds, &ixs, prefs).await
+    }
+
+    fn output_indices(&self, output_names: &[&str]) -> Result<Vec<usize>> {
         let mut ixs = vec![];
         for name in output_names {
             let ix = self.model.outputs.iter().position(|o| o.name == *name).ok_or_else(|| {
@@ -349,7 +411,26 @@ impl Session {
         if ixs.is_empty() {
             return Err(Error::invalid_argument("no output asked for"));
         }
-        self.run_indices(feeds, &ixs).await
+        Ok(ixs)
+    }
+
+    /// A GPU tensor in an application's `buffer` (onnxruntime-web's `Tensor.fromGpuBuffer`): the buffer must have
+    /// been made on this session's device ([`Session::gpu_device`]; wgpu cannot tell a buffer's device, so this is
+    /// the caller's promise), row-major from offset 0, with `STORAGE` and `COPY_SRC` usage and at least the
+    /// tensor's bytes; element types f32, f16, int32, uint32. The tensor feeds this session (and is refused by a
+    /// session on another device). An error on the CPU provider.
+    pub fn gpu_tensor_from_buffer(
+        &self,
+        buffer: kiln_wgsl::wgpu::Buffer,
+        element_type: ElementType,
+        dims: &[usize],
+    ) -> Result<GpuTensor> {
+        match &self.backend {
+            Backend::Gpu(g) => GpuTensor::from_buffer(g.context(), buffer, element_type, dims),
+            Backend::Cpu(_) => {
+                Err(Error::invalid_argument("Tensor location \"gpu-buffer\" is not supported without using WebGPU."))
+            }
+        }
     }
 
     /// True when the model has nodes computed by the application's custom operators.
@@ -360,16 +441,42 @@ impl Session {
         }
     }
 
-    async fn run_indices<N: AsRef<str>>(
+    async fn run_indices<N: AsRef<str>, V: Into<Value>>(
         &self,
-        feeds: impl IntoIterator<Item = (N, Tensor)>,
+        feeds: impl IntoIterator<Item = (N, V)>,
         outputs: &[usize],
+        prefs: &PreferredOutputLocation,
     ) -> Result<Outputs> {
         let inputs = self.order_feeds(feeds)?;
+        let locations: Vec<Location> =
+            outputs.iter().map(|ix| prefs.location_of(&self.model.outputs[*ix].name)).collect();
         let values = match &self.backend {
-            Backend::Cpu(cpu) if cpu.has_host_ops() => cpu.run_stepwise(inputs, outputs).await?,
-            Backend::Cpu(cpu) => guard("running the model", || cpu.run(inputs, outputs))?,
-            Backend::Gpu(gpu) => gpu.run_guarded(inputs, outputs).await?,
+            Backend::Gpu(gpu) => gpu.run_guarded(inputs, outputs, &locations).await?,
+            Backend::Cpu(cpu) => {
+                let mut host = Vec::with_capacity(inputs.len());
+                for (v, info) in inputs.into_iter().zip(&self.model.inputs) {
+                    match v {
+                        Value::Cpu(t) => host.push(t),
+                        Value::Gpu(_) => {
+                            return Err(Error::invalid_argument(format!(
+                                "input `{}`: Tensor location \"gpu-buffer\" is not supported without using WebGPU.",
+                                info.name
+                            )))
+                        }
+                    }
+                }
+                if locations.contains(&Location::GpuBuffer) {
+                    return Err(Error::invalid_argument(
+                        "preferredLocation \"gpu-buffer\" is not supported without using WebGPU.",
+                    ));
+                }
+                let v = if cpu.has_host_ops() {
+                    cpu.run_stepwise(host, outputs).await?
+                } else {
+                    guard("running the model", || cpu.run(host, outputs))?
+                };
+                v.into_iter().map(Value::Cpu).collect()
+            }
         };
         let mut entries = vec![];
         for (ix, v) in outputs.iter().zip(values) {
@@ -379,10 +486,14 @@ impl Session {
     }
 
     /// Checks feeds against the model's declared inputs, in onnxruntime's words, and orders them.
-    fn order_feeds<N: AsRef<str>>(&self, feeds: impl IntoIterator<Item = (N, Tensor)>) -> Result<Vec<Tensor>> {
-        let mut slots: Vec<Option<Tensor>> = vec![None; self.model.inputs.len()];
+    fn order_feeds<N: AsRef<str>, V: Into<Value>>(
+        &self,
+        feeds: impl IntoIterator<Item = (N, V)>,
+    ) -> Result<Vec<Value>> {
+        let mut slots: Vec<Option<Value>> = vec![None; self.model.inputs.len()];
         for (name, t) in feeds {
             let name = name.as_ref();
+            let t: Value = t.into();
             let ix = self.model.inputs.iter().position(|i| i.name == name).ok_or_else(|| {
                 Error::invalid_argument(format!(
                     "invalid input name: `{name}` (the model's inputs are: {})",
@@ -404,7 +515,7 @@ impl Session {
     }
 }
 
-fn check_feed(info: &ValueInfo, t: &Tensor) -> Result<()> {
+fn check_feed(info: &ValueInfo, t: &Value) -> Result<()> {
     match info.element_type {
         Some(et) if et != t.element_type() => {
             return Err(Error::invalid_argument(format!(

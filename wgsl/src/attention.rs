@@ -100,8 +100,14 @@ impl AttentionSpec {
         let c = &self.config;
         let bad = |m: String| Error::new(format!("webgpu: attention: {m}"));
         let (q, qs) = Self::view(&inputs[0].shape, c.q_num_heads, "Q")?;
-        let (k, ks) = Self::view(&inputs[1].shape, c.kv_num_heads, "K")?;
-        let (v, vs) = Self::view(&inputs[2].shape, c.kv_num_heads, "V")?;
+        let (k, mut ks) = Self::view(&inputs[1].shape, c.kv_num_heads, "K")?;
+        let (v, mut vs) = Self::view(&inputs[2].shape, c.kv_num_heads, "V")?;
+        // a KV store (crate::kv) is read through its row stride
+        for (t, st) in [(inputs[1], &mut ks), (inputs[2], &mut vs)] {
+            if let (Some(l), [_, h, _, d]) = (&t.kv, &*t.shape) {
+                *st = [h * l.cap * d, l.cap * d, *d];
+            }
+        }
         let [b, hq, s, dk] = q;
         let [_, hkv, l, _] = k;
         let dv = v[3];
@@ -189,11 +195,13 @@ impl AttentionSpec {
         }
         u.push(gx);
         u.extend([flags, scale.to_bits(), c.softcap.to_bits(), u32_of("mask length", mask_len)?]);
-        for st in [qs, ks, vs, ys] {
+        // the 4th word of K's and V's strides: the rows per (batch, head) of past K / V (0: their length)
+        let past_rows = |ix: Option<usize>| ix.and_then(|i| inputs[i].kv.as_ref()).map_or(0, |l| l.cap);
+        for (st, w) in [(qs, 0), (ks, past_rows(pk_ix)), (vs, past_rows(pv_ix)), (ys, 0)] {
             for x in st {
                 u.push(u32_of("stride", x)?);
             }
-            u.push(0);
+            u.push(u32_of("stride", w)?);
         }
         for x in ms {
             u.push(u32_of("stride", x)?);
@@ -419,18 +427,18 @@ fn after_reshapes(model: &TypedModel, mut o: OutletId) -> OutletId {
 }
 
 /// A scalar f32 constant.
-fn scalar_const(model: &TypedModel, o: OutletId) -> Option<f32> {
+pub(crate) fn scalar_const(model: &TypedModel, o: OutletId) -> Option<f32> {
     let k = model.outlet_fact(o).ok()?.konst.clone()?;
     (k.len() == 1 && k.datum_type() == DatumType::F32).then(|| k.cast_to_scalar::<f32>().ok()).flatten()
 }
 
-fn binop_name(node: &TypedNode) -> Option<String> {
+pub(crate) fn binop_name(node: &TypedNode) -> Option<String> {
     node.op_as::<tract_onnx::tract_core::ops::binary::TypedBinOp>().map(|b| b.0.name().to_string())
 }
 
 /// The `[batch, kv_heads, seq, head]` K that a repeat_kv (`Reshape([b, kv, g, t, d] → [b, kv·g, t, d])` of an
 /// `Expand` of an `Unsqueeze(2)`, maybe with a scalar `Mul` on the way) repeated into `k4`, and that scalar.
-fn unrepeat_kv(model: &TypedModel, k4: OutletId, kv_heads: &TDim) -> Option<(OutletId, f32)> {
+pub(crate) fn unrepeat_kv(model: &TypedModel, k4: OutletId, kv_heads: &TDim) -> Option<(OutletId, f32)> {
     use tract_onnx::tract_core::ops::array::MultiBroadcastTo;
     let n = model.node(k4.node);
     match n.op_as::<AxisOp>()? {
@@ -614,6 +622,11 @@ pub fn fuse_decomposed_attention(model: &mut TypedModel) -> TractResult<usize> {
         }
         // GQA's repeat_kv: K read from before its repetition (never materialised for the kernel)
         let mut k4 = k4;
+        // a scalar factor tract moved onto K: the kernel reads K as it is (a KV cache in place) and scales
+        if let Some((data, c)) = crate::kv::scalar_factor(model, k4) {
+            k4 = data;
+            scale *= c;
+        }
         if hk != hv {
             match unrepeat_kv(model, k4, &hv) {
                 Some((k, c)) => {

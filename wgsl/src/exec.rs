@@ -12,14 +12,30 @@ use crate::context::Context;
 use crate::{Error, Result};
 
 /// A tensor on the GPU: a storage buffer (at least 4 bytes, even when empty), its shape and element type.
+///
+/// With `kv` set the tensor is rank 4 (`[batch, heads, rows, head]`) and its buffer holds `kv.cap` rows per
+/// (batch, head) — a KV cache with spare capacity (see [`crate::kv`]): only the attention kernels and the KV append
+/// read it as it is; anything else gets a compacted copy first.
 #[derive(Debug, Clone)]
 pub struct GpuTensor {
     pub buffer: Arc<wgpu::Buffer>,
     pub shape: TVec<usize>,
     pub dt: DatumType,
+    pub kv: Option<crate::kv::KvLayout>,
 }
 
 impl GpuTensor {
+    /// A contiguous tensor in `buffer`.
+    pub fn new(buffer: Arc<wgpu::Buffer>, shape: &[usize], dt: DatumType) -> GpuTensor {
+        GpuTensor { buffer, shape: shape.into(), dt, kv: None }
+    }
+    /// Rows allocated per (batch, head) along axis 2: the capacity of a KV store, else the logical rows.
+    pub fn row_stride(&self) -> usize {
+        match &self.kv {
+            Some(l) => l.cap,
+            None => self.shape.get(2).copied().unwrap_or(0),
+        }
+    }
     pub fn len(&self) -> usize {
         self.shape.iter().product()
     }
@@ -39,6 +55,8 @@ fn storage_usage() -> wgpu::BufferUsages {
 #[derive(Default)]
 pub struct BufferPool {
     free: HashMap<u64, Vec<Arc<wgpu::Buffer>>>,
+    /// The buffers this pool made and may take back (by address); a buffer handed to the application leaves it.
+    owned: std::collections::HashSet<usize>,
     pub created: usize,
     pub bytes: u64,
 }
@@ -61,17 +79,29 @@ impl BufferPool {
         }
         self.created += 1;
         self.bytes += size;
-        Ok(Arc::new(ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        let b = Arc::new(ctx.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("kiln tensor"),
             size,
             usage: storage_usage(),
             mapped_at_creation: false,
-        })))
+        }));
+        self.owned.insert(Arc::as_ptr(&b) as usize);
+        Ok(b)
+    }
+    /// Whether the pool made `buffer` and may take it back.
+    pub fn owns(&self, buffer: &Arc<wgpu::Buffer>) -> bool {
+        self.owned.contains(&(Arc::as_ptr(buffer) as usize))
+    }
+    /// The pool lets go of `buffer` for good (it goes to the application: freed when its last holder drops it).
+    pub fn disown(&mut self, buffer: &Arc<wgpu::Buffer>) {
+        if self.owned.remove(&(Arc::as_ptr(buffer) as usize)) {
+            self.bytes = self.bytes.saturating_sub(buffer.size());
+        }
     }
     /// Gives a buffer back; only buffers the pool made (power-of-two sizes) are kept.
     pub fn give(&mut self, buffer: Arc<wgpu::Buffer>) {
         let size = buffer.size();
-        if size.is_power_of_two() && size >= 256 && Arc::strong_count(&buffer) == 1 {
+        if self.owns(&buffer) && size.is_power_of_two() && size >= 256 && Arc::strong_count(&buffer) == 1 {
             self.free.entry(size).or_default().push(buffer);
         }
     }
@@ -145,6 +175,7 @@ enum Command {
         bytes: u64,
         slot: usize,
     },
+    Copy { src: Arc<wgpu::Buffer>, src_offset: u64, dst: Arc<wgpu::Buffer>, dst_offset: u64, bytes: u64 },
 }
 
 /// Statistics of a session's GPU work.
@@ -163,6 +194,20 @@ pub struct Counters {
     pub reused_in_flush: usize,
     /// Bind groups created (the others came from the cache).
     pub bind_groups_created: usize,
+    /// Bytes uploaded from the host (inputs and other host values; not the weights) and read back to it.
+    pub upload_bytes: u64,
+    pub readback_bytes: u64,
+    /// Feeds bound as GPU tensors (no copy) and outputs left on the GPU (not read back).
+    pub gpu_feeds: usize,
+    pub gpu_outputs: usize,
+    /// KV appends done in place (only the new rows written) and their bytes; KV stores created or grown (the
+    /// old rows copied into a bigger buffer) and the bytes those copies moved; bytes copied to hand a KV store's
+    /// logical tensor to a reader that needs it contiguous (a readback, a kernel other than attention).
+    pub kv_appends_in_place: usize,
+    pub kv_append_bytes: u64,
+    pub kv_stores_created: usize,
+    pub kv_grow_bytes: u64,
+    pub kv_compact_bytes: u64,
     /// Host time (µs, native only) spent encoding and submitting flushes, and waiting for their results.
     pub submit_us: u64,
     pub wait_us: u64,
@@ -252,7 +297,7 @@ impl Recorder {
             self.hold(&buffer);
             self.commands.push(Command::Upload { dst: buffer.clone(), bytes: vec![0xff; n] });
         }
-        Ok(GpuTensor { buffer, shape: shape.into(), dt })
+        Ok(GpuTensor { buffer, shape: shape.into(), dt, kv: None })
     }
 
     /// Returns a dead tensor's buffer to the pool once the recorded work that uses it has run (after the next
@@ -260,7 +305,11 @@ impl Recorder {
     pub fn release(&mut self, t: GpuTensor) {
         let refs = self.cmd_refs.get(&(Arc::as_ptr(&t.buffer) as usize)).copied().unwrap_or(0);
         let size = t.buffer.size();
-        if Arc::strong_count(&t.buffer) == refs + 1 && size.is_power_of_two() && size >= 256 {
+        if Arc::strong_count(&t.buffer) == refs + 1
+            && size.is_power_of_two()
+            && size >= 256
+            && self.pool.owns(&t.buffer)
+        {
             // only recorded commands hold it besides this tensor: later commands may overwrite it
             self.counters.reused_in_flush += 1;
             self.pool.free.entry(size).or_default().push(t.buffer);
@@ -302,13 +351,14 @@ impl Recorder {
         let bytes = host_bytes(t)?;
         if !bytes.is_empty() {
             self.hold(&g.buffer);
+            self.counters.upload_bytes += bytes.len() as u64;
             self.commands.push(Command::Upload { dst: g.buffer.clone(), bytes });
             self.counters.uploads += 1;
         }
         Ok(g)
     }
 
-    fn alloc_unpoisoned(&mut self, ctx: &Context, shape: &[usize], dt: DatumType) -> Result<GpuTensor> {
+    pub(crate) fn alloc_unpoisoned(&mut self, ctx: &Context, shape: &[usize], dt: DatumType) -> Result<GpuTensor> {
         let poison = std::mem::replace(&mut self.poison, false);
         let r = self.alloc(ctx, shape, dt);
         self.poison = poison;
@@ -361,8 +411,38 @@ impl Recorder {
         let slot = self.pending_reads;
         self.pending_reads += 1;
         self.hold(&t.buffer);
+        self.counters.readback_bytes += t.byte_len();
         self.commands.push(Command::Readback { src: t.buffer.clone(), bytes: t.byte_len(), slot });
         PendingRead(slot)
+    }
+
+    /// Records a buffer-to-buffer copy, in order with the other work. Offsets and length must be multiples of 4,
+    /// in range, and the buffers distinct (checked here: wgpu would panic).
+    pub fn copy(
+        &mut self,
+        src: &Arc<wgpu::Buffer>,
+        src_offset: u64,
+        dst: &Arc<wgpu::Buffer>,
+        dst_offset: u64,
+        bytes: u64,
+    ) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        let aligned = src_offset.is_multiple_of(4) && dst_offset.is_multiple_of(4) && bytes.is_multiple_of(4);
+        let fits = src_offset.checked_add(bytes).is_some_and(|e| e <= src.size())
+            && dst_offset.checked_add(bytes).is_some_and(|e| e <= dst.size());
+        if !aligned || !fits || Arc::ptr_eq(src, dst) || src == dst {
+            return Err(Error::new(format!(
+                "webgpu: bad buffer copy ({bytes} bytes from {src_offset} of {} to {dst_offset} of {})",
+                src.size(),
+                dst.size()
+            )));
+        }
+        self.hold(src);
+        self.hold(dst);
+        self.commands.push(Command::Copy { src: src.clone(), src_offset, dst: dst.clone(), dst_offset, bytes });
+        Ok(())
     }
 
     pub fn has_pending_reads(&self) -> bool {
@@ -406,6 +486,7 @@ impl Recorder {
                     offsets.push(up_len);
                     up_len += (bytes.len() as u64).div_ceil(4) * 4;
                 }
+                Command::Copy { .. } => offsets.push(0),
                 Command::Readback { bytes, slot, .. } => {
                     offsets.push(st_len);
                     if let Some(r) = read_at.get_mut(*slot) {
@@ -432,7 +513,7 @@ impl Recorder {
                 Command::Upload { bytes, .. } => {
                     up_bytes[*off as usize..*off as usize + bytes.len()].copy_from_slice(bytes)
                 }
-                Command::Readback { .. } => {}
+                Command::Readback { .. } | Command::Copy { .. } => {}
             }
         }
         if uni_len > 0 {
@@ -524,6 +605,10 @@ impl Recorder {
                 Command::Upload { dst, bytes } => {
                     let n = (bytes.len() as u64).div_ceil(4) * 4;
                     encoder.copy_buffer_to_buffer(&up, offsets[i], dst, 0, n.min(dst.size()));
+                    i += 1;
+                }
+                Command::Copy { src, src_offset, dst, dst_offset, bytes } => {
+                    encoder.copy_buffer_to_buffer(src, *src_offset, dst, *dst_offset, *bytes);
                     i += 1;
                 }
                 Command::Readback { src, bytes, .. } => {
@@ -622,7 +707,7 @@ impl Signal {
 /// Waits for the device: natively a blocking `poll` (the map callback fires inside it); in a browser the future
 /// stays pending until the browser runs the callback, and nothing blocks.
 struct MapWait<'a> {
-    ctx: &'a Context,
+    device: &'a wgpu::Device,
     signal: &'a Signal,
 }
 
@@ -635,7 +720,7 @@ impl std::future::Future for MapWait<'_> {
         }
         #[cfg(not(target_arch = "wasm32"))]
         {
-            if let Err(e) = self.ctx.device.poll(wgpu::PollType::Wait { submission_index: None, timeout: None }) {
+            if let Err(e) = self.device.poll(wgpu::PollType::Wait { submission_index: None, timeout: None }) {
                 return Poll::Ready(Err(Error::new(format!("webgpu: waiting for the device: {e}"))));
             }
             match self.signal.take(None) {
@@ -645,7 +730,7 @@ impl std::future::Future for MapWait<'_> {
         }
         #[cfg(target_arch = "wasm32")]
         {
-            let _ = self.ctx;
+            let _ = self.device;
             Poll::Pending
         }
     }
@@ -668,7 +753,7 @@ impl Submitted {
         let mut out = vec![];
         match (&self.staging, &self.mapped) {
             (Some((st, st_len)), Some(signal)) => {
-                let r = MapWait { ctx, signal }.await;
+                let r = MapWait { device: &ctx.device, signal }.await;
                 ctx.take_error()?;
                 r?;
                 {
@@ -702,6 +787,58 @@ impl Submitted {
     }
 }
 
+/// The logical bytes of `t` (a KV store's rows without its spare capacity), copied back through a staging buffer
+/// on `device` / `queue` outside any recorder (a GPU tensor an application holds). Awaits the map; never blocks
+/// in a browser.
+pub async fn download(device: &wgpu::Device, queue: &wgpu::Queue, t: &GpuTensor) -> Result<Vec<u8>> {
+    let bytes = t.byte_len();
+    if bytes == 0 {
+        return Ok(vec![]);
+    }
+    let padded = bytes.div_ceil(4) * 4;
+    let staging = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("kiln download"),
+        size: padded,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("kiln download") });
+    match (&t.kv, &*t.shape) {
+        (Some(l), [b, h, rows, d]) => {
+            let row = (d * gpu_size_of(t.dt)) as u64;
+            let n = *rows as u64 * row;
+            for bh in 0..(b * h) as u64 {
+                let from = bh * l.cap as u64 * row;
+                if !n.is_multiple_of(4) || from + n > t.buffer.size() {
+                    return Err(Error::new("webgpu: a KV store's rows are not 4-byte aligned"));
+                }
+                encoder.copy_buffer_to_buffer(&t.buffer, from, &staging, bh * n, n);
+            }
+        }
+        _ => {
+            if padded > t.buffer.size() {
+                return Err(Error::new(format!("webgpu: a {bytes}-byte tensor in a {}-byte buffer", t.buffer.size())));
+            }
+            encoder.copy_buffer_to_buffer(&t.buffer, 0, &staging, 0, padded);
+        }
+    }
+    queue.submit([encoder.finish()]);
+    let signal = Arc::new(Signal::default());
+    let sig = signal.clone();
+    staging.map_async(wgpu::MapMode::Read, 0..padded, move |r| {
+        sig.set(r.map_err(|e| format!("webgpu: downloading a GPU tensor: {e}")))
+    });
+    MapWait { device, signal: &signal }.await?;
+    let out = {
+        let view = staging
+            .get_mapped_range(0..padded)
+            .map_err(|e| Error::new(format!("webgpu: downloading a GPU tensor: {e}")))?;
+        view.get(..bytes as usize).ok_or_else(|| Error::new("webgpu: a download is out of range"))?.to_vec()
+    };
+    staging.unmap();
+    Ok(out)
+}
+
 /// Bytes per element on the GPU: a bool is an f32 0.0 / 1.0 (one 4-byte word, like every GPU element).
 /// An i64 is an i32 on the GPU (range-checked at upload, like onnxruntime's WebGPU EP).
 pub fn gpu_size_of(dt: DatumType) -> usize {
@@ -711,7 +848,7 @@ pub fn gpu_size_of(dt: DatumType) -> usize {
     }
 }
 
-/// A host tensor's bytes as the GPU stores them (f32, i32, u32 as is; bool as f32 0.0 / 1.0; others are refused
+/// A host tensor's bytes as the GPU stores them (f32, i32, u32, f16 as is; bool as f32 0.0 / 1.0; others are refused
 /// for now).
 pub fn host_bytes(t: &Tensor) -> Result<Vec<u8>> {
     match t.datum_type() {
@@ -731,7 +868,8 @@ pub fn host_bytes(t: &Tensor) -> Result<Vec<u8>> {
             }
             Ok(out)
         }
-        DatumType::F32 | DatumType::I32 | DatumType::U32 => {
+        // f16: its own 2-byte elements (GPU tensors of f16 hold them as they are)
+        DatumType::F32 | DatumType::I32 | DatumType::U32 | DatumType::F16 => {
             let view = t.try_as_plain_ram().map_err(|e| Error::new(format!("webgpu: tensor data: {e}")))?;
             Ok(view.as_bytes().to_vec())
         }

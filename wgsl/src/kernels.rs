@@ -970,7 +970,7 @@ impl Kernel {
             return p.encode(ctx, rec, inputs);
         }
         if let Kernel::View(_) = self {
-            return Ok(GpuTensor { buffer: inputs[0].buffer.clone(), shape: out_shape, dt: inputs[0].dt });
+            return Ok(GpuTensor::new(inputs[0].buffer.clone(), &out_shape, inputs[0].dt));
         }
         if let Kernel::MoveAxis { from, to } = self {
             // an axis moved past unit axes only ([1, 1, H, D] → [1, H, 1, D] in a decode step): same bytes, same
@@ -978,8 +978,8 @@ impl Kernel {
             let shape = &inputs[0].shape;
             let perm = move_axis_perm(shape.len(), *from, *to)?;
             let kept: Vec<usize> = perm.iter().copied().filter(|p| shape[*p] != 1).collect();
-            if kept.windows(2).all(|w| w[0] < w[1]) {
-                return Ok(GpuTensor { buffer: inputs[0].buffer.clone(), shape: out_shape, dt: inputs[0].dt });
+            if inputs[0].kv.is_none() && kept.windows(2).all(|w| w[0] < w[1]) {
+                return Ok(GpuTensor::new(inputs[0].buffer.clone(), &out_shape, inputs[0].dt));
             }
         }
         let out = rec.alloc(ctx, &out_shape, out_dt)?;

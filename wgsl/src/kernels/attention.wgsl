@@ -4,7 +4,8 @@
 // One workgroup per (batch, kv head, block of WG rows); a row is one (q head of the kv head's group, query)
 // pair, so the q heads that share a kv head (GQA) share its K/V tiles and K/V are never repeated. Each invocation
 // owns one row: its query and its accumulator in registers.
-// Keys 0..past come from past_key / past_value ([batch, kv_heads, past, head], contiguous), keys past.. from K / V
+// Keys 0..past come from past_key / past_value ([batch, kv_heads, past, head]; ks.w / vs.w rows per (batch, head)
+// when not 0: a KV store with spare rows), keys past.. from K / V
 // (3D or 4D, through strides). Masked keys (bool mask false, float mask -inf, beyond the mask's last dim, causal
 // j > i + past, j >= nonpad_kv_seqlen[b]) take no weight; a row with every key masked is zeros.
 //
@@ -69,6 +70,8 @@ fn attention_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
     let s_len = p.d0.z;
     let hkv = p.d0.w;
     let past = p.d1.y;
+    let pk_rows = select(past, p.ks.w, p.ks.w != 0u);
+    let pv_rows = select(past, p.vs.w, p.vs.w != 0u);
     let total = p.d1.z;
     let dk = p.d1.w;
     let dv = p.d2.x;
@@ -142,7 +145,7 @@ fn attention_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
             var val = 0.0;
             if (j < total) {
                 if (j < past) {
-                    val = past_k[((b * hkv + kh) * past + j) * dk + d];
+                    val = past_k[((b * hkv + kh) * pk_rows + j) * dk + d];
                 } else {
                     val = k[b * p.ks.x + kh * p.ks.y + (j - past) * p.ks.z + d];
                 }
@@ -156,7 +159,7 @@ fn attention_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
             var val = 0.0;
             if (j < total) {
                 if (j < past) {
-                    val = past_v[((b * hkv + kh) * past + j) * dv + d];
+                    val = past_v[((b * hkv + kh) * pv_rows + j) * dv + d];
                 } else {
                     val = v[b * p.vs.x + kh * p.vs.y + (j - past) * p.vs.z + d];
                 }

@@ -1,0 +1,237 @@
+//! KV caches in place: a `present.*` that stays on the GPU lives in a *KV store*, a buffer with spare rows along the
+//! sequence axis (`[batch, heads, cap, head]`, `cap` ≥ the logical rows). When it comes back as the next run's
+//! `past_key_values.*`, the Concat that appends the new keys / values writes only the new rows into the spare
+//! capacity ([`append`]), so a decode step copies O(new tokens), not the whole cache; a full store is replaced by
+//! one of twice the capacity (the old rows copied once). The attention kernel reads K / V and past K / V through
+//! the store's row stride; every other reader gets a contiguous copy ([`compact`]).
+//!
+//! Several tensors may share one store (the past of one step and the present of the next): each sees its own
+//! first rows, which later appends never overwrite. The store's high-water mark says how many rows are written;
+//! an append in place needs the past to end exactly there (else — a past fed twice, as in a retry or a beam — the
+//! append copies into a new store and the tensors already handed out keep their data).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tract_onnx::prelude::*;
+
+use crate::context::Context;
+use crate::exec::{gpu_size_of, GpuTensor, Recorder};
+use crate::kernels::Kernel;
+use crate::{Error, Result};
+
+/// Rows a fresh store holds at least.
+const MIN_ROWS: usize = 16;
+
+/// A KV store's layout: rows allocated per (batch, head), and the store's high-water mark (rows written).
+#[derive(Debug, Clone)]
+pub struct KvLayout {
+    pub cap: usize,
+    high: Arc<AtomicUsize>,
+}
+
+impl KvLayout {
+    /// Rows of the store written so far (by any tensor sharing it).
+    pub fn rows_written(&self) -> usize {
+        self.high.load(Ordering::Acquire)
+    }
+}
+
+/// Whether `kernel` reads its input `slot` through a KV store's row stride (the fused attention's K, V and past
+/// K / V); any other reader needs [`compact`] first.
+pub fn reads_kv_layout(kernel: &Kernel, slot: usize) -> bool {
+    match kernel {
+        Kernel::Attention(a) => {
+            let c = &a.config;
+            let first_past = 3 + c.has_mask as usize;
+            slot == 1
+                || slot == 2
+                || (c.has_past_key && slot == first_past)
+                || (c.has_past_value && slot == first_past + c.has_past_key as usize)
+        }
+        _ => false,
+    }
+}
+
+/// `t` as a contiguous tensor: itself when it is, else a copy of its logical rows into a pooled buffer.
+pub fn compact(ctx: &Context, rec: &mut Recorder, t: &GpuTensor) -> Result<GpuTensor> {
+    let Some(l) = &t.kv else { return Ok(t.clone()) };
+    let [b, h, rows, d] = dims4(&t.shape)?;
+    let out = rec.alloc_unpoisoned(ctx, &t.shape, t.dt)?;
+    let row = (d * gpu_size_of(t.dt)) as u64;
+    copy_rows(rec, t, l.cap, &out, rows, 0, b * h, rows, row)?;
+    rec.counters.kv_compact_bytes += (b * h * rows) as u64 * row;
+    Ok(out)
+}
+
+fn dims4(shape: &[usize]) -> Result<[usize; 4]> {
+    match *shape {
+        [b, h, s, d] => Ok([b, h, s, d]),
+        _ => Err(Error::new(format!("webgpu: a KV store of shape {shape:?}"))),
+    }
+}
+
+/// Copies `rows` rows of every (batch, head) block from `src` (`src_stride` rows per block) into `dst`
+/// (`dst_stride` rows per block) starting at row `dst_row`.
+#[allow(clippy::too_many_arguments)]
+fn copy_rows(
+    rec: &mut Recorder,
+    src: &GpuTensor,
+    src_stride: usize,
+    dst: &GpuTensor,
+    dst_stride: usize,
+    dst_row: usize,
+    blocks: usize,
+    rows: usize,
+    row_bytes: u64,
+) -> Result<()> {
+    if rows == 0 {
+        return Ok(());
+    }
+    if src_stride == rows && dst_stride == rows && dst_row == 0 {
+        return rec.copy(&src.buffer, 0, &dst.buffer, 0, blocks as u64 * rows as u64 * row_bytes);
+    }
+    for bh in 0..blocks as u64 {
+        let from = bh * src_stride as u64 * row_bytes;
+        let to = (bh * dst_stride as u64 + dst_row as u64) * row_bytes;
+        rec.copy(&src.buffer, from, &dst.buffer, to, rows as u64 * row_bytes)?;
+    }
+    Ok(())
+}
+
+/// Rows of a fresh or grown store for `rows` logical rows (`old`: the capacity outgrown).
+fn capacity_for(rows: usize, old: usize) -> usize {
+    (rows + 1).next_power_of_two().max(MIN_ROWS).max(old.saturating_mul(2))
+}
+
+/// The Concat along axis 2 of `past` and `new` (both `[batch, heads, rows, head]`) as a KV store, or `None` when
+/// the caller should concatenate the ordinary way: in place when `past` is a store with room that ends at its
+/// high-water mark; into a new store (capacity doubled, or fresh when `make_store`) otherwise, when `past` is a
+/// store or `make_store` asks for one (a `present.*` that leaves the run on the GPU).
+pub fn append(
+    ctx: &Context,
+    rec: &mut Recorder,
+    past: &GpuTensor,
+    new: &GpuTensor,
+    make_store: bool,
+) -> Result<Option<GpuTensor>> {
+    if past.shape.len() != 4 || new.shape.len() != 4 || past.dt != new.dt || (past.kv.is_none() && !make_store) {
+        return Ok(None);
+    }
+    let [b, h, pl, d] = dims4(&past.shape)?;
+    let [nb, nh, nl, nd] = dims4(&new.shape)?;
+    let es = gpu_size_of(past.dt);
+    let row = (d * es) as u64;
+    if nb != b || nh != h || nd != d || !row.is_multiple_of(4) || row == 0 || b * h == 0 {
+        return Ok(None);
+    }
+    let new = if new.kv.is_some() { compact(ctx, rec, new)? } else { new.clone() };
+    let total = pl + nl;
+    let shape: TVec<usize> = tvec![b, h, total, d];
+    if let Some(l) = &past.kv {
+        if l.cap >= total && l.high.compare_exchange(pl, total, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            let out = GpuTensor { buffer: past.buffer.clone(), shape, dt: past.dt, kv: Some(l.clone()) };
+            copy_rows(rec, &new, nl, &out, l.cap, pl, b * h, nl, row)?;
+            rec.counters.kv_appends_in_place += 1;
+            rec.counters.kv_append_bytes += (b * h * nl) as u64 * row;
+            return Ok(Some(out));
+        }
+    }
+    let old = past.kv.as_ref().map_or(0, |l| l.cap);
+    let mut cap = capacity_for(total, old);
+    let limit = ctx.caps.max_storage_binding.min(ctx.caps.max_buffer_size);
+    let per_row = (b * h) as u64 * row;
+    if cap as u64 * per_row > limit {
+        cap = (limit / per_row) as usize;
+    }
+    if cap < total {
+        return Ok(None);
+    }
+    let buffer = Arc::new(ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("kiln kv store"),
+        size: (cap as u64 * per_row).max(4),
+        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    }));
+    let layout = KvLayout { cap, high: Arc::new(AtomicUsize::new(total)) };
+    let out = GpuTensor { buffer, shape, dt: past.dt, kv: Some(layout) };
+    copy_rows(rec, past, past.row_stride(), &out, cap, 0, b * h, pl, row)?;
+    copy_rows(rec, &new, nl, &out, cap, pl, b * h, nl, row)?;
+    rec.counters.kv_stores_created += 1;
+    rec.counters.kv_grow_bytes += (b * h * pl) as u64 * row;
+    rec.counters.kv_append_bytes += (b * h * nl) as u64 * row;
+    Ok(Some(out))
+}
+
+/// `o = x · c` (or `c · x`) with `c` a finite scalar f32 constant: `(x, c)`.
+pub(crate) fn scalar_factor(model: &TypedModel, o: OutletId) -> Option<(OutletId, f32)> {
+    use crate::attention::{binop_name, scalar_const};
+    let n = model.node(o.node);
+    if binop_name(n).as_deref() != Some("Mul") || n.inputs.len() != 2 {
+        return None;
+    }
+    let (c, x) = match (scalar_const(model, n.inputs[1]), scalar_const(model, n.inputs[0])) {
+        (Some(c), _) => (c, n.inputs[0]),
+        (None, Some(c)) => (c, n.inputs[1]),
+        _ => return None,
+    };
+    let same = model.outlet_fact(x).ok()?.shape == model.outlet_fact(o).ok()?.shape;
+    (c.is_finite() && same).then_some((x, c))
+}
+
+/// Lets the fused attention read K and V from before GQA's repeat_kv (`Reshape([b, kv, g, t, d] → [b, kv·g, t,
+/// d])` of an `Expand` of an `Unsqueeze(2)`), as exporters emit it in front of ONNX Attention (opset 23): the
+/// kernel shares each kv head among its q heads itself, so the repeated K / V are never materialised, and a
+/// `present.*` kept as a KV store is read in place. Only 4D K / V without past inputs, both repeated alike (V
+/// without a scale). Returns how many attention nodes it rewrote.
+pub fn unrepeat_attention_kv(model: &mut TypedModel) -> TractResult<usize> {
+    use crate::attention::{unrepeat_kv, AttentionYOp};
+    use tract_onnx::tract_core::internal::*;
+    let mut done = 0;
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let Some(op) = node.op_as::<AttentionYOp>() else { continue };
+        let c = &op.config;
+        if c.has_past_key || c.has_past_value || node.inputs.len() < 3 {
+            continue;
+        }
+        let (k, v) = (node.inputs[1], node.inputs[2]);
+        let kv_heads = |o: OutletId| match model.node(o.node).op_as::<AxisOp>() {
+            Some(AxisOp::Reshape(1, from, to)) if from.len() == 2 && to.len() == 1 => Some(from[0].clone()),
+            _ => None,
+        };
+        let (Some(hk), Some(hv)) = (kv_heads(k), kv_heads(v)) else { continue };
+        if hk != hv || model.outlet_fact(k)?.rank() != 4 || model.outlet_fact(v)?.rank() != 4 {
+            continue;
+        }
+        let (Some((k0, ck)), Some((v0, cv))) = (unrepeat_kv(model, k, &hk), unrepeat_kv(model, v, &hv)) else {
+            continue;
+        };
+        if cv != 1.0 {
+            continue;
+        }
+        let dk = model.outlet_fact(k)?.shape[3].to_usize().ok();
+        let mut config = c.clone();
+        if ck != 1.0 {
+            let Some(base) = c.scale.or(dk.map(|d| 1.0 / (d as f32).sqrt())) else { continue };
+            config.scale = Some(base * ck);
+        }
+        let name = node.name.clone();
+        let inputs = node.inputs.clone();
+        let mut patch = TypedModelPatch::new(format!("unrepeat kv of {name}"));
+        let mut taps = tvec![];
+        for (i, o) in inputs.iter().enumerate() {
+            let o = match i {
+                1 => k0,
+                2 => v0,
+                _ => *o,
+            };
+            taps.push(patch.tap_model(model, o)?);
+        }
+        let y = patch.wire_node(format!("{name}.unrepeated"), AttentionYOp { config }, &taps)?[0];
+        patch.shunt_outside(model, OutletId::new(id, 0), y)?;
+        patch.apply(model)?;
+        done += 1;
+    }
+    Ok(done)
+}
