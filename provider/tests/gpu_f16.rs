@@ -414,16 +414,29 @@ fn one_node(
     node_inputs: &[&str],
     out_type: i32,
 ) -> Vec<u8> {
-    let node = pb::NodeProto {
+    model_of(vec![node(op, attrs, node_inputs, "y")], inputs, inits, out_type)
+}
+
+fn node(op: &str, attrs: Vec<pb::AttributeProto>, inputs: &[&str], output: &str) -> pb::NodeProto {
+    pb::NodeProto {
         op_type: op.into(),
-        input: node_inputs.iter().map(|s| s.to_string()).collect(),
-        output: vec!["y".into()],
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![output.into()],
         attribute: attrs,
         ..Default::default()
-    };
+    }
+}
+
+/// A model of `nodes` whose output is `y` of `out_type`.
+fn model_of(
+    nodes: Vec<pb::NodeProto>,
+    inputs: &[(&str, i32, &[usize])],
+    inits: Vec<pb::TensorProto>,
+    out_type: i32,
+) -> Vec<u8> {
     let graph = pb::GraphProto {
         name: "g".into(),
-        node: vec![node],
+        node: nodes,
         input: inputs.iter().map(|(n, t, d)| value_info(n, *t, Some(d))).collect(),
         output: vec![value_info("y", out_type, None)],
         initializer: inits,
@@ -517,6 +530,53 @@ fn f16_models_run_on_the_gpu_with_and_without_shader_f16() {
         }
     }
     assert!(failures.is_empty(), "{} cases failed:\n  {}", failures.len(), failures.join("\n  "));
+}
+
+/// An f16 table over the adapter's binding limit (KILN_GPU_MAX_BINDING, read with the context) is cut along its
+/// hidden axis into chunks under it, one Gather each and an f16 Concat (chunks of odd widths: rows that start and end
+/// mid-word), then the rows' cast to f32, all on the GPU, bit for bit the CPU's rows.
+#[test]
+fn an_f16_table_over_the_binding_limit_is_split_and_gathered_on_the_gpu() {
+    let mut rng = Rng(seed());
+    // 3 MB as f16: over tract's 4 MiB budget once cast, so the f16 constant stays f16 (as SmolLM2's embedding)
+    let (vocab, hidden) = (20_000usize, 75usize);
+    let table: Vec<f16> = f16_values(&mut rng, vocab * hidden, false);
+    let init = pb::TensorProto {
+        name: "table".into(),
+        data_type: FLOAT16,
+        dims: vec![vocab as i64, hidden as i64],
+        raw_data: table.iter().flat_map(|h| h.to_le_bytes()).collect(),
+        ..Default::default()
+    };
+    // an f16 embedding cast to float then gathered (kiln gathers from the f16 table, then casts the rows)
+    let nodes =
+        vec![node("Cast", vec![attr_int("to", 1)], &["table"], "t32"), node("Gather", vec![], &["t32", "ids"], "y")];
+    let bytes = model_of(nodes, &[("ids", INT64, &[2, 3])], vec![init], FLOAT);
+    let feeds = vec![("ids".to_string(), Tensor::from_vec(&[2, 3], vec![19_999i64, 0, 3, -1, 5000, 77]).unwrap())];
+    let cpu = Session::from_bytes(&bytes, &SessionOptions::default()).expect("cpu session");
+    let want = cpu.run(feeds.clone()).expect("cpu run");
+    for native in [true, false] {
+        let mode = mode_name(native);
+        // 1 000 000 bytes: 25 of the table's 40 000-byte columns a chunk, three chunks
+        let gpu = in_mode(native, || {
+            std::env::set_var("KILN_GPU_MAX_BINDING", "1000000");
+            let s = Session::from_bytes(&bytes, &gpu_options());
+            std::env::remove_var("KILN_GPU_MAX_BINDING");
+            s
+        })
+        .expect("gpu session");
+        let Some(report) = gpu.gpu_placement() else {
+            eprintln!("\n!!!!!!!! SKIPPING: no GPU adapter ({:?}) !!!!!!!!\n", gpu.provider_note());
+            return;
+        };
+        let gathers = report.nodes.iter().filter(|n| n.op == "Gather" && n.device == Device::Gpu).count();
+        assert_eq!(gathers, 3, "{mode}: {:?}", report.nodes);
+        assert!(report.nodes.iter().all(|n| n.device == Device::Gpu), "{mode}: {:?}", report.nodes);
+        gpu.set_gpu_poison(true);
+        let got = gpu.run(feeds.clone()).expect("gpu run");
+        let (w, g) = (want.get("y").unwrap().clone().into_tract(), got.get("y").unwrap().clone().into_tract());
+        compare(&format!("{mode}: split f16 gather"), &w, &g, 0).unwrap_or_else(|e| panic!("{e}"));
+    }
 }
 
 /// The f16 ulp at magnitude `v`: 2^(e - 10) for a normal f16 of exponent e, 2^-24 below the normals.
