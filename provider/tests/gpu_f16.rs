@@ -294,8 +294,11 @@ fn f16_casts_match_cpu_with_and_without_shader_f16() {
                     DatumType::F16,
                 ),
                 (
-                    TTensor::from_shape(&shape, &(0..n).map(|i| rng.next() % 3 == 0 || i == 1).collect::<Vec<_>>())
-                        .unwrap(),
+                    TTensor::from_shape(
+                        &shape,
+                        &(0..n).map(|i| rng.next().is_multiple_of(3) || i == 1).collect::<Vec<_>>(),
+                    )
+                    .unwrap(),
                     DatumType::F16,
                 ),
             ];
@@ -480,7 +483,8 @@ fn f16_models_run_on_the_gpu_with_and_without_shader_f16() {
         raw_data: table_bytes,
         ..Default::default()
     };
-    let cases: Vec<(&str, Vec<u8>, Vec<(String, Tensor)>)> = vec![
+    type Feeds = Vec<(String, Tensor)>;
+    let cases: Vec<(&str, Vec<u8>, Feeds)> = vec![
         (
             "cast float16 to float",
             one_node("Cast", vec![attr_int("to", 1)], &[("x", FLOAT16, &[3, 1001])], vec![], &["x"], FLOAT),
