@@ -80,8 +80,8 @@ fn f32_to_f16_bits(x: f32) -> u32 {
     let shift = u32(-ue - 1);
     var h = full >> shift;
     let rest = full & ((1u << shift) - 1u);
-    let half = 1u << (shift - 1u);
-    if (rest > half || (rest == half && (h & 1u) == 1u)) {
+    let mid = 1u << (shift - 1u);
+    if (rest > mid || (rest == mid && (h & 1u) == 1u)) {
         h = h + 1u;
     }
     return sign | h;
