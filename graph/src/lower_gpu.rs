@@ -327,9 +327,13 @@ pub fn split_large_weights(model: &mut TypedModel, caps: &Caps) -> Result<()> {
             let k = model.node(input.node).op_as::<Const>()?;
             let t = k.val();
             let bytes = (t.len() * t.datum_type().size_of()) as u64;
-            (bytes > limit && t.datum_type() == DatumType::F32 && t.is_plain()).then(|| t.clone())
+            // f32 weights, and f16 tables (kept f16 for their gathers: kiln_wgsl::f16)
+            let dt_ok = matches!(t.datum_type(), DatumType::F32 | DatumType::F16);
+            (bytes > limit && dt_ok && t.is_plain()).then(|| t.clone())
         };
         let plan = if let Some(mm) = node.op_as::<PrefixMatMul>() {
+            // the matmul kernel is f32
+            let konst = |slot: usize| konst(slot).filter(|t| t.datum_type() == DatumType::F32);
             if let Some(b) = konst(1) {
                 // B: [.., K, N] (or [.., N, K] transposed); C: [.., M, N] (or [.., N, M])
                 let r = b.rank();

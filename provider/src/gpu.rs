@@ -120,8 +120,8 @@ impl GpuBackend {
             let src = lowered.model.node(node.inputs[0].node);
             if let Some(k) = src.op_as::<Const>() {
                 let t = k.val();
-                // f32 / i32 / u32 go up from the tensor's own bytes; bool and i64 are converted first
-                let plain = matches!(t.datum_type(), DatumType::F32 | DatumType::I32 | DatumType::U32);
+                // f32 / i32 / u32 / f16 go up from the tensor's own bytes; bool and i64 are converted first
+                let plain = matches!(t.datum_type(), DatumType::F32 | DatumType::I32 | DatumType::U32 | DatumType::F16);
                 let converted = if plain { None } else { Some(kiln_wgsl::exec::host_bytes(t).map_err(gpu_err)?) };
                 let view = if plain {
                     Some(t.try_as_plain_ram().map_err(|e| Error::runtime(format!("webgpu: weight data: {e}")))?)

@@ -535,10 +535,9 @@ fn smollm2_q4f16_greedy_64_kv_on_gpu() {
         if step == 1 || step == N - 1 {
             eprintln!("SmolLM2 q4f16: step {step}: {c:?}");
         }
-        // where the cache reaches a GPU kernel directly (no CPU node in between), it is bound and appended in place
-        if c.gpu_feeds == kv_inputs {
-            assert_eq!(c.kv_compact_bytes, 0, "step {step}");
-            assert_eq!(c.kv_appends_in_place + c.kv_stores_created, kv_inputs, "step {step}");
-        }
+        // every past_key_values.* is bound as the GPU value the previous step left (no upload of the cache)
+        assert_eq!(c.gpu_feeds, kv_inputs, "step {step}: GPU feeds");
+        // not yet: an f16 cache is concatenated in f32 (Cast f16→f32 → Concat → Cast f32→f16), so the present is a
+        // fresh buffer each step, not an append in place as in the f32 fixtures' tests above (issue 5 note)
     }
 }

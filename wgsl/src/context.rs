@@ -42,6 +42,11 @@ impl Caps {
 /// "shape too large" fallback use a small cap on any adapter).
 pub const MAX_BINDING_ENV: &str = "KILN_GPU_MAX_BINDING";
 
+/// Environment variable that, set to `1`, leaves the adapter's shader-f16 feature unused: f16 tensors are then
+/// handled as u32 words (pack / unpack in f32 arithmetic), as on an adapter without it (Chrome's SwiftShader) —
+/// so CI on lavapipe, which has shader-f16, tests both paths.
+pub const NO_F16_ENV: &str = "KILN_GPU_NO_F16";
+
 impl Caps {
     /// These caps with `max_storage_binding` (and `max_buffer_size`) lowered to [`MAX_BINDING_ENV`] when it is set
     /// to a smaller positive number of bytes (a multiple of 4 is kept). (There is no environment in a browser.)
@@ -139,7 +144,9 @@ impl Context {
         let limits = adapter.limits();
         let features = adapter.features();
         let mut required = wgpu::Features::empty();
-        if features.contains(wgpu::Features::SHADER_F16) {
+        let no_f16 = std::env::var(NO_F16_ENV).is_ok_and(|v| v.trim() == "1");
+        let shader_f16 = features.contains(wgpu::Features::SHADER_F16) && !no_f16;
+        if shader_f16 {
             required |= wgpu::Features::SHADER_F16;
         }
         // KILN_GPU_PROFILE=1 (native): GPU time per kernel from timestamp queries (kiln-run --placement prints it)
@@ -176,7 +183,7 @@ impl Context {
             max_invocations: limits.max_compute_invocations_per_workgroup,
             max_workgroups_per_dim: limits.max_compute_workgroups_per_dimension,
             min_uniform_alignment: limits.min_uniform_buffer_offset_alignment,
-            shader_f16: features.contains(wgpu::Features::SHADER_F16),
+            shader_f16,
             subgroups: features.contains(wgpu::Features::SUBGROUP),
         };
         let caps = caps.with_env_cap();

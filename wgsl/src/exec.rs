@@ -848,8 +848,8 @@ pub fn gpu_size_of(dt: DatumType) -> usize {
     }
 }
 
-/// A host tensor's bytes as the GPU stores them (f32, i32, u32, f16 as is; bool as f32 0.0 / 1.0; others are refused
-/// for now).
+/// A host tensor's bytes as the GPU stores them (f32, i32, u32, f16 as is; bool as f32 0.0 / 1.0; i64 as i32;
+/// others are refused for now).
 pub fn host_bytes(t: &Tensor) -> Result<Vec<u8>> {
     match t.datum_type() {
         DatumType::Bool => {
@@ -868,7 +868,7 @@ pub fn host_bytes(t: &Tensor) -> Result<Vec<u8>> {
             }
             Ok(out)
         }
-        // f16: its own 2-byte elements (GPU tensors of f16 hold them as they are)
+        // f16: two bytes an element, as on the host (crate::f16)
         DatumType::F32 | DatumType::I32 | DatumType::U32 | DatumType::F16 => {
             let view = t.try_as_plain_ram().map_err(|e| Error::new(format!("webgpu: tensor data: {e}")))?;
             Ok(view.as_bytes().to_vec())

@@ -263,9 +263,9 @@ fn gpu_repr(dt: DatumType) -> Option<u8> {
     }
 }
 
-/// Whether [`UnaryOp::Cast`] has a kernel from `from` to `to`.
+/// Whether [`UnaryOp::Cast`] has a kernel from `from` to `to` (with f16 on a side: crate::f16).
 pub fn cast_supported(from: DatumType, to: DatumType) -> bool {
-    gpu_repr(from).is_some() && gpu_repr(to).is_some()
+    (gpu_repr(from).is_some() && gpu_repr(to).is_some()) || crate::f16::cast_supported(from, to)
 }
 
 fn cast_expr(from: DatumType, to: DatumType) -> &'static str {
@@ -710,6 +710,8 @@ impl Kernel {
         let first = dts.first().copied();
         let int = first.filter(|d| matches!(d, I32 | I64) && all(*d));
         let moved = first.filter(|d| gpu_repr(*d).is_some() && all(*d));
+        // f16 (crate::f16): views and the strided copies
+        let moved16 = first.filter(|d| (gpu_repr(*d).is_some() || *d == DatumType::F16) && all(*d));
         match self {
             Kernel::Unary(UnaryOp::IsNan) => all(F32).then_some(Bool),
             Kernel::Unary(UnaryOp::Not) => all(Bool).then_some(Bool),
@@ -723,10 +725,13 @@ impl Kernel {
             | Kernel::Broadcast { .. }
             | Kernel::Slice { .. }
             | Kernel::Concat { .. }
-            | Kernel::Downsample { .. }
-            | Kernel::Pad { .. }
-            | Kernel::Tile { .. } => moved,
-            Kernel::Gather { .. } | Kernel::GatherNd { .. } => match dts {
+            | Kernel::Downsample { .. } => moved16,
+            Kernel::Pad { .. } | Kernel::Tile { .. } => moved,
+            Kernel::Gather { .. } => match dts {
+                [d, I64 | I32] if gpu_repr(*d).is_some() || *d == DatumType::F16 => Some(*d),
+                _ => None,
+            },
+            Kernel::GatherNd { .. } => match dts {
                 [d, I64 | I32] if gpu_repr(*d).is_some() => Some(*d),
                 _ => None,
             },
@@ -993,6 +998,9 @@ impl Kernel {
             Kernel::QMatMul(q) => q.encode(ctx, rec, inputs, &out)?,
             Kernel::Attention(a) => a.encode(ctx, rec, inputs, &out)?,
             Kernel::Rotary(r) => r.encode(ctx, rec, inputs, &out)?,
+            Kernel::Unary(UnaryOp::Cast { from, to }) if crate::f16::cast_supported(*from, *to) => {
+                crate::f16::cast(ctx, rec, *from, *to, inputs[0], &out)?;
+            }
             Kernel::Unary(op) => {
                 let mut u = vec![u32_of("length", n)?, 1, gx, 0];
                 u.extend([0u32; 32]);
@@ -1041,6 +1049,11 @@ impl Kernel {
                 let spec = vec![("WG", softmax_wg(ctx).to_string()), ("LOG", log.to_string())];
                 let u = [u32_of("rows", rows)?, u32_of("length", len)?, u32_of("length", inner)?, gx];
                 launch(ctx, rec, "softmax", "main", spec, &u, &[(1, inputs[0]), (3, &out)], (gx, gy, 1))?;
+            }
+            Kernel::Gather { axis } if inputs[0].dt == DatumType::F16 => {
+                let d = &inputs[0].shape;
+                let inner: usize = d[axis + 1..].iter().product();
+                crate::f16::gather(ctx, rec, inputs[0], inputs[1], &out, d[*axis], inner)?;
             }
             Kernel::Gather { axis } => {
                 let d = &inputs[0].shape;
@@ -1351,6 +1364,10 @@ fn strided_copy_signed(
         }
         *b = s as u32;
     }
+    if a.dt == DatumType::F16 {
+        let sa: Vec<i64> = keep.iter().map(|i| sa[*i]).collect();
+        return crate::f16::strided_copy(ctx, rec, a, a_off, &sa, out, 0, &so, &shape);
+    }
     u.extend(block);
     push_block(&mut u, &so, MAX_RANK)?;
     u.extend([0u32; 8]);
@@ -1385,7 +1402,7 @@ fn eval_dim(d: &TDim, syms: &SymbolValues) -> Result<usize> {
         .ok_or_else(|| Error::new(format!("webgpu: dim {d} has no value in this run")))
 }
 
-/// Records `out[o_off + Σ c·so] = a[a_off + Σ c·sa]` over `shape` (4-byte elements).
+/// Records `out[o_off + Σ c·so] = a[a_off + Σ c·sa]` over `shape` (4-byte elements; f16: crate::f16).
 #[allow(clippy::too_many_arguments)]
 fn strided_copy(
     ctx: &Context,
@@ -1403,6 +1420,10 @@ fn strided_copy(
         return Ok(());
     }
     let (shape, sa, so) = collapse(shape, sa, so);
+    if a.dt == DatumType::F16 {
+        let sa: Vec<i64> = sa.iter().map(|s| *s as i64).collect();
+        return crate::f16::strided_copy(ctx, rec, a, a_off, &sa, out, o_off, &so, &shape);
+    }
     let (gx, gy) = grid_for(ctx, n)?;
     let mut u = vec![u32_of("length", n)?, shape.len() as u32, gx, u32_of("offset", a_off)?, u32_of("offset", o_off)?];
     u.extend([0, 0, 0]);

@@ -7,6 +7,7 @@
 pub mod attention;
 pub mod context;
 pub mod exec;
+pub mod f16;
 pub mod fused;
 pub mod kernels;
 pub mod kv;

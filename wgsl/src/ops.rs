@@ -305,7 +305,7 @@ fn check(model: &TypedModel, node: &TypedNode, caps: &Caps, kernel: Kernel) -> R
             return Err(format!("rank {}", f.rank()));
         }
         if let Some(n) = f.shape.as_concrete().map(|s| s.iter().product::<usize>()) {
-            if (n as u64) * 4 > caps.max_storage_binding {
+            if (n * crate::exec::gpu_size_of(f.datum_type)) as u64 > caps.max_storage_binding {
                 return Err(format!("shape too large ({n} elements over the adapter's storage binding limit)"));
             }
         }
