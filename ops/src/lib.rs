@@ -21,6 +21,7 @@ pub mod div;
 pub mod erf;
 pub mod flatten;
 pub mod gelu_div;
+pub mod gather_block_quantized;
 pub mod gemm;
 pub mod host_op;
 pub mod kernel;
@@ -110,6 +111,7 @@ pub const KILN_OPS: &[(&str, OpBuilder)] = &[
     ("Pad", onnx_domain_only!(pad::build)),
     ("Gemm", onnx_domain_only!(gemm::build)),
     ("MatMulNBits", matmul_nbits::build),
+    ("GatherBlockQuantized", gather_block_quantized::build),
     ("NegativeLogLikelihoodLoss", onnx_domain_only!(negative_log_likelihood_loss::build)),
     ("SoftmaxCrossEntropyLoss", onnx_domain_only!(softmax_cross_entropy_loss::build)),
     ("BitCast", onnx_domain_only!(bitcast::build)),

@@ -11,6 +11,7 @@ pub mod fused;
 pub mod kernels;
 pub mod ops;
 pub mod qmatmul;
+pub mod quant;
 
 pub use context::{Caps, Context, PipelineKey};
 pub use exec::{Counters, GpuTensor, PendingRead, Recorder};
