@@ -167,15 +167,17 @@ fn placement_plan(
         let mut changed = false;
         for &id in order {
             let cheap = match kernels.get(&id) {
-                Some(Ok(k)) => !matches!(
-                    k,
-                    Kernel::MatMul { .. }
-                        | Kernel::QMatMul(_)
-                        | Kernel::Softmax { .. }
-                        | Kernel::Reduce { .. }
-                        | Kernel::RmsNorm { .. }
-                        | Kernel::Attention(_)
-                ) && !matches!(k, Kernel::Quant(q) if q.is_heavy()),
+                Some(Ok(k)) => {
+                    !matches!(
+                        k,
+                        Kernel::MatMul { .. }
+                            | Kernel::QMatMul(_)
+                            | Kernel::Softmax { .. }
+                            | Kernel::Reduce { .. }
+                            | Kernel::RmsNorm { .. }
+                            | Kernel::Attention(_)
+                    ) && !matches!(k, Kernel::Quant(q) if q.is_heavy())
+                }
                 _ => false,
             };
             if !cheap {

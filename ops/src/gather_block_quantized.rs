@@ -163,9 +163,10 @@ impl Expansion for GatherBlockQuantized {
             zero_points: zp.is_some(),
         };
         let d = model.add_const(format!("{prefix}.data_packed"), Tensor::from_shape(&[words.len()], &words)?)?;
-        let s = model.add_const(format!("{prefix}.scales"), scales.cast_to::<f32>()?.into_owned().into_shape(&[
-            lines * blocks,
-        ])?)?;
+        let s = model.add_const(
+            format!("{prefix}.scales"),
+            scales.cast_to::<f32>()?.into_owned().into_shape(&[lines * blocks])?,
+        )?;
         let mut wires = tvec![d, inputs[1], s];
         if let Some(z) = zp {
             wires.push(model.add_const(format!("{prefix}.zero_points"), Tensor::from_shape(&[z.len()], &z)?)?);
@@ -232,7 +233,8 @@ impl EvalOp for PackedGatherBlockQuantized {
         let zp_line = (blocks * self.bits).div_ceil(8);
         let mask = (1u32 << self.bits) - 1;
         let bits_at = |words: &[u32], bit: usize| -> TractResult<u32> {
-            let w = words.get(bit / 32).ok_or_else(|| format_err!("GatherBlockQuantized node `{label}`: short data"))?;
+            let w =
+                words.get(bit / 32).ok_or_else(|| format_err!("GatherBlockQuantized node `{label}`: short data"))?;
             Ok((w >> (bit % 32)) & mask)
         };
         let mut out = Vec::with_capacity(idx.len() * row_len);

@@ -208,7 +208,13 @@ impl QuantKernel {
     }
 
     /// Records the kernel (`out` allocated by the caller).
-    pub(crate) fn encode(&self, ctx: &Context, rec: &mut Recorder, inputs: &[&GpuTensor], out: &GpuTensor) -> Result<()> {
+    pub(crate) fn encode(
+        &self,
+        ctx: &Context,
+        rec: &mut Recorder,
+        inputs: &[&GpuTensor],
+        out: &GpuTensor,
+    ) -> Result<()> {
         let n = out.len();
         let (gx, gy) = ctx.grid((n as u64).div_ceil(256))?;
         let mut u = vec![u32_of("length", n)?, gx, 0, 0];
