@@ -35,6 +35,7 @@ pub mod max_unpool;
 pub mod negative_log_likelihood_loss;
 pub mod pad;
 pub mod prelu;
+pub mod quantize_linear;
 pub mod reverse_sequence;
 pub mod roi_align;
 pub mod rotary;
@@ -112,6 +113,8 @@ pub const KILN_OPS: &[(&str, OpBuilder)] = &[
     ("Gemm", onnx_domain_only!(gemm::build)),
     ("MatMulNBits", matmul_nbits::build),
     ("GatherBlockQuantized", gather_block_quantized::build),
+    ("DequantizeLinear", onnx_domain_only!(quantize_linear::build_dequantize)),
+    ("QuantizeLinear", onnx_domain_only!(quantize_linear::build_quantize)),
     ("NegativeLogLikelihoodLoss", onnx_domain_only!(negative_log_likelihood_loss::build)),
     ("SoftmaxCrossEntropyLoss", onnx_domain_only!(softmax_cross_entropy_loss::build)),
     ("BitCast", onnx_domain_only!(bitcast::build)),

@@ -113,6 +113,16 @@ fn model(
     outputs: Vec<pb::ValueInfoProto>,
     inits: Vec<pb::TensorProto>,
 ) -> Vec<u8> {
+    model_at(19, nodes, inputs, outputs, inits)
+}
+
+fn model_at(
+    opset: i64,
+    nodes: Vec<pb::NodeProto>,
+    inputs: Vec<pb::ValueInfoProto>,
+    outputs: Vec<pb::ValueInfoProto>,
+    inits: Vec<pb::TensorProto>,
+) -> Vec<u8> {
     let graph = pb::GraphProto {
         name: "g".into(),
         node: nodes,
@@ -124,7 +134,7 @@ fn model(
     pb::ModelProto {
         ir_version: 8,
         opset_import: vec![
-            pb::OperatorSetIdProto { domain: String::new(), version: 19 },
+            pb::OperatorSetIdProto { domain: String::new(), version: opset },
             pb::OperatorSetIdProto { domain: "com.microsoft".into(), version: 1 },
         ],
         graph: Some(graph),
@@ -461,28 +471,40 @@ fn venv_python() -> Option<std::path::PathBuf> {
     p.exists().then_some(p)
 }
 
-/// Runs `model_bytes` in onnxruntime (CPU) from the test venv on the int64 `indices`; the float32 output.
-fn onnxruntime_gather(python: &std::path::Path, model_bytes: &[u8], indices: &[i64], dims: &[usize]) -> Vec<f32> {
-    let dir = std::env::temp_dir().join(format!("kiln-gbq-{}-{}", std::process::id(), rand_suffix()));
+/// Runs `model_bytes` in onnxruntime (CPU) from the test venv on `feeds` (name, numpy dtype, dims, raw
+/// little-endian bytes); output 0 as f64.
+fn onnxruntime_run(
+    python: &std::path::Path,
+    model_bytes: &[u8],
+    feeds: &[(&str, &str, Vec<usize>, Vec<u8>)],
+) -> Vec<f64> {
+    let dir = std::env::temp_dir().join(format!("kiln-int8-{}-{}", std::process::id(), rand_suffix()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     std::fs::write(dir.join("m.onnx"), model_bytes).expect("writing the model");
-    let idx: Vec<u8> = indices.iter().flat_map(|v| v.to_le_bytes()).collect();
-    std::fs::write(dir.join("idx.bin"), idx).expect("writing indices");
-    let shape: Vec<String> = dims.iter().map(|d| d.to_string()).collect();
+    let mut lines = vec![];
+    for (i, (name, dtype, dims, raw)) in feeds.iter().enumerate() {
+        std::fs::write(dir.join(format!("in{i}.bin")), raw).expect("writing a feed");
+        let shape: Vec<String> = dims.iter().map(|d| d.to_string()).collect();
+        lines.push(format!(
+            "f['{name}'] = np.fromfile('{d}/in{i}.bin', dtype=np.{dtype}).reshape([{shape}])",
+            d = dir.display(),
+            shape = shape.join(",")
+        ));
+    }
     let script = format!(
         "import numpy as np, onnxruntime as ort\n\
          s = ort.InferenceSession('{d}/m.onnx', providers=['CPUExecutionProvider'])\n\
-         i = np.fromfile('{d}/idx.bin', dtype=np.int64).reshape([{shape}])\n\
-         y = s.run(None, {{'ids': i}})[0]\n\
-         y.astype(np.float32).tofile('{d}/y.bin')\n",
+         f = {{}}\n{feeds}\n\
+         y = s.run(None, f)[0]\n\
+         y.astype(np.float64).tofile('{d}/y.bin')\n",
         d = dir.display(),
-        shape = shape.join(",")
+        feeds = lines.join("\n")
     );
     let out = std::process::Command::new(python).arg("-c").arg(script).output().expect("running python");
     assert!(out.status.success(), "onnxruntime: {}", String::from_utf8_lossy(&out.stderr));
     let bytes = std::fs::read(dir.join("y.bin")).expect("reading onnxruntime's output");
     let _ = std::fs::remove_dir_all(&dir);
-    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    bytes.chunks_exact(8).map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect()
 }
 
 fn rand_suffix() -> u64 {
@@ -552,8 +574,9 @@ fn gather_block_quantized_matches_onnxruntime() {
                     let mut want_dims = idx_dims.clone();
                     want_dims.push(cols);
                     assert_eq!(got[0].dims(), &want_dims[..], "{what}: dims");
-                    let want = onnxruntime_gather(&python, &bytes, &ids, &idx_dims);
-                    let g = f32_values(&got[0]);
+                    let raw: Vec<u8> = ids.iter().flat_map(|v| v.to_le_bytes()).collect();
+                    let want = onnxruntime_run(&python, &bytes, &[("ids", "int64", idx_dims.clone(), raw)]);
+                    let g = got[0].to_f64_vec().expect("numeric");
                     assert_eq!(g.len(), want.len(), "{what}: length");
                     for (e, (a, b)) in g.iter().zip(&want).enumerate() {
                         assert!(
@@ -669,4 +692,115 @@ fn minilm_int8_gpu_matches_onnxruntime() {
     let (diff, _) = max_diff("last_hidden_state", got, &want);
     eprintln!("MiniLM int8 on the GPU: max |last_hidden_state diff| {diff:.3e} against onnxruntime");
     assert!(diff <= 1e-2, "max |last_hidden_state diff| {diff:.3e} > 1e-2");
+}
+
+const UINT16: i32 = 4;
+const INT16: i32 = 5;
+
+/// Blocked (opset 21) and 16-bit DequantizeLinear / QuantizeLinear (kiln-ops' `QdqLinear`: tract has neither) on
+/// the GPU against the CPU and onnxruntime: blocks along axis 0 and 1 with a partial last block, uint8 / int8 /
+/// uint16 / int16, ties and saturation.
+#[test]
+fn blocked_and_16_bit_quantize_linear_match_onnxruntime() {
+    if !gpu_available() {
+        return;
+    }
+    let Some(python) = venv_python() else {
+        eprintln!(
+            "\n!!!!!!!! SKIPPING blocked QuantizeLinear vs onnxruntime: no .venv (scripts/test.sh makes it) !!!!!!!!\n"
+        );
+        return;
+    };
+    let mut rng = Rng(seed());
+    let dims = [6usize, 10];
+    let n: usize = dims.iter().product();
+    for (elem, dtype) in [(UINT8, "uint8"), (INT8, "int8"), (UINT16, "uint16"), (INT16, "int16")] {
+        let size = if elem == UINT8 || elem == INT8 { 1 } else { 2 };
+        let zero_raw = |rng: &mut Rng, count: usize| -> Vec<u8> {
+            (0..count)
+                .flat_map(|_| {
+                    let v = rng.next();
+                    let z: i64 = match elem {
+                        UINT8 => (v % 256) as i64,
+                        INT8 => (v % 256) as i64 - 128,
+                        UINT16 => (v % 65536) as i64,
+                        _ => (v % 65536) as i64 - 32768,
+                    };
+                    z.to_le_bytes()[..size].to_vec()
+                })
+                .collect()
+        };
+        // (axis, block size): blocks of 4 along axis 1 (10 = 4 + 4 + 2), blocks of 4 along axis 0 (6 = 4 + 2), or
+        // per tensor / per axis (16-bit only)
+        let layouts: Vec<(i64, usize)> = if size == 2 { vec![(1, 4), (0, 4), (1, 0)] } else { vec![(1, 4), (0, 4)] };
+        for (axis, block) in layouts {
+            let p_dims: Vec<usize> = match block {
+                0 => vec![dims[axis as usize]],
+                b => {
+                    let mut d = dims.to_vec();
+                    d[axis as usize] = d[axis as usize].div_ceil(b);
+                    d
+                }
+            };
+            let p_count: usize = p_dims.iter().product();
+            let scales: Vec<f32> =
+                (0..p_count).map(|i| [0.25f32, 0.5, 0.125, 2.0][i % 4] * if size == 2 { 0.01 } else { 1.0 }).collect();
+            let zps = zero_raw(&mut rng, p_count);
+            let mut attrs = vec![attr_int("axis", axis)];
+            if block > 0 {
+                attrs.push(attr_int("block_size", block as i64));
+            }
+            let what = format!("{dtype} axis {axis} block {block}");
+
+            // QuantizeLinear: ties and saturating values
+            let xs: Vec<f32> = (0..n)
+                .map(|i| {
+                    let s = 8.0 * if size == 2 { 0.01 } else { 1.0 };
+                    match i % 3 {
+                        0 => ((rng.next() % 40) as f32 - 20.0 + 0.5) * 0.125 * s,
+                        1 => rng.range(-400.0, 400.0) * s,
+                        _ => rng.range(-1e6, 1e6),
+                    }
+                })
+                .collect();
+            let bytes = model_at(
+                21,
+                vec![node("QuantizeLinear", &["x", "s", "z"], &["y"], attrs.clone())],
+                vec![value_info("x", FLOAT, Some(&dims))],
+                vec![value_info("y", elem, None)],
+                vec![init("s", FLOAT, &p_dims, f32_raw(&scales)), init("z", elem, &p_dims, zps.clone())],
+            );
+            let x = Tensor::from_vec(&dims, xs.clone()).expect("x");
+            let got = cross(&format!("QuantizeLinear {what}"), &bytes, vec![("x".into(), x)], &["y"], 0.0);
+            let want = onnxruntime_run(&python, &bytes, &[("x", "float32", dims.to_vec(), f32_raw(&xs))]);
+            assert_eq!(got[0].to_f64_vec().expect("y"), want, "QuantizeLinear {what} against onnxruntime");
+
+            // DequantizeLinear of the quantized values
+            let q_raw: Vec<u8> = (0..n).flat_map(|_| rng.next().to_le_bytes()[..size].to_vec()).collect();
+            let bytes = model_at(
+                21,
+                vec![node("DequantizeLinear", &["x", "s", "z"], &["y"], attrs)],
+                vec![value_info("x", elem, Some(&dims))],
+                vec![value_info("y", FLOAT, None)],
+                vec![init("s", FLOAT, &p_dims, f32_raw(&scales)), init("z", elem, &p_dims, zps)],
+            );
+            let x = match elem {
+                UINT8 => u8_tensor(&dims, q_raw.clone()),
+                INT8 => Tensor::from_vec(&dims, q_raw.iter().map(|v| *v as i8).collect::<Vec<_>>()).expect("i8"),
+                UINT16 => Tensor::from_vec(
+                    &dims,
+                    q_raw.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect::<Vec<_>>(),
+                )
+                .expect("u16"),
+                _ => Tensor::from_vec(
+                    &dims,
+                    q_raw.chunks_exact(2).map(|c| i16::from_le_bytes([c[0], c[1]])).collect::<Vec<_>>(),
+                )
+                .expect("i16"),
+            };
+            let got = cross(&format!("DequantizeLinear {what}"), &bytes, vec![("x".into(), x)], &["y"], 0.0);
+            let want = onnxruntime_run(&python, &bytes, &[("x", dtype, dims.to_vec(), q_raw)]);
+            assert_eq!(got[0].to_f64_vec().expect("y"), want, "DequantizeLinear {what} against onnxruntime");
+        }
+    }
 }
