@@ -63,6 +63,7 @@ pub fn lower(model: &TypedModel, caps: &Caps) -> Result<Lowered> {
     rewrite_einsum_to_prefix_matmul(&mut src, true).map_err(tract_err("rewriting einsums as matmuls"))?;
     split_large_weights(&mut src, caps)?;
     kiln_wgsl::quant::split_dynamic_quantize(&mut src).map_err(tract_err("splitting DynamicQuantizeLinear"))?;
+    kiln_wgsl::quant::pack_matmul_integer_weights(&mut src).map_err(tract_err("packing MatMulInteger weights"))?;
     kiln_wgsl::attention::split_attention(&mut src).map_err(tract_err("splitting attention nodes"))?;
     kiln_wgsl::attention::fuse_decomposed_attention(&mut src).map_err(tract_err("fusing decomposed attention"))?;
     let mut target = TypedModel { symbols: src.symbols.clone(), ..TypedModel::default() };

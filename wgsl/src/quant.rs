@@ -104,6 +104,8 @@ pub struct MatMulIntegerSpec {
     /// The zero points per row of A (else one) / per column of B (else one).
     pub a0_per_m: bool,
     pub b0_per_n: bool,
+    /// A constant uint8 / int8 B kept packed on the GPU (four per u32 word): its shape and signedness.
+    pub b_packed: Option<(Vec<usize>, bool)>,
 }
 
 /// com.microsoft GatherBlockQuantized on its packed table (kiln-ops' `PackedGatherBlockQuantized`).
@@ -182,9 +184,11 @@ impl QuantKernel {
             QuantKernel::DynParams => (first == F32).then_some(F32),
             QuantKernel::DynApply => (dts == [F32, F32]).then_some(U8),
             QuantKernel::DynPick { zero_point } => (first == F32).then_some(if *zero_point { U8 } else { F32 }),
-            QuantKernel::MatMulInteger(_) => {
+            QuantKernel::MatMulInteger(s) => {
                 let int = |d: DatumType| is_narrow(d) || d == I32;
-                (dts.len() == 9 && int(dts[0]) && int(dts[1]) && int(dts[3]) && int(dts[5])).then_some(I32)
+                let b_ok =
+                    if s.b_packed.is_some() { dts.get(1) == Some(&U32) } else { dts.get(1).is_some_and(|d| int(*d)) };
+                (dts.len() == 9 && int(dts[0]) && b_ok && int(dts[3]) && int(dts[5])).then_some(I32)
             }
             QuantKernel::GatherBlock(g) => {
                 let ok = matches!(dts, [U32, I64 | I32, F32] | [U32, I64 | I32, F32, U32]);
@@ -197,7 +201,10 @@ impl QuantKernel {
         match self {
             QuantKernel::DynParams => Ok(tvec![2]),
             QuantKernel::DynPick { .. } => Ok(tvec![]),
-            QuantKernel::MatMulInteger(s) => Ok(mmi_layout(s, inputs[0], inputs[1])?.c_shape),
+            QuantKernel::MatMulInteger(s) => {
+                let b = s.b_packed.as_ref().map_or(inputs[1], |(shape, _)| &shape[..]);
+                Ok(mmi_layout(s, inputs[0], b)?.c_shape)
+            }
             QuantKernel::GatherBlock(g) => {
                 let mut s: TVec<usize> = inputs[1].into();
                 s.extend(g.row_shape.iter().copied());
@@ -257,7 +264,8 @@ impl QuantKernel {
                 let zp_row = (blocks * g.bits as usize).div_ceil(8);
                 u.extend([u32_of("rows", g.rows)?, u32_of("length", row)?, u32_of("length", last)?]);
                 u.extend([u32_of("blocks", blocks)?, u32_of("bytes", zp_row)?, 0, 0, 0]);
-                let spec = vec![("BITS", g.bits.to_string()), ("BS", g.block_size.to_string())];
+                let spec =
+                    vec![("BITS", g.bits.to_string()), ("BS", g.block_size.to_string()), ("B_PACKED", "0".into())];
                 let mut b = vec![(1, inputs[0]), (2, inputs[1]), (3, out), (4, inputs[2])];
                 let entry = if g.zero_points {
                     b.push((5, inputs[3]));
@@ -273,7 +281,7 @@ impl QuantKernel {
 
 /// The specialisation of the entries that do not read the packed-table constants.
 fn spec0() -> Vec<(&'static str, String)> {
-    vec![("BITS", "8".into()), ("BS", "16".into())]
+    vec![("BITS", "8".into()), ("BS", "16".into()), ("B_PACKED", "0".into())]
 }
 
 /// The uniform block: 32 words.
@@ -338,7 +346,8 @@ fn encode_mmi(
     inputs: &[&GpuTensor],
     out: &GpuTensor,
 ) -> Result<()> {
-    let (a, b) = (&inputs[0].shape, &inputs[1].shape);
+    let a = &inputs[0].shape;
+    let b: &[usize] = s.b_packed.as_ref().map_or(&inputs[1].shape[..], |(shape, _)| &shape[..]);
     let l = mmi_layout(s, a, b)?;
     let (sa, sb, sc) = (strides(a), strides(b), strides(&l.c_shape));
     let st = |v: &[usize], at: Option<usize>| at.map_or(0, |i| v[i]);
@@ -377,7 +386,10 @@ fn encode_mmi(
         }
     }
     let bind = [(1, inputs[0]), (2, inputs[1]), (3, out), (4, inputs[3]), (5, inputs[5])];
-    launch(ctx, rec, "quant", "mmi_main", spec0(), &pad(u), &bind, (gx, gy, batch.max(1) as u32))
+    let mut spec = spec0();
+    spec.retain(|(k, _)| *k != "B_PACKED");
+    spec.push(("B_PACKED", s.b_packed.as_ref().map_or("0", |(_, signed)| if *signed { "2" } else { "1" }).into()));
+    launch(ctx, rec, "quant", "mmi_main", spec, &pad(u), &bind, (gx, gy, batch.max(1) as u32))
 }
 
 /// The kernel for a node of this module's kind (`None`: not one).
@@ -410,6 +422,9 @@ pub fn kernel_for(model: &TypedModel, node: &TypedNode) -> Option<std::result::R
     }
     if let Some(p) = node.op_as::<DynQuantPick>() {
         return q(QuantKernel::DynPick { zero_point: p.zero_point });
+    }
+    if let Some(p) = node.op_as::<PackedMatMulInteger>() {
+        return q(QuantKernel::MatMulInteger(Box::new(p.spec.clone())));
     }
     if let Some(op) = node.op_as::<EinSumMatMul>() {
         return Some(mmi_spec(model, node, op).map(|s| Kernel::Quant(QuantKernel::MatMulInteger(Box::new(s)))));
@@ -472,6 +487,7 @@ fn mmi_spec(model: &TypedModel, node: &TypedNode, op: &EinSumMatMul) -> std::res
         b_free: vec![],
         a0_per_m: in_params(mc, 3),
         b0_per_n: in_params(nc, 5),
+        b_packed: None,
     };
     if pos(kc, InOut::Out(0))?.is_some() || pos(mc, InOut::In(1))?.is_some() || pos(nc, InOut::In(0))?.is_some() {
         return Err("einsum matmul axes in unexpected operands".into());
@@ -652,4 +668,94 @@ pub fn split_dynamic_quantize(model: &mut TypedModel) -> TractResult<()> {
 /// Whether `node` is a constant (for tests and passes).
 pub fn is_const(node: &TypedNode) -> bool {
     node.op_is::<Const>()
+}
+
+/// MatMulInteger with a constant uint8 / int8 B packed four per u32 word (what the GPU binds: a quarter of the
+/// memory of one word per element). Inputs as the einsum's, B replaced by the words; the CPU evaluates the einsum on
+/// the unpacked B.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PackedMatMulInteger {
+    pub spec: MatMulIntegerSpec,
+    pub reference: EinSumMatMul,
+}
+
+impl PackedMatMulInteger {
+    fn unpack(&self, words: &Tensor) -> TractResult<Tensor> {
+        let Some((shape, signed)) = &self.spec.b_packed else { bail!("PackedMatMulInteger without a packed B") };
+        let view = words.try_as_plain_ram()?;
+        let w = view.as_slice::<u32>()?;
+        let n: usize = shape.iter().product();
+        ensure!(w.len() * 4 >= n, "PackedMatMulInteger: {} words for {n} bytes", w.len());
+        let bytes: Vec<u8> = (0..n).map(|i| (w[i / 4] >> (8 * (i % 4))) as u8).collect();
+        if *signed {
+            Tensor::from_shape(shape, &bytes.iter().map(|b| *b as i8).collect::<Vec<_>>())
+        } else {
+            Tensor::from_shape(shape, &bytes)
+        }
+    }
+}
+
+impl Op for PackedMatMulInteger {
+    fn name(&self) -> StaticName {
+        "EinSumMatMul".into()
+    }
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!("MatMulInteger, B packed: {:?}", self.spec.b_packed)])
+    }
+    op_as_typed_op!();
+}
+
+impl EvalOp for PackedMatMulInteger {
+    op_out_of_plan!();
+    fn eval(&self, ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let mut inputs = inputs;
+        ensure!(inputs.len() == 9, "PackedMatMulInteger: {} inputs", inputs.len());
+        inputs[1] = self.unpack(&inputs[1])?.into_tvalue();
+        self.reference.eval(ctx, inputs)
+    }
+}
+
+impl TypedOp for PackedMatMulInteger {
+    as_op!();
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let Some((shape, signed)) = &self.spec.b_packed else { bail!("PackedMatMulInteger without a packed B") };
+        let b = if *signed { i8::fact(shape) } else { u8::fact(shape) };
+        let mut facts: TVec<&TypedFact> = inputs.into();
+        ensure!(facts.len() == 9, "PackedMatMulInteger: {} inputs", facts.len());
+        facts[1] = &b;
+        self.reference.output_facts(&facts)
+    }
+}
+
+/// Replaces each MatMulInteger whose B is a constant uint8 / int8 tensor with a [`PackedMatMulInteger`] on B's
+/// bytes as u32 words (the GPU binds a quarter of the memory).
+pub fn pack_matmul_integer_weights(model: &mut TypedModel) -> TractResult<()> {
+    let ids: Vec<usize> = model.nodes().iter().filter(|n| n.op_is::<EinSumMatMul>()).map(|n| n.id).collect();
+    for id in ids {
+        let node = model.node(id);
+        let Some(op) = node.op_as::<EinSumMatMul>() else { continue };
+        let Ok(mut spec) = mmi_spec(model, node, op) else { continue };
+        let Some(b) = model.node(node.inputs[1].node).op_as::<Const>().map(|k| k.val().clone()) else { continue };
+        let signed = match b.datum_type() {
+            DatumType::U8 => false,
+            DatumType::I8 => true,
+            _ => continue,
+        };
+        if !b.is_plain() {
+            continue;
+        }
+        let bytes: Vec<u8> = b.try_as_plain_ram()?.as_bytes().to_vec();
+        let words: Vec<u32> =
+            bytes.chunks(4).map(|c| c.iter().enumerate().fold(0u32, |w, (i, v)| w | (*v as u32) << (8 * i))).collect();
+        spec.b_packed = Some((b.shape().to_vec(), signed));
+        let packed = PackedMatMulInteger { spec, reference: op.clone() };
+        let name = node.name.clone();
+        let mut patch = TypedModelPatch::new(format!("pack the weight of {name}"));
+        let mut taps = patch.taps(model, &node.inputs)?;
+        taps[1] = patch.add_const(format!("{name}.b_packed"), Tensor::from_shape(&[words.len()], &words)?)?;
+        let y = patch.wire_node(format!("{name}.packed"), packed, &taps)?[0];
+        patch.shunt_outside(model, OutletId::new(id, 0), y)?;
+        patch.apply(model)?;
+    }
+    Ok(())
 }

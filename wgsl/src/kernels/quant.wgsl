@@ -136,6 +136,20 @@ fn dyn_pick_main() {
     }
 }
 
+// B_PACKED: 0 one word per element, 1 uint8 / 2 int8 four per word
+const B_PACKED: u32 = {{B_PACKED}}u;
+
+fn b_at(i: u32) -> i32 {
+    if (B_PACKED == 0u) {
+        return bitcast<i32>(x2[i]);
+    }
+    let v = (x2[i / 4u] >> ((i % 4u) * 8u)) & 255u;
+    if (B_PACKED == 2u) {
+        return (bitcast<i32>(v) << 24u) >> 24u;
+    }
+    return bitcast<i32>(v);
+}
+
 var<workgroup> ta: array<i32, 256>;
 var<workgroup> tb: array<i32, 256>;
 
@@ -176,7 +190,7 @@ fn mmi_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id)
         let kb = k0 + lid.y;
         var vb = 0i;
         if (col < n && kb < k) {
-            vb = bitcast<i32>(x2[b_off + kb * pw(6u) + col * pw(7u)]) - b0;
+            vb = b_at(b_off + kb * pw(6u) + col * pw(7u)) - b0;
         }
         tb[lid.y * 16u + lid.x] = vb;
         workgroupBarrier();
