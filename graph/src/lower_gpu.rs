@@ -62,6 +62,8 @@ pub fn lower(model: &TypedModel, caps: &Caps) -> Result<Lowered> {
     let mut src = model.clone();
     rewrite_einsum_to_prefix_matmul(&mut src, true).map_err(tract_err("rewriting einsums as matmuls"))?;
     split_large_weights(&mut src, caps)?;
+    kiln_wgsl::quant::split_dynamic_quantize(&mut src).map_err(tract_err("splitting DynamicQuantizeLinear"))?;
+    kiln_wgsl::quant::pack_matmul_integer_weights(&mut src).map_err(tract_err("packing MatMulInteger weights"))?;
     kiln_wgsl::attention::split_attention(&mut src).map_err(tract_err("splitting attention nodes"))?;
     kiln_wgsl::attention::fuse_decomposed_attention(&mut src).map_err(tract_err("fusing decomposed attention"))?;
     kiln_wgsl::kv::unrepeat_attention_kv(&mut src).map_err(tract_err("reading attention's K / V unrepeated"))?;
@@ -168,15 +170,17 @@ fn placement_plan(
         let mut changed = false;
         for &id in order {
             let cheap = match kernels.get(&id) {
-                Some(Ok(k)) => !matches!(
-                    k,
-                    Kernel::MatMul { .. }
-                        | Kernel::QMatMul(_)
-                        | Kernel::Softmax { .. }
-                        | Kernel::Reduce { .. }
-                        | Kernel::RmsNorm { .. }
-                        | Kernel::Attention(_)
-                ),
+                Some(Ok(k)) => {
+                    !matches!(
+                        k,
+                        Kernel::MatMul { .. }
+                            | Kernel::QMatMul(_)
+                            | Kernel::Softmax { .. }
+                            | Kernel::Reduce { .. }
+                            | Kernel::RmsNorm { .. }
+                            | Kernel::Attention(_)
+                    ) && !matches!(k, Kernel::Quant(q) if q.is_heavy())
+                }
                 _ => false,
             };
             if !cheap {

@@ -21,6 +21,7 @@ pub mod dim_values;
 pub mod div;
 pub mod erf;
 pub mod flatten;
+pub mod gather_block_quantized;
 pub mod gelu_div;
 pub mod gemm;
 pub mod host_op;
@@ -35,6 +36,7 @@ pub mod max_unpool;
 pub mod negative_log_likelihood_loss;
 pub mod pad;
 pub mod prelu;
+pub mod quantize_linear;
 pub mod reverse_sequence;
 pub mod roi_align;
 pub mod rotary;
@@ -111,6 +113,9 @@ pub const KILN_OPS: &[(&str, OpBuilder)] = &[
     ("Pad", onnx_domain_only!(pad::build)),
     ("Gemm", onnx_domain_only!(gemm::build)),
     ("MatMulNBits", matmul_nbits::build),
+    ("GatherBlockQuantized", gather_block_quantized::build),
+    ("DequantizeLinear", onnx_domain_only!(quantize_linear::build_dequantize)),
+    ("QuantizeLinear", onnx_domain_only!(quantize_linear::build_quantize)),
     ("NegativeLogLikelihoodLoss", onnx_domain_only!(negative_log_likelihood_loss::build)),
     ("SoftmaxCrossEntropyLoss", onnx_domain_only!(softmax_cross_entropy_loss::build)),
     ("BitCast", onnx_domain_only!(bitcast::build)),

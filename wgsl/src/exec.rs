@@ -844,6 +844,8 @@ pub async fn download(device: &wgpu::Device, queue: &wgpu::Queue, t: &GpuTensor)
 pub fn gpu_size_of(dt: DatumType) -> usize {
     match dt {
         DatumType::Bool | DatumType::I64 => 4,
+        // narrow integers: one i32 word each (sign- or zero-extended)
+        DatumType::U8 | DatumType::I8 | DatumType::U16 | DatumType::I16 => 4,
         _ => dt.size_of(),
     }
 }
@@ -873,6 +875,7 @@ pub fn host_bytes(t: &Tensor) -> Result<Vec<u8>> {
             let view = t.try_as_plain_ram().map_err(|e| Error::new(format!("webgpu: tensor data: {e}")))?;
             Ok(view.as_bytes().to_vec())
         }
+        DatumType::U8 | DatumType::I8 | DatumType::U16 | DatumType::I16 => crate::quant::widen(t),
         other => Err(Error::new(format!("webgpu: element type {other:?} has no GPU layout yet"))),
     }
 }
@@ -893,6 +896,9 @@ pub fn tensor_from_bytes(dt: DatumType, shape: &[usize], bytes: &[u8]) -> Result
         let v: Vec<bool> =
             bytes[..want].chunks_exact(4).map(|w| f32::from_le_bytes([w[0], w[1], w[2], w[3]]) != 0.0).collect();
         return Tensor::from_shape(shape, &v).map_err(|e| Error::new(format!("webgpu: building a tensor: {e}")));
+    }
+    if let Some(t) = crate::quant::narrow(dt, shape, &bytes[..want]) {
+        return t;
     }
     unsafe { Tensor::from_raw_dt(dt, shape, &bytes[..want]) }
         .map_err(|e| Error::new(format!("webgpu: building a tensor: {e}")))

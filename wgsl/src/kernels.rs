@@ -19,6 +19,7 @@ pub const SCAN_WGSL: &str = include_str!("kernels/scan.wgsl");
 pub const QMATMUL_WGSL: &str = include_str!("kernels/qmatmul.wgsl");
 pub const ATTENTION_WGSL: &str = include_str!("kernels/attention.wgsl");
 pub const ROPE_WGSL: &str = include_str!("kernels/rope.wgsl");
+pub const QUANT_WGSL: &str = include_str!("kernels/quant.wgsl");
 
 /// Ranks the elementwise and matmul uniforms have room for.
 pub const MAX_RANK: usize = 8;
@@ -259,16 +260,24 @@ fn gpu_repr(dt: DatumType) -> Option<u8> {
         DatumType::F32 => Some(0),
         DatumType::Bool => Some(1),
         DatumType::I32 | DatumType::I64 => Some(2),
+        // u8 / i8 / u16 / i16: one i32 word each (crate::quant)
+        d if crate::quant::is_narrow(d) => Some(3),
         _ => None,
     }
 }
 
 /// Whether [`UnaryOp::Cast`] has a kernel from `from` to `to` (with f16 on a side: crate::f16).
 pub fn cast_supported(from: DatumType, to: DatumType) -> bool {
+    if crate::quant::is_narrow(from) || crate::quant::is_narrow(to) {
+        return crate::quant::narrow_cast_expr(from, to).is_some();
+    }
     (gpu_repr(from).is_some() && gpu_repr(to).is_some()) || crate::f16::cast_supported(from, to)
 }
 
 fn cast_expr(from: DatumType, to: DatumType) -> &'static str {
+    if let Some(e) = crate::quant::narrow_cast_expr(from, to) {
+        return e;
+    }
     match (gpu_repr(from), gpu_repr(to)) {
         (Some(0), Some(1)) => "b2f(x != 0.0)",
         (Some(0), Some(2)) => "bitcast<f32>(i32(x))",
@@ -435,6 +444,8 @@ pub enum Kernel {
     Attention(Box<crate::attention::AttentionSpec>),
     /// RotaryEmbedding (crate::attention).
     Rotary(crate::attention::RotarySpec),
+    /// Quantization kernels (crate::quant).
+    Quant(crate::quant::QuantKernel),
 }
 
 /// How [`Kernel::Pad`] fills the border.
@@ -504,6 +515,7 @@ fn shader_source(family: &str, spec: &[(&'static str, String)]) -> Result<String
         "qmatmul" => QMATMUL_WGSL,
         "attention" => ATTENTION_WGSL,
         "rope" => ROPE_WGSL,
+        "quant" => QUANT_WGSL,
         other => return Err(Error::new(format!("webgpu: no kernel family {other}"))),
     };
     let mut text = format!("{PRELUDE_WGSL}\n{body}");
@@ -698,6 +710,7 @@ impl Kernel {
             Kernel::QMatMul(_) => "MatMulNBits".into(),
             Kernel::Attention(_) => "Attention".into(),
             Kernel::Rotary(_) => "RotaryEmbedding".into(),
+            Kernel::Quant(q) => q.name(),
         }
     }
 
@@ -751,6 +764,7 @@ impl Kernel {
             Kernel::QMatMul(_) => (first == Some(F32)).then_some(F32),
             Kernel::Attention(a) => a.output_dt(dts),
             Kernel::Rotary(r) => r.output_dt(dts),
+            Kernel::Quant(q) => q.output_dt(dts),
             _ => all(F32).then_some(F32),
         }
     }
@@ -782,6 +796,7 @@ impl Kernel {
             Kernel::QMatMul(q) => q.arity(),
             Kernel::Attention(a) => a.arity(),
             Kernel::Rotary(r) => r.arity(),
+            Kernel::Quant(q) => q.arity(),
         }
     }
 
@@ -800,6 +815,7 @@ impl Kernel {
                 Ok(inputs[0].into())
             }
             Kernel::QMatMul(q) => q.output_shape(inputs),
+            Kernel::Quant(q) => q.output_shape(inputs),
             Kernel::Range { len } => {
                 if inputs.iter().any(|i| i.iter().product::<usize>() != 1) {
                     return Err(Error::new(format!("webgpu: Range of non-scalars {inputs:?}")));
@@ -1001,6 +1017,7 @@ impl Kernel {
             Kernel::Unary(UnaryOp::Cast { from, to }) if crate::f16::cast_supported(*from, *to) => {
                 crate::f16::cast(ctx, rec, *from, *to, inputs[0], &out)?;
             }
+            Kernel::Quant(q) => q.encode(ctx, rec, inputs, &out)?,
             Kernel::Unary(op) => {
                 let mut u = vec![u32_of("length", n)?, 1, gx, 0];
                 u.extend([0u32; 32]);

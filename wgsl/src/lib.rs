@@ -13,6 +13,7 @@ pub mod kernels;
 pub mod kv;
 pub mod ops;
 pub mod qmatmul;
+pub mod quant;
 
 pub use context::{Caps, Context, PipelineKey};
 pub use exec::{Counters, GpuTensor, PendingRead, Recorder};

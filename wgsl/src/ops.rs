@@ -122,6 +122,9 @@ fn kernel_at_depth(model: &TypedModel, node: &TypedNode, caps: &Caps, depth: usi
 }
 
 fn kernel_of(model: &TypedModel, node: &TypedNode, caps: &Caps) -> Result<Kernel, String> {
+    if let Some(k) = crate::quant::kernel_for(model, node) {
+        return check(model, node, caps, k?);
+    }
     let kernel = if let Some(bin) = node.op_as::<TypedBinOp>() {
         let k = BinaryOp::from_tract(bin.0.name()).ok_or_else(|| format!("no kernel for binary {}", bin.0.name()))?;
         Kernel::Binary(k)

@@ -22,12 +22,48 @@ struct Params {
 @group(0) @binding(4) var<storage, read> c: array<f32>;
 
 fn erf_approx(x: f32) -> f32 {
-    // Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7).
-    let s = sign(x);
-    let ax = abs(x);
-    let t = 1.0 / (1.0 + 0.3275911 * ax);
-    let y = 1.0 - (((((1.061405429 * t - 1.453152027) * t) + 1.421413741) * t - 0.284496736) * t + 0.254829592) * t * exp(-ax * ax);
-    return s * y;
+    // onnxruntime's MLAS erf (MlasComputeErf, faithfully rounded; kiln-ops' erf.rs bit for bit where fma is fused):
+    // a polynomial in x² below |x| = 0.921875, 1 - exp(-poly(|x|)) above, clamped at 3.925
+    if (is_nan(x)) {
+        return x;
+    }
+    let a = min(abs(x), bitcast<f32>(0x407b3333u));
+    var r: f32;
+    if (a >= 0.921875) {
+        r = bitcast<f32>(0x37911480u);
+        r = fma(r, a, bitcast<f32>(0xb9c8e966u));
+        r = fma(r, a, bitcast<f32>(0x3b7e899bu));
+        r = fma(r, a, bitcast<f32>(0xbcc6b180u));
+        r = fma(r, a, bitcast<f32>(0x3ddaae58u));
+        r = fma(r, a, bitcast<f32>(0x3f228550u));
+        r = fma(r, a, bitcast<f32>(0x3e03ce86u));
+        r = fma(r, a, a);
+        let v = max(-r, bitcast<f32>(0xc2b0c0a5u));
+        // MLAS rounds with fma(v, log2 e, 1.5·2^23) - 1.5·2^23, which shader compilers fold away: round() instead
+        // (the same integer but where log2(e)·v lies within an ulp of a half)
+        let m = round(1.44269504088896341 * v);
+        var f = fma(m, bitcast<f32>(0xbf317200u), v);
+        f = fma(m, bitcast<f32>(0xb5bfbe8eu), f);
+        var y = bitcast<f32>(0x3ab54c6du);
+        y = fma(y, f, bitcast<f32>(0x3c093965u));
+        y = fma(y, f, bitcast<f32>(0x3d2aad10u));
+        y = fma(y, f, bitcast<f32>(0x3e2aaa17u));
+        y = fma(y, f, bitcast<f32>(0x3efffffbu));
+        y = fma(y, f, 1.0);
+        y = fma(y, f, 1.0);
+        let pow2 = bitcast<f32>(u32(i32(m) + 127) << 23u);
+        r = 1.0 - y * pow2;
+    } else {
+        let s = a * a;
+        r = bitcast<f32>(0xba1d0d41u);
+        r = fma(r, s, bitcast<f32>(0x3ba39fa4u));
+        r = fma(r, s, bitcast<f32>(0xbcdb45e9u));
+        r = fma(r, s, bitcast<f32>(0x3de70d23u));
+        r = fma(r, s, bitcast<f32>(0xbec09370u));
+        r = fma(r, s, bitcast<f32>(0x3e0375d3u));
+        r = fma(r, a, a);
+    }
+    return bitcast<f32>(bitcast<u32>(r) | (bitcast<u32>(x) & 0x80000000u));
 }
 
 fn tanh_safe(x: f32) -> f32 {
