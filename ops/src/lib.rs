@@ -22,6 +22,7 @@ pub mod erf;
 pub mod flatten;
 pub mod gelu_div;
 pub mod gemm;
+pub mod group_query_attention;
 pub mod host_op;
 pub mod kernel;
 pub mod label_encoder;
@@ -106,6 +107,7 @@ pub fn register(reg: &mut OnnxOpRegister) {
 pub const KILN_OPS: &[(&str, OpBuilder)] = &[
     ("Attention", onnx_domain_only!(attention::build)),
     ("RotaryEmbedding", rotary::build),
+    ("GroupQueryAttention", group_query_attention::build),
     ("Flatten", onnx_domain_only!(flatten::build)),
     ("Pad", onnx_domain_only!(pad::build)),
     ("Gemm", onnx_domain_only!(gemm::build)),

@@ -170,6 +170,19 @@ impl AttentionSpec {
         if c.softcap > 0.0 {
             flags |= 16;
         }
+        if c.seqlens {
+            if np_ix.is_none() || pk_ix.is_some() || pv_ix.is_some() {
+                return Err(bad("GroupQueryAttention masking needs seqlens_k and no past inputs".into()));
+            }
+            flags |= 32;
+        }
+        let window = match c.window {
+            Some(w) if c.seqlens => {
+                flags |= 64;
+                u32_of("window", w)?
+            }
+            _ => 0,
+        };
         let scale = c.scale.unwrap_or(1.0 / (dk as f32).sqrt());
         let ys = if inputs[0].shape.len() == 4 { [hq * s * dv, s * dv, dv] } else { [s * hq * dv, dv, hq * dv] };
         let wg = 64usize;
@@ -199,7 +212,7 @@ impl AttentionSpec {
             u.push(u32_of("stride", x)?);
         }
         let all_rows = b * hkv * rows;
-        u.extend([u32_of("splits", splits)?, u32_of("chunk", chunk)?, u32_of("rows", all_rows)?, 0]);
+        u.extend([u32_of("splits", splits)?, u32_of("chunk", chunk)?, u32_of("rows", all_rows)?, window]);
         let pick = |ix: Option<usize>| ix.map_or(inputs[0], |i| inputs[i]);
         let partial =
             if splits > 1 { Some(rec.alloc(ctx, &[all_rows * splits * (dv + 2)], DatumType::F32)?) } else { None };
@@ -354,7 +367,12 @@ impl RotarySpec {
             }
             let n = inputs[3].len();
             flags |= 2;
-            if c.microsoft && n == 1 {
+            if c.seqlens {
+                if n != g.batch {
+                    return Err(bad(format!("{n} seqlens_k for batch {}", g.batch)));
+                }
+                flags |= 8;
+            } else if c.microsoft && n == 1 {
                 flags |= 4;
             } else if n != g.batch * g.seq {
                 return Err(bad(format!("{n} position_ids for [batch {}, seq {}]", g.batch, g.seq)));
@@ -634,6 +652,8 @@ pub fn fuse_decomposed_attention(model: &mut TypedModel) -> TractResult<usize> {
             has_past_key: false,
             has_past_value: false,
             has_nonpad: false,
+            seqlens: false,
+            window: None,
         };
         let name = model.node(id).name.clone();
         let mut patch = TypedModelPatch::new(format!("fuse decomposed attention at {name}"));

@@ -19,6 +19,7 @@ pub const SCAN_WGSL: &str = include_str!("kernels/scan.wgsl");
 pub const QMATMUL_WGSL: &str = include_str!("kernels/qmatmul.wgsl");
 pub const ATTENTION_WGSL: &str = include_str!("kernels/attention.wgsl");
 pub const ROPE_WGSL: &str = include_str!("kernels/rope.wgsl");
+pub const MSFT_WGSL: &str = include_str!("kernels/msft.wgsl");
 
 /// Ranks the elementwise and matmul uniforms have room for.
 pub const MAX_RANK: usize = 8;
@@ -424,6 +425,8 @@ pub enum Kernel {
     Attention(Box<crate::attention::AttentionSpec>),
     /// RotaryEmbedding (crate::attention).
     Rotary(crate::attention::RotarySpec),
+    /// GroupQueryAttention's present key / value (crate::msft).
+    GqaKv(crate::msft::GqaKvSpec),
 }
 
 /// How [`Kernel::Pad`] fills the border.
@@ -493,6 +496,7 @@ fn shader_source(family: &str, spec: &[(&'static str, String)]) -> Result<String
         "qmatmul" => QMATMUL_WGSL,
         "attention" => ATTENTION_WGSL,
         "rope" => ROPE_WGSL,
+        "msft" => MSFT_WGSL,
         other => return Err(Error::new(format!("webgpu: no kernel family {other}"))),
     };
     let mut text = format!("{PRELUDE_WGSL}\n{body}");
@@ -685,6 +689,7 @@ impl Kernel {
             Kernel::QMatMul(_) => "MatMulNBits".into(),
             Kernel::Attention(_) => "Attention".into(),
             Kernel::Rotary(_) => "RotaryEmbedding".into(),
+            Kernel::GqaKv(_) => "GqaPresent".into(),
         }
     }
 
@@ -732,6 +737,7 @@ impl Kernel {
             Kernel::QMatMul(_) => (first == Some(F32)).then_some(F32),
             Kernel::Attention(a) => a.output_dt(dts),
             Kernel::Rotary(r) => r.output_dt(dts),
+            Kernel::GqaKv(g) => g.output_dt(dts),
             _ => all(F32).then_some(F32),
         }
     }
@@ -762,6 +768,7 @@ impl Kernel {
             Kernel::QMatMul(q) => q.arity(),
             Kernel::Attention(a) => a.arity(),
             Kernel::Rotary(r) => r.arity(),
+            Kernel::GqaKv(g) => g.arity(),
         }
     }
 
@@ -835,6 +842,7 @@ impl Kernel {
             Kernel::View(v) => v.output_shape(inputs[0], syms),
             Kernel::Attention(a) => a.output_shape(inputs),
             Kernel::Rotary(_) => Ok(inputs[0].into()),
+            Kernel::GqaKv(g) => g.output_shape(inputs),
             Kernel::MoveAxis { from, to } => {
                 let perm = move_axis_perm(inputs[0].len(), *from, *to)?;
                 Ok(perm.iter().map(|p| inputs[0][*p]).collect())
@@ -966,6 +974,7 @@ impl Kernel {
             Kernel::QMatMul(q) => q.encode(ctx, rec, inputs, &out)?,
             Kernel::Attention(a) => a.encode(ctx, rec, inputs, &out)?,
             Kernel::Rotary(r) => r.encode(ctx, rec, inputs, &out)?,
+            Kernel::GqaKv(g) => g.encode(ctx, rec, inputs, &out)?,
             Kernel::Unary(op) => {
                 let mut u = vec![u32_of("length", n)?, 1, gx, 0];
                 u.extend([0u32; 32]);

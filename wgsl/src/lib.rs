@@ -9,6 +9,7 @@ pub mod context;
 pub mod exec;
 pub mod fused;
 pub mod kernels;
+pub mod msft;
 pub mod ops;
 pub mod qmatmul;
 

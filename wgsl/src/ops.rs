@@ -246,6 +246,8 @@ fn kernel_of(model: &TypedModel, node: &TypedNode, caps: &Caps) -> Result<Kernel
         crate::attention::kernel_for(model, node, a)?
     } else if let Some(r) = node.op_as::<crate::attention::RotaryOp>() {
         Kernel::Rotary(crate::attention::RotarySpec { config: r.config.clone() })
+    } else if let Some(g) = node.op_as::<crate::msft::GqaKvOp>() {
+        Kernel::GqaKv(crate::msft::GqaKvSpec { op: g.clone() })
     } else {
         // shape arithmetic (tract's TDim values) is host work, whatever op wraps it
         if node.outputs.iter().any(|o| o.fact.datum_type == DatumType::TDim) {

@@ -1,0 +1,130 @@
+"""One-node com.microsoft models (GroupQueryAttention, MultiHeadAttention, the norm family) with random inputs and
+onnxruntime's outputs, as ONNX backend-test cases: OUT/<case>/model.onnx, OUT/<case>/test_data_set_0/input_j.pb,
+output_j.pb. kiln's tests (provider/tests/gpu_msft_attention.rs, gpu_norms.rs) run them on kiln's CPU and GPU.
+
+Usage: python scripts/msft_ops_cases.py OUT [gqa|mha|norms ...] (all families when none is named)
+Rows of a GroupQueryAttention present_key / present_value past a batch's new tokens are unspecified in
+onnxruntime (uninitialised memory); they are written as zeros in the reference, as kiln writes them.
+"""
+import os
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+F32 = TensorProto.FLOAT
+
+
+def save(out, name, node, inputs, outputs, feeds, post=None):
+    """inputs: [(name, elem_type, array)] in graph order (None array: absent optional, skipped)."""
+    graph = helper.make_graph(
+        [node],
+        name,
+        [helper.make_tensor_value_info(n, t, list(a.shape)) for n, t, a in inputs],
+        [helper.make_tensor_value_info(n, F32, None) for n in outputs],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
+    model.ir_version = 8
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {n: a for n, _, a in inputs})
+    if post:
+        got = post(got)
+    d = os.path.join(out, name)
+    os.makedirs(os.path.join(d, "test_data_set_0"), exist_ok=True)
+    onnx.save(model, os.path.join(d, "model.onnx"))
+    for j, (n, _, a) in enumerate(inputs):
+        with open(os.path.join(d, "test_data_set_0", f"input_{j}.pb"), "wb") as f:
+            f.write(numpy_helper.from_array(a, n).SerializeToString())
+    for j, (n, a) in enumerate(zip(outputs, got)):
+        with open(os.path.join(d, "test_data_set_0", f"output_{j}.pb"), "wb") as f:
+            f.write(numpy_helper.from_array(np.asarray(a, dtype=np.float32), n).SerializeToString())
+
+
+def rnd(rng, *shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def gqa(out, rng):
+    cases = [
+        # name, batch, seq, past, heads, kv heads, head, seqlens_k (None: past + seq - 1), extra attrs
+        ("gqa_prefill_r2", 1, 5, 0, 4, 2, 16, None, {}),
+        ("gqa_prefill_r1_odd_heads", 2, 4, 0, 3, 3, 16, None, {}),
+        ("gqa_decode_r3_past1", 1, 1, 1, 3, 1, 16, None, {}),
+        ("gqa_decode_r4_past7", 2, 1, 7, 8, 2, 32, None, {}),
+        ("gqa_decode_r4_long", 1, 1, 300, 4, 1, 64, None, {}),
+        ("gqa_prompt_after_past", 1, 3, 4, 6, 2, 16, None, {}),
+        ("gqa_decode_padded_batch", 2, 1, 6, 4, 2, 16, [6, 3], {}),
+        ("gqa_prefill_padded_batch", 2, 4, 0, 2, 1, 16, [3, 1], {}),
+        ("gqa_packed_qkv", 1, 3, 2, 4, 2, 16, None, {"packed": 1}),
+        ("gqa_rotary", 1, 3, 5, 4, 2, 16, None, {"do_rotary": 1}),
+        ("gqa_rotary_interleaved_decode", 2, 1, 4, 4, 2, 16, [4, 2], {"do_rotary": 1, "rotary_interleaved": 1}),
+        ("gqa_rotary_partial", 1, 2, 3, 2, 1, 32, None, {"do_rotary": 1, "rot_dim": 16}),
+        ("gqa_window_softcap", 1, 6, 3, 4, 2, 16, None, {"local_window_size": 2, "softcap": 1.5, "big": 1}),
+        ("gqa_scale", 1, 2, 3, 5, 5, 16, None, {"scale": 0.3}),
+    ]
+    for name, b, s, p, n, nkv, h, seqlens, extra in cases:
+        extra = dict(extra)
+        packed = extra.pop("packed", 0)
+        rot_dim = extra.pop("rot_dim", h)
+        amp = 3.0 if extra.pop("big", 0) else 1.0
+        total = p + s
+        if seqlens is None:
+            seqlens = [total - 1] * b
+        seqlens = np.array(seqlens, dtype=np.int32)
+        q = rnd(rng, b, s, n * h, scale=amp)
+        k = rnd(rng, b, s, nkv * h, scale=amp)
+        v = rnd(rng, b, s, nkv * h)
+        ins = []
+        if packed:
+            ins += [("query", F32, np.concatenate([q, k, v], axis=2)), ("", F32, None), ("", F32, None)]
+        else:
+            ins += [("query", F32, q), ("key", F32, k), ("value", F32, v)]
+        if p > 0:
+            ins += [("past_key", F32, rnd(rng, b, nkv, p, h)), ("past_value", F32, rnd(rng, b, nkv, p, h))]
+        else:
+            ins += [("", F32, None), ("", F32, None)]
+        ins += [
+            ("seqlens_k", TensorProto.INT32, seqlens),
+            ("total_sequence_length", TensorProto.INT32, np.array(total, dtype=np.int32)),
+        ]
+        if extra.get("do_rotary"):
+            maxpos = total + 4
+            inv = 1.0 / (10000 ** (np.arange(0, rot_dim, 2) / rot_dim))
+            ang = np.outer(np.arange(maxpos), inv)
+            ins += [("cos_cache", F32, np.cos(ang).astype(np.float32)), ("sin_cache", F32, np.sin(ang).astype(np.float32))]
+        attrs = {"num_heads": n, "kv_num_heads": nkv, **extra}
+        node = helper.make_node(
+            "GroupQueryAttention",
+            [x[0] for x in ins],
+            ["output", "present_key", "present_value"],
+            domain="com.microsoft",
+            **attrs,
+        )
+        given = [x for x in ins if x[0]]
+
+        def post(got, seqlens=seqlens, s=s):
+            for t in (got[1], got[2]):
+                for bi, sl in enumerate(seqlens):
+                    pb = max(int(sl) + 1 - s, 0)
+                    t[bi, :, pb + s :, :] = 0
+            return got
+
+        save(out, name, node, given, ["output", "present_key", "present_value"], None, post)
+
+
+def main():
+    out = sys.argv[1]
+    which = sys.argv[2:] or ["gqa", "mha", "norms"]
+    rng = np.random.default_rng(20261130)
+    for w in which:
+        fn = globals().get(w)
+        if fn:
+            fn(out, rng)
+
+
+if __name__ == "__main__":
+    main()
