@@ -17,8 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 F32 = TensorProto.FLOAT
 
 
-def save(out, name, node, inputs, outputs, feeds, post=None):
-    """inputs: [(name, elem_type, array)] in graph order (None array: absent optional, skipped)."""
+def make(name, node, inputs, outputs):
     graph = helper.make_graph(
         [node],
         name,
@@ -29,8 +28,16 @@ def save(out, name, node, inputs, outputs, feeds, post=None):
         graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
     )
     model.ir_version = 8
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    got = sess.run(None, {n: a for n, _, a in inputs})
+    return model
+
+
+def save(out, name, node, inputs, outputs, reference=None, post=None):
+    """inputs: [(name, elem_type, array)] in graph order. reference: (node, inputs) of an equivalent model that
+    onnxruntime runs instead (packed layouts its CPU kernel lacks)."""
+    model = make(name, node, inputs, outputs)
+    ref_model, ref_inputs = (model, inputs) if reference is None else (make(name, reference[0], reference[1], outputs), reference[1])
+    sess = ort.InferenceSession(ref_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {n: a for n, _, a in ref_inputs})
     if post:
         got = post(got)
     d = os.path.join(out, name)
@@ -114,6 +121,77 @@ def gqa(out, rng):
             return got
 
         save(out, name, node, given, ["output", "present_key", "present_value"], None, post)
+
+
+def mha(out, rng):
+    I32 = TensorProto.INT32
+    cases = [
+        # name, batch, seq, kv seq, past, heads, head, options
+        ("mha_self", 1, 5, 5, 0, 4, 16, {}),
+        ("mha_odd_heads_cross", 2, 3, 7, 0, 3, 16, {}),
+        ("mha_bias", 2, 4, 4, 0, 2, 16, {"bias": 1}),
+        ("mha_causal_past1", 1, 1, 1, 1, 4, 16, {"unidirectional": 1}),
+        ("mha_causal_past_odd", 2, 3, 3, 7, 5, 16, {"unidirectional": 1}),
+        ("mha_past_long", 1, 1, 1, 300, 2, 64, {}),
+        ("mha_padding_mask_2d", 2, 1, 1, 6, 4, 16, {"mask2d": [[1] * 7, [1] * 4 + [0] * 3]}),
+        ("mha_key_lengths_1d", 2, 3, 6, 0, 2, 16, {"mask1d": [6, 2]}),
+        ("mha_attention_bias", 2, 3, 5, 0, 4, 16, {"attn_bias": (2, 1)}),
+        ("mha_bnsh_kv", 1, 4, 6, 0, 2, 32, {"bnsh": 1}),
+        ("mha_packed_qkv", 2, 3, 3, 0, 2, 16, {"packed_qkv": 1, "bias": 1}),
+        ("mha_packed_kv", 1, 2, 5, 0, 3, 16, {"packed_kv": 1}),
+        ("mha_scale_mask_filter", 1, 2, 4, 0, 2, 16, {"scale": 0.2, "mask_filter_value": -5.0, "mask2d": [[1, 0, 1, 1]]}),
+    ]
+    for name, b, s, l, p, n, h, o in cases:
+        d = n * h
+        q = rnd(rng, b, s, d)
+        k = rnd(rng, b, l, d)
+        v = rnd(rng, b, l, d)
+        ins = []
+        if o.get("packed_qkv"):
+            qkv = np.stack([x.reshape(b, s, n, h) for x in (q, k, v)], axis=3)
+            ins += [("query", F32, qkv), ("", F32, None), ("", F32, None)]
+        elif o.get("packed_kv"):
+            kv = np.stack([x.reshape(b, l, n, h) for x in (k, v)], axis=3)
+            ins += [("query", F32, q), ("key", F32, kv), ("", F32, None)]
+        elif o.get("bnsh"):
+            kb = k.reshape(b, l, n, h).transpose(0, 2, 1, 3).copy()
+            vb = v.reshape(b, l, n, h).transpose(0, 2, 1, 3).copy()
+            ins += [("query", F32, q), ("key", F32, kb), ("value", F32, vb)]
+        else:
+            ins += [("query", F32, q), ("key", F32, k), ("value", F32, v)]
+        ins.append(("bias", F32, rnd(rng, 3 * d)) if o.get("bias") else ("", F32, None))
+        if "mask2d" in o:
+            ins.append(("key_padding_mask", I32, np.array(o["mask2d"], dtype=np.int32)))
+        elif "mask1d" in o:
+            ins.append(("key_padding_mask", I32, np.array(o["mask1d"], dtype=np.int32)))
+        else:
+            ins.append(("", I32, None))
+        if "attn_bias" in o:
+            bb, bn = o["attn_bias"]
+            ins.append(("attention_bias", F32, rnd(rng, bb, bn, s, p + l)))
+        else:
+            ins.append(("", F32, None))
+        if p > 0:
+            ins += [("past_key", F32, rnd(rng, b, n, p, h)), ("past_value", F32, rnd(rng, b, n, p, h))]
+        attrs = {"num_heads": n}
+        for a in ("unidirectional", "scale", "mask_filter_value"):
+            if a in o:
+                attrs[a] = o[a]
+        names = [x[0] for x in ins]
+        while names and not names[-1]:
+            names.pop()
+        outs = ["output", "present_key", "present_value"] if p > 0 else ["output"]
+        node = helper.make_node("MultiHeadAttention", names, outs, domain="com.microsoft", **attrs)
+        reference = None
+        if o.get("packed_qkv") or o.get("packed_kv"):
+            # onnxruntime's CPU kernel takes no packed layout: its reference is the same numbers unpacked
+            ref_ins = [("query", F32, q), ("key", F32, k), ("value", F32, v)] + ins[3:]
+            ref_names = [x[0] for x in ref_ins]
+            while ref_names and not ref_names[-1]:
+                ref_names.pop()
+            ref_node = helper.make_node("MultiHeadAttention", ref_names, outs, domain="com.microsoft", **attrs)
+            reference = (ref_node, [x for x in ref_ins if x[0]])
+        save(out, name, node, [x for x in ins if x[0]], outs, reference)
 
 
 def main():

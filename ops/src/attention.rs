@@ -141,7 +141,6 @@ impl AttentionConfig {
         ensure!(rank == 3 || rank == 4, "Attention: Q must be 3D or 4D, got rank {rank}");
         ensure!(k.len() == 3 || k.len() == 4, "Attention: K must be 3D or 4D, got rank {}", k.len());
         ensure!(v.len() == k.len(), "Attention: K and V must have the same rank");
-        ensure!(self.seqlens || k.len() == rank, "Attention: Q, K and V must have the same rank");
         let batch = q[0].clone();
         let (hq, s) = if rank == 4 {
             (q[1].clone(), q[2].clone())
@@ -421,10 +420,8 @@ impl AttentionOp {
         let kv = View::new(k_t.shape(), c.kv_num_heads, "K")?;
         let vv = View::new(v_t.shape(), c.kv_num_heads, "V")?;
         let rank = q_t.rank();
-        ensure!(
-            (c.seqlens || k_t.rank() == rank) && v_t.rank() == k_t.rank(),
-            "Attention: Q, K and V must have the same rank"
-        );
+        // Q may be 3D with 4D K / V (kiln's com.microsoft lowerings); K and V agree
+        ensure!(v_t.rank() == k_t.rank(), "Attention: K and V must have the same rank");
         ensure!(
             kv.batch == qv.batch && vv.batch == qv.batch,
             "Attention: batch sizes differ (Q {}, K {}, V {})",

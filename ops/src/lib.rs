@@ -32,6 +32,7 @@ pub mod lp_pool;
 pub mod matmul;
 pub mod matmul_nbits;
 pub mod max_unpool;
+pub mod multi_head_attention;
 pub mod negative_log_likelihood_loss;
 pub mod pad;
 pub mod prelu;
@@ -108,6 +109,7 @@ pub const KILN_OPS: &[(&str, OpBuilder)] = &[
     ("Attention", onnx_domain_only!(attention::build)),
     ("RotaryEmbedding", rotary::build),
     ("GroupQueryAttention", group_query_attention::build),
+    ("MultiHeadAttention", multi_head_attention::build),
     ("Flatten", onnx_domain_only!(flatten::build)),
     ("Pad", onnx_domain_only!(pad::build)),
     ("Gemm", onnx_domain_only!(gemm::build)),

@@ -101,3 +101,8 @@ fn check_family(family: &str, attention: &str) {
 fn group_query_attention_matches_onnxruntime_on_cpu_and_gpu() {
     check_family("gqa", "Attention");
 }
+
+#[test]
+fn multi_head_attention_matches_onnxruntime_on_cpu_and_gpu() {
+    check_family("mha", "Attention");
+}
