@@ -194,6 +194,37 @@ def mha(out, rng):
         save(out, name, node, [x for x in ins if x[0]], outs, reference)
 
 
+def norms(out, rng):
+    # name, op, x shape, skip shape (None: no skip), bias, beta, sum output, epsilon
+    cases = [
+        ("ssln_64", "SkipSimplifiedLayerNormalization", (2, 3, 64), (2, 3, 64), False, False, True, 1e-6),
+        ("ssln_bias_96", "SkipSimplifiedLayerNormalization", (1, 5, 96), (1, 5, 96), True, False, True, 1e-5),
+        ("ssln_skip2d_300", "SkipSimplifiedLayerNormalization", (2, 3, 300), (3, 300), False, False, False, 1e-6),
+        ("sln_64", "SkipLayerNormalization", (2, 4, 64), (2, 4, 64), False, True, True, 1e-12),
+        ("sln_bias_beta_1000", "SkipLayerNormalization", (1, 2, 1000), (1, 2, 1000), True, True, True, 1e-5),
+        ("sln_no_beta_130", "SkipLayerNormalization", (3, 1, 130), (3, 1, 130), False, False, False, 1e-5),
+        ("simplified_96", "SimplifiedLayerNormalization", (2, 5, 96), None, False, False, False, 1e-6),
+        ("simplified_2d_512", "SimplifiedLayerNormalization", (7, 512), None, False, False, False, 1e-5),
+    ]
+    for name, op, xs, ss, has_bias, has_beta, want_sum, eps in cases:
+        d = xs[-1]
+        ins = [("input", F32, rnd(rng, *xs, scale=2.0) + 0.5)]
+        if op == "SimplifiedLayerNormalization":
+            ins.append(("scale", F32, rnd(rng, d)))
+            node = helper.make_node(op, [x[0] for x in ins], ["output"], epsilon=eps, axis=-1)
+            save(out, name, node, ins, ["output"])
+            continue
+        ins.append(("skip", F32, rnd(rng, *ss)))
+        ins.append(("gamma", F32, rnd(rng, d)))
+        if op == "SkipLayerNormalization":
+            ins.append(("beta", F32, rnd(rng, d)) if has_beta else ("", F32, None))
+        if has_bias:
+            ins.append(("bias", F32, rnd(rng, d)))
+        outs = ["output", "", "", "input_skip_bias_sum"] if want_sum else ["output"]
+        node = helper.make_node(op, [x[0] for x in ins], outs, domain="com.microsoft", epsilon=eps)
+        save(out, name, node, [x for x in ins if x[0]], [o for o in outs if o])
+
+
 def main():
     out = sys.argv[1]
     which = sys.argv[2:] or ["gqa", "mha", "norms"]

@@ -22,6 +22,12 @@ fn main() {
             std::process::exit(1);
         }
     };
+    if std::env::args().any(|a| a == "--dump") {
+        for n in model.typed.nodes() {
+            let ins: Vec<String> = n.inputs.iter().map(|i| format!("{}/{}", i.node, i.slot)).collect();
+            println!("{} {} {} <- {:?} : {:?}", n.id, n.name, n.op.name(), ins, n.outputs[0].fact);
+        }
+    }
     let lowered = match lower(&model.typed, &Caps::webgpu_defaults()) {
         Ok(l) => l,
         Err(e) => {

@@ -173,6 +173,7 @@ fn placement_plan(
                         | Kernel::Softmax { .. }
                         | Kernel::Reduce { .. }
                         | Kernel::RmsNorm { .. }
+                        | Kernel::Norm(_)
                         | Kernel::Attention(_)
                 ),
                 _ => false,

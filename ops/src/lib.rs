@@ -39,6 +39,7 @@ pub mod prelu;
 pub mod reverse_sequence;
 pub mod roi_align;
 pub mod rotary;
+pub mod skip_norm;
 pub mod softmax;
 pub mod softmax_cross_entropy_loss;
 pub mod string_concat;
@@ -110,6 +111,9 @@ pub const KILN_OPS: &[(&str, OpBuilder)] = &[
     ("RotaryEmbedding", rotary::build),
     ("GroupQueryAttention", group_query_attention::build),
     ("MultiHeadAttention", multi_head_attention::build),
+    ("SkipSimplifiedLayerNormalization", skip_norm::build_skip_simplified),
+    ("SkipLayerNormalization", skip_norm::build_skip),
+    ("SimplifiedLayerNormalization", skip_norm::build_simplified),
     ("Flatten", onnx_domain_only!(flatten::build)),
     ("Pad", onnx_domain_only!(pad::build)),
     ("Gemm", onnx_domain_only!(gemm::build)),

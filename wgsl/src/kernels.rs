@@ -20,6 +20,7 @@ pub const QMATMUL_WGSL: &str = include_str!("kernels/qmatmul.wgsl");
 pub const ATTENTION_WGSL: &str = include_str!("kernels/attention.wgsl");
 pub const ROPE_WGSL: &str = include_str!("kernels/rope.wgsl");
 pub const MSFT_WGSL: &str = include_str!("kernels/msft.wgsl");
+pub const NORM_WGSL: &str = include_str!("kernels/norm.wgsl");
 
 /// Ranks the elementwise and matmul uniforms have room for.
 pub const MAX_RANK: usize = 8;
@@ -427,6 +428,8 @@ pub enum Kernel {
     Rotary(crate::attention::RotarySpec),
     /// GroupQueryAttention's present key / value (crate::msft).
     GqaKv(crate::msft::GqaKvSpec),
+    /// kiln's NormOp: (skip +) RMS / layer norm (· gamma + beta) in one dispatch (crate::msft).
+    Norm(crate::msft::NormSpec),
 }
 
 /// How [`Kernel::Pad`] fills the border.
@@ -497,6 +500,7 @@ fn shader_source(family: &str, spec: &[(&'static str, String)]) -> Result<String
         "attention" => ATTENTION_WGSL,
         "rope" => ROPE_WGSL,
         "msft" => MSFT_WGSL,
+        "norm" => NORM_WGSL,
         other => return Err(Error::new(format!("webgpu: no kernel family {other}"))),
     };
     let mut text = format!("{PRELUDE_WGSL}\n{body}");
@@ -690,6 +694,8 @@ impl Kernel {
             Kernel::Attention(_) => "Attention".into(),
             Kernel::Rotary(_) => "RotaryEmbedding".into(),
             Kernel::GqaKv(_) => "GqaPresent".into(),
+            Kernel::Norm(n) if n.op.rms => "FusedRmsNorm".into(),
+            Kernel::Norm(_) => "FusedLayerNorm".into(),
         }
     }
 
@@ -738,6 +744,7 @@ impl Kernel {
             Kernel::Attention(a) => a.output_dt(dts),
             Kernel::Rotary(r) => r.output_dt(dts),
             Kernel::GqaKv(g) => g.output_dt(dts),
+            Kernel::Norm(n) => n.output_dt(dts),
             _ => all(F32).then_some(F32),
         }
     }
@@ -769,6 +776,7 @@ impl Kernel {
             Kernel::Attention(a) => a.arity(),
             Kernel::Rotary(r) => r.arity(),
             Kernel::GqaKv(g) => g.arity(),
+            Kernel::Norm(n) => n.arity(),
         }
     }
 
@@ -843,6 +851,7 @@ impl Kernel {
             Kernel::Attention(a) => a.output_shape(inputs),
             Kernel::Rotary(_) => Ok(inputs[0].into()),
             Kernel::GqaKv(g) => g.output_shape(inputs),
+            Kernel::Norm(_) => Ok(inputs[0].into()),
             Kernel::MoveAxis { from, to } => {
                 let perm = move_axis_perm(inputs[0].len(), *from, *to)?;
                 Ok(perm.iter().map(|p| inputs[0][*p]).collect())
@@ -975,6 +984,7 @@ impl Kernel {
             Kernel::Attention(a) => a.encode(ctx, rec, inputs, &out)?,
             Kernel::Rotary(r) => r.encode(ctx, rec, inputs, &out)?,
             Kernel::GqaKv(g) => g.encode(ctx, rec, inputs, &out)?,
+            Kernel::Norm(n) => n.encode(ctx, rec, inputs, &out)?,
             Kernel::Unary(op) => {
                 let mut u = vec![u32_of("length", n)?, 1, gx, 0];
                 u.extend([0u32; 32]);
