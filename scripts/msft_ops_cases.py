@@ -225,9 +225,57 @@ def norms(out, rng):
         save(out, name, node, [x for x in ins if x[0]], [o for o in outs if o])
 
 
+def rmsfuse(out, rng):
+    """Residual Add + RMSNorm as exporters write it (kiln's GPU lowering fuses each into one NormOp)."""
+    n = helper.make_node
+    c = lambda name, v: helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(v, dtype=np.float32), name))
+    for name, d, shape, variant in [
+        ("rms_optimum_pow_div", 64, (2, 3, 64), "div"),
+        ("rms_dynamo_rsqrt", 96, (1, 4, 96), "rsqrt"),
+        ("rms_onnx_op23", 300, (2, 2, 300), "onnx"),
+    ]:
+        a = rnd(rng, *shape)
+        b = rnd(rng, *shape)
+        g = rnd(rng, d)
+        nodes = [n("Add", ["a", "b"], ["h"])]
+        if variant == "onnx":
+            nodes.append(n("RMSNormalization", ["h", "gamma"], ["y"], axis=-1, epsilon=1e-6))
+            opset = 23
+        else:
+            nodes += [c("two", 2.0), c("eps", 1e-6), c("one", 1.0)]
+            nodes += [n("Pow", ["h", "two"], ["sq"]), n("ReduceMean", ["sq"], ["ms"], axes=[-1], keepdims=1),
+                      n("Add", ["ms", "eps"], ["mse"])]
+            if variant == "div":
+                nodes += [n("Sqrt", ["mse"], ["rt"]), n("Div", ["one", "rt"], ["inv"])]
+            else:
+                nodes += [n("Sqrt", ["mse"], ["rt"]), n("Reciprocal", ["rt"], ["inv"])]
+            nodes += [n("Mul", ["h", "inv"], ["normed"]), n("Mul", ["gamma", "normed"], ["y"])]
+            opset = 17
+        # the residual sum is an output too (the next layer's residual)
+        graph = helper.make_graph(
+            nodes, name,
+            [helper.make_tensor_value_info(x, F32, list(shape)) for x in ("a", "b")],
+            [helper.make_tensor_value_info("y", F32, None), helper.make_tensor_value_info("h", F32, None)],
+            initializer=[numpy_helper.from_array(g, "gamma")],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        model.ir_version = 10
+        got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            None, {"a": a, "b": b})
+        d_ = os.path.join(out, name)
+        os.makedirs(os.path.join(d_, "test_data_set_0"), exist_ok=True)
+        onnx.save(model, os.path.join(d_, "model.onnx"))
+        for j, (x, arr) in enumerate([("a", a), ("b", b)]):
+            with open(os.path.join(d_, "test_data_set_0", f"input_{j}.pb"), "wb") as f:
+                f.write(numpy_helper.from_array(arr, x).SerializeToString())
+        for j, (x, arr) in enumerate(zip(["y", "h"], got)):
+            with open(os.path.join(d_, "test_data_set_0", f"output_{j}.pb"), "wb") as f:
+                f.write(numpy_helper.from_array(arr, x).SerializeToString())
+
+
 def main():
     out = sys.argv[1]
-    which = sys.argv[2:] or ["gqa", "mha", "norms"]
+    which = sys.argv[2:] or ["gqa", "mha", "norms", "rmsfuse"]
     rng = np.random.default_rng(20261130)
     for w in which:
         fn = globals().get(w)

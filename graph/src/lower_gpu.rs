@@ -64,6 +64,9 @@ pub fn lower(model: &TypedModel, caps: &Caps) -> Result<Lowered> {
     split_large_weights(&mut src, caps)?;
     kiln_wgsl::attention::split_attention(&mut src).map_err(tract_err("splitting attention nodes"))?;
     kiln_wgsl::attention::fuse_decomposed_attention(&mut src).map_err(tract_err("fusing decomposed attention"))?;
+    if std::env::var("KILN_GPU_FUSION").map_or(true, |v| v != "0") {
+        crate::fuse_norm::fuse_residual_rms_norm(&mut src).map_err(tract_err("fusing residual norms"))?;
+    }
     let mut target = TypedModel { symbols: src.symbols.clone(), ..TypedModel::default() };
     let mut host: HashMap<OutletId, OutletId> = HashMap::new();
     let mut dev: HashMap<OutletId, OutletId> = HashMap::new();

@@ -16,3 +16,12 @@ use msft_cases::check_family;
 fn microsoft_norms_match_onnxruntime_on_cpu_and_gpu() {
     check_family("norms", "KilnNorm");
 }
+
+/// Residual Add + RMSNorm as optimum (Pow/ReduceMean/Add/Sqrt/Div/Mul), dynamo (…/Reciprocal/Mul) and ONNX
+/// RMSNormalization (opset 23) write it, the residual sum an output too: outputs against onnxruntime on the CPU and
+/// the GPU, and the norm fused into one KilnNorm node on the GPU.
+#[test]
+fn residual_rms_norm_is_fused_on_gpu() {
+    msft_cases::REQUIRE_ON_GPU.with(|r| *r.borrow_mut() = Some("KilnNorm".into()));
+    check_family("rmsfuse", "KilnNorm");
+}

@@ -34,11 +34,17 @@ pub fn msft_cases(families: &[&str]) -> Option<Vec<PathBuf>> {
 
 /// Runs one case on `ep` and compares every output with onnxruntime's at `tol` (relative to 1 + max|ref|).
 /// Returns the failures, and for the GPU the ops of the nodes that stayed on the CPU.
+thread_local! {
+    /// An op (by name) each case must have on the GPU (the fused node a pass makes), when set.
+    pub static REQUIRE_ON_GPU: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
 pub fn run_case(case: &Path, ep: ExecutionProvider, tol: f64) -> (Vec<String>, Vec<String>) {
     let name = case.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
     let opts = SessionOptions { execution_providers: vec![ep], ..Default::default() };
     let session = Session::from_path(case.join("model.onnx"), &opts).unwrap_or_else(|e| panic!("{name}: loading: {e}"));
     if ep == ExecutionProvider::WebGpu {
+        assert!(session.gpu_placement().is_some(), "{name}: not on the GPU: {:?}", session.provider_note());
         session.set_gpu_poison(true);
     }
     let set = case.join("test_data_set_0");
@@ -53,6 +59,15 @@ pub fn run_case(case: &Path, ep: ExecutionProvider, tol: f64) -> (Vec<String>, V
             failures.push(format!("{name}/{out} on {ep:?}: max|diff| {diff:.3e} (max|ref| {ref_max:.3})"));
         }
     }
+    let gpu_ops: Vec<String> = session
+        .gpu_placement()
+        .map(|r| r.nodes.iter().filter(|n| n.device == Device::Gpu).map(|n| n.op.clone()).collect())
+        .unwrap_or_default();
+    if let Some(op) = REQUIRE_ON_GPU.with(|r| r.borrow().clone()) {
+        if ep == ExecutionProvider::WebGpu && !gpu_ops.contains(&op) {
+            failures.push(format!("{name}: no {op} node on the GPU ({gpu_ops:?})"));
+        }
+    }
     let cpu_ops = session
         .gpu_placement()
         .map(|r| r.nodes.iter().filter(|n| n.device == Device::Cpu).map(|n| n.op.clone()).collect())
@@ -64,7 +79,9 @@ pub fn gpu_available(case: &Path) -> bool {
     let opts = SessionOptions { execution_providers: vec![ExecutionProvider::WebGpu], ..Default::default() };
     let s = Session::from_path(case.join("model.onnx"), &opts).expect("loading");
     if s.gpu_placement().is_none() {
-        eprintln!("\n!!!!!!!! SKIPPING THE GPU HALF: no GPU adapter ({:?}) !!!!!!!!\n", s.provider_note());
+        let note = s.provider_note().unwrap_or_default();
+        assert!(note.contains("no GPU adapter"), "{}: the GPU provider failed: {note}", case.display());
+        eprintln!("\n!!!!!!!! SKIPPING THE GPU HALF: no GPU adapter ({note}) !!!!!!!!\n");
         return false;
     }
     true
