@@ -7,6 +7,7 @@ pub mod error;
 pub mod float16;
 pub mod fuse_gpu;
 pub mod fuse_norm;
+pub mod fuse_rope;
 pub mod import;
 pub mod lower_gpu;
 pub mod passes;

@@ -66,6 +66,7 @@ pub fn lower(model: &TypedModel, caps: &Caps) -> Result<Lowered> {
     kiln_wgsl::attention::fuse_decomposed_attention(&mut src).map_err(tract_err("fusing decomposed attention"))?;
     if std::env::var("KILN_GPU_FUSION").map_or(true, |v| v != "0") {
         crate::fuse_norm::fuse_residual_rms_norm(&mut src).map_err(tract_err("fusing residual norms"))?;
+        crate::fuse_rope::fuse_rotate_half_rope(&mut src).map_err(tract_err("fusing rotate_half RoPE"))?;
     }
     let mut target = TypedModel { symbols: src.symbols.clone(), ..TypedModel::default() };
     let mut host: HashMap<OutletId, OutletId> = HashMap::new();

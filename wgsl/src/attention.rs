@@ -610,17 +610,26 @@ pub fn fuse_decomposed_attention(model: &mut TypedModel) -> TractResult<usize> {
         let batch = |s: &TVec<TDim>| -> TDim { s[..s.len() - 2].iter().cloned().product() };
         let r = qa_s.len();
         let r2 = pa_s.len();
+        // K / V may broadcast over Q's trailing batch axes (GQA folded into the matmul: Q [b, kv, group, s, d]
+        // against K [b, kv, 1, t, d], or into its rows: Q [b·kv, group·s, d] against K [b·kv, t, d]): q head
+        // (kv, g) reads kv head kv, as the kernel does
+        let grouped = |a: &[TDim], k: &[TDim]| {
+            let split = a.iter().zip(k).position(|(x, y)| x != y).unwrap_or(a.len());
+            a.len() == k.len() && k[split..].iter().all(|d| *d == 1.to_dim())
+        };
         let mm_ok = r >= 2
             && kb_s.len() == r
-            && qa_s[..r - 2] == kb_s[..r - 2]
-            && qa_s[r - 2] == s
+            && grouped(&qa_s[..r - 2], &kb_s[..r - 2])
+            && batch(&kb_s) == b.clone() * hk.clone()
             && qa_s[r - 1] == dk
             && kb_s[r - 2] == t
             && kb_s[r - 1] == dk
-            && batch(&qa_s) == b.clone() * hq.clone()
+            // (batch, m) enumerate (b, h, s); with GQA folded into m (Q [b·kv, group·s, d]) each K batch still
+            // serves one kv head's group of rows
+            && batch(&qa_s) * qa_s[r - 2].clone() == b.clone() * hq.clone() * s.clone()
             && r2 >= 2
             && vb_s.len() == r2
-            && pa_s[..r2 - 2] == vb_s[..r2 - 2]
+            && grouped(&pa_s[..r2 - 2], &vb_s[..r2 - 2])
             && pa_s[r2 - 1] == t
             && vb_s[r2 - 2] == t
             && vb_s[r2 - 1] == dv
