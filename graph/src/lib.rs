@@ -6,6 +6,8 @@
 pub mod error;
 pub mod float16;
 pub mod fuse_gpu;
+pub mod fuse_norm;
+pub mod fuse_rope;
 pub mod import;
 pub mod int_dims;
 pub mod lower_gpu;

@@ -66,6 +66,10 @@ pub fn lower(model: &TypedModel, caps: &Caps) -> Result<Lowered> {
     kiln_wgsl::quant::pack_matmul_integer_weights(&mut src).map_err(tract_err("packing MatMulInteger weights"))?;
     kiln_wgsl::attention::split_attention(&mut src).map_err(tract_err("splitting attention nodes"))?;
     kiln_wgsl::attention::fuse_decomposed_attention(&mut src).map_err(tract_err("fusing decomposed attention"))?;
+    if std::env::var("KILN_GPU_FUSION").map_or(true, |v| v != "0") {
+        crate::fuse_norm::fuse_residual_rms_norm(&mut src).map_err(tract_err("fusing residual norms"))?;
+        crate::fuse_rope::fuse_rotate_half_rope(&mut src).map_err(tract_err("fusing rotate_half RoPE"))?;
+    }
     kiln_wgsl::kv::unrepeat_attention_kv(&mut src).map_err(tract_err("reading attention's K / V unrepeated"))?;
     crate::int_dims::rewrite(&mut src).map_err(tract_err("rewriting shape arithmetic as i64"))?;
     let mut target = TypedModel { symbols: src.symbols.clone(), ..TypedModel::default() };
@@ -178,6 +182,7 @@ fn placement_plan(
                             | Kernel::Softmax { .. }
                             | Kernel::Reduce { .. }
                             | Kernel::RmsNorm { .. }
+                            | Kernel::Norm(_)
                             | Kernel::Attention(_)
                     ) && !matches!(k, Kernel::Quant(q) if q.is_heavy())
                 }

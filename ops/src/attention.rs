@@ -60,6 +60,8 @@ pub fn build(_ctx: &ParsingContext, node: &NodeProto) -> BuildResult {
         has_past_key: present(&node.input, 4),
         has_past_value: present(&node.input, 5),
         has_nonpad: present(&node.input, 6),
+        seqlens: false,
+        window: None,
     };
     ensure!(config.has_past_key == config.has_past_value, "Attention: past_key and past_value must be given together");
     let outputs = [0, 1, 2, 3].map(|i| present(&node.output, i));
@@ -79,6 +81,14 @@ pub struct AttentionConfig {
     pub has_past_key: bool,
     pub has_past_value: bool,
     pub has_nonpad: bool,
+    /// com.microsoft GroupQueryAttention's masking (kiln's GQA lowering): the `nonpad` input holds `seqlens_k`
+    /// (each batch's total length − 1); batch `b`'s queries sit after `past_b = max(seqlens_k[b] + 1 − q_seq, 0)`
+    /// keys and attend causally from there (`j <= past_b + i`, and `j <= seqlens_k[b]`), whatever `is_causal`
+    /// says. Keys come from K / V only (no past inputs: K / V are the present ones).
+    pub seqlens: bool,
+    /// With `seqlens`: a query at `past_b + i` attends keys `j > past_b + i − window` only (the last `window`
+    /// positions, its own included: onnxruntime's `local_window_size`).
+    pub window: Option<usize>,
 }
 
 impl Eq for AttentionConfig {}
@@ -92,6 +102,7 @@ impl std::hash::Hash for AttentionConfig {
         self.softcap.to_bits().hash(state);
         self.qk_mode.hash(state);
         (self.has_mask, self.has_past_key, self.has_past_value, self.has_nonpad).hash(state);
+        (self.seqlens, self.window).hash(state);
     }
 }
 
@@ -128,21 +139,20 @@ impl AttentionConfig {
         let (q, k, v) = (&shapes[0], &shapes[1], &shapes[2]);
         let rank = q.len();
         ensure!(rank == 3 || rank == 4, "Attention: Q must be 3D or 4D, got rank {rank}");
-        ensure!(k.len() == rank && v.len() == rank, "Attention: Q, K and V must have the same rank");
+        ensure!(k.len() == 3 || k.len() == 4, "Attention: K must be 3D or 4D, got rank {}", k.len());
+        ensure!(v.len() == k.len(), "Attention: K and V must have the same rank");
         let batch = q[0].clone();
-        let (hq, hkv, s, l, dk, dv): (TDim, TDim, TDim, TDim, TDim, TDim) = if rank == 4 {
-            (q[1].clone(), k[1].clone(), q[2].clone(), k[2].clone(), k[3].clone(), v[3].clone())
+        let (hq, s) = if rank == 4 {
+            (q[1].clone(), q[2].clone())
         } else {
             let hq = self.q_num_heads.context("Attention: 3D inputs need the q_num_heads attribute")?;
+            (hq.to_dim(), q[1].clone())
+        };
+        let (hkv, l, dk, dv): (TDim, TDim, TDim, TDim) = if k.len() == 4 {
+            (k[1].clone(), k[2].clone(), k[3].clone(), v[3].clone())
+        } else {
             let hkv = self.kv_num_heads.context("Attention: 3D inputs need the kv_num_heads attribute")?;
-            (
-                hq.to_dim(),
-                hkv.to_dim(),
-                q[1].clone(),
-                k[1].clone(),
-                k[2].clone() / hkv as u64,
-                v[2].clone() / hkv as u64,
-            )
+            (hkv.to_dim(), k[1].clone(), k[2].clone() / hkv as u64, v[2].clone() / hkv as u64)
         };
         let past = match self.past_key_ix() {
             Some(ix) => {
@@ -410,7 +420,8 @@ impl AttentionOp {
         let kv = View::new(k_t.shape(), c.kv_num_heads, "K")?;
         let vv = View::new(v_t.shape(), c.kv_num_heads, "V")?;
         let rank = q_t.rank();
-        ensure!(k_t.rank() == rank && v_t.rank() == rank, "Attention: Q, K and V must have the same rank");
+        // Q may be 3D with 4D K / V (kiln's com.microsoft lowerings); K and V agree
+        ensure!(v_t.rank() == k_t.rank(), "Attention: K and V must have the same rank");
         ensure!(
             kv.batch == qv.batch && vv.batch == qv.batch,
             "Attention: batch sizes differ (Q {}, K {}, V {})",
@@ -544,7 +555,15 @@ impl AttentionOp {
                             bias = F::NEG_INF;
                         }
                         if let Some(n) = &nonpad {
-                            if (j as i64) >= n[b] {
+                            if c.seqlens {
+                                // GroupQueryAttention: causal from past_b, within the window
+                                let past_b = (n[b] + 1 - s_len as i64).max(0);
+                                let at = past_b + i as i64;
+                                let j = j as i64;
+                                if j > at || j > n[b] || c.window.is_some_and(|w| at - j >= w as i64) {
+                                    bias = F::NEG_INF;
+                                }
+                            } else if (j as i64) >= n[b] {
                                 bias = F::NEG_INF;
                             }
                         }

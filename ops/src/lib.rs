@@ -24,6 +24,7 @@ pub mod flatten;
 pub mod gather_block_quantized;
 pub mod gelu_div;
 pub mod gemm;
+pub mod group_query_attention;
 pub mod host_op;
 pub mod kernel;
 pub mod label_encoder;
@@ -33,6 +34,7 @@ pub mod lp_pool;
 pub mod matmul;
 pub mod matmul_nbits;
 pub mod max_unpool;
+pub mod multi_head_attention;
 pub mod negative_log_likelihood_loss;
 pub mod pad;
 pub mod prelu;
@@ -40,6 +42,7 @@ pub mod quantize_linear;
 pub mod reverse_sequence;
 pub mod roi_align;
 pub mod rotary;
+pub mod skip_norm;
 pub mod softmax;
 pub mod softmax_cross_entropy_loss;
 pub mod string_concat;
@@ -109,6 +112,11 @@ pub fn register(reg: &mut OnnxOpRegister) {
 pub const KILN_OPS: &[(&str, OpBuilder)] = &[
     ("Attention", onnx_domain_only!(attention::build)),
     ("RotaryEmbedding", rotary::build),
+    ("GroupQueryAttention", group_query_attention::build),
+    ("MultiHeadAttention", multi_head_attention::build),
+    ("SkipSimplifiedLayerNormalization", skip_norm::build_skip_simplified),
+    ("SkipLayerNormalization", skip_norm::build_skip),
+    ("SimplifiedLayerNormalization", skip_norm::build_simplified),
     ("Flatten", onnx_domain_only!(flatten::build)),
     ("Pad", onnx_domain_only!(pad::build)),
     ("Gemm", onnx_domain_only!(gemm::build)),

@@ -42,6 +42,7 @@ pub fn build(_ctx: &ParsingContext, node: &NodeProto) -> BuildResult {
         rotary_dim: rotary_dim as usize,
         microsoft,
         has_positions: microsoft || node.input.get(3).is_some_and(|i| !i.is_empty()),
+        seqlens: false,
     };
     Ok((expand(Rotary { config }), vec![]))
 }
@@ -56,6 +57,9 @@ pub struct RotaryConfig {
     /// com.microsoft: a one-value `position_ids` is an offset.
     pub microsoft: bool,
     pub has_positions: bool,
+    /// com.microsoft GroupQueryAttention's positions (kiln's GQA lowering): the positions input is `seqlens_k`
+    /// (`[batch]`, each batch's total length − 1) and position `(b, s)` is `max(seqlens_k[b] + 1 − seq, 0) + s`.
+    pub seqlens: bool,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq)]
@@ -175,7 +179,13 @@ impl EvalOp for RotaryOp {
             ensure!(cos_t.rank() == 2, "RotaryEmbedding: with position_ids the caches must be 2D");
             let offset = c.microsoft && pos.len() == 1;
             ensure!(
-                offset || pos.len() == g.batch * g.seq,
+                !c.seqlens || pos.len() == g.batch,
+                "GroupQueryAttention: seqlens_k of {} values for batch {}",
+                pos.len(),
+                g.batch
+            );
+            ensure!(
+                c.seqlens || offset || pos.len() == g.batch * g.seq,
                 "RotaryEmbedding: position_ids of {} values for [batch {}, seq {}]",
                 pos.len(),
                 g.batch,
@@ -184,7 +194,13 @@ impl EvalOp for RotaryOp {
             let mut rows = Vec::with_capacity(g.batch * g.seq);
             for b in 0..g.batch {
                 for s in 0..g.seq {
-                    let p = if offset { pos[0] + s as i64 } else { pos[b * g.seq + s] };
+                    let p = if c.seqlens {
+                        (pos[b] + 1 - g.seq as i64).max(0) + s as i64
+                    } else if offset {
+                        pos[0] + s as i64
+                    } else {
+                        pos[b * g.seq + s]
+                    };
                     ensure!(p >= 0 && (p as usize) < max, "RotaryEmbedding: position {p} outside the {max} cache rows");
                     rows.push(p as usize);
                 }

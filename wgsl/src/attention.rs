@@ -176,6 +176,19 @@ impl AttentionSpec {
         if c.softcap > 0.0 {
             flags |= 16;
         }
+        if c.seqlens {
+            if np_ix.is_none() || pk_ix.is_some() || pv_ix.is_some() {
+                return Err(bad("GroupQueryAttention masking needs seqlens_k and no past inputs".into()));
+            }
+            flags |= 32;
+        }
+        let window = match c.window {
+            Some(w) if c.seqlens => {
+                flags |= 64;
+                u32_of("window", w)?
+            }
+            _ => 0,
+        };
         let scale = c.scale.unwrap_or(1.0 / (dk as f32).sqrt());
         let ys = if inputs[0].shape.len() == 4 { [hq * s * dv, s * dv, dv] } else { [s * hq * dv, dv, hq * dv] };
         let wg = 64usize;
@@ -207,7 +220,7 @@ impl AttentionSpec {
             u.push(u32_of("stride", x)?);
         }
         let all_rows = b * hkv * rows;
-        u.extend([u32_of("splits", splits)?, u32_of("chunk", chunk)?, u32_of("rows", all_rows)?, 0]);
+        u.extend([u32_of("splits", splits)?, u32_of("chunk", chunk)?, u32_of("rows", all_rows)?, window]);
         let pick = |ix: Option<usize>| ix.map_or(inputs[0], |i| inputs[i]);
         let partial =
             if splits > 1 { Some(rec.alloc(ctx, &[all_rows * splits * (dv + 2)], DatumType::F32)?) } else { None };
@@ -362,7 +375,12 @@ impl RotarySpec {
             }
             let n = inputs[3].len();
             flags |= 2;
-            if c.microsoft && n == 1 {
+            if c.seqlens {
+                if n != g.batch {
+                    return Err(bad(format!("{n} seqlens_k for batch {}", g.batch)));
+                }
+                flags |= 8;
+            } else if c.microsoft && n == 1 {
                 flags |= 4;
             } else if n != g.batch * g.seq {
                 return Err(bad(format!("{n} position_ids for [batch {}, seq {}]", g.batch, g.seq)));
@@ -600,17 +618,26 @@ pub fn fuse_decomposed_attention(model: &mut TypedModel) -> TractResult<usize> {
         let batch = |s: &TVec<TDim>| -> TDim { s[..s.len() - 2].iter().cloned().product() };
         let r = qa_s.len();
         let r2 = pa_s.len();
+        // K / V may broadcast over Q's trailing batch axes (GQA folded into the matmul: Q [b, kv, group, s, d]
+        // against K [b, kv, 1, t, d], or into its rows: Q [b·kv, group·s, d] against K [b·kv, t, d]): q head
+        // (kv, g) reads kv head kv, as the kernel does
+        let grouped = |a: &[TDim], k: &[TDim]| {
+            let split = a.iter().zip(k).position(|(x, y)| x != y).unwrap_or(a.len());
+            a.len() == k.len() && k[split..].iter().all(|d| *d == 1.to_dim())
+        };
         let mm_ok = r >= 2
             && kb_s.len() == r
-            && qa_s[..r - 2] == kb_s[..r - 2]
-            && qa_s[r - 2] == s
+            && grouped(&qa_s[..r - 2], &kb_s[..r - 2])
+            && batch(&kb_s) == b.clone() * hk.clone()
             && qa_s[r - 1] == dk
             && kb_s[r - 2] == t
             && kb_s[r - 1] == dk
-            && batch(&qa_s) == b.clone() * hq.clone()
+            // (batch, m) enumerate (b, h, s); with GQA folded into m (Q [b·kv, group·s, d]) each K batch still
+            // serves one kv head's group of rows
+            && batch(&qa_s) * qa_s[r - 2].clone() == b.clone() * hq.clone() * s.clone()
             && r2 >= 2
             && vb_s.len() == r2
-            && pa_s[..r2 - 2] == vb_s[..r2 - 2]
+            && grouped(&pa_s[..r2 - 2], &vb_s[..r2 - 2])
             && pa_s[r2 - 1] == t
             && vb_s[r2 - 2] == t
             && vb_s[r2 - 1] == dv
@@ -647,6 +674,8 @@ pub fn fuse_decomposed_attention(model: &mut TypedModel) -> TractResult<usize> {
             has_past_key: false,
             has_past_value: false,
             has_nonpad: false,
+            seqlens: false,
+            window: None,
         };
         let name = model.node(id).name.clone();
         let mut patch = TypedModelPatch::new(format!("fuse decomposed attention at {name}"));

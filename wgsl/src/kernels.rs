@@ -20,6 +20,8 @@ pub const QMATMUL_WGSL: &str = include_str!("kernels/qmatmul.wgsl");
 pub const ATTENTION_WGSL: &str = include_str!("kernels/attention.wgsl");
 pub const ROPE_WGSL: &str = include_str!("kernels/rope.wgsl");
 pub const QUANT_WGSL: &str = include_str!("kernels/quant.wgsl");
+pub const MSFT_WGSL: &str = include_str!("kernels/msft.wgsl");
+pub const NORM_WGSL: &str = include_str!("kernels/norm.wgsl");
 
 /// Ranks the elementwise and matmul uniforms have room for.
 pub const MAX_RANK: usize = 8;
@@ -446,6 +448,10 @@ pub enum Kernel {
     Rotary(crate::attention::RotarySpec),
     /// Quantization kernels (crate::quant).
     Quant(crate::quant::QuantKernel),
+    /// GroupQueryAttention's present key / value (crate::msft).
+    GqaKv(crate::msft::GqaKvSpec),
+    /// kiln's NormOp: (skip +) RMS / layer norm (· gamma + beta) in one dispatch (crate::msft).
+    Norm(crate::msft::NormSpec),
 }
 
 /// How [`Kernel::Pad`] fills the border.
@@ -516,6 +522,8 @@ fn shader_source(family: &str, spec: &[(&'static str, String)]) -> Result<String
         "attention" => ATTENTION_WGSL,
         "rope" => ROPE_WGSL,
         "quant" => QUANT_WGSL,
+        "msft" => MSFT_WGSL,
+        "norm" => NORM_WGSL,
         other => return Err(Error::new(format!("webgpu: no kernel family {other}"))),
     };
     let mut text = format!("{PRELUDE_WGSL}\n{body}");
@@ -711,6 +719,9 @@ impl Kernel {
             Kernel::Attention(_) => "Attention".into(),
             Kernel::Rotary(_) => "RotaryEmbedding".into(),
             Kernel::Quant(q) => q.name(),
+            Kernel::GqaKv(_) => "GqaPresent".into(),
+            Kernel::Norm(n) if n.op.rms => "FusedRmsNorm".into(),
+            Kernel::Norm(_) => "FusedLayerNorm".into(),
         }
     }
 
@@ -765,6 +776,8 @@ impl Kernel {
             Kernel::Attention(a) => a.output_dt(dts),
             Kernel::Rotary(r) => r.output_dt(dts),
             Kernel::Quant(q) => q.output_dt(dts),
+            Kernel::GqaKv(g) => g.output_dt(dts),
+            Kernel::Norm(n) => n.output_dt(dts),
             _ => all(F32).then_some(F32),
         }
     }
@@ -797,6 +810,8 @@ impl Kernel {
             Kernel::Attention(a) => a.arity(),
             Kernel::Rotary(r) => r.arity(),
             Kernel::Quant(q) => q.arity(),
+            Kernel::GqaKv(g) => g.arity(),
+            Kernel::Norm(n) => n.arity(),
         }
     }
 
@@ -873,6 +888,8 @@ impl Kernel {
             Kernel::View(v) => v.output_shape(inputs[0], syms),
             Kernel::Attention(a) => a.output_shape(inputs),
             Kernel::Rotary(_) => Ok(inputs[0].into()),
+            Kernel::GqaKv(g) => g.output_shape(inputs),
+            Kernel::Norm(_) => Ok(inputs[0].into()),
             Kernel::MoveAxis { from, to } => {
                 let perm = move_axis_perm(inputs[0].len(), *from, *to)?;
                 Ok(perm.iter().map(|p| inputs[0][*p]).collect())
@@ -1018,6 +1035,8 @@ impl Kernel {
                 crate::f16::cast(ctx, rec, *from, *to, inputs[0], &out)?;
             }
             Kernel::Quant(q) => q.encode(ctx, rec, inputs, &out)?,
+            Kernel::GqaKv(g) => g.encode(ctx, rec, inputs, &out)?,
+            Kernel::Norm(n) => n.encode(ctx, rec, inputs, &out)?,
             Kernel::Unary(op) => {
                 let mut u = vec![u32_of("length", n)?, 1, gx, 0];
                 u.extend([0u32; 32]);

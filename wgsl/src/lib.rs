@@ -11,6 +11,7 @@ pub mod f16;
 pub mod fused;
 pub mod kernels;
 pub mod kv;
+pub mod msft;
 pub mod ops;
 pub mod qmatmul;
 pub mod quant;

@@ -256,6 +256,10 @@ fn kernel_of(model: &TypedModel, node: &TypedNode, caps: &Caps) -> Result<Kernel
         Kernel::DimRange { start: d.start.clone(), step: d.step.clone(), len: d.len.clone() }
     } else if let Some(r) = node.op_as::<crate::attention::RotaryOp>() {
         Kernel::Rotary(crate::attention::RotarySpec { config: r.config.clone() })
+    } else if let Some(g) = node.op_as::<crate::msft::GqaKvOp>() {
+        Kernel::GqaKv(crate::msft::GqaKvSpec { op: g.clone() })
+    } else if let Some(n) = node.op_as::<crate::msft::NormOp>() {
+        Kernel::Norm(crate::msft::NormSpec { op: n.clone() })
     } else {
         // shape arithmetic (tract's TDim values) is host work, whatever op wraps it
         if node.outputs.iter().any(|o| o.fact.datum_type == DatumType::TDim) {

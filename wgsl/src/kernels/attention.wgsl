@@ -8,6 +8,9 @@
 // when not 0: a KV store with spare rows), keys past.. from K / V
 // (3D or 4D, through strides). Masked keys (bool mask false, float mask -inf, beyond the mask's last dim, causal
 // j > i + past, j >= nonpad_kv_seqlen[b]) take no weight; a row with every key masked is zeros.
+// GroupQueryAttention (flag 32): `nonpad` holds seqlens_k; batch b's queries sit after
+// past_b = max(seqlens_k[b] + 1 - q_seq, 0) keys and see keys j <= past_b + i, j <= seqlens_k[b] (and, with flag 64,
+// only those with past_b + i - j < window, sp.w).
 //
 // {{DMAX}}: head sizes up to DMAX (a power of two); tiles hold TILE / DMAX keys.
 
@@ -23,7 +26,8 @@ struct Params {
     d1: vec4<u32>,
     // dv, group (q heads per kv head), row blocks per (batch, kv head), groups_x
     d2: vec4<u32>,
-    // flags (1 causal, 2 mask, 4 bool mask, 8 nonpad, 16 softcap), scale bits, softcap bits, mask last-dim length
+    // flags (1 causal, 2 mask, 4 bool mask, 8 nonpad, 16 softcap, 32 GQA seqlens, 64 GQA window), scale bits,
+    // softcap bits, mask last-dim length
     misc: vec4<u32>,
     // element strides (batch, head, seq, -) of Q, K, V, Y; the mask's (batch, head, seq, key)
     qs: vec4<u32>,
@@ -32,7 +36,7 @@ struct Params {
     ys: vec4<u32>,
     ms: vec4<u32>,
     // KV splits (decode: the keys cut across workgroups, partial results combined by combine_main), keys per
-    // split, rows over all (batch, kv head), -
+    // split, rows over all (batch, kv head), GQA window
     sp: vec4<u32>,
 };
 
@@ -98,16 +102,27 @@ fn attention_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
     let h = kh * group + r / max(s_len, 1u);
     let i = r % max(s_len, 1u);
 
+    var np = total;
+    var pastb = past;
+    let gqa = (flags & 32u) != 0u;
+    if ((flags & 8u) != 0u && live) {
+        if (gqa) {
+            pastb = u32(max(nonpad[b] + 1 - i32(s_len), 0));
+            np = u32(max(nonpad[b] + 1, 0));
+        } else {
+            np = u32(max(nonpad[b], 0));
+        }
+    }
     // the keys this block can see: a causal block stops at its last query's past + i
     var limit = total;
-    if ((flags & 1u) != 0u && live) {
+    if (((flags & 1u) != 0u || gqa) && live) {
         let r0 = blk * WG;
         let r1 = min(rows, r0 + WG) - 1u;
         var imax = s_len - 1u;
         if (r0 / s_len == r1 / s_len) {
             imax = r1 % s_len;
         }
-        limit = min(total, past + imax + 1u);
+        limit = min(total, pastb + imax + 1u);
     }
     if (!live) {
         limit = 0u;
@@ -131,10 +146,6 @@ fn attention_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
     }
     var m = NEG_BIG;
     var l = 0.0;
-    var np = total;
-    if ((flags & 8u) != 0u && live) {
-        np = u32(max(nonpad[b], 0));
-    }
 
     for (var t0 = first_key; t0 < limit; t0 = t0 + BK) {
         // stage BK keys and values
@@ -175,6 +186,9 @@ fn attention_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
                     continue;
                 }
                 if (j >= np) {
+                    continue;
+                }
+                if (gqa && (j > i + pastb || ((flags & 64u) != 0u && i + pastb >= j + p.sp.w))) {
                     continue;
                 }
                 var bias = 0.0;

@@ -1,14 +1,15 @@
 // RotaryEmbedding (kiln's RotaryOp): one invocation per output element. The element's channel d of its head
 // either passes through (d >= rotary dim) or is one half of a rotated pair (x1, x2): NeoX halves (i, i + half) or
 // GPT-J interleaved pairs (2i, 2i + 1); x1' = cos·x1 − sin·x2, x2' = sin·x1 + cos·x2, cos / sin from the cache row
-// of (b, s): position_ids[b, s], position_ids[0] + s (an offset), or b·seq + s (no position_ids).
+// of (b, s): position_ids[b, s], position_ids[0] + s (an offset), max(seqlens_k[b] + 1 - seq, 0) + s
+// (GroupQueryAttention's seqlens_k), or b·seq + s (no position_ids).
 
 struct Params {
     // elements, groups_x, batch, heads
     d0: vec4<u32>,
     // seq, head, rotary dim, cache columns
     d1: vec4<u32>,
-    // strides (batch, head, seq) of the input, flags (1 interleaved, 2 positions, 4 offset)
+    // strides (batch, head, seq) of the input, flags (1 interleaved, 2 positions, 4 offset, 8 seqlens_k)
     d2: vec4<u32>,
     // cache rows, -, -, -
     d3: vec4<u32>,
@@ -59,7 +60,9 @@ fn rope_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
     var row = b * seq + s;
     if ((flags & 2u) != 0u) {
         var pv = 0;
-        if ((flags & 4u) != 0u) {
+        if ((flags & 8u) != 0u) {
+            pv = max(pos[b] + 1 - i32(seq), 0) + i32(s);
+        } else if ((flags & 4u) != 0u) {
             pv = pos[0] + i32(s);
         } else {
             pv = pos[b * seq + s];
