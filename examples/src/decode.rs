@@ -9,7 +9,9 @@ use std::path::Path;
 use std::time::Instant;
 
 use kiln_provider::blocking::Session;
-use kiln_provider::{Dim, ElementType, Location, PreferredOutputLocation, RunOptions, Tensor, Value, ValueInfo};
+use kiln_provider::{
+    Dim, ElementType, Location, PreferredOutputLocation, RunOptions, Tensor, Value, ValueInfo, NEXT_TOKEN,
+};
 
 pub struct DecodeResult {
     pub tokens: Vec<i64>,
@@ -34,6 +36,8 @@ pub struct DecodePlan {
     use_cache_branch: Option<String>,
     pasts: Vec<Past>,
     logits: String,
+    /// kiln's next-token output (the argmax on the device), when the session has it.
+    next_token: Option<String>,
     /// The vocabulary size when the model or config.json gives it.
     vocab: Option<usize>,
 }
@@ -179,7 +183,8 @@ impl DecodePlan {
             .or_else(|| outputs.first())
             .map(|o| o.name.clone())
             .ok_or("the model has no outputs")?;
-        let presents: Vec<&ValueInfo> = outputs.iter().filter(|o| o.name != logits).collect();
+        let next_token = outputs.iter().find(|o| o.name == NEXT_TOKEN).map(|o| o.name.clone());
+        let presents: Vec<&ValueInfo> = outputs.iter().filter(|o| o.name != logits && o.name != NEXT_TOKEN).collect();
         let present_names: Vec<&str> = presents.iter().map(|p| p.name.as_str()).collect();
 
         // pair past inputs with present outputs
@@ -239,7 +244,7 @@ impl DecodePlan {
                 _ => None,
             })
             .or_else(|| read_config(model).and_then(|c| config_usize(&c, &["vocab_size"])));
-        Ok(DecodePlan { input_ids, attention_mask, position_ids, use_cache_branch, pasts, logits, vocab })
+        Ok(DecodePlan { input_ids, attention_mask, position_ids, use_cache_branch, pasts, logits, next_token, vocab })
     }
 
     /// Prefill with `prompt`, then `steps - 1` single-token steps; returns the `steps` generated ids. On the GPU the
@@ -291,11 +296,20 @@ impl DecodePlan {
             for (p, t) in self.pasts.iter().zip(cache.drain(..)) {
                 feeds.push((p.input.clone(), t));
             }
+            // with kiln's next-token output, the logits are not fetched (on the GPU: not read back)
+            let mut wanted: Vec<&str> = vec![self.next_token.as_deref().unwrap_or(&self.logits)];
+            wanted.extend(self.pasts.iter().map(|p| p.present.as_str()));
             let mut out = session
-                .run_with(feeds, None, &run_options)
+                .run_with(feeds, Some(&wanted), &run_options)
                 .map_err(|e| format!("step {step} (past {past_len}, seq {seq}): {e}"))?;
-            let logits = out.take(&self.logits).ok_or("no logits output")?;
-            let next = argmax_last(&logits)?;
+            let next = match &self.next_token {
+                Some(name) => {
+                    let t = out.take(name).ok_or("no next-token output")?;
+                    let ids = t.cast(ElementType::I64).map_err(|e| e.to_string())?;
+                    *ids.as_slice::<i64>().map_err(|e| e.to_string())?.last().ok_or("an empty next-token output")?
+                }
+                None => argmax_last(&out.take(&self.logits).ok_or("no logits output")?)?,
+            };
             for p in &self.pasts {
                 cache.push(out.take_value(&p.present).ok_or_else(|| format!("no output `{}`", p.present))?);
             }
