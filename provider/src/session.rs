@@ -60,6 +60,11 @@ pub struct SessionOptions {
     /// onnxruntime-web's `preferredOutputLocation`: outputs to leave on the GPU (`'gpu-buffer'`, WebGPU sessions
     /// only) instead of reading them back (`'cpu'`, the default). [`RunOptions`] may override it per run.
     pub preferred_output_location: PreferredOutputLocation,
+    /// How the WebGPU provider requests its adapter (power preference, fallback adapter).
+    pub webgpu_adapter: kiln_wgsl::AdapterOptions,
+    /// WebGPU sessions on this thread share one device (made by the first with its `webgpu_adapter`), as onnxruntime-web's
+    /// sessions do: a GPU tensor of one session feeds another. Off: each session has a device of its own.
+    pub share_gpu_device: bool,
 }
 
 impl std::fmt::Debug for SessionOptions {
@@ -71,6 +76,8 @@ impl std::fmt::Debug for SessionOptions {
             .field("intra_op_num_threads", &self.intra_op_num_threads)
             .field("custom_ops", &self.custom_ops)
             .field("preferred_output_location", &self.preferred_output_location)
+            .field("webgpu_adapter", &self.webgpu_adapter)
+            .field("share_gpu_device", &self.share_gpu_device)
             .finish()
     }
 }
@@ -256,7 +263,7 @@ impl Session {
                     .map_err(|e| Error::from_tract(ErrorKind::InvalidModel, "optimising the model", &e))?;
             }
         } else if options.wants_gpu() {
-            match crate::gpu::GpuBackend::create(&mut model).await {
+            match crate::gpu::GpuBackend::create(&mut model, options).await {
                 Ok(b) => gpu_backend = Some(b),
                 Err(msg) => {
                     log::warn!("execution provider webgpu: {msg}; using the next provider");
