@@ -570,6 +570,51 @@ test("gpu-buffer tensors on 'webgpu': preferredOutputLocation, the KV cache on t
   await all.release();
 });
 
+// gpu-buffer outputs of the other types onnxruntime-web leaves on the GPU (Identity of each): location, getData()'s
+// values, the first words of tensor.gpuBuffer (the layout on the GPU), and the tensor fed back
+test("gpu-buffer outputs of int64, int32, float16, uint8 and bool on 'webgpu'", { skip: EP !== 'webgpu' && "gpu-buffer tensors need the 'webgpu' execution provider (browsers only)" }, async () => {
+  const types = { int64: 7, int32: 6, float16: 10, uint8: 2, bool: 9 };
+  const values = {
+    int64: new BigInt64Array([1n, -2n, 3n, 40000n, 0n, -5n]),
+    int32: new Int32Array([1, -2, 3, 40000, 0, -5]),
+    float16: new Uint16Array([0x3c00, 0xc000, 0, 0x7bff, 0x3555, 1]),
+    uint8: new Uint8Array([1, 2, 255, 0, 7, 5]),
+    bool: new Uint8Array([1, 0, 1, 1, 0, 0]),
+  };
+  for (const type of Object.keys(types)) {
+    try {
+      const session = await InferenceSession.create(onnxModel(() => [2, 'n', 3], { [type]: types[type] }), { executionProviders: ['webgpu'], preferredOutputLocation: 'gpu-buffer' });
+      const device = await env.webgpu.device;
+      const x = new Tensor(type, values[type], [2, 1, 3]);
+      const out = await session.run({ [`x_${type}`]: x });
+      const y = out[`y_${type}`];
+      const location = y.location;
+      const staging = device.createBuffer({ size: 16, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
+      const encoder = device.createCommandEncoder();
+      encoder.copyBufferToBuffer(y.gpuBuffer, 0, staging, 0, 16);
+      device.queue.submit([encoder.finish()]);
+      await staging.mapAsync(GPUMapMode.READ);
+      const words = Array.from(new Uint32Array(staging.getMappedRange().slice(0)));
+      staging.unmap();
+      staging.destroy();
+      // fed back (the same model's input)
+      const again = await session.run({ [`x_${type}`]: y });
+      const data = await y.getData();
+      const back = await again[`y_${type}`].getData();
+      record(`gpu-buffer ${type} output`, {
+        location,
+        dims: Array.from(y.dims),
+        values: Array.from(data, (v) => (typeof v === 'bigint' ? `${v}n` : v)),
+        fedBack: Array.from(back, (v) => (typeof v === 'bigint' ? `${v}n` : v)),
+        words,
+      });
+      await session.release();
+    } catch (e) {
+      record(`gpu-buffer ${type} output`, { error: e.message });
+    }
+  }
+});
+
 // ---- every element type through a small hand-made model ----------------------------------------------------------
 // ONNX protobuf, written by hand: Identity for each type (x_T → y_T), Not on a bool, declared shapes with a fixed, a
 // named and an unnamed dim, and one input with no shape.
