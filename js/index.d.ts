@@ -1,5 +1,8 @@
 // kiln-web's API is onnxruntime-web's: onnxruntime-common 1.30's declarations, unchanged, plus kiln-web's additions
-// (custom operators computed in JavaScript, the tokenizer model helpers).
+// (custom operators computed in JavaScript, the tokenizer model helpers). On 'webgpu', onnxruntime-common's GPU IO
+// declarations hold as declared: `preferredOutputLocation: 'gpu-buffer'` gives `location: 'gpu-buffer'` tensors
+// (`gpuBuffer`, `getData()`, `dispose()`), and `Tensor.fromGpuBuffer` tensors are accepted as feeds (buffers made on
+// `await env.webgpu.device`; see docs/MIGRATING.md for kiln-web's requirements).
 export * from './dist/onnxruntime-common/index.js';
 import * as ort from './dist/onnxruntime-common/index.js';
 export default ort;

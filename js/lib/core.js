@@ -109,8 +109,92 @@ function customOutputs(step, result) {
   });
 }
 
+// ---- gpu-buffer tensors (onnxruntime-web's preferredOutputLocation 'gpu-buffer' / Tensor.fromGpuBuffer) ------------
+// An output kiln leaves on the GPU is a value in the wasm instance's registry (a number); its Tensor (and the
+// GPUBuffer behind it) map back to that value, so feeding the tensor to a run binds kiln's value without a copy (a
+// present.* fed back as past_key_values.* is a KV store appended in place). A GPUBuffer kiln did not make is copied
+// GPU to GPU into a buffer kiln made (on kiln's GPUDevice, env.webgpu.device).
+
+/** kiln-made gpu-buffer Tensor → { id, wasm, type, dims, released } */
+const gpuTensors = new WeakMap();
+/** a GPUBuffer kiln handed out → the same handle */
+const gpuBuffers = new WeakMap();
+// a gpu-buffer tensor collected without dispose(): its registry entry goes (its buffer to the garbage collector)
+const gpuCollected =
+  typeof FinalizationRegistry === 'undefined'
+    ? null
+    : new FinalizationRegistry((handle) => {
+        if (!handle.released && !handle.wasm.dead) {
+          handle.released = true;
+          handle.wasm.exports.releaseGpuValue(handle.id, false);
+        }
+      });
+
+// onnxruntime-web's bytes per element of a gpu-buffer tensor (its layout on the GPU)
+const GPU_BYTES = { float32: 4, float16: 2, int32: 4, uint32: 4, int64: 8, uint8: 1, bool: 1 };
+// the types onnxruntime-web creates gpu-buffer outputs of (isGpuBufferSupportedType)
+const GPU_OUTPUT_TYPES = ['float32', 'float16', 'int32', 'int64', 'uint32', 'uint8', 'bool', 'uint4', 'int4'];
+// types whose layout on kiln's GPU is WebGPU's (an application's buffer of these is copied GPU to GPU; int64, uint8
+// and bool live on kiln's GPU as 32-bit words, so those buffers are read back and fed from the host)
+const GPU_COPY_TYPES = ['float32', 'float16', 'int32', 'uint32'];
+
+// Steps a wasm task (a download) to its end, like a run.
+async function stepped(task, wasm) {
+  try {
+    for (;;) {
+      const step = task.step();
+      if (step.done) return step.result;
+      await step.wait;
+    }
+  } finally {
+    if (!wasm.dead) task.free();
+  }
+}
+
+// A gpu-buffer output: [type, dims, id, GPUBuffer, contiguous] from the wasm side → onnxruntime-common's Tensor
+function gpuOutput(wasm, type, dims, id, buffer, contiguous) {
+  const handle = { id, wasm, type, dims: Array.from(dims), released: false };
+  const release = (destroy) => {
+    if (handle.released) return;
+    handle.released = true;
+    if (!wasm.dead) wasm.exports.releaseGpuValue(id, destroy);
+  };
+  const download = async () => {
+    if (handle.released || wasm.dead) throw new Error('The tensor is disposed.');
+    const [t, d, data] = await stepped(wasm.exports.startGpuDownload(id), wasm);
+    return decode(t, d, data).data;
+  };
+  const tensor = new Tensor({ location: 'gpu-buffer', type, dims: handle.dims, gpuBuffer: buffer, download, dispose: () => release(true) });
+  gpuTensors.set(tensor, handle);
+  if (contiguous) gpuBuffers.set(buffer, handle);
+  else {
+    // a KV store (spare rows along the sequence axis): tensor.gpuBuffer is a buffer holding exactly the tensor,
+    // copied on first use; feeding the tensor itself binds the store
+    let exact;
+    Object.defineProperty(tensor, 'gpuBuffer', {
+      configurable: true,
+      enumerable: false,
+      get() {
+        this.ensureValid();
+        // (released by getData(true): the store's buffer, as onnxruntime-web keeps its buffer object)
+        if (!exact && handle.released) return buffer;
+        if (!exact) {
+          exact = wasm.exports.gpuValueBuffer(id);
+          gpuBuffers.set(exact, handle);
+        }
+        return exact;
+      },
+    });
+  }
+  gpuCollected?.register(tensor, handle);
+  return tensor;
+}
+
+const sizeOf = (dims) => dims.reduce((a, b) => a * b, 1);
+
 class KilnSessionHandler {
-  constructor(instance, native, customOps = new Map()) {
+  constructor(instance, native, customOps = new Map(), preferredOutputLocation = undefined) {
+    this.preferredOutputLocation = preferredOutputLocation;
     this.instance = instance;
     this.native = native;
     this.customOps = customOps;
@@ -150,10 +234,10 @@ class KilnSessionHandler {
   // promise to await), until a custom node (its inputs are handed here, this awaits the operator's compute and hands
   // the outputs back; a throwing compute fails the run, the session stays usable), or until the end. Each step is a
   // synchronous call, so a wasm trap is an exception caught here, never an uncaught one.
-  async runStepped(inputs, names, trapped) {
+  async runStepped(inputs, names, locations, trapped) {
     let run;
     try {
-      run = this.native.startRun(inputs, names);
+      run = this.native.startRun(inputs, names, locations);
     } catch (e) {
       throw trapped(e);
     }
@@ -202,9 +286,11 @@ class KilnSessionHandler {
       throw new Error('cannot run inference. kiln hit an internal error in an earlier call; create the session again.');
     }
     const inputs = [];
+    const gpuFeeds = [];
     for (const [name, tensor] of Object.entries(feeds)) {
       if (this.inputNames.indexOf(name) === -1) throw new Error(`invalid input '${name}'`);
-      inputs.push([name, ...encode(tensor, `input "${name}"`, false, this.onWebGpu)]);
+      if (tensor.location === 'gpu-buffer' && this.onWebGpu) gpuFeeds.push([name, tensor]);
+      else inputs.push([name, ...encode(tensor, `input "${name}"`, false, this.onWebGpu)]);
     }
     const names = Object.keys(fetches);
     for (const name of names) {
@@ -213,6 +299,96 @@ class KilnSessionHandler {
       if (pre) encode(pre, `output "${name}"`, true, this.onWebGpu);
     }
     validateRunOptions(options);
+    // outputs kiln leaves on the GPU (onnxruntime-web's preferredOutputLocation; on 'webgpu' only)
+    const locations = names.map((name) => {
+      const location = this.onWebGpu && !fetches[name] ? this.outputLocation(name) : 'cpu';
+      if (location === 'gpu-buffer' && this.outputMetadata.find((m) => m.name === name)?.type === 'string') {
+        throw new Error('String tensor is not supported on GPU.');
+      }
+      return location;
+    });
+    // gpu-buffer feeds: kiln's own values by identity, other GPUBuffers copied into buffers kiln made (freed after
+    // the run)
+    const temporary = [];
+    try {
+      for (const [name, tensor] of gpuFeeds) inputs.push(await this.gpuFeed(name, tensor, temporary));
+      return await this.runWith(inputs, names, locations, fetches);
+    } finally {
+      for (const id of temporary) if (!this.instance.dead) this.instance.exports.releaseGpuValue(id, true);
+    }
+  }
+
+  outputLocation(name) {
+    const where = this.preferredOutputLocation;
+    const location = typeof where === 'string' ? where : (where?.[name] ?? 'cpu');
+    return location === 'gpu-buffer' ? 'gpu-buffer' : 'cpu';
+  }
+
+  // One gpu-buffer feed on 'webgpu' as the wasm side takes it: [name, id] (a GPU value) or a host entry.
+  async gpuFeed(name, tensor, temporary) {
+    const what = `input "${name}"`;
+    const { type } = tensor;
+    const dims = Array.from(tensor.dims);
+    if (type === 'string') throw new Error('String tensor is not supported on GPU.');
+    const mine = gpuTensors.get(tensor);
+    const known = mine ?? gpuBuffers.get(tensor.gpuBuffer);
+    if (known && known.type === type && known.dims.length === dims.length && known.dims.every((d, i) => d === dims[i])) {
+      if (known.wasm !== this.instance) {
+        throw new Error(`kiln-web: ${what} is a gpu-buffer tensor of a kiln instance that hit an internal error; create it again`);
+      }
+      if (known.released) throw new Error(`kiln-web: ${what} is a gpu-buffer tensor whose buffer was released (dispose() or getData(true))`);
+      return [name, known.id];
+    }
+    // an application's GPUBuffer (Tensor.fromGpuBuffer): it must live on kiln's GPUDevice (env.webgpu.device)
+    const buffer = tensor.gpuBuffer;
+    if (typeof GPUBuffer === 'undefined' || !(buffer instanceof GPUBuffer)) {
+      throw new Error(`kiln-web: ${what}: tensor.gpuBuffer is not a GPUBuffer`);
+    }
+    const device = this.native.webgpuDevice();
+    const count = sizeOf(dims);
+    const bytes = GPU_BYTES[type] === undefined ? undefined : count * GPU_BYTES[type];
+    if (bytes === undefined) throw new Error(`kiln-web: ${what}: gpu-buffer tensors of type ${type} are not supported (${Object.keys(GPU_BYTES).join(', ')} are)`);
+    if (buffer.size < bytes) {
+      throw new Error(`kiln-web: ${what}: the GPUBuffer holds ${buffer.size} bytes, a ${type} tensor of dims [${dims}] needs ${bytes}`);
+    }
+    if (!(buffer.usage & GPUBufferUsage.COPY_SRC)) {
+      throw new Error(`kiln-web: ${what}: kiln copies an application's GPUBuffer into its own, so the buffer needs GPUBufferUsage.COPY_SRC`);
+    }
+    // (at least 4 bytes, also for an empty tensor: the copy is what tells a buffer of another device)
+    const copy = Math.min(Math.max(4, Math.ceil(bytes / 4) * 4), buffer.size - (buffer.size % 4));
+    // the copy runs inside an error scope: a buffer of another GPUDevice (or a destroyed one) is a validation error
+    const submitCopy = async (dst) => {
+      device.pushErrorScope('validation');
+      const encoder = device.createCommandEncoder();
+      if (copy > 0) encoder.copyBufferToBuffer(buffer, 0, dst, 0, copy);
+      device.queue.submit([encoder.finish()]);
+      const error = await device.popErrorScope();
+      if (error) {
+        throw new Error(
+          `kiln-web: ${what}: its GPUBuffer cannot be used on kiln's GPUDevice (env.webgpu.device; a gpu-buffer tensor must be made on that device): ${error.message}`,
+        );
+      }
+    };
+    if (GPU_COPY_TYPES.includes(type)) {
+      const [id, dst] = this.native.allocGpuInput(type, dims);
+      temporary.push(id);
+      await submitCopy(dst);
+      return [name, id];
+    }
+    // int64, uint8, bool: onnxruntime-web's layout differs from kiln's GPU one; read back and fed from the host
+    const staging = device.createBuffer({ size: Math.max(4, copy), usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
+    try {
+      await submitCopy(staging);
+      await staging.mapAsync(GPUMapMode.READ);
+      const data = new Uint8Array(staging.getMappedRange().slice(0, bytes));
+      staging.unmap();
+      return [name, type, dims, data];
+    } finally {
+      staging.destroy();
+    }
+  }
+
+  async runWith(inputs, names, locations, fetches) {
     let results;
     const trapped = (e) => {
       if (isTrap(e)) {
@@ -224,9 +400,24 @@ class KilnSessionHandler {
       }
       return asError(e);
     };
-    results = await this.runStepped(inputs, names, trapped);
+    results = await this.runStepped(inputs, names, locations, trapped);
     const out = {};
-    for (const [name, type, dims, data] of results) {
+    const unsupported = results.find((r) => typeof r[3] === 'number' && !GPU_OUTPUT_TYPES.includes(r[1]));
+    if (unsupported) {
+      for (const r of results) if (typeof r[3] === 'number') this.instance.exports.releaseGpuValue(r[3], true);
+      throw new Error(`Unsupported data type: ${unsupported[1]}`);
+    }
+    for (const [name, type, dims, data, buffer, contiguous] of results) {
+      if (typeof data === 'number') {
+        // left on the GPU; an empty one comes back as a CPU tensor, as in onnxruntime-web
+        if (sizeOf(dims) > 0) {
+          out[name] = gpuOutput(this.instance, type, dims, data, buffer, contiguous);
+          continue;
+        }
+        this.instance.exports.releaseGpuValue(data, true);
+        out[name] = new Tensor(type, new TYPED_ARRAYS[type](0), dims);
+        continue;
+      }
       const pre = fetches[name];
       const values = type === 'string' ? data : new TYPED_ARRAYS[type](data.buffer, data.byteOffset, data.length / TYPED_ARRAYS[type].BYTES_PER_ELEMENT);
       if (pre) {
@@ -278,8 +469,8 @@ function validateRunOptions(options = {}) {
 // A tensor as the wasm side takes it: [type, dims, Uint8Array | string[]]; onnxruntime-web's messages.
 function encode(tensor, what, isOutput = false, onWebGpu = false) {
   if (tensor.location === 'gpu-buffer' && onWebGpu) {
-    // onnxruntime-web binds the buffer; kiln's GPU tensors live in kiln's own device (docs/MIGRATING.md)
-    throw new Error(`kiln-web: ${what} is a gpu-buffer tensor; kiln takes CPU tensors (Tensor location "gpu-buffer" is not supported yet)`);
+    // gpu-buffer feeds on 'webgpu' are bound by KilnSessionHandler.gpuFeed; a pre-allocated gpu-buffer output is not
+    throw new Error(`kiln-web: ${what} is a pre-allocated gpu-buffer tensor; kiln-web takes pre-allocated outputs on the CPU only`);
   }
   if (tensor.location === 'gpu-buffer') throw new Error('Tensor location "gpu-buffer" is not supported without using WebGPU.');
   if (tensor.location === 'ml-tensor') throw new Error('Tensor location "ml-tensor" is not supported without using WebNN.');
@@ -454,6 +645,9 @@ export function registerKiln(/** @type {Platform} */ platform) {
           freeDimensionOverrides: freeDims,
           externalData,
           customOps: [...customOps.values()].map((op) => [op.domain ?? '', op.opType, (op.outputs ?? []).map(outputDecl)]),
+          // kiln's adapter request on 'webgpu' (its first session's: the sessions share one GPUDevice)
+          powerPreference: env.webgpu.powerPreference,
+          forceFallbackAdapter: env.webgpu.forceFallbackAdapter,
         });
         let native;
         try {
@@ -474,7 +668,7 @@ export function registerKiln(/** @type {Platform} */ platform) {
           console.warn(`kiln-web: ${native.providerNote() ?? 'execution provider webgpu is not used'}`);
         }
         if (native.executionProvider() === 'webgpu' && !webgpuDevice) webgpuDevice = native.webgpuDevice();
-        const handler = new KilnSessionHandler(wasm, native, customOps);
+        const handler = new KilnSessionHandler(wasm, native, customOps, options.preferredOutputLocation);
         // onnxruntime-web's WebGPU-enabled builds (browsers; not Node's) check preferredOutputLocation once the model
         // is loaded
         for (const name of platform.checksOutputLocation ? handler.outputNames : []) {

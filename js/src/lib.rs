@@ -628,14 +628,135 @@ mod web {
         }
     }
 
+    /// Outputs as `[name, type, dims, Uint8Array | string[]]`, or for one left on the GPU `[name, type, dims, id,
+    /// GPUBuffer, contiguous]` (`id`: its handle in the registry of GPU values, `GPUBuffer`: the buffer behind it,
+    /// `contiguous`: whether that buffer holds exactly the tensor; a KV store has spare rows, see `gpuValueBuffer`).
     fn encode_outputs(outputs: kiln_provider::Outputs) -> Result<Array, JsError> {
         let out = Array::new();
-        for (name, t) in outputs.into_vec() {
-            let entry = tensor_entry(&t)?;
+        for (name, v) in outputs.into_values() {
+            let entry = match v {
+                kiln_provider::Value::Cpu(t) => tensor_entry(&t)?,
+                kiln_provider::Value::Gpu(g) => {
+                    let entry = Array::new();
+                    entry.push(&g.element_type().name().into());
+                    entry.push(&g.dims().iter().map(|d| JsValue::from_f64(*d as f64)).collect::<Array>());
+                    let buffer = g.buffer().as_webgpu().map(|b| JsValue::from(b.clone())).unwrap_or(JsValue::UNDEFINED);
+                    let contiguous = g.is_contiguous();
+                    entry.push(&JsValue::from_f64(gpu_put(g) as f64));
+                    entry.push(&buffer);
+                    entry.push(&contiguous.into());
+                    entry
+                }
+            };
             entry.unshift(&name.into());
             out.push(&entry);
         }
         Ok(out)
+    }
+
+    // ---- GPU values (onnxruntime-web's 'gpu-buffer' tensors) ------------------------------------------------------
+    //
+    // Outputs left on the GPU are kept here under a number the JS half holds (its gpu-buffer Tensor maps to it), so
+    // that feeding the tensor back binds kiln's own value (a KV store is then appended in place) without a copy.
+
+    struct GpuEntry {
+        value: kiln_provider::GpuTensor,
+        /// The value in a buffer holding exactly its elements, made when JS first asks for the buffer of a KV store.
+        contiguous: Option<kiln_provider::GpuTensor>,
+    }
+
+    thread_local! {
+        static GPU_VALUES: RefCell<(u32, std::collections::HashMap<u32, GpuEntry>)> =
+            RefCell::new((0, std::collections::HashMap::new()));
+    }
+
+    fn gpu_put(value: kiln_provider::GpuTensor) -> u32 {
+        GPU_VALUES.with(|g| {
+            let mut g = g.borrow_mut();
+            g.0 = g.0.wrapping_add(1).max(1);
+            let id = g.0;
+            g.1.insert(id, GpuEntry { value, contiguous: None });
+            id
+        })
+    }
+
+    fn gpu_get(id: u32) -> Option<kiln_provider::GpuTensor> {
+        GPU_VALUES.with(|g| g.borrow().1.get(&id).map(|e| e.value.clone()))
+    }
+
+    /// The `GPUBuffer` holding exactly GPU value `id`'s elements, row-major from offset 0 (onnxruntime-web's
+    /// `tensor.gpuBuffer`): the value's own buffer, or for a KV store (spare rows) a copy made once.
+    #[wasm_bindgen(js_name = gpuValueBuffer)]
+    pub fn gpu_value_buffer(id: u32) -> Result<JsValue, JsError> {
+        GPU_VALUES.with(|g| {
+            let mut g = g.borrow_mut();
+            let e = g.1.get_mut(&id).ok_or_else(|| err("The tensor is disposed."))?;
+            if e.contiguous.is_none() {
+                e.contiguous = Some(e.value.contiguous().map_err(err)?);
+            }
+            let buffer = e.contiguous.as_ref().map(|c| c.buffer()).and_then(|b| b.as_webgpu());
+            Ok(buffer.map(|b| JsValue::from(b.clone())).unwrap_or(JsValue::UNDEFINED))
+        })
+    }
+
+    /// Lets go of GPU value `id`; `destroy`: also free its buffer now where nothing else holds it (`dispose()`),
+    /// else it goes when the garbage collector collects the `GPUBuffer` (a tensor collected without `dispose()`).
+    #[wasm_bindgen(js_name = releaseGpuValue)]
+    pub fn release_gpu_value(id: u32, destroy: bool) {
+        if let Some(e) = GPU_VALUES.with(|g| g.borrow_mut().1.remove(&id)) {
+            if destroy {
+                e.value.release();
+                if let Some(c) = e.contiguous {
+                    c.release();
+                }
+            }
+        }
+    }
+
+    /// How many GPU values the registry holds (tests: disposed and collected tensors leave it).
+    #[wasm_bindgen(js_name = gpuValueCount)]
+    pub fn gpu_value_count() -> u32 {
+        GPU_VALUES.with(|g| g.borrow().1.len() as u32)
+    }
+
+    /// Starts downloading GPU value `id` (onnxruntime-web's `getData()`); JS steps the returned [`KilnDownload`].
+    #[wasm_bindgen(js_name = startGpuDownload)]
+    pub fn start_gpu_download(id: u32) -> Result<KilnDownload, JsError> {
+        let value = gpu_get(id).ok_or_else(|| err("The tensor is disposed."))?;
+        Ok(KilnDownload { future: Some(Box::pin(async move { value.download().await })) })
+    }
+
+    /// A download of a GPU value, stepped by JS like [`KilnRun`].
+    #[wasm_bindgen]
+    pub struct KilnDownload {
+        future: Option<Pin<Box<dyn Future<Output = kiln_provider::Result<KilnTensor>>>>>,
+    }
+
+    #[wasm_bindgen]
+    impl KilnDownload {
+        /// `{ done: true, result: [type, dims, Uint8Array] }` or `{ done: false, wait }`; throws the error.
+        pub fn step(&mut self) -> Result<JsValue, JsError> {
+            let Some(future) = self.future.as_mut() else {
+                return Err(err("this download is over"));
+            };
+            let (waker, wait) = js_waker();
+            let mut cx = Context::from_waker(&waker);
+            let o = Object::new();
+            let set = |k: &str, v: &JsValue| Reflect::set(&o, &k.into(), v).map(|_| ()).map_err(|_| err("step"));
+            match future.as_mut().poll(&mut cx) {
+                Poll::Ready(r) => {
+                    self.future = None;
+                    let t = r.map_err(|e| err(format!("downloading a gpu-buffer tensor: {}", e.message)))?;
+                    set("done", &true.into())?;
+                    set("result", &tensor_entry(&t)?.into())?;
+                }
+                Poll::Pending => {
+                    set("done", &false.into())?;
+                    set("wait", &wait.into())?;
+                }
+            }
+            Ok(o.into())
+        }
     }
 
     /// The npm package's session: the JS half (js/lib) validates arguments like onnxruntime-common and calls this.
@@ -677,6 +798,18 @@ mod web {
                 }
             }
             let mut opts = super::session_options(o).map_err(err)?;
+            // onnxruntime-web's one GPUDevice per page: every 'webgpu' session shares kiln's device (env.webgpu.device),
+            // requested with env.webgpu.powerPreference / forceFallbackAdapter (validated by the JS half)
+            opts.share_gpu_device = true;
+            if options.is_object() {
+                opts.webgpu_adapter.power_preference = match get(&options, "powerPreference").as_string().as_deref() {
+                    Some("low-power") => kiln_provider::wgpu::PowerPreference::LowPower,
+                    Some("high-performance") => kiln_provider::wgpu::PowerPreference::HighPerformance,
+                    _ => kiln_provider::wgpu::PowerPreference::None,
+                };
+                opts.webgpu_adapter.force_fallback_adapter =
+                    get(&options, "forceFallbackAdapter").as_bool() == Some(true);
+            }
             let channel = Rc::new(RefCell::new(Channel::default()));
             if options.is_object() {
                 if let Some(a) = get(&options, "customOps").dyn_ref::<Array>() {
@@ -712,14 +845,23 @@ mod web {
             self.inner.has_custom_ops()
         }
 
-        /// A run to step (see [`KilnRun`]); same arguments as `run`.
+        /// A run to step (see [`KilnRun`]). `feeds`: `[name, type, dims, Uint8Array | string[]]` or, for a GPU
+        /// value, `[name, id]`; `fetches`: output names; `locations`: undefined, or one `'cpu'` / `'gpu-buffer'`
+        /// per fetch (onnxruntime-web's `preferredOutputLocation`, resolved per output by the JS half).
         #[wasm_bindgen(js_name = startRun)]
-        pub fn start_run(&self, feeds: Array, fetches: Vec<String>) -> Result<KilnRun, JsError> {
+        pub fn start_run(&self, feeds: Array, fetches: Vec<String>, locations: JsValue) -> Result<KilnRun, JsError> {
             let inputs = feeds_of(&feeds)?;
+            let mut prefs = std::collections::HashMap::new();
+            for (name, l) in fetches.iter().zip(strings_of(&locations)) {
+                prefs.insert(name.clone(), kiln_provider::Location::from_name(&l).map_err(err)?);
+            }
+            let options = kiln_provider::RunOptions {
+                preferred_output_location: Some(kiln_provider::PreferredOutputLocation::PerOutput(prefs)),
+            };
             let session = self.inner.clone();
             let future = Box::pin(async move {
                 let names: Vec<&str> = fetches.iter().map(|s| s.as_str()).collect();
-                session.run_with_outputs(inputs, &names).await
+                session.run_with(inputs, Some(&names), &options).await
             });
             Ok(KilnRun { future: Some(future), channel: self.channel.clone() })
         }
@@ -744,6 +886,56 @@ mod web {
         #[wasm_bindgen(js_name = providerNote)]
         pub fn provider_note(&self) -> Option<String> {
             self.inner.provider_note().map(String::from)
+        }
+
+        /// A GPU value of `type` and `dims` in a fresh buffer of the session's device (STORAGE | COPY_SRC |
+        /// COPY_DST) for JS to copy an application's `GPUBuffer` into: `[id, GPUBuffer]`. Types whose layout on
+        /// kiln's GPU is WebGPU's: float32, float16, int32, uint32.
+        #[wasm_bindgen(js_name = allocGpuInput)]
+        pub fn alloc_gpu_input(&self, type_name: &str, dims: Vec<f64>) -> Result<Array, JsError> {
+            let dims = super::dims_of(&dims).map_err(err)?;
+            let et = super::element_type(type_name).map_err(err)?;
+            let device = self.inner.gpu_device().ok_or_else(|| err("the session is not on WebGPU"))?;
+            let bytes = dims.iter().product::<usize>() * et.size_of();
+            let buffer = device.create_buffer(&kiln_provider::wgpu::BufferDescriptor {
+                label: Some("kiln-web input"),
+                size: (bytes.max(4) as u64).div_ceil(4) * 4,
+                usage: kiln_provider::wgpu::BufferUsages::STORAGE
+                    | kiln_provider::wgpu::BufferUsages::COPY_SRC
+                    | kiln_provider::wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            let g = self.inner.gpu_tensor_from_buffer(buffer, et, &dims).map_err(err)?;
+            let js = g.buffer().as_webgpu().map(|b| JsValue::from(b.clone())).unwrap_or(JsValue::UNDEFINED);
+            let out = Array::new();
+            out.push(&JsValue::from_f64(gpu_put(g) as f64));
+            out.push(&js);
+            Ok(out)
+        }
+
+        /// The WebGPU provider's transfer counters, totals over the session's runs (`undefined` on the CPU):
+        /// `{ runs, submits, uploads, uploadBytes, readbacks, readbackBytes, gpuFeeds, gpuOutputs, kvAppendsInPlace,
+        /// kvStoresCreated }` (kiln-web's tests: a KV cache fed back as gpu-buffer tensors is bound without a copy).
+        #[wasm_bindgen(js_name = gpuCounters)]
+        pub fn gpu_counters(&self) -> Result<JsValue, JsError> {
+            let Some(r) = self.inner.gpu_placement() else { return Ok(JsValue::UNDEFINED) };
+            let c = &r.counters;
+            let o = Object::new();
+            for (k, v) in [
+                ("runs", r.runs as f64),
+                ("submits", c.submits as f64),
+                ("uploads", c.uploads as f64),
+                ("uploadBytes", c.upload_bytes as f64),
+                ("readbacks", c.readbacks as f64),
+                ("readbackBytes", c.readback_bytes as f64),
+                ("gpuFeeds", c.gpu_feeds as f64),
+                ("gpuOutputs", c.gpu_outputs as f64),
+                ("kvAppendsInPlace", c.kv_appends_in_place as f64),
+                ("kvStoresCreated", c.kv_stores_created as f64),
+            ] {
+                Reflect::set(&o, &k.into(), &JsValue::from_f64(v)).map_err(|_| err("counters"))?;
+            }
+            Ok(o.into())
         }
 
         /// The `GPUDevice` the session's WebGPU provider runs on (`undefined` on the CPU).
@@ -791,14 +983,20 @@ mod web {
         }
     }
 
-    /// `[name, type, dims, Uint8Array | string[]][]` → named tensors.
-    fn feeds_of(feeds: &Array) -> Result<Vec<(String, KilnTensor)>, JsError> {
+    /// `[name, type, dims, Uint8Array | string[]][]` (or `[name, id]` for a GPU value) → named values.
+    fn feeds_of(feeds: &Array) -> Result<Vec<(String, kiln_provider::Value)>, JsError> {
         let mut inputs = vec![];
         for f in feeds.iter() {
             let f: Array = f.unchecked_into();
             let name = f.get(0).as_string().unwrap_or_default();
+            if f.length() == 2 {
+                let id = f.get(1).as_f64().unwrap_or(0.0) as u32;
+                let g = gpu_get(id).ok_or_else(|| err(format!("input '{name}': the gpu-buffer tensor is disposed")))?;
+                inputs.push((name, g.into()));
+                continue;
+            }
             let t = tensor_of_entry(&f.slice(1, 4)).map_err(|m| err(format!("input '{name}': {m}")))?;
-            inputs.push((name, t));
+            inputs.push((name, t.into()));
         }
         Ok(inputs)
     }

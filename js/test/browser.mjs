@@ -310,6 +310,10 @@ for (const ep of ['wasm', 'webgpu']) {
         assert.equal(failed.length, 0, `${impl} ${ep} ${where}:\n${failed.map((x) => `${x.name}: ${x.error}`).join('\n')}\n${r.logs.slice(-20).join('\n')}`);
         assert.ok(r.out, `${impl}: no records written`);
         records[impl] = r.out.records;
+        // KILN_BROWSER_RECORDS=dir: each run's records as JSON, for a look at what was compared
+        if (process.env.KILN_BROWSER_RECORDS) {
+          fs.writeFileSync(path.join(process.env.KILN_BROWSER_RECORDS, `${impl} ${ep} ${where}.json`), JSON.stringify(r.out.records, null, 1));
+        }
       }
       if (ep === 'webgpu') {
         for (const impl of Object.keys(records)) {

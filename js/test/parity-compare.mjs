@@ -17,7 +17,15 @@ export const KNOWN_BROWSER = {
       "onnxruntime-web's browser build (it has WebGPU compiled in) takes a 'gpu-buffer' feed on a 'wasm' session " +
       'without an error; kiln-web rejects it with the message onnxruntime-web gives in Node',
   },
-  webgpu: {},
+  webgpu: {
+    // kiln keeps these types as one 32-bit word per element on the GPU (int64 as int32, uint8 as int32, bool as
+    // float32 0/1); onnxruntime-web's WebGPU EP keeps int64 as 8 bytes and uint8 / bool as 1 byte. getData(), feeding
+    // the tensor back and every other record of these outputs are equal; only an app reading tensor.gpuBuffer's bytes
+    // itself sees the difference (docs/MIGRATING.md)
+    'gpu-buffer int64 output': "kiln's GPU layout of int64 is one int32 word per element (onnxruntime-web: 8 bytes)",
+    'gpu-buffer uint8 output': "kiln's GPU layout of uint8 is one int32 word per element (onnxruntime-web: 1 byte)",
+    'gpu-buffer bool output': "kiln's GPU layout of bool is one float32 word (0.0 / 1.0) per element (onnxruntime-web: 1 byte)",
+  },
 };
 for (const ep of Object.keys(KNOWN_BROWSER)) {
   KNOWN_BROWSER[ep] = {

@@ -410,6 +410,211 @@ test('run: overloads, fetches, validation messages, errors and a queue of concur
   await session.release();
 });
 
+// ---- gpu-buffer tensors on 'webgpu' (browsers) ---------------------------------------------------------------------
+// onnxruntime-web's GPU IO: preferredOutputLocation 'gpu-buffer' (per output and for all), the KV cache fed back as
+// gpu-buffer tensors for several decode steps (the previous step's tensors disposed, as transformers.js does),
+// tensor.gpuBuffer's contents, getData() / getData(true), Tensor.fromGpuBuffer with buffers the app made on
+// env.webgpu.device, dispose(), and the messages for misuse. Logits and caches are checked against the same greedy
+// loop on 'wasm' with CPU tensors.
+const PRESENTS = ['present.0.key', 'present.0.value', 'present.1.key', 'present.1.value'];
+const pastOf = (present) => present.replace('present.', 'past_key_values.');
+// a GPU buffer's first `count` float32 values, read back through a staging buffer
+async function readFloats(device, buffer, count) {
+  const bytes = Math.ceil((count * 4) / 16) * 16;
+  const staging = device.createBuffer({ size: bytes, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
+  const encoder = device.createCommandEncoder();
+  encoder.copyBufferToBuffer(buffer, 0, staging, 0, Math.min(bytes, buffer.size - (buffer.size % 4)));
+  device.queue.submit([encoder.finish()]);
+  await staging.mapAsync(GPUMapMode.READ);
+  const out = new Float32Array(staging.getMappedRange().slice(0, count * 4));
+  staging.unmap();
+  staging.destroy();
+  return out;
+}
+const GPU_TOL = { rtol: 1e-3, atol: 5e-3 };
+test("gpu-buffer tensors on 'webgpu': preferredOutputLocation, the KV cache on the GPU, getData, Tensor.fromGpuBuffer, dispose", { skip: EP !== 'webgpu' && "gpu-buffer tensors need the 'webgpu' execution provider (browsers only)" }, async () => {
+  // the reference: the greedy loop on 'wasm', CPU tensors (ref[s]: the outputs of step s; step 0 is the prefill)
+  const STEPS = 4;
+  const prompt = [11, 22, 33, 44, 55];
+  const cpu = await InferenceSession.create(TINY_LLAMA, { executionProviders: ['wasm'] });
+  const ref = [await cpu.run(tinyLlamaFeeds(prompt))];
+  for (let s = 0; s < STEPS; s++) {
+    const f = tinyLlamaFeeds([argmaxRows(ref[s].logits).at(-1)], prompt.length + s);
+    for (const p of PRESENTS) f[pastOf(p)] = ref[s][p];
+    ref.push(await cpu.run(f));
+  }
+  await cpu.release();
+  const floats = (t) => new Tensor('float32', t, [t.length]);
+  const flat = (t) => new Tensor('float32', t.data, [t.data.length]);
+  const describe = (t) => ({
+    location: t.location,
+    type: t.type,
+    dims: Array.from(t.dims),
+    gpuBuffer: t.location === 'gpu-buffer' ? { isGPUBuffer: t.gpuBuffer instanceof GPUBuffer, holdsTheTensor: t.gpuBuffer.size >= t.size * 4 } : null,
+  });
+
+  // present.* left on the GPU, logits read back
+  const session = await InferenceSession.create(TINY_LLAMA, { executionProviders: ['webgpu'], preferredOutputLocation: Object.fromEntries(PRESENTS.map((p) => [p, 'gpu-buffer'])) });
+  const device = await env.webgpu.device;
+  let out = await session.run(tinyLlamaFeeds(prompt));
+  record('gpu-buffer prefill outputs', Object.fromEntries(Object.entries(out).map(([k, t]) => [k, describe(t)])));
+  // tensor.gpuBuffer holds exactly the tensor, row-major
+  for (const p of PRESENTS) {
+    assertClose(floats(await readFloats(device, out[p].gpuBuffer, out[p].size)), flat(ref[0][p]), GPU_TOL, `prefill ${p}: gpuBuffer contents`);
+  }
+  const nexts = [];
+  const logits = [];
+  for (let s = 0; ; s++) {
+    assertClose(out.logits, ref[s].logits, GPU_TOL, `step ${s}: logits`);
+    for (const p of PRESENTS) {
+      assert.deepEqual([out[p].location, out[p].type, Array.from(out[p].dims)], ['gpu-buffer', 'float32', Array.from(ref[s][p].dims)], `step ${s} ${p}`);
+    }
+    logits.push(sample(out.logits).values.slice(0, 32));
+    nexts.push(argmaxRows(out.logits).at(-1));
+    assert.equal(nexts[s], argmaxRows(ref[s].logits).at(-1), `step ${s}: next token`);
+    if (s === STEPS) break;
+    const f = tinyLlamaFeeds([nexts[s]], prompt.length + s);
+    for (const p of PRESENTS) f[pastOf(p)] = out[p];
+    const next = await session.run(f);
+    // the app lets go of the previous step's cache once the next one exists (transformers.js does)
+    for (const p of PRESENTS) out[p].dispose();
+    out = next;
+  }
+  record('gpu-buffer decode steps', { nexts, logits }, { atol: 1e-2, rtol: 1e-3 });
+  // the cache after the last step, by its buffer
+  for (const p of PRESENTS) {
+    assertClose(floats(await readFloats(device, out[p].gpuBuffer, out[p].size)), flat(ref[STEPS][p]), GPU_TOL, `step ${STEPS} ${p}: gpuBuffer contents`);
+  }
+
+  // misuse of a gpu-buffer tensor: onnxruntime-common's messages
+  const kv = out['present.0.key'];
+  record('gpu-buffer tensor errors', {
+    data: await errorOf(() => kv.data),
+    reshape: await errorOf(() => kv.reshape([kv.size])),
+    texture: await errorOf(() => kv.texture),
+    stringFromGpuBuffer: await errorOf(() => Tensor.fromGpuBuffer(kv.gpuBuffer, { dataType: 'string', dims: [1] })),
+    int8FromGpuBuffer: await errorOf(() => Tensor.fromGpuBuffer(kv.gpuBuffer, { dataType: 'int8', dims: [1] })),
+  });
+
+  // getData(): downloads once, the tensor is then a CPU tensor; a second call while one is in flight is refused
+  const pending = kv.getData();
+  const whileDownloading = { getData: await errorOf(() => kv.getData()), dispose: await errorOf(() => kv.dispose()) };
+  const data = await pending;
+  assertClose(new Tensor('float32', data, kv.dims), ref[STEPS]['present.0.key'], GPU_TOL, 'getData()');
+  record('gpu-buffer getData', { ctor: data.constructor.name, length: data.length, location: kv.location, sameData: kv.data === data, again: (await kv.getData()) === data, whileDownloading });
+  // getData(true) downloads and releases the GPU data
+  const kv2 = out['present.1.value'];
+  const released = await kv2.getData(true);
+  assertClose(new Tensor('float32', released, kv2.dims), ref[STEPS]['present.1.value'], GPU_TOL, 'getData(true)');
+  record('gpu-buffer getData(true)', { location: kv2.location, dims: Array.from(kv2.dims), gpuBuffer: kv2.gpuBuffer instanceof GPUBuffer });
+  // a tensor turned CPU by getData() feeds like any CPU tensor; the other two stay on the GPU
+  const mixed = tinyLlamaFeeds([nexts[STEPS]], prompt.length + STEPS);
+  for (const p of PRESENTS) mixed[pastOf(p)] = out[p];
+  const mixedOut = await session.run(mixed);
+  record('gpu-buffer mixed feeds', { locations: Object.fromEntries(PRESENTS.map((p) => [p, mixed[pastOf(p)].location])), next: argmaxRows(mixedOut.logits).at(-1) });
+
+  // dispose(): the tensor is gone; using it is refused
+  const gone = out['present.0.value'];
+  gone.dispose();
+  const disposedFeeds = { ...mixed, [pastOf('present.0.value')]: gone };
+  record('gpu-buffer disposed', {
+    location: gone.location,
+    gpuBuffer: await errorOf(() => gone.gpuBuffer),
+    getData: await errorOf(() => gone.getData()),
+    run: await errorOf(() => session.run(disposedFeeds)),
+    disposeAgain: await errorOf(() => gone.dispose()),
+  });
+
+  // Tensor.fromGpuBuffer with buffers the app made on env.webgpu.device: the CPU run's prefill cache as the past
+  let disposedByApp = 0;
+  const buffers = [];
+  const appFeeds = tinyLlamaFeeds([nexts[0]], prompt.length);
+  for (const p of PRESENTS) {
+    const t = ref[0][p];
+    const buffer = device.createBuffer({ size: Math.ceil(t.data.byteLength / 16) * 16, usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST });
+    device.queue.writeBuffer(buffer, 0, t.data);
+    buffers.push(buffer);
+    appFeeds[pastOf(p)] = Tensor.fromGpuBuffer(buffer, { dataType: 'float32', dims: t.dims, dispose: () => disposedByApp++ });
+  }
+  const fromApp = await session.run(appFeeds);
+  assertClose(fromApp.logits, ref[1].logits, GPU_TOL, 'fromGpuBuffer feeds: logits');
+  for (const p of PRESENTS) assertClose(new Tensor('float32', await fromApp[p].getData(), fromApp[p].dims), ref[1][p], GPU_TOL, `fromGpuBuffer feeds: ${p}`);
+  // the app's buffers are left as they were, and feed again
+  assertClose(floats(await readFloats(device, buffers[0], ref[0][PRESENTS[0]].size)), flat(ref[0][PRESENTS[0]]), { rtol: 0, atol: 0 }, 'the app buffer after the run');
+  const again = await session.run(appFeeds);
+  assertClose(again.logits, fromApp.logits, { rtol: 0, atol: 1e-6 }, 'fromGpuBuffer feeds, second run');
+  const appTensor = appFeeds[pastOf(PRESENTS[0])];
+  record('gpu-buffer fromGpuBuffer', {
+    tensor: describe(appTensor),
+    getData: await errorOf(() => appTensor.getData()),
+    next: argmaxRows(fromApp.logits).at(-1),
+  });
+  appTensor.dispose();
+  record('gpu-buffer fromGpuBuffer dispose', { disposedByApp, location: appTensor.location });
+  // a buffer kiln handed out, wrapped again by the app
+  const rewrapped = tinyLlamaFeeds([nexts[1]], prompt.length + 1);
+  for (const p of PRESENTS) rewrapped[pastOf(p)] = Tensor.fromGpuBuffer(again[p].gpuBuffer, { dataType: 'float32', dims: again[p].dims });
+  const rewrappedOut = await session.run(rewrapped);
+  assertClose(rewrappedOut.logits, ref[2].logits, GPU_TOL, 'rewrapped output buffers: logits');
+  for (const b of buffers) b.destroy();
+  await session.release();
+
+  // preferredOutputLocation 'gpu-buffer' for every output: logits too
+  const all = await InferenceSession.create(TINY_LLAMA, { executionProviders: ['webgpu'], preferredOutputLocation: 'gpu-buffer' });
+  const allOut = await all.run(tinyLlamaFeeds(prompt));
+  const locations = Object.fromEntries(Object.entries(allOut).map(([k, t]) => [k, t.location]));
+  const allLogits = new Tensor('float32', await allOut.logits.getData(), allOut.logits.dims);
+  assertClose(allLogits, ref[0].logits, GPU_TOL, "'gpu-buffer' for all: logits");
+  record('gpu-buffer for all outputs', { locations, next: argmaxRows(allLogits).at(-1) });
+  for (const t of Object.values(allOut)) t.dispose();
+  await all.release();
+});
+
+// gpu-buffer outputs of the other types onnxruntime-web leaves on the GPU (Identity of each): location, getData()'s
+// values, the first words of tensor.gpuBuffer (the layout on the GPU), and the tensor fed back
+test("gpu-buffer outputs of int64, int32, float16, uint8 and bool on 'webgpu'", { skip: EP !== 'webgpu' && "gpu-buffer tensors need the 'webgpu' execution provider (browsers only)" }, async () => {
+  const types = { int64: 7, int32: 6, float16: 10, uint8: 2, bool: 9 };
+  const values = {
+    int64: new BigInt64Array([1n, -2n, 3n, 40000n, 0n, -5n]),
+    int32: new Int32Array([1, -2, 3, 40000, 0, -5]),
+    float16: new Uint16Array([0x3c00, 0xc000, 0, 0x7bff, 0x3555, 1]),
+    uint8: new Uint8Array([1, 2, 255, 0, 7, 5]),
+    bool: new Uint8Array([1, 0, 1, 1, 0, 0]),
+  };
+  for (const type of Object.keys(types)) {
+    try {
+      const session = await InferenceSession.create(onnxModel(() => [2, 'n', 3], { [type]: types[type] }), { executionProviders: ['webgpu'], preferredOutputLocation: 'gpu-buffer' });
+      const device = await env.webgpu.device;
+      const x = new Tensor(type, values[type], [2, 1, 3]);
+      const out = await session.run({ [`x_${type}`]: x });
+      const y = out[`y_${type}`];
+      const location = y.location;
+      const staging = device.createBuffer({ size: 16, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
+      const encoder = device.createCommandEncoder();
+      encoder.copyBufferToBuffer(y.gpuBuffer, 0, staging, 0, 16);
+      device.queue.submit([encoder.finish()]);
+      await staging.mapAsync(GPUMapMode.READ);
+      const words = Array.from(new Uint32Array(staging.getMappedRange().slice(0)));
+      staging.unmap();
+      staging.destroy();
+      // fed back (the same model's input)
+      const again = await session.run({ [`x_${type}`]: y });
+      const data = await y.getData();
+      const back = await again[`y_${type}`].getData();
+      record(`gpu-buffer ${type} output`, {
+        location,
+        dims: Array.from(y.dims),
+        values: Array.from(data, (v) => (typeof v === 'bigint' ? `${v}n` : v)),
+        fedBack: Array.from(back, (v) => (typeof v === 'bigint' ? `${v}n` : v)),
+        words,
+      });
+      await session.release();
+    } catch (e) {
+      record(`gpu-buffer ${type} output`, { error: e.message });
+    }
+  }
+});
+
 // ---- every element type through a small hand-made model ----------------------------------------------------------
 // ONNX protobuf, written by hand: Identity for each type (x_T → y_T), Not on a bool, declared shapes with a fixed, a
 // named and an unnamed dim, and one input with no shape.

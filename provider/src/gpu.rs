@@ -83,8 +83,16 @@ impl GpuBackend {
     /// On success the constants of `model.typed` are replaced by [`DeviceConst`] placeholders: the session runs the
     /// backend's lowered plan, which holds the constants CPU nodes need, and the GPU holds the rest, so no weight
     /// placed on the GPU stays in host memory. (`model.typed` keeps the graph, for inspection.)
-    pub(crate) async fn create(model: &mut Model) -> std::result::Result<GpuBackend, String> {
-        let ctx = match kiln_wgsl::Context::new().await {
+    pub(crate) async fn create(
+        model: &mut Model,
+        options: &crate::SessionOptions,
+    ) -> std::result::Result<GpuBackend, String> {
+        let ctx = if options.share_gpu_device {
+            kiln_wgsl::Context::shared(&options.webgpu_adapter).await
+        } else {
+            kiln_wgsl::Context::with_adapter(&options.webgpu_adapter).await
+        };
+        let ctx = match ctx {
             Ok(Some(ctx)) => ctx,
             Ok(None) => return Err("no GPU adapter found".into()),
             Err(e) => return Err(e.message),

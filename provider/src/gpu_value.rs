@@ -219,6 +219,20 @@ impl GpuTensor {
         GpuTensor::from_raw(raw, &self.ctx)
     }
 
+    /// Lets go of this handle (onnxruntime-web's `dispose()` of a gpu-buffer tensor). When no other handle, run or
+    /// KV store holds the buffer, the buffer is destroyed at once, so its memory is freed now rather than when the
+    /// last handle is dropped (in a browser: when the garbage collector gets to the `GPUBuffer`); a buffer still
+    /// shared (a `present.*` appended in place into the store a `past_key_values.*` handle also sees) is left alone.
+    /// For a tensor made from an application's buffer that buffer is destroyed too. Returns whether it was.
+    pub fn release(self) -> bool {
+        if Arc::strong_count(&self.raw.buffer) == 1 {
+            self.raw.buffer.destroy();
+            true
+        } else {
+            false
+        }
+    }
+
     /// The tensor's data on the host (onnxruntime-web's `getData()` / `download()` of a gpu-buffer tensor):
     /// exactly its logical elements.
     pub async fn download(&self) -> Result<Tensor> {

@@ -18,7 +18,7 @@ pub use kiln_graph::lower_gpu::{Device, NodePlacement};
 pub use kiln_graph::{
     Dim, ElementType, Error, ErrorKind, ExternalDataResolver, InMemoryResolver, OptimizationLevel, Result, ValueInfo,
 };
-pub use kiln_wgsl::{wgpu, Counters};
+pub use kiln_wgsl::{wgpu, AdapterOptions, Counters};
 pub use session::{ExecutionProvider, Outputs, Session, SessionOptions};
 pub use tensor::{Element, Tensor};
 

@@ -63,6 +63,11 @@ pub struct SessionOptions {
     /// kiln's decoder helpers (not onnxruntime's): the logits of the last position only, and an extra output
     /// `kiln_next_token` (the greedy token, int64 `[batch, 1]`) so a greedy step reads back one integer.
     pub generation: kiln_graph::generation::GenerationOptions,
+    /// How the WebGPU provider requests its adapter (power preference, fallback adapter).
+    pub webgpu_adapter: kiln_wgsl::AdapterOptions,
+    /// WebGPU sessions on this thread share one device (made by the first with its `webgpu_adapter`), as onnxruntime-web's
+    /// sessions do: a GPU tensor of one session feeds another. Off: each session has a device of its own.
+    pub share_gpu_device: bool,
 }
 
 impl std::fmt::Debug for SessionOptions {
@@ -75,6 +80,8 @@ impl std::fmt::Debug for SessionOptions {
             .field("custom_ops", &self.custom_ops)
             .field("preferred_output_location", &self.preferred_output_location)
             .field("generation", &self.generation)
+            .field("webgpu_adapter", &self.webgpu_adapter)
+            .field("share_gpu_device", &self.share_gpu_device)
             .finish()
     }
 }
@@ -261,7 +268,7 @@ impl Session {
                     .map_err(|e| Error::from_tract(ErrorKind::InvalidModel, "optimising the model", &e))?;
             }
         } else if options.wants_gpu() {
-            match crate::gpu::GpuBackend::create(&mut model).await {
+            match crate::gpu::GpuBackend::create(&mut model, options).await {
                 Ok(b) => gpu_backend = Some(b),
                 Err(msg) => {
                     log::warn!("execution provider webgpu: {msg}; using the next provider");

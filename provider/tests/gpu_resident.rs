@@ -467,6 +467,77 @@ fn app_buffers_as_feeds() {
     let _: Option<GpuTensor> = None;
 }
 
+/// `share_gpu_device` (kiln-web's sessions: onnxruntime-web's one GPUDevice): sessions on one device, so a GPU
+/// output of one feeds another (the same logits as the CPU provider's), while sessions without it each have their
+/// own; and `GpuTensor::release` destroys a buffer only when no other handle holds it (a KV store appended in place
+/// is shared by the past fed in and the present that comes out).
+#[test]
+fn shared_device_and_release() {
+    let model = "tiny-llama/onnx_optimum";
+    let dir = tiny_fixtures().join(model);
+    let path = dir.join("model.onnx");
+    let cpu = cpu_session(&path);
+    let Some(probe) = gpu_session(&path, PreferredOutputLocation::default()) else { return };
+    let shared = |prefs: PreferredOutputLocation| {
+        let opts = SessionOptions {
+            execution_providers: vec![ExecutionProvider::WebGpu],
+            preferred_output_location: prefs,
+            share_gpu_device: true,
+            ..Default::default()
+        };
+        blocking::Session::from_path(&path, &opts).unwrap()
+    };
+    let a = shared(kv_prefs(&probe));
+    let b = shared(PreferredOutputLocation::default());
+    // (wgpu's device handles of two instances may compare equal: the devices are told apart by what they accept)
+    let own = gpu_session(&path, PreferredOutputLocation::default()).unwrap();
+
+    let set0 = read_inputs(&cpu, &dir.join("test_data_set_0"));
+    let past0: HashMap<String, Value> =
+        set0.iter().filter(|(n, _)| is_past(n)).map(|(n, t)| (n.clone(), Value::Cpu(t.clone()))).collect();
+    let outputs: Vec<String> = cpu.outputs().iter().map(|o| o.name.clone()).collect();
+    let prompt = [11i64, 12, 13, 14, 15];
+    let mut pre = a.run(step_feeds(&a, &prompt, 0, &past0)).unwrap();
+    let cpu_pre = cpu.run(step_feeds(&cpu, &prompt, 0, &past0)).unwrap();
+    let mut gpu_past = HashMap::new();
+    let mut host_past = HashMap::new();
+    for name in past0.keys() {
+        let present = present_for(name, &outputs);
+        gpu_past.insert(name.clone(), pre.take_value(&present).unwrap());
+        host_past.insert(name.clone(), Value::Cpu(cpu_pre.get(&present).unwrap().clone()));
+    }
+    assert!(gpu_past.values().all(|v| v.as_gpu().is_some()), "present.* left on the GPU");
+    let want = cpu.run(step_feeds(&cpu, &[42], prompt.len(), &host_past)).unwrap();
+    // release: the step's present.* share the stores the past was appended into in place
+    let mut step = a.run(step_feeds(&a, &[42], prompt.len(), &gpu_past)).unwrap();
+    let (diff, _) = max_diff("logits", step.get("logits").unwrap(), want.get("logits").unwrap());
+    assert!(diff <= 1e-4, "decode step logits differ by {diff:.3e}");
+    // session a's GPU values feed session b
+    let on_b = b.run(step_feeds(&b, &[42], prompt.len(), &gpu_past)).unwrap();
+    let (diff, _) = max_diff("logits", on_b.get("logits").unwrap(), want.get("logits").unwrap());
+    assert!(diff <= 1e-4, "logits on session b from session a's cache differ by {diff:.3e}");
+    // a session without share_gpu_device has a device of its own: it refuses them
+    let e = own.run(step_feeds(&own, &[42], prompt.len(), &gpu_past)).unwrap_err();
+    assert!(e.message.contains("another device"), "{e}");
+
+    let name = gpu_past.keys().next().unwrap().clone();
+    let present = step.take_value(&present_for(&name, &outputs)).unwrap().as_gpu().unwrap().clone();
+    let past = gpu_past.remove(&name).unwrap().as_gpu().unwrap().clone();
+    let in_place = past.buffer() == present.buffer();
+    eprintln!("{name}: the present shares the past's store: {in_place}");
+    drop(gpu_past);
+    drop(pre);
+    assert!(in_place, "the first decode step appends into the prefill's store in place");
+    assert!(!past.release(), "a store another handle holds is not destroyed");
+    // the present is intact and downloads the CPU's values
+    let host = pollster::block_on(present.download()).unwrap();
+    let (diff, _) = max_diff(&name, &host, want.get(&present_for(&name, &outputs)).unwrap());
+    assert!(diff <= 1e-4, "{name} after releasing the past differs by {diff:.3e}");
+    let copy = present.clone();
+    assert!(!present.release(), "a clone still holds it");
+    assert!(copy.release(), "the last handle destroys the buffer");
+}
+
 /// SmolLM2-135M q4f16: 64 greedy steps with the KV cache on the GPU for every step (present.* left on the GPU and
 /// fed back), against the CPU provider's greedy loop, teacher-forced on the CPU's tokens: at every step the argmax
 /// equals the CPU's where the CPU's top-2 margin is above 0.25, and the mean |logit diff| is at most 0.3

@@ -114,9 +114,47 @@ fn quiet_loader() {
     });
 }
 
+/// How the adapter is requested (WebGPU's `GPURequestAdapterOptions`; onnxruntime-web's `env.webgpu.powerPreference`
+/// and `env.webgpu.forceFallbackAdapter`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AdapterOptions {
+    /// `wgpu::PowerPreference::None`: the platform's default (what a browser does without a preference).
+    pub power_preference: wgpu::PowerPreference,
+    pub force_fallback_adapter: bool,
+}
+
+impl Default for AdapterOptions {
+    fn default() -> Self {
+        AdapterOptions { power_preference: wgpu::PowerPreference::HighPerformance, force_fallback_adapter: false }
+    }
+}
+
+thread_local! {
+    /// The context [`Context::shared`] hands out (kept for the thread's lifetime, like onnxruntime-web's one device).
+    static SHARED: std::cell::RefCell<Option<Arc<Context>>> = const { std::cell::RefCell::new(None) };
+}
+
 impl Context {
     /// The first adapter wgpu offers (high performance preferred), or `Ok(None)` when there is none.
     pub async fn new() -> Result<Option<Arc<Context>>> {
+        Self::with_adapter(&AdapterOptions::default()).await
+    }
+
+    /// One context for every caller on this thread (onnxruntime-web's single `GPUDevice` per page: GPU tensors of
+    /// one session feed another): the first call makes it with `options`, later calls get the same one, whatever
+    /// their options. `Ok(None)` when there is no adapter (asked again next time).
+    pub async fn shared(options: &AdapterOptions) -> Result<Option<Arc<Context>>> {
+        if let Some(ctx) = SHARED.with(|s| s.borrow().clone()) {
+            return Ok(Some(ctx));
+        }
+        let made = Self::with_adapter(options).await?;
+        let Some(made) = made else { return Ok(None) };
+        // another caller may have made one while this one awaited the adapter: the first stays
+        Ok(Some(SHARED.with(|s| s.borrow_mut().get_or_insert(made).clone())))
+    }
+
+    /// The adapter `options` asks for, or `Ok(None)` when there is none.
+    pub async fn with_adapter(options: &AdapterOptions) -> Result<Option<Arc<Context>>> {
         #[cfg(not(target_arch = "wasm32"))]
         quiet_loader();
         // In a page or worker without WebGPU (or in Node, which has neither window nor worker scope and where
@@ -129,7 +167,8 @@ impl Context {
         let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
         let adapter = match instance
             .request_adapter(&wgpu::RequestAdapterOptions {
-                power_preference: wgpu::PowerPreference::HighPerformance,
+                power_preference: options.power_preference,
+                force_fallback_adapter: options.force_fallback_adapter,
                 ..Default::default()
             })
             .await
