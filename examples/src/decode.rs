@@ -9,7 +9,9 @@ use std::path::Path;
 use std::time::Instant;
 
 use kiln_provider::blocking::Session;
-use kiln_provider::{Dim, ElementType, Tensor, ValueInfo};
+use kiln_provider::{
+    Dim, ElementType, Location, PreferredOutputLocation, RunOptions, Tensor, Value, ValueInfo, NEXT_TOKEN,
+};
 
 pub struct DecodeResult {
     pub tokens: Vec<i64>,
@@ -34,6 +36,8 @@ pub struct DecodePlan {
     use_cache_branch: Option<String>,
     pasts: Vec<Past>,
     logits: String,
+    /// kiln's next-token output (the argmax on the device), when the session has it.
+    next_token: Option<String>,
     /// The vocabulary size when the model or config.json gives it.
     vocab: Option<usize>,
 }
@@ -179,7 +183,8 @@ impl DecodePlan {
             .or_else(|| outputs.first())
             .map(|o| o.name.clone())
             .ok_or("the model has no outputs")?;
-        let presents: Vec<&ValueInfo> = outputs.iter().filter(|o| o.name != logits).collect();
+        let next_token = outputs.iter().find(|o| o.name == NEXT_TOKEN).map(|o| o.name.clone());
+        let presents: Vec<&ValueInfo> = outputs.iter().filter(|o| o.name != logits && o.name != NEXT_TOKEN).collect();
         let present_names: Vec<&str> = presents.iter().map(|p| p.name.as_str()).collect();
 
         // pair past inputs with present outputs
@@ -239,10 +244,12 @@ impl DecodePlan {
                 _ => None,
             })
             .or_else(|| read_config(model).and_then(|c| config_usize(&c, &["vocab_size"])));
-        Ok(DecodePlan { input_ids, attention_mask, position_ids, use_cache_branch, pasts, logits, vocab })
+        Ok(DecodePlan { input_ids, attention_mask, position_ids, use_cache_branch, pasts, logits, next_token, vocab })
     }
 
-    /// Prefill with `prompt`, then `steps - 1` single-token steps; returns the `steps` generated ids.
+    /// Prefill with `prompt`, then `steps - 1` single-token steps; returns the `steps` generated ids. On the GPU the
+    /// cache stays there between steps: every `present.*` is asked for as a GPU buffer and fed back as the next
+    /// `past_key_values.*` (appended in place where kiln can), only the logits are read back.
     pub fn greedy(&self, session: &Session, prompt: &[i64], steps: usize) -> Result<DecodeResult, String> {
         if prompt.is_empty() {
             return Err("the prompt has no tokens".into());
@@ -253,12 +260,18 @@ impl DecodePlan {
                 self.vocab.map(|v| v.to_string()).unwrap_or_else(|| "?".into())
             ));
         }
-        let mut cache: Vec<Tensor> = self
+        let mut cache: Vec<Value> = self
             .pasts
             .iter()
-            .map(|p| Tensor::from_bytes(p.element_type, &p.empty_dims, &[]))
+            .map(|p| Tensor::from_bytes(p.element_type, &p.empty_dims, &[]).map(Value::from))
             .collect::<Result<_, _>>()
             .map_err(|e| format!("building the empty cache: {e}"))?;
+        let location = if session.gpu_placement().is_some() { Location::GpuBuffer } else { Location::Cpu };
+        let run_options = RunOptions {
+            preferred_output_location: Some(PreferredOutputLocation::PerOutput(
+                self.pasts.iter().map(|p| (p.present.clone(), location)).collect(),
+            )),
+        };
         let mut past_len = 0usize;
         let mut feed: Vec<i64> = prompt.to_vec();
         let mut tokens = vec![];
@@ -267,26 +280,38 @@ impl DecodePlan {
         for step in 0..steps {
             let t0 = Instant::now();
             let seq = feed.len();
-            let mut feeds: Vec<(String, Tensor)> = vec![];
-            feeds.push((self.input_ids.0.clone(), int_tensor(self.input_ids.1, &[1, seq], feed.clone())?));
+            let mut feeds: Vec<(String, Value)> = vec![];
+            feeds.push((self.input_ids.0.clone(), int_tensor(self.input_ids.1, &[1, seq], feed.clone())?.into()));
             if let Some((name, t)) = &self.attention_mask {
-                feeds.push((name.clone(), int_tensor(*t, &[1, past_len + seq], vec![1; past_len + seq])?));
+                feeds.push((name.clone(), int_tensor(*t, &[1, past_len + seq], vec![1; past_len + seq])?.into()));
             }
             if let Some((name, t)) = &self.position_ids {
                 let pos = (past_len as i64..(past_len + seq) as i64).collect();
-                feeds.push((name.clone(), int_tensor(*t, &[1, seq], pos)?));
+                feeds.push((name.clone(), int_tensor(*t, &[1, seq], pos)?.into()));
             }
             if let Some(name) = &self.use_cache_branch {
-                feeds.push((name.clone(), Tensor::from_vec(&[1], vec![past_len > 0]).map_err(|e| e.to_string())?));
+                let flag = Tensor::from_vec(&[1], vec![past_len > 0]).map_err(|e| e.to_string())?;
+                feeds.push((name.clone(), flag.into()));
             }
             for (p, t) in self.pasts.iter().zip(cache.drain(..)) {
                 feeds.push((p.input.clone(), t));
             }
-            let mut out = session.run(feeds).map_err(|e| format!("step {step} (past {past_len}, seq {seq}): {e}"))?;
-            let logits = out.take(&self.logits).ok_or("no logits output")?;
-            let next = argmax_last(&logits)?;
+            // with kiln's next-token output, the logits are not fetched (on the GPU: not read back)
+            let mut wanted: Vec<&str> = vec![self.next_token.as_deref().unwrap_or(&self.logits)];
+            wanted.extend(self.pasts.iter().map(|p| p.present.as_str()));
+            let mut out = session
+                .run_with(feeds, Some(&wanted), &run_options)
+                .map_err(|e| format!("step {step} (past {past_len}, seq {seq}): {e}"))?;
+            let next = match &self.next_token {
+                Some(name) => {
+                    let t = out.take(name).ok_or("no next-token output")?;
+                    let ids = t.cast(ElementType::I64).map_err(|e| e.to_string())?;
+                    *ids.as_slice::<i64>().map_err(|e| e.to_string())?.last().ok_or("an empty next-token output")?
+                }
+                None => argmax_last(&out.take(&self.logits).ok_or("no logits output")?)?,
+            };
             for p in &self.pasts {
-                cache.push(out.take(&p.present).ok_or_else(|| format!("no output `{}`", p.present))?);
+                cache.push(out.take_value(&p.present).ok_or_else(|| format!("no output `{}`", p.present))?);
             }
             let ms = t0.elapsed().as_secs_f64() * 1e3;
             if step == 0 {

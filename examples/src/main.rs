@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use kiln_provider::blocking::Session;
-use kiln_provider::{Device, ExecutionProvider, SessionOptions, ValueInfo};
+use kiln_provider::{Device, ExecutionProvider, GenerationOptions, SessionOptions, ValueInfo};
 
 const USAGE: &str = "\
 usage: kiln-run MODEL.onnx [options]
@@ -29,6 +29,8 @@ options:
   --threads N          CPU threads for the kernels (default 1)
   --placement          print where the model runs (provider, node count)
   --no-text            do not decode the generated tokens to text
+  --full-logits        greedy: compute every position's logits and read them back (default: kiln's generation
+                       helpers, the last position's logits only and the argmax on the device)
   -h, --help           this help";
 
 #[derive(Debug, Default)]
@@ -41,6 +43,7 @@ struct Args {
     threads: Option<usize>,
     placement: bool,
     no_text: bool,
+    full_logits: bool,
 }
 
 fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
@@ -87,6 +90,7 @@ fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
             }
             "--placement" => args.placement = true,
             "--no-text" => args.no_text = true,
+            "--full-logits" => args.full_logits = true,
             s if s.starts_with('-') => return Err(format!("unknown option `{s}`")),
             s => {
                 if args.model.is_some() {
@@ -183,7 +187,19 @@ fn run(args: Args) -> Result<(), String> {
         options.execution_providers = vec![ep];
     }
     let t0 = Instant::now();
-    let session = Session::from_path(&model, &options).map_err(|e| format!("loading {}: {e}", model.display()))?;
+    let mut session = None;
+    if args.greedy.is_some() && !args.full_logits {
+        let generation = GenerationOptions { last_logits_only: true, next_token: true, ..Default::default() };
+        let opts = SessionOptions { generation, ..options.clone() };
+        match Session::from_path(&model, &opts) {
+            Ok(s) => session = Some(s),
+            Err(e) => println!("note: without the generation helpers ({e})"),
+        }
+    }
+    let session = match session {
+        Some(s) => s,
+        None => Session::from_path(&model, &options).map_err(|e| format!("loading {}: {e}", model.display()))?,
+    };
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
     if let Some(note) = session.provider_note() {
         println!("note: {note}");
@@ -215,12 +231,13 @@ fn run(args: Args) -> Result<(), String> {
         if let Some(r) = session.gpu_placement() {
             let runs = r.runs.max(1);
             println!(
-                "gpu work over {} runs: {:.1} submits, {:.1} dispatches, {:.1} uploads, {:.1} readbacks per run",
+                "gpu work over {} runs: {:.1} submits, {:.1} dispatches, {:.1} uploads, {:.1} readbacks ({:.0} bytes) per run",
                 r.runs,
                 r.counters.submits as f64 / runs as f64,
                 r.counters.dispatches as f64 / runs as f64,
                 r.counters.uploads as f64 / runs as f64,
-                r.counters.readbacks as f64 / runs as f64
+                r.counters.readbacks as f64 / runs as f64,
+                r.counters.readback_bytes as f64 / runs as f64
             );
             #[cfg(not(target_arch = "wasm32"))]
             println!(

@@ -121,6 +121,8 @@ pub struct LoadOptions {
     pub external_data: Option<Arc<dyn ExternalDataResolver>>,
     /// Inputs whose values are fixed at load time (folded as constants, no longer model inputs).
     pub constant_inputs: Vec<(String, Tensor)>,
+    /// Decoder helpers added to the graph (crate::generation): last-position logits, a next-token output.
+    pub generation: crate::generation::GenerationOptions,
 }
 
 impl std::fmt::Debug for LoadOptions {
@@ -130,6 +132,7 @@ impl std::fmt::Debug for LoadOptions {
             .field("optimization", &self.optimization)
             .field("external_data", &self.external_data.is_some())
             .field("constant_inputs", &self.constant_inputs.iter().map(|c| &c.0).collect::<Vec<_>>())
+            .field("generation", &self.generation)
             .finish()
     }
 }
@@ -183,6 +186,7 @@ pub fn load_proto(mut proto: pb::ModelProto, options: &LoadOptions) -> Result<Mo
     inline_external_data(&mut proto, options.external_data.as_deref())?;
     apply_free_dimension_overrides(&mut proto, &options.free_dimension_overrides)?;
     apply_constant_inputs(&mut proto, &options.constant_inputs)?;
+    crate::generation::apply(&mut proto, &options.generation)?;
     let (inputs, outputs) = io_metadata(&proto)?;
     name_unnamed_input_dims(&mut proto)?;
     let opset = proto

@@ -8,6 +8,7 @@ pub mod float16;
 pub mod fuse_gpu;
 pub mod fuse_norm;
 pub mod fuse_rope;
+pub mod generation;
 pub mod import;
 pub mod int_dims;
 pub mod lower_gpu;

@@ -13,6 +13,7 @@ pub use custom_op::{
 };
 pub use gpu::PlacementReport;
 pub use gpu_value::{GpuTensor, Location, PreferredOutputLocation, RunOptions, Value};
+pub use kiln_graph::generation::{GenerationOptions, NEXT_TOKEN};
 pub use kiln_graph::lower_gpu::{Device, NodePlacement};
 pub use kiln_graph::{
     Dim, ElementType, Error, ErrorKind, ExternalDataResolver, InMemoryResolver, OptimizationLevel, Result, ValueInfo,

@@ -60,6 +60,9 @@ pub struct SessionOptions {
     /// onnxruntime-web's `preferredOutputLocation`: outputs to leave on the GPU (`'gpu-buffer'`, WebGPU sessions
     /// only) instead of reading them back (`'cpu'`, the default). [`RunOptions`] may override it per run.
     pub preferred_output_location: PreferredOutputLocation,
+    /// kiln's decoder helpers (not onnxruntime's): the logits of the last position only, and an extra output
+    /// `kiln_next_token` (the greedy token, int64 `[batch, 1]`) so a greedy step reads back one integer.
+    pub generation: kiln_graph::generation::GenerationOptions,
 }
 
 impl std::fmt::Debug for SessionOptions {
@@ -71,6 +74,7 @@ impl std::fmt::Debug for SessionOptions {
             .field("intra_op_num_threads", &self.intra_op_num_threads)
             .field("custom_ops", &self.custom_ops)
             .field("preferred_output_location", &self.preferred_output_location)
+            .field("generation", &self.generation)
             .finish()
     }
 }
@@ -91,6 +95,7 @@ impl SessionOptions {
             optimization,
             external_data: self.external_data.clone(),
             constant_inputs: self.constant_inputs.iter().map(|(n, t)| (n.clone(), t.as_tract().clone())).collect(),
+            generation: self.generation.clone(),
         }
     }
 }

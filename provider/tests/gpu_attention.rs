@@ -409,6 +409,10 @@ fn attention_3d_scale_softcap_match_cpu() {
     cases.push(Case { nonpad: true, batch: 2, past: 200, s: 1, l: 1, hq: 6, hkv: 2, mask: Mask::Bool, ..BASE });
     cases.push(Case { nonpad: true, batch: 4, past: 9, s: 3, l: 3, causal: true, three_d: true, ..BASE });
     cases.push(Case { softcap: 30.0, past: 4, s: 2, l: 2, causal: true, three_d: true, hq: 6, hkv: 3, ..BASE });
+    // the decode kernel (one query): softcap with a float mask, head size 256 (four channels per invocation), split
+    cases.push(Case { softcap: 2.0, past: 140, s: 1, l: 1, mask: Mask::Float, hq: 4, hkv: 2, ..BASE });
+    cases.push(Case { past: 70, s: 1, l: 1, causal: true, dk: 256, dv: 256, hq: 2, hkv: 1, ..BASE });
+    cases.push(Case { past: 200, s: 1, l: 1, dk: 48, dv: 200, hq: 3, hkv: 3, mask: Mask::FloatPad, ..BASE });
     run_all(&cases);
 }
 

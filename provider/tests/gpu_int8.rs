@@ -339,6 +339,7 @@ fn matmul_integer_matches_cpu() {
     }
     let mut rng = Rng(seed());
     // (A dims, B dims, A from an input (else both inputs), B type, B zero points per column)
+    #[allow(clippy::type_complexity)]
     let cases: Vec<(Vec<usize>, Vec<usize>, i32, bool, bool)> = vec![
         (vec![1, 37], vec![37, 19], UINT8, false, false),
         (vec![5, 300], vec![300, 33], INT8, true, true),

@@ -208,8 +208,10 @@ impl AttentionSpec {
         let blocks = rows.div_ceil(wg);
         let dmax = dk.max(dv).max(16).next_power_of_two();
         // few workgroups (decode: one per batch and kv head) and many keys: the keys are cut across workgroups
-        let groups = b * hkv * blocks;
-        let bk = 2048 / dmax;
+        // decode (one query per row): decode_main, a workgroup per (batch, q head) whose invocations share the keys
+        let decode = s == 1 && std::env::var_os("KILN_GPU_NO_DECODE_ATTENTION").is_none();
+        let groups = if decode { b * hq } else { b * hkv * blocks };
+        let bk = if decode { wg } else { 2048 / dmax };
         let splits = if groups < SPLIT_BELOW && total >= 2 * bk { total.div_ceil(bk).min(MAX_SPLITS) } else { 1 };
         let chunk = total.div_ceil(splits).div_ceil(bk) * bk;
         let splits = total.div_ceil(chunk.max(1)).max(1);
@@ -268,7 +270,8 @@ impl AttentionSpec {
         if any_f16 && native {
             spec.push(("ENABLE", "enable f16;\n".into()));
         }
-        launch(ctx, rec, "attention", "attention_main", spec.clone(), &u, &bindings, (gx, gy, 1))?;
+        let entry = if decode { "decode_main" } else { "attention_main" };
+        launch(ctx, rec, "attention", entry, spec.clone(), &u, &bindings, (gx, gy, 1))?;
         if let Some(partial) = partial {
             let (cx, cy) = ctx.grid(((all_rows * dv) as u64).div_ceil(wg as u64))?;
             u[11] = cx;

@@ -175,7 +175,13 @@ enum Command {
         bytes: u64,
         slot: usize,
     },
-    Copy { src: Arc<wgpu::Buffer>, src_offset: u64, dst: Arc<wgpu::Buffer>, dst_offset: u64, bytes: u64 },
+    Copy {
+        src: Arc<wgpu::Buffer>,
+        src_offset: u64,
+        dst: Arc<wgpu::Buffer>,
+        dst_offset: u64,
+        bytes: u64,
+    },
 }
 
 /// Statistics of a session's GPU work.

@@ -319,3 +319,198 @@ fn combine_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
     }
     y[b * p.ys.x + h * p.ys.y + i * p.ys.z + d] = v;
 }
+
+// Decode (one query per row, q seq 1): one workgroup per (batch, q head, key split). The workgroup's invocations
+// take one key each for the scores (a tile of WG keys at a time), reduce the tile's max and sum together, and each
+// owns NA channels of the accumulator for the weighted sum of V — no serial loop over the keys in one invocation.
+// Same inputs, flags and partial-result layout (for combine_main) as attention_main.
+const NA: u32 = (DMAX + WG - 1u) / WG;
+var<workgroup> qv: array<f32, DMAX>;
+var<workgroup> pw: array<f32, WG>;
+var<workgroup> red: array<f32, WG>;
+
+@compute @workgroup_size(WG)
+fn decode_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let batch = p.d0.x;
+    let hq = p.d0.y;
+    let hkv = max(p.d0.w, 1u);
+    let past = p.d1.y;
+    let pk_rows = select(past, p.ks.w, p.ks.w != 0u);
+    let pv_rows = select(past, p.vs.w, p.vs.w != 0u);
+    let total = p.d1.z;
+    let dk = p.d1.w;
+    let dv = p.d2.x;
+    let group = max(p.d2.y, 1u);
+    let flags = p.misc.x;
+    let scale = bitcast<f32>(p.misc.y);
+    let cap = bitcast<f32>(p.misc.z);
+    let mask_len = p.misc.w;
+    let splits = max(p.sp.x, 1u);
+    let gs = group_index(wid, p.d2.w);
+    let split = gs % splits;
+    let g = gs / splits;
+    let live = g < batch * hq;
+    let b = g / max(hq, 1u);
+    let h = g % max(hq, 1u);
+    let kh = h / group;
+
+    var np = total;
+    var pastb = past;
+    let gqa = (flags & 32u) != 0u;
+    if ((flags & 8u) != 0u && live) {
+        if (gqa) {
+            pastb = u32(max(nonpad[b], 0));
+            np = u32(max(nonpad[b] + 1, 0));
+        } else {
+            np = u32(max(nonpad[b], 0));
+        }
+    }
+    var limit = total;
+    if (((flags & 1u) != 0u || gqa) && live) {
+        limit = min(total, pastb + 1u);
+    }
+    if (!live) {
+        limit = 0u;
+    }
+    var first_key = 0u;
+    if (splits > 1u) {
+        first_key = min(split * p.sp.y, limit);
+        limit = min(limit, first_key + p.sp.y);
+    }
+    if (live) {
+        let qb = b * p.qs.x + h * p.qs.y;
+        for (var d = lid; d < dk; d = d + WG) {
+            qv[d] = q[qb + d];
+        }
+    }
+    var acc: array<f32, NA>;
+    for (var a = 0u; a < NA; a = a + 1u) {
+        acc[a] = 0.0;
+    }
+    var m = NEG_BIG;
+    var l = 0.0;
+    let kvb = b * hkv + kh;
+    workgroupBarrier();
+    for (var t0 = first_key; t0 < limit; t0 = t0 + WG) {
+        let j = t0 + lid;
+        var ok = j < limit && j < np;
+        if ((flags & 1u) != 0u && j > past) {
+            ok = false;
+        }
+        if (gqa && (j > pastb || ((flags & 64u) != 0u && pastb >= j + p.sp.w))) {
+            ok = false;
+        }
+        var bias = 0.0;
+        if (ok && (flags & 2u) != 0u) {
+            if (j >= mask_len) {
+                ok = false;
+            } else {
+                let mv = mask[b * p.ms.x + h * p.ms.y + j * p.ms.w];
+                if ((flags & 4u) != 0u) {
+                    ok = mv != 0.0;
+                } else if (is_neg_inf(mv)) {
+                    ok = false;
+                } else {
+                    bias = mv;
+                }
+            }
+        }
+        var x = NEG_BIG;
+        if (ok) {
+            var dot = 0.0;
+            if (j < past) {
+                let kb = (kvb * pk_rows + j) * dk;
+                for (var d = 0u; d < dk; d = d + 1u) {
+                    dot = dot + qv[d] * load_past_k(kb + d);
+                }
+            } else {
+                let kb = b * p.ks.x + kh * p.ks.y + (j - past) * p.ks.z;
+                for (var d = 0u; d < dk; d = d + 1u) {
+                    dot = dot + qv[d] * load_k(kb + d);
+                }
+            }
+            x = dot * scale;
+            if ((flags & 16u) != 0u) {
+                x = cap * tanh_c(x / cap);
+            }
+            x = x + bias;
+        }
+        // the tile's max
+        red[lid] = x;
+        for (var s = WG / 2u; s > 0u; s = s >> 1u) {
+            workgroupBarrier();
+            if (lid < s) {
+                red[lid] = max(red[lid], red[lid + s]);
+            }
+        }
+        workgroupBarrier();
+        let m_new = max(m, red[0]);
+        var w = 0.0;
+        if (ok) {
+            w = exp(x - m_new);
+        }
+        workgroupBarrier();
+        pw[lid] = w;
+        red[lid] = w;
+        for (var s = WG / 2u; s > 0u; s = s >> 1u) {
+            workgroupBarrier();
+            if (lid < s) {
+                red[lid] = red[lid] + red[lid + s];
+            }
+        }
+        workgroupBarrier();
+        let c = exp(m - m_new);
+        l = l * c + red[0];
+        m = m_new;
+        let n = min(WG, limit - t0);
+        for (var a = 0u; a < NA; a = a + 1u) {
+            let d = lid + a * WG;
+            var s = acc[a] * c;
+            if (d < dv) {
+                for (var jj = 0u; jj < n; jj = jj + 1u) {
+                    let wj = pw[jj];
+                    if (wj != 0.0) {
+                        let jv = t0 + jj;
+                        var val = 0.0;
+                        if (jv < past) {
+                            val = load_past_v((kvb * pv_rows + jv) * dv + d);
+                        } else {
+                            val = load_v(b * p.vs.x + kh * p.vs.y + (jv - past) * p.vs.z + d);
+                        }
+                        s = s + wj * val;
+                    }
+                }
+            }
+            acc[a] = s;
+        }
+        workgroupBarrier();
+    }
+    if (!live) {
+        return;
+    }
+    if (splits > 1u) {
+        let at = ((kvb * group + (h % group)) * splits + split) * (dv + 2u);
+        if (lid == 0u) {
+            y[at] = m;
+            y[at + 1u] = l;
+        }
+        for (var a = 0u; a < NA; a = a + 1u) {
+            let d = lid + a * WG;
+            if (d < dv) {
+                y[at + 2u + d] = acc[a];
+            }
+        }
+        return;
+    }
+    let yb = b * p.ys.x + h * p.ys.y;
+    var inv = 0.0;
+    if (l > 0.0) {
+        inv = 1.0 / l;
+    }
+    for (var a = 0u; a < NA; a = a + 1u) {
+        let d = lid + a * WG;
+        if (d < dv) {
+            y[yb + d] = acc[a] * inv;
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! kiln's generation helpers (`SessionOptions::generation`): the logits of the last position only and the
+//! `kiln_next_token` output (the argmax on the device). Against the same model loaded without them: the last-only
+//! logits equal the last row of the full logits, the next token equals the argmax of the full logits, on the CPU and
+//! on the GPU (where a greedy step that fetches only the next token and leaves the cache on the GPU reads back one
+//! integer). Skips, loudly, the GPU part only when the machine has no GPU adapter (CI installs lavapipe).
+#![cfg(not(target_arch = "wasm32"))]
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use common::*;
+use kiln_provider::{
+    blocking, ElementType, ExecutionProvider, GenerationOptions, Location, PreferredOutputLocation, RunOptions,
+    SessionOptions, Tensor, Value, NEXT_TOKEN,
+};
+
+fn session(path: &Path, ep: ExecutionProvider, generation: GenerationOptions) -> blocking::Session {
+    let opts = SessionOptions { execution_providers: vec![ep], generation, ..Default::default() };
+    blocking::Session::from_path(path, &opts).unwrap_or_else(|e| panic!("{}: loading: {e}", path.display()))
+}
+
+fn helpers() -> GenerationOptions {
+    GenerationOptions { last_logits_only: true, next_token: true, ..Default::default() }
+}
+
+fn ints(et: ElementType, dims: &[usize], v: Vec<i64>) -> Value {
+    let t = Tensor::from_vec(dims, v).unwrap();
+    if et == ElementType::I64 {
+        t.into()
+    } else {
+        t.cast(et).unwrap().into()
+    }
+}
+
+/// The feeds of one step: `ids` after `past_len` tokens, the past from `past`.
+fn feeds(s: &blocking::Session, ids: &[i64], past_len: usize, past: &HashMap<String, Value>) -> Vec<(String, Value)> {
+    let n = ids.len();
+    s.inputs()
+        .iter()
+        .map(|i| {
+            let et = i.element_type.unwrap();
+            let v = match i.name.as_str() {
+                "input_ids" => ints(et, &[1, n], ids.to_vec()),
+                "attention_mask" => ints(et, &[1, past_len + n], vec![1; past_len + n]),
+                "position_ids" => ints(et, &[1, n], (past_len as i64..(past_len + n) as i64).collect()),
+                name => past.get(name).unwrap_or_else(|| panic!("no feed for {name}")).clone(),
+            };
+            (i.name.clone(), v)
+        })
+        .collect()
+}
+
+fn present_of(past: &str) -> String {
+    past.replacen("past_key_values", "present", 1)
+}
+
+fn argmax_rows(t: &Tensor) -> Vec<i64> {
+    let v = f32_values(t);
+    let vocab = *t.dims().last().unwrap();
+    v.chunks(vocab).map(|r| r.iter().enumerate().fold(0, |b, (i, x)| if *x > r[b] { i } else { b }) as i64).collect()
+}
+
+/// Prefill of 5 tokens and 6 decode steps with both sessions on `ep`; the helpers' session fetches
+/// `logits` and `kiln_next_token` at every step.
+fn compare(model: &str, ep: ExecutionProvider) {
+    let dir = tiny_fixtures().join(model);
+    let path = dir.join("model.onnx");
+    let plain = session(&path, ep, GenerationOptions::default());
+    let gen = session(&path, ep, helpers());
+    if ep == ExecutionProvider::WebGpu && gen.gpu_placement().is_none() {
+        eprintln!("\n!!!!!!!! SKIPPING {model} ON THE GPU: no GPU adapter ({:?}) !!!!!!!!\n", gen.provider_note());
+        return;
+    }
+    let names: Vec<&str> = gen.outputs().iter().map(|o| o.name.as_str()).collect();
+    assert!(names.contains(&NEXT_TOKEN), "{model}: outputs {names:?}");
+    let next_info = gen.outputs().iter().find(|o| o.name == NEXT_TOKEN).unwrap();
+    assert_eq!(next_info.element_type, Some(ElementType::I64));
+    let set0 = read_inputs(&plain, &dir.join("test_data_set_0"));
+    let empty: HashMap<String, Value> =
+        set0.into_iter().filter(|(n, _)| n.starts_with("past")).map(|(n, t)| (n, t.into())).collect();
+    let (mut past_a, mut past_b) = (empty.clone(), empty);
+    let mut ids = vec![11i64, 22, 33, 44, 55];
+    let mut past_len = 0;
+    for step in 0..7 {
+        let mut a = plain.run(feeds(&plain, &ids, past_len, &past_a)).unwrap();
+        let mut b = gen.run(feeds(&gen, &ids, past_len, &past_b)).unwrap();
+        let full = a.take("logits").unwrap();
+        let last = b.take("logits").unwrap();
+        let (batch, seq, vocab) = (full.dims()[0], full.dims()[1], full.dims()[2]);
+        assert_eq!(seq, ids.len());
+        assert_eq!(last.dims(), &[batch, 1, vocab], "{model} step {step}: last-only logits");
+        let fv = f32_values(&full);
+        let want = Tensor::from_vec(&[batch, 1, vocab], fv[(seq - 1) * vocab..seq * vocab].to_vec()).unwrap();
+        let (diff, _) = max_diff(&format!("{model} step {step} last logits"), &last, &want);
+        assert!(diff <= 1e-4, "{model} step {step}: last-position logits differ by {diff:.3e}");
+        let next = b.take(NEXT_TOKEN).unwrap();
+        assert_eq!(next.dims(), &[batch, 1]);
+        let got = next.as_slice::<i64>().unwrap().to_vec();
+        assert_eq!(got, argmax_rows(&want), "{model} step {step}: next token vs the argmax of the full logits");
+        for name in past_a.keys().cloned().collect::<Vec<_>>() {
+            past_a.insert(name.clone(), a.take_value(&present_of(&name)).unwrap());
+            past_b.insert(name.clone(), b.take_value(&present_of(&name)).unwrap());
+        }
+        past_len += ids.len();
+        ids = vec![got[0]];
+    }
+}
+
+#[test]
+fn tiny_fixtures_cpu() {
+    for m in ["tiny-llama/onnx_optimum", "tiny-gpt2/onnx_optimum", "tiny-llama/onnx_dynamo_sdpa_op23"] {
+        compare(m, ExecutionProvider::Cpu);
+    }
+}
+
+#[test]
+fn tiny_fixtures_gpu() {
+    for m in ["tiny-llama/onnx_optimum", "tiny-gpt2/onnx_optimum", "tiny-llama/onnx_dynamo_sdpa_op23"] {
+        compare(m, ExecutionProvider::WebGpu);
+    }
+}
+
+/// A greedy step on the GPU that fetches the next token and keeps the cache on the GPU reads back the token only
+/// (8 bytes of int64 at most), and its tokens are the CPU's.
+#[test]
+fn greedy_step_reads_back_one_token() {
+    let dir = tiny_fixtures().join("tiny-llama/onnx_optimum");
+    let path = dir.join("model.onnx");
+    let cpu = session(&path, ExecutionProvider::Cpu, helpers());
+    let gpu = session(&path, ExecutionProvider::WebGpu, helpers());
+    if gpu.gpu_placement().is_none() {
+        eprintln!("\n!!!!!!!! SKIPPING the GPU greedy step: no GPU adapter ({:?}) !!!!!!!!\n", gpu.provider_note());
+        return;
+    }
+    let set0 = read_inputs(&cpu, &dir.join("test_data_set_0"));
+    let empty: HashMap<String, Value> =
+        set0.into_iter().filter(|(n, _)| n.starts_with("past")).map(|(n, t)| (n, t.into())).collect();
+    let presents: Vec<String> = empty.keys().map(|n| present_of(n)).collect();
+    let mut wanted: Vec<&str> = vec![NEXT_TOKEN];
+    wanted.extend(presents.iter().map(|s| s.as_str()));
+    let keep = RunOptions {
+        preferred_output_location: Some(PreferredOutputLocation::PerOutput(
+            presents.iter().map(|p| (p.clone(), Location::GpuBuffer)).collect(),
+        )),
+    };
+    let (mut past_c, mut past_g) = (empty.clone(), empty);
+    let (mut ids_c, mut ids_g) = (vec![11i64, 22, 33, 44, 55], vec![11i64, 22, 33, 44, 55]);
+    let mut past_len = 0;
+    for step in 0..12 {
+        let mut c =
+            cpu.run_with(feeds(&cpu, &ids_c, past_len, &past_c), Some(&wanted), &RunOptions::default()).unwrap();
+        let before = gpu.gpu_placement().unwrap().counters;
+        let mut g = gpu.run_with(feeds(&gpu, &ids_g, past_len, &past_g), Some(&wanted), &keep).unwrap();
+        let after = gpu.gpu_placement().unwrap().counters;
+        assert!(g.get("logits").is_none());
+        let tc = c.take(NEXT_TOKEN).unwrap().as_slice::<i64>().unwrap()[0];
+        let tg = g.take(NEXT_TOKEN).unwrap().as_slice::<i64>().unwrap()[0];
+        assert_eq!(tg, tc, "step {step}: GPU token vs CPU token");
+        let read = after.readback_bytes - before.readback_bytes;
+        if step > 0 {
+            assert!(read <= 8, "step {step}: {read} bytes read back (only the next token should come back)");
+            assert_eq!(after.readbacks - before.readbacks, 1, "step {step}: readbacks");
+        }
+        for name in past_c.keys().cloned().collect::<Vec<_>>() {
+            past_c.insert(name.clone(), c.take_value(&present_of(&name)).unwrap());
+            let v = g.take_value(&present_of(&name)).unwrap();
+            assert_eq!(v.location(), Location::GpuBuffer);
+            past_g.insert(name, v);
+        }
+        past_len += ids_c.len();
+        ids_c = vec![tc];
+        ids_g = vec![tg];
+    }
+}
+
+#[test]
+fn bad_generation_options_are_clear_errors() {
+    let path = tiny_fixtures().join("tiny-llama/onnx_optimum/model.onnx");
+    let opts = |generation| SessionOptions { generation, ..Default::default() };
+    let named = GenerationOptions { logits: Some("nope".into()), next_token: true, ..Default::default() };
+    let e = blocking::Session::from_path(&path, &opts(named)).err().expect("an unknown logits output is refused");
+    assert!(e.to_string().contains("no output `nope`"), "{e}");
+    // an output not made by a MatMul head (present.0.key: a Concat)
+    let present =
+        GenerationOptions { logits: Some("present.0.key".into()), last_logits_only: true, ..Default::default() };
+    let e = blocking::Session::from_path(&path, &opts(present)).err().expect("a non-head output is refused");
+    assert!(e.to_string().contains("not a MatMul head") || e.to_string().contains("does not come from"), "{e}");
+}
