@@ -71,6 +71,11 @@ pub fn lower(model: &TypedModel, caps: &Caps) -> Result<Lowered> {
         crate::fuse_rope::fuse_rotate_half_rope(&mut src).map_err(tract_err("fusing rotate_half RoPE"))?;
     }
     kiln_wgsl::kv::unrepeat_attention_kv(&mut src).map_err(tract_err("reading attention's K / V unrepeated"))?;
+    // float16 models: the fused attention reads the f16 past itself, and the KV concatenation is in f16 (appended in
+    // place into the cache's store)
+    kiln_wgsl::kv::attention_reads_f16_past(&mut src).map_err(tract_err("reading the float16 past in attention"))?;
+    kiln_wgsl::kv::concat_kv_in_f16(&mut src).map_err(tract_err("concatenating float16 KV caches in float16"))?;
+    kiln_wgsl::kv::attention_reads_f16_kv(&mut src).map_err(tract_err("reading float16 K / V in attention"))?;
     crate::int_dims::rewrite(&mut src).map_err(tract_err("rewriting shape arithmetic as i64"))?;
     let mut target = TypedModel { symbols: src.symbols.clone(), ..TypedModel::default() };
     let mut host: HashMap<OutletId, OutletId> = HashMap::new();

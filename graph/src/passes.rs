@@ -23,8 +23,18 @@ pub fn run(model: &mut Model, level: OptimizationLevel) -> Result<()> {
         kiln_ops::layer_norm::use_tract_layer_norm(&mut model.typed)
             .map_err(|e| Error::from_tract(ErrorKind::InvalidModel, "decomposing LayerNormalization", &e))?;
     }
-    let guarded = crate::symbolic::declutter(&mut model.typed)
-        .map_err(|e| Error::from_tract(ErrorKind::InvalidModel, "decluttering the model", &e))?;
+    // a float16 model's KV concatenations (`present = Cast16(Concat(..))`) are no model outputs once computed in
+    // float32, so tract's declutter would split the attention's matmul over them (ConcatThenEinsum), and the GPU
+    // lowering (which loads at Basic) could no longer fuse that attention, nor read the cache in place: during
+    // declutter they are kept as extra outputs, as a float32 model's concatenations are. The full level (the
+    // CPU's) is left as it was.
+    let outputs = model.typed.outputs.len();
+    if level != OptimizationLevel::All {
+        protect_f16_output_concats(&mut model.typed);
+    }
+    let guarded = crate::symbolic::declutter(&mut model.typed);
+    model.typed.outputs.truncate(outputs);
+    let guarded = guarded.map_err(|e| Error::from_tract(ErrorKind::InvalidModel, "decluttering the model", &e))?;
     if !guarded.is_empty() {
         model.pass_log.push(format!("declutter withheld on {guarded:?} (symbolic uniform operand)"));
     }
@@ -47,6 +57,23 @@ pub fn run(model: &mut Model, level: OptimizationLevel) -> Result<()> {
         model.typed.optimize().map_err(|e| Error::from_tract(ErrorKind::InvalidModel, "optimising the model", &e))?;
     }
     Ok(())
+}
+
+/// Adds to the model's outputs each Concat whose result only reaches an output through a cast to float16.
+fn protect_f16_output_concats(model: &mut TypedModel) {
+    use tract_onnx::tract_core::ops::array::TypedConcat;
+    use tract_onnx::tract_core::ops::cast::Cast;
+    let mut extra = vec![];
+    for o in &model.outputs {
+        let node = model.node(o.node);
+        let down = node.op_as::<Cast>().is_some_and(|c| c.to == DatumType::F16);
+        if let (true, [i]) = (down, node.inputs.as_slice()) {
+            if model.node(i.node).op_is::<TypedConcat>() && !model.outputs.contains(i) && !extra.contains(i) {
+                extra.push(*i);
+            }
+        }
+    }
+    model.outputs.extend(extra);
 }
 
 /// The typed model's nodes, for reports: (name, op name).

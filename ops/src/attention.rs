@@ -635,8 +635,28 @@ impl Op for AttentionYOp {
 }
 
 impl TypedOp for AttentionYOp {
+    /// As [`AttentionOp`]'s Y, except that with a float32 Q, K / V and past K / V may be float16 (a float16
+    /// model's KV cache kept in float16 by kiln's GPU lowering): read as float32, exactly.
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let all = AttentionOp { config: self.config.clone() }.output_facts(inputs)?;
+        let c = &self.config;
+        let q_dt = inputs.first().map(|f| f.datum_type);
+        let kv_slots = [Some(1), Some(2), c.past_key_ix(), c.past_value_ix()];
+        let widened: Vec<TypedFact> = inputs
+            .iter()
+            .enumerate()
+            .map(|(i, f)| {
+                let kv = kv_slots.contains(&Some(i));
+                if kv && q_dt == Some(DatumType::F32) && f.datum_type == DatumType::F16 {
+                    let mut w = (*f).clone();
+                    w.datum_type = DatumType::F32;
+                    w
+                } else {
+                    (*f).clone()
+                }
+            })
+            .collect();
+        let refs: Vec<&TypedFact> = widened.iter().collect();
+        let all = AttentionOp { config: c.clone() }.output_facts(&refs)?;
         Ok(tvec![all[0].clone()])
     }
     core::as_op!();

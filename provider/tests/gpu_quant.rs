@@ -452,6 +452,13 @@ fn smollm2_q4f16_teacher_forced_gpu() {
         }
     }
     eprintln!("SmolLM2 q4f16 GPU: mean |logit diff| {mean:.4}; argmax differs at (pos, kiln, ort) {mismatched:?}");
+    for (pos, ga, ea) in &mismatched {
+        let (k, o) = (&a[pos * vocab..][..vocab], &b[pos * vocab..][..vocab]);
+        eprintln!(
+            "  pos {pos}: kiln logits {ga}: {:.3}, {ea}: {:.3}; onnxruntime's {ga}: {:.3}, {ea}: {:.3}",
+            k[*ga], k[*ea], o[*ga], o[*ea]
+        );
+    }
     let bad: Vec<_> = mismatched.iter().filter(|(p, _, _)| CONFIDENT.contains(p)).collect();
     assert!(bad.is_empty(), "argmax differs at confident positions (pos, kiln, ort): {bad:?}");
     assert!(mean <= 0.3, "mean |logit diff| {mean:.4} > 0.3");

@@ -59,18 +59,30 @@ impl AttentionSpec {
         [next(c.has_mask), next(c.has_past_key), next(c.has_past_value), next(c.has_nonpad)]
     }
 
-    /// Inputs: Q, K, V f32; the mask bool or f32; past f32; nonpad i64 / i32. Output: f32.
+    /// Inputs: Q f32; K, V and past f32 or f16 (a float16 model's KV cache, read as f32); the mask bool or f32;
+    /// nonpad i64 / i32. Output: f32.
     pub fn output_dt(&self, dts: &[DatumType]) -> Option<DatumType> {
-        use DatumType::{Bool, F32, I32, I64};
-        if dts.len() != self.arity() || dts[..3].iter().any(|d| *d != F32) {
+        use DatumType::{Bool, F16, F32, I32, I64};
+        let kv = |d: DatumType| matches!(d, F32 | F16);
+        if dts.len() != self.arity() || dts[0] != F32 || !kv(dts[1]) || !kv(dts[2]) {
             return None;
         }
         let [mask, pk, pv, np] = self.slots();
         let ok = mask.is_none_or(|i| matches!(dts[i], Bool | F32))
-            && pk.is_none_or(|i| dts[i] == F32)
-            && pv.is_none_or(|i| dts[i] == F32)
+            && pk.is_none_or(|i| kv(dts[i]))
+            && pv.is_none_or(|i| kv(dts[i]))
             && np.is_none_or(|i| matches!(dts[i], I64 | I32));
         ok.then_some(F32)
+    }
+
+    /// The shader's element type and load of K / V binding `name` holding `dt` (f32, or f16 as `array<f16>` with
+    /// shader-f16, else as u32 words of two halves).
+    fn kv_access(name: &str, dt: DatumType, native_f16: bool) -> (String, String) {
+        match dt {
+            DatumType::F16 if native_f16 => ("f16".into(), format!("f32({name}[i])")),
+            DatumType::F16 => ("u32".into(), format!("unpack2x16float({name}[i >> 1u])[i & 1u]")),
+            _ => ("f32".into(), format!("{name}[i]")),
+        }
     }
 
     /// The [batch, heads, seq, head] reading of a 3D or 4D Q / K / V, with its element strides (batch, head, seq).
@@ -236,7 +248,28 @@ impl AttentionSpec {
             (7, pick(pv_ix)),
             (8, pick(np_ix)),
         ];
-        let spec = vec![("WG", wg.to_string()), ("DMAX", dmax.to_string())];
+        let mut spec = vec![("WG", wg.to_string()), ("DMAX", dmax.to_string())];
+        // K / V (and past K / V) of f16 are read as such: their element types and loads
+        let native = ctx.caps.shader_f16;
+        let mut any_f16 = false;
+        for (name, ix, elem, load) in [
+            ("k", Some(1), "K_ELEM", "K_LOAD"),
+            ("v", Some(2), "V_ELEM", "V_LOAD"),
+            ("past_k", pk_ix, "PK_ELEM", "PK_LOAD"),
+            ("past_v", pv_ix, "PV_ELEM", "PV_LOAD"),
+        ] {
+            let dt = pick(ix).dt;
+            if !matches!(dt, DatumType::F32 | DatumType::F16) {
+                return Err(bad(format!("{name} of element type {dt:?}")));
+            }
+            any_f16 |= dt == DatumType::F16;
+            let (e, l) = Self::kv_access(name, dt, native);
+            spec.push((elem, e));
+            spec.push((load, l));
+        }
+        if any_f16 && native {
+            spec.push(("ENABLE", "enable f16;\n".into()));
+        }
         let entry = if decode { "decode_main" } else { "attention_main" };
         launch(ctx, rec, "attention", entry, spec.clone(), &u, &bindings, (gx, gy, 1))?;
         if let Some(partial) = partial {

@@ -526,7 +526,8 @@ fn shader_source(family: &str, spec: &[(&'static str, String)]) -> Result<String
         "norm" => NORM_WGSL,
         other => return Err(Error::new(format!("webgpu: no kernel family {other}"))),
     };
-    let mut text = format!("{PRELUDE_WGSL}\n{body}");
+    // {{ENABLE}}: extensions a specialisation turns on (`enable f16;`), which must come first
+    let mut text = format!("{{{{ENABLE}}}}{PRELUDE_WGSL}\n{body}");
     for (k, v) in spec {
         text = text.replace(&format!("{{{{{k}}}}}"), v);
     }
@@ -542,7 +543,8 @@ fn shader_source(family: &str, spec: &[(&'static str, String)]) -> Result<String
 }
 
 /// Values of the placeholders a specialisation does not set.
-const SPEC_DEFAULTS: [(&str, &str); 12] = [
+const SPEC_DEFAULTS: [(&str, &str); 13] = [
+    ("ENABLE", ""),
     ("TYPE", "f32"),
     ("WG", "256"),
     ("UNARY", "x"),

@@ -235,3 +235,174 @@ pub fn unrepeat_attention_kv(model: &mut TypedModel) -> TractResult<usize> {
     }
     Ok(done)
 }
+
+/// `Cast(to)` as tract's op, when `node` is one.
+fn cast_to(node: &TypedNode) -> Option<DatumType> {
+    node.op_as::<tract_onnx::tract_core::ops::cast::Cast>().map(|c| c.to)
+}
+
+/// `(past16, new32)` when `o` is `Concat(Cast32(past16), new32)` along axis 2 of 4D tensors: a float16 model's KV
+/// concatenation as kiln-graph's float16 pass leaves it (computed in float32).
+fn f16_kv_concat(model: &TypedModel, o: OutletId) -> Option<(OutletId, OutletId)> {
+    use tract_onnx::tract_core::ops::array::TypedConcat;
+    let node = model.node(o.node);
+    let concat = node.op_as::<TypedConcat>()?;
+    let fact = model.outlet_fact(o).ok()?;
+    if concat.axis != 2 || node.inputs.len() != 2 || fact.rank() != 4 || fact.datum_type != DatumType::F32 {
+        return None;
+    }
+    let (past32, new32) = (node.inputs[0], node.inputs[1]);
+    let up = model.node(past32.node);
+    let past16 = *up.inputs.first()?;
+    let ok = cast_to(up) == Some(DatumType::F32)
+        && up.inputs.len() == 1
+        && model.outlet_fact(past16).ok()?.datum_type == DatumType::F16
+        && model.outlet_fact(new32).ok()?.datum_type == DatumType::F32;
+    ok.then_some((past16, new32))
+}
+
+/// A float16 model computes in float32 (kiln-graph's float16 pass), so its KV path is `present =
+/// Cast16(Concat(Cast32(past16), new32))`: the cache is cast up and down whole every step and never appended in
+/// place. Since f16 → f32 → f16 is the identity, `present` is exactly `Concat16(past16, Cast16(new32))`, which this
+/// pass rewires it to: the concatenation in f16, so [`append`] writes only the new rows into the f16 store that
+/// `past16` comes in. Other readers keep the float32 concatenation (exact: the new rows unrounded); the fused
+/// attention reads the past from the f16 store instead ([`attention_reads_f16_past`], run first), so for it the
+/// float32 concatenation is gone. Returns how many it rewrote.
+pub fn concat_kv_in_f16(model: &mut TypedModel) -> TractResult<usize> {
+    use tract_onnx::tract_core::internal::*;
+    use tract_onnx::tract_core::ops::array::TypedConcat;
+    use tract_onnx::tract_core::ops::cast::cast;
+    let mut done = 0;
+    for id in model.eval_order()? {
+        let out = OutletId::new(id, 0);
+        let Some((past16, new32)) = f16_kv_concat(model, out) else { continue };
+        let node = model.node(id);
+        let downs: Vec<usize> = node.outputs[0]
+            .successors
+            .iter()
+            .map(|s| s.node)
+            .filter(|n| cast_to(model.node(*n)) == Some(DatumType::F16) && model.node(*n).inputs.len() == 1)
+            .collect();
+        if downs.is_empty() {
+            continue;
+        }
+        let name = node.name.clone();
+        let mut patch = TypedModelPatch::new(format!("concatenate {name} in f16"));
+        let p = patch.tap_model(model, past16)?;
+        let n = patch.tap_model(model, new32)?;
+        let n16 = patch.wire_node(format!("{name}.new_f16"), cast(DatumType::F16), &[n])?[0];
+        let c16 = patch.wire_node(format!("{name}.f16"), TypedConcat::new(2), &[p, n16])?[0];
+        for d in downs {
+            patch.shunt_outside(model, OutletId::new(d, 0), c16)?;
+        }
+        patch.apply(model)?;
+        done += 1;
+    }
+    Ok(done)
+}
+
+/// The fused attention of a float16 model reads K = `Concat(Cast32(past_k16), k32)` and V likewise (the float16
+/// pass's KV concatenations): it becomes an attention with past inputs — K = `k32`, V = `v32`, past K / V the f16
+/// caches, read in place (a KV store, through its row stride) and converted exactly — the same keys in the same
+/// order, so the float32 concatenations of the whole cache are no longer made. Not for causal attention (its cut
+/// depends on the past length) nor GroupQueryAttention's masking. Returns how many attention nodes it rewrote.
+pub fn attention_reads_f16_past(model: &mut TypedModel) -> TractResult<usize> {
+    use crate::attention::AttentionYOp;
+    use tract_onnx::tract_core::internal::*;
+    let mut done = 0;
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let Some(op) = node.op_as::<AttentionYOp>() else { continue };
+        let c = &op.config;
+        if c.has_past_key || c.has_past_value || c.is_causal || c.seqlens || node.inputs.len() < 3 {
+            continue;
+        }
+        let (Some((pk, k)), Some((pv, v))) =
+            (f16_kv_concat(model, node.inputs[1]), f16_kv_concat(model, node.inputs[2]))
+        else {
+            continue;
+        };
+        if model.outlet_fact(k)?.rank() != 4 || model.outlet_fact(v)?.rank() != 4 {
+            continue;
+        }
+        let mut config = c.clone();
+        config.has_past_key = true;
+        config.has_past_value = true;
+        // inputs: Q, K, V, (mask), past K, past V, (nonpad)
+        let mut inputs = vec![node.inputs[0], k, v];
+        let mut at = 3;
+        if c.has_mask {
+            inputs.push(node.inputs[at]);
+            at += 1;
+        }
+        inputs.extend([pk, pv]);
+        if c.has_nonpad {
+            inputs.push(node.inputs[at]);
+        }
+        let name = node.name.clone();
+        let mut patch = TypedModelPatch::new(format!("{name} reads the f16 past"));
+        let mut taps = tvec![];
+        for o in &inputs {
+            taps.push(patch.tap_model(model, *o)?);
+        }
+        let y = patch.wire_node(format!("{name}.f16_past"), AttentionYOp { config }, &taps)?[0];
+        patch.shunt_outside(model, OutletId::new(id, 0), y)?;
+        patch.apply(model)?;
+        done += 1;
+    }
+    Ok(done)
+}
+
+/// The fused attention reads f16 K / V (and past K / V) itself: an input `Cast32(x16)` in those slots becomes
+/// `x16`: the attention converts as it reads (exactly), and an f16 KV store is read in place, through its row
+/// stride. Only with an f32 Q (the attention computes in f32 either way; f16 → f32 is exact).
+/// Returns how many attention nodes it rewrote.
+pub fn attention_reads_f16_kv(model: &mut TypedModel) -> TractResult<usize> {
+    use crate::attention::AttentionYOp;
+    use tract_onnx::tract_core::internal::*;
+    let mut done = 0;
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let Some(op) = node.op_as::<AttentionYOp>() else { continue };
+        let c = &op.config;
+        if node.inputs.is_empty() || model.outlet_fact(node.inputs[0])?.datum_type != DatumType::F32 {
+            continue;
+        }
+        let first_past = 3 + c.has_mask as usize;
+        let mut slots = vec![1, 2];
+        if c.has_past_key {
+            slots.push(first_past);
+        }
+        if c.has_past_value {
+            slots.push(first_past + c.has_past_key as usize);
+        }
+        let mut inputs = node.inputs.clone();
+        let mut changed = false;
+        for s in slots {
+            let Some(i) = inputs.get(s).copied() else { continue };
+            let up = model.node(i.node);
+            if cast_to(up) == Some(DatumType::F32)
+                && up.inputs.len() == 1
+                && model.outlet_fact(up.inputs[0])?.datum_type == DatumType::F16
+            {
+                inputs[s] = up.inputs[0];
+                changed = true;
+            }
+        }
+        if !changed {
+            continue;
+        }
+        let name = node.name.clone();
+        let config = c.clone();
+        let mut patch = TypedModelPatch::new(format!("{name} reads f16 K / V"));
+        let mut taps = tvec![];
+        for o in &inputs {
+            taps.push(patch.tap_model(model, *o)?);
+        }
+        let y = patch.wire_node(format!("{name}.f16kv"), AttentionYOp { config }, &taps)?[0];
+        patch.shunt_outside(model, OutletId::new(id, 0), y)?;
+        patch.apply(model)?;
+        done += 1;
+    }
+    Ok(done)
+}

@@ -13,6 +13,9 @@
 // only those with past_b + i - j < window, sp.w).
 //
 // {{DMAX}}: head sizes up to DMAX (a power of two); tiles hold TILE / DMAX keys.
+// K, V, past K and past V are f32, or f16 (a float16 model's KV cache kept in f16, read as f32 here): their element
+// types (K_ELEM, ...) and loads (K_LOAD, ...) come from the specialisation — `array<f16>` with shader-f16,
+// else u32 words of two halves each (`unpack2x16float`, exact). Indices are in elements either way.
 
 const DMAX: u32 = {{DMAX}}u;
 const TILE: u32 = 2048u;
@@ -42,13 +45,29 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> q: array<f32>;
-@group(0) @binding(2) var<storage, read> k: array<f32>;
+@group(0) @binding(2) var<storage, read> k: array<{{K_ELEM}}>;
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
-@group(0) @binding(4) var<storage, read> v: array<f32>;
+@group(0) @binding(4) var<storage, read> v: array<{{V_ELEM}}>;
 @group(0) @binding(5) var<storage, read> mask: array<f32>;
-@group(0) @binding(6) var<storage, read> past_k: array<f32>;
-@group(0) @binding(7) var<storage, read> past_v: array<f32>;
+@group(0) @binding(6) var<storage, read> past_k: array<{{PK_ELEM}}>;
+@group(0) @binding(7) var<storage, read> past_v: array<{{PV_ELEM}}>;
 @group(0) @binding(8) var<storage, read> nonpad: array<i32>;
+
+fn load_k(i: u32) -> f32 {
+    return {{K_LOAD}};
+}
+
+fn load_v(i: u32) -> f32 {
+    return {{V_LOAD}};
+}
+
+fn load_past_k(i: u32) -> f32 {
+    return {{PK_LOAD}};
+}
+
+fn load_past_v(i: u32) -> f32 {
+    return {{PV_LOAD}};
+}
 
 var<workgroup> ktile: array<f32, TILE>;
 var<workgroup> vtile: array<f32, TILE>;
@@ -156,9 +175,9 @@ fn attention_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
             var val = 0.0;
             if (j < total) {
                 if (j < past) {
-                    val = past_k[((b * hkv + kh) * pk_rows + j) * dk + d];
+                    val = load_past_k(((b * hkv + kh) * pk_rows + j) * dk + d);
                 } else {
-                    val = k[b * p.ks.x + kh * p.ks.y + (j - past) * p.ks.z + d];
+                    val = load_k(b * p.ks.x + kh * p.ks.y + (j - past) * p.ks.z + d);
                 }
             }
             ktile[jj * DMAX + d] = val;
@@ -170,9 +189,9 @@ fn attention_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
             var val = 0.0;
             if (j < total) {
                 if (j < past) {
-                    val = past_v[((b * hkv + kh) * pv_rows + j) * dv + d];
+                    val = load_past_v(((b * hkv + kh) * pv_rows + j) * dv + d);
                 } else {
-                    val = v[b * p.vs.x + kh * p.vs.y + (j - past) * p.vs.z + d];
+                    val = load_v(b * p.vs.x + kh * p.vs.y + (j - past) * p.vs.z + d);
                 }
             }
             vtile[jj * DMAX + d] = val;
@@ -402,12 +421,12 @@ fn decode_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
             if (j < past) {
                 let kb = (kvb * pk_rows + j) * dk;
                 for (var d = 0u; d < dk; d = d + 1u) {
-                    dot = dot + qv[d] * past_k[kb + d];
+                    dot = dot + qv[d] * load_past_k(kb + d);
                 }
             } else {
                 let kb = b * p.ks.x + kh * p.ks.y + (j - past) * p.ks.z;
                 for (var d = 0u; d < dk; d = d + 1u) {
-                    dot = dot + qv[d] * k[kb + d];
+                    dot = dot + qv[d] * load_k(kb + d);
                 }
             }
             x = dot * scale;
@@ -454,9 +473,9 @@ fn decode_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
                         let jv = t0 + jj;
                         var val = 0.0;
                         if (jv < past) {
-                            val = past_v[(kvb * pv_rows + jv) * dv + d];
+                            val = load_past_v((kvb * pv_rows + jv) * dv + d);
                         } else {
-                            val = v[b * p.vs.x + kh * p.vs.y + (jv - past) * p.vs.z + d];
+                            val = load_v(b * p.vs.x + kh * p.vs.y + (jv - past) * p.vs.z + d);
                         }
                         s = s + wj * val;
                     }
