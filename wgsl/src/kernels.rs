@@ -1035,6 +1035,9 @@ impl Kernel {
         if let Kernel::View(_) = self {
             return Ok(GpuTensor::new(inputs[0].buffer.clone(), &out_shape, inputs[0].dt));
         }
+        if let Some(t) = if let Kernel::Quant(q) = self { q.alias(inputs, &out_shape, out_dt) } else { None } {
+            return Ok(t);
+        }
         if let Kernel::MoveAxis { from, to } = self {
             // an axis moved past unit axes only ([1, 1, H, D] → [1, H, 1, D] in a decode step): same bytes, same
             // order, no dispatch
