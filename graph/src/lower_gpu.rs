@@ -81,7 +81,8 @@ pub fn lower(model: &TypedModel, caps: &Caps) -> Result<Lowered> {
     if src.nodes().iter().any(|n| n.op_is::<kiln_wgsl::quant::DynQuantParams>()) {
         // per-tensor dynamic quantization turns every ulp by which a float kernel's rounding differs from
         // onnxruntime's CPU into flipped uint8 codes that compound over the layers: such models get the kernels with
-        // onnxruntime's arithmetic (float MatMul, Softmax) where the plain ones are faster but round differently
+        // onnxruntime's arithmetic (float MatMul, Softmax, LayerNormalization) where the plain ones are faster but
+        // round differently
         for k in kernels.values_mut() {
             if let Some(exact) = k.as_ref().ok().and_then(Kernel::exact_arithmetic) {
                 *k = Ok(exact);

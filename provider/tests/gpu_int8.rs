@@ -723,11 +723,11 @@ fn minilm_int8_gpu_embeddings_match_onnxruntime() {
 
 /// The issue's bound: last_hidden_state within 1e-2 of onnxruntime. Per-tensor dynamic quantization turns every ulp
 /// by which a float kernel rounds differently from onnxruntime's CPU into flipped uint8 codes that compound over the
-/// six layers. So the GPU computes as onnxruntime's CPU kernels do: LayerNormalization always (kiln-ops'
-/// OrtLayerNorm: exact mean and fused multiply-adds in eight lanes, or SkipLayerNormalization's Welford), Erf always
-/// (MLAS's polynomial), and in models with DynamicQuantizeLinear also Softmax (MLAS's exp and summation order) and
-/// float MatMul (one fused multiply-add per k, in order); fused multiply-adds are emulated exactly, as lavapipe's
-/// fma() is a multiply and an add. Measured on lavapipe: max |diff| 0 (bit-identical to onnxruntime 1.32; was 0.3).
+/// six layers. So in models with DynamicQuantizeLinear the GPU computes as onnxruntime's CPU kernels do:
+/// LayerNormalization (kiln-ops' OrtLayerNorm: exact mean and fused multiply-adds in eight lanes, or
+/// SkipLayerNormalization's Welford), Softmax (MLAS's exp and summation order), float MatMul (one fused multiply-add
+/// per k, in order), and Erf in every model (MLAS's polynomial); fused multiply-adds are emulated exactly, as
+/// lavapipe's fma() is a multiply and an add. Measured on lavapipe: max |diff| 0 (bit-identical to onnxruntime 1.32; was 0.3).
 #[test]
 fn minilm_int8_gpu_last_hidden_state_within_1e_2() {
     if let Some((diff, _)) = minilm_gpu() {
@@ -848,10 +848,10 @@ fn blocked_and_16_bit_quantize_linear_match_onnxruntime() {
 
 /// The kernels with onnxruntime's CPU arithmetic (what int8 models need: see
 /// `minilm_int8_gpu_last_hidden_state_within_1e_2`) are bit-identical to the CPU provider's, whose kernels are ports
-/// of onnxruntime's (tested bit for bit against it in kiln-ops): LayerNormalization (rows around the blocks of eight
-/// and four, with and without bias, over one or two axes), SkipLayerNormalization's arithmetic (an Add of two
-/// same-shaped rank-3 tensors feeding it, which onnxruntime fuses) and, in a model with DynamicQuantizeLinear, float
-/// MatMul, Softmax over masked scores and Erf on both sides of its polynomial split.
+/// of onnxruntime's (tested bit for bit against it in kiln-ops), in models with DynamicQuantizeLinear (what selects
+/// them): LayerNormalization (rows around the blocks of eight and four, with and without bias, over one or two
+/// axes), SkipLayerNormalization's arithmetic (an Add of two same-shaped rank-3 tensors feeding it, which
+/// onnxruntime fuses), float MatMul, Softmax over masked scores, and Erf on both sides of its polynomial split.
 #[test]
 fn onnxruntime_arithmetic_kernels_are_bit_identical_to_the_cpu() {
     if !gpu_available() {
@@ -877,10 +877,14 @@ fn onnxruntime_arithmetic_kernels_are_bit_identical_to_the_cpu() {
                     ins.push("b");
                 }
                 let attrs = vec![attr_int("axis", if two_axes { 1 } else { -1 })];
+                // (a DynamicQuantizeLinear makes it an int8 model)
                 let bytes = model(
-                    vec![node("LayerNormalization", &ins, &["y"], attrs)],
+                    vec![
+                        node("LayerNormalization", &ins, &["y"], attrs),
+                        node("DynamicQuantizeLinear", &["y"], &["qy", "qs", "qz"], vec![]),
+                    ],
                     vec![value_info("x", FLOAT, Some(&dims))],
-                    vec![value_info("y", FLOAT, None)],
+                    vec![value_info("y", FLOAT, None), value_info("qy", UINT8, None)],
                     inits,
                 );
                 let x = random(&mut rng, &dims, -2.0, 4.0);
@@ -888,7 +892,7 @@ fn onnxruntime_arithmetic_kernels_are_bit_identical_to_the_cpu() {
                     &format!("LayerNormalization {dims:?} bias {bias} two axes {two_axes}"),
                     &bytes,
                     vec![("x".into(), x)],
-                    &["y"],
+                    &["y", "qy"],
                     0.0,
                 );
             }
@@ -902,9 +906,10 @@ fn onnxruntime_arithmetic_kernels_are_bit_identical_to_the_cpu() {
             vec![
                 node("Add", &["a", "r"], &["s"], vec![]),
                 node("LayerNormalization", &["s", "g", "b"], &["y"], vec![]),
+                node("DynamicQuantizeLinear", &["y"], &["qy", "qs", "qz"], vec![]),
             ],
             vec![value_info("a", FLOAT, Some(&dims)), value_info("r", FLOAT, Some(&dims))],
-            vec![value_info("y", FLOAT, None)],
+            vec![value_info("y", FLOAT, None), value_info("qy", UINT8, None)],
             vec![init("g", FLOAT, &[d], f32_raw(&gamma)), init("b", FLOAT, &[d], f32_raw(&beta))],
         );
         let feeds =
@@ -913,7 +918,7 @@ fn onnxruntime_arithmetic_kernels_are_bit_identical_to_the_cpu() {
             &format!("Add + LayerNormalization (SkipLayerNormalization's arithmetic) {dims:?}"),
             &bytes,
             feeds,
-            &["y"],
+            &["y", "qy"],
             0.0,
         );
     }

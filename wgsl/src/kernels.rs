@@ -707,6 +707,9 @@ impl Kernel {
                 exact: true,
             }),
             Kernel::Softmax { axis, log: false, .. } => Some(Kernel::Softmax { axis: *axis, log: false, exact: true }),
+            Kernel::OrtLayerNorm(n) => {
+                Some(Kernel::OrtLayerNorm(crate::msft::OrtLayerNormSpec { exact: true, ..n.clone() }))
+            }
             _ => None,
         }
     }

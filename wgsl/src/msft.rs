@@ -119,8 +119,10 @@ impl NormSpec {
     }
 }
 
-/// kiln-ops' `OrtLayerNorm` (ONNX LayerNormalization with onnxruntime's CPU arithmetic, `ort_ln_main` in
-/// `kernels/norm.wgsl`): inputs (x, scale[, bias]), all f32, normalised over the axes from `axis` on.
+/// kiln-ops' `OrtLayerNorm` (ONNX LayerNormalization; kiln's CPU kernel computes as onnxruntime's): inputs (x,
+/// scale[, bias]), all f32, normalised over the axes from `axis` on. One dispatch: `norm_main` (parallel tree
+/// reductions), or with `exact` `ort_ln_main` (onnxruntime's arithmetic bit for bit, serial per row: for int8
+/// models, see [`crate::Kernel::exact_arithmetic`]); both in `kernels/norm.wgsl`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct OrtLayerNormSpec {
     pub axis: usize,
@@ -129,6 +131,8 @@ pub struct OrtLayerNormSpec {
     /// onnxruntime's SkipLayerNormalization arithmetic (else LayerNormalization's).
     pub skip: bool,
     pub bias: bool,
+    /// onnxruntime's arithmetic, bit for bit.
+    pub exact: bool,
 }
 
 impl OrtLayerNormSpec {
@@ -138,6 +142,7 @@ impl OrtLayerNormSpec {
             eps: op.epsilon.to_bits(),
             skip: op.arith == kiln_ops::layer_norm::LayerNormArith::Skip,
             bias: inputs == 3,
+            exact: false,
         }
     }
 
@@ -160,9 +165,23 @@ impl OrtLayerNormSpec {
         }
         let rows = if d == 0 { 0 } else { inputs[0].len() / d };
         let (gx, gy) = ctx.grid(rows as u64)?;
+        let beta = inputs.get(2).copied().unwrap_or(inputs[1]);
+        if !self.exact {
+            // NormOp's kernel: gamma (4), beta (8)
+            let flags = 4 | (self.bias as u32) << 3;
+            let u = [u32_of("rows", rows)?, u32_of("channels", d)?, gx, self.eps, flags, 1, 0, 0];
+            let wg = if d <= 64 {
+                64
+            } else if d <= 128 {
+                128
+            } else {
+                256
+            };
+            let bindings = [(1, inputs[0]), (2, inputs[0]), (3, out), (4, inputs[0]), (5, inputs[1]), (6, beta)];
+            return launch(ctx, rec, "norm", "norm_main", vec![("WG", wg.to_string())], &u, &bindings, (gx, gy, 1));
+        }
         let flags = (self.bias as u32) << 3 | (self.skip as u32) << 5;
         let u = [u32_of("rows", rows)?, u32_of("channels", d)?, gx, self.eps, flags, 1, 0, 0];
-        let beta = inputs.get(2).copied().unwrap_or(inputs[1]);
         let bindings = [(1, inputs[0]), (3, out), (5, inputs[1]), (6, beta)];
         launch(ctx, rec, "norm", "ort_ln_main", vec![("WG", "64".to_string())], &u, &bindings, (gx, gy, 1))
     }
