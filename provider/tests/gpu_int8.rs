@@ -950,7 +950,7 @@ fn onnxruntime_arithmetic_kernels_are_bit_identical_to_the_cpu() {
         );
         // masked scores as transformers' attention masks make them (the last key never masked)
         let mask: Vec<f32> =
-            (0..2 * n).map(|i| if i % n != n - 1 && rng.next() % 3 == 0 { f32::MIN } else { 0.0 }).collect();
+            (0..2 * n).map(|i| if i % n != n - 1 && rng.next().is_multiple_of(3) { f32::MIN } else { 0.0 }).collect();
         let feeds = vec![
             ("q".into(), random(&mut rng, &[4, 6], -3.0, 5.0)),
             ("a".into(), random(&mut rng, &ad, -2.0, 2.0)),

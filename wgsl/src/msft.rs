@@ -163,7 +163,7 @@ impl OrtLayerNormSpec {
         if inputs[1..].iter().any(|t| t.len() != d) {
             return Err(Error::new(format!("webgpu: LayerNormalization scale / bias for rows of {d}")));
         }
-        let rows = if d == 0 { 0 } else { inputs[0].len() / d };
+        let rows = inputs[0].len().checked_div(d).unwrap_or(0);
         let (gx, gy) = ctx.grid(rows as u64)?;
         let beta = inputs.get(2).copied().unwrap_or(inputs[1]);
         if !self.exact {

@@ -220,7 +220,7 @@ impl QuantKernel {
         match self {
             QuantKernel::DynPick { zero_point: false } if shape.is_empty() && dt == DatumType::F32 => {
                 let params = inputs.first()?;
-                (params.dt == DatumType::F32 && params.kv.is_none() && params.len() >= 1)
+                (params.dt == DatumType::F32 && params.kv.is_none() && !params.is_empty())
                     .then(|| GpuTensor::new(params.buffer.clone(), shape, dt))
             }
             _ => None,
