@@ -82,7 +82,18 @@ pub fn lower(model: &TypedModel, caps: &Caps) -> Result<Lowered> {
     let mut dev: HashMap<OutletId, OutletId> = HashMap::new();
     let mut placement = vec![];
     let order = src.eval_order().map_err(tract_err("ordering the model"))?;
-    let kernels = placement_plan(&src, &order, caps);
+    let mut kernels = placement_plan(&src, &order, caps);
+    if src.nodes().iter().any(|n| n.op_is::<kiln_wgsl::quant::DynQuantParams>()) {
+        // per-tensor dynamic quantization turns every ulp by which a float kernel's rounding differs from
+        // onnxruntime's CPU into flipped uint8 codes that compound over the layers: such models get the kernels with
+        // onnxruntime's arithmetic (float MatMul, Softmax, LayerNormalization) where the plain ones are faster but
+        // round differently
+        for k in kernels.values_mut() {
+            if let Some(exact) = k.as_ref().ok().and_then(Kernel::exact_arithmetic) {
+                *k = Ok(exact);
+            }
+        }
+    }
     for id in order {
         let node = src.node(id);
         if node.op_is::<TypedSource>() {
@@ -188,6 +199,7 @@ fn placement_plan(
                             | Kernel::Reduce { .. }
                             | Kernel::RmsNorm { .. }
                             | Kernel::Norm(_)
+                            | Kernel::OrtLayerNorm(_)
                             | Kernel::Attention(_)
                     ) && !matches!(k, Kernel::Quant(q) if q.is_heavy())
                 }

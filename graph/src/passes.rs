@@ -17,12 +17,6 @@ pub fn run(model: &mut Model, level: OptimizationLevel) -> Result<()> {
             .pass_log
             .push("float16 computation runs in float32 (inputs/outputs stay float16), as onnxruntime's CPU".into());
     }
-    if level != OptimizationLevel::All {
-        // the GPU lowering (which loads at Basic) knows tract's decomposition of LayerNormalization, not kiln's CPU
-        // kernel with onnxruntime's arithmetic
-        kiln_ops::layer_norm::use_tract_layer_norm(&mut model.typed)
-            .map_err(|e| Error::from_tract(ErrorKind::InvalidModel, "decomposing LayerNormalization", &e))?;
-    }
     // a float16 model's KV concatenations (`present = Cast16(Concat(..))`) are no model outputs once computed in
     // float32, so tract's declutter would split the attention's matmul over them (ConcatThenEinsum), and the GPU
     // lowering (which loads at Basic) could no longer fuse that attention, nor read the cache in place: during

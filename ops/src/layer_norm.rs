@@ -448,9 +448,9 @@ impl PartialEq for OrtLayerNorm {
     }
 }
 
-/// Replaces every [`OrtLayerNorm`] of `model` by tract's decomposition of the node (reductions and elementwise ops,
-/// which the WebGPU lowering knows); returns how many. For models planned on the GPU: the CPU keeps onnxruntime's
-/// arithmetic.
+/// Replaces every [`OrtLayerNorm`] of `model` by tract's decomposition of the node (reductions and elementwise ops);
+/// returns how many. (The WebGPU lowering has kernels for [`OrtLayerNorm`] itself, onnxruntime's arithmetic
+/// included, so kiln's passes no longer call this.)
 pub fn use_tract_layer_norm(model: &mut TypedModel) -> TractResult<usize> {
     let ids: Vec<usize> = model.nodes().iter().filter(|n| n.op_is::<OrtLayerNorm>()).map(|n| n.id).collect();
     for id in &ids {

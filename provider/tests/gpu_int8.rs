@@ -717,18 +717,19 @@ fn minilm_gpu() -> Option<(f64, f64)> {
 #[test]
 fn minilm_int8_gpu_embeddings_match_onnxruntime() {
     if let Some((_, lowest)) = minilm_gpu() {
-        // what the GPU reaches today: 0.9939 (the CPU provider, onnxruntime's arithmetic: 0.99999); see below
-        assert!(lowest >= 0.99, "lowest embedding cosine {lowest}");
+        // onnxruntime's arithmetic on the GPU (see below): the CPU provider's 0.99999
+        assert!(lowest >= 0.99999, "lowest embedding cosine {lowest}");
     }
 }
 
-/// The issue's bound: last_hidden_state within 1e-2 of onnxruntime. Not met yet (max |diff| ~0.3): per-tensor
-/// dynamic quantization turns the ulps by which the GPU's LayerNormalization (tract's decomposition), Softmax and
-/// Erf differ from onnxruntime's CPU arithmetic into flipped uint8 codes that compound over the six layers (the
-/// quantization kernels themselves are bit-exact: same codes, scales and integer products on equal inputs). The
-/// CPU provider meets 1e-3 because kiln's CPU kernels reproduce onnxruntime's arithmetic bit for bit.
+/// The issue's bound: last_hidden_state within 1e-2 of onnxruntime. Per-tensor dynamic quantization turns every ulp
+/// by which a float kernel rounds differently from onnxruntime's CPU into flipped uint8 codes that compound over the
+/// six layers. So in models with DynamicQuantizeLinear the GPU computes as onnxruntime's CPU kernels do:
+/// LayerNormalization (kiln-ops' OrtLayerNorm: exact mean and fused multiply-adds in eight lanes, or
+/// SkipLayerNormalization's Welford), Softmax (MLAS's exp and summation order), float MatMul (one fused multiply-add
+/// per k, in order), and Erf in every model (MLAS's polynomial); fused multiply-adds are emulated exactly, as
+/// lavapipe's fma() is a multiply and an add. Measured on lavapipe: max |diff| 0 (bit-identical to onnxruntime 1.32; was 0.3).
 #[test]
-#[ignore = "needs onnxruntime's LayerNormalization / Softmax / Erf arithmetic on the GPU (see the doc comment)"]
 fn minilm_int8_gpu_last_hidden_state_within_1e_2() {
     if let Some((diff, _)) = minilm_gpu() {
         assert!(diff <= 1e-2, "max |last_hidden_state diff| {diff:.3e} > 1e-2");
@@ -843,5 +844,127 @@ fn blocked_and_16_bit_quantize_linear_match_onnxruntime() {
             let want = onnxruntime_run(&python, &bytes, &[("x", dtype, dims.to_vec(), q_raw)]);
             assert_eq!(got[0].to_f64_vec().expect("y"), want, "DequantizeLinear {what} against onnxruntime");
         }
+    }
+}
+
+/// The kernels with onnxruntime's CPU arithmetic (what int8 models need: see
+/// `minilm_int8_gpu_last_hidden_state_within_1e_2`) are bit-identical to the CPU provider's, whose kernels are ports
+/// of onnxruntime's (tested bit for bit against it in kiln-ops), in models with DynamicQuantizeLinear (what selects
+/// them): LayerNormalization (rows around the blocks of eight and four, with and without bias, over one or two
+/// axes), SkipLayerNormalization's arithmetic (an Add of two same-shaped rank-3 tensors feeding it, which
+/// onnxruntime fuses), float MatMul, Softmax over masked scores, and Erf on both sides of its polynomial split.
+#[test]
+fn onnxruntime_arithmetic_kernels_are_bit_identical_to_the_cpu() {
+    if !gpu_available() {
+        return;
+    }
+    let mut rng = Rng(seed());
+    let random = |rng: &mut Rng, dims: &[usize], lo: f32, hi: f32| -> Tensor {
+        let n: usize = dims.iter().product();
+        Tensor::from_vec(dims, (0..n).map(|_| rng.range(lo, hi)).collect::<Vec<f32>>()).expect("f32 tensor")
+    };
+    for d in [1usize, 7, 8, 12, 13, 384, 1000] {
+        for bias in [true, false] {
+            for two_axes in [false, true] {
+                let dims = [3usize, 2, d];
+                let norm: &[usize] = if two_axes { &dims[1..] } else { &dims[2..] };
+                let count: usize = norm.iter().product();
+                let gamma: Vec<f32> = (0..count).map(|_| rng.range(0.5, 1.5)).collect();
+                let beta: Vec<f32> = (0..count).map(|_| rng.range(-0.5, 0.5)).collect();
+                let mut inits = vec![init("g", FLOAT, norm, f32_raw(&gamma))];
+                let mut ins = vec!["x", "g"];
+                if bias {
+                    inits.push(init("b", FLOAT, norm, f32_raw(&beta)));
+                    ins.push("b");
+                }
+                let attrs = vec![attr_int("axis", if two_axes { 1 } else { -1 })];
+                // (a DynamicQuantizeLinear makes it an int8 model)
+                let bytes = model(
+                    vec![
+                        node("LayerNormalization", &ins, &["y"], attrs),
+                        node("DynamicQuantizeLinear", &["y"], &["qy", "qs", "qz"], vec![]),
+                    ],
+                    vec![value_info("x", FLOAT, Some(&dims))],
+                    vec![value_info("y", FLOAT, None), value_info("qy", UINT8, None)],
+                    inits,
+                );
+                let x = random(&mut rng, &dims, -2.0, 4.0);
+                cross(
+                    &format!("LayerNormalization {dims:?} bias {bias} two axes {two_axes}"),
+                    &bytes,
+                    vec![("x".into(), x)],
+                    &["y", "qy"],
+                    0.0,
+                );
+            }
+        }
+    }
+    for d in [13usize, 384] {
+        let dims = [2usize, 5, d];
+        let gamma: Vec<f32> = (0..d).map(|_| rng.range(0.5, 1.5)).collect();
+        let beta: Vec<f32> = (0..d).map(|_| rng.range(-0.5, 0.5)).collect();
+        let bytes = model(
+            vec![
+                node("Add", &["a", "r"], &["s"], vec![]),
+                node("LayerNormalization", &["s", "g", "b"], &["y"], vec![]),
+                node("DynamicQuantizeLinear", &["y"], &["qy", "qs", "qz"], vec![]),
+            ],
+            vec![value_info("a", FLOAT, Some(&dims)), value_info("r", FLOAT, Some(&dims))],
+            vec![value_info("y", FLOAT, None), value_info("qy", UINT8, None)],
+            vec![init("g", FLOAT, &[d], f32_raw(&gamma)), init("b", FLOAT, &[d], f32_raw(&beta))],
+        );
+        let feeds =
+            vec![("a".into(), random(&mut rng, &dims, -2.0, 4.0)), ("r".into(), random(&mut rng, &dims, -1.0, 1.0))];
+        cross(
+            &format!("Add + LayerNormalization (SkipLayerNormalization's arithmetic) {dims:?}"),
+            &bytes,
+            feeds,
+            &["y", "qy"],
+            0.0,
+        );
+    }
+    // an int8 model: float MatMul, Softmax and Erf with onnxruntime's arithmetic
+    for (k, n) in [(32usize, 7usize), (19, 40)] {
+        let (ad, bd, md) = ([2usize, 3, 5, k], [2usize, 3, k, n], [2usize, 1, 1, n]);
+        let bytes = model(
+            vec![
+                node("DynamicQuantizeLinear", &["q"], &["qy", "qs", "qz"], vec![]),
+                node("MatMul", &["a", "b"], &["m"], vec![]),
+                node("Add", &["m", "mask"], &["s"], vec![]),
+                node("Softmax", &["s"], &["y"], vec![attr_int("axis", -1)]),
+                node("Erf", &["e"], &["ye"], vec![]),
+            ],
+            vec![
+                value_info("q", FLOAT, Some(&[4, 6])),
+                value_info("a", FLOAT, Some(&ad)),
+                value_info("b", FLOAT, Some(&bd)),
+                value_info("mask", FLOAT, Some(&md)),
+                value_info("e", FLOAT, Some(&[1000])),
+            ],
+            vec![
+                value_info("qy", UINT8, None),
+                value_info("m", FLOAT, None),
+                value_info("y", FLOAT, None),
+                value_info("ye", FLOAT, None),
+            ],
+            vec![],
+        );
+        // masked scores as transformers' attention masks make them (the last key never masked)
+        let mask: Vec<f32> =
+            (0..2 * n).map(|i| if i % n != n - 1 && rng.next().is_multiple_of(3) { f32::MIN } else { 0.0 }).collect();
+        let feeds = vec![
+            ("q".into(), random(&mut rng, &[4, 6], -3.0, 5.0)),
+            ("a".into(), random(&mut rng, &ad, -2.0, 2.0)),
+            ("b".into(), random(&mut rng, &bd, -2.0, 2.0)),
+            ("mask".into(), Tensor::from_vec(&md, mask).expect("mask")),
+            ("e".into(), random(&mut rng, &[1000], -5.0, 5.0)),
+        ];
+        cross(
+            &format!("int8 model: MatMul {ad:?} x {bd:?}, Softmax, Erf"),
+            &bytes,
+            feeds,
+            &["qy", "m", "y", "ye"],
+            0.0,
+        );
     }
 }

@@ -350,11 +350,15 @@ pub enum Kernel {
         transpose_a: bool,
         transpose_b: bool,
         transpose_c: bool,
+        /// onnxruntime's CPU rounding (one fused multiply-add per k, in order; [`Kernel::exact_arithmetic`]).
+        exact: bool,
     },
     /// Softmax over one axis (LogSoftmax when `log`).
     Softmax {
         axis: usize,
         log: bool,
+        /// onnxruntime's CPU arithmetic (MLAS's exp and summation order; [`Kernel::exact_arithmetic`]).
+        exact: bool,
     },
     /// tract's MoveAxis: axis `from` moved to position `to` (a transpose).
     MoveAxis {
@@ -452,6 +456,8 @@ pub enum Kernel {
     GqaKv(crate::msft::GqaKvSpec),
     /// kiln's NormOp: (skip +) RMS / layer norm (· gamma + beta) in one dispatch (crate::msft).
     Norm(crate::msft::NormSpec),
+    /// ONNX LayerNormalization with onnxruntime's CPU arithmetic (crate::msft).
+    OrtLayerNorm(crate::msft::OrtLayerNormSpec),
 }
 
 /// How [`Kernel::Pad`] fills the border.
@@ -691,6 +697,25 @@ fn collapse(shape: &[usize], sa: &[usize], sb: &[usize]) -> (Vec<usize>, Vec<usi
 }
 
 impl Kernel {
+    /// This kernel computing as onnxruntime's CPU kernels round (bit for bit where the CPU provider is), at some cost:
+    /// what int8 models with per-tensor dynamic quantization need, whose uint8 codes flip on an ulp. `None`: the
+    /// kernel has no such variant (or always computes that way).
+    pub fn exact_arithmetic(&self) -> Option<Kernel> {
+        match self {
+            Kernel::MatMul { transpose_a, transpose_b, transpose_c, .. } => Some(Kernel::MatMul {
+                transpose_a: *transpose_a,
+                transpose_b: *transpose_b,
+                transpose_c: *transpose_c,
+                exact: true,
+            }),
+            Kernel::Softmax { axis, log: false, .. } => Some(Kernel::Softmax { axis: *axis, log: false, exact: true }),
+            Kernel::OrtLayerNorm(n) => {
+                Some(Kernel::OrtLayerNorm(crate::msft::OrtLayerNormSpec { exact: true, ..n.clone() }))
+            }
+            _ => None,
+        }
+    }
+
     pub fn name(&self) -> String {
         match self {
             Kernel::Unary(op) => format!("{op:?}"),
@@ -724,6 +749,7 @@ impl Kernel {
             Kernel::GqaKv(_) => "GqaPresent".into(),
             Kernel::Norm(n) if n.op.rms => "FusedRmsNorm".into(),
             Kernel::Norm(_) => "FusedLayerNorm".into(),
+            Kernel::OrtLayerNorm(_) => "LayerNorm".into(),
         }
     }
 
@@ -780,6 +806,7 @@ impl Kernel {
             Kernel::Quant(q) => q.output_dt(dts),
             Kernel::GqaKv(g) => g.output_dt(dts),
             Kernel::Norm(n) => n.output_dt(dts),
+            Kernel::OrtLayerNorm(n) => n.output_dt(dts),
             _ => all(F32).then_some(F32),
         }
     }
@@ -814,6 +841,7 @@ impl Kernel {
             Kernel::Quant(q) => q.arity(),
             Kernel::GqaKv(g) => g.arity(),
             Kernel::Norm(n) => n.arity(),
+            Kernel::OrtLayerNorm(n) => n.arity(),
         }
     }
 
@@ -891,7 +919,7 @@ impl Kernel {
             Kernel::Attention(a) => a.output_shape(inputs),
             Kernel::Rotary(_) => Ok(inputs[0].into()),
             Kernel::GqaKv(g) => g.output_shape(inputs),
-            Kernel::Norm(_) => Ok(inputs[0].into()),
+            Kernel::Norm(_) | Kernel::OrtLayerNorm(_) => Ok(inputs[0].into()),
             Kernel::MoveAxis { from, to } => {
                 let perm = move_axis_perm(inputs[0].len(), *from, *to)?;
                 Ok(perm.iter().map(|p| inputs[0][*p]).collect())
@@ -962,7 +990,7 @@ impl Kernel {
                 s.extend(d[axis + 1..].iter().copied());
                 Ok(s)
             }
-            Kernel::MatMul { transpose_a, transpose_b, transpose_c } => {
+            Kernel::MatMul { transpose_a, transpose_b, transpose_c, .. } => {
                 let (a, b) = (inputs[0], inputs[1]);
                 if a.len() != b.len() || a.len() < 2 {
                     return Err(Error::new(format!("webgpu: MatMul operands {a:?} and {b:?} need the same rank >= 2")));
@@ -1012,6 +1040,9 @@ impl Kernel {
         if let Kernel::View(_) = self {
             return Ok(GpuTensor::new(inputs[0].buffer.clone(), &out_shape, inputs[0].dt));
         }
+        if let Some(t) = if let Kernel::Quant(q) = self { q.alias(inputs, &out_shape, out_dt) } else { None } {
+            return Ok(t);
+        }
         if let Kernel::MoveAxis { from, to } = self {
             // an axis moved past unit axes only ([1, 1, H, D] → [1, H, 1, D] in a decode step): same bytes, same
             // order, no dispatch
@@ -1039,6 +1070,7 @@ impl Kernel {
             Kernel::Quant(q) => q.encode(ctx, rec, inputs, &out)?,
             Kernel::GqaKv(g) => g.encode(ctx, rec, inputs, &out)?,
             Kernel::Norm(n) => n.encode(ctx, rec, inputs, &out)?,
+            Kernel::OrtLayerNorm(n) => n.encode(ctx, rec, inputs, &out)?,
             Kernel::Unary(op) => {
                 let mut u = vec![u32_of("length", n)?, 1, gx, 0];
                 u.extend([0u32; 32]);
@@ -1075,7 +1107,7 @@ impl Kernel {
                 let b = [(1, inputs[1]), (2, inputs[2]), (3, &out), (4, inputs[0])];
                 launch(ctx, rec, "elementwise", "where_main", vec![], &u, &b, (gx, gy, 1))?;
             }
-            Kernel::Softmax { axis, log } => {
+            Kernel::Softmax { axis, log, exact } => {
                 let shape = &inputs[0].shape;
                 if *axis >= shape.len() {
                     return Err(Error::new(format!("webgpu: softmax axis {axis} out of range for {shape:?}")));
@@ -1084,9 +1116,14 @@ impl Kernel {
                 let inner: usize = shape[axis + 1..].iter().product();
                 let rows = n / len.max(1);
                 let (gx, gy) = ctx.grid(rows as u64)?;
-                let spec = vec![("WG", softmax_wg(ctx).to_string()), ("LOG", log.to_string())];
-                let u = [u32_of("rows", rows)?, u32_of("length", len)?, u32_of("length", inner)?, gx];
-                launch(ctx, rec, "softmax", "main", spec, &u, &[(1, inputs[0]), (3, &out)], (gx, gy, 1))?;
+                let u = [u32_of("rows", rows)?, u32_of("length", len)?, u32_of("length", inner)?, gx, 0, 0, 0, 0];
+                if *exact && !*log {
+                    let spec = vec![("WG", "16".to_string()), ("LOG", "false".to_string())];
+                    launch(ctx, rec, "softmax", "ort_main", spec, &u, &[(1, inputs[0]), (3, &out)], (gx, gy, 1))?;
+                } else {
+                    let spec = vec![("WG", softmax_wg(ctx).to_string()), ("LOG", log.to_string())];
+                    launch(ctx, rec, "softmax", "main", spec, &u, &[(1, inputs[0]), (3, &out)], (gx, gy, 1))?;
+                }
             }
             Kernel::Gather { axis } if inputs[0].dt == DatumType::F16 => {
                 let d = &inputs[0].shape;
@@ -1243,7 +1280,7 @@ impl Kernel {
                 let spec = vec![("TYPE", ty.to_string())];
                 launch(ctx, rec, "scan", "cumsum_main", spec, &u, &[(1, inputs[0]), (3, &out)], (gx, gy, 1))?;
             }
-            Kernel::MatMul { transpose_a, transpose_b, transpose_c } => {
+            Kernel::MatMul { transpose_a, transpose_b, transpose_c, exact } => {
                 let (a, b) = (&inputs[0].shape, &inputs[1].shape);
                 let r = a.len();
                 let (m, k) = if *transpose_a { (a[r - 1], a[r - 2]) } else { (a[r - 2], a[r - 1]) };
@@ -1271,7 +1308,10 @@ impl Kernel {
                 if batch as u64 > ctx.caps.max_workgroups_per_dim as u64 {
                     return Err(Error::new(format!("webgpu: MatMul batch {batch} exceeds the adapter's grid")));
                 }
-                let (entry, gx, gy) = if m == 1 {
+                let (entry, gx, gy) = if *exact {
+                    let (gx, gy) = ctx.grid(((m * n) as u64).div_ceil(64))?;
+                    ("mm_exact", gx, gy)
+                } else if m == 1 {
                     if b_sn == 1 {
                         let (gx, gy) = ctx.grid((n as u64).div_ceil(16))?;
                         ("mv_split", gx, gy)

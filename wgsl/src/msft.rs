@@ -119,3 +119,71 @@ impl NormSpec {
         launch(ctx, rec, "norm", "norm_main", vec![("WG", wg.to_string())], &u, &bindings, (gx, gy, 1))
     }
 }
+
+/// kiln-ops' `OrtLayerNorm` (ONNX LayerNormalization; kiln's CPU kernel computes as onnxruntime's): inputs (x,
+/// scale[, bias]), all f32, normalised over the axes from `axis` on. One dispatch: `norm_main` (parallel tree
+/// reductions), or with `exact` `ort_ln_main` (onnxruntime's arithmetic bit for bit, serial per row: for int8
+/// models, see [`crate::Kernel::exact_arithmetic`]); both in `kernels/norm.wgsl`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct OrtLayerNormSpec {
+    pub axis: usize,
+    /// The epsilon's bits.
+    pub eps: u32,
+    /// onnxruntime's SkipLayerNormalization arithmetic (else LayerNormalization's).
+    pub skip: bool,
+    pub bias: bool,
+    /// onnxruntime's arithmetic, bit for bit.
+    pub exact: bool,
+}
+
+impl OrtLayerNormSpec {
+    pub fn from_op(op: &kiln_ops::layer_norm::OrtLayerNorm, inputs: usize) -> Self {
+        OrtLayerNormSpec {
+            axis: op.axis,
+            eps: op.epsilon.to_bits(),
+            skip: op.arith == kiln_ops::layer_norm::LayerNormArith::Skip,
+            bias: inputs == 3,
+            exact: false,
+        }
+    }
+
+    pub fn arity(&self) -> usize {
+        2 + self.bias as usize
+    }
+
+    pub fn output_dt(&self, dts: &[DatumType]) -> Option<DatumType> {
+        (dts.len() == self.arity() && dts.iter().all(|d| *d == DatumType::F32)).then_some(DatumType::F32)
+    }
+
+    pub fn encode(&self, ctx: &Context, rec: &mut Recorder, inputs: &[&GpuTensor], out: &GpuTensor) -> Result<()> {
+        let shape = &inputs[0].shape;
+        if self.axis >= shape.len() {
+            return Err(Error::new(format!("webgpu: LayerNormalization axis {} for shape {shape:?}", self.axis)));
+        }
+        let d: usize = shape[self.axis..].iter().product();
+        if inputs[1..].iter().any(|t| t.len() != d) {
+            return Err(Error::new(format!("webgpu: LayerNormalization scale / bias for rows of {d}")));
+        }
+        let rows = inputs[0].len().checked_div(d).unwrap_or(0);
+        let (gx, gy) = ctx.grid(rows as u64)?;
+        let beta = inputs.get(2).copied().unwrap_or(inputs[1]);
+        if !self.exact {
+            // NormOp's kernel: gamma (4), beta (8)
+            let flags = 4 | (self.bias as u32) << 3;
+            let u = [u32_of("rows", rows)?, u32_of("channels", d)?, gx, self.eps, flags, 1, 0, 0];
+            let wg = if d <= 64 {
+                64
+            } else if d <= 128 {
+                128
+            } else {
+                256
+            };
+            let bindings = [(1, inputs[0]), (2, inputs[0]), (3, out), (4, inputs[0]), (5, inputs[1]), (6, beta)];
+            return launch(ctx, rec, "norm", "norm_main", vec![("WG", wg.to_string())], &u, &bindings, (gx, gy, 1));
+        }
+        let flags = (self.bias as u32) << 3 | (self.skip as u32) << 5;
+        let u = [u32_of("rows", rows)?, u32_of("channels", d)?, gx, self.eps, flags, 1, 0, 0];
+        let bindings = [(1, inputs[0]), (3, out), (5, inputs[1]), (6, beta)];
+        launch(ctx, rec, "norm", "ort_ln_main", vec![("WG", "64".to_string())], &u, &bindings, (gx, gy, 1))
+    }
+}

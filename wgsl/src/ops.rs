@@ -143,7 +143,12 @@ fn kernel_of(model: &TypedModel, node: &TypedNode, caps: &Caps) -> Result<Kernel
         if mm.quantize_output.is_some() || mm.operating_dt.is_some_and(|dt| dt != DatumType::F32) {
             return Err("quantized matmul".into());
         }
-        Kernel::MatMul { transpose_a: mm.transpose_a, transpose_b: mm.transpose_b, transpose_c: mm.transpose_c }
+        Kernel::MatMul {
+            transpose_a: mm.transpose_a,
+            transpose_b: mm.transpose_b,
+            transpose_c: mm.transpose_c,
+            exact: false,
+        }
     } else if let Some(q) = node.op_as::<kiln_ops::matmul_nbits::PackedMatMulNBits>() {
         Kernel::QMatMul(crate::qmatmul::QMatMul::for_op(q)?)
     } else if let Some(ax) = node.op_as::<AxisOp>() {
@@ -244,7 +249,7 @@ fn kernel_of(model: &TypedModel, node: &TypedNode, caps: &Caps) -> Result<Kernel
         if sm.axes.len() != 1 || sm.quant_output_dt.is_some() {
             return Err("softmax over several axes or quantized".into());
         }
-        Kernel::Softmax { axis: sm.axes[0], log: sm.kind == SoftmaxKind::LogSoftmax }
+        Kernel::Softmax { axis: sm.axes[0], log: sm.kind == SoftmaxKind::LogSoftmax, exact: false }
     } else if let Some(a) = node.op_as::<crate::attention::AttentionYOp>() {
         crate::attention::kernel_for(model, node, a)?
     } else if let Some(d) = node.op_as::<kiln_ops::dim_values::DimValues>() {
@@ -260,6 +265,8 @@ fn kernel_of(model: &TypedModel, node: &TypedNode, caps: &Caps) -> Result<Kernel
         Kernel::GqaKv(crate::msft::GqaKvSpec { op: g.clone() })
     } else if let Some(n) = node.op_as::<crate::msft::NormOp>() {
         Kernel::Norm(crate::msft::NormSpec { op: n.clone() })
+    } else if let Some(n) = node.op_as::<kiln_ops::layer_norm::OrtLayerNorm>() {
+        Kernel::OrtLayerNorm(crate::msft::OrtLayerNormSpec::from_op(n, node.inputs.len()))
     } else {
         // shape arithmetic (tract's TDim values) is host work, whatever op wraps it
         if node.outputs.iter().any(|o| o.fact.datum_type == DatumType::TDim) {

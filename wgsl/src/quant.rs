@@ -214,6 +214,19 @@ impl QuantKernel {
         }
     }
 
+    /// The output as a view of an input's buffer, where no dispatch is needed: DynamicQuantizeLinear's scale is
+    /// element 0 of its parameters (`[scale, zero point]`, f32).
+    pub(crate) fn alias(&self, inputs: &[&GpuTensor], shape: &[usize], dt: DatumType) -> Option<GpuTensor> {
+        match self {
+            QuantKernel::DynPick { zero_point: false } if shape.is_empty() && dt == DatumType::F32 => {
+                let params = inputs.first()?;
+                (params.dt == DatumType::F32 && params.kv.is_none() && !params.is_empty())
+                    .then(|| GpuTensor::new(params.buffer.clone(), shape, dt))
+            }
+            _ => None,
+        }
+    }
+
     /// Records the kernel (`out` allocated by the caller).
     pub(crate) fn encode(
         &self,

@@ -22,8 +22,10 @@ struct Params {
 @group(0) @binding(4) var<storage, read> c: array<f32>;
 
 fn erf_approx(x: f32) -> f32 {
-    // onnxruntime's MLAS erf (MlasComputeErf, faithfully rounded; kiln-ops' erf.rs bit for bit where fma is fused):
+    // onnxruntime's MLAS erf (MlasComputeErf, faithfully rounded; kiln-ops' erf.rs, bit for bit):
     // a polynomial in x² below |x| = 0.921875, 1 - exp(-poly(|x|)) above, clamped at 3.925
+    // fused multiply-adds emulated (fma_x: some adapters' fma() is a multiply and an add); p._pad is zero
+    let z = p._pad;
     if (is_nan(x)) {
         return x;
     }
@@ -31,37 +33,36 @@ fn erf_approx(x: f32) -> f32 {
     var r: f32;
     if (a >= 0.921875) {
         r = bitcast<f32>(0x37911480u);
-        r = fma(r, a, bitcast<f32>(0xb9c8e966u));
-        r = fma(r, a, bitcast<f32>(0x3b7e899bu));
-        r = fma(r, a, bitcast<f32>(0xbcc6b180u));
-        r = fma(r, a, bitcast<f32>(0x3ddaae58u));
-        r = fma(r, a, bitcast<f32>(0x3f228550u));
-        r = fma(r, a, bitcast<f32>(0x3e03ce86u));
-        r = fma(r, a, a);
+        r = fma_x(r, a, bitcast<f32>(0xb9c8e966u), z);
+        r = fma_x(r, a, bitcast<f32>(0x3b7e899bu), z);
+        r = fma_x(r, a, bitcast<f32>(0xbcc6b180u), z);
+        r = fma_x(r, a, bitcast<f32>(0x3ddaae58u), z);
+        r = fma_x(r, a, bitcast<f32>(0x3f228550u), z);
+        r = fma_x(r, a, bitcast<f32>(0x3e03ce86u), z);
+        r = fma_x(r, a, a, z);
         let v = max(-r, bitcast<f32>(0xc2b0c0a5u));
-        // MLAS rounds with fma(v, log2 e, 1.5·2^23) - 1.5·2^23, which shader compilers fold away: round() instead
-        // (the same integer but where log2(e)·v lies within an ulp of a half)
-        let m = round(1.44269504088896341 * v);
-        var f = fma(m, bitcast<f32>(0xbf317200u), v);
-        f = fma(m, bitcast<f32>(0xb5bfbe8eu), f);
+        // MLAS rounds with fma(v, log2 e, 1.5·2^23) - 1.5·2^23 (opaque: compilers fold it away)
+        let m = opq(fma_x(bitcast<f32>(0x3fb8aa3bu), v, 12582912.0, z), z) - 12582912.0;
+        var f = fma_x(m, bitcast<f32>(0xbf317200u), v, z);
+        f = fma_x(m, bitcast<f32>(0xb5bfbe8eu), f, z);
         var y = bitcast<f32>(0x3ab54c6du);
-        y = fma(y, f, bitcast<f32>(0x3c093965u));
-        y = fma(y, f, bitcast<f32>(0x3d2aad10u));
-        y = fma(y, f, bitcast<f32>(0x3e2aaa17u));
-        y = fma(y, f, bitcast<f32>(0x3efffffbu));
-        y = fma(y, f, 1.0);
-        y = fma(y, f, 1.0);
+        y = fma_x(y, f, bitcast<f32>(0x3c093965u), z);
+        y = fma_x(y, f, bitcast<f32>(0x3d2aad10u), z);
+        y = fma_x(y, f, bitcast<f32>(0x3e2aaa17u), z);
+        y = fma_x(y, f, bitcast<f32>(0x3efffffbu), z);
+        y = fma_x(y, f, 1.0, z);
+        y = fma_x(y, f, 1.0, z);
         let pow2 = bitcast<f32>(u32(i32(m) + 127) << 23u);
-        r = 1.0 - y * pow2;
+        r = 1.0 - opq(y * pow2, z);
     } else {
         let s = a * a;
         r = bitcast<f32>(0xba1d0d41u);
-        r = fma(r, s, bitcast<f32>(0x3ba39fa4u));
-        r = fma(r, s, bitcast<f32>(0xbcdb45e9u));
-        r = fma(r, s, bitcast<f32>(0x3de70d23u));
-        r = fma(r, s, bitcast<f32>(0xbec09370u));
-        r = fma(r, s, bitcast<f32>(0x3e0375d3u));
-        r = fma(r, a, a);
+        r = fma_x(r, s, bitcast<f32>(0x3ba39fa4u), z);
+        r = fma_x(r, s, bitcast<f32>(0xbcdb45e9u), z);
+        r = fma_x(r, s, bitcast<f32>(0x3de70d23u), z);
+        r = fma_x(r, s, bitcast<f32>(0xbec09370u), z);
+        r = fma_x(r, s, bitcast<f32>(0x3e0375d3u), z);
+        r = fma_x(r, a, a, z);
     }
     return bitcast<f32>(bitcast<u32>(r) | (bitcast<u32>(x) & 0x80000000u));
 }

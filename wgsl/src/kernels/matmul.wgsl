@@ -159,3 +159,21 @@ fn mv_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
         c[off.z + n * p.c_sn] = part[li];
     }
 }
+
+// onnxruntime's CPU rounding (MLAS's SGEMM, and tract's CPU kernels: one fused multiply-add per k, in order, from
+// zero): one invocation per output element, batch along z. `_pad` is zero at run time (`opq`).
+@compute @workgroup_size(64)
+fn mm_exact(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let i = group_index(wid, p.groups_x) * 64u + li;
+    if (i >= p.m * p.n) {
+        return;
+    }
+    let off = batch_offsets(wid.z);
+    let m = i / p.n;
+    let n = i % p.n;
+    var acc = 0.0;
+    for (var k = 0u; k < p.k; k = k + 1u) {
+        acc = fma_x(a[off.x + m * p.a_sm + k * p.a_sk], b[off.y + k * p.b_sk + n * p.b_sn], acc, p._pad);
+    }
+    c[off.z + m * p.c_sm + n * p.c_sn] = acc;
+}

@@ -49,3 +49,54 @@ fn offsets3(i: u32, rank: u32, shape: array<vec4<u32>, 2>, s0: array<vec4<u32>, 
     return off;
 }
 
+
+// Exact arithmetic where onnxruntime's CPU kernels round differently from plain WGSL: shader compilers lower fma()
+// to a multiply and an add on some adapters (lavapipe) and fold `(a + b) - a` to `b`, so the error-free
+// transformations below read their cancelling operands through `opq(x, z)` (`z` a uniform word that is zero at run
+// time: the compiler cannot see through it).
+fn opq(x: f32, z: u32) -> f32 {
+    return bitcast<f32>(bitcast<u32>(x) ^ z);
+}
+
+// a + b = s + e exactly (Knuth's TwoSum). Operands and results are opaque too: compilers reassociate constant
+// operands out of chains of adds (`(c + x) + y` → `(x + y) + c`).
+fn two_sum(a0: f32, b0: f32, z: u32) -> vec2<f32> {
+    let a = opq(a0, z);
+    let b = opq(b0, z);
+    let s = a + b;
+    let bb = s - opq(a, z);
+    let av = opq(s, z) - bb;
+    return vec2<f32>(opq(s, z), (a - av) + (b - bb));
+}
+
+// a · b = p + e exactly (Dekker's product with Veltkamp's split; no overflow).
+fn two_prod(a0: f32, b0: f32, z: u32) -> vec2<f32> {
+    let a = opq(a0, z);
+    let b = opq(b0, z);
+    let p = a * b;
+    let ta = 4097.0 * a;
+    let ah = ta - (opq(ta, z) - a);
+    let al = a - ah;
+    let tb = 4097.0 * b;
+    let bh = tb - (opq(tb, z) - b);
+    let bl = b - bh;
+    let e = (((ah * bh - p) + ah * bl) + al * bh) + al * bl;
+    return vec2<f32>(opq(p, z), e);
+}
+
+// a + b rounded to odd (the last bit set where the sum was inexact).
+fn add_odd(a: f32, b: f32, z: u32) -> f32 {
+    let t = two_sum(a, b, z);
+    var v = bitcast<u32>(t.x);
+    if (t.y != 0.0 && (v & 1u) == 0u) {
+        v = select(v - 1u, v + 1u, (t.y > 0.0) == (t.x > 0.0));
+    }
+    return bitcast<f32>(v);
+}
+
+// fma(a, b, c) rounded once, as a fused multiply-add (Boldo & Melquiond's emulation through rounding to odd).
+fn fma_x(a: f32, b: f32, c: f32, z: u32) -> f32 {
+    let p = two_prod(a, b, z);
+    let u = two_sum(c, p.x, z);
+    return u.x + add_odd(u.y, p.y, z);
+}
