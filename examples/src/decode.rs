@@ -9,12 +9,15 @@ use std::path::Path;
 use std::time::Instant;
 
 use kiln_provider::blocking::Session;
-use kiln_provider::{Dim, ElementType, Tensor, ValueInfo};
+use kiln_provider::{Dim, ElementType, Location, PreferredOutputLocation, RunOptions, Tensor, Value, ValueInfo};
 
 pub struct DecodeResult {
     pub tokens: Vec<i64>,
     pub prefill_ms: f64,
     pub decode_ms: Vec<f64>,
+    /// The GPU placement report right after the prefill (counters and profile so far), to tell the decode steps'
+    /// share of the totals.
+    pub after_prefill: Option<kiln_provider::PlacementReport>,
 }
 
 #[derive(Debug, Clone)]
@@ -36,6 +39,9 @@ pub struct DecodePlan {
     logits: String,
     /// The vocabulary size when the model or config.json gives it.
     vocab: Option<usize>,
+    /// On the GPU, keep `present.*` on the GPU and feed it back as the next `past_key_values.*` (the KV Concat then
+    /// appends in place); `false` reads every cache back and uploads it again.
+    pub gpu_kv: bool,
 }
 
 fn et(v: &ValueInfo) -> Result<ElementType, String> {
@@ -239,7 +245,7 @@ impl DecodePlan {
                 _ => None,
             })
             .or_else(|| read_config(model).and_then(|c| config_usize(&c, &["vocab_size"])));
-        Ok(DecodePlan { input_ids, attention_mask, position_ids, use_cache_branch, pasts, logits, vocab })
+        Ok(DecodePlan { input_ids, attention_mask, position_ids, use_cache_branch, pasts, logits, vocab, gpu_kv: true })
     }
 
     /// Prefill with `prompt`, then `steps - 1` single-token steps; returns the `steps` generated ids.
@@ -253,44 +259,59 @@ impl DecodePlan {
                 self.vocab.map(|v| v.to_string()).unwrap_or_else(|| "?".into())
             ));
         }
-        let mut cache: Vec<Tensor> = self
+        let mut cache: Vec<Value> = self
             .pasts
             .iter()
-            .map(|p| Tensor::from_bytes(p.element_type, &p.empty_dims, &[]))
+            .map(|p| Tensor::from_bytes(p.element_type, &p.empty_dims, &[]).map(Value::Cpu))
             .collect::<Result<_, _>>()
             .map_err(|e| format!("building the empty cache: {e}"))?;
+        let on_gpu = self.gpu_kv && session.gpu_placement().is_some();
+        let run_options = RunOptions {
+            preferred_output_location: on_gpu.then(|| {
+                PreferredOutputLocation::PerOutput(
+                    self.pasts.iter().map(|p| (p.present.clone(), Location::GpuBuffer)).collect(),
+                )
+            }),
+        };
         let mut past_len = 0usize;
         let mut feed: Vec<i64> = prompt.to_vec();
         let mut tokens = vec![];
         let mut prefill_ms = 0.0;
         let mut decode_ms = vec![];
+        let mut after_prefill = None;
         for step in 0..steps {
             let t0 = Instant::now();
             let seq = feed.len();
-            let mut feeds: Vec<(String, Tensor)> = vec![];
-            feeds.push((self.input_ids.0.clone(), int_tensor(self.input_ids.1, &[1, seq], feed.clone())?));
+            let mut feeds: Vec<(String, Value)> = vec![];
+            feeds.push((self.input_ids.0.clone(), int_tensor(self.input_ids.1, &[1, seq], feed.clone())?.into()));
             if let Some((name, t)) = &self.attention_mask {
-                feeds.push((name.clone(), int_tensor(*t, &[1, past_len + seq], vec![1; past_len + seq])?));
+                feeds.push((name.clone(), int_tensor(*t, &[1, past_len + seq], vec![1; past_len + seq])?.into()));
             }
             if let Some((name, t)) = &self.position_ids {
                 let pos = (past_len as i64..(past_len + seq) as i64).collect();
-                feeds.push((name.clone(), int_tensor(*t, &[1, seq], pos)?));
+                feeds.push((name.clone(), int_tensor(*t, &[1, seq], pos)?.into()));
             }
             if let Some(name) = &self.use_cache_branch {
-                feeds.push((name.clone(), Tensor::from_vec(&[1], vec![past_len > 0]).map_err(|e| e.to_string())?));
+                feeds.push((
+                    name.clone(),
+                    Tensor::from_vec(&[1], vec![past_len > 0]).map_err(|e| e.to_string())?.into(),
+                ));
             }
             for (p, t) in self.pasts.iter().zip(cache.drain(..)) {
                 feeds.push((p.input.clone(), t));
             }
-            let mut out = session.run(feeds).map_err(|e| format!("step {step} (past {past_len}, seq {seq}): {e}"))?;
+            let mut out = session
+                .run_with(feeds, None, &run_options)
+                .map_err(|e| format!("step {step} (past {past_len}, seq {seq}): {e}"))?;
             let logits = out.take(&self.logits).ok_or("no logits output")?;
             let next = argmax_last(&logits)?;
             for p in &self.pasts {
-                cache.push(out.take(&p.present).ok_or_else(|| format!("no output `{}`", p.present))?);
+                cache.push(out.take_value(&p.present).ok_or_else(|| format!("no output `{}`", p.present))?);
             }
             let ms = t0.elapsed().as_secs_f64() * 1e3;
             if step == 0 {
                 prefill_ms = ms;
+                after_prefill = session.gpu_placement();
             } else {
                 decode_ms.push(ms);
             }
@@ -298,7 +319,7 @@ impl DecodePlan {
             past_len += seq;
             feed = vec![next];
         }
-        Ok(DecodeResult { tokens, prefill_ms, decode_ms })
+        Ok(DecodeResult { tokens, prefill_ms, decode_ms, after_prefill })
     }
 }
 
