@@ -966,3 +966,94 @@ fn rope_with_gathered_tables_is_fused_on_gpu() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// Decomposed attention with a boolean mask applied as `Where(mask, scores, −inf)` (or the float minimum), and
+/// with a softcap `c·tanh(x/c)` on the scaled scores (before the mask, as Gemma 2 exports it): one fused attention
+/// node on the GPU, matching the CPU's evaluation of the graph. No row is fully masked (the decomposed graph gives
+/// NaN or a uniform average there, the kernel zeros).
+#[test]
+fn decomposed_attention_with_where_masks_and_softcap_is_fused_on_gpu() {
+    if !gpu_available() {
+        return;
+    }
+    let mut rng = Rng(seed());
+    let mut failures = vec![];
+    // (b, h, s, t, d, mask: 0 none / 1 Where −inf / 2 Where float min / 3 additive, softcap)
+    for (b, h, s, t, d, mask, cap) in [
+        (1, 3, 1, 9, 16, 1, 0.0),
+        (2, 2, 4, 6, 32, 2, 0.0),
+        (1, 2, 5, 5, 16, 1, 5.0),
+        (1, 4, 1, 33, 64, 3, 2.0),
+        (2, 2, 3, 7, 16, 0, 30.0),
+    ] {
+        let what = format!("b {b} h {h} s {s} t {t} d {d} mask {mask} softcap {cap}");
+        let perm = pb::AttributeProto {
+            name: "perm".into(),
+            ints: vec![0, 1, 3, 2],
+            r#type: pb::attribute_proto::AttributeType::Ints as i32,
+            ..Default::default()
+        };
+        let mut nodes = vec![
+            node("Transpose", &["k"], "kt", vec![perm]),
+            node("MatMul", &["q", "kt"], "qk", vec![]),
+            node("Mul", &["qk", "c"], "scores", vec![]),
+        ];
+        let mut last = "scores";
+        if cap > 0.0 {
+            nodes.push(node("Div", &["scores", "cap"], "shrunk", vec![]));
+            nodes.push(node("Tanh", &["shrunk"], "th", vec![]));
+            nodes.push(node("Mul", &["th", "cap"], "capped", vec![]));
+            last = "capped";
+        }
+        match mask {
+            1 | 2 => nodes.push(node("Where", &["mask", last, "fill"], "masked", vec![])),
+            3 => nodes.push(node("Add", &[last, "mask"], "masked", vec![])),
+            _ => {}
+        }
+        if mask != 0 {
+            last = "masked";
+        }
+        nodes.push(node("Softmax", &[last], "p", vec![attr_int("axis", -1)]));
+        nodes.push(node("MatMul", &["p", "v"], "y", vec![]));
+        let mut inputs = vec![
+            value_info("q", 1, Some(&[b, h, s, d])),
+            value_info("k", 1, Some(&[b, h, t, d])),
+            value_info("v", 1, Some(&[b, h, t, d])),
+        ];
+        let mut feeds = vec![
+            ("q".to_string(), tensor_f32(&mut rng, &[b, h, s, d], -2.0, 2.0)),
+            ("k".to_string(), tensor_f32(&mut rng, &[b, h, t, d], -2.0, 2.0)),
+            ("v".to_string(), tensor_f32(&mut rng, &[b, h, t, d], -1.0, 1.0)),
+        ];
+        // causal-like with a hole per batch; key 0 always visible
+        let keep: Vec<bool> =
+            (0..b * s * t).map(|i| i % t == 0 || (i % t <= t - s + (i / t) % s && i % t != 1 + i / (s * t))).collect();
+        if mask == 3 {
+            let data: Vec<f32> = keep.iter().map(|k| if *k { 0.0 } else { f32::NEG_INFINITY }).collect();
+            inputs.push(value_info("mask", 1, Some(&[b, 1, s, t])));
+            feeds.push(("mask".into(), Tensor::from_vec(&[b, 1, s, t], data).unwrap()));
+        } else if mask != 0 {
+            inputs.push(value_info("mask", 9, Some(&[b, 1, s, t])));
+            feeds.push(("mask".into(), Tensor::from_vec(&[b, 1, s, t], keep).unwrap()));
+        }
+        let fill = if mask == 2 { f32::MIN } else { f32::NEG_INFINITY };
+        let init = vec![
+            konst_f32("c", &[], vec![1.0 / (d as f32).sqrt()]),
+            konst_f32("cap", &[], vec![cap]),
+            konst_f32("fill", &[], vec![fill]),
+        ];
+        let bytes = graph_model(nodes, inputs, init);
+        let gpu = Session::from_bytes(&bytes, &options(ExecutionProvider::WebGpu)).expect("gpu session");
+        let report = gpu.gpu_placement().expect("on the GPU");
+        let fused = report.nodes.iter().filter(|n| n.op == "KilnAttentionY" && n.device == Device::Gpu).count();
+        let softmax = report.nodes.iter().filter(|n| n.op.contains("Softmax")).count();
+        if fused != 1 || softmax != 0 {
+            failures.push(format!("{what}: not fused: {:?}", report.nodes.iter().map(|n| &n.op).collect::<Vec<_>>()));
+            continue;
+        }
+        if let Err(e) = compare_y(&bytes, feeds, &what, 2e-5) {
+            failures.push(e);
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

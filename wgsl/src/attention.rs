@@ -705,8 +705,38 @@ fn unsplit_at(model: &TypedModel, id: usize) -> Option<TypedModelPatch> {
     build().ok()
 }
 
-/// Recognises the decomposed attention that exporters emit — `MatMul(Q, Kᵀ)` (· or / a scalar) (+ a float mask)
-/// → Softmax over the keys (→ `Where(IsNaN(p), 0, p)`) → `MatMul(·, V)`, with the batch and head axes merged or
+/// `(y, c)` when `o` (through reshapes) is a softcap `Mul(Tanh(y'), c)` with `y' = y / c` (or `y · 1/c`), c > 0.
+fn strip_softcap(model: &TypedModel, o: OutletId) -> Option<(OutletId, f32)> {
+    let m = model.node(before_reshapes(model, o).node);
+    if binop_name(m).as_deref() != Some("Mul") {
+        return None;
+    }
+    let (c, t) = match (scalar_const(model, m.inputs[1]), scalar_const(model, m.inputs[0])) {
+        (Some(c), _) => (c, m.inputs[0]),
+        (None, Some(c)) => (c, m.inputs[1]),
+        _ => return None,
+    };
+    let tanh = model.node(t.node);
+    let is_tanh =
+        tanh.op_as::<tract_onnx::tract_core::ops::element_wise::ElementWiseOp>().is_some_and(|e| e.0.name() == "Tanh");
+    if !is_tanh || !(c > 0.0 && c.is_finite()) {
+        return None;
+    }
+    let d = model.node(before_reshapes(model, tanh.inputs[0]).node);
+    let inv = match binop_name(d).as_deref() {
+        Some("Div") => scalar_const(model, d.inputs[1]).map(|k| 1.0 / k),
+        Some("Mul") => scalar_const(model, d.inputs[1]).or(scalar_const(model, d.inputs[0])),
+        _ => None,
+    }?;
+    if (inv * c - 1.0).abs() > 1e-5 {
+        return None;
+    }
+    let y = if scalar_const(model, d.inputs[1]).is_some() { d.inputs[0] } else { d.inputs[1] };
+    Some((y, c))
+}
+
+/// Recognises the decomposed attention that exporters emit — `MatMul(Q, Kᵀ)` (· or / a scalar) (softcap
+/// `c·tanh(x/c)`) (+ a float mask, or `Where(bool mask, x, −inf)`) → Softmax over the keys (→ `Where(IsNaN(p), 0, p)`) → `MatMul(·, V)`, with the batch and head axes merged or
 /// split by reshapes around the matmuls — and computes it with one [`AttentionYOp`] (the fused kernel on the GPU)
 /// on the 4D `[batch, heads, seq, head]` Q, K and V the reshapes start from (GQA: K from before its repeat_kv, V
 /// as the grouped matmul reads it), when every shape checks; anything else is left alone. Returns how many it
@@ -732,12 +762,31 @@ pub fn fuse_decomposed_attention(model: &mut TypedModel) -> TractResult<usize> {
         // upstream: (+ mask) (· scale) reshapes MatMul(Q, Kᵀ)
         let mut x = node.inputs[0];
         let mut mask = None;
-        if binop_name(model.node(x.node)).as_deref() == Some("Add") {
+        let fits_mask = |o: OutletId, dt: DatumType| {
+            model.outlet_fact(o).is_ok_and(|mf| {
+                let target = [&b, &hq, &s];
+                mf.rank() == 4
+                    && mf.datum_type == dt
+                    && mf.shape[3] == t
+                    && (0..3).all(|i| mf.shape[i] == *target[i] || mf.shape[i] == 1.to_dim())
+            })
+        };
+        let xn = model.node(x.node);
+        if xn.op_is::<Iff>() && xn.inputs.len() == 3 {
+            // masked_fill: Where(mask, scores, -inf or the float minimum)
+            let fill = scalar_const(model, xn.inputs[2]);
+            if !fill.is_some_and(|f| f <= -1e30) || !fits_mask(xn.inputs[0], DatumType::Bool) {
+                continue;
+            }
+            mask = Some(xn.inputs[0]);
+            x = xn.inputs[1];
+        } else if binop_name(model.node(x.node)).as_deref() == Some("Add") {
             let add = model.node(x.node);
             let ranks: Vec<usize> =
                 add.inputs.iter().map(|i| model.outlet_fact(*i).map(|f| f.rank()).unwrap_or(0)).collect();
             // the scores come from a matmul (through reshapes / a scale); the other operand is the mask
             let from_mm = |o: OutletId| {
+                let o = strip_softcap(model, o).map_or(o, |(y, _)| y);
                 let mut o = before_reshapes(model, o);
                 if matches!(binop_name(model.node(o.node)).as_deref(), Some("Mul" | "Div")) {
                     o = before_reshapes(model, model.node(o.node).inputs[0]);
@@ -759,6 +808,11 @@ pub fn fuse_decomposed_attention(model: &mut TypedModel) -> TractResult<usize> {
             x = add.inputs[si];
         }
         let mut scale = 1.0f32;
+        let mut softcap = 0.0f32;
+        if let Some((y, c)) = strip_softcap(model, x) {
+            softcap = c;
+            x = y;
+        }
         // a scalar scale commutes with reshapes (tract's declutter moves it across them)
         x = before_reshapes(model, x);
         if let Some(op) = binop_name(model.node(x.node)).filter(|n| n == "Mul" || n == "Div") {
@@ -891,7 +945,7 @@ pub fn fuse_decomposed_attention(model: &mut TypedModel) -> TractResult<usize> {
             kv_num_heads: None,
             is_causal: false,
             scale: Some(scale * q_scale),
-            softcap: 0.0,
+            softcap,
             qk_mode: 0,
             has_mask: mask.is_some(),
             has_past_key: false,
