@@ -355,12 +355,12 @@ fn present_rows<T: Datum + Copy + Default>(
     };
     let t = p + s;
     let mut out = vec![T::default(); b * heads * t * d];
-    for bi in 0..b {
-        let pb = (seqlens[bi] + 1 - s as i64).max(0) as usize;
+    ensure!(seqlens.len() >= b, "GroupQueryAttention: {} seqlens_k for batch {b}", seqlens.len());
+    for (bi, &len) in seqlens.iter().enumerate().take(b) {
+        let pb = (len + 1 - s as i64).max(0) as usize;
         ensure!(
             pb + s <= t,
-            "GroupQueryAttention: seqlens_k[{bi}] = {} puts the new tokens past the present length {t}",
-            seqlens[bi]
+            "GroupQueryAttention: seqlens_k[{bi}] = {len} puts the new tokens past the present length {t}"
         );
         for h in 0..heads {
             for r in 0..t {
@@ -377,7 +377,7 @@ fn present_rows<T: Datum + Copy + Default>(
             }
         }
     }
-    Ok(Tensor::from_shape::<T>(&[b, heads, t, d], &out)?)
+    Tensor::from_shape::<T>(&[b, heads, t, d], &out)
 }
 
 impl EvalOp for GqaKvOp {

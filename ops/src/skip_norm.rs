@@ -205,11 +205,14 @@ impl NormOp {
         ensure!(lens.len() == self.arity(), "norm: {} inputs for {}", lens.len(), self.arity());
         let d = *x.last().context("norm: scalar input")?;
         let n: usize = x.iter().product();
-        let rows = if d == 0 { 0 } else { n / d };
+        let rows = n.checked_div(d).unwrap_or(0);
         let mut at = 1;
         if self.has_skip {
             let s = lens[at];
-            ensure!(s > 0 && d > 0 && s % d == 0 && rows % (s / d) == 0, "norm: skip of {s} values for input {x:?}");
+            ensure!(
+                s > 0 && d > 0 && s.is_multiple_of(d) && rows % (s / d) == 0,
+                "norm: skip of {s} values for input {x:?}"
+            );
             at += 1;
         }
         for _ in 0..(self.has_bias as usize + self.has_gamma as usize + self.has_beta as usize) {

@@ -456,6 +456,7 @@ impl GpuBackend {
                             op.kernel.encode(ctx, rec, &refs, &state.turn_state.resolved_symbols).map_err(|e| {
                                 Error::runtime(format!("webgpu: {} ({}): {}", node.name, op.kernel.name(), e.message))
                             })?;
+                        rec.tag = None;
                         drop(args);
                         for t in temps {
                             rec.release(t);

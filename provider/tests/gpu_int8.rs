@@ -339,7 +339,8 @@ fn matmul_integer_matches_cpu() {
     }
     let mut rng = Rng(seed());
     // (A dims, B dims, A from an input (else both inputs), B type, B zero points per column)
-    let cases: Vec<(Vec<usize>, Vec<usize>, i32, bool, bool)> = vec![
+    type Case = (Vec<usize>, Vec<usize>, i32, bool, bool);
+    let cases: Vec<Case> = vec![
         (vec![1, 37], vec![37, 19], UINT8, false, false),
         (vec![5, 300], vec![300, 33], INT8, true, true),
         (vec![3, 5, 37], vec![37, 19], UINT8, true, false),

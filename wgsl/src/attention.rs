@@ -570,7 +570,7 @@ fn split_side(model: &TypedModel, add: usize, o: OutletId) -> Option<SplitSide> 
         return None;
     }
     Some(SplitSide {
-        op: op.clone(),
+        op: *op,
         p: sl.inputs[0],
         start: s.start.clone(),
         end: s.end.clone(),
@@ -692,7 +692,7 @@ fn unsplit_at(model: &TypedModel, id: usize) -> Option<TypedModelPatch> {
                 patch.wire_node(format!("{name}.unsplit_concat"), TypedConcat::new(axis), &[at, bt])?[0]
             }
         };
-        let mut y = patch.wire_node(format!("{name}.unsplit_matmul"), first.op.clone(), &[x, cat])?[0];
+        let mut y = patch.wire_node(format!("{name}.unsplit_matmul"), first.op, &[x, cat])?[0];
         for (i, op) in first.post.iter().enumerate() {
             y = patch.wire_node(format!("{name}.unsplit_out{i}"), op.clone(), &[y])?[0];
         }
@@ -719,7 +719,7 @@ fn strip_softcap(model: &TypedModel, o: OutletId) -> Option<(OutletId, f32)> {
     let tanh = model.node(t.node);
     let is_tanh =
         tanh.op_as::<tract_onnx::tract_core::ops::element_wise::ElementWiseOp>().is_some_and(|e| e.0.name() == "Tanh");
-    if !is_tanh || !(c > 0.0 && c.is_finite()) {
+    if !(is_tanh && c > 0.0 && c.is_finite()) {
         return None;
     }
     let d = model.node(before_reshapes(model, tanh.inputs[0]).node);

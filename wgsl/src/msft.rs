@@ -104,11 +104,12 @@ impl NormSpec {
         ];
         let mut at = 1;
         let mut next = |on: bool| {
-            on.then(|| {
+            if on {
                 at += 1;
                 inputs[at - 1]
-            })
-            .unwrap_or(inputs[0])
+            } else {
+                inputs[0]
+            }
         };
         let skip = next(o.has_skip);
         let bias = next(o.has_bias);

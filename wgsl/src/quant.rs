@@ -560,6 +560,8 @@ pub fn dyn_quant_params(xs: &[f32]) -> (f32, u8) {
         }
     }
     let scale = (max - min) / 255.0;
+    // max / min, not clamp: a NaN maps to 0 (clamp would keep it)
+    #[allow(clippy::manual_clamp)]
     let zp = (-min / scale).round_ties_even().max(0.0).min(255.0);
     (scale, zp as u8)
 }
