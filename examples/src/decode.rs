@@ -17,6 +17,9 @@ pub struct DecodeResult {
     pub tokens: Vec<i64>,
     pub prefill_ms: f64,
     pub decode_ms: Vec<f64>,
+    /// The GPU placement report right after the prefill (counters and profile so far), to tell the decode steps'
+    /// share of the totals.
+    pub after_prefill: Option<kiln_provider::PlacementReport>,
 }
 
 #[derive(Debug, Clone)]
@@ -40,6 +43,9 @@ pub struct DecodePlan {
     next_token: Option<String>,
     /// The vocabulary size when the model or config.json gives it.
     vocab: Option<usize>,
+    /// On the GPU, keep `present.*` on the GPU and feed it back as the next `past_key_values.*` (the KV Concat then
+    /// appends in place); `false` reads every cache back and uploads it again.
+    pub gpu_kv: bool,
 }
 
 fn et(v: &ValueInfo) -> Result<ElementType, String> {
@@ -244,7 +250,17 @@ impl DecodePlan {
                 _ => None,
             })
             .or_else(|| read_config(model).and_then(|c| config_usize(&c, &["vocab_size"])));
-        Ok(DecodePlan { input_ids, attention_mask, position_ids, use_cache_branch, pasts, logits, next_token, vocab })
+        Ok(DecodePlan {
+            input_ids,
+            attention_mask,
+            position_ids,
+            use_cache_branch,
+            pasts,
+            logits,
+            next_token,
+            vocab,
+            gpu_kv: true,
+        })
     }
 
     /// Prefill with `prompt`, then `steps - 1` single-token steps; returns the `steps` generated ids. On the GPU the
@@ -263,20 +279,23 @@ impl DecodePlan {
         let mut cache: Vec<Value> = self
             .pasts
             .iter()
-            .map(|p| Tensor::from_bytes(p.element_type, &p.empty_dims, &[]).map(Value::from))
+            .map(|p| Tensor::from_bytes(p.element_type, &p.empty_dims, &[]).map(Value::Cpu))
             .collect::<Result<_, _>>()
             .map_err(|e| format!("building the empty cache: {e}"))?;
-        let location = if session.gpu_placement().is_some() { Location::GpuBuffer } else { Location::Cpu };
+        let on_gpu = self.gpu_kv && session.gpu_placement().is_some();
         let run_options = RunOptions {
-            preferred_output_location: Some(PreferredOutputLocation::PerOutput(
-                self.pasts.iter().map(|p| (p.present.clone(), location)).collect(),
-            )),
+            preferred_output_location: on_gpu.then(|| {
+                PreferredOutputLocation::PerOutput(
+                    self.pasts.iter().map(|p| (p.present.clone(), Location::GpuBuffer)).collect(),
+                )
+            }),
         };
         let mut past_len = 0usize;
         let mut feed: Vec<i64> = prompt.to_vec();
         let mut tokens = vec![];
         let mut prefill_ms = 0.0;
         let mut decode_ms = vec![];
+        let mut after_prefill = None;
         for step in 0..steps {
             let t0 = Instant::now();
             let seq = feed.len();
@@ -316,6 +335,7 @@ impl DecodePlan {
             let ms = t0.elapsed().as_secs_f64() * 1e3;
             if step == 0 {
                 prefill_ms = ms;
+                after_prefill = session.gpu_placement();
             } else {
                 decode_ms.push(ms);
             }
@@ -323,7 +343,7 @@ impl DecodePlan {
             past_len += seq;
             feed = vec![next];
         }
-        Ok(DecodeResult { tokens, prefill_ms, decode_ms })
+        Ok(DecodeResult { tokens, prefill_ms, decode_ms, after_prefill })
     }
 }
 

@@ -28,6 +28,7 @@ options:
   --provider cpu|gpu   execution provider (gpu: WebGPU, falls back to cpu where unavailable)
   --threads N          CPU threads for the kernels (default 1)
   --placement          print where the model runs (provider, node count)
+  --host-kv            on the GPU, read the KV cache back and upload it every step (default: it stays on the GPU)
   --no-text            do not decode the generated tokens to text
   --full-logits        greedy: compute every position's logits and read them back (default: kiln's generation
                        helpers, the last position's logits only and the argmax on the device)
@@ -42,6 +43,7 @@ struct Args {
     provider: Option<ExecutionProvider>,
     threads: Option<usize>,
     placement: bool,
+    host_kv: bool,
     no_text: bool,
     full_logits: bool,
 }
@@ -89,6 +91,7 @@ fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
                 args.threads = Some(n);
             }
             "--placement" => args.placement = true,
+            "--host-kv" => args.host_kv = true,
             "--no-text" => args.no_text = true,
             "--full-logits" => args.full_logits = true,
             s if s.starts_with('-') => return Err(format!("unknown option `{s}`")),
@@ -213,7 +216,8 @@ fn run(args: Args) -> Result<(), String> {
     }
 
     let Some(steps) = args.greedy else { return Ok(()) };
-    let plan = decode::DecodePlan::new(&session, &model)?;
+    let mut plan = decode::DecodePlan::new(&session, &model)?;
+    plan.gpu_kv = !args.host_kv;
     let result = plan.greedy(&session, &prompt_ids, steps)?;
     println!("prompt: {prompt_ids:?}");
     println!("tokens: {:?}", result.tokens);
@@ -245,6 +249,35 @@ fn run(args: Args) -> Result<(), String> {
                 r.counters.submit_us as f64 / 1e3 / runs as f64,
                 r.counters.wait_us as f64 / 1e3 / runs as f64
             );
+            if let (Some(p), n) = (&result.after_prefill, r.runs.saturating_sub(1)) {
+                if n > 0 {
+                    let d = |a: usize, b: usize| a.saturating_sub(b) as f64 / n as f64;
+                    println!(
+                        "gpu work per decode step (mean of {n}): {:.1} submits, {:.1} dispatches, {:.1} uploads, {:.1} \
+                         readbacks",
+                        d(r.counters.submits, p.counters.submits),
+                        d(r.counters.dispatches, p.counters.dispatches),
+                        d(r.counters.uploads, p.counters.uploads),
+                        d(r.counters.readbacks, p.counters.readbacks)
+                    );
+                    let mut prof: Vec<(String, u64, u64)> = r
+                        .profile
+                        .iter()
+                        .map(|(k, c, ns)| {
+                            let (c0, ns0) = p.profile.iter().find(|q| &q.0 == k).map(|q| (q.1, q.2)).unwrap_or((0, 0));
+                            (k.clone(), c.saturating_sub(c0), ns.saturating_sub(ns0))
+                        })
+                        .collect();
+                    prof.sort_by_key(|p| std::cmp::Reverse(p.1));
+                    for (k, c, ns) in prof.iter().filter(|p| p.1 > 0) {
+                        println!(
+                            "gpu decode profile: {k:<24} {:>8.1} dispatches/step {:>9.3} ms/step",
+                            *c as f64 / n as f64,
+                            *ns as f64 / 1e6 / n as f64
+                        );
+                    }
+                }
+            }
             let mut prof = r.profile.clone();
             prof.sort_by_key(|p| std::cmp::Reverse(p.2));
             let total: u64 = prof.iter().map(|p| p.2).sum();

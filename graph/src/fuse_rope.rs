@@ -75,8 +75,40 @@ fn table_angles(model: &TypedModel, t: OutletId, which: &str) -> Option<OutletId
     (c.axis + 1 == rank && cat.inputs.len() == 2 && cat.inputs[0] == cat.inputs[1]).then_some(cat.inputs[0])
 }
 
-/// A rotate_half RoPE ending at Add node `id`: (x, f).
-fn rope_at(model: &TypedModel, id: usize) -> Option<(OutletId, OutletId)> {
+/// Where a RoPE's half-angle caches come from.
+#[derive(Clone, Debug, PartialEq)]
+enum Angles {
+    /// `Cos(f)`, `Sin(f)` of the angles f `[b, (1,) s, h]`.
+    Angles(OutletId),
+    /// Rows of constant tables `[positions, 2h]` gathered by position ids `[b, s]` (each table's two halves equal):
+    /// the caches are the same rows of the tables' first halves.
+    Gathered { cos: Arc<Tensor>, sin: Arc<Tensor>, ids: OutletId },
+}
+
+/// `(table, ids)` when `t` (through AddAxis nodes) is `Gather(axis 0)` of a constant f32 table `[n, 2h]` whose two
+/// halves are equal, by ids `[b, s]`.
+fn gathered_table(model: &TypedModel, t: OutletId) -> Option<(Arc<Tensor>, OutletId)> {
+    use tract_onnx::tract_core::ops::array::Gather;
+    use tract_onnx::tract_core::ops::konst::Const;
+    let n = model.node(before_add_axes(model, t).node);
+    let g = n.op_as::<Gather>()?;
+    let table = model.node(n.inputs[0].node).op_as::<Const>()?.val().clone();
+    if g.axis != 0 || g.output_type.is_some() || table.rank() != 2 || table.datum_type() != DatumType::F32 {
+        return None;
+    }
+    let d = table.shape()[1];
+    if d % 2 != 0 || model.outlet_fact(n.inputs[1]).ok()?.rank() != 2 {
+        return None;
+    }
+    let plain = table.try_as_plain_ram().ok()?;
+    let v = plain.as_slice::<f32>().ok()?;
+    let h = d / 2;
+    let halves_equal = v.chunks(d).all(|row| row[..h].iter().zip(&row[h..]).all(|(a, b)| a.to_bits() == b.to_bits()));
+    halves_equal.then_some((table, n.inputs[1]))
+}
+
+/// A rotate_half RoPE ending at Add node `id`: (x, where its angles come from).
+fn rope_at(model: &TypedModel, id: usize) -> Option<(OutletId, Angles)> {
     let add = model.node(id);
     if binop(add).as_deref() != Some("Add") || add.inputs.len() != 2 {
         return None;
@@ -98,6 +130,20 @@ fn rope_at(model: &TypedModel, id: usize) -> Option<(OutletId, OutletId)> {
             } else {
                 continue;
             };
+            let xs = model.outlet_fact(x).ok()?.shape.to_tvec();
+            if let (Some((ct, ci)), Some((st, si))) = (gathered_table(model, cos), gathered_table(model, sin)) {
+                let one = 1.to_dim();
+                let table_ok = |o: OutletId| {
+                    model.outlet_fact(o).is_ok_and(|f| {
+                        f.shape.to_tvec() == tvec![xs[0].clone(), one.clone(), xs[2].clone(), xs[3].clone()]
+                    })
+                };
+                let f32s = model.outlet_fact(x).is_ok_and(|f| f.datum_type == DatumType::F32);
+                if ci == si && ct.shape() == st.shape() && xs.len() == 4 && table_ok(cos) && table_ok(sin) && f32s {
+                    return Some((x, Angles::Gathered { cos: ct, sin: st, ids: ci }));
+                }
+                continue;
+            }
             let (Some(fc), Some(fs)) = (table_angles(model, cos, "Cos"), table_angles(model, sin, "Sin")) else {
                 continue;
             };
@@ -121,7 +167,7 @@ fn rope_at(model: &TypedModel, id: usize) -> Option<(OutletId, OutletId)> {
                 || fs_ == tvec![xs[0].clone(), one.clone(), xs[2].clone(), half];
             let f32s = [x, fc].iter().all(|o| model.outlet_fact(*o).is_ok_and(|f| f.datum_type == DatumType::F32));
             if f_ok && f32s {
-                return Some((x, fc));
+                return Some((x, Angles::Angles(fc)));
             }
         }
     }
@@ -134,28 +180,49 @@ pub fn fuse_rotate_half_rope(model: &mut TypedModel) -> TractResult<usize> {
     // the half caches made so far, by the angles' outlet: (cos, sin) node names
     let mut caches: HashMap<OutletId, (String, String)> = HashMap::new();
     for id in model.eval_order()? {
-        let Some((x, f)) = rope_at(model, id) else { continue };
+        let Some((x, angles)) = rope_at(model, id) else { continue };
         let name = model.node(id).name.clone();
         let mut patch = TypedModelPatch::new(format!("fuse rotate_half rope at {name}"));
         let xt = patch.tap_model(model, x)?;
-        let (cos, sin) =
-            match caches.get(&f).and_then(|(c, s)| Some((model.node_by_name(c).ok()?, model.node_by_name(s).ok()?))) {
-                Some((c, s)) => {
-                    (patch.tap_model(model, OutletId::new(c.id, 0))?, patch.tap_model(model, OutletId::new(s.id, 0))?)
+        let key = match &angles {
+            Angles::Angles(f) => *f,
+            Angles::Gathered { ids, .. } => *ids,
+        };
+        let (cos, sin) = match caches
+            .get(&key)
+            .and_then(|(c, s)| Some((model.node_by_name(c).ok()?, model.node_by_name(s).ok()?)))
+        {
+            Some((c, s)) => {
+                (patch.tap_model(model, OutletId::new(c.id, 0))?, patch.tap_model(model, OutletId::new(s.id, 0))?)
+            }
+            None if matches!(angles, Angles::Gathered { .. }) => {
+                let Angles::Gathered { cos, sin, ids } = &angles else { unreachable!() };
+                let base = model.node(ids.node).name.clone();
+                let h = cos.shape()[1] / 2;
+                let it = patch.tap_model(model, *ids)?;
+                let mut halves = vec![];
+                for (which, t) in [("cos", cos), ("sin", sin)] {
+                    let k = patch.add_const(format!("{base}.rope_{which}_table"), t.slice(1, 0, h)?)?;
+                    let g = tract_onnx::tract_core::ops::array::Gather { axis: 0, output_type: None };
+                    halves.push(patch.wire_node(format!("{base}.rope_{which}_half"), g, &[k, it])?[0]);
                 }
-                None => {
-                    let base = model.node(f.node).name.clone();
-                    let mut ft = patch.tap_model(model, f)?;
-                    if patch.outlet_fact(ft)?.rank() == 4 {
-                        ft = patch.wire_node(format!("{base}.rope_angles"), AxisOp::Rm(1), &[ft])?[0];
-                    }
-                    let (cn, sn) = (format!("{base}.rope_cos_half"), format!("{base}.rope_sin_half"));
-                    let c = patch.wire_node(&cn, math::cos(), &[ft])?[0];
-                    let s = patch.wire_node(&sn, math::sin(), &[ft])?[0];
-                    caches.insert(f, (cn, sn));
-                    (c, s)
+                caches.insert(key, (format!("{base}.rope_cos_half"), format!("{base}.rope_sin_half")));
+                (halves[0], halves[1])
+            }
+            None => {
+                let Angles::Angles(f) = angles else { continue };
+                let base = model.node(f.node).name.clone();
+                let mut ft = patch.tap_model(model, f)?;
+                if patch.outlet_fact(ft)?.rank() == 4 {
+                    ft = patch.wire_node(format!("{base}.rope_angles"), AxisOp::Rm(1), &[ft])?[0];
                 }
-            };
+                let (cn, sn) = (format!("{base}.rope_cos_half"), format!("{base}.rope_sin_half"));
+                let c = patch.wire_node(&cn, math::cos(), &[ft])?[0];
+                let s = patch.wire_node(&sn, math::sin(), &[ft])?[0];
+                caches.insert(key, (cn, sn));
+                (c, s)
+            }
+        };
         let config = RotaryConfig {
             interleaved: false,
             num_heads: 0,

@@ -456,10 +456,15 @@ impl GpuBackend {
                             }
                         }
                         let refs: Vec<&GpuTensor> = args.iter().collect();
+                        if ctx.profiling && std::env::var("KILN_GPU_PROFILE").is_ok_and(|v| v == "ops") {
+                            let name: String = op.kernel.name().chars().take(48).collect();
+                            rec.tag = Some(intern(name));
+                        }
                         let out =
                             op.kernel.encode(ctx, rec, &refs, &state.turn_state.resolved_symbols).map_err(|e| {
                                 Error::runtime(format!("webgpu: {} ({}): {}", node.name, op.kernel.name(), e.message))
                             })?;
+                        rec.tag = None;
                         drop(args);
                         for t in temps {
                             rec.release(t);
@@ -719,4 +724,17 @@ impl Future for CatchUnwind<'_> {
             }
         }
     }
+}
+
+/// A static copy of a kernel name for profile labels (a model has a few dozen distinct ones).
+fn intern(name: String) -> &'static str {
+    use std::sync::Mutex;
+    static NAMES: Mutex<Vec<&'static str>> = Mutex::new(vec![]);
+    let Ok(mut names) = NAMES.lock() else { return "?" };
+    if let Some(n) = names.iter().find(|n| **n == name) {
+        return n;
+    }
+    let n: &'static str = Box::leak(name.into_boxed_str());
+    names.push(n);
+    n
 }

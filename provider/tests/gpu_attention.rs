@@ -762,3 +762,304 @@ fn decomposed_attention_is_fused_on_gpu() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+fn konst_f32(name: &str, dims: &[usize], v: Vec<f32>) -> pb::TensorProto {
+    pb::TensorProto {
+        name: name.into(),
+        data_type: 1,
+        dims: dims.iter().map(|d| *d as i64).collect(),
+        float_data: v,
+        ..Default::default()
+    }
+}
+
+fn konst_i64(name: &str, v: Vec<i64>) -> pb::TensorProto {
+    pb::TensorProto { name: name.into(), data_type: 7, dims: vec![v.len() as i64], int64_data: v, ..Default::default() }
+}
+
+fn graph_model(nodes: Vec<pb::NodeProto>, inputs: Vec<pb::ValueInfoProto>, init: Vec<pb::TensorProto>) -> Vec<u8> {
+    let graph = pb::GraphProto {
+        name: "g".into(),
+        node: nodes,
+        input: inputs,
+        output: vec![value_info("y", 1, None)],
+        initializer: init,
+        ..Default::default()
+    };
+    pb::ModelProto {
+        ir_version: 8,
+        opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: 17 }],
+        graph: Some(graph),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+/// The CPU's y against the GPU's (output buffers poisoned), within `tol`.
+fn compare_y(bytes: &[u8], feeds: Vec<(String, Tensor)>, what: &str, tol: f32) -> Result<(), String> {
+    let cpu = Session::from_bytes(bytes, &options(ExecutionProvider::Cpu)).expect("cpu session");
+    let want = cpu.run(feeds.clone()).expect("cpu run");
+    let gpu = Session::from_bytes(bytes, &options(ExecutionProvider::WebGpu)).expect("gpu session");
+    gpu.set_gpu_poison(true);
+    let got = gpu.run(feeds).expect("gpu run");
+    let (w, g) = (want.output("y").unwrap(), got.output("y").unwrap());
+    if w.dims() != g.dims() {
+        return Err(format!("{what}: dims {:?} vs {:?}", g.dims(), w.dims()));
+    }
+    let (w, g) = (w.to_vec::<f32>().unwrap(), g.to_vec::<f32>().unwrap());
+    match w.iter().zip(&g).enumerate().find(|(_, (a, x))| !close(**a, **x, tol)) {
+        Some((i, (a, x))) => Err(format!("{what}: y[{i}]: gpu {x} vs cpu {a}")),
+        None => Ok(()),
+    }
+}
+
+/// A decode step's attention over a KV cache as optimum writes it: `K = Concat(past_k, k)`, `V = Concat(past_v,
+/// v)`, Q scaled by a constant before `MatMul(Q, Kᵀ)` (and K after), a float mask, the NaN guard. tract's declutter
+/// splits `P·V` over V's concatenation (two slices, two matmuls, an add); the GPU lowering merges it back and the
+/// whole attention is one fused node (no Softmax, no Slice left), matching the CPU's evaluation of the graph.
+#[test]
+fn kv_concat_attention_with_a_scaled_query_is_fused_on_gpu() {
+    // the merge of the split P·V is opt-in for now (kiln_graph::passes::f16_fused_attention)
+    std::env::set_var("KILN_GPU_F16_FUSED_ATTENTION", "1");
+    if !gpu_available() {
+        return;
+    }
+    let mut rng = Rng(seed());
+    let mut failures = vec![];
+    for (b, h, s, past, d, q_scaled) in
+        [(1, 3, 1, 7, 16, true), (1, 2, 1, 40, 64, true), (1, 4, 3, 5, 32, true), (1, 3, 1, 7, 16, false)]
+    {
+        let what = format!("b {b} h {h} s {s} past {past} d {d} q scaled {q_scaled}");
+        let perm = pb::AttributeProto {
+            name: "perm".into(),
+            ints: vec![0, 1, 3, 2],
+            r#type: pb::attribute_proto::AttributeType::Ints as i32,
+            ..Default::default()
+        };
+        let mut nodes = vec![
+            node("Concat", &["past_k", "k"], "kk", vec![attr_int("axis", 2)]),
+            node("Concat", &["past_v", "v"], "vv", vec![attr_int("axis", 2)]),
+            node("Transpose", &["kk"], "kt", vec![perm]),
+            node("Mul", &["kt", "ck"], "kts", vec![]),
+        ];
+        let q = if q_scaled {
+            nodes.push(node("Mul", &["q", "cq"], "qs", vec![]));
+            "qs"
+        } else {
+            "q"
+        };
+        nodes.extend([
+            node("MatMul", &[q, "kts"], "qk", vec![]),
+            node("Add", &["qk", "mask"], "biased", vec![]),
+            node("Softmax", &["biased"], "p", vec![attr_int("axis", -1)]),
+            node("IsNaN", &["p"], "nan", vec![]),
+            node("Where", &["nan", "zero", "p"], "p0", vec![]),
+            node("MatMul", &["p0", "vv"], "y", vec![]),
+        ]);
+        let t = past + s;
+        let dims = |n: usize| vec![b, h, n, d];
+        let inputs = vec![
+            value_info("q", 1, Some(&dims(s))),
+            value_info("past_k", 1, Some(&dims(past))),
+            value_info("k", 1, Some(&dims(s))),
+            value_info("past_v", 1, Some(&dims(past))),
+            value_info("v", 1, Some(&dims(s))),
+            value_info("mask", 1, Some(&[b, 1, s, t])),
+        ];
+        let mask: Vec<f32> =
+            (0..b * s * t).map(|i| if i % t > past + (i / t) % s { f32::NEG_INFINITY } else { 0.0 }).collect();
+        let feeds = vec![
+            ("q".to_string(), tensor_f32(&mut rng, &dims(s), -1.5, 1.5)),
+            ("past_k".to_string(), tensor_f32(&mut rng, &dims(past), -1.5, 1.5)),
+            ("k".to_string(), tensor_f32(&mut rng, &dims(s), -1.5, 1.5)),
+            ("past_v".to_string(), tensor_f32(&mut rng, &dims(past), -1.0, 1.0)),
+            ("v".to_string(), tensor_f32(&mut rng, &dims(s), -1.0, 1.0)),
+            ("mask".to_string(), Tensor::from_vec(&[b, 1, s, t], mask).unwrap()),
+        ];
+        let quarter = (d as f32).powf(-0.25);
+        let init = vec![
+            konst_f32("cq", &[], vec![quarter]),
+            konst_f32("ck", &[], vec![quarter]),
+            konst_f32("zero", &[], vec![0.0]),
+        ];
+        let bytes = graph_model(nodes, inputs, init);
+        let gpu = Session::from_bytes(&bytes, &options(ExecutionProvider::WebGpu)).expect("gpu session");
+        let report = gpu.gpu_placement().expect("on the GPU");
+        let fused = report.nodes.iter().filter(|n| n.op == "KilnAttentionY" && n.device == Device::Gpu).count();
+        let left: Vec<&str> = report
+            .nodes
+            .iter()
+            .filter(|n| n.op.contains("Softmax") || n.op == "Slice" || n.op.contains("MatMul"))
+            .map(|n| n.op.as_str())
+            .collect();
+        if fused != 1 || !left.is_empty() {
+            failures.push(format!("{what}: not fused ({fused} attention nodes, left {left:?})"));
+            continue;
+        }
+        if let Err(e) = compare_y(&bytes, feeds, &what, 2e-5) {
+            failures.push(e);
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// rotate_half RoPE with its cos / sin rows gathered from constant `[positions, head]` tables by position ids
+/// (bench/make_llama.py, transformers' older rotary cache): one rotary dispatch on the GPU when each table's two
+/// halves are equal, left decomposed (and still right) when they are not; both against the CPU.
+#[test]
+fn rope_with_gathered_tables_is_fused_on_gpu() {
+    if !gpu_available() {
+        return;
+    }
+    let mut rng = Rng(seed());
+    let mut failures = vec![];
+    for (b, h, s, d, equal_halves) in [(1, 3, 1, 64, true), (2, 2, 5, 16, true), (1, 2, 4, 16, false)] {
+        let what = format!("b {b} h {h} s {s} d {d} equal halves {equal_halves}");
+        let positions = 32usize;
+        let half = d / 2;
+        let mut cos_t = vec![];
+        let mut sin_t = vec![];
+        for p in 0..positions {
+            for i in 0..d {
+                let f = (i % half) as f32 + if equal_halves || i < half { 0.0 } else { 0.5 };
+                let a = p as f32 / 10000f32.powf(2.0 * f / d as f32);
+                cos_t.push(a.cos());
+                sin_t.push(a.sin());
+            }
+        }
+        let nodes = vec![
+            node("Gather", &["cos_t", "pos"], "cg", vec![]),
+            node("Gather", &["sin_t", "pos"], "sg", vec![]),
+            node("Unsqueeze", &["cg", "one"], "cos", vec![]),
+            node("Unsqueeze", &["sg", "one"], "sin", vec![]),
+            node("Slice", &["x", "zero", "half", "last"], "x1", vec![]),
+            node("Slice", &["x", "half", "full", "last"], "x2", vec![]),
+            node("Neg", &["x2"], "nx2", vec![]),
+            node("Concat", &["nx2", "x1"], "rot", vec![attr_int("axis", -1)]),
+            node("Mul", &["x", "cos"], "xc", vec![]),
+            node("Mul", &["rot", "sin"], "rs", vec![]),
+            node("Add", &["xc", "rs"], "y", vec![]),
+        ];
+        let inputs = vec![value_info("x", 1, Some(&[b, h, s, d])), value_info("pos", 7, Some(&[b, s]))];
+        let init = vec![
+            konst_f32("cos_t", &[positions, d], cos_t),
+            konst_f32("sin_t", &[positions, d], sin_t),
+            konst_i64("one", vec![1]),
+            konst_i64("zero", vec![0]),
+            konst_i64("half", vec![half as i64]),
+            konst_i64("full", vec![d as i64]),
+            konst_i64("last", vec![-1]),
+        ];
+        let pos: Vec<i64> = (0..b * s).map(|i| ((i * 7 + 3) % positions) as i64).collect();
+        let feeds = vec![
+            ("x".to_string(), tensor_f32(&mut rng, &[b, h, s, d], -2.0, 2.0)),
+            ("pos".to_string(), Tensor::from_vec(&[b, s], pos).unwrap()),
+        ];
+        let bytes = graph_model(nodes, inputs, init);
+        let gpu = Session::from_bytes(&bytes, &options(ExecutionProvider::WebGpu)).expect("gpu session");
+        let report = gpu.gpu_placement().expect("on the GPU");
+        let rope = report.nodes.iter().filter(|n| n.op == "KilnRotaryEmbedding" && n.device == Device::Gpu).count();
+        let neg = report.nodes.iter().filter(|n| n.op.contains("Neg")).count();
+        let cpu = report.nodes.iter().filter(|n| n.device == Device::Cpu).count();
+        let fused_as_expected = if equal_halves { rope == 1 && neg == 0 } else { rope == 0 && neg == 1 };
+        if !fused_as_expected || cpu != 0 {
+            failures.push(format!("{what}: {rope} rotary nodes, {neg} Neg, {cpu} on the CPU: {:?}", report.nodes));
+            continue;
+        }
+        if let Err(e) = compare_y(&bytes, feeds, &what, 1e-5) {
+            failures.push(e);
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Decomposed attention with a boolean mask applied as `Where(mask, scores, −inf)` (or the float minimum), and
+/// with a softcap `c·tanh(x/c)` on the scaled scores (before the mask, as Gemma 2 exports it): one fused attention
+/// node on the GPU, matching the CPU's evaluation of the graph. No row is fully masked (the decomposed graph gives
+/// NaN or a uniform average there, the kernel zeros).
+#[test]
+fn decomposed_attention_with_where_masks_and_softcap_is_fused_on_gpu() {
+    if !gpu_available() {
+        return;
+    }
+    let mut rng = Rng(seed());
+    let mut failures = vec![];
+    // (b, h, s, t, d, mask: 0 none / 1 Where −inf / 2 Where float min / 3 additive, softcap)
+    for (b, h, s, t, d, mask, cap) in [
+        (1, 3, 1, 9, 16, 1, 0.0),
+        (2, 2, 4, 6, 32, 2, 0.0),
+        (1, 2, 5, 5, 16, 1, 5.0),
+        (1, 4, 1, 33, 64, 3, 2.0),
+        (2, 2, 3, 7, 16, 0, 30.0),
+    ] {
+        let what = format!("b {b} h {h} s {s} t {t} d {d} mask {mask} softcap {cap}");
+        let perm = pb::AttributeProto {
+            name: "perm".into(),
+            ints: vec![0, 1, 3, 2],
+            r#type: pb::attribute_proto::AttributeType::Ints as i32,
+            ..Default::default()
+        };
+        let mut nodes = vec![
+            node("Transpose", &["k"], "kt", vec![perm]),
+            node("MatMul", &["q", "kt"], "qk", vec![]),
+            node("Mul", &["qk", "c"], "scores", vec![]),
+        ];
+        let mut last = "scores";
+        if cap > 0.0 {
+            nodes.push(node("Div", &["scores", "cap"], "shrunk", vec![]));
+            nodes.push(node("Tanh", &["shrunk"], "th", vec![]));
+            nodes.push(node("Mul", &["th", "cap"], "capped", vec![]));
+            last = "capped";
+        }
+        match mask {
+            1 | 2 => nodes.push(node("Where", &["mask", last, "fill"], "masked", vec![])),
+            3 => nodes.push(node("Add", &[last, "mask"], "masked", vec![])),
+            _ => {}
+        }
+        if mask != 0 {
+            last = "masked";
+        }
+        nodes.push(node("Softmax", &[last], "p", vec![attr_int("axis", -1)]));
+        nodes.push(node("MatMul", &["p", "v"], "y", vec![]));
+        let mut inputs = vec![
+            value_info("q", 1, Some(&[b, h, s, d])),
+            value_info("k", 1, Some(&[b, h, t, d])),
+            value_info("v", 1, Some(&[b, h, t, d])),
+        ];
+        let mut feeds = vec![
+            ("q".to_string(), tensor_f32(&mut rng, &[b, h, s, d], -2.0, 2.0)),
+            ("k".to_string(), tensor_f32(&mut rng, &[b, h, t, d], -2.0, 2.0)),
+            ("v".to_string(), tensor_f32(&mut rng, &[b, h, t, d], -1.0, 1.0)),
+        ];
+        // causal-like with a hole per batch; key 0 always visible
+        let keep: Vec<bool> =
+            (0..b * s * t).map(|i| i % t == 0 || (i % t <= t - s + (i / t) % s && i % t != 1 + i / (s * t))).collect();
+        if mask == 3 {
+            let data: Vec<f32> = keep.iter().map(|k| if *k { 0.0 } else { f32::NEG_INFINITY }).collect();
+            inputs.push(value_info("mask", 1, Some(&[b, 1, s, t])));
+            feeds.push(("mask".into(), Tensor::from_vec(&[b, 1, s, t], data).unwrap()));
+        } else if mask != 0 {
+            inputs.push(value_info("mask", 9, Some(&[b, 1, s, t])));
+            feeds.push(("mask".into(), Tensor::from_vec(&[b, 1, s, t], keep).unwrap()));
+        }
+        let fill = if mask == 2 { f32::MIN } else { f32::NEG_INFINITY };
+        let init = vec![
+            konst_f32("c", &[], vec![1.0 / (d as f32).sqrt()]),
+            konst_f32("cap", &[], vec![cap]),
+            konst_f32("fill", &[], vec![fill]),
+        ];
+        let bytes = graph_model(nodes, inputs, init);
+        let gpu = Session::from_bytes(&bytes, &options(ExecutionProvider::WebGpu)).expect("gpu session");
+        let report = gpu.gpu_placement().expect("on the GPU");
+        let fused = report.nodes.iter().filter(|n| n.op == "KilnAttentionY" && n.device == Device::Gpu).count();
+        let softmax = report.nodes.iter().filter(|n| n.op.contains("Softmax")).count();
+        if fused != 1 || softmax != 0 {
+            failures.push(format!("{what}: not fused: {:?}", report.nodes.iter().map(|n| &n.op).collect::<Vec<_>>()));
+            continue;
+        }
+        if let Err(e) = compare_y(&bytes, feeds, &what, 2e-5) {
+            failures.push(e);
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

@@ -526,8 +526,253 @@ pub(crate) fn unrepeat_kv(model: &TypedModel, k4: OutletId, kv_heads: &TDim) -> 
     None
 }
 
-/// Recognises the decomposed attention that exporters emit — `MatMul(Q, Kᵀ)` (· or / a scalar) (+ a float mask)
-/// → Softmax over the keys (→ `Where(IsNaN(p), 0, p)`) → `MatMul(·, V)`, with the batch and head axes merged or
+/// `(x, c)` when `o` is `x · c` or `c · x` for a finite scalar constant c.
+fn strip_scalar_mul(model: &TypedModel, o: OutletId) -> Option<(OutletId, f32)> {
+    let n = model.node(o.node);
+    if binop_name(n).as_deref() != Some("Mul") {
+        return None;
+    }
+    match (scalar_const(model, n.inputs[1]), scalar_const(model, n.inputs[0])) {
+        (Some(c), _) if c.is_finite() => Some((n.inputs[0], c)),
+        (None, Some(c)) if c.is_finite() => Some((n.inputs[1], c)),
+        _ => None,
+    }
+}
+
+/// Undoes tract's `ConcatThenEinsum` on a matmul's contraction axis: `MatMul(Slice(p, ..P), A) + MatMul(Slice(p,
+/// P..), B)`, which declutter makes of `MatMul(p, Concat(A, B))` (attention's `P·V` with V the KV cache's
+/// `Concat(past, new)`), becomes the single matmul again, reading the concatenation the model computes anyway (the
+/// `present` output) or a new one. On the GPU the split costs two slices, a second matmul and the add, and hides the
+/// attention from [`fuse_decomposed_attention`]. Returns how many it merged.
+pub fn unsplit_concat_matmuls(model: &mut TypedModel) -> TractResult<usize> {
+    let mut done = 0;
+    for id in model.eval_order()? {
+        if let Some(patch) = unsplit_at(model, id) {
+            patch.apply(model)?;
+            done += 1;
+        }
+    }
+    Ok(done)
+}
+
+/// The reshapes (AxisOps other than moves, each with one consumer) that end at `o`, in order, and where they start.
+fn reshapes_before(model: &TypedModel, mut o: OutletId) -> (OutletId, Vec<AxisOp>) {
+    let mut ops = vec![];
+    loop {
+        let n = model.node(o.node);
+        match n.op_as::<AxisOp>() {
+            Some(op) if !matches!(op, AxisOp::Move(..)) && n.outputs[0].successors.len() == 1 => {
+                ops.push(op.clone());
+                o = n.inputs[0];
+            }
+            _ => break,
+        }
+    }
+    ops.reverse();
+    (o, ops)
+}
+
+/// One side of a split matmul: `reshapes(MatMul(reshapes(Slice(p, last axis)), operand))`.
+struct SplitSide {
+    op: tract_onnx::tract_core::ops::einsum::prefix_matmul::PrefixMatMul,
+    p: OutletId,
+    start: TDim,
+    end: TDim,
+    operand: OutletId,
+    pre: Vec<AxisOp>,
+    post: Vec<AxisOp>,
+}
+
+fn split_side(model: &TypedModel, add: usize, o: OutletId) -> Option<SplitSide> {
+    use tract_onnx::tract_core::ops::array::Slice;
+    use tract_onnx::tract_core::ops::einsum::prefix_matmul::PrefixMatMul;
+    if sole_successor(model, o) != Some(add) {
+        return None;
+    }
+    let (mo, post) = reshapes_before(model, o);
+    let mm = model.node(mo.node);
+    let op = mm.op_as::<PrefixMatMul>()?;
+    if op.transpose_a || op.transpose_c || op.quantize_output.is_some() || sole_successor(model, mo).is_none() {
+        return None;
+    }
+    let (so, pre) = reshapes_before(model, mm.inputs[0]);
+    let sl = model.node(so.node);
+    let s = sl.op_as::<Slice>()?;
+    let rank = model.outlet_fact(sl.inputs[0]).ok()?.rank();
+    // the sliced axis stays the last one (the contraction axis) through the reshapes
+    let len = s.end.clone() - s.start.clone();
+    let last = model.outlet_fact(mm.inputs[0]).ok()?.shape.last()?.clone();
+    if s.axis + 1 != rank || sl.outputs[0].successors.len() != 1 || last != len {
+        return None;
+    }
+    Some(SplitSide {
+        op: *op,
+        p: sl.inputs[0],
+        start: s.start.clone(),
+        end: s.end.clone(),
+        operand: mm.inputs[1],
+        pre,
+        post,
+    })
+}
+
+/// Where axis `c` is after `ops`, when none of them splits, merges or removes it.
+fn axis_through(ops: &[AxisOp], mut c: usize) -> Option<usize> {
+    for op in ops {
+        match op {
+            AxisOp::Add(x) if *x <= c => c += 1,
+            AxisOp::Add(_) => {}
+            AxisOp::Rm(x) if *x == c => return None,
+            AxisOp::Rm(x) if *x < c => c -= 1,
+            AxisOp::Rm(_) => {}
+            AxisOp::Reshape(at, from, to) => {
+                if c >= *at && c < at + from.len() {
+                    return None;
+                }
+                if c >= at + from.len() {
+                    c = c + to.len() - from.len();
+                }
+            }
+            AxisOp::Move(..) => return None,
+        }
+    }
+    Some(c)
+}
+
+fn unsplit_at(model: &TypedModel, id: usize) -> Option<TypedModelPatch> {
+    use tract_onnx::tract_core::ops::array::TypedConcat;
+    let node = model.node(id);
+    if binop_name(node).as_deref() != Some("Add") || node.inputs.len() != 2 {
+        return None;
+    }
+    let l = split_side(model, id, node.inputs[0])?;
+    let r = split_side(model, id, node.inputs[1])?;
+    let (first, second) = if l.start == 0.to_dim() { (l, r) } else { (r, l) };
+    let full = model.outlet_fact(first.p).ok()?.shape.last()?.clone();
+    if first.op != second.op
+        || first.p != second.p
+        || first.start != 0.to_dim()
+        || first.end != second.start
+        || second.end != full
+        || first.pre != second.pre
+        || first.post != second.post
+    {
+        return None;
+    }
+    let (a, b) = (first.operand, second.operand);
+    let brank = model.outlet_fact(a).ok()?.rank();
+    if brank < 2 || model.outlet_fact(b).ok()?.rank() != brank {
+        return None;
+    }
+    // the operand's contraction axis
+    let axis = if first.op.transpose_b { brank - 1 } else { brank - 2 };
+    let concat_of = |a: OutletId, b: OutletId, axis: usize| {
+        model
+            .nodes()
+            .iter()
+            .find(|n| n.op_as::<TypedConcat>().is_some_and(|c| c.axis == axis) && n.inputs.as_slice() == [a, b])
+            .map(|n| OutletId::new(n.id, 0))
+    };
+    // the concatenation made before the same reshapes of both operands (the KV cache's `present`), when the
+    // reshapes leave its axis alone
+    let mut existing: Option<(OutletId, Vec<AxisOp>)> = concat_of(a, b, axis).map(|c| (c, vec![]));
+    let ((a0, a_ops), (b0, b_ops)) = (reshapes_before(model, a), reshapes_before(model, b));
+    // both operands slices of one tensor, back to back along an axis: that tensor (tract slices the concatenation)
+    let halves = |a0: OutletId, b0: OutletId| -> Option<(OutletId, usize)> {
+        use tract_onnx::tract_core::ops::array::Slice;
+        let (na, nb) = (model.node(a0.node), model.node(b0.node));
+        let (sa, sb) = (na.op_as::<Slice>()?, nb.op_as::<Slice>()?);
+        let whole = model.outlet_fact(na.inputs[0]).ok()?.shape.get(sa.axis)?.clone();
+        (na.inputs[0] == nb.inputs[0]
+            && sa.axis == sb.axis
+            && sa.start == 0.to_dim()
+            && sa.end == sb.start
+            && sb.end == whole)
+            .then_some((na.inputs[0], sa.axis))
+    };
+    if existing.is_none() && a_ops == b_ops {
+        if let Some((x, c)) = halves(a0, b0) {
+            if axis_through(&a_ops, c) == Some(axis) {
+                existing = Some((x, a_ops.clone()));
+            }
+        }
+    }
+    if existing.is_none() && !a_ops.is_empty() && a_ops == b_ops {
+        let rank0 = model.outlet_fact(a0).ok()?.rank();
+        for c in 0..rank0 {
+            if let Some(cat) = concat_of(a0, b0, c) {
+                if axis_through(&a_ops, c) == Some(axis) {
+                    existing = Some((cat, a_ops.clone()));
+                    break;
+                }
+            }
+        }
+    }
+    let name = node.name.clone();
+    let build = || -> TractResult<TypedModelPatch> {
+        let mut patch = TypedModelPatch::new(format!("merge the concat-split matmuls at {name}"));
+        let mut x = patch.tap_model(model, first.p)?;
+        for (i, op) in first.pre.iter().enumerate() {
+            x = patch.wire_node(format!("{name}.unsplit_in{i}"), op.clone(), &[x])?[0];
+        }
+        let cat = match &existing {
+            Some((c, ops)) => {
+                let mut c = patch.tap_model(model, *c)?;
+                for (i, op) in ops.iter().enumerate() {
+                    c = patch.wire_node(format!("{name}.unsplit_kv{i}"), op.clone(), &[c])?[0];
+                }
+                c
+            }
+            None => {
+                let (at, bt) = (patch.tap_model(model, a)?, patch.tap_model(model, b)?);
+                patch.wire_node(format!("{name}.unsplit_concat"), TypedConcat::new(axis), &[at, bt])?[0]
+            }
+        };
+        let mut y = patch.wire_node(format!("{name}.unsplit_matmul"), first.op, &[x, cat])?[0];
+        for (i, op) in first.post.iter().enumerate() {
+            y = patch.wire_node(format!("{name}.unsplit_out{i}"), op.clone(), &[y])?[0];
+        }
+        if patch.outlet_fact(y)? != model.outlet_fact(OutletId::new(id, 0))? {
+            bail!("shapes differ");
+        }
+        patch.shunt_outside(model, OutletId::new(id, 0), y)?;
+        Ok(patch)
+    };
+    build().ok()
+}
+
+/// `(y, c)` when `o` (through reshapes) is a softcap `Mul(Tanh(y'), c)` with `y' = y / c` (or `y · 1/c`), c > 0.
+fn strip_softcap(model: &TypedModel, o: OutletId) -> Option<(OutletId, f32)> {
+    let m = model.node(before_reshapes(model, o).node);
+    if binop_name(m).as_deref() != Some("Mul") {
+        return None;
+    }
+    let (c, t) = match (scalar_const(model, m.inputs[1]), scalar_const(model, m.inputs[0])) {
+        (Some(c), _) => (c, m.inputs[0]),
+        (None, Some(c)) => (c, m.inputs[1]),
+        _ => return None,
+    };
+    let tanh = model.node(t.node);
+    let is_tanh =
+        tanh.op_as::<tract_onnx::tract_core::ops::element_wise::ElementWiseOp>().is_some_and(|e| e.0.name() == "Tanh");
+    if !(is_tanh && c > 0.0 && c.is_finite()) {
+        return None;
+    }
+    let d = model.node(before_reshapes(model, tanh.inputs[0]).node);
+    let inv = match binop_name(d).as_deref() {
+        Some("Div") => scalar_const(model, d.inputs[1]).map(|k| 1.0 / k),
+        Some("Mul") => scalar_const(model, d.inputs[1]).or(scalar_const(model, d.inputs[0])),
+        _ => None,
+    }?;
+    if (inv * c - 1.0).abs() > 1e-5 {
+        return None;
+    }
+    let y = if scalar_const(model, d.inputs[1]).is_some() { d.inputs[0] } else { d.inputs[1] };
+    Some((y, c))
+}
+
+/// Recognises the decomposed attention that exporters emit — `MatMul(Q, Kᵀ)` (· or / a scalar) (softcap
+/// `c·tanh(x/c)`) (+ a float mask, or `Where(bool mask, x, −inf)`) → Softmax over the keys (→ `Where(IsNaN(p), 0, p)`) → `MatMul(·, V)`, with the batch and head axes merged or
 /// split by reshapes around the matmuls — and computes it with one [`AttentionYOp`] (the fused kernel on the GPU)
 /// on the 4D `[batch, heads, seq, head]` Q, K and V the reshapes start from (GQA: K from before its repeat_kv, V
 /// as the grouped matmul reads it), when every shape checks; anything else is left alone. Returns how many it
@@ -553,12 +798,31 @@ pub fn fuse_decomposed_attention(model: &mut TypedModel) -> TractResult<usize> {
         // upstream: (+ mask) (· scale) reshapes MatMul(Q, Kᵀ)
         let mut x = node.inputs[0];
         let mut mask = None;
-        if binop_name(model.node(x.node)).as_deref() == Some("Add") {
+        let fits_mask = |o: OutletId, dt: DatumType| {
+            model.outlet_fact(o).is_ok_and(|mf| {
+                let target = [&b, &hq, &s];
+                mf.rank() == 4
+                    && mf.datum_type == dt
+                    && mf.shape[3] == t
+                    && (0..3).all(|i| mf.shape[i] == *target[i] || mf.shape[i] == 1.to_dim())
+            })
+        };
+        let xn = model.node(x.node);
+        if xn.op_is::<Iff>() && xn.inputs.len() == 3 {
+            // masked_fill: Where(mask, scores, -inf or the float minimum)
+            let fill = scalar_const(model, xn.inputs[2]);
+            if !fill.is_some_and(|f| f <= -1e30) || !fits_mask(xn.inputs[0], DatumType::Bool) {
+                continue;
+            }
+            mask = Some(xn.inputs[0]);
+            x = xn.inputs[1];
+        } else if binop_name(model.node(x.node)).as_deref() == Some("Add") {
             let add = model.node(x.node);
             let ranks: Vec<usize> =
                 add.inputs.iter().map(|i| model.outlet_fact(*i).map(|f| f.rank()).unwrap_or(0)).collect();
             // the scores come from a matmul (through reshapes / a scale); the other operand is the mask
             let from_mm = |o: OutletId| {
+                let o = strip_softcap(model, o).map_or(o, |(y, _)| y);
                 let mut o = before_reshapes(model, o);
                 if matches!(binop_name(model.node(o.node)).as_deref(), Some("Mul" | "Div")) {
                     o = before_reshapes(model, model.node(o.node).inputs[0]);
@@ -580,6 +844,11 @@ pub fn fuse_decomposed_attention(model: &mut TypedModel) -> TractResult<usize> {
             x = add.inputs[si];
         }
         let mut scale = 1.0f32;
+        let mut softcap = 0.0f32;
+        if let Some((y, c)) = strip_softcap(model, x) {
+            softcap = c;
+            x = y;
+        }
         // a scalar scale commutes with reshapes (tract's declutter moves it across them)
         x = before_reshapes(model, x);
         if let Some(op) = binop_name(model.node(x.node)).filter(|n| n == "Mul" || n == "Div") {
@@ -628,7 +897,15 @@ pub fn fuse_decomposed_attention(model: &mut TypedModel) -> TractResult<usize> {
         let vb = mm2.inputs[1];
         let out = after_reshapes(model, OutletId::new(mm2_id, 0));
         // the 4D tensors the reshapes start from, and the shapes the matmuls see
-        let q4 = rank4_before_reshapes(model, qa);
+        let mut q4 = rank4_before_reshapes(model, qa);
+        // a query scaled before the matmul (optimum splits 1/sqrt(d) between Q and K): the kernel scales
+        let mut q_scale = 1.0;
+        if let Some((data, c)) = strip_scalar_mul(model, q4) {
+            if model.outlet_fact(data).is_ok_and(|f| f.rank() == 4) && sole_successor(model, q4).is_some() {
+                q4 = data;
+                q_scale = c;
+            }
+        }
         let k4 = rank4_before_reshapes(model, kb);
         let v4 = rank4_before_reshapes(model, vb);
         let shape = |o: OutletId| model.outlet_fact(o).map(|f| f.shape.to_tvec());
@@ -703,8 +980,8 @@ pub fn fuse_decomposed_attention(model: &mut TypedModel) -> TractResult<usize> {
             q_num_heads: None,
             kv_num_heads: None,
             is_causal: false,
-            scale: Some(scale),
-            softcap: 0.0,
+            scale: Some(scale * q_scale),
+            softcap,
             qk_mode: 0,
             has_mask: mask.is_some(),
             has_past_key: false,

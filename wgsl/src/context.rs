@@ -188,9 +188,10 @@ impl Context {
         if shader_f16 {
             required |= wgpu::Features::SHADER_F16;
         }
-        // KILN_GPU_PROFILE=1 (native): GPU time per kernel from timestamp queries (kiln-run --placement prints it)
+        // KILN_GPU_PROFILE=1 (native): GPU time per kernel from timestamp queries (kiln-run --placement prints it);
+        // KILN_GPU_PROFILE=ops: per kernel entry and node kernel
         #[cfg(not(target_arch = "wasm32"))]
-        let profiling = std::env::var("KILN_GPU_PROFILE").is_ok_and(|v| v == "1")
+        let profiling = std::env::var("KILN_GPU_PROFILE").is_ok_and(|v| v == "1" || v == "ops")
             && features.contains(wgpu::Features::TIMESTAMP_QUERY);
         #[cfg(target_arch = "wasm32")]
         let profiling = false;

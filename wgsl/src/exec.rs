@@ -263,6 +263,22 @@ pub struct Recorder {
     pub counters: Counters,
     /// GPU time per kernel (KILN_GPU_PROFILE=1).
     pub profile: Profile,
+    /// The node kernel being recorded (KILN_GPU_PROFILE=ops): profile labels become `entry <kernel>`.
+    pub tag: Option<&'static str>,
+}
+
+/// `entry <tag>` as a static label (interned: a profile has a few dozen distinct ones).
+fn tagged_label(entry: &'static str, tag: &'static str) -> &'static str {
+    use std::sync::Mutex;
+    static LABELS: Mutex<Vec<&'static str>> = Mutex::new(vec![]);
+    let want = format!("{entry} <{tag}>");
+    let Ok(mut labels) = LABELS.lock() else { return entry };
+    if let Some(l) = labels.iter().find(|l| **l == want) {
+        return l;
+    }
+    let l: &'static str = Box::leak(want.into_boxed_str());
+    labels.push(l);
+    l
 }
 
 impl Default for Recorder {
@@ -281,6 +297,7 @@ impl Default for Recorder {
             poison: false,
             counters: Counters::default(),
             profile: Profile::default(),
+            tag: None,
         }
     }
 }
@@ -386,6 +403,10 @@ impl Recorder {
         for b in &bindings {
             self.hold(&b.buffer);
         }
+        let label = match self.tag {
+            Some(tag) => tagged_label(label, tag),
+            None => label,
+        };
         self.commands.push(Command::Dispatch { pipeline, bindings, uniform, groups, label });
     }
 
