@@ -188,15 +188,14 @@ pub fn fuse_rotate_half_rope(model: &mut TypedModel) -> TractResult<usize> {
             Angles::Angles(f) => *f,
             Angles::Gathered { ids, .. } => *ids,
         };
-        let (cos, sin) = match caches
-            .get(&key)
-            .and_then(|(c, s)| Some((model.node_by_name(c).ok()?, model.node_by_name(s).ok()?)))
-        {
-            Some((c, s)) => {
+        let cached =
+            caches.get(&key).and_then(|(c, s)| Some((model.node_by_name(c).ok()?, model.node_by_name(s).ok()?)));
+        let (cos, sin) = match (cached, &angles) {
+            (Some((c, s)), _) => {
                 (patch.tap_model(model, OutletId::new(c.id, 0))?, patch.tap_model(model, OutletId::new(s.id, 0))?)
             }
-            None if matches!(angles, Angles::Gathered { .. }) => {
-                let Angles::Gathered { cos, sin, ids } = &angles else { unreachable!() };
+            (None, Angles::Gathered { cos, sin, ids }) => {
+                // gathered_table checked: rank-2 tables with an even last axis
                 let base = model.node(ids.node).name.clone();
                 let h = cos.shape()[1] / 2;
                 let it = patch.tap_model(model, *ids)?;
@@ -209,10 +208,9 @@ pub fn fuse_rotate_half_rope(model: &mut TypedModel) -> TractResult<usize> {
                 caches.insert(key, (format!("{base}.rope_cos_half"), format!("{base}.rope_sin_half")));
                 (halves[0], halves[1])
             }
-            None => {
-                let Angles::Angles(f) = angles else { continue };
+            (None, Angles::Angles(f)) => {
                 let base = model.node(f.node).name.clone();
-                let mut ft = patch.tap_model(model, f)?;
+                let mut ft = patch.tap_model(model, *f)?;
                 if patch.outlet_fact(ft)?.rank() == 4 {
                     ft = patch.wire_node(format!("{base}.rope_angles"), AxisOp::Rm(1), &[ft])?[0];
                 }

@@ -456,7 +456,7 @@ impl GpuBackend {
                             }
                         }
                         let refs: Vec<&GpuTensor> = args.iter().collect();
-                        if ctx.profiling && std::env::var("KILN_GPU_PROFILE").is_ok_and(|v| v == "ops") {
+                        if ctx.profile_ops {
                             let name: String = op.kernel.name().chars().take(48).collect();
                             rec.tag = Some(intern(name));
                         }

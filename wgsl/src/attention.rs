@@ -209,7 +209,7 @@ impl AttentionSpec {
         let dmax = dk.max(dv).max(16).next_power_of_two();
         // few workgroups (decode: one per batch and kv head) and many keys: the keys are cut across workgroups
         // decode (one query per row): decode_main, a workgroup per (batch, q head) whose invocations share the keys
-        let decode = s == 1 && std::env::var_os("KILN_GPU_NO_DECODE_ATTENTION").is_none();
+        let decode = s == 1;
         let groups = if decode { b * hq } else { b * hkv * blocks };
         let bk = if decode { wg } else { 2048 / dmax };
         let splits = if groups < SPLIT_BELOW && total >= 2 * bk { total.div_ceil(bk).min(MAX_SPLITS) } else { 1 };

@@ -86,6 +86,8 @@ pub struct Context {
     compiled: Mutex<usize>,
     /// Timestamp queries around every dispatch (KILN_GPU_PROFILE=1, native, where the adapter has them).
     pub profiling: bool,
+    /// With `profiling`: kernels also labelled by their node's kernel (KILN_GPU_PROFILE=ops).
+    pub profile_ops: bool,
 }
 
 impl std::fmt::Debug for Context {
@@ -195,6 +197,7 @@ impl Context {
             && features.contains(wgpu::Features::TIMESTAMP_QUERY);
         #[cfg(target_arch = "wasm32")]
         let profiling = false;
+        let profile_ops = profiling && std::env::var("KILN_GPU_PROFILE").is_ok_and(|v| v == "ops");
         if profiling {
             required |= wgpu::Features::TIMESTAMP_QUERY;
         }
@@ -236,6 +239,7 @@ impl Context {
             pipelines: Mutex::default(),
             compiled: Mutex::new(0),
             profiling,
+            profile_ops,
         })))
     }
 
