@@ -676,6 +676,9 @@ impl Recorder {
         if let Some(read) = profile_read {
             self.read_profile(ctx, &read, &profiled)?;
         }
+        // wasm32: no timestamp queries (Context::profiling is false there), so there is nothing to read
+        #[cfg(target_arch = "wasm32")]
+        drop(profile_read);
         self.counters.buffers_created = self.pool.created;
         self.counters.buffer_bytes = self.pool.bytes;
         self.counters.arena_bytes = [&self.uniforms, &self.uploads, &self.staging]
