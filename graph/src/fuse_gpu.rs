@@ -7,6 +7,7 @@ use std::collections::{HashMap, HashSet};
 
 use kiln_wgsl::fused::{FusedChain, FusedProgram, Src, Step, MAX_FUSED_INPUTS, MAX_FUSED_STEPS};
 use kiln_wgsl::ops::GpuOp;
+use kiln_wgsl::qmatmul::QEpilogue;
 use kiln_wgsl::Kernel;
 use tract_onnx::prelude::*;
 
@@ -147,4 +148,190 @@ fn build(model: &TypedModel, members: &[usize]) -> Option<(FusedProgram, FusedCh
     let program = FusedProgram::new(externals.len(), steps, out_dt);
     program.check().ok()?;
     Some((program, FusedChain { inputs: externals.len(), steps: cpu_steps }, externals))
+}
+
+/// The node behind `o` when it is a GPU MatMulNBits without an epilogue whose only use is `user`.
+fn sole_qmatmul(
+    model: &TypedModel,
+    outputs: &HashSet<OutletId>,
+    o: OutletId,
+    user: usize,
+) -> Option<kiln_wgsl::qmatmul::QMatMul> {
+    qmatmul_used_by(model, outputs, o, user, 0)
+}
+
+/// The node behind `o` when it is a GPU MatMulNBits without an epilogue, used once by `user` and by `others` other
+/// nodes (which the caller checks), and not a model output.
+fn qmatmul_used_by(
+    model: &TypedModel,
+    outputs: &HashSet<OutletId>,
+    o: OutletId,
+    user: usize,
+    others: usize,
+) -> Option<kiln_wgsl::qmatmul::QMatMul> {
+    let node = model.node(o.node);
+    let Kernel::QMatMul(q) = &node.op_as::<GpuOp>()?.kernel else { return None };
+    let succ = &node.outputs[0].successors;
+    let used = succ.len() == 1 + others && succ.iter().filter(|s| s.node == user).count() == 1;
+    (q.epilogue == QEpilogue::None && o.slot == 0 && used && !outputs.contains(&o)).then(|| q.clone())
+}
+
+/// Whether a GPU node is the binary op `b` / unary op `u` with one output.
+fn is_binary(node: &TypedNode, b: kiln_wgsl::BinaryOp) -> bool {
+    node.inputs.len() == 2 && node.op_as::<GpuOp>().is_some_and(|op| op.kernel == Kernel::Binary(b))
+}
+
+/// One epilogue fusion found in the model: the node whose output the fused node replaces, the fused kernel, its
+/// CPU reference and its inputs.
+struct EpilogueMatch {
+    sink: usize,
+    kernel: kiln_wgsl::qmatmul::QMatMul,
+    chain: FusedChain,
+    inputs: Vec<OutletId>,
+    /// Skip norms of the same residual sum (kiln-graph's `fuse_norm`), to read the fused node's sum instead.
+    norms: Vec<usize>,
+}
+
+/// The kiln NormOp behind a GPU node that adds a skip.
+fn skip_norm(node: &TypedNode) -> Option<kiln_ops::skip_norm::NormOp> {
+    match &node.op_as::<GpuOp>()?.kernel {
+        Kernel::Norm(n) if n.op.has_skip && node.inputs.len() >= 2 => Some(n.op.clone()),
+        _ => None,
+    }
+}
+
+fn find_epilogue(model: &TypedModel, order: &[usize], outputs: &HashSet<OutletId>) -> Option<EpilogueMatch> {
+    use kiln_wgsl::BinaryOp::{Add, Mul};
+    let same_shape = |a: OutletId, b: OutletId| {
+        let (fa, fb) = (model.outlet_fact(a).ok(), model.outlet_fact(b).ok());
+        fa.zip(fb).is_some_and(|(fa, fb)| fa.shape == fb.shape && fa.datum_type == DatumType::F32)
+    };
+    let cpu = |n: usize| model.node(n).op_as::<GpuOp>().map(|g| g.cpu.clone());
+    let srcs = |r: std::ops::Range<usize>| r.map(|i| Src::Input(i as u8)).collect::<Vec<_>>();
+    for &id in order {
+        let node = model.node(id);
+        // Mul(Silu(A · Gᵀ), A · Uᵀ) (either operand order): the gated MLP
+        if is_binary(node, Mul) {
+            for (si, ui) in [(0, 1), (1, 0)] {
+                let silu = model.node(node.inputs[si].node);
+                let is_silu =
+                    silu.op_as::<GpuOp>().is_some_and(|g| g.kernel == Kernel::Unary(kiln_wgsl::UnaryOp::Silu))
+                        && silu.inputs.len() == 1
+                        && silu.outputs[0].successors.len() == 1
+                        && !outputs.contains(&node.inputs[si]);
+                if !is_silu {
+                    continue;
+                }
+                let (Some(g), Some(u)) = (
+                    sole_qmatmul(model, outputs, silu.inputs[0], silu.id),
+                    sole_qmatmul(model, outputs, node.inputs[ui], id),
+                ) else {
+                    continue;
+                };
+                let (gn, un) = (model.node(silu.inputs[0].node), model.node(node.inputs[ui].node));
+                if g != u
+                    || gn.inputs[0] != un.inputs[0]
+                    || gn.inputs.len() != un.inputs.len()
+                    || !same_shape(silu.inputs[0], OutletId::new(id, 0))
+                    || !same_shape(node.inputs[ui], OutletId::new(id, 0))
+                {
+                    continue;
+                }
+                let wa = gn.inputs.len() - 1;
+                let mut inputs: Vec<OutletId> = gn.inputs.to_vec();
+                inputs.extend(un.inputs[1..].iter().copied());
+                let mut up_srcs = vec![Src::Input(0)];
+                up_srcs.extend(srcs(1 + wa..1 + 2 * wa));
+                let mul_srcs =
+                    if si == 0 { vec![Src::Step(2), Src::Step(1)] } else { vec![Src::Step(1), Src::Step(2)] };
+                let chain = FusedChain {
+                    inputs: inputs.len(),
+                    steps: vec![
+                        (cpu(gn.id)?, srcs(0..1 + wa)),
+                        (cpu(un.id)?, up_srcs),
+                        (cpu(silu.id)?, vec![Src::Step(0)]),
+                        (cpu(id)?, mul_srcs),
+                    ],
+                };
+                let kernel = kiln_wgsl::qmatmul::QMatMul { epilogue: QEpilogue::SiluMul, ..g };
+                return Some(EpilogueMatch { sink: id, kernel, chain, inputs, norms: vec![] });
+            }
+        }
+        // Add(A · Bᵀ, R) (either operand order): a residual
+        if is_binary(node, Add) {
+            for (qi, ri) in [(0, 1), (1, 0)] {
+                // the product's other users may be skip norms of the same sum: they read the fused node instead
+                let (qo, ro) = (node.inputs[qi], node.inputs[ri]);
+                let norms: Vec<usize> =
+                    model.node(qo.node).outputs[0].successors.iter().map(|s| s.node).filter(|&n| n != id).collect();
+                let same_sum = |n: usize| {
+                    let nn = model.node(n);
+                    skip_norm(nn).is_some() && (nn.inputs[..2] == [qo, ro] || nn.inputs[..2] == [ro, qo])
+                };
+                if !norms.iter().all(|&n| same_sum(n)) {
+                    continue;
+                }
+                let Some(q) = qmatmul_used_by(model, outputs, qo, id, norms.len()) else { continue };
+                if node.inputs[ri].node == node.inputs[qi].node
+                    || !same_shape(node.inputs[qi], OutletId::new(id, 0))
+                    || !same_shape(node.inputs[ri], OutletId::new(id, 0))
+                {
+                    continue;
+                }
+                let qn = model.node(node.inputs[qi].node);
+                let n = qn.inputs.len();
+                let mut inputs: Vec<OutletId> = qn.inputs.to_vec();
+                inputs.push(node.inputs[ri]);
+                let add_srcs = if qi == 0 {
+                    vec![Src::Step(0), Src::Input(n as u8)]
+                } else {
+                    vec![Src::Input(n as u8), Src::Step(0)]
+                };
+                let chain =
+                    FusedChain { inputs: inputs.len(), steps: vec![(cpu(qn.id)?, srcs(0..n)), (cpu(id)?, add_srcs)] };
+                let kernel = kiln_wgsl::qmatmul::QMatMul { epilogue: QEpilogue::Residual, ..q };
+                return Some(EpilogueMatch { sink: id, kernel, chain, inputs, norms });
+            }
+        }
+    }
+    None
+}
+
+/// Folds the elementwise work after GPU MatMulNBits nodes into their kernel ([`QEpilogue`]): a gated MLP's gate and
+/// up projections with their SiLU · Mul become one dispatch, and a projection followed by a residual Add stores the
+/// sum. Returns how many fused nodes it made. Runs on the lowered model, before [`fuse_elementwise`].
+pub fn fuse_matmul_epilogues(model: &mut TypedModel) -> Result<usize> {
+    let mut fused = 0;
+    loop {
+        let order = model.eval_order().map_err(tract_err("ordering the lowered model"))?;
+        let outputs: HashSet<OutletId> =
+            model.output_outlets().map_err(tract_err("model outputs"))?.iter().copied().collect();
+        let Some(m) = find_epilogue(model, &order, &outputs) else { break };
+        let mut patch = TypedModelPatch::default();
+        let mut taps = tvec![];
+        for i in &m.inputs {
+            taps.push(patch.tap_model(model, *i).map_err(tract_err("fusing a matmul epilogue"))?);
+        }
+        let name = model.node(m.sink).name.clone();
+        let op = GpuOp { kernel: Kernel::QMatMul(m.kernel), cpu: Box::new(m.chain) };
+        let out = patch.wire_node(name, op, &taps).map_err(tract_err("fusing a matmul epilogue"))?[0];
+        patch.shunt_outside(model, OutletId::new(m.sink, 0), out).map_err(tract_err("fusing a matmul epilogue"))?;
+        for n in m.norms {
+            // NormOp(a, b, rest..) of the sum a + b → NormOp(sum, rest..)
+            let node = model.node(n);
+            let op = skip_norm(node).ok_or_else(|| Error::invalid_model("matmul epilogue: not a skip norm"))?;
+            let op = kiln_ops::skip_norm::NormOp { has_skip: false, ..op };
+            let mut ins = tvec![out];
+            for i in &node.inputs[2..] {
+                ins.push(patch.tap_model(model, *i).map_err(tract_err("fusing a matmul epilogue"))?);
+            }
+            let gpu = GpuOp { kernel: Kernel::Norm(kiln_wgsl::msft::NormSpec { op: op.clone() }), cpu: Box::new(op) };
+            let y = patch.wire_node(node.name.clone(), gpu, &ins).map_err(tract_err("fusing a matmul epilogue"))?[0];
+            patch.shunt_outside(model, OutletId::new(n, 0), y).map_err(tract_err("fusing a matmul epilogue"))?;
+        }
+        patch.apply(model).map_err(tract_err("fusing a matmul epilogue"))?;
+        model.compact().map_err(tract_err("compacting the fused model"))?;
+        fused += 1;
+    }
+    Ok(fused)
 }

@@ -28,7 +28,21 @@ pub enum QZeroPoints {
     Float,
 }
 
-/// The specialisation of a quantized matmul: `Y[.., N] = A[.., K] · dequant(B)ᵀ`.
+/// What a [`QMatMul`] does with its product before storing it (kiln-graph's matmul fusion,
+/// `fuse_gpu::fuse_matmul_epilogues`): each saves the dispatches of the nodes it absorbs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum QEpilogue {
+    /// `Y = A · Bᵀ`.
+    #[default]
+    None,
+    /// `Y = A · Bᵀ + R`: the residual R (f32, Y's shape) is one more input, the last.
+    Residual,
+    /// `Y = silu(A · Bᵀ) · (A · Uᵀ)` (a gated MLP's gate and up projections and their SiLU · Mul): U's packed
+    /// weight, scales [and zero points] follow B's, same specialisation.
+    SiluMul,
+}
+
+/// The specialisation of a quantized matmul: `Y[.., N] = A[.., K] · dequant(B)ᵀ`, then its [`QEpilogue`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct QMatMul {
     pub k: usize,
@@ -40,6 +54,7 @@ pub struct QMatMul {
     /// accuracy_level 4: A quantized to int8 per block first (in the decode kernel's workgroup memory when K fits,
     /// else by a first dispatch).
     pub int8_activations: bool,
+    pub epilogue: QEpilogue,
 }
 
 impl QMatMul {
@@ -64,15 +79,26 @@ impl QMatMul {
                 ZeroPointKind::Float => QZeroPoints::Float,
             },
             int8_activations: op.int8_activations,
+            epilogue: QEpilogue::None,
         })
     }
 
-    pub fn arity(&self) -> usize {
+    /// Inputs of one weight: packed B, scales[, zero points].
+    fn weight_arity(&self) -> usize {
         if self.zero_points == QZeroPoints::Default {
-            3
+            2
         } else {
-            4
+            3
         }
+    }
+
+    pub fn arity(&self) -> usize {
+        1 + self.weight_arity()
+            + match self.epilogue {
+                QEpilogue::None => 0,
+                QEpilogue::Residual => 1,
+                QEpilogue::SiluMul => self.weight_arity(),
+            }
     }
 
     fn k_blocks(&self) -> usize {
@@ -97,44 +123,89 @@ impl QMatMul {
         if a.last() != Some(&self.k) {
             return Err(Error::new(format!("webgpu: MatMulNBits with K={} on A of shape {a:?}", self.k)));
         }
+        if inputs.len() != self.arity() {
+            return Err(Error::new(format!("webgpu: MatMulNBits expects {} inputs", self.arity())));
+        }
+        let wa = self.weight_arity();
         let words = self.input_words();
-        for (i, (shape, want)) in inputs[1..].iter().zip(words).enumerate() {
-            let have: usize = shape.iter().product();
-            if have < want {
-                return Err(Error::new(format!(
-                    "webgpu: MatMulNBits operand {} holds {have} words, needs {want}",
-                    i + 1
-                )));
+        let weights = if self.epilogue == QEpilogue::SiluMul { 2 } else { 1 };
+        for w in 0..weights {
+            for (i, (shape, want)) in inputs[1 + w * wa..1 + (w + 1) * wa].iter().zip(words).enumerate() {
+                let have: usize = shape.iter().product();
+                if have < want {
+                    return Err(Error::new(format!(
+                        "webgpu: MatMulNBits operand {} holds {have} words, needs {want}",
+                        1 + w * wa + i
+                    )));
+                }
             }
         }
         let mut s: TVec<usize> = (*a).into();
         if let Some(l) = s.last_mut() {
             *l = self.n;
         }
+        if self.epilogue == QEpilogue::Residual && inputs.last().is_none_or(|r| **r != *s) {
+            return Err(Error::new(format!("webgpu: MatMulNBits residual of shape {:?}, not {s:?}", inputs.last())));
+        }
         Ok(s)
     }
 
-    /// The WGSL of the packed operands: B and scales always, zero points as the specialisation wants.
+    /// The WGSL of the packed operands: B and scales always, zero points as the specialisation wants; the up
+    /// projection's (`w_up` = 1: bindings 6–8, functions `*2`) with [`QEpilogue::SiluMul`], stubs otherwise; the
+    /// residual (binding 9) with [`QEpilogue::Residual`].
     fn spec(&self) -> Vec<(&'static str, String)> {
-        let scale = if self.scales_f16 { "unpack2x16float(scales[i / 2u])[i % 2u]" } else { "bitcast<f32>(scales[i])" };
-        let (zp_decl, zero) = match self.zero_points {
-            QZeroPoints::Default => ("", "f32(1u << (BITS - 1u))"),
-            QZeroPoints::Packed => (
-                "@group(0) @binding(5) var<storage, read> zps: array<u32>;",
-                "f32((zps[(col * p.zp_bytes + blk * BITS / 8u) / 4u] >> \
-                 (((col * p.zp_bytes + blk * BITS / 8u) % 4u) * 8u + (blk * BITS) % 8u)) & MASK)",
-            ),
-            QZeroPoints::Float => ("@group(0) @binding(5) var<storage, read> zps: array<u32>;", "bitcast<f32>(zps[i])"),
+        let weight = |sfx: &str, bb: u32, sb: u32, zb: u32| {
+            let scale = if self.scales_f16 {
+                format!("unpack2x16float(scales{sfx}[i / 2u])[i % 2u]")
+            } else {
+                format!("bitcast<f32>(scales{sfx}[i])")
+            };
+            let (zp_decl, zero) = match self.zero_points {
+                QZeroPoints::Default => (String::new(), "f32(1u << (BITS - 1u))".to_string()),
+                QZeroPoints::Packed => (
+                    format!("@group(0) @binding({zb}) var<storage, read> zps{sfx}: array<u32>;"),
+                    format!(
+                        "f32((zps{sfx}[(col * p.zp_bytes + blk * BITS / 8u) / 4u] >> \
+                         (((col * p.zp_bytes + blk * BITS / 8u) % 4u) * 8u + (blk * BITS) % 8u)) & MASK)"
+                    ),
+                ),
+                QZeroPoints::Float => (
+                    format!("@group(0) @binding({zb}) var<storage, read> zps{sfx}: array<u32>;"),
+                    format!("bitcast<f32>(zps{sfx}[i])"),
+                ),
+            };
+            format!(
+                "@group(0) @binding({bb}) var<storage, read> b{sfx}: array<u32>;\n\
+                 @group(0) @binding({sb}) var<storage, read> scales{sfx}: array<u32>;\n{zp_decl}\n\
+                 fn b{sfx}_at(i: u32) -> u32 {{\n    return b{sfx}[i];\n}}\n\
+                 fn scale{sfx}_at(i: u32) -> f32 {{\n    return {scale};\n}}\n\
+                 fn zero{sfx}_at(col: u32, blk: u32, i: u32) -> f32 {{\n    return {zero};\n}}\n"
+            )
         };
-        let fns = format!(
-            "@group(0) @binding(2) var<storage, read> b: array<u32>;\n\
-             @group(0) @binding(4) var<storage, read> scales: array<u32>;\n{zp_decl}\n\
-             fn scale_at(i: u32) -> f32 {{\n    return {scale};\n}}\n\
-             fn zero_at(col: u32, blk: u32, i: u32) -> f32 {{\n    return {zero};\n}}\n"
-        );
+        let mut fns = weight("", 2, 4, 5);
+        fns += &if self.epilogue == QEpilogue::SiluMul {
+            weight("2", 6, 7, 8)
+        } else {
+            "fn b2_at(i: u32) -> u32 {\n    return 0u;\n}\n\
+             fn scale2_at(i: u32) -> f32 {\n    return 0.0;\n}\n\
+             fn zero2_at(col: u32, blk: u32, i: u32) -> f32 {\n    return 0.0;\n}\n"
+                .to_string()
+        };
+        fns += if self.epilogue == QEpilogue::Residual {
+            "@group(0) @binding(9) var<storage, read> res: array<f32>;\n\
+             fn res_at(i: u32) -> f32 {\n    return res[i];\n}\n"
+        } else {
+            "fn res_at(i: u32) -> f32 {\n    return 0.0;\n}\n"
+        };
+        let epi = match self.epilogue {
+            QEpilogue::None => 0,
+            QEpilogue::Residual => 1,
+            QEpilogue::SiluMul => 2,
+        };
         vec![("BITS", self.bits.to_string()), ("BS", self.block_size.to_string()), ("QM_FNS", fns)]
             .into_iter()
-            .chain([("INT8_A", "false".to_string()), ("AQ_LEN", "1".to_string())])
+            .chain([("INT8_A", "false".to_string()), ("AQ_LEN", "1".to_string()), ("EPI", epi.to_string())])
+            .chain([("PART2", if epi == 2 { "256" } else { "1" }.to_string())])
             .collect()
     }
 
@@ -164,9 +235,20 @@ impl QMatMul {
         }
         let kb = self.k_blocks();
         let zp_bytes = (kb * self.bits as usize).div_ceil(8);
+        let wa = self.weight_arity();
         let mut b = vec![(1, inputs[0]), (2, inputs[1]), (3, out), (4, inputs[2])];
         if self.zero_points != QZeroPoints::Default {
             b.push((5, inputs[3]));
+        }
+        match self.epilogue {
+            QEpilogue::None => {}
+            QEpilogue::Residual => b.push((9, inputs[1 + wa])),
+            QEpilogue::SiluMul => {
+                b.extend([(6, inputs[1 + wa]), (7, inputs[2 + wa])]);
+                if self.zero_points != QZeroPoints::Default {
+                    b.push((8, inputs[3 + wa]));
+                }
+            }
         }
         let mut spec = self.spec();
         let (entry, gx, gy, gz) = if rows <= MV_MAX_ROWS {
@@ -221,6 +303,7 @@ pub(crate) fn quantize_blocks(
         scales_f16: false,
         zero_points: QZeroPoints::Default,
         int8_activations: false,
+        epilogue: QEpilogue::None,
     }
     .spec();
     spec.push(("LANES", "32".into()));
