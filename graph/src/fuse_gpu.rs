@@ -147,7 +147,7 @@ fn build(model: &TypedModel, members: &[usize]) -> Option<(FusedProgram, FusedCh
     let out_dt = model.node(*members.last()?).outputs[0].fact.datum_type;
     let program = FusedProgram::new(externals.len(), steps, out_dt);
     program.check().ok()?;
-    Some((program, FusedChain { inputs: externals.len(), steps: cpu_steps }, externals))
+    Some((program, FusedChain { inputs: externals.len(), steps: cpu_steps, outputs: 1 }, externals))
 }
 
 /// The node behind `o` when it is a GPU MatMulNBits without an epilogue whose only use is `user`.
@@ -252,6 +252,7 @@ fn find_epilogue(model: &TypedModel, order: &[usize], outputs: &HashSet<OutletId
                         (cpu(silu.id)?, vec![Src::Step(0)]),
                         (cpu(id)?, mul_srcs),
                     ],
+                    outputs: 1,
                 };
                 let kernel = kiln_wgsl::qmatmul::QMatMul { epilogue: QEpilogue::SiluMul, ..g };
                 return Some(EpilogueMatch { sink: id, kernel, chain, inputs, norms: vec![] });
@@ -287,8 +288,11 @@ fn find_epilogue(model: &TypedModel, order: &[usize], outputs: &HashSet<OutletId
                 } else {
                     vec![Src::Input(n as u8), Src::Step(0)]
                 };
-                let chain =
-                    FusedChain { inputs: inputs.len(), steps: vec![(cpu(qn.id)?, srcs(0..n)), (cpu(id)?, add_srcs)] };
+                let chain = FusedChain {
+                    inputs: inputs.len(),
+                    steps: vec![(cpu(qn.id)?, srcs(0..n)), (cpu(id)?, add_srcs)],
+                    outputs: 1,
+                };
                 let kernel = kiln_wgsl::qmatmul::QMatMul { epilogue: QEpilogue::Residual, ..q };
                 return Some(EpilogueMatch { sink: id, kernel, chain, inputs, norms });
             }
@@ -331,6 +335,67 @@ pub fn fuse_matmul_epilogues(model: &mut TypedModel) -> Result<usize> {
         }
         patch.apply(model).map_err(tract_err("fusing a matmul epilogue"))?;
         model.compact().map_err(tract_err("compacting the fused model"))?;
+        fused += 1;
+    }
+    Ok(fused)
+}
+
+/// The most weights one split matmul reads ([`QEpilogue::Split`]).
+const MAX_SPLIT: usize = 3;
+
+/// Joins GPU MatMulNBits nodes of one input and one specialisation but N (a layer's q, k and v projections) into
+/// one node with an output per weight ([`QEpilogue::Split`]): one dispatch on a decode step instead of three.
+/// Returns how many split nodes it made. Runs on the lowered model, after [`fuse_matmul_epilogues`].
+pub fn fuse_matmul_splits(model: &mut TypedModel) -> Result<usize> {
+    let mut fused = 0;
+    loop {
+        let order = model.eval_order().map_err(tract_err("ordering the lowered model"))?;
+        // the plain GPU MatMulNBits nodes reading each outlet, by specialisation (N aside), in evaluation order
+        let mut groups: Vec<(OutletId, kiln_wgsl::qmatmul::QMatMul, Vec<usize>)> = vec![];
+        for &id in &order {
+            let node = model.node(id);
+            let Some(Kernel::QMatMul(q)) = node.op_as::<GpuOp>().map(|g| &g.kernel) else { continue };
+            if q.epilogue != QEpilogue::None || node.outputs.len() != 1 {
+                continue;
+            }
+            let key = kiln_wgsl::qmatmul::QMatMul { n: 0, ..q.clone() };
+            match groups.iter_mut().find(|(a, k, _)| *a == node.inputs[0] && *k == key) {
+                Some((_, _, members)) => members.push(id),
+                None => groups.push((node.inputs[0], key, vec![id])),
+            }
+        }
+        let Some((a, key, mut members)) = groups.into_iter().find(|g| g.2.len() >= 2) else { break };
+        members.truncate(MAX_SPLIT);
+        let mut ns = [0usize; 3];
+        let mut inputs = vec![a];
+        let mut steps = vec![];
+        for (w, &m) in members.iter().enumerate() {
+            let node = model.node(m);
+            let Some(Kernel::QMatMul(q)) = node.op_as::<GpuOp>().map(|g| &g.kernel) else { break };
+            ns[w] = q.n;
+            let mut srcs = vec![Src::Input(0)];
+            for i in &node.inputs[1..] {
+                srcs.push(Src::Input(inputs.len() as u8));
+                inputs.push(*i);
+            }
+            let cpu = node.op_as::<GpuOp>().map(|g| g.cpu.clone());
+            steps.push((cpu.ok_or_else(|| Error::invalid_model("split matmul: not a GPU node"))?, srcs));
+        }
+        let kernel = kiln_wgsl::qmatmul::QMatMul { n: ns.iter().sum(), epilogue: QEpilogue::Split(ns), ..key };
+        let chain = FusedChain { inputs: inputs.len(), steps, outputs: members.len() };
+        let mut patch = TypedModelPatch::default();
+        let mut taps = tvec![];
+        for i in &inputs {
+            taps.push(patch.tap_model(model, *i).map_err(tract_err("joining matmuls"))?);
+        }
+        let name = format!("{}.split", model.node(members[0]).name);
+        let op = GpuOp { kernel: Kernel::QMatMul(kernel), cpu: Box::new(chain) };
+        let outs = patch.wire_node(name, op, &taps).map_err(tract_err("joining matmuls"))?;
+        for (m, o) in members.iter().zip(outs) {
+            patch.shunt_outside(model, OutletId::new(*m, 0), o).map_err(tract_err("joining matmuls"))?;
+        }
+        patch.apply(model).map_err(tract_err("joining matmuls"))?;
+        model.compact().map_err(tract_err("compacting the joined model"))?;
         fused += 1;
     }
     Ok(fused)

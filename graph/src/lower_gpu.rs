@@ -169,6 +169,7 @@ pub fn lower(model: &TypedModel, caps: &Caps) -> Result<Lowered> {
     // KILN_GPU_FUSION=0 keeps one dispatch per node (comparisons, debugging)
     if std::env::var("KILN_GPU_FUSION").map_or(true, |v| v != "0") {
         crate::fuse_gpu::fuse_matmul_epilogues(&mut target)?;
+        crate::fuse_gpu::fuse_matmul_splits(&mut target)?;
         crate::fuse_gpu::fuse_elementwise(&mut target)?;
     }
     Ok(Lowered { model: target, placement })

@@ -455,6 +455,81 @@ fn a_gated_mlp_and_its_residual_fold_into_the_matmul_kernels() {
     assert!(failures.is_empty(), "{} cases failed:\n  {}", failures.len(), failures.join("\n  "));
 }
 
+/// MatMulNBits nodes of one input (an attention layer's q, k and v projections; N of each in `ns`), each its own
+/// output, joined into one node on the GPU (kiln-graph's `fuse_matmul_splits`) and checked against the CPU provider:
+/// one dispatch a decode step for the two or three of them (the tiled path runs them one by one, after one int8
+/// quantization of A at accuracy_level 4).
+#[test]
+fn projections_of_one_input_run_as_one_dispatch() {
+    if !gpu_available() {
+        return;
+    }
+    let mut rng = Rng(seed());
+    let base = Case { bits: 4, block_size: 32, k: 96, n: 0, zp: Zp::None, f16: false, bias: false, accuracy_level: 0 };
+    let cases: [(Case, &[usize], f64); 4] = [
+        (base, &[64, 32, 32], 1e-4),
+        (Case { zp: Zp::Packed, accuracy_level: 4, ..base }, &[96, 32, 32], 1e-4),
+        (Case { zp: Zp::Float, bits: 8, block_size: 16, f16: true, k: 80, ..base }, &[40, 24], 2e-3),
+        // four of one input: three joined, the fourth alone
+        (base, &[32, 16, 16, 48], 1e-4),
+    ];
+    let mut failures = vec![];
+    for (c, ns, rel) in cases {
+        for rows in [1, 3, 70] {
+            let what = format!("{c:?} N {ns:?}, {rows} rows");
+            let t1 = if c.f16 { FLOAT16 } else { FLOAT };
+            let (mut nodes, mut inits, mut outputs) = (vec![], vec![], vec![]);
+            for (i, n) in ns.iter().enumerate() {
+                let (node, init) = qmm_node(&mut rng, Case { n: *n, ..c }, &format!("p{i}"), "x", &format!("y{i}"));
+                nodes.push(node);
+                inits.extend(init);
+                outputs.push(value_info(&format!("y{i}"), t1, None));
+            }
+            let graph = pb::GraphProto {
+                name: "qkv".into(),
+                node: nodes,
+                input: vec![value_info("x", t1, Some(&[rows, c.k]))],
+                output: outputs,
+                initializer: inits,
+                ..Default::default()
+            };
+            let bytes = onnx_model(graph, 17);
+            let v: Vec<f32> = (0..rows * c.k).map(|_| rng.range(-1.0, 1.0)).collect();
+            let mut x = Tensor::from_vec(&[rows, c.k], v).expect("tensor");
+            if c.f16 {
+                x = x.cast(ElementType::F16).expect("f16");
+            }
+            let feeds = vec![("x".to_string(), x)];
+            let cpu = Session::from_bytes(&bytes, &options(ExecutionProvider::Cpu)).expect("cpu session");
+            let gpu = Session::from_bytes(&bytes, &options(ExecutionProvider::WebGpu)).expect("gpu session");
+            gpu.set_gpu_poison(true);
+            let want = cpu.run(feeds.clone()).expect("cpu run");
+            let got = gpu.run(feeds).expect("gpu run");
+            for i in 0..ns.len() {
+                let out = format!("y{i}");
+                let w = want.output(&out).expect("cpu output").to_f64_vec().expect("floats");
+                let g = got.output(&out).expect("gpu output").to_f64_vec().expect("floats");
+                let max = w.iter().fold(0f64, |m, v| m.max(v.abs()));
+                assert!(max > 0.0 && w.len() == g.len(), "{what}: {out}: {} vs {} values", g.len(), w.len());
+                if let Some((j, (a, b))) =
+                    w.iter().zip(&g).enumerate().find(|(_, (a, b))| (*a - *b).is_nan() || (*a - *b).abs() > rel * max)
+                {
+                    failures.push(format!("{what}: {out}[{j}]: gpu {b} vs cpu {a} (max |ref| {max})"));
+                }
+            }
+            let report = gpu.gpu_placement().expect("report");
+            let dispatches = report.counters.dispatches / report.runs.max(1);
+            let joined = ns.len().min(3);
+            let matmuls = if rows > 4 { ns.len() + (c.accuracy_level == 4) as usize } else { 1 + ns.len() - joined };
+            let casts = if c.f16 { 1 + ns.len() } else { 0 };
+            if dispatches != matmuls + casts {
+                failures.push(format!("{what}: {dispatches} dispatches a run, not {}", matmuls + casts));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{} cases failed:\n  {}", failures.len(), failures.join("\n  "));
+}
+
 /// The tiny llama q4 export (MatMulNBits) on the GPU: every MatMulNBits node on the GPU, prefill and one decode
 /// step against onnxruntime's outputs within 1e-3 of each output's largest magnitude (the CPU's tolerance).
 #[test]

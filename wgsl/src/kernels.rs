@@ -746,6 +746,7 @@ impl Kernel {
                 crate::qmatmul::QEpilogue::None => "MatMulNBits".into(),
                 crate::qmatmul::QEpilogue::Residual => "MatMulNBits+Add".into(),
                 crate::qmatmul::QEpilogue::SiluMul => "MatMulNBits(gate,up)+SiluMul".into(),
+                crate::qmatmul::QEpilogue::Split(_) => "MatMulNBits(split)".into(),
             },
             Kernel::Attention(_) => "Attention".into(),
             Kernel::Rotary(_) => "RotaryEmbedding".into(),

@@ -11,7 +11,10 @@
 //                  block per step and column), the B tile dequantized into workgroup memory.
 //   quantize_main: accuracy_level 4's int8 quantize-dequantize of A per block of BS along K (onnxruntime's MLAS).
 // EPI, what mv_main / tiled_main store (QEpilogue): 0: the product; 1: the product + res (a residual of Y's shape);
-// 2: silu(the product) * the product with the second weight (b2, scales2, zps2: a gated MLP's up projection).
+// 2: silu(the product) * the product with the second weight (b2, scales2, zps2: a gated MLP's up projection);
+// 3 (mv_main only): two or three weights side by side (b / b2 / b3: the q, k and v projections of one input), column
+// `col` of the n = n_first + n_second + n_third belonging to one of them, each weight's product stored to its own
+// output (y / y2 / y3).
 
 struct Params {
     m: u32,
@@ -20,8 +23,9 @@ struct Params {
     k_blocks: u32,
     zp_bytes: u32,
     groups_x: u32,
-    _p0: u32,
-    _p1: u32,
+    // EPI 3: the columns of the first and second weights (the third's: n - n_first - n_second)
+    n_first: u32,
+    n_second: u32,
 };
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -120,17 +124,34 @@ fn mv_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
     }
     var acc = 0.0;
     var acc2 = 0.0;
+    // EPI 3: the weight column `col` belongs to (wsel) and its column in that weight (lc)
+    var wsel = 0u;
+    var lc = col;
+    if (EPI == 3u && col >= p.n_first) {
+        wsel = 1u;
+        lc = col - p.n_first;
+        if (lc >= p.n_second) {
+            wsel = 2u;
+            lc = lc - p.n_second;
+        }
+    }
     if (col < p.n) {
         let words = p.k_blocks * BLOB_WORDS;
         let a0 = row * p.k;
-        let b0 = col * words;
+        let b0 = lc * words;
         for (var w = lane; w < words; w = w + LANES) {
             let blk = w / BLOB_WORDS;
             let kb = blk * BS + (w % BLOB_WORDS) * PER_WORD;
-            let si = col * p.k_blocks + blk;
-            acc = acc + word_dot(b_at(b0 + w), zero_at(col, blk, si), a0, kb) * scale_at(si);
+            let si = lc * p.k_blocks + blk;
+            if (wsel == 0u) {
+                acc = acc + word_dot(b_at(b0 + w), zero_at(lc, blk, si), a0, kb) * scale_at(si);
+            } else if (wsel == 1u) {
+                acc = acc + word_dot(b2_at(b0 + w), zero2_at(lc, blk, si), a0, kb) * scale2_at(si);
+            } else {
+                acc = acc + word_dot(b3_at(b0 + w), zero3_at(lc, blk, si), a0, kb) * scale3_at(si);
+            }
             if (EPI == 2u) {
-                acc2 = acc2 + word_dot(b2_at(b0 + w), zero2_at(col, blk, si), a0, kb) * scale2_at(si);
+                acc2 = acc2 + word_dot(b2_at(b0 + w), zero2_at(lc, blk, si), a0, kb) * scale2_at(si);
             }
         }
     }
@@ -149,6 +170,16 @@ fn mv_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
         workgroupBarrier();
     }
     if (lane == 0u && col < p.n) {
+        if (EPI == 3u) {
+            if (wsel == 0u) {
+                y[row * p.n_first + lc] = part[li];
+            } else if (wsel == 1u) {
+                store2(row * p.n_second + lc, part[li]);
+            } else {
+                store3(row * (p.n - p.n_first - p.n_second) + lc, part[li]);
+            }
+            return;
+        }
         let i = row * p.n + col;
         var u = 0.0;
         if (EPI == 2u) {
