@@ -321,14 +321,14 @@ impl QMatMul {
             }
             QEpilogue::Split(ns) => {
                 split = [u32_of("n", ns[0])?, u32_of("n", ns[1])?];
-                for w in 1..parts.len() {
+                for (w, out) in outs.iter().enumerate().skip(1) {
                     let at = 1 + w * wa;
                     let base = if w == 1 { 6 } else { 10 };
                     b.extend([(base, inputs[at]), (base + 1, inputs[at + 1])]);
                     if self.zero_points != QZeroPoints::Default {
                         b.push((base + 2, inputs[at + 2]));
                     }
-                    b.push((if w == 1 { 13 } else { 14 }, outs[w]));
+                    b.push((if w == 1 { 13 } else { 14 }, *out));
                 }
             }
         }
