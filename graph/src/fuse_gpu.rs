@@ -200,7 +200,12 @@ fn skip_norm(node: &TypedNode) -> Option<kiln_ops::skip_norm::NormOp> {
     }
 }
 
-fn find_epilogue(model: &TypedModel, order: &[usize], outputs: &HashSet<OutletId>) -> Option<EpilogueMatch> {
+fn find_epilogue(
+    model: &TypedModel,
+    order: &[usize],
+    outputs: &HashSet<OutletId>,
+    max_storage_buffers: u32,
+) -> Option<EpilogueMatch> {
     use kiln_wgsl::BinaryOp::{Add, Mul};
     let same_shape = |a: OutletId, b: OutletId| {
         let (fa, fb) = (model.outlet_fact(a).ok(), model.outlet_fact(b).ok());
@@ -255,6 +260,9 @@ fn find_epilogue(model: &TypedModel, order: &[usize], outputs: &HashSet<OutletId
                     outputs: 1,
                 };
                 let kernel = kiln_wgsl::qmatmul::QMatMul { epilogue: QEpilogue::SiluMul, ..g };
+                if kernel.storage_buffers() > max_storage_buffers {
+                    continue;
+                }
                 return Some(EpilogueMatch { sink: id, kernel, chain, inputs, norms: vec![] });
             }
         }
@@ -294,6 +302,9 @@ fn find_epilogue(model: &TypedModel, order: &[usize], outputs: &HashSet<OutletId
                     outputs: 1,
                 };
                 let kernel = kiln_wgsl::qmatmul::QMatMul { epilogue: QEpilogue::Residual, ..q };
+                if kernel.storage_buffers() > max_storage_buffers {
+                    continue;
+                }
                 return Some(EpilogueMatch { sink: id, kernel, chain, inputs, norms });
             }
         }
@@ -304,13 +315,15 @@ fn find_epilogue(model: &TypedModel, order: &[usize], outputs: &HashSet<OutletId
 /// Folds the elementwise work after GPU MatMulNBits nodes into their kernel ([`QEpilogue`]): a gated MLP's gate and
 /// up projections with their SiLU · Mul become one dispatch, and a projection followed by a residual Add stores the
 /// sum. Returns how many fused nodes it made. Runs on the lowered model, before [`fuse_elementwise`].
-pub fn fuse_matmul_epilogues(model: &mut TypedModel) -> Result<usize> {
+///
+/// `max_storage_buffers`: the adapter's limit per kernel; fusions that would bind more are left out.
+pub fn fuse_matmul_epilogues(model: &mut TypedModel, max_storage_buffers: u32) -> Result<usize> {
     let mut fused = 0;
     loop {
         let order = model.eval_order().map_err(tract_err("ordering the lowered model"))?;
         let outputs: HashSet<OutletId> =
             model.output_outlets().map_err(tract_err("model outputs"))?.iter().copied().collect();
-        let Some(m) = find_epilogue(model, &order, &outputs) else { break };
+        let Some(m) = find_epilogue(model, &order, &outputs, max_storage_buffers) else { break };
         let mut patch = TypedModelPatch::default();
         let mut taps = tvec![];
         for i in &m.inputs {
@@ -344,9 +357,10 @@ pub fn fuse_matmul_epilogues(model: &mut TypedModel) -> Result<usize> {
 const MAX_SPLIT: usize = 3;
 
 /// Joins GPU MatMulNBits nodes of one input and one specialisation but N (a layer's q, k and v projections) into
-/// one node with an output per weight ([`QEpilogue::Split`]): one dispatch on a decode step instead of three.
-/// Returns how many split nodes it made. Runs on the lowered model, after [`fuse_matmul_epilogues`].
-pub fn fuse_matmul_splits(model: &mut TypedModel) -> Result<usize> {
+/// one node with an output per weight ([`QEpilogue::Split`]): one dispatch on a decode step instead of three, as
+/// many of them as `max_storage_buffers` lets one kernel bind. Returns how many split nodes it made. Runs on the
+/// lowered model, after [`fuse_matmul_epilogues`].
+pub fn fuse_matmul_splits(model: &mut TypedModel, max_storage_buffers: u32) -> Result<usize> {
     let mut fused = 0;
     loop {
         let order = model.eval_order().map_err(tract_err("ordering the lowered model"))?;
@@ -364,8 +378,18 @@ pub fn fuse_matmul_splits(model: &mut TypedModel) -> Result<usize> {
                 None => groups.push((node.inputs[0], key, vec![id])),
             }
         }
-        let Some((a, key, mut members)) = groups.into_iter().find(|g| g.2.len() >= 2) else { break };
-        members.truncate(MAX_SPLIT);
+        // the most weights of a group one kernel can bind
+        let fits = |key: &kiln_wgsl::qmatmul::QMatMul, parts: usize| {
+            let mut ns = [0usize; 3];
+            ns[..parts].fill(1);
+            kiln_wgsl::qmatmul::QMatMul { epilogue: QEpilogue::Split(ns), ..key.clone() }.storage_buffers()
+                <= max_storage_buffers
+        };
+        let found = groups.into_iter().find_map(|(a, key, members)| {
+            let parts = (2..=members.len().min(MAX_SPLIT)).rev().find(|p| fits(&key, *p))?;
+            Some((a, key, members[..parts].to_vec()))
+        });
+        let Some((a, key, members)) = found else { break };
         let mut ns = [0usize; 3];
         let mut inputs = vec![a];
         let mut steps = vec![];

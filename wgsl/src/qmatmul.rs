@@ -233,6 +233,18 @@ impl QMatMul {
             .collect()
     }
 
+    /// Storage buffers the kernel binds: A, the output(s), each weight's B, scales [and zero points], the residual.
+    pub fn storage_buffers(&self) -> u32 {
+        let weights = match self.epilogue {
+            QEpilogue::SiluMul => 2,
+            QEpilogue::Split(_) => self.split_parts().len(),
+            _ => 1,
+        };
+        let outputs = if matches!(self.epilogue, QEpilogue::Split(_)) { weights } else { 1 };
+        let residual = (self.epilogue == QEpilogue::Residual) as usize;
+        (1 + outputs + weights * self.weight_arity() + residual) as u32
+    }
+
     /// The columns of each weight of a [`QEpilogue::Split`] (none otherwise).
     pub fn split_parts(&self) -> Vec<usize> {
         match self.epilogue {
