@@ -170,6 +170,7 @@ pub fn lower(model: &TypedModel, caps: &Caps) -> Result<Lowered> {
     if std::env::var("KILN_GPU_FUSION").map_or(true, |v| v != "0") {
         crate::fuse_gpu::fuse_matmul_epilogues(&mut target, caps.max_storage_buffers)?;
         crate::fuse_gpu::fuse_matmul_splits(&mut target, caps.max_storage_buffers)?;
+        crate::fuse_gpu::fuse_matmul_norms(&mut target, caps.max_storage_buffers)?;
         crate::fuse_gpu::fuse_elementwise(&mut target)?;
     }
     Ok(Lowered { model: target, placement })

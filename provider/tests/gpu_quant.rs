@@ -458,7 +458,8 @@ fn a_gated_mlp_and_its_residual_fold_into_the_matmul_kernels() {
 /// MatMulNBits nodes of one input (an attention layer's q, k and v projections; N of each in `ns`), each its own
 /// output, joined into one node on the GPU (kiln-graph's `fuse_matmul_splits`) and checked against the CPU provider:
 /// one dispatch a decode step for the two or three of them (the tiled path runs them one by one, after one int8
-/// quantization of A at accuracy_level 4).
+/// quantization of A at accuracy_level 4); an RMS norm before them folds into the joined kernel
+/// (`fuse_matmul_norms`: A normalised in the kernel) when that is its only reader.
 #[test]
 fn projections_of_one_input_run_as_one_dispatch() {
     if !gpu_available() {
@@ -466,21 +467,44 @@ fn projections_of_one_input_run_as_one_dispatch() {
     }
     let mut rng = Rng(seed());
     let base = Case { bits: 4, block_size: 32, k: 96, n: 0, zp: Zp::None, f16: false, bias: false, accuracy_level: 0 };
-    let cases: [(Case, &[usize], f64); 4] = [
-        (base, &[64, 32, 32], 1e-4),
-        (Case { zp: Zp::Packed, accuracy_level: 4, ..base }, &[96, 32, 32], 1e-4),
-        (Case { zp: Zp::Float, bits: 8, block_size: 16, f16: true, k: 80, ..base }, &[40, 24], 2e-3),
-        // four of one input: three joined, the fourth alone
-        (base, &[32, 16, 16, 48], 1e-4),
+    // the projections' input: x, or x after an RMS norm with gamma (random, or all ones)
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum Norm {
+        None,
+        Gamma,
+        Ones,
+    }
+    let cases: [(Case, &[usize], Norm, f64); 6] = [
+        (base, &[64, 32, 32], Norm::None, 1e-4),
+        (Case { zp: Zp::Packed, accuracy_level: 4, ..base }, &[96, 32, 32], Norm::Gamma, 1e-4),
+        (Case { zp: Zp::Float, bits: 8, block_size: 16, f16: true, k: 80, ..base }, &[40, 24], Norm::None, 2e-3),
+        // four of one input: three joined, the fourth alone (and the norm then has two readers: not folded)
+        (base, &[32, 16, 16, 48], Norm::None, 1e-4),
+        (base, &[32, 16, 16, 48], Norm::Gamma, 1e-4),
+        (Case { block_size: 16, k: 300, ..base }, &[64, 32, 32], Norm::Ones, 1e-4),
     ];
     let mut failures = vec![];
-    for (c, ns, rel) in cases {
+    for (c, ns, norm, rel) in cases {
         for rows in [1, 3, 70] {
-            let what = format!("{c:?} N {ns:?}, {rows} rows");
+            let what = format!("{c:?} N {ns:?}, {norm:?} norm, {rows} rows");
             let t1 = if c.f16 { FLOAT16 } else { FLOAT };
             let (mut nodes, mut inits, mut outputs) = (vec![], vec![], vec![]);
+            let a = if norm == Norm::None { "x" } else { "xn" };
+            if norm != Norm::None {
+                let gamma: Vec<f32> =
+                    (0..c.k).map(|_| if norm == Norm::Ones { 1.0 } else { rng.range(0.5, 1.5) }).collect();
+                inits.push(initializer("gamma", t1, &[c.k], raw_floats(&gamma, t1)));
+                nodes.push(pb::NodeProto {
+                    op_type: "RMSNormalization".into(),
+                    name: "norm".into(),
+                    input: vec!["x".into(), "gamma".into()],
+                    output: vec!["xn".into()],
+                    attribute: vec![attr_int("axis", -1)],
+                    ..Default::default()
+                });
+            }
             for (i, n) in ns.iter().enumerate() {
-                let (node, init) = qmm_node(&mut rng, Case { n: *n, ..c }, &format!("p{i}"), "x", &format!("y{i}"));
+                let (node, init) = qmm_node(&mut rng, Case { n: *n, ..c }, &format!("p{i}"), a, &format!("y{i}"));
                 nodes.push(node);
                 inits.extend(init);
                 outputs.push(value_info(&format!("y{i}"), t1, None));
@@ -493,7 +517,7 @@ fn projections_of_one_input_run_as_one_dispatch() {
                 initializer: inits,
                 ..Default::default()
             };
-            let bytes = onnx_model(graph, 17);
+            let bytes = onnx_model(graph, 23);
             let v: Vec<f32> = (0..rows * c.k).map(|_| rng.range(-1.0, 1.0)).collect();
             let mut x = Tensor::from_vec(&[rows, c.k], v).expect("tensor");
             if c.f16 {
@@ -522,8 +546,10 @@ fn projections_of_one_input_run_as_one_dispatch() {
             let joined = ns.len().min(3);
             let matmuls = if rows > 4 { ns.len() + (c.accuracy_level == 4) as usize } else { 1 + ns.len() - joined };
             let casts = if c.f16 { 1 + ns.len() } else { 0 };
-            if dispatches != matmuls + casts {
-                failures.push(format!("{what}: {dispatches} dispatches a run, not {}", matmuls + casts));
+            // the norm: folded into the one matmul that reads it on the decode path, a dispatch of its own else
+            let norms = (norm != Norm::None && (rows > 4 || ns.len() > joined)) as usize;
+            if dispatches != matmuls + casts + norms {
+                failures.push(format!("{what}: {dispatches} dispatches a run, not {}", matmuls + casts + norms));
             }
         }
     }

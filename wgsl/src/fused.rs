@@ -215,8 +215,8 @@ fn helpers() -> String {
     format!("{}\n{own}", PRELUDE_WGSL.replace("{{WG}}", &WG.to_string()))
 }
 
-/// The CPU reference of a fused node: the replaced tract ops, evaluated in order; the node's outputs are the last
-/// `outputs` steps' results.
+/// The CPU reference of a fused node: the replaced tract ops, evaluated in order (a step's operand: an input, or
+/// another step's first output); the node's outputs are the last `outputs` of all the steps' outputs.
 #[derive(Debug, Clone)]
 pub struct FusedChain {
     pub inputs: usize,
@@ -250,25 +250,28 @@ impl EvalOp for FusedChain {
     not_out_of_plan!();
     fn eval(&self, ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         ensure!(inputs.len() == self.inputs, "FusedChain expects {} inputs, got {}", self.inputs, inputs.len());
+        // every step's outputs, in order; a step's operand is another step's first output
         let mut values: Vec<TValue> = vec![];
+        let mut firsts: Vec<usize> = vec![];
         for (op, srcs) in &self.steps {
             let mut args = tvec![];
             for s in srcs {
                 args.push(
                     match *s {
                         Src::Input(i) => inputs.get(i as usize).cloned(),
-                        Src::Step(i) => values.get(i as usize).cloned(),
+                        Src::Step(i) => firsts.get(i as usize).and_then(|f| values.get(*f)).cloned(),
                     }
                     .ok_or_else(|| format_err!("FusedChain: operand {s:?} out of range"))?,
                 );
             }
-            let mut out = op.eval(ctx, args)?;
+            let out = op.eval(ctx, args)?;
             ensure!(!out.is_empty(), "FusedChain: {} gave no output", op.name());
-            values.push(out.remove(0));
+            firsts.push(values.len());
+            values.extend(out);
         }
         ensure!(
             (1..=values.len()).contains(&self.outputs),
-            "FusedChain: {} outputs of {} steps",
+            "FusedChain: {} outputs of {} values",
             self.outputs,
             values.len()
         );
@@ -280,25 +283,27 @@ impl TypedOp for FusedChain {
     as_op!();
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         let mut facts: Vec<TypedFact> = vec![];
+        let mut firsts: Vec<usize> = vec![];
         for (op, srcs) in &self.steps {
             let mut args: Vec<TypedFact> = vec![];
             for s in srcs {
                 args.push(
                     match *s {
                         Src::Input(i) => inputs.get(i as usize).map(|f| (*f).clone()),
-                        Src::Step(i) => facts.get(i as usize).cloned(),
+                        Src::Step(i) => firsts.get(i as usize).and_then(|f| facts.get(*f)).cloned(),
                     }
                     .ok_or_else(|| format_err!("FusedChain: operand {s:?} out of range"))?,
                 );
             }
             let refs: Vec<&TypedFact> = args.iter().collect();
-            let mut out = op.output_facts(&refs)?;
+            let out = op.output_facts(&refs)?;
             ensure!(!out.is_empty(), "FusedChain: {} gave no output fact", op.name());
-            facts.push(out.remove(0));
+            firsts.push(facts.len());
+            facts.extend(out);
         }
         ensure!(
             (1..=facts.len()).contains(&self.outputs),
-            "FusedChain: {} outputs of {} steps",
+            "FusedChain: {} outputs of {} values",
             self.outputs,
             facts.len()
         );

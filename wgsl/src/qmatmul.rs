@@ -59,6 +59,23 @@ pub struct QMatMul {
     /// else by a first dispatch).
     pub int8_activations: bool,
     pub epilogue: QEpilogue,
+    /// An RMS norm applied to A first (kiln-graph's matmul fusion).
+    pub norm: Option<QNorm>,
+}
+
+/// The RMS norm a [`QMatMul`] applies to A: `a / sqrt(mean(a²) + eps) [· gamma]`, as kiln's NormOp does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct QNorm {
+    /// The epsilon's bits.
+    pub eps: u32,
+    /// With gamma (f32, K values): the last input.
+    pub gamma: bool,
+}
+
+impl QNorm {
+    fn gamma_inputs(norm: Option<QNorm>) -> usize {
+        norm.is_some_and(|n| n.gamma) as usize
+    }
 }
 
 impl QMatMul {
@@ -84,6 +101,7 @@ impl QMatMul {
             },
             int8_activations: op.int8_activations,
             epilogue: QEpilogue::None,
+            norm: None,
         })
     }
 
@@ -104,6 +122,7 @@ impl QMatMul {
                 QEpilogue::SiluMul => self.weight_arity(),
                 QEpilogue::Split(ns) => (ns.iter().filter(|n| **n > 0).count() - 1) * self.weight_arity(),
             }
+            + QNorm::gamma_inputs(self.norm)
     }
 
     fn k_blocks(&self) -> usize {
@@ -153,8 +172,19 @@ impl QMatMul {
         if let Some(l) = s.last_mut() {
             *l = self.n;
         }
-        if self.epilogue == QEpilogue::Residual && inputs.last().is_none_or(|r| **r != *s) {
-            return Err(Error::new(format!("webgpu: MatMulNBits residual of shape {:?}, not {s:?}", inputs.last())));
+        let residual = inputs.len() - 1 - QNorm::gamma_inputs(self.norm);
+        if self.epilogue == QEpilogue::Residual && inputs.get(residual).is_none_or(|r| **r != *s) {
+            return Err(Error::new(format!(
+                "webgpu: MatMulNBits residual of shape {:?}, not {s:?}",
+                inputs.get(residual)
+            )));
+        }
+        if QNorm::gamma_inputs(self.norm) == 1 && inputs.last().is_none_or(|g| g.iter().product::<usize>() != self.k) {
+            return Err(Error::new(format!(
+                "webgpu: MatMulNBits norm gamma of shape {:?}, K {}",
+                inputs.last(),
+                self.k
+            )));
         }
         Ok(s)
     }
@@ -220,6 +250,12 @@ impl QMatMul {
         } else {
             "fn res_at(i: u32) -> f32 {\n    return 0.0;\n}\n"
         };
+        fns += if QNorm::gamma_inputs(self.norm) == 1 {
+            "@group(0) @binding(15) var<storage, read> gamma: array<f32>;\n\
+             fn gamma_at(i: u32) -> f32 {\n    return gamma[i];\n}\n"
+        } else {
+            "fn gamma_at(i: u32) -> f32 {\n    return 1.0;\n}\n"
+        };
         let epi = match self.epilogue {
             QEpilogue::None => 0,
             QEpilogue::Residual => 1,
@@ -230,6 +266,7 @@ impl QMatMul {
             .into_iter()
             .chain([("INT8_A", "false".to_string()), ("AQ_LEN", "1".to_string()), ("EPI", epi.to_string())])
             .chain([("PART2", if epi == 2 { "256" } else { "1" }.to_string())])
+            .chain([("NORM", self.norm.is_some().to_string())])
             .collect()
     }
 
@@ -242,7 +279,7 @@ impl QMatMul {
         };
         let outputs = if matches!(self.epilogue, QEpilogue::Split(_)) { weights } else { 1 };
         let residual = (self.epilogue == QEpilogue::Residual) as usize;
-        (1 + outputs + weights * self.weight_arity() + residual) as u32
+        (1 + outputs + weights * self.weight_arity() + residual + QNorm::gamma_inputs(self.norm)) as u32
     }
 
     /// The columns of each weight of a [`QEpilogue::Split`] (none otherwise).
@@ -293,6 +330,27 @@ impl QMatMul {
         }
         let rows = inputs[0].len() / self.k.max(1);
         let in_kernel = self.int8_activations && rows <= MV_MAX_ROWS && self.k <= MV_SHARED_K;
+        if let (Some(norm), true) = (self.norm, rows > MV_MAX_ROWS || (self.int8_activations && !in_kernel)) {
+            // the tiled path: the norm as a dispatch of its own, then the matmul on its result
+            let normed = rec.alloc(ctx, &inputs[0].shape, DatumType::F32)?;
+            let op = crate::msft::NormOp {
+                rms: true,
+                eps: f32::from_bits(norm.eps),
+                has_skip: false,
+                has_bias: false,
+                has_gamma: norm.gamma,
+                has_beta: false,
+            };
+            let kept = inputs.len() - QNorm::gamma_inputs(self.norm);
+            let norm_inputs = if norm.gamma { vec![inputs[0], inputs[kept]] } else { vec![inputs[0]] };
+            crate::msft::NormSpec { op }.encode(ctx, rec, &norm_inputs, &normed)?;
+            let plain = QMatMul { norm: None, ..self.clone() };
+            let mut ins = inputs[..kept].to_vec();
+            ins[0] = &normed;
+            let r = plain.encode_into(ctx, rec, &ins, outs);
+            rec.release(normed);
+            return r;
+        }
         if self.int8_activations && !in_kernel {
             // quantize A first (a dispatch of its own), then the plain kernel on the result
             let q = rec.alloc(ctx, &inputs[0].shape, inputs[0].dt)?;
@@ -318,6 +376,9 @@ impl QMatMul {
         let kb = self.k_blocks();
         let zp_bytes = (kb * self.bits as usize).div_ceil(8);
         let mut b = vec![(1, inputs[0]), (2, inputs[1]), (3, outs[0]), (4, inputs[2])];
+        if QNorm::gamma_inputs(self.norm) == 1 {
+            b.push((15, inputs[inputs.len() - 1]));
+        }
         if self.zero_points != QZeroPoints::Default {
             b.push((5, inputs[3]));
         }
@@ -367,7 +428,9 @@ impl QMatMul {
             ("tiled_main", gx, gy, 1)
         };
         let u = [u32_of("m", rows)?, u32_of("n", self.n)?, u32_of("k", self.k)?, u32_of("blocks", kb)?];
-        let u = [&u[..], &[u32_of("bytes", zp_bytes)?, gx, split[0], split[1]]].concat();
+        let u =
+            [&u[..], &[u32_of("bytes", zp_bytes)?, gx, split[0], split[1], self.norm.map_or(0, |n| n.eps), 0, 0, 0]]
+                .concat();
         launch(ctx, rec, "qmatmul", entry, spec, &u, &b, (gx, gy, gz))
     }
 }
@@ -388,7 +451,7 @@ pub(crate) fn quantize_blocks(
     let kb = k.div_ceil(block_size);
     let blocks = rows * kb;
     let (gx, gy) = ctx.grid((blocks as u64).div_ceil(256))?;
-    let u = [u32_of("m", rows)?, 0, u32_of("k", k)?, u32_of("blocks", kb)?, 0, gx, 0, 0];
+    let u = [u32_of("m", rows)?, 0, u32_of("k", k)?, u32_of("blocks", kb)?, 0, gx, 0, 0, 0, 0, 0, 0];
     let mut spec = QMatMul {
         k,
         n: 0,
@@ -398,6 +461,7 @@ pub(crate) fn quantize_blocks(
         zero_points: QZeroPoints::Default,
         int8_activations: false,
         epilogue: QEpilogue::None,
+        norm: None,
     }
     .spec();
     spec.push(("LANES", "32".into()));

@@ -26,6 +26,11 @@ struct Params {
     // EPI 3: the columns of the first and second weights (the third's: n - n_first - n_second)
     n_first: u32,
     n_second: u32,
+    // NORM: the RMS norm's epsilon
+    eps: f32,
+    _p0: u32,
+    _p1: u32,
+    _p2: u32,
 };
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -90,11 +95,24 @@ var<workgroup> part2: array<f32, {{PART2}}>;
 const INT8_A: bool = {{INT8_A}};
 var<workgroup> aq: array<f32, {{AQ_LEN}}>;
 
+// NORM (mv_main only): A is the input of an RMS norm with gamma (binding 15) the kernel applies first, as
+// kernels/norm.wgsl does: a · 1/sqrt(mean(a²) + eps) · gamma, the mean over the row in the same order.
+const NORM: bool = {{NORM}};
+var<private> inv_rms: f32 = 1.0;
+
+// Element k of the row at a0 of the matmul's A (normalised with NORM).
+fn a_in(a0: u32, k: u32) -> f32 {
+    if (NORM) {
+        return (a[a0 + k] * inv_rms) * gamma_at(k);
+    }
+    return a[a0 + k];
+}
+
 fn a_row(a0: u32, k: u32) -> f32 {
     if (INT8_A) {
         return aq[k];
     }
-    return a[a0 + k];
+    return a_in(a0, k);
 }
 
 @compute @workgroup_size(256)
@@ -102,6 +120,23 @@ fn mv_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
     let col = group_index(wid, p.groups_x) * MV_COLS + li / LANES;
     let lane = li % LANES;
     let row = wid.z;
+    if (NORM) {
+        var ss = 0.0;
+        for (var j = li; j < p.k; j = j + 256u) {
+            let v = a[row * p.k + j];
+            ss = ss + v * v;
+        }
+        part[li] = ss;
+        workgroupBarrier();
+        for (var st = 128u; st > 0u; st = st / 2u) {
+            if (li < st) {
+                part[li] = part[li] + part[li + st];
+            }
+            workgroupBarrier();
+        }
+        inv_rms = inverseSqrt(part[0] / max(f32(p.k), 1.0) + p.eps);
+        workgroupBarrier();
+    }
     if (INT8_A) {
         // onnxruntime's MLAS at accuracy_level 4: scale = max|a| / 127 per block, q = round_half_even(a / scale)
         for (var blk = li; blk < p.k_blocks; blk = blk + 256u) {
@@ -109,7 +144,7 @@ fn mv_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
             let end = min(start + BS, p.k);
             var amax = 0.0;
             for (var j = start; j < end; j = j + 1u) {
-                amax = max(amax, abs(a[row * p.k + j]));
+                amax = max(amax, abs(a_in(row * p.k, j)));
             }
             let scale = amax / 127.0;
             var inverse = 0.0;
@@ -117,7 +152,7 @@ fn mv_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
                 inverse = 127.0 / amax;
             }
             for (var j = start; j < end; j = j + 1u) {
-                aq[j] = clamp(round(a[row * p.k + j] * inverse), -127.0, 127.0) * scale;
+                aq[j] = clamp(round(a_in(row * p.k, j) * inverse), -127.0, 127.0) * scale;
             }
         }
         workgroupBarrier();
