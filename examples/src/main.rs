@@ -224,12 +224,18 @@ fn run(args: Args) -> Result<(), String> {
     println!("prefill: {:.2} ms ({} tokens)", result.prefill_ms, prompt_ids.len());
     match result.decode_ms.len() {
         0 => println!("decode: - (one token only)"),
-        n => println!(
-            "decode: {:.2} ms/token (mean of {n}; min {:.2}, max {:.2})",
-            result.decode_ms.iter().sum::<f64>() / n as f64,
-            result.decode_ms.iter().cloned().fold(f64::INFINITY, f64::min),
-            result.decode_ms.iter().cloned().fold(0.0, f64::max)
-        ),
+        n => {
+            // the median too: the first decode step compiles its kernels (one-row matmuls, decode attention)
+            let mut sorted = result.decode_ms.clone();
+            sorted.sort_by(f64::total_cmp);
+            println!(
+                "decode: {:.2} ms/token (mean of {n}; median {:.2}, min {:.2}, max {:.2})",
+                result.decode_ms.iter().sum::<f64>() / n as f64,
+                sorted[n / 2],
+                sorted[0],
+                sorted[n - 1]
+            )
+        }
     }
     if args.placement {
         if let Some(r) = session.gpu_placement() {

@@ -207,6 +207,23 @@ fn model(rng: &mut Rng, c: Case, a_dims: &[usize]) -> Vec<u8> {
     onnx_model(graph, 17)
 }
 
+static TUNING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// GPU sessions of `bytes` with the kernels tuned for a CPU adapter and for a GPU (kiln_wgsl's TUNING_ENV; lavapipe
+/// is a CPU adapter, so the GPU shapes of the kernels are only tested here by forcing them).
+fn gpu_sessions(bytes: &[u8]) -> Vec<(&'static str, Result<Session, String>)> {
+    ["cpu", "gpu"].into_iter().map(|t| (t, gpu_session(bytes, t))).collect()
+}
+
+/// A GPU session of `bytes` with the kernels' `tuning` (`cpu` or `gpu`).
+fn gpu_session(bytes: &[u8], tuning: &str) -> Result<Session, String> {
+    let _guard = TUNING.lock().unwrap_or_else(|p| p.into_inner());
+    std::env::set_var(kiln_wgsl::context::TUNING_ENV, tuning);
+    let s = Session::from_bytes(bytes, &options(ExecutionProvider::WebGpu)).map_err(|e| e.to_string());
+    std::env::remove_var(kiln_wgsl::context::TUNING_ENV);
+    s
+}
+
 fn gpu_available() -> bool {
     let mut rng = Rng(7);
     let c = Case { bits: 4, block_size: 16, k: 16, n: 8, zp: Zp::None, f16: false, bias: false, accuracy_level: 0 };
@@ -237,47 +254,49 @@ fn run_case(rng: &mut Rng, c: Case, a_dims: &[usize], rel: f64) -> Result<(), St
     let feeds = vec![("a".to_string(), a)];
     let cpu = Session::from_bytes(&bytes, &options(ExecutionProvider::Cpu)).map_err(|e| format!("{what}: cpu: {e}"))?;
     let want = cpu.run(feeds.clone()).map_err(|e| format!("{what}: cpu run: {e}"))?;
-    let gpu = Session::from_bytes(&bytes, &options(ExecutionProvider::WebGpu))
-        .map_err(|e| format!("{what}: gpu load: {e}"))?;
-    let report = gpu.gpu_placement().ok_or_else(|| format!("{what}: not on the GPU: {:?}", gpu.provider_note()))?;
-    let qmm: Vec<_> = report.nodes.iter().filter(|n| n.op == "MatMulNBits").collect();
-    if qmm.len() != 1 || qmm[0].device != Device::Gpu {
-        return Err(format!("{what}: MatMulNBits not on the GPU: {:?}", report.nodes));
-    }
-    // on the GPU: the packed weight, its scales and zero points (and the bias) — never a dequantized f32 weight
-    let k_blocks = c.k.div_ceil(c.block_size);
-    let packed = (c.n * k_blocks * c.block_size * c.bits / 8) as u64;
-    let others = (c.n * k_blocks * 4 * 2 + c.n * 4 + 64) as u64;
-    let dequantized = (c.k * c.n * 4) as u64;
-    if report.weight_bytes_on_gpu > packed + others || report.weight_bytes_on_gpu >= dequantized {
-        return Err(format!(
-            "{what}: {} weight bytes on the GPU (packed {packed}, dequantized {dequantized})",
-            report.weight_bytes_on_gpu
-        ));
-    }
-    if report.host_constant_bytes >= dequantized / 2 {
-        return Err(format!("{what}: {} bytes of constants left on the host", report.host_constant_bytes));
-    }
-    gpu.set_gpu_poison(true);
-    let got = gpu.run(feeds).map_err(|e| format!("{what}: gpu run: {e}"))?;
-    let (w, g) = (want.output("y").map_err(|e| e.to_string())?, got.output("y").map_err(|e| e.to_string())?);
-    if w.dims() != g.dims() || w.element_type() != g.element_type() {
-        return Err(format!(
-            "{what}: {:?} {:?} on the GPU, {:?} {:?} on the CPU",
-            g.element_type(),
-            g.dims(),
-            w.element_type(),
-            w.dims()
-        ));
-    }
-    let (w, g) = (w.to_f64_vec().map_err(|e| e.to_string())?, g.to_f64_vec().map_err(|e| e.to_string())?);
-    let max = w.iter().fold(0f64, |m, v| m.max(v.abs()));
-    if max == 0.0 {
-        return Err(format!("{what}: an all-zero reference"));
-    }
-    for (i, (a, b)) in w.iter().zip(&g).enumerate() {
-        if (a - b).is_nan() || (a - b).abs() > rel * max {
-            return Err(format!("{what}: element {i}: gpu {b} vs cpu {a} (max |ref| {max})"));
+    for (tuning, gpu) in gpu_sessions(&bytes) {
+        let what = format!("{what} ({tuning} tuning)");
+        let gpu = gpu.map_err(|e| format!("{what}: gpu load: {e}"))?;
+        let report = gpu.gpu_placement().ok_or_else(|| format!("{what}: not on the GPU: {:?}", gpu.provider_note()))?;
+        let qmm: Vec<_> = report.nodes.iter().filter(|n| n.op == "MatMulNBits").collect();
+        if qmm.len() != 1 || qmm[0].device != Device::Gpu {
+            return Err(format!("{what}: MatMulNBits not on the GPU: {:?}", report.nodes));
+        }
+        // on the GPU: the packed weight, its scales and zero points (and the bias) — never a dequantized f32 weight
+        let k_blocks = c.k.div_ceil(c.block_size);
+        let packed = (c.n * k_blocks * c.block_size * c.bits / 8) as u64;
+        let others = (c.n * k_blocks * 4 * 2 + c.n * 4 + 64) as u64;
+        let dequantized = (c.k * c.n * 4) as u64;
+        if report.weight_bytes_on_gpu > packed + others || report.weight_bytes_on_gpu >= dequantized {
+            return Err(format!(
+                "{what}: {} weight bytes on the GPU (packed {packed}, dequantized {dequantized})",
+                report.weight_bytes_on_gpu
+            ));
+        }
+        if report.host_constant_bytes >= dequantized / 2 {
+            return Err(format!("{what}: {} bytes of constants left on the host", report.host_constant_bytes));
+        }
+        gpu.set_gpu_poison(true);
+        let got = gpu.run(feeds.clone()).map_err(|e| format!("{what}: gpu run: {e}"))?;
+        let (w, g) = (want.output("y").map_err(|e| e.to_string())?, got.output("y").map_err(|e| e.to_string())?);
+        if w.dims() != g.dims() || w.element_type() != g.element_type() {
+            return Err(format!(
+                "{what}: {:?} {:?} on the GPU, {:?} {:?} on the CPU",
+                g.element_type(),
+                g.dims(),
+                w.element_type(),
+                w.dims()
+            ));
+        }
+        let (w, g) = (w.to_f64_vec().map_err(|e| e.to_string())?, g.to_f64_vec().map_err(|e| e.to_string())?);
+        let max = w.iter().fold(0f64, |m, v| m.max(v.abs()));
+        if max == 0.0 {
+            return Err(format!("{what}: an all-zero reference"));
+        }
+        for (i, (a, b)) in w.iter().zip(&g).enumerate() {
+            if (a - b).is_nan() || (a - b).abs() > rel * max {
+                return Err(format!("{what}: element {i}: gpu {b} vs cpu {a} (max |ref| {max})"));
+            }
         }
     }
     Ok(())
@@ -412,8 +431,8 @@ fn a_gated_mlp_and_its_residual_fold_into_the_matmul_kernels() {
     ];
     let mut failures = vec![];
     for (c, rel) in cases {
-        for rows in [1, 3, 70] {
-            let what = format!("{c:?}, {rows} rows");
+        for (rows, tuning) in [1, 3, 70].into_iter().flat_map(|r| [(r, "cpu"), (r, "gpu")]) {
+            let what = format!("{c:?}, {rows} rows, {tuning} tuning");
             let bytes = mlp_model(&mut rng, c, rows);
             let mut feeds = vec![];
             for name in ["x", "r"] {
@@ -425,7 +444,7 @@ fn a_gated_mlp_and_its_residual_fold_into_the_matmul_kernels() {
                 feeds.push((name.to_string(), t));
             }
             let cpu = Session::from_bytes(&bytes, &options(ExecutionProvider::Cpu)).expect("cpu session");
-            let gpu = Session::from_bytes(&bytes, &options(ExecutionProvider::WebGpu)).expect("gpu session");
+            let gpu = gpu_session(&bytes, tuning).expect("gpu session");
             let report = gpu.gpu_placement().expect("a GPU session");
             let on_cpu: Vec<_> = report.nodes.iter().filter(|n| n.device != Device::Gpu).collect();
             assert!(on_cpu.is_empty(), "{what}: nodes on the CPU: {on_cpu:?}");
@@ -485,8 +504,8 @@ fn projections_of_one_input_run_as_one_dispatch() {
     ];
     let mut failures = vec![];
     for (c, ns, norm, rel) in cases {
-        for rows in [1, 3, 70] {
-            let what = format!("{c:?} N {ns:?}, {norm:?} norm, {rows} rows");
+        for (rows, tuning) in [1, 3, 70].into_iter().flat_map(|r| [(r, "cpu"), (r, "gpu")]) {
+            let what = format!("{c:?} N {ns:?}, {norm:?} norm, {rows} rows, {tuning} tuning");
             let t1 = if c.f16 { FLOAT16 } else { FLOAT };
             let (mut nodes, mut inits, mut outputs) = (vec![], vec![], vec![]);
             let a = if norm == Norm::None { "x" } else { "xn" };
@@ -525,7 +544,7 @@ fn projections_of_one_input_run_as_one_dispatch() {
             }
             let feeds = vec![("x".to_string(), x)];
             let cpu = Session::from_bytes(&bytes, &options(ExecutionProvider::Cpu)).expect("cpu session");
-            let gpu = Session::from_bytes(&bytes, &options(ExecutionProvider::WebGpu)).expect("gpu session");
+            let gpu = gpu_session(&bytes, tuning).expect("gpu session");
             gpu.set_gpu_poison(true);
             let want = cpu.run(feeds.clone()).expect("cpu run");
             let got = gpu.run(feeds).expect("gpu run");

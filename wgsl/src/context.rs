@@ -20,6 +20,9 @@ pub struct Caps {
     /// Storage buffers one kernel may bind (WebGPU's default and Chrome's usual: 8); the fusions that bind more
     /// buffers (kiln-graph's matmul epilogues and splits) stay within it.
     pub max_storage_buffers: u32,
+    /// The adapter runs on the CPU (lavapipe, SwiftShader where the browser says so): kernels tuned for few
+    /// invocations with more work each.
+    pub cpu_adapter: bool,
     pub shader_f16: bool,
     pub subgroups: bool,
 }
@@ -36,6 +39,7 @@ impl Caps {
             max_workgroups_per_dim: 65535,
             min_uniform_alignment: 256,
             max_storage_buffers: 8,
+            cpu_adapter: false,
             shader_f16: false,
             subgroups: false,
         }
@@ -50,6 +54,10 @@ pub const MAX_BINDING_ENV: &str = "KILN_GPU_MAX_BINDING";
 /// handled as u32 words (pack / unpack in f32 arithmetic), as on an adapter without it (Chrome's SwiftShader) —
 /// so CI on lavapipe, which has shader-f16, tests both paths.
 pub const NO_F16_ENV: &str = "KILN_GPU_NO_F16";
+
+/// Environment variable choosing the kernels' tuning whatever the adapter: `gpu` or `cpu` ([`Caps::cpu_adapter`]),
+/// so CI on lavapipe (a CPU adapter) tests the GPU shapes of the kernels too.
+pub const TUNING_ENV: &str = "KILN_GPU_TUNING";
 
 impl Caps {
     /// These caps with `max_storage_binding` (and `max_buffer_size`) lowered to [`MAX_BINDING_ENV`] when it is set
@@ -233,6 +241,11 @@ impl Context {
             shader_f16,
             subgroups: features.contains(wgpu::Features::SUBGROUP),
             max_storage_buffers: limits.max_storage_buffers_per_shader_stage,
+            cpu_adapter: match std::env::var(TUNING_ENV).as_deref() {
+                Ok("gpu") => false,
+                Ok("cpu") => true,
+                _ => info.device_type == wgpu::DeviceType::Cpu || info.name.contains("SwiftShader"),
+            },
         };
         let caps = caps.with_env_cap();
         log::info!("webgpu: adapter {} ({}), {:?}", caps.adapter, caps.backend, caps);

@@ -409,7 +409,13 @@ impl QMatMul {
         let (entry, gx, gy, gz) = if rows <= MV_MAX_ROWS {
             // about 8 words (64 4-bit weights) per invocation, 4 to 32 invocations per column
             let words = kb * self.block_size as usize * self.bits as usize / 32;
-            let lanes = words.div_ceil(8).next_power_of_two().clamp(4, 32);
+            // CPU adapters: about 8 words (64 4-bit weights) per invocation, 4 to 32 invocations per column; GPUs:
+            // about 2 words, up to 128 invocations (more workgroups in flight: ~25% less time on an H200)
+            let lanes = if ctx.caps.cpu_adapter {
+                words.div_ceil(8).next_power_of_two().clamp(4, 32)
+            } else {
+                words.div_ceil(2).next_power_of_two().clamp(4, 128)
+            };
             spec.push(("LANES", lanes.to_string()));
             if in_kernel {
                 spec.retain(|(k, _)| *k != "INT8_A" && *k != "AQ_LEN");
