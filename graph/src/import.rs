@@ -19,6 +19,29 @@ use crate::types::{Dim, ElementType, ValueInfo};
 pub trait ExternalDataResolver: Send + Sync {
     /// Returns `length` bytes (or everything to the end when `None`) of `location` from `offset`.
     fn read(&self, location: &str, offset: u64, length: Option<u64>) -> Result<Vec<u8>>;
+
+    /// Reads `length` bytes of `location` from `offset`, asynchronously (a browser's Blob). The streaming import and
+    /// the GPU backend's weight upload read through this, one bounded range at a time. Defaults to [`Self::read`].
+    fn read_range<'a>(&'a self, location: &'a str, offset: u64, length: u64) -> ReadFuture<'a> {
+        Box::pin(std::future::ready(self.read(location, offset, Some(length))))
+    }
+}
+
+/// The future of [`ExternalDataResolver::read_range`] (`Send` on native targets; wasm32 has one thread and its
+/// JavaScript promises are not `Send`).
+#[cfg(not(target_arch = "wasm32"))]
+pub type ReadFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<u8>>> + Send + 'a>>;
+#[cfg(target_arch = "wasm32")]
+pub type ReadFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<u8>>> + 'a>>;
+
+/// The data source of a model's streamed weights (kept with the model for the provider).
+#[derive(Clone)]
+pub struct WeightSource(pub Arc<dyn ExternalDataResolver>);
+
+impl std::fmt::Debug for WeightSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WeightSource")
+    }
 }
 
 /// Resolves external data from files in memory, keyed by the location written in the model.
@@ -80,9 +103,29 @@ impl ExternalDataResolver for DirectoryResolver {
             )));
         }
         let path = self.dir.join(rel);
-        let bytes =
-            std::fs::read(&path).map_err(|e| Error::io(format!("reading external data {}: {e}", path.display())))?;
-        slice_of(&bytes, location, offset, length)
+        let io = |e: std::io::Error| Error::io(format!("reading external data {}: {e}", path.display()));
+        // only the range asked for: a weight streamed to the GPU is read a chunk at a time
+        use std::io::{Read, Seek, SeekFrom};
+        let mut file = std::fs::File::open(&path).map_err(io)?;
+        let size = file.metadata().map_err(io)?.len();
+        let end = match length {
+            Some(l) => offset.checked_add(l).ok_or_else(|| {
+                Error::invalid_model(format!("external data `{location}`: offset {offset} + length {l} overflows"))
+            })?,
+            None => size,
+        };
+        if offset > size || end > size {
+            return Err(Error::invalid_model(format!(
+                "external data `{location}`: range {offset}..{end} is past its end ({size} bytes)"
+            )));
+        }
+        let len = usize::try_from(end - offset).map_err(|_| {
+            Error::io(format!("external data `{location}`: {} bytes do not fit in memory", end - offset))
+        })?;
+        let mut bytes = vec![0u8; len];
+        file.seek(SeekFrom::Start(offset)).map_err(io)?;
+        file.read_exact(&mut bytes).map_err(io)?;
+        Ok(bytes)
     }
 }
 
@@ -125,6 +168,33 @@ pub struct LoadOptions {
     pub generation: crate::generation::GenerationOptions,
 }
 
+/// Weights left in the external data at import (GPU sessions): external initializers of at least `min_bytes`
+/// become `ai.kiln` ExternalWeight nodes (kiln_ops::external_weight) that the GPU backend fills its buffers from,
+/// `chunk_bytes` at a time; a weight a CPU node reads is read into memory instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WeightStreaming {
+    pub enabled: bool,
+    pub min_bytes: u64,
+    pub chunk_bytes: u64,
+}
+
+impl Default for WeightStreaming {
+    fn default() -> Self {
+        WeightStreaming { enabled: true, min_bytes: 1 << 20, chunk_bytes: 16 << 20 }
+    }
+}
+
+impl WeightStreaming {
+    /// Off: every external tensor is read into memory at import.
+    pub fn off() -> Self {
+        WeightStreaming { enabled: false, ..Default::default() }
+    }
+    /// The read size, at least 8 bytes and a multiple of 8 (whole elements of any type, whole u32 words).
+    pub fn chunk(&self) -> u64 {
+        (self.chunk_bytes.max(8) / 8) * 8
+    }
+}
+
 impl std::fmt::Debug for LoadOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LoadOptions")
@@ -149,6 +219,8 @@ pub struct Model {
     pub domains: Vec<(String, i64)>,
     /// What kiln's passes changed, one line each.
     pub pass_log: Vec<String>,
+    /// Where the model's streamed weights (ExternalWeight nodes) are read from; `None` when it has none.
+    pub weight_source: Option<WeightSource>,
 }
 
 /// Loads a model from a path; external data defaults to the model's folder.
@@ -232,7 +304,8 @@ pub fn load_proto(mut proto: pb::ModelProto, options: &LoadOptions) -> Result<Mo
             }
         }
     };
-    let mut model = Model { typed, inputs, outputs, opset, domains, pass_log };
+    let weight_source = if streams_weights(&proto) { options.external_data.clone().map(WeightSource) } else { None };
+    let mut model = Model { typed, inputs, outputs, opset, domains, pass_log, weight_source };
     tdim_outputs_to_i64(&mut model.typed)?;
     crate::passes::run(&mut model, options.optimization)?;
     Ok(model)
@@ -438,7 +511,8 @@ fn check_supported(graph: &pb::GraphProto, framework: &tract_onnx::Onnx) -> Resu
     for node in &graph.node {
         let domain = node.domain.as_str();
         let known_domain =
-            matches!(domain, "" | "ai.onnx" | "com.microsoft" | "ai.onnx.ml" | "org.pytorch.aten" | "ai.onnx.contrib");
+            matches!(domain, "" | "ai.onnx" | "com.microsoft" | "ai.onnx.ml" | "org.pytorch.aten" | "ai.onnx.contrib")
+                || domain == kiln_ops::external_weight::DOMAIN;
         if !known_domain || !framework.op_register.0.contains_key(&node.op_type) {
             return Err(Error::not_implemented(format!(
                 "node `{}`: operator `{}`{} is not supported",
@@ -527,6 +601,121 @@ fn inline_external_data(proto: &mut pb::ModelProto, resolver: Option<&dyn Extern
         t.data_location = Some(pb::tensor_proto::DataLocation::Default as i32);
         Ok(())
     })
+}
+
+/// Whether the graph has streamed weights (ExternalWeight nodes).
+fn streams_weights(proto: &pb::ModelProto) -> bool {
+    proto.graph.as_ref().is_some_and(|g| {
+        g.node
+            .iter()
+            .any(|n| n.domain == kiln_ops::external_weight::DOMAIN && n.op_type == kiln_ops::external_weight::OP_TYPE)
+    })
+}
+
+/// Where a tensor's external data is: (location, offset, length if given).
+fn external_ref(t: &pb::TensorProto) -> Result<(String, u64, Option<u64>)> {
+    let get = |k: &str| t.external_data.iter().find(|e| e.key == k).map(|e| e.value.clone());
+    let location = get("location")
+        .ok_or_else(|| Error::invalid_model(format!("tensor `{}` has external data without a location", t.name)))?;
+    let parse = |k: &str| -> Result<Option<u64>> {
+        get(k)
+            .map(|v| {
+                v.parse::<u64>().map_err(|_| {
+                    Error::invalid_model(format!("tensor `{}`: external data {k} `{v}` is not a number", t.name))
+                })
+            })
+            .transpose()
+    };
+    Ok((location, parse("offset")?.unwrap_or(0), parse("length")?))
+}
+
+fn is_external(t: &pb::TensorProto) -> bool {
+    t.data_location == Some(pb::tensor_proto::DataLocation::External as i32)
+}
+
+/// The streaming import's first step, for GPU sessions: each external initializer of the main graph of at least
+/// `streaming.min_bytes` is replaced by an `ai.kiln` ExternalWeight node of the same name (its bytes stay in the
+/// source), and every smaller one is read (asynchronously, through [`ExternalDataResolver::read_range`]) and inlined.
+/// Tensors inside subgraphs and node attributes are left to the import's synchronous read. Returns the number of
+/// weights left in the source.
+pub async fn stream_external_initializers(
+    proto: &mut pb::ModelProto,
+    resolver: &dyn ExternalDataResolver,
+    streaming: &WeightStreaming,
+) -> Result<usize> {
+    let Some(graph) = proto.graph.as_mut() else { return Ok(0) };
+    let mut streamed = vec![];
+    let mut kept = vec![];
+    for mut t in std::mem::take(&mut graph.initializer) {
+        if !is_external(&t) {
+            kept.push(t);
+            continue;
+        }
+        let (location, offset, length) = external_ref(&t)?;
+        let dt = kiln_ops::external_weight::datum_type_of(t.data_type).ok().filter(|dt| *dt != DatumType::String);
+        let numel = t.dims.iter().try_fold(1u64, |n, d| u64::try_from(*d).ok().and_then(|d| n.checked_mul(d)));
+        let want = match (dt, numel) {
+            (Some(dt), Some(n)) => n.checked_mul(dt.size_of() as u64),
+            _ => None,
+        };
+        let Some(want) = want else {
+            return Err(Error::invalid_model(format!(
+                "tensor `{}` keeps its data in external file `{location}` but has an unsupported element type {} or \
+                 dims {:?}",
+                t.name, t.data_type, t.dims
+            )));
+        };
+        if let Some(l) = length {
+            if l != want {
+                return Err(Error::invalid_model(format!(
+                    "tensor `{}`: external data length {l} in `{location}`, but its dims {:?} need {want} bytes",
+                    t.name, t.dims
+                )));
+            }
+        }
+        if want >= streaming.min_bytes && want > 0 {
+            streamed.push(kiln_ops::external_weight::node_proto(
+                &t.name,
+                &location,
+                offset,
+                want,
+                t.data_type,
+                &t.dims,
+            ));
+            continue;
+        }
+        let mut bytes = Vec::with_capacity(want as usize);
+        let mut at = 0u64;
+        while at < want {
+            let n = (want - at).min(streaming.chunk());
+            let piece = resolver
+                .read_range(&location, offset + at, n)
+                .await
+                .map_err(|e| Error::new(e.kind, format!("tensor `{}`: {}", t.name, e.message)))?;
+            if piece.len() as u64 != n {
+                return Err(Error::io(format!(
+                    "tensor `{}`: external data `{location}` returned {} bytes at {}, expected {n}",
+                    t.name,
+                    piece.len(),
+                    offset + at
+                )));
+            }
+            bytes.extend_from_slice(&piece);
+            at += n;
+        }
+        t.raw_data = bytes;
+        t.external_data.clear();
+        t.data_location = Some(pb::tensor_proto::DataLocation::Default as i32);
+        kept.push(t);
+    }
+    graph.initializer = kept;
+    let names: HashSet<String> = streamed.iter().filter_map(|n| n.output.first().cloned()).collect();
+    // an initializer listed as a graph input (old exports) is no input once it is a node's output
+    graph.input.retain(|i| !names.contains(&i.name));
+    let count = streamed.len();
+    streamed.append(&mut graph.node);
+    graph.node = streamed;
+    Ok(count)
 }
 
 /// tract needs a fact for every input: a dim declared with neither a value nor a name (or as `?`) gets a fresh symbol

@@ -15,6 +15,8 @@ use tract_onnx::tract_core::ops::einsum::prefix_matmul::{rewrite_einsum_to_prefi
 use tract_onnx::tract_core::ops::konst::Const;
 use tract_onnx::tract_core::ops::source::TypedSource;
 
+use kiln_ops::external_weight::ExternalWeight;
+
 use crate::error::{Error, ErrorKind, Result};
 
 /// Where a node runs.
@@ -108,7 +110,7 @@ pub fn lower(model: &TypedModel, caps: &Caps) -> Result<Lowered> {
             host.insert(OutletId::new(id, 0), o);
             continue;
         }
-        let is_const = node.op_is::<Const>();
+        let is_const = node.op_is::<Const>() || node.op_is::<ExternalWeight>();
         let kernel = kernels.get(&id).cloned().unwrap_or_else(|| Err("constant".to_string()));
         match kernel {
             Ok(kernel) => {
@@ -185,7 +187,7 @@ fn placement_plan(
     let mut kernels: HashMap<usize, std::result::Result<Kernel, String>> = HashMap::new();
     for &id in order {
         let node = src.node(id);
-        if node.op_is::<TypedSource>() || node.op_is::<Const>() {
+        if node.op_is::<TypedSource>() || node.op_is::<Const>() || node.op_is::<ExternalWeight>() {
             continue;
         }
         kernels.insert(id, kernel_for(src, node, caps));
