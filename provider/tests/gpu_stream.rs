@@ -19,7 +19,9 @@ use common::*;
 use graphs::*;
 use kiln_graph::tract_onnx::pb;
 use kiln_provider::blocking::Session;
-use kiln_provider::{ExecutionProvider, ExternalDataResolver, InMemoryResolver, SessionOptions, Tensor, WeightStreaming};
+use kiln_provider::{
+    ExecutionProvider, ExternalDataResolver, InMemoryResolver, SessionOptions, Tensor, WeightStreaming,
+};
 use prost::Message;
 
 /// An in-memory data source that records each range read: (location, offset, length).
@@ -52,8 +54,11 @@ fn externalize(model: &[u8], min: usize) -> (Vec<u8>, Vec<u8>, HashMap<String, (
         let (offset, length) = (data.len() as u64, t.raw_data.len() as u64);
         data.append(&mut t.raw_data);
         let kv = |k: &str, v: String| pb::StringStringEntryProto { key: k.into(), value: v };
-        t.external_data =
-            vec![kv("location", "weights.bin".into()), kv("offset", offset.to_string()), kv("length", length.to_string())];
+        t.external_data = vec![
+            kv("location", "weights.bin".into()),
+            kv("offset", offset.to_string()),
+            kv("length", length.to_string()),
+        ];
         t.data_location = Some(pb::tensor_proto::DataLocation::External as i32);
         moved.insert(t.name.clone(), (offset, length));
     }
@@ -146,7 +151,10 @@ fn fixture(model: &str, tolerance: f64) {
         for (name, want) in &expected {
             let g = got.get(name).unwrap_or_else(|| panic!("{model}/{set}: no output `{name}`"));
             let (diff, ref_max) = max_diff(&format!("{model}/{set}/{name}"), g, want);
-            assert!(diff <= tolerance, "{model}/{set}/{name}: max|diff| {diff:.3e} vs onnxruntime (max|ref| {ref_max})");
+            assert!(
+                diff <= tolerance,
+                "{model}/{set}/{name}: max|diff| {diff:.3e} vs onnxruntime (max|ref| {ref_max})"
+            );
             let (diff, _) = max_diff(name, g, on_cpu.get(name).expect("the CPU output"));
             assert!(diff <= tolerance, "{model}/{set}/{name}: max|diff| {diff:.3e} vs the CPU session");
         }
