@@ -123,13 +123,20 @@ impl ExternalWeight {
                     self.tensor,
                     bytes.len()
                 );
-                let proto = pb::TensorProto {
-                    dims: vec![(bytes.len() / size) as i64],
-                    data_type: self.data_type,
-                    raw_data: bytes.to_vec(),
-                    ..Default::default()
+                let t = if stored == DatumType::F16 {
+                    // float16 (the float16 pass's streamed weights) without the TensorProto copy
+                    let halves: Vec<f16> =
+                        bytes.chunks_exact(2).map(|h| f16::from_bits(u16::from_le_bytes([h[0], h[1]]))).collect();
+                    tensor1(&halves)
+                } else {
+                    let proto = pb::TensorProto {
+                        dims: vec![(bytes.len() / size) as i64],
+                        data_type: self.data_type,
+                        raw_data: bytes.to_vec(),
+                        ..Default::default()
+                    };
+                    tract_onnx::tensor::load_tensor(&tract_onnx::data_resolver::FopenDataResolver, &proto, None)?
                 };
-                let t = tract_onnx::tensor::load_tensor(&tract_onnx::data_resolver::FopenDataResolver, &proto, None)?;
                 if self.layout == Layout::F16ToF32 {
                     t.cast_to_dt(DatumType::F32).map(|t| t.into_owned())
                 } else {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use kiln_graph::lower_gpu::{DeviceConst, Lowered};
 use kiln_graph::tract_onnx::prelude::*;
 use kiln_graph::{Error, Result, WeightSource};
-use kiln_ops::external_weight::ExternalWeight;
+use kiln_ops::external_weight::{ExternalWeight, Layout};
 use kiln_wgsl::ops::ToDevice;
 use kiln_wgsl::Context;
 
@@ -72,12 +72,32 @@ pub(crate) async fn stream_weights(
         })?;
         let mut dst = 0u64;
         let size = job.buffer.size();
+        // the stored bytes are the GPU's as they are (f32 / i32 / u32 / f16, or words): written without a copy
+        let as_is = match w.layout {
+            Layout::Words => true,
+            Layout::F16ToF32 => false,
+            Layout::Plain => {
+                matches!(w.stored_datum_type(), Ok(DatumType::F32 | DatumType::I32 | DatumType::U32 | DatumType::F16))
+            }
+        };
         kiln_graph::stream::for_each_chunk(&*source.0, w, chunk, |piece, _| {
-            let t = w.chunk_tensor(piece).map_err(|e| Error::runtime(format!("webgpu: weight `{}`: {e}", w.tensor)))?;
-            let mut bytes = kiln_wgsl::exec::host_bytes(&t)
-                .map_err(|e| Error::runtime(format!("webgpu: weight `{}`: {}", w.tensor, e.message)))?;
+            let converted;
+            let mut padded;
+            let mut bytes: &[u8] = if as_is {
+                piece
+            } else {
+                let t =
+                    w.chunk_tensor(piece).map_err(|e| Error::runtime(format!("webgpu: weight `{}`: {e}", w.tensor)))?;
+                converted = kiln_wgsl::exec::host_bytes(&t)
+                    .map_err(|e| Error::runtime(format!("webgpu: weight `{}`: {}", w.tensor, e.message)))?;
+                &converted
+            };
             // write_buffer wants a multiple of 4 bytes (the last piece of an odd-sized weight)
-            bytes.resize(bytes.len().div_ceil(4) * 4, 0);
+            if bytes.len() % 4 != 0 {
+                padded = bytes.to_vec();
+                padded.resize(bytes.len().div_ceil(4) * 4, 0);
+                bytes = &padded;
+            }
             if dst + bytes.len() as u64 > size {
                 return Err(Error::runtime(format!(
                     "webgpu: weight `{}`: {} bytes do not fit its {size}-byte buffer",
@@ -85,7 +105,7 @@ pub(crate) async fn stream_weights(
                     dst + bytes.len() as u64
                 )));
             }
-            ctx.queue.write_buffer(&job.buffer, dst, &bytes);
+            ctx.queue.write_buffer(&job.buffer, dst, bytes);
             dst += bytes.len() as u64;
             staged += bytes.len() as u64;
             if staged >= window {

@@ -243,3 +243,144 @@ fn a_missing_or_short_source_names_the_tensor() {
     let msg = err.to_string();
     assert!(msg.contains("`w`") && msg.contains("weights.bin"), "{msg}");
 }
+
+#[test]
+fn tiny_llama_int8_streams_its_weights() {
+    fixture("tiny-llama/onnx_optimum_int8", 1e-3);
+}
+
+/// Peak resident memory of this process (VmHWM), in bytes.
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("reading /proc/self/status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/self/status");
+    kb * 1024
+}
+
+const CHAIN: usize = 4;
+const SIDE: usize = 2048;
+const CHILD_CHUNK: u64 = 4 << 20;
+
+/// The child of [`streaming_bounds_the_peak_memory_of_a_load`]: loads the model of `KILN_STREAM_CHILD_DIR` from
+/// its folder (streaming as `KILN_STREAM_CHILD` says), runs it once and prints the growth of its peak memory.
+#[test]
+#[ignore = "run by streaming_bounds_the_peak_memory_of_a_load in a process of its own"]
+fn peak_memory_child() {
+    let (Ok(dir), Ok(mode)) = (std::env::var("KILN_STREAM_CHILD_DIR"), std::env::var("KILN_STREAM_CHILD")) else {
+        return;
+    };
+    let streaming = if mode == "on" {
+        WeightStreaming { chunk_bytes: CHILD_CHUNK, ..Default::default() }
+    } else {
+        WeightStreaming::off()
+    };
+    let opts = SessionOptions { weight_streaming: streaming, ..options(ExecutionProvider::WebGpu) };
+    // the driver and the device first, on a small model: the measure is the load of the big one
+    let warm = model(
+        vec![node("MatMul", &["x", "w"], "y", vec![])],
+        vec![value_info("x", 1, Some(&[Some(1), Some(8)]))],
+        vec![value_info("y", 1, None)],
+        vec![f32_init("w", &[8, 8], &[0.5; 64])],
+    );
+    let s = Session::from_bytes(&warm, &opts).expect("the small model");
+    s.run([("x", Tensor::from_vec(&[1, 8], vec![1f32; 8]).unwrap())]).expect("running the small model");
+    drop(s);
+    let before = peak_rss();
+    let session = Session::from_path(std::path::Path::new(&dir).join("model.onnx"), &opts).expect("loading");
+    assert_eq!(session.execution_provider(), ExecutionProvider::WebGpu);
+    let x: Vec<f32> = (0..SIDE).map(|i| ((i % 7) as f32 - 3.0) / 8.0).collect();
+    let out = session.run([("x", Tensor::from_vec(&[1, SIDE], x).unwrap())]).expect("running");
+    let y = out.output("y").unwrap().to_f64_vec().unwrap();
+    let report = session.gpu_placement().expect("report");
+    println!(
+        "KILN_STREAM_RESULT growth={} streamed={} sum={:.6e} first={:.6e}",
+        peak_rss() - before,
+        report.weights_streamed,
+        y.iter().sum::<f64>(),
+        y[0]
+    );
+}
+
+/// A model with 4 × 16 MiB of external weights loaded from files on the GPU in a fresh process each way: with
+/// streaming (4 MiB reads) the peak memory grows by the weights once (lavapipe's GPU buffers are host memory) plus
+/// a few chunks; without it, by more than half the weights again. Both runs give the same outputs.
+#[test]
+fn streaming_bounds_the_peak_memory_of_a_load() {
+    let _ = peak_rss();
+    if !gpu_available() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("kiln-stream-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a temp dir");
+    let mut data: Vec<u8> = Vec::with_capacity(CHAIN * SIDE * SIDE * 4);
+    let mut inits = vec![];
+    let mut nodes = vec![];
+    let mut rng = Rng::seeded("gpu_stream peak");
+    for i in 0..CHAIN {
+        let offset = data.len();
+        for _ in 0..SIDE * SIDE {
+            data.extend((rng.range(-1.0, 1.0) * 2.0 / (SIDE as f32).sqrt()).to_le_bytes());
+        }
+        let kv = |k: &str, v: String| pb::StringStringEntryProto { key: k.into(), value: v };
+        inits.push(pb::TensorProto {
+            name: format!("w{i}"),
+            dims: vec![SIDE as i64, SIDE as i64],
+            data_type: 1,
+            data_location: Some(pb::tensor_proto::DataLocation::External as i32),
+            external_data: vec![
+                kv("location", "model.onnx.data".into()),
+                kv("offset", offset.to_string()),
+                kv("length", (SIDE * SIDE * 4).to_string()),
+            ],
+            ..Default::default()
+        });
+        let (a, y) = (if i == 0 { "x".to_string() } else { format!("h{i}") }, format!("h{}", i + 1));
+        nodes.push(node("MatMul", &[&a, &format!("w{i}")], if i + 1 == CHAIN { "y" } else { &y }, vec![]));
+    }
+    let bytes =
+        model(nodes, vec![value_info("x", 1, Some(&[Some(1), Some(SIDE)]))], vec![value_info("y", 1, None)], inits);
+    std::fs::write(dir.join("model.onnx"), bytes).expect("writing the model");
+    std::fs::write(dir.join("model.onnx.data"), &data).expect("writing the data");
+    let weights = data.len() as u64;
+    drop(data);
+    let exe = std::env::current_exe().expect("the test binary");
+    let run = |mode: &str| -> (u64, usize, String) {
+        let out = std::process::Command::new(&exe)
+            .args(["--exact", "peak_memory_child", "--ignored", "--nocapture", "--test-threads", "1"])
+            .env("KILN_STREAM_CHILD", mode)
+            .env("KILN_STREAM_CHILD_DIR", &dir)
+            .output()
+            .expect("running the child");
+        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        let line = text
+            .lines()
+            .find_map(|l| l.find("KILN_STREAM_RESULT").map(|at| &l[at..]))
+            .unwrap_or_else(|| panic!("{text}"));
+        let field = |k: &str| line.split_whitespace().find_map(|f| f.strip_prefix(k)).unwrap_or("").to_string();
+        let growth: u64 = field("growth=").parse().expect("growth");
+        let streamed: usize = field("streamed=").parse().expect("streamed");
+        (growth, streamed, format!("{} {}", field("sum="), field("first=")))
+    };
+    let (on, on_streamed, on_y) = run("on");
+    let (off, off_streamed, off_y) = run("off");
+    let _ = std::fs::remove_dir_all(&dir);
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    eprintln!(
+        "weights {:.0} MiB: peak memory growth of the load + one run: streaming {:.0} MiB ({on_streamed} streamed), \
+         without {:.0} MiB",
+        mib(weights),
+        mib(on),
+        mib(off)
+    );
+    assert_eq!(on_streamed, CHAIN);
+    assert_eq!(off_streamed, 0);
+    assert_eq!(on_y, off_y, "the outputs differ with and without streaming");
+    // the GPU buffers (host memory on lavapipe), a read and its staging copy, the queue's 16 MiB upload window,
+    // and 16 MiB for the run and the allocator
+    let bound = weights + 2 * CHILD_CHUNK + (32 << 20);
+    assert!(on < bound, "streaming: peak grew by {:.0} MiB (bound {:.0} MiB)", mib(on), mib(bound));
+    assert!(off > on + weights / 2, "without streaming the peak grew by {:.0} MiB only", mib(off));
+}
