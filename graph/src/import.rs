@@ -180,7 +180,7 @@ pub struct WeightStreaming {
 
 impl Default for WeightStreaming {
     fn default() -> Self {
-        WeightStreaming { enabled: true, min_bytes: 1 << 20, chunk_bytes: 16 << 20 }
+        WeightStreaming { enabled: true, min_bytes: 1 << 20, chunk_bytes: 4 << 20 }
     }
 }
 
