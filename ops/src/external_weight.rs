@@ -118,7 +118,7 @@ impl ExternalWeight {
             Layout::Plain | Layout::F16ToF32 => {
                 let size = stored.size_of();
                 ensure!(
-                    bytes.len() % size == 0,
+                    bytes.len().is_multiple_of(size),
                     "external weight `{}`: a piece of {} bytes is not whole {stored:?} elements",
                     self.tensor,
                     bytes.len()

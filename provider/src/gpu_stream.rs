@@ -93,7 +93,7 @@ pub(crate) async fn stream_weights(
                 &converted
             };
             // write_buffer wants a multiple of 4 bytes (the last piece of an odd-sized weight)
-            if bytes.len() % 4 != 0 {
+            if !bytes.len().is_multiple_of(4) {
                 padded = bytes.to_vec();
                 padded.resize(bytes.len().div_ceil(4) * 4, 0);
                 bytes = &padded;

@@ -24,6 +24,9 @@ use kiln_provider::{
 };
 use prost::Message;
 
+/// Each tensor moved to external data: (offset, length) by name.
+type Moved = HashMap<String, (u64, u64)>;
+
 /// An in-memory data source that records each range read: (location, offset, length).
 #[derive(Default)]
 struct Recording {
@@ -41,7 +44,7 @@ impl ExternalDataResolver for Recording {
 
 /// The model with every initializer holding at least `min` bytes of raw data moved to `weights.bin`; returns the
 /// model bytes, the data file and each moved tensor's (offset, length) by name.
-fn externalize(model: &[u8], min: usize) -> (Vec<u8>, Vec<u8>, HashMap<String, (u64, u64)>) {
+fn externalize(model: &[u8], min: usize) -> (Vec<u8>, Vec<u8>, Moved) {
     let mut proto = pb::ModelProto::decode(model).expect("decoding the fixture");
     let mut data = vec![];
     let mut moved = HashMap::new();
@@ -84,7 +87,7 @@ fn recording(data: Vec<u8>) -> Arc<Recording> {
 
 /// Checks the reads of a streaming load: none over `chunk`, and each moved tensor of at least `min` bytes read
 /// exactly once, range by range (`streamed` of them were streamed to the GPU).
-fn check_reads(what: &str, source: &Recording, moved: &HashMap<String, (u64, u64)>, min: u64, chunk: u64) {
+fn check_reads(what: &str, source: &Recording, moved: &Moved, min: u64, chunk: u64) {
     let reads = source.reads.lock().unwrap().clone();
     assert!(!reads.is_empty(), "{what}: nothing was read");
     for (loc, off, len) in &reads {
@@ -100,7 +103,7 @@ fn check_reads(what: &str, source: &Recording, moved: &HashMap<String, (u64, u64
         let total: u64 = covered.iter().map(|c| c.1).sum();
         // the GPU copy and, for a float16 weight a gather reads as is, its float32 view: each a full read
         assert!(
-            total > 0 && total % length == 0 && total / length <= 2,
+            total > 0 && total.is_multiple_of(*length) && total / length <= 2,
             "{what}: `{name}` ({length} bytes) read {total} bytes in {} ranges",
             covered.len()
         );
