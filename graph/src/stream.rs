@@ -16,6 +16,26 @@ pub fn external_weights(model: &TypedModel) -> Vec<usize> {
     model.nodes().iter().filter(|n| n.op_is::<ExternalWeight>()).map(|n| n.id).collect()
 }
 
+/// Reads `n` bytes of a weight's stored data from byte `at` of it. Errors name the weight and its file.
+pub async fn read_exact(source: &dyn ExternalDataResolver, w: &ExternalWeight, at: u64, n: u64) -> Result<Vec<u8>> {
+    let offset = w
+        .offset
+        .checked_add(at)
+        .ok_or_else(|| Error::invalid_model(format!("weight `{}`: offset {} + {at} overflows", w.tensor, w.offset)))?;
+    let piece = source.read_range(&w.location, offset, n).await.map_err(|e| {
+        Error::new(e.kind, format!("weight `{}` (external data `{}`): {}", w.tensor, w.location, e.message))
+    })?;
+    if piece.len() as u64 != n {
+        return Err(Error::io(format!(
+            "weight `{}`: external data `{}` returned {} bytes at {offset}, expected {n}",
+            w.tensor,
+            w.location,
+            piece.len()
+        )));
+    }
+    Ok(piece)
+}
+
 /// Reads `w.length` bytes of a weight's stored data from `at`, one range of at most `chunk` bytes per read, and
 /// calls `f` with each piece and its byte offset in the stored data. Errors name the weight and its file.
 pub async fn for_each_chunk(
@@ -28,20 +48,7 @@ pub async fn for_each_chunk(
     let mut at = 0u64;
     while at < w.length {
         let n = (w.length - at).min(chunk);
-        let offset = w.offset.checked_add(at).ok_or_else(|| {
-            Error::invalid_model(format!("weight `{}`: offset {} + {at} overflows", w.tensor, w.offset))
-        })?;
-        let piece = source.read_range(&w.location, offset, n).await.map_err(|e| {
-            Error::new(e.kind, format!("weight `{}` (external data `{}`): {}", w.tensor, w.location, e.message))
-        })?;
-        if piece.len() as u64 != n {
-            return Err(Error::io(format!(
-                "weight `{}`: external data `{}` returned {} bytes at {offset}, expected {n}",
-                w.tensor,
-                w.location,
-                piece.len()
-            )));
-        }
+        let piece = read_exact(source, w, at, n).await?;
         f(&piece, at)?;
         at += n;
     }

@@ -44,6 +44,19 @@ pub struct ExternalWeight {
     /// Stored dims.
     pub dims: TVec<usize>,
     pub layout: Layout,
+    /// A part of the stored tensor along one axis: (axis, start, end) (a weight over the GPU's binding limit is
+    /// split into parts, kiln-graph's lower_gpu::split_large_weights). Not with `Words`.
+    pub slice: Option<(usize, usize, usize)>,
+}
+
+/// Where a sliced weight's bytes are in the stored tensor: `outer` rows of `row_bytes`, the part being `len` bytes
+/// from `start` in each row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segments {
+    pub outer: u64,
+    pub row_bytes: u64,
+    pub start: u64,
+    pub len: u64,
 }
 
 /// The element type of an ONNX data type code.
@@ -60,14 +73,41 @@ impl ExternalWeight {
     /// The output's element type and dims.
     pub fn output(&self) -> TractResult<(DatumType, TVec<usize>)> {
         let stored = self.stored_datum_type()?;
+        let mut dims = self.dims.clone();
+        if let Some((axis, start, end)) = self.slice {
+            ensure!(
+                axis < dims.len() && start < end && end <= dims[axis] && self.layout != Layout::Words,
+                "external weight `{}`: slice {start}..{end} of axis {axis} of {:?} ({:?})",
+                self.tensor,
+                self.dims,
+                self.layout
+            );
+            dims[axis] = end - start;
+        }
         Ok(match self.layout {
-            Layout::Plain => (stored, self.dims.clone()),
+            Layout::Plain => (stored, dims),
             Layout::F16ToF32 => {
                 ensure!(stored == DatumType::F16, "external weight `{}`: F16ToF32 on {stored:?} data", self.tensor);
-                (DatumType::F32, self.dims.clone())
+                (DatumType::F32, dims)
             }
             Layout::Words => (DatumType::U32, tvec![(self.length as usize).div_ceil(4)]),
         })
+    }
+
+    /// Where a sliced weight's part is in the stored bytes (`None` for a whole weight).
+    pub fn segments(&self) -> TractResult<Option<Segments>> {
+        let Some((axis, start, end)) = self.slice else { return Ok(None) };
+        self.output()?;
+        let size = self.stored_datum_type()?.size_of() as u64;
+        let outer: usize = self.dims[..axis].iter().product();
+        let inner: usize = self.dims[axis + 1..].iter().product();
+        let row = (self.dims[axis] * inner) as u64 * size;
+        Ok(Some(Segments {
+            outer: outer as u64,
+            row_bytes: row,
+            start: (start * inner) as u64 * size,
+            len: ((end - start) * inner) as u64 * size,
+        }))
     }
 
     pub fn fact(&self) -> TractResult<TypedFact> {
@@ -157,7 +197,12 @@ impl ExternalWeight {
             self.length
         );
         let (_, shape) = self.output()?;
-        self.chunk_tensor(bytes)?.into_shape(&shape)
+        match self.slice {
+            Some((axis, start, end)) => {
+                Ok(self.chunk_tensor(bytes)?.into_shape(&self.dims)?.slice(axis, start, end)?.into_shape(&shape)?)
+            }
+            None => self.chunk_tensor(bytes)?.into_shape(&shape),
+        }
     }
 }
 
@@ -167,8 +212,8 @@ impl Op for ExternalWeight {
     }
     fn info(&self) -> TractResult<Vec<String>> {
         Ok(vec![format!(
-            "`{}`: {} bytes of `{}` at {} ({:?})",
-            self.tensor, self.length, self.location, self.offset, self.layout
+            "`{}`: {} bytes of `{}` at {} ({:?}, slice {:?})",
+            self.tensor, self.length, self.location, self.offset, self.layout, self.slice
         )])
     }
     op_as_typed_op!();
@@ -238,6 +283,7 @@ pub fn build(ctx: &ParsingContext, node: &NodeProto) -> BuildResult {
         data_type: data_type as i32,
         dims: dims.iter().map(|d| *d as usize).collect(),
         layout: Layout::Plain,
+        slice: None,
     };
     op.check()?;
     Ok((expand(op), vec![]))

@@ -51,27 +51,18 @@ pub(crate) fn streamed_to_device_consts(model: &mut TypedModel) {
     }
 }
 
-/// Fills each job's buffer from `source`, `chunk` bytes of stored data per read. Natively the queue's staging
-/// memory is recycled every `window` bytes (a submit and a wait), as for the constants' uploads.
-pub(crate) async fn stream_weights(
-    ctx: &Context,
-    jobs: &[StreamJob],
-    source: Option<&WeightSource>,
-    chunk: u64,
+/// Writes converted pieces of streamed weights into their buffers. Natively the queue's staging memory is recycled
+/// every `window` bytes (a submit and a wait), as for the constants' uploads.
+struct Writer<'a> {
+    ctx: &'a Context,
+    staged: u64,
     window: u64,
-) -> Result<u64> {
-    let mut staged = 0u64;
-    let mut read = 0u64;
-    for job in jobs {
+}
+
+impl Writer<'_> {
+    /// Writes whole stored elements of `w` (in its stored layout) at `*dst` of `buffer`, converted to the GPU layout.
+    fn write(&mut self, job: &StreamJob, dst: &mut u64, piece: &[u8]) -> Result<()> {
         let w = &job.weight;
-        let source = source.ok_or_else(|| {
-            Error::invalid_argument(format!(
-                "weight `{}` keeps its data in external file `{}`, but no external data was provided",
-                w.tensor, w.location
-            ))
-        })?;
-        let mut dst = 0u64;
-        let size = job.buffer.size();
         // the stored bytes are the GPU's as they are (f32 / i32 / u32 / f16, or words): written without a copy
         let as_is = match w.layout {
             Layout::Words => true,
@@ -80,48 +71,135 @@ pub(crate) async fn stream_weights(
                 matches!(w.stored_datum_type(), Ok(DatumType::F32 | DatumType::I32 | DatumType::U32 | DatumType::F16))
             }
         };
-        kiln_graph::stream::for_each_chunk(&*source.0, w, chunk, |piece, _| {
-            let converted;
-            let mut padded;
-            let mut bytes: &[u8] = if as_is {
-                piece
-            } else {
-                let t =
-                    w.chunk_tensor(piece).map_err(|e| Error::runtime(format!("webgpu: weight `{}`: {e}", w.tensor)))?;
-                converted = kiln_wgsl::exec::host_bytes(&t)
-                    .map_err(|e| Error::runtime(format!("webgpu: weight `{}`: {}", w.tensor, e.message)))?;
-                &converted
-            };
-            // write_buffer wants a multiple of 4 bytes (the last piece of an odd-sized weight)
-            if !bytes.len().is_multiple_of(4) {
-                padded = bytes.to_vec();
-                padded.resize(bytes.len().div_ceil(4) * 4, 0);
-                bytes = &padded;
+        let converted;
+        let padded;
+        let mut bytes: &[u8] = if as_is {
+            piece
+        } else {
+            let t = w.chunk_tensor(piece).map_err(|e| Error::runtime(format!("webgpu: weight `{}`: {e}", w.tensor)))?;
+            converted = kiln_wgsl::exec::host_bytes(&t)
+                .map_err(|e| Error::runtime(format!("webgpu: weight `{}`: {}", w.tensor, e.message)))?;
+            &converted
+        };
+        // write_buffer wants a multiple of 4 bytes (the last piece of an odd-sized weight)
+        if !bytes.len().is_multiple_of(4) {
+            let mut p = bytes.to_vec();
+            p.resize(bytes.len().div_ceil(4) * 4, 0);
+            padded = p;
+            bytes = &padded;
+        }
+        let size = job.buffer.size();
+        if *dst + bytes.len() as u64 > size {
+            return Err(Error::runtime(format!(
+                "webgpu: weight `{}`: {} bytes do not fit its {size}-byte buffer",
+                w.tensor,
+                *dst + bytes.len() as u64
+            )));
+        }
+        self.ctx.queue.write_buffer(&job.buffer, *dst, bytes);
+        *dst += bytes.len() as u64;
+        self.staged += bytes.len() as u64;
+        if self.staged >= self.window {
+            self.staged = 0;
+            #[cfg(not(target_arch = "wasm32"))]
+            {
+                self.ctx.queue.submit([]);
+                self.ctx
+                    .device
+                    .poll(kiln_wgsl::wgpu::PollType::Wait { submission_index: None, timeout: None })
+                    .map_err(|e| Error::runtime(format!("webgpu: uploading weights: {e}")))?;
             }
-            if dst + bytes.len() as u64 > size {
-                return Err(Error::runtime(format!(
-                    "webgpu: weight `{}`: {} bytes do not fit its {size}-byte buffer",
-                    w.tensor,
-                    dst + bytes.len() as u64
-                )));
+        }
+        Ok(())
+    }
+}
+
+/// Fills each job's buffer from `source`, at most `chunk` bytes of stored data per read. The parts of a weight split
+/// under the binding limit (sliced ExternalWeights of one stored tensor) are filled together, the tensor read once:
+/// each read of whole rows is cut into every part's segments.
+pub(crate) async fn stream_weights(
+    ctx: &Context,
+    jobs: &[StreamJob],
+    source: Option<&WeightSource>,
+    chunk: u64,
+    window: u64,
+) -> Result<u64> {
+    let chunk = (chunk.max(8) / 8) * 8;
+    let mut writer = Writer { ctx, staged: 0, window };
+    let mut read = 0u64;
+    // sliced parts grouped by the tensor (and axis) they come from
+    let mut groups: Vec<Vec<usize>> = vec![];
+    for (ix, job) in jobs.iter().enumerate() {
+        let w = &job.weight;
+        let key = |w: &ExternalWeight| (w.location.clone(), w.offset, w.length, w.dims.clone(), w.slice.map(|s| s.0));
+        match groups.iter_mut().find(|g| w.slice.is_some() && key(&jobs[g[0]].weight) == key(w)) {
+            Some(g) => g.push(ix),
+            None => groups.push(vec![ix]),
+        }
+    }
+    for group in groups {
+        let w = &jobs[group[0]].weight;
+        let source = source.ok_or_else(|| {
+            Error::invalid_argument(format!(
+                "weight `{}` keeps its data in external file `{}`, but no external data was provided",
+                w.tensor, w.location
+            ))
+        })?;
+        let segments = w.segments().map_err(|e| Error::runtime(format!("webgpu: weight `{}`: {e}", w.tensor)))?;
+        let Some(seg) = segments else {
+            // a whole weight, read in order
+            let job = &jobs[group[0]];
+            let mut dst = 0u64;
+            kiln_graph::stream::for_each_chunk(&*source.0, w, chunk, |piece, _| writer.write(job, &mut dst, piece))
+                .await?;
+            read += w.length;
+            continue;
+        };
+        let parts: Vec<(&StreamJob, kiln_ops::external_weight::Segments)> = group
+            .iter()
+            .map(|ix| {
+                let job = &jobs[*ix];
+                match job.weight.segments() {
+                    Ok(Some(s)) => Ok((job, s)),
+                    _ => Err(Error::runtime(format!("webgpu: weight `{}`: not a part", job.weight.tensor))),
+                }
+            })
+            .collect::<Result<_>>()?;
+        let mut dsts = vec![0u64; parts.len()];
+        if seg.row_bytes <= chunk {
+            // whole rows per read, each cut into the parts' segments
+            let rows = (chunk / seg.row_bytes).max(1);
+            let mut o = 0u64;
+            while o < seg.outer {
+                let n = rows.min(seg.outer - o);
+                let piece = kiln_graph::stream::read_exact(&*source.0, w, o * seg.row_bytes, n * seg.row_bytes).await?;
+                read += piece.len() as u64;
+                for ((job, s), dst) in parts.iter().zip(dsts.iter_mut()) {
+                    let mut part = Vec::with_capacity((n * s.len) as usize);
+                    for r in 0..n {
+                        let at = (r * seg.row_bytes + s.start) as usize;
+                        part.extend_from_slice(&piece[at..at + s.len as usize]);
+                    }
+                    writer.write(job, dst, &part)?;
+                }
+                o += n;
             }
-            ctx.queue.write_buffer(&job.buffer, dst, bytes);
-            dst += bytes.len() as u64;
-            staged += bytes.len() as u64;
-            if staged >= window {
-                staged = 0;
-                #[cfg(not(target_arch = "wasm32"))]
-                {
-                    ctx.queue.submit([]);
-                    ctx.device
-                        .poll(kiln_wgsl::wgpu::PollType::Wait { submission_index: None, timeout: None })
-                        .map_err(|e| Error::runtime(format!("webgpu: uploading weights: {e}")))?;
+        } else {
+            // rows longer than a read: each part's segment of each row, in pieces
+            for ((job, s), dst) in parts.iter().zip(dsts.iter_mut()) {
+                for o in 0..seg.outer {
+                    let mut at = 0u64;
+                    while at < s.len {
+                        let n = chunk.min(s.len - at);
+                        let from = o * seg.row_bytes + s.start + at;
+                        let piece = kiln_graph::stream::read_exact(&*source.0, &job.weight, from, n).await?;
+                        read += n;
+                        writer.write(job, dst, &piece)?;
+                        at += n;
+                    }
                 }
             }
-            Ok(())
-        })
-        .await?;
-        read += w.length;
+        }
     }
     if !jobs.is_empty() {
         ctx.queue.submit([]);
