@@ -338,6 +338,8 @@ impl Session {
                 }
             }
         }
+        // every streamed weight is on the GPU or in memory now: the source (a browser's Blob, caller's bytes) is let go
+        model.weight_source = None;
         let model = Arc::new(model);
         let mut note = None;
         let wanted = if options.execution_providers.is_empty() {
