@@ -246,3 +246,45 @@ fn streaming_bounds_the_peak_memory_of_a_load() {
     assert!(on < bound, "streaming: peak grew by {:.0} MiB (bound {:.0} MiB)", mib(on), mib(bound));
     assert!(off > on + weights / 2, "without streaming the peak grew by {:.0} MiB only", mib(off));
 }
+
+/// What a CPU fallback of a streaming load does (no adapter, or the lowering failed): every ExternalWeight read into
+/// memory (kiln_graph::stream::materialize_all), float16-as-float32 and packed-word views included; the model then
+/// matches onnxruntime's reference like the plain import. No GPU needed.
+#[test]
+fn streamed_weights_materialised_for_the_cpu_match_the_reference() {
+    use kiln_graph::tract_onnx::prelude::{IntoTValue, TValue, TVec};
+    use kiln_graph::tract_onnx::tract_core::plan::SimplePlan;
+    for (fixture, tolerance) in [("tiny-llama/onnx_optimum_fp16", 2e-2), ("tiny-llama/onnx_optimum_q4", 1e-3)] {
+        let dir = tiny_fixtures().join(fixture);
+        let (ext, data, _) = externalize(&std::fs::read(dir.join("model.onnx")).expect("the fixture"), 1024);
+        let source: Arc<dyn kiln_provider::ExternalDataResolver> = recording(data);
+        let streaming = WeightStreaming { enabled: true, min_bytes: 1024, chunk_bytes: 4096 };
+        let mut proto = kiln_graph::decode(&ext).expect("decoding");
+        let n = pollster::block_on(kiln_graph::stream_external_initializers(&mut proto, &*source, &streaming))
+            .expect("the streaming import");
+        assert!(n > 0, "{fixture}: nothing streamed");
+        let load = kiln_graph::LoadOptions {
+            optimization: kiln_provider::OptimizationLevel::Basic,
+            external_data: Some(source),
+            ..Default::default()
+        };
+        let mut model = kiln_graph::load_proto(proto, &load).expect("loading");
+        assert!(!kiln_graph::stream::external_weights(&model.typed).is_empty(), "{fixture}: no ExternalWeight");
+        let source = model.weight_source.clone();
+        pollster::block_on(kiln_graph::stream::materialize_all(&mut model.typed, source.as_ref(), 4096))
+            .expect("reading the weights");
+        assert!(kiln_graph::stream::external_weights(&model.typed).is_empty());
+        let plan = SimplePlan::new(model.typed.clone()).expect("planning");
+        let set = dir.join("test_data_set_0");
+        let inputs: TVec<TValue> = (0..model.inputs.len())
+            .map(|j| read_tensor(&set.join(format!("input_{j}.pb"))).into_tract().into_tvalue())
+            .collect();
+        let outputs = plan.run(inputs).expect("running");
+        for (j, got) in outputs.iter().enumerate() {
+            let got = Tensor::from_tract((**got).clone()).expect("an output");
+            let want = read_tensor(&set.join(format!("output_{j}.pb")));
+            let (diff, ref_max) = max_diff(&format!("{fixture} output {j}"), &got, &want);
+            assert!(diff <= tolerance, "{fixture} output {j}: max|diff| {diff:.3e} (max|ref| {ref_max})");
+        }
+    }
+}
