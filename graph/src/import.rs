@@ -633,8 +633,77 @@ fn is_external(t: &pb::TensorProto) -> bool {
     t.data_location == Some(pb::tensor_proto::DataLocation::External as i32)
 }
 
+/// Whether a node reading a weight at input `slot` takes it as a runtime tensor (its kiln / tract builder needs no
+/// constant there, and the lowering keeps it fast): only those weights are streamed. The others (GatherBlockQuantized's
+/// data, an attention's caches, DequantizeLinear's weights, Conv, ...) are read into memory at import, as before.
+fn streamable_use(node: &pb::NodeProto, slot: usize) -> bool {
+    let onnx = node.domain.is_empty() || node.domain == "ai.onnx";
+    match (onnx, node.domain.as_str(), node.op_type.as_str()) {
+        (true, _, "MatMul" | "Gemm" | "Add" | "Sub" | "Mul" | "Div" | "Cast" | "LayerNormalization") => true,
+        (true, _, "Gather") => slot == 0,
+        (true, _, "MatMulInteger") => slot == 1,
+        (false, "com.microsoft", "MatMulNBits") => (1..=3).contains(&slot),
+        (
+            false,
+            "com.microsoft",
+            "SkipSimplifiedLayerNormalization" | "SkipLayerNormalization" | "SimplifiedLayerNormalization",
+        ) => slot >= 2,
+        _ => false,
+    }
+}
+
+/// The main graph's initializers every reader of which takes them as a runtime tensor ([`streamable_use`]; a
+/// Transpose counts when only MatMul / Gemm read its result: tract folds the transposition into the matmul), that
+/// are no graph output and that no subgraph reads.
+fn streamable_initializers(graph: &pb::GraphProto) -> HashSet<String> {
+    fn subgraph_inputs(g: &pb::GraphProto, out: &mut HashSet<String>) {
+        for n in &g.node {
+            out.extend(n.input.iter().cloned());
+            for a in &n.attribute {
+                a.g.iter().chain(&a.graphs).for_each(|g| subgraph_inputs(g, out));
+            }
+        }
+    }
+    let mut captured = HashSet::new();
+    for n in &graph.node {
+        for a in &n.attribute {
+            a.g.iter().chain(&a.graphs).for_each(|g| subgraph_inputs(g, &mut captured));
+        }
+    }
+    let mut readers: HashMap<&str, Vec<(&pb::NodeProto, usize)>> = HashMap::new();
+    for n in &graph.node {
+        for (slot, i) in n.input.iter().enumerate() {
+            readers.entry(i.as_str()).or_default().push((n, slot));
+        }
+    }
+    let matmul_only = |name: &str| {
+        readers.get(name).is_some_and(|r| {
+            r.iter().all(|(n, _)| {
+                (n.domain.is_empty() || n.domain == "ai.onnx") && matches!(n.op_type.as_str(), "MatMul" | "Gemm")
+            })
+        })
+    };
+    graph
+        .initializer
+        .iter()
+        .map(|t| t.name.as_str())
+        .filter(|name| !captured.contains(*name) && !graph.output.iter().any(|o| o.name == *name))
+        .filter(|name| {
+            readers.get(name).is_some_and(|r| {
+                r.iter().all(|(n, slot)| {
+                    streamable_use(n, *slot)
+                        || (n.op_type == "Transpose"
+                            && (n.domain.is_empty() || n.domain == "ai.onnx")
+                            && n.output.iter().all(|o| matmul_only(o)))
+                })
+            })
+        })
+        .map(|s| s.to_string())
+        .collect()
+}
+
 /// The streaming import's first step, for GPU sessions: each external initializer of the main graph of at least
-/// `streaming.min_bytes` is replaced by an `ai.kiln` ExternalWeight node of the same name (its bytes stay in the
+/// `streaming.min_bytes` whose readers take it as a runtime tensor ([`streamable_initializers`]) is replaced by an `ai.kiln` ExternalWeight node of the same name (its bytes stay in the
 /// source), and every smaller one is read (asynchronously, through [`ExternalDataResolver::read_range`]) and inlined.
 /// Tensors inside subgraphs and node attributes are left to the import's synchronous read. Returns the number of
 /// weights left in the source.
@@ -644,6 +713,8 @@ pub async fn stream_external_initializers(
     streaming: &WeightStreaming,
 ) -> Result<usize> {
     let Some(graph) = proto.graph.as_mut() else { return Ok(0) };
+    let streamable: HashSet<String> = streamable_initializers(graph);
+    let streamable: HashSet<&str> = streamable.iter().map(|s| s.as_str()).collect();
     let mut streamed = vec![];
     let mut kept = vec![];
     for mut t in std::mem::take(&mut graph.initializer) {
@@ -673,7 +744,7 @@ pub async fn stream_external_initializers(
                 )));
             }
         }
-        if want >= streaming.min_bytes && want > 0 {
+        if want >= streaming.min_bytes && want > 0 && streamable.contains(t.name.as_str()) {
             streamed.push(kiln_ops::external_weight::node_proto(
                 &t.name,
                 &location,

@@ -69,3 +69,41 @@ fn rows_longer_than_a_read_are_read_in_pieces() {
     let (diff, ref_max) = max_diff("y", got.output("y").unwrap(), want.output("y").unwrap());
     assert!(diff <= 1e-4 * ref_max.max(1.0), "y: max|diff| {diff:.3e} (max|ref| {ref_max})");
 }
+
+/// y = x + W with W [20000] float32 (78 KiB, a 1-D weight that cannot be cut): the Add stays on the CPU ("shape too
+/// large"), so the streamed W is read into memory when the session is made, in reads of at most the chunk; V, read by
+/// a MatMul on the GPU, is streamed into its buffer. Both outputs against the CPU session.
+#[test]
+fn a_streamed_weight_a_cpu_node_reads_is_read_into_memory() {
+    if !setup() {
+        return;
+    }
+    let mut rng = Rng::seeded("gpu_stream_split cpu reader");
+    let (n, k) = (20000usize, 64usize);
+    let bytes = model(
+        vec![node("Add", &["x", "w"], "y", vec![]), node("MatMul", &["a", "v"], "z", vec![])],
+        vec![value_info("x", 1, Some(&[Some(n)])), value_info("a", 1, Some(&[Some(1), Some(k)]))],
+        vec![value_info("y", 1, None), value_info("z", 1, None)],
+        vec![f32_init("w", &[n], &rng.vec(n)), f32_init("v", &[k, k], &rng.vec(k * k))],
+    );
+    let (ext, data, moved) = externalize(&bytes, 1024);
+    let source = recording(data.clone());
+    let session = Session::from_bytes(&ext, &gpu_options(source.clone(), 1024, 4096)).expect("loading");
+    let report = session.gpu_placement().expect("on the GPU");
+    let add = report.nodes.iter().find(|p| p.op.contains("Add")).expect("the Add");
+    assert_eq!(add.device, Device::Cpu, "{add:?}");
+    assert_eq!(report.weights_streamed, 1, "{report:?}");
+    assert!(report.host_constants.iter().any(|c| c.1 == (n * 4) as u64), "w is a host constant: {report:?}");
+    check_reads("cpu reader", &source, &moved, 1024, 4096);
+    let feeds = vec![
+        ("x".to_string(), Tensor::from_vec(&[n], rng.vec(n)).unwrap()),
+        ("a".to_string(), Tensor::from_vec(&[1, k], rng.vec(k)).unwrap()),
+    ];
+    let got = session.run(feeds.clone()).expect("running on the GPU");
+    let cpu = Session::from_bytes(&ext, &cpu_options(recording(data))).expect("loading on the CPU");
+    let want = cpu.run(feeds).expect("running on the CPU");
+    for name in ["y", "z"] {
+        let (diff, ref_max) = max_diff(name, got.output(name).unwrap(), want.output(name).unwrap());
+        assert!(diff <= 1e-4 * ref_max.max(1.0), "{name}: max|diff| {diff:.3e} (max|ref| {ref_max})");
+    }
+}
