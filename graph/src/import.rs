@@ -634,8 +634,8 @@ fn is_external(t: &pb::TensorProto) -> bool {
 }
 
 /// Whether a node reading a weight at input `slot` takes it as a runtime tensor (its kiln / tract builder needs no
-/// constant there, and the lowering keeps it fast): only those weights are streamed. The others (GatherBlockQuantized's
-/// data, an attention's caches, DequantizeLinear's weights, Conv, ...) are read into memory at import, as before.
+/// constant there, and the lowering keeps it fast): only those weights are streamed. The others (an attention's caches,
+/// DequantizeLinear's weights, Conv, ...) are read into memory at import, as before.
 fn streamable_use(node: &pb::NodeProto, slot: usize) -> bool {
     let onnx = node.domain.is_empty() || node.domain == "ai.onnx";
     match (onnx, node.domain.as_str(), node.op_type.as_str()) {
@@ -643,6 +643,7 @@ fn streamable_use(node: &pb::NodeProto, slot: usize) -> bool {
         (true, _, "Gather") => slot == 0,
         (true, _, "MatMulInteger") => slot == 1,
         (false, "com.microsoft", "MatMulNBits") => (1..=3).contains(&slot),
+        (false, "com.microsoft", "GatherBlockQuantized") => slot != 1,
         (
             false,
             "com.microsoft",

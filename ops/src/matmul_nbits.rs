@@ -182,45 +182,56 @@ impl MatMulNBits {
 
     /// A constant operand, or a weight streamed from external data (kiln_ops::external_weight).
     fn operand(&self, model: &TypedModel, wire: OutletId, what: &str) -> TractResult<Operand> {
-        if let Some(k) = model.outlet_fact(wire)?.konst.clone() {
-            return Ok(Operand::Const(k));
-        }
-        if let Some(w) = model.node(wire.node).op_as::<ExternalWeight>() {
-            if w.layout == Layout::Plain {
-                return Ok(Operand::External(w.clone()));
-            }
-        }
-        bail!("MatMulNBits node `{}`: {what} must be a constant (an initializer)", self.label)
+        operand(model, wire, &format!("MatMulNBits node `{}`", self.label), what)
     }
 }
 
-/// An operand of MatMulNBits the typed model repacks: a constant, or a streamed weight (the same bytes read
-/// through another layout, so the repacking needs no read).
-enum Operand {
+/// A constant operand, or a weight streamed from external data (kiln_ops::external_weight); `who` for messages.
+pub(crate) fn operand(model: &TypedModel, wire: OutletId, who: &str, what: &str) -> TractResult<Operand> {
+    if let Some(k) = model.outlet_fact(wire)?.konst.clone() {
+        return Ok(Operand::Const(k));
+    }
+    if let Some(w) = model.node(wire.node).op_as::<ExternalWeight>() {
+        if w.layout == Layout::Plain && w.slice.is_none() {
+            return Ok(Operand::External(w.clone()));
+        }
+    }
+    bail!("{who}: {what} must be a constant (an initializer)")
+}
+
+/// An operand the typed model repacks (MatMulNBits, GatherBlockQuantized): a constant, or a streamed weight (the
+/// same bytes read through another layout, so the repacking needs no read).
+pub(crate) enum Operand {
     Const(Arc<Tensor>),
     External(ExternalWeight),
 }
 
 /// How an operand is kept: its bytes as u32 words, or float32 of `len` values (the label and operand for messages).
-enum Packing<'a> {
+pub(crate) enum Packing<'a> {
     Words,
     F32(usize, &'a str, &'a str),
 }
 
 impl Operand {
-    fn datum_type(&self) -> TractResult<DatumType> {
+    pub(crate) fn datum_type(&self) -> TractResult<DatumType> {
         match self {
             Operand::Const(t) => Ok(t.datum_type()),
             Operand::External(w) => w.stored_datum_type(),
         }
     }
-    fn len(&self) -> TractResult<usize> {
+    pub(crate) fn len(&self) -> TractResult<usize> {
         match self {
             Operand::Const(t) => Ok(t.len()),
             Operand::External(w) => Ok(w.dims.iter().product()),
         }
     }
-    fn wire(&self, model: &mut TypedModel, name: &str, packing: Packing) -> TractResult<OutletId> {
+    pub(crate) fn shape(&self) -> TVec<usize> {
+        match self {
+            Operand::Const(t) => t.shape().into(),
+            Operand::External(w) => w.dims.clone(),
+        }
+    }
+    pub(crate) fn wire(&self, model: &mut TypedModel, name: &str, packing: Packing) -> TractResult<OutletId> {
         match (self, packing) {
             (Operand::Const(t), Packing::Words) => {
                 let words = if t.datum_type() == f16::datum_type() {

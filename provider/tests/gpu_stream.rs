@@ -21,6 +21,7 @@ use graphs::*;
 use kiln_graph::tract_onnx::pb;
 use kiln_provider::blocking::Session;
 use kiln_provider::{ExecutionProvider, SessionOptions, Tensor, WeightStreaming};
+use prost::Message;
 use stream::*;
 
 #[test]
@@ -286,4 +287,59 @@ fn streamed_weights_materialised_for_the_cpu_match_the_reference() {
             assert!(diff <= tolerance, "{fixture} output {j}: max|diff| {diff:.3e} (max|ref| {ref_max})");
         }
     }
+}
+
+/// com.microsoft GatherBlockQuantized (4 bits, float16 scales, zero points) with its data, scales and zero points
+/// streamed: packed words and float32 scales read from the source; against the CPU session.
+#[test]
+fn gather_block_quantized_streams_its_operands() {
+    if !gpu_available() {
+        return;
+    }
+    let mut rng = Rng::seeded("gpu_stream gbq");
+    let (rows, cols, block, bits) = (300usize, 256usize, 32usize, 4usize);
+    let (packed, blocks) = (cols * bits / 8, cols / block);
+    let u8s = |rng: &mut Rng, n: usize| (0..n).map(|_| (rng.next() * 255.0) as u8).collect::<Vec<u8>>();
+    let scales: Vec<u8> =
+        (0..rows * blocks).flat_map(|_| half::f16::from_f32(rng.range(0.01, 0.2)).to_le_bytes()).collect();
+    let init = |name: &str, dt: i32, dims: &[usize], raw: Vec<u8>| pb::TensorProto {
+        name: name.into(),
+        dims: dims.iter().map(|d| *d as i64).collect(),
+        data_type: dt,
+        raw_data: raw,
+        ..Default::default()
+    };
+    let mut gbq = node(
+        "GatherBlockQuantized",
+        &["data", "ids", "scales", "zp"],
+        "y",
+        vec![attr_int("bits", bits as i64), attr_int("block_size", block as i64)],
+    );
+    gbq.domain = "com.microsoft".into();
+    let bytes = model(
+        vec![gbq],
+        vec![value_info("ids", 7, Some(&[Some(2), Some(3)]))],
+        vec![value_info("y", 10, None)],
+        vec![
+            init("data", 2, &[rows, packed], u8s(&mut rng, rows * packed)),
+            init("scales", 10, &[rows, blocks], scales),
+            init("zp", 2, &[rows, blocks * bits / 8], u8s(&mut rng, rows * blocks * bits / 8)),
+        ],
+    );
+    let mut proto = pb::ModelProto::decode(bytes.as_slice()).expect("decoding");
+    proto.opset_import.push(pb::OperatorSetIdProto { domain: "com.microsoft".into(), version: 1 });
+    let (ext, data, moved) = externalize(&proto.encode_to_vec(), 1024);
+    assert_eq!(moved.len(), 3);
+    let source = recording(data.clone());
+    let session = Session::from_bytes(&ext, &gpu_options(source.clone(), 1024, 4096)).expect("loading");
+    let report = session.gpu_placement().expect("on the GPU");
+    assert!(report.nodes.iter().all(|p| p.device == kiln_provider::Device::Gpu), "{report:?}");
+    assert_eq!(report.weights_streamed, 3, "{report:?}");
+    check_reads("gbq", &source, &moved, 1024, 4096);
+    let ids = Tensor::from_vec(&[2, 3], vec![0i64, 299, 17, 150, 1, 298]).unwrap();
+    let got = session.run([("ids", ids.clone())]).expect("running on the GPU");
+    let cpu = Session::from_bytes(&ext, &cpu_options(recording(data))).expect("loading on the CPU");
+    let want = cpu.run([("ids", ids)]).expect("running on the CPU");
+    let (diff, ref_max) = max_diff("y", got.output("y").unwrap(), want.output("y").unwrap());
+    assert!(diff <= 1e-3 * ref_max.max(1.0), "y: max|diff| {diff:.3e} (max|ref| {ref_max})");
 }
