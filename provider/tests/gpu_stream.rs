@@ -343,3 +343,54 @@ fn gather_block_quantized_streams_its_operands() {
     let (diff, ref_max) = max_diff("y", got.output("y").unwrap(), want.output("y").unwrap());
     assert!(diff <= 1e-3 * ref_max.max(1.0), "y: max|diff| {diff:.3e} (max|ref| {ref_max})");
 }
+
+/// A tied float16 LM head (SmolLM2's layout): the embedding E [V, H] float16 is read by the embedding Gather and, through
+/// a Transpose, by the final MatMul. Streamed, the gather reads the stored float16 table and the MatMul a float32 view
+/// of it (the float16 pass's cast folded into the upload); the transposition is folded into the matmul, so a run has
+/// no Transpose / AxisOp node (no per-step copy of the table). Against the CPU session.
+#[test]
+fn a_tied_float16_lm_head_streams_without_a_transpose_per_run() {
+    if !gpu_available() {
+        return;
+    }
+    let mut rng = Rng::seeded("gpu_stream tied");
+    let (v, h) = (512usize, 64usize);
+    let table: Vec<u8> = (0..v * h).flat_map(|_| half::f16::from_f32(rng.range(-1.0, 1.0)).to_le_bytes()).collect();
+    let e = pb::TensorProto {
+        name: "embed".into(),
+        dims: vec![v as i64, h as i64],
+        data_type: 10,
+        raw_data: table,
+        ..Default::default()
+    };
+    let bytes = model(
+        vec![
+            node("Gather", &["embed", "ids"], "hidden", vec![]),
+            node("Transpose", &["embed"], "embed_t", vec![]),
+            node("MatMul", &["hidden", "embed_t"], "logits", vec![]),
+        ],
+        vec![value_info("ids", 7, Some(&[Some(1), Some(3)]))],
+        vec![value_info("logits", 10, None)],
+        vec![e],
+    );
+    let (ext, data, moved) = externalize(&bytes, 1024);
+    let source = recording(data.clone());
+    let session = Session::from_bytes(&ext, &gpu_options(source.clone(), 1024, 4096)).expect("loading");
+    let report = session.gpu_placement().expect("on the GPU");
+    assert!(report.nodes.iter().all(|p| p.device == kiln_provider::Device::Gpu), "{report:?}");
+    assert!(
+        !report.nodes.iter().any(|p| p.op.contains("Transpose") || p.op.contains("AxisOp") || p.op.contains("Move")),
+        "a transposition runs each step: {:?}",
+        report.nodes
+    );
+    // the float16 table for the gather and its float32 view for the matmul
+    assert_eq!(report.weights_streamed, 2, "{report:?}");
+    assert!(report.host_constants.is_empty(), "{:?}", report.host_constants);
+    check_reads("tied", &source, &moved, 1024, 4096);
+    let ids = Tensor::from_vec(&[1, 3], vec![0i64, 511, 42]).unwrap();
+    let got = session.run([("ids", ids.clone())]).expect("running on the GPU");
+    let cpu = Session::from_bytes(&ext, &cpu_options(recording(data))).expect("loading on the CPU");
+    let want = cpu.run([("ids", ids)]).expect("running on the CPU");
+    let (diff, ref_max) = max_diff("logits", got.output("logits").unwrap(), want.output("logits").unwrap());
+    assert!(diff <= 2e-2 * ref_max.max(1.0), "logits: max|diff| {diff:.3e} (max|ref| {ref_max})");
+}
