@@ -7,6 +7,7 @@ use std::collections::{HashMap, HashSet};
 
 use kiln_wgsl::fused::{FusedChain, FusedProgram, Src, Step, MAX_FUSED_INPUTS, MAX_FUSED_STEPS};
 use kiln_wgsl::ops::GpuOp;
+use kiln_wgsl::qmatmul::QEpilogue;
 use kiln_wgsl::Kernel;
 use tract_onnx::prelude::*;
 
@@ -146,5 +147,280 @@ fn build(model: &TypedModel, members: &[usize]) -> Option<(FusedProgram, FusedCh
     let out_dt = model.node(*members.last()?).outputs[0].fact.datum_type;
     let program = FusedProgram::new(externals.len(), steps, out_dt);
     program.check().ok()?;
-    Some((program, FusedChain { inputs: externals.len(), steps: cpu_steps }, externals))
+    Some((program, FusedChain { inputs: externals.len(), steps: cpu_steps, outputs: 1 }, externals))
+}
+
+/// The node behind `o` when it is a GPU MatMulNBits without an epilogue whose only use is `user`.
+fn sole_qmatmul(
+    model: &TypedModel,
+    outputs: &HashSet<OutletId>,
+    o: OutletId,
+    user: usize,
+) -> Option<kiln_wgsl::qmatmul::QMatMul> {
+    qmatmul_used_by(model, outputs, o, user, 0)
+}
+
+/// The node behind `o` when it is a GPU MatMulNBits without an epilogue, used once by `user` and by `others` other
+/// nodes (which the caller checks), and not a model output.
+fn qmatmul_used_by(
+    model: &TypedModel,
+    outputs: &HashSet<OutletId>,
+    o: OutletId,
+    user: usize,
+    others: usize,
+) -> Option<kiln_wgsl::qmatmul::QMatMul> {
+    let node = model.node(o.node);
+    let Kernel::QMatMul(q) = &node.op_as::<GpuOp>()?.kernel else { return None };
+    let succ = &node.outputs[0].successors;
+    let used = succ.len() == 1 + others && succ.iter().filter(|s| s.node == user).count() == 1;
+    (q.epilogue == QEpilogue::None && o.slot == 0 && used && !outputs.contains(&o)).then(|| q.clone())
+}
+
+/// Whether a GPU node is the binary op `b` / unary op `u` with one output.
+fn is_binary(node: &TypedNode, b: kiln_wgsl::BinaryOp) -> bool {
+    node.inputs.len() == 2 && node.op_as::<GpuOp>().is_some_and(|op| op.kernel == Kernel::Binary(b))
+}
+
+/// One epilogue fusion found in the model: the node whose output the fused node replaces, the fused kernel, its
+/// CPU reference and its inputs.
+struct EpilogueMatch {
+    sink: usize,
+    kernel: kiln_wgsl::qmatmul::QMatMul,
+    chain: FusedChain,
+    inputs: Vec<OutletId>,
+    /// Skip norms of the same residual sum (kiln-graph's `fuse_norm`), to read the fused node's sum instead.
+    norms: Vec<usize>,
+}
+
+/// The kiln NormOp behind a GPU node that adds a skip.
+fn skip_norm(node: &TypedNode) -> Option<kiln_ops::skip_norm::NormOp> {
+    match &node.op_as::<GpuOp>()?.kernel {
+        Kernel::Norm(n) if n.op.has_skip && node.inputs.len() >= 2 => Some(n.op.clone()),
+        _ => None,
+    }
+}
+
+fn find_epilogue(
+    model: &TypedModel,
+    order: &[usize],
+    outputs: &HashSet<OutletId>,
+    max_storage_buffers: u32,
+) -> Option<EpilogueMatch> {
+    use kiln_wgsl::BinaryOp::{Add, Mul};
+    let same_shape = |a: OutletId, b: OutletId| {
+        let (fa, fb) = (model.outlet_fact(a).ok(), model.outlet_fact(b).ok());
+        fa.zip(fb).is_some_and(|(fa, fb)| fa.shape == fb.shape && fa.datum_type == DatumType::F32)
+    };
+    let cpu = |n: usize| model.node(n).op_as::<GpuOp>().map(|g| g.cpu.clone());
+    let srcs = |r: std::ops::Range<usize>| r.map(|i| Src::Input(i as u8)).collect::<Vec<_>>();
+    for &id in order {
+        let node = model.node(id);
+        // Mul(Silu(A · Gᵀ), A · Uᵀ) (either operand order): the gated MLP
+        if is_binary(node, Mul) {
+            for (si, ui) in [(0, 1), (1, 0)] {
+                let silu = model.node(node.inputs[si].node);
+                let is_silu =
+                    silu.op_as::<GpuOp>().is_some_and(|g| g.kernel == Kernel::Unary(kiln_wgsl::UnaryOp::Silu))
+                        && silu.inputs.len() == 1
+                        && silu.outputs[0].successors.len() == 1
+                        && !outputs.contains(&node.inputs[si]);
+                if !is_silu {
+                    continue;
+                }
+                let (Some(g), Some(u)) = (
+                    sole_qmatmul(model, outputs, silu.inputs[0], silu.id),
+                    sole_qmatmul(model, outputs, node.inputs[ui], id),
+                ) else {
+                    continue;
+                };
+                let (gn, un) = (model.node(silu.inputs[0].node), model.node(node.inputs[ui].node));
+                if g != u
+                    || gn.inputs[0] != un.inputs[0]
+                    || gn.inputs.len() != un.inputs.len()
+                    || !same_shape(silu.inputs[0], OutletId::new(id, 0))
+                    || !same_shape(node.inputs[ui], OutletId::new(id, 0))
+                {
+                    continue;
+                }
+                let wa = gn.inputs.len() - 1;
+                let mut inputs: Vec<OutletId> = gn.inputs.to_vec();
+                inputs.extend(un.inputs[1..].iter().copied());
+                let mut up_srcs = vec![Src::Input(0)];
+                up_srcs.extend(srcs(1 + wa..1 + 2 * wa));
+                let mul_srcs =
+                    if si == 0 { vec![Src::Step(2), Src::Step(1)] } else { vec![Src::Step(1), Src::Step(2)] };
+                let chain = FusedChain {
+                    inputs: inputs.len(),
+                    steps: vec![
+                        (cpu(gn.id)?, srcs(0..1 + wa)),
+                        (cpu(un.id)?, up_srcs),
+                        (cpu(silu.id)?, vec![Src::Step(0)]),
+                        (cpu(id)?, mul_srcs),
+                    ],
+                    outputs: 1,
+                };
+                let kernel = kiln_wgsl::qmatmul::QMatMul { epilogue: QEpilogue::SiluMul, ..g };
+                if kernel.storage_buffers() > max_storage_buffers {
+                    continue;
+                }
+                return Some(EpilogueMatch { sink: id, kernel, chain, inputs, norms: vec![] });
+            }
+        }
+        // Add(A · Bᵀ, R) (either operand order): a residual
+        if is_binary(node, Add) {
+            for (qi, ri) in [(0, 1), (1, 0)] {
+                // the product's other users may be skip norms of the same sum: they read the fused node instead
+                let (qo, ro) = (node.inputs[qi], node.inputs[ri]);
+                let norms: Vec<usize> =
+                    model.node(qo.node).outputs[0].successors.iter().map(|s| s.node).filter(|&n| n != id).collect();
+                let same_sum = |n: usize| {
+                    let nn = model.node(n);
+                    skip_norm(nn).is_some() && (nn.inputs[..2] == [qo, ro] || nn.inputs[..2] == [ro, qo])
+                };
+                if !norms.iter().all(|&n| same_sum(n)) {
+                    continue;
+                }
+                let Some(q) = qmatmul_used_by(model, outputs, qo, id, norms.len()) else { continue };
+                if node.inputs[ri].node == node.inputs[qi].node
+                    || !same_shape(node.inputs[qi], OutletId::new(id, 0))
+                    || !same_shape(node.inputs[ri], OutletId::new(id, 0))
+                {
+                    continue;
+                }
+                let qn = model.node(node.inputs[qi].node);
+                let n = qn.inputs.len();
+                let mut inputs: Vec<OutletId> = qn.inputs.to_vec();
+                inputs.push(node.inputs[ri]);
+                let add_srcs = if qi == 0 {
+                    vec![Src::Step(0), Src::Input(n as u8)]
+                } else {
+                    vec![Src::Input(n as u8), Src::Step(0)]
+                };
+                let chain = FusedChain {
+                    inputs: inputs.len(),
+                    steps: vec![(cpu(qn.id)?, srcs(0..n)), (cpu(id)?, add_srcs)],
+                    outputs: 1,
+                };
+                let kernel = kiln_wgsl::qmatmul::QMatMul { epilogue: QEpilogue::Residual, ..q };
+                if kernel.storage_buffers() > max_storage_buffers {
+                    continue;
+                }
+                return Some(EpilogueMatch { sink: id, kernel, chain, inputs, norms });
+            }
+        }
+    }
+    None
+}
+
+/// Folds the elementwise work after GPU MatMulNBits nodes into their kernel ([`QEpilogue`]): a gated MLP's gate and
+/// up projections with their SiLU · Mul become one dispatch, and a projection followed by a residual Add stores the
+/// sum. Returns how many fused nodes it made. Runs on the lowered model, before [`fuse_elementwise`].
+///
+/// `max_storage_buffers`: the adapter's limit per kernel; fusions that would bind more are left out.
+pub fn fuse_matmul_epilogues(model: &mut TypedModel, max_storage_buffers: u32) -> Result<usize> {
+    let mut fused = 0;
+    loop {
+        let order = model.eval_order().map_err(tract_err("ordering the lowered model"))?;
+        let outputs: HashSet<OutletId> =
+            model.output_outlets().map_err(tract_err("model outputs"))?.iter().copied().collect();
+        let Some(m) = find_epilogue(model, &order, &outputs, max_storage_buffers) else { break };
+        let mut patch = TypedModelPatch::default();
+        let mut taps = tvec![];
+        for i in &m.inputs {
+            taps.push(patch.tap_model(model, *i).map_err(tract_err("fusing a matmul epilogue"))?);
+        }
+        let name = model.node(m.sink).name.clone();
+        let op = GpuOp { kernel: Kernel::QMatMul(m.kernel), cpu: Box::new(m.chain) };
+        let out = patch.wire_node(name, op, &taps).map_err(tract_err("fusing a matmul epilogue"))?[0];
+        patch.shunt_outside(model, OutletId::new(m.sink, 0), out).map_err(tract_err("fusing a matmul epilogue"))?;
+        for n in m.norms {
+            // NormOp(a, b, rest..) of the sum a + b → NormOp(sum, rest..)
+            let node = model.node(n);
+            let op = skip_norm(node).ok_or_else(|| Error::invalid_model("matmul epilogue: not a skip norm"))?;
+            let op = kiln_ops::skip_norm::NormOp { has_skip: false, ..op };
+            let mut ins = tvec![out];
+            for i in &node.inputs[2..] {
+                ins.push(patch.tap_model(model, *i).map_err(tract_err("fusing a matmul epilogue"))?);
+            }
+            let gpu = GpuOp { kernel: Kernel::Norm(kiln_wgsl::msft::NormSpec { op: op.clone() }), cpu: Box::new(op) };
+            let y = patch.wire_node(node.name.clone(), gpu, &ins).map_err(tract_err("fusing a matmul epilogue"))?[0];
+            patch.shunt_outside(model, OutletId::new(n, 0), y).map_err(tract_err("fusing a matmul epilogue"))?;
+        }
+        patch.apply(model).map_err(tract_err("fusing a matmul epilogue"))?;
+        model.compact().map_err(tract_err("compacting the fused model"))?;
+        fused += 1;
+    }
+    Ok(fused)
+}
+
+/// The most weights one split matmul reads ([`QEpilogue::Split`]).
+const MAX_SPLIT: usize = 3;
+
+/// Joins GPU MatMulNBits nodes of one input and one specialisation but N (a layer's q, k and v projections) into
+/// one node with an output per weight ([`QEpilogue::Split`]): one dispatch on a decode step instead of three, as
+/// many of them as `max_storage_buffers` lets one kernel bind. Returns how many split nodes it made. Runs on the
+/// lowered model, after [`fuse_matmul_epilogues`].
+pub fn fuse_matmul_splits(model: &mut TypedModel, max_storage_buffers: u32) -> Result<usize> {
+    let mut fused = 0;
+    loop {
+        let order = model.eval_order().map_err(tract_err("ordering the lowered model"))?;
+        // the plain GPU MatMulNBits nodes reading each outlet, by specialisation (N aside), in evaluation order
+        let mut groups: Vec<(OutletId, kiln_wgsl::qmatmul::QMatMul, Vec<usize>)> = vec![];
+        for &id in &order {
+            let node = model.node(id);
+            let Some(Kernel::QMatMul(q)) = node.op_as::<GpuOp>().map(|g| &g.kernel) else { continue };
+            if q.epilogue != QEpilogue::None || node.outputs.len() != 1 {
+                continue;
+            }
+            let key = kiln_wgsl::qmatmul::QMatMul { n: 0, ..q.clone() };
+            match groups.iter_mut().find(|(a, k, _)| *a == node.inputs[0] && *k == key) {
+                Some((_, _, members)) => members.push(id),
+                None => groups.push((node.inputs[0], key, vec![id])),
+            }
+        }
+        // the most weights of a group one kernel can bind
+        let fits = |key: &kiln_wgsl::qmatmul::QMatMul, parts: usize| {
+            let mut ns = [0usize; 3];
+            ns[..parts].fill(1);
+            kiln_wgsl::qmatmul::QMatMul { epilogue: QEpilogue::Split(ns), ..key.clone() }.storage_buffers()
+                <= max_storage_buffers
+        };
+        let found = groups.into_iter().find_map(|(a, key, members)| {
+            let parts = (2..=members.len().min(MAX_SPLIT)).rev().find(|p| fits(&key, *p))?;
+            Some((a, key, members[..parts].to_vec()))
+        });
+        let Some((a, key, members)) = found else { break };
+        let mut ns = [0usize; 3];
+        let mut inputs = vec![a];
+        let mut steps = vec![];
+        for (w, &m) in members.iter().enumerate() {
+            let node = model.node(m);
+            let Some(Kernel::QMatMul(q)) = node.op_as::<GpuOp>().map(|g| &g.kernel) else { break };
+            ns[w] = q.n;
+            let mut srcs = vec![Src::Input(0)];
+            for i in &node.inputs[1..] {
+                srcs.push(Src::Input(inputs.len() as u8));
+                inputs.push(*i);
+            }
+            let cpu = node.op_as::<GpuOp>().map(|g| g.cpu.clone());
+            steps.push((cpu.ok_or_else(|| Error::invalid_model("split matmul: not a GPU node"))?, srcs));
+        }
+        let kernel = kiln_wgsl::qmatmul::QMatMul { n: ns.iter().sum(), epilogue: QEpilogue::Split(ns), ..key };
+        let chain = FusedChain { inputs: inputs.len(), steps, outputs: members.len() };
+        let mut patch = TypedModelPatch::default();
+        let mut taps = tvec![];
+        for i in &inputs {
+            taps.push(patch.tap_model(model, *i).map_err(tract_err("joining matmuls"))?);
+        }
+        let name = format!("{}.split", model.node(members[0]).name);
+        let op = GpuOp { kernel: Kernel::QMatMul(kernel), cpu: Box::new(chain) };
+        let outs = patch.wire_node(name, op, &taps).map_err(tract_err("joining matmuls"))?;
+        for (m, o) in members.iter().zip(outs) {
+            patch.shunt_outside(model, OutletId::new(*m, 0), o).map_err(tract_err("joining matmuls"))?;
+        }
+        patch.apply(model).map_err(tract_err("joining matmuls"))?;
+        model.compact().map_err(tract_err("compacting the joined model"))?;
+        fused += 1;
+    }
+    Ok(fused)
 }

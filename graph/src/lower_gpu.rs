@@ -170,6 +170,8 @@ pub fn lower(model: &TypedModel, caps: &Caps) -> Result<Lowered> {
     target.properties.clone_from(&src.properties);
     // KILN_GPU_FUSION=0 keeps one dispatch per node (comparisons, debugging)
     if std::env::var("KILN_GPU_FUSION").map_or(true, |v| v != "0") {
+        crate::fuse_gpu::fuse_matmul_epilogues(&mut target, caps.max_storage_buffers)?;
+        crate::fuse_gpu::fuse_matmul_splits(&mut target, caps.max_storage_buffers)?;
         crate::fuse_gpu::fuse_elementwise(&mut target)?;
     }
     Ok(Lowered { model: target, placement })
@@ -510,6 +512,96 @@ mod tests {
         assert_eq!(a.len(), b.len());
         for (i, (x, y)) in a.iter().zip(b).enumerate() {
             assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "element {i}: {x} vs {y}");
+        }
+    }
+
+    /// Three MatMulNBits of one input (no zero points): one split node of all three where a kernel may bind 16
+    /// storage buffers (10 needed), of two (7) under WebGPU's default 8, and no lowered kernel over the limit.
+    #[test]
+    fn matmul_splits_stay_within_the_storage_buffer_limit() {
+        use tract_onnx::pb;
+        let attr = |name: &str, i: i64| pb::AttributeProto {
+            name: name.into(),
+            i,
+            r#type: pb::attribute_proto::AttributeType::Int as i32,
+            ..Default::default()
+        };
+        let (k, n) = (64usize, 32usize);
+        let mut nodes = vec![];
+        let mut inits = vec![];
+        let mut outputs = vec![];
+        for i in 0..3 {
+            let t = |name: &str, data_type: i32, dims: &[usize], raw: Vec<u8>| pb::TensorProto {
+                name: format!("{name}{i}"),
+                data_type,
+                dims: dims.iter().map(|d| *d as i64).collect(),
+                raw_data: raw,
+                ..Default::default()
+            };
+            inits.push(t("b", 2, &[n, k / 32, 16], (0..n * k / 2).map(|j| (j * 7 + i) as u8).collect()));
+            inits.push(t(
+                "s",
+                1,
+                &[n, k / 32],
+                (0..n * k / 32).flat_map(|j| (0.01 * j as f32).to_le_bytes()).collect(),
+            ));
+            nodes.push(pb::NodeProto {
+                op_type: "MatMulNBits".into(),
+                domain: "com.microsoft".into(),
+                name: format!("p{i}"),
+                input: vec!["x".into(), format!("b{i}"), format!("s{i}")],
+                output: vec![format!("y{i}")],
+                attribute: vec![attr("K", k as i64), attr("N", n as i64), attr("bits", 4), attr("block_size", 32)],
+                ..Default::default()
+            });
+            outputs.push(pb::ValueInfoProto { name: format!("y{i}"), ..Default::default() });
+        }
+        let dims = [1usize, k].into_iter().map(|d| pb::tensor_shape_proto::Dimension {
+            value: Some(pb::tensor_shape_proto::dimension::Value::DimValue(d as i64)),
+            ..Default::default()
+        });
+        let x = pb::ValueInfoProto {
+            name: "x".into(),
+            r#type: Some(pb::TypeProto {
+                value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                    elem_type: 1,
+                    shape: Some(pb::TensorShapeProto { dim: dims.collect() }),
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let proto = pb::ModelProto {
+            ir_version: 8,
+            opset_import: vec![
+                pb::OperatorSetIdProto { domain: String::new(), version: 17 },
+                pb::OperatorSetIdProto { domain: "com.microsoft".into(), version: 1 },
+            ],
+            graph: Some(pb::GraphProto {
+                name: "qkv".into(),
+                node: nodes,
+                input: vec![x],
+                output: outputs,
+                initializer: inits,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let options = crate::LoadOptions { optimization: crate::OptimizationLevel::Basic, ..Default::default() };
+        let model = crate::load_proto(proto, &options).unwrap();
+        for (limit, parts) in [(16, 3), (8, 2)] {
+            let caps = Caps { max_storage_buffers: limit, ..Caps::webgpu_defaults() };
+            let lowered = lower(&model.typed, &caps).unwrap();
+            let mut splits = vec![];
+            for node in lowered.model.nodes() {
+                if let Some(Kernel::QMatMul(q)) = node.op_as::<GpuOp>().map(|g| &g.kernel) {
+                    assert!(q.storage_buffers() <= limit, "{q:?} binds {} buffers", q.storage_buffers());
+                    splits.push(q.split_parts().len());
+                }
+            }
+            splits.sort();
+            let want = if parts == 3 { vec![3] } else { vec![0, 2] };
+            assert_eq!(splits, want, "limit {limit}");
         }
     }
 

@@ -510,8 +510,8 @@ impl GpuBackend {
                     }
                     _ => None,
                 };
-                let out = match appended {
-                    Some(out) => out,
+                let outs = match appended {
+                    Some(out) => vec![out],
                     None => {
                         // a KV store goes to kernels other than attention as a contiguous copy
                         let mut temps = vec![];
@@ -530,20 +530,34 @@ impl GpuBackend {
                             let name: String = op.kernel.name().chars().take(48).collect();
                             rec.tag = Some(intern(name));
                         }
-                        let out =
-                            op.kernel.encode(ctx, rec, &refs, &state.turn_state.resolved_symbols).map_err(|e| {
-                                Error::runtime(format!("webgpu: {} ({}): {}", node.name, op.kernel.name(), e.message))
-                            })?;
+                        let outs = match &op.kernel {
+                            // several outputs: one per weight of a split matmul
+                            Kernel::QMatMul(q) if node.outputs.len() > 1 => q.encode_split(ctx, rec, &refs),
+                            k => k.encode(ctx, rec, &refs, &state.turn_state.resolved_symbols).map(|o| vec![o]),
+                        }
+                        .map_err(|e| {
+                            Error::runtime(format!("webgpu: {} ({}): {}", node.name, op.kernel.name(), e.message))
+                        })?;
                         rec.tag = None;
                         drop(args);
                         for t in temps {
                             rec.release(t);
                         }
-                        out
+                        outs
                     }
                 };
-                resolve_symbols(&mut state, &node.outputs[0].fact, &out.shape);
-                dev.insert(out_outlet, out);
+                if outs.len() != node.outputs.len() {
+                    return Err(Error::runtime(format!(
+                        "webgpu: {} gave {} outputs for {}",
+                        node.name,
+                        outs.len(),
+                        node.outputs.len()
+                    )));
+                }
+                for (slot, out) in outs.into_iter().enumerate() {
+                    resolve_symbols(&mut state, &node.outputs[slot].fact, &out.shape);
+                    dev.insert(OutletId::new(id, slot), out);
+                }
             } else if node.op_is::<ToHost>() {
                 let g = dev.get(&node.inputs[0]).ok_or_else(|| Error::runtime("webgpu: ToHost of a host value"))?;
                 let c = kiln_wgsl::kv::compact(ctx, rec, g).map_err(gpu_err)?;

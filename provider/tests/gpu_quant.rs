@@ -118,8 +118,9 @@ struct Case {
     accuracy_level: i64,
 }
 
-/// A one-node MatMulNBits model on input `a` of `a_dims`, with random packed weights, scales and zero points.
-fn model(rng: &mut Rng, c: Case, a_dims: &[usize]) -> Vec<u8> {
+/// A MatMulNBits node `name` computing `y` from `a`, with random packed weights, scales and zero points (its
+/// initializers prefixed by `name`).
+fn qmm_node(rng: &mut Rng, c: Case, name: &str, a: &str, y: &str) -> (pb::NodeProto, Vec<pb::TensorProto>) {
     let t1 = if c.f16 { FLOAT16 } else { FLOAT };
     let k_blocks = c.k.div_ceil(c.block_size);
     let blob = c.block_size * c.bits / 8;
@@ -127,24 +128,25 @@ fn model(rng: &mut Rng, c: Case, a_dims: &[usize]) -> Vec<u8> {
     // scales ~ 1/2^(bits-1): weights in about [-1, 1]
     let unit = 1.0 / (1u32 << (c.bits - 1)) as f32;
     let scales: Vec<f32> = (0..c.n * k_blocks).map(|_| rng.range(0.2, 1.0) * unit).collect();
+    let init = |what: &str, t: i32, dims: &[usize], raw: Vec<u8>| initializer(&format!("{name}.{what}"), t, dims, raw);
     let mut inits = vec![
-        initializer("B", UINT8, &[c.n, k_blocks, blob], b),
-        initializer("scales", t1, &[c.n, k_blocks], raw_floats(&scales, t1)),
+        init("B", UINT8, &[c.n, k_blocks, blob], b),
+        init("scales", t1, &[c.n, k_blocks], raw_floats(&scales, t1)),
     ];
-    let mut inputs = vec!["a".to_string(), "B".into(), "scales".into()];
+    let mut inputs = vec![a.to_string(), format!("{name}.B"), format!("{name}.scales")];
     match c.zp {
         Zp::None => {}
         Zp::Packed => {
             let per_col = (k_blocks * c.bits).div_ceil(8);
             let z: Vec<u8> = (0..c.n * per_col).map(|_| rng.next() as u8).collect();
-            inits.push(initializer("zp", UINT8, &[c.n * per_col], z));
-            inputs.push("zp".into());
+            inits.push(init("zp", UINT8, &[c.n * per_col], z));
+            inputs.push(format!("{name}.zp"));
         }
         Zp::Float => {
             let top = (1u32 << c.bits) as f32;
             let z: Vec<f32> = (0..c.n * k_blocks).map(|_| rng.range(0.0, top).floor()).collect();
-            inits.push(initializer("zp", t1, &[c.n, k_blocks], raw_floats(&z, t1)));
-            inputs.push("zp".into());
+            inits.push(init("zp", t1, &[c.n, k_blocks], raw_floats(&z, t1)));
+            inputs.push(format!("{name}.zp"));
         }
     }
     if c.bias {
@@ -153,8 +155,8 @@ fn model(rng: &mut Rng, c: Case, a_dims: &[usize]) -> Vec<u8> {
         }
         inputs.push(String::new()); // g_idx
         let bias: Vec<f32> = (0..c.n).map(|_| rng.range(-1.0, 1.0)).collect();
-        inits.push(initializer("bias", t1, &[c.n], raw_floats(&bias, t1)));
-        inputs.push("bias".into());
+        inits.push(init("bias", t1, &[c.n], raw_floats(&bias, t1)));
+        inputs.push(format!("{name}.bias"));
     }
     let mut attrs = vec![
         attr_int("K", c.k as i64),
@@ -168,12 +170,32 @@ fn model(rng: &mut Rng, c: Case, a_dims: &[usize]) -> Vec<u8> {
     let node = pb::NodeProto {
         op_type: "MatMulNBits".into(),
         domain: "com.microsoft".into(),
-        name: "qmm".into(),
+        name: name.into(),
         input: inputs,
-        output: vec!["y".into()],
+        output: vec![y.into()],
         attribute: attrs,
         ..Default::default()
     };
+    (node, inits)
+}
+
+fn onnx_model(graph: pb::GraphProto, opset: i64) -> Vec<u8> {
+    pb::ModelProto {
+        ir_version: 8,
+        opset_import: vec![
+            pb::OperatorSetIdProto { domain: String::new(), version: opset },
+            pb::OperatorSetIdProto { domain: "com.microsoft".into(), version: 1 },
+        ],
+        graph: Some(graph),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+/// A one-node MatMulNBits model on input `a` of `a_dims`, with random packed weights, scales and zero points.
+fn model(rng: &mut Rng, c: Case, a_dims: &[usize]) -> Vec<u8> {
+    let t1 = if c.f16 { FLOAT16 } else { FLOAT };
+    let (node, inits) = qmm_node(rng, c, "qmm", "a", "y");
     let graph = pb::GraphProto {
         name: "g".into(),
         node: vec![node],
@@ -182,16 +204,7 @@ fn model(rng: &mut Rng, c: Case, a_dims: &[usize]) -> Vec<u8> {
         initializer: inits,
         ..Default::default()
     };
-    pb::ModelProto {
-        ir_version: 8,
-        opset_import: vec![
-            pb::OperatorSetIdProto { domain: String::new(), version: 17 },
-            pb::OperatorSetIdProto { domain: "com.microsoft".into(), version: 1 },
-        ],
-        graph: Some(graph),
-        ..Default::default()
-    }
-    .encode_to_vec()
+    onnx_model(graph, 17)
 }
 
 fn gpu_available() -> bool {
@@ -333,6 +346,184 @@ fn matmul_nbits_variants_match_cpu_on_the_gpu() {
         for a_dims in [vec![1, 1, c.k], vec![4, c.k], vec![3, 33, c.k]] {
             if let Err(e) = run_case(&mut rng, c, &a_dims, rel) {
                 failures.push(e);
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{} cases failed:\n  {}", failures.len(), failures.join("\n  "));
+}
+
+/// A gated MLP block as llama exports it: x → MatMulNBits gate and up (`c`: K = hidden, N = intermediate) →
+/// gate · sigmoid(gate) · up → MatMulNBits down (K and N swapped) → + r → RMSNormalization · gamma. Outputs the
+/// residual sum `h` and the norm `y`.
+fn mlp_model(rng: &mut Rng, c: Case, rows: usize) -> Vec<u8> {
+    let t1 = if c.f16 { FLOAT16 } else { FLOAT };
+    let (gate, mut inits) = qmm_node(rng, c, "gate", "x", "g");
+    let (up, i2) = qmm_node(rng, c, "up", "x", "u");
+    let (down, i3) = qmm_node(rng, Case { k: c.n, n: c.k, ..c }, "down", "m", "d");
+    inits.extend(i2.into_iter().chain(i3));
+    let gamma: Vec<f32> = (0..c.k).map(|_| rng.range(0.5, 1.5)).collect();
+    inits.push(initializer("gamma", t1, &[c.k], raw_floats(&gamma, t1)));
+    let op = |op: &str, ins: &[&str], out: &str| pb::NodeProto {
+        op_type: op.into(),
+        name: format!("{op}_{out}"),
+        input: ins.iter().map(|s| s.to_string()).collect(),
+        output: vec![out.into()],
+        ..Default::default()
+    };
+    let mut norm = op("RMSNormalization", &["h", "gamma"], "y");
+    norm.attribute.push(attr_int("axis", -1));
+    let graph = pb::GraphProto {
+        name: "mlp".into(),
+        node: vec![
+            gate,
+            up,
+            op("Sigmoid", &["g"], "s"),
+            op("Mul", &["g", "s"], "a"),
+            op("Mul", &["a", "u"], "m"),
+            down,
+            op("Add", &["r", "d"], "h"),
+            norm,
+        ],
+        input: vec![value_info("x", t1, Some(&[rows, c.k])), value_info("r", t1, Some(&[rows, c.k]))],
+        output: vec![value_info("h", t1, None), value_info("y", t1, None)],
+        initializer: inits,
+        ..Default::default()
+    };
+    onnx_model(graph, 23)
+}
+
+/// The epilogue fusion of the MatMulNBits kernels (kiln-graph's `fuse_matmul_epilogues`): a gated MLP's gate and up
+/// projections with their SiLU · Mul run as one dispatch, the down projection stores its residual sum, and the
+/// RMSNorm of that sum reads it (instead of re-adding the pair) — checked against the CPU provider (poisoned GPU
+/// outputs) for one row (the decode kernel), a few rows and many rows (the tiled kernel), and by the dispatches a
+/// run takes: 3 (6 unfused), plus accuracy_level 4's quantize dispatches on the tiled path and float16's casts.
+#[test]
+fn a_gated_mlp_and_its_residual_fold_into_the_matmul_kernels() {
+    if !gpu_available() {
+        return;
+    }
+    let mut rng = Rng(seed());
+    let base =
+        Case { bits: 4, block_size: 32, k: 96, n: 160, zp: Zp::None, f16: false, bias: false, accuracy_level: 0 };
+    let cases = [
+        (base, 1e-4),
+        (Case { zp: Zp::Packed, accuracy_level: 4, ..base }, 1e-4),
+        (Case { f16: true, zp: Zp::Float, bits: 8, block_size: 16, k: 80, ..base }, 2e-3),
+    ];
+    let mut failures = vec![];
+    for (c, rel) in cases {
+        for rows in [1, 3, 70] {
+            let what = format!("{c:?}, {rows} rows");
+            let bytes = mlp_model(&mut rng, c, rows);
+            let mut feeds = vec![];
+            for name in ["x", "r"] {
+                let v: Vec<f32> = (0..rows * c.k).map(|_| rng.range(-1.0, 1.0)).collect();
+                let mut t = Tensor::from_vec(&[rows, c.k], v).expect("tensor");
+                if c.f16 {
+                    t = t.cast(ElementType::F16).expect("f16");
+                }
+                feeds.push((name.to_string(), t));
+            }
+            let cpu = Session::from_bytes(&bytes, &options(ExecutionProvider::Cpu)).expect("cpu session");
+            let gpu = Session::from_bytes(&bytes, &options(ExecutionProvider::WebGpu)).expect("gpu session");
+            let report = gpu.gpu_placement().expect("a GPU session");
+            let on_cpu: Vec<_> = report.nodes.iter().filter(|n| n.device != Device::Gpu).collect();
+            assert!(on_cpu.is_empty(), "{what}: nodes on the CPU: {on_cpu:?}");
+            gpu.set_gpu_poison(true);
+            let want = cpu.run(feeds.clone()).expect("cpu run");
+            let got = gpu.run(feeds).expect("gpu run");
+            for out in ["h", "y"] {
+                let w = want.output(out).expect("cpu output").to_f64_vec().expect("floats");
+                let g = got.output(out).expect("gpu output").to_f64_vec().expect("floats");
+                let max = w.iter().fold(0f64, |m, v| m.max(v.abs()));
+                assert!(max > 0.0 && w.len() == g.len(), "{what}: {out}: {} vs {} values", g.len(), w.len());
+                if let Some((i, (a, b))) =
+                    w.iter().zip(&g).enumerate().find(|(_, (a, b))| (*a - *b).is_nan() || (*a - *b).abs() > rel * max)
+                {
+                    failures.push(format!("{what}: {out}[{i}]: gpu {b} vs cpu {a} (max |ref| {max})"));
+                }
+            }
+            let report = gpu.gpu_placement().expect("report");
+            let dispatches = report.counters.dispatches / report.runs.max(1);
+            let quantize = if c.accuracy_level == 4 && rows > 4 { 2 } else { 0 };
+            let casts = if c.f16 { 4 } else { 0 };
+            if dispatches != 3 + quantize + casts {
+                failures.push(format!("{what}: {dispatches} dispatches a run, not {}", 3 + quantize + casts));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{} cases failed:\n  {}", failures.len(), failures.join("\n  "));
+}
+
+/// MatMulNBits nodes of one input (an attention layer's q, k and v projections; N of each in `ns`), each its own
+/// output, joined into one node on the GPU (kiln-graph's `fuse_matmul_splits`) and checked against the CPU provider:
+/// one dispatch a decode step for the two or three of them (the tiled path runs them one by one, after one int8
+/// quantization of A at accuracy_level 4).
+#[test]
+fn projections_of_one_input_run_as_one_dispatch() {
+    if !gpu_available() {
+        return;
+    }
+    let mut rng = Rng(seed());
+    let base = Case { bits: 4, block_size: 32, k: 96, n: 0, zp: Zp::None, f16: false, bias: false, accuracy_level: 0 };
+    let cases: [(Case, &[usize], f64); 4] = [
+        (base, &[64, 32, 32], 1e-4),
+        (Case { zp: Zp::Packed, accuracy_level: 4, ..base }, &[96, 32, 32], 1e-4),
+        (Case { zp: Zp::Float, bits: 8, block_size: 16, f16: true, k: 80, ..base }, &[40, 24], 2e-3),
+        // four of one input: three joined, the fourth alone
+        (base, &[32, 16, 16, 48], 1e-4),
+    ];
+    let mut failures = vec![];
+    for (c, ns, rel) in cases {
+        for rows in [1, 3, 70] {
+            let what = format!("{c:?} N {ns:?}, {rows} rows");
+            let t1 = if c.f16 { FLOAT16 } else { FLOAT };
+            let (mut nodes, mut inits, mut outputs) = (vec![], vec![], vec![]);
+            for (i, n) in ns.iter().enumerate() {
+                let (node, init) = qmm_node(&mut rng, Case { n: *n, ..c }, &format!("p{i}"), "x", &format!("y{i}"));
+                nodes.push(node);
+                inits.extend(init);
+                outputs.push(value_info(&format!("y{i}"), t1, None));
+            }
+            let graph = pb::GraphProto {
+                name: "qkv".into(),
+                node: nodes,
+                input: vec![value_info("x", t1, Some(&[rows, c.k]))],
+                output: outputs,
+                initializer: inits,
+                ..Default::default()
+            };
+            let bytes = onnx_model(graph, 17);
+            let v: Vec<f32> = (0..rows * c.k).map(|_| rng.range(-1.0, 1.0)).collect();
+            let mut x = Tensor::from_vec(&[rows, c.k], v).expect("tensor");
+            if c.f16 {
+                x = x.cast(ElementType::F16).expect("f16");
+            }
+            let feeds = vec![("x".to_string(), x)];
+            let cpu = Session::from_bytes(&bytes, &options(ExecutionProvider::Cpu)).expect("cpu session");
+            let gpu = Session::from_bytes(&bytes, &options(ExecutionProvider::WebGpu)).expect("gpu session");
+            gpu.set_gpu_poison(true);
+            let want = cpu.run(feeds.clone()).expect("cpu run");
+            let got = gpu.run(feeds).expect("gpu run");
+            for i in 0..ns.len() {
+                let out = format!("y{i}");
+                let w = want.output(&out).expect("cpu output").to_f64_vec().expect("floats");
+                let g = got.output(&out).expect("gpu output").to_f64_vec().expect("floats");
+                let max = w.iter().fold(0f64, |m, v| m.max(v.abs()));
+                assert!(max > 0.0 && w.len() == g.len(), "{what}: {out}: {} vs {} values", g.len(), w.len());
+                if let Some((j, (a, b))) =
+                    w.iter().zip(&g).enumerate().find(|(_, (a, b))| (*a - *b).is_nan() || (*a - *b).abs() > rel * max)
+                {
+                    failures.push(format!("{what}: {out}[{j}]: gpu {b} vs cpu {a} (max |ref| {max})"));
+                }
+            }
+            let report = gpu.gpu_placement().expect("report");
+            let dispatches = report.counters.dispatches / report.runs.max(1);
+            let joined = ns.len().min(3);
+            let matmuls = if rows > 4 { ns.len() + (c.accuracy_level == 4) as usize } else { 1 + ns.len() - joined };
+            let casts = if c.f16 { 1 + ns.len() } else { 0 };
+            if dispatches != matmuls + casts {
+                failures.push(format!("{what}: {dispatches} dispatches a run, not {}", matmuls + casts));
             }
         }
     }

@@ -17,6 +17,9 @@ pub struct Caps {
     pub max_invocations: u32,
     pub max_workgroups_per_dim: u32,
     pub min_uniform_alignment: u32,
+    /// Storage buffers one kernel may bind (WebGPU's default and Chrome's usual: 8); the fusions that bind more
+    /// buffers (kiln-graph's matmul epilogues and splits) stay within it.
+    pub max_storage_buffers: u32,
     pub shader_f16: bool,
     pub subgroups: bool,
 }
@@ -32,6 +35,7 @@ impl Caps {
             max_invocations: 256,
             max_workgroups_per_dim: 65535,
             min_uniform_alignment: 256,
+            max_storage_buffers: 8,
             shader_f16: false,
             subgroups: false,
         }
@@ -228,6 +232,7 @@ impl Context {
             min_uniform_alignment: limits.min_uniform_buffer_offset_alignment,
             shader_f16,
             subgroups: features.contains(wgpu::Features::SUBGROUP),
+            max_storage_buffers: limits.max_storage_buffers_per_shader_stage,
         };
         let caps = caps.with_env_cap();
         log::info!("webgpu: adapter {} ({}), {:?}", caps.adapter, caps.backend, caps);

@@ -215,17 +215,20 @@ fn helpers() -> String {
     format!("{}\n{own}", PRELUDE_WGSL.replace("{{WG}}", &WG.to_string()))
 }
 
-/// The CPU reference of a fused node: the replaced tract ops, evaluated in order.
+/// The CPU reference of a fused node: the replaced tract ops, evaluated in order; the node's outputs are the last
+/// `outputs` steps' results.
 #[derive(Debug, Clone)]
 pub struct FusedChain {
     pub inputs: usize,
     /// Each replaced op with its operands.
     pub steps: Vec<(Box<dyn TypedOp>, Vec<Src>)>,
+    pub outputs: usize,
 }
 
 impl PartialEq for FusedChain {
     fn eq(&self, other: &Self) -> bool {
         self.inputs == other.inputs
+            && self.outputs == other.outputs
             && self.steps.len() == other.steps.len()
             && self.steps.iter().zip(&other.steps).all(|(a, b)| a.1 == b.1 && a.0.as_op() == b.0.as_op())
     }
@@ -263,7 +266,13 @@ impl EvalOp for FusedChain {
             ensure!(!out.is_empty(), "FusedChain: {} gave no output", op.name());
             values.push(out.remove(0));
         }
-        Ok(tvec!(values.pop().ok_or_else(|| format_err!("FusedChain: no steps"))?))
+        ensure!(
+            (1..=values.len()).contains(&self.outputs),
+            "FusedChain: {} outputs of {} steps",
+            self.outputs,
+            values.len()
+        );
+        Ok(values.split_off(values.len() - self.outputs).into())
     }
 }
 
@@ -287,6 +296,12 @@ impl TypedOp for FusedChain {
             ensure!(!out.is_empty(), "FusedChain: {} gave no output fact", op.name());
             facts.push(out.remove(0));
         }
-        Ok(tvec!(facts.pop().ok_or_else(|| format_err!("FusedChain: no steps"))?))
+        ensure!(
+            (1..=facts.len()).contains(&self.outputs),
+            "FusedChain: {} outputs of {} steps",
+            self.outputs,
+            facts.len()
+        );
+        Ok(facts.split_off(facts.len() - self.outputs).into())
     }
 }

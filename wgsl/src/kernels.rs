@@ -742,7 +742,12 @@ impl Kernel {
             Kernel::DimValues { .. } => "DimValues".into(),
             Kernel::DimRange { .. } => "DimRange".into(),
             Kernel::Fused(p) => p.name(),
-            Kernel::QMatMul(_) => "MatMulNBits".into(),
+            Kernel::QMatMul(q) => match q.epilogue {
+                crate::qmatmul::QEpilogue::None => "MatMulNBits".into(),
+                crate::qmatmul::QEpilogue::Residual => "MatMulNBits+Add".into(),
+                crate::qmatmul::QEpilogue::SiluMul => "MatMulNBits(gate,up)+SiluMul".into(),
+                crate::qmatmul::QEpilogue::Split(_) => "MatMulNBits(split)".into(),
+            },
             Kernel::Attention(_) => "Attention".into(),
             Kernel::Rotary(_) => "RotaryEmbedding".into(),
             Kernel::Quant(q) => q.name(),
@@ -800,7 +805,9 @@ impl Kernel {
             Kernel::DimValues { .. } | Kernel::DimRange { .. } => dts.is_empty().then_some(I64),
             Kernel::Reduce { op, .. } if op.is_arg() => all(F32).then_some(I64),
             Kernel::Fused(p) => dts.iter().all(|d| matches!(*d, F32 | Bool)).then_some(p.out_dt),
-            Kernel::QMatMul(_) => (first == Some(F32)).then_some(F32),
+            Kernel::QMatMul(q) => (first == Some(F32)
+                && (q.epilogue != crate::qmatmul::QEpilogue::Residual || dts.last() == Some(&F32)))
+            .then_some(F32),
             Kernel::Attention(a) => a.output_dt(dts),
             Kernel::Rotary(r) => r.output_dt(dts),
             Kernel::Quant(q) => q.output_dt(dts),

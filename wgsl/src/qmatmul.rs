@@ -28,7 +28,25 @@ pub enum QZeroPoints {
     Float,
 }
 
-/// The specialisation of a quantized matmul: `Y[.., N] = A[.., K] · dequant(B)ᵀ`.
+/// What a [`QMatMul`] does with its product before storing it (kiln-graph's matmul fusion,
+/// `fuse_gpu::fuse_matmul_epilogues`): each saves the dispatches of the nodes it absorbs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum QEpilogue {
+    /// `Y = A · Bᵀ`.
+    #[default]
+    None,
+    /// `Y = A · Bᵀ + R`: the residual R (f32, Y's shape) is one more input, the last.
+    Residual,
+    /// `Y = silu(A · Bᵀ) · (A · Uᵀ)` (a gated MLP's gate and up projections and their SiLU · Mul): U's packed
+    /// weight, scales [and zero points] follow B's, same specialisation.
+    SiluMul,
+    /// Two or three weights of one input side by side (the q, k and v projections), each with its own output:
+    /// their columns (the third 0 for two); each weight's packed B, scales [and zero points] follow the first's,
+    /// same specialisation but N. [`QMatMul::n`] is the sum.
+    Split([usize; 3]),
+}
+
+/// The specialisation of a quantized matmul: `Y[.., N] = A[.., K] · dequant(B)ᵀ`, then its [`QEpilogue`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct QMatMul {
     pub k: usize,
@@ -40,6 +58,7 @@ pub struct QMatMul {
     /// accuracy_level 4: A quantized to int8 per block first (in the decode kernel's workgroup memory when K fits,
     /// else by a first dispatch).
     pub int8_activations: bool,
+    pub epilogue: QEpilogue,
 }
 
 impl QMatMul {
@@ -64,32 +83,44 @@ impl QMatMul {
                 ZeroPointKind::Float => QZeroPoints::Float,
             },
             int8_activations: op.int8_activations,
+            epilogue: QEpilogue::None,
         })
     }
 
-    pub fn arity(&self) -> usize {
+    /// Inputs of one weight: packed B, scales[, zero points].
+    fn weight_arity(&self) -> usize {
         if self.zero_points == QZeroPoints::Default {
-            3
+            2
         } else {
-            4
+            3
         }
+    }
+
+    pub fn arity(&self) -> usize {
+        1 + self.weight_arity()
+            + match self.epilogue {
+                QEpilogue::None => 0,
+                QEpilogue::Residual => 1,
+                QEpilogue::SiluMul => self.weight_arity(),
+                QEpilogue::Split(ns) => (ns.iter().filter(|n| **n > 0).count() - 1) * self.weight_arity(),
+            }
     }
 
     fn k_blocks(&self) -> usize {
         self.k.div_ceil(self.block_size as usize)
     }
 
-    /// Words (u32) each input must hold: B, scales, zero points.
-    fn input_words(&self) -> [usize; 3] {
+    /// Words (u32) each input of a weight of `n` columns must hold: B, scales, zero points.
+    fn input_words_of(&self, n: usize) -> [usize; 3] {
         let kb = self.k_blocks();
         let blob_words = self.block_size as usize * self.bits as usize / 32;
-        let scales = if self.scales_f16 { (self.n * kb).div_ceil(2) } else { self.n * kb };
+        let scales = if self.scales_f16 { (n * kb).div_ceil(2) } else { n * kb };
         let zp = match self.zero_points {
             QZeroPoints::Default => 0,
-            QZeroPoints::Packed => (self.n * (kb * self.bits as usize).div_ceil(8)).div_ceil(4),
-            QZeroPoints::Float => self.n * kb,
+            QZeroPoints::Packed => (n * (kb * self.bits as usize).div_ceil(8)).div_ceil(4),
+            QZeroPoints::Float => n * kb,
         };
-        [self.n * kb * blob_words, scales, zp]
+        [n * kb * blob_words, scales, zp]
     }
 
     pub fn output_shape(&self, inputs: &[&[usize]]) -> Result<TVec<usize>> {
@@ -97,45 +128,129 @@ impl QMatMul {
         if a.last() != Some(&self.k) {
             return Err(Error::new(format!("webgpu: MatMulNBits with K={} on A of shape {a:?}", self.k)));
         }
-        let words = self.input_words();
-        for (i, (shape, want)) in inputs[1..].iter().zip(words).enumerate() {
-            let have: usize = shape.iter().product();
-            if have < want {
-                return Err(Error::new(format!(
-                    "webgpu: MatMulNBits operand {} holds {have} words, needs {want}",
-                    i + 1
-                )));
+        if inputs.len() != self.arity() {
+            return Err(Error::new(format!("webgpu: MatMulNBits expects {} inputs", self.arity())));
+        }
+        let wa = self.weight_arity();
+        let ns: Vec<usize> = match self.epilogue {
+            QEpilogue::SiluMul => vec![self.n, self.n],
+            QEpilogue::Split(ns) => ns.iter().copied().filter(|n| *n > 0).collect(),
+            _ => vec![self.n],
+        };
+        for (w, n) in ns.iter().enumerate() {
+            let words = self.input_words_of(*n);
+            for (i, (shape, want)) in inputs[1 + w * wa..1 + (w + 1) * wa].iter().zip(words).enumerate() {
+                let have: usize = shape.iter().product();
+                if have < want {
+                    return Err(Error::new(format!(
+                        "webgpu: MatMulNBits operand {} holds {have} words, needs {want}",
+                        1 + w * wa + i
+                    )));
+                }
             }
         }
         let mut s: TVec<usize> = (*a).into();
         if let Some(l) = s.last_mut() {
             *l = self.n;
         }
+        if self.epilogue == QEpilogue::Residual && inputs.last().is_none_or(|r| **r != *s) {
+            return Err(Error::new(format!("webgpu: MatMulNBits residual of shape {:?}, not {s:?}", inputs.last())));
+        }
         Ok(s)
     }
 
-    /// The WGSL of the packed operands: B and scales always, zero points as the specialisation wants.
+    /// The WGSL of the packed operands: B and scales always, zero points as the specialisation wants; the up
+    /// projection's (`w_up` = 1: bindings 6–8, functions `*2`) with [`QEpilogue::SiluMul`], stubs otherwise; the
+    /// residual (binding 9) with [`QEpilogue::Residual`].
     fn spec(&self) -> Vec<(&'static str, String)> {
-        let scale = if self.scales_f16 { "unpack2x16float(scales[i / 2u])[i % 2u]" } else { "bitcast<f32>(scales[i])" };
-        let (zp_decl, zero) = match self.zero_points {
-            QZeroPoints::Default => ("", "f32(1u << (BITS - 1u))"),
-            QZeroPoints::Packed => (
-                "@group(0) @binding(5) var<storage, read> zps: array<u32>;",
-                "f32((zps[(col * p.zp_bytes + blk * BITS / 8u) / 4u] >> \
-                 (((col * p.zp_bytes + blk * BITS / 8u) % 4u) * 8u + (blk * BITS) % 8u)) & MASK)",
-            ),
-            QZeroPoints::Float => ("@group(0) @binding(5) var<storage, read> zps: array<u32>;", "bitcast<f32>(zps[i])"),
+        let weight = |sfx: &str, bb: u32, sb: u32, zb: u32| {
+            let scale = if self.scales_f16 {
+                format!("unpack2x16float(scales{sfx}[i / 2u])[i % 2u]")
+            } else {
+                format!("bitcast<f32>(scales{sfx}[i])")
+            };
+            let (zp_decl, zero) = match self.zero_points {
+                QZeroPoints::Default => (String::new(), "f32(1u << (BITS - 1u))".to_string()),
+                QZeroPoints::Packed => (
+                    format!("@group(0) @binding({zb}) var<storage, read> zps{sfx}: array<u32>;"),
+                    format!(
+                        "f32((zps{sfx}[(col * p.zp_bytes + blk * BITS / 8u) / 4u] >> \
+                         (((col * p.zp_bytes + blk * BITS / 8u) % 4u) * 8u + (blk * BITS) % 8u)) & MASK)"
+                    ),
+                ),
+                QZeroPoints::Float => (
+                    format!("@group(0) @binding({zb}) var<storage, read> zps{sfx}: array<u32>;"),
+                    format!("bitcast<f32>(zps{sfx}[i])"),
+                ),
+            };
+            format!(
+                "@group(0) @binding({bb}) var<storage, read> b{sfx}: array<u32>;\n\
+                 @group(0) @binding({sb}) var<storage, read> scales{sfx}: array<u32>;\n{zp_decl}\n\
+                 fn b{sfx}_at(i: u32) -> u32 {{\n    return b{sfx}[i];\n}}\n\
+                 fn scale{sfx}_at(i: u32) -> f32 {{\n    return {scale};\n}}\n\
+                 fn zero{sfx}_at(col: u32, blk: u32, i: u32) -> f32 {{\n    return {zero};\n}}\n"
+            )
         };
-        let fns = format!(
-            "@group(0) @binding(2) var<storage, read> b: array<u32>;\n\
-             @group(0) @binding(4) var<storage, read> scales: array<u32>;\n{zp_decl}\n\
-             fn scale_at(i: u32) -> f32 {{\n    return {scale};\n}}\n\
-             fn zero_at(col: u32, blk: u32, i: u32) -> f32 {{\n    return {zero};\n}}\n"
-        );
+        let stub = |sfx: &str| {
+            format!(
+                "fn b{sfx}_at(i: u32) -> u32 {{\n    return 0u;\n}}\n\
+                 fn scale{sfx}_at(i: u32) -> f32 {{\n    return 0.0;\n}}\n\
+                 fn zero{sfx}_at(col: u32, blk: u32, i: u32) -> f32 {{\n    return 0.0;\n}}\n"
+            )
+        };
+        let out = |sfx: &str, binding: u32| {
+            format!(
+                "@group(0) @binding({binding}) var<storage, read_write> y{sfx}: array<f32>;\n\
+                 fn store{sfx}(i: u32, v: f32) {{\n    y{sfx}[i] = v;\n}}\n"
+            )
+        };
+        let out_stub = |sfx: &str| format!("fn store{sfx}(i: u32, v: f32) {{\n}}\n");
+        let parts = match self.epilogue {
+            QEpilogue::Split(ns) => ns.iter().filter(|n| **n > 0).count(),
+            _ => 1,
+        };
+        let mut fns = weight("", 2, 4, 5);
+        fns += &if self.epilogue == QEpilogue::SiluMul || parts >= 2 { weight("2", 6, 7, 8) } else { stub("2") };
+        fns += &if parts >= 3 { weight("3", 10, 11, 12) } else { stub("3") };
+        fns += &if parts >= 2 { out("2", 13) } else { out_stub("2") };
+        fns += &if parts >= 3 { out("3", 14) } else { out_stub("3") };
+        fns += if self.epilogue == QEpilogue::Residual {
+            "@group(0) @binding(9) var<storage, read> res: array<f32>;\n\
+             fn res_at(i: u32) -> f32 {\n    return res[i];\n}\n"
+        } else {
+            "fn res_at(i: u32) -> f32 {\n    return 0.0;\n}\n"
+        };
+        let epi = match self.epilogue {
+            QEpilogue::None => 0,
+            QEpilogue::Residual => 1,
+            QEpilogue::SiluMul => 2,
+            QEpilogue::Split(_) => 3,
+        };
         vec![("BITS", self.bits.to_string()), ("BS", self.block_size.to_string()), ("QM_FNS", fns)]
             .into_iter()
-            .chain([("INT8_A", "false".to_string()), ("AQ_LEN", "1".to_string())])
+            .chain([("INT8_A", "false".to_string()), ("AQ_LEN", "1".to_string()), ("EPI", epi.to_string())])
+            .chain([("PART2", if epi == 2 { "256" } else { "1" }.to_string())])
             .collect()
+    }
+
+    /// Storage buffers the kernel binds: A, the output(s), each weight's B, scales [and zero points], the residual.
+    pub fn storage_buffers(&self) -> u32 {
+        let weights = match self.epilogue {
+            QEpilogue::SiluMul => 2,
+            QEpilogue::Split(_) => self.split_parts().len(),
+            _ => 1,
+        };
+        let outputs = if matches!(self.epilogue, QEpilogue::Split(_)) { weights } else { 1 };
+        let residual = (self.epilogue == QEpilogue::Residual) as usize;
+        (1 + outputs + weights * self.weight_arity() + residual) as u32
+    }
+
+    /// The columns of each weight of a [`QEpilogue::Split`] (none otherwise).
+    pub fn split_parts(&self) -> Vec<usize> {
+        match self.epilogue {
+            QEpilogue::Split(ns) => ns.iter().copied().filter(|n| *n > 0).collect(),
+            _ => vec![],
+        }
     }
 
     /// Records `out = A · dequant(B)ᵀ` (`out` allocated by the caller, `[.., N]`).
@@ -146,8 +261,35 @@ impl QMatMul {
         inputs: &[&GpuTensor],
         out: &GpuTensor,
     ) -> Result<()> {
+        self.encode_into(ctx, rec, inputs, &[out])
+    }
+
+    /// Records a [`QEpilogue::Split`]: one output per weight (`[.., N_w]`), allocated from the recorder's pool.
+    pub fn encode_split(&self, ctx: &Context, rec: &mut Recorder, inputs: &[&GpuTensor]) -> Result<Vec<GpuTensor>> {
+        let parts = self.split_parts();
+        let a = inputs.first().ok_or_else(|| Error::new("webgpu: MatMulNBits without inputs"))?;
+        let shapes: Vec<&[usize]> = inputs.iter().map(|t| &*t.shape).collect();
+        self.output_shape(&shapes)?;
+        let mut outs = vec![];
+        for n in parts {
+            let mut shape: TVec<usize> = a.shape.clone();
+            if let Some(l) = shape.last_mut() {
+                *l = n;
+            }
+            outs.push(rec.alloc(ctx, &shape, DatumType::F32)?);
+        }
+        let refs: Vec<&GpuTensor> = outs.iter().collect();
+        self.encode_into(ctx, rec, inputs, &refs)?;
+        Ok(outs)
+    }
+
+    fn encode_into(&self, ctx: &Context, rec: &mut Recorder, inputs: &[&GpuTensor], outs: &[&GpuTensor]) -> Result<()> {
         if inputs.len() != self.arity() {
             return Err(Error::new(format!("webgpu: MatMulNBits expects {} inputs", self.arity())));
+        }
+        let parts = self.split_parts();
+        if outs.len() != parts.len().max(1) {
+            return Err(Error::new(format!("webgpu: MatMulNBits with {} outputs", outs.len())));
         }
         let rows = inputs[0].len() / self.k.max(1);
         let in_kernel = self.int8_activations && rows <= MV_MAX_ROWS && self.k <= MV_SHARED_K;
@@ -158,15 +300,49 @@ impl QMatMul {
             let plain = QMatMul { int8_activations: false, ..self.clone() };
             let mut ins = inputs.to_vec();
             ins[0] = &q;
-            let r = plain.encode(ctx, rec, &ins, out);
+            let r = plain.encode_into(ctx, rec, &ins, outs);
             rec.release(q);
             return r;
         }
+        let wa = self.weight_arity();
+        if !parts.is_empty() && rows > MV_MAX_ROWS {
+            // many rows: the tiled kernel, weight by weight
+            for (w, n) in parts.iter().enumerate() {
+                let one = QMatMul { n: *n, epilogue: QEpilogue::None, ..self.clone() };
+                let mut ins = vec![inputs[0]];
+                ins.extend_from_slice(&inputs[1 + w * wa..1 + (w + 1) * wa]);
+                one.encode_into(ctx, rec, &ins, &outs[w..w + 1])?;
+            }
+            return Ok(());
+        }
         let kb = self.k_blocks();
         let zp_bytes = (kb * self.bits as usize).div_ceil(8);
-        let mut b = vec![(1, inputs[0]), (2, inputs[1]), (3, out), (4, inputs[2])];
+        let mut b = vec![(1, inputs[0]), (2, inputs[1]), (3, outs[0]), (4, inputs[2])];
         if self.zero_points != QZeroPoints::Default {
             b.push((5, inputs[3]));
+        }
+        let mut split = [0u32; 2];
+        match self.epilogue {
+            QEpilogue::None => {}
+            QEpilogue::Residual => b.push((9, inputs[1 + wa])),
+            QEpilogue::SiluMul => {
+                b.extend([(6, inputs[1 + wa]), (7, inputs[2 + wa])]);
+                if self.zero_points != QZeroPoints::Default {
+                    b.push((8, inputs[3 + wa]));
+                }
+            }
+            QEpilogue::Split(ns) => {
+                split = [u32_of("n", ns[0])?, u32_of("n", ns[1])?];
+                for (w, out) in outs.iter().enumerate().skip(1) {
+                    let at = 1 + w * wa;
+                    let base = if w == 1 { 6 } else { 10 };
+                    b.extend([(base, inputs[at]), (base + 1, inputs[at + 1])]);
+                    if self.zero_points != QZeroPoints::Default {
+                        b.push((base + 2, inputs[at + 2]));
+                    }
+                    b.push((if w == 1 { 13 } else { 14 }, *out));
+                }
+            }
         }
         let mut spec = self.spec();
         let (entry, gx, gy, gz) = if rows <= MV_MAX_ROWS {
@@ -191,7 +367,7 @@ impl QMatMul {
             ("tiled_main", gx, gy, 1)
         };
         let u = [u32_of("m", rows)?, u32_of("n", self.n)?, u32_of("k", self.k)?, u32_of("blocks", kb)?];
-        let u = [&u[..], &[u32_of("bytes", zp_bytes)?, gx, 0, 0]].concat();
+        let u = [&u[..], &[u32_of("bytes", zp_bytes)?, gx, split[0], split[1]]].concat();
         launch(ctx, rec, "qmatmul", entry, spec, &u, &b, (gx, gy, gz))
     }
 }
@@ -221,6 +397,7 @@ pub(crate) fn quantize_blocks(
         scales_f16: false,
         zero_points: QZeroPoints::Default,
         int8_activations: false,
+        epilogue: QEpilogue::None,
     }
     .spec();
     spec.push(("LANES", "32".into()));

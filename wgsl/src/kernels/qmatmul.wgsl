@@ -10,6 +10,11 @@
 //   tiled_main:    many rows: a 64x64 output tile per 16x16 workgroup (4x4 per invocation), K in steps of 16 (one
 //                  block per step and column), the B tile dequantized into workgroup memory.
 //   quantize_main: accuracy_level 4's int8 quantize-dequantize of A per block of BS along K (onnxruntime's MLAS).
+// EPI, what mv_main / tiled_main store (QEpilogue): 0: the product; 1: the product + res (a residual of Y's shape);
+// 2: silu(the product) * the product with the second weight (b2, scales2, zps2: a gated MLP's up projection);
+// 3 (mv_main only): two or three weights side by side (b / b2 / b3: the q, k and v projections of one input), column
+// `col` of the n = n_first + n_second + n_third belonging to one of them, each weight's product stored to its own
+// output (y / y2 / y3).
 
 struct Params {
     m: u32,
@@ -18,8 +23,9 @@ struct Params {
     k_blocks: u32,
     zp_bytes: u32,
     groups_x: u32,
-    _p0: u32,
-    _p1: u32,
+    // EPI 3: the columns of the first and second weights (the third's: n - n_first - n_second)
+    n_first: u32,
+    n_second: u32,
 };
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -36,10 +42,50 @@ const TW: u32 = 16u / PER_WORD;
 // mv_main: LANES invocations per column (a power of two <= 32, more for longer columns), MV_COLS columns
 const LANES: u32 = {{LANES}}u;
 const MV_COLS: u32 = 256u / LANES;
+const EPI: u32 = {{EPI}}u;
+
+fn silu(x: f32) -> f32 {
+    // as the elementwise kernels' x * sigmoid_safe(x)
+    if (x >= 0.0) {
+        return x * (1.0 / (1.0 + exp(-x)));
+    }
+    let e = exp(x);
+    return x * (e / (1.0 + e));
+}
+
+// The stored value of Y[i] from the product `v` (and the second weight's product `u`).
+fn epilogue(i: u32, v: f32, u: f32) -> f32 {
+    if (EPI == 1u) {
+        return v + res_at(i);
+    }
+    if (EPI == 2u) {
+        return silu(v) * u;
+    }
+    return v;
+}
+
+// One packed word's dot product with A: PER_WORD weights from K index kb, zero point z.
+fn word_dot(q: u32, z: f32, a0: u32, kb: u32) -> f32 {
+    var s = 0.0;
+    if (kb + PER_WORD <= p.k) {
+        for (var i = 0u; i < PER_WORD; i = i + 1u) {
+            s = s + (f32((q >> (i * BITS)) & MASK) - z) * a_row(a0, kb + i);
+        }
+    } else {
+        for (var i = 0u; i < PER_WORD; i = i + 1u) {
+            if (kb + i < p.k) {
+                s = s + (f32((q >> (i * BITS)) & MASK) - z) * a_row(a0, kb + i);
+            }
+        }
+    }
+    return s;
+}
 
 {{QM_FNS}}
 
 var<workgroup> part: array<f32, 256>;
+// the second weight's partial sums (EPI 2)
+var<workgroup> part2: array<f32, {{PART2}}>;
 // INT8_A: the row of A quantized to int8 per block (accuracy_level 4), AQ_LEN >= K
 const INT8_A: bool = {{INT8_A}};
 var<workgroup> aq: array<f32, {{AQ_LEN}}>;
@@ -77,41 +123,69 @@ fn mv_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
         workgroupBarrier();
     }
     var acc = 0.0;
+    var acc2 = 0.0;
+    // EPI 3: the weight column `col` belongs to (wsel) and its column in that weight (lc)
+    var wsel = 0u;
+    var lc = col;
+    if (EPI == 3u && col >= p.n_first) {
+        wsel = 1u;
+        lc = col - p.n_first;
+        if (lc >= p.n_second) {
+            wsel = 2u;
+            lc = lc - p.n_second;
+        }
+    }
     if (col < p.n) {
         let words = p.k_blocks * BLOB_WORDS;
         let a0 = row * p.k;
-        let b0 = col * words;
+        let b0 = lc * words;
         for (var w = lane; w < words; w = w + LANES) {
             let blk = w / BLOB_WORDS;
             let kb = blk * BS + (w % BLOB_WORDS) * PER_WORD;
-            let q = b[b0 + w];
-            let si = col * p.k_blocks + blk;
-            let z = zero_at(col, blk, si);
-            var s = 0.0;
-            if (kb + PER_WORD <= p.k) {
-                for (var i = 0u; i < PER_WORD; i = i + 1u) {
-                    s = s + (f32((q >> (i * BITS)) & MASK) - z) * a_row(a0, kb + i);
-                }
+            let si = lc * p.k_blocks + blk;
+            if (wsel == 0u) {
+                acc = acc + word_dot(b_at(b0 + w), zero_at(lc, blk, si), a0, kb) * scale_at(si);
+            } else if (wsel == 1u) {
+                acc = acc + word_dot(b2_at(b0 + w), zero2_at(lc, blk, si), a0, kb) * scale2_at(si);
             } else {
-                for (var i = 0u; i < PER_WORD; i = i + 1u) {
-                    if (kb + i < p.k) {
-                        s = s + (f32((q >> (i * BITS)) & MASK) - z) * a_row(a0, kb + i);
-                    }
-                }
+                acc = acc + word_dot(b3_at(b0 + w), zero3_at(lc, blk, si), a0, kb) * scale3_at(si);
             }
-            acc = acc + s * scale_at(si);
+            if (EPI == 2u) {
+                acc2 = acc2 + word_dot(b2_at(b0 + w), zero2_at(lc, blk, si), a0, kb) * scale2_at(si);
+            }
         }
     }
     part[li] = acc;
+    if (EPI == 2u) {
+        part2[li] = acc2;
+    }
     workgroupBarrier();
     for (var st = LANES / 2u; st > 0u; st = st / 2u) {
         if (lane < st) {
             part[li] = part[li] + part[li + st];
+            if (EPI == 2u) {
+                part2[li] = part2[li] + part2[li + st];
+            }
         }
         workgroupBarrier();
     }
     if (lane == 0u && col < p.n) {
-        y[row * p.n + col] = part[li];
+        if (EPI == 3u) {
+            if (wsel == 0u) {
+                y[row * p.n_first + lc] = part[li];
+            } else if (wsel == 1u) {
+                store2(row * p.n_second + lc, part[li]);
+            } else {
+                store3(row * (p.n - p.n_first - p.n_second) + lc, part[li]);
+            }
+            return;
+        }
+        let i = row * p.n + col;
+        var u = 0.0;
+        if (EPI == 2u) {
+            u = part2[li];
+        }
+        y[i] = epilogue(i, part[li], u);
     }
 }
 
@@ -128,68 +202,105 @@ fn tiled_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
     var acc1 = vec4<f32>(0.0);
     var acc2 = vec4<f32>(0.0);
     var acc3 = vec4<f32>(0.0);
-    for (var k0 = 0u; k0 < p.k; k0 = k0 + 16u) {
-        for (var t = 0u; t < 4u; t = t + 1u) {
-            let e = li + t * 256u;
-            let kk = e / 64u;
-            let xx = e % 64u;
-            let gk = k0 + kk;
-            var va = 0.0;
-            if (m0 + xx < p.m && gk < p.k) {
-                va = a[(m0 + xx) * p.k + gk];
-            }
-            As[e] = va;
-        }
-        let blk = k0 / BS;
-        for (var j = li; j < 64u * TW; j = j + 256u) {
-            let nn = j / TW;
-            let jw = j % TW;
-            let col = n0 + nn;
-            let kb = k0 + jw * PER_WORD;
-            if (col < p.n) {
-                let q = b[col * words + blk * BLOB_WORDS + (k0 % BS) / PER_WORD + jw];
-                let si = col * p.k_blocks + blk;
-                let s = scale_at(si);
-                let z = zero_at(col, blk, si);
-                for (var i = 0u; i < PER_WORD; i = i + 1u) {
-                    var v = 0.0;
-                    if (kb + i < p.k) {
-                        v = (f32((q >> (i * BITS)) & MASK) - z) * s;
-                    }
-                    Bs[(jw * PER_WORD + i) * 64u + nn] = v;
-                }
-            } else {
-                for (var i = 0u; i < PER_WORD; i = i + 1u) {
-                    Bs[(jw * PER_WORD + i) * 64u + nn] = 0.0;
-                }
-            }
-        }
-        workgroupBarrier();
-        // four rows of accumulators as vec4 (columns lid.x + 16 j): registers, no indexed local array
-        for (var kk = 0u; kk < 16u; kk = kk + 1u) {
-            let ar = kk * 64u + lid.y;
-            let br = kk * 64u + lid.x;
-            let bv = vec4<f32>(Bs[br], Bs[br + 16u], Bs[br + 32u], Bs[br + 48u]);
-            acc0 = acc0 + As[ar] * bv;
-            acc1 = acc1 + As[ar + 16u] * bv;
-            acc2 = acc2 + As[ar + 32u] * bv;
-            acc3 = acc3 + As[ar + 48u] * bv;
-        }
-        workgroupBarrier();
+    // EPI 2: the first weight's tile kept here while the second's accumulates
+    var g0 = vec4<f32>(0.0);
+    var g1 = vec4<f32>(0.0);
+    var g2 = vec4<f32>(0.0);
+    var g3 = vec4<f32>(0.0);
+    var passes = 1u;
+    if (EPI == 2u) {
+        passes = 2u;
     }
-    store_row(m0 + lid.y, n0 + lid.x, acc0);
-    store_row(m0 + lid.y + 16u, n0 + lid.x, acc1);
-    store_row(m0 + lid.y + 32u, n0 + lid.x, acc2);
-    store_row(m0 + lid.y + 48u, n0 + lid.x, acc3);
+    for (var ps = 0u; ps < passes; ps = ps + 1u) {
+        if (ps == 1u) {
+            g0 = acc0;
+            g1 = acc1;
+            g2 = acc2;
+            g3 = acc3;
+            acc0 = vec4<f32>(0.0);
+            acc1 = vec4<f32>(0.0);
+            acc2 = vec4<f32>(0.0);
+            acc3 = vec4<f32>(0.0);
+        }
+        for (var k0 = 0u; k0 < p.k; k0 = k0 + 16u) {
+            for (var t = 0u; t < 4u; t = t + 1u) {
+                let e = li + t * 256u;
+                let kk = e / 64u;
+                let xx = e % 64u;
+                let gk = k0 + kk;
+                var va = 0.0;
+                if (m0 + xx < p.m && gk < p.k) {
+                    va = a[(m0 + xx) * p.k + gk];
+                }
+                As[e] = va;
+            }
+            let blk = k0 / BS;
+            for (var j = li; j < 64u * TW; j = j + 256u) {
+                let nn = j / TW;
+                let jw = j % TW;
+                let col = n0 + nn;
+                let kb = k0 + jw * PER_WORD;
+                if (col < p.n) {
+                    let wi = col * words + blk * BLOB_WORDS + (k0 % BS) / PER_WORD + jw;
+                    let si = col * p.k_blocks + blk;
+                    var q = 0u;
+                    var s = 0.0;
+                    var z = 0.0;
+                    if (ps == 0u) {
+                        q = b_at(wi);
+                        s = scale_at(si);
+                        z = zero_at(col, blk, si);
+                    } else {
+                        q = b2_at(wi);
+                        s = scale2_at(si);
+                        z = zero2_at(col, blk, si);
+                    }
+                    for (var i = 0u; i < PER_WORD; i = i + 1u) {
+                        var v = 0.0;
+                        if (kb + i < p.k) {
+                            v = (f32((q >> (i * BITS)) & MASK) - z) * s;
+                        }
+                        Bs[(jw * PER_WORD + i) * 64u + nn] = v;
+                    }
+                } else {
+                    for (var i = 0u; i < PER_WORD; i = i + 1u) {
+                        Bs[(jw * PER_WORD + i) * 64u + nn] = 0.0;
+                    }
+                }
+            }
+            workgroupBarrier();
+            // four rows of accumulators as vec4 (columns lid.x + 16 j): registers, no indexed local array
+            for (var kk = 0u; kk < 16u; kk = kk + 1u) {
+                let ar = kk * 64u + lid.y;
+                let br = kk * 64u + lid.x;
+                let bv = vec4<f32>(Bs[br], Bs[br + 16u], Bs[br + 32u], Bs[br + 48u]);
+                acc0 = acc0 + As[ar] * bv;
+                acc1 = acc1 + As[ar + 16u] * bv;
+                acc2 = acc2 + As[ar + 32u] * bv;
+                acc3 = acc3 + As[ar + 48u] * bv;
+            }
+            workgroupBarrier();
+        }
+    }
+    store_row(m0 + lid.y, n0 + lid.x, acc0, g0);
+    store_row(m0 + lid.y + 16u, n0 + lid.x, acc1, g1);
+    store_row(m0 + lid.y + 32u, n0 + lid.x, acc2, g2);
+    store_row(m0 + lid.y + 48u, n0 + lid.x, acc3, g3);
 }
 
-fn store_row(gm: u32, gn: u32, v: vec4<f32>) {
+// Stores four columns (gn + 16 j) of row gm: `v` the last pass's products, `g` the first's (EPI 2).
+fn store_row(gm: u32, gn: u32, v: vec4<f32>, g: vec4<f32>) {
     if (gm >= p.m) {
         return;
     }
     for (var j = 0u; j < 4u; j = j + 1u) {
         if (gn + 16u * j < p.n) {
-            y[gm * p.n + gn + 16u * j] = v[j];
+            let i = gm * p.n + gn + 16u * j;
+            if (EPI == 2u) {
+                y[i] = epilogue(i, g[j], v[j]);
+            } else {
+                y[i] = epilogue(i, v[j], 0.0);
+            }
         }
     }
 }
