@@ -179,8 +179,10 @@ pub struct WeightStreaming {
 }
 
 impl Default for WeightStreaming {
+    /// On, for weights of 1 MiB or more (`KILN_STREAM_MIN_BYTES` overrides, for experiments), read 4 MiB at a time.
     fn default() -> Self {
-        WeightStreaming { enabled: true, min_bytes: 1 << 20, chunk_bytes: 4 << 20 }
+        let min_bytes = std::env::var("KILN_STREAM_MIN_BYTES").ok().and_then(|v| v.parse().ok()).unwrap_or(1 << 20);
+        WeightStreaming { enabled: true, min_bytes, chunk_bytes: 4 << 20 }
     }
 }
 
@@ -655,8 +657,8 @@ fn streamable_use(node: &pb::NodeProto, slot: usize) -> bool {
 
 /// The main graph's initializers every reader of which takes them as a runtime tensor ([`streamable_use`]; a
 /// Transpose counts when only MatMul / Gemm read its result: tract folds the transposition into the matmul), that
-/// are no graph output and that no subgraph reads.
-fn streamable_initializers(graph: &pb::GraphProto) -> HashSet<String> {
+/// are no graph output and that no subgraph reads; each with whether only Gathers read it (a table).
+fn streamable_initializers(graph: &pb::GraphProto) -> HashMap<String, bool> {
     fn subgraph_inputs(g: &pb::GraphProto, out: &mut HashSet<String>) {
         for n in &g.node {
             out.extend(n.input.iter().cloned());
@@ -699,8 +701,37 @@ fn streamable_initializers(graph: &pb::GraphProto) -> HashSet<String> {
                 })
             })
         })
-        .map(|s| s.to_string())
+        .map(|name| {
+            let gathered = readers.get(name).is_some_and(|r| {
+                r.iter().all(|(n, slot)| {
+                    (n.domain.is_empty() || n.domain == "ai.onnx") && n.op_type == "Gather" && *slot == 0
+                })
+            });
+            (name.to_string(), gathered)
+        })
         .collect()
+}
+
+/// Whether a float32 table `[n, d]` only gathered from looks like a rotary cos / sin cache (each row's two halves
+/// equal, at two sampled rows, not all zero): kiln_graph's RoPE fusion (fuse_rope) needs its values at load, so it
+/// is read at import instead of streamed. Two rows are read.
+async fn is_rope_table(t: &pb::TensorProto, resolver: &dyn ExternalDataResolver, location: &str, offset: u64) -> bool {
+    let [n, d] = t.dims[..] else { return false };
+    if t.data_type != 1 || n < 2 || d < 2 || d % 2 != 0 || d > 1024 {
+        return false;
+    }
+    let row = d as u64 * 4;
+    for r in [n as u64 / 2, n as u64 - 1] {
+        let Ok(bytes) = resolver.read_range(location, offset + r * row, row).await else { return false };
+        if bytes.len() as u64 != row {
+            return false;
+        }
+        let h = bytes.len() / 2;
+        if bytes[..h] != bytes[h..] || bytes.iter().all(|b| *b == 0) {
+            return false;
+        }
+    }
+    true
 }
 
 /// The streaming import's first step, for GPU sessions: each external initializer of the main graph of at least
@@ -714,8 +745,7 @@ pub async fn stream_external_initializers(
     streaming: &WeightStreaming,
 ) -> Result<usize> {
     let Some(graph) = proto.graph.as_mut() else { return Ok(0) };
-    let streamable: HashSet<String> = streamable_initializers(graph);
-    let streamable: HashSet<&str> = streamable.iter().map(|s| s.as_str()).collect();
+    let streamable = streamable_initializers(graph);
     let mut streamed = vec![];
     let mut kept = vec![];
     for mut t in std::mem::take(&mut graph.initializer) {
@@ -745,7 +775,13 @@ pub async fn stream_external_initializers(
                 )));
             }
         }
-        if want >= streaming.min_bytes && want > 0 && streamable.contains(t.name.as_str()) {
+        let stream = match streamable.get(&t.name) {
+            Some(gathered) if want >= streaming.min_bytes && want > 0 => {
+                !*gathered || !is_rope_table(&t, resolver, &location, offset).await
+            }
+            _ => false,
+        };
+        if stream {
             streamed.push(kiln_ops::external_weight::node_proto(
                 &t.name,
                 &location,

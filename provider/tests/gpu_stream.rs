@@ -394,3 +394,35 @@ fn a_tied_float16_lm_head_streams_without_a_transpose_per_run() {
     let (diff, ref_max) = max_diff("logits", got.output("logits").unwrap(), want.output("logits").unwrap());
     assert!(diff <= 2e-2 * ref_max.max(1.0), "logits: max|diff| {diff:.3e} (max|ref| {ref_max})");
 }
+
+/// A gathered float32 table whose rows have equal halves (a rotary cos / sin cache, which kiln's RoPE fusion reads at
+/// load) stays out of the streaming and is read at import; an embedding table beside it is streamed.
+#[test]
+fn rotary_tables_are_read_at_import() {
+    if !gpu_available() {
+        return;
+    }
+    let mut rng = Rng::seeded("gpu_stream rope");
+    let (n, d) = (300usize, 64usize);
+    let rope: Vec<f32> =
+        (0..n).flat_map(|p| (0..d).map(move |i| (p as f32 * 0.01 * (i % (d / 2)) as f32).cos())).collect();
+    let bytes = model(
+        vec![node("Gather", &["emb", "ids"], "e", vec![]), node("Gather", &["rope", "ids"], "r", vec![])],
+        vec![value_info("ids", 7, Some(&[Some(1), Some(4)]))],
+        vec![value_info("e", 1, None), value_info("r", 1, None)],
+        vec![f32_init("emb", &[n, d], &rng.vec(n * d)), f32_init("rope", &[n, d], &rope)],
+    );
+    let (ext, data, moved) = externalize(&bytes, 1024);
+    assert_eq!(moved.len(), 2);
+    let session = Session::from_bytes(&ext, &gpu_options(recording(data.clone()), 1024, 4096)).expect("loading");
+    let report = session.gpu_placement().expect("on the GPU");
+    assert_eq!(report.weights_streamed, 1, "{report:?}");
+    let ids = Tensor::from_vec(&[1, 4], vec![0i64, 299, 150, 7]).unwrap();
+    let got = session.run([("ids", ids.clone())]).expect("running on the GPU");
+    let cpu = Session::from_bytes(&ext, &cpu_options(recording(data))).expect("loading on the CPU");
+    let want = cpu.run([("ids", ids)]).expect("running on the CPU");
+    for name in ["e", "r"] {
+        let (diff, _) = max_diff(name, got.output(name).unwrap(), want.output(name).unwrap());
+        assert!(diff == 0.0, "{name}: max|diff| {diff:.3e}");
+    }
+}
