@@ -48,6 +48,8 @@ declare module './dist/onnxruntime-common/index.js' {
 
 /** Registers a custom operator for every session created afterwards; returns a function that unregisters it. */
 export function registerCustomOp(op: CustomOp): () => void;
+/** kiln-web (browsers): the bytes of kiln's wasm memory (`WebAssembly.Memory.buffer.byteLength`). */
+export function kilnWasmMemoryBytes(): Promise<number>;
 
 type Json = string | Uint8Array | ArrayBuffer | object;
 

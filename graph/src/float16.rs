@@ -40,6 +40,14 @@ impl Translate<TypedFact, Box<dyn TypedOp>, TypedFact, Box<dyn TypedOp>> for F16
                 return target.wire_node(format!("{}.kiln_f32", node.name), cast(f32::datum_type()), &[wire]);
             }
         }
+        // a streamed float16 weight: as a constant, read as is and cast once (crate::stream folds the cast into
+        // the upload)
+        if let Some(w) = node.op_as::<kiln_ops::external_weight::ExternalWeight>() {
+            if node.outputs[0].fact.datum_type == f16::datum_type() {
+                let wire = target.wire_node(format!("{}.f16", node.name), w.clone(), &[])?;
+                return target.wire_node(&node.name, cast(f32::datum_type()), &wire);
+            }
+        }
         self.inner.translate_node(source, node, target, mapping)
     }
 }

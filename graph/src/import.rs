@@ -19,6 +19,29 @@ use crate::types::{Dim, ElementType, ValueInfo};
 pub trait ExternalDataResolver: Send + Sync {
     /// Returns `length` bytes (or everything to the end when `None`) of `location` from `offset`.
     fn read(&self, location: &str, offset: u64, length: Option<u64>) -> Result<Vec<u8>>;
+
+    /// Reads `length` bytes of `location` from `offset`, asynchronously (a browser's Blob). The streaming import and
+    /// the GPU backend's weight upload read through this, one bounded range at a time. Defaults to [`Self::read`].
+    fn read_range<'a>(&'a self, location: &'a str, offset: u64, length: u64) -> ReadFuture<'a> {
+        Box::pin(std::future::ready(self.read(location, offset, Some(length))))
+    }
+}
+
+/// The future of [`ExternalDataResolver::read_range`] (`Send` on native targets; wasm32 has one thread and its
+/// JavaScript promises are not `Send`).
+#[cfg(not(target_arch = "wasm32"))]
+pub type ReadFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<u8>>> + Send + 'a>>;
+#[cfg(target_arch = "wasm32")]
+pub type ReadFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<u8>>> + 'a>>;
+
+/// The data source of a model's streamed weights (kept with the model for the provider).
+#[derive(Clone)]
+pub struct WeightSource(pub Arc<dyn ExternalDataResolver>);
+
+impl std::fmt::Debug for WeightSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WeightSource")
+    }
 }
 
 /// Resolves external data from files in memory, keyed by the location written in the model.
@@ -80,9 +103,29 @@ impl ExternalDataResolver for DirectoryResolver {
             )));
         }
         let path = self.dir.join(rel);
-        let bytes =
-            std::fs::read(&path).map_err(|e| Error::io(format!("reading external data {}: {e}", path.display())))?;
-        slice_of(&bytes, location, offset, length)
+        let io = |e: std::io::Error| Error::io(format!("reading external data {}: {e}", path.display()));
+        // only the range asked for: a weight streamed to the GPU is read a chunk at a time
+        use std::io::{Read, Seek, SeekFrom};
+        let mut file = std::fs::File::open(&path).map_err(io)?;
+        let size = file.metadata().map_err(io)?.len();
+        let end = match length {
+            Some(l) => offset.checked_add(l).ok_or_else(|| {
+                Error::invalid_model(format!("external data `{location}`: offset {offset} + length {l} overflows"))
+            })?,
+            None => size,
+        };
+        if offset > size || end > size {
+            return Err(Error::invalid_model(format!(
+                "external data `{location}`: range {offset}..{end} is past its end ({size} bytes)"
+            )));
+        }
+        let len = usize::try_from(end - offset).map_err(|_| {
+            Error::io(format!("external data `{location}`: {} bytes do not fit in memory", end - offset))
+        })?;
+        let mut bytes = vec![0u8; len];
+        file.seek(SeekFrom::Start(offset)).map_err(io)?;
+        file.read_exact(&mut bytes).map_err(io)?;
+        Ok(bytes)
     }
 }
 
@@ -125,6 +168,35 @@ pub struct LoadOptions {
     pub generation: crate::generation::GenerationOptions,
 }
 
+/// Weights left in the external data at import (GPU sessions): external initializers of at least `min_bytes`
+/// become `ai.kiln` ExternalWeight nodes (kiln_ops::external_weight) that the GPU backend fills its buffers from,
+/// `chunk_bytes` at a time; a weight a CPU node reads is read into memory instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WeightStreaming {
+    pub enabled: bool,
+    pub min_bytes: u64,
+    pub chunk_bytes: u64,
+}
+
+impl Default for WeightStreaming {
+    /// On, for weights of 1 MiB or more (`KILN_STREAM_MIN_BYTES` overrides, for experiments), read 4 MiB at a time.
+    fn default() -> Self {
+        let min_bytes = std::env::var("KILN_STREAM_MIN_BYTES").ok().and_then(|v| v.parse().ok()).unwrap_or(1 << 20);
+        WeightStreaming { enabled: true, min_bytes, chunk_bytes: 4 << 20 }
+    }
+}
+
+impl WeightStreaming {
+    /// Off: every external tensor is read into memory at import.
+    pub fn off() -> Self {
+        WeightStreaming { enabled: false, ..Default::default() }
+    }
+    /// The read size, at least 8 bytes and a multiple of 8 (whole elements of any type, whole u32 words).
+    pub fn chunk(&self) -> u64 {
+        (self.chunk_bytes.max(8) / 8) * 8
+    }
+}
+
 impl std::fmt::Debug for LoadOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LoadOptions")
@@ -149,6 +221,8 @@ pub struct Model {
     pub domains: Vec<(String, i64)>,
     /// What kiln's passes changed, one line each.
     pub pass_log: Vec<String>,
+    /// Where the model's streamed weights (ExternalWeight nodes) are read from; `None` when it has none.
+    pub weight_source: Option<WeightSource>,
 }
 
 /// Loads a model from a path; external data defaults to the model's folder.
@@ -232,7 +306,8 @@ pub fn load_proto(mut proto: pb::ModelProto, options: &LoadOptions) -> Result<Mo
             }
         }
     };
-    let mut model = Model { typed, inputs, outputs, opset, domains, pass_log };
+    let weight_source = if streams_weights(&proto) { options.external_data.clone().map(WeightSource) } else { None };
+    let mut model = Model { typed, inputs, outputs, opset, domains, pass_log, weight_source };
     tdim_outputs_to_i64(&mut model.typed)?;
     crate::passes::run(&mut model, options.optimization)?;
     Ok(model)
@@ -438,7 +513,8 @@ fn check_supported(graph: &pb::GraphProto, framework: &tract_onnx::Onnx) -> Resu
     for node in &graph.node {
         let domain = node.domain.as_str();
         let known_domain =
-            matches!(domain, "" | "ai.onnx" | "com.microsoft" | "ai.onnx.ml" | "org.pytorch.aten" | "ai.onnx.contrib");
+            matches!(domain, "" | "ai.onnx" | "com.microsoft" | "ai.onnx.ml" | "org.pytorch.aten" | "ai.onnx.contrib")
+                || domain == kiln_ops::external_weight::DOMAIN;
         if !known_domain || !framework.op_register.0.contains_key(&node.op_type) {
             return Err(Error::not_implemented(format!(
                 "node `{}`: operator `{}`{} is not supported",
@@ -527,6 +603,227 @@ fn inline_external_data(proto: &mut pb::ModelProto, resolver: Option<&dyn Extern
         t.data_location = Some(pb::tensor_proto::DataLocation::Default as i32);
         Ok(())
     })
+}
+
+/// Whether the graph has streamed weights (ExternalWeight nodes).
+fn streams_weights(proto: &pb::ModelProto) -> bool {
+    proto.graph.as_ref().is_some_and(|g| {
+        g.node
+            .iter()
+            .any(|n| n.domain == kiln_ops::external_weight::DOMAIN && n.op_type == kiln_ops::external_weight::OP_TYPE)
+    })
+}
+
+/// Where a tensor's external data is: (location, offset, length if given).
+fn external_ref(t: &pb::TensorProto) -> Result<(String, u64, Option<u64>)> {
+    let get = |k: &str| t.external_data.iter().find(|e| e.key == k).map(|e| e.value.clone());
+    let location = get("location")
+        .ok_or_else(|| Error::invalid_model(format!("tensor `{}` has external data without a location", t.name)))?;
+    let parse = |k: &str| -> Result<Option<u64>> {
+        get(k)
+            .map(|v| {
+                v.parse::<u64>().map_err(|_| {
+                    Error::invalid_model(format!("tensor `{}`: external data {k} `{v}` is not a number", t.name))
+                })
+            })
+            .transpose()
+    };
+    Ok((location, parse("offset")?.unwrap_or(0), parse("length")?))
+}
+
+fn is_external(t: &pb::TensorProto) -> bool {
+    t.data_location == Some(pb::tensor_proto::DataLocation::External as i32)
+}
+
+/// Whether a node reading a weight at input `slot` takes it as a runtime tensor (its kiln / tract builder needs no
+/// constant there, and the lowering keeps it fast): only those weights are streamed. The others (an attention's caches,
+/// DequantizeLinear's weights, Conv, ...) are read into memory at import, as before.
+fn streamable_use(node: &pb::NodeProto, slot: usize) -> bool {
+    let onnx = node.domain.is_empty() || node.domain == "ai.onnx";
+    match (onnx, node.domain.as_str(), node.op_type.as_str()) {
+        (true, _, "MatMul" | "Gemm" | "Add" | "Sub" | "Mul" | "Div" | "Cast" | "LayerNormalization") => true,
+        (true, _, "Gather") => slot == 0,
+        (true, _, "MatMulInteger") => slot == 1,
+        (false, "com.microsoft", "MatMulNBits") => (1..=3).contains(&slot),
+        (false, "com.microsoft", "GatherBlockQuantized") => slot != 1,
+        (
+            false,
+            "com.microsoft",
+            "SkipSimplifiedLayerNormalization" | "SkipLayerNormalization" | "SimplifiedLayerNormalization",
+        ) => slot >= 2,
+        _ => false,
+    }
+}
+
+/// The main graph's initializers every reader of which takes them as a runtime tensor ([`streamable_use`]; a
+/// Transpose counts when only MatMul / Gemm read its result: tract folds the transposition into the matmul), that
+/// are no graph output and that no subgraph reads; each with whether only Gathers read it (a table).
+fn streamable_initializers(graph: &pb::GraphProto) -> HashMap<String, bool> {
+    fn subgraph_inputs(g: &pb::GraphProto, out: &mut HashSet<String>) {
+        for n in &g.node {
+            out.extend(n.input.iter().cloned());
+            for a in &n.attribute {
+                a.g.iter().chain(&a.graphs).for_each(|g| subgraph_inputs(g, out));
+            }
+        }
+    }
+    let mut captured = HashSet::new();
+    for n in &graph.node {
+        for a in &n.attribute {
+            a.g.iter().chain(&a.graphs).for_each(|g| subgraph_inputs(g, &mut captured));
+        }
+    }
+    let mut readers: HashMap<&str, Vec<(&pb::NodeProto, usize)>> = HashMap::new();
+    for n in &graph.node {
+        for (slot, i) in n.input.iter().enumerate() {
+            readers.entry(i.as_str()).or_default().push((n, slot));
+        }
+    }
+    let matmul_only = |name: &str| {
+        readers.get(name).is_some_and(|r| {
+            r.iter().all(|(n, _)| {
+                (n.domain.is_empty() || n.domain == "ai.onnx") && matches!(n.op_type.as_str(), "MatMul" | "Gemm")
+            })
+        })
+    };
+    graph
+        .initializer
+        .iter()
+        .map(|t| t.name.as_str())
+        .filter(|name| !captured.contains(*name) && !graph.output.iter().any(|o| o.name == *name))
+        .filter(|name| {
+            readers.get(name).is_some_and(|r| {
+                r.iter().all(|(n, slot)| {
+                    streamable_use(n, *slot)
+                        || (n.op_type == "Transpose"
+                            && (n.domain.is_empty() || n.domain == "ai.onnx")
+                            && n.output.iter().all(|o| matmul_only(o)))
+                })
+            })
+        })
+        .map(|name| {
+            let gathered = readers.get(name).is_some_and(|r| {
+                r.iter().all(|(n, slot)| {
+                    (n.domain.is_empty() || n.domain == "ai.onnx") && n.op_type == "Gather" && *slot == 0
+                })
+            });
+            (name.to_string(), gathered)
+        })
+        .collect()
+}
+
+/// Whether a float32 table `[n, d]` only gathered from looks like a rotary cos / sin cache (each row's two halves
+/// equal, at two sampled rows, not all zero): kiln_graph's RoPE fusion (fuse_rope) needs its values at load, so it
+/// is read at import instead of streamed. Two rows are read.
+async fn is_rope_table(t: &pb::TensorProto, resolver: &dyn ExternalDataResolver, location: &str, offset: u64) -> bool {
+    let [n, d] = t.dims[..] else { return false };
+    if t.data_type != 1 || n < 2 || d < 2 || d % 2 != 0 || d > 1024 {
+        return false;
+    }
+    let row = d as u64 * 4;
+    for r in [n as u64 / 2, n as u64 - 1] {
+        let Ok(bytes) = resolver.read_range(location, offset + r * row, row).await else { return false };
+        if bytes.len() as u64 != row {
+            return false;
+        }
+        let h = bytes.len() / 2;
+        if bytes[..h] != bytes[h..] || bytes.iter().all(|b| *b == 0) {
+            return false;
+        }
+    }
+    true
+}
+
+/// The streaming import's first step, for GPU sessions: each external initializer of the main graph of at least
+/// `streaming.min_bytes` whose readers take it as a runtime tensor ([`streamable_initializers`]) is replaced by an `ai.kiln` ExternalWeight node of the same name (its bytes stay in the
+/// source), and every smaller one is read (asynchronously, through [`ExternalDataResolver::read_range`]) and inlined.
+/// Tensors inside subgraphs and node attributes are left to the import's synchronous read. Returns the number of
+/// weights left in the source.
+pub async fn stream_external_initializers(
+    proto: &mut pb::ModelProto,
+    resolver: &dyn ExternalDataResolver,
+    streaming: &WeightStreaming,
+) -> Result<usize> {
+    let Some(graph) = proto.graph.as_mut() else { return Ok(0) };
+    let streamable = streamable_initializers(graph);
+    let mut streamed = vec![];
+    let mut kept = vec![];
+    for mut t in std::mem::take(&mut graph.initializer) {
+        if !is_external(&t) {
+            kept.push(t);
+            continue;
+        }
+        let (location, offset, length) = external_ref(&t)?;
+        let dt = kiln_ops::external_weight::datum_type_of(t.data_type).ok().filter(|dt| *dt != DatumType::String);
+        let numel = t.dims.iter().try_fold(1u64, |n, d| u64::try_from(*d).ok().and_then(|d| n.checked_mul(d)));
+        let want = match (dt, numel) {
+            (Some(dt), Some(n)) => n.checked_mul(dt.size_of() as u64),
+            _ => None,
+        };
+        let Some(want) = want else {
+            return Err(Error::invalid_model(format!(
+                "tensor `{}` keeps its data in external file `{location}` but has an unsupported element type {} or \
+                 dims {:?}",
+                t.name, t.data_type, t.dims
+            )));
+        };
+        if let Some(l) = length {
+            if l != want {
+                return Err(Error::invalid_model(format!(
+                    "tensor `{}`: external data length {l} in `{location}`, but its dims {:?} need {want} bytes",
+                    t.name, t.dims
+                )));
+            }
+        }
+        let stream = match streamable.get(&t.name) {
+            Some(gathered) if want >= streaming.min_bytes && want > 0 => {
+                !*gathered || !is_rope_table(&t, resolver, &location, offset).await
+            }
+            _ => false,
+        };
+        if stream {
+            streamed.push(kiln_ops::external_weight::node_proto(
+                &t.name,
+                &location,
+                offset,
+                want,
+                t.data_type,
+                &t.dims,
+            ));
+            continue;
+        }
+        let mut bytes = Vec::with_capacity(want as usize);
+        let mut at = 0u64;
+        while at < want {
+            let n = (want - at).min(streaming.chunk());
+            let piece = resolver
+                .read_range(&location, offset + at, n)
+                .await
+                .map_err(|e| Error::new(e.kind, format!("tensor `{}`: {}", t.name, e.message)))?;
+            if piece.len() as u64 != n {
+                return Err(Error::io(format!(
+                    "tensor `{}`: external data `{location}` returned {} bytes at {}, expected {n}",
+                    t.name,
+                    piece.len(),
+                    offset + at
+                )));
+            }
+            bytes.extend_from_slice(&piece);
+            at += n;
+        }
+        t.raw_data = bytes;
+        t.external_data.clear();
+        t.data_location = Some(pb::tensor_proto::DataLocation::Default as i32);
+        kept.push(t);
+    }
+    graph.initializer = kept;
+    let names: HashSet<String> = streamed.iter().filter_map(|n| n.output.first().cloned()).collect();
+    // an initializer listed as a graph input (old exports) is no input once it is a node's output
+    graph.input.retain(|i| !names.contains(&i.name));
+    let count = streamed.len();
+    streamed.append(&mut graph.node);
+    graph.node = streamed;
+    Ok(count)
 }
 
 /// tract needs a fact for every input: a dim declared with neither a value nor a name (or as `?`) gets a fresh symbol

@@ -13,14 +13,16 @@ pub mod import;
 pub mod int_dims;
 pub mod lower_gpu;
 pub mod passes;
+pub mod stream;
 pub mod symbolic;
 pub mod types;
 pub mod untie;
 
 pub use error::{Error, ErrorKind, Result};
 pub use import::{
-    decode, load_bytes, load_path, load_proto, tensor_from_proto_bytes, tensor_to_proto, DirectoryResolver,
-    ExternalDataResolver, InMemoryResolver, LoadOptions, Model, OptimizationLevel,
+    decode, load_bytes, load_path, load_proto, stream_external_initializers, tensor_from_proto_bytes, tensor_to_proto,
+    DirectoryResolver, ExternalDataResolver, InMemoryResolver, LoadOptions, Model, OptimizationLevel, ReadFuture,
+    WeightSource, WeightStreaming,
 };
 pub use tract_onnx;
 pub use types::{onnx_type_name, Dim, ElementType, ValueInfo};

@@ -15,6 +15,8 @@ use tract_onnx::tract_core::ops::einsum::prefix_matmul::{rewrite_einsum_to_prefi
 use tract_onnx::tract_core::ops::konst::Const;
 use tract_onnx::tract_core::ops::source::TypedSource;
 
+use kiln_ops::external_weight::{ExternalWeight, Layout};
+
 use crate::error::{Error, ErrorKind, Result};
 
 /// Where a node runs.
@@ -108,7 +110,7 @@ pub fn lower(model: &TypedModel, caps: &Caps) -> Result<Lowered> {
             host.insert(OutletId::new(id, 0), o);
             continue;
         }
-        let is_const = node.op_is::<Const>();
+        let is_const = node.op_is::<Const>() || node.op_is::<ExternalWeight>();
         let kernel = kernels.get(&id).cloned().unwrap_or_else(|| Err("constant".to_string()));
         match kernel {
             Ok(kernel) => {
@@ -188,7 +190,7 @@ fn placement_plan(
     let mut kernels: HashMap<usize, std::result::Result<Kernel, String>> = HashMap::new();
     for &id in order {
         let node = src.node(id);
-        if node.op_is::<TypedSource>() || node.op_is::<Const>() {
+        if node.op_is::<TypedSource>() || node.op_is::<Const>() || node.op_is::<ExternalWeight>() {
             continue;
         }
         kernels.insert(id, kernel_for(src, node, caps));
@@ -342,6 +344,33 @@ pub fn host_constant_bytes(model: &TypedModel) -> u64 {
     total
 }
 
+/// A weight [`split_large_weights`] cuts: a constant, or one streamed from external data (with its output dims).
+enum Weight {
+    Const(Arc<Tensor>),
+    External(ExternalWeight, TVec<usize>),
+}
+
+impl Weight {
+    fn shape(&self) -> &[usize] {
+        match self {
+            Weight::Const(t) => t.shape(),
+            Weight::External(_, shape) => shape,
+        }
+    }
+    fn rank(&self) -> usize {
+        self.shape().len()
+    }
+    fn len(&self) -> usize {
+        self.shape().iter().product()
+    }
+    fn datum_type(&self) -> DatumType {
+        match self {
+            Weight::Const(t) => t.datum_type(),
+            Weight::External(w, _) => w.output().map(|o| o.0).unwrap_or(DatumType::U8),
+        }
+    }
+}
+
 /// The largest tensor one GPU binding can hold, in bytes.
 pub fn binding_limit(caps: &Caps) -> u64 {
     caps.max_storage_binding.min(caps.max_buffer_size)
@@ -357,14 +386,29 @@ pub fn split_large_weights(model: &mut TypedModel, caps: &Caps) -> Result<()> {
     let order = model.eval_order().map_err(tract_err("ordering the model"))?;
     for id in order {
         let node = model.node(id);
-        let konst = |slot: usize| -> Option<Arc<Tensor>> {
+        let konst = |slot: usize| -> Option<Weight> {
             let input = node.inputs.get(slot)?;
-            let k = model.node(input.node).op_as::<Const>()?;
-            let t = k.val();
-            let bytes = (t.len() * t.datum_type().size_of()) as u64;
+            let src = model.node(input.node);
+            let (weight, dt, bytes) = if let Some(k) = src.op_as::<Const>() {
+                let t = k.val();
+                if !t.is_plain() {
+                    return None;
+                }
+                (Weight::Const(t.clone()), t.datum_type(), (t.len() * t.datum_type().size_of()) as u64)
+            } else if let Some(w) = src.op_as::<ExternalWeight>() {
+                // a weight streamed from external data: its parts are read from the source (kiln_graph::stream)
+                if w.slice.is_some() || w.layout == Layout::Words {
+                    return None;
+                }
+                let (dt, shape) = w.output().ok()?;
+                let bytes = (shape.iter().product::<usize>() * dt.size_of()) as u64;
+                (Weight::External(w.clone(), shape), dt, bytes)
+            } else {
+                return None;
+            };
             // f32 weights, and f16 tables (kept f16 for their gathers: kiln_wgsl::f16)
-            let dt_ok = matches!(t.datum_type(), DatumType::F32 | DatumType::F16);
-            (bytes > limit && dt_ok && t.is_plain()).then(|| t.clone())
+            let dt_ok = matches!(dt, DatumType::F32 | DatumType::F16);
+            (bytes > limit && dt_ok).then_some(weight)
         };
         let plan = if let Some(mm) = node.op_as::<PrefixMatMul>() {
             // the matmul kernel is f32
@@ -421,10 +465,17 @@ pub fn split_large_weights(model: &mut TypedModel, caps: &Caps) -> Result<()> {
         let mut start = 0;
         while start < len {
             let end = (start + per_chunk).min(len);
-            let chunk = weight.slice(cut, start, end).map_err(tract_err("slicing a weight"))?;
-            let k = patch
-                .add_const(format!("{}.split{}", model.node(node.inputs[slot].node).name, parts.len()), chunk)
-                .map_err(tract_err("splitting a weight"))?;
+            let name = format!("{}.split{}", model.node(node.inputs[slot].node).name, parts.len());
+            let k = match &weight {
+                Weight::Const(t) => {
+                    let chunk = t.slice(cut, start, end).map_err(tract_err("slicing a weight"))?;
+                    patch.add_const(name, chunk).map_err(tract_err("splitting a weight"))?
+                }
+                Weight::External(w, _) => {
+                    let part = ExternalWeight { slice: Some((cut, start, end)), ..w.clone() };
+                    patch.wire_node(name, part, &[]).map_err(tract_err("splitting a weight"))?[0]
+                }
+            };
             let mut inputs = taps.clone();
             inputs[slot] = k;
             let o = patch

@@ -33,7 +33,7 @@ pub fn run(model: &mut Model, level: OptimizationLevel) -> Result<()> {
         model.pass_log.push(format!("declutter withheld on {guarded:?} (symbolic uniform operand)"));
     }
     if level == OptimizationLevel::Disabled {
-        return Ok(());
+        return fold_external_casts(model);
     }
     let untied = crate::untie::untie_matmul_constants(&mut model.typed)
         .map_err(|e| Error::from_tract(ErrorKind::InvalidModel, "untying matmul constants", &e))?;
@@ -41,6 +41,7 @@ pub fn run(model: &mut Model, level: OptimizationLevel) -> Result<()> {
     let gathers = crate::untie::gather_before_cast(&mut model.typed)
         .map_err(|e| Error::from_tract(ErrorKind::InvalidModel, "moving gathers before casts", &e))?;
     model.pass_log.extend(gathers);
+    fold_external_casts(model)?;
     if level == OptimizationLevel::All {
         // CPU only (the GPU lowering loads at Basic and knows tract's Softmax): onnxruntime's softmax arithmetic
         let n = kiln_ops::softmax::use_ort_softmax(&mut model.typed)
@@ -50,6 +51,14 @@ pub fn run(model: &mut Model, level: OptimizationLevel) -> Result<()> {
         }
         model.typed.optimize().map_err(|e| Error::from_tract(ErrorKind::InvalidModel, "optimising the model", &e))?;
     }
+    Ok(())
+}
+
+/// Streamed float16 weights cast to float32 are read as float32 (crate::stream).
+fn fold_external_casts(model: &mut Model) -> Result<()> {
+    let folded = crate::stream::fold_external_casts(&mut model.typed)
+        .map_err(|e| Error::from_tract(ErrorKind::InvalidModel, "folding casts of streamed weights", &e))?;
+    model.pass_log.extend(folded);
     Ok(())
 }
 

@@ -109,7 +109,8 @@ pub fn gather_before_cast(model: &mut TypedModel) -> TractResult<Vec<String>> {
             continue;
         }
         let source = model.node(cast_node.inputs[0].node);
-        if !source.op_is::<Const>() {
+        // a constant, or a weight streamed to the GPU (the gather then reads the stored float16 table)
+        if !source.op_is::<Const>() && !source.op_is::<kiln_ops::external_weight::ExternalWeight>() {
             continue;
         }
         let mut patch = TypedModelPatch::default();

@@ -7,7 +7,7 @@ import { fetchWithProgress, ort, registerCustomOp, registerKiln } from './core.j
 
 const WASM_NAME = 'kiln_js_bg.wasm';
 
-const { modelFromTokenizerJson, decoderModelFromTokenizerJson } = registerKiln({
+const { modelFromTokenizerJson, decoderModelFromTokenizerJson, kilnWasmMemoryBytes } = registerKiln({
   checksOutputLocation: true,
   webgpu: true,
   async loadWasm(generation) {
@@ -31,8 +31,25 @@ const { modelFromTokenizerJson, decoderModelFromTokenizerJson } = registerKiln({
     if (typeof Blob !== 'undefined' && file instanceof Blob) return new Uint8Array(await file.arrayBuffer());
     return fetchWithProgress(file, undefined, 'external data file');
   },
+  // 'webgpu': external data read a range at a time, `(offset, length) => Promise<Uint8Array>` (kiln streams large
+  // weights into GPU buffers); a URL is fetched into a Blob, whose bytes stay outside wasm memory
+  async openFile(file) {
+    const bytesOf = (u8) => async (offset, length) => u8.subarray(offset, offset + length);
+    if (file instanceof Uint8Array) return bytesOf(file);
+    if (file instanceof ArrayBuffer || (typeof SharedArrayBuffer !== 'undefined' && file instanceof SharedArrayBuffer)) {
+      return bytesOf(new Uint8Array(file));
+    }
+    let blob = file;
+    if (!(typeof Blob !== 'undefined' && file instanceof Blob)) {
+      const response = await fetch(file);
+      if (!response.ok) throw new Error(`failed to load external data file: ${file} (HTTP ${response.status})`);
+      blob = await response.blob();
+    }
+    return async (offset, length) => new Uint8Array(await blob.slice(offset, offset + length).arrayBuffer());
+  },
 });
 
+
 export * from '../dist/onnxruntime-common/index.js';
-export { registerCustomOp, modelFromTokenizerJson, decoderModelFromTokenizerJson };
+export { registerCustomOp, modelFromTokenizerJson, decoderModelFromTokenizerJson, kilnWasmMemoryBytes };
 export default ort;

@@ -624,18 +624,24 @@ export function registerKiln(/** @type {Platform} */ platform) {
           freeDims.push([name, value]);
         }
       }
-      const externalData = [];
-      for (const entry of options.externalData ?? []) {
-        const path = typeof entry === 'string' ? entry : entry.path;
-        const data = await platform.loadFile(typeof entry === 'string' ? entry : entry.data);
-        externalData.push([path, data]);
-      }
       const level = options.graphOptimizationLevel ?? 'all';
       // custom operators: the global ones, then the session's (later entries win)
       const customOps = new Map(globalCustomOps);
       if (options.customOps !== undefined) {
         if (!Array.isArray(options.customOps)) throw new TypeError('customOps must be an array');
         for (const op of options.customOps) customOps.set(opKey(checkCustomOp(op).domain, op.opType), op);
+      }
+      // external data: on 'webgpu' (no custom operators) it stays on the JS side (a URL fetched into a Blob, whose
+      // bytes live outside wasm memory) and kiln reads it a range at a time, streaming large weights straight into
+      // their GPU buffers; elsewhere it is copied into wasm memory whole
+      const streams = eps[0] === 'webgpu' && customOps.size === 0 && typeof platform.openFile === 'function';
+      const externalData = [];
+      const externalSources = [];
+      for (const entry of options.externalData ?? []) {
+        const path = typeof entry === 'string' ? entry : entry.path;
+        const data = typeof entry === 'string' ? entry : entry.data;
+        if (streams) externalSources.push([path, await platform.openFile(data)]);
+        else externalData.push([path, await platform.loadFile(data)]);
       }
       const wasm = await wasmInstance();
       try {
@@ -644,6 +650,7 @@ export function registerKiln(/** @type {Platform} */ platform) {
           graphOptimizationLevel: level,
           freeDimensionOverrides: freeDims,
           externalData,
+          externalSources,
           customOps: [...customOps.values()].map((op) => [op.domain ?? '', op.opType, (op.outputs ?? []).map(outputDecl)]),
           // kiln's adapter request on 'webgpu' (its first session's: the sessions share one GPUDevice)
           powerPreference: env.webgpu.powerPreference,
@@ -719,6 +726,8 @@ export function registerKiln(/** @type {Platform} */ platform) {
     modelFromTokenizerJson: helper((x, json, config) =>
       x.modelFromTokenizerJson(text(json, 'tokenizerJson'), text(config, 'tokenizerConfigJson')),
     ),
+    /** kiln-web only: the bytes of kiln's wasm memory (its tests check that streamed weights stay out of it). */
+    kilnWasmMemoryBytes: helper((x) => x.wasmMemoryBytes()),
     /** The decoder: `ids` int64 [N, L] → `text` string [N]. */
     decoderModelFromTokenizerJson: helper((x, json, config, options = {}) =>
       x.decoderModelFromTokenizerJson(text(json, 'tokenizerJson'), text(config, 'tokenizerConfigJson'), Boolean(options.skipSpecialTokens)),

@@ -759,6 +759,76 @@ mod web {
         }
     }
 
+    /// External data the JS half keeps outside wasm memory (a fetched Blob, the app's buffers): `location` →
+    /// `read(offset, length) => Promise<Uint8Array>`. A WebGPU session reads its streamed weights through it one
+    /// bounded range at a time (kiln_graph::stream), so a weight is never whole in wasm memory.
+    struct JsExternalData {
+        files: std::collections::HashMap<String, js_sys::Function>,
+    }
+
+    // wasm32 runs on one thread: the functions never cross threads. `ExternalDataResolver` is `Send + Sync` for
+    // native callers.
+    unsafe impl Send for JsExternalData {}
+    unsafe impl Sync for JsExternalData {}
+
+    impl JsExternalData {
+        fn file(&self, location: &str) -> kiln_provider::Result<&js_sys::Function> {
+            self.files.get(location).or_else(|| self.files.get(location.trim_start_matches("./"))).ok_or_else(|| {
+                kiln_provider::Error::new(
+                    kiln_provider::ErrorKind::Io,
+                    format!(
+                        "external data file `{location}` was not provided (provided: {:?})",
+                        self.files.keys().collect::<Vec<_>>()
+                    ),
+                )
+            })
+        }
+    }
+
+    impl kiln_provider::ExternalDataResolver for JsExternalData {
+        fn read(&self, location: &str, _offset: u64, _length: Option<u64>) -> kiln_provider::Result<Vec<u8>> {
+            self.file(location)?;
+            Err(kiln_provider::Error::new(
+                kiln_provider::ErrorKind::NotImplemented,
+                format!("external data `{location}` can only be read asynchronously here (a tensor inside a subgraph or an attribute)"),
+            ))
+        }
+
+        fn read_range<'a>(&'a self, location: &'a str, offset: u64, length: u64) -> kiln_provider::ReadFuture<'a> {
+            Box::pin(async move {
+                let io = |m: String| kiln_provider::Error::new(kiln_provider::ErrorKind::Io, m);
+                let read = self.file(location)?;
+                let promise = read
+                    .call2(&JsValue::NULL, &JsValue::from_f64(offset as f64), &JsValue::from_f64(length as f64))
+                    .map_err(|e| io(format!("reading external data `{location}`: {}", js_message(&e))))?;
+                let value = wasm_bindgen_futures::JsFuture::from(js_sys::Promise::resolve(&promise))
+                    .await
+                    .map_err(|e| io(format!("reading external data `{location}`: {}", js_message(&e))))?;
+                let bytes = value
+                    .dyn_into::<Uint8Array>()
+                    .map_err(|_| io(format!("reading external data `{location}`: the source did not return bytes")))?;
+                Ok(bytes.to_vec())
+            })
+        }
+    }
+
+    fn js_message(e: &JsValue) -> String {
+        e.dyn_ref::<js_sys::Error>()
+            .map(|e| String::from(e.message()))
+            .or_else(|| e.as_string())
+            .unwrap_or_else(|| format!("{e:?}"))
+    }
+
+    /// Bytes of this module's wasm memory (kiln-web's tests: streamed weights stay out of it).
+    #[wasm_bindgen(js_name = wasmMemoryBytes)]
+    pub fn wasm_memory_bytes() -> f64 {
+        wasm_bindgen::memory()
+            .unchecked_into::<js_sys::WebAssembly::Memory>()
+            .buffer()
+            .unchecked_into::<js_sys::ArrayBuffer>()
+            .byte_length() as f64
+    }
+
     /// The npm package's session: the JS half (js/lib) validates arguments like onnxruntime-common and calls this.
     /// Errors are JS `Error`s with onnxruntime-web's wording; none leaves the module unusable.
     #[wasm_bindgen]
@@ -798,6 +868,23 @@ mod web {
                 }
             }
             let mut opts = super::session_options(o).map_err(err)?;
+            // 'webgpu': external data the JS half keeps (Blobs, buffers), read a range at a time
+            if let Some(a) = get(&options, "externalSources").dyn_ref::<Array>() {
+                let mut files = std::collections::HashMap::new();
+                for pair in a.iter() {
+                    let pair: Array = pair.unchecked_into();
+                    let read = pair
+                        .get(1)
+                        .dyn_into::<js_sys::Function>()
+                        .map_err(|_| err("an external data source must be a function"))?;
+                    let path = pair.get(0).as_string().unwrap_or_default();
+                    files.insert(path.trim_start_matches("./").to_string(), read.clone());
+                    files.insert(path, read);
+                }
+                if !files.is_empty() {
+                    opts.external_data = Some(std::sync::Arc::new(JsExternalData { files }));
+                }
+            }
             // onnxruntime-web's one GPUDevice per page: every 'webgpu' session shares kiln's device (env.webgpu.device),
             // requested with env.webgpu.powerPreference / forceFallbackAdapter (validated by the JS half)
             opts.share_gpu_device = true;

@@ -54,6 +54,61 @@ const ENTRIES = {
 };
 const TYPES = { '.js': 'text/javascript', '.mjs': 'text/javascript', '.wasm': 'application/wasm', '.html': 'text/html', '.json': 'application/json' };
 
+// A protobuf encoder for the few ONNX messages streamModel writes: fields are [number, value] with value a string
+// (bytes), a number (varint), a Buffer (bytes) or an array of fields (a message).
+function pb(fields) {
+  const parts = [];
+  const varint = (v) => {
+    const out = [];
+    let n = BigInt(v);
+    do {
+      let b = Number(n & 0x7fn);
+      n >>= 7n;
+      if (n > 0n) b |= 0x80;
+      out.push(b);
+    } while (n > 0n);
+    return Buffer.from(out);
+  };
+  for (const [field, value] of fields) {
+    if (typeof value === 'number') {
+      parts.push(varint(field * 8), varint(value));
+      continue;
+    }
+    const bytes = typeof value === 'string' ? Buffer.from(value, 'utf8') : Buffer.isBuffer(value) ? value : pb(value);
+    parts.push(varint(field * 8 + 2), varint(bytes.length), bytes);
+  }
+  return Buffer.concat(parts);
+}
+
+// x [1, 2048] → MatMul w0 → … → MatMul w3 → y, each w [2048, 2048] float32 in weights.bin (seeded xorshift values)
+let streamed;
+function streamModel() {
+  if (streamed) return streamed;
+  const side = 2048;
+  const count = 4;
+  const weights = Buffer.alloc(count * side * side * 4);
+  let s = 0x9e3779b9;
+  for (let i = 0; i < weights.length / 4; i++) {
+    s ^= s << 13;
+    s ^= s >>> 17;
+    s ^= s << 5;
+    weights.writeFloatLE((((s >>> 0) / 2 ** 32) * 2 - 1) * (2 / Math.sqrt(side)), i * 4);
+  }
+  const tensorType = (dims) => [[1, [[1, 1], [2, dims.map((d) => [1, [[1, d]]])]]]];
+  const nodes = [];
+  const inits = [];
+  for (let i = 0; i < count; i++) {
+    const a = i === 0 ? 'x' : `h${i}`;
+    const y = i + 1 === count ? 'y' : `h${i + 1}`;
+    nodes.push([1, [[1, a], [1, `w${i}`], [2, y], [3, `mm${i}`], [4, 'MatMul']]]);
+    const entry = (k, v) => [13, [[1, k], [2, v]]];
+    inits.push([5, [[1, side], [1, side], [2, 1], [8, `w${i}`], entry('location', 'weights.bin'), entry('offset', String(i * side * side * 4)), entry('length', String(side * side * 4)), [14, 1]]]);
+  }
+  const graph = [...nodes, [2, 'stream'], ...inits, [11, [[1, 'x'], [2, tensorType([1, side])]]], [12, [[1, 'y'], [2, tensorType([1, side])]]]];
+  streamed = { model: pb([[1, 8], [8, [[2, 17]]], [7, graph]]), weights };
+  return streamed;
+}
+
 let server;
 let base;
 let browser;
@@ -88,6 +143,13 @@ before(async () => {
         .replace('IMPORT_MAP', JSON.stringify({ imports: { 'onnxruntime-web': entry } }))
         .replace('WORKER_ENTRY', JSON.stringify(entry));
       res.writeHead(200, { 'Content-Type': 'text/html' }).end(html);
+      return;
+    }
+    // test/browser/webgpu-stream.html's model: 4 MatMuls, their 64 MiB of weights external (weights.bin)
+    if (url.pathname === '/stream/model.onnx' || url.pathname === '/stream/weights.bin') {
+      const stream = streamModel();
+      const data = url.pathname.endsWith('.onnx') ? stream.model : stream.weights;
+      res.writeHead(200, { 'Content-Type': 'application/octet-stream', 'Content-Length': data.length }).end(data);
       return;
     }
     if (url.pathname === '/__listing') {
@@ -235,6 +297,28 @@ test("browser: kiln-web on 'webgpu': env.webgpu, GPU tensors, fallback warnings 
     assert.equal(Object.keys(results).length, query ? 1 : 6, JSON.stringify(results));
     for (const [name, r] of Object.entries(results)) assert.equal(r, 'ok', `${name}: ${r}\n${logs.join('\n')}`);
   }
+});
+
+// kiln-web only, on 'webgpu': a model with 64 MiB of external weights streamed from a Blob into GPU buffers, wasm
+// memory far below the weights' size, outputs equal to the 'wasm' session's (test/browser/webgpu-stream.html)
+test("browser: kiln-web on 'webgpu' streams external weights into GPU buffers (test/browser/webgpu-stream.html)", { skip }, async () => {
+  const page = await browser.newPage();
+  const logs = [];
+  page.on('console', (m) => logs.push(m.text()));
+  page.on('pageerror', (e) => logs.push(String(e)));
+  await page.goto(`${base}/test/browser/webgpu-stream.html`);
+  await page.waitForFunction(() => window.results, null, { timeout: 300000 });
+  const results = await page.evaluate(() => window.results);
+  const n = await page.evaluate(() => window.numbers);
+  await page.close();
+  const mib = (b) => `${(b / 2 ** 20).toFixed(1)} MiB`;
+  console.log(
+    `kiln-web: streamed ${mib(n.weights)} of external weights on 'webgpu': wasm memory ${mib(n.memoryAtStart)} at start, ` +
+      `${mib(n.memoryAfterWebGpu)} after a URL source, ${mib(n.memoryAfterBlob)} after a Blob; ${mib(n.memoryAfterWasm)} ` +
+      `after the same model on 'wasm'; max |webgpu - wasm| ${n.maxDiff}`,
+  );
+  assert.equal(Object.keys(results).length, 2, JSON.stringify(results));
+  for (const [name, r] of Object.entries(results)) assert.equal(r, 'ok', `${name}: ${r}\n${logs.join('\n')}`);
 });
 
 // kiln-web's tokenizer operators (SmolLM2's and MiniLM's tokenizer.json vs Python tokenizers) and JavaScript custom

@@ -18,7 +18,7 @@ use tract_onnx::pb::NodeProto;
 use tract_onnx::tract_core::ops::cast::cast;
 use tract_onnx::tract_hir::internal::*;
 
-use crate::matmul_nbits::words_of;
+use crate::matmul_nbits::{operand, Packing};
 use crate::BuildResult;
 
 pub const DOMAIN: &str = "com.microsoft";
@@ -63,14 +63,6 @@ pub struct GatherBlockQuantized {
     pub zero_points: Option<usize>,
 }
 
-impl GatherBlockQuantized {
-    fn konst(&self, model: &TypedModel, wire: OutletId, what: &str) -> TractResult<Arc<Tensor>> {
-        model.outlet_fact(wire)?.konst.clone().ok_or_else(|| {
-            format_err!("GatherBlockQuantized node `{}`: {what} must be a constant (an initializer)", self.label)
-        })
-    }
-}
-
 impl Expansion for GatherBlockQuantized {
     fn name(&self) -> StaticName {
         "GatherBlockQuantized".into()
@@ -98,14 +90,17 @@ impl Expansion for GatherBlockQuantized {
 
     fn wire(&self, prefix: &str, model: &mut TypedModel, inputs: &[OutletId]) -> TractResult<TVec<OutletId>> {
         let label = &self.label;
-        let data = self.konst(model, inputs[0], "data")?;
-        let scales = self.konst(model, inputs[2], "scales")?;
+        // constants, or weights streamed from external data (the same bytes read as words / float32)
+        let who = format!("GatherBlockQuantized node `{label}`");
+        let data = operand(model, inputs[0], &who, "data")?;
+        let scales = operand(model, inputs[2], &who, "scales")?;
         ensure!(
-            data.datum_type() == u8::datum_type(),
+            data.datum_type()? == u8::datum_type(),
             "GatherBlockQuantized node `{label}`: data must be uint8 (got {:?})",
-            data.datum_type()
+            data.datum_type()?
         );
-        let rank = data.rank();
+        let data_shape = data.shape();
+        let rank = data_shape.len();
         ensure!(rank >= 1, "GatherBlockQuantized node `{label}`: data of rank 0");
         let norm = |a: i64| if a < 0 { a + rank as i64 } else { a };
         ensure!(
@@ -118,42 +113,41 @@ impl Expansion for GatherBlockQuantized {
             "GatherBlockQuantized node `{label}`: quantize_axis {} (kiln supports the last axis)",
             self.quantize_axis
         );
-        let dt = scales.datum_type();
+        let dt = scales.datum_type()?;
         ensure!(dt.is_float(), "GatherBlockQuantized node `{label}`: scales must be float (got {dt:?})");
         let per_byte = 8 / self.bits;
-        let mut row_shape: Vec<usize> = data.shape()[1..].to_vec();
+        let mut row_shape: Vec<usize> = data_shape[1..].to_vec();
         if let Some(l) = row_shape.last_mut() {
             *l *= per_byte;
         }
-        let rows = data.shape()[0];
+        let rows = data_shape[0];
         let last = row_shape.last().copied().unwrap_or(1);
         let lines = rows * row_shape.iter().product::<usize>() / last.max(1);
         let blocks = last.div_ceil(self.block_size);
         ensure!(
-            scales.len() == lines * blocks,
+            scales.len()? == lines * blocks,
             "GatherBlockQuantized node `{label}`: scales hold {} values, expected {lines}·{blocks}",
-            scales.len()
+            scales.len()?
         );
         let zp = match self.zero_points {
             Some(slot) => {
-                let z = self.konst(model, inputs[slot], "zero_points")?;
+                let z = operand(model, inputs[slot], &who, "zero_points")?;
                 ensure!(
-                    z.datum_type() == u8::datum_type(),
+                    z.datum_type()? == u8::datum_type(),
                     "GatherBlockQuantized node `{label}`: zero_points must be uint8 (got {:?})",
-                    z.datum_type()
+                    z.datum_type()?
                 );
                 let per_line = (blocks * self.bits).div_ceil(8);
                 ensure!(
-                    z.len() == lines * per_line,
+                    z.len()? == lines * per_line,
                     "GatherBlockQuantized node `{label}`: zero_points hold {} bytes, expected {}",
-                    z.len(),
+                    z.len()?,
                     lines * per_line
                 );
-                Some(words_of(z.try_as_plain_ram()?.as_slice::<u8>()?))
+                Some(z)
             }
             None => None,
         };
-        let words = words_of(data.try_as_plain_ram()?.as_slice::<u8>()?);
         let op = PackedGatherBlockQuantized {
             label: label.clone(),
             bits: self.bits,
@@ -162,14 +156,11 @@ impl Expansion for GatherBlockQuantized {
             row_shape,
             zero_points: zp.is_some(),
         };
-        let d = model.add_const(format!("{prefix}.data_packed"), Tensor::from_shape(&[words.len()], &words)?)?;
-        let s = model.add_const(
-            format!("{prefix}.scales"),
-            scales.cast_to::<f32>()?.into_owned().into_shape(&[lines * blocks])?,
-        )?;
+        let d = data.wire(model, &format!("{prefix}.data_packed"), Packing::Words)?;
+        let s = scales.wire(model, &format!("{prefix}.scales"), Packing::F32(lines * blocks, label, "scales"))?;
         let mut wires = tvec![d, inputs[1], s];
         if let Some(z) = zp {
-            wires.push(model.add_const(format!("{prefix}.zero_points"), Tensor::from_shape(&[z.len()], &z)?)?);
+            wires.push(z.wire(model, &format!("{prefix}.zero_points"), Packing::Words)?);
         }
         let mut y = model.wire_node(format!("{prefix}.gather"), op, &wires)?[0];
         if dt != f32::datum_type() {

@@ -20,6 +20,7 @@ pub mod dft;
 pub mod dim_values;
 pub mod div;
 pub mod erf;
+pub mod external_weight;
 pub mod flatten;
 pub mod gather_block_quantized;
 pub mod gelu_div;
@@ -160,4 +161,5 @@ pub const KILN_OPS: &[(&str, OpBuilder)] = &[
     ("GPT2Tokenizer", tokenizer::build_gpt2_tokenizer),
     ("BpeDecoder", tokenizer::build_bpe_decoder),
     (host_op::HOST_OP_TYPE, host_op::build_host_op),
+    (external_weight::OP_TYPE, external_weight::build),
 ];

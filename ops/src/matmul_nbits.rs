@@ -34,6 +34,7 @@ use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_hir::internal::*;
 use tract_onnx::tract_hir::ops::logic::wire_with_rank_broadcast;
 
+use crate::external_weight::{ExternalWeight, Layout};
 use crate::BuildResult;
 
 /// The domain this op belongs to; nodes of any other domain go to tract's builder.
@@ -179,12 +180,83 @@ impl MatMulNBits {
         Ok(w)
     }
 
-    fn konst(&self, model: &TypedModel, wire: OutletId, what: &str) -> TractResult<Arc<Tensor>> {
-        model
-            .outlet_fact(wire)?
-            .konst
-            .clone()
-            .ok_or_else(|| format_err!("MatMulNBits node `{}`: {what} must be a constant (an initializer)", self.label))
+    /// A constant operand, or a weight streamed from external data (kiln_ops::external_weight).
+    fn operand(&self, model: &TypedModel, wire: OutletId, what: &str) -> TractResult<Operand> {
+        operand(model, wire, &format!("MatMulNBits node `{}`", self.label), what)
+    }
+}
+
+/// A constant operand, or a weight streamed from external data (kiln_ops::external_weight); `who` for messages.
+pub(crate) fn operand(model: &TypedModel, wire: OutletId, who: &str, what: &str) -> TractResult<Operand> {
+    if let Some(k) = model.outlet_fact(wire)?.konst.clone() {
+        return Ok(Operand::Const(k));
+    }
+    if let Some(w) = model.node(wire.node).op_as::<ExternalWeight>() {
+        if w.layout == Layout::Plain && w.slice.is_none() {
+            return Ok(Operand::External(w.clone()));
+        }
+    }
+    bail!("{who}: {what} must be a constant (an initializer)")
+}
+
+/// An operand the typed model repacks (MatMulNBits, GatherBlockQuantized): a constant, or a streamed weight (the
+/// same bytes read through another layout, so the repacking needs no read).
+pub(crate) enum Operand {
+    Const(Arc<Tensor>),
+    External(ExternalWeight),
+}
+
+/// How an operand is kept: its bytes as u32 words, or float32 of `len` values (the label and operand for messages).
+pub(crate) enum Packing<'a> {
+    Words,
+    F32(usize, &'a str, &'a str),
+}
+
+impl Operand {
+    pub(crate) fn datum_type(&self) -> TractResult<DatumType> {
+        match self {
+            Operand::Const(t) => Ok(t.datum_type()),
+            Operand::External(w) => w.stored_datum_type(),
+        }
+    }
+    pub(crate) fn len(&self) -> TractResult<usize> {
+        match self {
+            Operand::Const(t) => Ok(t.len()),
+            Operand::External(w) => Ok(w.dims.iter().product()),
+        }
+    }
+    pub(crate) fn shape(&self) -> TVec<usize> {
+        match self {
+            Operand::Const(t) => t.shape().into(),
+            Operand::External(w) => w.dims.clone(),
+        }
+    }
+    pub(crate) fn wire(&self, model: &mut TypedModel, name: &str, packing: Packing) -> TractResult<OutletId> {
+        match (self, packing) {
+            (Operand::Const(t), Packing::Words) => {
+                let words = if t.datum_type() == f16::datum_type() {
+                    let view = t.try_as_plain_ram()?;
+                    let halves: Vec<u16> = view.as_slice::<f16>()?.iter().map(|h| h.to_bits()).collect();
+                    pack_halves(&halves)
+                } else {
+                    words_of(t.try_as_plain_ram()?.as_slice::<u8>()?)
+                };
+                model.add_const(name, Tensor::from_shape(&[words.len()], &words)?)
+            }
+            (Operand::Const(t), Packing::F32(len, label, what)) => {
+                model.add_const(name, as_f32(t, label, what)?.into_shape(&[len])?)
+            }
+            (Operand::External(w), Packing::Words) => Ok(model.wire_node(name, w.with_layout(Layout::Words), &[])?[0]),
+            (Operand::External(w), Packing::F32(len, label, what)) => {
+                let layout = match w.stored_datum_type()? {
+                    DatumType::F32 => Layout::Plain,
+                    DatumType::F16 => Layout::F16ToF32,
+                    other => bail!("MatMulNBits node `{label}`: streamed {what} of {other:?} (float or float16 only)"),
+                };
+                let op = ExternalWeight { dims: tvec![len], layout, ..w.clone() };
+                Ok(model.wire_node(name, op, &[])?[0])
+            }
+        }
     }
 }
 
@@ -234,69 +306,67 @@ impl Expansion for MatMulNBits {
         let rank = model.outlet_fact(inputs[0])?.rank();
         ensure!((1..=8).contains(&rank), "MatMulNBits node `{label}`: A has rank {rank} (kiln supports 1 to 8)");
 
-        let b = self.konst(model, inputs[1], "B")?;
+        let b = self.operand(model, inputs[1], "B")?;
         ensure!(
-            b.datum_type() == u8::datum_type(),
+            b.datum_type()? == u8::datum_type(),
             "MatMulNBits node `{label}`: B must be uint8 (got {:?})",
-            b.datum_type()
+            b.datum_type()?
         );
-        let scales = self.konst(model, inputs[2], "scales")?;
+        let scales = self.operand(model, inputs[2], "scales")?;
         ensure!(
-            scales.datum_type().is_float(),
+            scales.datum_type()?.is_float(),
             "MatMulNBits node `{label}`: scales must be float or float16 (got {:?})",
-            scales.datum_type()
+            scales.datum_type()?
         );
         let zp_tensor = match self.zero_points {
-            Some(slot) => Some(self.konst(model, inputs[slot], "zero_points")?),
+            Some(slot) => Some(self.operand(model, inputs[slot], "zero_points")?),
             None => None,
         };
         let (k_blocks, blob) = (self.k_blocks(), self.blob_size());
         let (n, bits) = (self.n, self.bits);
         ensure!(
-            b.len() == n * k_blocks * blob,
+            b.len()? == n * k_blocks * blob,
             "MatMulNBits node `{label}`: B holds {} bytes, expected N·k_blocks·blob_size = {n}·{k_blocks}·{blob} = {}",
-            b.len(),
+            b.len()?,
             n * k_blocks * blob
         );
         ensure!(
-            scales.len() == n * k_blocks,
+            scales.len()? == n * k_blocks,
             "MatMulNBits node `{label}`: scales hold {} values, expected N·k_blocks = {}",
-            scales.len(),
+            scales.len()?,
             n * k_blocks
         );
         // The packed form the typed model keeps (the GPU binds it as is; the CPU dequantizes it at codegen): B and
-        // packed zero points as little-endian u32 words, float16 scales as pairs of halves in u32 words.
-        let b_words = words_of(b.try_as_plain_ram()?.as_slice::<u8>()?);
-        let scales_f16 = scales.datum_type() == f16::datum_type();
-        let scales_t = if scales_f16 {
-            let view = scales.try_as_plain_ram()?;
-            let halves: Vec<u16> = view.as_slice::<f16>()?.iter().map(|h| h.to_bits()).collect();
-            Tensor::from_shape(&[halves.len().div_ceil(2)], &pack_halves(&halves))?
+        // packed zero points as little-endian u32 words, float16 scales as pairs of halves in u32 words. A streamed
+        // operand (kiln_ops::external_weight) is the same bytes read through another layout.
+        let b_k = b.wire(model, &format!("{prefix}.b_packed"), Packing::Words)?;
+        let scales_f16 = scales.datum_type()? == f16::datum_type();
+        let s_k = if scales_f16 {
+            scales.wire(model, &format!("{prefix}.scales"), Packing::Words)?
         } else {
-            let s = as_f32(&scales, label, "scales")?;
-            s.into_shape(&[n * k_blocks])?
+            scales.wire(model, &format!("{prefix}.scales"), Packing::F32(n * k_blocks, label, "scales"))?
         };
-        let (zp_kind, zp_t) = match &zp_tensor {
+        let (zp_kind, zp_w) = match &zp_tensor {
             None => (ZeroPointKind::Default, None),
-            Some(t) if t.datum_type() == u8::datum_type() => {
+            Some(t) if t.datum_type()? == u8::datum_type() => {
                 let per_col = (k_blocks * bits).div_ceil(8);
                 ensure!(
-                    t.len() == n * per_col,
+                    t.len()? == n * per_col,
                     "MatMulNBits node `{label}`: packed zero_points hold {} bytes, expected {}",
-                    t.len(),
+                    t.len()?,
                     n * per_col
                 );
-                let w = words_of(t.try_as_plain_ram()?.as_slice::<u8>()?);
-                (ZeroPointKind::Packed, Some(Tensor::from_shape(&[w.len()], &w)?))
+                (ZeroPointKind::Packed, Some(t.wire(model, &format!("{prefix}.zero_points"), Packing::Words)?))
             }
             Some(t) => {
                 ensure!(
-                    t.len() == n * k_blocks,
+                    t.len()? == n * k_blocks,
                     "MatMulNBits node `{label}`: zero_points hold {} values, expected N·k_blocks = {}",
-                    t.len(),
+                    t.len()?,
                     n * k_blocks
                 );
-                (ZeroPointKind::Float, Some(as_f32(t, label, "zero_points")?.into_shape(&[n * k_blocks])?))
+                let packing = Packing::F32(n * k_blocks, label, "zero_points");
+                (ZeroPointKind::Float, Some(t.wire(model, &format!("{prefix}.zero_points"), packing)?))
             }
         };
         let packed = PackedMatMulNBits {
@@ -310,16 +380,14 @@ impl Expansion for MatMulNBits {
             // onnxruntime keeps float activations when the zero points are floats (no integer form of the weight)
             int8_activations: self.int8_activations && zp_kind != ZeroPointKind::Float,
         };
-        let b_k = model.add_const(format!("{prefix}.b_packed"), Tensor::from_shape(&[b_words.len()], &b_words)?)?;
-        let s_k = model.add_const(format!("{prefix}.scales"), scales_t)?;
         let mut a = inputs[0];
         if dt != f32::datum_type() {
             a = model.wire_node(format!("{prefix}.cast_a"), cast(f32::datum_type()), &[a])?[0];
         }
         // onnxruntime keeps float activations when the zero points are floats (no integer form of the weight)
         let mut wires = tvec![a, b_k, s_k];
-        if let Some(z) = zp_t {
-            wires.push(model.add_const(format!("{prefix}.zero_points"), z)?);
+        if let Some(z) = zp_w {
+            wires.push(z);
         }
         let mut y = model.wire_node(format!("{prefix}.matmul"), packed, &wires)?[0];
         if let Some(slot) = self.bias {

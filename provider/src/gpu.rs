@@ -19,6 +19,7 @@ use kiln_graph::tract_onnx::tract_core::ops::konst::Const;
 use kiln_graph::tract_onnx::tract_core::ops::source::TypedSource;
 use kiln_graph::tract_onnx::tract_core::plan::{SimplePlan, SimpleState};
 use kiln_graph::{Error, ErrorKind, Model, Result};
+use kiln_ops::external_weight::ExternalWeight;
 use kiln_wgsl::exec::tensor_from_bytes;
 use kiln_wgsl::ops::{GpuOp, ToDevice, ToHost};
 use kiln_wgsl::{Context, Counters, GpuTensor, Kernel, PendingRead, Recorder};
@@ -51,6 +52,12 @@ pub struct PlacementReport {
     /// Bytes of constants the lowered plan still holds on the host (those CPU nodes use); the weights placed on
     /// the GPU are not among them.
     pub host_constant_bytes: u64,
+    /// Of the weights on the GPU, those streamed from the model's external data straight into their buffers
+    /// (never whole in host memory), and their bytes on the GPU.
+    pub weights_streamed: usize,
+    pub weight_bytes_streamed: u64,
+    /// The constants the lowered plan holds on the host: (node, bytes).
+    pub host_constants: Vec<(String, u64)>,
     /// GPU time per kernel over the runs so far (KILN_GPU_PROFILE=1, native): (kernel entry, dispatches, ns).
     pub profile: Vec<(String, u64, u64)>,
 }
@@ -75,6 +82,9 @@ pub(crate) struct GpuBackend {
     stats: Mutex<(Counters, usize)>,
     profile: Mutex<kiln_wgsl::exec::Profile>,
     poison: AtomicBool,
+    /// Weights streamed from the external data into their GPU buffers: (count, bytes on the GPU).
+    streamed: (usize, u64),
+    host_constants: Vec<(String, u64)>,
 }
 
 impl GpuBackend {
@@ -98,8 +108,24 @@ impl GpuBackend {
             Err(e) => return Err(e.message),
         };
         let adapter = ctx.caps.adapter.clone();
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| GpuBackend::new(ctx, model))) {
-            Ok(Ok(b)) => {
+        let lowered = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| lower(&model.typed, &ctx.caps))) {
+            Ok(Ok(l)) => l,
+            Ok(Err(e)) => return Err(format!("adapter {adapter}: {e}")),
+            Err(_) => return Err(format!("adapter {adapter}: internal error while lowering the model")),
+        };
+        // streamed weights (kiln_graph::stream) a CPU node reads: into memory first, in bounded reads
+        let mut lowered = lowered;
+        let chunk = options.weight_streaming.chunk();
+        let host_read = crate::gpu_stream::host_read_weights(&lowered);
+        kiln_graph::stream::materialize(&mut lowered.model, &host_read, model.weight_source.as_ref(), chunk)
+            .await
+            .map_err(|e| format!("adapter {adapter}: {}", e.message))?;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| GpuBackend::new(ctx, lowered))) {
+            Ok(Ok((b, jobs))) => {
+                // the other streamed weights: from the source into their GPU buffers, a chunk at a time
+                crate::gpu_stream::stream_weights(&b.ctx, &jobs, model.weight_source.as_ref(), chunk, UPLOAD_WINDOW)
+                    .await
+                    .map_err(|e| format!("adapter {adapter}: {}", e.message))?;
                 let consts: Vec<usize> =
                     model.typed.nodes().iter().filter(|n| n.op_is::<Const>()).map(|n| n.id).collect();
                 drop_host_constants(&mut model.typed, &consts);
@@ -115,17 +141,45 @@ impl GpuBackend {
         }
     }
 
-    pub(crate) fn new(ctx: Arc<Context>, model: &Model) -> Result<GpuBackend> {
-        let mut lowered = lower(&model.typed, &ctx.caps)?;
+    /// The backend for a lowered model: constants feeding the GPU uploaded; buffers made for the streamed weights
+    /// (filled by [`crate::gpu_stream::stream_weights`] from the returned jobs before the first run).
+    pub(crate) fn new(
+        ctx: Arc<Context>,
+        mut lowered: Lowered,
+    ) -> Result<(GpuBackend, Vec<crate::gpu_stream::StreamJob>)> {
         // weights: constants that feed the GPU, uploaded once
         let mut weights = HashMap::new();
         let mut weight_bytes = 0u64;
         let mut staged = 0u64;
+        let mut jobs = vec![];
+        let mut streamed_bytes = 0u64;
         for node in lowered.model.nodes() {
             if !node.op_is::<ToDevice>() {
                 continue;
             }
             let src = lowered.model.node(node.inputs[0].node);
+            if let Some(w) = src.op_as::<ExternalWeight>() {
+                let (dt, shape, size) = crate::gpu_stream::gpu_bytes(w)?;
+                if size > ctx.caps.max_storage_binding || size > ctx.caps.max_buffer_size {
+                    return Err(Error::runtime(format!(
+                        "webgpu: weight `{}` ({size} bytes) exceeds the adapter's storage binding limit",
+                        w.tensor
+                    )));
+                }
+                let buffer = Arc::new(ctx.device.create_buffer(&kiln_wgsl::wgpu::BufferDescriptor {
+                    label: Some(&src.name),
+                    size,
+                    usage: kiln_wgsl::wgpu::BufferUsages::STORAGE
+                        | kiln_wgsl::wgpu::BufferUsages::COPY_DST
+                        | kiln_wgsl::wgpu::BufferUsages::COPY_SRC,
+                    mapped_at_creation: false,
+                }));
+                weight_bytes += size;
+                streamed_bytes += size;
+                weights.insert(node.id, GpuTensor::new(buffer.clone(), &shape, dt));
+                jobs.push(crate::gpu_stream::StreamJob { buffer, weight: w.clone() });
+                continue;
+            }
             if let Some(k) = src.op_as::<Const>() {
                 let t = k.val();
                 // f32 / i32 / u32 / f16 go up from the tensor's own bytes; bool and i64 are converted first
@@ -166,11 +220,21 @@ impl GpuBackend {
         // keeps their facts, not their bytes
         let device_only = device_only_constants(&lowered.model);
         drop_host_constants(&mut lowered.model, &device_only);
+        crate::gpu_stream::streamed_to_device_consts(&mut lowered.model);
         let host_constant_bytes = host_constant_bytes(&lowered.model);
+        let host_constants: Vec<(String, u64)> = lowered
+            .model
+            .nodes()
+            .iter()
+            .filter_map(|n| {
+                n.op_as::<Const>().map(|k| (n.name.clone(), (k.val().len() * k.val().datum_type().size_of()) as u64))
+            })
+            .collect();
         let order = lowered.model.eval_order().map_err(tract_err("ordering the lowered model"))?;
         let plan = SimplePlan::new(lowered.model.clone()).map_err(tract_err("planning the lowered model"))?;
         let poison = std::env::var("KILN_GPU_POISON").is_ok_and(|v| v == "1");
-        Ok(GpuBackend {
+        let streamed = (jobs.len(), streamed_bytes);
+        let backend = GpuBackend {
             ctx,
             lowered,
             plan,
@@ -182,7 +246,10 @@ impl GpuBackend {
             stats: Mutex::new((Counters::default(), 0)),
             profile: Mutex::default(),
             poison: AtomicBool::new(poison),
-        })
+            streamed,
+            host_constants,
+        };
+        Ok((backend, jobs))
     }
 
     pub(crate) fn report(&self) -> PlacementReport {
@@ -198,6 +265,9 @@ impl GpuBackend {
             weights_on_gpu: self.weights.len(),
             weight_bytes_on_gpu: self.weight_bytes,
             host_constant_bytes: self.host_constant_bytes,
+            weights_streamed: self.streamed.0,
+            weight_bytes_streamed: self.streamed.1,
+            host_constants: self.host_constants.clone(),
             profile: self
                 .profile
                 .lock()

@@ -4,6 +4,7 @@
 mod cpu;
 pub mod custom_op;
 mod gpu;
+mod gpu_stream;
 pub mod gpu_value;
 pub mod session;
 pub mod tensor;
@@ -16,7 +17,8 @@ pub use gpu_value::{GpuTensor, Location, PreferredOutputLocation, RunOptions, Va
 pub use kiln_graph::generation::{GenerationOptions, NEXT_TOKEN};
 pub use kiln_graph::lower_gpu::{Device, NodePlacement};
 pub use kiln_graph::{
-    Dim, ElementType, Error, ErrorKind, ExternalDataResolver, InMemoryResolver, OptimizationLevel, Result, ValueInfo,
+    Dim, DirectoryResolver, ElementType, Error, ErrorKind, ExternalDataResolver, InMemoryResolver, OptimizationLevel,
+    ReadFuture, Result, ValueInfo, WeightStreaming,
 };
 pub use kiln_wgsl::{wgpu, AdapterOptions, Counters};
 pub use session::{ExecutionProvider, Outputs, Session, SessionOptions};

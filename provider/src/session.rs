@@ -68,6 +68,10 @@ pub struct SessionOptions {
     /// WebGPU sessions on this thread share one device (made by the first with its `webgpu_adapter`), as onnxruntime-web's
     /// sessions do: a GPU tensor of one session feeds another. Off: each session has a device of its own.
     pub share_gpu_device: bool,
+    /// WebGPU sessions: large external-data weights go from the data source straight into their GPU buffers, in
+    /// bounded reads, never whole in host memory (on by default: weights of 1 MiB or more, 4 MiB reads). CPU
+    /// sessions read external data into memory as before.
+    pub weight_streaming: kiln_graph::WeightStreaming,
 }
 
 impl std::fmt::Debug for SessionOptions {
@@ -82,6 +86,7 @@ impl std::fmt::Debug for SessionOptions {
             .field("generation", &self.generation)
             .field("webgpu_adapter", &self.webgpu_adapter)
             .field("share_gpu_device", &self.share_gpu_device)
+            .field("weight_streaming", &self.weight_streaming)
             .finish()
     }
 }
@@ -89,6 +94,10 @@ impl std::fmt::Debug for SessionOptions {
 impl SessionOptions {
     fn wants_gpu(&self) -> bool {
         self.execution_providers.first() == Some(&ExecutionProvider::WebGpu)
+    }
+    /// Whether the import leaves large external weights in the source (GPU sessions without custom operators).
+    fn streams_weights(&self) -> bool {
+        self.wants_gpu() && self.weight_streaming.enabled && self.custom_ops.is_empty()
     }
     fn load_options(&self) -> LoadOptions {
         // The GPU lowering works on the decluttered model; the CPU fallback optimises it afterwards.
@@ -225,6 +234,12 @@ pub(crate) fn guard<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
 impl Session {
     /// Loads a model from ONNX bytes.
     pub async fn from_bytes(bytes: &[u8], options: &SessionOptions) -> Result<Session> {
+        if options.streams_weights() {
+            if let Some(resolver) = options.external_data.clone() {
+                let model = Self::load_streaming(bytes, resolver, options).await?;
+                return Self::from_model(model, options).await;
+            }
+        }
         let model = guard("loading the model", || {
             if options.custom_ops.is_empty() {
                 kiln_graph::load_bytes(bytes, &options.load_options())
@@ -238,6 +253,19 @@ impl Session {
     /// Loads a model from a file; external data defaults to the model's folder.
     pub async fn from_path(path: impl AsRef<Path>, options: &SessionOptions) -> Result<Session> {
         let path = path.as_ref();
+        if options.streams_weights() {
+            let bytes = std::fs::read(path)
+                .map_err(|e| Error::new(ErrorKind::Io, format!("reading model {}: {e}", path.display())))?;
+            let resolver: Arc<dyn ExternalDataResolver> = match &options.external_data {
+                Some(r) => r.clone(),
+                None => {
+                    let dir = path.parent().map(|p| p.to_path_buf()).unwrap_or_else(|| ".".into());
+                    Arc::new(kiln_graph::DirectoryResolver { dir })
+                }
+            };
+            let model = Self::load_streaming(&bytes, resolver, options).await?;
+            return Self::from_model(model, options).await;
+        }
         let model = guard("loading the model", || {
             if options.custom_ops.is_empty() {
                 return kiln_graph::load_path(path, &options.load_options());
@@ -254,6 +282,32 @@ impl Session {
         Self::from_model(model, options).await
     }
 
+    /// The streaming import (GPU sessions): large external initializers stay in `resolver` as ExternalWeight
+    /// nodes, smaller ones are read asynchronously (kiln_graph::stream_external_initializers).
+    async fn load_streaming(
+        bytes: &[u8],
+        resolver: Arc<dyn ExternalDataResolver>,
+        options: &SessionOptions,
+    ) -> Result<Model> {
+        let mut proto = guard("loading the model", || kiln_graph::decode(bytes))?;
+        let streamed =
+            kiln_graph::stream_external_initializers(&mut proto, &*resolver, &options.weight_streaming).await?;
+        if streamed > 0 {
+            log::info!("{streamed} external weight(s) left in the external data, for streaming to the GPU");
+        }
+        let mut load = options.load_options();
+        load.external_data = Some(resolver);
+        guard("loading the model", || kiln_graph::load_proto(proto, &load))
+    }
+
+    /// Streamed weights read into memory (the CPU runs the model).
+    async fn materialize_weights(model: &mut Model, options: &SessionOptions) -> Result<()> {
+        let source = model.weight_source.clone();
+        kiln_graph::stream::materialize_all(&mut model.typed, source.as_ref(), options.weight_streaming.chunk())
+            .await?;
+        Ok(())
+    }
+
     async fn from_model(mut model: Model, options: &SessionOptions) -> Result<Session> {
         let mut gpu_backend = None;
         let mut gpu_note = String::new();
@@ -261,6 +315,7 @@ impl Session {
         if options.wants_gpu() && host_ops {
             gpu_note = "the model has custom operators, which run on the CPU only".into();
             log::warn!("execution provider webgpu: {gpu_note}; using the next provider");
+            Self::materialize_weights(&mut model, options).await?;
             if options.optimization == OptimizationLevel::All {
                 model
                     .typed
@@ -273,6 +328,7 @@ impl Session {
                 Err(msg) => {
                     log::warn!("execution provider webgpu: {msg}; using the next provider");
                     gpu_note = msg;
+                    Self::materialize_weights(&mut model, options).await?;
                     if options.optimization == OptimizationLevel::All {
                         model
                             .typed
@@ -282,6 +338,8 @@ impl Session {
                 }
             }
         }
+        // every streamed weight is on the GPU or in memory now: the source (a browser's Blob, caller's bytes) is let go
+        model.weight_source = None;
         let model = Arc::new(model);
         let mut note = None;
         let wanted = if options.execution_providers.is_empty() {

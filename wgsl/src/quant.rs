@@ -750,24 +750,45 @@ pub fn pack_matmul_integer_weights(model: &mut TypedModel) -> TractResult<()> {
         let node = model.node(id);
         let Some(op) = node.op_as::<EinSumMatMul>() else { continue };
         let Ok(mut spec) = mmi_spec(model, node, op) else { continue };
-        let Some(b) = model.node(node.inputs[1].node).op_as::<Const>().map(|k| k.val().clone()) else { continue };
-        let signed = match b.datum_type() {
+        let b_node = model.node(node.inputs[1].node);
+        // a constant B, or one streamed from external data (the same bytes read as u32 words)
+        let streamed = b_node
+            .op_as::<kiln_ops::external_weight::ExternalWeight>()
+            .filter(|w| w.layout == kiln_ops::external_weight::Layout::Plain);
+        let (dt, shape, words) = if let Some(w) = streamed {
+            (w.stored_datum_type()?, w.dims.to_vec(), None)
+        } else {
+            let Some(b) = b_node.op_as::<Const>().map(|k| k.val().clone()) else { continue };
+            if !b.is_plain() {
+                continue;
+            }
+            let bytes: Vec<u8> = b.try_as_plain_ram()?.as_bytes().to_vec();
+            let words: Vec<u32> = bytes
+                .chunks(4)
+                .map(|c| c.iter().enumerate().fold(0u32, |w, (i, v)| w | (*v as u32) << (8 * i)))
+                .collect();
+            (b.datum_type(), b.shape().to_vec(), Some(words))
+        };
+        let signed = match dt {
             DatumType::U8 => false,
             DatumType::I8 => true,
             _ => continue,
         };
-        if !b.is_plain() {
-            continue;
-        }
-        let bytes: Vec<u8> = b.try_as_plain_ram()?.as_bytes().to_vec();
-        let words: Vec<u32> =
-            bytes.chunks(4).map(|c| c.iter().enumerate().fold(0u32, |w, (i, v)| w | (*v as u32) << (8 * i))).collect();
-        spec.b_packed = Some((b.shape().to_vec(), signed));
+        spec.b_packed = Some((shape, signed));
         let packed = PackedMatMulInteger { spec, reference: op.clone() };
         let name = node.name.clone();
         let mut patch = TypedModelPatch::new(format!("pack the weight of {name}"));
         let mut taps = patch.taps(model, &node.inputs)?;
-        taps[1] = patch.add_const(format!("{name}.b_packed"), Tensor::from_shape(&[words.len()], &words)?)?;
+        taps[1] = match (words, streamed) {
+            (Some(words), _) => {
+                patch.add_const(format!("{name}.b_packed"), Tensor::from_shape(&[words.len()], &words)?)?
+            }
+            (None, Some(w)) => {
+                let op = w.with_layout(kiln_ops::external_weight::Layout::Words);
+                patch.wire_node(format!("{name}.b_packed"), op, &[])?[0]
+            }
+            (None, None) => continue,
+        };
         let y = patch.wire_node(format!("{name}.packed"), packed, &taps)?[0];
         patch.shunt_outside(model, OutletId::new(id, 0), y)?;
         patch.apply(model)?;

@@ -1,0 +1,209 @@
+//! Streamed weights on the GPU backend: an `ai.kiln` ExternalWeight (kiln-graph's streaming import) whose readers
+//! are all on the GPU gets its buffer at session creation and is filled from the external data source a bounded
+//! range at a time (read, converted to the GPU layout, `queue.write_buffer`), so the weight is never whole in host
+//! (or wasm) memory; one a CPU node reads is read into a constant first.
+
+use std::sync::Arc;
+
+use kiln_graph::lower_gpu::{DeviceConst, Lowered};
+use kiln_graph::tract_onnx::prelude::*;
+use kiln_graph::{Error, Result, WeightSource};
+use kiln_ops::external_weight::{ExternalWeight, Layout};
+use kiln_wgsl::ops::ToDevice;
+use kiln_wgsl::Context;
+
+/// A GPU buffer to fill from a streamed weight.
+pub(crate) struct StreamJob {
+    pub buffer: Arc<kiln_wgsl::wgpu::Buffer>,
+    pub weight: ExternalWeight,
+}
+
+/// The streamed weights of a lowered model that some node other than a [`ToDevice`] reads (a CPU node, or a model
+/// output): they are read into memory.
+pub(crate) fn host_read_weights(lowered: &Lowered) -> Vec<usize> {
+    let model = &lowered.model;
+    kiln_graph::stream::external_weights(model)
+        .into_iter()
+        .filter(|id| {
+            let node = model.node(*id);
+            let is_output = model.outputs.iter().any(|o| o.node == *id);
+            is_output || node.outputs[0].successors.iter().any(|s| !model.node(s.node).op_is::<ToDevice>())
+        })
+        .collect()
+}
+
+/// Bytes of the buffer a streamed weight needs on the GPU (its output in the GPU layout, whole u32 words).
+pub(crate) fn gpu_bytes(w: &ExternalWeight) -> Result<(DatumType, TVec<usize>, u64)> {
+    let (dt, shape) = w.output().map_err(|e| Error::runtime(format!("webgpu: weight `{}`: {e}", w.tensor)))?;
+    let n: usize = shape.iter().product();
+    let bytes = (n * kiln_wgsl::exec::gpu_size_of(dt)) as u64;
+    Ok((dt, shape, bytes.div_ceil(4).max(1) * 4))
+}
+
+/// Replaces the streamed weights (all of them read by ToDevice transfers only, once [`host_read_weights`] were
+/// materialised) by [`DeviceConst`] placeholders: the plan holds their facts.
+pub(crate) fn streamed_to_device_consts(model: &mut TypedModel) {
+    for id in kiln_graph::stream::external_weights(model) {
+        let node = &mut model.nodes[id];
+        let fact = node.outputs[0].fact.without_value();
+        node.outputs[0].fact = fact.clone();
+        node.op = Box::new(DeviceConst { fact });
+    }
+}
+
+/// Writes converted pieces of streamed weights into their buffers. Natively the queue's staging memory is recycled
+/// every `window` bytes (a submit and a wait), as for the constants' uploads.
+struct Writer<'a> {
+    ctx: &'a Context,
+    staged: u64,
+    window: u64,
+}
+
+impl Writer<'_> {
+    /// Writes whole stored elements of `w` (in its stored layout) at `*dst` of `buffer`, converted to the GPU layout.
+    fn write(&mut self, job: &StreamJob, dst: &mut u64, piece: &[u8]) -> Result<()> {
+        let w = &job.weight;
+        // the stored bytes are the GPU's as they are (f32 / i32 / u32 / f16, or words): written without a copy
+        let as_is = match w.layout {
+            Layout::Words => true,
+            Layout::F16ToF32 => false,
+            Layout::Plain => {
+                matches!(w.stored_datum_type(), Ok(DatumType::F32 | DatumType::I32 | DatumType::U32 | DatumType::F16))
+            }
+        };
+        let converted;
+        let padded;
+        let mut bytes: &[u8] = if as_is {
+            piece
+        } else {
+            let t = w.chunk_tensor(piece).map_err(|e| Error::runtime(format!("webgpu: weight `{}`: {e}", w.tensor)))?;
+            converted = kiln_wgsl::exec::host_bytes(&t)
+                .map_err(|e| Error::runtime(format!("webgpu: weight `{}`: {}", w.tensor, e.message)))?;
+            &converted
+        };
+        // write_buffer wants a multiple of 4 bytes (the last piece of an odd-sized weight)
+        if !bytes.len().is_multiple_of(4) {
+            let mut p = bytes.to_vec();
+            p.resize(bytes.len().div_ceil(4) * 4, 0);
+            padded = p;
+            bytes = &padded;
+        }
+        let size = job.buffer.size();
+        if *dst + bytes.len() as u64 > size {
+            return Err(Error::runtime(format!(
+                "webgpu: weight `{}`: {} bytes do not fit its {size}-byte buffer",
+                w.tensor,
+                *dst + bytes.len() as u64
+            )));
+        }
+        self.ctx.queue.write_buffer(&job.buffer, *dst, bytes);
+        *dst += bytes.len() as u64;
+        self.staged += bytes.len() as u64;
+        if self.staged >= self.window {
+            self.staged = 0;
+            #[cfg(not(target_arch = "wasm32"))]
+            {
+                self.ctx.queue.submit([]);
+                self.ctx
+                    .device
+                    .poll(kiln_wgsl::wgpu::PollType::Wait { submission_index: None, timeout: None })
+                    .map_err(|e| Error::runtime(format!("webgpu: uploading weights: {e}")))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Fills each job's buffer from `source`, at most `chunk` bytes of stored data per read. The parts of a weight split
+/// under the binding limit (sliced ExternalWeights of one stored tensor) are filled together, the tensor read once:
+/// each read of whole rows is cut into every part's segments.
+pub(crate) async fn stream_weights(
+    ctx: &Context,
+    jobs: &[StreamJob],
+    source: Option<&WeightSource>,
+    chunk: u64,
+    window: u64,
+) -> Result<u64> {
+    let chunk = (chunk.max(8) / 8) * 8;
+    let mut writer = Writer { ctx, staged: 0, window };
+    let mut read = 0u64;
+    // sliced parts grouped by the tensor (and axis) they come from
+    let mut groups: Vec<Vec<usize>> = vec![];
+    for (ix, job) in jobs.iter().enumerate() {
+        let w = &job.weight;
+        let key = |w: &ExternalWeight| (w.location.clone(), w.offset, w.length, w.dims.clone(), w.slice.map(|s| s.0));
+        match groups.iter_mut().find(|g| w.slice.is_some() && key(&jobs[g[0]].weight) == key(w)) {
+            Some(g) => g.push(ix),
+            None => groups.push(vec![ix]),
+        }
+    }
+    for group in groups {
+        let w = &jobs[group[0]].weight;
+        let source = source.ok_or_else(|| {
+            Error::invalid_argument(format!(
+                "weight `{}` keeps its data in external file `{}`, but no external data was provided",
+                w.tensor, w.location
+            ))
+        })?;
+        let segments = w.segments().map_err(|e| Error::runtime(format!("webgpu: weight `{}`: {e}", w.tensor)))?;
+        let Some(seg) = segments else {
+            // a whole weight, read in order
+            let job = &jobs[group[0]];
+            let mut dst = 0u64;
+            kiln_graph::stream::for_each_chunk(&*source.0, w, chunk, |piece, _| writer.write(job, &mut dst, piece))
+                .await?;
+            read += w.length;
+            continue;
+        };
+        let parts: Vec<(&StreamJob, kiln_ops::external_weight::Segments)> = group
+            .iter()
+            .map(|ix| {
+                let job = &jobs[*ix];
+                match job.weight.segments() {
+                    Ok(Some(s)) => Ok((job, s)),
+                    _ => Err(Error::runtime(format!("webgpu: weight `{}`: not a part", job.weight.tensor))),
+                }
+            })
+            .collect::<Result<_>>()?;
+        let mut dsts = vec![0u64; parts.len()];
+        if seg.row_bytes <= chunk {
+            // whole rows per read, each cut into the parts' segments
+            let rows = (chunk / seg.row_bytes).max(1);
+            let mut o = 0u64;
+            while o < seg.outer {
+                let n = rows.min(seg.outer - o);
+                let piece = kiln_graph::stream::read_exact(&*source.0, w, o * seg.row_bytes, n * seg.row_bytes).await?;
+                read += piece.len() as u64;
+                for ((job, s), dst) in parts.iter().zip(dsts.iter_mut()) {
+                    let mut part = Vec::with_capacity((n * s.len) as usize);
+                    for r in 0..n {
+                        let at = (r * seg.row_bytes + s.start) as usize;
+                        part.extend_from_slice(&piece[at..at + s.len as usize]);
+                    }
+                    writer.write(job, dst, &part)?;
+                }
+                o += n;
+            }
+        } else {
+            // rows longer than a read: each part's segment of each row, in pieces
+            for ((job, s), dst) in parts.iter().zip(dsts.iter_mut()) {
+                for o in 0..seg.outer {
+                    let mut at = 0u64;
+                    while at < s.len {
+                        let n = chunk.min(s.len - at);
+                        let from = o * seg.row_bytes + s.start + at;
+                        let piece = kiln_graph::stream::read_exact(&*source.0, &job.weight, from, n).await?;
+                        read += n;
+                        writer.write(job, dst, &piece)?;
+                        at += n;
+                    }
+                }
+            }
+        }
+    }
+    if !jobs.is_empty() {
+        ctx.queue.submit([]);
+    }
+    ctx.take_error().map_err(|e| Error::runtime(e.message))?;
+    Ok(read)
+}
