@@ -699,8 +699,12 @@ fn smollm2_q4f16_teacher_forced_gpu() {
     assert!(bad.is_empty(), "argmax differs at confident positions (pos, kiln, ort): {bad:?}");
     assert!(mean <= 0.3, "mean |logit diff| {mean:.4} > 0.3");
 
-    // decode on the GPU (the one-row kernel): prefill 23 tokens, then feed token 24 with the GPU's own present.* as
-    // past; its logits must agree with the 24-token prefill's last row as on the CPU (smollm2.rs)
+    // decode on the GPU (the one-row kernels, the decode attention): prefill 23 tokens on the CPU provider (which
+    // matches onnxruntime: smollm2.rs), then token 24 with that present.* as past on both providers: the GPU's logits
+    // must agree with the CPU's as the prefill's agree with onnxruntime's (mean |diff| <= 0.3, same argmax) — each
+    // side's accuracy_level 4 int8 activation codes turn f32 rounding differences into ~0.1–0.3 of logit noise.
+    // (Comparing the GPU's decode step with its own 24-token prefill instead adds two such noises.)
+    let cpu = Session::from_path(&model, &options(ExecutionProvider::Cpu)).expect("loading SmolLM2 on the CPU");
     let feeds = read_inputs(&session, &set);
     let ids = feeds[0].1.to_vec::<i64>().unwrap();
     let n = ids.len();
@@ -714,7 +718,7 @@ fn smollm2_q4f16_teacher_forced_gpu() {
         };
         prefill.push((name.clone(), t));
     }
-    let first = session.run(prefill).expect("prefill of 23");
+    let first = cpu.run(prefill).expect("prefill of 23 on the CPU");
     let mut step = vec![
         ("input_ids".to_string(), Tensor::from_vec(&[1, 1], vec![ids[n - 1]]).unwrap()),
         ("attention_mask".to_string(), Tensor::from_vec(&[1, n], vec![1i64; n]).unwrap()),
@@ -725,13 +729,24 @@ fn smollm2_q4f16_teacher_forced_gpu() {
             step.push((info.name.clone(), first.get(&format!("present.{layer}")).unwrap().clone()));
         }
     }
+    let want = cpu.run(step.clone()).expect("decode step on the CPU");
     let t = std::time::Instant::now();
     let decoded = session.run(step).expect("decode step");
     eprintln!("SmolLM2 q4f16 decode step on the GPU: {:?}", t.elapsed());
     let d = f32_values(decoded.get("logits").unwrap());
-    let last = &a[(n - 1) * vocab..][..vocab];
-    let mean = d.iter().zip(last).map(|(x, y)| (x - y).abs() as f64).sum::<f64>() / vocab as f64;
-    eprintln!("decode step vs prefill row {}: mean |diff| {mean:.4}", n - 1);
-    assert_eq!(argmax(&d), argmax(last), "decode step argmax differs from the prefill's");
-    assert!(mean <= 0.25, "decode step vs prefill: mean |diff| {mean:.4}");
+    let w = f32_values(want.get("logits").unwrap());
+    let mean = d.iter().zip(&w).map(|(x, y)| (x - y).abs() as f64).sum::<f64>() / vocab as f64;
+    eprintln!("decode step, GPU vs CPU: mean |diff| {mean:.4}");
+    assert_eq!(argmax(&d), argmax(&w), "decode step argmax differs from the CPU's");
+    assert!(mean <= 0.3, "decode step, GPU vs CPU: mean |diff| {mean:.4}");
+    // present.* of the step: the past rows unchanged, the new row within the same tolerance as the prefill's KV
+    for info in session.outputs() {
+        if !info.name.starts_with("present.") {
+            continue;
+        }
+        let (g, c) = (f32_values(decoded.get(&info.name).unwrap()), f32_values(want.get(&info.name).unwrap()));
+        assert_eq!(g.len(), c.len(), "{}", info.name);
+        let worst = g.iter().zip(&c).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(worst <= 0.5, "{}: max |diff| {worst} against the CPU's", info.name);
+    }
 }
