@@ -495,3 +495,72 @@ pub fn fuse_matmul_norms(model: &mut TypedModel, max_storage_buffers: u32) -> Re
     }
     Ok(fused)
 }
+
+/// Weights this large or larger are considered for [`matmul_weights_in_f16`] (bytes of their f32 values).
+const F16_WEIGHT_MIN_BYTES: usize = 1 << 20;
+
+/// Keeps float16 the f32 weights of GPU MatMuls whose every value is a float16 (a float16 model's weights, cast to
+/// f32 by kiln's float16 pass: a tied LM head, dense projections): the GPU stores them as float16 and the kernels
+/// convert as they read, exactly — half the bytes to read a step (SmolLM2's 49152 × 576 LM head: 113 MB → 57 MB).
+/// Only weights all of whose readers are such MatMuls; the CPU reference of each becomes `Cast(f32)` then the
+/// matmul. Returns how many weights it rewrote.
+pub fn matmul_weights_in_f16(model: &mut TypedModel) -> Result<usize> {
+    use kiln_wgsl::ops::ToDevice;
+    use tract_onnx::tract_core::ops::konst::Const;
+    let mut done = 0;
+    loop {
+        let outputs: HashSet<OutletId> =
+            model.output_outlets().map_err(tract_err("model outputs"))?.iter().copied().collect();
+        let found = model.nodes().iter().find_map(|n| {
+            if !n.op_is::<ToDevice>() || outputs.contains(&OutletId::new(n.id, 0)) {
+                return None;
+            }
+            let k = model.node(n.inputs[0].node).op_as::<Const>()?.val().clone();
+            if k.datum_type() != DatumType::F32 || k.len() * 4 < F16_WEIGHT_MIN_BYTES {
+                return None;
+            }
+            let succ = &n.outputs[0].successors;
+            let all_matmuls = !succ.is_empty()
+                && succ.iter().all(|s| {
+                    let m = model.node(s.node);
+                    s.slot == 1
+                        && m.inputs.len() == 2
+                        && m.inputs[0] != m.inputs[1]
+                        && matches!(m.op_as::<GpuOp>().map(|g| &g.kernel), Some(Kernel::MatMul { exact: false, .. }))
+                });
+            if !all_matmuls {
+                return None;
+            }
+            let values = k.try_as_plain_ram().ok()?;
+            let exact = values.as_slice::<f32>().ok()?.iter().all(|v| v.is_nan() || f16::from_f32(*v).to_f32() == *v);
+            exact.then_some((n.id, k))
+        });
+        let Some((to_device, k)) = found else { break };
+        let k16 = k.cast_to_dt(DatumType::F16).map_err(tract_err("a float16 weight"))?.into_owned();
+        let mut patch = TypedModelPatch::default();
+        let name = model.node(to_device).name.clone();
+        let c = patch.add_const(format!("{name}.f16"), k16).map_err(tract_err("a float16 weight"))?;
+        let w =
+            patch.wire_node(format!("{name}.f16.to_device"), ToDevice, &[c]).map_err(tract_err("a float16 weight"))?[0];
+        for s in model.node(to_device).outputs[0].successors.clone() {
+            let m = model.node(s.node);
+            let Some(g) = m.op_as::<GpuOp>() else { break };
+            let chain = FusedChain {
+                inputs: 2,
+                steps: vec![
+                    (Box::new(tract_onnx::tract_core::ops::cast::cast(DatumType::F32)), vec![Src::Input(1)]),
+                    (g.cpu.clone(), vec![Src::Input(0), Src::Step(0)]),
+                ],
+                outputs: 1,
+            };
+            let a = patch.tap_model(model, m.inputs[0]).map_err(tract_err("a float16 weight"))?;
+            let op = GpuOp { kernel: g.kernel.clone(), cpu: Box::new(chain) };
+            let y = patch.wire_node(format!("{}.f16", m.name), op, &[a, w]).map_err(tract_err("a float16 weight"))?[0];
+            patch.shunt_outside(model, OutletId::new(m.id, 0), y).map_err(tract_err("a float16 weight"))?;
+        }
+        patch.apply(model).map_err(tract_err("a float16 weight"))?;
+        model.compact().map_err(tract_err("compacting the model"))?;
+        done += 1;
+    }
+    Ok(done)
+}

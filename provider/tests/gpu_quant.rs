@@ -575,6 +575,69 @@ fn projections_of_one_input_run_as_one_dispatch() {
     assert!(failures.is_empty(), "{} cases failed:\n  {}", failures.len(), failures.join("\n  "));
 }
 
+/// A float16 model's MatMul / Gemm weights (computed in f32 by kiln's float16 pass) stay float16 on the GPU
+/// (kiln-graph's `matmul_weights_in_f16`: every value is a float16, the kernels convert as they read): the GPU holds
+/// half the f32 bytes, and the outputs match the CPU provider's for one row (`mv_split`, and `mv_dot` with Gemm's
+/// transposed B) and many rows (`tiled`).
+#[test]
+fn float16_matmul_weights_stay_float16_on_the_gpu() {
+    if !gpu_available() {
+        return;
+    }
+    let mut rng = Rng(seed());
+    let (k, n) = (512usize, 600usize);
+    let mut failures = vec![];
+    for gemm in [false, true] {
+        for rows in [1, 3, 70] {
+            let what = format!("{} on {rows} rows", if gemm { "Gemm(transB)" } else { "MatMul" });
+            let w: Vec<f32> = (0..k * n).map(|_| rng.range(-0.1, 0.1)).collect();
+            let (dims, op, attrs) =
+                if gemm { ([n, k], "Gemm", vec![attr_int("transB", 1)]) } else { ([k, n], "MatMul", vec![]) };
+            let graph = pb::GraphProto {
+                name: "f16".into(),
+                node: vec![pb::NodeProto {
+                    op_type: op.into(),
+                    name: "mm".into(),
+                    input: vec!["x".into(), "w".into()],
+                    output: vec!["y".into()],
+                    attribute: attrs,
+                    ..Default::default()
+                }],
+                input: vec![value_info("x", FLOAT16, Some(&[rows, k]))],
+                output: vec![value_info("y", FLOAT16, None)],
+                initializer: vec![initializer("w", FLOAT16, &dims, raw_floats(&w, FLOAT16))],
+                ..Default::default()
+            };
+            let bytes = onnx_model(graph, 17);
+            let x: Vec<f32> = (0..rows * k).map(|_| rng.range(-1.0, 1.0)).collect();
+            let x = Tensor::from_vec(&[rows, k], x).unwrap().cast(ElementType::F16).unwrap();
+            let feeds = vec![("x".to_string(), x)];
+            let cpu = Session::from_bytes(&bytes, &options(ExecutionProvider::Cpu)).expect("cpu session");
+            let want = cpu.run(feeds.clone()).expect("cpu run");
+            let gpu = Session::from_bytes(&bytes, &options(ExecutionProvider::WebGpu)).expect("gpu session");
+            let report = gpu.gpu_placement().expect("a GPU session");
+            if report.weight_bytes_on_gpu > (k * n * 2 + 4096) as u64 {
+                failures.push(format!(
+                    "{what}: {} weight bytes on the GPU (f16: {})",
+                    report.weight_bytes_on_gpu,
+                    k * n * 2
+                ));
+            }
+            gpu.set_gpu_poison(true);
+            let got = gpu.run(feeds).expect("gpu run");
+            let (w, g) =
+                (want.output("y").unwrap().to_f64_vec().unwrap(), got.output("y").unwrap().to_f64_vec().unwrap());
+            let max = w.iter().fold(0f64, |m, v| m.max(v.abs()));
+            if let Some((i, (a, b))) =
+                w.iter().zip(&g).enumerate().find(|(_, (a, b))| (*a - *b).is_nan() || (*a - *b).abs() > 2e-3 * max)
+            {
+                failures.push(format!("{what}: y[{i}]: gpu {b} vs cpu {a} (max |ref| {max})"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{} cases failed:\n  {}", failures.len(), failures.join("\n  "));
+}
+
 /// The tiny llama q4 export (MatMulNBits) on the GPU: every MatMulNBits node on the GPU, prefill and one decode
 /// step against onnxruntime's outputs within 1e-3 of each output's largest magnitude (the CPU's tolerance).
 #[test]

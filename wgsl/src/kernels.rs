@@ -814,6 +814,8 @@ impl Kernel {
             Kernel::GqaKv(g) => g.output_dt(dts),
             Kernel::Norm(n) => n.output_dt(dts),
             Kernel::OrtLayerNorm(n) => n.output_dt(dts),
+            // B may be a float16 weight (read as f32)
+            Kernel::MatMul { exact: false, .. } => matches!(dts, [F32, F32 | DatumType::F16]).then_some(F32),
             _ => all(F32).then_some(F32),
         }
     }
@@ -1343,7 +1345,13 @@ impl Kernel {
                     push_block(&mut u, v, MAX_BATCH_RANK)?;
                 }
                 let b = [(1, inputs[0]), (2, inputs[1]), (3, &out)];
-                launch(ctx, rec, "matmul", entry, vec![], &u, &b, (gx, gy, batch.max(1) as u32))?;
+                // a float16 B (a weight kept float16: kiln-graph's `matmul_weights_in_f16`) read as u32 pairs
+                let spec = if inputs[1].dt == DatumType::F16 {
+                    vec![("B_ELEM", "u32".to_string()), ("B_LOAD", "unpack2x16float(b[i / 2u])[i % 2u]".to_string())]
+                } else {
+                    vec![("B_ELEM", "f32".to_string()), ("B_LOAD", "b[i]".to_string())]
+                };
+                launch(ctx, rec, "matmul", entry, spec, &u, &b, (gx, gy, batch.max(1) as u32))?;
             }
         }
         Ok(out)

@@ -26,8 +26,13 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> a: array<f32>;
-@group(0) @binding(2) var<storage, read> b: array<f32>;
+// B: f32, or float16 pairs in u32 words (a float16 weight kept float16 on the GPU: half the bytes to read)
+@group(0) @binding(2) var<storage, read> b: array<{{B_ELEM}}>;
 @group(0) @binding(3) var<storage, read_write> c: array<f32>;
+
+fn b_at(i: u32) -> f32 {
+    return {{B_LOAD}};
+}
 
 fn batch_offsets(z: u32) -> vec3<u32> {
     var rem = z;
@@ -64,7 +69,7 @@ fn tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) li
             As[e] = va;
             var vb = 0.0;
             if (n0 + xx < p.n && gk < p.k) {
-                vb = b[off.y + gk * p.b_sk + (n0 + xx) * p.b_sn];
+                vb = b_at(off.y + gk * p.b_sk + (n0 + xx) * p.b_sn);
             }
             Bs[e] = vb;
         }
@@ -104,7 +109,7 @@ fn mv_dot(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index
     var acc = 0.0;
     if (n < p.n) {
         for (var k = li; k < p.k; k = k + 64u) {
-            acc = acc + a[off.x + k * p.a_sk] * b[off.y + k * p.b_sk + n * p.b_sn];
+            acc = acc + a[off.x + k * p.a_sk] * b_at(off.y + k * p.b_sk + n * p.b_sn);
         }
     }
     red[li] = acc;
@@ -139,12 +144,12 @@ fn mv_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
         for (; k + 48u < p.k; k = k + 64u) {
             let x = vec4<f32>(a[off.x + k * p.a_sk], a[off.x + (k + 16u) * p.a_sk], a[off.x + (k + 32u) * p.a_sk],
                               a[off.x + (k + 48u) * p.a_sk]);
-            let w = vec4<f32>(b[bn + k * p.b_sk], b[bn + (k + 16u) * p.b_sk], b[bn + (k + 32u) * p.b_sk],
-                              b[bn + (k + 48u) * p.b_sk]);
+            let w = vec4<f32>(b_at(bn + k * p.b_sk), b_at(bn + (k + 16u) * p.b_sk), b_at(bn + (k + 32u) * p.b_sk),
+                              b_at(bn + (k + 48u) * p.b_sk));
             acc = acc + x * w;
         }
         for (; k < p.k; k = k + 16u) {
-            acc.x = acc.x + a[off.x + k * p.a_sk] * b[bn + k * p.b_sk];
+            acc.x = acc.x + a[off.x + k * p.a_sk] * b_at(bn + k * p.b_sk);
         }
     }
     part[li] = (acc.x + acc.y) + (acc.z + acc.w);
@@ -173,7 +178,7 @@ fn mm_exact(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
     let n = i % p.n;
     var acc = 0.0;
     for (var k = 0u; k < p.k; k = k + 1u) {
-        acc = fma_x(a[off.x + m * p.a_sm + k * p.a_sk], b[off.y + k * p.b_sk + n * p.b_sn], acc, p._pad);
+        acc = fma_x(a[off.x + m * p.a_sm + k * p.a_sk], b_at(off.y + k * p.b_sk + n * p.b_sn), acc, p._pad);
     }
     c[off.z + m * p.c_sm + n * p.c_sn] = acc;
 }
