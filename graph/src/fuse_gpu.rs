@@ -150,6 +150,39 @@ fn build(model: &TypedModel, members: &[usize]) -> Option<(FusedProgram, FusedCh
     Some((program, FusedChain { inputs: externals.len(), steps: cpu_steps, outputs: 1 }, externals))
 }
 
+/// Taps `outlets` of `model` into `patch`.
+fn tap_all(
+    patch: &mut TypedModelPatch,
+    model: &TypedModel,
+    outlets: &[OutletId],
+    what: &str,
+) -> Result<TVec<OutletId>> {
+    outlets.iter().map(|o| patch.tap_model(model, *o).map_err(tract_err(what))).collect()
+}
+
+/// Wires `op` on `inputs` (patch outlets) as node `name`; its i-th output replaces `replaced[i]` outside the patch.
+fn wire_replacing(
+    patch: &mut TypedModelPatch,
+    model: &TypedModel,
+    name: String,
+    op: GpuOp,
+    inputs: &[OutletId],
+    replaced: &[OutletId],
+    what: &str,
+) -> Result<TVec<OutletId>> {
+    let outs = patch.wire_node(name, op, inputs).map_err(tract_err(what))?;
+    for (r, o) in replaced.iter().zip(&outs) {
+        patch.shunt_outside(model, *r, *o).map_err(tract_err(what))?;
+    }
+    Ok(outs)
+}
+
+/// Applies `patch`, then drops the nodes it left unused (the next search walks a clean model).
+fn apply_compacted(patch: TypedModelPatch, model: &mut TypedModel, what: &str) -> Result<()> {
+    patch.apply(model).map_err(tract_err(what))?;
+    model.compact().map_err(tract_err(what))
+}
+
 /// The node behind `o` when it is a GPU MatMulNBits without an epilogue whose only use is `user`.
 fn sole_qmatmul(
     model: &TypedModel,
@@ -324,30 +357,23 @@ pub fn fuse_matmul_epilogues(model: &mut TypedModel, max_storage_buffers: u32) -
         let outputs: HashSet<OutletId> =
             model.output_outlets().map_err(tract_err("model outputs"))?.iter().copied().collect();
         let Some(m) = find_epilogue(model, &order, &outputs, max_storage_buffers) else { break };
+        const WHAT: &str = "fusing a matmul epilogue";
         let mut patch = TypedModelPatch::default();
-        let mut taps = tvec![];
-        for i in &m.inputs {
-            taps.push(patch.tap_model(model, *i).map_err(tract_err("fusing a matmul epilogue"))?);
-        }
+        let taps = tap_all(&mut patch, model, &m.inputs, WHAT)?;
         let name = model.node(m.sink).name.clone();
         let op = GpuOp { kernel: Kernel::QMatMul(m.kernel), cpu: Box::new(m.chain) };
-        let out = patch.wire_node(name, op, &taps).map_err(tract_err("fusing a matmul epilogue"))?[0];
-        patch.shunt_outside(model, OutletId::new(m.sink, 0), out).map_err(tract_err("fusing a matmul epilogue"))?;
+        let out = wire_replacing(&mut patch, model, name, op, &taps, &[OutletId::new(m.sink, 0)], WHAT)?[0];
         for n in m.norms {
             // NormOp(a, b, rest..) of the sum a + b → NormOp(sum, rest..)
             let node = model.node(n);
             let op = skip_norm(node).ok_or_else(|| Error::invalid_model("matmul epilogue: not a skip norm"))?;
             let op = kiln_ops::skip_norm::NormOp { has_skip: false, ..op };
             let mut ins = tvec![out];
-            for i in &node.inputs[2..] {
-                ins.push(patch.tap_model(model, *i).map_err(tract_err("fusing a matmul epilogue"))?);
-            }
+            ins.extend(tap_all(&mut patch, model, &node.inputs[2..], WHAT)?);
             let gpu = GpuOp { kernel: Kernel::Norm(kiln_wgsl::msft::NormSpec { op: op.clone() }), cpu: Box::new(op) };
-            let y = patch.wire_node(node.name.clone(), gpu, &ins).map_err(tract_err("fusing a matmul epilogue"))?[0];
-            patch.shunt_outside(model, OutletId::new(n, 0), y).map_err(tract_err("fusing a matmul epilogue"))?;
+            wire_replacing(&mut patch, model, node.name.clone(), gpu, &ins, &[OutletId::new(n, 0)], WHAT)?;
         }
-        patch.apply(model).map_err(tract_err("fusing a matmul epilogue"))?;
-        model.compact().map_err(tract_err("compacting the fused model"))?;
+        apply_compacted(patch, model, WHAT)?;
         fused += 1;
     }
     Ok(fused)
@@ -407,19 +433,14 @@ pub fn fuse_matmul_splits(model: &mut TypedModel, max_storage_buffers: u32) -> R
         }
         let kernel = kiln_wgsl::qmatmul::QMatMul { n: ns.iter().sum(), epilogue: QEpilogue::Split(ns), ..key };
         let chain = FusedChain { inputs: inputs.len(), steps, outputs: members.len() };
+        const WHAT: &str = "joining matmuls";
         let mut patch = TypedModelPatch::default();
-        let mut taps = tvec![];
-        for i in &inputs {
-            taps.push(patch.tap_model(model, *i).map_err(tract_err("joining matmuls"))?);
-        }
+        let taps = tap_all(&mut patch, model, &inputs, WHAT)?;
         let name = format!("{}.split", model.node(members[0]).name);
         let op = GpuOp { kernel: Kernel::QMatMul(kernel), cpu: Box::new(chain) };
-        let outs = patch.wire_node(name, op, &taps).map_err(tract_err("joining matmuls"))?;
-        for (m, o) in members.iter().zip(outs) {
-            patch.shunt_outside(model, OutletId::new(*m, 0), o).map_err(tract_err("joining matmuls"))?;
-        }
-        patch.apply(model).map_err(tract_err("joining matmuls"))?;
-        model.compact().map_err(tract_err("compacting the joined model"))?;
+        let replaced: Vec<OutletId> = members.iter().map(|m| OutletId::new(*m, 0)).collect();
+        wire_replacing(&mut patch, model, name, op, &taps, &replaced, WHAT)?;
+        apply_compacted(patch, model, WHAT)?;
         fused += 1;
     }
     Ok(fused)
@@ -476,21 +497,14 @@ pub fn fuse_matmul_norms(model: &mut TypedModel, max_storage_buffers: u32) -> Re
             steps: vec![(norm_cpu, norm_srcs), (mm_cpu, mm_srcs)],
             outputs: node.outputs.len(),
         };
+        const WHAT: &str = "folding a norm into a matmul";
         let mut patch = TypedModelPatch::default();
-        let mut taps = tvec![];
-        for i in &inputs {
-            taps.push(patch.tap_model(model, *i).map_err(tract_err("folding a norm into a matmul"))?);
-        }
+        let taps = tap_all(&mut patch, model, &inputs, WHAT)?;
         let name = format!("{}.normed", node.name);
         let op = GpuOp { kernel: Kernel::QMatMul(kernel), cpu: Box::new(chain) };
-        let outs = patch.wire_node(name, op, &taps).map_err(tract_err("folding a norm into a matmul"))?;
-        for (slot, o) in outs.iter().enumerate() {
-            patch
-                .shunt_outside(model, OutletId::new(id, slot), *o)
-                .map_err(tract_err("folding a norm into a matmul"))?;
-        }
-        patch.apply(model).map_err(tract_err("folding a norm into a matmul"))?;
-        model.compact().map_err(tract_err("compacting the fused model"))?;
+        let replaced: Vec<OutletId> = (0..node.outputs.len()).map(|slot| OutletId::new(id, slot)).collect();
+        wire_replacing(&mut patch, model, name, op, &taps, &replaced, WHAT)?;
+        apply_compacted(patch, model, WHAT)?;
         fused += 1;
     }
     Ok(fused)
@@ -555,11 +569,10 @@ pub fn matmul_weights_in_f16(model: &mut TypedModel) -> Result<usize> {
             };
             let a = patch.tap_model(model, m.inputs[0]).map_err(tract_err("a float16 weight"))?;
             let op = GpuOp { kernel: g.kernel.clone(), cpu: Box::new(chain) };
-            let y = patch.wire_node(format!("{}.f16", m.name), op, &[a, w]).map_err(tract_err("a float16 weight"))?[0];
-            patch.shunt_outside(model, OutletId::new(m.id, 0), y).map_err(tract_err("a float16 weight"))?;
+            let replaced = [OutletId::new(m.id, 0)];
+            wire_replacing(&mut patch, model, format!("{}.f16", m.name), op, &[a, w], &replaced, "a float16 weight")?;
         }
-        patch.apply(model).map_err(tract_err("a float16 weight"))?;
-        model.compact().map_err(tract_err("compacting the model"))?;
+        apply_compacted(patch, model, "a float16 weight")?;
         done += 1;
     }
     Ok(done)

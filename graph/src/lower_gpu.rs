@@ -520,7 +520,7 @@ mod tests {
     /// Three MatMulNBits of one input (no zero points): one split node of all three where a kernel may bind 16
     /// storage buffers (10 needed), of two (7) under WebGPU's default 8, and no lowered kernel over the limit.
     #[test]
-    fn matmul_splits_stay_within_the_storage_buffer_limit() {
+    fn matmul_splits_stay_within_the_storage_buffer_limit() -> Result<()> {
         use tract_onnx::pb;
         let attr = |name: &str, i: i64| pb::AttributeProto {
             name: name.into(),
@@ -590,10 +590,10 @@ mod tests {
             ..Default::default()
         };
         let options = crate::LoadOptions { optimization: crate::OptimizationLevel::Basic, ..Default::default() };
-        let model = crate::load_proto(proto, &options).unwrap();
+        let model = crate::load_proto(proto, &options)?;
         for (limit, parts) in [(16, 3), (8, 2)] {
             let caps = Caps { max_storage_buffers: limit, ..Caps::webgpu_defaults() };
-            let lowered = lower(&model.typed, &caps).unwrap();
+            let lowered = lower(&model.typed, &caps)?;
             let mut splits = vec![];
             for node in lowered.model.nodes() {
                 if let Some(Kernel::QMatMul(q)) = node.op_as::<GpuOp>().map(|g| &g.kernel) {
@@ -605,6 +605,7 @@ mod tests {
             let want = if parts == 3 { vec![3] } else { vec![0, 2] };
             assert_eq!(splits, want, "limit {limit}");
         }
+        Ok(())
     }
 
     /// A 256 KB weight under a 64 KiB cap: four matmuls on the GPU and a concat, same values as the original.
