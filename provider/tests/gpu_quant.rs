@@ -426,7 +426,10 @@ fn a_gated_mlp_and_its_residual_fold_into_the_matmul_kernels() {
         Case { bits: 4, block_size: 32, k: 96, n: 160, zp: Zp::None, f16: false, bias: false, accuracy_level: 0 };
     let cases = [
         (base, 1e-4),
-        (Case { zp: Zp::Packed, accuracy_level: 4, ..base }, 1e-4),
+        // accuracy_level 4 quantizes the down projection's A to int8 per block, and A is computed here (SiLU · Mul):
+        // where the CPU's and the GPU's last bits differ on a rounding tie, one int8 code flips and moves an output
+        // by amax/127 · |w| (~0.06 of h's max ~300 with these weights): 1e-3 of the max covers a few flips
+        (Case { zp: Zp::Packed, accuracy_level: 4, ..base }, 1e-3),
         (Case { f16: true, zp: Zp::Float, bits: 8, block_size: 16, k: 80, ..base }, 2e-3),
     ];
     let mut failures = vec![];
