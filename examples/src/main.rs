@@ -259,9 +259,10 @@ fn run(args: Args) -> Result<(), String> {
                 if n > 0 {
                     let d = |a: usize, b: usize| a.saturating_sub(b) as f64 / n as f64;
                     println!(
-                        "gpu work per decode step (mean of {n}): {:.1} submits, {:.1} dispatches, {:.1} uploads, {:.1} \
-                         readbacks",
+                        "gpu work per decode step (mean of {n}): {:.1} submits (+{:.1} early), {:.1} dispatches, {:.1} \
+                         uploads, {:.1} readbacks",
                         d(r.counters.submits, p.counters.submits),
+                        d(r.counters.early_submits, p.counters.early_submits),
                         d(r.counters.dispatches, p.counters.dispatches),
                         d(r.counters.uploads, p.counters.uploads),
                         d(r.counters.readbacks, p.counters.readbacks)

@@ -120,7 +120,9 @@ impl GpuBackend {
         kiln_graph::stream::materialize(&mut lowered.model, &host_read, model.weight_source.as_ref(), chunk)
             .await
             .map_err(|e| format!("adapter {adapter}: {}", e.message))?;
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| GpuBackend::new(ctx, lowered))) {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            GpuBackend::new(ctx, lowered, options.gpu_submit_every)
+        })) {
             Ok(Ok((b, jobs))) => {
                 // the other streamed weights: from the source into their GPU buffers, a chunk at a time
                 crate::gpu_stream::stream_weights(&b.ctx, &jobs, model.weight_source.as_ref(), chunk, UPLOAD_WINDOW)
@@ -146,6 +148,7 @@ impl GpuBackend {
     pub(crate) fn new(
         ctx: Arc<Context>,
         mut lowered: Lowered,
+        submit_every: Option<usize>,
     ) -> Result<(GpuBackend, Vec<crate::gpu_stream::StreamJob>)> {
         // weights: constants that feed the GPU, uploaded once
         let mut weights = HashMap::new();
@@ -234,6 +237,7 @@ impl GpuBackend {
         let plan = SimplePlan::new(lowered.model.clone()).map_err(tract_err("planning the lowered model"))?;
         let poison = std::env::var("KILN_GPU_POISON").is_ok_and(|v| v == "1");
         let streamed = (jobs.len(), streamed_bytes);
+        let submit_every = submit_every.unwrap_or_else(|| kiln_wgsl::exec::default_submit_every(&ctx.caps));
         let backend = GpuBackend {
             ctx,
             lowered,
@@ -242,7 +246,7 @@ impl GpuBackend {
             weights,
             weight_bytes,
             host_constant_bytes,
-            rec: AsyncLock::new(Recorder::default()),
+            rec: AsyncLock::new(Recorder::with_submit_every(submit_every)),
             stats: Mutex::new((Counters::default(), 0)),
             profile: Mutex::default(),
             poison: AtomicBool::new(poison),
@@ -593,6 +597,7 @@ impl GpuBackend {
                     }
                 }
             }
+            rec.submit_early(ctx).map_err(gpu_err)?;
         }
         // outputs left on the GPU: the device values behind them; host values (CPU nodes' outputs) go up
         let mut gpu_out: HashMap<usize, GpuTensor> = HashMap::new();

@@ -72,6 +72,10 @@ pub struct SessionOptions {
     /// bounded reads, never whole in host memory (on by default: weights of 1 MiB or more, 4 MiB reads). CPU
     /// sessions read external data into memory as before.
     pub weight_streaming: kiln_graph::WeightStreaming,
+    /// WebGPU sessions: submit a run's recorded work each time it reaches this many dispatches, without waiting,
+    /// so the GPU starts while the rest is recorded (0: one submit per flush). `None`: 48 on GPUs, 0 on CPU adapters
+    /// (`kiln_wgsl::exec::default_submit_every`).
+    pub gpu_submit_every: Option<usize>,
 }
 
 impl std::fmt::Debug for SessionOptions {
@@ -87,6 +91,7 @@ impl std::fmt::Debug for SessionOptions {
             .field("webgpu_adapter", &self.webgpu_adapter)
             .field("share_gpu_device", &self.share_gpu_device)
             .field("weight_streaming", &self.weight_streaming)
+            .field("gpu_submit_every", &self.gpu_submit_every)
             .finish()
     }
 }

@@ -50,6 +50,7 @@ fn counters(s: &blocking::Session) -> Counters {
 fn delta(a: &Counters, b: &Counters) -> Counters {
     Counters {
         submits: a.submits - b.submits,
+        early_submits: a.early_submits - b.early_submits,
         dispatches: a.dispatches - b.dispatches,
         uploads: a.uploads - b.uploads,
         readbacks: a.readbacks - b.readbacks,
