@@ -446,6 +446,99 @@ pub fn fuse_matmul_splits(model: &mut TypedModel, max_storage_buffers: u32) -> R
     Ok(fused)
 }
 
+/// Whether node `b` reads, directly or not, an output of node `a`.
+fn depends_on(model: &TypedModel, b: usize, a: usize) -> bool {
+    let mut seen = HashSet::new();
+    let mut stack = vec![b];
+    while let Some(n) = stack.pop() {
+        for i in &model.node(n).inputs {
+            if i.node == a {
+                return true;
+            }
+            if seen.insert(i.node) {
+                stack.push(i.node);
+            }
+        }
+    }
+    false
+}
+
+/// Storage buffers of a paired rotary embedding: both inputs and outputs, the two caches and the positions.
+const ROTARY_PAIR_BUFFERS: u32 = 7;
+
+/// Joins GPU rotary embeddings that share their caches and positions (a layer's q and k) in pairs: one node with
+/// two outputs, one dispatch (`rope2_main`) instead of two. Returns how many pairs it made. The pairs are found in
+/// one walk and applied together (disjoint nodes; neither of a pair reads the other's output).
+pub fn fuse_rotary_pairs(model: &mut TypedModel, max_storage_buffers: u32) -> Result<usize> {
+    if max_storage_buffers < ROTARY_PAIR_BUFFERS {
+        return Ok(0);
+    }
+    let order = model.eval_order().map_err(tract_err("ordering the lowered model"))?;
+    // single GPU rotary nodes by their cache / position inputs, in evaluation order
+    let mut groups: Vec<(Vec<OutletId>, Vec<usize>)> = vec![];
+    for &id in &order {
+        let node = model.node(id);
+        let Some(Kernel::Rotary(r)) = node.op_as::<GpuOp>().map(|g| &g.kernel) else { continue };
+        if r.second.is_some() || node.outputs.len() != 1 {
+            continue;
+        }
+        let shared = node.inputs[1..].to_vec();
+        match groups.iter_mut().find(|(k, _)| *k == shared) {
+            Some((_, members)) => members.push(id),
+            None => groups.push((shared, vec![id])),
+        }
+    }
+    let spec = |model: &TypedModel, id: usize| match model.node(id).op_as::<GpuOp>().map(|g| &g.kernel) {
+        Some(Kernel::Rotary(r)) => Some(r.config.clone()),
+        _ => None,
+    };
+    // greedily in evaluation order: each with the first later member it can share a dispatch with (a layer's q
+    // with its k); never two where one depends on the other (that would be a cycle)
+    let mut pairs = vec![];
+    for (_, members) in groups {
+        let mut used = vec![false; members.len()];
+        for i in 0..members.len() {
+            if used[i] {
+                continue;
+            }
+            let Some(ci) = spec(model, members[i]) else { continue };
+            let partner = (i + 1..members.len()).find(|&j| {
+                !used[j]
+                    && spec(model, members[j]).is_some_and(|cj| kiln_wgsl::attention::RotarySpec::pairs(&ci, &cj))
+                    && !depends_on(model, members[j], members[i])
+            });
+            if let Some(j) = partner {
+                used[i] = true;
+                used[j] = true;
+                pairs.push((members[i], members[j]));
+            }
+        }
+    }
+    const WHAT: &str = "pairing rotary embeddings";
+    for &(a, b) in &pairs {
+        let (na, nb) = (model.node(a), model.node(b));
+        let (Some(ca), Some(cb)) = (spec(model, a), spec(model, b)) else { continue };
+        let shared = na.inputs[1..].to_vec();
+        let mut inputs = vec![na.inputs[0]];
+        inputs.extend(shared.iter().copied());
+        inputs.push(nb.inputs[0]);
+        let last = inputs.len() as u8 - 1;
+        let srcs = |x: u8| -> Vec<Src> { std::iter::once(Src::Input(x)).chain((1..last).map(Src::Input)).collect() };
+        let cpu = |n: &TypedNode| n.op_as::<GpuOp>().map(|g| g.cpu.clone());
+        let (Some(cpu_a), Some(cpu_b)) = (cpu(na), cpu(nb)) else { continue };
+        let chain = FusedChain { inputs: inputs.len(), steps: vec![(cpu_a, srcs(0)), (cpu_b, srcs(last))], outputs: 2 };
+        let kernel = Kernel::Rotary(kiln_wgsl::attention::RotarySpec { config: ca, second: Some(cb) });
+        let name = format!("{}.pair", na.name);
+        let mut patch = TypedModelPatch::default();
+        let taps = tap_all(&mut patch, model, &inputs, WHAT)?;
+        let op = GpuOp { kernel, cpu: Box::new(chain) };
+        wire_replacing(&mut patch, model, name, op, &taps, &[OutletId::new(a, 0), OutletId::new(b, 0)], WHAT)?;
+        patch.apply(model).map_err(tract_err(WHAT))?;
+    }
+    model.compact().map_err(tract_err(WHAT))?;
+    Ok(pairs.len())
+}
+
 /// Folds an RMS norm (no skip, gamma or not) into the GPU MatMulNBits node that is its only reader (a layer's
 /// q / k / v split, its gate / up, the LM head): the matmul kernel normalises A itself ([`QNorm`]), one dispatch
 /// less per norm on a decode step. Returns how many it folded. Runs after [`fuse_matmul_splits`].

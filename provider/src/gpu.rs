@@ -534,14 +534,12 @@ impl GpuBackend {
                             let name: String = op.kernel.name().chars().take(48).collect();
                             rec.tag = Some(intern(name));
                         }
-                        let outs = match &op.kernel {
-                            // several outputs: one per weight of a split matmul
-                            Kernel::QMatMul(q) if node.outputs.len() > 1 => q.encode_split(ctx, rec, &refs),
-                            k => k.encode(ctx, rec, &refs, &state.turn_state.resolved_symbols).map(|o| vec![o]),
-                        }
-                        .map_err(|e| {
-                            Error::runtime(format!("webgpu: {} ({}): {}", node.name, op.kernel.name(), e.message))
-                        })?;
+                        let outs = op
+                            .kernel
+                            .encode_outputs(ctx, rec, &refs, &state.turn_state.resolved_symbols)
+                            .map_err(|e| {
+                                Error::runtime(format!("webgpu: {} ({}): {}", node.name, op.kernel.name(), e.message))
+                            })?;
                         rec.tag = None;
                         drop(args);
                         for t in temps {

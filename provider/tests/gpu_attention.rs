@@ -1063,3 +1063,95 @@ fn decomposed_attention_with_where_masks_and_softcap_is_fused_on_gpu() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// A layer's q and k rotated by RotaryEmbedding nodes that share cos / sin / position_ids (different head counts:
+/// GQA) run as one GPU dispatch (two outputs), and both match onnx's reference like the CPU does. With
+/// KILN_GPU_FUSION=0 it would be two dispatches.
+#[test]
+fn rotary_embeddings_sharing_caches_run_as_one_dispatch() {
+    if !gpu_available() {
+        return;
+    }
+    let mut rng = Rng(seed());
+    let mut failures = vec![];
+    for (interleaved, three_d, rotary_dim, seq) in [(false, false, 0, 5), (true, true, 0, 1), (false, true, 8, 3)] {
+        let (batch, hq, hkv, head, max_pos) = (2, 9, 3, 16, 40);
+        let rot = if rotary_dim == 0 { head } else { rotary_dim };
+        let cols = rot / 2;
+        let c =
+            |heads| Rope { batch, heads, seq, head, rotary_dim, interleaved, three_d, positions: 1, microsoft: false };
+        let dims = |h: usize| if three_d { vec![batch, seq, h * head] } else { vec![batch, h, seq, head] };
+        let what = format!("interleaved {interleaved} 3d {three_d} rotary_dim {rotary_dim} seq {seq}");
+        let (q, k) = (tensor_f32(&mut rng, &dims(hq), -2.0, 2.0), tensor_f32(&mut rng, &dims(hkv), -2.0, 2.0));
+        let cos = tensor_f32(&mut rng, &[max_pos, cols], -1.0, 1.0);
+        let sin = tensor_f32(&mut rng, &[max_pos, cols], -1.0, 1.0);
+        let pos: Vec<i64> = (0..batch * seq).map(|i| (7 * i as i64 + 3) % max_pos as i64).collect();
+        let attrs = |h: usize| {
+            let mut a = vec![attr_int("interleaved", interleaved as i64)];
+            if three_d || rotary_dim > 0 {
+                a.push(attr_int("num_heads", h as i64));
+            }
+            if rotary_dim > 0 {
+                a.push(attr_int("rotary_embedding_dim", rotary_dim as i64));
+            }
+            a
+        };
+        let graph = pb::GraphProto {
+            name: "g".into(),
+            node: vec![
+                node("RotaryEmbedding", &["q", "cos", "sin", "pos"], "qr", attrs(hq)),
+                node("RotaryEmbedding", &["k", "cos", "sin", "pos"], "kr", attrs(hkv)),
+            ],
+            input: vec![
+                value_info("q", 1, Some(&dims(hq))),
+                value_info("k", 1, Some(&dims(hkv))),
+                value_info("cos", 1, Some(&[max_pos, cols])),
+                value_info("sin", 1, Some(&[max_pos, cols])),
+                value_info("pos", 7, Some(&[batch, seq])),
+            ],
+            output: vec![value_info("qr", 1, None), value_info("kr", 1, None)],
+            ..Default::default()
+        };
+        let bytes = pb::ModelProto {
+            ir_version: 10,
+            opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: 23 }],
+            graph: Some(graph),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let feeds = vec![
+            ("q".to_string(), q.clone()),
+            ("k".to_string(), k.clone()),
+            ("cos".to_string(), cos.clone()),
+            ("sin".to_string(), sin.clone()),
+            ("pos".to_string(), Tensor::from_vec(&[batch, seq], pos.clone()).unwrap()),
+        ];
+        let (cv, sv) = (cos.to_vec::<f32>().unwrap(), sin.to_vec::<f32>().unwrap());
+        let want = [
+            ("qr", rope_reference(&c(hq), &q.to_vec::<f32>().unwrap(), &cv, &sv, cols, &pos)),
+            ("kr", rope_reference(&c(hkv), &k.to_vec::<f32>().unwrap(), &cv, &sv, cols, &pos)),
+        ];
+        let cpu = Session::from_bytes(&bytes, &options(ExecutionProvider::Cpu)).expect("cpu session");
+        let gpu = Session::from_bytes(&bytes, &options(ExecutionProvider::WebGpu)).expect("gpu session");
+        gpu.set_gpu_poison(true);
+        for (backend, s) in [("cpu", &cpu), ("gpu", &gpu)] {
+            let got = s.run(feeds.clone()).unwrap_or_else(|e| panic!("{what}: {backend}: {e}"));
+            for (name, w) in &want {
+                let y = got.output(name).unwrap().to_vec::<f32>().unwrap();
+                if let Some((i, (a, b))) = w.iter().zip(&y).enumerate().find(|(_, (a, b))| !close(**a, **b, 1e-5)) {
+                    failures.push(format!("{what}: {backend}: {name}[{i}] = {b}, reference {a}"));
+                }
+                if y.len() != w.len() {
+                    failures.push(format!("{what}: {backend}: {name} has {} values, not {}", y.len(), w.len()));
+                }
+            }
+        }
+        let report = gpu.gpu_placement().expect("gpu report");
+        let per_run = report.counters.dispatches as f64 / report.runs.max(1) as f64;
+        // the poison fills are uploads, not dispatches
+        if per_run != 1.0 {
+            failures.push(format!("{what}: {per_run} dispatches per run, not 1: {:?}", report.counters));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

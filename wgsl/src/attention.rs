@@ -372,29 +372,39 @@ pub(crate) fn kernel_for(
 
 pub use kiln_ops::rotary::{RotaryConfig, RotaryOp};
 
-/// RotaryEmbedding's kernel (`kernels/rope.wgsl`): inputs (input, cos_cache, sin_cache, position_ids?).
+/// RotaryEmbedding's kernel (`kernels/rope.wgsl`): inputs (input, cos_cache, sin_cache, position_ids?), and with
+/// `second` a second input rotated by the same caches and positions in the same dispatch (its own config: only
+/// `num_heads` may differ), two outputs.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RotarySpec {
     pub config: RotaryConfig,
+    pub second: Option<RotaryConfig>,
 }
 
 impl RotarySpec {
     pub fn arity(&self) -> usize {
-        3 + self.config.has_positions as usize
+        3 + self.config.has_positions as usize + self.second.is_some() as usize
     }
 
     pub fn output_dt(&self, dts: &[DatumType]) -> Option<DatumType> {
         use DatumType::{F32, I32, I64};
+        let p = self.config.has_positions as usize;
         let ok = dts.len() == self.arity()
             && dts[..3].iter().all(|d| *d == F32)
-            && dts.get(3).is_none_or(|d| matches!(d, I64 | I32));
+            && (p == 0 || matches!(dts[3], I64 | I32))
+            && (self.second.is_none() || dts[3 + p] == F32);
         ok.then_some(F32)
     }
 
-    pub fn encode(&self, ctx: &Context, rec: &mut Recorder, inputs: &[&GpuTensor], out: &GpuTensor) -> Result<()> {
-        let c = &self.config;
+    /// Whether `a` and `b` can share a dispatch: the same caches, positions and rotation, any head count.
+    pub fn pairs(a: &RotaryConfig, b: &RotaryConfig) -> bool {
+        RotaryConfig { num_heads: 0, ..a.clone() } == RotaryConfig { num_heads: 0, ..b.clone() }
+    }
+
+    /// The uniform block for rotating `x` (config `c`): sizes, strides, flags.
+    fn params(&self, c: &RotaryConfig, inputs: &[&GpuTensor], x: &GpuTensor) -> Result<Vec<u32>> {
         let bad = |m: String| Error::new(format!("webgpu: rotary embedding: {m}"));
-        let g = c.geometry(&inputs[0].shape).map_err(|e| bad(e.to_string()))?;
+        let g = c.geometry(&x.shape).map_err(|e| bad(e.to_string()))?;
         let (cos, sin) = (&inputs[1].shape, &inputs[2].shape);
         if cos != sin {
             return Err(bad(format!("cos {cos:?} and sin {sin:?} differ")));
@@ -424,16 +434,54 @@ impl RotarySpec {
         } else if cos.len() != 3 || cos[0] != g.batch || cos[1] != g.seq {
             return Err(bad(format!("without position_ids the caches must be [batch, seq, half], got {cos:?}")));
         }
-        let n = out.len();
-        let (gx, gy) = ctx.grid((n as u64).div_ceil(crate::kernels::WG as u64))?;
-        let mut u = vec![u32_of("length", n)?, gx, u32_of("batch", g.batch)?, u32_of("heads", g.heads)?];
+        let n = x.len();
+        let mut u = vec![u32_of("length", n)?, 0, u32_of("batch", g.batch)?, u32_of("heads", g.heads)?];
         for x in [g.seq, g.head, g.rotary_dim, cols, g.strides[0], g.strides[1], g.strides[2]] {
             u.push(u32_of("size", x)?);
         }
-        u.extend([flags, u32_of("cache rows", rows)?, 0, 0, 0]);
-        let pos = if c.has_positions { inputs[3] } else { inputs[0] };
+        u.extend([flags, u32_of("cache rows", rows)?, u32_of("length", n)?, 0, 0]);
+        u.extend([0u32; 4]);
+        Ok(u)
+    }
+
+    pub fn encode(&self, ctx: &Context, rec: &mut Recorder, inputs: &[&GpuTensor], out: &GpuTensor) -> Result<()> {
+        let mut u = self.params(&self.config, inputs, inputs[0])?;
+        let n = inputs[0].len();
+        let (gx, gy) = ctx.grid((n as u64).div_ceil(crate::kernels::WG as u64))?;
+        u[1] = gx;
+        let pos = if self.config.has_positions { inputs[3] } else { inputs[0] };
         let b = [(1, inputs[0]), (2, inputs[1]), (3, out), (4, inputs[2]), (5, pos)];
         launch(ctx, rec, "rope", "rope_main", vec![], &u, &b, (gx, gy, 1))
+    }
+
+    /// Both rotations of a paired spec (`second`), one dispatch; the outputs in input order.
+    pub fn encode_pair(&self, ctx: &Context, rec: &mut Recorder, inputs: &[&GpuTensor]) -> Result<Vec<GpuTensor>> {
+        let (Some(second), true) = (&self.second, inputs.len() == self.arity()) else {
+            return Err(Error::new("webgpu: rotary embedding: not a pair"));
+        };
+        let x2 = inputs[self.arity() - 1];
+        let mut u = self.params(&self.config, inputs, inputs[0])?;
+        let v = self.params(second, inputs, x2)?;
+        // the second's rows are the same positions: the same batch, seq, head and rotary dim
+        if u[2] != v[2] || u[4..7] != v[4..7] {
+            return Err(Error::new(format!(
+                "webgpu: rotary embedding: paired inputs {:?} and {:?} differ in batch, seq or head",
+                inputs[0].shape, x2.shape
+            )));
+        }
+        let (n1, n2) = (inputs[0].len(), x2.len());
+        let n = n1.checked_add(n2).ok_or_else(|| Error::new("webgpu: rotary embedding: too large"))?;
+        let (gx, gy) = ctx.grid((n as u64).div_ceil(crate::kernels::WG as u64))?;
+        u[0] = u32_of("length", n)?;
+        u[1] = gx;
+        u[13] = u32_of("length", n1)?;
+        u[16..20].copy_from_slice(&[v[3], v[8], v[9], v[10]]);
+        let out1 = rec.alloc(ctx, &inputs[0].shape, DatumType::F32)?;
+        let out2 = rec.alloc(ctx, &x2.shape, DatumType::F32)?;
+        let pos = if self.config.has_positions { inputs[3] } else { inputs[0] };
+        let b = [(1, inputs[0]), (2, inputs[1]), (3, &out1), (4, inputs[2]), (5, pos), (6, x2), (7, &out2)];
+        launch(ctx, rec, "rope", "rope2_main", vec![], &u, &b, (gx, gy, 1))?;
+        Ok(vec![out1, out2])
     }
 }
 

@@ -1029,6 +1029,24 @@ impl Kernel {
         }
     }
 
+    /// Records the kernel on `inputs`, allocating its outputs from the recorder's pool: one, or one per part of a
+    /// split matmul / paired rotary embedding (a node with several outputs).
+    pub fn encode_outputs(
+        &self,
+        ctx: &Context,
+        rec: &mut Recorder,
+        inputs: &[&GpuTensor],
+        syms: &SymbolValues,
+    ) -> Result<Vec<GpuTensor>> {
+        match self {
+            Kernel::QMatMul(q) if matches!(q.epilogue, crate::qmatmul::QEpilogue::Split(_)) => {
+                q.encode_split(ctx, rec, inputs)
+            }
+            Kernel::Rotary(r) if r.second.is_some() => r.encode_pair(ctx, rec, inputs),
+            k => k.encode(ctx, rec, inputs, syms).map(|o| vec![o]),
+        }
+    }
+
     /// Records the kernel on `inputs`, allocating its output from the recorder's pool.
     pub fn encode(
         &self,

@@ -3,6 +3,8 @@
 // GPT-J interleaved pairs (2i, 2i + 1); x1' = cos·x1 − sin·x2, x2' = sin·x1 + cos·x2, cos / sin from the cache row
 // of (b, s): position_ids[b, s], position_ids[0] + s (an offset), max(seqlens_k[b] + 1 - seq, 0) + s
 // (GroupQueryAttention's seqlens_k), or b·seq + s (no position_ids).
+// rope2_main: two tensors (a layer's q and k) with the same caches and positions in one dispatch; elements
+// 0..n1 are the first's, the rest the second's (its own head count and strides, d4).
 
 struct Params {
     // elements, groups_x, batch, heads
@@ -11,8 +13,10 @@ struct Params {
     d1: vec4<u32>,
     // strides (batch, head, seq) of the input, flags (1 interleaved, 2 positions, 4 offset, 8 seqlens_k)
     d2: vec4<u32>,
-    // cache rows, -, -, -
+    // cache rows, elements of the first tensor (rope2_main), -, -
     d3: vec4<u32>,
+    // the second tensor (rope2_main): heads, strides (batch, head, seq)
+    d4: vec4<u32>,
 };
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -21,14 +25,21 @@ struct Params {
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 @group(0) @binding(4) var<storage, read> sin_c: array<f32>;
 @group(0) @binding(5) var<storage, read> pos: array<i32>;
+@group(0) @binding(6) var<storage, read> x2: array<f32>;
+@group(0) @binding(7) var<storage, read_write> out2: array<f32>;
 
-@compute @workgroup_size(WG)
-fn rope_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let f = flat_index(wid, lid, p.d0.y);
-    if (f >= p.d0.x) {
-        return;
-    }
-    let heads = p.d0.w;
+// Where element f (of a tensor with `heads` heads and strides st) takes its values from: `keep` (a channel past
+// the rotary dim), else the index of its partner, the cache's cos / sin and which half of the pair it is.
+struct Rot {
+    keep: bool,
+    partner: u32,
+    c: f32,
+    sn: f32,
+    first: bool,
+};
+
+fn rotation(f: u32, heads: u32, st: vec3<u32>) -> Rot {
+    var r: Rot;
     let seq = p.d1.x;
     let head = p.d1.y;
     let rot = p.d1.z;
@@ -37,26 +48,26 @@ fn rope_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
     // (b, h, s, d) of f through the strides (the input is contiguous: one of them is `head`)
     let d = f % head;
     let rest = f - d;
-    let b = rest / p.d2.x;
-    let h = (rest % p.d2.x) / p.d2.y % heads;
-    let s = (rest % p.d2.x) / p.d2.z % seq;
-    if (d >= rot) {
-        out[f] = x[f];
-        return;
+    let b = rest / st.x;
+    let h = (rest % st.x) / st.y % heads;
+    let s = (rest % st.x) / st.z % seq;
+    r.keep = d >= rot;
+    if (r.keep) {
+        return r;
     }
     let half = rot / 2u;
     var i = 0u;
-    var first = true;
     var partner = 0u;
     if ((flags & 1u) != 0u) {
         i = d / 2u;
-        first = d % 2u == 0u;
-        partner = select(d - 1u, d + 1u, first);
+        r.first = d % 2u == 0u;
+        partner = select(d - 1u, d + 1u, r.first);
     } else {
-        first = d < half;
-        i = select(d - half, d, first);
-        partner = select(d - half, d + half, first);
+        r.first = d < half;
+        i = select(d - half, d, r.first);
+        partner = select(d - half, d + half, r.first);
     }
+    r.partner = rest + partner;
     var row = b * seq + s;
     if ((flags & 2u) != 0u) {
         var pv = 0;
@@ -70,13 +81,53 @@ fn rope_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
         // the CPU rejects a position outside the cache; never read outside it here
         row = u32(clamp(pv, 0, i32(p.d3.x) - 1));
     }
-    let c = cos_c[row * cols + i];
-    let sn = sin_c[row * cols + i];
-    let xs = x[f];
-    let xp = x[rest + partner];
-    if (first) {
-        out[f] = c * xs - sn * xp;
+    r.c = cos_c[row * cols + i];
+    r.sn = sin_c[row * cols + i];
+    return r;
+}
+
+fn rotated(r: Rot, xs: f32, xp: f32) -> f32 {
+    if (r.first) {
+        return r.c * xs - r.sn * xp;
+    }
+    return r.sn * xp + r.c * xs;
+}
+
+@compute @workgroup_size(WG)
+fn rope_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let f = flat_index(wid, lid, p.d0.y);
+    if (f >= p.d0.x) {
+        return;
+    }
+    let r = rotation(f, p.d0.w, p.d2.xyz);
+    if (r.keep) {
+        out[f] = x[f];
     } else {
-        out[f] = sn * xp + c * xs;
+        out[f] = rotated(r, x[f], x[r.partner]);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn rope2_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let f = flat_index(wid, lid, p.d0.y);
+    if (f >= p.d0.x) {
+        return;
+    }
+    let n1 = p.d3.y;
+    if (f < n1) {
+        let r = rotation(f, p.d0.w, p.d2.xyz);
+        if (r.keep) {
+            out[f] = x[f];
+        } else {
+            out[f] = rotated(r, x[f], x[r.partner]);
+        }
+    } else {
+        let g = f - n1;
+        let r = rotation(g, p.d4.x, p.d4.yzw);
+        if (r.keep) {
+            out2[g] = x2[g];
+        } else {
+            out2[g] = rotated(r, x2[g], x2[r.partner]);
+        }
     }
 }
