@@ -107,6 +107,10 @@ impl GpuBackend {
             Ok(None) => return Err("no GPU adapter found".into()),
             Err(e) => return Err(e.message),
         };
+        let ctx = match options.gpu_tuning {
+            Some(t) => ctx.with_tuning(t),
+            None => ctx,
+        };
         let adapter = ctx.caps.adapter.clone();
         let lowered = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| lower(&model.typed, &ctx.caps))) {
             Ok(Ok(l)) => l,
@@ -334,7 +338,7 @@ impl GpuBackend {
 
     /// A GPU feed as this backend binds it: on this device, its buffer large enough.
     fn bind_feed(&self, name: &str, g: &crate::gpu_value::GpuTensor) -> Result<GpuTensor> {
-        if !Arc::ptr_eq(&g.ctx, &self.ctx) {
+        if g.ctx.device != self.ctx.device {
             return Err(Error::invalid_argument(format!(
                 "input `{name}`: the GPU tensor lives on another device than this session's (make it on \
                  Session::gpu_device(), or download() it and feed the host tensor)"

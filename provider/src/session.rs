@@ -76,6 +76,9 @@ pub struct SessionOptions {
     /// so the GPU starts while the rest is recorded (0: one submit per flush). `None`: 48 on GPUs, 0 on CPU adapters
     /// (`kiln_wgsl::exec::default_submit_every`).
     pub gpu_submit_every: Option<usize>,
+    /// WebGPU sessions: the kernels' tuning, for a GPU or for a CPU adapter (`None`: what the adapter is;
+    /// KILN_GPU_TUNING=gpu|cpu changes that default for the whole process).
+    pub gpu_tuning: Option<kiln_wgsl::Tuning>,
 }
 
 impl std::fmt::Debug for SessionOptions {
@@ -92,6 +95,7 @@ impl std::fmt::Debug for SessionOptions {
             .field("share_gpu_device", &self.share_gpu_device)
             .field("weight_streaming", &self.weight_streaming)
             .field("gpu_submit_every", &self.gpu_submit_every)
+            .field("gpu_tuning", &self.gpu_tuning)
             .finish()
     }
 }

@@ -296,27 +296,32 @@ fn run_case(rng: &mut Rng, c: Case) -> Result<(), String> {
     }
     let cpu = Session::from_bytes(&bytes, &options(ExecutionProvider::Cpu)).map_err(|e| format!("{what}: cpu: {e}"))?;
     let want = cpu.run(feeds.clone()).map_err(|e| format!("{what}: cpu run: {e}"))?;
-    let gpu = Session::from_bytes(&bytes, &options(ExecutionProvider::WebGpu))
-        .map_err(|e| format!("{what}: gpu load: {e}"))?;
-    let report = gpu.gpu_placement().ok_or_else(|| format!("{what}: not on the GPU: {:?}", gpu.provider_note()))?;
-    let att = report.nodes.iter().find(|n| n.op == "KilnAttentionY");
-    if att.is_none_or(|n| n.device != Device::Gpu) {
-        return Err(format!("{what}: the attention is not on the GPU: {:?}", report.nodes));
-    }
-    if let Some(n) = report.nodes.iter().find(|n| n.device == Device::Cpu) {
-        return Err(format!("{what}: {} ({:?}) stays on the CPU", n.op, n.reason));
-    }
-    gpu.set_gpu_poison(true);
-    let got = gpu.run(feeds).map_err(|e| format!("{what}: gpu run: {e}"))?;
-    for name in outputs {
-        let (w, g) = (want.output(name).unwrap(), got.output(name).unwrap());
-        if w.dims() != g.dims() {
-            return Err(format!("{what}: {name}: shape {:?} on the GPU, {:?} on the CPU", g.dims(), w.dims()));
+    // both kernel tunings (lavapipe is a CPU adapter: the GPU shapes, e.g. decode_main's 256 invocations, are
+    // tested by forcing them)
+    for tuning in [kiln_wgsl::Tuning::Cpu, kiln_wgsl::Tuning::Gpu] {
+        let what = format!("{what} [{tuning:?} tuning]");
+        let opts = SessionOptions { gpu_tuning: Some(tuning), ..options(ExecutionProvider::WebGpu) };
+        let gpu = Session::from_bytes(&bytes, &opts).map_err(|e| format!("{what}: gpu load: {e}"))?;
+        let report = gpu.gpu_placement().ok_or_else(|| format!("{what}: not on the GPU: {:?}", gpu.provider_note()))?;
+        let att = report.nodes.iter().find(|n| n.op == "KilnAttentionY");
+        if att.is_none_or(|n| n.device != Device::Gpu) {
+            return Err(format!("{what}: the attention is not on the GPU: {:?}", report.nodes));
         }
-        let (w, g) = (w.to_vec::<f32>().unwrap(), g.to_vec::<f32>().unwrap());
-        for (i, (a, b)) in w.iter().zip(&g).enumerate() {
-            if !close(*a, *b, 2e-5) {
-                return Err(format!("{what}: {name}[{i}]: gpu {b} vs cpu {a}"));
+        if let Some(n) = report.nodes.iter().find(|n| n.device == Device::Cpu) {
+            return Err(format!("{what}: {} ({:?}) stays on the CPU", n.op, n.reason));
+        }
+        gpu.set_gpu_poison(true);
+        let got = gpu.run(feeds.clone()).map_err(|e| format!("{what}: gpu run: {e}"))?;
+        for name in outputs {
+            let (w, g) = (want.output(name).unwrap(), got.output(name).unwrap());
+            if w.dims() != g.dims() {
+                return Err(format!("{what}: {name}: shape {:?} on the GPU, {:?} on the CPU", g.dims(), w.dims()));
+            }
+            let (w, g) = (w.to_vec::<f32>().unwrap(), g.to_vec::<f32>().unwrap());
+            for (i, (a, b)) in w.iter().zip(&g).enumerate() {
+                if !close(*a, *b, 2e-5) {
+                    return Err(format!("{what}: {name}[{i}]: gpu {b} vs cpu {a}"));
+                }
             }
         }
     }

@@ -207,21 +207,17 @@ fn model(rng: &mut Rng, c: Case, a_dims: &[usize]) -> Vec<u8> {
     onnx_model(graph, 17)
 }
 
-static TUNING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// GPU sessions of `bytes` with the kernels tuned for a CPU adapter and for a GPU (kiln_wgsl's TUNING_ENV; lavapipe
-/// is a CPU adapter, so the GPU shapes of the kernels are only tested here by forcing them).
+/// GPU sessions of `bytes` with the kernels tuned for a CPU adapter and for a GPU (SessionOptions::gpu_tuning;
+/// lavapipe is a CPU adapter, so the GPU shapes of the kernels are only tested here by forcing them).
 fn gpu_sessions(bytes: &[u8]) -> Vec<(&'static str, Result<Session, String>)> {
     ["cpu", "gpu"].into_iter().map(|t| (t, gpu_session(bytes, t))).collect()
 }
 
 /// A GPU session of `bytes` with the kernels' `tuning` (`cpu` or `gpu`).
 fn gpu_session(bytes: &[u8], tuning: &str) -> Result<Session, String> {
-    let _guard = TUNING.lock().unwrap_or_else(|p| p.into_inner());
-    std::env::set_var(kiln_wgsl::context::TUNING_ENV, tuning);
-    let s = Session::from_bytes(bytes, &options(ExecutionProvider::WebGpu)).map_err(|e| e.to_string());
-    std::env::remove_var(kiln_wgsl::context::TUNING_ENV);
-    s
+    let tuning = if tuning == "cpu" { kiln_wgsl::Tuning::Cpu } else { kiln_wgsl::Tuning::Gpu };
+    let opts = SessionOptions { gpu_tuning: Some(tuning), ..options(ExecutionProvider::WebGpu) };
+    Session::from_bytes(bytes, &opts).map_err(|e| e.to_string())
 }
 
 fn gpu_available() -> bool {

@@ -211,7 +211,11 @@ impl AttentionSpec {
         // decode (one query per row): decode_main, a workgroup per (batch, q head) whose invocations share the keys
         let decode = s == 1;
         let groups = if decode { b * hq } else { b * hkv * blocks };
-        let bk = if decode { wg } else { 2048 / dmax };
+        // decode: DWG invocations a workgroup (256 on GPUs, fewer where the adapter allows fewer; 64 on CPU
+        // adapters), tiles of DWG / 4 keys
+        let dwg = if ctx.caps.cpu_adapter { 64 } else { 256 }.min(ctx.caps.max_invocations as usize).max(8);
+        let dwg = if dwg.is_power_of_two() { dwg } else { dwg.next_power_of_two() / 2 };
+        let bk = if decode { dwg / 4 } else { 2048 / dmax };
         let splits = if groups < SPLIT_BELOW && total >= 2 * bk { total.div_ceil(bk).min(MAX_SPLITS) } else { 1 };
         let chunk = total.div_ceil(splits).div_ceil(bk) * bk;
         let splits = total.div_ceil(chunk.max(1)).max(1);
@@ -248,7 +252,7 @@ impl AttentionSpec {
             (7, pick(pv_ix)),
             (8, pick(np_ix)),
         ];
-        let mut spec = vec![("WG", wg.to_string()), ("DMAX", dmax.to_string())];
+        let mut spec = vec![("WG", wg.to_string()), ("DMAX", dmax.to_string()), ("DWG", dwg.to_string())];
         // K / V (and past K / V) of f16 are read as such: their element types and loads
         let native = ctx.caps.shader_f16;
         let mut any_f16 = false;

@@ -59,6 +59,15 @@ pub const NO_F16_ENV: &str = "KILN_GPU_NO_F16";
 /// so CI on lavapipe (a CPU adapter) tests the GPU shapes of the kernels too.
 pub const TUNING_ENV: &str = "KILN_GPU_TUNING";
 
+/// The kernels' tuning ([`Caps::cpu_adapter`]): for a GPU (wide workgroups, many of them) or for a CPU adapter
+/// (lavapipe, SwiftShader: few invocations, little synchronisation). A session may force either
+/// ([`Context::with_tuning`]); by default the adapter decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Tuning {
+    Gpu,
+    Cpu,
+}
+
 impl Caps {
     /// These caps with `max_storage_binding` (and `max_buffer_size`) lowered to [`MAX_BINDING_ENV`] when it is set
     /// to a smaller positive number of bytes (a multiple of 4 is kept). (There is no environment in a browser.)
@@ -259,6 +268,25 @@ impl Context {
             profiling,
             profile_ops,
         })))
+    }
+
+    /// This device with the kernels tuned as `tuning` says: itself when it already is, else a context on the
+    /// same device and queue (tensors pass between them) with its own pipeline cache.
+    pub fn with_tuning(self: &Arc<Self>, tuning: Tuning) -> Arc<Context> {
+        let cpu_adapter = tuning == Tuning::Cpu;
+        if self.caps.cpu_adapter == cpu_adapter {
+            return self.clone();
+        }
+        Arc::new(Context {
+            device: self.device.clone(),
+            queue: self.queue.clone(),
+            caps: Caps { cpu_adapter, ..self.caps.clone() },
+            errors: self.errors.clone(),
+            pipelines: Mutex::default(),
+            compiled: Mutex::new(0),
+            profiling: self.profiling,
+            profile_ops: self.profile_ops,
+        })
     }
 
     /// Errors the device reported since the last call, as one kiln error.

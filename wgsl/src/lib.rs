@@ -16,7 +16,7 @@ pub mod ops;
 pub mod qmatmul;
 pub mod quant;
 
-pub use context::{AdapterOptions, Caps, Context, PipelineKey};
+pub use context::{AdapterOptions, Caps, Context, PipelineKey, Tuning};
 pub use exec::{Counters, GpuTensor, PendingRead, Recorder};
 pub use kernels::{BinaryOp, Kernel, UnaryOp, View};
 pub use wgpu;

@@ -320,16 +320,23 @@ fn combine_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
     y[b * p.ys.x + h * p.ys.y + i * p.ys.z + d] = v;
 }
 
-// Decode (one query per row, q seq 1): one workgroup per (batch, q head, key split). The workgroup's invocations
-// take one key each for the scores (a tile of WG keys at a time), reduce the tile's max and sum together, and each
-// owns NA channels of the accumulator for the weighted sum of V — no serial loop over the keys in one invocation.
-// Same inputs, flags and partial-result layout (for combine_main) as attention_main.
-const NA: u32 = (DMAX + WG - 1u) / WG;
+// Decode (one query per row, q seq 1): one workgroup of DWG invocations per (batch, q head, key split), keys in
+// tiles of TK = DWG / LANES. Scores: LANES invocations per key, each a strided quarter of the dot product, summed
+// through workgroup memory; the tile's max and sum reduced together. Values: each invocation owns NA channels
+// (channel lane lid % TK) for the keys of one residue (lid / TK) mod LANES of the tile; the LANES partial sums are
+// added once at the end. Few dependent loads per invocation (dk / LANES for a score, TK / LANES for the values):
+// the kernel is latency-bound on a GPU (a decode step has one workgroup per head). Same inputs, flags and
+// partial-result layout (for combine_main) as attention_main.
+const DWG: u32 = {{DWG}}u;
+const LANES: u32 = 4u;
+const TK: u32 = DWG / LANES;
+const NA: u32 = (DMAX + TK - 1u) / TK;
 var<workgroup> qv: array<f32, DMAX>;
-var<workgroup> pw: array<f32, WG>;
-var<workgroup> red: array<f32, WG>;
+var<workgroup> part: array<f32, DWG>;
+var<workgroup> pw: array<f32, TK>;
+var<workgroup> red: array<f32, TK>;
 
-@compute @workgroup_size(WG)
+@compute @workgroup_size(DWG)
 fn decode_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let batch = p.d0.x;
     let hq = p.d0.y;
@@ -379,10 +386,15 @@ fn decode_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
     }
     if (live) {
         let qb = b * p.qs.x + h * p.qs.y;
-        for (var d = lid; d < dk; d = d + WG) {
+        for (var d = lid; d < dk; d = d + DWG) {
             qv[d] = q[qb + d];
         }
     }
+    // scores: key kk of the tile, lane r of it; values: channel lane cl, key residue kr
+    let kk = lid / LANES;
+    let r = lid % LANES;
+    let cl = lid % TK;
+    let kr = lid / TK;
     var acc: array<f32, NA>;
     for (var a = 0u; a < NA; a = a + 1u) {
         acc[a] = 0.0;
@@ -391,8 +403,8 @@ fn decode_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
     var l = 0.0;
     let kvb = b * hkv + kh;
     workgroupBarrier();
-    for (var t0 = first_key; t0 < limit; t0 = t0 + WG) {
-        let j = t0 + lid;
+    for (var t0 = first_key; t0 < limit; t0 = t0 + TK) {
+        let j = t0 + kk;
         var ok = j < limit && j < np;
         if ((flags & 1u) != 0u && j > past) {
             ok = false;
@@ -415,29 +427,39 @@ fn decode_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
                 }
             }
         }
-        var x = NEG_BIG;
+        var dot = 0.0;
         if (ok) {
-            var dot = 0.0;
             if (j < past) {
                 let kb = (kvb * pk_rows + j) * dk;
-                for (var d = 0u; d < dk; d = d + 1u) {
+                for (var d = r; d < dk; d = d + LANES) {
                     dot = dot + qv[d] * load_past_k(kb + d);
                 }
             } else {
                 let kb = b * p.ks.x + kh * p.ks.y + (j - past) * p.ks.z;
-                for (var d = 0u; d < dk; d = d + 1u) {
+                for (var d = r; d < dk; d = d + LANES) {
                     dot = dot + qv[d] * load_k(kb + d);
                 }
             }
-            x = dot * scale;
-            if ((flags & 16u) != 0u) {
-                x = cap * tanh_c(x / cap);
+        }
+        part[lid] = dot;
+        workgroupBarrier();
+        var x = NEG_BIG;
+        if (r == 0u) {
+            if (ok) {
+                var sum = 0.0;
+                for (var i = 0u; i < LANES; i = i + 1u) {
+                    sum = sum + part[lid + i];
+                }
+                x = sum * scale;
+                if ((flags & 16u) != 0u) {
+                    x = cap * tanh_c(x / cap);
+                }
+                x = x + bias;
             }
-            x = x + bias;
+            red[kk] = x;
         }
         // the tile's max
-        red[lid] = x;
-        for (var s = WG / 2u; s > 0u; s = s >> 1u) {
+        for (var s = TK / 2u; s > 0u; s = s >> 1u) {
             workgroupBarrier();
             if (lid < s) {
                 red[lid] = max(red[lid], red[lid + s]);
@@ -445,14 +467,16 @@ fn decode_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
         }
         workgroupBarrier();
         let m_new = max(m, red[0]);
-        var w = 0.0;
-        if (ok) {
-            w = exp(x - m_new);
-        }
         workgroupBarrier();
-        pw[lid] = w;
-        red[lid] = w;
-        for (var s = WG / 2u; s > 0u; s = s >> 1u) {
+        if (r == 0u) {
+            var w = 0.0;
+            if (ok) {
+                w = exp(x - m_new);
+            }
+            pw[kk] = w;
+            red[kk] = w;
+        }
+        for (var s = TK / 2u; s > 0u; s = s >> 1u) {
             workgroupBarrier();
             if (lid < s) {
                 red[lid] = red[lid] + red[lid + s];
@@ -462,30 +486,42 @@ fn decode_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
         let c = exp(m - m_new);
         l = l * c + red[0];
         m = m_new;
-        let n = min(WG, limit - t0);
+        let n = min(TK, limit - t0);
         for (var a = 0u; a < NA; a = a + 1u) {
-            let d = lid + a * WG;
+            let d = cl + a * TK;
             var s = acc[a] * c;
             if (d < dv) {
-                for (var jj = 0u; jj < n; jj = jj + 1u) {
+                for (var jj = kr; jj < n; jj = jj + LANES) {
                     let wj = pw[jj];
-                    if (wj != 0.0) {
-                        let jv = t0 + jj;
-                        var val = 0.0;
-                        if (jv < past) {
-                            val = load_past_v((kvb * pv_rows + jv) * dv + d);
-                        } else {
-                            val = load_v(b * p.vs.x + kh * p.vs.y + (jv - past) * p.vs.z + d);
-                        }
-                        s = s + wj * val;
+                    let jv = t0 + jj;
+                    var val = 0.0;
+                    if (jv < past) {
+                        val = load_past_v((kvb * pv_rows + jv) * dv + d);
+                    } else {
+                        val = load_v(b * p.vs.x + kh * p.vs.y + (jv - past) * p.vs.z + d);
                     }
+                    // a masked key (weight 0) adds nothing, whatever its value holds
+                    s = s + select(0.0, wj * val, wj != 0.0);
                 }
             }
             acc[a] = s;
         }
         workgroupBarrier();
     }
-    if (!live) {
+    // the LANES partial sums of each channel (kr = 0 adds the others')
+    for (var a = 0u; a < NA; a = a + 1u) {
+        part[lid] = acc[a];
+        workgroupBarrier();
+        if (kr == 0u) {
+            var sum = 0.0;
+            for (var i = 0u; i < LANES; i = i + 1u) {
+                sum = sum + part[cl + i * TK];
+            }
+            acc[a] = sum;
+        }
+        workgroupBarrier();
+    }
+    if (!live || kr != 0u) {
         return;
     }
     if (splits > 1u) {
@@ -495,7 +531,7 @@ fn decode_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
             y[at + 1u] = l;
         }
         for (var a = 0u; a < NA; a = a + 1u) {
-            let d = lid + a * WG;
+            let d = cl + a * TK;
             if (d < dv) {
                 y[at + 2u + d] = acc[a];
             }
@@ -508,7 +544,7 @@ fn decode_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
         inv = 1.0 / l;
     }
     for (var a = 0u; a < NA; a = a + 1u) {
-        let d = lid + a * WG;
+        let d = cl + a * TK;
         if (d < dv) {
             y[yb + d] = acc[a] * inv;
         }
