@@ -251,9 +251,11 @@ fn run(args: Args) -> Result<(), String> {
             );
             #[cfg(not(target_arch = "wasm32"))]
             println!(
-                "gpu host time per run: {:.2} ms encoding + submitting, {:.2} ms waiting for the GPU",
+                "gpu host time per run: {:.2} ms encoding + submitting, {:.2} ms waiting for the GPU, {:.2} ms the rest \
+                 (recording, CPU nodes)",
                 r.counters.submit_us as f64 / 1e3 / runs as f64,
-                r.counters.wait_us as f64 / 1e3 / runs as f64
+                r.counters.wait_us as f64 / 1e3 / runs as f64,
+                r.counters.run_us.saturating_sub(r.counters.submit_us + r.counters.wait_us) as f64 / 1e3 / runs as f64
             );
             if let (Some(p), n) = (&result.after_prefill, r.runs.saturating_sub(1)) {
                 if n > 0 {
@@ -267,6 +269,18 @@ fn run(args: Args) -> Result<(), String> {
                         d(r.counters.uploads, p.counters.uploads),
                         d(r.counters.readbacks, p.counters.readbacks)
                     );
+                    #[cfg(not(target_arch = "wasm32"))]
+                    {
+                        let us = |a: u64, b: u64| a.saturating_sub(b) as f64 / 1e3 / n as f64;
+                        let (c, q) = (&r.counters, &p.counters);
+                        let (sub, wait, run) =
+                            (us(c.submit_us, q.submit_us), us(c.wait_us, q.wait_us), us(c.run_us, q.run_us));
+                        println!(
+                            "gpu host time per decode step: {:.2} ms recording and CPU nodes, {sub:.2} ms encoding + \
+                             submitting, {wait:.2} ms waiting for the GPU",
+                            run - sub - wait
+                        );
+                    }
                     let mut prof: Vec<(String, u64, u64)> = r
                         .profile
                         .iter()

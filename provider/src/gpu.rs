@@ -3,7 +3,7 @@
 //! requested output needs GPU data, and only the ToHost values actually needed are read back. Weights are uploaded
 //! once, when the session is created; intermediate buffers come from a pool and go back to it at their last use.
 
-use std::collections::HashMap;
+use kiln_wgsl::FastMap as HashMap;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
@@ -155,7 +155,7 @@ impl GpuBackend {
         submit_every: Option<usize>,
     ) -> Result<(GpuBackend, Vec<crate::gpu_stream::StreamJob>)> {
         // weights: constants that feed the GPU, uploaded once
-        let mut weights = HashMap::new();
+        let mut weights = HashMap::default();
         let mut weight_bytes = 0u64;
         let mut staged = 0u64;
         let mut jobs = vec![];
@@ -310,7 +310,9 @@ impl GpuBackend {
         // work a run that panicked half-way left behind (a finished run leaves none)
         rec.discard();
         rec.poison = self.poison.load(Ordering::Relaxed);
+        let t = kiln_wgsl::exec::clock();
         let r = self.run_with(&mut rec, inputs, outputs, locations).await;
+        rec.counters.run_us += kiln_wgsl::exec::micros_since(t);
         if r.is_err() {
             rec.discard();
         }
@@ -338,7 +340,7 @@ impl GpuBackend {
 
     /// A GPU feed as this backend binds it: on this device, its buffer large enough.
     fn bind_feed(&self, name: &str, g: &crate::gpu_value::GpuTensor) -> Result<GpuTensor> {
-        if g.ctx.device != self.ctx.device {
+        if !g.ctx.same_device(&self.ctx) {
             return Err(Error::invalid_argument(format!(
                 "input `{name}`: the GPU tensor lives on another device than this session's (make it on \
                  Session::gpu_device(), or download() it and feed the host tensor)"
@@ -373,7 +375,7 @@ impl GpuBackend {
         let on_gpu = |i: usize| locations.get(i) == Some(&Location::GpuBuffer);
         // outputs left on the GPU: the device value behind each (a ToHost's input), kept to the end of the run;
         // a ToHost nobody else reads is not run
-        let mut keep: HashMap<OutletId, OutletId> = HashMap::new();
+        let mut keep: HashMap<OutletId, OutletId> = HashMap::default();
         for (i, o) in wanted.iter().enumerate() {
             if on_gpu(i) && model.node(o.node).op_is::<ToHost>() {
                 keep.insert(*o, model.node(o.node).inputs[0]);
@@ -400,7 +402,7 @@ impl GpuBackend {
             }
             stack.extend(model.node(n).inputs.iter().map(|i| i.node));
         }
-        let mut uses: HashMap<OutletId, usize> = HashMap::new();
+        let mut uses: HashMap<OutletId, usize> = HashMap::default();
         for &n in self.order.iter().filter(|n| needed[**n]) {
             for i in &model.node(n).inputs {
                 *uses.entry(*i).or_default() += 1;
@@ -420,7 +422,7 @@ impl GpuBackend {
         if input_outlets.len() != inputs.len() {
             return Err(Error::invalid_argument("wrong number of inputs"));
         }
-        let mut gpu_feeds: HashMap<usize, GpuTensor> = HashMap::new();
+        let mut gpu_feeds: HashMap<usize, GpuTensor> = HashMap::default();
         for (ix, (v, outlet)) in inputs.into_iter().zip(&input_outlets).enumerate() {
             match v {
                 Value::Cpu(t) => state
@@ -453,7 +455,7 @@ impl GpuBackend {
                 }
             }
         }
-        let mut dev: HashMap<OutletId, GpuTensor> = HashMap::new();
+        let mut dev: HashMap<OutletId, GpuTensor> = HashMap::default();
         let mut pending: Vec<(OutletId, PendingRead, TVec<usize>, DatumType)> = vec![];
 
         for &id in self.order.iter().filter(|n| needed[**n]) {
@@ -602,7 +604,7 @@ impl GpuBackend {
             rec.submit_early(ctx).map_err(gpu_err)?;
         }
         // outputs left on the GPU: the device values behind them; host values (CPU nodes' outputs) go up
-        let mut gpu_out: HashMap<usize, GpuTensor> = HashMap::new();
+        let mut gpu_out: HashMap<usize, GpuTensor> = HashMap::default();
         for (i, o) in wanted.iter().enumerate() {
             if !on_gpu(i) {
                 continue;

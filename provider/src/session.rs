@@ -73,7 +73,7 @@ pub struct SessionOptions {
     /// sessions read external data into memory as before.
     pub weight_streaming: kiln_graph::WeightStreaming,
     /// WebGPU sessions: submit a run's recorded work each time it reaches this many dispatches, without waiting,
-    /// so the GPU starts while the rest is recorded (0: one submit per flush). `None`: 48 on GPUs, 0 on CPU adapters
+    /// so the GPU starts while the rest is recorded (0: one submit per flush). `None`: 32 on GPUs, 0 on CPU adapters
     /// (`kiln_wgsl::exec::default_submit_every`).
     pub gpu_submit_every: Option<usize>,
     /// WebGPU sessions: the kernels' tuning, for a GPU or for a CPU adapter (`None`: what the adapter is;

@@ -70,6 +70,7 @@ fn delta(a: &Counters, b: &Counters) -> Counters {
         kv_compact_bytes: a.kv_compact_bytes - b.kv_compact_bytes,
         submit_us: a.submit_us - b.submit_us,
         wait_us: a.wait_us - b.wait_us,
+        run_us: a.run_us - b.run_us,
     }
 }
 

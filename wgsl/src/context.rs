@@ -1,6 +1,6 @@
 //! The wgpu device: adapter selection, limits and features, the error handler, the pipeline cache.
 
-use std::collections::HashMap;
+use crate::FastMap as HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::{Error, Result};
@@ -109,6 +109,9 @@ pub struct Context {
     pub profiling: bool,
     /// With `profiling`: kernels also labelled by their node's kernel (KILN_GPU_PROFILE=ops).
     pub profile_ops: bool,
+    /// Shared by the contexts of one device ([`Context::with_tuning`]): wgpu's device equality compares ids,
+    /// which two instances may repeat.
+    device_key: Arc<()>,
 }
 
 impl std::fmt::Debug for Context {
@@ -267,6 +270,7 @@ impl Context {
             compiled: Mutex::new(0),
             profiling,
             profile_ops,
+            device_key: Arc::default(),
         })))
     }
 
@@ -286,7 +290,13 @@ impl Context {
             compiled: Mutex::new(0),
             profiling: self.profiling,
             profile_ops: self.profile_ops,
+            device_key: self.device_key.clone(),
         })
+    }
+
+    /// Whether `other` drives the same wgpu device (buffers pass between them).
+    pub fn same_device(&self, other: &Context) -> bool {
+        Arc::ptr_eq(&self.device_key, &other.device_key)
     }
 
     /// Errors the device reported since the last call, as one kiln error.

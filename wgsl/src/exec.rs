@@ -3,7 +3,7 @@
 //! Uniforms, uploads and readbacks go through three arenas reused run after run, and tensor buffers come from a pool,
 //! so a run in the steady state creates no GPU buffer.
 
-use std::collections::HashMap;
+use crate::FastMap as HashMap;
 use std::sync::Arc;
 
 use tract_onnx::prelude::*;
@@ -221,6 +221,8 @@ pub struct Counters {
     /// Host time (µs, native only) spent encoding and submitting flushes, and waiting for their results.
     pub submit_us: u64,
     pub wait_us: u64,
+    /// Host time (µs, native only) of whole runs: recording, the CPU nodes, encoding, submitting and waiting.
+    pub run_us: u64,
 }
 
 /// GPU time per kernel (KILN_GPU_PROFILE=1): label → (dispatches, nanoseconds).
@@ -231,29 +233,30 @@ const PROFILE_MAX_DISPATCHES: u32 = 2048;
 
 /// A monotonic clock for the counters (native only: `Instant` panics in wasm32).
 #[cfg(not(target_arch = "wasm32"))]
-pub(crate) fn clock() -> Option<std::time::Instant> {
+pub fn clock() -> Option<std::time::Instant> {
     Some(std::time::Instant::now())
 }
 #[cfg(target_arch = "wasm32")]
-pub(crate) fn clock() -> Option<u64> {
+pub fn clock() -> Option<u64> {
     None
 }
 
 #[cfg(not(target_arch = "wasm32"))]
-fn micros_since(t: Option<std::time::Instant>) -> u64 {
+pub fn micros_since(t: Option<std::time::Instant>) -> u64 {
     t.map_or(0, |t| t.elapsed().as_micros() as u64)
 }
 #[cfg(target_arch = "wasm32")]
-fn micros_since(_: Option<u64>) -> u64 {
+pub fn micros_since(_: Option<u64>) -> u64 {
     0
 }
 
-/// [`Recorder::submit_every`] for an adapter: KILN_GPU_SUBMIT_EVERY when set, else 48 on GPUs (a 30-layer model's
-/// decode step, ~220 dispatches, goes in ~5 submits: its host encoding overlaps its GPU time) and 0 on CPU adapters
+/// [`Recorder::submit_every`] for an adapter: KILN_GPU_SUBMIT_EVERY when set, else 32 on GPUs (a 30-layer model's
+/// decode step, ~190 dispatches, goes in ~6 submits: its host encoding overlaps its GPU time; on an H200 32 beat 16,
+/// 48 and 96) and 0 on CPU adapters
 /// (lavapipe, SwiftShader: the "GPU" runs on the host's cores, which the encoding would take from it).
 pub fn default_submit_every(caps: &Caps) -> usize {
     let env = std::env::var("KILN_GPU_SUBMIT_EVERY").ok().and_then(|v| v.trim().parse().ok());
-    env.unwrap_or(if caps.cpu_adapter { 0 } else { 48 })
+    env.unwrap_or(if caps.cpu_adapter { 0 } else { 32 })
 }
 
 /// The run-to-run GPU state: pool, arenas, pending commands.
@@ -310,8 +313,8 @@ impl Default for Recorder {
             submit_every: 0,
             pending_reads: 0,
             retired: vec![],
-            cmd_refs: HashMap::new(),
-            bind_cache: HashMap::new(),
+            cmd_refs: HashMap::default(),
+            bind_cache: HashMap::default(),
             bind_generation: 0,
             poison: false,
             counters: Counters::default(),
