@@ -85,6 +85,30 @@ pub(crate) struct GpuBackend {
     /// Weights streamed from the external data into their GPU buffers: (count, bytes on the GPU).
     streamed: (usize, u64),
     host_constants: Vec<(String, u64)>,
+    /// Each node's first outlet in a flat outlet index ([`RunPlan::uses`]).
+    outlet_base: Vec<usize>,
+    /// The run plans of recent (outputs, locations) requests: a decode loop asks the same every step.
+    run_plans: Mutex<Vec<(RunKey, Arc<RunPlan>)>>,
+}
+
+/// What a run asks for: output indices and whether each stays on the GPU.
+type RunKey = (Vec<usize>, Vec<bool>);
+
+/// Run plans kept ([`GpuBackend::run_plans`]).
+const RUN_PLANS: usize = 4;
+
+/// The per-request part of a run, computed once per (outputs, locations): the nodes to run in order, how often
+/// each outlet is read, and the outputs left on the GPU.
+struct RunPlan {
+    /// The nodes the wanted outputs need, in evaluation order (a GPU weight's constant is not among them: its
+    /// ToDevice node hands out the uploaded buffer).
+    nodes: Vec<usize>,
+    needed: Vec<bool>,
+    /// Reads of each outlet (flat index: `outlet_base[node] + slot`), the wanted outputs included.
+    uses: Vec<u32>,
+    /// Outputs left on the GPU: the device value behind each (a ToHost's input), kept to the end of the run.
+    keep: HashMap<OutletId, OutletId>,
+    store_outlets: std::collections::HashSet<OutletId>,
 }
 
 impl GpuBackend {
@@ -238,6 +262,16 @@ impl GpuBackend {
             })
             .collect();
         let order = lowered.model.eval_order().map_err(tract_err("ordering the lowered model"))?;
+        let outlet_base: Vec<usize> = lowered
+            .model
+            .nodes()
+            .iter()
+            .scan(0, |at, n| {
+                let base = *at;
+                *at += n.outputs.len();
+                Some(base)
+            })
+            .collect();
         let plan = SimplePlan::new(lowered.model.clone()).map_err(tract_err("planning the lowered model"))?;
         let poison = std::env::var("KILN_GPU_POISON").is_ok_and(|v| v == "1");
         let streamed = (jobs.len(), streamed_bytes);
@@ -256,6 +290,8 @@ impl GpuBackend {
             poison: AtomicBool::new(poison),
             streamed,
             host_constants,
+            outlet_base,
+            run_plans: Mutex::default(),
         };
         Ok((backend, jobs))
     }
@@ -359,22 +395,25 @@ impl GpuBackend {
         Ok(raw.clone())
     }
 
-    async fn run_with(
-        &self,
-        rec: &mut Recorder,
-        inputs: Vec<Value>,
-        outputs: &[usize],
-        locations: &[Location],
-    ) -> Result<Vec<Value>> {
-        let ctx = &*self.ctx;
-        let model = self.plan.model();
-        let mut wanted = vec![];
-        for o in outputs {
-            wanted.push(*model.outputs.get(*o).ok_or_else(|| Error::invalid_argument("no such output"))?);
+    /// The uploaded weight behind outlet `o`, when `o` is a weight's ToDevice.
+    fn weight_at(&self, o: &OutletId) -> Option<&GpuTensor> {
+        if o.slot == 0 {
+            self.weights.get(&o.node)
+        } else {
+            None
         }
+    }
+
+    /// The run plan for `wanted` (the model outputs `outputs` asks for) at `locations`, from the cache or made now.
+    fn run_plan(&self, wanted: &[OutletId], outputs: &[usize], locations: &[Location]) -> Result<Arc<RunPlan>> {
         let on_gpu = |i: usize| locations.get(i) == Some(&Location::GpuBuffer);
-        // outputs left on the GPU: the device value behind each (a ToHost's input), kept to the end of the run;
-        // a ToHost nobody else reads is not run
+        let key: RunKey = (outputs.to_vec(), (0..outputs.len()).map(on_gpu).collect());
+        if let Ok(plans) = self.run_plans.lock() {
+            if let Some((_, p)) = plans.iter().find(|(k, _)| *k == key) {
+                return Ok(p.clone());
+            }
+        }
+        let model = self.plan.model();
         let mut keep: HashMap<OutletId, OutletId> = HashMap::default();
         for (i, o) in wanted.iter().enumerate() {
             if on_gpu(i) && model.node(o.node).op_is::<ToHost>() {
@@ -382,7 +421,8 @@ impl GpuBackend {
             }
         }
         let store_outlets: std::collections::HashSet<OutletId> = keep.values().copied().collect();
-        // the nodes the wanted outputs need, and how often each outlet is used
+        // the nodes the wanted outputs need (a ToHost nobody else reads is not run), and how often each outlet is
+        // used
         let mut needed = vec![false; model.nodes().len()];
         let mut stack: Vec<usize> = wanted
             .iter()
@@ -400,22 +440,64 @@ impl GpuBackend {
             if std::mem::replace(&mut needed[n], true) {
                 continue;
             }
-            stack.extend(model.node(n).inputs.iter().map(|i| i.node));
+            // a weight's ToDevice hands out the uploaded buffer: its constant is not needed
+            if !self.weights.contains_key(&n) {
+                stack.extend(model.node(n).inputs.iter().map(|i| i.node));
+            }
         }
-        let mut uses: HashMap<OutletId, usize> = HashMap::default();
-        for &n in self.order.iter().filter(|n| needed[**n]) {
+        let nodes: Vec<usize> = self.order.iter().copied().filter(|n| needed[*n]).collect();
+        let total = self.outlet_base.last().copied().unwrap_or(0) + model.nodes().last().map_or(0, |n| n.outputs.len());
+        let mut uses = vec![0u32; total];
+        let mut count = |o: &OutletId| {
+            if let Some(u) = self.outlet_base.get(o.node).and_then(|b| uses.get_mut(b + o.slot)) {
+                *u += 1;
+            }
+        };
+        for &n in &nodes {
+            if self.weights.contains_key(&n) {
+                continue;
+            }
             for i in &model.node(n).inputs {
-                *uses.entry(*i).or_default() += 1;
+                count(i);
             }
         }
         for (i, o) in wanted.iter().enumerate() {
-            *uses.entry(*o).or_default() += 1;
+            count(o);
             if on_gpu(i) {
                 if let Some(d) = keep.get(o) {
-                    *uses.entry(*d).or_default() += 1;
+                    count(d);
                 }
             }
         }
+        let plan = Arc::new(RunPlan { nodes, needed, uses, keep, store_outlets });
+        if let Ok(mut plans) = self.run_plans.lock() {
+            if plans.len() >= RUN_PLANS {
+                plans.remove(0);
+            }
+            plans.push((key, plan.clone()));
+        }
+        Ok(plan)
+    }
+
+    async fn run_with(
+        &self,
+        rec: &mut Recorder,
+        inputs: Vec<Value>,
+        outputs: &[usize],
+        locations: &[Location],
+    ) -> Result<Vec<Value>> {
+        let ctx = &*self.ctx;
+        let model = self.plan.model();
+        let mut wanted = vec![];
+        for o in outputs {
+            wanted.push(*model.outputs.get(*o).ok_or_else(|| Error::invalid_argument("no such output"))?);
+        }
+        let on_gpu = |i: usize| locations.get(i) == Some(&Location::GpuBuffer);
+        let plan = self.run_plan(&wanted, outputs, locations)?;
+        let (keep, store_outlets, needed) = (&plan.keep, &plan.store_outlets, &plan.needed);
+        let mut uses = plan.uses.clone();
+        let base = &self.outlet_base;
+        let flat = |o: &OutletId| base.get(o.node).map(|b| b + o.slot);
 
         let mut state = SimpleState::new(&self.plan).map_err(tract_err("starting a run"))?;
         let input_outlets = model.input_outlets().map_err(tract_err("the model's inputs"))?.to_vec();
@@ -458,7 +540,7 @@ impl GpuBackend {
         let mut dev: HashMap<OutletId, GpuTensor> = HashMap::default();
         let mut pending: Vec<(OutletId, PendingRead, TVec<usize>, DatumType)> = vec![];
 
-        for &id in self.order.iter().filter(|n| needed[**n]) {
+        for &id in &plan.nodes {
             let node = model.node(id);
             if node.inputs.is_empty() && !node.op_is::<GpuOp>() {
                 if let Some(g) = gpu_feeds.get(&id) {
@@ -491,6 +573,10 @@ impl GpuBackend {
                 continue;
             }
             if node.op_is::<ToDevice>() {
+                if self.weights.contains_key(&id) {
+                    // a weight: its readers find the uploaded buffer in `self.weights`
+                    continue;
+                }
                 let g = match (self.weights.get(&id), gpu_feeds.get(&node.inputs[0].node)) {
                     (Some(w), _) => w.clone(),
                     (None, Some(g)) => {
@@ -509,6 +595,7 @@ impl GpuBackend {
                 for i in &node.inputs {
                     ins.push(
                         dev.get(i)
+                            .or_else(|| self.weight_at(i))
                             .ok_or_else(|| Error::runtime(format!("webgpu: input of {} not on the GPU", node.name)))?,
                     );
                 }
@@ -567,7 +654,10 @@ impl GpuBackend {
                     dev.insert(OutletId::new(id, slot), out);
                 }
             } else if node.op_is::<ToHost>() {
-                let g = dev.get(&node.inputs[0]).ok_or_else(|| Error::runtime("webgpu: ToHost of a host value"))?;
+                let g = dev
+                    .get(&node.inputs[0])
+                    .or_else(|| self.weight_at(&node.inputs[0]))
+                    .ok_or_else(|| Error::runtime("webgpu: ToHost of a host value"))?;
                 let c = kiln_wgsl::kv::compact(ctx, rec, g).map_err(gpu_err)?;
                 let p = rec.readback(&c);
                 pending.push((OutletId::new(id, 0), p, c.shape.clone(), c.dt));
@@ -587,14 +677,14 @@ impl GpuBackend {
             }
             // last uses
             for i in &node.inputs {
-                if let Some(u) = uses.get_mut(i) {
-                    *u -= 1;
+                if let Some(u) = flat(i).and_then(|f| uses.get_mut(f)) {
+                    *u = u.saturating_sub(1);
                     if *u == 0 {
                         if let Some(g) = dev.remove(i) {
                             rec.release(g);
                         }
                         let all_dead = (0..model.node(i.node).outputs.len())
-                            .all(|s| uses.get(&OutletId::new(i.node, s)).is_none_or(|u| *u == 0));
+                            .all(|s| flat(&OutletId::new(i.node, s)).and_then(|f| uses.get(f)).is_none_or(|u| *u == 0));
                         if all_dead && !model.node(i.node).inputs.is_empty() {
                             state.turn_state.values[i.node] = None;
                         }
@@ -609,7 +699,7 @@ impl GpuBackend {
             if !on_gpu(i) {
                 continue;
             }
-            let g = match keep.get(o).and_then(|d| dev.get(d)) {
+            let g = match keep.get(o).and_then(|d| dev.get(d).or_else(|| self.weight_at(d))) {
                 Some(g) => g.clone(),
                 None => match gpu_feeds.get(&o.node) {
                     Some(g) => g.clone(),
