@@ -38,7 +38,10 @@ declare module './dist/onnxruntime-common/index.js' {
     interface SessionOptions {
       /** kiln-web: custom operators for this session (they override registerCustomOp's and the built-in ones). */
       customOps?: readonly CustomOp[];
-      /** kiln-web: download progress of a model URL. */
+      /**
+       * kiln-web: progress of the model's and its external data's downloads as one { loaded, total } (loaded never
+       * decreases; total: the sizes known so far; the last call has loaded === total).
+       */
       onProgress?: (progress: { loaded: number; total: number }) => void;
       /** kiln-web: Subresource Integrity of the model bytes ('sha256-...'). */
       integrity?: string;

@@ -3,7 +3,7 @@
 import init from '../dist/kiln_js.js';
 import * as glue from '../dist/kiln_js.js';
 import { env } from '../dist/onnxruntime-common/index.js';
-import { fetchWithProgress, ort, registerCustomOp, registerKiln } from './core.js';
+import { fetchBlobWithProgress, fetchWithProgress, ort, registerCustomOp, registerKiln } from './core.js';
 
 const WASM_NAME = 'kiln_js_bg.wasm';
 
@@ -23,28 +23,24 @@ const { modelFromTokenizerJson, decoderModelFromTokenizerJson, kilnWasmMemoryByt
     return g;
   },
   loadModel: (url, onProgress) => fetchWithProgress(url, onProgress),
-  async loadFile(file) {
+  // (onProgress: for a URL; core.js counts bytes and Blobs)
+  async loadFile(file, onProgress) {
     if (file instanceof Uint8Array) return file;
     if (file instanceof ArrayBuffer || (typeof SharedArrayBuffer !== 'undefined' && file instanceof SharedArrayBuffer)) {
       return new Uint8Array(file);
     }
     if (typeof Blob !== 'undefined' && file instanceof Blob) return new Uint8Array(await file.arrayBuffer());
-    return fetchWithProgress(file, undefined, 'external data file');
+    return fetchWithProgress(file, onProgress, 'external data file');
   },
   // 'webgpu': external data read a range at a time, `(offset, length) => Promise<Uint8Array>` (kiln streams large
   // weights into GPU buffers); a URL is fetched into a Blob, whose bytes stay outside wasm memory
-  async openFile(file) {
+  async openFile(file, onProgress) {
     const bytesOf = (u8) => async (offset, length) => u8.subarray(offset, offset + length);
     if (file instanceof Uint8Array) return bytesOf(file);
     if (file instanceof ArrayBuffer || (typeof SharedArrayBuffer !== 'undefined' && file instanceof SharedArrayBuffer)) {
       return bytesOf(new Uint8Array(file));
     }
-    let blob = file;
-    if (!(typeof Blob !== 'undefined' && file instanceof Blob)) {
-      const response = await fetch(file);
-      if (!response.ok) throw new Error(`failed to load external data file: ${file} (HTTP ${response.status})`);
-      blob = await response.blob();
-    }
+    const blob = typeof Blob !== 'undefined' && file instanceof Blob ? file : await fetchBlobWithProgress(file, onProgress, 'external data file');
     return async (offset, length) => new Uint8Array(await blob.slice(offset, offset + length).arrayBuffer());
   },
 });

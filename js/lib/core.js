@@ -6,7 +6,9 @@ import { env, registerBackend, Tensor } from '../dist/onnxruntime-common/index.j
 
 export const KILN_WEB_VERSION = '0.1.0';
 
-/** @typedef {{ loadWasm(generation: number): Promise<object>, loadModel(url: string, onProgress?: Function): Promise<Uint8Array>, loadFile(file: string | Blob | ArrayBufferLike | Uint8Array): Promise<Uint8Array>, checksOutputLocation?: boolean, webgpu?: boolean }} Platform */
+// A platform's loaders take an optional onProgress({ loaded, total }) for that one source (a download or a file read:
+// total 0 while the size is unknown, and a last call with total === loaded); core.js adds those up (loadProgress).
+/** @typedef {{ loadWasm(generation: number): Promise<object>, loadModel(url: string, onProgress?: Function): Promise<Uint8Array>, loadFile(file: string | Blob | ArrayBufferLike | Uint8Array, onProgress?: Function): Promise<Uint8Array>, openFile?(file: string | Blob | ArrayBufferLike | Uint8Array, onProgress?: Function): Promise<Function>, checksOutputLocation?: boolean, webgpu?: boolean }} Platform */
 
 const TYPED_ARRAYS = {
   float32: Float32Array,
@@ -488,32 +490,137 @@ function encode(tensor, what, isOutput = false, onWebGpu = false) {
   return [type, Array.from(dims), new Uint8Array(data.buffer, data.byteOffset, data.byteLength)];
 }
 
-/** Downloads a URL, calling onProgress({ loaded, total }) as bytes arrive (total: 0 when the server does not say). */
-export async function fetchWithProgress(url, onProgress, what = 'model') {
+async function fetchOk(url, what) {
   const response = await fetch(url);
   if (!response.ok) throw new Error(`failed to load ${what}: ${url} (HTTP ${response.status})`);
-  const total = Number(response.headers.get('Content-Length')) || 0;
-  if (!onProgress || !response.body) {
-    const bytes = new Uint8Array(await response.arrayBuffer());
-    onProgress?.({ loaded: bytes.length, total: total || bytes.length });
-    return bytes;
-  }
-  const reader = response.body.getReader();
-  let buffer = new Uint8Array(total || 1 << 20);
+  return response;
+}
+
+// Reads a response's body chunk by chunk into `take(chunk)`, calling onProgress({ loaded, total }) once the headers
+// are in (when Content-Length says the size) and after each chunk (total: Content-Length, 0 when the server does not
+// say), then once more with total = loaded if that was not the last call's (the size is known now).
+async function readWithProgress(response, onProgress, take) {
+  const size = Number(response.headers.get('Content-Length')) || 0;
+  // (a compressed body's Content-Length is less than the bytes read: total follows loaded then)
+  const totalAt = (loaded) => (size ? Math.max(size, loaded) : 0);
   let loaded = 0;
+  if (size) onProgress({ loaded, total: size });
+  const reader = response.body.getReader();
   for (;;) {
     const { done, value } = await reader.read();
     if (done) break;
-    if (loaded + value.length > buffer.length) {
-      const grown = new Uint8Array(Math.max(buffer.length * 2, loaded + value.length));
-      grown.set(buffer.subarray(0, loaded));
+    take(value, loaded);
+    loaded += value.length;
+    onProgress({ loaded, total: totalAt(loaded) });
+  }
+  if (totalAt(loaded) !== loaded) onProgress({ loaded, total: loaded });
+  return loaded;
+}
+
+/**
+ * Downloads a URL, calling onProgress({ loaded, total }) as bytes arrive (total: 0 while the server has not said the
+ * size; the last call has loaded === total).
+ */
+export async function fetchWithProgress(url, onProgress, what = 'model') {
+  const response = await fetchOk(url, what);
+  if (!onProgress || !response.body) {
+    const bytes = new Uint8Array(await response.arrayBuffer());
+    onProgress?.({ loaded: bytes.length, total: bytes.length });
+    return bytes;
+  }
+  let buffer = new Uint8Array(Number(response.headers.get('Content-Length')) || 1 << 20);
+  const loaded = await readWithProgress(response, onProgress, (value, at) => {
+    if (at + value.length > buffer.length) {
+      const grown = new Uint8Array(Math.max(buffer.length * 2, at + value.length));
+      grown.set(buffer.subarray(0, at));
       buffer = grown;
     }
-    buffer.set(value, loaded);
-    loaded += value.length;
-    onProgress({ loaded, total });
-  }
+    buffer.set(value, at);
+  });
   return loaded === buffer.length ? buffer : buffer.slice(0, loaded);
+}
+
+// the chunks of a download gathered into a Blob every 16 MiB, so that no more than that is held in JS memory besides
+// the Blobs
+const BLOB_BATCH = 16 << 20;
+
+/** Downloads a URL into a Blob (its bytes outside wasm memory), calling onProgress like fetchWithProgress. */
+export async function fetchBlobWithProgress(url, onProgress, what) {
+  const response = await fetchOk(url, what);
+  if (!onProgress || !response.body) {
+    const blob = await response.blob();
+    onProgress?.({ loaded: blob.size, total: blob.size });
+    return blob;
+  }
+  const blobs = [];
+  let chunks = [];
+  let held = 0;
+  await readWithProgress(response, onProgress, (value) => {
+    chunks.push(value);
+    held += value.length;
+    if (held >= BLOB_BATCH) {
+      blobs.push(new Blob(chunks));
+      chunks = [];
+      held = 0;
+    }
+  });
+  blobs.push(new Blob(chunks));
+  return blobs.length === 1 ? blobs[0] : new Blob(blobs);
+}
+
+// The size of a source already in memory (bytes, a Blob); undefined for one to load (a URL, a path).
+function sizeInMemory(data) {
+  if (data instanceof Uint8Array || data instanceof ArrayBuffer) return data.byteLength;
+  if (typeof SharedArrayBuffer !== 'undefined' && data instanceof SharedArrayBuffer) return data.byteLength;
+  if (typeof Blob !== 'undefined' && data instanceof Blob) return data.size;
+  return undefined;
+}
+
+/**
+ * onProgress over a whole session load (kiln-web): the model and every external data file as one { loaded, total }.
+ * Each source counts in total with its size once known (Content-Length, a Blob's size, a byte length; a download
+ * without Content-Length counts 0 until it has ended) and in loaded with the bytes that arrived; sources in memory
+ * count as loaded from the start. loaded never decreases, and the last call (finish) has loaded === total. Nothing is
+ * reported when nothing is loaded (a model and its external data all given in memory). Returns each source's progress
+ * callback for its platform loader (undefined for one in memory, or when nothing reports: it loads without progress)
+ * and finish().
+ */
+function loadProgress(onProgress, sources) {
+  const active = Boolean(onProgress) && sources.some((s) => sizeInMemory(s) === undefined);
+  const parts = [];
+  let last;
+  const report = () => {
+    let loaded = 0;
+    let total = 0;
+    for (const p of parts) {
+      loaded += p.loaded;
+      total += p.total;
+    }
+    if (last && last.loaded === loaded && last.total === total) return;
+    last = { loaded, total };
+    onProgress({ loaded, total });
+  };
+  const source = (data) => {
+    if (!active) return undefined;
+    const size = sizeInMemory(data);
+    const part = { loaded: size ?? 0, total: size ?? 0 };
+    parts.push(part);
+    if (size !== undefined) return undefined;
+    return ({ loaded, total }) => {
+      part.loaded = Math.max(part.loaded, loaded);
+      part.total = total;
+      report();
+    };
+  };
+  return {
+    callbacks: sources.map(source),
+    /** Every source is loaded: the last call, loaded === total. */
+    finish() {
+      if (!active) return;
+      for (const p of parts) p.total = p.loaded;
+      report();
+    },
+  };
 }
 
 const SRI_ALGORITHMS = { sha256: 'SHA-256', sha384: 'SHA-384', sha512: 'SHA-512' };
@@ -609,9 +716,13 @@ export function registerKiln(/** @type {Platform} */ platform) {
       if (name === 'webgpu') await checkWebGpu();
     },
     async createInferenceSessionHandler(pathOrBuffer, options = {}) {
-      // kiln-web's additions: onProgress({ loaded, total }) while a model URL or file loads; integrity ('sha256-...')
+      // kiln-web's additions: onProgress({ loaded, total }) while the model and its external data load (loadProgress);
+      // integrity ('sha256-...')
       const onProgress = typeof options.onProgress === 'function' ? options.onProgress : undefined;
-      const model = typeof pathOrBuffer === 'string' ? await platform.loadModel(pathOrBuffer, onProgress) : pathOrBuffer;
+      const entries = Array.isArray(options.externalData) ? options.externalData : [];
+      const progress = loadProgress(onProgress, [pathOrBuffer, ...entries.map((e) => (typeof e === 'string' ? e : e?.data))]);
+      const [modelProgress, ...fileProgress] = progress.callbacks;
+      const model = typeof pathOrBuffer === 'string' ? await platform.loadModel(pathOrBuffer, modelProgress) : pathOrBuffer;
       if (options.integrity !== undefined) await checkIntegrity(model, options.integrity);
       const eps = (options.executionProviders ?? []).map((ep) => (typeof ep === 'string' ? ep : ep.name));
       validateSessionOptions(options);
@@ -637,12 +748,15 @@ export function registerKiln(/** @type {Platform} */ platform) {
       const streams = eps[0] === 'webgpu' && customOps.size === 0 && typeof platform.openFile === 'function';
       const externalData = [];
       const externalSources = [];
+      let i = 0;
       for (const entry of options.externalData ?? []) {
         const path = typeof entry === 'string' ? entry : entry.path;
         const data = typeof entry === 'string' ? entry : entry.data;
-        if (streams) externalSources.push([path, await platform.openFile(data)]);
-        else externalData.push([path, await platform.loadFile(data)]);
+        const onFile = fileProgress[i++];
+        if (streams) externalSources.push([path, await platform.openFile(data, onFile)]);
+        else externalData.push([path, await platform.loadFile(data, onFile)]);
       }
+      progress.finish();
       const wasm = await wasmInstance();
       try {
         const load = wasm.exports.KilnSession.startLoad(model, {

@@ -5,6 +5,13 @@ import * as glue from '../dist/kiln_js.js';
 import { env } from '../dist/onnxruntime-common/index.js';
 import { fetchWithProgress, ort, registerCustomOp, registerKiln } from './core.js';
 
+// a file read whole: one progress call once it is read
+async function readFileWithProgress(file, onProgress) {
+  const bytes = new Uint8Array(await readFile(file));
+  onProgress?.({ loaded: bytes.length, total: bytes.length });
+  return bytes;
+}
+
 const { modelFromTokenizerJson, decoderModelFromTokenizerJson } = registerKiln({
   async loadWasm(generation) {
     const { wasmBinary, wasmPaths } = env.wasm;
@@ -21,21 +28,20 @@ const { modelFromTokenizerJson, decoderModelFromTokenizerJson } = registerKiln({
   // a path, or an http(s) URL (downloaded with fetch)
   async loadModel(pathOrUrl, onProgress) {
     if (/^https?:\/\//.test(pathOrUrl)) return fetchWithProgress(pathOrUrl, onProgress);
-    const bytes = new Uint8Array(await readFile(pathOrUrl));
-    onProgress?.({ loaded: bytes.length, total: bytes.length });
-    return bytes;
+    return readFileWithProgress(pathOrUrl, onProgress);
   },
-  async loadFile(file) {
+  // (onProgress: for a URL or a path; core.js counts bytes and Blobs)
+  async loadFile(file, onProgress) {
     if (typeof file === 'string') {
-      if (/^https?:\/\//.test(file)) return fetchWithProgress(file, undefined, 'external data file');
-      return new Uint8Array(await readFile(file));
+      if (/^https?:\/\//.test(file)) return fetchWithProgress(file, onProgress, 'external data file');
+      return readFileWithProgress(file, onProgress);
     }
     if (file instanceof Uint8Array) return file;
     if (file instanceof ArrayBuffer || (typeof SharedArrayBuffer !== 'undefined' && file instanceof SharedArrayBuffer)) {
       return new Uint8Array(file);
     }
     if (typeof Blob !== 'undefined' && file instanceof Blob) return new Uint8Array(await file.arrayBuffer());
-    if (file instanceof URL) return new Uint8Array(await readFile(file));
+    if (file instanceof URL) return readFileWithProgress(file, onProgress);
     throw new TypeError('unsupported external data');
   },
 });

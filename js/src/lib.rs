@@ -457,6 +457,54 @@ mod web {
         (std::task::Waker::from(wake), promise)
     }
 
+    /// A boxed future that JS steps (a run, a load, a GPU download).
+    type Stepping<T> = Option<Pin<Box<dyn Future<Output = T>>>>;
+
+    /// What one poll of a stepped future gave: its output (the future is dropped), or the promise that resolves once
+    /// its waker is woken (JS awaits it, then steps again).
+    enum Polled<T> {
+        Ready(T),
+        Pending(js_sys::Promise),
+    }
+
+    /// Polls `future` once from a synchronous `step()`; `over` is the error once it has finished.
+    fn poll_once<T>(future: &mut Stepping<T>, over: &str) -> Result<Polled<T>, JsError> {
+        let Some(f) = future.as_mut() else {
+            return Err(err(over));
+        };
+        let (waker, wait) = js_waker();
+        let mut cx = Context::from_waker(&waker);
+        Ok(match f.as_mut().poll(&mut cx) {
+            Poll::Ready(r) => {
+                *future = None;
+                Polled::Ready(r)
+            }
+            Poll::Pending => Polled::Pending(wait),
+        })
+    }
+
+    /// A `step()` result: `{ done, ... }`.
+    struct StepResult(Object);
+
+    impl StepResult {
+        fn new(done: bool) -> Result<Self, JsError> {
+            let o = StepResult(Object::new());
+            o.set("done", &done.into())?;
+            Ok(o)
+        }
+
+        fn set(&self, k: &str, v: &JsValue) -> Result<(), JsError> {
+            Reflect::set(&self.0, &k.into(), v).map(|_| ()).map_err(|_| err("step"))
+        }
+
+        /// `{ done, k: v }`
+        fn with(done: bool, k: &str, v: &JsValue) -> Result<JsValue, JsError> {
+            let o = Self::new(done)?;
+            o.set(k, v)?;
+            Ok(o.0.into())
+        }
+    }
+
     /// A custom node's request, and the reply JS gives it.
     #[derive(Default)]
     struct Channel {
@@ -549,7 +597,7 @@ mod web {
     /// One run of a session with custom operators, stepped by JS.
     #[wasm_bindgen]
     pub struct KilnRun {
-        future: Option<Pin<Box<dyn Future<Output = kiln_provider::Result<kiln_provider::Outputs>>>>>,
+        future: Stepping<kiln_provider::Result<kiln_provider::Outputs>>,
         channel: Rc<RefCell<Channel>>,
     }
 
@@ -560,39 +608,30 @@ mod web {
         /// again: the GPU is busy) or `{ done: false, domain, opType, node, outputs, inputs, attributes }` (inputs as
         /// `[type, dims, data][]`, attributes as `[name, value][]`); throws the run's error.
         pub fn step(&mut self) -> Result<JsValue, JsError> {
-            let Some(future) = self.future.as_mut() else {
-                return Err(err("failed to call OrtRun(). ERROR_CODE: 1, ERROR_MESSAGE: this run is over"));
-            };
-            let (waker, wait) = js_waker();
-            let mut cx = Context::from_waker(&waker);
-            let o = Object::new();
-            let set = |k: &str, v: &JsValue| Reflect::set(&o, &k.into(), v).map(|_| ()).map_err(|_| err("step"));
-            match future.as_mut().poll(&mut cx) {
-                Poll::Ready(r) => {
-                    self.future = None;
+            let over = "failed to call OrtRun(). ERROR_CODE: 1, ERROR_MESSAGE: this run is over";
+            match poll_once(&mut self.future, over)? {
+                Polled::Ready(r) => {
                     self.channel.borrow_mut().request = None;
                     let outputs = r.map_err(|e| err(super::ort_message("failed to call OrtRun().", &e)))?;
-                    set("done", &true.into())?;
-                    set("results", &encode_outputs(outputs)?.into())?;
+                    StepResult::with(true, "results", &encode_outputs(outputs)?.into())
                 }
-                Poll::Pending => {
+                Polled::Pending(wait) => {
                     let request = self.channel.borrow_mut().request.take();
-                    set("done", &false.into())?;
                     let Some((info, inputs)) = request else {
                         // waiting on the browser (the GPU): step again once `wait` resolves
-                        set("wait", &wait.into())?;
-                        return Ok(o.into());
+                        return StepResult::with(false, "wait", &wait.into());
                     };
-                    set("domain", &info.domain.clone().into())?;
-                    set("opType", &info.op_type.clone().into())?;
-                    set("node", &info.node.clone().into())?;
-                    set("outputs", &info.outputs.iter().map(|s| JsValue::from_str(s)).collect::<Array>().into())?;
+                    let o = StepResult::new(false)?;
+                    o.set("domain", &info.domain.clone().into())?;
+                    o.set("opType", &info.op_type.clone().into())?;
+                    o.set("node", &info.node.clone().into())?;
+                    o.set("outputs", &info.outputs.iter().map(|s| JsValue::from_str(s)).collect::<Array>().into())?;
                     let ins = Array::new();
                     for t in &inputs {
                         let e = tensor_entry(t)?;
                         ins.push(&e);
                     }
-                    set("inputs", &ins.into())?;
+                    o.set("inputs", &ins.into())?;
                     let attrs = Array::new();
                     for (name, v) in &info.attributes {
                         let pair = Array::new();
@@ -600,10 +639,10 @@ mod web {
                         pair.push(&attribute_js(v)?);
                         attrs.push(&pair);
                     }
-                    set("attributes", &attrs.into())?;
+                    o.set("attributes", &attrs.into())?;
+                    Ok(o.0.into())
                 }
             }
-            Ok(o.into())
         }
 
         /// The custom node's outputs: `[type, dims, Uint8Array | string[]][]` in the node's output order.
@@ -729,33 +768,20 @@ mod web {
     /// A download of a GPU value, stepped by JS like [`KilnRun`].
     #[wasm_bindgen]
     pub struct KilnDownload {
-        future: Option<Pin<Box<dyn Future<Output = kiln_provider::Result<KilnTensor>>>>>,
+        future: Stepping<kiln_provider::Result<KilnTensor>>,
     }
 
     #[wasm_bindgen]
     impl KilnDownload {
         /// `{ done: true, result: [type, dims, Uint8Array] }` or `{ done: false, wait }`; throws the error.
         pub fn step(&mut self) -> Result<JsValue, JsError> {
-            let Some(future) = self.future.as_mut() else {
-                return Err(err("this download is over"));
-            };
-            let (waker, wait) = js_waker();
-            let mut cx = Context::from_waker(&waker);
-            let o = Object::new();
-            let set = |k: &str, v: &JsValue| Reflect::set(&o, &k.into(), v).map(|_| ()).map_err(|_| err("step"));
-            match future.as_mut().poll(&mut cx) {
-                Poll::Ready(r) => {
-                    self.future = None;
+            match poll_once(&mut self.future, "this download is over")? {
+                Polled::Ready(r) => {
                     let t = r.map_err(|e| err(format!("downloading a gpu-buffer tensor: {}", e.message)))?;
-                    set("done", &true.into())?;
-                    set("result", &tensor_entry(&t)?.into())?;
+                    StepResult::with(true, "result", &tensor_entry(&t)?.into())
                 }
-                Poll::Pending => {
-                    set("done", &false.into())?;
-                    set("wait", &wait.into())?;
-                }
+                Polled::Pending(wait) => StepResult::with(false, "wait", &wait.into()),
             }
-            Ok(o.into())
         }
     }
 
@@ -1038,7 +1064,7 @@ mod web {
     /// trap is an exception of that call, never an uncaught one in a microtask).
     #[wasm_bindgen]
     pub struct KilnLoad {
-        future: Option<Pin<Box<dyn Future<Output = kiln_provider::Result<Session>>>>>,
+        future: Stepping<kiln_provider::Result<Session>>,
         channel: Rc<RefCell<Channel>>,
     }
 
@@ -1047,27 +1073,15 @@ mod web {
         /// Returns `{ done: true, session }` or `{ done: false, wait }` (a promise to await before stepping again);
         /// throws the load error in onnxruntime-web's words.
         pub fn step(&mut self) -> Result<JsValue, JsError> {
-            let Some(future) = self.future.as_mut() else {
-                return Err(err("Can't create a session. ERROR_CODE: 1, ERROR_MESSAGE: this load is over"));
-            };
-            let (waker, wait) = js_waker();
-            let mut cx = Context::from_waker(&waker);
-            let o = Object::new();
-            let set = |k: &str, v: &JsValue| Reflect::set(&o, &k.into(), v).map(|_| ()).map_err(|_| err("step"));
-            match future.as_mut().poll(&mut cx) {
-                Poll::Ready(r) => {
-                    self.future = None;
+            let over = "Can't create a session. ERROR_CODE: 1, ERROR_MESSAGE: this load is over";
+            match poll_once(&mut self.future, over)? {
+                Polled::Ready(r) => {
                     let session = r.map_err(|e| err(super::ort_message("Can't create a session.", &e)))?;
-                    set("done", &true.into())?;
                     let session = KilnSession { inner: Rc::new(session), channel: self.channel.clone() };
-                    set("session", &session.into())?;
+                    StepResult::with(true, "session", &session.into())
                 }
-                Poll::Pending => {
-                    set("done", &false.into())?;
-                    set("wait", &wait.into())?;
-                }
+                Polled::Pending(wait) => StepResult::with(false, "wait", &wait.into()),
             }
-            Ok(o.into())
         }
     }
 

@@ -145,11 +145,23 @@ before(async () => {
       res.writeHead(200, { 'Content-Type': 'text/html' }).end(html);
       return;
     }
-    // test/browser/webgpu-stream.html's model: 4 MatMuls, their 64 MiB of weights external (weights.bin)
+    // test/browser/webgpu-stream.html's model: 4 MatMuls, their 64 MiB of weights external (weights.bin); ?chunked=1:
+    // sent in 1 MiB writes without Content-Length
     if (url.pathname === '/stream/model.onnx' || url.pathname === '/stream/weights.bin') {
       const stream = streamModel();
       const data = url.pathname.endsWith('.onnx') ? stream.model : stream.weights;
-      res.writeHead(200, { 'Content-Type': 'application/octet-stream', 'Content-Length': data.length }).end(data);
+      if (!url.searchParams.has('chunked')) {
+        res.writeHead(200, { 'Content-Type': 'application/octet-stream', 'Content-Length': data.length }).end(data);
+        return;
+      }
+      res.writeHead(200, { 'Content-Type': 'application/octet-stream' });
+      let pos = 0;
+      const next = () => {
+        if (pos >= data.length) return res.end();
+        res.write(data.subarray(pos, pos + (1 << 20)), next);
+        pos += 1 << 20;
+      };
+      next();
       return;
     }
     if (url.pathname === '/__listing') {
@@ -300,7 +312,8 @@ test("browser: kiln-web on 'webgpu': env.webgpu, GPU tensors, fallback warnings 
 });
 
 // kiln-web only, on 'webgpu': a model with 64 MiB of external weights streamed from a Blob into GPU buffers, wasm
-// memory far below the weights' size, outputs equal to the 'wasm' session's (test/browser/webgpu-stream.html)
+// memory far below the weights' size, outputs equal to the 'wasm' session's, onProgress over the model and the weights
+// on both (test/browser/webgpu-stream.html)
 test("browser: kiln-web on 'webgpu' streams external weights into GPU buffers (test/browser/webgpu-stream.html)", { skip }, async () => {
   const page = await browser.newPage();
   const logs = [];
@@ -315,7 +328,7 @@ test("browser: kiln-web on 'webgpu' streams external weights into GPU buffers (t
   console.log(
     `kiln-web: streamed ${mib(n.weights)} of external weights on 'webgpu': wasm memory ${mib(n.memoryAtStart)} at start, ` +
       `${mib(n.memoryAfterWebGpu)} after a URL source, ${mib(n.memoryAfterBlob)} after a Blob; ${mib(n.memoryAfterWasm)} ` +
-      `after the same model on 'wasm'; max |webgpu - wasm| ${n.maxDiff}`,
+      `after the same model on 'wasm'; max |webgpu - wasm| ${n.maxDiff}; onProgress events ${JSON.stringify(n.progressEvents)}`,
   );
   assert.equal(Object.keys(results).length, 2, JSON.stringify(results));
   for (const [name, r] of Object.entries(results)) assert.equal(r, 'ok', `${name}: ${r}\n${logs.join('\n')}`);
