@@ -262,12 +262,13 @@ fn run(args: Args) -> Result<(), String> {
                     let d = |a: usize, b: usize| a.saturating_sub(b) as f64 / n as f64;
                     println!(
                         "gpu work per decode step (mean of {n}): {:.1} submits (+{:.1} early), {:.1} dispatches, {:.1} \
-                         uploads, {:.1} readbacks",
+                         uploads, {:.1} readbacks, {:.1} bind groups created",
                         d(r.counters.submits, p.counters.submits),
                         d(r.counters.early_submits, p.counters.early_submits),
                         d(r.counters.dispatches, p.counters.dispatches),
                         d(r.counters.uploads, p.counters.uploads),
-                        d(r.counters.readbacks, p.counters.readbacks)
+                        d(r.counters.readbacks, p.counters.readbacks),
+                        d(r.counters.bind_groups_created, p.counters.bind_groups_created)
                     );
                     #[cfg(not(target_arch = "wasm32"))]
                     {

@@ -59,6 +59,11 @@ pub struct BufferPool {
     owned: std::collections::HashSet<usize>,
     pub created: usize,
     pub bytes: u64,
+    /// The buffer (by address) of each allocation of the last run and of this one, in order: a run that allocates
+    /// like the last gets the same buffers even when the free lists changed (a buffer handed to the application,
+    /// a new one made), so the bind groups cached for its dispatches still hit.
+    last: Vec<usize>,
+    now: Vec<usize>,
 }
 
 impl BufferPool {
@@ -67,8 +72,18 @@ impl BufferPool {
     }
     pub fn take(&mut self, ctx: &Context, bytes: u64) -> Result<Arc<wgpu::Buffer>> {
         let class = Self::class(bytes);
-        if let Some(b) = self.free.get_mut(&class).and_then(|v| v.pop()) {
-            return Ok(b);
+        let want = self.last.get(self.now.len()).copied();
+        if let Some(v) = self.free.get_mut(&class) {
+            // the buffer this allocation had last run, if free; else the last freed
+            let at = want.and_then(|w| v.iter().rposition(|b| Arc::as_ptr(b) as usize == w));
+            let b = match at {
+                Some(i) => Some(v.remove(i)),
+                None => v.pop(),
+            };
+            if let Some(b) = b {
+                self.now.push(Arc::as_ptr(&b) as usize);
+                return Ok(b);
+            }
         }
         let size = if class > ctx.caps.max_buffer_size { bytes.max(4).div_ceil(4) * 4 } else { class };
         if size > ctx.caps.max_storage_binding {
@@ -86,7 +101,13 @@ impl BufferPool {
             mapped_at_creation: false,
         }));
         self.owned.insert(Arc::as_ptr(&b) as usize);
+        self.now.push(Arc::as_ptr(&b) as usize);
         Ok(b)
+    }
+
+    /// A run ended: its allocations become the ones the next run tries to repeat.
+    fn end_run(&mut self) {
+        self.last = std::mem::take(&mut self.now);
     }
     /// Whether the pool made `buffer` and may take it back.
     pub fn owns(&self, buffer: &Arc<wgpu::Buffer>) -> bool {
@@ -382,6 +403,7 @@ impl Recorder {
     /// the same buffers (and its cached bind groups) whatever order the previous run freed them in.
     pub fn end_run(&mut self) {
         self.discard();
+        self.pool.end_run();
         for v in self.pool.free.values_mut() {
             v.sort_by_key(|b| Arc::as_ptr(b) as usize);
         }
