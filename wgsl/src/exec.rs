@@ -64,6 +64,9 @@ pub struct BufferPool {
     /// a new one made), so the bind groups cached for its dispatches still hit.
     last: Vec<usize>,
     now: Vec<usize>,
+    /// How many of the last run's allocations still ahead in this run want each buffer: a fallback takes a buffer
+    /// no later allocation wants, so one lost buffer does not displace the rest.
+    ahead: HashMap<usize, u32>,
 }
 
 impl BufferPool {
@@ -73,9 +76,18 @@ impl BufferPool {
     pub fn take(&mut self, ctx: &Context, bytes: u64) -> Result<Arc<wgpu::Buffer>> {
         let class = Self::class(bytes);
         let want = self.last.get(self.now.len()).copied();
+        if let Some(w) = want {
+            if let Some(n) = self.ahead.get_mut(&w) {
+                *n = n.saturating_sub(1);
+            }
+        }
         if let Some(v) = self.free.get_mut(&class) {
-            // the buffer this allocation had last run, if free; else the last freed
-            let at = want.and_then(|w| v.iter().rposition(|b| Arc::as_ptr(b) as usize == w));
+            // the buffer this allocation had last run, if free; else the last freed that no later allocation
+            // wants; else the last freed
+            let addr = |b: &Arc<wgpu::Buffer>| Arc::as_ptr(b) as usize;
+            let at = want
+                .and_then(|w| v.iter().rposition(|b| addr(b) == w))
+                .or_else(|| v.iter().rposition(|b| self.ahead.get(&addr(b)).is_none_or(|n| *n == 0)));
             let b = match at {
                 Some(i) => Some(v.remove(i)),
                 None => v.pop(),
@@ -108,6 +120,10 @@ impl BufferPool {
     /// A run ended: its allocations become the ones the next run tries to repeat.
     fn end_run(&mut self) {
         self.last = std::mem::take(&mut self.now);
+        self.ahead.clear();
+        for a in &self.last {
+            *self.ahead.entry(*a).or_default() += 1;
+        }
     }
     /// Whether the pool made `buffer` and may take it back.
     pub fn owns(&self, buffer: &Arc<wgpu::Buffer>) -> bool {
