@@ -17,8 +17,8 @@ pub struct DecodeResult {
     pub tokens: Vec<i64>,
     pub prefill_ms: f64,
     pub decode_ms: Vec<f64>,
-    /// The GPU placement report right after the prefill (counters and profile so far), to tell the decode steps'
-    /// share of the totals.
+    /// The GPU placement report once warm (counters and profile so far): after the first decode step when more
+    /// follow (it compiles the one-row kernels), else after the prefill; the later steps' share of the totals.
     pub after_prefill: Option<kiln_provider::PlacementReport>,
 }
 
@@ -335,9 +335,12 @@ impl DecodePlan {
             let ms = t0.elapsed().as_secs_f64() * 1e3;
             if step == 0 {
                 prefill_ms = ms;
-                after_prefill = session.gpu_placement();
             } else {
                 decode_ms.push(ms);
+            }
+            // the counters once warm: after the first decode step (it compiles the one-row kernels) when more follow
+            if step == usize::from(steps > 2) {
+                after_prefill = session.gpu_placement();
             }
             tokens.push(next);
             past_len += seq;

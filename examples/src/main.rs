@@ -257,11 +257,13 @@ fn run(args: Args) -> Result<(), String> {
                 r.counters.wait_us as f64 / 1e3 / runs as f64,
                 r.counters.run_us.saturating_sub(r.counters.submit_us + r.counters.wait_us) as f64 / 1e3 / runs as f64
             );
-            if let (Some(p), n) = (&result.after_prefill, r.runs.saturating_sub(1)) {
+            if let (Some(p), n) =
+                (&result.after_prefill, r.runs.saturating_sub(result.after_prefill.as_ref().map_or(0, |p| p.runs)))
+            {
                 if n > 0 {
                     let d = |a: usize, b: usize| a.saturating_sub(b) as f64 / n as f64;
                     println!(
-                        "gpu work per decode step (mean of {n}): {:.1} submits (+{:.1} early), {:.1} dispatches, {:.1} \
+                        "gpu work per decode step (mean of the last {n}): {:.1} submits (+{:.1} early), {:.1} dispatches, {:.1} \
                          uploads, {:.1} readbacks, {:.1} bind groups created",
                         d(r.counters.submits, p.counters.submits),
                         d(r.counters.early_submits, p.counters.early_submits),

@@ -87,6 +87,8 @@ pub(crate) struct GpuBackend {
     host_constants: Vec<(String, u64)>,
     /// Each node's first outlet in a flat outlet index ([`RunPlan::uses`]).
     outlet_base: Vec<usize>,
+    /// KILN_HOST_PROFILE=1 (native): host time per kind of node in the profile.
+    host_profile: bool,
     /// The run plans of recent (outputs, locations) requests: a decode loop asks the same every step.
     run_plans: Mutex<Vec<(RunKey, Arc<RunPlan>)>>,
 }
@@ -291,6 +293,8 @@ impl GpuBackend {
             streamed,
             host_constants,
             outlet_base,
+            host_profile: cfg!(not(target_arch = "wasm32"))
+                && std::env::var("KILN_HOST_PROFILE").is_ok_and(|v| v == "1"),
             run_plans: Mutex::default(),
         };
         Ok((backend, jobs))
@@ -540,8 +544,18 @@ impl GpuBackend {
         let mut dev: HashMap<OutletId, GpuTensor> = HashMap::default();
         let mut pending: Vec<(OutletId, PendingRead, TVec<usize>, DatumType)> = vec![];
 
+        // KILN_HOST_PROFILE=1 (native): host time per kind of node, as `host <kind>` entries of the profile
+        let mut host_lap: Option<(&'static str, Option<HostClock>)> = None;
         for &id in &plan.nodes {
             let node = model.node(id);
+            if self.host_profile {
+                if let Some((label, t)) = host_lap.take() {
+                    let e = rec.profile.entry(label).or_default();
+                    e.0 += 1;
+                    e.1 += kiln_wgsl::exec::micros_since(t) * 1000;
+                }
+                host_lap = Some((host_label(node), kiln_wgsl::exec::clock()));
+            }
             if node.inputs.is_empty() && !node.op_is::<GpuOp>() {
                 if let Some(g) = gpu_feeds.get(&id) {
                     // a GPU feed a CPU node (or a host output) reads: read back (with the next flush, which the
@@ -692,6 +706,11 @@ impl GpuBackend {
                 }
             }
             rec.submit_early(ctx).map_err(gpu_err)?;
+        }
+        if let Some((label, t)) = host_lap.take() {
+            let e = rec.profile.entry(label).or_default();
+            e.0 += 1;
+            e.1 += kiln_wgsl::exec::micros_since(t) * 1000;
         }
         // outputs left on the GPU: the device values behind them; host values (CPU nodes' outputs) go up
         let mut gpu_out: HashMap<usize, GpuTensor> = HashMap::default();
@@ -907,6 +926,28 @@ impl Future for CatchUnwind<'_> {
             }
         }
     }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+type HostClock = std::time::Instant;
+#[cfg(target_arch = "wasm32")]
+type HostClock = u64;
+
+/// The host-profile label of a node: `host <kernel>` for GPU nodes, `host cpu <op>` for CPU nodes.
+fn host_label(node: &TypedNode) -> &'static str {
+    if let Some(op) = node.op_as::<GpuOp>() {
+        return intern(format!("host {}", op.kernel.name()));
+    }
+    if node.op_is::<ToDevice>() {
+        return "host ToDevice";
+    }
+    if node.op_is::<ToHost>() {
+        return "host ToHost";
+    }
+    if node.inputs.is_empty() {
+        return "host source/const";
+    }
+    intern(format!("host cpu {}", node.op.name()))
 }
 
 /// A static copy of a kernel name for profile labels (a model has a few dozen distinct ones).
