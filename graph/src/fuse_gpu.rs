@@ -223,6 +223,8 @@ struct EpilogueMatch {
     inputs: Vec<OutletId>,
     /// Skip norms of the same residual sum (kiln-graph's `fuse_norm`), to read the fused node's sum instead.
     norms: Vec<usize>,
+    /// Every node the fusion replaces.
+    members: Vec<usize>,
 }
 
 /// The kiln NormOp behind a GPU node that adds a skip.
@@ -296,7 +298,8 @@ fn find_epilogue(
                 if kernel.storage_buffers() > max_storage_buffers {
                     continue;
                 }
-                return Some(EpilogueMatch { sink: id, kernel, chain, inputs, norms: vec![] });
+                let members = vec![gn.id, un.id, silu.id, id];
+                return Some(EpilogueMatch { sink: id, kernel, chain, inputs, norms: vec![], members });
             }
         }
         // Add(A · Bᵀ, R) (either operand order): a residual
@@ -338,7 +341,9 @@ fn find_epilogue(
                 if kernel.storage_buffers() > max_storage_buffers {
                     continue;
                 }
-                return Some(EpilogueMatch { sink: id, kernel, chain, inputs, norms });
+                let mut members = vec![qn.id, id];
+                members.extend(norms.iter().copied());
+                return Some(EpilogueMatch { sink: id, kernel, chain, inputs, norms, members });
             }
         }
     }
@@ -351,30 +356,73 @@ fn find_epilogue(
 ///
 /// `max_storage_buffers`: the adapter's limit per kernel; fusions that would bind more are left out.
 pub fn fuse_matmul_epilogues(model: &mut TypedModel, max_storage_buffers: u32) -> Result<usize> {
+    const WHAT: &str = "fusing a matmul epilogue";
+    batched(model, WHAT, |model, order, outputs| {
+        let m = find_epilogue(model, order, outputs, max_storage_buffers)?;
+        let apply = move |model: &mut TypedModel| -> Result<()> {
+            let mut patch = TypedModelPatch::default();
+            let taps = tap_all(&mut patch, model, &m.inputs, WHAT)?;
+            let name = model.node(m.sink).name.clone();
+            let op = GpuOp { kernel: Kernel::QMatMul(m.kernel), cpu: Box::new(m.chain) };
+            let out = wire_replacing(&mut patch, model, name, op, &taps, &[OutletId::new(m.sink, 0)], WHAT)?[0];
+            for n in m.norms {
+                // NormOp(a, b, rest..) of the sum a + b → NormOp(sum, rest..)
+                let node = model.node(n);
+                let op = skip_norm(node).ok_or_else(|| Error::invalid_model("matmul epilogue: not a skip norm"))?;
+                let op = kiln_ops::skip_norm::NormOp { has_skip: false, ..op };
+                let mut ins = tvec![out];
+                ins.extend(tap_all(&mut patch, model, &node.inputs[2..], WHAT)?);
+                let gpu =
+                    GpuOp { kernel: Kernel::Norm(kiln_wgsl::msft::NormSpec { op: op.clone() }), cpu: Box::new(op) };
+                wire_replacing(&mut patch, model, node.name.clone(), gpu, &ins, &[OutletId::new(n, 0)], WHAT)?;
+            }
+            patch.apply(model).map_err(tract_err(WHAT))
+        };
+        Some(Found { at: m.sink, members: m.members.clone(), apply: Box::new(apply) })
+    })
+}
+
+/// A fusion a pass found: the node the search stopped at, the nodes it replaces, and how to apply it.
+struct Found<'a> {
+    at: usize,
+    members: Vec<usize>,
+    apply: Box<dyn FnOnce(&mut TypedModel) -> Result<()> + 'a>,
+}
+
+/// Runs a fusion pass in rounds: each round walks the evaluation order once, applying every fusion `find` reports
+/// (searching on after the last one's node) whose nodes no earlier fusion of the round replaced, then compacts the
+/// model once — not an ordering and a compaction per fusion (~100 fusions in a 30-layer model). A fusion skipped
+/// for overlap is found again in the next round. Returns how many fusions it applied.
+fn batched<'a>(
+    model: &mut TypedModel,
+    what: &str,
+    mut find: impl FnMut(&TypedModel, &[usize], &HashSet<OutletId>) -> Option<Found<'a>>,
+) -> Result<usize> {
     let mut fused = 0;
     loop {
-        let order = model.eval_order().map_err(tract_err("ordering the lowered model"))?;
-        let outputs: HashSet<OutletId> =
-            model.output_outlets().map_err(tract_err("model outputs"))?.iter().copied().collect();
-        let Some(m) = find_epilogue(model, &order, &outputs, max_storage_buffers) else { break };
-        const WHAT: &str = "fusing a matmul epilogue";
-        let mut patch = TypedModelPatch::default();
-        let taps = tap_all(&mut patch, model, &m.inputs, WHAT)?;
-        let name = model.node(m.sink).name.clone();
-        let op = GpuOp { kernel: Kernel::QMatMul(m.kernel), cpu: Box::new(m.chain) };
-        let out = wire_replacing(&mut patch, model, name, op, &taps, &[OutletId::new(m.sink, 0)], WHAT)?[0];
-        for n in m.norms {
-            // NormOp(a, b, rest..) of the sum a + b → NormOp(sum, rest..)
-            let node = model.node(n);
-            let op = skip_norm(node).ok_or_else(|| Error::invalid_model("matmul epilogue: not a skip norm"))?;
-            let op = kiln_ops::skip_norm::NormOp { has_skip: false, ..op };
-            let mut ins = tvec![out];
-            ins.extend(tap_all(&mut patch, model, &node.inputs[2..], WHAT)?);
-            let gpu = GpuOp { kernel: Kernel::Norm(kiln_wgsl::msft::NormSpec { op: op.clone() }), cpu: Box::new(op) };
-            wire_replacing(&mut patch, model, node.name.clone(), gpu, &ins, &[OutletId::new(n, 0)], WHAT)?;
+        let order = model.eval_order().map_err(tract_err(what))?;
+        let outputs: HashSet<OutletId> = model.output_outlets().map_err(tract_err(what))?.iter().copied().collect();
+        let mut touched: HashSet<usize> = HashSet::new();
+        let mut applied = 0;
+        let mut rest: &[usize] = &order;
+        while let Some(f) = find(model, rest, &outputs) {
+            let Some(pos) = rest.iter().position(|&n| n == f.at) else { break };
+            rest = &rest[pos + 1..];
+            if f.members.iter().any(|n| touched.contains(n)) {
+                continue;
+            }
+            touched.extend(f.members.iter().copied());
+            (f.apply)(model)?;
+            applied += 1;
         }
-        apply_compacted(patch, model, WHAT)?;
-        fused += 1;
+        if applied > 0 {
+            model.compact().map_err(tract_err(what))?;
+        }
+        fused += applied;
+        // a round that applied nothing ends the pass (one that did may have made new matches possible)
+        if applied == 0 {
+            break;
+        }
     }
     Ok(fused)
 }
@@ -411,37 +459,46 @@ pub fn fuse_matmul_splits(model: &mut TypedModel, max_storage_buffers: u32) -> R
             kiln_wgsl::qmatmul::QMatMul { epilogue: QEpilogue::Split(ns), ..key.clone() }.storage_buffers()
                 <= max_storage_buffers
         };
-        let found = groups.into_iter().find_map(|(a, key, members)| {
-            let parts = (2..=members.len().min(MAX_SPLIT)).rev().find(|p| fits(&key, *p))?;
-            Some((a, key, members[..parts].to_vec()))
-        });
-        let Some((a, key, members)) = found else { break };
-        let mut ns = [0usize; 3];
-        let mut inputs = vec![a];
-        let mut steps = vec![];
-        for (w, &m) in members.iter().enumerate() {
-            let node = model.node(m);
-            let Some(Kernel::QMatMul(q)) = node.op_as::<GpuOp>().map(|g| &g.kernel) else { break };
-            ns[w] = q.n;
-            let mut srcs = vec![Src::Input(0)];
-            for i in &node.inputs[1..] {
-                srcs.push(Src::Input(inputs.len() as u8));
-                inputs.push(*i);
-            }
-            let cpu = node.op_as::<GpuOp>().map(|g| g.cpu.clone());
-            steps.push((cpu.ok_or_else(|| Error::invalid_model("split matmul: not a GPU node"))?, srcs));
+        // every group that fits, in this round (the groups' nodes are disjoint); then one compaction
+        let found: Vec<_> = groups
+            .into_iter()
+            .filter_map(|(a, key, members)| {
+                let parts = (2..=members.len().min(MAX_SPLIT)).rev().find(|p| fits(&key, *p))?;
+                Some((a, key, members[..parts].to_vec()))
+            })
+            .collect();
+        if found.is_empty() {
+            break;
         }
-        let kernel = kiln_wgsl::qmatmul::QMatMul { n: ns.iter().sum(), epilogue: QEpilogue::Split(ns), ..key };
-        let chain = FusedChain { inputs: inputs.len(), steps, outputs: members.len() };
         const WHAT: &str = "joining matmuls";
-        let mut patch = TypedModelPatch::default();
-        let taps = tap_all(&mut patch, model, &inputs, WHAT)?;
-        let name = format!("{}.split", model.node(members[0]).name);
-        let op = GpuOp { kernel: Kernel::QMatMul(kernel), cpu: Box::new(chain) };
-        let replaced: Vec<OutletId> = members.iter().map(|m| OutletId::new(*m, 0)).collect();
-        wire_replacing(&mut patch, model, name, op, &taps, &replaced, WHAT)?;
-        apply_compacted(patch, model, WHAT)?;
-        fused += 1;
+        for (a, key, members) in found {
+            let mut ns = [0usize; 3];
+            let mut inputs = vec![a];
+            let mut steps = vec![];
+            for (w, &m) in members.iter().enumerate() {
+                let node = model.node(m);
+                let Some(Kernel::QMatMul(q)) = node.op_as::<GpuOp>().map(|g| &g.kernel) else { break };
+                ns[w] = q.n;
+                let mut srcs = vec![Src::Input(0)];
+                for i in &node.inputs[1..] {
+                    srcs.push(Src::Input(inputs.len() as u8));
+                    inputs.push(*i);
+                }
+                let cpu = node.op_as::<GpuOp>().map(|g| g.cpu.clone());
+                steps.push((cpu.ok_or_else(|| Error::invalid_model("split matmul: not a GPU node"))?, srcs));
+            }
+            let kernel = kiln_wgsl::qmatmul::QMatMul { n: ns.iter().sum(), epilogue: QEpilogue::Split(ns), ..key };
+            let chain = FusedChain { inputs: inputs.len(), steps, outputs: members.len() };
+            let mut patch = TypedModelPatch::default();
+            let taps = tap_all(&mut patch, model, &inputs, WHAT)?;
+            let name = format!("{}.split", model.node(members[0]).name);
+            let op = GpuOp { kernel: Kernel::QMatMul(kernel), cpu: Box::new(chain) };
+            let replaced: Vec<OutletId> = members.iter().map(|m| OutletId::new(*m, 0)).collect();
+            wire_replacing(&mut patch, model, name, op, &taps, &replaced, WHAT)?;
+            patch.apply(model).map_err(tract_err(WHAT))?;
+            fused += 1;
+        }
+        model.compact().map_err(tract_err(WHAT))?;
     }
     Ok(fused)
 }
@@ -543,11 +600,8 @@ pub fn fuse_rotary_pairs(model: &mut TypedModel, max_storage_buffers: u32) -> Re
 /// q / k / v split, its gate / up, the LM head): the matmul kernel normalises A itself ([`QNorm`]), one dispatch
 /// less per norm on a decode step. Returns how many it folded. Runs after [`fuse_matmul_splits`].
 pub fn fuse_matmul_norms(model: &mut TypedModel, max_storage_buffers: u32) -> Result<usize> {
-    let mut fused = 0;
-    loop {
-        let order = model.eval_order().map_err(tract_err("ordering the lowered model"))?;
-        let outputs: HashSet<OutletId> =
-            model.output_outlets().map_err(tract_err("model outputs"))?.iter().copied().collect();
+    const WHAT: &str = "folding a norm into a matmul";
+    batched(model, WHAT, |model, order, outputs| {
         let found = order.iter().find_map(|&id| {
             let node = model.node(id);
             let Kernel::QMatMul(q) = &node.op_as::<GpuOp>()?.kernel else { return None };
@@ -571,10 +625,10 @@ pub fn fuse_matmul_norms(model: &mut TypedModel, max_storage_buffers: u32) -> Re
             (q.norm.is_none() && sole && !outputs.contains(&a) && kernel.storage_buffers() <= max_storage_buffers)
                 .then_some((id, a.node, kernel))
         });
-        let Some((id, norm_id, kernel)) = found else { break };
+        let (id, norm_id, kernel) = found?;
         let (node, norm) = (model.node(id), model.node(norm_id));
         let cpu = |n: &TypedNode| n.op_as::<GpuOp>().map(|g| g.cpu.clone());
-        let (Some(norm_cpu), Some(mm_cpu)) = (cpu(norm), cpu(node)) else { break };
+        let (norm_cpu, mm_cpu) = (cpu(norm)?, cpu(node)?);
         // inputs: the norm's input, the matmul's others, gamma
         let mut inputs: Vec<OutletId> = vec![norm.inputs[0]];
         inputs.extend(node.inputs[1..].iter().copied());
@@ -590,17 +644,17 @@ pub fn fuse_matmul_norms(model: &mut TypedModel, max_storage_buffers: u32) -> Re
             steps: vec![(norm_cpu, norm_srcs), (mm_cpu, mm_srcs)],
             outputs: node.outputs.len(),
         };
-        const WHAT: &str = "folding a norm into a matmul";
-        let mut patch = TypedModelPatch::default();
-        let taps = tap_all(&mut patch, model, &inputs, WHAT)?;
         let name = format!("{}.normed", node.name);
-        let op = GpuOp { kernel: Kernel::QMatMul(kernel), cpu: Box::new(chain) };
         let replaced: Vec<OutletId> = (0..node.outputs.len()).map(|slot| OutletId::new(id, slot)).collect();
-        wire_replacing(&mut patch, model, name, op, &taps, &replaced, WHAT)?;
-        apply_compacted(patch, model, WHAT)?;
-        fused += 1;
-    }
-    Ok(fused)
+        let apply = move |model: &mut TypedModel| -> Result<()> {
+            let mut patch = TypedModelPatch::default();
+            let taps = tap_all(&mut patch, model, &inputs, WHAT)?;
+            let op = GpuOp { kernel: Kernel::QMatMul(kernel), cpu: Box::new(chain) };
+            wire_replacing(&mut patch, model, name, op, &taps, &replaced, WHAT)?;
+            patch.apply(model).map_err(tract_err(WHAT))
+        };
+        Some(Found { at: id, members: vec![id, norm_id], apply: Box::new(apply) })
+    })
 }
 
 /// Weights this large or larger are considered for [`matmul_weights_in_f16`] (bytes of their f32 values).
