@@ -382,11 +382,14 @@ pub fn fuse_matmul_epilogues(model: &mut TypedModel, max_storage_buffers: u32) -
     })
 }
 
+/// Applies one fusion to the model (its patch, without compacting).
+type ApplyFn<'a> = Box<dyn FnOnce(&mut TypedModel) -> Result<()> + 'a>;
+
 /// A fusion a pass found: the node the search stopped at, the nodes it replaces, and how to apply it.
 struct Found<'a> {
     at: usize,
     members: Vec<usize>,
-    apply: Box<dyn FnOnce(&mut TypedModel) -> Result<()> + 'a>,
+    apply: ApplyFn<'a>,
 }
 
 /// Runs a fusion pass in rounds: each round walks the evaluation order once, applying every fusion `find` reports
