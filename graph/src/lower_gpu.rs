@@ -70,7 +70,7 @@ pub fn lower(model: &TypedModel, caps: &Caps) -> Result<Lowered> {
     // float16 models' attention split over the KV concat by declutter: merged back and fused only with the opt-in
     // (crate::passes::f16_fused_attention; SmolLM2's decode step then drifts from its prefill by 0.34 mean |logit|
     // instead of 0.07 — not understood yet)
-    if crate::passes::f16_fused_attention() {
+    if crate::passes::f16_fused_attention(model) {
         kiln_wgsl::attention::unsplit_concat_matmuls(&mut src).map_err(tract_err("merging concat-split matmuls"))?;
     }
     kiln_wgsl::attention::fuse_decomposed_attention(&mut src).map_err(tract_err("fusing decomposed attention"))?;

@@ -6,7 +6,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::import::{Model, OptimizationLevel};
 
 /// Runs the passes the optimisation level asks for.
-pub fn run(model: &mut Model, level: OptimizationLevel) -> Result<()> {
+pub fn run(model: &mut Model, level: OptimizationLevel, f16_fused: bool) -> Result<()> {
     // Every level declutters: tract's typed model as imported cannot always run (symbolic shape arithmetic is only
     // resolved by declutter), and float16 arithmetic in float32 is how onnxruntime's CPU kernels compute, not a
     // graph optimisation. `Disabled` stops there.
@@ -23,7 +23,10 @@ pub fn run(model: &mut Model, level: OptimizationLevel) -> Result<()> {
     // declutter they are kept as extra outputs, as a float32 model's concatenations are. The full level (the
     // CPU's) is left as it was.
     let outputs = model.typed.outputs.len();
-    if level != OptimizationLevel::All && f16_fused_attention() {
+    if f16_fused {
+        model.typed.properties.insert(F16_FUSED_ATTENTION.into(), Arc::new(tensor0(true)));
+    }
+    if level != OptimizationLevel::All && f16_fused_attention(&model.typed) {
         protect_f16_output_concats(&mut model.typed);
     }
     let guarded = crate::symbolic::declutter(&mut model.typed);
@@ -62,15 +65,20 @@ fn fold_external_casts(model: &mut Model) -> Result<()> {
     Ok(())
 }
 
+/// The model property that turns [`f16_fused_attention`] on (set at import from `LoadOptions::f16_fused_attention`).
+pub const F16_FUSED_ATTENTION: &str = "kiln.f16_fused_attention";
+
 /// Whether float16 models get the fused attention and the KV cache appended in place on the GPU: opt-in
-/// (`KILN_GPU_F16_FUSED_ATTENTION=1`). It cuts SmolLM2 q4f16's decode step by ~12 dispatches a layer (lavapipe:
+/// (`LoadOptions::f16_fused_attention`, `SessionOptions::gpu_f16_fused_attention`, KILN_GPU_F16_FUSED_ATTENTION=1;
+/// kiln-web: `extra: { kiln: { f16FusedAttention: true } }`). It cuts SmolLM2 q4f16's decode step by ~12 dispatches a layer (lavapipe:
 /// 861 → 291) and makes the step O(new tokens); natively on lavapipe (with and without shader-f16) SmolLM2 passes
 /// its teacher-forced check with it and its decode step is the closer one to the CPU provider's
 /// (provider/tests/gpu_quant.rs). But in Chrome on SwiftShader (kiln-web, 'webgpu') SmolLM2's prefill argmax then
 /// differs from onnxruntime's and the native one (253 vs 1811 on bench/browser_decode.mjs's prompt; 1811 without
-/// it) — not understood yet, so not the default. (There is no environment in a browser: off there.)
-pub fn f16_fused_attention() -> bool {
-    std::env::var("KILN_GPU_F16_FUSED_ATTENTION").is_ok_and(|v| v == "1")
+/// it) — not understood yet, so not the default. Native wgpu on Chrome's own SwiftShader Vulkan driver gives the
+/// right tokens with it: the difference is in the browser's path (Dawn / Tint, or kiln-web's adapter limits).
+pub fn f16_fused_attention(model: &TypedModel) -> bool {
+    model.properties.get(F16_FUSED_ATTENTION).is_some_and(|t| t.cast_to_scalar::<bool>().unwrap_or(false))
 }
 
 /// Adds to the model's outputs each Concat whose result only reaches an output through a cast to float16.

@@ -769,6 +769,9 @@ export function registerKiln(/** @type {Platform} */ platform) {
           // kiln's adapter request on 'webgpu' (its first session's: the sessions share one GPUDevice)
           powerPreference: env.webgpu.powerPreference,
           forceFallbackAdapter: env.webgpu.forceFallbackAdapter,
+          // kiln's own session config (onnxruntime-web ignores `extra` entries it does not know): float16 models'
+          // fused attention on 'webgpu', opt-in (kiln_graph::passes::f16_fused_attention)
+          f16FusedAttention: options.extra?.kiln?.f16FusedAttention === true,
         });
         let native;
         try {

@@ -79,6 +79,9 @@ pub struct SessionOptions {
     /// WebGPU sessions: the kernels' tuning, for a GPU or for a CPU adapter (`None`: what the adapter is;
     /// KILN_GPU_TUNING=gpu|cpu changes that default for the whole process).
     pub gpu_tuning: Option<kiln_wgsl::Tuning>,
+    /// WebGPU sessions of float16 models: fuse their attention and append their KV cache in place (opt-in; see
+    /// `kiln_graph::passes::f16_fused_attention`). KILN_GPU_F16_FUSED_ATTENTION=1 turns it on for the process.
+    pub gpu_f16_fused_attention: bool,
 }
 
 impl std::fmt::Debug for SessionOptions {
@@ -96,6 +99,7 @@ impl std::fmt::Debug for SessionOptions {
             .field("weight_streaming", &self.weight_streaming)
             .field("gpu_submit_every", &self.gpu_submit_every)
             .field("gpu_tuning", &self.gpu_tuning)
+            .field("gpu_f16_fused_attention", &self.gpu_f16_fused_attention)
             .finish()
     }
 }
@@ -121,6 +125,7 @@ impl SessionOptions {
             external_data: self.external_data.clone(),
             constant_inputs: self.constant_inputs.iter().map(|(n, t)| (n.clone(), t.as_tract().clone())).collect(),
             generation: self.generation.clone(),
+            f16_fused_attention: self.gpu_f16_fused_attention && self.wants_gpu(),
         }
     }
 }

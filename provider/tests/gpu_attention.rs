@@ -824,8 +824,6 @@ fn compare_y(bytes: &[u8], feeds: Vec<(String, Tensor)>, what: &str, tol: f32) -
 /// whole attention is one fused node (no Softmax, no Slice left), matching the CPU's evaluation of the graph.
 #[test]
 fn kv_concat_attention_with_a_scaled_query_is_fused_on_gpu() {
-    // the merge of the split P·V is opt-in for now (kiln_graph::passes::f16_fused_attention)
-    std::env::set_var("KILN_GPU_F16_FUSED_ATTENTION", "1");
     if !gpu_available() {
         return;
     }
@@ -888,7 +886,9 @@ fn kv_concat_attention_with_a_scaled_query_is_fused_on_gpu() {
             konst_f32("zero", &[], vec![0.0]),
         ];
         let bytes = graph_model(nodes, inputs, init);
-        let gpu = Session::from_bytes(&bytes, &options(ExecutionProvider::WebGpu)).expect("gpu session");
+        // the merge of the split P·V is opt-in for now (kiln_graph::passes::f16_fused_attention)
+        let opts = SessionOptions { gpu_f16_fused_attention: true, ..options(ExecutionProvider::WebGpu) };
+        let gpu = Session::from_bytes(&bytes, &opts).expect("gpu session");
         let report = gpu.gpu_placement().expect("on the GPU");
         let fused = report.nodes.iter().filter(|n| n.op == "KilnAttentionY" && n.device == Device::Gpu).count();
         let left: Vec<&str> = report

@@ -22,6 +22,9 @@ fn gpu_session(model: &Path, prefs: PreferredOutputLocation) -> Option<blocking:
     let opts = SessionOptions {
         execution_providers: vec![ExecutionProvider::WebGpu],
         preferred_output_location: prefs,
+        // float16 models append their cache in place with the fused attention, opt-in for now
+        // (kiln_graph::passes::f16_fused_attention): these tests turn it on (f32 models are unaffected by it)
+        gpu_f16_fused_attention: true,
         ..Default::default()
     };
     let s = blocking::Session::from_path(model, &opts).unwrap_or_else(|e| panic!("{}: loading: {e}", model.display()));
@@ -72,12 +75,6 @@ fn delta(a: &Counters, b: &Counters) -> Counters {
         wait_us: a.wait_us - b.wait_us,
         run_us: a.run_us - b.run_us,
     }
-}
-
-/// float16 models append their cache in place with the fused attention, opt-in for now
-/// (kiln_graph::passes::f16_fused_attention): these tests turn it on (f32 models are unaffected by it).
-fn f16_fused_attention() {
-    std::env::set_var("KILN_GPU_F16_FUSED_ATTENTION", "1");
 }
 
 fn is_past(name: &str) -> bool {
@@ -404,13 +401,11 @@ fn tiny_gpt2_sdpa_op23_kv_on_gpu() {
 /// appends in place and the fused attention reads the float16 past in place.
 #[test]
 fn tiny_llama_optimum_fp16_kv_on_gpu() {
-    f16_fused_attention();
     check("tiny-llama/onnx_optimum_fp16");
 }
 
 #[test]
 fn tiny_gpt2_optimum_fp16_kv_on_gpu() {
-    f16_fused_attention();
     check("tiny-gpt2/onnx_optimum_fp16");
 }
 
@@ -607,7 +602,6 @@ fn shared_device_and_release() {
 /// attention_reads_f16_past). Skipped when ../shared is absent.
 #[test]
 fn smollm2_q4f16_greedy_64_kv_on_gpu() {
-    f16_fused_attention();
     let dir = shared_models().join("smollm2-135m-instruct/onnx");
     let path = dir.join("model_q4f16.onnx");
     let set = dir.join("test_data_q4f16");
