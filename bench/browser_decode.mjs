@@ -3,6 +3,7 @@
 // on 'wasm', against onnxruntime-web 1.30 on 'wasm' and 'webgpu', the same page and API for all four.
 //
 //   node bench/browser_decode.mjs [--steps 8] [--ids 6403,1980,...] [--runs kiln:webgpu,kiln:wasm,ort:wasm,ort:webgpu]
+//                                 [--extra '{"kiln":{"f16FusedAttention":true}}']   (session options' `extra`)
 //
 // Needs js/ built (`cd js && npm ci && npm run build`). Prints one JSON line per run: prefill ms, decode ms/token
 // (mean and median over the steps), the tokens, or the error the engine gave.
@@ -25,6 +26,7 @@ const arg = (name, dflt) => {
 const steps = Number(arg('steps', '8'));
 const ids = arg('ids', '6403,1980,253,655,28,339,436,253,3241,282,253,9835,259,30,339,436').split(',').map(Number);
 const runs = arg('runs', 'kiln:webgpu,ort:wasm,kiln:wasm,ort:webgpu').split(',');
+const extra = JSON.parse(arg('extra', '{}'));
 const models = path.resolve(here, '../../shared/models');
 const modelUrl = '/shared/models/smollm2-135m-instruct/onnx/model_q4f16.onnx';
 
@@ -42,6 +44,7 @@ try {
   const t0 = performance.now();
   const session = await ort.InferenceSession.create('${modelUrl}', {
     executionProviders: ['${ep}'],
+    extra: ${JSON.stringify(extra)},
     ...(gpuKv ? { preferredOutputLocation: Object.fromEntries(
       Array.from({ length: 30 }, (_, i) => [['present.' + i + '.key', 'gpu-buffer'], ['present.' + i + '.value', 'gpu-buffer']]).flat()) } : {}),
   });
