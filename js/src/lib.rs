@@ -1029,7 +1029,7 @@ mod web {
         }
 
         /// The WebGPU provider's transfer counters, totals over the session's runs (`undefined` on the CPU):
-        /// `{ runs, submits, earlySubmits, uploads, uploadBytes, readbacks, readbackBytes, gpuFeeds, gpuOutputs, kvAppendsInPlace,
+        /// `{ runs, submits, earlySubmits, dispatches, uploads, uploadBytes, readbacks, readbackBytes, gpuFeeds, gpuOutputs, kvAppendsInPlace,
         /// kvStoresCreated }` (kiln-web's tests: a KV cache fed back as gpu-buffer tensors is bound without a copy).
         #[wasm_bindgen(js_name = gpuCounters)]
         pub fn gpu_counters(&self) -> Result<JsValue, JsError> {
@@ -1040,6 +1040,7 @@ mod web {
                 ("runs", r.runs as f64),
                 ("submits", c.submits as f64),
                 ("earlySubmits", c.early_submits as f64),
+                ("dispatches", c.dispatches as f64),
                 ("uploads", c.uploads as f64),
                 ("uploadBytes", c.upload_bytes as f64),
                 ("readbacks", c.readbacks as f64),
