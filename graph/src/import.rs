@@ -166,9 +166,9 @@ pub struct LoadOptions {
     pub constant_inputs: Vec<(String, Tensor)>,
     /// Decoder helpers added to the graph (crate::generation): last-position logits, a next-token output.
     pub generation: crate::generation::GenerationOptions,
-    /// Float16 models: the GPU lowering fuses their attention and appends their KV cache in place (opt-in, see
-    /// [`crate::passes::f16_fused_attention`]; KILN_GPU_F16_FUSED_ATTENTION=1 turns it on as well).
-    pub f16_fused_attention: bool,
+    /// Float16 models: the GPU lowering fuses their attention and appends their KV cache in place (see
+    /// [`crate::passes::f16_fused_attention`]). `None`: on, unless KILN_GPU_F16_FUSED_ATTENTION=0.
+    pub f16_fused_attention: Option<bool>,
 }
 
 /// Weights left in the external data at import (GPU sessions): external initializers of at least `min_bytes`
@@ -313,8 +313,9 @@ pub fn load_proto(mut proto: pb::ModelProto, options: &LoadOptions) -> Result<Mo
     let weight_source = if streams_weights(&proto) { options.external_data.clone().map(WeightSource) } else { None };
     let mut model = Model { typed, inputs, outputs, opset, domains, pass_log, weight_source };
     tdim_outputs_to_i64(&mut model.typed)?;
-    let f16_fused =
-        options.f16_fused_attention || std::env::var("KILN_GPU_F16_FUSED_ATTENTION").is_ok_and(|v| v == "1");
+    let f16_fused = options
+        .f16_fused_attention
+        .unwrap_or_else(|| std::env::var("KILN_GPU_F16_FUSED_ATTENTION").map_or(true, |v| v != "0"));
     crate::passes::run(&mut model, options.optimization, f16_fused)?;
     Ok(model)
 }

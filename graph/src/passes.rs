@@ -68,16 +68,15 @@ fn fold_external_casts(model: &mut Model) -> Result<()> {
 /// The model property that turns [`f16_fused_attention`] on (set at import from `LoadOptions::f16_fused_attention`).
 pub const F16_FUSED_ATTENTION: &str = "kiln.f16_fused_attention";
 
-/// Whether float16 models get the fused attention and the KV cache appended in place on the GPU: opt-in
-/// (`LoadOptions::f16_fused_attention`, `SessionOptions::gpu_f16_fused_attention`, KILN_GPU_F16_FUSED_ATTENTION=1;
-/// kiln-web: `extra: { kiln: { f16FusedAttention: true } }`). It cuts SmolLM2 q4f16's decode step by ~12 dispatches
+/// Whether float16 models get the fused attention and the KV cache appended in place on the GPU: the default
+/// since 12-01 (off with `LoadOptions::f16_fused_attention` / `SessionOptions::gpu_f16_fused_attention`
+/// `Some(false)`, KILN_GPU_F16_FUSED_ATTENTION=0, kiln-web `extra: { kiln: { f16FusedAttention: false } }`). It cuts SmolLM2 q4f16's decode step by ~12 dispatches
 /// a layer (lavapipe: 861 → 291) and makes the step O(new tokens); natively on lavapipe (with and without
 /// shader-f16) SmolLM2 passes its teacher-forced check with it and its decode step is the closer one to the CPU
 /// provider's (provider/tests/gpu_quant.rs). In Chrome on SwiftShader SmolLM2's prefill argmax on
 /// bench/browser_decode.mjs's prompt is 253 with it, 1811 without and on onnxruntime-web: a float16 tie, not a
 /// wrong result — onnxruntime's logits there are 20.328 (1811) and 20.156 (253), kiln-web's 20.25 and 20.25 (the
 /// first index wins), and layer by layer kiln-web 'webgpu' with it is as close to onnxruntime as kiln-web 'wasm' is.
-/// Not the default yet only because that switch was not validated in CI (next: make it the default).
 pub fn f16_fused_attention(model: &TypedModel) -> bool {
     model.properties.get(F16_FUSED_ATTENTION).is_some_and(|t| t.cast_to_scalar::<bool>().unwrap_or(false))
 }

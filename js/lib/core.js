@@ -770,8 +770,8 @@ export function registerKiln(/** @type {Platform} */ platform) {
           powerPreference: env.webgpu.powerPreference,
           forceFallbackAdapter: env.webgpu.forceFallbackAdapter,
           // kiln's own session config (onnxruntime-web ignores `extra` entries it does not know): float16 models'
-          // fused attention on 'webgpu', opt-in (kiln_graph::passes::f16_fused_attention)
-          f16FusedAttention: options.extra?.kiln?.f16FusedAttention === true,
+          // fused attention on 'webgpu', on unless false (kiln_graph::passes::f16_fused_attention)
+          f16FusedAttention: typeof options.extra?.kiln?.f16FusedAttention === 'boolean' ? options.extra.kiln.f16FusedAttention : undefined,
         });
         let native;
         try {

@@ -922,8 +922,8 @@ mod web {
                 };
                 opts.webgpu_adapter.force_fallback_adapter =
                     get(&options, "forceFallbackAdapter").as_bool() == Some(true);
-                // kiln-web's `extra: { kiln: { f16FusedAttention: true } }` (the JS half passes it on)
-                opts.gpu_f16_fused_attention = get(&options, "f16FusedAttention").as_bool() == Some(true);
+                // kiln-web's `extra: { kiln: { f16FusedAttention: false } }` turns it off (the JS half passes it on)
+                opts.gpu_f16_fused_attention = get(&options, "f16FusedAttention").as_bool();
             }
             let channel = Rc::new(RefCell::new(Channel::default()));
             if options.is_object() {

@@ -79,9 +79,9 @@ pub struct SessionOptions {
     /// WebGPU sessions: the kernels' tuning, for a GPU or for a CPU adapter (`None`: what the adapter is;
     /// KILN_GPU_TUNING=gpu|cpu changes that default for the whole process).
     pub gpu_tuning: Option<kiln_wgsl::Tuning>,
-    /// WebGPU sessions of float16 models: fuse their attention and append their KV cache in place (opt-in; see
-    /// `kiln_graph::passes::f16_fused_attention`). KILN_GPU_F16_FUSED_ATTENTION=1 turns it on for the process.
-    pub gpu_f16_fused_attention: bool,
+    /// WebGPU sessions of float16 models: fuse their attention and append their KV cache in place (see
+    /// `kiln_graph::passes::f16_fused_attention`). `None`: on, unless KILN_GPU_F16_FUSED_ATTENTION=0.
+    pub gpu_f16_fused_attention: Option<bool>,
 }
 
 impl std::fmt::Debug for SessionOptions {
@@ -125,7 +125,7 @@ impl SessionOptions {
             external_data: self.external_data.clone(),
             constant_inputs: self.constant_inputs.iter().map(|(n, t)| (n.clone(), t.as_tract().clone())).collect(),
             generation: self.generation.clone(),
-            f16_fused_attention: self.gpu_f16_fused_attention && self.wants_gpu(),
+            f16_fused_attention: if self.wants_gpu() { self.gpu_f16_fused_attention } else { Some(false) },
         }
     }
 }

@@ -886,8 +886,8 @@ fn kv_concat_attention_with_a_scaled_query_is_fused_on_gpu() {
             konst_f32("zero", &[], vec![0.0]),
         ];
         let bytes = graph_model(nodes, inputs, init);
-        // the merge of the split P·V is opt-in for now (kiln_graph::passes::f16_fused_attention)
-        let opts = SessionOptions { gpu_f16_fused_attention: true, ..options(ExecutionProvider::WebGpu) };
+        // the merge of the split P·V (kiln_graph::passes::f16_fused_attention, on by default)
+        let opts = SessionOptions { gpu_f16_fused_attention: Some(true), ..options(ExecutionProvider::WebGpu) };
         let gpu = Session::from_bytes(&bytes, &opts).expect("gpu session");
         let report = gpu.gpu_placement().expect("on the GPU");
         let fused = report.nodes.iter().filter(|n| n.op == "KilnAttentionY" && n.device == Device::Gpu).count();

@@ -22,9 +22,9 @@ fn gpu_session(model: &Path, prefs: PreferredOutputLocation) -> Option<blocking:
     let opts = SessionOptions {
         execution_providers: vec![ExecutionProvider::WebGpu],
         preferred_output_location: prefs,
-        // float16 models append their cache in place with the fused attention, opt-in for now
-        // (kiln_graph::passes::f16_fused_attention): these tests turn it on (f32 models are unaffected by it)
-        gpu_f16_fused_attention: true,
+        // float16 models append their cache in place with the fused attention (kiln_graph::passes::
+        // f16_fused_attention, the default; f32 models are unaffected by it)
+        gpu_f16_fused_attention: Some(true),
         ..Default::default()
     };
     let s = blocking::Session::from_path(model, &opts).unwrap_or_else(|e| panic!("{}: loading: {e}", model.display()));
