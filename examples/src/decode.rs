@@ -19,7 +19,7 @@ pub struct DecodeResult {
     pub decode_ms: Vec<f64>,
     /// The GPU placement report once warm (counters and profile so far): after the first decode step when more
     /// follow (it compiles the one-row kernels), else after the prefill; the later steps' share of the totals.
-    pub after_prefill: Option<kiln_provider::PlacementReport>,
+    pub warm: Option<kiln_provider::PlacementReport>,
 }
 
 #[derive(Debug, Clone)]
@@ -295,7 +295,7 @@ impl DecodePlan {
         let mut tokens = vec![];
         let mut prefill_ms = 0.0;
         let mut decode_ms = vec![];
-        let mut after_prefill = None;
+        let mut warm = None;
         for step in 0..steps {
             let t0 = Instant::now();
             let seq = feed.len();
@@ -340,13 +340,13 @@ impl DecodePlan {
             }
             // the counters once warm: after the first decode step (it compiles the one-row kernels) when more follow
             if step == usize::from(steps > 2) {
-                after_prefill = session.gpu_placement();
+                warm = session.gpu_placement();
             }
             tokens.push(next);
             past_len += seq;
             feed = vec![next];
         }
-        Ok(DecodeResult { tokens, prefill_ms, decode_ms, after_prefill })
+        Ok(DecodeResult { tokens, prefill_ms, decode_ms, warm })
     }
 }
 

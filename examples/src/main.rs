@@ -257,9 +257,7 @@ fn run(args: Args) -> Result<(), String> {
                 r.counters.wait_us as f64 / 1e3 / runs as f64,
                 r.counters.run_us.saturating_sub(r.counters.submit_us + r.counters.wait_us) as f64 / 1e3 / runs as f64
             );
-            if let (Some(p), n) =
-                (&result.after_prefill, r.runs.saturating_sub(result.after_prefill.as_ref().map_or(0, |p| p.runs)))
-            {
+            if let (Some(p), n) = (&result.warm, r.runs.saturating_sub(result.warm.as_ref().map_or(0, |p| p.runs))) {
                 if n > 0 {
                     let d = |a: usize, b: usize| a.saturating_sub(b) as f64 / n as f64;
                     println!(

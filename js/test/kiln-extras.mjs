@@ -29,25 +29,29 @@ test('integrity: a matching hash loads, another is rejected, an unknown format i
   await assert.rejects(ort.InferenceSession.create(MODEL, { integrity: 'md5-abc' }), TypeError);
 });
 
-test('onProgress: a model URL streams with progress; a path reports once', async () => {
-  // a server that sends the model in 4 KiB chunks, with and without Content-Length
+/** A local HTTP server sending `files` (path → bytes) in `chunk`-byte writes; `/chunked/<path>` without Content-Length,
+ * any other path 404. */
+async function serveInChunks(files, chunk) {
   const server = http.createServer((req, res) => {
-    const chunked = req.url.includes('chunked');
-    if (req.url.includes('missing')) {
-      res.writeHead(404).end();
-      return;
-    }
-    res.writeHead(200, chunked ? {} : { 'Content-Length': bytes.length });
+    const chunked = req.url.startsWith('/chunked/');
+    const data = files[chunked ? req.url.slice('/chunked'.length) : req.url];
+    if (!data) return res.writeHead(404).end();
+    res.writeHead(200, chunked ? {} : { 'Content-Length': data.length });
     let pos = 0;
     const next = () => {
-      if (pos >= bytes.length) return res.end();
-      res.write(bytes.subarray(pos, pos + 4096), next);
-      pos += 4096;
+      if (pos >= data.length) return res.end();
+      res.write(data.subarray(pos, pos + chunk), next);
+      pos += chunk;
     };
     next();
   });
   await new Promise((r) => server.listen(0, '127.0.0.1', r));
-  const base = `http://127.0.0.1:${server.address().port}`;
+  return { server, base: `http://127.0.0.1:${server.address().port}` };
+}
+
+test('onProgress: a model URL streams with progress; a path reports once', async () => {
+  // a server that sends the model in 4 KiB chunks, with and without Content-Length
+  const { server, base } = await serveInChunks({ '/model.onnx': bytes }, 4096);
   try {
     for (const [url, total] of [[`${base}/model.onnx`, bytes.length], [`${base}/chunked/model.onnx`, 0]]) {
       const events = [];
@@ -214,22 +218,7 @@ test('onProgress: the model and its external data (URLs, with and without Conten
   // the model itself: no weights, so it cannot load without its external data
   await assert.rejects(ort.InferenceSession.create(new Uint8Array(ext.model)), /weights-[ab]\.bin/);
   // a server sending each file in 8 KiB writes; /chunked/ without Content-Length
-  const served = { '/model.onnx': ext.model, '/weights-a.bin': a, '/weights-b.bin': b };
-  const server = http.createServer((req, res) => {
-    const chunked = req.url.startsWith('/chunked/');
-    const data = served[chunked ? req.url.slice('/chunked'.length) : req.url];
-    if (!data) return res.writeHead(404).end();
-    res.writeHead(200, chunked ? {} : { 'Content-Length': data.length });
-    let pos = 0;
-    const next = () => {
-      if (pos >= data.length) return res.end();
-      res.write(data.subarray(pos, pos + 8192), next);
-      pos += 8192;
-    };
-    next();
-  });
-  await new Promise((r) => server.listen(0, '127.0.0.1', r));
-  const base = `http://127.0.0.1:${server.address().port}`;
+  const { server, base } = await serveInChunks({ '/model.onnx': ext.model, '/weights-a.bin': a, '/weights-b.bin': b }, 8192);
   const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'kiln-extras-'));
   try {
     const all = ext.model.length + a.length + b.length;

@@ -411,12 +411,13 @@ impl GpuBackend {
     /// The run plan for `wanted` (the model outputs `outputs` asks for) at `locations`, from the cache or made now.
     fn run_plan(&self, wanted: &[OutletId], outputs: &[usize], locations: &[Location]) -> Result<Arc<RunPlan>> {
         let on_gpu = |i: usize| locations.get(i) == Some(&Location::GpuBuffer);
-        let key: RunKey = (outputs.to_vec(), (0..outputs.len()).map(on_gpu).collect());
+        let is_key = |k: &RunKey| k.0 == outputs && k.1.iter().copied().eq((0..outputs.len()).map(on_gpu));
         if let Ok(plans) = self.run_plans.lock() {
-            if let Some((_, p)) = plans.iter().find(|(k, _)| *k == key) {
+            if let Some((_, p)) = plans.iter().find(|(k, _)| is_key(k)) {
                 return Ok(p.clone());
             }
         }
+        let key: RunKey = (outputs.to_vec(), (0..outputs.len()).map(on_gpu).collect());
         let model = self.plan.model();
         let mut keep: HashMap<OutletId, OutletId> = HashMap::default();
         for (i, o) in wanted.iter().enumerate() {
@@ -545,15 +546,11 @@ impl GpuBackend {
         let mut pending: Vec<(OutletId, PendingRead, TVec<usize>, DatumType)> = vec![];
 
         // KILN_HOST_PROFILE=1 (native): host time per kind of node, as `host <kind>` entries of the profile
-        let mut host_lap: Option<(&'static str, Option<HostClock>)> = None;
+        let mut host_lap = None;
         for &id in &plan.nodes {
             let node = model.node(id);
             if self.host_profile {
-                if let Some((label, t)) = host_lap.take() {
-                    let e = rec.profile.entry(label).or_default();
-                    e.0 += 1;
-                    e.1 += kiln_wgsl::exec::micros_since(t) * 1000;
-                }
+                end_lap(rec, host_lap.take());
                 host_lap = Some((host_label(node), kiln_wgsl::exec::clock()));
             }
             if node.inputs.is_empty() && !node.op_is::<GpuOp>() {
@@ -591,13 +588,12 @@ impl GpuBackend {
                     // a weight: its readers find the uploaded buffer in `self.weights`
                     continue;
                 }
-                let g = match (self.weights.get(&id), gpu_feeds.get(&node.inputs[0].node)) {
-                    (Some(w), _) => w.clone(),
-                    (None, Some(g)) => {
+                let g = match gpu_feeds.get(&node.inputs[0].node) {
+                    Some(g) => {
                         rec.counters.gpu_feeds += 1;
                         g.clone()
                     }
-                    (None, None) => {
+                    None => {
                         let i = node.inputs[0];
                         let t = host_value(&state, i)?;
                         rec.upload(ctx, &t).map_err(gpu_err)?
@@ -707,11 +703,7 @@ impl GpuBackend {
             }
             rec.submit_early(ctx).map_err(gpu_err)?;
         }
-        if let Some((label, t)) = host_lap.take() {
-            let e = rec.profile.entry(label).or_default();
-            e.0 += 1;
-            e.1 += kiln_wgsl::exec::micros_since(t) * 1000;
-        }
+        end_lap(rec, host_lap.take());
         // outputs left on the GPU: the device values behind them; host values (CPU nodes' outputs) go up
         let mut gpu_out: HashMap<usize, GpuTensor> = HashMap::default();
         for (i, o) in wanted.iter().enumerate() {
@@ -928,10 +920,14 @@ impl Future for CatchUnwind<'_> {
     }
 }
 
-#[cfg(not(target_arch = "wasm32"))]
-type HostClock = std::time::Instant;
-#[cfg(target_arch = "wasm32")]
-type HostClock = u64;
+/// Adds a host-profile lap (a node's label and when it started) to the recorder's profile.
+fn end_lap(rec: &mut Recorder, lap: Option<(&'static str, Option<kiln_wgsl::exec::Instant>)>) {
+    if let Some((label, t)) = lap {
+        let e = rec.profile.entry(label).or_default();
+        e.0 += 1;
+        e.1 += kiln_wgsl::exec::nanos_since(t);
+    }
+}
 
 /// The host-profile label of a node: `host <kernel>` for GPU nodes, `host cpu <op>` for CPU nodes.
 fn host_label(node: &TypedNode) -> &'static str {

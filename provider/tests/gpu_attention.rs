@@ -98,9 +98,14 @@ fn one_node_model(
         output: outputs.iter().filter(|o| !o.is_empty()).map(|o| value_info(o, 1, None)).collect(),
         ..Default::default()
     };
+    model_bytes(graph, 10, 23)
+}
+
+/// A model of `graph` in the default domain at `opset`, serialised.
+fn model_bytes(graph: pb::GraphProto, ir_version: i64, opset: i64) -> Vec<u8> {
     pb::ModelProto {
-        ir_version: 10,
-        opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: 23 }],
+        ir_version,
+        opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: opset }],
         graph: Some(graph),
         ..Default::default()
     }
@@ -736,13 +741,7 @@ fn decomposed_attention_is_fused_on_gpu() {
             initializer: vec![scalar("c", c), scalar("zero", 0.0)],
             ..Default::default()
         };
-        let bytes = pb::ModelProto {
-            ir_version: 8,
-            opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: 17 }],
-            graph: Some(graph),
-            ..Default::default()
-        }
-        .encode_to_vec();
+        let bytes = model_bytes(graph, 8, 17);
         let cpu = Session::from_bytes(&bytes, &options(ExecutionProvider::Cpu)).expect("cpu session");
         let want = cpu.run(feeds.clone()).expect("cpu run");
         let gpu = Session::from_bytes(&bytes, &options(ExecutionProvider::WebGpu)).expect("gpu session");
@@ -791,13 +790,7 @@ fn graph_model(nodes: Vec<pb::NodeProto>, inputs: Vec<pb::ValueInfoProto>, init:
         initializer: init,
         ..Default::default()
     };
-    pb::ModelProto {
-        ir_version: 8,
-        opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: 17 }],
-        graph: Some(graph),
-        ..Default::default()
-    }
-    .encode_to_vec()
+    model_bytes(graph, 8, 17)
 }
 
 /// The CPU's y against the GPU's (output buffers poisoned), within `tol`.
@@ -1117,13 +1110,7 @@ fn rotary_embeddings_sharing_caches_run_as_one_dispatch() {
             output: vec![value_info("qr", 1, None), value_info("kr", 1, None)],
             ..Default::default()
         };
-        let bytes = pb::ModelProto {
-            ir_version: 10,
-            opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: 23 }],
-            graph: Some(graph),
-            ..Default::default()
-        }
-        .encode_to_vec();
+        let bytes = model_bytes(graph, 10, 23);
         let feeds = vec![
             ("q".to_string(), q.clone()),
             ("k".to_string(), k.clone()),

@@ -478,7 +478,6 @@ impl RotarySpec {
         let (gx, gy) = ctx.grid((n as u64).div_ceil(crate::kernels::WG as u64))?;
         u[0] = u32_of("length", n)?;
         u[1] = gx;
-        u[13] = u32_of("length", n1)?;
         u[16..20].copy_from_slice(&[v[3], v[8], v[9], v[10]]);
         let out1 = rec.alloc(ctx, &inputs[0].shape, DatumType::F32)?;
         let out2 = rec.alloc(ctx, &x2.shape, DatumType::F32)?;

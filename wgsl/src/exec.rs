@@ -227,7 +227,7 @@ pub struct Counters {
     /// Flushes: submits whose results the host waits for (readbacks, the end of a run).
     pub submits: usize,
     /// Submits of a run's first dispatches while the host records the rest (no wait; see
-    /// [`Context::submit_every`]).
+    /// [`Recorder::submit_every`]).
     pub early_submits: usize,
     pub dispatches: usize,
     pub uploads: usize,
@@ -268,23 +268,34 @@ pub type Profile = std::collections::BTreeMap<&'static str, (u64, u64)>;
 /// Timestamp queries fit in one query set per flush; dispatches past this many go unmeasured.
 const PROFILE_MAX_DISPATCHES: u32 = 2048;
 
-/// A monotonic clock for the counters (native only: `Instant` panics in wasm32).
+/// What [`clock`] returns: a monotonic instant natively; nothing in wasm32 (`Instant` panics there).
 #[cfg(not(target_arch = "wasm32"))]
-pub fn clock() -> Option<std::time::Instant> {
-    Some(std::time::Instant::now())
-}
+pub type Instant = std::time::Instant;
 #[cfg(target_arch = "wasm32")]
-pub fn clock() -> Option<u64> {
+pub type Instant = ();
+
+/// A monotonic clock for the counters (native only).
+pub fn clock() -> Option<Instant> {
+    #[cfg(not(target_arch = "wasm32"))]
+    return Some(std::time::Instant::now());
+    #[cfg(target_arch = "wasm32")]
     None
 }
 
-#[cfg(not(target_arch = "wasm32"))]
-pub fn micros_since(t: Option<std::time::Instant>) -> u64 {
-    t.map_or(0, |t| t.elapsed().as_micros() as u64)
+/// Microseconds since `t` (0 without a clock).
+pub fn micros_since(t: Option<Instant>) -> u64 {
+    nanos_since(t) / 1000
 }
-#[cfg(target_arch = "wasm32")]
-pub fn micros_since(_: Option<u64>) -> u64 {
-    0
+
+/// Nanoseconds since `t` (0 without a clock).
+pub fn nanos_since(t: Option<Instant>) -> u64 {
+    #[cfg(not(target_arch = "wasm32"))]
+    return t.map_or(0, |t| t.elapsed().as_nanos() as u64);
+    #[cfg(target_arch = "wasm32")]
+    {
+        let _ = t;
+        0
+    }
 }
 
 /// [`Recorder::submit_every`] for an adapter: KILN_GPU_SUBMIT_EVERY when set, else 32 on GPUs (a 30-layer model's
@@ -488,9 +499,7 @@ impl Recorder {
         let submitted = self.submit(ctx)?;
         self.counters.submit_us += micros_since(t);
         // nothing to read: the next flush's wait covers this work too (the queue runs in order)
-        drop(submitted);
-        self.counters.submits -= 1;
-        self.counters.early_submits += 1;
+        self.counters.early_submits += submitted.wait as usize;
         Ok(true)
     }
 
@@ -567,6 +576,7 @@ impl Recorder {
         let t = clock();
         let submitted = self.submit(ctx)?;
         self.counters.submit_us += micros_since(t);
+        self.counters.submits += submitted.wait as usize;
         let t = clock();
         let r = submitted.read(ctx).await;
         self.counters.wait_us += micros_since(t);
@@ -756,7 +766,6 @@ impl Recorder {
             _ => None,
         };
         ctx.queue.submit([encoder.finish()]);
-        self.counters.submits += 1;
         #[cfg(not(target_arch = "wasm32"))]
         if let Some(read) = profile_read {
             self.read_profile(ctx, &read, &profiled)?;

@@ -8,9 +8,6 @@ pub mod attention;
 pub mod context;
 pub mod exec;
 
-/// A HashMap with a fast, fixed-seed hasher for the per-dispatch lookups of the run loop (pipelines, bind groups,
-/// buffer pool, held buffers): keys are kiln's own, never attacker-chosen, and SipHash showed in host profiles.
-pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::FixedState>;
 pub mod f16;
 pub mod fused;
 pub mod kernels;
@@ -19,6 +16,10 @@ pub mod msft;
 pub mod ops;
 pub mod qmatmul;
 pub mod quant;
+
+/// A HashMap with a fast, fixed-seed hasher for the per-dispatch lookups of the run loop (pipelines, bind groups,
+/// buffer pool, held buffers): keys are kiln's own, never attacker-chosen, and SipHash showed in host profiles.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::FixedState>;
 
 pub use context::{AdapterOptions, Caps, Context, PipelineKey, Tuning};
 pub use exec::{Counters, GpuTensor, PendingRead, Recorder};

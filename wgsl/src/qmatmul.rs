@@ -189,11 +189,8 @@ impl QMatMul {
         Ok(s)
     }
 
-    /// The WGSL of the packed operands: B and scales always, zero points as the specialisation wants; the up
-    /// projection's (`w_up` = 1: bindings 6–8, functions `*2`) with [`QEpilogue::SiluMul`], stubs otherwise; the
-    /// residual (binding 9) with [`QEpilogue::Residual`].
-    /// The specialisation's WGSL snippets, made once per distinct kernel (a decode step asks ~100 times for a
-    /// handful of them: formatting them every dispatch showed in the host's time).
+    /// The specialisation's WGSL snippets ([`QMatMul::build_spec`]), made once per distinct kernel (a decode step
+    /// asks ~100 times for a handful of them: formatting them every dispatch showed in the host's time).
     fn spec(&self) -> Vec<(&'static str, String)> {
         type Specs = crate::FastMap<QMatMul, Vec<(&'static str, String)>>;
         static SPECS: std::sync::Mutex<Option<Specs>> = std::sync::Mutex::new(None);
@@ -207,6 +204,9 @@ impl QMatMul {
         s
     }
 
+    /// The WGSL of the packed operands: B and scales always, zero points as the specialisation wants; the up
+    /// projection's (`w_up` = 1: bindings 6–8, functions `*2`) with [`QEpilogue::SiluMul`], stubs otherwise; the
+    /// residual (binding 9) with [`QEpilogue::Residual`].
     fn build_spec(&self) -> Vec<(&'static str, String)> {
         let weight = |sfx: &str, bb: u32, sb: u32, zb: u32| {
             let scale = if self.scales_f16 {

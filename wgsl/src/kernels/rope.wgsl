@@ -28,8 +28,9 @@ struct Params {
 @group(0) @binding(6) var<storage, read> x2: array<f32>;
 @group(0) @binding(7) var<storage, read_write> out2: array<f32>;
 
-// Where element f (of a tensor with `heads` heads and strides st) takes its values from: `keep` (a channel past
-// the rotary dim), else the index of its partner, the cache's cos / sin and which half of the pair it is.
+// Where element f (of a tensor with `heads` heads and strides st) takes its value from: `keep` (a channel past
+// the rotary dim: partner is f itself), else the index of its partner, the cache's cos / sin and which half of the
+// pair it is.
 struct Rot {
     keep: bool,
     partner: u32,
@@ -53,6 +54,7 @@ fn rotation(f: u32, heads: u32, st: vec3<u32>) -> Rot {
     let s = (rest % st.x) / st.z % seq;
     r.keep = d >= rot;
     if (r.keep) {
+        r.partner = f;
         return r;
     }
     let half = rot / 2u;
@@ -86,7 +88,11 @@ fn rotation(f: u32, heads: u32, st: vec3<u32>) -> Rot {
     return r;
 }
 
+// The output of an element: itself past the rotary dim, else its half of the rotated pair.
 fn rotated(r: Rot, xs: f32, xp: f32) -> f32 {
+    if (r.keep) {
+        return xs;
+    }
     if (r.first) {
         return r.c * xs - r.sn * xp;
     }
@@ -100,11 +106,7 @@ fn rope_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
         return;
     }
     let r = rotation(f, p.d0.w, p.d2.xyz);
-    if (r.keep) {
-        out[f] = x[f];
-    } else {
-        out[f] = rotated(r, x[f], x[r.partner]);
-    }
+    out[f] = rotated(r, x[f], x[r.partner]);
 }
 
 @compute @workgroup_size(WG)
@@ -116,18 +118,10 @@ fn rope2_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
     let n1 = p.d3.y;
     if (f < n1) {
         let r = rotation(f, p.d0.w, p.d2.xyz);
-        if (r.keep) {
-            out[f] = x[f];
-        } else {
-            out[f] = rotated(r, x[f], x[r.partner]);
-        }
+        out[f] = rotated(r, x[f], x[r.partner]);
     } else {
         let g = f - n1;
         let r = rotation(g, p.d4.x, p.d4.yzw);
-        if (r.keep) {
-            out2[g] = x2[g];
-        } else {
-            out2[g] = rotated(r, x2[g], x2[r.partner]);
-        }
+        out2[g] = rotated(r, x2[g], x2[r.partner]);
     }
 }
