@@ -587,7 +587,7 @@ pub fn fuse_rotary_pairs(model: &mut TypedModel, max_storage_buffers: u32) -> Re
         let cpu = |n: &TypedNode| n.op_as::<GpuOp>().map(|g| g.cpu.clone());
         let (Some(cpu_a), Some(cpu_b)) = (cpu(na), cpu(nb)) else { continue };
         let chain = FusedChain { inputs: inputs.len(), steps: vec![(cpu_a, srcs(0)), (cpu_b, srcs(last))], outputs: 2 };
-        let kernel = Kernel::Rotary(kiln_wgsl::attention::RotarySpec { config: ca, second: Some(cb) });
+        let kernel = Kernel::Rotary(kiln_wgsl::attention::RotarySpec { config: ca, second: Some(cb), append: false });
         let name = format!("{}.pair", na.name);
         let mut patch = TypedModelPatch::default();
         let taps = tap_all(&mut patch, model, &inputs, WHAT)?;
@@ -597,6 +597,86 @@ pub fn fuse_rotary_pairs(model: &mut TypedModel, max_storage_buffers: u32) -> Re
     }
     model.compact().map_err(tract_err(WHAT))?;
     Ok(pairs.len())
+}
+
+/// The Concat along axis 2 of two inputs (a KV append: past, new) behind `o`, as a GPU node.
+fn kv_concat(model: &TypedModel, o: OutletId) -> Option<&TypedNode> {
+    let n = model.node(o.node);
+    let is = n.op_as::<GpuOp>().is_some_and(|g| g.kernel == Kernel::Concat { axis: 2, inputs: 2 });
+    (is && o.slot == 0 && n.inputs.len() == 2).then_some(n)
+}
+
+/// Joins a layer's paired q / k rotation ([`fuse_rotary_pairs`]) with the KV appends after it — the Concat of the
+/// past keys and the rotated k (its only reader), and the Concat of the past values and v that the same attention
+/// reads as its V — into one node ([`kiln_wgsl::attention::RotarySpec`] with `append`): on a decode step whose
+/// caches stay on the GPU, one dispatch rotates q and writes k rotated and v into the caches' spare rows, instead
+/// of a dispatch and a copy per (batch, head) and cache. f32 caches of 4D keys and values only. Returns how many it
+/// joined. Runs after [`fuse_rotary_pairs`].
+pub fn fuse_rotary_appends(model: &mut TypedModel, max_storage_buffers: u32) -> Result<usize> {
+    if max_storage_buffers < kiln_wgsl::attention::ROTARY_APPEND_BUFFERS {
+        return Ok(0);
+    }
+    const WHAT: &str = "joining a rotation with its KV appends";
+    batched(model, WHAT, |model, order, outputs| {
+        let f32_4d = |o: OutletId| model.outlet_fact(o).is_ok_and(|f| f.datum_type == DatumType::F32 && f.rank() == 4);
+        let found = order.iter().find_map(|&id| {
+            let pair = model.node(id);
+            let g = pair.op_as::<GpuOp>()?;
+            let Kernel::Rotary(r) = &g.kernel else { return None };
+            let chain = g.cpu.as_op().downcast_ref::<FusedChain>()?;
+            let k_rot = OutletId::new(id, 1);
+            let readers = &pair.outputs.get(1)?.successors;
+            if r.second.is_none()
+                || r.append
+                || chain.steps.len() != 2
+                || readers.len() != 1
+                || outputs.contains(&k_rot)
+            {
+                return None;
+            }
+            let ck = kv_concat(model, OutletId::new(readers[0].node, 0))?;
+            if ck.inputs[1] != k_rot || !f32_4d(ck.inputs[0]) || !f32_4d(k_rot) {
+                return None;
+            }
+            // the V Concat: what the attention reading these keys reads as its values
+            let present_k = OutletId::new(ck.id, 0);
+            let cv = model.node(ck.id).outputs[0].successors.iter().find_map(|s| {
+                let a = model.node(s.node);
+                let is_attention = matches!(a.op_as::<GpuOp>()?.kernel, Kernel::Attention(_));
+                (is_attention && s.slot == 1 && a.inputs.len() > 2).then(|| kv_concat(model, a.inputs[2]))?
+            })?;
+            let ok = f32_4d(cv.inputs[0])
+                && f32_4d(cv.inputs[1])
+                && cv.id != ck.id
+                && !depends_on(model, cv.id, id)
+                && !depends_on(model, id, cv.id)
+                && !depends_on(model, id, ck.id);
+            ok.then(|| (id, ck.id, cv.id, r.clone(), chain.clone(), present_k))
+        });
+        let (id, ck_id, cv_id, r, chain, _) = found?;
+        let (pair, ck, cv) = (model.node(id), model.node(ck_id), model.node(cv_id));
+        let cpu = |n: &TypedNode| n.op_as::<GpuOp>().map(|g| g.cpu.clone());
+        let (ck_cpu, cv_cpu) = (cpu(ck)?, cpu(cv)?);
+        // inputs: the pair's (q, cos, sin, positions, k), then past_k, v, past_v
+        let mut inputs: Vec<OutletId> = pair.inputs.to_vec();
+        let base = inputs.len() as u8;
+        inputs.extend([ck.inputs[0], cv.inputs[1], cv.inputs[0]]);
+        let mut steps = vec![chain.steps[1].clone(), chain.steps[0].clone()];
+        steps.push((ck_cpu, vec![Src::Input(base), Src::Step(0)]));
+        steps.push((cv_cpu, vec![Src::Input(base + 2), Src::Input(base + 1)]));
+        let chain = FusedChain { inputs: inputs.len(), steps, outputs: 3 };
+        let kernel = Kernel::Rotary(kiln_wgsl::attention::RotarySpec { append: true, ..r });
+        let name = format!("{}.kv", pair.name);
+        let replaced = [OutletId::new(id, 0), OutletId::new(ck_id, 0), OutletId::new(cv_id, 0)];
+        let apply = move |model: &mut TypedModel| -> Result<()> {
+            let mut patch = TypedModelPatch::default();
+            let taps = tap_all(&mut patch, model, &inputs, WHAT)?;
+            let op = GpuOp { kernel, cpu: Box::new(chain) };
+            wire_replacing(&mut patch, model, name, op, &taps, &replaced, WHAT)?;
+            patch.apply(model).map_err(tract_err(WHAT))
+        };
+        Some(Found { at: id, members: vec![id, ck_id, cv_id], apply: Box::new(apply) })
+    })
 }
 
 /// Folds an RMS norm (no skip, gamma or not) into the GPU MatMulNBits node that is its only reader (a layer's

@@ -614,11 +614,27 @@ impl GpuBackend {
                     (Kernel::Concat { axis: 2, inputs: 2 }, [past, new]) => {
                         kiln_wgsl::kv::append(ctx, rec, past, new, store_outlets.contains(&out_outlet))
                             .map_err(gpu_err)?
+                            .map(|out| vec![out])
+                    }
+                    // rotations with the KV appends: the pasts are read as stores, the presents may become ones
+                    (Kernel::Rotary(r), _)
+                        if r.append
+                            && ins
+                                .iter()
+                                .enumerate()
+                                .all(|(i, t)| t.kv.is_none() || i + 3 == ins.len() || i + 1 == ins.len()) =>
+                    {
+                        let make = [1, 2].map(|slot| store_outlets.contains(&OutletId::new(id, slot)));
+                        let syms = &state.turn_state.resolved_symbols;
+                        let outs = r.encode_append(ctx, rec, &ins, make, syms).map_err(|e| {
+                            Error::runtime(format!("webgpu: {} ({}): {}", node.name, op.kernel.name(), e.message))
+                        })?;
+                        Some(outs)
                     }
                     _ => None,
                 };
                 let outs = match appended {
-                    Some(out) => vec![out],
+                    Some(outs) => outs,
                     None => {
                         // a KV store goes to kernels other than attention as a contiguous copy
                         let mut temps = vec![];

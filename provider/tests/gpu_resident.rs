@@ -67,6 +67,7 @@ fn delta(a: &Counters, b: &Counters) -> Counters {
         gpu_feeds: a.gpu_feeds - b.gpu_feeds,
         gpu_outputs: a.gpu_outputs - b.gpu_outputs,
         kv_appends_in_place: a.kv_appends_in_place - b.kv_appends_in_place,
+        kv_appends_fused: a.kv_appends_fused - b.kv_appends_fused,
         kv_append_bytes: a.kv_append_bytes - b.kv_append_bytes,
         kv_stores_created: a.kv_stores_created - b.kv_stores_created,
         kv_grow_bytes: a.kv_grow_bytes - b.kv_grow_bytes,
@@ -234,7 +235,9 @@ fn elem_bytes(t: &Tensor) -> u64 {
     }
 }
 
-fn check(model: &str) {
+/// `fused_appends`: the model's rotations take their layer's KV appends along (f32 caches of Llama-style layers,
+/// kiln_graph's fuse_rotary_appends): every steady step's appends are written by the rotation's dispatch.
+fn check(model: &str, fused_appends: bool) {
     let dir = tiny_fixtures().join(model);
     let path = dir.join("model.onnx");
     let cpu = cpu_session(&path);
@@ -287,6 +290,8 @@ fn check(model: &str) {
             assert!(past_len.is_power_of_two(), "{model} step {i}: grew at {past_len} rows");
         } else {
             assert_eq!(c.kv_appends_in_place, kv_inputs, "{model} step {i}: appends in place");
+            let fused = if fused_appends { kv_inputs } else { 0 };
+            assert_eq!(c.kv_appends_fused, fused, "{model} step {i}: appends written by the rotations");
             assert_eq!(c.kv_grow_bytes, 0, "{model} step {i}");
             // the same allocations as the step before get the same buffers: every bind group comes from the cache
             // (after a growth the new stores are bound anew, by the step itself and, float16 caches, the next)
@@ -379,34 +384,34 @@ fn check_readback(model: &str) {
 
 #[test]
 fn tiny_llama_optimum_kv_on_gpu() {
-    check("tiny-llama/onnx_optimum");
+    check("tiny-llama/onnx_optimum", true);
 }
 
 #[test]
 fn tiny_llama_sdpa_op23_kv_on_gpu() {
-    check("tiny-llama/onnx_dynamo_sdpa_op23");
+    check("tiny-llama/onnx_dynamo_sdpa_op23", true);
 }
 
 #[test]
 fn tiny_gpt2_optimum_kv_on_gpu() {
-    check("tiny-gpt2/onnx_optimum");
+    check("tiny-gpt2/onnx_optimum", false);
 }
 
 #[test]
 fn tiny_gpt2_sdpa_op23_kv_on_gpu() {
-    check("tiny-gpt2/onnx_dynamo_sdpa_op23");
+    check("tiny-gpt2/onnx_dynamo_sdpa_op23", false);
 }
 
 /// float16 models: the cache stays float16 on the GPU, the KV Concat (in float16, kiln_wgsl::kv::concat_kv_in_f16)
 /// appends in place and the fused attention reads the float16 past in place.
 #[test]
 fn tiny_llama_optimum_fp16_kv_on_gpu() {
-    check("tiny-llama/onnx_optimum_fp16");
+    check("tiny-llama/onnx_optimum_fp16", false);
 }
 
 #[test]
 fn tiny_gpt2_optimum_fp16_kv_on_gpu() {
-    check("tiny-gpt2/onnx_optimum_fp16");
+    check("tiny-gpt2/onnx_optimum_fp16", false);
 }
 
 #[test]

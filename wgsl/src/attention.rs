@@ -378,16 +378,23 @@ pub use kiln_ops::rotary::{RotaryConfig, RotaryOp};
 
 /// RotaryEmbedding's kernel (`kernels/rope.wgsl`): inputs (input, cos_cache, sin_cache, position_ids?), and with
 /// `second` a second input rotated by the same caches and positions in the same dispatch (its own config: only
-/// `num_heads` may differ), two outputs.
+/// `num_heads` may differ), two outputs. `append`: with `second`, the second (a layer's new keys) is appended to
+/// a past KV cache and a third input (its new values) to another, the way a Concat along the sequence axis does
+/// (see [`RotarySpec::encode_append`]): inputs `[q, cos, sin, (positions), k, past_k, v, past_v]`, outputs
+/// `[q rotated, present_k, present_v]`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RotarySpec {
     pub config: RotaryConfig,
     pub second: Option<RotaryConfig>,
+    pub append: bool,
 }
+
+/// Storage buffers `rope_kv_main` binds: q, k and v, the two caches, the positions, q's output and the two stores.
+pub const ROTARY_APPEND_BUFFERS: u32 = 9;
 
 impl RotarySpec {
     pub fn arity(&self) -> usize {
-        3 + self.config.has_positions as usize + self.second.is_some() as usize
+        3 + self.config.has_positions as usize + self.second.is_some() as usize + 3 * self.append as usize
     }
 
     pub fn output_dt(&self, dts: &[DatumType]) -> Option<DatumType> {
@@ -396,7 +403,7 @@ impl RotarySpec {
         let ok = dts.len() == self.arity()
             && dts[..3].iter().all(|d| *d == F32)
             && (p == 0 || matches!(dts[3], I64 | I32))
-            && (self.second.is_none() || dts[3 + p] == F32);
+            && dts[3 + p..].iter().all(|d| *d == F32);
         ok.then_some(F32)
     }
 
@@ -444,7 +451,7 @@ impl RotarySpec {
             u.push(u32_of("size", x)?);
         }
         u.extend([flags, u32_of("cache rows", rows)?, u32_of("length", n)?, 0, 0]);
-        u.extend([0u32; 4]);
+        u.extend([0u32; 12]);
         Ok(u)
     }
 
@@ -460,10 +467,96 @@ impl RotarySpec {
 
     /// Both rotations of a paired spec (`second`), one dispatch; the outputs in input order.
     pub fn encode_pair(&self, ctx: &Context, rec: &mut Recorder, inputs: &[&GpuTensor]) -> Result<Vec<GpuTensor>> {
-        let (Some(second), true) = (&self.second, inputs.len() == self.arity()) else {
+        let p = 3 + self.config.has_positions as usize;
+        if self.second.is_none() || inputs.len() != self.arity() {
+            return Err(Error::new("webgpu: rotary embedding: not a pair"));
+        }
+        let (u, (gx, gy)) = self.pair_params(ctx, inputs, 0)?;
+        let out1 = rec.alloc(ctx, &inputs[0].shape, DatumType::F32)?;
+        let out2 = rec.alloc(ctx, &inputs[p].shape, DatumType::F32)?;
+        let pos = if self.config.has_positions { inputs[3] } else { inputs[0] };
+        let b = [(1, inputs[0]), (2, inputs[1]), (3, &out1), (4, inputs[2]), (5, pos), (6, inputs[p]), (7, &out2)];
+        launch(ctx, rec, "rope", "rope2_main", vec![], &u, &b, (gx, gy, 1))?;
+        Ok(vec![out1, out2])
+    }
+
+    /// A paired spec with `append` (inputs `[q, cos, sin, (positions), k, past_k, v, past_v]`): q rotated, and the
+    /// past caches with k rotated and v appended, as the Concats along axis 2 would make them (`make_store[i]`: that
+    /// present leaves the run on the GPU, [`crate::kv::append`]). When both pasts are KV stores with room that end
+    /// at their high-water mark, one dispatch (`rope_kv_main`) writes q's output and the new rows in place; else
+    /// the rotations as a pair, then each append (or Concat) on its own.
+    pub fn encode_append(
+        &self,
+        ctx: &Context,
+        rec: &mut Recorder,
+        inputs: &[&GpuTensor],
+        make_store: [bool; 2],
+        syms: &SymbolValues,
+    ) -> Result<Vec<GpuTensor>> {
+        let p = 3 + self.config.has_positions as usize;
+        if !self.append || self.second.is_none() || inputs.len() != self.arity() {
+            return Err(Error::new("webgpu: rotary embedding: not a rotation with KV appends"));
+        }
+        let (k, past_k, v, past_v) = (inputs[p], inputs[p + 1], inputs[p + 2], inputs[p + 3]);
+        if let Some(stores) = crate::kv::reserve_pair([past_k, past_v], [k, v]) {
+            let (mut u, (gx, gy)) = self.pair_params(ctx, inputs, v.len())?;
+            for (i, (new, store)) in [(k, &stores[0]), (v, &stores[1])].into_iter().enumerate() {
+                let [_, _, s, d] = *new.shape else { return Err(Error::new("webgpu: KV append of a non-4D tensor")) };
+                let cap = store.kv.as_ref().map_or(0, |l| l.cap);
+                let past = store.shape[2] - s;
+                let w = [new.len(), s * d, cap * d, past * d];
+                for (j, x) in w.into_iter().enumerate() {
+                    u[20 + 4 * i + j] = u32_of("KV append", x)?;
+                }
+                rec.counters.kv_appends_in_place += 1;
+                rec.counters.kv_appends_fused += 1;
+                rec.counters.kv_append_bytes += (new.len() * 4) as u64;
+            }
+            let q_out = rec.alloc(ctx, &inputs[0].shape, DatumType::F32)?;
+            let pos = if self.config.has_positions { inputs[3] } else { inputs[0] };
+            let b = [
+                (1, inputs[0]),
+                (2, inputs[1]),
+                (3, &q_out),
+                (4, inputs[2]),
+                (5, pos),
+                (6, k),
+                (7, &stores[0]),
+                (8, v),
+                (9, &stores[1]),
+            ];
+            launch(ctx, rec, "rope", "rope_kv_main", vec![], &u, &b, (gx, gy, 1))?;
+            let [sk, sv] = stores;
+            return Ok(vec![q_out, sk, sv]);
+        }
+        let pair = RotarySpec { append: false, ..self.clone() };
+        let mut outs = pair.encode_pair(ctx, rec, &inputs[..p + 1])?;
+        let k_rot = outs.pop().ok_or_else(|| Error::new("webgpu: rotary embedding: no second output"))?;
+        for (past, new, make) in [(past_k, &k_rot, make_store[0]), (past_v, v, make_store[1])] {
+            let present = match crate::kv::append(ctx, rec, past, new, make)? {
+                Some(t) => t,
+                None => {
+                    // a KV store goes to the Concat kernel as a contiguous copy
+                    let c = crate::kv::compact(ctx, rec, past)?;
+                    let t = crate::kernels::Kernel::Concat { axis: 2, inputs: 2 }.encode(ctx, rec, &[&c, new], syms)?;
+                    if past.kv.is_some() {
+                        rec.release(c);
+                    }
+                    t
+                }
+            };
+            outs.push(present);
+        }
+        rec.release(k_rot);
+        Ok(outs)
+    }
+
+    /// The uniform block and grid of a paired spec's dispatch over both rotations and `extra` more elements.
+    fn pair_params(&self, ctx: &Context, inputs: &[&GpuTensor], extra: usize) -> Result<(Vec<u32>, (u32, u32))> {
+        let Some(second) = &self.second else {
             return Err(Error::new("webgpu: rotary embedding: not a pair"));
         };
-        let x2 = inputs[self.arity() - 1];
+        let x2 = inputs[3 + self.config.has_positions as usize];
         let mut u = self.params(&self.config, inputs, inputs[0])?;
         let v = self.params(second, inputs, x2)?;
         // the second's rows are the same positions: the same batch, seq, head and rotary dim
@@ -474,17 +567,15 @@ impl RotarySpec {
             )));
         }
         let (n1, n2) = (inputs[0].len(), x2.len());
-        let n = n1.checked_add(n2).ok_or_else(|| Error::new("webgpu: rotary embedding: too large"))?;
+        let n = n1
+            .checked_add(n2)
+            .and_then(|n| n.checked_add(extra))
+            .ok_or_else(|| Error::new("webgpu: rotary embedding: too large"))?;
         let (gx, gy) = ctx.grid((n as u64).div_ceil(crate::kernels::WG as u64))?;
         u[0] = u32_of("length", n)?;
         u[1] = gx;
         u[16..20].copy_from_slice(&[v[3], v[8], v[9], v[10]]);
-        let out1 = rec.alloc(ctx, &inputs[0].shape, DatumType::F32)?;
-        let out2 = rec.alloc(ctx, &x2.shape, DatumType::F32)?;
-        let pos = if self.config.has_positions { inputs[3] } else { inputs[0] };
-        let b = [(1, inputs[0]), (2, inputs[1]), (3, &out1), (4, inputs[2]), (5, pos), (6, x2), (7, &out2)];
-        launch(ctx, rec, "rope", "rope2_main", vec![], &u, &b, (gx, gy, 1))?;
-        Ok(vec![out1, out2])
+        Ok((u, (gx, gy)))
     }
 }
 

@@ -251,6 +251,9 @@ pub struct Counters {
     /// old rows copied into a bigger buffer) and the bytes those copies moved; bytes copied to hand a KV store's
     /// logical tensor to a reader that needs it contiguous (a readback, a kernel other than attention).
     pub kv_appends_in_place: usize,
+    /// Of the appends in place, those the kernel that makes the new rows wrote itself (a layer's rotation:
+    /// [`crate::attention::RotarySpec::encode_append`]): no dispatch or copy of their own.
+    pub kv_appends_fused: usize,
     pub kv_append_bytes: u64,
     pub kv_stores_created: usize,
     pub kv_grow_bytes: u64,

@@ -1042,6 +1042,8 @@ impl Kernel {
             Kernel::QMatMul(q) if matches!(q.epilogue, crate::qmatmul::QEpilogue::Split(_)) => {
                 q.encode_split(ctx, rec, inputs)
             }
+            // (the provider calls encode_append itself, saying which presents leave the run on the GPU)
+            Kernel::Rotary(r) if r.append => r.encode_append(ctx, rec, inputs, [false; 2], syms),
             Kernel::Rotary(r) if r.second.is_some() => r.encode_pair(ctx, rec, inputs),
             k => k.encode(ctx, rec, inputs, syms).map(|o| vec![o]),
         }
@@ -1515,7 +1517,7 @@ fn eval_dim(d: &TDim, syms: &SymbolValues) -> Result<usize> {
 
 /// Records `out[o_off + Σ c·so] = a[a_off + Σ c·sa]` over `shape` (4-byte elements; f16: crate::f16).
 #[allow(clippy::too_many_arguments)]
-fn strided_copy(
+pub(crate) fn strided_copy(
     ctx: &Context,
     rec: &mut Recorder,
     a: &GpuTensor,

@@ -99,6 +99,37 @@ fn copy_rows(
     Ok(())
 }
 
+/// [`copy_rows`] from a contiguous `src` as one dispatch (the kernel's strided copy of 4-byte words) where the
+/// rows land in more than one block: an in-place append writes `rows` rows into each (batch, head) block of the
+/// store, which as buffer copies would be one command per block, each ending the compute pass around it.
+#[allow(clippy::too_many_arguments)]
+fn append_rows(
+    ctx: &Context,
+    rec: &mut Recorder,
+    src: &GpuTensor,
+    dst: &GpuTensor,
+    dst_stride: usize,
+    dst_row: usize,
+    blocks: usize,
+    rows: usize,
+    row_bytes: u64,
+) -> Result<()> {
+    if blocks <= 1 || rows == 0 {
+        return copy_rows(rec, src, rows, dst, dst_stride, dst_row, blocks, rows, row_bytes);
+    }
+    // words of 4 bytes (a float16 row of an even head size is whole words)
+    let w = (row_bytes / 4) as usize;
+    let words = |t: &GpuTensor| GpuTensor {
+        buffer: t.buffer.clone(),
+        shape: tvec![(t.buffer.size() / 4) as usize],
+        dt: DatumType::U32,
+        kv: None,
+    };
+    let (a, out) = (words(src), words(dst));
+    let shape = [blocks, rows * w];
+    crate::kernels::strided_copy(ctx, rec, &a, 0, &[rows * w, 1], &out, dst_row * w, &[dst_stride * w, 1], &shape)
+}
+
 /// Rows of a fresh or grown store for `rows` logical rows (`old`: the capacity outgrown).
 fn capacity_for(rows: usize, old: usize) -> usize {
     (rows + 1).next_power_of_two().max(MIN_ROWS).max(old.saturating_mul(2))
@@ -131,7 +162,7 @@ pub fn append(
     if let Some(l) = &past.kv {
         if l.cap >= total && l.high.compare_exchange(pl, total, Ordering::AcqRel, Ordering::Acquire).is_ok() {
             let out = GpuTensor { buffer: past.buffer.clone(), shape, dt: past.dt, kv: Some(l.clone()) };
-            copy_rows(rec, &new, nl, &out, l.cap, pl, b * h, nl, row)?;
+            append_rows(ctx, rec, &new, &out, l.cap, pl, b * h, nl, row)?;
             rec.counters.kv_appends_in_place += 1;
             rec.counters.kv_append_bytes += (b * h * nl) as u64 * row;
             return Ok(Some(out));
@@ -161,6 +192,41 @@ pub fn append(
     rec.counters.kv_grow_bytes += (b * h * pl) as u64 * row;
     rec.counters.kv_append_bytes += (b * h * nl) as u64 * row;
     Ok(Some(out))
+}
+
+/// Room for an in-place append of `new[i]` to each of `past` (`[batch, heads, rows, head]`, f32), reserved for
+/// both or neither: the two presents (views of the stores with the new rows counted), when both pasts are KV
+/// stores with room that end at their high-water mark and each new tensor is a contiguous f32 of the past's batch,
+/// heads and head size. The caller writes the new rows ([`crate::attention::RotarySpec::encode_append`]).
+pub fn reserve_pair(past: [&GpuTensor; 2], new: [&GpuTensor; 2]) -> Option<[GpuTensor; 2]> {
+    let mut plan = vec![];
+    for (p, n) in past.iter().zip(&new) {
+        let l = p.kv.as_ref()?;
+        let ([b, h, pl, d], [nb, nh, nl, nd]) = (dims4(&p.shape).ok()?, dims4(&n.shape).ok()?);
+        let ok = p.dt == DatumType::F32 && n.dt == DatumType::F32 && n.kv.is_none() && (nb, nh, nd) == (b, h, d);
+        if !ok || l.cap < pl + nl || l.rows_written() != pl {
+            return None;
+        }
+        plan.push((l, pl, pl + nl));
+    }
+    if Arc::ptr_eq(&past[0].buffer, &past[1].buffer) {
+        return None;
+    }
+    for (i, (l, from, to)) in plan.iter().enumerate() {
+        if l.high.compare_exchange(*from, *to, Ordering::AcqRel, Ordering::Acquire).is_err() {
+            // give back what this call reserved
+            for (l, from, to) in &plan[..i] {
+                let _ = l.high.compare_exchange(*to, *from, Ordering::AcqRel, Ordering::Acquire);
+            }
+            return None;
+        }
+    }
+    let present = |i: usize| {
+        let (p, (l, _, to)) = (past[i], &plan[i]);
+        let shape: TVec<usize> = tvec![p.shape[0], p.shape[1], *to, p.shape[3]];
+        GpuTensor { buffer: p.buffer.clone(), shape, dt: p.dt, kv: Some((*l).clone()) }
+    };
+    Some([present(0), present(1)])
 }
 
 /// `o = x · c` (or `c · x`) with `c` a finite scalar f32 constant: `(x, c)`.

@@ -5,6 +5,10 @@
 // (GroupQueryAttention's seqlens_k), or b·seq + s (no position_ids).
 // rope2_main: two tensors (a layer's q and k) with the same caches and positions in one dispatch; elements
 // 0..n1 are the first's, the rest the second's (its own head count and strides, d4).
+// rope_kv_main: rope2_main whose second tensor (k, [batch, heads, seq, head]) goes rotated into the rows of a KV
+// store after its past rows instead of an output of its own, and a third (v, the same layout) is copied into
+// another store likewise: a decode step's rotations and KV appends in one dispatch. Element g of a [b, h, s, d]
+// tensor is block g / (s·d), row offset g % (s·d); in the store: block · cap·d + past·d + that offset.
 
 struct Params {
     // elements, groups_x, batch, heads
@@ -17,6 +21,9 @@ struct Params {
     d3: vec4<u32>,
     // the second tensor (rope2_main): heads, strides (batch, head, seq)
     d4: vec4<u32>,
+    // rope_kv_main, k then v: elements, seq·head, cap·head (the store's block), past·head (the rows kept)
+    d5: vec4<u32>,
+    d6: vec4<u32>,
 };
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -27,6 +34,8 @@ struct Params {
 @group(0) @binding(5) var<storage, read> pos: array<i32>;
 @group(0) @binding(6) var<storage, read> x2: array<f32>;
 @group(0) @binding(7) var<storage, read_write> out2: array<f32>;
+@group(0) @binding(8) var<storage, read> v_in: array<f32>;
+@group(0) @binding(9) var<storage, read_write> v_store: array<f32>;
 
 // Where element f (of a tensor with `heads` heads and strides st) takes its value from: `keep` (a channel past
 // the rotary dim: partner is f itself), else the index of its partner, the cache's cos / sin and which half of the
@@ -123,5 +132,32 @@ fn rope2_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
         let g = f - n1;
         let r = rotation(g, p.d4.x, p.d4.yzw);
         out2[g] = rotated(r, x2[g], x2[r.partner]);
+    }
+}
+
+// The index in a KV store (block stride b.z, rows kept b.w) of element g of a contiguous [b, h, s, d] tensor
+// (s·d = b.y).
+fn store_index(g: u32, b: vec4<u32>) -> u32 {
+    return (g / b.y) * b.z + b.w + g % b.y;
+}
+
+@compute @workgroup_size(WG)
+fn rope_kv_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let f = flat_index(wid, lid, p.d0.y);
+    if (f >= p.d0.x) {
+        return;
+    }
+    let n1 = p.d3.y;
+    let n2 = p.d5.x;
+    if (f < n1) {
+        let r = rotation(f, p.d0.w, p.d2.xyz);
+        out[f] = rotated(r, x[f], x[r.partner]);
+    } else if (f < n1 + n2) {
+        let g = f - n1;
+        let r = rotation(g, p.d4.x, p.d4.yzw);
+        out2[store_index(g, p.d5)] = rotated(r, x2[g], x2[r.partner]);
+    } else {
+        let g = f - n1 - n2;
+        v_store[store_index(g, p.d6)] = v_in[g];
     }
 }
