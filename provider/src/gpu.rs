@@ -450,7 +450,9 @@ impl GpuBackend {
                 stack.extend(model.node(n).inputs.iter().map(|i| i.node));
             }
         }
-        let nodes: Vec<usize> = self.order.iter().copied().filter(|n| needed[*n]).collect();
+        // a weight's ToDevice has nothing to do in a run (its readers find the uploaded buffer): not walked
+        let nodes: Vec<usize> =
+            self.order.iter().copied().filter(|n| needed[*n] && !self.weights.contains_key(n)).collect();
         let total = self.outlet_base.last().copied().unwrap_or(0) + model.nodes().last().map_or(0, |n| n.outputs.len());
         let mut uses = vec![0u32; total];
         let mut count = |o: &OutletId| {
@@ -459,9 +461,6 @@ impl GpuBackend {
             }
         };
         for &n in &nodes {
-            if self.weights.contains_key(&n) {
-                continue;
-            }
             for i in &model.node(n).inputs {
                 count(i);
             }
@@ -584,10 +583,7 @@ impl GpuBackend {
                 continue;
             }
             if node.op_is::<ToDevice>() {
-                if self.weights.contains_key(&id) {
-                    // a weight: its readers find the uploaded buffer in `self.weights`
-                    continue;
-                }
+                // (not a weight's: the plan leaves those out, their readers find the uploaded buffer)
                 let g = match gpu_feeds.get(&node.inputs[0].node) {
                     Some(g) => {
                         rec.counters.gpu_feeds += 1;
