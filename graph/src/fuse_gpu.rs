@@ -587,7 +587,12 @@ pub fn fuse_rotary_pairs(model: &mut TypedModel, max_storage_buffers: u32) -> Re
         let cpu = |n: &TypedNode| n.op_as::<GpuOp>().map(|g| g.cpu.clone());
         let (Some(cpu_a), Some(cpu_b)) = (cpu(na), cpu(nb)) else { continue };
         let chain = FusedChain { inputs: inputs.len(), steps: vec![(cpu_a, srcs(0)), (cpu_b, srcs(last))], outputs: 2 };
-        let kernel = Kernel::Rotary(kiln_wgsl::attention::RotarySpec { config: ca, second: Some(cb), append: false });
+        let kernel = Kernel::Rotary(kiln_wgsl::attention::RotarySpec {
+            config: ca,
+            second: Some(cb),
+            append: false,
+            k_out: false,
+        });
         let name = format!("{}.pair", na.name);
         let mut patch = TypedModelPatch::default();
         let taps = tap_all(&mut patch, model, &inputs, WHAT)?;
@@ -606,19 +611,59 @@ fn kv_concat(model: &TypedModel, o: OutletId) -> Option<&TypedNode> {
     (is && o.slot == 0 && n.inputs.len() == 2).then_some(n)
 }
 
-/// Joins a layer's paired q / k rotation ([`fuse_rotary_pairs`]) with the KV appends after it — the Concat of the
-/// past keys and the rotated k (its only reader), and the Concat of the past values and v that the same attention
-/// reads as its V — into one node ([`kiln_wgsl::attention::RotarySpec`] with `append`): on a decode step whose
-/// caches stay on the GPU, one dispatch rotates q and writes k rotated and v into the caches' spare rows, instead
-/// of a dispatch and a copy per (batch, head) and cache. f32 caches of 4D keys and values only. Returns how many it
-/// joined. Runs after [`fuse_rotary_pairs`].
+/// The node behind `o` when it is a GPU Cast from f32 to f16 read by one node only (and not a model output).
+fn sole_cast16<'m>(model: &'m TypedModel, outputs: &HashSet<OutletId>, o: OutletId) -> Option<&'m TypedNode> {
+    let n = model.node(o.node);
+    let to16 = kiln_wgsl::UnaryOp::Cast { from: DatumType::F32, to: DatumType::F16 };
+    let is = n.op_as::<GpuOp>().is_some_and(|g| g.kernel == Kernel::Unary(to16));
+    (is && o.slot == 0 && n.outputs[0].successors.len() == 1 && !outputs.contains(&o)).then_some(n)
+}
+
+/// The KV Concat that is the only reader of `o` through a Cast to f16 (a float16 model's cache: see
+/// kiln_wgsl::kv::concat_kv_in_f16), with the Cast's id.
+fn f16_kv_append_of(model: &TypedModel, outputs: &HashSet<OutletId>, o: OutletId) -> Option<(usize, usize)> {
+    let cast = model.node(o.node).outputs[o.slot].successors.iter().find_map(|s| {
+        let c = model.node(s.node);
+        sole_cast16(model, outputs, OutletId::new(c.id, 0)).filter(|c| c.inputs[0] == o)
+    })?;
+    let concat = kv_concat(model, OutletId::new(cast.outputs[0].successors[0].node, 0))?;
+    let past16 = model.outlet_fact(concat.inputs[0]).ok()?;
+    let ok = concat.inputs[1] == OutletId::new(cast.id, 0) && past16.datum_type == DatumType::F16 && past16.rank() == 4;
+    ok.then_some((cast.id, concat.id))
+}
+
+/// A rotation pair with the KV appends after it ([`fuse_rotary_appends`]).
+struct RotaryAppends {
+    pair: usize,
+    /// the K and V Concats, and (float16 caches) the Casts to f16 in front of them
+    k_concat: usize,
+    v_concat: usize,
+    casts: Option<(usize, usize)>,
+    /// the new values
+    v: OutletId,
+}
+
+/// Joins a layer's paired q / k rotation ([`fuse_rotary_pairs`]) with the KV appends after it into one node
+/// ([`kiln_wgsl::attention::RotarySpec`] with `append`): on a decode step whose caches stay on the GPU, one
+/// dispatch rotates q and writes k rotated and v into the caches' spare rows, instead of a dispatch and a copy per
+/// (batch, head) and cache. Two forms, 4D keys and values:
+/// - f32 caches: the Concat of the past keys and the rotated k (its only reader), and the Concat of the past
+///   values and v that the same attention reads as its V;
+/// - float16 caches (a float16 model): the attention reads the rotated k and v itself (and the f16 pasts), and
+///   each goes to its cache through a Cast to f16 and a Concat; the node also outputs the rotated k (`k_out`).
+///
+/// Returns how many it joined. Runs after [`fuse_rotary_pairs`].
 pub fn fuse_rotary_appends(model: &mut TypedModel, max_storage_buffers: u32) -> Result<usize> {
-    if max_storage_buffers < kiln_wgsl::attention::ROTARY_APPEND_BUFFERS {
-        return Ok(0);
-    }
     const WHAT: &str = "joining a rotation with its KV appends";
     batched(model, WHAT, |model, order, outputs| {
         let f32_4d = |o: OutletId| model.outlet_fact(o).is_ok_and(|f| f.datum_type == DatumType::F32 && f.rank() == 4);
+        let attention_at = |o: OutletId, slot: usize| {
+            model.node(o.node).outputs[o.slot].successors.iter().find_map(|s| {
+                let a = model.node(s.node);
+                let is = matches!(a.op_as::<GpuOp>()?.kernel, Kernel::Attention(_));
+                (is && s.slot == slot && a.inputs.len() > 2).then_some(a)
+            })
+        };
         let found = order.iter().find_map(|&id| {
             let pair = model.node(id);
             let g = pair.op_as::<GpuOp>()?;
@@ -626,56 +671,90 @@ pub fn fuse_rotary_appends(model: &mut TypedModel, max_storage_buffers: u32) -> 
             let chain = g.cpu.as_op().downcast_ref::<FusedChain>()?;
             let k_rot = OutletId::new(id, 1);
             let readers = &pair.outputs.get(1)?.successors;
-            if r.second.is_none()
-                || r.append
-                || chain.steps.len() != 2
-                || readers.len() != 1
-                || outputs.contains(&k_rot)
-            {
+            if r.second.is_none() || r.append || chain.steps.len() != 2 || outputs.contains(&k_rot) || !f32_4d(k_rot) {
                 return None;
             }
-            let ck = kv_concat(model, OutletId::new(readers[0].node, 0))?;
-            if ck.inputs[1] != k_rot || !f32_4d(ck.inputs[0]) || !f32_4d(k_rot) {
-                return None;
-            }
-            // the V Concat: what the attention reading these keys reads as its values
-            let present_k = OutletId::new(ck.id, 0);
-            let cv = model.node(ck.id).outputs[0].successors.iter().find_map(|s| {
-                let a = model.node(s.node);
-                let is_attention = matches!(a.op_as::<GpuOp>()?.kernel, Kernel::Attention(_));
-                (is_attention && s.slot == 1 && a.inputs.len() > 2).then(|| kv_concat(model, a.inputs[2]))?
-            })?;
-            let ok = f32_4d(cv.inputs[0])
-                && f32_4d(cv.inputs[1])
-                && cv.id != ck.id
-                && !depends_on(model, cv.id, id)
-                && !depends_on(model, id, cv.id)
-                && !depends_on(model, id, ck.id);
-            ok.then(|| (id, ck.id, cv.id, r.clone(), chain.clone(), present_k))
+            let m = if readers.len() == 1 {
+                // f32 caches: k_rot → Concat(past_k, ·), read by the attention with Concat(past_v, v) as V
+                let ck = kv_concat(model, OutletId::new(readers[0].node, 0))?;
+                let a = attention_at(OutletId::new(ck.id, 0), 1)?;
+                let cv = kv_concat(model, a.inputs[2])?;
+                let ok = ck.inputs[1] == k_rot && f32_4d(ck.inputs[0]) && f32_4d(cv.inputs[0]) && cv.id != ck.id;
+                ok.then_some(RotaryAppends {
+                    pair: id,
+                    k_concat: ck.id,
+                    v_concat: cv.id,
+                    casts: None,
+                    v: cv.inputs[1],
+                })?
+            } else {
+                // float16 caches: the attention reads k_rot and v; each also goes Cast16 → Concat(past16, ·)
+                let a = attention_at(k_rot, 1)?;
+                let v = a.inputs[2];
+                let (kc, ck) = f16_kv_append_of(model, outputs, k_rot)?;
+                let (vc, cv) = f16_kv_append_of(model, outputs, v)?;
+                let ok = readers.len() == 2 && f32_4d(v) && cv != ck;
+                ok.then_some(RotaryAppends { pair: id, k_concat: ck, v_concat: cv, casts: Some((kc, vc)), v })?
+            };
+            let vn = model.node(m.v_concat);
+            let independent = !depends_on(model, m.v_concat, id)
+                && !depends_on(model, id, m.v_concat)
+                && !depends_on(model, id, m.k_concat)
+                && m.v.node != id;
+            let buffers =
+                kiln_wgsl::attention::ROTARY_APPEND_BUFFERS + r.config.has_positions as u32 + m.casts.is_some() as u32;
+            (independent && vn.inputs.len() == 2 && buffers <= max_storage_buffers).then_some((
+                m,
+                r.clone(),
+                chain.clone(),
+            ))
         });
-        let (id, ck_id, cv_id, r, chain, _) = found?;
-        let (pair, ck, cv) = (model.node(id), model.node(ck_id), model.node(cv_id));
-        let cpu = |n: &TypedNode| n.op_as::<GpuOp>().map(|g| g.cpu.clone());
-        let (ck_cpu, cv_cpu) = (cpu(ck)?, cpu(cv)?);
+        let (m, r, chain) = found?;
+        let (pair, ck, cv) = (model.node(m.pair), model.node(m.k_concat), model.node(m.v_concat));
+        let cpu = |n: usize| model.node(n).op_as::<GpuOp>().map(|g| g.cpu.clone());
+        let (ck_cpu, cv_cpu) = (cpu(ck.id)?, cpu(cv.id)?);
         // inputs: the pair's (q, cos, sin, positions, k), then past_k, v, past_v
         let mut inputs: Vec<OutletId> = pair.inputs.to_vec();
         let base = inputs.len() as u8;
-        inputs.extend([ck.inputs[0], cv.inputs[1], cv.inputs[0]]);
-        let mut steps = vec![chain.steps[1].clone(), chain.steps[0].clone()];
-        steps.push((ck_cpu, vec![Src::Input(base), Src::Step(0)]));
-        steps.push((cv_cpu, vec![Src::Input(base + 2), Src::Input(base + 1)]));
-        let chain = FusedChain { inputs: inputs.len(), steps, outputs: 3 };
-        let kernel = Kernel::Rotary(kiln_wgsl::attention::RotarySpec { append: true, ..r });
+        inputs.extend([ck.inputs[0], m.v, cv.inputs[0]]);
+        let (rot_q, rot_k) = (chain.steps[0].clone(), chain.steps[1].clone());
+        let mut members = vec![m.pair, m.k_concat, m.v_concat];
+        let mut replaced = vec![OutletId::new(m.pair, 0)];
+        let steps = match m.casts {
+            // values: k_rot, q_rot, present_k, present_v
+            None => vec![
+                rot_k,
+                rot_q,
+                (ck_cpu, vec![Src::Input(base), Src::Step(0)]),
+                (cv_cpu, vec![Src::Input(base + 2), Src::Input(base + 1)]),
+            ],
+            // values: v16, k_rot, k16, q_rot, k_rot, present_k, present_v
+            Some((kc, vc)) => {
+                members.extend([kc, vc]);
+                replaced.push(OutletId::new(m.pair, 1));
+                vec![
+                    (cpu(vc)?, vec![Src::Input(base + 1)]),
+                    rot_k.clone(),
+                    (cpu(kc)?, vec![Src::Step(1)]),
+                    rot_q,
+                    rot_k,
+                    (ck_cpu, vec![Src::Input(base), Src::Step(2)]),
+                    (cv_cpu, vec![Src::Input(base + 2), Src::Step(0)]),
+                ]
+            }
+        };
+        replaced.extend([OutletId::new(m.k_concat, 0), OutletId::new(m.v_concat, 0)]);
+        let chain = FusedChain { inputs: inputs.len(), steps, outputs: replaced.len() };
+        let spec = kiln_wgsl::attention::RotarySpec { append: true, k_out: m.casts.is_some(), ..r };
         let name = format!("{}.kv", pair.name);
-        let replaced = [OutletId::new(id, 0), OutletId::new(ck_id, 0), OutletId::new(cv_id, 0)];
         let apply = move |model: &mut TypedModel| -> Result<()> {
             let mut patch = TypedModelPatch::default();
             let taps = tap_all(&mut patch, model, &inputs, WHAT)?;
-            let op = GpuOp { kernel, cpu: Box::new(chain) };
+            let op = GpuOp { kernel: Kernel::Rotary(spec), cpu: Box::new(chain) };
             wire_replacing(&mut patch, model, name, op, &taps, &replaced, WHAT)?;
             patch.apply(model).map_err(tract_err(WHAT))
         };
-        Some(Found { at: id, members: vec![id, ck_id, cv_id], apply: Box::new(apply) })
+        Some(Found { at: m.pair, members, apply: Box::new(apply) })
     })
 }
 

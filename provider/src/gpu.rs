@@ -620,7 +620,8 @@ impl GpuBackend {
                                 .enumerate()
                                 .all(|(i, t)| t.kv.is_none() || i + 3 == ins.len() || i + 1 == ins.len()) =>
                     {
-                        let make = [1, 2].map(|slot| store_outlets.contains(&OutletId::new(id, slot)));
+                        let first = 1 + r.k_out as usize;
+                        let make = [first, first + 1].map(|slot| store_outlets.contains(&OutletId::new(id, slot)));
                         let syms = &state.turn_state.resolved_symbols;
                         let outs = r.encode_append(ctx, rec, &ins, make, syms).map_err(|e| {
                             Error::runtime(format!("webgpu: {} ({}): {}", node.name, op.kernel.name(), e.message))

@@ -235,8 +235,8 @@ fn elem_bytes(t: &Tensor) -> u64 {
     }
 }
 
-/// `fused_appends`: the model's rotations take their layer's KV appends along (f32 caches of Llama-style layers,
-/// kiln_graph's fuse_rotary_appends): every steady step's appends are written by the rotation's dispatch.
+/// `fused_appends`: the model's rotations take their layer's KV appends along (Llama-style layers, f32 or float16
+/// caches: kiln_graph's fuse_rotary_appends): every steady step's appends are written by the rotation's dispatch.
 fn check(model: &str, fused_appends: bool) {
     let dir = tiny_fixtures().join(model);
     let path = dir.join("model.onnx");
@@ -406,7 +406,7 @@ fn tiny_gpt2_sdpa_op23_kv_on_gpu() {
 /// appends in place and the fused attention reads the float16 past in place.
 #[test]
 fn tiny_llama_optimum_fp16_kv_on_gpu() {
-    check("tiny-llama/onnx_optimum_fp16", false);
+    check("tiny-llama/onnx_optimum_fp16", true);
 }
 
 #[test]

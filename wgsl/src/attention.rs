@@ -381,16 +381,19 @@ pub use kiln_ops::rotary::{RotaryConfig, RotaryOp};
 /// `num_heads` may differ), two outputs. `append`: with `second`, the second (a layer's new keys) is appended to
 /// a past KV cache and a third input (its new values) to another, the way a Concat along the sequence axis does
 /// (see [`RotarySpec::encode_append`]): inputs `[q, cos, sin, (positions), k, past_k, v, past_v]`, outputs
-/// `[q rotated, present_k, present_v]`.
+/// `[q rotated, (k rotated,) present_k, present_v]`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RotarySpec {
     pub config: RotaryConfig,
     pub second: Option<RotaryConfig>,
     pub append: bool,
+    /// With `append`: the rotated k is also an output (after q's), for a reader besides its cache.
+    pub k_out: bool,
 }
 
-/// Storage buffers `rope_kv_main` binds: q, k and v, the two caches, the positions, q's output and the two stores.
-pub const ROTARY_APPEND_BUFFERS: u32 = 9;
+/// Storage buffers `rope_kv_main` binds: q, k and v, the two caches, q's output and the two stores; one more for
+/// the positions (with position_ids) and for k's output (`k_out`).
+pub const ROTARY_APPEND_BUFFERS: u32 = 8;
 
 impl RotarySpec {
     pub fn arity(&self) -> usize {
@@ -400,10 +403,11 @@ impl RotarySpec {
     pub fn output_dt(&self, dts: &[DatumType]) -> Option<DatumType> {
         use DatumType::{F32, I32, I64};
         let p = self.config.has_positions as usize;
+        // with `append`, past_k and past_v (after k and v) may be float16 caches
         let ok = dts.len() == self.arity()
             && dts[..3].iter().all(|d| *d == F32)
             && (p == 0 || matches!(dts[3], I64 | I32))
-            && dts[3 + p..].iter().all(|d| *d == F32);
+            && dts[3 + p..].iter().enumerate().all(|(i, d)| *d == F32 || (i % 2 == 1 && *d == DatumType::F16));
         ok.then_some(F32)
     }
 
@@ -480,11 +484,12 @@ impl RotarySpec {
         Ok(vec![out1, out2])
     }
 
-    /// A paired spec with `append` (inputs `[q, cos, sin, (positions), k, past_k, v, past_v]`): q rotated, and the
-    /// past caches with k rotated and v appended, as the Concats along axis 2 would make them (`make_store[i]`: that
-    /// present leaves the run on the GPU, [`crate::kv::append`]). When both pasts are KV stores with room that end
-    /// at their high-water mark, one dispatch (`rope_kv_main`) writes q's output and the new rows in place; else
-    /// the rotations as a pair, then each append (or Concat) on its own.
+    /// A paired spec with `append` (inputs `[q, cos, sin, (positions), k, past_k, v, past_v]`): q rotated (and k
+    /// rotated with `k_out`), and the past caches with k rotated and v appended, as the Concats along axis 2 would
+    /// make them — f32 caches, or float16 ones (k and v rounded to float16 first, as a float16 model's Cast does);
+    /// `make_store[i]`: that present leaves the run on the GPU ([`crate::kv::append`]). When both pasts are KV
+    /// stores with room that end at their high-water mark, one dispatch (`rope_kv_main`) writes the outputs and
+    /// the new rows in place; else the rotations as a pair, then each append (or Concat) on its own.
     pub fn encode_append(
         &self,
         ctx: &Context,
@@ -498,8 +503,15 @@ impl RotarySpec {
             return Err(Error::new("webgpu: rotary embedding: not a rotation with KV appends"));
         }
         let (k, past_k, v, past_v) = (inputs[p], inputs[p + 1], inputs[p + 2], inputs[p + 3]);
-        if let Some(stores) = crate::kv::reserve_pair([past_k, past_v], [k, v]) {
-            let (mut u, (gx, gy)) = self.pair_params(ctx, inputs, v.len())?;
+        let store_dt = past_k.dt;
+        if past_v.dt != store_dt || !matches!(store_dt, DatumType::F32 | DatumType::F16) {
+            return Err(Error::new(format!("webgpu: KV appends to caches of {store_dt:?} and {:?}", past_v.dt)));
+        }
+        // float16 words hold two values of one row: even head sizes only
+        let pair = if store_dt == DatumType::F16 { 2 } else { 1 };
+        let even = [k, v].iter().all(|t| t.shape.last().is_some_and(|d| d % pair == 0));
+        if let Some(stores) = even.then(|| crate::kv::reserve_pair([past_k, past_v], [k, v])).flatten() {
+            let (mut u, _) = self.pair_params(ctx, inputs, 0)?;
             for (i, (new, store)) in [(k, &stores[0]), (v, &stores[1])].into_iter().enumerate() {
                 let [_, _, s, d] = *new.shape else { return Err(Error::new("webgpu: KV append of a non-4D tensor")) };
                 let cap = store.kv.as_ref().map_or(0, |l| l.cap);
@@ -510,29 +522,47 @@ impl RotarySpec {
                 }
                 rec.counters.kv_appends_in_place += 1;
                 rec.counters.kv_appends_fused += 1;
-                rec.counters.kv_append_bytes += (new.len() * 4) as u64;
+                rec.counters.kv_append_bytes += (new.len() * crate::exec::gpu_size_of(store_dt)) as u64;
             }
+            let n = inputs[0].len() + (k.len() + v.len()) / pair;
+            let (gx, gy) = ctx.grid((n as u64).div_ceil(crate::kernels::WG as u64))?;
+            u[0] = u32_of("length", n)?;
+            u[1] = gx;
             let q_out = rec.alloc(ctx, &inputs[0].shape, DatumType::F32)?;
-            let pos = if self.config.has_positions { inputs[3] } else { inputs[0] };
-            let b = [
-                (1, inputs[0]),
-                (2, inputs[1]),
-                (3, &q_out),
-                (4, inputs[2]),
-                (5, pos),
-                (6, k),
-                (7, &stores[0]),
-                (8, v),
-                (9, &stores[1]),
-            ];
-            launch(ctx, rec, "rope", "rope_kv_main", vec![], &u, &b, (gx, gy, 1))?;
+            let k_out = if self.k_out { Some(rec.alloc(ctx, &k.shape, DatumType::F32)?) } else { None };
+            let mut b = vec![(1, inputs[0]), (2, inputs[1]), (3, &q_out), (4, inputs[2]), (6, k), (8, v)];
+            b.extend([(9, &stores[1]), (10, &stores[0])]);
+            let mut spec = vec![];
+            if self.config.has_positions {
+                b.push((5, inputs[3]));
+            } else {
+                spec.push(("POS_AT", "return 0;".to_string()));
+            }
+            if let Some(o) = &k_out {
+                b.push((7, o));
+                let write = if pair == 2 { "out2[g] = r0;\n        out2[g + 1u] = r1;" } else { "out2[g] = r0;" };
+                spec.push(("K_OUT", write.to_string()));
+            }
+            if pair == 2 {
+                spec.extend([("STORE_T", "u32".to_string()), ("PAIR", "2".to_string())]);
+                spec.push(("STORE_VAL", "return pack2x16float(vec2<f32>(a, b));".to_string()));
+            }
+            launch(ctx, rec, "rope", "rope_kv_main", spec, &u, &b, (gx, gy, 1))?;
             let [sk, sv] = stores;
-            return Ok(vec![q_out, sk, sv]);
+            return Ok(std::iter::once(q_out).chain(k_out).chain([sk, sv]).collect());
         }
-        let pair = RotarySpec { append: false, ..self.clone() };
-        let mut outs = pair.encode_pair(ctx, rec, &inputs[..p + 1])?;
+        let rotations = RotarySpec { append: false, k_out: false, ..self.clone() };
+        let mut outs = rotations.encode_pair(ctx, rec, &inputs[..p + 1])?;
         let k_rot = outs.pop().ok_or_else(|| Error::new("webgpu: rotary embedding: no second output"))?;
         for (past, new, make) in [(past_k, &k_rot, make_store[0]), (past_v, v, make_store[1])] {
+            // a float16 cache takes the new rows rounded to float16
+            let cast = (store_dt == DatumType::F16)
+                .then(|| {
+                    let to16 = crate::kernels::UnaryOp::Cast { from: DatumType::F32, to: DatumType::F16 };
+                    crate::kernels::Kernel::Unary(to16).encode(ctx, rec, &[new], syms)
+                })
+                .transpose()?;
+            let new = cast.as_ref().unwrap_or(new);
             let present = match crate::kv::append(ctx, rec, past, new, make)? {
                 Some(t) => t,
                 None => {
@@ -545,9 +575,16 @@ impl RotarySpec {
                     t
                 }
             };
+            if let Some(c) = cast {
+                rec.release(c);
+            }
             outs.push(present);
         }
-        rec.release(k_rot);
+        if self.k_out {
+            outs.insert(1, k_rot);
+        } else {
+            rec.release(k_rot);
+        }
         Ok(outs)
     }
 

@@ -549,7 +549,7 @@ fn shader_source(family: &str, spec: &[(&'static str, String)]) -> Result<String
 }
 
 /// Values of the placeholders a specialisation does not set.
-const SPEC_DEFAULTS: [(&str, &str); 13] = [
+const SPEC_DEFAULTS: [(&str, &str); 18] = [
     ("ENABLE", ""),
     ("TYPE", "f32"),
     ("WG", "256"),
@@ -563,6 +563,11 @@ const SPEC_DEFAULTS: [(&str, &str); 13] = [
     ("FINISH", "acc"),
     ("ARG_CMP", "false"),
     ("ARG_TIE", "false"),
+    ("POS_AT", "return pos[i];"),
+    ("STORE_T", "f32"),
+    ("PAIR", "1"),
+    ("STORE_VAL", "return a;"),
+    ("K_OUT", ""),
 ];
 
 /// One dispatch of `family::entry` specialised by `spec`: the uniform block at binding 0, `bindings` (binding

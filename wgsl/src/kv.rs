@@ -194,8 +194,8 @@ pub fn append(
     Ok(Some(out))
 }
 
-/// Room for an in-place append of `new[i]` to each of `past` (`[batch, heads, rows, head]`, f32), reserved for
-/// both or neither: the two presents (views of the stores with the new rows counted), when both pasts are KV
+/// Room for an in-place append of `new[i]` to each of `past` (`[batch, heads, rows, head]`, f32 or f16), reserved
+/// for both or neither: the two presents (views of the stores with the new rows counted), when both pasts are KV
 /// stores with room that end at their high-water mark and each new tensor is a contiguous f32 of the past's batch,
 /// heads and head size. The caller writes the new rows ([`crate::attention::RotarySpec::encode_append`]).
 pub fn reserve_pair(past: [&GpuTensor; 2], new: [&GpuTensor; 2]) -> Option<[GpuTensor; 2]> {
@@ -203,7 +203,8 @@ pub fn reserve_pair(past: [&GpuTensor; 2], new: [&GpuTensor; 2]) -> Option<[GpuT
     for (p, n) in past.iter().zip(&new) {
         let l = p.kv.as_ref()?;
         let ([b, h, pl, d], [nb, nh, nl, nd]) = (dims4(&p.shape).ok()?, dims4(&n.shape).ok()?);
-        let ok = p.dt == DatumType::F32 && n.dt == DatumType::F32 && n.kv.is_none() && (nb, nh, nd) == (b, h, d);
+        let stored = matches!(p.dt, DatumType::F32 | DatumType::F16);
+        let ok = stored && n.dt == DatumType::F32 && n.kv.is_none() && (nb, nh, nd) == (b, h, d);
         if !ok || l.cap < pl + nl || l.rows_written() != pl {
             return None;
         }

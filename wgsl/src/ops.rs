@@ -260,7 +260,12 @@ fn kernel_of(model: &TypedModel, node: &TypedNode, caps: &Caps) -> Result<Kernel
     } else if let Some(d) = node.op_as::<kiln_ops::dim_values::DimRange>() {
         Kernel::DimRange { start: d.start.clone(), step: d.step.clone(), len: d.len.clone() }
     } else if let Some(r) = node.op_as::<crate::attention::RotaryOp>() {
-        Kernel::Rotary(crate::attention::RotarySpec { config: r.config.clone(), second: None, append: false })
+        Kernel::Rotary(crate::attention::RotarySpec {
+            config: r.config.clone(),
+            second: None,
+            append: false,
+            k_out: false,
+        })
     } else if let Some(g) = node.op_as::<crate::msft::GqaKvOp>() {
         Kernel::GqaKv(crate::msft::GqaKvSpec { op: g.clone() })
     } else if let Some(n) = node.op_as::<crate::msft::NormOp>() {

@@ -6,9 +6,11 @@
 // rope2_main: two tensors (a layer's q and k) with the same caches and positions in one dispatch; elements
 // 0..n1 are the first's, the rest the second's (its own head count and strides, d4).
 // rope_kv_main: rope2_main whose second tensor (k, [batch, heads, seq, head]) goes rotated into the rows of a KV
-// store after its past rows instead of an output of its own, and a third (v, the same layout) is copied into
-// another store likewise: a decode step's rotations and KV appends in one dispatch. Element g of a [b, h, s, d]
-// tensor is block g / (s·d), row offset g % (s·d); in the store: block · cap·d + past·d + that offset.
+// store after its past rows (and to an output of its own with K_OUT), and a third (v, the same layout) is copied
+// into another store likewise: a decode step's rotations and KV appends in one dispatch. Element g of a
+// [b, h, s, d] tensor is block g / (s·d), row offset g % (s·d); in the store: block · cap·d + past·d + that offset.
+// The stores hold f32 (STORE_T f32, PAIR 1) or float16 as u32 words of two (STORE_T u32, PAIR 2: an invocation
+// makes both halves of a word). POS_AT: how rotation() reads a position (no binding 5 without position_ids).
 
 struct Params {
     // elements, groups_x, batch, heads
@@ -35,7 +37,19 @@ struct Params {
 @group(0) @binding(6) var<storage, read> x2: array<f32>;
 @group(0) @binding(7) var<storage, read_write> out2: array<f32>;
 @group(0) @binding(8) var<storage, read> v_in: array<f32>;
-@group(0) @binding(9) var<storage, read_write> v_store: array<f32>;
+@group(0) @binding(9) var<storage, read_write> v_store: array<{{STORE_T}}>;
+@group(0) @binding(10) var<storage, read_write> k_store: array<{{STORE_T}}>;
+
+const PAIR: u32 = {{PAIR}}u;
+
+fn pos_at(i: u32) -> i32 {
+    {{POS_AT}}
+}
+
+// A store element of values a (and b, PAIR 2).
+fn store_val(a: f32, b: f32) -> {{STORE_T}} {
+    {{STORE_VAL}}
+}
 
 // Where element f (of a tensor with `heads` heads and strides st) takes its value from: `keep` (a channel past
 // the rotary dim: partner is f itself), else the index of its partner, the cache's cos / sin and which half of the
@@ -83,11 +97,11 @@ fn rotation(f: u32, heads: u32, st: vec3<u32>) -> Rot {
     if ((flags & 2u) != 0u) {
         var pv = 0;
         if ((flags & 8u) != 0u) {
-            pv = max(pos[b] + 1 - i32(seq), 0) + i32(s);
+            pv = max(pos_at(b) + 1 - i32(seq), 0) + i32(s);
         } else if ((flags & 4u) != 0u) {
-            pv = pos[0] + i32(s);
+            pv = pos_at(0u) + i32(s);
         } else {
-            pv = pos[b * seq + s];
+            pv = pos_at(b * seq + s);
         }
         // the CPU rejects a position outside the cache; never read outside it here
         row = u32(clamp(pv, 0, i32(p.d3.x) - 1));
@@ -141,6 +155,12 @@ fn store_index(g: u32, b: vec4<u32>) -> u32 {
     return (g / b.y) * b.z + b.w + g % b.y;
 }
 
+// Element g of the second tensor (k), rotated.
+fn k_rotated(g: u32) -> f32 {
+    let r = rotation(g, p.d4.x, p.d4.yzw);
+    return rotated(r, x2[g], x2[r.partner]);
+}
+
 @compute @workgroup_size(WG)
 fn rope_kv_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let f = flat_index(wid, lid, p.d0.y);
@@ -148,16 +168,26 @@ fn rope_kv_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
         return;
     }
     let n1 = p.d3.y;
-    let n2 = p.d5.x;
+    let n2 = p.d5.x / PAIR;
     if (f < n1) {
         let r = rotation(f, p.d0.w, p.d2.xyz);
         out[f] = rotated(r, x[f], x[r.partner]);
     } else if (f < n1 + n2) {
-        let g = f - n1;
-        let r = rotation(g, p.d4.x, p.d4.yzw);
-        out2[store_index(g, p.d5)] = rotated(r, x2[g], x2[r.partner]);
+        let g = (f - n1) * PAIR;
+        let r0 = k_rotated(g);
+        var r1 = r0;
+        if (PAIR == 2u) {
+            r1 = k_rotated(g + 1u);
+        }
+        {{K_OUT}}
+        k_store[store_index(g, p.d5) / PAIR] = store_val(r0, r1);
     } else {
-        let g = f - n1 - n2;
-        v_store[store_index(g, p.d6)] = v_in[g];
+        let g = (f - n1 - n2) * PAIR;
+        let a = v_in[g];
+        var b = a;
+        if (PAIR == 2u) {
+            b = v_in[g + 1u];
+        }
+        v_store[store_index(g, p.d6) / PAIR] = store_val(a, b);
     }
 }
