@@ -111,6 +111,8 @@ struct RunPlan {
     /// Outputs left on the GPU: the device value behind each (a ToHost's input), kept to the end of the run.
     keep: HashMap<OutletId, OutletId>,
     store_outlets: std::collections::HashSet<OutletId>,
+    /// The symbols the plan's outputs name as whole dimensions ([`resolve_symbols`] sets those no input did).
+    symbols: Vec<Symbol>,
 }
 
 impl GpuBackend {
@@ -473,7 +475,19 @@ impl GpuBackend {
                 }
             }
         }
-        let plan = Arc::new(RunPlan { nodes, needed, uses, keep, store_outlets });
+        let mut symbols: Vec<Symbol> = vec![];
+        for &n in &nodes {
+            for o in &model.node(n).outputs {
+                for d in o.fact.shape.iter() {
+                    if let TDim::Sym(sym) = d {
+                        if !symbols.contains(sym) {
+                            symbols.push(sym.clone());
+                        }
+                    }
+                }
+            }
+        }
+        let plan = Arc::new(RunPlan { nodes, needed, uses, keep, store_outlets, symbols });
         if let Ok(mut plans) = self.run_plans.lock() {
             if plans.len() >= RUN_PLANS {
                 plans.remove(0);
@@ -544,6 +558,8 @@ impl GpuBackend {
         let mut dev: HashMap<OutletId, GpuTensor> = HashMap::default();
         let mut pending: Vec<(OutletId, PendingRead, TVec<usize>, DatumType)> = vec![];
 
+        // whether some output dimension's symbol is still unknown (else the nodes' output shapes add nothing)
+        let mut unresolved = plan.symbols.iter().any(|s| state.turn_state.resolved_symbols.get(s).is_none());
         // KILN_HOST_PROFILE=1 (native): host time per kind of node, as `host <kind>` entries of the profile
         let mut host_lap = None;
         for &id in &plan.nodes {
@@ -673,7 +689,10 @@ impl GpuBackend {
                     )));
                 }
                 for (slot, out) in outs.into_iter().enumerate() {
-                    resolve_symbols(&mut state, &node.outputs[slot].fact, &out.shape);
+                    if unresolved {
+                        resolve_symbols(&mut state, &node.outputs[slot].fact, &out.shape);
+                        unresolved = plan.symbols.iter().any(|s| state.turn_state.resolved_symbols.get(s).is_none());
+                    }
                     dev.insert(OutletId::new(id, slot), out);
                 }
             } else if node.op_is::<ToHost>() {
@@ -692,10 +711,11 @@ impl GpuBackend {
                     self.flush(rec, &mut state, &mut pending).await?;
                 }
                 state.compute_one(id).map_err(|e| Error::from_tract(ErrorKind::Runtime, "running the model", &e))?;
-                if let Some(vs) = state.turn_state.values[id].clone() {
+                if let Some(vs) = state.turn_state.values[id].clone().filter(|_| unresolved) {
                     for (o, v) in node.outputs.iter().zip(vs.iter()) {
                         resolve_symbols(&mut state, &o.fact, v.shape());
                     }
+                    unresolved = plan.symbols.iter().any(|s| state.turn_state.resolved_symbols.get(s).is_none());
                 }
             }
             // last uses

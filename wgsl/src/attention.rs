@@ -24,7 +24,7 @@ pub use kiln_ops::attention::{AttentionConfig, AttentionOp, AttentionYOp};
 
 use crate::context::Context;
 use crate::exec::{GpuTensor, Recorder};
-use crate::kernels::{launch, u32_of};
+use crate::kernels::{dispatch_with, launch, pipeline_for, u32_of};
 use crate::{Error, Result};
 
 /// Fewer workgroups than this (per batch, kv head and row block) and the keys are split across workgroups.
@@ -252,35 +252,43 @@ impl AttentionSpec {
             (7, pick(pv_ix)),
             (8, pick(np_ix)),
         ];
-        let mut spec = vec![("WG", wg.to_string()), ("DMAX", dmax.to_string()), ("DWG", dwg.to_string())];
         // K / V (and past K / V) of f16 are read as such: their element types and loads
         let native = ctx.caps.shader_f16;
-        let mut any_f16 = false;
-        for (name, ix, elem, load) in [
-            ("k", Some(1), "K_ELEM", "K_LOAD"),
-            ("v", Some(2), "V_ELEM", "V_LOAD"),
-            ("past_k", pk_ix, "PK_ELEM", "PK_LOAD"),
-            ("past_v", pv_ix, "PV_ELEM", "PV_LOAD"),
-        ] {
-            let dt = pick(ix).dt;
-            if !matches!(dt, DatumType::F32 | DatumType::F16) {
-                return Err(bad(format!("{name} of element type {dt:?}")));
+        let kv = [("k", Some(1)), ("v", Some(2)), ("past_k", pk_ix), ("past_v", pv_ix)].map(|(n, ix)| (n, pick(ix).dt));
+        if let Some((name, dt)) = kv.iter().find(|(_, dt)| !matches!(dt, DatumType::F32 | DatumType::F16)) {
+            return Err(bad(format!("{name} of element type {dt:?}")));
+        }
+        let spec = || {
+            let mut spec = vec![("WG", wg.to_string()), ("DMAX", dmax.to_string()), ("DWG", dwg.to_string())];
+            for ((name, dt), (elem, load)) in kv.iter().zip([
+                ("K_ELEM", "K_LOAD"),
+                ("V_ELEM", "V_LOAD"),
+                ("PK_ELEM", "PK_LOAD"),
+                ("PV_ELEM", "PV_LOAD"),
+            ]) {
+                let (e, l) = Self::kv_access(name, *dt, native);
+                spec.push((elem, e));
+                spec.push((load, l));
             }
-            any_f16 |= dt == DatumType::F16;
-            let (e, l) = Self::kv_access(name, dt, native);
-            spec.push((elem, e));
-            spec.push((load, l));
-        }
-        if any_f16 && native {
-            spec.push(("ENABLE", "enable f16;\n".into()));
-        }
+            if native && kv.iter().any(|(_, dt)| *dt == DatumType::F16) {
+                spec.push(("ENABLE", "enable f16;\n".into()));
+            }
+            spec
+        };
+        // the pipelines by what the specialisation depends on (made once)
+        let kv_dts = kv.map(|(_, dt)| dt);
+        let pipeline = |entry: &'static str| {
+            ctx.memo_pipeline(&("attention", entry, wg, dmax, dwg, kv_dts, native), || {
+                pipeline_for(ctx, "attention", entry, spec())
+            })
+        };
         let entry = if decode { "decode_main" } else { "attention_main" };
-        launch(ctx, rec, "attention", entry, spec.clone(), &u, &bindings, (gx, gy, 1))?;
+        dispatch_with(rec, pipeline(entry)?, entry, &u, &bindings, (gx, gy, 1));
         if let Some(partial) = partial {
             let (cx, cy) = ctx.grid(((all_rows * dv) as u64).div_ceil(wg as u64))?;
             u[11] = cx;
             let b = [(1, &partial), (3, out)];
-            launch(ctx, rec, "attention", "combine_main", spec, &u, &b, (cx, cy, 1))?;
+            dispatch_with(rec, pipeline("combine_main")?, "combine_main", &u, &b, (cx, cy, 1));
             rec.release(partial);
         }
         Ok(())

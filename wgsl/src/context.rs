@@ -98,12 +98,17 @@ pub struct PipelineKey {
     pub spec: Vec<(&'static str, String)>,
 }
 
+/// [`Context::memo_pipeline`]'s cache: by the hash of (key type, key), the keys of that hash and their pipelines.
+type MemoMap = crate::FastMap<u64, Vec<(Box<dyn std::any::Any + Send + Sync>, Arc<wgpu::ComputePipeline>)>>;
+
 pub struct Context {
     pub device: wgpu::Device,
     pub queue: wgpu::Queue,
     pub caps: Caps,
     errors: Arc<Mutex<Vec<String>>>,
     pipelines: Mutex<HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>>,
+    /// Pipelines by a kernel's own key ([`Context::memo_pipeline`]).
+    memo: Mutex<MemoMap>,
     compiled: Mutex<usize>,
     /// Timestamp queries around every dispatch (KILN_GPU_PROFILE=1, native, where the adapter has them).
     pub profiling: bool,
@@ -267,6 +272,7 @@ impl Context {
             caps,
             errors,
             pipelines: Mutex::default(),
+            memo: Mutex::default(),
             compiled: Mutex::new(0),
             profiling,
             profile_ops,
@@ -287,6 +293,7 @@ impl Context {
             caps: Caps { cpu_adapter, ..self.caps.clone() },
             errors: self.errors.clone(),
             pipelines: Mutex::default(),
+            memo: Mutex::default(),
             compiled: Mutex::new(0),
             profiling: self.profiling,
             profile_ops: self.profile_ops,
@@ -342,6 +349,35 @@ impl Context {
         if let Ok(mut c) = self.compiled.lock() {
             *c += 1;
         }
+        Ok(p)
+    }
+
+    /// The pipeline of a kernel known by its own small `key` (its specialisation before any WGSL is made: a
+    /// QMatMul's parameters, the attention's configuration and input types), made by `make` the first time: a
+    /// dispatch of a kernel seen before costs a hash of that key, not the formatting, hashing and comparing of the
+    /// shader's specialisation text. `key` must determine everything `make` puts in the shader.
+    pub fn memo_pipeline<K>(
+        &self,
+        key: &K,
+        make: impl FnOnce() -> Result<Arc<wgpu::ComputePipeline>>,
+    ) -> Result<Arc<wgpu::ComputePipeline>>
+    where
+        K: std::hash::Hash + Eq + Clone + Send + Sync + 'static,
+    {
+        use std::hash::BuildHasher;
+        let h = foldhash::fast::FixedState::default().hash_one((std::any::TypeId::of::<K>(), key));
+        let poisoned = || Error::new("webgpu: pipeline cache poisoned");
+        {
+            let memo = self.memo.lock().map_err(|_| poisoned())?;
+            let found = memo.get(&h).and_then(|v| v.iter().find(|(k, _)| k.downcast_ref::<K>() == Some(key)));
+            if let Some((_, p)) = found {
+                return Ok(p.clone());
+            }
+        }
+        // made without the lock held (`make` compiles through Context::pipeline)
+        let p = make()?;
+        let mut memo = self.memo.lock().map_err(|_| poisoned())?;
+        memo.entry(h).or_default().push((Box::new(key.clone()), p.clone()));
         Ok(p)
     }
 

@@ -178,7 +178,12 @@ impl Arena {
 /// A bind group by what it binds: pipeline, uniform arena generation, uniform offset and size, and each
 /// (binding, buffer) by address. The entry holds the buffers weakly (so the pool's "nobody else holds it" test
 /// still works, and an address cannot be reused while the entry exists); an entry with a dead buffer is rebuilt.
-type BindKey = (usize, u64, u64, u64, Vec<(u32, usize)>);
+/// (pipeline, uniform arena generation, uniform offset and length, the storage bindings (index, buffer) padded with
+/// zeros: a fixed-size key, made without an allocation per dispatch).
+type BindKey = (usize, u64, u64, u64, [(u32, usize); MAX_BINDINGS]);
+
+/// The most storage bindings one dispatch has (kiln's kernels bind at most 15).
+const MAX_BINDINGS: usize = 16;
 
 struct BindEntry {
     group: wgpu::BindGroup,
@@ -679,46 +684,62 @@ impl Recorder {
                     let one = timestamp_writes.is_some();
                     let mut pass = encoder
                         .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("kiln"), timestamp_writes });
+                    // the pipeline set last in this pass (not set again for a dispatch of the same kernel)
+                    let mut current: Option<&Arc<wgpu::ComputePipeline>> = None;
                     while let Some(Command::Dispatch { pipeline, bindings, uniform, groups, .. }) = commands.get(i) {
+                        if bindings.len() > MAX_BINDINGS {
+                            return Err(Error::new(format!("webgpu: a dispatch of {} bindings", bindings.len())));
+                        }
+                        let mut bound = [(0u32, 0usize); MAX_BINDINGS];
+                        for (k, b) in bound.iter_mut().zip(bindings) {
+                            *k = (b.index, Arc::as_ptr(&b.buffer) as usize);
+                        }
                         let key: BindKey = (
                             Arc::as_ptr(pipeline) as usize,
                             self.bind_generation,
                             offsets[i],
                             uniform.len() as u64,
-                            bindings.iter().map(|b| (b.index, Arc::as_ptr(&b.buffer) as usize)).collect(),
+                            bound,
                         );
-                        let live =
-                            self.bind_cache.get(&key).is_some_and(|e| e.buffers.iter().all(|w| w.strong_count() > 0));
-                        if !live {
-                            let mut entries = vec![wgpu::BindGroupEntry {
-                                binding: 0,
-                                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                                    buffer: &uni,
-                                    offset: offsets[i],
-                                    size: wgpu::BufferSize::new(uniform.len() as u64),
-                                }),
-                            }];
-                            for b in bindings {
-                                entries.push(wgpu::BindGroupEntry {
-                                    binding: b.index,
-                                    resource: b.buffer.as_entire_binding(),
+                        let cached = self
+                            .bind_cache
+                            .get(&key)
+                            .filter(|e| e.buffers.iter().all(|w| w.strong_count() > 0))
+                            .map(|e| e.group.clone());
+                        let group = match cached {
+                            Some(g) => g,
+                            None => {
+                                let mut entries = vec![wgpu::BindGroupEntry {
+                                    binding: 0,
+                                    resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                                        buffer: &uni,
+                                        offset: offsets[i],
+                                        size: wgpu::BufferSize::new(uniform.len() as u64),
+                                    }),
+                                }];
+                                for b in bindings {
+                                    entries.push(wgpu::BindGroupEntry {
+                                        binding: b.index,
+                                        resource: b.buffer.as_entire_binding(),
+                                    });
+                                }
+                                let group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                                    label: None,
+                                    layout: &pipeline.get_bind_group_layout(0),
+                                    entries: &entries,
                                 });
+                                self.counters.bind_groups_created += 1;
+                                let buffers = bindings.iter().map(|b| Arc::downgrade(&b.buffer)).collect();
+                                let entry = BindEntry { group: group.clone(), _pipeline: pipeline.clone(), buffers };
+                                self.bind_cache.insert(key, entry);
+                                group
                             }
-                            let group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                                label: None,
-                                layout: &pipeline.get_bind_group_layout(0),
-                                entries: &entries,
-                            });
-                            self.counters.bind_groups_created += 1;
-                            let buffers = bindings.iter().map(|b| Arc::downgrade(&b.buffer)).collect();
-                            self.bind_cache
-                                .insert(key.clone(), BindEntry { group, _pipeline: pipeline.clone(), buffers });
-                        }
-                        let Some(entry) = self.bind_cache.get(&key) else {
-                            return Err(Error::new("webgpu: bind group cache"));
                         };
-                        pass.set_pipeline(pipeline);
-                        pass.set_bind_group(0, &entry.group, &[]);
+                        if !current.is_some_and(|c| Arc::ptr_eq(c, pipeline)) {
+                            pass.set_pipeline(pipeline);
+                            current = Some(pipeline);
+                        }
+                        pass.set_bind_group(0, &group, &[]);
                         pass.dispatch_workgroups(groups.0, groups.1, groups.2);
                         self.counters.dispatches += 1;
                         i += 1;

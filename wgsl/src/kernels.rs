@@ -583,6 +583,18 @@ pub(crate) fn launch(
     bindings: &[(u32, &GpuTensor)],
     groups: (u32, u32, u32),
 ) -> Result<()> {
+    let pipeline = pipeline_for(ctx, family, entry, spec)?;
+    dispatch_with(rec, pipeline, entry, uniform, bindings, groups);
+    Ok(())
+}
+
+/// The pipeline of `family::entry` specialised by `spec` (compiled on first use).
+pub(crate) fn pipeline_for(
+    ctx: &Context,
+    family: &'static str,
+    entry: &'static str,
+    spec: Vec<(&'static str, String)>,
+) -> Result<Arc<wgpu::ComputePipeline>> {
     let key = PipelineKey { family, entry, spec };
     let mut failed = None;
     let pipeline = ctx.pipeline(&key, || {
@@ -594,10 +606,20 @@ pub(crate) fn launch(
     if let Some(e) = failed {
         return Err(e);
     }
-    let pipeline = pipeline?;
+    pipeline
+}
+
+/// [`launch`] with the pipeline already at hand (`entry`: its label in profiles).
+pub(crate) fn dispatch_with(
+    rec: &mut Recorder,
+    pipeline: Arc<wgpu::ComputePipeline>,
+    entry: &'static str,
+    uniform: &[u32],
+    bindings: &[(u32, &GpuTensor)],
+    groups: (u32, u32, u32),
+) {
     let bindings = bindings.iter().map(|(index, t)| Binding { index: *index, buffer: t.buffer.clone() }).collect();
     rec.dispatch(pipeline, words(uniform), bindings, groups, entry);
-    Ok(())
 }
 
 /// Appends `v` to a uniform as a block of `len` words (zero-filled), each checked to fit a u32.

@@ -9,7 +9,7 @@ use tract_onnx::prelude::*;
 
 use crate::context::Context;
 use crate::exec::{GpuTensor, Recorder};
-use crate::kernels::{launch, u32_of};
+use crate::kernels::{dispatch_with, launch, pipeline_for, u32_of};
 use crate::{Error, Result};
 
 /// Rows of A up to which the matrix-vector kernel runs (one workgroup row per row of A); more take the tiled one.
@@ -420,8 +420,7 @@ impl QMatMul {
                 }
             }
         }
-        let mut spec = self.spec();
-        let (entry, gx, gy, gz) = if rows <= MV_MAX_ROWS {
+        let (entry, lanes, gx, gy, gz) = if rows <= MV_MAX_ROWS {
             // about 8 words (64 4-bit weights) per invocation, 4 to 32 invocations per column
             let words = kb * self.block_size as usize * self.bits as usize / 32;
             // CPU adapters: about 8 words (64 4-bit weights) per invocation, 4 to 32 invocations per column; GPUs:
@@ -431,28 +430,34 @@ impl QMatMul {
             } else {
                 words.div_ceil(2).next_power_of_two().clamp(4, 128)
             };
-            spec.push(("LANES", lanes.to_string()));
-            if in_kernel {
-                spec.retain(|(k, _)| *k != "INT8_A" && *k != "AQ_LEN");
-                spec.push(("INT8_A", "true".into()));
-                spec.push(("AQ_LEN", MV_SHARED_K.to_string()));
-            }
             let (gx, gy) = ctx.grid((self.n as u64).div_ceil((256 / lanes) as u64))?;
-            ("mv_main", gx, gy, rows as u32)
+            ("mv_main", lanes, gx, gy, rows as u32)
         } else {
             let gx = u32_of("grid", self.n.div_ceil(64))?;
             let gy = u32_of("grid", rows.div_ceil(64))?;
             if gx > ctx.caps.max_workgroups_per_dim || gy > ctx.caps.max_workgroups_per_dim {
                 return Err(Error::new(format!("webgpu: MatMulNBits {rows}x{} exceeds the adapter's grid", self.n)));
             }
-            spec.push(("LANES", "32".into()));
-            ("tiled_main", gx, gy, 1)
+            ("tiled_main", 32, gx, gy, 1)
         };
+        // the pipeline by this kernel's parameters: the WGSL snippets are made on the first dispatch only
+        let in_mv = in_kernel && entry == "mv_main";
+        let pipeline = ctx.memo_pipeline(&(self.clone(), entry, lanes, in_mv), || {
+            let mut spec = self.spec();
+            spec.push(("LANES", lanes.to_string()));
+            if in_mv {
+                spec.retain(|(k, _)| *k != "INT8_A" && *k != "AQ_LEN");
+                spec.push(("INT8_A", "true".into()));
+                spec.push(("AQ_LEN", MV_SHARED_K.to_string()));
+            }
+            pipeline_for(ctx, "qmatmul", entry, spec)
+        })?;
         let u = [u32_of("m", rows)?, u32_of("n", self.n)?, u32_of("k", self.k)?, u32_of("blocks", kb)?];
         let u =
             [&u[..], &[u32_of("bytes", zp_bytes)?, gx, split[0], split[1], self.norm.map_or(0, |n| n.eps), 0, 0, 0]]
                 .concat();
-        launch(ctx, rec, "qmatmul", entry, spec, &u, &b, (gx, gy, gz))
+        dispatch_with(rec, pipeline, entry, &u, &b, (gx, gy, gz));
+        Ok(())
     }
 }
 
