@@ -9,64 +9,15 @@
 #![cfg(not(target_arch = "wasm32"))]
 
 mod common;
+mod graphs;
+
+use graphs::{attr_int, fixed_value_info as value_info, gpu_available, options, seed, Rng};
 
 use kiln_graph::tract_onnx::pb;
-use kiln_graph::tract_onnx::pb::tensor_shape_proto::dimension::Value as DimValue;
-use kiln_graph::tract_onnx::pb::type_proto::Value as TypeValue;
 use kiln_provider::blocking::Session;
 use kiln_provider::{Device, ExecutionProvider, SessionOptions, Tensor};
 
 use prost::Message;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> f32 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 >> 40) as f32 / (1u64 << 24) as f32
-    }
-    fn range(&mut self, lo: f32, hi: f32) -> f32 {
-        lo + (hi - lo) * self.next()
-    }
-}
-
-fn seed() -> u64 {
-    let s = std::env::var("KILN_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
-    });
-    eprintln!("gpu_attention: seed {s} (KILN_TEST_SEED={s} to replay)");
-    s | 1
-}
-
-fn value_info(name: &str, elem_type: i32, dims: Option<&[usize]>) -> pb::ValueInfoProto {
-    let shape = dims.map(|d| pb::TensorShapeProto {
-        dim: d
-            .iter()
-            .map(|v| pb::tensor_shape_proto::Dimension {
-                value: Some(DimValue::DimValue(*v as i64)),
-                ..Default::default()
-            })
-            .collect(),
-    });
-    pb::ValueInfoProto {
-        name: name.into(),
-        r#type: Some(pb::TypeProto {
-            value: Some(TypeValue::TensorType(pb::type_proto::Tensor { elem_type, shape })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-fn attr_int(name: &str, v: i64) -> pb::AttributeProto {
-    pb::AttributeProto {
-        name: name.into(),
-        i: v,
-        r#type: pb::attribute_proto::AttributeType::Int as i32,
-        ..Default::default()
-    }
-}
 
 fn attr_float(name: &str, v: f32) -> pb::AttributeProto {
     pb::AttributeProto {
@@ -115,24 +66,6 @@ fn model_bytes(graph: pb::GraphProto, ir_version: i64, opset: i64) -> Vec<u8> {
 /// |a - b| <= tol·(1 + |a|), false on NaN.
 fn close(a: f32, b: f32, tol: f32) -> bool {
     (a - b).abs() <= tol + tol * a.abs()
-}
-
-fn options(ep: ExecutionProvider) -> SessionOptions {
-    SessionOptions { execution_providers: vec![ep], ..Default::default() }
-}
-
-fn gpu_available() -> bool {
-    let bytes = one_node_model("Relu", vec![], &[("x".into(), 1, vec![2])], &["y"]);
-    let s = Session::from_bytes(&bytes, &options(ExecutionProvider::WebGpu)).expect("loading");
-    if s.execution_provider() != ExecutionProvider::WebGpu {
-        eprintln!(
-            "\n!!!!!!!! SKIPPING GPU TESTS: no GPU adapter on this machine ({:?}). \
-             Install lavapipe: apt-get install -y mesa-vulkan-drivers libvulkan1 !!!!!!!!\n",
-            s.provider_note()
-        );
-        return false;
-    }
-    true
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -12,14 +12,15 @@
 #![cfg(not(target_arch = "wasm32"))]
 
 mod common;
+mod graphs;
+
+use graphs::{attr_int, fixed_value_info as value_info, seed, Rng};
 
 use std::sync::{Arc, Mutex};
 
 use common::*;
 use half::f16;
 use kiln_graph::tract_onnx::pb;
-use kiln_graph::tract_onnx::pb::tensor_shape_proto::dimension::Value as DimValue;
-use kiln_graph::tract_onnx::pb::type_proto::Value as TypeValue;
 use kiln_graph::tract_onnx::prelude::{SpecialOps, Tensor as TTensor};
 use kiln_graph::tract_onnx::tract_core::internal::{
     tvec, AxisOp, DatumType, IntoTValue, SymbolValues, TDim, TypedFact, TypedModel, TypedOp, TypedSimplePlan,
@@ -82,27 +83,6 @@ fn contexts() -> Vec<(bool, Arc<Context>)> {
     out
 }
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u32 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 >> 32) as u32
-    }
-    fn range(&mut self, lo: f32, hi: f32) -> f32 {
-        lo + (hi - lo) * ((self.next() >> 8) as f32 / (1u32 << 24) as f32)
-    }
-}
-
-fn seed() -> u64 {
-    let s = std::env::var("KILN_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
-    });
-    eprintln!("gpu_f16: seed {s} (KILN_TEST_SEED={s} to replay)");
-    s | 1
-}
-
 /// f16 values of every class: random bit patterns (normals of every exponent, subnormals), and the edges.
 fn f16_values(rng: &mut Rng, n: usize, finite_only: bool) -> Vec<f16> {
     let specials = [0x0000u16, 0x8000, 0x0001, 0x8001, 0x03ff, 0x0400, 0x7bff, 0xfbff, 0x3c00, 0xbc00, 0x3555];
@@ -114,7 +94,7 @@ fn f16_values(rng: &mut Rng, n: usize, finite_only: bool) -> Vec<f16> {
             } else if !finite_only && i < specials.len() + inf_nan.len() {
                 inf_nan[i - specials.len()]
             } else {
-                let b = rng.next() as u16;
+                let b = rng.next_u32() as u16;
                 // random finite patterns (an all-ones exponent is inf / NaN)
                 if b & 0x7c00 == 0x7c00 {
                     b & !0x4000
@@ -152,7 +132,7 @@ fn f32_values(rng: &mut Rng, n: usize, finite_only: bool) -> Vec<f32> {
     }
     while v.len() < n {
         let mag = 10f32.powf(rng.range(-9.0, 5.0));
-        v.push(if rng.next() & 1 == 0 { mag } else { -mag });
+        v.push(if rng.next_u32() & 1 == 0 { mag } else { -mag });
     }
     v.truncate(n);
     v
@@ -296,7 +276,7 @@ fn f16_casts_match_cpu_with_and_without_shader_f16() {
                 (
                     TTensor::from_shape(
                         &shape,
-                        &(0..n).map(|i| rng.next().is_multiple_of(3) || i == 1).collect::<Vec<_>>(),
+                        &(0..n).map(|i| rng.next_u32().is_multiple_of(3) || i == 1).collect::<Vec<_>>(),
                     )
                     .unwrap(),
                     DatumType::F16,
@@ -388,26 +368,6 @@ const FLOAT: i32 = 1;
 const INT64: i32 = 7;
 const FLOAT16: i32 = 10;
 
-fn value_info(name: &str, elem_type: i32, dims: Option<&[usize]>) -> pb::ValueInfoProto {
-    let shape = dims.map(|d| pb::TensorShapeProto {
-        dim: d
-            .iter()
-            .map(|v| pb::tensor_shape_proto::Dimension {
-                value: Some(DimValue::DimValue(*v as i64)),
-                ..Default::default()
-            })
-            .collect(),
-    });
-    pb::ValueInfoProto {
-        name: name.into(),
-        r#type: Some(pb::TypeProto {
-            value: Some(TypeValue::TensorType(pb::type_proto::Tensor { elem_type, shape })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
 /// A one-node model: `inputs` (name, type, dims), `inits` initializers, output `y` of `out_type`.
 fn one_node(
     op: &str,
@@ -452,15 +412,6 @@ fn model_of(
         ..Default::default()
     }
     .encode_to_vec()
-}
-
-fn attr_int(name: &str, v: i64) -> pb::AttributeProto {
-    pb::AttributeProto {
-        name: name.into(),
-        i: v,
-        r#type: pb::attribute_proto::AttributeType::Int as i32,
-        ..Default::default()
-    }
 }
 
 fn gpu_options() -> SessionOptions {

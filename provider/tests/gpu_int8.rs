@@ -11,13 +11,14 @@
 #![cfg(not(target_arch = "wasm32"))]
 
 mod common;
+mod graphs;
+
+use graphs::{attr_int, fixed_value_info as value_info, gpu_available, options, seed, Rng};
 
 use common::*;
 use kiln_graph::tract_onnx::pb;
-use kiln_graph::tract_onnx::pb::tensor_shape_proto::dimension::Value as DimValue;
-use kiln_graph::tract_onnx::pb::type_proto::Value as TypeValue;
 use kiln_provider::blocking::Session;
-use kiln_provider::{Device, ElementType, ExecutionProvider, SessionOptions, Tensor};
+use kiln_provider::{Device, ElementType, ExecutionProvider, Tensor};
 
 use prost::Message;
 
@@ -27,60 +28,6 @@ const INT8: i32 = 3;
 const INT32: i32 = 6;
 const INT64: i32 = 7;
 const FLOAT16: i32 = 10;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u32 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 >> 32) as u32
-    }
-    fn range(&mut self, lo: f32, hi: f32) -> f32 {
-        lo + (hi - lo) * ((self.next() >> 8) as f32 / (1u32 << 24) as f32)
-    }
-}
-
-fn seed() -> u64 {
-    let s = std::env::var("KILN_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
-    });
-    eprintln!("gpu_int8: seed {s} (KILN_TEST_SEED={s} to replay)");
-    s | 1
-}
-
-fn options(ep: ExecutionProvider) -> SessionOptions {
-    SessionOptions { execution_providers: vec![ep], ..Default::default() }
-}
-
-fn value_info(name: &str, elem_type: i32, dims: Option<&[usize]>) -> pb::ValueInfoProto {
-    let shape = dims.map(|d| pb::TensorShapeProto {
-        dim: d
-            .iter()
-            .map(|v| pb::tensor_shape_proto::Dimension {
-                value: Some(DimValue::DimValue(*v as i64)),
-                ..Default::default()
-            })
-            .collect(),
-    });
-    pb::ValueInfoProto {
-        name: name.into(),
-        r#type: Some(pb::TypeProto {
-            value: Some(TypeValue::TensorType(pb::type_proto::Tensor { elem_type, shape })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-fn attr_int(name: &str, v: i64) -> pb::AttributeProto {
-    pb::AttributeProto {
-        name: name.into(),
-        i: v,
-        r#type: pb::attribute_proto::AttributeType::Int as i32,
-        ..Default::default()
-    }
-}
 
 fn init(name: &str, elem_type: i32, dims: &[usize], raw: Vec<u8>) -> pb::TensorProto {
     pb::TensorProto {
@@ -143,25 +90,6 @@ fn model_at(
     .encode_to_vec()
 }
 
-fn gpu_available() -> bool {
-    let bytes = model(
-        vec![node("Relu", &["x"], &["y"], vec![])],
-        vec![value_info("x", FLOAT, Some(&[4]))],
-        vec![value_info("y", FLOAT, None)],
-        vec![],
-    );
-    let s = Session::from_bytes(&bytes, &options(ExecutionProvider::WebGpu)).expect("loading");
-    if s.execution_provider() != ExecutionProvider::WebGpu {
-        eprintln!(
-            "\n!!!!!!!! SKIPPING GPU TESTS: no GPU adapter on this machine ({:?}). \
-             Install lavapipe: apt-get install -y mesa-vulkan-drivers libvulkan1 !!!!!!!!\n",
-            s.provider_note()
-        );
-        return false;
-    }
-    true
-}
-
 /// Runs `bytes` on the CPU and on the GPU (poisoned outputs): every compute node must be on the GPU and every
 /// output equal to the CPU's (`tol` 0: bit for bit; else max |diff| <= tol · max |ref|). Returns the GPU outputs.
 fn cross(what: &str, bytes: &[u8], feeds: Vec<(String, Tensor)>, outputs: &[&str], tol: f64) -> Vec<Tensor> {
@@ -218,7 +146,7 @@ fn dequantize_and_quantize_linear_match_cpu_and_onnx() {
             vec![value_info("y", FLOAT, None)],
             vec![init("s", FLOAT, &[], f32_raw(&[scale])), init("z", elem, &[], zp_raw.clone())],
         );
-        let raw: Vec<u8> = (0..n).map(|_| rng.next() as u8).collect();
+        let raw: Vec<u8> = (0..n).map(|_| rng.next_u32() as u8).collect();
         let x = if elem == UINT8 {
             u8_tensor(&dims, raw.clone())
         } else {
@@ -232,8 +160,9 @@ fn dequantize_and_quantize_linear_match_cpu_and_onnx() {
 
         // DequantizeLinear, per axis (axis 1): a cast and an elementwise chain on the GPU
         let scales: Vec<f32> = (0..dims[1]).map(|_| rng.range(0.01, 0.1)).collect();
-        let zps: Vec<u8> =
-            (0..dims[1]).map(|_| if elem == UINT8 { rng.next() as u8 } else { rng.next() as u8 % 16 }).collect();
+        let zps: Vec<u8> = (0..dims[1])
+            .map(|_| if elem == UINT8 { rng.next_u32() as u8 } else { rng.next_u32() as u8 % 16 })
+            .collect();
         let bytes = model(
             vec![node("DequantizeLinear", &["x", "s", "z"], &["y"], vec![attr_int("axis", 1)])],
             vec![value_info("x", elem, Some(&dims))],
@@ -252,10 +181,10 @@ fn dequantize_and_quantize_linear_match_cpu_and_onnx() {
         );
         let xs: Vec<f32> = (0..n)
             .map(|i| match i % 4 {
-                0 => ((rng.next() % 200) as f32 - 100.0 + 0.5) * scale, // a tie
-                1 => rng.range(-300.0, 300.0) * scale,                  // saturates now and then
-                2 => rng.range(-1000.0, 1000.0),                        // mostly saturates
-                _ => ((rng.next() % 60) as f32 - 30.0) * scale,         // exact
+                0 => ((rng.next_u32() % 200) as f32 - 100.0 + 0.5) * scale, // a tie
+                1 => rng.range(-300.0, 300.0) * scale,                      // saturates now and then
+                2 => rng.range(-1000.0, 1000.0),                            // mostly saturates
+                _ => ((rng.next_u32() % 60) as f32 - 30.0) * scale,         // exact
             })
             .collect();
         let x = Tensor::from_vec(&dims, xs.clone()).expect("x");
@@ -352,9 +281,9 @@ fn matmul_integer_matches_cpu() {
         let what = format!("MatMulInteger {a_dims:?} x {b_dims:?} ({b_type}, per column {per_col}, zp {zps})");
         let (k, n) = (b_dims[b_dims.len() - 2], b_dims[b_dims.len() - 1]);
         let b_count: usize = b_dims.iter().product();
-        let b_raw: Vec<u8> = (0..b_count).map(|_| rng.next() as u8).collect();
+        let b_raw: Vec<u8> = (0..b_count).map(|_| rng.next_u32() as u8).collect();
         let a_count: usize = a_dims.iter().product();
-        let a = u8_tensor(&a_dims, (0..a_count).map(|_| rng.next() as u8).collect());
+        let a = u8_tensor(&a_dims, (0..a_count).map(|_| rng.next_u32() as u8).collect());
         let mut inits = vec![];
         let mut ins = vec!["a", "b"];
         let b_input = b_dims.len() > 2;
@@ -362,8 +291,8 @@ fn matmul_integer_matches_cpu() {
             inits.push(init("b", b_type, &b_dims, b_raw.clone()));
         }
         if zps {
-            inits.push(init("a0", UINT8, &[], vec![rng.next() as u8]));
-            let bz: Vec<u8> = (0..if per_col { n } else { 1 }).map(|_| rng.next() as u8).collect();
+            inits.push(init("a0", UINT8, &[], vec![rng.next_u32() as u8]));
+            let bz: Vec<u8> = (0..if per_col { n } else { 1 }).map(|_| rng.next_u32() as u8).collect();
             let bz_dims: Vec<usize> = if per_col { vec![n] } else { vec![] };
             inits.push(init("b0", b_type, &bz_dims, bz));
             ins.extend(["a0", "b0"]);
@@ -396,7 +325,7 @@ fn quantize_dynamic_pattern_runs_on_the_gpu() {
     }
     let mut rng = Rng(seed());
     for (w_type, dims, k, n) in [(INT8, vec![1usize, 7, 96], 96usize, 40usize), (UINT8, vec![2, 3, 50], 50, 19)] {
-        let w: Vec<u8> = (0..k * n).map(|_| rng.next() as u8).collect();
+        let w: Vec<u8> = (0..k * n).map(|_| rng.next_u32() as u8).collect();
         let bias: Vec<f32> = (0..n).map(|_| rng.range(-1.0, 1.0)).collect();
         let bytes = model(
             vec![
@@ -440,7 +369,7 @@ fn gather_and_cast_on_narrow_integers() {
     let mut rng = Rng(seed());
     for elem in [UINT8, INT8] {
         let (vocab, hidden) = (50usize, 24usize);
-        let table: Vec<u8> = (0..vocab * hidden).map(|_| rng.next() as u8).collect();
+        let table: Vec<u8> = (0..vocab * hidden).map(|_| rng.next_u32() as u8).collect();
         let bytes = model(
             vec![
                 node("Gather", &["t", "ids"], &["g"], vec![]),
@@ -541,7 +470,7 @@ fn gather_block_quantized_matches_onnxruntime() {
                 let (rows, cols) = (23usize, block_size * 2 + if i % 2 == 0 { block_size } else { 0 });
                 let packed_cols = cols * bits / 8;
                 let blocks = cols.div_ceil(block_size);
-                let data: Vec<u8> = (0..rows * packed_cols).map(|_| rng.next() as u8).collect();
+                let data: Vec<u8> = (0..rows * packed_cols).map(|_| rng.next_u32() as u8).collect();
                 let scales: Vec<f32> = (0..rows * blocks).map(|_| rng.range(0.01, 0.2)).collect();
                 let (s_type, s_raw) = if f16 {
                     (FLOAT16, scales.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect())
@@ -555,7 +484,7 @@ fn gather_block_quantized_matches_onnxruntime() {
                 let mut ins = vec!["data", "ids", "scales"];
                 if zp {
                     let per_row = (blocks * bits).div_ceil(8);
-                    let z: Vec<u8> = (0..rows * per_row).map(|_| rng.next() as u8).collect();
+                    let z: Vec<u8> = (0..rows * per_row).map(|_| rng.next_u32() as u8).collect();
                     inits.push(init("zp", UINT8, &[rows, per_row], z));
                     ins.push("zp");
                 }
@@ -569,7 +498,7 @@ fn gather_block_quantized_matches_onnxruntime() {
                 for idx_dims in [vec![3usize], vec![2, 4]] {
                     let count: usize = idx_dims.iter().product();
                     let ids: Vec<i64> =
-                        (0..count).map(|j| if j == 1 { -1 } else { (rng.next() % rows as u32) as i64 }).collect();
+                        (0..count).map(|j| if j == 1 { -1 } else { (rng.next_u32() % rows as u32) as i64 }).collect();
                     let bytes = model(
                         vec![gbq.clone()],
                         vec![value_info("ids", INT64, Some(&idx_dims))],
@@ -761,7 +690,7 @@ fn blocked_and_16_bit_quantize_linear_match_onnxruntime() {
         let zero_raw = |rng: &mut Rng, count: usize| -> Vec<u8> {
             (0..count)
                 .flat_map(|_| {
-                    let v = rng.next();
+                    let v = rng.next_u32();
                     let z: i64 = match elem {
                         UINT8 => (v % 256) as i64,
                         INT8 => (v % 256) as i64 - 128,
@@ -799,7 +728,7 @@ fn blocked_and_16_bit_quantize_linear_match_onnxruntime() {
                 .map(|i| {
                     let s = 8.0 * if size == 2 { 0.01 } else { 1.0 };
                     match i % 3 {
-                        0 => ((rng.next() % 40) as f32 - 20.0 + 0.5) * 0.125 * s,
+                        0 => ((rng.next_u32() % 40) as f32 - 20.0 + 0.5) * 0.125 * s,
                         1 => rng.range(-400.0, 400.0) * s,
                         _ => rng.range(-1e6, 1e6),
                     }
@@ -840,7 +769,7 @@ fn blocked_and_16_bit_quantize_linear_match_onnxruntime() {
             }
 
             // DequantizeLinear of the quantized values
-            let q_raw: Vec<u8> = (0..n).flat_map(|_| rng.next().to_le_bytes()[..size].to_vec()).collect();
+            let q_raw: Vec<u8> = (0..n).flat_map(|_| rng.next_u32().to_le_bytes()[..size].to_vec()).collect();
             let bytes = model_at(
                 21,
                 vec![node("DequantizeLinear", &["x", "s", "z"], &["y"], attrs)],
@@ -972,8 +901,9 @@ fn onnxruntime_arithmetic_kernels_are_bit_identical_to_the_cpu() {
             vec![],
         );
         // masked scores as transformers' attention masks make them (the last key never masked)
-        let mask: Vec<f32> =
-            (0..2 * n).map(|i| if i % n != n - 1 && rng.next().is_multiple_of(3) { f32::MIN } else { 0.0 }).collect();
+        let mask: Vec<f32> = (0..2 * n)
+            .map(|i| if i % n != n - 1 && rng.next_u32().is_multiple_of(3) { f32::MIN } else { 0.0 })
+            .collect();
         let feeds = vec![
             ("q".into(), random(&mut rng, &[4, 6], -3.0, 5.0)),
             ("a".into(), random(&mut rng, &ad, -2.0, 2.0)),

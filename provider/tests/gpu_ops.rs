@@ -6,69 +6,18 @@
 //! Skips, loudly, only when the machine has no GPU adapter (CI installs lavapipe).
 #![cfg(not(target_arch = "wasm32"))]
 
+mod common;
+mod graphs;
+
+use graphs::{attr_int, fixed_value_info as value_info, gpu_available, options, seed, Rng};
+
 use kiln_graph::tract_onnx::pb;
 use kiln_graph::tract_onnx::pb::tensor_shape_proto::dimension::Value as DimValue;
 use kiln_graph::tract_onnx::pb::type_proto::Value as TypeValue;
 use kiln_provider::blocking::Session;
-use kiln_provider::{ExecutionProvider, SessionOptions, Tensor};
+use kiln_provider::{ExecutionProvider, Tensor};
 
 use prost::Message;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> f32 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 >> 40) as f32 / (1u64 << 24) as f32
-    }
-    /// Uniform in [lo, hi), never exactly zero.
-    fn range(&mut self, lo: f32, hi: f32) -> f32 {
-        let v = lo + (hi - lo) * self.next();
-        if v == 0.0 {
-            0.25
-        } else {
-            v
-        }
-    }
-}
-
-fn seed() -> u64 {
-    let s = std::env::var("KILN_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
-    });
-    eprintln!("gpu_ops: seed {s} (KILN_TEST_SEED={s} to replay)");
-    s | 1
-}
-
-fn value_info(name: &str, dims: Option<&[usize]>) -> pb::ValueInfoProto {
-    let shape = dims.map(|d| pb::TensorShapeProto {
-        dim: d
-            .iter()
-            .map(|v| pb::tensor_shape_proto::Dimension {
-                value: Some(DimValue::DimValue(*v as i64)),
-                ..Default::default()
-            })
-            .collect(),
-    });
-    pb::ValueInfoProto {
-        name: name.into(),
-        r#type: Some(pb::TypeProto {
-            value: Some(TypeValue::TensorType(pb::type_proto::Tensor { elem_type: 1, shape })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-fn attr_int(name: &str, v: i64) -> pb::AttributeProto {
-    pb::AttributeProto {
-        name: name.into(),
-        i: v,
-        r#type: pb::attribute_proto::AttributeType::Int as i32,
-        ..Default::default()
-    }
-}
 
 fn one_node_model(op: &str, attrs: Vec<pb::AttributeProto>, shapes: &[&[usize]]) -> Vec<u8> {
     let names: Vec<String> = (0..shapes.len()).map(|i| format!("x{i}")).collect();
@@ -82,8 +31,8 @@ fn one_node_model(op: &str, attrs: Vec<pb::AttributeProto>, shapes: &[&[usize]])
     let graph = pb::GraphProto {
         name: "g".into(),
         node: vec![node],
-        input: names.iter().zip(shapes).map(|(n, s)| value_info(n, Some(s))).collect(),
-        output: vec![value_info("y", None)],
+        input: names.iter().zip(shapes).map(|(n, s)| value_info(n, 1, Some(s))).collect(),
+        output: vec![value_info("y", 1, None)],
         ..Default::default()
     };
     pb::ModelProto {
@@ -93,25 +42,6 @@ fn one_node_model(op: &str, attrs: Vec<pb::AttributeProto>, shapes: &[&[usize]])
         ..Default::default()
     }
     .encode_to_vec()
-}
-
-fn options(ep: ExecutionProvider) -> SessionOptions {
-    SessionOptions { execution_providers: vec![ep], ..Default::default() }
-}
-
-/// A GPU session, or `None` (with a loud message) when there is no adapter.
-fn gpu_available() -> bool {
-    let bytes = one_node_model("Relu", vec![], &[&[2]]);
-    let s = Session::from_bytes(&bytes, &options(ExecutionProvider::WebGpu)).expect("loading");
-    if s.execution_provider() != ExecutionProvider::WebGpu {
-        eprintln!(
-            "\n!!!!!!!! SKIPPING GPU TESTS: no GPU adapter on this machine ({:?}). \
-             Install lavapipe: apt-get install -y mesa-vulkan-drivers libvulkan1 !!!!!!!!\n",
-            s.provider_note()
-        );
-        return false;
-    }
-    true
 }
 
 #[derive(Clone, Copy)]
@@ -460,7 +390,7 @@ impl Graph {
                 .iter()
                 .enumerate()
                 .map(|(i, s)| {
-                    let mut v = value_info(&format!("x{i}"), Some(s));
+                    let mut v = value_info(&format!("x{i}"), 1, Some(s));
                     let elem_type = if self.bools.contains(&i) {
                         9
                     } else if self.ints.contains(&i) {
@@ -475,7 +405,7 @@ impl Graph {
                 })
                 .collect(),
             initializer: self.inits.clone(),
-            output: self.output_names().iter().map(|n| value_info(n, None)).collect(),
+            output: self.output_names().iter().map(|n| value_info(n, 1, None)).collect(),
             ..Default::default()
         };
         pb::ModelProto {

@@ -9,76 +9,20 @@
 #![cfg(not(target_arch = "wasm32"))]
 
 mod common;
+mod graphs;
+
+use graphs::{attr_int, fixed_value_info as value_info, gpu_available, options, seed, Rng};
 
 use common::*;
 use kiln_graph::tract_onnx::pb;
-use kiln_graph::tract_onnx::pb::tensor_shape_proto::dimension::Value as DimValue;
-use kiln_graph::tract_onnx::pb::type_proto::Value as TypeValue;
 use kiln_provider::blocking::Session;
 use kiln_provider::{Device, ElementType, ExecutionProvider, SessionOptions, Tensor};
 
 use prost::Message;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u32 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 >> 32) as u32
-    }
-    fn unit(&mut self) -> f32 {
-        (self.next() >> 8) as f32 / (1u32 << 24) as f32
-    }
-    fn range(&mut self, lo: f32, hi: f32) -> f32 {
-        lo + (hi - lo) * self.unit()
-    }
-}
-
-fn seed() -> u64 {
-    let s = std::env::var("KILN_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
-    });
-    eprintln!("gpu_quant: seed {s} (KILN_TEST_SEED={s} to replay)");
-    s | 1
-}
-
-fn options(ep: ExecutionProvider) -> SessionOptions {
-    SessionOptions { execution_providers: vec![ep], ..Default::default() }
-}
-
 const FLOAT: i32 = 1;
 const UINT8: i32 = 2;
 const FLOAT16: i32 = 10;
-
-fn value_info(name: &str, elem_type: i32, dims: Option<&[usize]>) -> pb::ValueInfoProto {
-    let shape = dims.map(|d| pb::TensorShapeProto {
-        dim: d
-            .iter()
-            .map(|v| pb::tensor_shape_proto::Dimension {
-                value: Some(DimValue::DimValue(*v as i64)),
-                ..Default::default()
-            })
-            .collect(),
-    });
-    pb::ValueInfoProto {
-        name: name.into(),
-        r#type: Some(pb::TypeProto {
-            value: Some(TypeValue::TensorType(pb::type_proto::Tensor { elem_type, shape })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-fn attr_int(name: &str, v: i64) -> pb::AttributeProto {
-    pb::AttributeProto {
-        name: name.into(),
-        i: v,
-        r#type: pb::attribute_proto::AttributeType::Int as i32,
-        ..Default::default()
-    }
-}
 
 fn initializer(name: &str, elem_type: i32, dims: &[usize], raw: Vec<u8>) -> pb::TensorProto {
     pb::TensorProto {
@@ -124,7 +68,7 @@ fn qmm_node(rng: &mut Rng, c: Case, name: &str, a: &str, y: &str) -> (pb::NodePr
     let t1 = if c.f16 { FLOAT16 } else { FLOAT };
     let k_blocks = c.k.div_ceil(c.block_size);
     let blob = c.block_size * c.bits / 8;
-    let b: Vec<u8> = (0..c.n * k_blocks * blob).map(|_| rng.next() as u8).collect();
+    let b: Vec<u8> = (0..c.n * k_blocks * blob).map(|_| rng.next_u32() as u8).collect();
     // scales ~ 1/2^(bits-1): weights in about [-1, 1]
     let unit = 1.0 / (1u32 << (c.bits - 1)) as f32;
     let scales: Vec<f32> = (0..c.n * k_blocks).map(|_| rng.range(0.2, 1.0) * unit).collect();
@@ -138,7 +82,7 @@ fn qmm_node(rng: &mut Rng, c: Case, name: &str, a: &str, y: &str) -> (pb::NodePr
         Zp::None => {}
         Zp::Packed => {
             let per_col = (k_blocks * c.bits).div_ceil(8);
-            let z: Vec<u8> = (0..c.n * per_col).map(|_| rng.next() as u8).collect();
+            let z: Vec<u8> = (0..c.n * per_col).map(|_| rng.next_u32() as u8).collect();
             inits.push(init("zp", UINT8, &[c.n * per_col], z));
             inputs.push(format!("{name}.zp"));
         }
@@ -218,22 +162,6 @@ fn gpu_session(bytes: &[u8], tuning: &str) -> Result<Session, String> {
     let tuning = if tuning == "cpu" { kiln_wgsl::Tuning::Cpu } else { kiln_wgsl::Tuning::Gpu };
     let opts = SessionOptions { gpu_tuning: Some(tuning), ..options(ExecutionProvider::WebGpu) };
     Session::from_bytes(bytes, &opts).map_err(|e| e.to_string())
-}
-
-fn gpu_available() -> bool {
-    let mut rng = Rng(7);
-    let c = Case { bits: 4, block_size: 16, k: 16, n: 8, zp: Zp::None, f16: false, bias: false, accuracy_level: 0 };
-    let bytes = model(&mut rng, c, &[1, 16]);
-    let s = Session::from_bytes(&bytes, &options(ExecutionProvider::WebGpu)).expect("loading");
-    if s.execution_provider() != ExecutionProvider::WebGpu {
-        eprintln!(
-            "\n!!!!!!!! SKIPPING GPU TESTS: no GPU adapter on this machine ({:?}). \
-             Install lavapipe: apt-get install -y mesa-vulkan-drivers libvulkan1 !!!!!!!!\n",
-            s.provider_note()
-        );
-        return false;
-    }
-    true
 }
 
 /// Runs one case on the CPU and on the GPU (poisoned outputs); the GPU's output must match within `rel` of the

@@ -189,25 +189,11 @@ impl QMatMul {
         Ok(s)
     }
 
-    /// The specialisation's WGSL snippets ([`QMatMul::build_spec`]), made once per distinct kernel (a decode step
-    /// asks ~100 times for a handful of them: formatting them every dispatch showed in the host's time).
+    /// The specialisation's WGSL snippets, made when a pipeline is compiled (dispatches find theirs by the
+    /// QMatMul itself: [`Context::memo_pipeline`]). The WGSL of the packed operands: B and scales always, zero
+    /// points as the specialisation wants; the up projection's (`w_up` = 1: bindings 6–8, functions `*2`) with
+    /// [`QEpilogue::SiluMul`], stubs otherwise; the residual (binding 9) with [`QEpilogue::Residual`].
     fn spec(&self) -> Vec<(&'static str, String)> {
-        type Specs = crate::FastMap<QMatMul, Vec<(&'static str, String)>>;
-        static SPECS: std::sync::Mutex<Option<Specs>> = std::sync::Mutex::new(None);
-        let Ok(mut cache) = SPECS.lock() else { return self.build_spec() };
-        let cache = cache.get_or_insert_with(Specs::default);
-        if let Some(s) = cache.get(self) {
-            return s.clone();
-        }
-        let s = self.build_spec();
-        cache.insert(self.clone(), s.clone());
-        s
-    }
-
-    /// The WGSL of the packed operands: B and scales always, zero points as the specialisation wants; the up
-    /// projection's (`w_up` = 1: bindings 6–8, functions `*2`) with [`QEpilogue::SiluMul`], stubs otherwise; the
-    /// residual (binding 9) with [`QEpilogue::Residual`].
-    fn build_spec(&self) -> Vec<(&'static str, String)> {
         let weight = |sfx: &str, bb: u32, sb: u32, zb: u32| {
             let scale = if self.scales_f16 {
                 format!("unpack2x16float(scales{sfx}[i / 2u])[i % 2u]")

@@ -8,20 +8,37 @@ use kiln_provider::blocking::Session;
 use kiln_provider::{ExecutionProvider, SessionOptions, Tensor};
 use prost::Message;
 
+/// The seed of a test's random inputs: KILN_TEST_SEED when set (to replay a failure), else the clock; printed with
+/// `what`. Odd (a valid xorshift state).
+pub fn seed_for(what: &str) -> u64 {
+    let s = std::env::var("KILN_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
+    });
+    eprintln!("{what}: seed {s} (KILN_TEST_SEED={s} to replay)");
+    s | 1
+}
+
+/// [`seed_for`] the calling test file.
+#[track_caller]
+pub fn seed() -> u64 {
+    seed_for(std::panic::Location::caller().file())
+}
+
+/// xorshift64: the tests' reproducible random numbers.
 pub struct Rng(pub u64);
 impl Rng {
     pub fn seeded(what: &str) -> Rng {
-        let s = std::env::var("KILN_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
-        });
-        eprintln!("{what}: seed {s} (KILN_TEST_SEED={s} to replay)");
-        Rng(s | 1)
+        Rng(seed_for(what))
     }
-    pub fn next(&mut self) -> f32 {
+    pub fn next_u32(&mut self) -> u32 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
-        (self.0 >> 40) as f32 / (1u64 << 24) as f32
+        (self.0 >> 32) as u32
+    }
+    /// Uniform in [0, 1).
+    pub fn next(&mut self) -> f32 {
+        (self.next_u32() >> 8) as f32 / (1u32 << 24) as f32
     }
     /// Uniform in [lo, hi), never exactly zero.
     pub fn range(&mut self, lo: f32, hi: f32) -> f32 {
@@ -38,6 +55,12 @@ impl Rng {
     pub fn vec(&mut self, n: usize) -> Vec<f32> {
         (0..n).map(|_| self.range(-1.0, 1.0)).collect()
     }
+}
+
+/// [`value_info`] of fixed dims (`None`: no shape).
+pub fn fixed_value_info(name: &str, elem_type: i32, dims: Option<&[usize]>) -> pb::ValueInfoProto {
+    let dims: Option<Vec<Option<usize>>> = dims.map(|d| d.iter().map(|&x| Some(x)).collect());
+    value_info(name, elem_type, dims.as_deref())
 }
 
 /// A tensor value info; `dims` entries `None` are symbolic (named `name_d{i}`).
