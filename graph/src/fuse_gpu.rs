@@ -758,6 +758,139 @@ pub fn fuse_rotary_appends(model: &mut TypedModel, max_storage_buffers: u32) -> 
     })
 }
 
+/// Appends `chain`'s steps to `steps` with its inputs read from `map` (nested chains inlined, so that every step
+/// has one output): the Srcs of its outputs.
+fn inline_chain(steps: &mut Vec<(Box<dyn TypedOp>, Vec<Src>)>, chain: &FusedChain, map: &[Src]) -> Option<Vec<Src>> {
+    // the values of the chain's steps, in order (a nested chain's are its outputs)
+    let mut values: Vec<Src> = vec![];
+    let mut firsts: Vec<Src> = vec![];
+    for (op, srcs) in &chain.steps {
+        let srcs: Vec<Src> = srcs
+            .iter()
+            .map(|s| match *s {
+                Src::Input(i) => map.get(i as usize).copied(),
+                Src::Step(j) => firsts.get(j as usize).copied(),
+            })
+            .collect::<Option<_>>()?;
+        if let Some(inner) = op.as_op().downcast_ref::<FusedChain>() {
+            let outs = inline_chain(steps, inner, &srcs)?;
+            firsts.push(*outs.first()?);
+            values.extend(outs);
+        } else {
+            steps.push((op.clone(), srcs));
+            let at = Src::Step(u8::try_from(steps.len() - 1).ok()?);
+            firsts.push(at);
+            values.push(at);
+        }
+    }
+    values.get(values.len().checked_sub(chain.outputs)?..).map(|v| v.to_vec())
+}
+
+/// Joins a layer's q / k / v projections (a split GPU MatMulNBits, [`fuse_matmul_splits`]) with the rotation and
+/// KV appends after them ([`fuse_rotary_appends`]) when each projection reaches the rotation only through its
+/// head split (a reshape to `[batch, seq, heads, head]`) and transpose to `[batch, heads, seq, head]`: one node
+/// ([`kiln_wgsl::qmatmul::QkvRope`]) whose decode step is one dispatch — the matvec's workgroups own both columns
+/// of each rotated pair, rotate them and write q, and k and v into the caches' spare rows. Returns how many it
+/// joined. Runs after [`fuse_rotary_appends`].
+pub fn fuse_qkv_rotations(model: &mut TypedModel, max_storage_buffers: u32) -> Result<usize> {
+    const WHAT: &str = "joining q/k/v projections with their rotation";
+    batched(model, WHAT, |model, order, outputs| {
+        let gpu = |n: usize| model.node(n).op_as::<GpuOp>();
+        // the projection output and head size behind a rotation input `x`: MoveAxis ← View ← split output
+        let head_split = |x: OutletId| -> Option<(OutletId, usize, usize, usize)> {
+            let t = model.node(x.node);
+            let is_move =
+                matches!(gpu(t.id)?.kernel, Kernel::MoveAxis { from: 1, to: 2 } | Kernel::MoveAxis { from: 2, to: 1 });
+            let v = model.node(t.inputs.first()?.node);
+            let is_view = matches!(gpu(v.id)?.kernel, Kernel::View(_));
+            let o = *v.inputs.first()?;
+            let single =
+                |n: &TypedNode| n.outputs[0].successors.len() == 1 && !outputs.contains(&OutletId::new(n.id, 0));
+            let split = model.outlet_fact(OutletId::new(v.id, 0)).ok()?;
+            let d = usize::try_from(split.shape.last()?.as_i64()?).ok()?;
+            let ok = is_move
+                && is_view
+                && x.slot == 0
+                && single(t)
+                && single(v)
+                && split.rank() == 4
+                && model.outlet_fact(x).ok()?.rank() == 4
+                && model.node(o.node).outputs[o.slot].successors.len() == 1
+                && !outputs.contains(&o);
+            ok.then_some((o, d, v.id, t.id))
+        };
+        let found = order.iter().find_map(|&id| {
+            let rn = model.node(id);
+            let Kernel::Rotary(r) = &gpu(id)?.kernel else { return None };
+            if !r.append || r.config.interleaved {
+                return None;
+            }
+            let p = r.config.has_positions as usize;
+            let (q, k, v) = (head_split(rn.inputs[0])?, head_split(rn.inputs[3 + p])?, head_split(rn.inputs[5 + p])?);
+            let split = q.0.node;
+            let Kernel::QMatMul(mm) = &gpu(split)?.kernel else { return None };
+            let same = [q.0, k.0, v.0] == [0, 1, 2].map(|slot| OutletId::new(split, slot));
+            let d = q.1;
+            let parts = mm.split_parts();
+            let buffers = mm.storage_buffers() - 2 + r.k_out as u32 + 4 + p as u32;
+            let ok = same
+                && k.1 == d
+                && v.1 == d
+                && d % 2 == 0
+                && parts.len() == 3
+                && parts.iter().all(|n| n % d == 0)
+                && buffers <= max_storage_buffers;
+            ok.then(|| (id, split, mm.clone(), r.clone(), d, [q.2, q.3, k.2, k.3, v.2, v.3]))
+        });
+        let (rid, sid, mm, r, d, views) = found?;
+        let (rn, sn) = (model.node(rid), model.node(sid));
+        let p = r.config.has_positions as usize;
+        let chain_of =
+            |n: &TypedNode| n.op_as::<GpuOp>().and_then(|g| g.cpu.as_op().downcast_ref::<FusedChain>().cloned());
+        let (s_chain, r_chain) = (chain_of(sn)?, chain_of(rn)?);
+        // inputs: the split's, then cos, sin[, positions], past K, past V
+        let mut inputs: Vec<OutletId> = sn.inputs.to_vec();
+        let extra = |i: usize| Src::Input((sn.inputs.len() + i) as u8);
+        inputs.extend(rn.inputs[1..3 + p].iter().copied());
+        inputs.extend([rn.inputs[4 + p], rn.inputs[6 + p]]);
+        let mut steps = vec![];
+        let s_map: Vec<Src> = (0..sn.inputs.len()).map(|i| Src::Input(i as u8)).collect();
+        let qkv = inline_chain(&mut steps, &s_chain, &s_map)?;
+        // each projection through its view and transpose
+        let mut t4 = vec![];
+        for (i, pair) in views.chunks(2).enumerate() {
+            let cpu = |n: usize| model.node(n).op_as::<GpuOp>().map(|g| g.cpu.clone());
+            steps.push((cpu(pair[0])?, vec![*qkv.get(i)?]));
+            steps.push((cpu(pair[1])?, vec![Src::Step((steps.len() - 1) as u8)]));
+            t4.push(Src::Step((steps.len() - 1) as u8));
+        }
+        let mut r_map = vec![t4[0], extra(0), extra(1)];
+        if p == 1 {
+            r_map.push(extra(2));
+        }
+        r_map.extend([t4[1], extra(2 + p), t4[2], extra(3 + p)]);
+        let outs = inline_chain(&mut steps, &r_chain, &r_map)?;
+        let n_out = rn.outputs.len();
+        if outs.len() != n_out || steps.len() > u8::MAX as usize {
+            return None;
+        }
+        let chain = FusedChain { inputs: inputs.len(), steps, outputs: n_out };
+        let kernel = Kernel::QkvRope(Box::new(kiln_wgsl::qmatmul::QkvRope { q: mm, rope: r, head: d }));
+        let name = format!("{}.rotated", sn.name);
+        let replaced: Vec<OutletId> = (0..n_out).map(|slot| OutletId::new(rid, slot)).collect();
+        let mut members = vec![rid, sid];
+        members.extend(views);
+        let apply = move |model: &mut TypedModel| -> Result<()> {
+            let mut patch = TypedModelPatch::default();
+            let taps = tap_all(&mut patch, model, &inputs, WHAT)?;
+            let op = GpuOp { kernel, cpu: Box::new(chain) };
+            wire_replacing(&mut patch, model, name, op, &taps, &replaced, WHAT)?;
+            patch.apply(model).map_err(tract_err(WHAT))
+        };
+        Some(Found { at: rid, members, apply: Box::new(apply) })
+    })
+}
+
 /// Folds an RMS norm (no skip, gamma or not) into the GPU MatMulNBits node that is its only reader (a layer's
 /// q / k / v split, its gate / up, the LM head): the matmul kernel normalises A itself ([`QNorm`]), one dispatch
 /// less per norm on a decode step. Returns how many it folded. Runs after [`fuse_matmul_splits`].

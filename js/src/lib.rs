@@ -1049,6 +1049,7 @@ mod web {
                 ("gpuOutputs", c.gpu_outputs as f64),
                 ("kvAppendsInPlace", c.kv_appends_in_place as f64),
                 ("kvAppendsFused", c.kv_appends_fused as f64),
+                ("rotationsInMatmul", c.rotations_in_matmul as f64),
                 ("kvStoresCreated", c.kv_stores_created as f64),
             ] {
                 Reflect::set(&o, &k.into(), &JsValue::from_f64(v)).map_err(|_| err("counters"))?;

@@ -622,11 +622,15 @@ impl GpuBackend {
                     );
                 }
                 let out_outlet = OutletId::new(id, 0);
+                if ctx.profile_ops {
+                    let name: String = op.kernel.name().chars().take(48).collect();
+                    rec.tag = Some(intern(name));
+                }
                 let appended = match (&op.kernel, ins.as_slice()) {
                     (Kernel::Concat { axis: 2, inputs: 2 }, [past, new]) => {
                         kiln_wgsl::kv::append(ctx, rec, past, new, store_outlets.contains(&out_outlet))
-                            .map_err(gpu_err)?
-                            .map(|out| vec![out])
+                            .transpose()
+                            .map(|r| r.map(|out| vec![out]))
                     }
                     // rotations with the KV appends: the pasts are read as stores, the presents may become ones
                     (Kernel::Rotary(r), _)
@@ -639,13 +643,21 @@ impl GpuBackend {
                         let first = 1 + r.k_out as usize;
                         let make = [first, first + 1].map(|slot| store_outlets.contains(&OutletId::new(id, slot)));
                         let syms = &state.turn_state.resolved_symbols;
-                        let outs = r.encode_append(ctx, rec, &ins, make, syms).map_err(|e| {
-                            Error::runtime(format!("webgpu: {} ({}): {}", node.name, op.kernel.name(), e.message))
-                        })?;
-                        Some(outs)
+                        Some(r.encode_append(ctx, rec, &ins, make, syms))
+                    }
+                    // the same with the q / k / v projections in front: the pasts are its last two inputs
+                    (Kernel::QkvRope(q), _)
+                        if ins.iter().enumerate().all(|(i, t)| t.kv.is_none() || i + 2 >= ins.len()) =>
+                    {
+                        let first = 1 + q.rope.k_out as usize;
+                        let make = [first, first + 1].map(|slot| store_outlets.contains(&OutletId::new(id, slot)));
+                        let syms = &state.turn_state.resolved_symbols;
+                        Some(q.encode_outputs(ctx, rec, &ins, make, syms))
                     }
                     _ => None,
-                };
+                }
+                .transpose()
+                .map_err(|e| Error::runtime(format!("webgpu: {} ({}): {}", node.name, op.kernel.name(), e.message)))?;
                 let outs = match appended {
                     Some(outs) => outs,
                     None => {
@@ -662,17 +674,12 @@ impl GpuBackend {
                             }
                         }
                         let refs: Vec<&GpuTensor> = args.iter().collect();
-                        if ctx.profile_ops {
-                            let name: String = op.kernel.name().chars().take(48).collect();
-                            rec.tag = Some(intern(name));
-                        }
                         let outs = op
                             .kernel
                             .encode_outputs(ctx, rec, &refs, &state.turn_state.resolved_symbols)
                             .map_err(|e| {
                                 Error::runtime(format!("webgpu: {} ({}): {}", node.name, op.kernel.name(), e.message))
                             })?;
-                        rec.tag = None;
                         drop(args);
                         for t in temps {
                             rec.release(t);
@@ -680,6 +687,7 @@ impl GpuBackend {
                         outs
                     }
                 };
+                rec.tag = None;
                 if outs.len() != node.outputs.len() {
                     return Err(Error::runtime(format!(
                         "webgpu: {} gave {} outputs for {}",

@@ -68,6 +68,7 @@ fn delta(a: &Counters, b: &Counters) -> Counters {
         gpu_outputs: a.gpu_outputs - b.gpu_outputs,
         kv_appends_in_place: a.kv_appends_in_place - b.kv_appends_in_place,
         kv_appends_fused: a.kv_appends_fused - b.kv_appends_fused,
+        rotations_in_matmul: a.rotations_in_matmul - b.rotations_in_matmul,
         kv_append_bytes: a.kv_append_bytes - b.kv_append_bytes,
         kv_stores_created: a.kv_stores_created - b.kv_stores_created,
         kv_grow_bytes: a.kv_grow_bytes - b.kv_grow_bytes,
@@ -237,7 +238,8 @@ fn elem_bytes(t: &Tensor) -> u64 {
 
 /// `fused_appends`: the model's rotations take their layer's KV appends along (Llama-style layers, f32 or float16
 /// caches: kiln_graph's fuse_rotary_appends): every steady step's appends are written by the rotation's dispatch.
-fn check(model: &str, fused_appends: bool) {
+/// `in_matmul`: and the rotations are done by the layers' q / k / v matvecs (4-bit projections: fuse_qkv_rotations).
+fn check(model: &str, fused_appends: bool, in_matmul: bool) {
     let dir = tiny_fixtures().join(model);
     let path = dir.join("model.onnx");
     let cpu = cpu_session(&path);
@@ -292,6 +294,8 @@ fn check(model: &str, fused_appends: bool) {
             assert_eq!(c.kv_appends_in_place, kv_inputs, "{model} step {i}: appends in place");
             let fused = if fused_appends { kv_inputs } else { 0 };
             assert_eq!(c.kv_appends_fused, fused, "{model} step {i}: appends written by the rotations");
+            let in_mm = if in_matmul { kv_inputs / 2 } else { 0 };
+            assert_eq!(c.rotations_in_matmul, in_mm, "{model} step {i}: rotations done by the q/k/v matvecs");
             assert_eq!(c.kv_grow_bytes, 0, "{model} step {i}");
             // the same allocations as the step before get the same buffers: every bind group comes from the cache
             // (after a growth the new stores are bound anew, by the step itself and, float16 caches, the next)
@@ -384,34 +388,40 @@ fn check_readback(model: &str) {
 
 #[test]
 fn tiny_llama_optimum_kv_on_gpu() {
-    check("tiny-llama/onnx_optimum", true);
+    check("tiny-llama/onnx_optimum", true, false);
 }
 
 #[test]
 fn tiny_llama_sdpa_op23_kv_on_gpu() {
-    check("tiny-llama/onnx_dynamo_sdpa_op23", true);
+    check("tiny-llama/onnx_dynamo_sdpa_op23", true, false);
 }
 
 #[test]
 fn tiny_gpt2_optimum_kv_on_gpu() {
-    check("tiny-gpt2/onnx_optimum", false);
+    check("tiny-gpt2/onnx_optimum", false, false);
 }
 
 #[test]
 fn tiny_gpt2_sdpa_op23_kv_on_gpu() {
-    check("tiny-gpt2/onnx_dynamo_sdpa_op23", false);
+    check("tiny-gpt2/onnx_dynamo_sdpa_op23", false, false);
+}
+
+/// 4-bit projections (MatMulNBits): the q / k / v matvec of each layer also rotates q and k and appends k and v.
+#[test]
+fn tiny_llama_optimum_q4_kv_on_gpu() {
+    check("tiny-llama/onnx_optimum_q4", true, true);
 }
 
 /// float16 models: the cache stays float16 on the GPU, the KV Concat (in float16, kiln_wgsl::kv::concat_kv_in_f16)
 /// appends in place and the fused attention reads the float16 past in place.
 #[test]
 fn tiny_llama_optimum_fp16_kv_on_gpu() {
-    check("tiny-llama/onnx_optimum_fp16", true);
+    check("tiny-llama/onnx_optimum_fp16", true, false);
 }
 
 #[test]
 fn tiny_gpt2_optimum_fp16_kv_on_gpu() {
-    check("tiny-gpt2/onnx_optimum_fp16", false);
+    check("tiny-gpt2/onnx_optimum_fp16", false, false);
 }
 
 #[test]
@@ -696,4 +706,44 @@ fn smollm2_q4f16_greedy_64_kv_on_gpu() {
         "SmolLM2 q4f16: {} decode steps: {copied} bytes copied in the caches for {added} bytes of new rows",
         N - 1
     );
+}
+
+/// The CPU reference of the q / k / v + rotation node (its FusedChain: the split matmul, the head splits and
+/// transposes, the rotation and the KV Concats it replaced, inlined) gives the source model's outputs: the lowered
+/// graph of the 4-bit fixture, with every GPU node run by its CPU op in tract, against the model as loaded.
+#[test]
+fn qkv_rotation_node_keeps_its_cpu_reference() {
+    use kiln_graph::tract_onnx::prelude::*;
+    use kiln_wgsl::{ops::GpuOp, Caps, Kernel};
+    let dir = tiny_fixtures().join("tiny-llama/onnx_optimum_q4");
+    let options = kiln_graph::LoadOptions { optimization: kiln_graph::OptimizationLevel::Basic, ..Default::default() };
+    let model = kiln_graph::load_path(dir.join("model.onnx"), &options).expect("loading");
+    let caps = Caps { max_storage_buffers: 16, ..Caps::webgpu_defaults() };
+    let lowered = kiln_graph::lower_gpu::lower(&model.typed, &caps).expect("lowering").model;
+    let fused = lowered
+        .nodes()
+        .iter()
+        .filter(|n| matches!(n.op_as::<GpuOp>().map(|g| &g.kernel), Some(Kernel::QkvRope(_))))
+        .count();
+    assert_eq!(fused, 2, "one q/k/v + rotation node per layer");
+    // the fixture's first data set, in the model's input order
+    let set = dir.join("test_data_set_0");
+    let inputs: TVec<TValue> = (0..model.typed.inputs.len())
+        .map(|j| {
+            let bytes = std::fs::read(set.join(format!("input_{j}.pb"))).expect("reading an input");
+            kiln_graph::tensor_from_proto_bytes(&bytes).expect("decoding an input").1.into_tvalue()
+        })
+        .collect();
+    let run = |m: &TypedModel| m.clone().into_runnable().expect("planning").run(inputs.clone()).expect("running");
+    let (want, got) = (run(&model.typed), run(&lowered));
+    assert_eq!(want.len(), got.len());
+    for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+        assert_eq!(w.shape(), g.shape(), "output {i}");
+        let f = |t: &TValue| {
+            let t = t.cast_to::<f32>().expect("f32").into_owned();
+            t.try_as_plain_ram().expect("host data").as_slice::<f32>().expect("f32 values").to_vec()
+        };
+        let diff = f(w).iter().zip(f(g)).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(diff <= 1e-5, "output {i}: max |diff| {diff}");
+    }
 }

@@ -518,7 +518,9 @@ impl RotarySpec {
         // float16 words hold two values of one row: even head sizes only
         let pair = if store_dt == DatumType::F16 { 2 } else { 1 };
         let even = [k, v].iter().all(|t| t.shape.last().is_some_and(|d| d % pair == 0));
-        if let Some(stores) = even.then(|| crate::kv::reserve_pair([past_k, past_v], [k, v])).flatten() {
+        let f32_new = [k, v].iter().all(|t| t.dt == DatumType::F32 && t.kv.is_none());
+        let reserve = || crate::kv::reserve_pair([past_k, past_v], [&k.shape, &v.shape]);
+        if let Some(stores) = (even && f32_new).then(reserve).flatten() {
             let (mut u, _) = self.pair_params(ctx, inputs, 0)?;
             for (i, (new, store)) in [(k, &stores[0]), (v, &stores[1])].into_iter().enumerate() {
                 let [_, _, s, d] = *new.shape else { return Err(Error::new("webgpu: KV append of a non-4D tensor")) };

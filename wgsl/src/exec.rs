@@ -259,6 +259,9 @@ pub struct Counters {
     /// Of the appends in place, those the kernel that makes the new rows wrote itself (a layer's rotation:
     /// [`crate::attention::RotarySpec::encode_append`]): no dispatch or copy of their own.
     pub kv_appends_fused: usize,
+    /// Decode steps' q / k / v projections that rotated q and k and appended k and v themselves
+    /// ([`crate::qmatmul::QkvRope`]): no dispatch of their own for the rotation.
+    pub rotations_in_matmul: usize,
     pub kv_append_bytes: u64,
     pub kv_stores_created: usize,
     pub kv_grow_bytes: u64,

@@ -450,6 +450,8 @@ pub enum Kernel {
     Attention(Box<crate::attention::AttentionSpec>),
     /// RotaryEmbedding (crate::attention).
     Rotary(crate::attention::RotarySpec),
+    /// A layer's q / k / v projections with their rotation and KV appends (crate::qmatmul): several outputs.
+    QkvRope(Box<crate::qmatmul::QkvRope>),
     /// Quantization kernels (crate::quant).
     Quant(crate::quant::QuantKernel),
     /// GroupQueryAttention's present key / value (crate::msft).
@@ -777,6 +779,7 @@ impl Kernel {
             },
             Kernel::Attention(_) => "Attention".into(),
             Kernel::Rotary(_) => "RotaryEmbedding".into(),
+            Kernel::QkvRope(_) => "MatMulNBits(q,k,v)+RotaryEmbedding+KV".into(),
             Kernel::Quant(q) => q.name(),
             Kernel::GqaKv(_) => "GqaPresent".into(),
             Kernel::Norm(n) if n.op.rms => "FusedRmsNorm".into(),
@@ -837,6 +840,7 @@ impl Kernel {
             .then_some(F32),
             Kernel::Attention(a) => a.output_dt(dts),
             Kernel::Rotary(r) => r.output_dt(dts),
+            Kernel::QkvRope(_) => Some(DatumType::F32),
             Kernel::Quant(q) => q.output_dt(dts),
             Kernel::GqaKv(g) => g.output_dt(dts),
             Kernel::Norm(n) => n.output_dt(dts),
@@ -874,6 +878,7 @@ impl Kernel {
             Kernel::QMatMul(q) => q.arity(),
             Kernel::Attention(a) => a.arity(),
             Kernel::Rotary(r) => r.arity(),
+            Kernel::QkvRope(r) => r.arity(),
             Kernel::Quant(q) => q.arity(),
             Kernel::GqaKv(g) => g.arity(),
             Kernel::Norm(n) => n.arity(),
@@ -954,6 +959,7 @@ impl Kernel {
             Kernel::View(v) => v.output_shape(inputs[0], syms),
             Kernel::Attention(a) => a.output_shape(inputs),
             Kernel::Rotary(_) => Ok(inputs[0].into()),
+            Kernel::QkvRope(_) => Err(Error::new("webgpu: q/k/v with rotation has several outputs")),
             Kernel::GqaKv(g) => g.output_shape(inputs),
             Kernel::Norm(_) | Kernel::OrtLayerNorm(_) => Ok(inputs[0].into()),
             Kernel::MoveAxis { from, to } => {
@@ -1071,6 +1077,7 @@ impl Kernel {
             }
             // (the provider calls encode_append itself, saying which presents leave the run on the GPU)
             Kernel::Rotary(r) if r.append => r.encode_append(ctx, rec, inputs, [false; 2], syms),
+            Kernel::QkvRope(r) => r.encode_outputs(ctx, rec, inputs, [false; 2], syms),
             Kernel::Rotary(r) if r.second.is_some() => r.encode_pair(ctx, rec, inputs),
             k => k.encode(ctx, rec, inputs, syms).map(|o| vec![o]),
         }
@@ -1117,6 +1124,7 @@ impl Kernel {
         let (gx, gy) = grid_for(ctx, n)?;
         match self {
             Kernel::View(_) | Kernel::Fused(_) => {}
+            Kernel::QkvRope(_) => return Err(Error::new("webgpu: q/k/v with rotation has several outputs")),
             Kernel::QMatMul(q) => q.encode(ctx, rec, inputs, &out)?,
             Kernel::Attention(a) => a.encode(ctx, rec, inputs, &out)?,
             Kernel::Rotary(r) => r.encode(ctx, rec, inputs, &out)?,

@@ -196,15 +196,15 @@ pub fn append(
 
 /// Room for an in-place append of `new[i]` to each of `past` (`[batch, heads, rows, head]`, f32 or f16), reserved
 /// for both or neither: the two presents (views of the stores with the new rows counted), when both pasts are KV
-/// stores with room that end at their high-water mark and each new tensor is a contiguous f32 of the past's batch,
-/// heads and head size. The caller writes the new rows ([`crate::attention::RotarySpec::encode_append`]).
-pub fn reserve_pair(past: [&GpuTensor; 2], new: [&GpuTensor; 2]) -> Option<[GpuTensor; 2]> {
+/// stores with room that end at their high-water mark and each new tensor (`[batch, heads, rows, head]` shapes,
+/// f32 values the caller writes) has the past's batch, heads and head size. The caller writes the new rows ([`crate::attention::RotarySpec::encode_append`]).
+pub fn reserve_pair(past: [&GpuTensor; 2], new: [&[usize]; 2]) -> Option<[GpuTensor; 2]> {
     let mut plan = vec![];
-    for (p, n) in past.iter().zip(&new) {
+    for (p, n) in past.iter().zip(new) {
         let l = p.kv.as_ref()?;
-        let ([b, h, pl, d], [nb, nh, nl, nd]) = (dims4(&p.shape).ok()?, dims4(&n.shape).ok()?);
+        let ([b, h, pl, d], [nb, nh, nl, nd]) = (dims4(&p.shape).ok()?, dims4(n).ok()?);
         let stored = matches!(p.dt, DatumType::F32 | DatumType::F16);
-        let ok = stored && n.dt == DatumType::F32 && n.kv.is_none() && (nb, nh, nd) == (b, h, d);
+        let ok = stored && (nb, nh, nd) == (b, h, d);
         if !ok || l.cap < pl + nl || l.rows_written() != pl {
             return None;
         }

@@ -7,6 +7,7 @@
 
 use tract_onnx::prelude::*;
 
+use crate::attention::RotarySpec;
 use crate::context::Context;
 use crate::exec::{GpuTensor, Recorder};
 use crate::kernels::{dispatch_with, launch, pipeline_for, u32_of};
@@ -268,6 +269,11 @@ impl QMatMul {
             .chain([("INT8_A", "false".to_string()), ("AQ_LEN", "1".to_string()), ("EPI", epi.to_string())])
             .chain([("PART2", if epi == 2 { "256" } else { "1" }.to_string())])
             .chain([("NORM", self.norm.is_some().to_string())])
+            .chain([
+                ("ROPE", "false".to_string()),
+                ("KV16", "false".to_string()),
+                ("ROPE_FNS", NO_ROPE_FNS.to_string()),
+            ])
             .collect()
     }
 
@@ -322,15 +328,44 @@ impl QMatMul {
     }
 
     fn encode_into(&self, ctx: &Context, rec: &mut Recorder, inputs: &[&GpuTensor], outs: &[&GpuTensor]) -> Result<()> {
+        self.encode_with(ctx, rec, inputs, outs, None)
+    }
+
+    /// Invocations per column of the one-row kernel for this K.
+    fn mv_lanes(&self, ctx: &Context) -> usize {
+        let words = self.k_blocks() * self.block_size as usize * self.bits as usize / 32;
+        // CPU adapters: about 8 words (64 4-bit weights) per invocation, 4 to 32 invocations per column; GPUs:
+        // about 2 words, up to 128 invocations (more workgroups in flight: ~25% less time on an H200)
+        if ctx.caps.cpu_adapter {
+            words.div_ceil(8).next_power_of_two().clamp(4, 32)
+        } else {
+            words.div_ceil(2).next_power_of_two().clamp(4, 128)
+        }
+    }
+
+    /// [`QMatMul::encode_into`]; with `rope` (a split of q, k and v, one-row kernel only), `outs` is q's output
+    /// alone and the rotation and KV appends happen in the epilogue ([`QkvRope`]).
+    fn encode_with(
+        &self,
+        ctx: &Context,
+        rec: &mut Recorder,
+        inputs: &[&GpuTensor],
+        outs: &[&GpuTensor],
+        rope: Option<&RopeArgs>,
+    ) -> Result<()> {
         if inputs.len() != self.arity() {
             return Err(Error::new(format!("webgpu: MatMulNBits expects {} inputs", self.arity())));
         }
         let parts = self.split_parts();
-        if outs.len() != parts.len().max(1) {
+        let want_outs = if rope.is_some() { 1 } else { parts.len().max(1) };
+        if outs.len() != want_outs {
             return Err(Error::new(format!("webgpu: MatMulNBits with {} outputs", outs.len())));
         }
         let rows = inputs[0].len() / self.k.max(1);
         let in_kernel = self.int8_activations && rows <= MV_MAX_ROWS && self.k <= MV_SHARED_K;
+        if rope.is_some() && (rows > MV_MAX_ROWS || parts.len() != 3 || (self.int8_activations && !in_kernel)) {
+            return Err(Error::new("webgpu: MatMulNBits: a rotation epilogue needs the one-row kernel of a split"));
+        }
         if let (Some(norm), true) = (self.norm, rows > MV_MAX_ROWS || (self.int8_activations && !in_kernel)) {
             // the tiled path: the norm as a dispatch of its own, then the matmul on its result
             let normed = rec.alloc(ctx, &inputs[0].shape, DatumType::F32)?;
@@ -395,27 +430,30 @@ impl QMatMul {
             }
             QEpilogue::Split(ns) => {
                 split = [u32_of("n", ns[0])?, u32_of("n", ns[1])?];
-                for (w, out) in outs.iter().enumerate().skip(1) {
+                for w in 1..parts.len() {
                     let at = 1 + w * wa;
                     let base = if w == 1 { 6 } else { 10 };
                     b.extend([(base, inputs[at]), (base + 1, inputs[at + 1])]);
                     if self.zero_points != QZeroPoints::Default {
                         b.push((base + 2, inputs[at + 2]));
                     }
-                    b.push((if w == 1 { 13 } else { 14 }, *out));
+                    if let Some(out) = outs.get(w) {
+                        b.push((if w == 1 { 13 } else { 14 }, *out));
+                    }
+                }
+                if let Some(r) = rope {
+                    b.extend([(16, r.cos), (17, r.sin), (19, r.k_store), (20, r.v_store)]);
+                    if let Some(pos) = r.pos {
+                        b.push((18, pos));
+                    }
+                    if let Some(k_out) = r.k_out {
+                        b.push((13, k_out));
+                    }
                 }
             }
         }
         let (entry, lanes, gx, gy, gz) = if rows <= MV_MAX_ROWS {
-            // about 8 words (64 4-bit weights) per invocation, 4 to 32 invocations per column
-            let words = kb * self.block_size as usize * self.bits as usize / 32;
-            // CPU adapters: about 8 words (64 4-bit weights) per invocation, 4 to 32 invocations per column; GPUs:
-            // about 2 words, up to 128 invocations (more workgroups in flight: ~25% less time on an H200)
-            let lanes = if ctx.caps.cpu_adapter {
-                words.div_ceil(8).next_power_of_two().clamp(4, 32)
-            } else {
-                words.div_ceil(2).next_power_of_two().clamp(4, 128)
-            };
+            let lanes = rope.map_or_else(|| self.mv_lanes(ctx), |r| r.lanes);
             let (gx, gy) = ctx.grid((self.n as u64).div_ceil((256 / lanes) as u64))?;
             ("mv_main", lanes, gx, gy, rows as u32)
         } else {
@@ -428,7 +466,9 @@ impl QMatMul {
         };
         // the pipeline by this kernel's parameters: the WGSL snippets are made on the first dispatch only
         let in_mv = in_kernel && entry == "mv_main";
-        let pipeline = ctx.memo_pipeline(&(self.clone(), entry, lanes, in_mv), || {
+        // with a rotation: whether the stores are float16, k's output made, positions read
+        let rope_key = rope.map(|r| (r.kv16, r.k_out.is_some(), r.pos.is_some()));
+        let pipeline = ctx.memo_pipeline(&(self.clone(), entry, lanes, in_mv, rope_key), || {
             let mut spec = self.spec();
             spec.push(("LANES", lanes.to_string()));
             if in_mv {
@@ -436,12 +476,30 @@ impl QMatMul {
                 spec.push(("INT8_A", "true".into()));
                 spec.push(("AQ_LEN", MV_SHARED_K.to_string()));
             }
+            if let Some((kv16, k_out, pos)) = rope_key {
+                spec.retain(|(k, _)| !matches!(*k, "ROPE" | "KV16" | "ROPE_FNS" | "QM_FNS"));
+                // the split's weights as they are, k's output (binding 13) only when wanted, no third output
+                let mut qm = self.spec().into_iter().find(|(k, _)| *k == "QM_FNS").map(|(_, v)| v).unwrap_or_default();
+                let (y2, y3) = (
+                    "@group(0) @binding(13) var<storage, read_write> y2: array<f32>;\nfn store2(i: u32, v: f32) {\n    y2[i] = v;\n}\n",
+                    "@group(0) @binding(14) var<storage, read_write> y3: array<f32>;\nfn store3(i: u32, v: f32) {\n    y3[i] = v;\n}\n",
+                );
+                qm = qm.replace(y3, "fn store3(i: u32, v: f32) {\n}\n");
+                if !k_out {
+                    qm = qm.replace(y2, "fn store2(i: u32, v: f32) {\n}\n");
+                }
+                spec.push(("QM_FNS", qm));
+                spec.push(("ROPE", "true".into()));
+                spec.push(("KV16", kv16.to_string()));
+                spec.push(("ROPE_FNS", rope_fns(kv16, pos)));
+            }
             pipeline_for(ctx, "qmatmul", entry, spec)
         })?;
         let u = [u32_of("m", rows)?, u32_of("n", self.n)?, u32_of("k", self.k)?, u32_of("blocks", kb)?];
-        let u =
+        let mut u =
             [&u[..], &[u32_of("bytes", zp_bytes)?, gx, split[0], split[1], self.norm.map_or(0, |n| n.eps), 0, 0, 0]]
                 .concat();
+        u.extend(rope.map_or([0; 8], |r| r.words));
         dispatch_with(rec, pipeline, entry, &u, &b, (gx, gy, gz));
         Ok(())
     }
@@ -463,7 +521,28 @@ pub(crate) fn quantize_blocks(
     let kb = k.div_ceil(block_size);
     let blocks = rows * kb;
     let (gx, gy) = ctx.grid((blocks as u64).div_ceil(256))?;
-    let u = [u32_of("m", rows)?, 0, u32_of("k", k)?, u32_of("blocks", kb)?, 0, gx, 0, 0, 0, 0, 0, 0];
+    let u = [
+        u32_of("m", rows)?,
+        0,
+        u32_of("k", k)?,
+        u32_of("blocks", kb)?,
+        0,
+        gx,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+    ];
     let mut spec = QMatMul {
         k,
         n: 0,
@@ -478,4 +557,158 @@ pub(crate) fn quantize_blocks(
     .spec();
     spec.push(("LANES", "32".into()));
     launch(ctx, rec, "qmatmul", "quantize_main", spec, &u, &[(1, a), (3, out)], (gx, gy, 1))
+}
+
+/// The rotation epilogue's stubs (no rotation).
+const NO_ROPE_FNS: &str = "fn rope_cs(row: u32, i: u32) -> vec2<f32> {\n    return vec2<f32>(1.0, 0.0);\n}\n\
+fn kv_store(which: u32, at: u32, a: f32, b: f32) {\n}\n";
+
+/// The rotation epilogue's bindings: cos / sin caches (16, 17: `[rows, half]`), positions (18, with
+/// position_ids: the cache row of each row of A), the K and V stores (19, 20: f32, or float16 pairs as u32 words).
+fn rope_fns(kv16: bool, positions: bool) -> String {
+    let elem = if kv16 { "u32" } else { "f32" };
+    let row = if positions { "u32(clamp(pos[row], 0, i32(p.rope.z) - 1))" } else { "row" };
+    let pos = if positions { "@group(0) @binding(18) var<storage, read> pos: array<i32>;\n" } else { "" };
+    let store = if kv16 {
+        "let w = pack2x16float(vec2<f32>(a, b));\n    if (which == 0u) {\n        k_store[at / 2u] = w;\n    } else {\n        v_store[at / 2u] = w;\n    }"
+    } else {
+        "if (which == 0u) {\n        k_store[at] = a;\n    } else {\n        v_store[at] = a;\n    }"
+    };
+    format!(
+        "@group(0) @binding(16) var<storage, read> cos_c: array<f32>;\n\
+         @group(0) @binding(17) var<storage, read> sin_c: array<f32>;\n{pos}\
+         @group(0) @binding(19) var<storage, read_write> k_store: array<{elem}>;\n\
+         @group(0) @binding(20) var<storage, read_write> v_store: array<{elem}>;\n\
+         fn rope_cs(row: u32, i: u32) -> vec2<f32> {{\n    let r = {row};\n    \
+         return vec2<f32>(cos_c[r * p.rope.x + i], sin_c[r * p.rope.x + i]);\n}}\n\
+         fn kv_store(which: u32, at: u32, a: f32, b: f32) {{\n    {store}\n}}\n"
+    )
+}
+
+/// What [`QMatMul::encode_with`] binds and passes for a rotation epilogue.
+struct RopeArgs<'a> {
+    cos: &'a GpuTensor,
+    sin: &'a GpuTensor,
+    pos: Option<&'a GpuTensor>,
+    k_store: &'a GpuTensor,
+    v_store: &'a GpuTensor,
+    k_out: Option<&'a GpuTensor>,
+    kv16: bool,
+    /// Invocations per column: a workgroup's half of its columns (128 / lanes) divides half the head.
+    lanes: usize,
+    /// The uniform's last 8 words: half the head, seq, cache rows, flags; K block, K kept, V block, V kept.
+    words: [u32; 8],
+}
+
+/// A layer's q / k / v projections (a [`QEpilogue::Split`] of three) with the rotation and the KV appends after
+/// them (a [`RotarySpec`] with `append`, on the projections seen as `[batch, heads, seq, head]`): kiln-graph's
+/// `fuse_qkv_rotations`. Inputs: the split's, then the rotation's cos, sin[, positions], past K, past V; outputs
+/// the rotation's (q rotated[, k rotated], present K, present V). One dispatch on a decode step whose caches are
+/// KV stores with room ([`QkvRope::encode_outputs`]); else the split, the transposes and the rotation as nodes
+/// would run them.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct QkvRope {
+    pub q: QMatMul,
+    pub rope: RotarySpec,
+    /// The head size (the projections' heads: their columns over it).
+    pub head: usize,
+}
+
+impl QkvRope {
+    pub fn arity(&self) -> usize {
+        self.q.arity() + 4 + self.rope.config.has_positions as usize
+    }
+
+    pub fn outputs(&self) -> usize {
+        3 + self.rope.k_out as usize
+    }
+
+    pub fn encode_outputs(
+        &self,
+        ctx: &Context,
+        rec: &mut Recorder,
+        inputs: &[&GpuTensor],
+        make_store: [bool; 2],
+        syms: &SymbolValues,
+    ) -> Result<Vec<GpuTensor>> {
+        let bad = |m: String| Error::new(format!("webgpu: q/k/v with rotation: {m}"));
+        if inputs.len() != self.arity() || self.head == 0 {
+            return Err(bad(format!("{} inputs, expects {}", inputs.len(), self.arity())));
+        }
+        let qa = self.q.arity();
+        let (mm, rest) = inputs.split_at(qa);
+        let p = self.rope.config.has_positions as usize;
+        let (cos, sin, pos) = (rest[0], rest[1], (p == 1).then(|| rest[2]));
+        let (past_k, past_v) = (rest[2 + p], rest[3 + p]);
+        let a = mm[0];
+        let [b, s] = match *a.shape {
+            [b, s, _] => [b, s],
+            _ => return Err(bad(format!("A of shape {:?}", a.shape))),
+        };
+        let parts = self.q.split_parts();
+        let heads: Vec<usize> = parts.iter().map(|n| n / self.head).collect();
+        if parts.len() != 3 || parts.iter().any(|n| n % self.head != 0) {
+            return Err(bad(format!("parts {parts:?} over heads of {}", self.head)));
+        }
+        let shape = |h: usize| -> TVec<usize> { tvec![b, h, s, self.head] };
+        let (ks, vs) = (shape(heads[1]), shape(heads[2]));
+        let half = self.head / 2;
+        // the workgroup's columns: m of a head's first half and their partners, m a power of two dividing half
+        // (float16 stores: even, a word's two halves in one workgroup)
+        let kv16 = past_k.dt == DatumType::F16;
+        let m = (1usize << half.trailing_zeros().min(6)).min(128 / self.q.mv_lanes(ctx));
+        let lanes = 128 / m.max(1);
+        let fits = b * s <= MV_MAX_ROWS
+            && half > 0
+            && half.is_multiple_of(m)
+            && (!kv16 || m.is_multiple_of(2))
+            && self.head.is_multiple_of(2)
+            && (!self.q.int8_activations || self.q.k <= MV_SHARED_K)
+            && cos.shape.last() == Some(&half)
+            && cos.shape == sin.shape
+            && past_v.dt == past_k.dt;
+        let stores = if fits { crate::kv::reserve_pair([past_k, past_v], [&ks, &vs]) } else { None };
+        if let Some([sk, sv]) = stores {
+            let cache_rows = cos.len() / half;
+            if pos.is_none() && cos.len() != b * s * half {
+                return Err(bad(format!("caches of {:?} for [batch {b}, seq {s}]", cos.shape)));
+            }
+            let block = |t: &GpuTensor| -> Result<[u32; 2]> {
+                let cap = t.kv.as_ref().map_or(0, |l| l.cap);
+                Ok([u32_of("KV block", cap * self.head)?, u32_of("KV rows", (t.shape[2] - s) * self.head)?])
+            };
+            let ([kb, kp], [vb, vp]) = (block(&sk)?, block(&sv)?);
+            let words =
+                [u32_of("head", half)?, u32_of("seq", s)?, u32_of("rows", cache_rows)?, 2 * p as u32, kb, kp, vb, vp];
+            let q_out = rec.alloc(ctx, &shape(heads[0]), DatumType::F32)?;
+            let k_out = if self.rope.k_out { Some(rec.alloc(ctx, &ks, DatumType::F32)?) } else { None };
+            let args =
+                RopeArgs { cos, sin, pos, k_store: &sk, v_store: &sv, k_out: k_out.as_ref(), kv16, lanes, words };
+            self.q.encode_with(ctx, rec, mm, &[&q_out], Some(&args))?;
+            let es = crate::exec::gpu_size_of(past_k.dt);
+            for n in [&ks, &vs] {
+                rec.counters.kv_appends_in_place += 1;
+                rec.counters.kv_appends_fused += 1;
+                rec.counters.kv_append_bytes += (n.iter().product::<usize>() * es) as u64;
+            }
+            rec.counters.rotations_in_matmul += 1;
+            return Ok(std::iter::once(q_out).chain(k_out).chain([sk, sv]).collect());
+        }
+        // as the nodes would: the split, each output as [batch, heads, seq, head], the rotation and appends
+        let outs = self.q.encode_split(ctx, rec, mm)?;
+        let mut t4 = vec![];
+        for (o, h) in outs.iter().zip(&heads) {
+            let v = GpuTensor::new(o.buffer.clone(), &[b, s, *h, self.head], DatumType::F32);
+            t4.push(crate::kernels::Kernel::MoveAxis { from: 1, to: 2 }.encode(ctx, rec, &[&v], syms)?);
+        }
+        let mut r: Vec<&GpuTensor> = vec![&t4[0], cos, sin];
+        r.extend(pos);
+        r.extend([&t4[1], past_k, &t4[2], past_v]);
+        let result = self.rope.encode_append(ctx, rec, &r, make_store, syms)?;
+        drop(r);
+        for t in t4.into_iter().chain(outs) {
+            rec.release(t);
+        }
+        Ok(result)
+    }
 }

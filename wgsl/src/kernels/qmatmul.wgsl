@@ -31,6 +31,10 @@ struct Params {
     _p0: u32,
     _p1: u32,
     _p2: u32,
+    // ROPE: half the head size, the sequence length, the cos / sin caches' rows, flags (2: position_ids)
+    rope: vec4<u32>,
+    // ROPE: the K store's block (cap · head) and kept rows (past · head), the V store's
+    kv: vec4<u32>,
 };
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -115,9 +119,28 @@ fn a_row(a0: u32, k: u32) -> f32 {
     return a_in(a0, k);
 }
 
+// ROPE (mv_main with EPI 3: the q, k and v projections): q and k rotated (rotate_half over whole heads), q to its
+// output as [batch, heads, seq, head], k (rotated) and v into the rows of two KV stores after their past rows
+// (ROPE_FNS: the caches, positions and stores; KV16: float16 stores, two values a word). A workgroup's columns are
+// rotation partners: slot s < MV_COLS / 2 takes column jb + s of a head, slot s + MV_COLS / 2 its partner
+// jb + s + half.
+const ROPE: bool = {{ROPE}};
+const KV16: bool = {{KV16}};
+var<workgroup> rot: array<f32, 64>;
+
+{{ROPE_FNS}}
+
 @compute @workgroup_size(256)
 fn mv_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-    let col = group_index(wid, p.groups_x) * MV_COLS + li / LANES;
+    var col = group_index(wid, p.groups_x) * MV_COLS + li / LANES;
+    if (ROPE) {
+        let half = p.rope.x;
+        let m = MV_COLS / 2u;
+        let g = group_index(wid, p.groups_x);
+        let slot = li / LANES;
+        let per_head = half / m;
+        col = (g / per_head) * 2u * half + (g % per_head) * m + slot % m + select(0u, half, slot >= m);
+    }
     let lane = li % LANES;
     let row = wid.z;
     if (NORM) {
@@ -203,6 +226,45 @@ fn mv_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
             }
         }
         workgroupBarrier();
+    }
+    if (ROPE) {
+        // every column's product sits at part[slot · LANES]: rotate q's and k's with their partners'
+        let half = p.rope.x;
+        let m = MV_COLS / 2u;
+        let slot = li / LANES;
+        let d = lc % (2u * half);
+        if (lane == 0u && col < p.n) {
+            var v = part[li];
+            if (wsel < 2u) {
+                let partner = part[select(slot + m, slot - m, slot >= m) * LANES];
+                let cs = rope_cs(row, d % half);
+                v = select(cs.y * partner + cs.x * v, cs.x * v - cs.y * partner, d < half);
+            }
+            rot[slot] = v;
+        }
+        workgroupBarrier();
+        if (lane == 0u && col < p.n) {
+            let v = rot[slot];
+            let s = row % p.rope.y;
+            let b = row / p.rope.y;
+            let h = lc / (2u * half);
+            if (wsel == 0u) {
+                let heads = p.n_first / (2u * half);
+                y[((b * heads + h) * p.rope.y + s) * 2u * half + d] = v;
+            } else {
+                let heads = select(p.n - p.n_first - p.n_second, p.n_second, wsel == 1u) / (2u * half);
+                let blk = select(p.kv.zw, p.kv.xy, wsel == 1u);
+                let at = (b * heads + h) * blk.x + blk.y + s * 2u * half + d;
+                if (wsel == 1u) {
+                    store2(((b * heads + h) * p.rope.y + s) * 2u * half + d, v);
+                }
+                // float16: the even channel writes the word of both
+                if (!KV16 || d % 2u == 0u) {
+                    kv_store(wsel - 1u, at, v, rot[min(slot + 1u, 63u)]);
+                }
+            }
+        }
+        return;
     }
     if (lane == 0u && col < p.n) {
         if (EPI == 3u) {
