@@ -24,6 +24,7 @@ pub struct Caps {
     /// invocations with more work each.
     pub cpu_adapter: bool,
     pub shader_f16: bool,
+    /// Subgroup operations are enabled on the device (natively only; the one-row matmul's reductions use them).
     pub subgroups: bool,
 }
 
@@ -219,6 +220,11 @@ impl Context {
         if shader_f16 {
             required |= wgpu::Features::SHADER_F16;
         }
+        // subgroup operations natively (browsers want `enable subgroups;`, which naga rejects: not used there)
+        let subgroups = cfg!(not(target_arch = "wasm32")) && features.contains(wgpu::Features::SUBGROUP);
+        if subgroups {
+            required |= wgpu::Features::SUBGROUP;
+        }
         // KILN_GPU_PROFILE=1 (native): GPU time per kernel from timestamp queries (kiln-run --placement prints it);
         // KILN_GPU_PROFILE=ops: per kernel entry and node kernel
         #[cfg(not(target_arch = "wasm32"))]
@@ -256,7 +262,7 @@ impl Context {
             max_workgroups_per_dim: limits.max_compute_workgroups_per_dimension,
             min_uniform_alignment: limits.min_uniform_buffer_offset_alignment,
             shader_f16,
-            subgroups: features.contains(wgpu::Features::SUBGROUP),
+            subgroups,
             max_storage_buffers: limits.max_storage_buffers_per_shader_stage,
             cpu_adapter: match std::env::var(TUNING_ENV).as_deref() {
                 Ok("gpu") => false,

@@ -274,6 +274,11 @@ impl QMatMul {
                 ("KV16", "false".to_string()),
                 ("ROPE_FNS", NO_ROPE_FNS.to_string()),
             ])
+            .chain([
+                ("SG_PARAMS", String::new()),
+                ("NORM_SUM", TREE_NORM_SUM.into()),
+                ("LANE_SUM", TREE_LANE_SUM.into()),
+            ])
             .collect()
     }
 
@@ -471,6 +476,13 @@ impl QMatMul {
         let pipeline = ctx.memo_pipeline(&(self.clone(), entry, lanes, in_mv, rope_key), || {
             let mut spec = self.spec();
             spec.push(("LANES", lanes.to_string()));
+            if ctx.caps.subgroups {
+                // the reductions through subgroup operations (native only: see Caps::subgroups)
+                spec.retain(|(k, _)| !matches!(*k, "SG_PARAMS" | "NORM_SUM" | "LANE_SUM"));
+                spec.push(("SG_PARAMS", ", @builtin(subgroup_size) sg_size: u32".into()));
+                spec.push(("NORM_SUM", SUBGROUP_NORM_SUM.into()));
+                spec.push(("LANE_SUM", SUBGROUP_LANE_SUM.into()));
+            }
             if in_mv {
                 spec.retain(|(k, _)| *k != "INT8_A" && *k != "AQ_LEN");
                 spec.push(("INT8_A", "true".into()));
@@ -558,6 +570,78 @@ pub(crate) fn quantize_blocks(
     spec.push(("LANES", "32".into()));
     launch(ctx, rec, "qmatmul", "quantize_main", spec, &u, &[(1, a), (3, out)], (gx, gy, 1))
 }
+
+/// mv_main's sum of squares for NORM (`ss`: this invocation's share in, the row's total out) over workgroup memory.
+const TREE_NORM_SUM: &str = "part[li] = ss;
+        workgroupBarrier();
+        for (var st = 128u; st > 0u; st = st / 2u) {
+            if (li < st) {
+                part[li] = part[li] + part[li + st];
+            }
+            workgroupBarrier();
+        }
+        ss = part[0];";
+
+/// The same with subgroup sums: one barrier, the subgroups' totals added in order (a subgroup being a run of
+/// consecutive invocations, as on the GPUs wgpu drives natively).
+const SUBGROUP_NORM_SUM: &str = "part[li] = subgroupAdd(ss);
+        workgroupBarrier();
+        ss = 0.0;
+        for (var i = 0u; i < 256u; i = i + sg_size) {
+            ss = ss + part[i];
+        }";
+
+/// mv_main's sum of each column's LANES partial products (`acc`, `acc2`) into part / part2 at the column's lane 0:
+/// a tree over workgroup memory.
+const TREE_LANE_SUM: &str = "part[li] = acc;
+    if (EPI == 2u) {
+        part2[li] = acc2;
+    }
+    workgroupBarrier();
+    for (var st = LANES / 2u; st > 0u; st = st / 2u) {
+        if (lane < st) {
+            part[li] = part[li] + part[li + st];
+            if (EPI == 2u) {
+                part2[li] = part2[li] + part2[li + st];
+            }
+        }
+        workgroupBarrier();
+    }";
+
+/// The same by shuffles within runs of min(LANES, subgroup size) lanes, then those runs' sums through workgroup
+/// memory: three barriers instead of log2(LANES) + 1.
+const SUBGROUP_LANE_SUM: &str = "let run = min(LANES, sg_size);
+    var v = acc;
+    var v2 = acc2;
+    for (var off = LANES / 2u; off > 0u; off = off / 2u) {
+        let s = subgroupShuffleXor(v, off);
+        let s2 = subgroupShuffleXor(v2, off);
+        if (off < run) {
+            v = v + s;
+            v2 = v2 + s2;
+        }
+    }
+    part[li] = v;
+    if (EPI == 2u) {
+        part2[li] = v2;
+    }
+    workgroupBarrier();
+    if (lane == 0u) {
+        for (var i = run; i < LANES; i = i + run) {
+            v = v + part[li + i];
+            if (EPI == 2u) {
+                v2 = v2 + part2[li + i];
+            }
+        }
+    }
+    workgroupBarrier();
+    if (lane == 0u) {
+        part[li] = v;
+        if (EPI == 2u) {
+            part2[li] = v2;
+        }
+    }
+    workgroupBarrier();";
 
 /// The rotation epilogue's stubs (no rotation).
 const NO_ROPE_FNS: &str = "fn rope_cs(row: u32, i: u32) -> vec2<f32> {\n    return vec2<f32>(1.0, 0.0);\n}\n\

@@ -131,7 +131,7 @@ var<workgroup> rot: array<f32, 64>;
 {{ROPE_FNS}}
 
 @compute @workgroup_size(256)
-fn mv_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+fn mv_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32{{SG_PARAMS}}) {
     var col = group_index(wid, p.groups_x) * MV_COLS + li / LANES;
     if (ROPE) {
         let half = p.rope.x;
@@ -149,15 +149,8 @@ fn mv_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
             let v = a[row * p.k + j];
             ss = ss + v * v;
         }
-        part[li] = ss;
-        workgroupBarrier();
-        for (var st = 128u; st > 0u; st = st / 2u) {
-            if (li < st) {
-                part[li] = part[li] + part[li + st];
-            }
-            workgroupBarrier();
-        }
-        inv_rms = inverseSqrt(part[0] / max(f32(p.k), 1.0) + p.eps);
+        {{NORM_SUM}}
+        inv_rms = inverseSqrt(ss / max(f32(p.k), 1.0) + p.eps);
         workgroupBarrier();
     }
     if (INT8_A) {
@@ -213,20 +206,8 @@ fn mv_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
             }
         }
     }
-    part[li] = acc;
-    if (EPI == 2u) {
-        part2[li] = acc2;
-    }
-    workgroupBarrier();
-    for (var st = LANES / 2u; st > 0u; st = st / 2u) {
-        if (lane < st) {
-            part[li] = part[li] + part[li + st];
-            if (EPI == 2u) {
-                part2[li] = part2[li] + part2[li + st];
-            }
-        }
-        workgroupBarrier();
-    }
+    // each column's LANES partial sums added up, the total at part[li] (part2) of its lane 0
+    {{LANE_SUM}}
     if (ROPE) {
         // every column's product sits at part[slot · LANES]: rotate q's and k's with their partners'
         let half = p.rope.x;
