@@ -822,7 +822,9 @@ pub fn fuse_qkv_rotations(model: &mut TypedModel, max_storage_buffers: u32) -> R
         let found = order.iter().find_map(|&id| {
             let rn = model.node(id);
             let Kernel::Rotary(r) = &gpu(id)?.kernel else { return None };
-            if !r.append || r.config.interleaved {
+            // NeoX halves over whole heads, plain per-(batch, seq) positions or gathered caches
+            let plain = |c: &kiln_wgsl::attention::RotaryConfig| !c.interleaved && !c.microsoft && !c.seqlens;
+            if !r.append || !plain(&r.config) || !r.second.as_ref().is_some_and(plain) {
                 return None;
             }
             let p = r.config.has_positions as usize;
@@ -832,8 +834,11 @@ pub fn fuse_qkv_rotations(model: &mut TypedModel, max_storage_buffers: u32) -> R
             let same = [q.0, k.0, v.0] == [0, 1, 2].map(|slot| OutletId::new(split, slot));
             let d = q.1;
             let parts = mm.split_parts();
-            let buffers = mm.storage_buffers() - 2 + r.k_out as u32 + 4 + p as u32;
+            let buffers = mm.storage_buffers().saturating_sub(2) + r.k_out as u32 + 4 + p as u32;
+            let whole = |c: &kiln_wgsl::attention::RotaryConfig| c.rotary_dim == 0 || c.rotary_dim == d;
             let ok = same
+                && whole(&r.config)
+                && r.second.as_ref().is_some_and(whole)
                 && k.1 == d
                 && v.1 == d
                 && d % 2 == 0

@@ -195,6 +195,13 @@ impl QMatMul {
     /// points as the specialisation wants; the up projection's (`w_up` = 1: bindings 6–8, functions `*2`) with
     /// [`QEpilogue::SiluMul`], stubs otherwise; the residual (binding 9) with [`QEpilogue::Residual`].
     fn spec(&self) -> Vec<(&'static str, String)> {
+        let parts = self.split_parts().len();
+        self.spec_with_outputs([parts >= 2, parts >= 3])
+    }
+
+    /// [`QMatMul::spec`] with the split's second and third outputs (bindings 13, 14) declared or stubbed as
+    /// `outputs` says (the rotation epilogue stores k's only when asked, v's never).
+    fn spec_with_outputs(&self, outputs: [bool; 2]) -> Vec<(&'static str, String)> {
         let weight = |sfx: &str, bb: u32, sb: u32, zb: u32| {
             let scale = if self.scales_f16 {
                 format!("unpack2x16float(scales{sfx}[i / 2u])[i % 2u]")
@@ -244,8 +251,8 @@ impl QMatMul {
         let mut fns = weight("", 2, 4, 5);
         fns += &if self.epilogue == QEpilogue::SiluMul || parts >= 2 { weight("2", 6, 7, 8) } else { stub("2") };
         fns += &if parts >= 3 { weight("3", 10, 11, 12) } else { stub("3") };
-        fns += &if parts >= 2 { out("2", 13) } else { out_stub("2") };
-        fns += &if parts >= 3 { out("3", 14) } else { out_stub("3") };
+        fns += &if outputs[0] { out("2", 13) } else { out_stub("2") };
+        fns += &if outputs[1] { out("3", 14) } else { out_stub("3") };
         fns += if self.epilogue == QEpilogue::Residual {
             "@group(0) @binding(9) var<storage, read> res: array<f32>;\n\
              fn res_at(i: u32) -> f32 {\n    return res[i];\n}\n"
@@ -489,18 +496,10 @@ impl QMatMul {
                 spec.push(("AQ_LEN", MV_SHARED_K.to_string()));
             }
             if let Some((kv16, k_out, pos)) = rope_key {
-                spec.retain(|(k, _)| !matches!(*k, "ROPE" | "KV16" | "ROPE_FNS" | "QM_FNS"));
                 // the split's weights as they are, k's output (binding 13) only when wanted, no third output
-                let mut qm = self.spec().into_iter().find(|(k, _)| *k == "QM_FNS").map(|(_, v)| v).unwrap_or_default();
-                let (y2, y3) = (
-                    "@group(0) @binding(13) var<storage, read_write> y2: array<f32>;\nfn store2(i: u32, v: f32) {\n    y2[i] = v;\n}\n",
-                    "@group(0) @binding(14) var<storage, read_write> y3: array<f32>;\nfn store3(i: u32, v: f32) {\n    y3[i] = v;\n}\n",
-                );
-                qm = qm.replace(y3, "fn store3(i: u32, v: f32) {\n}\n");
-                if !k_out {
-                    qm = qm.replace(y2, "fn store2(i: u32, v: f32) {\n}\n");
-                }
-                spec.push(("QM_FNS", qm));
+                let qm = self.spec_with_outputs([k_out, false]).into_iter().find(|(k, _)| *k == "QM_FNS");
+                spec.retain(|(k, _)| !matches!(*k, "ROPE" | "KV16" | "ROPE_FNS" | "QM_FNS"));
+                spec.push(("QM_FNS", qm.map(|(_, v)| v).unwrap_or_default()));
                 spec.push(("ROPE", "true".into()));
                 spec.push(("KV16", kv16.to_string()));
                 spec.push(("ROPE_FNS", rope_fns(kv16, pos)));
@@ -742,7 +741,13 @@ impl QkvRope {
         let kv16 = past_k.dt == DatumType::F16;
         let m = (1usize << half.trailing_zeros().min(6)).min(128 / self.q.mv_lanes(ctx));
         let lanes = 128 / m.max(1);
+        // the caches: one row per (batch, seq) without positions, else a position per (batch, seq)
+        let rows_ok = match pos {
+            None => cos.len() == b * s * half,
+            Some(p) => p.len() == b * s,
+        };
         let fits = b * s <= MV_MAX_ROWS
+            && rows_ok
             && half > 0
             && half.is_multiple_of(m)
             && (!kv16 || m.is_multiple_of(2))
@@ -754,9 +759,6 @@ impl QkvRope {
         let stores = if fits { crate::kv::reserve_pair([past_k, past_v], [&ks, &vs]) } else { None };
         if let Some([sk, sv]) = stores {
             let cache_rows = cos.len() / half;
-            if pos.is_none() && cos.len() != b * s * half {
-                return Err(bad(format!("caches of {:?} for [batch {b}, seq {s}]", cos.shape)));
-            }
             let block = |t: &GpuTensor| -> Result<[u32; 2]> {
                 let cap = t.kv.as_ref().map_or(0, |l| l.cap);
                 Ok([u32_of("KV block", cap * self.head)?, u32_of("KV rows", (t.shape[2] - s) * self.head)?])
