@@ -177,6 +177,22 @@ fn wire_replacing(
     Ok(outs)
 }
 
+/// Replaces `replaced` (the i-th outside the patch by the i-th output) with `op` on `inputs` as node `name`: one
+/// patch, applied.
+fn replace_with(
+    model: &mut TypedModel,
+    name: String,
+    op: GpuOp,
+    inputs: &[OutletId],
+    replaced: &[OutletId],
+    what: &str,
+) -> Result<()> {
+    let mut patch = TypedModelPatch::default();
+    let taps = tap_all(&mut patch, model, inputs, what)?;
+    wire_replacing(&mut patch, model, name, op, &taps, replaced, what)?;
+    patch.apply(model).map_err(tract_err(what))
+}
+
 /// Applies `patch`, then drops the nodes it left unused (the next search walks a clean model).
 fn apply_compacted(patch: TypedModelPatch, model: &mut TypedModel, what: &str) -> Result<()> {
     patch.apply(model).map_err(tract_err(what))?;
@@ -492,13 +508,10 @@ pub fn fuse_matmul_splits(model: &mut TypedModel, max_storage_buffers: u32) -> R
             }
             let kernel = kiln_wgsl::qmatmul::QMatMul { n: ns.iter().sum(), epilogue: QEpilogue::Split(ns), ..key };
             let chain = FusedChain { inputs: inputs.len(), steps, outputs: members.len() };
-            let mut patch = TypedModelPatch::default();
-            let taps = tap_all(&mut patch, model, &inputs, WHAT)?;
             let name = format!("{}.split", model.node(members[0]).name);
             let op = GpuOp { kernel: Kernel::QMatMul(kernel), cpu: Box::new(chain) };
             let replaced: Vec<OutletId> = members.iter().map(|m| OutletId::new(*m, 0)).collect();
-            wire_replacing(&mut patch, model, name, op, &taps, &replaced, WHAT)?;
-            patch.apply(model).map_err(tract_err(WHAT))?;
+            replace_with(model, name, op, &inputs, &replaced, WHAT)?;
             fused += 1;
         }
         model.compact().map_err(tract_err(WHAT))?;
@@ -594,11 +607,8 @@ pub fn fuse_rotary_pairs(model: &mut TypedModel, max_storage_buffers: u32) -> Re
             k_out: false,
         });
         let name = format!("{}.pair", na.name);
-        let mut patch = TypedModelPatch::default();
-        let taps = tap_all(&mut patch, model, &inputs, WHAT)?;
         let op = GpuOp { kernel, cpu: Box::new(chain) };
-        wire_replacing(&mut patch, model, name, op, &taps, &[OutletId::new(a, 0), OutletId::new(b, 0)], WHAT)?;
-        patch.apply(model).map_err(tract_err(WHAT))?;
+        replace_with(model, name, op, &inputs, &[OutletId::new(a, 0), OutletId::new(b, 0)], WHAT)?;
     }
     model.compact().map_err(tract_err(WHAT))?;
     Ok(pairs.len())
@@ -748,11 +758,8 @@ pub fn fuse_rotary_appends(model: &mut TypedModel, max_storage_buffers: u32) -> 
         let spec = kiln_wgsl::attention::RotarySpec { append: true, k_out: m.casts.is_some(), ..r };
         let name = format!("{}.kv", pair.name);
         let apply = move |model: &mut TypedModel| -> Result<()> {
-            let mut patch = TypedModelPatch::default();
-            let taps = tap_all(&mut patch, model, &inputs, WHAT)?;
             let op = GpuOp { kernel: Kernel::Rotary(spec), cpu: Box::new(chain) };
-            wire_replacing(&mut patch, model, name, op, &taps, &replaced, WHAT)?;
-            patch.apply(model).map_err(tract_err(WHAT))
+            replace_with(model, name, op, &inputs, &replaced, WHAT)
         };
         Some(Found { at: m.pair, members, apply: Box::new(apply) })
     })
@@ -886,11 +893,8 @@ pub fn fuse_qkv_rotations(model: &mut TypedModel, max_storage_buffers: u32) -> R
         let mut members = vec![rid, sid];
         members.extend(views);
         let apply = move |model: &mut TypedModel| -> Result<()> {
-            let mut patch = TypedModelPatch::default();
-            let taps = tap_all(&mut patch, model, &inputs, WHAT)?;
             let op = GpuOp { kernel, cpu: Box::new(chain) };
-            wire_replacing(&mut patch, model, name, op, &taps, &replaced, WHAT)?;
-            patch.apply(model).map_err(tract_err(WHAT))
+            replace_with(model, name, op, &inputs, &replaced, WHAT)
         };
         Some(Found { at: rid, members, apply: Box::new(apply) })
     })
@@ -947,11 +951,8 @@ pub fn fuse_matmul_norms(model: &mut TypedModel, max_storage_buffers: u32) -> Re
         let name = format!("{}.normed", node.name);
         let replaced: Vec<OutletId> = (0..node.outputs.len()).map(|slot| OutletId::new(id, slot)).collect();
         let apply = move |model: &mut TypedModel| -> Result<()> {
-            let mut patch = TypedModelPatch::default();
-            let taps = tap_all(&mut patch, model, &inputs, WHAT)?;
             let op = GpuOp { kernel: Kernel::QMatMul(kernel), cpu: Box::new(chain) };
-            wire_replacing(&mut patch, model, name, op, &taps, &replaced, WHAT)?;
-            patch.apply(model).map_err(tract_err(WHAT))
+            replace_with(model, name, op, &inputs, &replaced, WHAT)
         };
         Some(Found { at: id, members: vec![id, norm_id], apply: Box::new(apply) })
     })

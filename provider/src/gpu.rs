@@ -22,7 +22,7 @@ use kiln_graph::{Error, ErrorKind, Model, Result};
 use kiln_ops::external_weight::ExternalWeight;
 use kiln_wgsl::exec::tensor_from_bytes;
 use kiln_wgsl::ops::{GpuOp, ToDevice, ToHost};
-use kiln_wgsl::{Context, Counters, GpuTensor, Kernel, PendingRead, Recorder};
+use kiln_wgsl::{Context, Counters, GpuTensor, PendingRead, Recorder};
 
 use crate::gpu_value::{Location, Value};
 use crate::tensor::Tensor;
@@ -621,72 +621,33 @@ impl GpuBackend {
                             .ok_or_else(|| Error::runtime(format!("webgpu: input of {} not on the GPU", node.name)))?,
                     );
                 }
-                let out_outlet = OutletId::new(id, 0);
                 if ctx.profile_ops {
                     let name: String = op.kernel.name().chars().take(48).collect();
                     rec.tag = Some(intern(name));
                 }
-                let appended = match (&op.kernel, ins.as_slice()) {
-                    (Kernel::Concat { axis: 2, inputs: 2 }, [past, new]) => {
-                        kiln_wgsl::kv::append(ctx, rec, past, new, store_outlets.contains(&out_outlet))
-                            .transpose()
-                            .map(|r| r.map(|out| vec![out]))
+                // a KV store goes to kernels other than attention and the KV appends as a contiguous copy
+                let mut temps = vec![];
+                let mut args: Vec<GpuTensor> = vec![];
+                for (slot, t) in ins.iter().enumerate() {
+                    if t.kv.is_some() && !kiln_wgsl::kv::reads_kv_layout(&op.kernel, slot) {
+                        let c = kiln_wgsl::kv::compact(ctx, rec, t).map_err(gpu_err)?;
+                        temps.push(c.clone());
+                        args.push(c);
+                    } else {
+                        args.push((*t).clone());
                     }
-                    // rotations with the KV appends: the pasts are read as stores, the presents may become ones
-                    (Kernel::Rotary(r), _)
-                        if r.append
-                            && ins
-                                .iter()
-                                .enumerate()
-                                .all(|(i, t)| t.kv.is_none() || i + 3 == ins.len() || i + 1 == ins.len()) =>
-                    {
-                        let first = 1 + r.k_out as usize;
-                        let make = [first, first + 1].map(|slot| store_outlets.contains(&OutletId::new(id, slot)));
-                        let syms = &state.turn_state.resolved_symbols;
-                        Some(r.encode_append(ctx, rec, &ins, make, syms))
-                    }
-                    // the same with the q / k / v projections in front: the pasts are its last two inputs
-                    (Kernel::QkvRope(q), _)
-                        if ins.iter().enumerate().all(|(i, t)| t.kv.is_none() || i + 2 >= ins.len()) =>
-                    {
-                        let first = 1 + q.rope.k_out as usize;
-                        let make = [first, first + 1].map(|slot| store_outlets.contains(&OutletId::new(id, slot)));
-                        let syms = &state.turn_state.resolved_symbols;
-                        Some(q.encode_outputs(ctx, rec, &ins, make, syms))
-                    }
-                    _ => None,
                 }
-                .transpose()
-                .map_err(|e| Error::runtime(format!("webgpu: {} ({}): {}", node.name, op.kernel.name(), e.message)))?;
-                let outs = match appended {
-                    Some(outs) => outs,
-                    None => {
-                        // a KV store goes to kernels other than attention as a contiguous copy
-                        let mut temps = vec![];
-                        let mut args: Vec<GpuTensor> = vec![];
-                        for (slot, t) in ins.iter().enumerate() {
-                            if t.kv.is_some() && !kiln_wgsl::kv::reads_kv_layout(&op.kernel, slot) {
-                                let c = kiln_wgsl::kv::compact(ctx, rec, t).map_err(gpu_err)?;
-                                temps.push(c.clone());
-                                args.push(c);
-                            } else {
-                                args.push((*t).clone());
-                            }
-                        }
-                        let refs: Vec<&GpuTensor> = args.iter().collect();
-                        let outs = op
-                            .kernel
-                            .encode_outputs(ctx, rec, &refs, &state.turn_state.resolved_symbols)
-                            .map_err(|e| {
-                                Error::runtime(format!("webgpu: {} ({}): {}", node.name, op.kernel.name(), e.message))
-                            })?;
-                        drop(args);
-                        for t in temps {
-                            rec.release(t);
-                        }
-                        outs
-                    }
-                };
+                let refs: Vec<&GpuTensor> = args.iter().collect();
+                // outputs that leave the run on the GPU: a KV append makes them KV stores
+                let stores = |slot: usize| store_outlets.contains(&OutletId::new(id, slot));
+                let outs =
+                    op.kernel.encode_outputs(ctx, rec, &refs, &state.turn_state.resolved_symbols, &stores).map_err(
+                        |e| Error::runtime(format!("webgpu: {} ({}): {}", node.name, op.kernel.name(), e.message)),
+                    )?;
+                drop(args);
+                for t in temps {
+                    rec.release(t);
+                }
                 rec.tag = None;
                 if outs.len() != node.outputs.len() {
                     return Err(Error::runtime(format!(

@@ -483,7 +483,8 @@ impl RotarySpec {
         if self.second.is_none() || inputs.len() != self.arity() {
             return Err(Error::new("webgpu: rotary embedding: not a pair"));
         }
-        let (u, (gx, gy)) = self.pair_params(ctx, inputs, 0)?;
+        let mut u = self.pair_params(inputs)?;
+        let (gx, gy) = grid_of(ctx, &mut u, inputs[0].len() + inputs[p].len())?;
         let out1 = rec.alloc(ctx, &inputs[0].shape, DatumType::F32)?;
         let out2 = rec.alloc(ctx, &inputs[p].shape, DatumType::F32)?;
         let pos = if self.config.has_positions { inputs[3] } else { inputs[0] };
@@ -521,7 +522,7 @@ impl RotarySpec {
         let f32_new = [k, v].iter().all(|t| t.dt == DatumType::F32 && t.kv.is_none());
         let reserve = || crate::kv::reserve_pair([past_k, past_v], [&k.shape, &v.shape]);
         if let Some(stores) = (even && f32_new).then(reserve).flatten() {
-            let (mut u, _) = self.pair_params(ctx, inputs, 0)?;
+            let mut u = self.pair_params(inputs)?;
             for (i, (new, store)) in [(k, &stores[0]), (v, &stores[1])].into_iter().enumerate() {
                 let [_, _, s, d] = *new.shape else { return Err(Error::new("webgpu: KV append of a non-4D tensor")) };
                 let cap = store.kv.as_ref().map_or(0, |l| l.cap);
@@ -534,30 +535,35 @@ impl RotarySpec {
                 rec.counters.kv_appends_fused += 1;
                 rec.counters.kv_append_bytes += (new.len() * crate::exec::gpu_size_of(store_dt)) as u64;
             }
-            let n = inputs[0].len() + (k.len() + v.len()) / pair;
-            let (gx, gy) = ctx.grid((n as u64).div_ceil(crate::kernels::WG as u64))?;
-            u[0] = u32_of("length", n)?;
-            u[1] = gx;
+            let (gx, gy) = grid_of(ctx, &mut u, inputs[0].len() + (k.len() + v.len()) / pair)?;
             let q_out = rec.alloc(ctx, &inputs[0].shape, DatumType::F32)?;
             let k_out = if self.k_out { Some(rec.alloc(ctx, &k.shape, DatumType::F32)?) } else { None };
             let mut b = vec![(1, inputs[0]), (2, inputs[1]), (3, &q_out), (4, inputs[2]), (6, k), (8, v)];
             b.extend([(9, &stores[1]), (10, &stores[0])]);
-            let mut spec = vec![];
-            if self.config.has_positions {
+            let positions = self.config.has_positions;
+            if positions {
                 b.push((5, inputs[3]));
-            } else {
-                spec.push(("POS_AT", "return 0;".to_string()));
             }
             if let Some(o) = &k_out {
                 b.push((7, o));
-                let write = if pair == 2 { "out2[g] = r0;\n        out2[g + 1u] = r1;" } else { "out2[g] = r0;" };
-                spec.push(("K_OUT", write.to_string()));
             }
-            if pair == 2 {
-                spec.extend([("STORE_T", "u32".to_string()), ("PAIR", "2".to_string())]);
-                spec.push(("STORE_VAL", "return pack2x16float(vec2<f32>(a, b));".to_string()));
-            }
-            launch(ctx, rec, "rope", "rope_kv_main", spec, &u, &b, (gx, gy, 1))?;
+            // the pipeline by what its specialisation depends on (the WGSL snippets made once)
+            let pipeline = ctx.memo_pipeline(&("rope_kv", positions, self.k_out, pair), || {
+                let mut spec = vec![];
+                if !positions {
+                    spec.push(("POS_AT", "return 0;".to_string()));
+                }
+                if self.k_out {
+                    let write = if pair == 2 { "out2[g] = r0;\n        out2[g + 1u] = r1;" } else { "out2[g] = r0;" };
+                    spec.push(("K_OUT", write.to_string()));
+                }
+                if pair == 2 {
+                    spec.extend([("STORE_T", "u32".to_string()), ("PAIR", "2".to_string())]);
+                    spec.push(("STORE_VAL", "return pack2x16float(vec2<f32>(a, b));".to_string()));
+                }
+                pipeline_for(ctx, "rope", "rope_kv_main", spec)
+            })?;
+            dispatch_with(rec, pipeline, "rope_kv_main", &u, &b, (gx, gy, 1));
             let [sk, sv] = stores;
             return Ok(std::iter::once(q_out).chain(k_out).chain([sk, sv]).collect());
         }
@@ -572,19 +578,7 @@ impl RotarySpec {
                     crate::kernels::Kernel::Unary(to16).encode(ctx, rec, &[new], syms)
                 })
                 .transpose()?;
-            let new = cast.as_ref().unwrap_or(new);
-            let present = match crate::kv::append(ctx, rec, past, new, make)? {
-                Some(t) => t,
-                None => {
-                    // a KV store goes to the Concat kernel as a contiguous copy
-                    let c = crate::kv::compact(ctx, rec, past)?;
-                    let t = crate::kernels::Kernel::Concat { axis: 2, inputs: 2 }.encode(ctx, rec, &[&c, new], syms)?;
-                    if past.kv.is_some() {
-                        rec.release(c);
-                    }
-                    t
-                }
-            };
+            let present = crate::kv::append_or_concat(ctx, rec, past, cast.as_ref().unwrap_or(new), make, syms)?;
             if let Some(c) = cast {
                 rec.release(c);
             }
@@ -598,8 +592,8 @@ impl RotarySpec {
         Ok(outs)
     }
 
-    /// The uniform block and grid of a paired spec's dispatch over both rotations and `extra` more elements.
-    fn pair_params(&self, ctx: &Context, inputs: &[&GpuTensor], extra: usize) -> Result<(Vec<u32>, (u32, u32))> {
+    /// The uniform block of a paired spec's dispatch (its length and grid words set by [`grid_of`]).
+    fn pair_params(&self, inputs: &[&GpuTensor]) -> Result<Vec<u32>> {
         let Some(second) = &self.second else {
             return Err(Error::new("webgpu: rotary embedding: not a pair"));
         };
@@ -613,17 +607,17 @@ impl RotarySpec {
                 inputs[0].shape, x2.shape
             )));
         }
-        let (n1, n2) = (inputs[0].len(), x2.len());
-        let n = n1
-            .checked_add(n2)
-            .and_then(|n| n.checked_add(extra))
-            .ok_or_else(|| Error::new("webgpu: rotary embedding: too large"))?;
-        let (gx, gy) = ctx.grid((n as u64).div_ceil(crate::kernels::WG as u64))?;
-        u[0] = u32_of("length", n)?;
-        u[1] = gx;
         u[16..20].copy_from_slice(&[v[3], v[8], v[9], v[10]]);
-        Ok((u, (gx, gy)))
+        Ok(u)
     }
+}
+
+/// Sets a rope dispatch's invocation count `n` and workgroup row (uniform words 0 and 1): its grid.
+fn grid_of(ctx: &Context, u: &mut [u32], n: usize) -> Result<(u32, u32)> {
+    let (gx, gy) = ctx.grid((n as u64).div_ceil(crate::kernels::WG as u64))?;
+    u[0] = u32_of("length", n)?;
+    u[1] = gx;
+    Ok((gx, gy))
 }
 
 /// The outlet a chain of reshapes (AxisOp other than a move) starts from.

@@ -176,10 +176,9 @@ impl Arena {
 }
 
 /// A bind group by what it binds: pipeline, uniform arena generation, uniform offset and size, and each
-/// (binding, buffer) by address. The entry holds the buffers weakly (so the pool's "nobody else holds it" test
-/// still works, and an address cannot be reused while the entry exists); an entry with a dead buffer is rebuilt.
-/// (pipeline, uniform arena generation, uniform offset and length, the storage bindings (index, buffer) padded with
-/// zeros: a fixed-size key, made without an allocation per dispatch).
+/// (binding, buffer) by address, padded with zeros (a fixed-size key: no allocation per dispatch). The entry holds
+/// the buffers weakly (so the pool's "nobody else holds it" test still works, and an address cannot be reused while
+/// the entry exists); an entry with a dead buffer is rebuilt.
 type BindKey = (usize, u64, u64, u64, [(u32, usize); MAX_BINDINGS]);
 
 /// The most storage bindings one dispatch has (kiln's kernels bind at most 15).

@@ -1063,21 +1063,32 @@ impl Kernel {
     }
 
     /// Records the kernel on `inputs`, allocating its outputs from the recorder's pool: one, or one per part of a
-    /// split matmul / paired rotary embedding (a node with several outputs).
+    /// split matmul / paired rotary embedding (a node with several outputs). `stores(slot)`: that output leaves the
+    /// run on the GPU, so a KV append makes it a KV store ([`crate::kv::append`]); the KV appends (a Concat along
+    /// axis 2, a rotation with its appends) take their pasts as KV stores ([`crate::kv::reads_kv_layout`]).
     pub fn encode_outputs(
         &self,
         ctx: &Context,
         rec: &mut Recorder,
         inputs: &[&GpuTensor],
         syms: &SymbolValues,
+        stores: &dyn Fn(usize) -> bool,
     ) -> Result<Vec<GpuTensor>> {
         match self {
+            Kernel::Concat { axis: 2, inputs: 2 } if inputs.len() == 2 => {
+                crate::kv::append_or_concat(ctx, rec, inputs[0], inputs[1], stores(0), syms).map(|t| vec![t])
+            }
             Kernel::QMatMul(q) if matches!(q.epilogue, crate::qmatmul::QEpilogue::Split(_)) => {
                 q.encode_split(ctx, rec, inputs)
             }
-            // (the provider calls encode_append itself, saying which presents leave the run on the GPU)
-            Kernel::Rotary(r) if r.append => r.encode_append(ctx, rec, inputs, [false; 2], syms),
-            Kernel::QkvRope(r) => r.encode_outputs(ctx, rec, inputs, [false; 2], syms),
+            Kernel::Rotary(r) if r.append => {
+                let first = 1 + r.k_out as usize;
+                r.encode_append(ctx, rec, inputs, [stores(first), stores(first + 1)], syms)
+            }
+            Kernel::QkvRope(q) => {
+                let first = 1 + q.rope.k_out as usize;
+                q.encode_outputs(ctx, rec, inputs, [stores(first), stores(first + 1)], syms)
+            }
             Kernel::Rotary(r) if r.second.is_some() => r.encode_pair(ctx, rec, inputs),
             k => k.encode(ctx, rec, inputs, syms).map(|o| vec![o]),
         }

@@ -37,8 +37,9 @@ impl KvLayout {
     }
 }
 
-/// Whether `kernel` reads its input `slot` through a KV store's row stride (the fused attention's K, V and past
-/// K / V); any other reader needs [`compact`] first.
+/// Whether `kernel` takes its input `slot` as a KV store (the fused attention reads K, V and past K / V through
+/// the row stride; a KV Concat and the rotations with their appends append to their pasts in place or compact them
+/// themselves); any other reader needs [`compact`] first.
 pub fn reads_kv_layout(kernel: &Kernel, slot: usize) -> bool {
     match kernel {
         Kernel::Attention(a) => {
@@ -49,6 +50,12 @@ pub fn reads_kv_layout(kernel: &Kernel, slot: usize) -> bool {
                 || (c.has_past_key && slot == first_past)
                 || (c.has_past_value && slot == first_past + c.has_past_key as usize)
         }
+        Kernel::Concat { axis: 2, inputs: 2 } => true,
+        Kernel::Rotary(r) if r.append => {
+            let k = 3 + r.config.has_positions as usize;
+            slot == k + 1 || slot == k + 3
+        }
+        Kernel::QkvRope(q) => slot + 2 >= q.arity(),
         _ => false,
     }
 }
@@ -59,7 +66,7 @@ pub fn compact(ctx: &Context, rec: &mut Recorder, t: &GpuTensor) -> Result<GpuTe
     let [b, h, rows, d] = dims4(&t.shape)?;
     let out = rec.alloc_unpoisoned(ctx, &t.shape, t.dt)?;
     let row = (d * gpu_size_of(t.dt)) as u64;
-    copy_rows(rec, t, l.cap, &out, rows, 0, b * h, rows, row)?;
+    copy_rows(ctx, rec, t, l.cap, &out, rows, 0, b * h, rows, row)?;
     rec.counters.kv_compact_bytes += (b * h * rows) as u64 * row;
     Ok(out)
 }
@@ -72,9 +79,12 @@ fn dims4(shape: &[usize]) -> Result<[usize; 4]> {
 }
 
 /// Copies `rows` rows of every (batch, head) block from `src` (`src_stride` rows per block) into `dst`
-/// (`dst_stride` rows per block) starting at row `dst_row`.
+/// (`dst_stride` rows per block) starting at row `dst_row`: one buffer copy when both sides are contiguous, else one
+/// dispatch of the kernels' strided copy over 4-byte words (a float16 row of an even head size is whole words) —
+/// not a buffer copy per block, each of which would end the compute pass around it.
 #[allow(clippy::too_many_arguments)]
 fn copy_rows(
+    ctx: &Context,
     rec: &mut Recorder,
     src: &GpuTensor,
     src_stride: usize,
@@ -85,39 +95,15 @@ fn copy_rows(
     rows: usize,
     row_bytes: u64,
 ) -> Result<()> {
-    if rows == 0 {
+    if rows == 0 || blocks == 0 {
         return Ok(());
     }
     if src_stride == rows && dst_stride == rows && dst_row == 0 {
         return rec.copy(&src.buffer, 0, &dst.buffer, 0, blocks as u64 * rows as u64 * row_bytes);
     }
-    for bh in 0..blocks as u64 {
-        let from = bh * src_stride as u64 * row_bytes;
-        let to = (bh * dst_stride as u64 + dst_row as u64) * row_bytes;
-        rec.copy(&src.buffer, from, &dst.buffer, to, rows as u64 * row_bytes)?;
+    if !row_bytes.is_multiple_of(4) {
+        return Err(Error::new(format!("webgpu: KV rows of {row_bytes} bytes (not whole 4-byte words)")));
     }
-    Ok(())
-}
-
-/// [`copy_rows`] from a contiguous `src` as one dispatch (the kernel's strided copy of 4-byte words) where the
-/// rows land in more than one block: an in-place append writes `rows` rows into each (batch, head) block of the
-/// store, which as buffer copies would be one command per block, each ending the compute pass around it.
-#[allow(clippy::too_many_arguments)]
-fn append_rows(
-    ctx: &Context,
-    rec: &mut Recorder,
-    src: &GpuTensor,
-    dst: &GpuTensor,
-    dst_stride: usize,
-    dst_row: usize,
-    blocks: usize,
-    rows: usize,
-    row_bytes: u64,
-) -> Result<()> {
-    if blocks <= 1 || rows == 0 {
-        return copy_rows(rec, src, rows, dst, dst_stride, dst_row, blocks, rows, row_bytes);
-    }
-    // words of 4 bytes (a float16 row of an even head size is whole words)
     let w = (row_bytes / 4) as usize;
     let words = |t: &GpuTensor| GpuTensor {
         buffer: t.buffer.clone(),
@@ -126,8 +112,8 @@ fn append_rows(
         kv: None,
     };
     let (a, out) = (words(src), words(dst));
-    let shape = [blocks, rows * w];
-    crate::kernels::strided_copy(ctx, rec, &a, 0, &[rows * w, 1], &out, dst_row * w, &[dst_stride * w, 1], &shape)
+    let (sa, so) = ([src_stride * w, 1], [dst_stride * w, 1]);
+    crate::kernels::strided_copy(ctx, rec, &a, 0, &sa, &out, dst_row * w, &so, &[blocks, rows * w])
 }
 
 /// Rows of a fresh or grown store for `rows` logical rows (`old`: the capacity outgrown).
@@ -162,7 +148,7 @@ pub fn append(
     if let Some(l) = &past.kv {
         if l.cap >= total && l.high.compare_exchange(pl, total, Ordering::AcqRel, Ordering::Acquire).is_ok() {
             let out = GpuTensor { buffer: past.buffer.clone(), shape, dt: past.dt, kv: Some(l.clone()) };
-            append_rows(ctx, rec, &new, &out, l.cap, pl, b * h, nl, row)?;
+            copy_rows(ctx, rec, &new, nl, &out, l.cap, pl, b * h, nl, row)?;
             rec.counters.kv_appends_in_place += 1;
             rec.counters.kv_append_bytes += (b * h * nl) as u64 * row;
             return Ok(Some(out));
@@ -186,18 +172,42 @@ pub fn append(
     }));
     let layout = KvLayout { cap, high: Arc::new(AtomicUsize::new(total)) };
     let out = GpuTensor { buffer, shape, dt: past.dt, kv: Some(layout) };
-    copy_rows(rec, past, past.row_stride(), &out, cap, 0, b * h, pl, row)?;
-    copy_rows(rec, &new, nl, &out, cap, pl, b * h, nl, row)?;
+    copy_rows(ctx, rec, past, past.row_stride(), &out, cap, 0, b * h, pl, row)?;
+    copy_rows(ctx, rec, &new, nl, &out, cap, pl, b * h, nl, row)?;
     rec.counters.kv_stores_created += 1;
     rec.counters.kv_grow_bytes += (b * h * pl) as u64 * row;
     rec.counters.kv_append_bytes += (b * h * nl) as u64 * row;
     Ok(Some(out))
 }
 
+/// [`append`], or where it declines the Concat kernel (a KV store among the inputs compacted first): a present as
+/// the Concat along axis 2 of `past` and `new` makes it.
+pub fn append_or_concat(
+    ctx: &Context,
+    rec: &mut Recorder,
+    past: &GpuTensor,
+    new: &GpuTensor,
+    make_store: bool,
+    syms: &SymbolValues,
+) -> Result<GpuTensor> {
+    if let Some(t) = append(ctx, rec, past, new, make_store)? {
+        return Ok(t);
+    }
+    let (p, n) = (compact(ctx, rec, past)?, compact(ctx, rec, new)?);
+    let t = Kernel::Concat { axis: 2, inputs: 2 }.encode(ctx, rec, &[&p, &n], syms)?;
+    for (c, was) in [(p, past), (n, new)] {
+        if was.kv.is_some() {
+            rec.release(c);
+        }
+    }
+    Ok(t)
+}
+
 /// Room for an in-place append of `new[i]` to each of `past` (`[batch, heads, rows, head]`, f32 or f16), reserved
 /// for both or neither: the two presents (views of the stores with the new rows counted), when both pasts are KV
 /// stores with room that end at their high-water mark and each new tensor (`[batch, heads, rows, head]` shapes,
-/// f32 values the caller writes) has the past's batch, heads and head size. The caller writes the new rows ([`crate::attention::RotarySpec::encode_append`]).
+/// f32 values the caller writes) has the past's batch, heads and head size. The caller writes the new rows
+/// ([`crate::attention::RotarySpec::encode_append`], [`crate::qmatmul::QkvRope`]).
 pub fn reserve_pair(past: [&GpuTensor; 2], new: [&[usize]; 2]) -> Option<[GpuTensor; 2]> {
     let mut plan = vec![];
     for (p, n) in past.iter().zip(new) {

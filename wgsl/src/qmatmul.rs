@@ -479,7 +479,7 @@ impl QMatMul {
         // the pipeline by this kernel's parameters: the WGSL snippets are made on the first dispatch only
         let in_mv = in_kernel && entry == "mv_main";
         // with a rotation: whether the stores are float16, k's output made, positions read
-        let rope_key = rope.map(|r| (r.kv16, r.k_out.is_some(), r.pos.is_some()));
+        let rope_key = rope.map(|r| (r.k_store.dt == DatumType::F16, r.k_out.is_some(), r.pos.is_some()));
         let pipeline = ctx.memo_pipeline(&(self.clone(), entry, lanes, in_mv, rope_key), || {
             let mut spec = self.spec();
             spec.push(("LANES", lanes.to_string()));
@@ -676,10 +676,9 @@ struct RopeArgs<'a> {
     k_store: &'a GpuTensor,
     v_store: &'a GpuTensor,
     k_out: Option<&'a GpuTensor>,
-    kv16: bool,
     /// Invocations per column: a workgroup's half of its columns (128 / lanes) divides half the head.
     lanes: usize,
-    /// The uniform's last 8 words: half the head, seq, cache rows, flags; K block, K kept, V block, V kept.
+    /// The uniform's last 8 words: half the head, seq, cache rows, -; K block, K kept, V block, V kept.
     words: [u32; 8],
 }
 
@@ -700,10 +699,6 @@ pub struct QkvRope {
 impl QkvRope {
     pub fn arity(&self) -> usize {
         self.q.arity() + 4 + self.rope.config.has_positions as usize
-    }
-
-    pub fn outputs(&self) -> usize {
-        3 + self.rope.k_out as usize
     }
 
     pub fn encode_outputs(
@@ -728,11 +723,11 @@ impl QkvRope {
             [b, s, _] => [b, s],
             _ => return Err(bad(format!("A of shape {:?}", a.shape))),
         };
-        let parts = self.q.split_parts();
-        let heads: Vec<usize> = parts.iter().map(|n| n / self.head).collect();
-        if parts.len() != 3 || parts.iter().any(|n| n % self.head != 0) {
-            return Err(bad(format!("parts {parts:?} over heads of {}", self.head)));
-        }
+        let parts = match self.q.epilogue {
+            QEpilogue::Split(ns) if ns.iter().all(|n| *n > 0 && n.is_multiple_of(self.head)) => ns,
+            e => return Err(bad(format!("{e:?} over heads of {}", self.head))),
+        };
+        let heads = parts.map(|n| n / self.head);
         let shape = |h: usize| -> TVec<usize> { tvec![b, h, s, self.head] };
         let (ks, vs) = (shape(heads[1]), shape(heads[2]));
         let half = self.head / 2;
@@ -764,12 +759,10 @@ impl QkvRope {
                 Ok([u32_of("KV block", cap * self.head)?, u32_of("KV rows", (t.shape[2] - s) * self.head)?])
             };
             let ([kb, kp], [vb, vp]) = (block(&sk)?, block(&sv)?);
-            let words =
-                [u32_of("head", half)?, u32_of("seq", s)?, u32_of("rows", cache_rows)?, 2 * p as u32, kb, kp, vb, vp];
+            let words = [u32_of("head", half)?, u32_of("seq", s)?, u32_of("rows", cache_rows)?, 0, kb, kp, vb, vp];
             let q_out = rec.alloc(ctx, &shape(heads[0]), DatumType::F32)?;
             let k_out = if self.rope.k_out { Some(rec.alloc(ctx, &ks, DatumType::F32)?) } else { None };
-            let args =
-                RopeArgs { cos, sin, pos, k_store: &sk, v_store: &sv, k_out: k_out.as_ref(), kv16, lanes, words };
+            let args = RopeArgs { cos, sin, pos, k_store: &sk, v_store: &sv, k_out: k_out.as_ref(), lanes, words };
             self.q.encode_with(ctx, rec, mm, &[&q_out], Some(&args))?;
             let es = crate::exec::gpu_size_of(past_k.dt);
             for n in [&ks, &vs] {

@@ -31,7 +31,7 @@ struct Params {
     _p0: u32,
     _p1: u32,
     _p2: u32,
-    // ROPE: half the head size, the sequence length, the cos / sin caches' rows, flags (2: position_ids)
+    // ROPE: half the head size, the sequence length, the cos / sin caches' rows, -
     rope: vec4<u32>,
     // ROPE: the K store's block (cap · head) and kept rows (past · head), the V store's
     kv: vec4<u32>,
