@@ -295,6 +295,20 @@ fn matmul_nbits_variants_match_cpu_on_the_gpu() {
     assert!(failures.is_empty(), "{} cases failed:\n  {}", failures.len(), failures.join("\n  "));
 }
 
+/// The first element of `got` farther from `want` than `rel` of want's largest magnitude (rows of `row_len`), as
+/// "[i]: gpu .. vs cpu ..": where at most `flipped_rows` rows are off, their elements may be off by up to 4e-3 (one
+/// int8 code of accuracy_level 4's quantized A flipped by last-bit differences in A moves its whole row).
+fn first_off(want: &[f64], got: &[f64], row_len: usize, rel: f64, flipped_rows: usize) -> Option<String> {
+    let max = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+    let off = |i: usize, limit: f64| (want[i] - got[i]).is_nan() || (want[i] - got[i]).abs() > limit * max;
+    let rows_off: Vec<usize> = (0..want.len().div_ceil(row_len))
+        .filter(|r| (r * row_len..want.len().min((r + 1) * row_len)).any(|i| off(i, rel)))
+        .collect();
+    let limit = if rows_off.is_empty() || rows_off.len() > flipped_rows { rel } else { 4e-3 };
+    let i = (0..want.len()).find(|&i| off(i, limit))?;
+    Some(format!("[{i}]: gpu {} vs cpu {} (max |ref| {max}; rows off: {rows_off:?})", got[i], want[i]))
+}
+
 /// A gated MLP block as llama exports it: x → MatMulNBits gate and up (`c`: K = hidden, N = intermediate) →
 /// gate · sigmoid(gate) · up → MatMulNBits down (K and N swapped) → + r → RMSNormalization · gamma. Outputs the
 /// residual sum `h` and the norm `y`.
@@ -348,16 +362,19 @@ fn a_gated_mlp_and_its_residual_fold_into_the_matmul_kernels() {
     let mut rng = Rng(seed());
     let base =
         Case { bits: 4, block_size: 32, k: 96, n: 160, zp: Zp::None, f16: false, bias: false, accuracy_level: 0 };
+    // (case, tolerance of every element relative to the output's largest magnitude, rows allowed beyond it)
     let cases = [
-        (base, 1e-4),
-        // accuracy_level 4 quantizes the down projection's A to int8 per block, and A is computed here (SiLU · Mul):
-        // where the CPU's and the GPU's last bits differ on a rounding tie, one int8 code flips and moves an output
-        // by amax/127 · |w| (~0.06 of h's max ~300 with these weights): 1e-3 of the max covers a few flips
-        (Case { zp: Zp::Packed, accuracy_level: 4, ..base }, 1e-3),
-        (Case { f16: true, zp: Zp::Float, bits: 8, block_size: 16, k: 80, ..base }, 2e-3),
+        (base, 1e-4, 0),
+        // accuracy_level 4 quantizes the down projection's A to int8 per block, and A is computed here (SiLU · Mul,
+        // whose sigmoid differs in its last bits between tract and the GPU): where a value of A sits next to a
+        // rounding boundary, its int8 code flips and the whole row of h moves by amax/127 · |w| (measured over 120
+        // seeds: one row in ~11% of runs, up to 1.1e-3 of h's max). Up to two rows may be off by at most 4e-3; a
+        // defect of the kernels moves every row
+        (Case { zp: Zp::Packed, accuracy_level: 4, ..base }, 1e-4, 2),
+        (Case { f16: true, zp: Zp::Float, bits: 8, block_size: 16, k: 80, ..base }, 2e-3, 0),
     ];
     let mut failures = vec![];
-    for (c, rel) in cases {
+    for (c, rel, flipped_rows) in cases {
         for (rows, tuning) in [1, 3, 70].into_iter().flat_map(|r| [(r, "cpu"), (r, "gpu")]) {
             let what = format!("{c:?}, {rows} rows, {tuning} tuning");
             let bytes = mlp_model(&mut rng, c, rows);
@@ -383,10 +400,8 @@ fn a_gated_mlp_and_its_residual_fold_into_the_matmul_kernels() {
                 let g = got.output(out).expect("gpu output").to_f64_vec().expect("floats");
                 let max = w.iter().fold(0f64, |m, v| m.max(v.abs()));
                 assert!(max > 0.0 && w.len() == g.len(), "{what}: {out}: {} vs {} values", g.len(), w.len());
-                if let Some((i, (a, b))) =
-                    w.iter().zip(&g).enumerate().find(|(_, (a, b))| (*a - *b).is_nan() || (*a - *b).abs() > rel * max)
-                {
-                    failures.push(format!("{what}: {out}[{i}]: gpu {b} vs cpu {a} (max |ref| {max})"));
+                if let Some(e) = first_off(&w, &g, c.k, rel, flipped_rows) {
+                    failures.push(format!("{what}: {out}{e}"));
                 }
             }
             let report = gpu.gpu_placement().expect("report");
@@ -475,16 +490,17 @@ fn projections_of_one_input_run_as_one_dispatch() {
             gpu.set_gpu_poison(true);
             let want = cpu.run(feeds.clone()).expect("cpu run");
             let got = gpu.run(feeds).expect("gpu run");
-            for i in 0..ns.len() {
+            for (i, n) in ns.iter().enumerate() {
                 let out = format!("y{i}");
                 let w = want.output(&out).expect("cpu output").to_f64_vec().expect("floats");
                 let g = got.output(&out).expect("gpu output").to_f64_vec().expect("floats");
                 let max = w.iter().fold(0f64, |m, v| m.max(v.abs()));
                 assert!(max > 0.0 && w.len() == g.len(), "{what}: {out}: {} vs {} values", g.len(), w.len());
-                if let Some((j, (a, b))) =
-                    w.iter().zip(&g).enumerate().find(|(_, (a, b))| (*a - *b).is_nan() || (*a - *b).abs() > rel * max)
-                {
-                    failures.push(format!("{what}: {out}[{j}]: gpu {b} vs cpu {a} (max |ref| {max})"));
+                // accuracy_level 4 quantizes the normalised A to int8: a value next to a rounding boundary may flip
+                // its code (see a_gated_mlp_and_its_residual_fold_into_the_matmul_kernels)
+                let flipped_rows = if c.accuracy_level == 4 && norm != Norm::None { 2 } else { 0 };
+                if let Some(e) = first_off(&w, &g, *n, rel, flipped_rows) {
+                    failures.push(format!("{what}: {out}{e}"));
                 }
             }
             let report = gpu.gpu_placement().expect("report");
