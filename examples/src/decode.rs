@@ -46,6 +46,11 @@ pub struct DecodePlan {
     /// On the GPU, keep `present.*` on the GPU and feed it back as the next `past_key_values.*` (the KV Concat then
     /// appends in place); `false` reads every cache back and uploads it again.
     pub gpu_kv: bool,
+    /// With the cache on the GPU and kiln's next-token output: the token also stays on the GPU and is fed back as
+    /// the next `input_ids`, and step s's token is read back after step s + 1 is submitted, so the host records a
+    /// step while the GPU runs the one before ([`DecodePlan::greedy`]). `false`: each step reads its token back
+    /// before the next is recorded.
+    pub pipeline: bool,
 }
 
 fn et(v: &ValueInfo) -> Result<ElementType, String> {
@@ -260,12 +265,16 @@ impl DecodePlan {
             next_token,
             vocab,
             gpu_kv: true,
+            pipeline: true,
         })
     }
 
     /// Prefill with `prompt`, then `steps - 1` single-token steps; returns the `steps` generated ids. On the GPU the
     /// cache stays there between steps: every `present.*` is asked for as a GPU buffer and fed back as the next
-    /// `past_key_values.*` (appended in place where kiln can), only the logits are read back.
+    /// `past_key_values.*` (appended in place where kiln can), only the logits are read back — or, with kiln's
+    /// next-token output, only the token: pipelined ([`DecodePlan::pipeline`]), step s + 1 takes step s's token
+    /// on the GPU as its `input_ids` and is submitted before that token is read back. A token's time is the time
+    /// since the one before it was known on the host.
     pub fn greedy(&self, session: &Session, prompt: &[i64], steps: usize) -> Result<DecodeResult, String> {
         if prompt.is_empty() {
             return Err("the prompt has no tokens".into());
@@ -283,24 +292,49 @@ impl DecodePlan {
             .collect::<Result<_, _>>()
             .map_err(|e| format!("building the empty cache: {e}"))?;
         let on_gpu = self.gpu_kv && session.gpu_placement().is_some();
+        // pipelined: the token stays on the GPU too (read back one step later)
+        let pipelined = self.next_token.as_ref().filter(|_| on_gpu && self.pipeline);
         let run_options = RunOptions {
             preferred_output_location: on_gpu.then(|| {
                 PreferredOutputLocation::PerOutput(
-                    self.pasts.iter().map(|p| (p.present.clone(), Location::GpuBuffer)).collect(),
+                    self.pasts
+                        .iter()
+                        .map(|p| p.present.clone())
+                        .chain(pipelined.cloned())
+                        .map(|name| (name, Location::GpuBuffer))
+                        .collect(),
                 )
             }),
         };
+        // pipelined: the previous step's token on the GPU (fed as this step's input_ids, then read back)
+        let mut on_device: Option<kiln_provider::GpuTensor> = None;
         let mut past_len = 0usize;
         let mut feed: Vec<i64> = prompt.to_vec();
         let mut tokens = vec![];
         let mut prefill_ms = 0.0;
         let mut decode_ms = vec![];
         let mut warm = None;
+        // a token's time: since the one before it was known on the host (the prefill's: since the start)
+        let mut last_token_at = Instant::now();
+        let mut known = |token: i64, tokens: &mut Vec<i64>| {
+            let now = Instant::now();
+            let ms = now.duration_since(last_token_at).as_secs_f64() * 1e3;
+            last_token_at = now;
+            if tokens.is_empty() {
+                prefill_ms = ms;
+            } else {
+                decode_ms.push(ms);
+            }
+            tokens.push(token);
+        };
         for step in 0..steps {
-            let t0 = Instant::now();
-            let seq = feed.len();
+            let seq = if step == 0 { prompt.len() } else { 1 };
             let mut feeds: Vec<(String, Value)> = vec![];
-            feeds.push((self.input_ids.0.clone(), int_tensor(self.input_ids.1, &[1, seq], feed.clone())?.into()));
+            let ids: Value = match &on_device {
+                Some(g) => g.clone().into(),
+                None => int_tensor(self.input_ids.1, &[1, seq], feed.clone())?.into(),
+            };
+            feeds.push((self.input_ids.0.clone(), ids));
             if let Some((name, t)) = &self.attention_mask {
                 feeds.push((name.clone(), int_tensor(*t, &[1, past_len + seq], vec![1; past_len + seq])?.into()));
             }
@@ -318,33 +352,41 @@ impl DecodePlan {
             // with kiln's next-token output, the logits are not fetched (on the GPU: not read back)
             let mut wanted: Vec<&str> = vec![self.next_token.as_deref().unwrap_or(&self.logits)];
             wanted.extend(self.pasts.iter().map(|p| p.present.as_str()));
+            // pipelined: the previous token's copy is queued before this step, and awaited once this step is
+            // submitted (the GPU runs the two back to back while the host records)
+            let previous = on_device.take().map(|g| g.download());
             let mut out = session
                 .run_with(feeds, Some(&wanted), &run_options)
                 .map_err(|e| format!("step {step} (past {past_len}, seq {seq}): {e}"))?;
-            let next = match &self.next_token {
-                Some(name) => {
-                    let t = out.take(name).ok_or("no next-token output")?;
-                    let ids = t.cast(ElementType::I64).map_err(|e| e.to_string())?;
-                    *ids.as_slice::<i64>().map_err(|e| e.to_string())?.last().ok_or("an empty next-token output")?
-                }
-                None => argmax_last(&out.take(&self.logits).ok_or("no logits output")?)?,
-            };
             for p in &self.pasts {
                 cache.push(out.take_value(&p.present).ok_or_else(|| format!("no output `{}`", p.present))?);
             }
-            let ms = t0.elapsed().as_secs_f64() * 1e3;
-            if step == 0 {
-                prefill_ms = ms;
+            if let Some(name) = pipelined {
+                match out.take_value(name) {
+                    Some(Value::Gpu(g)) => on_device = Some(g),
+                    _ => return Err(format!("step {step}: the next-token output is not on the GPU")),
+                }
+                if let Some(d) = previous {
+                    let t = pollster::block_on(d).map_err(|e| format!("step {step}: reading a token back: {e}"))?;
+                    known(first_token(&t)?, &mut tokens);
+                }
             } else {
-                decode_ms.push(ms);
+                let next = match &self.next_token {
+                    Some(name) => first_token(&out.take(name).ok_or("no next-token output")?)?,
+                    None => argmax_last(&out.take(&self.logits).ok_or("no logits output")?)?,
+                };
+                known(next, &mut tokens);
+                feed = vec![next];
             }
             // the counters once warm: after the first decode step (it compiles the one-row kernels) when more follow
             if step == usize::from(steps > 2) {
                 warm = session.gpu_placement();
             }
-            tokens.push(next);
             past_len += seq;
-            feed = vec![next];
+        }
+        if let Some(g) = on_device {
+            let t = pollster::block_on(g.download()).map_err(|e| format!("reading the last token back: {e}"))?;
+            known(first_token(&t)?, &mut tokens);
         }
         Ok(DecodeResult { tokens, prefill_ms, decode_ms, warm })
     }
@@ -357,6 +399,12 @@ fn int_tensor(t: ElementType, dims: &[usize], values: Vec<i64>) -> Result<Tensor
         other => Tensor::from_vec(dims, values).and_then(|x| x.cast(other)),
     };
     r.map_err(|e| format!("building an input tensor: {e}"))
+}
+
+/// The token of a next-token output ([batch, 1]; batch 1).
+fn first_token(t: &Tensor) -> Result<i64, String> {
+    let ids = t.cast(ElementType::I64).map_err(|e| e.to_string())?;
+    ids.as_slice::<i64>().map_err(|e| e.to_string())?.last().copied().ok_or_else(|| "an empty next-token output".into())
 }
 
 /// Index of the largest logit of the last position (the first one on ties, like numpy's argmax).

@@ -29,6 +29,8 @@ options:
   --threads N          CPU threads for the kernels (default 1)
   --placement          print where the model runs (provider, node count)
   --host-kv            on the GPU, read the KV cache back and upload it every step (default: it stays on the GPU)
+  --no-pipeline        on the GPU, read each token back before recording the next step (default: the token stays
+                       on the GPU as the next input and is read back while the GPU runs the next step)
   --no-text            do not decode the generated tokens to text
   --full-logits        greedy: compute every position's logits and read them back (default: kiln's generation
                        helpers, the last position's logits only and the argmax on the device)
@@ -44,6 +46,7 @@ struct Args {
     threads: Option<usize>,
     placement: bool,
     host_kv: bool,
+    no_pipeline: bool,
     no_text: bool,
     full_logits: bool,
 }
@@ -92,6 +95,7 @@ fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
             }
             "--placement" => args.placement = true,
             "--host-kv" => args.host_kv = true,
+            "--no-pipeline" => args.no_pipeline = true,
             "--no-text" => args.no_text = true,
             "--full-logits" => args.full_logits = true,
             s if s.starts_with('-') => return Err(format!("unknown option `{s}`")),
@@ -218,6 +222,7 @@ fn run(args: Args) -> Result<(), String> {
     let Some(steps) = args.greedy else { return Ok(()) };
     let mut plan = decode::DecodePlan::new(&session, &model)?;
     plan.gpu_kv = !args.host_kv;
+    plan.pipeline = !args.no_pipeline;
     let result = plan.greedy(&session, &prompt_ids, steps)?;
     println!("prompt: {prompt_ids:?}");
     println!("tokens: {:?}", result.tokens);

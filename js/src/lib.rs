@@ -762,7 +762,8 @@ mod web {
     #[wasm_bindgen(js_name = startGpuDownload)]
     pub fn start_gpu_download(id: u32) -> Result<KilnDownload, JsError> {
         let value = gpu_get(id).ok_or_else(|| err("The tensor is disposed."))?;
-        Ok(KilnDownload { future: Some(Box::pin(async move { value.download().await })) })
+        // the copy is queued now (an app may start getData() and then run the next step before awaiting it)
+        Ok(KilnDownload { future: Some(Box::pin(value.download())) })
     }
 
     /// A download of a GPU value, stepped by JS like [`KilnRun`].

@@ -234,11 +234,17 @@ impl GpuTensor {
     }
 
     /// The tensor's data on the host (onnxruntime-web's `getData()` / `download()` of a gpu-buffer tensor):
-    /// exactly its logical elements.
-    pub async fn download(&self) -> Result<Tensor> {
-        let bytes = kiln_wgsl::exec::download(&self.ctx.device, &self.ctx.queue, &self.raw).await.map_err(gpu_err)?;
-        let t = kiln_wgsl::exec::tensor_from_bytes(self.raw.dt, &self.raw.shape, &bytes).map_err(gpu_err)?;
-        Tensor::from_tract(t)
+    /// exactly its logical elements. The copy is queued when this is called, the future awaits its result: a
+    /// decode loop can start the download of step s's token, run step s + 1 (queued behind the copy) and only then
+    /// wait, so the GPU never idles while the host records a step.
+    pub fn download(&self) -> impl std::future::Future<Output = Result<Tensor>> + 'static {
+        let started = kiln_wgsl::exec::Download::start(&self.ctx.device, &self.ctx.queue, &self.raw);
+        let (ctx, dt, shape) = (self.ctx.clone(), self.raw.dt, self.raw.shape.clone());
+        async move {
+            let bytes = started.map_err(gpu_err)?.bytes(&ctx.device).await.map_err(gpu_err)?;
+            let t = kiln_wgsl::exec::tensor_from_bytes(dt, &shape, &bytes).map_err(gpu_err)?;
+            Tensor::from_tract(t)
+        }
     }
 }
 

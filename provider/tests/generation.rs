@@ -175,6 +175,103 @@ fn greedy_step_reads_back_one_token() {
     }
 }
 
+/// One greedy loop of `steps` on `s` (prompt [11, 22, 33, 44, 55]), the cache kept on the GPU where `s` has one;
+/// `pipelined`: as an application keeping everything on the GPU writes it — the next token stays on the GPU
+/// ('gpu-buffer') and is fed back as the next step's `input_ids`, its download started before the next step runs
+/// and awaited after (a run that reads nothing back does not wait for the GPU). Returns the tokens and the GPU
+/// counters summed over the steps after the fourth (steady steps; none on the CPU).
+fn greedy_loop(s: &blocking::Session, dir: &Path, steps: usize, pipelined: bool) -> (Vec<i64>, [usize; 3]) {
+    let set0 = read_inputs(s, &dir.join("test_data_set_0"));
+    let mut past: HashMap<String, Value> =
+        set0.into_iter().filter(|(n, _)| n.starts_with("past")).map(|(n, t)| (n, t.into())).collect();
+    let presents: Vec<String> = past.keys().map(|n| present_of(n)).collect();
+    let mut wanted: Vec<&str> = vec![NEXT_TOKEN];
+    wanted.extend(presents.iter().map(|s| s.as_str()));
+    let on_gpu = s.gpu_placement().is_some();
+    let mut kept: Vec<(String, Location)> = presents.iter().map(|p| (p.clone(), Location::GpuBuffer)).collect();
+    if pipelined {
+        kept.push((NEXT_TOKEN.into(), Location::GpuBuffer));
+    }
+    let options = RunOptions {
+        preferred_output_location: on_gpu.then_some(PreferredOutputLocation::PerOutput(kept.into_iter().collect())),
+    };
+    let token = |t: &Tensor| t.cast(ElementType::I64).unwrap().as_slice::<i64>().unwrap()[0];
+    let counters = || s.gpu_placement().map(|r| r.counters).unwrap_or_default();
+    let (mut ids, mut past_len, mut tokens, mut steady) = (vec![11i64, 22, 33, 44, 55], 0, vec![], [0usize; 3]);
+    let mut token_on_gpu: Option<kiln_provider::GpuTensor> = None;
+    for step in 0..steps {
+        let mut f = feeds(s, &ids, past_len, &past);
+        if let Some(t) = &token_on_gpu {
+            f.iter_mut().find(|(n, _)| n == "input_ids").expect("input_ids").1 = t.clone().into();
+        }
+        let previous = token_on_gpu.take().map(|t| t.download());
+        let before = counters();
+        let mut out = s.run_with(f, Some(&wanted), &options).unwrap_or_else(|e| panic!("step {step}: {e}"));
+        let after = counters();
+        if step >= 4 {
+            steady[0] += after.readbacks - before.readbacks;
+            steady[1] += after.buffers_created - before.buffers_created;
+            steady[2] += after.bind_groups_created - before.bind_groups_created;
+        }
+        for name in past.keys().cloned().collect::<Vec<_>>() {
+            past.insert(name.clone(), out.take_value(&present_of(&name)).unwrap());
+        }
+        past_len += ids.len();
+        if pipelined {
+            match out.take_value(NEXT_TOKEN) {
+                Some(Value::Gpu(t)) => token_on_gpu = Some(t),
+                other => panic!("step {step}: the next token is not on the GPU: {other:?}"),
+            }
+            if let Some(p) = previous {
+                tokens.push(token(&pollster::block_on(p).unwrap()));
+            }
+            ids = vec![0];
+        } else {
+            tokens.push(token(&out.take(NEXT_TOKEN).unwrap()));
+            ids = vec![*tokens.last().unwrap()];
+        }
+    }
+    if let Some(t) = token_on_gpu {
+        tokens.push(token(&pollster::block_on(t.download()).unwrap()));
+    }
+    (tokens, steady)
+}
+
+/// The pipelined loop ([`greedy_loop`]) on the GPU generates the CPU's tokens for three export styles (the q4
+/// one through the rotation-in-matvec kernels), reads nothing back inside its runs, and keeps the buffer pool
+/// steady: a token handed to the application each step costs one new buffer and the bind groups of the two
+/// dispatches that touch it (the argmax writing it, the embedding gather reading it), not a reshuffle of the
+/// pool's buffers among the other dispatches (their cached bind groups would miss).
+#[test]
+fn a_pipelined_greedy_loop_keeps_the_token_on_the_gpu() {
+    for model in ["tiny-llama/onnx_optimum", "tiny-llama/onnx_optimum_q4", "tiny-gpt2/onnx_optimum"] {
+        let dir = tiny_fixtures().join(model);
+        let path = dir.join("model.onnx");
+        let gpu = session(&path, ExecutionProvider::WebGpu, helpers());
+        if gpu.gpu_placement().is_none() {
+            eprintln!("\n!!!!!!!! SKIPPING the pipelined loop: no GPU adapter ({:?}) !!!!!!!!\n", gpu.provider_note());
+            return;
+        }
+        let steps = 16;
+        let cpu = session(&path, ExecutionProvider::Cpu, helpers());
+        let (want, _) = greedy_loop(&cpu, &dir, steps, false);
+        let (stepwise, reference) = greedy_loop(&gpu, &dir, steps, false);
+        let (got, steady) = greedy_loop(&gpu, &dir, steps, true);
+        assert_eq!(stepwise, want, "{model}: GPU tokens (read back each step) vs CPU");
+        assert_eq!(got, want, "{model}: pipelined GPU tokens vs CPU");
+        let n = steps - 4;
+        assert_eq!(reference[0], n, "{model}: the stepwise loop reads the token back each step");
+        assert_eq!(steady[0], 0, "{model}: the pipelined loop's runs read nothing back");
+        assert!(steady[1] <= reference[1] + n, "{model}: buffers created {} (stepwise {})", steady[1], reference[1]);
+        assert!(
+            steady[2] <= reference[2] + 2 * n,
+            "{model}: bind groups created over {n} steady steps: {} (stepwise {})",
+            steady[2],
+            reference[2]
+        );
+    }
+}
+
 #[test]
 fn bad_generation_options_are_clear_errors() {
     let path = tiny_fixtures().join("tiny-llama/onnx_optimum/model.onnx");

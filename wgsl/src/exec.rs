@@ -61,12 +61,17 @@ pub struct BufferPool {
     pub bytes: u64,
     /// The buffer (by address) of each allocation of the last run and of this one, in order: a run that allocates
     /// like the last gets the same buffers even when the free lists changed (a buffer handed to the application,
-    /// a new one made), so the bind groups cached for its dispatches still hit.
+    /// a new one made), so the bind groups cached for its dispatches still hit. 0: no buffer in particular (the
+    /// allocation's buffer went to the application).
     last: Vec<usize>,
     now: Vec<usize>,
     /// How many of the last run's allocations still ahead in this run want each buffer: a fallback takes a buffer
     /// no later allocation wants, so one lost buffer does not displace the rest.
     ahead: HashMap<usize, u32>,
+    /// A buffer of the last run handed to the application since (a next token a decode loop feeds back), and the
+    /// buffer that stands in for it this run: every later allocation that had it takes the stand-in, instead of
+    /// each displacing another allocation's buffer (and its cached bind groups).
+    stand_in: HashMap<usize, usize>,
 }
 
 impl BufferPool {
@@ -75,12 +80,34 @@ impl BufferPool {
     }
     pub fn take(&mut self, ctx: &Context, bytes: u64) -> Result<Arc<wgpu::Buffer>> {
         let class = Self::class(bytes);
-        let want = self.last.get(self.now.len()).copied();
+        let last = self.last.get(self.now.len()).copied();
+        // an allocation whose buffer went to the application last run (an output it keeps, say a next token a
+        // decode loop feeds back) gets a new buffer: one from the free lists would leave the pool with it again
+        if last == Some(0) {
+            return self.create(ctx, bytes, class);
+        }
+        let had = last;
+        let lost = had.filter(|w| !self.owned.contains(w));
+        let want = had.map(|w| self.stand_in.get(&w).copied().unwrap_or(w));
         if let Some(w) = want {
             if let Some(n) = self.ahead.get_mut(&w) {
                 *n = n.saturating_sub(1);
             }
         }
+        let b = self.take_class(ctx, bytes, class, want)?;
+        if let Some(w) = lost {
+            // the first allocation of a lost buffer: what it got stands in for it for the rest of the run
+            if let std::collections::hash_map::Entry::Vacant(e) = self.stand_in.entry(w) {
+                let addr = Arc::as_ptr(&b) as usize;
+                e.insert(addr);
+                let later = self.ahead.remove(&w).unwrap_or(0);
+                *self.ahead.entry(addr).or_default() += later;
+            }
+        }
+        Ok(b)
+    }
+
+    fn take_class(&mut self, ctx: &Context, bytes: u64, class: u64, want: Option<usize>) -> Result<Arc<wgpu::Buffer>> {
         if let Some(v) = self.free.get_mut(&class) {
             // the buffer this allocation had last run, if free; else the last freed that no later allocation
             // wants; else the last freed
@@ -97,6 +124,10 @@ impl BufferPool {
                 return Ok(b);
             }
         }
+        self.create(ctx, bytes, class)
+    }
+
+    fn create(&mut self, ctx: &Context, bytes: u64, class: u64) -> Result<Arc<wgpu::Buffer>> {
         let size = if class > ctx.caps.max_buffer_size { bytes.max(4).div_ceil(4) * 4 } else { class };
         if size > ctx.caps.max_storage_binding {
             return Err(Error::new(format!(
@@ -121,7 +152,16 @@ impl BufferPool {
     fn end_run(&mut self) {
         self.last = std::mem::take(&mut self.now);
         self.ahead.clear();
-        for a in &self.last {
+        self.stand_in.clear();
+        // a buffer handed to the application went with its last allocation (the output): that allocation asks
+        // for no buffer in particular next run, the earlier ones (temporaries that shared it) for one stand-in
+        let mut lost = std::collections::HashSet::new();
+        for a in self.last.iter_mut().rev() {
+            if !self.owned.contains(a) && lost.insert(*a) {
+                *a = 0;
+            }
+        }
+        for a in self.last.iter().filter(|a| **a != 0) {
             *self.ahead.entry(*a).or_default() += 1;
         }
     }
@@ -228,7 +268,8 @@ enum Command {
 /// Statistics of a session's GPU work.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counters {
-    /// Flushes: submits whose results the host waits for (readbacks, the end of a run).
+    /// Flushes: a run's last submit, and those whose readbacks the host waits for (a run that reads nothing back
+    /// does not wait for the GPU).
     pub submits: usize,
     /// Submits of a run's first dispatches while the host records the rest (no wait; see
     /// [`Recorder::submit_every`]).
@@ -919,15 +960,17 @@ impl Submitted {
                 st.unmap();
             }
             _ => {
-                // nothing to read: natively wait for the work (its errors surface here); a browser reports errors
-                // through the device's error handler, in order
+                // nothing to read: no wait, natively as in a browser (onnxruntime-web's run resolves once its
+                // gpu-buffer outputs' work is submitted), so the host records an application's next run while the
+                // GPU runs this one — a decode loop that feeds the next token back on the GPU overlaps its steps.
+                // Validation errors surfaced at the submit; natively, completed work is retired without blocking
                 #[cfg(target_arch = "wasm32")]
                 let _ = self.wait;
                 #[cfg(not(target_arch = "wasm32"))]
                 if self.wait {
                     ctx.device
-                        .poll(wgpu::PollType::Wait { submission_index: None, timeout: None })
-                        .map_err(|e| Error::new(format!("webgpu: waiting for the device: {e}")))?;
+                        .poll(wgpu::PollType::Poll)
+                        .map_err(|e| Error::new(format!("webgpu: polling the device: {e}")))?;
                 }
                 ctx.take_error()?;
                 out.resize(self.reads.len(), vec![]);
@@ -941,52 +984,77 @@ impl Submitted {
 /// on `device` / `queue` outside any recorder (a GPU tensor an application holds). Awaits the map; never blocks
 /// in a browser.
 pub async fn download(device: &wgpu::Device, queue: &wgpu::Queue, t: &GpuTensor) -> Result<Vec<u8>> {
-    let bytes = t.byte_len();
-    if bytes == 0 {
-        return Ok(vec![]);
-    }
-    let padded = bytes.div_ceil(4) * 4;
-    let staging = device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("kiln download"),
-        size: padded,
-        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
-    let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("kiln download") });
-    match (&t.kv, &*t.shape) {
-        (Some(l), [b, h, rows, d]) => {
-            let row = (d * gpu_size_of(t.dt)) as u64;
-            let n = *rows as u64 * row;
-            for bh in 0..(b * h) as u64 {
-                let from = bh * l.cap as u64 * row;
-                if !n.is_multiple_of(4) || from + n > t.buffer.size() {
-                    return Err(Error::new("webgpu: a KV store's rows are not 4-byte aligned"));
+    Download::start(device, queue, t)?.bytes(device).await
+}
+
+/// A download under way: the copy into a staging buffer submitted and its map asked for ([`Download::start`]),
+/// the bytes awaited later ([`Download::bytes`]). Work submitted after the start runs behind the copy, so the
+/// host may queue the next run before it waits for this tensor.
+pub struct Download {
+    staging: Option<(wgpu::Buffer, u64, u64)>,
+    signal: Arc<Signal>,
+}
+
+impl Download {
+    /// Submits the copy of `t`'s logical bytes into a staging buffer and asks for its map.
+    pub fn start(device: &wgpu::Device, queue: &wgpu::Queue, t: &GpuTensor) -> Result<Download> {
+        let bytes = t.byte_len();
+        let signal = Arc::new(Signal::default());
+        if bytes == 0 {
+            return Ok(Download { staging: None, signal });
+        }
+        let padded = bytes.div_ceil(4) * 4;
+        let staging = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("kiln download"),
+            size: padded,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut encoder =
+            device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("kiln download") });
+        match (&t.kv, &*t.shape) {
+            (Some(l), [b, h, rows, d]) => {
+                let row = (d * gpu_size_of(t.dt)) as u64;
+                let n = *rows as u64 * row;
+                for bh in 0..(b * h) as u64 {
+                    let from = bh * l.cap as u64 * row;
+                    if !n.is_multiple_of(4) || from + n > t.buffer.size() {
+                        return Err(Error::new("webgpu: a KV store's rows are not 4-byte aligned"));
+                    }
+                    encoder.copy_buffer_to_buffer(&t.buffer, from, &staging, bh * n, n);
                 }
-                encoder.copy_buffer_to_buffer(&t.buffer, from, &staging, bh * n, n);
+            }
+            _ => {
+                if padded > t.buffer.size() {
+                    return Err(Error::new(format!(
+                        "webgpu: a {bytes}-byte tensor in a {}-byte buffer",
+                        t.buffer.size()
+                    )));
+                }
+                encoder.copy_buffer_to_buffer(&t.buffer, 0, &staging, 0, padded);
             }
         }
-        _ => {
-            if padded > t.buffer.size() {
-                return Err(Error::new(format!("webgpu: a {bytes}-byte tensor in a {}-byte buffer", t.buffer.size())));
-            }
-            encoder.copy_buffer_to_buffer(&t.buffer, 0, &staging, 0, padded);
-        }
+        queue.submit([encoder.finish()]);
+        let sig = signal.clone();
+        staging.map_async(wgpu::MapMode::Read, 0..padded, move |r| {
+            sig.set(r.map_err(|e| format!("webgpu: downloading a GPU tensor: {e}")))
+        });
+        Ok(Download { staging: Some((staging, bytes, padded)), signal })
     }
-    queue.submit([encoder.finish()]);
-    let signal = Arc::new(Signal::default());
-    let sig = signal.clone();
-    staging.map_async(wgpu::MapMode::Read, 0..padded, move |r| {
-        sig.set(r.map_err(|e| format!("webgpu: downloading a GPU tensor: {e}")))
-    });
-    MapWait { device, signal: &signal }.await?;
-    let out = {
-        let view = staging
-            .get_mapped_range(0..padded)
-            .map_err(|e| Error::new(format!("webgpu: downloading a GPU tensor: {e}")))?;
-        view.get(..bytes as usize).ok_or_else(|| Error::new("webgpu: a download is out of range"))?.to_vec()
-    };
-    staging.unmap();
-    Ok(out)
+
+    /// The bytes, once the GPU has run everything submitted before the copy.
+    pub async fn bytes(self, device: &wgpu::Device) -> Result<Vec<u8>> {
+        let Some((staging, bytes, padded)) = self.staging else { return Ok(vec![]) };
+        MapWait { device, signal: &self.signal }.await?;
+        let out = {
+            let view = staging
+                .get_mapped_range(0..padded)
+                .map_err(|e| Error::new(format!("webgpu: downloading a GPU tensor: {e}")))?;
+            view.get(..bytes as usize).ok_or_else(|| Error::new("webgpu: a download is out of range"))?.to_vec()
+        };
+        staging.unmap();
+        Ok(out)
+    }
 }
 
 /// Bytes per element on the GPU: a bool is an f32 0.0 / 1.0 (one 4-byte word, like every GPU element).
