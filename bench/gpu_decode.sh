@@ -17,9 +17,12 @@ if [ ! -f "$MODELS/llama-q4/model.onnx" ]; then
   python3 "$here/quantize_q4.py" "$MODELS/llama/model.onnx" "$MODELS/llama-q4/model.onnx" 32 2>&1 | tail -n 1
 fi
 for m in "$MODELS/llama" "$MODELS/llama-q4"; do
-  echo "=== $m: gpu"
+  echo "=== $m: gpu (pipelined: the next token stays on the GPU, read back while the next step runs)"
   "$KILN_RUN" "$m/model.onnx" --ids $IDS --greedy "$STEPS" --provider gpu --placement --no-text 2>&1 |
     grep -E "adapter|nodes:|^prefill|^decode|gpu work|gpu host"
+  echo "=== $m: gpu, stepwise (--no-pipeline: each token read back before the next step is recorded)"
+  "$KILN_RUN" "$m/model.onnx" --ids $IDS --greedy "$STEPS" --provider gpu --placement --no-text --no-pipeline 2>&1 |
+    grep -E "^decode|gpu host time per decode"
   echo "=== $m: gpu, time per kernel (8 decode steps)"
   KILN_GPU_PROFILE=1 "$KILN_RUN" "$m/model.onnx" --ids $IDS --greedy 9 --provider gpu --placement --no-text 2>&1 |
     grep "gpu profile" | head -n 12
