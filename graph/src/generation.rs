@@ -85,16 +85,24 @@ fn int_attr(name: &str, v: i64) -> pb::AttributeProto {
     pb::AttributeProto { name: name.into(), r#type: 2, i: v, ..Default::default() }
 }
 
-/// Adds a `Slice` of `input` to its last row along `axis` (negative: from the end) as node `at` (nodes stay in
-/// topological order); returns the new tensor's name.
+/// Adds a `Slice` of `input` to its last row along `axis` (negative: from the end) as nodes `at` and `at + 1`
+/// (nodes stay in topological order): behind a `KilnSliceBarrier` (kiln_ops::slice_barrier), so that tract's
+/// declutter leaves the slice where it is instead of pushing it into the last decoder layer. Returns the new
+/// tensor's name.
 fn slice_last(graph: &mut pb::GraphProto, input: &str, axis: i64, tag: &str, at: usize) -> String {
     let out = format!("kiln_{tag}_last");
+    let held = format!("kiln_{tag}_held");
     let (s, e, a) = (format!("kiln_{tag}_starts"), format!("kiln_{tag}_ends"), format!("kiln_{tag}_axes"));
     graph.initializer.push(i64_initializer(&s, -1));
     graph.initializer.push(i64_initializer(&e, i64::MAX));
     graph.initializer.push(i64_initializer(&a, axis));
-    let slice = node("Slice", &format!("kiln_{tag}_slice"), &[input, &s, &e, &a], &[&out], vec![]);
-    graph.node.insert(at.min(graph.node.len()), slice);
+    let mut barrier =
+        node(kiln_ops::slice_barrier::OP_TYPE, &format!("kiln_{tag}_barrier"), &[input], &[&held], vec![]);
+    barrier.domain = kiln_ops::slice_barrier::DOMAIN.into();
+    let slice = node("Slice", &format!("kiln_{tag}_slice"), &[&held, &s, &e, &a], &[&out], vec![]);
+    let at = at.min(graph.node.len());
+    graph.node.insert(at, slice);
+    graph.node.insert(at, barrier);
     out
 }
 
@@ -180,8 +188,8 @@ fn last_only(graph: &mut pb::GraphProto, logits: &str, out_ix: usize) -> Result<
     };
     let a = graph.node[head].input[0].clone();
     let sliced = slice_last(graph, &a, -2, "head", head);
-    // the head moved one place down
-    graph.node[head + 1].input[0] = sliced;
+    // the head moved two places down
+    graph.node[head + 2].input[0] = sliced;
     // the tensors between the head and the logits now have one row: drop their declared shapes
     let on_path: HashSet<&str> = path.iter().map(|s| s.as_str()).collect();
     graph.value_info.retain(|vi| !on_path.contains(vi.name.as_str()));

@@ -170,6 +170,7 @@ pub fn lower(model: &TypedModel, caps: &Caps) -> Result<Lowered> {
     target.properties.clone_from(&src.properties);
     // KILN_GPU_FUSION=0 keeps one dispatch per node (comparisons, debugging)
     if std::env::var("KILN_GPU_FUSION").map_or(true, |v| v != "0") {
+        crate::fuse_gpu::float_matmuls_as_row_kernels(&mut target)?;
         crate::fuse_gpu::fuse_matmul_epilogues(&mut target, caps.max_storage_buffers)?;
         crate::fuse_gpu::fuse_matmul_splits(&mut target, caps.max_storage_buffers)?;
         crate::fuse_gpu::fuse_matmul_norms(&mut target, caps.max_storage_buffers)?;

@@ -35,6 +35,9 @@ pub fn run(model: &mut Model, level: OptimizationLevel, f16_fused: bool) -> Resu
     if !guarded.is_empty() {
         model.pass_log.push(format!("declutter withheld on {guarded:?} (symbolic uniform operand)"));
     }
+    // the generation helpers' slices stay where they were put; their barriers go
+    kiln_ops::slice_barrier::remove(&mut model.typed)
+        .map_err(|e| Error::from_tract(ErrorKind::InvalidModel, "removing slice barriers", &e))?;
     if level == OptimizationLevel::Disabled {
         return fold_external_casts(model);
     }

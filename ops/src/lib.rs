@@ -44,6 +44,7 @@ pub mod reverse_sequence;
 pub mod roi_align;
 pub mod rotary;
 pub mod skip_norm;
+pub mod slice_barrier;
 pub mod softmax;
 pub mod softmax_cross_entropy_loss;
 pub mod string_concat;
@@ -128,6 +129,7 @@ pub const KILN_OPS: &[(&str, OpBuilder)] = &[
     ("NegativeLogLikelihoodLoss", onnx_domain_only!(negative_log_likelihood_loss::build)),
     ("SoftmaxCrossEntropyLoss", onnx_domain_only!(softmax_cross_entropy_loss::build)),
     ("BitCast", onnx_domain_only!(bitcast::build)),
+    (slice_barrier::OP_TYPE, slice_barrier::build),
     ("CumProd", onnx_domain_only!(cumprod::build)),
     ("CenterCropPad", onnx_domain_only!(center_crop_pad::build)),
     ("StringConcat", onnx_domain_only!(string_concat::build)),

@@ -416,6 +416,129 @@ fn a_gated_mlp_and_its_residual_fold_into_the_matmul_kernels() {
     assert!(failures.is_empty(), "{} cases failed:\n  {}", failures.len(), failures.join("\n  "));
 }
 
+/// A float input `[batch, sequence, k]` with batch and sequence symbolic, as exporters declare them.
+fn symbolic_info(name: &str, k: usize) -> pb::ValueInfoProto {
+    use pb::tensor_shape_proto::{dimension::Value, Dimension};
+    let dim = |v: Value| Dimension { value: Some(v), ..Default::default() };
+    let dims = vec![
+        dim(Value::DimParam("batch".into())),
+        dim(Value::DimParam("sequence".into())),
+        dim(Value::DimValue(k as i64)),
+    ];
+    pb::ValueInfoProto {
+        name: name.into(),
+        r#type: Some(pb::TypeProto {
+            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                elem_type: FLOAT,
+                shape: Some(pb::TensorShapeProto { dim: dims }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// fp32 MatMuls with constant weights as a Llama layer has them — q / k / v projections of one input, a gated MLP
+/// (gate and up, SiLU · Mul, down) and the residual Add — run as the MatMulNBits kernels' float-weight form
+/// (kiln-graph's `float_matmuls_as_row_kernels`): the weight transposed on the GPU, f32, or float16 when every value
+/// is one (half the bytes). Checked against the CPU provider (poisoned GPU outputs) for one row, a few and many
+/// (the tiled kernel), and by the dispatches a run takes: q / k / v joined, gate / up with the SiLU · Mul, down with
+/// the Add — 3 on the one-row kernel, 5 tiled (the projections one by one) — and with K = 40 (not a multiple of 16)
+/// the five projections staying on the general matmul kernels (7 dispatches).
+#[test]
+fn float_matmuls_run_as_the_row_kernels() {
+    if !gpu_available() {
+        return;
+    }
+    let mut rng = Rng(seed());
+    let mut failures = vec![];
+    for (k, f16_weights) in [(64usize, false), (64, true), (40, false)] {
+        let (nq, nkv, ff) = (k, k / 2, 96);
+        let mut inits = vec![];
+        let mut weight = |name: &str, rows: usize, cols: usize| {
+            let scale = 1.0 / (rows as f32).sqrt();
+            let v: Vec<f32> = (0..rows * cols)
+                .map(|_| rng.range(-scale, scale))
+                .map(|x| if f16_weights { half::f16::from_f32(x).to_f32() } else { x })
+                .collect();
+            inits.push(initializer(name, FLOAT, &[rows, cols], raw_floats(&v, FLOAT)));
+        };
+        for (name, rows, cols) in
+            [("wq", k, nq), ("wk", k, nkv), ("wv", k, nkv), ("wg", k, ff), ("wu", k, ff), ("wd", ff, k)]
+        {
+            weight(name, rows, cols);
+        }
+        let op = |op: &str, ins: &[&str], out: &str| pb::NodeProto {
+            op_type: op.into(),
+            name: format!("{op}_{out}"),
+            input: ins.iter().map(|s| s.to_string()).collect(),
+            output: vec![out.into()],
+            ..Default::default()
+        };
+        for rows in [1, 3, 70] {
+            let what = format!("K {k}, float16 weights {f16_weights}, {rows} rows");
+            let graph = pb::GraphProto {
+                name: "layer".into(),
+                node: vec![
+                    op("MatMul", &["x", "wq"], "q"),
+                    op("MatMul", &["x", "wk"], "k"),
+                    op("MatMul", &["x", "wv"], "v"),
+                    op("MatMul", &["x", "wg"], "g"),
+                    op("MatMul", &["x", "wu"], "u"),
+                    op("Sigmoid", &["g"], "s"),
+                    op("Mul", &["g", "s"], "a"),
+                    op("Mul", &["a", "u"], "m"),
+                    op("MatMul", &["m", "wd"], "d"),
+                    op("Add", &["r", "d"], "h"),
+                ],
+                input: ["x", "r"].iter().map(|n| symbolic_info(n, k)).collect(),
+                output: ["q", "k", "v", "h"].iter().map(|o| value_info(o, FLOAT, None)).collect(),
+                initializer: inits.clone(),
+                ..Default::default()
+            };
+            let bytes = onnx_model(graph, 17);
+            let feeds: Vec<(String, Tensor)> = ["x", "r"]
+                .iter()
+                .map(|n| {
+                    let v: Vec<f32> = (0..rows * k).map(|_| rng.range(-1.0, 1.0)).collect();
+                    (n.to_string(), Tensor::from_vec(&[1, rows, k], v).expect("tensor"))
+                })
+                .collect();
+            let cpu = Session::from_bytes(&bytes, &options(ExecutionProvider::Cpu)).expect("cpu session");
+            let gpu = gpu_session(&bytes, "gpu").expect("gpu session");
+            gpu.set_gpu_poison(true);
+            let want = cpu.run(feeds.clone()).expect("cpu run");
+            let got = gpu.run(feeds).expect("gpu run");
+            for out in ["q", "k", "v", "h"] {
+                let w = want.output(out).expect("cpu output").to_f64_vec().expect("floats");
+                let g = got.output(out).expect("gpu output").to_f64_vec().expect("floats");
+                assert_eq!(w.len(), g.len(), "{what}: {out}");
+                if let Some(e) = first_off(&w, &g, w.len(), 1e-4, 0) {
+                    failures.push(format!("{what}: {out}{e}"));
+                }
+            }
+            let report = gpu.gpu_placement().expect("a GPU session");
+            let dispatches = report.counters.dispatches / report.runs.max(1);
+            let expected = match (k % 16, rows) {
+                (0, r) if r <= 4 => 3,
+                (0, _) => 5,
+                // q, k, v, gate and up on the general kernels, the SiLU · Mul, down (K 96) with the Add
+                _ => 7,
+            };
+            if dispatches != expected {
+                failures.push(format!("{what}: {dispatches} dispatches a run, not {expected}"));
+            }
+            let f32_bytes = (4 * k * (nq + 2 * nkv + 3 * ff)) as u64;
+            let weights = report.weight_bytes_on_gpu;
+            let want_bytes = if f16_weights && k % 16 == 0 { f32_bytes / 2 } else { f32_bytes };
+            if weights != want_bytes {
+                failures.push(format!("{what}: {weights} bytes of weights on the GPU, not {want_bytes}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{} cases failed:\n  {}", failures.len(), failures.join("\n  "));
+}
+
 /// MatMulNBits nodes of one input (an attention layer's q, k and v projections; N of each in `ns`), each its own
 /// output, joined into one node on the GPU (kiln-graph's `fuse_matmul_splits`) and checked against the CPU provider:
 /// one dispatch a decode step for the two or three of them (the tiled path runs them one by one, after one int8

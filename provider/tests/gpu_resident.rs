@@ -238,7 +238,8 @@ fn elem_bytes(t: &Tensor) -> u64 {
 
 /// `fused_appends`: the model's rotations take their layer's KV appends along (Llama-style layers, f32 or float16
 /// caches: kiln_graph's fuse_rotary_appends): every steady step's appends are written by the rotation's dispatch.
-/// `in_matmul`: and the rotations are done by the layers' q / k / v matvecs (4-bit projections: fuse_qkv_rotations).
+/// `in_matmul`: and the rotations are done by the layers' q / k / v matvecs (4-bit or fp32 projections with f32
+/// caches: fuse_qkv_rotations).
 fn check(model: &str, fused_appends: bool, in_matmul: bool) {
     let dir = tiny_fixtures().join(model);
     let path = dir.join("model.onnx");
@@ -386,14 +387,16 @@ fn check_readback(model: &str) {
     }
 }
 
+/// fp32 projections run as the one-row float-weight kernels (kiln-graph's float_matmuls_as_row_kernels), so each
+/// layer's q / k / v matvec also rotates q and k and appends k and v, as with 4-bit weights.
 #[test]
 fn tiny_llama_optimum_kv_on_gpu() {
-    check("tiny-llama/onnx_optimum", true, false);
+    check("tiny-llama/onnx_optimum", true, true);
 }
 
 #[test]
 fn tiny_llama_sdpa_op23_kv_on_gpu() {
-    check("tiny-llama/onnx_dynamo_sdpa_op23", true, false);
+    check("tiny-llama/onnx_dynamo_sdpa_op23", true, true);
 }
 
 #[test]

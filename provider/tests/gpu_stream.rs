@@ -168,7 +168,7 @@ fn peak_memory_child() {
 
 /// A model with 4 × 16 MiB of external weights loaded from files on the GPU in a fresh process each way: with
 /// streaming (4 MiB reads) the peak memory grows by the weights once (lavapipe's GPU buffers are host memory) plus
-/// a few chunks; without it, by more than half the weights again. Both runs give the same outputs.
+/// a few chunks; without it, by more than half the weights again. Both runs give the same outputs (to rounding).
 #[test]
 fn streaming_bounds_the_peak_memory_of_a_load() {
     let _ = peak_rss();
@@ -239,7 +239,12 @@ fn streaming_bounds_the_peak_memory_of_a_load() {
     );
     assert_eq!(on_streamed, CHAIN);
     assert_eq!(off_streamed, 0);
-    assert_eq!(on_y, off_y, "the outputs differ with and without streaming");
+    // the same outputs up to the last bits: a weight in memory runs as the one-row float-weight kernel (its
+    // transposed copy made at load), a streamed one through the general matmul kernel (summation orders differ)
+    let values = |s: &str| -> Vec<f64> { s.split_whitespace().map(|v| v.parse().expect("a number")).collect() };
+    for (a, b) in values(&on_y).iter().zip(values(&off_y)) {
+        assert!((a - b).abs() <= 1e-4 * a.abs().max(b.abs()).max(1.0), "with streaming {on_y}, without {off_y}");
+    }
     // the GPU buffers (host memory on lavapipe), a read and its staging copy, the queue's 16 MiB upload window,
     // and 16 MiB for the run and the allocator
     let bound = weights + 2 * CHILD_CHUNK + (32 << 20);

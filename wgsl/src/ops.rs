@@ -156,7 +156,18 @@ fn kernel_of(model: &TypedModel, node: &TypedNode, caps: &Caps) -> Result<Kernel
             AxisOp::Add(a) => View::AddAxis(*a),
             AxisOp::Rm(a) => View::RmAxis(*a),
             AxisOp::Reshape(at, from, to) => View::Reshape { at: *at, from_len: from.len(), to: to.to_vec() },
-            AxisOp::Move(from, to) => return check(model, node, caps, Kernel::MoveAxis { from: *from, to: *to }),
+            AxisOp::Move(from, to) => {
+                // moving an axis only past axes of size 1 (or moving one of size 1) keeps the memory order: a view
+                let dims = &model.outlet_fact(node.inputs[0]).map_err(|e| e.to_string())?.shape;
+                let (lo, hi) = ((*from).min(*to), (*from).max(*to));
+                let in_order = dims.get(*from).is_some_and(|d| d.is_one())
+                    || (lo..=hi).filter(|i| i != from).all(|i| dims.get(i).is_some_and(|d| d.is_one()));
+                if !in_order || hi >= dims.len() {
+                    return check(model, node, caps, Kernel::MoveAxis { from: *from, to: *to });
+                }
+                let to = node.outputs[0].fact.shape.to_tvec().into_vec();
+                View::Reshape { at: 0, from_len: dims.len(), to }
+            }
         })
     } else if let Some(b) = node.op_as::<MultiBroadcastTo>() {
         Kernel::Broadcast { shape: b.shape.iter().cloned().collect() }

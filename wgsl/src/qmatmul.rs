@@ -4,6 +4,11 @@
 //!
 //! Inputs as the typed model keeps them: A (f32 `[.., K]`), B (u32 words of the blob bytes), scales (f32, or u32
 //! words of float16 pairs), zero points (u32 words of packed uint8, or f32; absent: `2^(bits-1)`).
+//!
+//! The same kernels run float matmuls with a constant weight ([`QMatMul::float_weights`], kiln-graph's
+//! `float_matmuls_as_row_kernels`): B is the weight transposed, `[N, K]` f32 (32 bits) or float16 (16 bits, two
+//! a word), with no scales or zero points — so an fp32 model's projections get the one-row decode kernel and every
+//! fusion of this module (norm, joined q/k/v, gate/up, residual, rotation with KV appends).
 
 use tract_onnx::prelude::*;
 
@@ -62,6 +67,9 @@ pub struct QMatMul {
     pub epilogue: QEpilogue,
     /// An RMS norm applied to A first (kiln-graph's matmul fusion).
     pub norm: Option<QNorm>,
+    /// B holds float weights `[N, K]` (`bits` 32: f32; 16: float16 pairs), no scales or zero points; `block_size`
+    /// is 16 and divides K.
+    pub float_weights: bool,
 }
 
 /// The RMS norm a [`QMatMul`] applies to A: `a / sqrt(mean(a²) + eps) [· gamma]`, as kiln's NormOp does.
@@ -103,12 +111,40 @@ impl QMatMul {
             int8_activations: op.int8_activations,
             epilogue: QEpilogue::None,
             norm: None,
+            float_weights: false,
         })
     }
 
-    /// Inputs of one weight: packed B, scales[, zero points].
+    /// The specialisation for a float matmul `A[.., K] · W` with a constant weight given transposed (`[N, K]`,
+    /// f32 or float16), or why it has none.
+    pub fn for_float_weight(k: usize, n: usize, weight: DatumType) -> std::result::Result<QMatMul, String> {
+        let bits = match weight {
+            DatumType::F32 => 32,
+            DatumType::F16 => 16,
+            other => return Err(format!("a {other:?} weight")),
+        };
+        if k == 0 || n == 0 || !k.is_multiple_of(16) {
+            return Err(format!("K={k}, N={n} (K a multiple of 16)"));
+        }
+        Ok(QMatMul {
+            k,
+            n,
+            bits,
+            block_size: 16,
+            scales_f16: false,
+            zero_points: QZeroPoints::Default,
+            int8_activations: false,
+            epilogue: QEpilogue::None,
+            norm: None,
+            float_weights: true,
+        })
+    }
+
+    /// Inputs of one weight: packed B, scales[, zero points]; float weights: B alone.
     fn weight_arity(&self) -> usize {
-        if self.zero_points == QZeroPoints::Default {
+        if self.float_weights {
+            1
+        } else if self.zero_points == QZeroPoints::Default {
             2
         } else {
             3
@@ -134,8 +170,15 @@ impl QMatMul {
     fn input_words_of(&self, n: usize) -> [usize; 3] {
         let kb = self.k_blocks();
         let blob_words = self.block_size as usize * self.bits as usize / 32;
-        let scales = if self.scales_f16 { (n * kb).div_ceil(2) } else { n * kb };
+        let scales = if self.float_weights {
+            0
+        } else if self.scales_f16 {
+            (n * kb).div_ceil(2)
+        } else {
+            n * kb
+        };
         let zp = match self.zero_points {
+            _ if self.float_weights => 0,
             QZeroPoints::Default => 0,
             QZeroPoints::Packed => (n * (kb * self.bits as usize).div_ceil(8)).div_ceil(4),
             QZeroPoints::Float => n * kb,
@@ -222,6 +265,15 @@ impl QMatMul {
                     format!("bitcast<f32>(zps{sfx}[i])"),
                 ),
             };
+            if self.float_weights {
+                // the weight's values themselves: scale 1, zero 0 (W_DECODE reads the word as floats)
+                return format!(
+                    "@group(0) @binding({bb}) var<storage, read> b{sfx}: array<u32>;\n\
+                     fn b{sfx}_at(i: u32) -> u32 {{\n    return b{sfx}[i];\n}}\n\
+                     fn scale{sfx}_at(i: u32) -> f32 {{\n    return 1.0;\n}}\n\
+                     fn zero{sfx}_at(col: u32, blk: u32, i: u32) -> f32 {{\n    return 0.0;\n}}\n"
+                );
+            }
             format!(
                 "@group(0) @binding({bb}) var<storage, read> b{sfx}: array<u32>;\n\
                  @group(0) @binding({sb}) var<storage, read> scales{sfx}: array<u32>;\n{zp_decl}\n\
@@ -271,8 +323,15 @@ impl QMatMul {
             QEpilogue::SiluMul => 2,
             QEpilogue::Split(_) => 3,
         };
+        // weight i of word q (zero point z) as f32
+        let (mask, decode) = match (self.float_weights, self.bits) {
+            (true, 32) => ("0xffffffffu".to_string(), "bitcast<f32>(q)"),
+            (true, _) => ("0xffffu".to_string(), "unpack2x16float(q)[i]"),
+            (false, bits) => (format!("{}u", (1u32 << bits) - 1), "f32((q >> (i * BITS)) & MASK) - z"),
+        };
         vec![("BITS", self.bits.to_string()), ("BS", self.block_size.to_string()), ("QM_FNS", fns)]
             .into_iter()
+            .chain([("MASK", mask), ("W_DECODE", decode.to_string())])
             .chain([("INT8_A", "false".to_string()), ("AQ_LEN", "1".to_string()), ("EPI", epi.to_string())])
             .chain([("PART2", if epi == 2 { "256" } else { "1" }.to_string())])
             .chain([("NORM", self.norm.is_some().to_string())])
@@ -423,32 +482,24 @@ impl QMatMul {
         }
         let kb = self.k_blocks();
         let zp_bytes = (kb * self.bits as usize).div_ceil(8);
-        let mut b = vec![(1, inputs[0]), (2, inputs[1]), (3, outs[0]), (4, inputs[2])];
+        // a weight's B, scales and zero points (`bindings`) from input `at`, as far as the weight has them
+        let weight =
+            |bindings: [u32; 3], at: usize| bindings.into_iter().zip(&inputs[at..at + wa]).map(|(b, t)| (b, *t));
+        let mut b = vec![(1, inputs[0]), (3, outs[0])];
+        b.extend(weight([2, 4, 5], 1));
         if QNorm::gamma_inputs(self.norm) == 1 {
             b.push((15, inputs[inputs.len() - 1]));
-        }
-        if self.zero_points != QZeroPoints::Default {
-            b.push((5, inputs[3]));
         }
         let mut split = [0u32; 2];
         match self.epilogue {
             QEpilogue::None => {}
             QEpilogue::Residual => b.push((9, inputs[1 + wa])),
-            QEpilogue::SiluMul => {
-                b.extend([(6, inputs[1 + wa]), (7, inputs[2 + wa])]);
-                if self.zero_points != QZeroPoints::Default {
-                    b.push((8, inputs[3 + wa]));
-                }
-            }
+            QEpilogue::SiluMul => b.extend(weight([6, 7, 8], 1 + wa)),
             QEpilogue::Split(ns) => {
                 split = [u32_of("n", ns[0])?, u32_of("n", ns[1])?];
                 for w in 1..parts.len() {
-                    let at = 1 + w * wa;
                     let base = if w == 1 { 6 } else { 10 };
-                    b.extend([(base, inputs[at]), (base + 1, inputs[at + 1])]);
-                    if self.zero_points != QZeroPoints::Default {
-                        b.push((base + 2, inputs[at + 2]));
-                    }
+                    b.extend(weight([base, base + 1, base + 2], 1 + w * wa));
                     if let Some(out) = outs.get(w) {
                         b.push((if w == 1 { 13 } else { 14 }, *out));
                     }
@@ -564,6 +615,7 @@ pub(crate) fn quantize_blocks(
         int8_activations: false,
         epilogue: QEpilogue::None,
         norm: None,
+        float_weights: false,
     }
     .spec();
     spec.push(("LANES", "32".into()));

@@ -2,7 +2,8 @@
 //   Y[r, n] = sum_k A[r, k] * W[n, k],  W[n, k] = (q[n, k] - zero[n, k / BS]) * scale[n, k / BS].
 // B: the ONNX uint8 blob [N, k_blocks, BS * BITS / 8] as little-endian u32 words; weight k of a block sits at bit
 // k * BITS of its blob, least significant first, so weight i of a word is (word >> (i * BITS)) & MASK. A block is a
-// whole number of words (BS >= 16, a power of two). Scales: f32 bits, or f16 pairs (SCALES_F16, unpack2x16float).
+// whole number of words (BS >= 16, a power of two). Float weights (W_DECODE): B is the weight [N, K] as f32 words
+// (BITS 32) or float16 pairs (BITS 16), scale 1 and zero 0. Scales: f32 bits, or f16 pairs (SCALES_F16, unpack2x16float).
 // Zero points (ZP_FNS): none (2^(BITS-1)), packed uint8 (ceil(k_blocks * BITS / 8) bytes per column, as u32 words)
 // or f32, one per block.
 //   mv_main:       few rows (decode): a workgroup per MV_COLS columns of one row, LANES invocations per column
@@ -44,7 +45,7 @@ struct Params {
 const BITS: u32 = {{BITS}}u;
 const BS: u32 = {{BS}}u;
 const PER_WORD: u32 = 32u / BITS;
-const MASK: u32 = (1u << BITS) - 1u;
+const MASK: u32 = {{MASK}};
 const BLOB_WORDS: u32 = BS * BITS / 32u;
 // words per column in one 16-wide K step
 const TW: u32 = 16u / PER_WORD;
@@ -73,17 +74,22 @@ fn epilogue(i: u32, v: f32, u: f32) -> f32 {
     return v;
 }
 
+// Weight i of packed word q less the zero point z (float weights: the word's f32, or its i-th float16).
+fn w_decode(q: u32, i: u32, z: f32) -> f32 {
+    return {{W_DECODE}};
+}
+
 // One packed word's dot product with A: PER_WORD weights from K index kb, zero point z.
 fn word_dot(q: u32, z: f32, a0: u32, kb: u32) -> f32 {
     var s = 0.0;
     if (kb + PER_WORD <= p.k) {
         for (var i = 0u; i < PER_WORD; i = i + 1u) {
-            s = s + (f32((q >> (i * BITS)) & MASK) - z) * a_row(a0, kb + i);
+            s = s + w_decode(q, i, z) * a_row(a0, kb + i);
         }
     } else {
         for (var i = 0u; i < PER_WORD; i = i + 1u) {
             if (kb + i < p.k) {
-                s = s + (f32((q >> (i * BITS)) & MASK) - z) * a_row(a0, kb + i);
+                s = s + w_decode(q, i, z) * a_row(a0, kb + i);
             }
         }
     }
@@ -336,7 +342,7 @@ fn tiled_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
                     for (var i = 0u; i < PER_WORD; i = i + 1u) {
                         var v = 0.0;
                         if (kb + i < p.k) {
-                            v = (f32((q >> (i * BITS)) & MASK) - z) * s;
+                            v = w_decode(q, i, z) * s;
                         }
                         Bs[(jw * PER_WORD + i) * 64u + nn] = v;
                     }
