@@ -971,137 +971,161 @@ pub fn fuse_matmul_norms(model: &mut TypedModel, max_storage_buffers: u32) -> Re
 /// directly. The CPU reference is the same matmul on the transposed weight (after its cast up). Returns how many
 /// it turned.
 pub fn float_matmuls_as_row_kernels(model: &mut TypedModel) -> Result<usize> {
+    const WHAT: &str = "a float matmul as a row kernel";
+    // one patch per matmul, applied and compacted before the next: the host holds a weight and its transposed
+    // copy one weight at a time, not the model's weights twice
+    let names: Vec<String> =
+        model.eval_order().map_err(tract_err(WHAT))?.iter().map(|id| model.node(*id).name.clone()).collect();
+    let mut done = 0;
+    for name in names {
+        let Ok(id) = model.node_id_by_name(&name) else { continue };
+        if let Some(patch) = float_matmul_as_row_kernel(model, id)? {
+            apply_compacted(patch, model, WHAT)?;
+            done += 1;
+        }
+    }
+    Ok(done)
+}
+
+/// A GPU view (a reshape: the memory order unchanged) that keeps its input's last axis, so every row of it is a row
+/// of its input: leading axes merged, split, added or removed.
+fn keeps_last_axis(model: &TypedModel, n: &TypedNode) -> bool {
+    let (Some(Kernel::View(_)), [i]) = (n.op_as::<GpuOp>().map(|g| &g.kernel), n.inputs.as_slice()) else {
+        return false;
+    };
+    let Ok(f) = model.outlet_fact(*i) else { return false };
+    f.shape.last().is_some() && f.shape.last() == n.outputs[0].fact.shape.last()
+}
+
+/// The patch turning node `id` into the float-weight row kernel ([`float_matmuls_as_row_kernels`]), when it is a
+/// GPU float MatMul with a constant weight the kernel takes.
+fn float_matmul_as_row_kernel(model: &TypedModel, id: usize) -> Result<Option<TypedModelPatch>> {
     use kiln_wgsl::ops::ToDevice;
     use tract_onnx::tract_core::ops::einsum::prefix_matmul::PrefixMatMul;
     use tract_onnx::tract_core::ops::konst::Const;
-    let what = "a float matmul as a row kernel";
-    let outputs: HashSet<OutletId> = model.output_outlets().map_err(tract_err(what))?.iter().copied().collect();
-    // a GPU view (a reshape: the memory order unchanged) that keeps its input's last axis, so every row of it is a
-    // row of its input: leading axes merged, split, added or removed
-    let keeps_last = |n: &TypedNode| -> bool {
-        let (Some(Kernel::View(_)), [i]) = (n.op_as::<GpuOp>().map(|g| &g.kernel), n.inputs.as_slice()) else {
-            return false;
-        };
-        let Ok(f) = model.outlet_fact(*i) else { return false };
-        f.shape.last().is_some() && f.shape.last() == n.outputs[0].fact.shape.last()
+    const WHAT: &str = "a float matmul as a row kernel";
+    let node = model.node(id);
+    let Some(g) = node.op_as::<GpuOp>() else { return Ok(None) };
+    let Kernel::MatMul { transpose_a: false, transpose_b, transpose_c: false, exact: false } = g.kernel else {
+        return Ok(None);
     };
-    let mut done = 0;
-    let order = model.eval_order().map_err(tract_err(what))?;
+    let Some(mm) = g.cpu.as_op().downcast_ref::<PrefixMatMul>() else { return Ok(None) };
+    if node.inputs.len() != 2 || node.inputs[0] == node.inputs[1] {
+        return Ok(None);
+    }
+    let to_device = model.node(node.inputs[1].node);
+    if !to_device.op_is::<ToDevice>() {
+        return Ok(None);
+    }
+    let Some(w) = model.node(to_device.inputs[0].node).op_as::<Const>().map(|c| c.val().clone()) else {
+        return Ok(None);
+    };
+    let r = w.rank();
+    if w.datum_type() != DatumType::F32 || r < 2 || w.shape()[..r - 2].iter().any(|d| *d != 1) {
+        return Ok(None);
+    }
+    let (k, n) = if transpose_b { (w.shape()[r - 1], w.shape()[r - 2]) } else { (w.shape()[r - 2], w.shape()[r - 1]) };
+    let a = model.outlet_fact(node.inputs[0]).map_err(tract_err(WHAT))?;
+    if a.datum_type != DatumType::F32 || a.rank() != r || a.shape.last() != Some(&k.to_dim()) {
+        return Ok(None);
+    }
+    let Ok(plain) = w.try_as_plain_ram() else { return Ok(None) };
+    let Ok(values) = plain.as_slice::<f32>() else { return Ok(None) };
+    let exact16 = values.iter().all(|v| v.is_nan() || f16::from_f32(*v).to_f32() == *v);
+    let dt = if exact16 { DatumType::F16 } else { DatumType::F32 };
+    let Ok(kernel) = kiln_wgsl::qmatmul::QMatMul::for_float_weight(k, n, dt) else { return Ok(None) };
+    let outputs: HashSet<OutletId> = model.output_outlets().map_err(tract_err(WHAT))?.iter().copied().collect();
+    // the views after the product that keep its last axis (tract's split of merged leading axes, its removal of
+    // unit ones), each the only reader of the one before: the new node makes their result itself
+    let mut views = vec![];
+    let mut end = OutletId::new(id, 0);
+    loop {
+        let succ = &model.node(end.node).outputs[end.slot].successors;
+        if succ.len() != 1 || outputs.contains(&end) {
+            break;
+        }
+        let v = model.node(succ[0].node);
+        if !keeps_last_axis(model, v) || v.outputs[0].fact.rank() < 2 {
+            break;
+        }
+        views.push(v.id);
+        end = OutletId::new(v.id, 0);
+    }
+    let out_shape = model.outlet_fact(end).map_err(tract_err(WHAT))?.shape.clone();
+    let rank = out_shape.len();
+    // its A: an outlet up A's chain of such views with the leading dims of that result, else those views applied
+    // to A (reusing the same views another projection of this A made: projections of one input then read one
+    // outlet, and join)
+    let mut up = node.inputs[0];
+    let found = loop {
+        let f = model.outlet_fact(up).map_err(tract_err(WHAT))?;
+        if f.rank() == rank && f.shape.iter().take(rank - 1).eq(out_shape.iter().take(rank - 1)) {
+            break Some(up);
+        }
+        let p = model.node(up.node);
+        if !keeps_last_axis(model, p) {
+            break None;
+        }
+        up = p.inputs[0];
+    };
     let mut patch = TypedModelPatch::default();
-    let mut viewed: HashMap<(OutletId, String), OutletId> = HashMap::new();
-    for id in order {
-        let node = model.node(id);
-        let Some(g) = node.op_as::<GpuOp>() else { continue };
-        let Kernel::MatMul { transpose_a: false, transpose_b, transpose_c: false, exact: false } = g.kernel else {
-            continue;
-        };
-        let Some(mm) = g.cpu.as_op().downcast_ref::<PrefixMatMul>() else { continue };
-        if node.inputs.len() != 2 || node.inputs[0] == node.inputs[1] {
-            continue;
-        }
-        let to_device = model.node(node.inputs[1].node);
-        if !to_device.op_is::<ToDevice>() {
-            continue;
-        }
-        let Some(w) = model.node(to_device.inputs[0].node).op_as::<Const>().map(|c| c.val().clone()) else {
-            continue;
-        };
-        let r = w.rank();
-        if w.datum_type() != DatumType::F32 || r < 2 || w.shape()[..r - 2].iter().any(|d| *d != 1) {
-            continue;
-        }
-        let (k, n) =
-            if transpose_b { (w.shape()[r - 1], w.shape()[r - 2]) } else { (w.shape()[r - 2], w.shape()[r - 1]) };
-        let a = model.outlet_fact(node.inputs[0]).map_err(tract_err(what))?;
-        if a.datum_type != DatumType::F32 || a.rank() != r || a.shape.last() != Some(&k.to_dim()) {
-            continue;
-        }
-        let Ok(plain) = w.try_as_plain_ram() else { continue };
-        let Ok(values) = plain.as_slice::<f32>() else { continue };
-        let exact16 = values.iter().all(|v| v.is_nan() || f16::from_f32(*v).to_f32() == *v);
-        let dt = if exact16 { DatumType::F16 } else { DatumType::F32 };
-        let Ok(kernel) = kiln_wgsl::qmatmul::QMatMul::for_float_weight(k, n, dt) else { continue };
-        // the views after the product that keep its last axis (tract's split of merged leading axes, its removal
-        // of unit ones), each the only reader of the one before: the new node makes their result itself
-        let mut views = vec![];
-        let mut end = OutletId::new(id, 0);
-        loop {
-            let succ = &model.node(end.node).outputs[end.slot].successors;
-            if succ.len() != 1 || outputs.contains(&end) {
-                break;
-            }
-            let v = model.node(succ[0].node);
-            if !keeps_last(v) || v.outputs[0].fact.rank() < 2 {
-                break;
-            }
-            views.push(v.id);
-            end = OutletId::new(v.id, 0);
-        }
-        let out_shape = model.outlet_fact(end).map_err(tract_err(what))?.shape.clone();
-        let rank = out_shape.len();
-        // its A: an outlet up A's chain of such views with the leading dims of that result, or the views on A
-        let mut up = node.inputs[0];
-        let found = loop {
-            let f = model.outlet_fact(up).map_err(tract_err(what))?;
-            if f.rank() == rank && f.shape.iter().take(rank - 1).eq(out_shape.iter().take(rank - 1)) {
-                break Some(up);
-            }
-            let p = model.node(up.node);
-            if !keeps_last(p) {
-                break None;
-            }
-            up = p.inputs[0];
-        };
-        let a = match found {
-            Some(x) => patch.tap_model(model, x).map_err(tract_err(what))?,
-            None => {
-                // the same views on the same A made once (projections of one input then read one outlet)
-                let ops: Vec<GpuOp> = views.iter().filter_map(|v| model.node(*v).op_as::<GpuOp>().cloned()).collect();
-                let key = (node.inputs[0], format!("{:?}", ops.iter().map(|o| &o.kernel).collect::<Vec<_>>()));
-                match viewed.get(&key) {
-                    Some(a) => *a,
-                    None => {
-                        let mut a = patch.tap_model(model, node.inputs[0]).map_err(tract_err(what))?;
-                        for (v, op) in views.iter().zip(ops) {
-                            let name = format!("{}.rows_in", model.node(*v).name);
-                            a = patch.wire_node(name, op, &[a]).map_err(tract_err(what))?[0];
-                        }
-                        viewed.insert(key, a);
-                        a
+    let a = match found {
+        Some(x) => patch.tap_model(model, x).map_err(tract_err(WHAT))?,
+        None => {
+            let mut at = node.inputs[0];
+            let mut wired: Option<OutletId> = None;
+            for v in &views {
+                let vn = model.node(*v);
+                let op = vn.op_as::<GpuOp>().cloned().ok_or_else(|| Error::invalid_model(WHAT))?;
+                let same = wired.is_none().then(|| {
+                    model.node(at.node).outputs[at.slot].successors.iter().find(|s| {
+                        let other = model.node(s.node);
+                        other.name.ends_with(".rows_in")
+                            && other.op_as::<GpuOp>().is_some_and(|g| g.kernel == op.kernel)
+                    })
+                });
+                match (same.flatten(), wired) {
+                    (Some(s), None) => at = OutletId::new(s.node, 0),
+                    (_, w) => {
+                        let input = match w {
+                            Some(w) => w,
+                            None => patch.tap_model(model, at).map_err(tract_err(WHAT))?,
+                        };
+                        let name = format!("{}.rows_in", vn.name);
+                        wired = Some(patch.wire_node(name, op, &[input]).map_err(tract_err(WHAT))?[0]);
                     }
                 }
             }
-        };
-        let replaced = end;
-        // W as [1.., N, K], of the new A's rank
-        let mut wt =
-            if transpose_b { (*w).clone() } else { (*w).clone().move_axis(r - 1, r - 2).map_err(tract_err(what))? };
-        while wt.rank() < rank {
-            wt.insert_axis(0).map_err(tract_err(what))?;
+            match wired {
+                Some(w) => w,
+                None => patch.tap_model(model, at).map_err(tract_err(WHAT))?,
+            }
         }
-        while wt.rank() > rank {
-            wt.remove_axis(0).map_err(tract_err(what))?;
-        }
-        let wt = wt.cast_to_dt(dt).map_err(tract_err(what))?.into_owned();
-        let c = patch.add_const(format!("{}.wt", node.name), wt).map_err(tract_err(what))?;
-        let wt = patch.wire_node(format!("{}.wt.to_device", node.name), ToDevice, &[c]).map_err(tract_err(what))?[0];
-        let matmul = PrefixMatMul { transpose_b: true, ..mm.clone() };
-        let steps: Vec<(Box<dyn TypedOp>, Vec<Src>)> = if exact16 {
-            vec![
-                (Box::new(tract_onnx::tract_core::ops::cast::cast(DatumType::F32)), vec![Src::Input(1)]),
-                (Box::new(matmul), vec![Src::Input(0), Src::Step(0)]),
-            ]
-        } else {
-            vec![(Box::new(matmul), vec![Src::Input(0), Src::Input(1)])]
-        };
-        let op = GpuOp { kernel: Kernel::QMatMul(kernel), cpu: Box::new(FusedChain { inputs: 2, steps, outputs: 1 }) };
-        wire_replacing(&mut patch, model, format!("{}.rows", node.name), op, &[a, wt], &[replaced], what)?;
-        done += 1;
+    };
+    // W as [1.., N, K], of the new A's rank
+    let mut wt =
+        if transpose_b { (*w).clone() } else { (*w).clone().move_axis(r - 1, r - 2).map_err(tract_err(WHAT))? };
+    while wt.rank() < rank {
+        wt.insert_axis(0).map_err(tract_err(WHAT))?;
     }
-    if done > 0 {
-        apply_compacted(patch, model, what)?;
+    while wt.rank() > rank {
+        wt.remove_axis(0).map_err(tract_err(WHAT))?;
     }
-    Ok(done)
+    let wt = wt.cast_to_dt(dt).map_err(tract_err(WHAT))?.into_owned();
+    let c = patch.add_const(format!("{}.wt", node.name), wt).map_err(tract_err(WHAT))?;
+    let wt = patch.wire_node(format!("{}.wt.to_device", node.name), ToDevice, &[c]).map_err(tract_err(WHAT))?[0];
+    let matmul = PrefixMatMul { transpose_b: true, ..mm.clone() };
+    let steps: Vec<(Box<dyn TypedOp>, Vec<Src>)> = if exact16 {
+        vec![
+            (Box::new(tract_onnx::tract_core::ops::cast::cast(DatumType::F32)), vec![Src::Input(1)]),
+            (Box::new(matmul), vec![Src::Input(0), Src::Step(0)]),
+        ]
+    } else {
+        vec![(Box::new(matmul), vec![Src::Input(0), Src::Input(1)])]
+    };
+    let op = GpuOp { kernel: Kernel::QMatMul(kernel), cpu: Box::new(FusedChain { inputs: 2, steps, outputs: 1 }) };
+    wire_replacing(&mut patch, model, format!("{}.rows", node.name), op, &[a, wt], &[end], WHAT)?;
+    Ok(Some(patch))
 }
 
 /// Weights this large or larger are considered for [`matmul_weights_in_f16`] (bytes of their f32 values).

@@ -475,8 +475,10 @@ fn float_matmuls_run_as_the_row_kernels() {
             output: vec![out.into()],
             ..Default::default()
         };
-        for rows in [1, 3, 70] {
-            let what = format!("K {k}, float16 weights {f16_weights}, {rows} rows");
+        // batch and sequence symbolic (as exporters declare them), or fixed (tract then drops the unit batch axis
+        // around the matmuls: views the row kernels absorb too)
+        for (symbolic, rows) in [(true, 1), (true, 3), (true, 70), (false, 3), (false, 70)] {
+            let what = format!("K {k}, float16 weights {f16_weights}, {rows} rows, symbolic dims {symbolic}");
             let graph = pb::GraphProto {
                 name: "layer".into(),
                 node: vec![
@@ -491,7 +493,10 @@ fn float_matmuls_run_as_the_row_kernels() {
                     op("MatMul", &["m", "wd"], "d"),
                     op("Add", &["r", "d"], "h"),
                 ],
-                input: ["x", "r"].iter().map(|n| symbolic_info(n, k)).collect(),
+                input: ["x", "r"]
+                    .iter()
+                    .map(|n| if symbolic { symbolic_info(n, k) } else { value_info(n, FLOAT, Some(&[1, rows, k])) })
+                    .collect(),
                 output: ["q", "k", "v", "h"].iter().map(|o| value_info(o, FLOAT, None)).collect(),
                 initializer: inits.clone(),
                 ..Default::default()
