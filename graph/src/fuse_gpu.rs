@@ -1114,7 +1114,7 @@ fn float_matmul_as_row_kernel(model: &TypedModel, id: usize) -> Result<Option<Ty
     let wt = wt.cast_to_dt(dt).map_err(tract_err(WHAT))?.into_owned();
     let c = patch.add_const(format!("{}.wt", node.name), wt).map_err(tract_err(WHAT))?;
     let wt = patch.wire_node(format!("{}.wt.to_device", node.name), ToDevice, &[c]).map_err(tract_err(WHAT))?[0];
-    let matmul = PrefixMatMul { transpose_b: true, ..mm.clone() };
+    let matmul = PrefixMatMul { transpose_b: true, ..*mm };
     let steps: Vec<(Box<dyn TypedOp>, Vec<Src>)> = if exact16 {
         vec![
             (Box::new(tract_onnx::tract_core::ops::cast::cast(DatumType::F32)), vec![Src::Input(1)]),
