@@ -240,7 +240,7 @@ fn greedy_loop(s: &blocking::Session, dir: &Path, steps: usize, pipelined: bool)
 
 /// The pipelined loop ([`greedy_loop`]) on the GPU generates the CPU's tokens for three export styles (the q4
 /// one through the rotation-in-matvec kernels), reads nothing back inside its runs, and keeps the buffer pool
-/// steady: on a decode step with no KV capacity growth (nor one the step before), the token handed to the
+/// steady: on a decode step with no KV capacity growth (nor one two steps before), the token handed to the
 /// application costs one new buffer and the bind groups of the two dispatches that touch it (the argmax writing
 /// it, the embedding gather reading it) more than the stepwise loop's same step — not a reshuffle of the pool's
 /// buffers among the other dispatches (their cached bind groups would miss).
@@ -266,15 +266,22 @@ fn a_pipelined_greedy_loop_keeps_the_token_on_the_gpu() {
             let (r, p) = (reference[step], counters[step]);
             assert_eq!(r[0], 1, "{model} step {step}: the stepwise loop reads the token back");
             assert_eq!(p[0], 0, "{model} step {step}: the pipelined loop's runs read nothing back");
-            if p[3] + counters[step - 1][3] + r[3] + reference[step - 1][3] > 0 {
+            // a KV capacity growth rebinds the new stores for a step or two (more in one loop than the other
+            // depending on which buffers the allocator hands back)
+            if (step - 2..=step).any(|s| p_or_r_grew(&counters, &reference, s)) {
                 continue;
             }
             steady += 1;
             assert!(p[1] <= r[1] + 1, "{model} step {step}: buffers created {} (stepwise {})", p[1], r[1]);
             assert!(p[2] <= r[2] + 2, "{model} step {step}: bind groups created {} (stepwise {})", p[2], r[2]);
         }
-        assert!(steady >= 8, "{model}: {steady} steady steps");
+        assert!(steady >= 5, "{model}: {steady} steady steps");
     }
+}
+
+/// Whether either loop made KV stores (a capacity growth) at `step`.
+fn p_or_r_grew(a: &[[usize; 4]], b: &[[usize; 4]], step: usize) -> bool {
+    a[step][3] + b[step][3] > 0
 }
 
 #[test]
