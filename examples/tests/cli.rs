@@ -54,8 +54,9 @@ fn references() -> Vec<Reference> {
         .collect()
 }
 
-/// Runs every reference whose model starts with one of `models` (all when `None`); returns the mismatches.
-fn check(models: Option<&[&str]>) -> Vec<String> {
+/// Runs every reference whose model starts with one of `models` (all when `None`) with kiln-run's `extra`
+/// options; returns the mismatches.
+fn check(models: Option<&[&str]>, extra: &[&str]) -> Vec<String> {
     let mut failures = vec![];
     let mut ran = 0;
     for r in references() {
@@ -67,11 +68,14 @@ fn check(models: Option<&[&str]>) -> Vec<String> {
         ran += 1;
         let path = fixtures().join(&r.model);
         let ids = r.ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",");
-        let out = kiln_run(&[path.to_str().unwrap(), "--ids", &ids, "--greedy", &r.steps.to_string()]);
+        let steps = r.steps.to_string();
+        let mut args = vec![path.to_str().unwrap(), "--ids", &ids, "--greedy", &steps];
+        args.extend_from_slice(extra);
+        let out = kiln_run(&args);
         match tokens(&out) {
             Some(t) if t == r.tokens && out.status.success() => {}
-            Some(t) => failures.push(format!("{}: kiln {t:?} != onnxruntime {:?}", r.model, r.tokens)),
-            None => failures.push(format!("{}: no tokens ({})", r.model, stderr(&out).trim())),
+            Some(t) => failures.push(format!("{} {extra:?}: kiln {t:?} != onnxruntime {:?}", r.model, r.tokens)),
+            None => failures.push(format!("{} {extra:?}: no tokens ({})", r.model, stderr(&out).trim())),
         }
     }
     if let Some(m) = models {
@@ -84,7 +88,18 @@ fn check(models: Option<&[&str]>) -> Vec<String> {
 /// onnxruntime.
 #[test]
 fn greedy_matches_onnxruntime() {
-    let failures = check(None);
+    let failures = check(None, &[]);
+    assert!(failures.is_empty(), "greedy tokens differ from onnxruntime:\n{}", failures.join("\n"));
+}
+
+/// On the GPU (lavapipe in CI; the CPU where there is no adapter) kiln-run's pipelined loop (the next token kept on
+/// the GPU and fed back) and its stepwise one (`--no-pipeline`) decode onnxruntime's tokens for the llama exports
+/// (fp32 and q4: the fp32 projections run as the float-weight row kernels) and gpt2.
+#[test]
+fn gpu_greedy_pipelined_and_stepwise_match_onnxruntime() {
+    let models: &[&str] = &["tiny-llama/onnx_optimum/", "tiny-llama/onnx_optimum_q4/", "tiny-gpt2/onnx_optimum/"];
+    let mut failures = check(Some(models), &["--provider", "gpu"]);
+    failures.extend(check(Some(models), &["--provider", "gpu", "--no-pipeline"]));
     assert!(failures.is_empty(), "greedy tokens differ from onnxruntime:\n{}", failures.join("\n"));
 }
 

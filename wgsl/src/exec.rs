@@ -980,16 +980,10 @@ impl Submitted {
     }
 }
 
-/// The logical bytes of `t` (a KV store's rows without its spare capacity), copied back through a staging buffer
-/// on `device` / `queue` outside any recorder (a GPU tensor an application holds). Awaits the map; never blocks
-/// in a browser.
-pub async fn download(device: &wgpu::Device, queue: &wgpu::Queue, t: &GpuTensor) -> Result<Vec<u8>> {
-    Download::start(device, queue, t)?.bytes(device).await
-}
-
-/// A download under way: the copy into a staging buffer submitted and its map asked for ([`Download::start`]),
-/// the bytes awaited later ([`Download::bytes`]). Work submitted after the start runs behind the copy, so the
-/// host may queue the next run before it waits for this tensor.
+/// A download of the logical bytes of `t` (a KV store's rows without its spare capacity) through a staging buffer,
+/// outside any recorder (a GPU tensor an application holds): the copy submitted and its map asked for
+/// ([`Download::start`]), the bytes awaited later ([`Download::bytes`]; never blocks in a browser). Work submitted
+/// after the start runs behind the copy, so the host may queue the next run before it waits for this tensor.
 pub struct Download {
     staging: Option<(wgpu::Buffer, u64, u64)>,
     signal: Arc<Signal>,
