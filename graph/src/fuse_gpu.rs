@@ -997,6 +997,43 @@ fn keeps_last_axis(model: &TypedModel, n: &TypedNode) -> bool {
     f.shape.last().is_some() && f.shape.last() == n.outputs[0].fact.shape.last()
 }
 
+/// tract's fold of a transpose into a matmul's K, as it lowers an attention output `[b, H, s, D]` transposed to
+/// `[b, s, H, D]` and merged to `[b, s, H·D]` before the o-projection: it moves H last instead (`[b, s, D, H]`, a
+/// copy even where s = 1) and permutes the weight's K rows to `d·H + h`. Found on the row kernel's A (`a`): the
+/// fold's reshape of the last two axes, views that keep the last axis, and the MoveAxis of an axis to the end;
+/// returns its input X, the moved axis, (D, H) and the leading dims of the MoveAxis's output.
+fn transposed_k(model: &TypedModel, a: OutletId) -> Option<(OutletId, usize, [usize; 2], TVec<TDim>)> {
+    use tract_onnx::tract_hir::internal::DimLike;
+    let fold = model.node(a.node);
+    let Some(Kernel::View(kiln_wgsl::View::Reshape { at, from_len: 2, to })) = fold.op_as::<GpuOp>().map(|g| &g.kernel)
+    else {
+        return None;
+    };
+    let folded = model.outlet_fact(*fold.inputs.first()?).ok()?;
+    let r = folded.rank();
+    if r < 3 || *at != r - 2 || to.len() != 1 {
+        return None;
+    }
+    let (d, h) = (folded.shape[r - 2].to_usize().ok()?, folded.shape[r - 1].to_usize().ok()?);
+    let mut up = fold.inputs[0];
+    loop {
+        let n = model.node(up.node);
+        match n.op_as::<GpuOp>().map(|g| &g.kernel) {
+            Some(Kernel::MoveAxis { from, to }) => {
+                let x = model.outlet_fact(*n.inputs.first()?).ok()?;
+                let rx = x.rank();
+                let moved_last = *to == rx - 1 && *from < rx - 1;
+                let dims_fit = x.shape[*from].to_usize().ok() == Some(h) && x.shape[rx - 1].to_usize().ok() == Some(d);
+                let out = &n.outputs[0].fact.shape;
+                return (moved_last && dims_fit)
+                    .then(|| (n.inputs[0], *from, [d, h], out.iter().take(rx - 2).cloned().collect()));
+            }
+            _ if keeps_last_axis(model, n) => up = n.inputs[0],
+            _ => return None,
+        }
+    }
+}
+
 /// The patch turning node `id` into the float-weight row kernel ([`float_matmuls_as_row_kernels`]), when it is a
 /// GPU float MatMul with a constant weight the kernel takes.
 fn float_matmul_as_row_kernel(model: &TypedModel, id: usize) -> Result<Option<TypedModelPatch>> {
@@ -1056,8 +1093,14 @@ fn float_matmul_as_row_kernel(model: &TypedModel, id: usize) -> Result<Option<Ty
     // its A: an outlet up A's chain of such views with the leading dims of that result, else those views applied
     // to A (reusing the same views another projection of this A made: projections of one input then read one
     // outlet, and join)
+    // tract's transposed K: the heads moved before the last axis instead, the weight's rows permuted back
+    let unfold = transposed_k(model, node.inputs[0])
+        .filter(|(_, _, _, lead)| lead.len() + 1 == rank && lead.iter().eq(out_shape.iter().take(rank - 1)));
     let mut up = node.inputs[0];
     let found = loop {
+        if unfold.is_some() {
+            break None;
+        }
         let f = model.outlet_fact(up).map_err(tract_err(WHAT))?;
         if f.rank() == rank && f.shape.iter().take(rank - 1).eq(out_shape.iter().take(rank - 1)) {
             break Some(up);
@@ -1069,9 +1112,24 @@ fn float_matmul_as_row_kernel(model: &TypedModel, id: usize) -> Result<Option<Ty
         up = p.inputs[0];
     };
     let mut patch = TypedModelPatch::default();
-    let a = match found {
-        Some(x) => patch.tap_model(model, x).map_err(tract_err(WHAT))?,
-        None => {
+    let a = match (found, &unfold) {
+        (_, Some((x, from, [d, h], _))) => {
+            use tract_onnx::tract_core::ops::change_axes::AxisOp;
+            let x_rank = model.outlet_fact(*x).map_err(tract_err(WHAT))?.rank();
+            let x = patch.tap_model(model, *x).map_err(tract_err(WHAT))?;
+            let moved = GpuOp {
+                kernel: Kernel::MoveAxis { from: *from, to: x_rank - 2 },
+                cpu: Box::new(AxisOp::Move(*from, x_rank - 2)),
+            };
+            let x = patch.wire_node(format!("{}.heads_first", node.name), moved, &[x]).map_err(tract_err(WHAT))?[0];
+            let merged = GpuOp {
+                kernel: Kernel::View(kiln_wgsl::View::Reshape { at: x_rank - 2, from_len: 2, to: vec![k.to_dim()] }),
+                cpu: Box::new(AxisOp::Reshape(x_rank - 2, tvec![h.to_dim(), d.to_dim()], tvec![k.to_dim()])),
+            };
+            patch.wire_node(format!("{}.heads_merged", node.name), merged, &[x]).map_err(tract_err(WHAT))?[0]
+        }
+        (Some(x), None) => patch.tap_model(model, x).map_err(tract_err(WHAT))?,
+        (None, None) => {
             let mut at = node.inputs[0];
             let mut wired: Option<OutletId> = None;
             for v in &views {
@@ -1102,9 +1160,17 @@ fn float_matmul_as_row_kernel(model: &TypedModel, id: usize) -> Result<Option<Ty
             }
         }
     };
-    // W as [1.., N, K], of the new A's rank
+    // W as [1.., N, K], of the new A's rank (with a transposed K unfolded: row d·H + h back to h·D + d)
     let mut wt =
         if transpose_b { (*w).clone() } else { (*w).clone().move_axis(r - 1, r - 2).map_err(tract_err(WHAT))? };
+    if let Some((_, _, [d, h], _)) = unfold {
+        let shape = wt.shape().to_vec();
+        wt = wt
+            .into_shape(&[n, d, h])
+            .and_then(|t| t.move_axis(2, 1))
+            .and_then(|t| t.into_shape(&shape))
+            .map_err(tract_err(WHAT))?;
+    }
     while wt.rank() < rank {
         wt.insert_axis(0).map_err(tract_err(WHAT))?;
     }

@@ -415,6 +415,29 @@ fn tiny_llama_optimum_q4_kv_on_gpu() {
     check("tiny-llama/onnx_optimum_q4", true, true);
 }
 
+/// The fp32 export of the tiny llama and its 4-bit quantization (both optimum's) take the same dispatches a decode
+/// step: the fp32 projections run as the float-weight row kernels with every fusion of the 4-bit ones, and tract's
+/// transposed K before the o-projection is unfolded (no transpose copy a layer).
+#[test]
+fn fp32_and_q4_llama_decode_steps_take_the_same_dispatches() {
+    let prompt = [15i64, 230, 7, 99, 512, 3, 871];
+    let mut per_step = vec![];
+    for model in ["tiny-llama/onnx_optimum", "tiny-llama/onnx_optimum_q4"] {
+        let dir = tiny_fixtures().join(model);
+        let path = dir.join("model.onnx");
+        let Some(probe) = gpu_session(&path, PreferredOutputLocation::default()) else { return };
+        let prefs = kv_prefs(&probe);
+        drop(probe);
+        let gpu = gpu_session(&path, prefs).expect("a GPU session");
+        let got = run_loop(&gpu, &dir, &prompt, 6, None);
+        // the last step (past 12: no capacity growth)
+        let last = got.steps.last().expect("steps");
+        assert_eq!(last.kv_stores_created, 0, "{model}");
+        per_step.push((model, last.dispatches));
+    }
+    assert_eq!(per_step[0].1, per_step[1].1, "dispatches a decode step: {per_step:?}");
+}
+
 /// float16 models: the cache stays float16 on the GPU, the KV Concat (in float16, kiln_wgsl::kv::concat_kv_in_f16)
 /// appends in place and the fused attention reads the float16 past in place.
 #[test]
