@@ -744,8 +744,8 @@ async fn is_rope_table(t: &pb::TensorProto, resolver: &dyn ExternalDataResolver,
 /// The streaming import's first step, for GPU sessions: each external initializer of the main graph of at least
 /// `streaming.min_bytes` whose readers take it as a runtime tensor ([`streamable_initializers`]) is replaced by an `ai.kiln` ExternalWeight node of the same name (its bytes stay in the
 /// source), and every smaller one is read (asynchronously, through [`ExternalDataResolver::read_range`]) and inlined.
-/// Tensors inside subgraphs and node attributes are left to the import's synchronous read. Returns the number of
-/// weights left in the source.
+/// Tensors inside subgraphs and node attributes are read and inlined the same way. Returns the number of weights
+/// left in the source.
 pub async fn stream_external_initializers(
     proto: &mut pb::ModelProto,
     resolver: &dyn ExternalDataResolver,
@@ -761,27 +761,7 @@ pub async fn stream_external_initializers(
             continue;
         }
         let (location, offset, length) = external_ref(&t)?;
-        let dt = kiln_ops::external_weight::datum_type_of(t.data_type).ok().filter(|dt| *dt != DatumType::String);
-        let numel = t.dims.iter().try_fold(1u64, |n, d| u64::try_from(*d).ok().and_then(|d| n.checked_mul(d)));
-        let want = match (dt, numel) {
-            (Some(dt), Some(n)) => n.checked_mul(dt.size_of() as u64),
-            _ => None,
-        };
-        let Some(want) = want else {
-            return Err(Error::invalid_model(format!(
-                "tensor `{}` keeps its data in external file `{location}` but has an unsupported element type {} or \
-                 dims {:?}",
-                t.name, t.data_type, t.dims
-            )));
-        };
-        if let Some(l) = length {
-            if l != want {
-                return Err(Error::invalid_model(format!(
-                    "tensor `{}`: external data length {l} in `{location}`, but its dims {:?} need {want} bytes",
-                    t.name, t.dims
-                )));
-            }
-        }
+        let want = external_bytes(&t, &location, length)?;
         let stream = match streamable.get(&t.name) {
             Some(gathered) if want >= streaming.min_bytes && want > 0 => {
                 !*gathered || !is_rope_table(&t, resolver, &location, offset).await
@@ -799,31 +779,23 @@ pub async fn stream_external_initializers(
             ));
             continue;
         }
-        let mut bytes = Vec::with_capacity(want as usize);
-        let mut at = 0u64;
-        while at < want {
-            let n = (want - at).min(streaming.chunk());
-            let piece = resolver
-                .read_range(&location, offset + at, n)
-                .await
-                .map_err(|e| Error::new(e.kind, format!("tensor `{}`: {}", t.name, e.message)))?;
-            if piece.len() as u64 != n {
-                return Err(Error::io(format!(
-                    "tensor `{}`: external data `{location}` returned {} bytes at {}, expected {n}",
-                    t.name,
-                    piece.len(),
-                    offset + at
-                )));
-            }
-            bytes.extend_from_slice(&piece);
-            at += n;
-        }
-        t.raw_data = bytes;
+        t.raw_data = read_in_ranges(resolver, &t.name, &location, offset, want, streaming.chunk()).await?;
         t.external_data.clear();
         t.data_location = Some(pb::tensor_proto::DataLocation::Default as i32);
         kept.push(t);
     }
     graph.initializer = kept;
+    // tensors in subgraphs and node attributes: read here too, asynchronously (a browser's data source has no
+    // synchronous read for the import's)
+    let mut nested = vec![];
+    nested_external_tensors(&mut graph.node, &mut nested);
+    for t in nested {
+        let (location, offset, length) = external_ref(t)?;
+        let want = external_bytes(t, &location, length)?;
+        t.raw_data = read_in_ranges(resolver, &t.name, &location, offset, want, streaming.chunk()).await?;
+        t.external_data.clear();
+        t.data_location = Some(pb::tensor_proto::DataLocation::Default as i32);
+    }
     let names: HashSet<String> = streamed.iter().filter_map(|n| n.output.first().cloned()).collect();
     // an initializer listed as a graph input (old exports) is no input once it is a node's output
     graph.input.retain(|i| !names.contains(&i.name));
@@ -831,6 +803,76 @@ pub async fn stream_external_initializers(
     streamed.append(&mut graph.node);
     graph.node = streamed;
     Ok(count)
+}
+
+/// The bytes an external tensor's dims and element type need (checked against a declared length).
+fn external_bytes(t: &pb::TensorProto, location: &str, length: Option<u64>) -> Result<u64> {
+    let dt = kiln_ops::external_weight::datum_type_of(t.data_type).ok().filter(|dt| *dt != DatumType::String);
+    let numel = t.dims.iter().try_fold(1u64, |n, d| u64::try_from(*d).ok().and_then(|d| n.checked_mul(d)));
+    let want = match (dt, numel) {
+        (Some(dt), Some(n)) => n.checked_mul(dt.size_of() as u64),
+        _ => None,
+    };
+    let Some(want) = want else {
+        return Err(Error::invalid_model(format!(
+            "tensor `{}` keeps its data in external file `{location}` but has an unsupported element type {} or dims \
+             {:?}",
+            t.name, t.data_type, t.dims
+        )));
+    };
+    match length {
+        Some(l) if l != want => Err(Error::invalid_model(format!(
+            "tensor `{}`: external data length {l} in `{location}`, but its dims {:?} need {want} bytes",
+            t.name, t.dims
+        ))),
+        _ => Ok(want),
+    }
+}
+
+/// Reads `want` bytes of `location` from `offset` through [`ExternalDataResolver::read_range`], `chunk` at a time.
+async fn read_in_ranges(
+    resolver: &dyn ExternalDataResolver,
+    name: &str,
+    location: &str,
+    offset: u64,
+    want: u64,
+    chunk: u64,
+) -> Result<Vec<u8>> {
+    let mut bytes = Vec::with_capacity(want as usize);
+    let mut at = 0u64;
+    while at < want {
+        let n = (want - at).min(chunk.max(1));
+        let piece = resolver
+            .read_range(location, offset + at, n)
+            .await
+            .map_err(|e| Error::new(e.kind, format!("tensor `{name}`: {}", e.message)))?;
+        if piece.len() as u64 != n {
+            return Err(Error::io(format!(
+                "tensor `{name}`: external data `{location}` returned {} bytes at {}, expected {n}",
+                piece.len(),
+                offset + at
+            )));
+        }
+        bytes.extend_from_slice(&piece);
+        at += n;
+    }
+    Ok(bytes)
+}
+
+/// The external tensors of `nodes`' attributes (a Constant's value, ...) and of their subgraphs (initializers and
+/// nodes, recursively).
+fn nested_external_tensors<'a>(nodes: &'a mut [pb::NodeProto], out: &mut Vec<&'a mut pb::TensorProto>) {
+    for node in nodes {
+        for attr in &mut node.attribute {
+            let pb::AttributeProto { t, tensors, g, graphs, .. } = attr;
+            out.extend(t.iter_mut().chain(tensors.iter_mut()).filter(|t| is_external(t)));
+            for sub in g.iter_mut().chain(graphs.iter_mut()) {
+                let pb::GraphProto { initializer, node, .. } = sub;
+                out.extend(initializer.iter_mut().filter(|t| is_external(t)));
+                nested_external_tensors(node, out);
+            }
+        }
+    }
 }
 
 /// tract needs a fact for every input: a dim declared with neither a value nor a name (or as `?`) gets a fresh symbol

@@ -817,7 +817,7 @@ mod web {
             self.file(location)?;
             Err(kiln_provider::Error::new(
                 kiln_provider::ErrorKind::NotImplemented,
-                format!("external data `{location}` can only be read asynchronously here (a tensor inside a subgraph or an attribute)"),
+                format!("external data `{location}` can only be read asynchronously here"),
             ))
         }
 

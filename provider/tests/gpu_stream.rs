@@ -106,6 +106,111 @@ fn a_missing_or_short_source_names_the_tensor() {
     assert!(msg.contains("`w`") && msg.contains("weights.bin"), "{msg}");
 }
 
+/// A data source with no synchronous read, as a browser's Blob is: everything goes through `read_range`.
+struct AsyncOnly(kiln_provider::InMemoryResolver);
+
+impl kiln_provider::ExternalDataResolver for AsyncOnly {
+    fn read(&self, location: &str, _offset: u64, _length: Option<u64>) -> kiln_provider::Result<Vec<u8>> {
+        Err(kiln_provider::Error::io(format!("no synchronous read of `{location}` here")))
+    }
+    fn read_range<'a>(&'a self, location: &'a str, offset: u64, length: u64) -> kiln_provider::ReadFuture<'a> {
+        Box::pin(std::future::ready(self.0.read(location, offset, Some(length))))
+    }
+}
+
+/// External tensors outside the main graph's initializers — a Constant's `value` attribute, and the initializers of
+/// an If's branches — load on the GPU through a data source with asynchronous reads only (as in a browser, where
+/// the import's synchronous read has nothing to call): the streaming import reads them range by range too. Both
+/// branches against the CPU session (which reads the same file synchronously).
+#[test]
+fn external_tensors_in_attributes_and_subgraphs_load_without_synchronous_reads() {
+    if !gpu_available() {
+        return;
+    }
+    let mut rng = Rng::seeded("gpu_stream nested");
+    let n = 32usize;
+    let (c, t1, e1) = (rng.vec(n * n), rng.vec(n), rng.vec(n));
+    let mut data = vec![];
+    let mut external = |name: &str, dims: &[usize], v: &[f32]| {
+        data.push(7u8);
+        let offset = data.len();
+        data.extend(v.iter().flat_map(|x| x.to_le_bytes()));
+        let kv = |k: &str, v: String| pb::StringStringEntryProto { key: k.into(), value: v };
+        pb::TensorProto {
+            name: name.into(),
+            dims: dims.iter().map(|d| *d as i64).collect(),
+            data_type: 1,
+            data_location: Some(pb::tensor_proto::DataLocation::External as i32),
+            external_data: vec![
+                kv("location", "weights.bin".into()),
+                kv("offset", offset.to_string()),
+                kv("length", (v.len() * 4).to_string()),
+            ],
+            ..Default::default()
+        }
+    };
+    let constant = pb::NodeProto {
+        op_type: "Constant".into(),
+        output: vec!["c".into()],
+        attribute: vec![pb::AttributeProto {
+            name: "value".into(),
+            r#type: pb::attribute_proto::AttributeType::Tensor as i32,
+            t: Some(external("c_value", &[n, n], &c)),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let branch = |name: &str, op: &str, init: pb::TensorProto| pb::GraphProto {
+        name: name.into(),
+        node: vec![node(op, &["y0", &init.name.clone()], &format!("{name}_out"), vec![])],
+        output: vec![value_info(&format!("{name}_out"), 1, None)],
+        initializer: vec![init],
+        ..Default::default()
+    };
+    let graph_attr = |name: &str, g: pb::GraphProto| pb::AttributeProto {
+        name: name.into(),
+        r#type: pb::attribute_proto::AttributeType::Graph as i32,
+        g: Some(g),
+        ..Default::default()
+    };
+    let if_node = pb::NodeProto {
+        op_type: "If".into(),
+        input: vec!["cond".into()],
+        output: vec!["y".into()],
+        attribute: vec![
+            graph_attr("then_branch", branch("then", "Add", external("t1", &[n], &t1))),
+            graph_attr("else_branch", branch("else", "Sub", external("e1", &[n], &e1))),
+        ],
+        ..Default::default()
+    };
+    let bytes = model(
+        vec![constant, node("MatMul", &["x", "c"], "y0", vec![]), if_node],
+        vec![value_info("x", 1, Some(&[Some(2), Some(n)])), value_info("cond", 9, Some(&[]))],
+        vec![value_info("y", 1, None)],
+        vec![],
+    );
+    let source = Arc::new(AsyncOnly(kiln_provider::InMemoryResolver::new().with_file("weights.bin", data.clone())));
+    let opts = SessionOptions {
+        execution_providers: vec![ExecutionProvider::WebGpu],
+        external_data: Some(source),
+        weight_streaming: WeightStreaming { enabled: true, min_bytes: 1024, chunk_bytes: 1024 },
+        ..Default::default()
+    };
+    let gpu = Session::from_bytes(&bytes, &opts).expect("loading with asynchronous reads only");
+    assert_eq!(gpu.execution_provider(), ExecutionProvider::WebGpu, "{:?}", gpu.provider_note());
+    let cpu = Session::from_bytes(&bytes, &cpu_options(recording(data))).expect("loading on the CPU");
+    for cond in [true, false] {
+        let feeds = vec![
+            ("x".to_string(), Tensor::from_vec(&[2, n], rng.vec(2 * n)).unwrap()),
+            ("cond".to_string(), Tensor::from_vec(&[], vec![cond]).unwrap()),
+        ];
+        let got = gpu.run(feeds.clone()).expect("running on the GPU session");
+        let want = cpu.run(feeds).expect("running on the CPU");
+        let (diff, ref_max) = max_diff("y", got.output("y").unwrap(), want.output("y").unwrap());
+        assert!(diff <= 1e-4 * ref_max.max(1.0), "cond {cond}: max|diff| {diff:.3e} (max|ref| {ref_max})");
+    }
+}
+
 #[test]
 fn tiny_llama_int8_streams_its_weights() {
     fixture("tiny-llama/onnx_optimum_int8", 1e-3);
