@@ -925,6 +925,13 @@ mod web {
                     get(&options, "forceFallbackAdapter").as_bool() == Some(true);
                 // kiln-web's `extra: { kiln: { f16FusedAttention: false } }` turns it off (the JS half passes it on)
                 opts.gpu_f16_fused_attention = get(&options, "f16FusedAttention").as_bool();
+                // the kernels' tuning the JS half chose (wgpu sees no browser adapter's architecture: SwiftShader
+                // is told here), or `extra: { kiln: { gpuTuning } }`
+                opts.gpu_tuning = match get(&options, "gpuTuning").as_string().as_deref() {
+                    Some("cpu") => Some(kiln_provider::Tuning::Cpu),
+                    Some("gpu") => Some(kiln_provider::Tuning::Gpu),
+                    _ => None,
+                };
             }
             let channel = Rc::new(RefCell::new(Channel::default()));
             if options.is_object() {
@@ -1055,6 +1062,8 @@ mod web {
             ] {
                 Reflect::set(&o, &k.into(), &JsValue::from_f64(v)).map_err(|_| err("counters"))?;
             }
+            let tuning = if r.tuning == kiln_provider::Tuning::Cpu { "cpu" } else { "gpu" };
+            Reflect::set(&o, &"tuning".into(), &tuning.into()).map_err(|_| err("counters"))?;
             Ok(o.into())
         }
 

@@ -39,6 +39,8 @@ fn tract_err(what: &'static str) -> impl Fn(TractError) -> Error {
 #[derive(Debug, Clone, Default)]
 pub struct PlacementReport {
     pub adapter: String,
+    /// The kernels' tuning: for a CPU adapter (lavapipe, SwiftShader: narrow workgroups) or for a GPU.
+    pub tuning: kiln_wgsl::Tuning,
     pub nodes: Vec<NodePlacement>,
     /// ToDevice / ToHost nodes in the lowered model.
     pub to_device: usize,
@@ -307,6 +309,7 @@ impl GpuBackend {
         let (counters, runs) = self.stats.lock().map(|g| *g).unwrap_or_default();
         PlacementReport {
             adapter: format!("{} ({})", self.ctx.caps.adapter, self.ctx.caps.backend),
+            tuning: if self.ctx.caps.cpu_adapter { kiln_wgsl::Tuning::Cpu } else { kiln_wgsl::Tuning::Gpu },
             nodes: self.lowered.placement.clone(),
             to_device,
             to_host,

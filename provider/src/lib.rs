@@ -20,7 +20,7 @@ pub use kiln_graph::{
     Dim, DirectoryResolver, ElementType, Error, ErrorKind, ExternalDataResolver, InMemoryResolver, OptimizationLevel,
     ReadFuture, Result, ValueInfo, WeightStreaming,
 };
-pub use kiln_wgsl::{wgpu, AdapterOptions, Counters};
+pub use kiln_wgsl::{wgpu, AdapterOptions, Counters, Tuning};
 pub use session::{ExecutionProvider, Outputs, Session, SessionOptions};
 pub use tensor::{Element, Tensor};
 

@@ -63,8 +63,9 @@ pub const TUNING_ENV: &str = "KILN_GPU_TUNING";
 /// The kernels' tuning ([`Caps::cpu_adapter`]): for a GPU (wide workgroups, many of them) or for a CPU adapter
 /// (lavapipe, SwiftShader: few invocations, little synchronisation). A session may force either
 /// ([`Context::with_tuning`]); by default the adapter decides.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Tuning {
+    #[default]
     Gpu,
     Cpu,
 }
