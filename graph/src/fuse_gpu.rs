@@ -977,15 +977,25 @@ pub fn float_matmuls_as_row_kernels(model: &mut TypedModel) -> Result<usize> {
     let names: Vec<String> =
         model.eval_order().map_err(tract_err(WHAT))?.iter().map(|id| model.node(*id).name.clone()).collect();
     let mut done = 0;
+    let mut shared = SharedWeights::default();
     for name in names {
         let Ok(id) = model.node_id_by_name(&name) else { continue };
-        if let Some(patch) = float_matmul_as_row_kernel(model, id)? {
+        if let Some(patch) = float_matmul_as_row_kernel(model, id, &mut shared)? {
             apply_compacted(patch, model, WHAT)?;
             done += 1;
         }
     }
     Ok(done)
 }
+
+/// The transposed weights made for a weight several matmuls read (layers sharing their weights): by the weight
+/// (held, so its address stays its own) and how it was laid out, the name of the node uploading the copy — the
+/// other readers take the same copy instead of one each.
+#[derive(Default)]
+struct SharedWeights(Vec<(Arc<Tensor>, WeightLayout, String)>);
+
+/// How a transposed weight was laid out: W given transposed, the unfolded (D, H) of a transposed K, the rank.
+type WeightLayout = (bool, Option<[usize; 2]>, usize);
 
 /// A GPU view (a reshape: the memory order unchanged) that keeps its input's last axis, so every row of it is a row
 /// of its input: leading axes merged, split, added or removed.
@@ -995,6 +1005,35 @@ fn keeps_last_axis(model: &TypedModel, n: &TypedNode) -> bool {
     };
     let Ok(f) = model.outlet_fact(*i) else { return false };
     f.shape.last().is_some() && f.shape.last() == n.outputs[0].fact.shape.last()
+}
+
+/// W (`[1.., K, N]`, or `[1.., N, K]` when `transpose_b`) as the row kernel reads it: `[1.., N, K]` of `rank`
+/// (`[n, rank]`), its K rows from `d·H + h` back to `h·D + d` when `unfold` gives (D, H), as `dt`.
+fn transposed_weight(
+    w: &Tensor,
+    transpose_b: bool,
+    unfold: Option<[usize; 2]>,
+    [n, rank]: [usize; 2],
+    dt: DatumType,
+) -> Result<Tensor> {
+    const WHAT: &str = "a float matmul's weight transposed";
+    let r = w.rank();
+    let mut wt = if transpose_b { w.clone() } else { w.clone().move_axis(r - 1, r - 2).map_err(tract_err(WHAT))? };
+    if let Some([d, h]) = unfold {
+        let shape = wt.shape().to_vec();
+        wt = wt
+            .into_shape(&[n, d, h])
+            .and_then(|t| t.move_axis(2, 1))
+            .and_then(|t| t.into_shape(&shape))
+            .map_err(tract_err(WHAT))?;
+    }
+    while wt.rank() < rank {
+        wt.insert_axis(0).map_err(tract_err(WHAT))?;
+    }
+    while wt.rank() > rank {
+        wt.remove_axis(0).map_err(tract_err(WHAT))?;
+    }
+    Ok(wt.cast_to_dt(dt).map_err(tract_err(WHAT))?.into_owned())
 }
 
 /// tract's fold of a transpose into a matmul's K, as it lowers an attention output `[b, H, s, D]` transposed to
@@ -1036,7 +1075,11 @@ fn transposed_k(model: &TypedModel, a: OutletId) -> Option<(OutletId, usize, [us
 
 /// The patch turning node `id` into the float-weight row kernel ([`float_matmuls_as_row_kernels`]), when it is a
 /// GPU float MatMul with a constant weight the kernel takes.
-fn float_matmul_as_row_kernel(model: &TypedModel, id: usize) -> Result<Option<TypedModelPatch>> {
+fn float_matmul_as_row_kernel(
+    model: &TypedModel,
+    id: usize,
+    shared: &mut SharedWeights,
+) -> Result<Option<TypedModelPatch>> {
     use kiln_wgsl::ops::ToDevice;
     use tract_onnx::tract_core::ops::einsum::prefix_matmul::PrefixMatMul;
     use tract_onnx::tract_core::ops::konst::Const;
@@ -1054,9 +1097,11 @@ fn float_matmul_as_row_kernel(model: &TypedModel, id: usize) -> Result<Option<Ty
     if !to_device.op_is::<ToDevice>() {
         return Ok(None);
     }
-    let Some(w) = model.node(to_device.inputs[0].node).op_as::<Const>().map(|c| c.val().clone()) else {
+    let konst = model.node(to_device.inputs[0].node);
+    let Some(w) = konst.op_as::<Const>().map(|c| c.val().clone()) else {
         return Ok(None);
     };
+    let readers = to_device.outputs[0].successors.len() + konst.outputs[0].successors.len() - 1;
     let r = w.rank();
     if w.datum_type() != DatumType::F32 || r < 2 || w.shape()[..r - 2].iter().any(|d| *d != 1) {
         return Ok(None);
@@ -1160,26 +1205,24 @@ fn float_matmul_as_row_kernel(model: &TypedModel, id: usize) -> Result<Option<Ty
             }
         }
     };
-    // W as [1.., N, K], of the new A's rank (with a transposed K unfolded: row d·H + h back to h·D + d)
-    let mut wt =
-        if transpose_b { (*w).clone() } else { (*w).clone().move_axis(r - 1, r - 2).map_err(tract_err(WHAT))? };
-    if let Some((_, _, [d, h], _)) = unfold {
-        let shape = wt.shape().to_vec();
-        wt = wt
-            .into_shape(&[n, d, h])
-            .and_then(|t| t.move_axis(2, 1))
-            .and_then(|t| t.into_shape(&shape))
-            .map_err(tract_err(WHAT))?;
-    }
-    while wt.rank() < rank {
-        wt.insert_axis(0).map_err(tract_err(WHAT))?;
-    }
-    while wt.rank() > rank {
-        wt.remove_axis(0).map_err(tract_err(WHAT))?;
-    }
-    let wt = wt.cast_to_dt(dt).map_err(tract_err(WHAT))?.into_owned();
-    let c = patch.add_const(format!("{}.wt", node.name), wt).map_err(tract_err(WHAT))?;
-    let wt = patch.wire_node(format!("{}.wt.to_device", node.name), ToDevice, &[c]).map_err(tract_err(WHAT))?[0];
+    let layout = (transpose_b, unfold.as_ref().map(|u| u.2), rank);
+    let made = shared
+        .0
+        .iter()
+        .find(|(t, l, _)| Arc::ptr_eq(t, &w) && *l == layout)
+        .and_then(|(_, _, name)| model.node_id_by_name(name).ok());
+    let wt = match made {
+        Some(up) => patch.tap_model(model, OutletId::new(up, 0)).map_err(tract_err(WHAT))?,
+        None => {
+            let wt = transposed_weight(&w, transpose_b, unfold.as_ref().map(|u| u.2), [n, rank], dt)?;
+            let c = patch.add_const(format!("{}.wt", node.name), wt).map_err(tract_err(WHAT))?;
+            let name = format!("{}.wt.to_device", node.name);
+            if readers > 1 {
+                shared.0.push((w.clone(), layout, name.clone()));
+            }
+            patch.wire_node(name, ToDevice, &[c]).map_err(tract_err(WHAT))?[0]
+        }
+    };
     let matmul = PrefixMatMul { transpose_b: true, ..*mm };
     let steps: Vec<(Box<dyn TypedOp>, Vec<Src>)> = if exact16 {
         vec![

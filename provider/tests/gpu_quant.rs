@@ -544,6 +544,52 @@ fn float_matmuls_run_as_the_row_kernels() {
     assert!(failures.is_empty(), "{} cases failed:\n  {}", failures.len(), failures.join("\n  "));
 }
 
+/// Two matmuls reading one constant weight (layers sharing their weights) take one transposed copy on the GPU, not
+/// one each; both products against the CPU.
+#[test]
+fn a_weight_shared_by_two_matmuls_is_one_transposed_copy() {
+    if !gpu_available() {
+        return;
+    }
+    let mut rng = Rng(seed());
+    let k = 64;
+    let w: Vec<f32> = (0..k * k).map(|_| rng.range(-0.2, 0.2)).collect();
+    let graph = pb::GraphProto {
+        name: "shared".into(),
+        node: ["MatMul", "MatMul"]
+            .iter()
+            .zip([["x", "w"], ["y1", "w"]])
+            .zip(["y1", "y2"])
+            .map(|((op, ins), out)| pb::NodeProto {
+                op_type: op.to_string(),
+                name: out.into(),
+                input: ins.iter().map(|s| s.to_string()).collect(),
+                output: vec![out.into()],
+                ..Default::default()
+            })
+            .collect(),
+        input: vec![symbolic_info("x", k)],
+        output: ["y1", "y2"].iter().map(|o| value_info(o, FLOAT, None)).collect(),
+        initializer: vec![initializer("w", FLOAT, &[k, k], raw_floats(&w, FLOAT))],
+        ..Default::default()
+    };
+    let bytes = onnx_model(graph, 17);
+    let x: Vec<f32> = (0..2 * k).map(|_| rng.range(-1.0, 1.0)).collect();
+    let feeds = vec![("x".to_string(), Tensor::from_vec(&[1, 2, k], x).expect("tensor"))];
+    let cpu = Session::from_bytes(&bytes, &options(ExecutionProvider::Cpu)).expect("cpu session");
+    let gpu = gpu_session(&bytes, "gpu").expect("gpu session");
+    gpu.set_gpu_poison(true);
+    let (want, got) = (cpu.run(feeds.clone()).expect("cpu run"), gpu.run(feeds).expect("gpu run"));
+    for out in ["y1", "y2"] {
+        let w = want.output(out).expect("cpu output").to_f64_vec().expect("floats");
+        let g = got.output(out).expect("gpu output").to_f64_vec().expect("floats");
+        assert!(first_off(&w, &g, k, 1e-4, 0).is_none(), "{out}: {:?}", first_off(&w, &g, k, 1e-4, 0));
+    }
+    let report = gpu.gpu_placement().expect("a GPU session");
+    assert_eq!(report.weight_bytes_on_gpu, (4 * k * k) as u64, "one copy of the weight on the GPU");
+    assert_eq!(report.counters.dispatches / report.runs.max(1), 2, "two row-kernel dispatches");
+}
+
 /// MatMulNBits nodes of one input (an attention layer's q, k and v projections; N of each in `ns`), each its own
 /// output, joined into one node on the GPU (kiln-graph's `fuse_matmul_splits`) and checked against the CPU provider:
 /// one dispatch a decode step for the two or three of them (the tiled path runs them one by one, after one int8
