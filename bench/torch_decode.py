@@ -41,20 +41,24 @@ def eager(model, ids, steps):
     return times
 
 
-def compiled(model, ids, steps, dtype):
+def compiled_setup(model, ids, steps, dtype):
+    """A static cache, the compiled decode step, and the prefill: (cache, step, first token, prompt length, ms)."""
     cache = StaticCache(config=model.config, max_batch_size=1, max_cache_len=ids.shape[1] + steps + 8,
                         device="cuda", dtype=dtype)
     step = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
-    times = []
+    n = ids.shape[1]
+    sync()
+    t = time.perf_counter()
+    out = model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(n, device="cuda"), use_cache=True)
+    x = out.logits[:, -1:].argmax(-1).clone()
+    sync()
+    return cache, step, x, n, (time.perf_counter() - t) * 1e3
+
+
+def compiled(model, ids, steps, dtype):
     with torch.no_grad():
-        n = ids.shape[1]
-        pos = torch.arange(n, device="cuda")
-        sync()
-        t = time.perf_counter()
-        out = model(input_ids=ids, past_key_values=cache, cache_position=pos, use_cache=True)
-        x = out.logits[:, -1:].argmax(-1)
-        sync()
-        times.append((time.perf_counter() - t) * 1e3)
+        cache, step, x, n, prefill_ms = compiled_setup(model, ids, steps, dtype)
+        times = [prefill_ms]
         for i in range(steps):
             pos = torch.tensor([n + i], device="cuda")
             sync()
@@ -71,17 +75,11 @@ def compiled_pipelined(model, ids, steps, dtype):
     memory right after it (queued before step s + 1) and waited for after step s + 1 is launched, as kiln-run's
     pipelined loop does. A token's time: since the one before it was known on the host (the prefill's: since the
     start)."""
-    cache = StaticCache(config=model.config, max_batch_size=1, max_cache_len=ids.shape[1] + steps + 8,
-                        device="cuda", dtype=dtype)
-    step = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
-    times = []
     with torch.no_grad():
-        n = ids.shape[1]
-        pos = torch.arange(n, device="cuda")
-        sync()
-        last = time.perf_counter()
-        out = model(input_ids=ids, past_key_values=cache, cache_position=pos, use_cache=True)
-        x = out.logits[:, -1:].argmax(-1).clone()
+        cache, step, x, n, prefill_ms = compiled_setup(model, ids, steps, dtype)
+        times = []
+        # the prefill's token counts from the start of the prefill, as kiln-run's does
+        last = time.perf_counter() - prefill_ms / 1e3
         pending = None
         for i in range(steps + 1):
             host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)

@@ -552,27 +552,26 @@ pub(crate) fn node_label(node: &pb::NodeProto) -> String {
     }
 }
 
-fn for_each_tensor(graph: &mut pb::GraphProto, f: &mut dyn FnMut(&mut pb::TensorProto) -> Result<()>) -> Result<()> {
-    for t in &mut graph.initializer {
-        f(t)?;
-    }
-    for node in &mut graph.node {
+/// Every tensor of `graph`: its initializers, then those of its nodes' attributes and subgraphs ([`node_tensors`]).
+fn graph_tensors(graph: &mut pb::GraphProto) -> Vec<&mut pb::TensorProto> {
+    let pb::GraphProto { initializer, node, .. } = graph;
+    let mut out: Vec<&mut pb::TensorProto> = initializer.iter_mut().collect();
+    node_tensors(node, &mut out);
+    out
+}
+
+/// The tensors of `nodes`' attributes (a Constant's value, ...) and of their subgraphs (initializers and nodes,
+/// recursively).
+fn node_tensors<'a>(nodes: &'a mut [pb::NodeProto], out: &mut Vec<&'a mut pb::TensorProto>) {
+    for node in nodes {
         for attr in &mut node.attribute {
-            if let Some(t) = &mut attr.t {
-                f(t)?;
-            }
-            for t in &mut attr.tensors {
-                f(t)?;
-            }
-            if let Some(g) = &mut attr.g {
-                for_each_tensor(g, f)?;
-            }
-            for g in &mut attr.graphs {
-                for_each_tensor(g, f)?;
+            let pb::AttributeProto { t, tensors, g, graphs, .. } = attr;
+            out.extend(t.iter_mut().chain(tensors.iter_mut()));
+            for sub in g.iter_mut().chain(graphs.iter_mut()) {
+                out.extend(graph_tensors(sub));
             }
         }
     }
-    Ok(())
 }
 
 /// Replaces every external-data reference by the bytes the resolver returns, so tract sees plain raw_data.
@@ -580,36 +579,19 @@ fn inline_external_data(proto: &mut pb::ModelProto, resolver: Option<&dyn Extern
     let Some(graph) = proto.graph.as_mut() else {
         return Ok(());
     };
-    for_each_tensor(graph, &mut |t| {
-        if t.data_location != Some(pb::tensor_proto::DataLocation::External as i32) {
-            return Ok(());
-        }
-        let get = |k: &str| t.external_data.iter().find(|e| e.key == k).map(|e| e.value.clone());
-        let location = get("location")
-            .ok_or_else(|| Error::invalid_model(format!("tensor `{}` has external data without a location", t.name)))?;
-        let parse = |k: &str| -> Result<Option<u64>> {
-            get(k)
-                .map(|v| {
-                    v.parse::<u64>().map_err(|_| {
-                        Error::invalid_model(format!("tensor `{}`: external data {k} `{v}` is not a number", t.name))
-                    })
-                })
-                .transpose()
-        };
-        let offset = parse("offset")?.unwrap_or(0);
-        let length = parse("length")?;
+    for t in graph_tensors(graph).into_iter().filter(|t| is_external(t)) {
+        let (location, offset, length) = external_ref(t)?;
         let resolver = resolver.ok_or_else(|| {
             Error::invalid_argument(format!(
                 "tensor `{}` keeps its data in external file `{location}`, but no external data was provided",
                 t.name
             ))
         })?;
-        let bytes = resolver.read(&location, offset, length)?;
-        t.raw_data = bytes;
+        t.raw_data = resolver.read(&location, offset, length)?;
         t.external_data.clear();
         t.data_location = Some(pb::tensor_proto::DataLocation::Default as i32);
-        Ok(())
-    })
+    }
+    Ok(())
 }
 
 /// Whether the graph has streamed weights (ExternalWeight nodes).
@@ -788,8 +770,8 @@ pub async fn stream_external_initializers(
     // tensors in subgraphs and node attributes: read here too, asynchronously (a browser's data source has no
     // synchronous read for the import's)
     let mut nested = vec![];
-    nested_external_tensors(&mut graph.node, &mut nested);
-    for t in nested {
+    node_tensors(&mut graph.node, &mut nested);
+    for t in nested.into_iter().filter(|t| is_external(t)) {
         let (location, offset, length) = external_ref(t)?;
         let want = external_bytes(t, &location, length)?;
         t.raw_data = read_in_ranges(resolver, &t.name, &location, offset, want, streaming.chunk()).await?;
@@ -857,22 +839,6 @@ async fn read_in_ranges(
         at += n;
     }
     Ok(bytes)
-}
-
-/// The external tensors of `nodes`' attributes (a Constant's value, ...) and of their subgraphs (initializers and
-/// nodes, recursively).
-fn nested_external_tensors<'a>(nodes: &'a mut [pb::NodeProto], out: &mut Vec<&'a mut pb::TensorProto>) {
-    for node in nodes {
-        for attr in &mut node.attribute {
-            let pb::AttributeProto { t, tensors, g, graphs, .. } = attr;
-            out.extend(t.iter_mut().chain(tensors.iter_mut()).filter(|t| is_external(t)));
-            for sub in g.iter_mut().chain(graphs.iter_mut()) {
-                let pb::GraphProto { initializer, node, .. } = sub;
-                out.extend(initializer.iter_mut().filter(|t| is_external(t)));
-                nested_external_tensors(node, out);
-            }
-        }
-    }
 }
 
 /// tract needs a fact for every input: a dim declared with neither a value nor a name (or as `?`) gets a fresh symbol

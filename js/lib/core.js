@@ -651,22 +651,11 @@ export async function checkIntegrity(bytes, integrity) {
 const LOG_LEVELS = ['verbose', 'info', 'warning', 'error', 'fatal'];
 const warns = () => LOG_LEVELS.indexOf(env.logLevel ?? 'warning') <= 2;
 
-// What the browser says of its WebGPU adapter (GPUAdapterInfo), kept by checkWebGpu: wgpu does not pass a browser
-// adapter's architecture on, so the JS half tells kiln when it is a CPU (SwiftShader, a fallback adapter).
-let webgpuAdapterInfo;
-
-/** Whether a GPUAdapterInfo describes an adapter that runs on the CPU (Chrome's SwiftShader, a fallback adapter). */
-export function isCpuAdapter(info) {
-  if (!info) return false;
-  const text = `${info.architecture ?? ''} ${info.description ?? ''} ${info.device ?? ''}`;
-  return info.isFallbackAdapter === true || /swiftshader|llvmpipe|lavapipe|software/i.test(text);
-}
-
-/** kiln's kernel tuning for a session: `extra.kiln.gpuTuning` ('gpu' or 'cpu') when given, else 'cpu' on a CPU adapter. */
+/** kiln's kernel tuning for a session: `extra.kiln.gpuTuning` ('gpu' or 'cpu') when given; else kiln decides from
+ * the adapter (a fallback adapter such as SwiftShader takes the CPU tuning). */
 function gpuTuning(options) {
   const asked = options.extra?.kiln?.gpuTuning;
-  if (asked === 'gpu' || asked === 'cpu') return asked;
-  return isCpuAdapter(webgpuAdapterInfo) ? 'cpu' : undefined;
+  return asked === 'gpu' || asked === 'cpu' ? asked : undefined;
 }
 
 // onnxruntime-web's checks before its WebGPU backend initialises (same order and words): WebGPU in this environment
@@ -691,8 +680,6 @@ async function checkWebGpu() {
     adapter = await navigator.gpu.requestAdapter({ powerPreference, forceFallbackAdapter });
     if (!adapter) throw new Error('Failed to get GPU adapter. You may need to enable flag "--enable-unsafe-webgpu" if you are using Chrome.');
   }
-  webgpuAdapterInfo = adapter.info ?? {};
-  if (adapter.isFallbackAdapter === true) webgpuAdapterInfo = { ...webgpuAdapterInfo, isFallbackAdapter: true };
 }
 
 // The GPUDevice of the first session kiln created on 'webgpu' (env.webgpu.device's value).
@@ -792,7 +779,7 @@ export function registerKiln(/** @type {Platform} */ platform) {
           // kiln's own session config (onnxruntime-web ignores `extra` entries it does not know): float16 models'
           // fused attention on 'webgpu', on unless false (kiln_graph::passes::f16_fused_attention)
           f16FusedAttention: typeof options.extra?.kiln?.f16FusedAttention === 'boolean' ? options.extra.kiln.f16FusedAttention : undefined,
-          // the kernels' tuning: narrow workgroups on a CPU adapter (SwiftShader), wide ones on a GPU
+          // the kernels' tuning when the app forces it (else narrow workgroups on a CPU adapter, wide on a GPU)
           gpuTuning: gpuTuning(options),
         });
         let native;

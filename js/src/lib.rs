@@ -925,8 +925,8 @@ mod web {
                     get(&options, "forceFallbackAdapter").as_bool() == Some(true);
                 // kiln-web's `extra: { kiln: { f16FusedAttention: false } }` turns it off (the JS half passes it on)
                 opts.gpu_f16_fused_attention = get(&options, "f16FusedAttention").as_bool();
-                // the kernels' tuning the JS half chose (wgpu sees no browser adapter's architecture: SwiftShader
-                // is told here), or `extra: { kiln: { gpuTuning } }`
+                // `extra: { kiln: { gpuTuning } }` forces the kernels' tuning (by default kiln_wgsl decides from the
+                // adapter: a fallback adapter, SwiftShader, is a CPU one)
                 opts.gpu_tuning = match get(&options, "gpuTuning").as_string().as_deref() {
                     Some("cpu") => Some(kiln_provider::Tuning::Cpu),
                     Some("gpu") => Some(kiln_provider::Tuning::Gpu),

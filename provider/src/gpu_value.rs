@@ -238,7 +238,7 @@ impl GpuTensor {
     /// decode loop can start the download of step s's token, run step s + 1 (queued behind the copy) and only then
     /// wait, so the GPU never idles while the host records a step.
     pub fn download(&self) -> impl std::future::Future<Output = Result<Tensor>> + 'static {
-        let started = kiln_wgsl::exec::Download::start(&self.ctx.device, &self.ctx.queue, &self.raw);
+        let started = kiln_wgsl::exec::Download::start(&self.ctx, &self.raw);
         let (ctx, dt, shape) = (self.ctx.clone(), self.raw.dt, self.raw.shape.clone());
         async move {
             let bytes = started.map_err(gpu_err)?.bytes(&ctx.device).await.map_err(gpu_err)?;

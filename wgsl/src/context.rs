@@ -112,6 +112,9 @@ pub struct Context {
     /// Pipelines by a kernel's own key ([`Context::memo_pipeline`]).
     memo: Mutex<MemoMap>,
     compiled: Mutex<usize>,
+    /// Staging buffers of finished downloads ([`crate::exec::Download`]), reused: a decode loop reading its token
+    /// back each step makes none after the first.
+    pub(crate) staging: Arc<Mutex<Vec<wgpu::Buffer>>>,
     /// Timestamp queries around every dispatch (KILN_GPU_PROFILE=1, native, where the adapter has them).
     pub profiling: bool,
     /// With `profiling`: kernels also labelled by their node's kernel (KILN_GPU_PROFILE=ops).
@@ -281,6 +284,7 @@ impl Context {
             pipelines: Mutex::default(),
             memo: Mutex::default(),
             compiled: Mutex::new(0),
+            staging: Arc::default(),
             profiling,
             profile_ops,
             device_key: Arc::default(),
@@ -302,6 +306,7 @@ impl Context {
             pipelines: Mutex::default(),
             memo: Mutex::default(),
             compiled: Mutex::new(0),
+            staging: self.staging.clone(),
             profiling: self.profiling,
             profile_ops: self.profile_ops,
             device_key: self.device_key.clone(),

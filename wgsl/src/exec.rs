@@ -86,9 +86,8 @@ impl BufferPool {
         if last == Some(0) {
             return self.create(ctx, bytes, class);
         }
-        let had = last;
-        let lost = had.filter(|w| !self.owned.contains(w));
-        let want = had.map(|w| self.stand_in.get(&w).copied().unwrap_or(w));
+        let lost = last.filter(|w| !self.owned.contains(w));
+        let want = last.map(|w| self.stand_in.get(&w).copied().unwrap_or(w));
         if let Some(w) = want {
             if let Some(n) = self.ahead.get_mut(&w) {
                 *n = n.saturating_sub(1);
@@ -987,22 +986,36 @@ impl Submitted {
 pub struct Download {
     staging: Option<(wgpu::Buffer, u64, u64)>,
     signal: Arc<Signal>,
+    /// Where the staging buffer goes back once read ([`Context`]'s staging buffers).
+    pool: Arc<std::sync::Mutex<Vec<wgpu::Buffer>>>,
 }
 
+/// Staging buffers kept for downloads, and the largest kept (a big tensor's staging is not held on to).
+const STAGING_KEPT: usize = 8;
+const STAGING_KEPT_BYTES: u64 = 64 << 10;
+
 impl Download {
-    /// Submits the copy of `t`'s logical bytes into a staging buffer and asks for its map.
-    pub fn start(device: &wgpu::Device, queue: &wgpu::Queue, t: &GpuTensor) -> Result<Download> {
+    /// Submits the copy of `t`'s logical bytes into a staging buffer (one a finished download left, when one of
+    /// its size class is free) and asks for its map.
+    pub fn start(ctx: &Context, t: &GpuTensor) -> Result<Download> {
+        let (device, queue) = (&ctx.device, &ctx.queue);
         let bytes = t.byte_len();
         let signal = Arc::new(Signal::default());
+        let pool = ctx.staging.clone();
         if bytes == 0 {
-            return Ok(Download { staging: None, signal });
+            return Ok(Download { staging: None, signal, pool });
         }
         let padded = bytes.div_ceil(4) * 4;
-        let staging = device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("kiln download"),
-            size: padded,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
+        let class = padded.max(256).next_power_of_two();
+        let kept =
+            pool.lock().ok().and_then(|mut v| v.iter().position(|b| b.size() == class).map(|i| v.swap_remove(i)));
+        let staging = kept.unwrap_or_else(|| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("kiln download"),
+                size: class,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
         });
         let mut encoder =
             device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("kiln download") });
@@ -1033,7 +1046,7 @@ impl Download {
         staging.map_async(wgpu::MapMode::Read, 0..padded, move |r| {
             sig.set(r.map_err(|e| format!("webgpu: downloading a GPU tensor: {e}")))
         });
-        Ok(Download { staging: Some((staging, bytes, padded)), signal })
+        Ok(Download { staging: Some((staging, bytes, padded)), signal, pool })
     }
 
     /// The bytes, once the GPU has run everything submitted before the copy.
@@ -1047,6 +1060,11 @@ impl Download {
             view.get(..bytes as usize).ok_or_else(|| Error::new("webgpu: a download is out of range"))?.to_vec()
         };
         staging.unmap();
+        if let Ok(mut kept) = self.pool.lock() {
+            if kept.len() < STAGING_KEPT && staging.size() <= STAGING_KEPT_BYTES {
+                kept.push(staging);
+            }
+        }
         Ok(out)
     }
 }
