@@ -1238,6 +1238,30 @@ fn float_matmul_as_row_kernel(
 }
 
 /// Weights this large or larger are considered for [`matmul_weights_in_f16`] (bytes of their f32 values).
+/// Gives every matmul on the row / tiled kernels (MatMulNBits, the float-weight projections, their fusions) float16
+/// products ([`kiln_wgsl::qmatmul::QMatMul::f16_math`]): a float16 model on an adapter with shader-f16
+/// ([`crate::passes::float16_math`]). Returns how many.
+pub fn matmuls_in_f16_math(model: &mut TypedModel) -> usize {
+    let mut n = 0;
+    for node in model.nodes_mut() {
+        let Some(g) = node.op_as::<GpuOp>() else { continue };
+        let kernel = match &g.kernel {
+            // accuracy_level 4 asks for int8 activations: its arithmetic is onnxruntime's int8 scheme, kept
+            Kernel::QMatMul(q) if q.int8_activations => continue,
+            Kernel::QkvRope(r) if r.q.int8_activations => continue,
+            Kernel::QMatMul(q) => Kernel::QMatMul(kiln_wgsl::qmatmul::QMatMul { f16_math: true, ..q.clone() }),
+            Kernel::QkvRope(r) => {
+                let q = kiln_wgsl::qmatmul::QMatMul { f16_math: true, ..r.q.clone() };
+                Kernel::QkvRope(Box::new(kiln_wgsl::qmatmul::QkvRope { q, ..(**r).clone() }))
+            }
+            _ => continue,
+        };
+        node.op = Box::new(GpuOp { kernel, cpu: g.cpu.clone() });
+        n += 1;
+    }
+    n
+}
+
 const F16_WEIGHT_MIN_BYTES: usize = 1 << 20;
 
 /// Keeps float16 the f32 weights of GPU MatMuls whose every value is a float16 (a float16 model's weights, cast to

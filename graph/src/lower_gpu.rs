@@ -47,6 +47,19 @@ impl Lowered {
     pub fn gpu_nodes(&self) -> usize {
         self.placement.iter().filter(|p| p.device == Device::Gpu).count()
     }
+    /// The matmul kernels that multiply in float16 (a float16 model on an adapter with shader-f16:
+    /// [`crate::fuse_gpu::matmuls_in_f16_math`]).
+    pub fn f16_matmuls(&self) -> usize {
+        self.model
+            .nodes()
+            .iter()
+            .filter(|n| match n.op_as::<kiln_wgsl::ops::GpuOp>().map(|g| &g.kernel) {
+                Some(kiln_wgsl::Kernel::QMatMul(q)) => q.f16_math,
+                Some(kiln_wgsl::Kernel::QkvRope(r)) => r.q.f16_math,
+                _ => false,
+            })
+            .count()
+    }
     /// Transfer nodes in the lowered model: (to device, to host).
     pub fn transfers(&self) -> (usize, usize) {
         let to_dev = self.model.nodes().iter().filter(|n| n.op_is::<ToDevice>()).count();
@@ -180,6 +193,9 @@ pub fn lower(model: &TypedModel, caps: &Caps) -> Result<Lowered> {
         crate::fuse_gpu::fuse_elementwise(&mut target)?;
     }
     crate::fuse_gpu::matmul_weights_in_f16(&mut target)?;
+    if caps.shader_f16 && crate::passes::float16_math(model) {
+        crate::fuse_gpu::matmuls_in_f16_math(&mut target);
+    }
     Ok(Lowered { model: target, placement })
 }
 

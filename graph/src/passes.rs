@@ -16,6 +16,7 @@ pub fn run(model: &mut Model, level: OptimizationLevel, f16_fused: bool) -> Resu
         model
             .pass_log
             .push("float16 computation runs in float32 (inputs/outputs stay float16), as onnxruntime's CPU".into());
+        model.typed.properties.insert(FLOAT16_MODEL.into(), Arc::new(tensor0(true)));
     }
     // a float16 model's KV concatenations (`present = Cast16(Concat(..))`) are no model outputs once computed in
     // float32, so tract's declutter would split the attention's matmul over them (ConcatThenEinsum), and the GPU
@@ -66,6 +67,22 @@ fn fold_external_casts(model: &mut Model) -> Result<()> {
         .map_err(|e| Error::from_tract(ErrorKind::InvalidModel, "folding casts of streamed weights", &e))?;
     model.pass_log.extend(folded);
     Ok(())
+}
+
+/// The model property that marks a float16 model (its float16 computation translated to float32 by
+/// [`crate::float16::compute_in_f32`]): the GPU lowering gives its matmuls float16 products where the adapter has
+/// shader-f16 ([`float16_math`]).
+pub const FLOAT16_MODEL: &str = "kiln.float16_model";
+
+/// Environment variable that, set to `0`, keeps a float16 model's GPU matmuls in f32 arithmetic on an adapter with
+/// shader-f16 (as on one without).
+pub const F16_MATH_ENV: &str = "KILN_GPU_F16_MATH";
+
+/// Whether the GPU lowering computes the matmuls of `model` with float16 products where the adapter has shader-f16
+/// (kiln_wgsl's `QMatMul::f16_math`): a float16 model, unless [`F16_MATH_ENV`] is `0`.
+pub fn float16_math(model: &TypedModel) -> bool {
+    model.properties.get(FLOAT16_MODEL).is_some_and(|t| t.cast_to_scalar::<bool>().unwrap_or(false))
+        && std::env::var(F16_MATH_ENV).map_or(true, |v| v.trim() != "0")
 }
 
 /// The model property that turns [`f16_fused_attention`] on (set at import from `LoadOptions::f16_fused_attention`).

@@ -41,6 +41,11 @@ pub struct PlacementReport {
     pub adapter: String,
     /// The kernels' tuning: for a CPU adapter (lavapipe, SwiftShader: narrow workgroups) or for a GPU.
     pub tuning: kiln_wgsl::Tuning,
+    /// The adapter's shader-f16 is in use (float16 storage as `array<f16>`, float16 products in a float16 model's
+    /// matmuls).
+    pub shader_f16: bool,
+    /// Matmul kernels that multiply in float16 (a float16 model with shader-f16: kiln_wgsl's `QMatMul::f16_math`).
+    pub f16_matmuls: usize,
     pub nodes: Vec<NodePlacement>,
     /// ToDevice / ToHost nodes in the lowered model.
     pub to_device: usize,
@@ -310,6 +315,8 @@ impl GpuBackend {
         PlacementReport {
             adapter: format!("{} ({})", self.ctx.caps.adapter, self.ctx.caps.backend),
             tuning: if self.ctx.caps.cpu_adapter { kiln_wgsl::Tuning::Cpu } else { kiln_wgsl::Tuning::Gpu },
+            shader_f16: self.ctx.caps.shader_f16,
+            f16_matmuls: self.lowered.f16_matmuls(),
             nodes: self.lowered.placement.clone(),
             to_device,
             to_host,

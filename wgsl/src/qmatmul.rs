@@ -70,6 +70,12 @@ pub struct QMatMul {
     /// B holds float weights `[N, K]` (`bits` 32: f32; 16: float16 pairs), no scales or zero points; `block_size`
     /// is 16 and divides K.
     pub float_weights: bool,
+    /// A float16 model's matmul (kiln-graph's lowering sets it): where the adapter has shader-f16 the kernels
+    /// compute the products in float16 — A's values and the dequantized weights rounded to f16, multiplied and
+    /// summed in f16 a packed word at a time (the one-row kernel) or a 16-wide K step at a time (the tiled one),
+    /// those sums added up in f32 (f16 products, f32 accumulation, as tensor cores do; a whole K reduction in f16
+    /// would lose the small terms of a long row). Without shader-f16 (Chrome's SwiftShader) it changes nothing.
+    pub f16_math: bool,
 }
 
 /// The RMS norm a [`QMatMul`] applies to A: `a / sqrt(mean(a²) + eps) [· gamma]`, as kiln's NormOp does.
@@ -112,6 +118,7 @@ impl QMatMul {
             epilogue: QEpilogue::None,
             norm: None,
             float_weights: false,
+            f16_math: false,
         })
     }
 
@@ -137,6 +144,7 @@ impl QMatMul {
             epilogue: QEpilogue::None,
             norm: None,
             float_weights: true,
+            f16_math: false,
         })
     }
 
@@ -237,9 +245,20 @@ impl QMatMul {
     /// QMatMul itself: [`Context::memo_pipeline`]). The WGSL of the packed operands: B and scales always, zero
     /// points as the specialisation wants; the up projection's (`w_up` = 1: bindings 6–8, functions `*2`) with
     /// [`QEpilogue::SiluMul`], stubs otherwise; the residual (binding 9) with [`QEpilogue::Residual`].
-    fn spec(&self) -> Vec<(&'static str, String)> {
+    /// `f16`: the kernels' products in float16 ([`QMatMul::f16_math`] on an adapter with shader-f16).
+    fn spec(&self, f16: bool) -> Vec<(&'static str, String)> {
         let parts = self.split_parts().len();
-        self.spec_with_outputs([parts >= 2, parts >= 3])
+        let mut spec = self.spec_with_outputs([parts >= 2, parts >= 3]);
+        if f16 {
+            spec.retain(|(k, _)| !matches!(*k, "WDOT" | "TILE" | "TILE_STEP"));
+            spec.extend([
+                ("ENABLE", "enable f16;\n".to_string()),
+                ("WDOT", WDOT_F16.to_string()),
+                ("TILE", "f16".to_string()),
+                ("TILE_STEP", TILE_STEP_F16.to_string()),
+            ]);
+        }
+        spec
     }
 
     /// [`QMatMul::spec`] with the split's second and third outputs (bindings 13, 14) declared or stubbed as
@@ -339,6 +358,11 @@ impl QMatMul {
                 ("ROPE", "false".to_string()),
                 ("KV16", "false".to_string()),
                 ("ROPE_FNS", NO_ROPE_FNS.to_string()),
+            ])
+            .chain([
+                ("WDOT", WDOT_F32.to_string()),
+                ("TILE", "f32".to_string()),
+                ("TILE_STEP", TILE_STEP_F32.to_string()),
             ])
             .chain([
                 ("SG_PARAMS", String::new()),
@@ -534,7 +558,7 @@ impl QMatMul {
         // with a rotation: whether the stores are float16, k's output made, positions read
         let rope_key = rope.map(|r| (r.k_store.dt == DatumType::F16, r.k_out.is_some(), r.pos.is_some()));
         let pipeline = ctx.memo_pipeline(&(self.clone(), entry, lanes, in_mv, rope_key), || {
-            let mut spec = self.spec();
+            let mut spec = self.spec(self.f16_math && ctx.caps.shader_f16);
             spec.push(("LANES", lanes.to_string()));
             if ctx.caps.subgroups {
                 // the reductions through subgroup operations (native only: see Caps::subgroups)
@@ -618,11 +642,62 @@ pub(crate) fn quantize_blocks(
         epilogue: QEpilogue::None,
         norm: None,
         float_weights: false,
+        f16_math: false,
     }
-    .spec();
+    .spec(false);
     spec.push(("LANES", "32".into()));
     launch(ctx, rec, "qmatmul", "quantize_main", spec, &u, &[(1, a), (3, out)], (gx, gy, 1))
 }
+
+/// The one-row kernel's word product in f32: [`word_dot`] times the block's scale.
+const WDOT_F32: &str = "fn wdot(q: u32, z: f32, s: f32, a0: u32, kb: u32) -> f32 {
+    return word_dot(q, z, a0, kb) * s;
+}";
+
+/// The same in float16 arithmetic ([`QMatMul::f16_math`]): each weight dequantized in f16 (`(q - z) · s`, the
+/// scale applied before the product so that a large activation cannot overflow f16 through an unscaled code),
+/// times A's value in f16, the word's products summed in f16.
+const WDOT_F16: &str = "fn wdot(q: u32, z: f32, s: f32, a0: u32, kb: u32) -> f32 {
+    let sh = f16(s);
+    var t = f16(0.0);
+    for (var i = 0u; i < PER_WORD; i = i + 1u) {
+        if (kb + i < p.k) {
+            t = t + (f16(w_decode(q, i, z)) * sh) * f16(a_row(a0, kb + i));
+        }
+    }
+    return f32(t);
+}";
+
+/// tiled_main's K step of 16 over its tiles in f32: straight into the accumulators.
+const TILE_STEP_F32: &str = "for (var kk = 0u; kk < 16u; kk = kk + 1u) {
+                let ar = kk * 64u + lid.y;
+                let br = kk * 64u + lid.x;
+                let bv = vec4<f32>(Bs[br], Bs[br + 16u], Bs[br + 32u], Bs[br + 48u]);
+                acc0 = acc0 + As[ar] * bv;
+                acc1 = acc1 + As[ar + 16u] * bv;
+                acc2 = acc2 + As[ar + 32u] * bv;
+                acc3 = acc3 + As[ar + 48u] * bv;
+            }";
+
+/// The same over f16 tiles ([`QMatMul::f16_math`]): the step's 16 products per output summed in f16, then added
+/// to the f32 accumulators.
+const TILE_STEP_F16: &str = "var h0 = vec4<f16>(0.0);
+            var h1 = vec4<f16>(0.0);
+            var h2 = vec4<f16>(0.0);
+            var h3 = vec4<f16>(0.0);
+            for (var kk = 0u; kk < 16u; kk = kk + 1u) {
+                let ar = kk * 64u + lid.y;
+                let br = kk * 64u + lid.x;
+                let bv = vec4<f16>(Bs[br], Bs[br + 16u], Bs[br + 32u], Bs[br + 48u]);
+                h0 = h0 + As[ar] * bv;
+                h1 = h1 + As[ar + 16u] * bv;
+                h2 = h2 + As[ar + 32u] * bv;
+                h3 = h3 + As[ar + 48u] * bv;
+            }
+            acc0 = acc0 + vec4<f32>(h0);
+            acc1 = acc1 + vec4<f32>(h1);
+            acc2 = acc2 + vec4<f32>(h2);
+            acc3 = acc3 + vec4<f32>(h3);";
 
 /// mv_main's sum of squares for NORM (`ss`: this invocation's share in, the row's total out) over workgroup memory.
 const TREE_NORM_SUM: &str = "part[li] = ss;

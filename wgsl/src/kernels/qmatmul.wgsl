@@ -96,6 +96,11 @@ fn word_dot(q: u32, z: f32, a0: u32, kb: u32) -> f32 {
     return s;
 }
 
+// One packed word's dot product with A scaled by s (a block's scale): WDOT, f32 (word_dot · s) or, for a float16
+// model on an adapter with shader-f16 (F16_MATH), float16 arithmetic — the word's weights dequantized and
+// multiplied with A's values in f16, their sum in f16 — returned as f32 (the words' sums add up in f32).
+{{WDOT}}
+
 {{QM_FNS}}
 
 var<workgroup> part: array<f32, 256>;
@@ -201,14 +206,14 @@ fn mv_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
             let kb = blk * BS + (w % BLOB_WORDS) * PER_WORD;
             let si = lc * p.k_blocks + blk;
             if (wsel == 0u) {
-                acc = acc + word_dot(b_at(b0 + w), zero_at(lc, blk, si), a0, kb) * scale_at(si);
+                acc = acc + wdot(b_at(b0 + w), zero_at(lc, blk, si), scale_at(si), a0, kb);
             } else if (wsel == 1u) {
-                acc = acc + word_dot(b2_at(b0 + w), zero2_at(lc, blk, si), a0, kb) * scale2_at(si);
+                acc = acc + wdot(b2_at(b0 + w), zero2_at(lc, blk, si), scale2_at(si), a0, kb);
             } else {
-                acc = acc + word_dot(b3_at(b0 + w), zero3_at(lc, blk, si), a0, kb) * scale3_at(si);
+                acc = acc + wdot(b3_at(b0 + w), zero3_at(lc, blk, si), scale3_at(si), a0, kb);
             }
             if (EPI == 2u) {
-                acc2 = acc2 + word_dot(b2_at(b0 + w), zero2_at(lc, blk, si), a0, kb) * scale2_at(si);
+                acc2 = acc2 + wdot(b2_at(b0 + w), zero2_at(lc, blk, si), scale2_at(si), a0, kb);
             }
         }
     }
@@ -273,8 +278,9 @@ fn mv_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
     }
 }
 
-var<workgroup> As: array<f32, 1024>;
-var<workgroup> Bs: array<f32, 1024>;
+// tiled_main's tiles: f32, or f16 with F16_MATH (TILE: the element type)
+var<workgroup> As: array<{{TILE}}, 1024>;
+var<workgroup> Bs: array<{{TILE}}, 1024>;
 
 @compute @workgroup_size(16, 16)
 fn tiled_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
@@ -316,7 +322,7 @@ fn tiled_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
                 if (m0 + xx < p.m && gk < p.k) {
                     va = a[(m0 + xx) * p.k + gk];
                 }
-                As[e] = va;
+                As[e] = {{TILE}}(va);
             }
             let blk = k0 / BS;
             for (var j = li; j < 64u * TW; j = j + 256u) {
@@ -344,25 +350,17 @@ fn tiled_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
                         if (kb + i < p.k) {
                             v = w_decode(q, i, z) * s;
                         }
-                        Bs[(jw * PER_WORD + i) * 64u + nn] = v;
+                        Bs[(jw * PER_WORD + i) * 64u + nn] = {{TILE}}(v);
                     }
                 } else {
                     for (var i = 0u; i < PER_WORD; i = i + 1u) {
-                        Bs[(jw * PER_WORD + i) * 64u + nn] = 0.0;
+                        Bs[(jw * PER_WORD + i) * 64u + nn] = {{TILE}}(0.0);
                     }
                 }
             }
             workgroupBarrier();
             // four rows of accumulators as vec4 (columns lid.x + 16 j): registers, no indexed local array
-            for (var kk = 0u; kk < 16u; kk = kk + 1u) {
-                let ar = kk * 64u + lid.y;
-                let br = kk * 64u + lid.x;
-                let bv = vec4<f32>(Bs[br], Bs[br + 16u], Bs[br + 32u], Bs[br + 48u]);
-                acc0 = acc0 + As[ar] * bv;
-                acc1 = acc1 + As[ar + 16u] * bv;
-                acc2 = acc2 + As[ar + 32u] * bv;
-                acc3 = acc3 + As[ar + 48u] * bv;
-            }
+            {{TILE_STEP}}
             workgroupBarrier();
         }
     }
