@@ -1238,10 +1238,11 @@ fn float_matmul_as_row_kernel(
 }
 
 /// Weights this large or larger are considered for [`matmul_weights_in_f16`] (bytes of their f32 values).
-/// Gives every matmul on the row / tiled kernels (MatMulNBits, the float-weight projections, their fusions) float16
-/// products ([`kiln_wgsl::qmatmul::QMatMul::f16_math`]): a float16 model on an adapter with shader-f16
-/// ([`crate::passes::float16_math`]). Returns how many.
-pub fn matmuls_in_f16_math(model: &mut TypedModel) -> usize {
+/// Gives every matmul on the row / tiled kernels (MatMulNBits, the float-weight projections, their fusions) and
+/// every fused attention float16 products ([`kiln_wgsl::qmatmul::QMatMul::f16_math`],
+/// [`kiln_wgsl::attention::AttentionSpec::f16_math`]): a float16 model on an adapter with shader-f16
+/// ([`crate::passes::float16_math`]). MatMulNBits with accuracy_level 4 keeps its int8 scheme. Returns how many.
+pub fn kernels_in_f16_math(model: &mut TypedModel) -> usize {
     let mut n = 0;
     for node in model.nodes_mut() {
         let Some(g) = node.op_as::<GpuOp>() else { continue };
@@ -1250,6 +1251,9 @@ pub fn matmuls_in_f16_math(model: &mut TypedModel) -> usize {
             Kernel::QMatMul(q) if q.int8_activations => continue,
             Kernel::QkvRope(r) if r.q.int8_activations => continue,
             Kernel::QMatMul(q) => Kernel::QMatMul(kiln_wgsl::qmatmul::QMatMul { f16_math: true, ..q.clone() }),
+            Kernel::Attention(a) => {
+                Kernel::Attention(Box::new(kiln_wgsl::attention::AttentionSpec { f16_math: true, ..(**a).clone() }))
+            }
             Kernel::QkvRope(r) => {
                 let q = kiln_wgsl::qmatmul::QMatMul { f16_math: true, ..r.q.clone() };
                 Kernel::QkvRope(Box::new(kiln_wgsl::qmatmul::QkvRope { q, ..(**r).clone() }))

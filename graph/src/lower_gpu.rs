@@ -47,15 +47,16 @@ impl Lowered {
     pub fn gpu_nodes(&self) -> usize {
         self.placement.iter().filter(|p| p.device == Device::Gpu).count()
     }
-    /// The matmul kernels that multiply in float16 (a float16 model on an adapter with shader-f16:
-    /// [`crate::fuse_gpu::matmuls_in_f16_math`]).
-    pub fn f16_matmuls(&self) -> usize {
+    /// The matmul and attention kernels that multiply in float16 (a float16 model on an adapter with shader-f16:
+    /// [`crate::fuse_gpu::kernels_in_f16_math`]).
+    pub fn f16_kernels(&self) -> usize {
         self.model
             .nodes()
             .iter()
             .filter(|n| match n.op_as::<kiln_wgsl::ops::GpuOp>().map(|g| &g.kernel) {
                 Some(kiln_wgsl::Kernel::QMatMul(q)) => q.f16_math,
                 Some(kiln_wgsl::Kernel::QkvRope(r)) => r.q.f16_math,
+                Some(kiln_wgsl::Kernel::Attention(a)) => a.f16_math,
                 _ => false,
             })
             .count()
@@ -194,7 +195,7 @@ pub fn lower(model: &TypedModel, caps: &Caps) -> Result<Lowered> {
     }
     crate::fuse_gpu::matmul_weights_in_f16(&mut target)?;
     if caps.shader_f16 && crate::passes::float16_math(model) {
-        crate::fuse_gpu::matmuls_in_f16_math(&mut target);
+        crate::fuse_gpu::kernels_in_f16_math(&mut target);
     }
     Ok(Lowered { model: target, placement })
 }

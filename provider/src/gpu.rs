@@ -44,8 +44,9 @@ pub struct PlacementReport {
     /// The adapter's shader-f16 is in use (float16 storage as `array<f16>`, float16 products in a float16 model's
     /// matmuls).
     pub shader_f16: bool,
-    /// Matmul kernels that multiply in float16 (a float16 model with shader-f16: kiln_wgsl's `QMatMul::f16_math`).
-    pub f16_matmuls: usize,
+    /// Matmul and attention kernels that multiply in float16 (a float16 model with shader-f16: kiln_wgsl's
+    /// `QMatMul::f16_math`, `AttentionSpec::f16_math`).
+    pub f16_kernels: usize,
     pub nodes: Vec<NodePlacement>,
     /// ToDevice / ToHost nodes in the lowered model.
     pub to_device: usize,
@@ -316,7 +317,7 @@ impl GpuBackend {
             adapter: format!("{} ({})", self.ctx.caps.adapter, self.ctx.caps.backend),
             tuning: if self.ctx.caps.cpu_adapter { kiln_wgsl::Tuning::Cpu } else { kiln_wgsl::Tuning::Gpu },
             shader_f16: self.ctx.caps.shader_f16,
-            f16_matmuls: self.lowered.f16_matmuls(),
+            f16_kernels: self.lowered.f16_kernels(),
             nodes: self.lowered.placement.clone(),
             to_device,
             to_host,

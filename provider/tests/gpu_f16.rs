@@ -391,12 +391,23 @@ fn node(op: &str, attrs: Vec<pb::AttributeProto>, inputs: &[&str], output: &str)
     }
 }
 
-/// A model of `nodes` whose output is `y` of `out_type`.
+/// A model of `nodes` whose output is `y` of `out_type` (opset 17).
 fn model_of(
     nodes: Vec<pb::NodeProto>,
     inputs: &[(&str, i32, &[usize])],
     inits: Vec<pb::TensorProto>,
     out_type: i32,
+) -> Vec<u8> {
+    model_at(nodes, inputs, inits, out_type, 17)
+}
+
+/// [`model_of`] at `opset`.
+fn model_at(
+    nodes: Vec<pb::NodeProto>,
+    inputs: &[(&str, i32, &[usize])],
+    inits: Vec<pb::TensorProto>,
+    out_type: i32,
+    opset: i64,
 ) -> Vec<u8> {
     let graph = pb::GraphProto {
         name: "g".into(),
@@ -409,7 +420,7 @@ fn model_of(
     pb::ModelProto {
         ir_version: 8,
         opset_import: vec![
-            pb::OperatorSetIdProto { domain: String::new(), version: 17 },
+            pb::OperatorSetIdProto { domain: String::new(), version: opset },
             pb::OperatorSetIdProto { domain: "com.microsoft".into(), version: 1 },
         ],
         graph: Some(graph),
@@ -593,9 +604,9 @@ fn float16_models_multiply_in_float16_where_the_adapter_has_shader_f16() {
                 skipped = false;
                 // the report counts the matmuls with float16 products: the one matmul of a float16 model with
                 // shader-f16, none otherwise
-                let f16_matmuls = usize::from(native && float16);
-                if report.f16_matmuls != f16_matmuls {
-                    failures.push(format!("{what}: {} matmuls in f16, not {f16_matmuls}", report.f16_matmuls));
+                let f16_kernels = usize::from(native && float16);
+                if report.f16_kernels != f16_kernels {
+                    failures.push(format!("{what}: {} matmuls in f16, not {f16_kernels}", report.f16_kernels));
                 }
                 let cpu_nodes: Vec<_> = report.nodes.iter().filter(|n| n.device == Device::Cpu).collect();
                 if !cpu_nodes.is_empty() {
@@ -629,6 +640,111 @@ fn float16_models_multiply_in_float16_where_the_adapter_has_shader_f16() {
     }
     if skipped {
         eprintln!("!!!! no shader-f16 on this adapter: float16 products untested");
+    }
+    assert!(failures.is_empty(), "{} cases failed:\n  {}", failures.len(), failures.join("\n  "));
+}
+
+/// A float16 model's fused attention multiplies in float16 where the adapter has shader-f16
+/// (`AttentionSpec::f16_math`: q · k and weight · v in f16, q · k summed in f16 16 products at a time), in f32
+/// where it has not, and an fp32 model's in f32 either way. ONNX Attention (opset 23, scale 1) over two keys, one
+/// query (the decode kernel) or four (the prefill kernel): q holds 64, 1, 64 at channels 0, 4, 8 (one lane of the
+/// decode kernel's four), key 0 holds 32, 1, -32 there — q · k0 is 1 in f32 and 0 in f16 (2048 + 1 rounds to 2048)
+/// — and key 1 is zeros, so the first output channel (v0 = e0, v1 = 0) is e / (e + 1) = 0.7311 in f32 and 0.5 in f16.
+/// The other channels (random values, the same scores) against the CPU provider's.
+#[test]
+fn float16_attention_multiplies_in_float16_where_the_adapter_has_shader_f16() {
+    let mut rng = Rng(seed());
+    let d = 32usize;
+    let h = |v: f32| f16::from_f32(v).to_f32();
+    let mut failures = vec![];
+    let mut tested_f16 = false;
+    for native in [true, false] {
+        for float16 in [true, false] {
+            for s in [1usize, 4] {
+                let what = format!(
+                    "{}: {} attention, {s} queries",
+                    mode_name(native),
+                    if float16 { "float16" } else { "fp32" }
+                );
+                let t = if float16 { FLOAT16 } else { FLOAT };
+                let mut attention = node("Attention", vec![], &["q", "k", "v"], if float16 { "a" } else { "y" });
+                attention.attribute.push(pb::AttributeProto {
+                    name: "scale".into(),
+                    f: 1.0,
+                    r#type: pb::attribute_proto::AttributeType::Float as i32,
+                    ..Default::default()
+                });
+                let mut nodes = vec![attention];
+                if float16 {
+                    nodes.push(node("Cast", vec![attr_int("to", FLOAT as i64)], &["a"], "y"));
+                }
+                let bytes = model_at(
+                    nodes,
+                    &[("q", t, &[1, 1, s, d]), ("k", t, &[1, 1, 2, d]), ("v", t, &[1, 1, 2, d])],
+                    vec![],
+                    FLOAT,
+                    23,
+                );
+                let mut q = vec![0f32; s * d];
+                for row in q.chunks_mut(d) {
+                    (row[0], row[4], row[8]) = (64.0, 1.0, 64.0);
+                }
+                let mut k = vec![0f32; 2 * d];
+                (k[0], k[4], k[8]) = (32.0, 1.0, -32.0);
+                let mut v: Vec<f32> = (0..2 * d).map(|_| h(rng.range(-1.0, 1.0))).collect();
+                (v[0], v[d]) = (1.0, 0.0);
+                let vals = v.clone();
+                let feeds: Vec<(String, Tensor)> = [("q", q, s), ("k", k, 2), ("v", v, 2)]
+                    .into_iter()
+                    .map(|(n, x, rows)| {
+                        let x = Tensor::from_vec(&[1, 1, rows, d], x).unwrap();
+                        (n.to_string(), if float16 { x.cast(ElementType::F16).unwrap() } else { x })
+                    })
+                    .collect();
+                let cpu = Session::from_bytes(&bytes, &SessionOptions::default()).expect("cpu session");
+                let gpu = in_mode(native, || Session::from_bytes(&bytes, &gpu_options())).expect("gpu session");
+                let Some(report) = gpu.gpu_placement() else {
+                    eprintln!("\n!!!!!!!! SKIPPING: no GPU adapter ({:?}) !!!!!!!!\n", gpu.provider_note());
+                    return;
+                };
+                if native && !report.shader_f16 {
+                    eprintln!("!!!! the adapter has no shader-f16: only f32 arithmetic is tested here");
+                    continue;
+                }
+                let f16_math = native && float16;
+                tested_f16 |= f16_math;
+                let attention_on_gpu = report.nodes.iter().any(|n| n.op == "KilnAttentionY" && n.device == Device::Gpu);
+                if !attention_on_gpu || report.f16_kernels != usize::from(f16_math) {
+                    failures.push(format!("{what}: {} kernels in f16; {:?}", report.f16_kernels, report.nodes));
+                    continue;
+                }
+                gpu.set_gpu_poison(true);
+                let want = cpu.run(feeds.clone()).expect("cpu run").get("y").unwrap().to_f64_vec().unwrap();
+                let got = gpu.run(feeds).expect("gpu run").get("y").unwrap().to_f64_vec().unwrap();
+                // every channel c: w0 · v0[c] + w1 · v1[c], the weights those of the scores (1, 0) in f32, (0, 0) in
+                // f16 (whose products of weight and value round in f16: 1e-3)
+                let e = std::f64::consts::E;
+                let f32_weights = [e / (e + 1.0), 1.0 / (e + 1.0)];
+                let (weights, tol) = if f16_math { ([0.5, 0.5], 1e-3) } else { (f32_weights, 1e-5) };
+                let expect = |w: [f64; 2], c: usize| w[0] * vals[c] as f64 + w[1] * vals[d + c] as f64;
+                for i in 0..s * d {
+                    let c = i % d;
+                    if (want[i] - expect(f32_weights, c)).abs() > 1e-5 || (got[i] - expect(weights, c)).abs() > tol {
+                        failures.push(format!(
+                            "{what}: y[{i}] {} on the GPU, not {} (cpu {}, f32 {})",
+                            got[i],
+                            expect(weights, c),
+                            want[i],
+                            expect(f32_weights, c)
+                        ));
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    if !tested_f16 {
+        eprintln!("!!!! no shader-f16 on this adapter: float16 products in attention untested");
     }
     assert!(failures.is_empty(), "{} cases failed:\n  {}", failures.len(), failures.join("\n  "));
 }
@@ -741,7 +857,7 @@ fn check_fp16_fixture(model: &str) {
         let casts = report.nodes.iter().filter(|n| n.op == "Cast" && n.node.contains("kiln_f")).count();
         assert!(casts > 0, "{model}: no float16 interface casts in the placement");
         // the matmuls multiply in float16 exactly where the adapter's shader-f16 is in use
-        assert_eq!(report.f16_matmuls > 0, native, "{model} [{mode}]: {} matmuls in f16", report.f16_matmuls);
+        assert_eq!(report.f16_kernels > 0, native, "{model} [{mode}]: {} matmuls in f16", report.f16_kernels);
         session.set_gpu_poison(true);
         for set in ["test_data_set_0", "test_data_set_1"] {
             let set_dir = dir.join(set);
@@ -757,7 +873,7 @@ fn check_fp16_fixture(model: &str) {
                     "{model}/{set}/{name} [{mode}]: max|diff| {diff:.3e} = {:.2} f16 ulps at {ref_max:.3}",
                     diff / ulp
                 );
-                let ulps = if report.f16_matmuls > 0 { 4.0 } else { 2.0 };
+                let ulps = if report.f16_kernels > 0 { 4.0 } else { 2.0 };
                 if diff > ulps * ulp {
                     failures.push(format!(
                         "{set}/{name} [{mode}]: max|diff| {diff:.3e} > {ulps} f16 ulps ({:.3e}) at max|ref| {ref_max:.3}",

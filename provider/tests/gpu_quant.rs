@@ -399,7 +399,7 @@ fn a_gated_mlp_and_its_residual_fold_into_the_matmul_kernels() {
             // its int8 scheme), sums of 16 products (the tiled kernel) rounded in f16 as they grow: measured up to
             // 2.2e-3 of the largest output over 40 seeds (f32: within 2e-3)
             let f16_math = c.f16 && report.shader_f16;
-            assert_eq!(report.f16_matmuls, if f16_math { 2 } else { 0 }, "{what}: matmul kernels in f16");
+            assert_eq!(report.f16_kernels, if f16_math { 2 } else { 0 }, "{what}: matmul kernels in f16");
             let rel = if f16_math { 5e-3 } else { rel };
             for out in ["h", "y"] {
                 let w = want.output(out).expect("cpu output").to_f64_vec().expect("floats");

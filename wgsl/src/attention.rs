@@ -39,6 +39,10 @@ pub const MAX_HEAD: usize = 256;
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct AttentionSpec {
     pub config: AttentionConfig,
+    /// A float16 model's attention (kiln-graph's lowering sets it): where the adapter has shader-f16, q · k and
+    /// weight · v are multiplied in f16 (q · k summed in f16 16 products at a time, those sums, the softmax and the
+    /// value accumulators in f32; K / V tiles in f16). Without shader-f16 it changes nothing.
+    pub f16_math: bool,
 }
 
 impl AttentionSpec {
@@ -258,19 +262,30 @@ impl AttentionSpec {
         if let Some((name, dt)) = kv.iter().find(|(_, dt)| !matches!(dt, DatumType::F32 | DatumType::F16)) {
             return Err(bad(format!("{name} of element type {dt:?}")));
         }
+        let f16 = self.f16_math && native;
         let spec = || {
             let mut spec = vec![("WG", wg.to_string()), ("DMAX", dmax.to_string()), ("DWG", dwg.to_string())];
-            for ((name, dt), (elem, load)) in kv.iter().zip([
-                ("K_ELEM", "K_LOAD"),
-                ("V_ELEM", "V_LOAD"),
-                ("PK_ELEM", "PK_LOAD"),
-                ("PV_ELEM", "PV_LOAD"),
+            for ((name, dt), (elem, load, load_h)) in kv.iter().zip([
+                ("K_ELEM", "K_LOAD", "K_LOAD_H"),
+                ("V_ELEM", "V_LOAD", "V_LOAD_H"),
+                ("PK_ELEM", "PK_LOAD", "PK_LOAD_H"),
+                ("PV_ELEM", "PV_LOAD", "PV_LOAD_H"),
             ]) {
                 let (e, l) = Self::kv_access(name, *dt, native);
-                spec.push((elem, e));
-                spec.push((load, l));
+                // the load as the products' type: f16 as stored (f32 rounded), or the f32 load
+                let h = match (f16, *dt) {
+                    (true, DatumType::F16) => format!("{name}[i]"),
+                    (true, _) => format!("f16({name}[i])"),
+                    (false, _) => l.clone(),
+                };
+                spec.extend([(elem, e), (load, l), (load_h, h)]);
             }
-            if native && kv.iter().any(|(_, dt)| *dt == DatumType::F16) {
+            if f16 {
+                spec.extend([("HT", "f16".into()), ("CHUNK", "16".into())]);
+            } else {
+                spec.extend([("HT", "f32".into()), ("CHUNK", "0x40000000".into())]);
+            }
+            if f16 || native && kv.iter().any(|(_, dt)| *dt == DatumType::F16) {
                 spec.push(("ENABLE", "enable f16;\n".into()));
             }
             spec
@@ -278,7 +293,7 @@ impl AttentionSpec {
         // the pipelines by what the specialisation depends on (made once)
         let kv_dts = kv.map(|(_, dt)| dt);
         let pipeline = |entry: &'static str| {
-            ctx.memo_pipeline(&("attention", entry, wg, dmax, dwg, kv_dts, native), || {
+            ctx.memo_pipeline(&("attention", entry, wg, dmax, dwg, kv_dts, native, f16), || {
                 pipeline_for(ctx, "attention", entry, spec())
             })
         };
@@ -379,7 +394,7 @@ pub(crate) fn kernel_for(
             Err(_) => return Err(format!("attention head size {head} unknown before the run")),
         }
     }
-    Ok(crate::Kernel::Attention(Box::new(AttentionSpec { config: c.clone() })))
+    Ok(crate::Kernel::Attention(Box::new(AttentionSpec { config: c.clone(), f16_math: false })))
 }
 
 pub use kiln_ops::rotary::{RotaryConfig, RotaryOp};

@@ -16,6 +16,12 @@
 // K, V, past K and past V are f32, or f16 (a float16 model's KV cache kept in f16, read as f32 here): their element
 // types (K_ELEM, ...) and loads (K_LOAD, ...) come from the specialisation — `array<f16>` with shader-f16,
 // else u32 words of two halves each (`unpack2x16float`, exact). Indices are in elements either way.
+// HT: the products' type — f32, or f16 for a float16 model on an adapter with shader-f16 (`AttentionSpec::f16_math`):
+// then q · k and weight · v are multiplied in f16, q·k summed in f16 CHUNK products at a time (those sums and the
+// value accumulators in f32), the tiles held in f16; the softmax stays f32. *_LOAD_H: the loads as HT. With f32,
+// CHUNK never ends a sum and every conversion is the identity: the f32 kernel as it was.
+alias HT = {{HT}};
+const CHUNK: u32 = {{CHUNK}}u;
 
 const DMAX: u32 = {{DMAX}}u;
 const TILE: u32 = 2048u;
@@ -69,8 +75,24 @@ fn load_past_v(i: u32) -> f32 {
     return {{PV_LOAD}};
 }
 
-var<workgroup> ktile: array<f32, TILE>;
-var<workgroup> vtile: array<f32, TILE>;
+fn load_k_h(i: u32) -> HT {
+    return {{K_LOAD_H}};
+}
+
+fn load_v_h(i: u32) -> HT {
+    return {{V_LOAD_H}};
+}
+
+fn load_past_k_h(i: u32) -> HT {
+    return {{PK_LOAD_H}};
+}
+
+fn load_past_v_h(i: u32) -> HT {
+    return {{PV_LOAD_H}};
+}
+
+var<workgroup> ktile: array<HT, TILE>;
+var<workgroup> vtile: array<HT, TILE>;
 
 fn tanh_c(x: f32) -> f32 {
     if (abs(x) < 0.25) {
@@ -152,12 +174,12 @@ fn attention_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
         limit = min(limit, first_key + p.sp.y);
     }
 
-    var qr: array<f32, DMAX>;
+    var qr: array<HT, DMAX>;
     var acc: array<f32, DMAX>;
     if (on_row) {
         let qb = b * p.qs.x + h * p.qs.y + i * p.qs.z;
         for (var d = 0u; d < dk; d = d + 1u) {
-            qr[d] = q[qb + d];
+            qr[d] = HT(q[qb + d]);
         }
     }
     for (var d = 0u; d < DMAX; d = d + 1u) {
@@ -180,7 +202,7 @@ fn attention_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
                     val = load_k(b * p.ks.x + kh * p.ks.y + (j - past) * p.ks.z + d);
                 }
             }
-            ktile[jj * DMAX + d] = val;
+            ktile[jj * DMAX + d] = HT(val);
         }
         for (var e = lid; e < BK * dv; e = e + WG) {
             let jj = e / dv;
@@ -194,7 +216,7 @@ fn attention_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
                     val = load_v(b * p.vs.x + kh * p.vs.y + (j - past) * p.vs.z + d);
                 }
             }
-            vtile[jj * DMAX + d] = val;
+            vtile[jj * DMAX + d] = HT(val);
         }
         workgroupBarrier();
         if (on_row) {
@@ -228,8 +250,12 @@ fn attention_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
                     }
                 }
                 var dot = 0.0;
-                for (var d = 0u; d < dk; d = d + 1u) {
-                    dot = dot + qr[d] * ktile[jj * DMAX + d];
+                for (var d0 = 0u; d0 < dk; d0 = d0 + CHUNK) {
+                    var dh = HT(0.0);
+                    for (var d = d0; d < min(dk, d0 + CHUNK); d = d + 1u) {
+                        dh = dh + qr[d] * ktile[jj * DMAX + d];
+                    }
+                    dot = dot + f32(dh);
                 }
                 var x = dot * scale;
                 if ((flags & 16u) != 0u) {
@@ -247,7 +273,7 @@ fn attention_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
                 let w = exp(x - m);
                 l = l + w;
                 for (var d = 0u; d < dv; d = d + 1u) {
-                    acc[d] = acc[d] + w * vtile[jj * DMAX + d];
+                    acc[d] = acc[d] + f32(HT(w) * vtile[jj * DMAX + d]);
                 }
             }
         }
@@ -331,7 +357,7 @@ const DWG: u32 = {{DWG}}u;
 const LANES: u32 = 4u;
 const TK: u32 = DWG / LANES;
 const NA: u32 = (DMAX + TK - 1u) / TK;
-var<workgroup> qv: array<f32, DMAX>;
+var<workgroup> qv: array<HT, DMAX>;
 var<workgroup> part: array<f32, DWG>;
 var<workgroup> pw: array<f32, TK>;
 var<workgroup> red: array<f32, TK>;
@@ -387,7 +413,7 @@ fn decode_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
     if (live) {
         let qb = b * p.qs.x + h * p.qs.y;
         for (var d = lid; d < dk; d = d + DWG) {
-            qv[d] = q[qb + d];
+            qv[d] = HT(q[qb + d]);
         }
     }
     // scores: key kk of the tile, lane r of it; values: channel lane cl, key residue kr
@@ -429,17 +455,33 @@ fn decode_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
         }
         var dot = 0.0;
         if (ok) {
+            // this lane's products, CHUNK at a time
+            var dh = HT(0.0);
+            var c = 0u;
             if (j < past) {
                 let kb = (kvb * pk_rows + j) * dk;
                 for (var d = r; d < dk; d = d + LANES) {
-                    dot = dot + qv[d] * load_past_k(kb + d);
+                    dh = dh + qv[d] * load_past_k_h(kb + d);
+                    c = c + 1u;
+                    if (c == CHUNK) {
+                        dot = dot + f32(dh);
+                        dh = HT(0.0);
+                        c = 0u;
+                    }
                 }
             } else {
                 let kb = b * p.ks.x + kh * p.ks.y + (j - past) * p.ks.z;
                 for (var d = r; d < dk; d = d + LANES) {
-                    dot = dot + qv[d] * load_k(kb + d);
+                    dh = dh + qv[d] * load_k_h(kb + d);
+                    c = c + 1u;
+                    if (c == CHUNK) {
+                        dot = dot + f32(dh);
+                        dh = HT(0.0);
+                        c = 0u;
+                    }
                 }
             }
+            dot = dot + f32(dh);
         }
         part[lid] = dot;
         workgroupBarrier();
@@ -494,14 +536,14 @@ fn decode_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
                 for (var jj = kr; jj < n; jj = jj + LANES) {
                     let wj = pw[jj];
                     let jv = t0 + jj;
-                    var val = 0.0;
+                    var val = HT(0.0);
                     if (jv < past) {
-                        val = load_past_v((kvb * pv_rows + jv) * dv + d);
+                        val = load_past_v_h((kvb * pv_rows + jv) * dv + d);
                     } else {
-                        val = load_v(b * p.vs.x + kh * p.vs.y + (jv - past) * p.vs.z + d);
+                        val = load_v_h(b * p.vs.x + kh * p.vs.y + (jv - past) * p.vs.z + d);
                     }
                     // a masked key (weight 0) adds nothing, whatever its value holds
-                    s = s + select(0.0, wj * val, wj != 0.0);
+                    s = s + select(0.0, f32(HT(wj) * val), wj != 0.0);
                 }
             }
             acc[a] = s;
