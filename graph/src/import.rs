@@ -169,6 +169,9 @@ pub struct LoadOptions {
     /// Float16 models: the GPU lowering fuses their attention and appends their KV cache in place (see
     /// [`crate::passes::f16_fused_attention`]). `None`: on, unless KILN_GPU_F16_FUSED_ATTENTION=0.
     pub f16_fused_attention: Option<bool>,
+    /// Float16 models: the GPU lowering gives their matmuls and attention float16 products where the adapter has
+    /// shader-f16 (see [`crate::passes::float16_math`]). `None`: on, unless KILN_GPU_F16_MATH=0.
+    pub f16_math: Option<bool>,
 }
 
 /// Weights left in the external data at import (GPU sessions): external initializers of at least `min_bytes`
@@ -209,6 +212,7 @@ impl std::fmt::Debug for LoadOptions {
             .field("constant_inputs", &self.constant_inputs.iter().map(|c| &c.0).collect::<Vec<_>>())
             .field("generation", &self.generation)
             .field("f16_fused_attention", &self.f16_fused_attention)
+            .field("f16_math", &self.f16_math)
             .finish()
     }
 }
@@ -316,7 +320,10 @@ pub fn load_proto(mut proto: pb::ModelProto, options: &LoadOptions) -> Result<Mo
     let f16_fused = options
         .f16_fused_attention
         .unwrap_or_else(|| std::env::var("KILN_GPU_F16_FUSED_ATTENTION").map_or(true, |v| v != "0"));
-    crate::passes::run(&mut model, options.optimization, f16_fused)?;
+    let f16_math = options
+        .f16_math
+        .unwrap_or_else(|| std::env::var(crate::passes::F16_MATH_ENV).map_or(true, |v| v.trim() != "0"));
+    crate::passes::run(&mut model, options.optimization, f16_fused, f16_math)?;
     Ok(model)
 }
 

@@ -6,7 +6,8 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::import::{Model, OptimizationLevel};
 
 /// Runs the passes the optimisation level asks for.
-pub fn run(model: &mut Model, level: OptimizationLevel, f16_fused: bool) -> Result<()> {
+/// `f16_fused`: [`f16_fused_attention`]'s switch; `f16_math`: [`float16_math`]'s.
+pub fn run(model: &mut Model, level: OptimizationLevel, f16_fused: bool, f16_math: bool) -> Result<()> {
     // Every level declutters: tract's typed model as imported cannot always run (symbolic shape arithmetic is only
     // resolved by declutter), and float16 arithmetic in float32 is how onnxruntime's CPU kernels compute, not a
     // graph optimisation. `Disabled` stops there.
@@ -16,7 +17,7 @@ pub fn run(model: &mut Model, level: OptimizationLevel, f16_fused: bool) -> Resu
         model
             .pass_log
             .push("float16 computation runs in float32 (inputs/outputs stay float16), as onnxruntime's CPU".into());
-        model.typed.properties.insert(FLOAT16_MODEL.into(), Arc::new(tensor0(true)));
+        model.typed.properties.insert(FLOAT16_MODEL.into(), Arc::new(tensor0(f16_math)));
     }
     // a float16 model's KV concatenations (`present = Cast16(Concat(..))`) are no model outputs once computed in
     // float32, so tract's declutter would split the attention's matmul over them (ConcatThenEinsum), and the GPU
@@ -70,19 +71,21 @@ fn fold_external_casts(model: &mut Model) -> Result<()> {
 }
 
 /// The model property that marks a float16 model (its float16 computation translated to float32 by
-/// [`crate::float16::compute_in_f32`]): the GPU lowering gives its matmuls float16 products where the adapter has
-/// shader-f16 ([`float16_math`]).
+/// [`crate::float16::compute_in_f32`]) whose GPU lowering gives its matmuls and attention float16 products where
+/// the adapter has shader-f16 ([`float16_math`]): true, or false when the load options turned that off.
 pub const FLOAT16_MODEL: &str = "kiln.float16_model";
 
-/// Environment variable that, set to `0`, keeps a float16 model's GPU matmuls in f32 arithmetic on an adapter with
-/// shader-f16 (as on one without).
+/// Environment variable that, set to `0`, keeps a float16 model's GPU matmuls and attention in f32 arithmetic on
+/// an adapter with shader-f16 (as on one without), unless the load options say otherwise
+/// (`LoadOptions::f16_math`, kiln-provider's `SessionOptions::gpu_f16_math`).
 pub const F16_MATH_ENV: &str = "KILN_GPU_F16_MATH";
 
-/// Whether the GPU lowering computes the matmuls of `model` with float16 products where the adapter has shader-f16
-/// (kiln_wgsl's `QMatMul::f16_math`): a float16 model, unless [`F16_MATH_ENV`] is `0`.
+/// Whether the GPU lowering computes the matmuls and attention of `model` with float16 products where the adapter
+/// has shader-f16 (kiln_wgsl's `QMatMul::f16_math`, `AttentionSpec::f16_math`): a float16 model whose load options
+/// left it on (the default: products in f16 as onnxruntime-web's WebGPU kernels compute float16 models; f32 with
+/// `LoadOptions::f16_math` `Some(false)`, KILN_GPU_F16_MATH=0 or kiln-web's `extra.kiln.f16Math: false`).
 pub fn float16_math(model: &TypedModel) -> bool {
     model.properties.get(FLOAT16_MODEL).is_some_and(|t| t.cast_to_scalar::<bool>().unwrap_or(false))
-        && std::env::var(F16_MATH_ENV).map_or(true, |v| v.trim() != "0")
 }
 
 /// The model property that turns [`f16_fused_attention`] on (set at import from `LoadOptions::f16_fused_attention`).

@@ -779,6 +779,9 @@ export function registerKiln(/** @type {Platform} */ platform) {
           // kiln's own session config (onnxruntime-web ignores `extra` entries it does not know): float16 models'
           // fused attention on 'webgpu', on unless false (kiln_graph::passes::f16_fused_attention)
           f16FusedAttention: typeof options.extra?.kiln?.f16FusedAttention === 'boolean' ? options.extra.kiln.f16FusedAttention : undefined,
+          // float16 products in float16 models' matmuls and attention where the adapter has shader-f16, on unless
+          // false (kiln_graph::passes::float16_math)
+          f16Math: typeof options.extra?.kiln?.f16Math === 'boolean' ? options.extra.kiln.f16Math : undefined,
           // the kernels' tuning when the app forces it (else narrow workgroups on a CPU adapter, wide on a GPU)
           gpuTuning: gpuTuning(options),
         });

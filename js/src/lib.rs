@@ -925,6 +925,9 @@ mod web {
                     get(&options, "forceFallbackAdapter").as_bool() == Some(true);
                 // kiln-web's `extra: { kiln: { f16FusedAttention: false } }` turns it off (the JS half passes it on)
                 opts.gpu_f16_fused_attention = get(&options, "f16FusedAttention").as_bool();
+                // `extra: { kiln: { f16Math: false } }`: float16 models' matmuls and attention in f32 arithmetic
+                // where the adapter has shader-f16 (the default: float16 products there)
+                opts.gpu_f16_math = get(&options, "f16Math").as_bool();
                 // `extra: { kiln: { gpuTuning } }` forces the kernels' tuning (by default kiln_wgsl decides from the
                 // adapter: a fallback adapter, SwiftShader, is a CPU one)
                 opts.gpu_tuning = match get(&options, "gpuTuning").as_string().as_deref() {
@@ -1038,7 +1041,7 @@ mod web {
 
         /// The WebGPU provider's transfer counters, totals over the session's runs (`undefined` on the CPU):
         /// `{ runs, submits, earlySubmits, dispatches, uploads, uploadBytes, readbacks, readbackBytes, gpuFeeds, gpuOutputs, kvAppendsInPlace,
-        /// kvStoresCreated }` (kiln-web's tests: a KV cache fed back as gpu-buffer tensors is bound without a copy).
+        /// kvStoresCreated, tuning, shaderF16, f16Kernels }` (kiln-web's tests: a KV cache fed back as gpu-buffer tensors is bound without a copy).
         #[wasm_bindgen(js_name = gpuCounters)]
         pub fn gpu_counters(&self) -> Result<JsValue, JsError> {
             let Some(r) = self.inner.gpu_placement() else { return Ok(JsValue::UNDEFINED) };
@@ -1064,6 +1067,11 @@ mod web {
             }
             let tuning = if r.tuning == kiln_provider::Tuning::Cpu { "cpu" } else { "gpu" };
             Reflect::set(&o, &"tuning".into(), &tuning.into()).map_err(|_| err("counters"))?;
+            // the adapter's shader-f16 in use, and the kernels that multiply in f16 (a float16 model's matmuls and
+            // attention there, unless extra.kiln.f16Math is false)
+            Reflect::set(&o, &"shaderF16".into(), &r.shader_f16.into()).map_err(|_| err("counters"))?;
+            Reflect::set(&o, &"f16Kernels".into(), &JsValue::from_f64(r.f16_kernels as f64))
+                .map_err(|_| err("counters"))?;
             Ok(o.into())
         }
 

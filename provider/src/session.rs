@@ -82,6 +82,9 @@ pub struct SessionOptions {
     /// WebGPU sessions of float16 models: fuse their attention and append their KV cache in place (see
     /// `kiln_graph::passes::f16_fused_attention`). `None`: on, unless KILN_GPU_F16_FUSED_ATTENTION=0.
     pub gpu_f16_fused_attention: Option<bool>,
+    /// WebGPU sessions of float16 models: float16 products in their matmuls and attention where the adapter has
+    /// shader-f16 (see `kiln_graph::passes::float16_math`). `None`: on, unless KILN_GPU_F16_MATH=0.
+    pub gpu_f16_math: Option<bool>,
 }
 
 impl std::fmt::Debug for SessionOptions {
@@ -100,6 +103,7 @@ impl std::fmt::Debug for SessionOptions {
             .field("gpu_submit_every", &self.gpu_submit_every)
             .field("gpu_tuning", &self.gpu_tuning)
             .field("gpu_f16_fused_attention", &self.gpu_f16_fused_attention)
+            .field("gpu_f16_math", &self.gpu_f16_math)
             .finish()
     }
 }
@@ -126,6 +130,7 @@ impl SessionOptions {
             constant_inputs: self.constant_inputs.iter().map(|(n, t)| (n.clone(), t.as_tract().clone())).collect(),
             generation: self.generation.clone(),
             f16_fused_attention: if self.wants_gpu() { self.gpu_f16_fused_attention } else { Some(false) },
+            f16_math: if self.wants_gpu() { self.gpu_f16_math } else { Some(false) },
         }
     }
 }

@@ -513,6 +513,7 @@ fn f16_models_run_on_the_gpu_with_and_without_shader_f16() {
 /// float so that no f16 rounding of the result hides the products' precision.
 #[test]
 fn float16_models_multiply_in_float16_where_the_adapter_has_shader_f16() {
+    use kiln_wgsl::Tuning::{Cpu, Gpu};
     let mut rng = Rng(seed());
     let (k, n) = (32usize, 16usize);
     let h = |v: f32| f16::from_f32(v).to_f32();
@@ -577,10 +578,11 @@ fn float16_models_multiply_in_float16_where_the_adapter_has_shader_f16() {
     let mut skipped = true;
     for native in [true, false] {
         for (what, model, big, float16) in cases {
-            for (rows, tuning) in
-                [(1, kiln_wgsl::Tuning::Cpu), (1, kiln_wgsl::Tuning::Gpu), (70, kiln_wgsl::Tuning::Cpu)]
-            {
-                let what = format!("{}: {what}, {rows} row(s), {tuning:?} tuning", mode_name(native));
+            // (rows, tuning, SessionOptions::gpu_f16_math): the one-row kernel in both tunings, the tiled one, and
+            // float16 products turned off by the session's options
+            let runs = [(1, Cpu, None), (1, Gpu, None), (70, Cpu, None), (1, Cpu, Some(false)), (70, Cpu, Some(false))];
+            for (rows, tuning, f16_option) in runs {
+                let what = format!("{}: {what}, {rows} row(s), {tuning:?} tuning, {f16_option:?}", mode_name(native));
                 let bytes = model(rows);
                 let mut x: Vec<f32> = (0..rows * k).map(|_| h(rng.range(-1.0, 1.0))).collect();
                 for r in 0..rows {
@@ -591,7 +593,7 @@ fn float16_models_multiply_in_float16_where_the_adapter_has_shader_f16() {
                 let xt = if what.contains("fp32") { xt } else { xt.cast(ElementType::F16).unwrap() };
                 let feeds = vec![("x".to_string(), xt)];
                 let cpu = Session::from_bytes(&bytes, &SessionOptions::default()).expect("cpu session");
-                let opts = SessionOptions { gpu_tuning: Some(tuning), ..gpu_options() };
+                let opts = SessionOptions { gpu_tuning: Some(tuning), gpu_f16_math: f16_option, ..gpu_options() };
                 let gpu = in_mode(native, || Session::from_bytes(&bytes, &opts)).expect("gpu session");
                 let Some(report) = gpu.gpu_placement() else {
                     eprintln!("\n!!!!!!!! SKIPPING: no GPU adapter ({:?}) !!!!!!!!\n", gpu.provider_note());
@@ -604,7 +606,7 @@ fn float16_models_multiply_in_float16_where_the_adapter_has_shader_f16() {
                 skipped = false;
                 // the report counts the matmuls with float16 products: the one matmul of a float16 model with
                 // shader-f16, none otherwise
-                let f16_kernels = usize::from(native && float16);
+                let f16_kernels = usize::from(native && float16 && f16_option != Some(false));
                 if report.f16_kernels != f16_kernels {
                     failures.push(format!("{what}: {} matmuls in f16, not {f16_kernels}", report.f16_kernels));
                 }
@@ -615,7 +617,7 @@ fn float16_models_multiply_in_float16_where_the_adapter_has_shader_f16() {
                 gpu.set_gpu_poison(true);
                 let want = cpu.run(feeds.clone()).expect("cpu run").get("y").unwrap().to_f64_vec().unwrap();
                 let got = gpu.run(feeds).expect("gpu run").get("y").unwrap().to_f64_vec().unwrap();
-                let col0 = if native && float16 { 0.0 } else { 1.0 };
+                let col0 = if f16_kernels == 1 { 0.0 } else { 1.0 };
                 let max = want.iter().fold(0f64, |m, v| m.max(v.abs()));
                 for r in 0..rows {
                     if want[r * n] != 1.0 || got[r * n] != col0 {
