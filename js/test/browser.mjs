@@ -306,7 +306,7 @@ test("browser: kiln-web on 'webgpu': env.webgpu, GPU tensors, fallback warnings 
     await page.waitForFunction(() => window.results, null, { timeout: 60000 });
     const results = await page.evaluate(() => window.results);
     await page.close();
-    assert.equal(Object.keys(results).length, query ? 1 : 8, JSON.stringify(results));
+    assert.equal(Object.keys(results).length, query ? 1 : 9, JSON.stringify(results));
     for (const [name, r] of Object.entries(results)) assert.equal(r, 'ok', `${name}: ${r}\n${logs.join('\n')}`);
   }
 });
