@@ -8,6 +8,10 @@ Attention as optimum exports transformers' Llama: q and the repeat_kv'd k each s
 mask, Softmax, MatMul (`--grouped-rows`: the older g*S-rows-per-kv-head GQA layout).
 
     .venv/bin/python bench/make_llama.py OUT_DIR [--layers 30 --hidden 576 --heads 9 --kv-heads 3 --mlp 1536 --vocab 49152]
+                                                 [--fp16]
+
+`--fp16`: the same model in float16 (every float tensor, input and output; the additive mask's -1e9 as -65504, as
+fp16 exports clip it), ~270 MB.
 """
 import argparse
 import json
@@ -152,6 +156,18 @@ def build(layers, hidden, heads, kv_heads, mlp, vocab, max_pos=2048, theta=10000
     return model
 
 
+def to_fp16(model):
+    """Every float initializer, input and output as float16 (values clipped to float16's finite range)."""
+    for t in model.graph.initializer:
+        if t.data_type == TensorProto.FLOAT:
+            arr = np.clip(numpy_helper.to_array(t), -65504.0, 65504.0).astype(np.float16)
+            t.CopyFrom(numpy_helper.from_array(arr, t.name))
+    for vi in list(model.graph.input) + list(model.graph.output):
+        if vi.type.tensor_type.elem_type == TensorProto.FLOAT:
+            vi.type.tensor_type.elem_type = TensorProto.FLOAT16
+    return model
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out_dir")
@@ -163,8 +179,11 @@ def main():
     ap.add_argument("--vocab", type=int, default=49152)
     ap.add_argument("--grouped-rows", action="store_true",
                     help="GQA as g*S query rows per kv head (the older layout) instead of transformers' repeat_kv")
+    ap.add_argument("--fp16", action="store_true", help="the model in float16")
     a = ap.parse_args()
     model = build(a.layers, a.hidden, a.heads, a.kv_heads, a.mlp, a.vocab, grouped_rows=a.grouped_rows)
+    if a.fp16:
+        model = to_fp16(model)
     os.makedirs(a.out_dir, exist_ok=True)
     path = os.path.join(a.out_dir, "model.onnx")
     onnx.save(model, path)
@@ -179,7 +198,7 @@ def main():
         "head_dim": a.hidden // a.heads,
         "intermediate_size": a.mlp,
         "vocab_size": a.vocab,
-        "torch_dtype": "float32",
+        "torch_dtype": "float16" if a.fp16 else "float32",
         "note": "random weights (seed 0), written by kiln's bench/make_llama.py",
     }
     with open(os.path.join(a.out_dir, "config.json"), "w") as f:

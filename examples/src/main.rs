@@ -143,6 +143,10 @@ fn print_placement(session: &Session, threads: Option<usize>) {
         Some(r) => {
             println!("  adapter: {}", r.adapter);
             println!(
+                "  kernels: {:?} tuning, shader-f16 {}, {} kernels multiplying in f16",
+                r.tuning, r.shader_f16, r.f16_kernels
+            );
+            println!(
                 "  nodes: {} of {} on webgpu, {} on cpu; transfers: {} to device, {} to host",
                 r.gpu_nodes(),
                 r.nodes.len(),
