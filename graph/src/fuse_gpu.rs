@@ -803,8 +803,9 @@ pub fn fuse_qkv_rotations(model: &mut TypedModel, max_storage_buffers: u32) -> R
     const WHAT: &str = "joining q/k/v projections with their rotation";
     batched(model, WHAT, |model, order, outputs| {
         let gpu = |n: usize| model.node(n).op_as::<GpuOp>();
-        // the projection output and head size behind a rotation input `x`: MoveAxis ← View ← split output
-        let head_split = |x: OutletId| -> Option<(OutletId, usize, usize, usize)> {
+        // the projection output and head size behind a rotation input `x`: MoveAxis ← View ← split output (`shared`:
+        // the MoveAxis may have other readers, the float16 cache form's attention reading v)
+        let head_split = |x: OutletId, shared: bool| -> Option<(OutletId, usize, usize, usize)> {
             let t = model.node(x.node);
             let is_move =
                 matches!(gpu(t.id)?.kernel, Kernel::MoveAxis { from: 1, to: 2 } | Kernel::MoveAxis { from: 2, to: 1 });
@@ -818,7 +819,7 @@ pub fn fuse_qkv_rotations(model: &mut TypedModel, max_storage_buffers: u32) -> R
             let ok = is_move
                 && is_view
                 && x.slot == 0
-                && single(t)
+                && (shared && !outputs.contains(&x) || single(t))
                 && single(v)
                 && split.rank() == 4
                 && model.outlet_fact(x).ok()?.rank() == 4
@@ -835,13 +836,16 @@ pub fn fuse_qkv_rotations(model: &mut TypedModel, max_storage_buffers: u32) -> R
                 return None;
             }
             let p = r.config.has_positions as usize;
-            let (q, k, v) = (head_split(rn.inputs[0])?, head_split(rn.inputs[3 + p])?, head_split(rn.inputs[5 + p])?);
+            let (q, k) = (head_split(rn.inputs[0], false)?, head_split(rn.inputs[3 + p], false)?);
+            // float16 caches (the rotation outputs k rotated): v's other readers then read the fused node's v
+            let v = head_split(rn.inputs[5 + p], r.k_out)?;
+            let v_out = model.node(v.3).outputs[0].successors.len() > 1;
             let split = q.0.node;
             let Kernel::QMatMul(mm) = &gpu(split)?.kernel else { return None };
             let same = [q.0, k.0, v.0] == [0, 1, 2].map(|slot| OutletId::new(split, slot));
             let d = q.1;
             let parts = mm.split_parts();
-            let buffers = mm.storage_buffers().saturating_sub(2) + r.k_out as u32 + 4 + p as u32;
+            let buffers = mm.storage_buffers().saturating_sub(2) + r.k_out as u32 + v_out as u32 + 4 + p as u32;
             let whole = |c: &kiln_wgsl::attention::RotaryConfig| c.rotary_dim == 0 || c.rotary_dim == d;
             let ok = same
                 && whole(&r.config)
@@ -852,9 +856,9 @@ pub fn fuse_qkv_rotations(model: &mut TypedModel, max_storage_buffers: u32) -> R
                 && parts.len() == 3
                 && parts.iter().all(|n| n % d == 0)
                 && buffers <= max_storage_buffers;
-            ok.then(|| (id, split, mm.clone(), r.clone(), d, [q.2, q.3, k.2, k.3, v.2, v.3]))
+            ok.then(|| (id, split, mm.clone(), r.clone(), d, [q.2, q.3, k.2, k.3, v.2, v.3], v_out))
         });
-        let (rid, sid, mm, r, d, views) = found?;
+        let (rid, sid, mm, r, d, views, v_out) = found?;
         let (rn, sn) = (model.node(rid), model.node(sid));
         let p = r.config.has_positions as usize;
         let chain_of =
@@ -883,13 +887,21 @@ pub fn fuse_qkv_rotations(model: &mut TypedModel, max_storage_buffers: u32) -> R
         r_map.extend([t4[1], extra(2 + p), t4[2], extra(3 + p)]);
         let outs = inline_chain(&mut steps, &r_chain, &r_map)?;
         let n_out = rn.outputs.len();
-        if outs.len() != n_out || steps.len() > u8::MAX as usize {
+        if outs.len() != n_out {
             return None;
         }
-        let chain = FusedChain { inputs: inputs.len(), steps, outputs: n_out };
-        let kernel = Kernel::QkvRope(Box::new(kiln_wgsl::qmatmul::QkvRope { q: mm, rope: r, head: d }));
+        let mut replaced: Vec<OutletId> = (0..n_out).map(|slot| OutletId::new(rid, slot)).collect();
+        if v_out {
+            // v as [batch, heads, seq, head], the last output
+            steps.push((Box::new(tract_onnx::tract_core::ops::identity::Identity), vec![t4[2]]));
+            replaced.push(OutletId::new(views[5], 0));
+        }
+        if steps.len() > u8::MAX as usize {
+            return None;
+        }
+        let chain = FusedChain { inputs: inputs.len(), steps, outputs: replaced.len() };
+        let kernel = Kernel::QkvRope(Box::new(kiln_wgsl::qmatmul::QkvRope { q: mm, rope: r, head: d, v_out }));
         let name = format!("{}.rotated", sn.name);
-        let replaced: Vec<OutletId> = (0..n_out).map(|slot| OutletId::new(rid, slot)).collect();
         let mut members = vec![rid, sid];
         members.extend(views);
         let apply = move |model: &mut TypedModel| -> Result<()> {

@@ -238,8 +238,8 @@ fn elem_bytes(t: &Tensor) -> u64 {
 
 /// `fused_appends`: the model's rotations take their layer's KV appends along (Llama-style layers, f32 or float16
 /// caches: kiln_graph's fuse_rotary_appends): every steady step's appends are written by the rotation's dispatch.
-/// `in_matmul`: and the rotations are done by the layers' q / k / v matvecs (4-bit or fp32 projections with f32
-/// caches: fuse_qkv_rotations).
+/// `in_matmul`: and the rotations are done by the layers' q / k / v matvecs (4-bit, fp32 or float16 projections:
+/// fuse_qkv_rotations; with float16 caches the matvec also outputs v for the attention).
 fn check(model: &str, fused_appends: bool, in_matmul: bool) {
     let dir = tiny_fixtures().join(model);
     let path = dir.join("model.onnx");
@@ -439,10 +439,11 @@ fn fp32_and_q4_llama_decode_steps_take_the_same_dispatches() {
 }
 
 /// float16 models: the cache stays float16 on the GPU, the KV Concat (in float16, kiln_wgsl::kv::concat_kv_in_f16)
-/// appends in place and the fused attention reads the float16 past in place.
+/// appends in place and the fused attention reads the float16 past in place; the q / k / v matvec rotates and
+/// appends (float16 stores) and hands the attention k and v.
 #[test]
 fn tiny_llama_optimum_fp16_kv_on_gpu() {
-    check("tiny-llama/onnx_optimum_fp16", true, false);
+    check("tiny-llama/onnx_optimum_fp16", true, true);
 }
 
 #[test]

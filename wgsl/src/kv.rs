@@ -154,6 +154,19 @@ pub fn append(
             return Ok(Some(out));
         }
     }
+    let Some(out) = grown_store(ctx, rec, past, total)? else { return Ok(None) };
+    let cap = out.row_stride();
+    copy_rows(ctx, rec, &new, nl, &out, cap, pl, b * h, nl, row)?;
+    rec.counters.kv_append_bytes += (b * h * nl) as u64 * row;
+    Ok(Some(out))
+}
+
+/// A new KV store for `past` (`[batch, heads, rows, head]`, rows of whole 4-byte words) grown to hold `total` rows
+/// (capacity doubled, or fresh; within the binding limit), its past rows copied, its shape and high-water mark at
+/// `total` (the caller writes the rest); `None` when the limit leaves no room for `total`.
+fn grown_store(ctx: &Context, rec: &mut Recorder, past: &GpuTensor, total: usize) -> Result<Option<GpuTensor>> {
+    let [b, h, pl, d] = dims4(&past.shape)?;
+    let row = (d * gpu_size_of(past.dt)) as u64;
     let old = past.kv.as_ref().map_or(0, |l| l.cap);
     let mut cap = capacity_for(total, old);
     let limit = ctx.caps.max_storage_binding.min(ctx.caps.max_buffer_size);
@@ -171,13 +184,38 @@ pub fn append(
         mapped_at_creation: false,
     }));
     let layout = KvLayout { cap, high: Arc::new(AtomicUsize::new(total)) };
-    let out = GpuTensor { buffer, shape, dt: past.dt, kv: Some(layout) };
+    let out = GpuTensor { buffer, shape: tvec![b, h, total, d], dt: past.dt, kv: Some(layout) };
     copy_rows(ctx, rec, past, past.row_stride(), &out, cap, 0, b * h, pl, row)?;
-    copy_rows(ctx, rec, &new, nl, &out, cap, pl, b * h, nl, row)?;
     rec.counters.kv_stores_created += 1;
     rec.counters.kv_grow_bytes += (b * h * pl) as u64 * row;
-    rec.counters.kv_append_bytes += (b * h * nl) as u64 * row;
     Ok(Some(out))
+}
+
+/// A present for `past` (`[batch, heads, rows, head]`, f32 or f16) with room for `new` (`[batch, heads, rows, head]`)
+/// after its rows, the past rows copied in and the new ones left for the caller to write (a kernel that appends
+/// itself: [`crate::qmatmul::QkvRope`]) — for when [`reserve_pair`] finds no room in place: a KV store (capacity as
+/// [`append`] grows one) when `past` is a store or `make_store` asks for one, else a pooled tensor of exactly the
+/// present's rows. Its shape counts the new rows. `None` when the shapes or types do not allow it.
+pub fn present_with_room(
+    ctx: &Context,
+    rec: &mut Recorder,
+    past: &GpuTensor,
+    new: &[usize],
+    make_store: bool,
+) -> Result<Option<GpuTensor>> {
+    let (Ok([b, h, pl, d]), Ok([nb, nh, nl, nd])) = (dims4(&past.shape), dims4(new)) else { return Ok(None) };
+    let row = (d * gpu_size_of(past.dt)) as u64;
+    let stored = matches!(past.dt, DatumType::F32 | DatumType::F16);
+    if !stored || (nb, nh, nd) != (b, h, d) || !row.is_multiple_of(4) || row == 0 || b * h == 0 {
+        return Ok(None);
+    }
+    let total = pl + nl;
+    if past.kv.is_none() && !make_store {
+        let out = rec.alloc_unpoisoned(ctx, &[b, h, total, d], past.dt)?;
+        copy_rows(ctx, rec, past, pl, &out, total, 0, b * h, pl, row)?;
+        return Ok(Some(out));
+    }
+    grown_store(ctx, rec, past, total)
 }
 
 /// [`append`], or where it declines the Concat kernel (a KV store among the inputs compacted first): a present as

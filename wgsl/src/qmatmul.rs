@@ -535,6 +535,9 @@ impl QMatMul {
                     if let Some(pos) = r.pos {
                         b.push((18, pos));
                     }
+                    if let Some(v_out) = r.v_out {
+                        b.push((14, v_out));
+                    }
                     if let Some(k_out) = r.k_out {
                         b.push((13, k_out));
                     }
@@ -556,7 +559,8 @@ impl QMatMul {
         // the pipeline by this kernel's parameters: the WGSL snippets are made on the first dispatch only
         let in_mv = in_kernel && entry == "mv_main";
         // with a rotation: whether the stores are float16, k's output made, positions read
-        let rope_key = rope.map(|r| (r.k_store.dt == DatumType::F16, r.k_out.is_some(), r.pos.is_some()));
+        let rope_key =
+            rope.map(|r| (r.k_store.dt == DatumType::F16, r.k_out.is_some(), r.v_out.is_some(), r.pos.is_some()));
         let pipeline = ctx.memo_pipeline(&(self.clone(), entry, lanes, in_mv, rope_key), || {
             let mut spec = self.spec(self.f16_math && ctx.caps.shader_f16);
             spec.push(("LANES", lanes.to_string()));
@@ -572,9 +576,9 @@ impl QMatMul {
                 spec.push(("INT8_A", "true".into()));
                 spec.push(("AQ_LEN", MV_SHARED_K.to_string()));
             }
-            if let Some((kv16, k_out, pos)) = rope_key {
+            if let Some((kv16, k_out, v_out, pos)) = rope_key {
                 // the split's weights as they are, k's output (binding 13) only when wanted, no third output
-                let qm = self.spec_with_outputs([k_out, false]).into_iter().find(|(k, _)| *k == "QM_FNS");
+                let qm = self.spec_with_outputs([k_out, v_out]).into_iter().find(|(k, _)| *k == "QM_FNS");
                 spec.retain(|(k, _)| !matches!(*k, "ROPE" | "KV16" | "ROPE_FNS" | "QM_FNS"));
                 spec.push(("QM_FNS", qm.map(|(_, v)| v).unwrap_or_default()));
                 spec.push(("ROPE", "true".into()));
@@ -805,6 +809,8 @@ struct RopeArgs<'a> {
     k_store: &'a GpuTensor,
     v_store: &'a GpuTensor,
     k_out: Option<&'a GpuTensor>,
+    /// v as `[batch, heads, seq, head]` (binding 14), where asked ([`QkvRope::v_out`]).
+    v_out: Option<&'a GpuTensor>,
     /// Invocations per column: a workgroup's half of its columns (128 / lanes) divides half the head.
     lanes: usize,
     /// The uniform's last 8 words: half the head, seq, cache rows, -; K block, K kept, V block, V kept.
@@ -814,7 +820,7 @@ struct RopeArgs<'a> {
 /// A layer's q / k / v projections (a [`QEpilogue::Split`] of three) with the rotation and the KV appends after
 /// them (a [`RotarySpec`] with `append`, on the projections seen as `[batch, heads, seq, head]`): kiln-graph's
 /// `fuse_qkv_rotations`. Inputs: the split's, then the rotation's cos, sin[, positions], past K, past V; outputs
-/// the rotation's (q rotated[, k rotated], present K, present V). One dispatch on a decode step whose caches are
+/// the rotation's (q rotated[, k rotated], present K, present V[, v as `[batch, heads, seq, head]`]). One dispatch on a decode step whose caches are
 /// KV stores with room ([`QkvRope::encode_outputs`]); else the split, the transposes and the rotation as nodes
 /// would run them.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -823,6 +829,9 @@ pub struct QkvRope {
     pub rope: RotarySpec,
     /// The head size (the projections' heads: their columns over it).
     pub head: usize,
+    /// v as `[batch, heads, seq, head]` is an output too, the last (a float16 model's cache form: its attention
+    /// reads the new v itself, beside the float16 past).
+    pub v_out: bool,
 }
 
 impl QkvRope {
@@ -881,26 +890,48 @@ impl QkvRope {
             && cos.shape == sin.shape
             && past_v.dt == past_k.dt;
         let stores = if fits { crate::kv::reserve_pair([past_k, past_v], [&ks, &vs]) } else { None };
+        let in_place = stores.is_some();
+        // no room in place (pasts read from the host, a store outgrown): presents with room, the past rows copied
+        // (a new store each, or plain tensors), the same kernel writing the new rows — a loop that reads its caches
+        // back computes what one that keeps them on the GPU does
+        let stores = match stores {
+            None if fits => {
+                let k = crate::kv::present_with_room(ctx, rec, past_k, &ks, make_store[0])?;
+                let v = crate::kv::present_with_room(ctx, rec, past_v, &vs, make_store[1])?;
+                match (k, v) {
+                    (Some(k), Some(v)) => Some([k, v]),
+                    (k, v) => {
+                        for t in k.into_iter().chain(v).filter(|t| t.kv.is_none()) {
+                            rec.release(t);
+                        }
+                        None
+                    }
+                }
+            }
+            s => s,
+        };
         if let Some([sk, sv]) = stores {
             let cache_rows = cos.len() / half;
             let block = |t: &GpuTensor| -> Result<[u32; 2]> {
-                let cap = t.kv.as_ref().map_or(0, |l| l.cap);
+                let cap = t.row_stride();
                 Ok([u32_of("KV block", cap * self.head)?, u32_of("KV rows", (t.shape[2] - s) * self.head)?])
             };
             let ([kb, kp], [vb, vp]) = (block(&sk)?, block(&sv)?);
             let words = [u32_of("head", half)?, u32_of("seq", s)?, u32_of("rows", cache_rows)?, 0, kb, kp, vb, vp];
             let q_out = rec.alloc(ctx, &shape(heads[0]), DatumType::F32)?;
             let k_out = if self.rope.k_out { Some(rec.alloc(ctx, &ks, DatumType::F32)?) } else { None };
-            let args = RopeArgs { cos, sin, pos, k_store: &sk, v_store: &sv, k_out: k_out.as_ref(), lanes, words };
+            let v_out = if self.v_out { Some(rec.alloc(ctx, &vs, DatumType::F32)?) } else { None };
+            let (k_ref, v_ref) = (k_out.as_ref(), v_out.as_ref());
+            let args = RopeArgs { cos, sin, pos, k_store: &sk, v_store: &sv, k_out: k_ref, v_out: v_ref, lanes, words };
             self.q.encode_with(ctx, rec, mm, &[&q_out], Some(&args))?;
             let es = crate::exec::gpu_size_of(past_k.dt);
             for n in [&ks, &vs] {
-                rec.counters.kv_appends_in_place += 1;
+                rec.counters.kv_appends_in_place += in_place as usize;
                 rec.counters.kv_appends_fused += 1;
                 rec.counters.kv_append_bytes += (n.iter().product::<usize>() * es) as u64;
             }
             rec.counters.rotations_in_matmul += 1;
-            return Ok(std::iter::once(q_out).chain(k_out).chain([sk, sv]).collect());
+            return Ok(std::iter::once(q_out).chain(k_out).chain([sk, sv]).chain(v_out).collect());
         }
         // as the nodes would: the split, each output as [batch, heads, seq, head], the rotation and appends
         let outs = self.q.encode_split(ctx, rec, mm)?;
@@ -912,11 +943,13 @@ impl QkvRope {
         let mut r: Vec<&GpuTensor> = vec![&t4[0], cos, sin];
         r.extend(pos);
         r.extend([&t4[1], past_k, &t4[2], past_v]);
-        let result = self.rope.encode_append(ctx, rec, &r, make_store, syms)?;
+        let mut result = self.rope.encode_append(ctx, rec, &r, make_store, syms)?;
         drop(r);
+        let v4 = if self.v_out { t4.pop() } else { None };
         for t in t4.into_iter().chain(outs) {
             rec.release(t);
         }
+        result.extend(v4);
         Ok(result)
     }
 }

@@ -250,6 +250,10 @@ fn mv_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
                 if (wsel == 1u) {
                     store2(((b * heads + h) * p.rope.y + s) * 2u * half + d, v);
                 }
+                // v as [batch, heads, seq, head] where asked (a float16 cache's attention reads it)
+                if (wsel == 2u) {
+                    store3(((b * heads + h) * p.rope.y + s) * 2u * half + d, v);
+                }
                 // float16: the even channel writes the word of both
                 if (!KV16 || d % 2u == 0u) {
                     kv_store(wsel - 1u, at, v, rot[min(slot + 1u, 63u)]);
