@@ -737,12 +737,19 @@ fn smollm2_q4f16_greedy_64_kv_on_gpu() {
 
 /// The CPU reference of the q / k / v + rotation node (its FusedChain: the split matmul, the head splits and
 /// transposes, the rotation and the KV Concats it replaced, inlined) gives the source model's outputs: the lowered
-/// graph of the 4-bit fixture, with every GPU node run by its CPU op in tract, against the model as loaded.
+/// graph of the 4-bit fixture, with every GPU node run by its CPU op in tract, against the model as loaded; and of
+/// the float16 one, whose node also outputs v for the attention (`QkvRope::v_out`, float16 caches).
 #[test]
 fn qkv_rotation_node_keeps_its_cpu_reference() {
+    for fixture in ["onnx_optimum_q4", "onnx_optimum_fp16"] {
+        qkv_rotation_reference(fixture);
+    }
+}
+
+fn qkv_rotation_reference(fixture: &str) {
     use kiln_graph::tract_onnx::prelude::*;
     use kiln_wgsl::{ops::GpuOp, Caps, Kernel};
-    let dir = tiny_fixtures().join("tiny-llama/onnx_optimum_q4");
+    let dir = tiny_fixtures().join("tiny-llama").join(fixture);
     let options = kiln_graph::LoadOptions { optimization: kiln_graph::OptimizationLevel::Basic, ..Default::default() };
     let model = kiln_graph::load_path(dir.join("model.onnx"), &options).expect("loading");
     let caps = Caps { max_storage_buffers: 16, ..Caps::webgpu_defaults() };
@@ -750,9 +757,12 @@ fn qkv_rotation_node_keeps_its_cpu_reference() {
     let fused = lowered
         .nodes()
         .iter()
-        .filter(|n| matches!(n.op_as::<GpuOp>().map(|g| &g.kernel), Some(Kernel::QkvRope(_))))
+        .filter(|n| match n.op_as::<GpuOp>().map(|g| &g.kernel) {
+            Some(Kernel::QkvRope(r)) => r.v_out == fixture.contains("fp16"),
+            _ => false,
+        })
         .count();
-    assert_eq!(fused, 2, "one q/k/v + rotation node per layer");
+    assert_eq!(fused, 2, "{fixture}: one q/k/v + rotation node per layer");
     // the fixture's first data set, in the model's input order
     let set = dir.join("test_data_set_0");
     let inputs: TVec<TValue> = (0..model.typed.inputs.len())
@@ -765,12 +775,15 @@ fn qkv_rotation_node_keeps_its_cpu_reference() {
     let (want, got) = (run(&model.typed), run(&lowered));
     assert_eq!(want.len(), got.len());
     for (i, (w, g)) in want.iter().zip(&got).enumerate() {
-        assert_eq!(w.shape(), g.shape(), "output {i}");
+        assert_eq!((w.shape(), w.datum_type()), (g.shape(), g.datum_type()), "{fixture}: output {i}");
         let f = |t: &TValue| {
             let t = t.cast_to::<f32>().expect("f32").into_owned();
             t.try_as_plain_ram().expect("host data").as_slice::<f32>().expect("f32 values").to_vec()
         };
-        let diff = f(w).iter().zip(f(g)).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        assert!(diff <= 1e-5, "output {i}: max |diff| {diff}");
+        let (w16, wv) = (w.datum_type() == DatumType::F16, f(w));
+        let diff = wv.iter().zip(f(g)).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        // float16 outputs: the rounding of values a last f32 bit apart, at most an f16 ulp of the largest
+        let tol = if w16 { wv.iter().fold(0f32, |m, v| m.max(v.abs())) / 1024.0 } else { 1e-5 };
+        assert!(diff <= tol, "{fixture}: output {i}: max |diff| {diff} > {tol}");
     }
 }

@@ -872,7 +872,13 @@ impl QkvRope {
         // the workgroup's columns: m of a head's first half and their partners, m a power of two dividing half
         // (float16 stores: even, a word's two halves in one workgroup)
         let kv16 = past_k.dt == DatumType::F16;
-        let m = (1usize << half.trailing_zeros().min(6)).min(128 / self.q.mv_lanes(ctx));
+        let most = 1usize << half.trailing_zeros().min(6);
+        let mut m = most.min(128 / self.q.mv_lanes(ctx));
+        if kv16 && m < 2 {
+            // float16 stores take pairs of columns (the GPU tuning of a long float16-weight row wants 128 lanes a
+            // column: 64 then)
+            m = most.min(2);
+        }
         let lanes = 128 / m.max(1);
         // the caches: one row per (batch, seq) without positions, else a position per (batch, seq)
         let rows_ok = match pos {
