@@ -747,10 +747,15 @@ const SUBGROUP_LANE_SUM: &str = "let run = min(LANES, sg_size);
     var v2 = acc2;
     for (var off = LANES / 2u; off > 0u; off = off / 2u) {
         let s = subgroupShuffleXor(v, off);
-        let s2 = subgroupShuffleXor(v2, off);
         if (off < run) {
             v = v + s;
-            v2 = v2 + s2;
+        }
+        // the second weight's sums only with one (EPI a constant: uniform control flow)
+        if (EPI == 2u) {
+            let s2 = subgroupShuffleXor(v2, off);
+            if (off < run) {
+                v2 = v2 + s2;
+            }
         }
     }
     part[li] = v;
