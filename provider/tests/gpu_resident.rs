@@ -787,3 +787,77 @@ fn qkv_rotation_reference(fixture: &str) {
         assert!(diff <= tol, "{fixture}: output {i}: max |diff| {diff} > {tol}");
     }
 }
+
+/// A float16 Llama layer with SmolLM2's rows (hidden 576, 9 / 3 heads of 64, MLP 1536; `bench/make_llama.py --layers
+/// 1 --vocab 256 --fp16`, written by the test venv's python): its q / k / v matvec rotates and appends into the
+/// float16 caches and hands the attention v in both tunings of the kernels — the GPU one takes 128 lanes a column
+/// for a 576-long float16 row, and a float16 store needs column pairs, so it runs 64 (`QkvRope`) — with the CPU
+/// provider's tokens and logits (4 f16 ulps: the matmuls and attention multiply in f16 where the adapter has
+/// shader-f16) and the same dispatches a step in both tunings.
+#[test]
+fn a_float16_layer_with_long_rows_rotates_in_its_matvec_in_both_tunings() {
+    let python = workspace_root().join(".venv/bin/python");
+    if !python.exists() {
+        eprintln!("\n!!!!!!!! SKIPPING the float16 layer: no .venv (scripts/test.sh makes it) !!!!!!!!\n");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("kiln-f16-layer-{}", std::process::id()));
+    let set = dir.join("test_data_set_0");
+    std::fs::create_dir_all(&set).expect("temp dir");
+    let make = workspace_root().join("bench/make_llama.py");
+    let out = std::process::Command::new(&python)
+        .arg(&make)
+        .arg(&dir)
+        .args(["--layers", "1", "--vocab", "256", "--fp16"])
+        .output()
+        .expect("running make_llama.py");
+    assert!(out.status.success(), "make_llama.py: {}", String::from_utf8_lossy(&out.stderr));
+    // an empty past (the cache's dims and type) in the model's input order, as the fixtures' data sets hold it
+    let script = format!(
+        "import numpy as np, onnx\nfrom onnx import numpy_helper\n\
+         m = onnx.load('{d}/model.onnx')\n\
+         for j, i in enumerate(m.graph.input):\n\
+         \x20   if i.name.startswith('past'):\n\
+         \x20       a = np.zeros((1, 3, 0, 64), np.float16)\n\
+         \x20   else:\n\
+         \x20       a = np.zeros((1, 1), np.int64)\n\
+         \x20   open('{s}/input_%d.pb' % j, 'wb').write(numpy_helper.from_array(a, i.name).SerializeToString())\n",
+        d = dir.display(),
+        s = set.display()
+    );
+    let out = std::process::Command::new(&python).arg("-c").arg(script).output().expect("running python");
+    assert!(out.status.success(), "test data: {}", String::from_utf8_lossy(&out.stderr));
+    let path = dir.join("model.onnx");
+    let cpu = cpu_session(&path);
+    let Some(probe) = gpu_session(&path, PreferredOutputLocation::default()) else { return };
+    let prefs = kv_prefs(&probe);
+    drop(probe);
+    let prompt = [15i64, 230, 7, 99, 51, 3, 87];
+    let steps = 6;
+    let reference = run_loop(&cpu, &dir, &prompt, steps, None);
+    let mut per_step = vec![];
+    for tuning in [kiln_wgsl::Tuning::Cpu, kiln_wgsl::Tuning::Gpu] {
+        let opts = SessionOptions {
+            execution_providers: vec![ExecutionProvider::WebGpu],
+            preferred_output_location: prefs.clone(),
+            gpu_tuning: Some(tuning),
+            ..Default::default()
+        };
+        let gpu = blocking::Session::from_path(&path, &opts).expect("a GPU session");
+        let got = run_loop(&gpu, &dir, &prompt, steps, Some(&reference.tokens));
+        for (step, (g, c)) in got.logits.iter().zip(&reference.logits).enumerate() {
+            let (diff, ref_max) = max_diff(&format!("{tuning:?} step {step} logits"), g, c);
+            let tol = 4.0 * f16_ulp(ref_max);
+            assert!(diff <= tol, "{tuning:?}: step {step}: logits max|diff| {diff:.3e} > {tol:.3e} (max {ref_max:.3})");
+        }
+        assert_eq!(got.tokens, reference.tokens, "{tuning:?}: greedy tokens");
+        // the steady steps (no capacity growth): the rotation and appends inside the q / k / v matvec
+        for (i, c) in got.steps.iter().enumerate().skip(1).filter(|(_, c)| c.kv_stores_created == 0) {
+            assert_eq!(c.rotations_in_matmul, 1, "{tuning:?} step {i}: rotation in the matvec");
+            assert_eq!(c.kv_appends_fused, 2, "{tuning:?} step {i}: appends by the matvec");
+        }
+        per_step.push(got.steps.last().map(|c| c.dispatches).unwrap_or_default());
+    }
+    assert_eq!(per_step[0], per_step[1], "dispatches a decode step (cpu, gpu tuning)");
+    let _ = std::fs::remove_dir_all(&dir);
+}
