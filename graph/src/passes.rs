@@ -17,7 +17,7 @@ pub fn run(model: &mut Model, level: OptimizationLevel, f16_fused: bool, f16_mat
         model
             .pass_log
             .push("float16 computation runs in float32 (inputs/outputs stay float16), as onnxruntime's CPU".into());
-        model.typed.properties.insert(FLOAT16_MODEL.into(), Arc::new(tensor0(f16_math)));
+        model.typed.properties.insert(FLOAT16_MATH.into(), Arc::new(tensor0(f16_math)));
     }
     // a float16 model's KV concatenations (`present = Cast16(Concat(..))`) are no model outputs once computed in
     // float32, so tract's declutter would split the attention's matmul over them (ConcatThenEinsum), and the GPU
@@ -70,10 +70,10 @@ fn fold_external_casts(model: &mut Model) -> Result<()> {
     Ok(())
 }
 
-/// The model property that marks a float16 model (its float16 computation translated to float32 by
-/// [`crate::float16::compute_in_f32`]) whose GPU lowering gives its matmuls and attention float16 products where
-/// the adapter has shader-f16 ([`float16_math`]): true, or false when the load options turned that off.
-pub const FLOAT16_MODEL: &str = "kiln.float16_model";
+/// The model property set on a float16 model (its float16 computation translated to float32 by
+/// [`crate::float16::compute_in_f32`]): true when its GPU lowering gives its matmuls and attention float16 products
+/// where the adapter has shader-f16 ([`float16_math`]), false when the load options turned that off.
+pub const FLOAT16_MATH: &str = "kiln.float16_math";
 
 /// Environment variable that, set to `0`, keeps a float16 model's GPU matmuls and attention in f32 arithmetic on
 /// an adapter with shader-f16 (as on one without), unless the load options say otherwise
@@ -85,7 +85,7 @@ pub const F16_MATH_ENV: &str = "KILN_GPU_F16_MATH";
 /// left it on (the default: products in f16 as onnxruntime-web's WebGPU kernels compute float16 models; f32 with
 /// `LoadOptions::f16_math` `Some(false)`, KILN_GPU_F16_MATH=0 or kiln-web's `extra.kiln.f16Math: false`).
 pub fn float16_math(model: &TypedModel) -> bool {
-    model.properties.get(FLOAT16_MODEL).is_some_and(|t| t.cast_to_scalar::<bool>().unwrap_or(false))
+    model.properties.get(FLOAT16_MATH).is_some_and(|t| t.cast_to_scalar::<bool>().unwrap_or(false))
 }
 
 /// The model property that turns [`f16_fused_attention`] on (set at import from `LoadOptions::f16_fused_attention`).
