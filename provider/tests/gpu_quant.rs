@@ -848,6 +848,10 @@ fn smollm2_q4f16_teacher_forced_gpu() {
         .collect();
     assert!(not_shapes.is_empty(), "CPU nodes beside shape arithmetic: {not_shapes:?}");
     eprintln!("SmolLM2 q4f16: {} CPU nodes (shape arithmetic)", cpu.len());
+    // with shader-f16 the 30 attentions and the LM head (the tied float16 embedding) multiply in f16; the 4-bit
+    // matmuls keep accuracy_level 4's int8 scheme
+    let f16_kernels = if report.shader_f16 { 31 } else { 0 };
+    assert_eq!(report.f16_kernels, f16_kernels, "kernels multiplying in f16");
     eprintln!(
         "SmolLM2 q4f16: {} of {} compute nodes on the GPU, {} weight bytes on the GPU, {} on the host",
         report.gpu_nodes(),
