@@ -1249,7 +1249,6 @@ fn float_matmul_as_row_kernel(
     Ok(Some(patch))
 }
 
-/// Weights this large or larger are considered for [`matmul_weights_in_f16`] (bytes of their f32 values).
 /// Gives every matmul on the row / tiled kernels (MatMulNBits, the float-weight projections, their fusions) and
 /// every fused attention float16 products ([`kiln_wgsl::qmatmul::QMatMul::f16_math`],
 /// [`kiln_wgsl::attention::AttentionSpec::f16_math`]): a float16 model on an adapter with shader-f16
@@ -1278,6 +1277,7 @@ pub fn kernels_in_f16_math(model: &mut TypedModel) -> usize {
     n
 }
 
+/// Weights this large or larger are considered for [`matmul_weights_in_f16`] (bytes of their f32 values).
 const F16_WEIGHT_MIN_BYTES: usize = 1 << 20;
 
 /// Keeps float16 the f32 weights of GPU MatMuls whose every value is a float16 (a float16 model's weights, cast to

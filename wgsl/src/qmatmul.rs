@@ -825,9 +825,10 @@ struct RopeArgs<'a> {
 /// A layer's q / k / v projections (a [`QEpilogue::Split`] of three) with the rotation and the KV appends after
 /// them (a [`RotarySpec`] with `append`, on the projections seen as `[batch, heads, seq, head]`): kiln-graph's
 /// `fuse_qkv_rotations`. Inputs: the split's, then the rotation's cos, sin[, positions], past K, past V; outputs
-/// the rotation's (q rotated[, k rotated], present K, present V[, v as `[batch, heads, seq, head]`]). One dispatch on a decode step whose caches are
-/// KV stores with room ([`QkvRope::encode_outputs`]); else the split, the transposes and the rotation as nodes
-/// would run them.
+/// the rotation's (q rotated[, k rotated], present K, present V[, v as `[batch, heads, seq, head]`]). One dispatch
+/// on a decode step (the pasts' new rows written in place into KV stores with room, else into presents with room
+/// made first: [`QkvRope::encode_outputs`]); many rows (a prefill): the split, the transposes and the rotation as
+/// nodes would run them.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct QkvRope {
     pub q: QMatMul,
