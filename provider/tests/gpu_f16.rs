@@ -751,6 +751,54 @@ fn float16_attention_multiplies_in_float16_where_the_adapter_has_shader_f16() {
     assert!(failures.is_empty(), "{} cases failed:\n  {}", failures.len(), failures.join("\n  "));
 }
 
+/// f16 products in attention (shader-f16) scale q before rounding it to f16: with q and k of 70 in every one of 64
+/// channels a raw q · k partial sum of 16 products is 78400, past f16's 65504, while the scaled one (scale 1/8) is
+/// 9800. Key 0 (k = q) scores 39200, key 1 (k = -q) -39200: the output is v0, as on the CPU — not NaN.
+#[test]
+fn float16_attention_scores_of_large_q_and_k_stay_finite() {
+    let mut rng = Rng(seed());
+    let d = 64usize;
+    for s in [1usize, 4] {
+        let mut attention = node("Attention", vec![], &["q", "k", "v"], "a");
+        attention.attribute.push(pb::AttributeProto {
+            name: "scale".into(),
+            f: 0.125,
+            r#type: pb::attribute_proto::AttributeType::Float as i32,
+            ..Default::default()
+        });
+        let nodes = vec![attention, node("Cast", vec![attr_int("to", FLOAT as i64)], &["a"], "y")];
+        let dims: [(&str, i32, &[usize]); 3] =
+            [("q", FLOAT16, &[1, 1, s, d]), ("k", FLOAT16, &[1, 1, 2, d]), ("v", FLOAT16, &[1, 1, 2, d])];
+        let bytes = model_at(nodes, &dims, vec![], FLOAT, 23);
+        let k: Vec<f32> = (0..2 * d).map(|i| if i < d { 70.0 } else { -70.0 }).collect();
+        let v: Vec<f32> = (0..2 * d).map(|_| f16::from_f32(rng.range(-1.0, 1.0)).to_f32()).collect();
+        let feeds: Vec<(String, Tensor)> = [("q", vec![70f32; s * d], s), ("k", k, 2), ("v", v.clone(), 2)]
+            .into_iter()
+            .map(|(n, x, rows)| {
+                (n.to_string(), Tensor::from_vec(&[1, 1, rows, d], x).unwrap().cast(ElementType::F16).unwrap())
+            })
+            .collect();
+        let gpu = in_mode(true, || Session::from_bytes(&bytes, &gpu_options())).expect("gpu session");
+        let Some(report) = gpu.gpu_placement() else {
+            eprintln!("\n!!!!!!!! SKIPPING: no GPU adapter ({:?}) !!!!!!!!\n", gpu.provider_note());
+            return;
+        };
+        if !report.shader_f16 {
+            eprintln!("!!!! the adapter has no shader-f16: f16 attention scores untested");
+            return;
+        }
+        assert_eq!(report.f16_kernels, 1, "{s} queries: the attention multiplies in f16");
+        let cpu = Session::from_bytes(&bytes, &SessionOptions::default()).expect("cpu session");
+        let want = cpu.run(feeds.clone()).expect("cpu run").get("y").unwrap().to_f64_vec().unwrap();
+        let got = gpu.run(feeds).expect("gpu run").get("y").unwrap().to_f64_vec().unwrap();
+        for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+            let v0 = v[i % d] as f64;
+            assert!((w - v0).abs() <= 1e-6, "{s} queries: the CPU's y[{i}] {w}, not v0 {v0}");
+            assert!((g - v0).abs() <= 1e-3, "{s} queries: y[{i}] {g} on the GPU, not v0 {v0}");
+        }
+    }
+}
+
 /// An f16 table over the adapter's binding limit (KILN_GPU_MAX_BINDING, read with the context) is cut along its
 /// hidden axis into chunks under it, one Gather each and an f16 Concat (chunks of odd widths: rows that start and end
 /// mid-word), then the rows' cast to f32, all on the GPU, bit for bit the CPU's rows.

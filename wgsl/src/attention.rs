@@ -40,8 +40,10 @@ pub const MAX_HEAD: usize = 256;
 pub struct AttentionSpec {
     pub config: AttentionConfig,
     /// A float16 model's attention (kiln-graph's lowering sets it): where the adapter has shader-f16, q · k and
-    /// weight · v are multiplied in f16 (q · k summed in f16 16 products at a time, those sums, the softmax and the
-    /// value accumulators in f32; K / V tiles in f16). Without shader-f16 it changes nothing.
+    /// weight · v are multiplied in f16 (q scaled before its rounding by the power of two at or below the scale,
+    /// exactly, so the partial scores stay within f16's range where the raw products of large q and k would not;
+    /// q · k summed in f16 16 products at a time, those sums, the softmax and the value accumulators in f32; K / V
+    /// tiles in f16). Without shader-f16 it changes nothing.
     pub f16_math: bool,
 }
 
@@ -281,9 +283,9 @@ impl AttentionSpec {
                 spec.extend([(elem, e), (load, l), (load_h, h)]);
             }
             if f16 {
-                spec.extend([("HT", "f16".into()), ("CHUNK", "16".into())]);
+                spec.extend([("HT", "f16".into()), ("CHUNK", "16".into()), ("PRESCALE", "true".into())]);
             } else {
-                spec.extend([("HT", "f32".into()), ("CHUNK", "0x40000000".into())]);
+                spec.extend([("HT", "f32".into()), ("CHUNK", "0x40000000".into()), ("PRESCALE", "false".into())]);
             }
             if f16 || native && kv.iter().any(|(_, dt)| *dt == DatumType::F16) {
                 spec.push(("ENABLE", "enable f16;\n".into()));

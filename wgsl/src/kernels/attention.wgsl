@@ -22,6 +22,22 @@
 // CHUNK never ends a sum and every conversion is the identity: the f32 kernel as it was.
 alias HT = {{HT}};
 const CHUNK: u32 = {{CHUNK}}u;
+// f16 products: q is scaled before its rounding to f16 by the power of two at or below the scale (exact: the same
+// f16 roundings, partial scores near the scores' magnitude rather than the raw q · k's, within f16's range), the
+// dot product by the rest of it (in [1, 2)); f32: the score scaled after the dot product, as before
+const PRESCALE: bool = {{PRESCALE}};
+
+// (q's factor, the dot product's) for `scale`
+fn scale_split(scale: f32) -> vec2<f32> {
+    if (!PRESCALE || !(scale > 0.0)) {
+        return vec2<f32>(1.0, scale);
+    }
+    let pre = bitcast<f32>(bitcast<u32>(scale) & 0x7f800000u);
+    if (pre == 0.0) {
+        return vec2<f32>(1.0, scale);
+    }
+    return vec2<f32>(pre, scale / pre);
+}
 
 const DMAX: u32 = {{DMAX}}u;
 const TILE: u32 = 2048u;
@@ -178,8 +194,9 @@ fn attention_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
     var acc: array<f32, DMAX>;
     if (on_row) {
         let qb = b * p.qs.x + h * p.qs.y + i * p.qs.z;
+        let qs = scale_split(scale).x;
         for (var d = 0u; d < dk; d = d + 1u) {
-            qr[d] = HT(q[qb + d]);
+            qr[d] = HT(q[qb + d] * qs);
         }
     }
     for (var d = 0u; d < DMAX; d = d + 1u) {
@@ -257,7 +274,7 @@ fn attention_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
                     }
                     dot = dot + f32(dh);
                 }
-                var x = dot * scale;
+                var x = dot * scale_split(scale).y;
                 if ((flags & 16u) != 0u) {
                     x = cap * tanh_c(x / cap);
                 }
@@ -412,8 +429,9 @@ fn decode_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
     }
     if (live) {
         let qb = b * p.qs.x + h * p.qs.y;
+        let qs = scale_split(scale).x;
         for (var d = lid; d < dk; d = d + DWG) {
-            qv[d] = HT(q[qb + d]);
+            qv[d] = HT(q[qb + d] * qs);
         }
     }
     // scores: key kk of the tile, lane r of it; values: channel lane cl, key residue kr
@@ -492,7 +510,7 @@ fn decode_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
                 for (var i = 0u; i < LANES; i = i + 1u) {
                     sum = sum + part[lid + i];
                 }
-                x = sum * scale;
+                x = sum * scale_split(scale).y;
                 if ((flags & 16u) != 0u) {
                     x = cap * tanh_c(x / cap);
                 }
