@@ -1257,20 +1257,7 @@ pub fn kernels_in_f16_math(model: &mut TypedModel) -> usize {
     let mut n = 0;
     for node in model.nodes_mut() {
         let Some(g) = node.op_as::<GpuOp>() else { continue };
-        let kernel = match &g.kernel {
-            // accuracy_level 4 asks for int8 activations: its arithmetic is onnxruntime's int8 scheme, kept
-            Kernel::QMatMul(q) if q.int8_activations => continue,
-            Kernel::QkvRope(r) if r.q.int8_activations => continue,
-            Kernel::QMatMul(q) => Kernel::QMatMul(kiln_wgsl::qmatmul::QMatMul { f16_math: true, ..q.clone() }),
-            Kernel::Attention(a) => {
-                Kernel::Attention(Box::new(kiln_wgsl::attention::AttentionSpec { f16_math: true, ..(**a).clone() }))
-            }
-            Kernel::QkvRope(r) => {
-                let q = kiln_wgsl::qmatmul::QMatMul { f16_math: true, ..r.q.clone() };
-                Kernel::QkvRope(Box::new(kiln_wgsl::qmatmul::QkvRope { q, ..(**r).clone() }))
-            }
-            _ => continue,
-        };
+        let Some(kernel) = g.kernel.with_f16_math() else { continue };
         node.op = Box::new(GpuOp { kernel, cpu: g.cpu.clone() });
         n += 1;
     }

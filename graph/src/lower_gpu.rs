@@ -53,12 +53,7 @@ impl Lowered {
         self.model
             .nodes()
             .iter()
-            .filter(|n| match n.op_as::<kiln_wgsl::ops::GpuOp>().map(|g| &g.kernel) {
-                Some(kiln_wgsl::Kernel::QMatMul(q)) => q.f16_math,
-                Some(kiln_wgsl::Kernel::QkvRope(r)) => r.q.f16_math,
-                Some(kiln_wgsl::Kernel::Attention(a)) => a.f16_math,
-                _ => false,
-            })
+            .filter(|n| n.op_as::<kiln_wgsl::ops::GpuOp>().is_some_and(|g| g.kernel.f16_math()))
             .count()
     }
     /// Transfer nodes in the lowered model: (to device, to host).

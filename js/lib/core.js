@@ -658,6 +658,13 @@ function gpuTuning(options) {
   return asked === 'gpu' || asked === 'cpu' ? asked : undefined;
 }
 
+/** A boolean switch of kiln's own session config, `extra.kiln[name]` (onnxruntime-web ignores `extra` entries it
+ * does not know); undefined (kiln's default) when absent or not a boolean. */
+function kilnSwitch(options, name) {
+  const v = options.extra?.kiln?.[name];
+  return typeof v === 'boolean' ? v : undefined;
+}
+
 // onnxruntime-web's checks before its WebGPU backend initialises (same order and words): WebGPU in this environment
 // (Node has no navigator.gpu), env.webgpu.adapter / powerPreference / forceFallbackAdapter valid, and an adapter.
 // kiln then requests its own adapter and device per session (wgpu's request_adapter, high-performance).
@@ -778,10 +785,10 @@ export function registerKiln(/** @type {Platform} */ platform) {
           forceFallbackAdapter: env.webgpu.forceFallbackAdapter,
           // kiln's own session config (onnxruntime-web ignores `extra` entries it does not know): float16 models'
           // fused attention on 'webgpu', on unless false (kiln_graph::passes::f16_fused_attention)
-          f16FusedAttention: typeof options.extra?.kiln?.f16FusedAttention === 'boolean' ? options.extra.kiln.f16FusedAttention : undefined,
+          f16FusedAttention: kilnSwitch(options, 'f16FusedAttention'),
           // float16 products in float16 models' matmuls and attention where the adapter has shader-f16, on unless
           // false (kiln_graph::passes::float16_math)
-          f16Math: typeof options.extra?.kiln?.f16Math === 'boolean' ? options.extra.kiln.f16Math : undefined,
+          f16Math: kilnSwitch(options, 'f16Math'),
           // the kernels' tuning when the app forces it (else narrow workgroups on a CPU adapter, wide on a GPU)
           gpuTuning: gpuTuning(options),
         });

@@ -502,6 +502,61 @@ fn f16_models_run_on_the_gpu_with_and_without_shader_f16() {
     assert!(failures.is_empty(), "{} cases failed:\n  {}", failures.len(), failures.join("\n  "));
 }
 
+/// An initializer `name` of ONNX type `t` (float, float16 or uint8) and `dims` holding `raw` bytes.
+fn tensor_init(name: &str, t: i32, dims: &[usize], raw: Vec<u8>) -> pb::TensorProto {
+    pb::TensorProto {
+        name: name.into(),
+        data_type: t,
+        dims: dims.iter().map(|d| *d as i64).collect(),
+        raw_data: raw,
+        ..Default::default()
+    }
+}
+
+/// `v` as the raw bytes of ONNX type `t` (float16, else float).
+fn float_bytes(v: &[f32], t: i32) -> Vec<u8> {
+    if t == FLOAT16 {
+        v.iter().flat_map(|x| f16::from_f32(*x).to_le_bytes()).collect()
+    } else {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+}
+
+/// ONNX Attention (opset 23, `scale`) of q `[1, 1, s, d]` over two keys (k, v `[1, 1, 2, d]`), all of ONNX type `t`
+/// (a float16 model's output cast to float: y is f32 either way, no f16 rounding of the result); and its feeds.
+fn attention_case(
+    t: i32,
+    s: usize,
+    d: usize,
+    scale: f32,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+) -> (Vec<u8>, Vec<(String, Tensor)>) {
+    let float16 = t == FLOAT16;
+    let mut attention = node("Attention", vec![], &["q", "k", "v"], if float16 { "a" } else { "y" });
+    attention.attribute.push(pb::AttributeProto {
+        name: "scale".into(),
+        f: scale,
+        r#type: pb::attribute_proto::AttributeType::Float as i32,
+        ..Default::default()
+    });
+    let mut nodes = vec![attention];
+    if float16 {
+        nodes.push(node("Cast", vec![attr_int("to", FLOAT as i64)], &["a"], "y"));
+    }
+    let dims: [(&str, i32, &[usize]); 3] = [("q", t, &[1, 1, s, d]), ("k", t, &[1, 1, 2, d]), ("v", t, &[1, 1, 2, d])];
+    let bytes = model_at(nodes, &dims, vec![], FLOAT, 23);
+    let feeds = [("q", q, s), ("k", k, 2), ("v", v, 2)]
+        .into_iter()
+        .map(|(n, x, rows)| {
+            let x = Tensor::from_vec(&[1, 1, rows, d], x).unwrap();
+            (n.to_string(), if float16 { x.cast(ElementType::F16).unwrap() } else { x })
+        })
+        .collect();
+    (bytes, feeds)
+}
+
 /// A float16 model's matmuls multiply in float16 where the adapter has shader-f16 (kiln_wgsl's `QMatMul::f16_math`:
 /// f16 products summed in f16 a packed word, or a 16-wide K step, at a time, those sums in f32), and in f32 where it
 /// has not (KILN_GPU_NO_F16=1, Chrome's SwiftShader) — and an fp32 model in f32 either way, even with weights that
@@ -517,20 +572,6 @@ fn float16_models_multiply_in_float16_where_the_adapter_has_shader_f16() {
     let mut rng = Rng(seed());
     let (k, n) = (32usize, 16usize);
     let h = |v: f32| f16::from_f32(v).to_f32();
-    let raw = |v: &[f32], t: i32| -> Vec<u8> {
-        if t == FLOAT16 {
-            v.iter().flat_map(|x| f16::from_f32(*x).to_le_bytes()).collect()
-        } else {
-            v.iter().flat_map(|x| x.to_le_bytes()).collect()
-        }
-    };
-    let init = |name: &str, t: i32, dims: &[usize], raw: Vec<u8>| pb::TensorProto {
-        name: name.into(),
-        data_type: t,
-        dims: dims.iter().map(|d| *d as i64).collect(),
-        raw_data: raw,
-        ..Default::default()
-    };
     // the float weight [K, N]: column 0 as above, the rest random float16 values
     let mut w: Vec<f32> = (0..k * n).map(|i| if i % n == 0 { 0.0 } else { h(rng.range(-0.5, 0.5)) }).collect();
     (w[0], w[n], w[2 * n]) = (32.0, 1.0, -32.0);
@@ -552,7 +593,8 @@ fn float16_models_multiply_in_float16_where_the_adapter_has_shader_f16() {
             vec![node("MatMul", vec![], &["x", "w"], "y")]
         };
         move |rows: usize| {
-            model_of(graph_nodes.clone(), &[("x", t, &[rows, k])], vec![init("w", t, &[k, n], raw(w, t))], FLOAT)
+            let w = tensor_init("w", t, &[k, n], float_bytes(w, t));
+            model_of(graph_nodes.clone(), &[("x", t, &[rows, k])], vec![w], FLOAT)
         }
     };
     let nbits = |rows: usize| {
@@ -563,21 +605,25 @@ fn float16_models_multiply_in_float16_where_the_adapter_has_shader_f16() {
         model_of(
             vec![q, node("Cast", vec![attr_int("to", FLOAT as i64)], &["p"], "y")],
             &[("x", FLOAT16, &[rows, k])],
-            vec![init("b", UINT8, &[n, 1, 16], blob.clone()), init("scales", FLOAT16, &[n, 1], raw(&scales, FLOAT16))],
+            vec![
+                tensor_init("b", UINT8, &[n, 1, 16], blob.clone()),
+                tensor_init("scales", FLOAT16, &[n, 1], float_bytes(&scales, FLOAT16)),
+            ],
             FLOAT,
         )
     };
     let (fp16, fp32) = (matmul(FLOAT16), matmul(FLOAT));
     type Model<'a> = &'a dyn Fn(usize) -> Vec<u8>;
-    let cases: [(&str, Model, f32, bool); 3] = [
-        ("float16 MatMul", &fp16, 64.0, true),
-        ("float16 MatMulNBits", &nbits, 512.0, true),
-        ("fp32 MatMul", &fp32, 64.0, false),
+    // (what, the model, A's value at K 0 and at the cancelling K, that K, a float16 model)
+    let cases: [(&str, Model, f32, usize, bool); 3] = [
+        ("float16 MatMul", &fp16, 64.0, 2, true),
+        ("float16 MatMulNBits", &nbits, 512.0, 8, true),
+        ("fp32 MatMul", &fp32, 64.0, 2, false),
     ];
     let mut failures = vec![];
     let mut skipped = true;
     for native in [true, false] {
-        for (what, model, big, float16) in cases {
+        for (what, model, big, at, float16) in cases {
             // (rows, tuning, SessionOptions::gpu_f16_math): the one-row kernel in both tunings, the tiled one, and
             // float16 products turned off by the session's options
             let runs = [(1, Cpu, None), (1, Gpu, None), (70, Cpu, None), (1, Cpu, Some(false)), (70, Cpu, Some(false))];
@@ -586,11 +632,10 @@ fn float16_models_multiply_in_float16_where_the_adapter_has_shader_f16() {
                 let bytes = model(rows);
                 let mut x: Vec<f32> = (0..rows * k).map(|_| h(rng.range(-1.0, 1.0))).collect();
                 for r in 0..rows {
-                    let at = if float16 && big == 512.0 { 8 } else { 2 };
                     (x[r * k], x[r * k + 1], x[r * k + at]) = (big, 1.0, big);
                 }
                 let xt = Tensor::from_vec(&[rows, k], x).unwrap();
-                let xt = if what.contains("fp32") { xt } else { xt.cast(ElementType::F16).unwrap() };
+                let xt = if float16 { xt.cast(ElementType::F16).unwrap() } else { xt };
                 let feeds = vec![("x".to_string(), xt)];
                 let cpu = Session::from_bytes(&bytes, &SessionOptions::default()).expect("cpu session");
                 let opts = SessionOptions { gpu_tuning: Some(tuning), gpu_f16_math: f16_option, ..gpu_options() };
@@ -668,25 +713,6 @@ fn float16_attention_multiplies_in_float16_where_the_adapter_has_shader_f16() {
                     mode_name(native),
                     if float16 { "float16" } else { "fp32" }
                 );
-                let t = if float16 { FLOAT16 } else { FLOAT };
-                let mut attention = node("Attention", vec![], &["q", "k", "v"], if float16 { "a" } else { "y" });
-                attention.attribute.push(pb::AttributeProto {
-                    name: "scale".into(),
-                    f: 1.0,
-                    r#type: pb::attribute_proto::AttributeType::Float as i32,
-                    ..Default::default()
-                });
-                let mut nodes = vec![attention];
-                if float16 {
-                    nodes.push(node("Cast", vec![attr_int("to", FLOAT as i64)], &["a"], "y"));
-                }
-                let bytes = model_at(
-                    nodes,
-                    &[("q", t, &[1, 1, s, d]), ("k", t, &[1, 1, 2, d]), ("v", t, &[1, 1, 2, d])],
-                    vec![],
-                    FLOAT,
-                    23,
-                );
                 let mut q = vec![0f32; s * d];
                 for row in q.chunks_mut(d) {
                     (row[0], row[4], row[8]) = (64.0, 1.0, 64.0);
@@ -696,13 +722,7 @@ fn float16_attention_multiplies_in_float16_where_the_adapter_has_shader_f16() {
                 let mut v: Vec<f32> = (0..2 * d).map(|_| h(rng.range(-1.0, 1.0))).collect();
                 (v[0], v[d]) = (1.0, 0.0);
                 let vals = v.clone();
-                let feeds: Vec<(String, Tensor)> = [("q", q, s), ("k", k, 2), ("v", v, 2)]
-                    .into_iter()
-                    .map(|(n, x, rows)| {
-                        let x = Tensor::from_vec(&[1, 1, rows, d], x).unwrap();
-                        (n.to_string(), if float16 { x.cast(ElementType::F16).unwrap() } else { x })
-                    })
-                    .collect();
+                let (bytes, feeds) = attention_case(if float16 { FLOAT16 } else { FLOAT }, s, d, 1.0, q, k, v);
                 let cpu = Session::from_bytes(&bytes, &SessionOptions::default()).expect("cpu session");
                 let gpu = in_mode(native, || Session::from_bytes(&bytes, &gpu_options())).expect("gpu session");
                 let Some(report) = gpu.gpu_placement() else {
@@ -759,25 +779,9 @@ fn float16_attention_scores_of_large_q_and_k_stay_finite() {
     let mut rng = Rng(seed());
     let d = 64usize;
     for s in [1usize, 4] {
-        let mut attention = node("Attention", vec![], &["q", "k", "v"], "a");
-        attention.attribute.push(pb::AttributeProto {
-            name: "scale".into(),
-            f: 0.125,
-            r#type: pb::attribute_proto::AttributeType::Float as i32,
-            ..Default::default()
-        });
-        let nodes = vec![attention, node("Cast", vec![attr_int("to", FLOAT as i64)], &["a"], "y")];
-        let dims: [(&str, i32, &[usize]); 3] =
-            [("q", FLOAT16, &[1, 1, s, d]), ("k", FLOAT16, &[1, 1, 2, d]), ("v", FLOAT16, &[1, 1, 2, d])];
-        let bytes = model_at(nodes, &dims, vec![], FLOAT, 23);
         let k: Vec<f32> = (0..2 * d).map(|i| if i < d { 70.0 } else { -70.0 }).collect();
         let v: Vec<f32> = (0..2 * d).map(|_| f16::from_f32(rng.range(-1.0, 1.0)).to_f32()).collect();
-        let feeds: Vec<(String, Tensor)> = [("q", vec![70f32; s * d], s), ("k", k, 2), ("v", v.clone(), 2)]
-            .into_iter()
-            .map(|(n, x, rows)| {
-                (n.to_string(), Tensor::from_vec(&[1, 1, rows, d], x).unwrap().cast(ElementType::F16).unwrap())
-            })
-            .collect();
+        let (bytes, feeds) = attention_case(FLOAT16, s, d, 0.125, vec![70f32; s * d], k, v.clone());
         let gpu = in_mode(true, || Session::from_bytes(&bytes, &gpu_options())).expect("gpu session");
         let Some(report) = gpu.gpu_placement() else {
             eprintln!("\n!!!!!!!! SKIPPING: no GPU adapter ({:?}) !!!!!!!!\n", gpu.provider_note());

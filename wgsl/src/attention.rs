@@ -267,20 +267,15 @@ impl AttentionSpec {
         let f16 = self.f16_math && native;
         let spec = || {
             let mut spec = vec![("WG", wg.to_string()), ("DMAX", dmax.to_string()), ("DWG", dwg.to_string())];
-            for ((name, dt), (elem, load, load_h)) in kv.iter().zip([
-                ("K_ELEM", "K_LOAD", "K_LOAD_H"),
-                ("V_ELEM", "V_LOAD", "V_LOAD_H"),
-                ("PK_ELEM", "PK_LOAD", "PK_LOAD_H"),
-                ("PV_ELEM", "PV_LOAD", "PV_LOAD_H"),
+            for ((name, dt), (elem, load)) in kv.iter().zip([
+                ("K_ELEM", "K_LOAD"),
+                ("V_ELEM", "V_LOAD"),
+                ("PK_ELEM", "PK_LOAD"),
+                ("PV_ELEM", "PV_LOAD"),
             ]) {
                 let (e, l) = Self::kv_access(name, *dt, native);
-                // the load as the products' type: f16 as stored (f32 rounded), or the f32 load
-                let h = match (f16, *dt) {
-                    (true, DatumType::F16) => format!("{name}[i]"),
-                    (true, _) => format!("f16({name}[i])"),
-                    (false, _) => l.clone(),
-                };
-                spec.extend([(elem, e), (load, l), (load_h, h)]);
+                spec.push((elem, e));
+                spec.push((load, l));
             }
             if f16 {
                 spec.extend([("HT", "f16".into()), ("CHUNK", "16".into()), ("PRESCALE", "true".into())]);

@@ -851,6 +851,35 @@ impl Kernel {
         }
     }
 
+    /// Whether the kernel multiplies in float16 where the adapter has shader-f16 (a float16 model's matmuls and
+    /// attention: [`crate::qmatmul::QMatMul::f16_math`], [`crate::attention::AttentionSpec::f16_math`]).
+    pub fn f16_math(&self) -> bool {
+        match self {
+            Kernel::QMatMul(q) => q.f16_math,
+            Kernel::QkvRope(r) => r.q.f16_math,
+            Kernel::Attention(a) => a.f16_math,
+            _ => false,
+        }
+    }
+
+    /// The kernel with float16 products, where it has that form: matmuls and attention, but not MatMulNBits with
+    /// accuracy_level 4, whose arithmetic is onnxruntime's int8 scheme.
+    pub fn with_f16_math(&self) -> Option<Kernel> {
+        Some(match self {
+            Kernel::QMatMul(q) if !q.int8_activations => {
+                Kernel::QMatMul(crate::qmatmul::QMatMul { f16_math: true, ..q.clone() })
+            }
+            Kernel::QkvRope(r) if !r.q.int8_activations => {
+                let q = crate::qmatmul::QMatMul { f16_math: true, ..r.q.clone() };
+                Kernel::QkvRope(Box::new(crate::qmatmul::QkvRope { q, ..(**r).clone() }))
+            }
+            Kernel::Attention(a) => {
+                Kernel::Attention(Box::new(crate::attention::AttentionSpec { f16_math: true, ..(**a).clone() }))
+            }
+            _ => return None,
+        })
+    }
+
     pub fn arity(&self) -> usize {
         match self {
             Kernel::Unary(_)

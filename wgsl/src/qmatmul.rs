@@ -255,7 +255,7 @@ impl QMatMul {
                 ("ENABLE", "enable f16;\n".to_string()),
                 ("WDOT", WDOT_F16.to_string()),
                 ("TILE", "f16".to_string()),
-                ("TILE_STEP", TILE_STEP_F16.to_string()),
+                ("TILE_STEP", tile_step(true)),
             ]);
         }
         spec
@@ -359,11 +359,7 @@ impl QMatMul {
                 ("KV16", "false".to_string()),
                 ("ROPE_FNS", NO_ROPE_FNS.to_string()),
             ])
-            .chain([
-                ("WDOT", WDOT_F32.to_string()),
-                ("TILE", "f32".to_string()),
-                ("TILE_STEP", TILE_STEP_F32.to_string()),
-            ])
+            .chain([("WDOT", WDOT_F32.to_string()), ("TILE", "f32".to_string()), ("TILE_STEP", tile_step(false))])
             .chain([
                 ("SG_PARAMS", String::new()),
                 ("NORM_SUM", TREE_NORM_SUM.into()),
@@ -672,36 +668,28 @@ const WDOT_F16: &str = "fn wdot(q: u32, z: f32, s: f32, a0: u32, kb: u32) -> f32
     return f32(t);
 }";
 
-/// tiled_main's K step of 16 over its tiles in f32: straight into the accumulators.
-const TILE_STEP_F32: &str = "for (var kk = 0u; kk < 16u; kk = kk + 1u) {
+/// tiled_main's K step of 16 over its tiles: in f32 straight into the accumulators; over f16 tiles
+/// ([`QMatMul::f16_math`]) the step's 16 products per output summed in f16, then added to the f32 accumulators.
+fn tile_step(f16: bool) -> String {
+    let (t, sum) = if f16 { ("f16", "h") } else { ("f32", "acc") };
+    let mut step = format!(
+        "for (var kk = 0u; kk < 16u; kk = kk + 1u) {{
                 let ar = kk * 64u + lid.y;
                 let br = kk * 64u + lid.x;
-                let bv = vec4<f32>(Bs[br], Bs[br + 16u], Bs[br + 32u], Bs[br + 48u]);
-                acc0 = acc0 + As[ar] * bv;
-                acc1 = acc1 + As[ar + 16u] * bv;
-                acc2 = acc2 + As[ar + 32u] * bv;
-                acc3 = acc3 + As[ar + 48u] * bv;
-            }";
-
-/// The same over f16 tiles ([`QMatMul::f16_math`]): the step's 16 products per output summed in f16, then added
-/// to the f32 accumulators.
-const TILE_STEP_F16: &str = "var h0 = vec4<f16>(0.0);
-            var h1 = vec4<f16>(0.0);
-            var h2 = vec4<f16>(0.0);
-            var h3 = vec4<f16>(0.0);
-            for (var kk = 0u; kk < 16u; kk = kk + 1u) {
-                let ar = kk * 64u + lid.y;
-                let br = kk * 64u + lid.x;
-                let bv = vec4<f16>(Bs[br], Bs[br + 16u], Bs[br + 32u], Bs[br + 48u]);
-                h0 = h0 + As[ar] * bv;
-                h1 = h1 + As[ar + 16u] * bv;
-                h2 = h2 + As[ar + 32u] * bv;
-                h3 = h3 + As[ar + 48u] * bv;
-            }
-            acc0 = acc0 + vec4<f32>(h0);
-            acc1 = acc1 + vec4<f32>(h1);
-            acc2 = acc2 + vec4<f32>(h2);
-            acc3 = acc3 + vec4<f32>(h3);";
+                let bv = vec4<{t}>(Bs[br], Bs[br + 16u], Bs[br + 32u], Bs[br + 48u]);"
+    );
+    for r in 0..4 {
+        let off = if r == 0 { String::new() } else { format!(" + {}u", 16 * r) };
+        step += &format!("\n                {sum}{r} = {sum}{r} + As[ar{off}] * bv;");
+    }
+    step += "\n            }";
+    if !f16 {
+        return step;
+    }
+    let zero: String = (0..4).map(|r| format!("var h{r} = vec4<f16>(0.0);\n            ")).collect();
+    let add: String = (0..4).map(|r| format!("\n            acc{r} = acc{r} + vec4<f32>(h{r});")).collect();
+    format!("{zero}{step}{add}")
+}
 
 /// mv_main's sum of squares for NORM (`ss`: this invocation's share in, the row's total out) over workgroup memory.
 const TREE_NORM_SUM: &str = "part[li] = ss;

@@ -18,7 +18,7 @@
 // else u32 words of two halves each (`unpack2x16float`, exact). Indices are in elements either way.
 // HT: the products' type — f32, or f16 for a float16 model on an adapter with shader-f16 (`AttentionSpec::f16_math`):
 // then q · k and weight · v are multiplied in f16, q·k summed in f16 CHUNK products at a time (those sums and the
-// value accumulators in f32), the tiles held in f16; the softmax stays f32. *_LOAD_H: the loads as HT. With f32,
+// value accumulators in f32), the tiles held in f16; the softmax stays f32 (loads as f32, then HT: exact). With f32,
 // CHUNK never ends a sum and every conversion is the identity: the f32 kernel as it was.
 alias HT = {{HT}};
 const CHUNK: u32 = {{CHUNK}}u;
@@ -89,22 +89,6 @@ fn load_past_k(i: u32) -> f32 {
 
 fn load_past_v(i: u32) -> f32 {
     return {{PV_LOAD}};
-}
-
-fn load_k_h(i: u32) -> HT {
-    return {{K_LOAD_H}};
-}
-
-fn load_v_h(i: u32) -> HT {
-    return {{V_LOAD_H}};
-}
-
-fn load_past_k_h(i: u32) -> HT {
-    return {{PK_LOAD_H}};
-}
-
-fn load_past_v_h(i: u32) -> HT {
-    return {{PV_LOAD_H}};
 }
 
 var<workgroup> ktile: array<HT, TILE>;
@@ -479,7 +463,7 @@ fn decode_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
             if (j < past) {
                 let kb = (kvb * pk_rows + j) * dk;
                 for (var d = r; d < dk; d = d + LANES) {
-                    dh = dh + qv[d] * load_past_k_h(kb + d);
+                    dh = dh + qv[d] * HT(load_past_k(kb + d));
                     c = c + 1u;
                     if (c == CHUNK) {
                         dot = dot + f32(dh);
@@ -490,7 +474,7 @@ fn decode_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
             } else {
                 let kb = b * p.ks.x + kh * p.ks.y + (j - past) * p.ks.z;
                 for (var d = r; d < dk; d = d + LANES) {
-                    dh = dh + qv[d] * load_k_h(kb + d);
+                    dh = dh + qv[d] * HT(load_k(kb + d));
                     c = c + 1u;
                     if (c == CHUNK) {
                         dot = dot + f32(dh);
@@ -556,9 +540,9 @@ fn decode_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
                     let jv = t0 + jj;
                     var val = HT(0.0);
                     if (jv < past) {
-                        val = load_past_v_h((kvb * pv_rows + jv) * dv + d);
+                        val = HT(load_past_v((kvb * pv_rows + jv) * dv + d));
                     } else {
-                        val = load_v_h(b * p.vs.x + kh * p.vs.y + (jv - past) * p.vs.z + d);
+                        val = HT(load_v(b * p.vs.x + kh * p.vs.y + (jv - past) * p.vs.z + d));
                     }
                     // a masked key (weight 0) adds nothing, whatever its value holds
                     s = s + select(0.0, f32(HT(wj) * val), wj != 0.0);
