@@ -5,6 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use kiln_ops::external_weight::{ExternalWeight, Layout};
 use kiln_wgsl::fused::{FusedChain, FusedProgram, Src, Step, MAX_FUSED_INPUTS, MAX_FUSED_STEPS};
 use kiln_wgsl::ops::GpuOp;
 use kiln_wgsl::qmatmul::{QEpilogue, QNorm};
@@ -1105,27 +1106,62 @@ fn float_matmul_as_row_kernel(
     if node.inputs.len() != 2 || node.inputs[0] == node.inputs[1] {
         return Ok(None);
     }
-    let to_device = model.node(node.inputs[1].node);
+    // a streamed weight reaches the matmul through the unit axes tract adds (folded into a constant, views here)
+    let mut b = node.inputs[1];
+    while let Some(Kernel::View(kiln_wgsl::View::AddAxis(_))) = model.node(b.node).op_as::<GpuOp>().map(|g| &g.kernel) {
+        b = model.node(b.node).inputs[0];
+    }
+    let b = if model.node(b.node).op_is::<ToDevice>()
+        && model.node(model.node(b.node).inputs[0].node).op_is::<ExternalWeight>()
+    {
+        b
+    } else {
+        node.inputs[1]
+    };
+    let to_device = model.node(b.node);
     if !to_device.op_is::<ToDevice>() {
         return Ok(None);
     }
     let konst = model.node(to_device.inputs[0].node);
-    let Some(w) = konst.op_as::<Const>().map(|c| c.val().clone()) else {
-        return Ok(None);
+    // the weight: a constant (transposed here to the kernel's [N, K]), or a weight streamed from the model's data
+    // that the matmul already reads transposed (a tied LM head: the embedding table is [N, K]), taken as stored
+    let streamed = konst.op_as::<ExternalWeight>().filter(|w| {
+        transpose_b
+            && w.slice.is_none()
+            && matches!(
+                (w.layout, w.stored_datum_type()),
+                (Layout::F16ToF32, Ok(DatumType::F16)) | (Layout::Plain, Ok(DatumType::F32))
+            )
+    });
+    let (w, shape) = match (konst.op_as::<Const>(), streamed) {
+        (Some(c), _) => (Some(c.val().clone()), c.val().shape().to_vec()),
+        (None, Some(_)) => {
+            let f = model.outlet_fact(node.inputs[1]).map_err(tract_err(WHAT))?;
+            let Some(dims) = f.shape.as_concrete() else { return Ok(None) };
+            (None, dims.to_vec())
+        }
+        _ => return Ok(None),
     };
     let readers = to_device.outputs[0].successors.len() + konst.outputs[0].successors.len() - 1;
-    let r = w.rank();
-    if w.datum_type() != DatumType::F32 || r < 2 || w.shape()[..r - 2].iter().any(|d| *d != 1) {
+    let r = shape.len();
+    let f32_const = w.as_ref().is_none_or(|w| w.datum_type() == DatumType::F32);
+    if !f32_const || r < 2 || shape[..r - 2].iter().any(|d| *d != 1) {
         return Ok(None);
     }
-    let (k, n) = if transpose_b { (w.shape()[r - 1], w.shape()[r - 2]) } else { (w.shape()[r - 2], w.shape()[r - 1]) };
+    let (k, n) = if transpose_b { (shape[r - 1], shape[r - 2]) } else { (shape[r - 2], shape[r - 1]) };
     let a = model.outlet_fact(node.inputs[0]).map_err(tract_err(WHAT))?;
     if a.datum_type != DatumType::F32 || a.rank() != r || a.shape.last() != Some(&k.to_dim()) {
         return Ok(None);
     }
-    let Ok(plain) = w.try_as_plain_ram() else { return Ok(None) };
-    let Ok(values) = plain.as_slice::<f32>() else { return Ok(None) };
-    let exact16 = values.iter().all(|v| v.is_nan() || f16::from_f32(*v).to_f32() == *v);
+    let exact16 = match (&w, streamed) {
+        (Some(w), _) => {
+            let Ok(plain) = w.try_as_plain_ram() else { return Ok(None) };
+            let Ok(values) = plain.as_slice::<f32>() else { return Ok(None) };
+            values.iter().all(|v| v.is_nan() || f16::from_f32(*v).to_f32() == *v)
+        }
+        (None, Some(sw)) => sw.layout == Layout::F16ToF32,
+        (None, None) => return Ok(None),
+    };
     let dt = if exact16 { DatumType::F16 } else { DatumType::F32 };
     let Ok(kernel) = kiln_wgsl::qmatmul::QMatMul::for_float_weight(k, n, dt) else { return Ok(None) };
     let outputs: HashSet<OutletId> = model.output_outlets().map_err(tract_err(WHAT))?.iter().copied().collect();
@@ -1153,6 +1189,9 @@ fn float_matmul_as_row_kernel(
     // tract's transposed K: the heads moved before the last axis instead, the weight's rows permuted back
     let unfold = transposed_k(model, node.inputs[0])
         .filter(|(_, _, _, lead)| lead.len() + 1 == rank && lead.iter().eq(out_shape.iter().take(rank - 1)));
+    if streamed.is_some() && (unfold.is_some() || rank != r) {
+        return Ok(None);
+    }
     let mut up = node.inputs[0];
     let found = loop {
         if unfold.is_some() {
@@ -1221,11 +1260,18 @@ fn float_matmul_as_row_kernel(
     let made = shared
         .0
         .iter()
-        .find(|(t, l, _)| Arc::ptr_eq(t, &w) && *l == layout)
+        .find(|(t, l, _)| w.as_ref().is_some_and(|w| Arc::ptr_eq(t, w)) && *l == layout)
         .and_then(|(_, _, name)| model.node_id_by_name(name).ok());
-    let wt = match made {
-        Some(up) => patch.tap_model(model, OutletId::new(up, 0)).map_err(tract_err(WHAT))?,
-        None => {
+    let wt = match (made, w, streamed) {
+        (Some(up), _, _) => patch.tap_model(model, OutletId::new(up, 0)).map_err(tract_err(WHAT))?,
+        (None, None, Some(sw)) => {
+            // stored [1.., N, K]: the kernel's layout; float16 data stays float16
+            let stored = ExternalWeight { layout: Layout::Plain, dims: shape.iter().copied().collect(), ..sw.clone() };
+            let stored = patch.wire_node(format!("{}.wt", node.name), stored, &[]).map_err(tract_err(WHAT))?;
+            patch.wire_node(format!("{}.wt.to_device", node.name), ToDevice, &stored).map_err(tract_err(WHAT))?[0]
+        }
+        (None, None, None) => return Ok(None),
+        (None, Some(w), _) => {
             let wt = transposed_weight(&w, transpose_b, unfold.as_ref().map(|u| u.2), [n, rank], dt)?;
             let c = patch.add_const(format!("{}.wt", node.name), wt).map_err(tract_err(WHAT))?;
             let name = format!("{}.wt.to_device", node.name);
@@ -1267,8 +1313,15 @@ pub fn kernels_in_f16_math(model: &mut TypedModel) -> usize {
 /// Weights this large or larger are considered for [`matmul_weights_in_f16`] (bytes of their f32 values).
 const F16_WEIGHT_MIN_BYTES: usize = 1 << 20;
 
+/// A weight [`matmul_weights_in_f16`] keeps float16: a constant, or a streamed float16 weight read as f32.
+enum Weight16 {
+    Const(Arc<Tensor>),
+    Streamed(ExternalWeight),
+}
+
 /// Keeps float16 the f32 weights of GPU MatMuls whose every value is a float16 (a float16 model's weights, cast to
-/// f32 by kiln's float16 pass: a tied LM head, dense projections): the GPU stores them as float16 and the kernels
+/// f32 by kiln's float16 pass: a tied LM head, dense projections; or streamed float16 weights whose cast
+/// [`crate::stream::fold_external_casts`] folded into the upload): the GPU stores them as float16 and the kernels
 /// convert as they read, exactly — half the bytes to read a step (SmolLM2's 49152 × 576 LM head: 113 MB → 57 MB).
 /// Only weights all of whose readers are such MatMuls; the CPU reference of each becomes `Cast(f32)` then the
 /// matmul. Returns how many weights it rewrote.
@@ -1283,8 +1336,19 @@ pub fn matmul_weights_in_f16(model: &mut TypedModel) -> Result<usize> {
             if !n.op_is::<ToDevice>() || outputs.contains(&OutletId::new(n.id, 0)) {
                 return None;
             }
-            let k = model.node(n.inputs[0].node).op_as::<Const>()?.val().clone();
-            if k.datum_type() != DatumType::F32 || k.len() * 4 < F16_WEIGHT_MIN_BYTES {
+            let source = model.node(n.inputs[0].node);
+            // a streamed float16 weight read as f32 (its cast folded into the upload): float16 by construction
+            let streamed = source.op_as::<ExternalWeight>().filter(|w| w.layout == Layout::F16ToF32);
+            let weight = match (source.op_as::<Const>(), streamed) {
+                (Some(k), _) => Weight16::Const(k.val().clone()),
+                (None, Some(w)) => Weight16::Streamed(w.clone()),
+                _ => return None,
+            };
+            let (dt, len) = match &weight {
+                Weight16::Const(k) => (k.datum_type(), k.len()),
+                Weight16::Streamed(w) => (DatumType::F32, w.fact().ok()?.shape.as_concrete()?.iter().product()),
+            };
+            if dt != DatumType::F32 || len * 4 < F16_WEIGHT_MIN_BYTES {
                 return None;
             }
             let succ = &n.outputs[0].successors;
@@ -1299,15 +1363,27 @@ pub fn matmul_weights_in_f16(model: &mut TypedModel) -> Result<usize> {
             if !all_matmuls {
                 return None;
             }
-            let values = k.try_as_plain_ram().ok()?;
-            let exact = values.as_slice::<f32>().ok()?.iter().all(|v| v.is_nan() || f16::from_f32(*v).to_f32() == *v);
-            exact.then_some((n.id, k))
+            let exact = match &weight {
+                Weight16::Const(k) => {
+                    let values = k.try_as_plain_ram().ok()?;
+                    values.as_slice::<f32>().ok()?.iter().all(|v| v.is_nan() || f16::from_f32(*v).to_f32() == *v)
+                }
+                Weight16::Streamed(_) => true,
+            };
+            exact.then_some((n.id, weight))
         });
-        let Some((to_device, k)) = found else { break };
-        let k16 = k.cast_to_dt(DatumType::F16).map_err(tract_err("a float16 weight"))?.into_owned();
+        let Some((to_device, weight)) = found else { break };
         let mut patch = TypedModelPatch::default();
         let name = model.node(to_device).name.clone();
-        let c = patch.add_const(format!("{name}.f16"), k16).map_err(tract_err("a float16 weight"))?;
+        let c = match weight {
+            Weight16::Const(k) => {
+                let k16 = k.cast_to_dt(DatumType::F16).map_err(tract_err("a float16 weight"))?.into_owned();
+                patch.add_const(format!("{name}.f16"), k16).map_err(tract_err("a float16 weight"))?
+            }
+            Weight16::Streamed(w) => patch
+                .wire_node(format!("{name}.f16"), w.with_layout(Layout::Plain), &[])
+                .map_err(tract_err("a float16 weight"))?[0],
+        };
         let w =
             patch.wire_node(format!("{name}.f16.to_device"), ToDevice, &[c]).map_err(tract_err("a float16 weight"))?[0];
         for s in model.node(to_device).outputs[0].successors.clone() {

@@ -102,30 +102,57 @@ impl ExternalDataResolver for DirectoryResolver {
                 "external data location `{location}` must be a relative path inside the model's folder"
             )));
         }
-        let path = self.dir.join(rel);
-        let io = |e: std::io::Error| Error::io(format!("reading external data {}: {e}", path.display()));
-        // only the range asked for: a weight streamed to the GPU is read a chunk at a time
-        use std::io::{Read, Seek, SeekFrom};
-        let mut file = std::fs::File::open(&path).map_err(io)?;
-        let size = file.metadata().map_err(io)?.len();
-        let end = match length {
-            Some(l) => offset.checked_add(l).ok_or_else(|| {
-                Error::invalid_model(format!("external data `{location}`: offset {offset} + length {l} overflows"))
-            })?,
-            None => size,
-        };
-        if offset > size || end > size {
-            return Err(Error::invalid_model(format!(
-                "external data `{location}`: range {offset}..{end} is past its end ({size} bytes)"
-            )));
+        read_file_range(&self.dir.join(rel), location, offset, length)
+    }
+}
+
+/// Reads `length` bytes (or everything to the end) of the file at `path` from `offset`: only that range, so that a
+/// weight streamed to the GPU is read a chunk at a time. `location` names the data in errors.
+fn read_file_range(path: &Path, location: &str, offset: u64, length: Option<u64>) -> Result<Vec<u8>> {
+    let io = |e: std::io::Error| Error::io(format!("reading external data {}: {e}", path.display()));
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let size = file.metadata().map_err(io)?.len();
+    let end = match length {
+        Some(l) => offset.checked_add(l).ok_or_else(|| {
+            Error::invalid_model(format!("external data `{location}`: offset {offset} + length {l} overflows"))
+        })?,
+        None => size,
+    };
+    if offset > size || end > size {
+        return Err(Error::invalid_model(format!(
+            "external data `{location}`: range {offset}..{end} is past its end ({size} bytes)"
+        )));
+    }
+    let len = usize::try_from(end - offset)
+        .map_err(|_| Error::io(format!("external data `{location}`: {} bytes do not fit in memory", end - offset)))?;
+    let mut bytes = vec![0u8; len];
+    file.seek(SeekFrom::Start(offset)).map_err(io)?;
+    file.read_exact(&mut bytes).map_err(io)?;
+    Ok(bytes)
+}
+
+/// A model file as a data source (native only): [`crate::MODEL_ITSELF`] reads the file at `path` (the large
+/// initializers [`crate::skeleton`] left in it), every other location goes to `rest` (the model's external data).
+#[derive(Clone)]
+pub struct ModelFileResolver {
+    pub path: PathBuf,
+    pub rest: Arc<dyn ExternalDataResolver>,
+}
+
+impl ExternalDataResolver for ModelFileResolver {
+    fn read(&self, location: &str, offset: u64, length: Option<u64>) -> Result<Vec<u8>> {
+        if location == crate::MODEL_ITSELF {
+            return read_file_range(&self.path, location, offset, length);
         }
-        let len = usize::try_from(end - offset).map_err(|_| {
-            Error::io(format!("external data `{location}`: {} bytes do not fit in memory", end - offset))
-        })?;
-        let mut bytes = vec![0u8; len];
-        file.seek(SeekFrom::Start(offset)).map_err(io)?;
-        file.read_exact(&mut bytes).map_err(io)?;
-        Ok(bytes)
+        self.rest.read(location, offset, length)
+    }
+
+    fn read_range<'a>(&'a self, location: &'a str, offset: u64, length: u64) -> ReadFuture<'a> {
+        if location == crate::MODEL_ITSELF {
+            return Box::pin(std::future::ready(read_file_range(&self.path, location, offset, Some(length))));
+        }
+        self.rest.read_range(location, offset, length)
     }
 }
 

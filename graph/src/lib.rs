@@ -13,6 +13,7 @@ pub mod import;
 pub mod int_dims;
 pub mod lower_gpu;
 pub mod passes;
+pub mod skeleton;
 pub mod stream;
 pub mod symbolic;
 pub mod types;
@@ -21,9 +22,10 @@ pub mod untie;
 pub use error::{Error, ErrorKind, Result};
 pub use import::{
     decode, load_bytes, load_path, load_proto, stream_external_initializers, tensor_from_proto_bytes, tensor_to_proto,
-    DirectoryResolver, ExternalDataResolver, InMemoryResolver, LoadOptions, Model, OptimizationLevel, ReadFuture,
-    WeightSource, WeightStreaming,
+    DirectoryResolver, ExternalDataResolver, InMemoryResolver, LoadOptions, Model, ModelFileResolver,
+    OptimizationLevel, ReadFuture, WeightSource, WeightStreaming,
 };
+pub use skeleton::{skeleton, Skeleton, MODEL_ITSELF};
 pub use tract_onnx;
 pub use types::{onnx_type_name, Dim, ElementType, ValueInfo};
 

@@ -17,8 +17,8 @@ pub use gpu_value::{GpuTensor, Location, PreferredOutputLocation, RunOptions, Va
 pub use kiln_graph::generation::{GenerationOptions, NEXT_TOKEN};
 pub use kiln_graph::lower_gpu::{Device, NodePlacement};
 pub use kiln_graph::{
-    Dim, DirectoryResolver, ElementType, Error, ErrorKind, ExternalDataResolver, InMemoryResolver, OptimizationLevel,
-    ReadFuture, Result, ValueInfo, WeightStreaming,
+    Dim, DirectoryResolver, ElementType, Error, ErrorKind, ExternalDataResolver, InMemoryResolver, ModelFileResolver,
+    OptimizationLevel, ReadFuture, Result, ValueInfo, WeightStreaming, MODEL_ITSELF,
 };
 pub use kiln_wgsl::{wgpu, AdapterOptions, Counters, Tuning};
 pub use session::{ExecutionProvider, Outputs, Session, SessionOptions};
@@ -38,6 +38,13 @@ pub mod blocking {
         }
         pub fn from_path(path: impl AsRef<Path>, options: &SessionOptions) -> Result<Session> {
             pollster::block_on(crate::Session::from_path(path, options)).map(Session)
+        }
+        pub fn from_source(
+            source: std::sync::Arc<dyn crate::ExternalDataResolver>,
+            size: u64,
+            options: &SessionOptions,
+        ) -> Result<Session> {
+            pollster::block_on(crate::Session::from_source(source, size, options)).map(Session)
         }
         pub fn inputs(&self) -> &[ValueInfo] {
             self.0.inputs()

@@ -269,21 +269,23 @@ impl Session {
         Self::from_model(model, options).await
     }
 
-    /// Loads a model from a file; external data defaults to the model's folder.
+    /// Loads a model from a file; external data defaults to the model's folder. A GPU session reads the file without
+    /// its large initializers' data ([`Session::from_source`]): those stream from the file into GPU buffers.
     pub async fn from_path(path: impl AsRef<Path>, options: &SessionOptions) -> Result<Session> {
         let path = path.as_ref();
         if options.streams_weights() {
-            let bytes = std::fs::read(path)
-                .map_err(|e| Error::new(ErrorKind::Io, format!("reading model {}: {e}", path.display())))?;
-            let resolver: Arc<dyn ExternalDataResolver> = match &options.external_data {
+            let size = std::fs::metadata(path)
+                .map_err(|e| Error::new(ErrorKind::Io, format!("reading model {}: {e}", path.display())))?
+                .len();
+            let rest: Arc<dyn ExternalDataResolver> = match &options.external_data {
                 Some(r) => r.clone(),
                 None => {
                     let dir = path.parent().map(|p| p.to_path_buf()).unwrap_or_else(|| ".".into());
                     Arc::new(kiln_graph::DirectoryResolver { dir })
                 }
             };
-            let model = Self::load_streaming(&bytes, resolver, options).await?;
-            return Self::from_model(model, options).await;
+            let source = Arc::new(kiln_graph::ModelFileResolver { path: path.to_path_buf(), rest });
+            return Self::from_source(source, size, options).await;
         }
         let model = guard("loading the model", || {
             if options.custom_ops.is_empty() {
@@ -299,6 +301,36 @@ impl Session {
             load_with_custom_ops(&bytes, load, options)
         })?;
         Self::from_model(model, options).await
+    }
+
+    /// Loads a model of `size` bytes that `source` reads under [`kiln_graph::MODEL_ITSELF`] (a browser's Blob, a
+    /// file), its external data from the same source. A GPU session reads the protobuf without the data of its large
+    /// initializers ([`kiln_graph::skeleton`]), which stays in the source like external data and streams into GPU
+    /// buffers: the model is never whole in memory. Other sessions read the model whole.
+    pub async fn from_source(
+        source: Arc<dyn ExternalDataResolver>,
+        size: u64,
+        options: &SessionOptions,
+    ) -> Result<Session> {
+        if options.streams_weights() {
+            let streaming = &options.weight_streaming;
+            let sk =
+                kiln_graph::skeleton(&*source, kiln_graph::MODEL_ITSELF, size, streaming.min_bytes, streaming.chunk())
+                    .await?;
+            if sk.moved > 0 {
+                log::info!(
+                    "{} initializer(s), {} bytes, left in the model file for streaming",
+                    sk.moved,
+                    sk.moved_bytes
+                );
+            }
+            let model = Self::load_streaming(&sk.bytes, source, options).await?;
+            return Self::from_model(model, options).await;
+        }
+        let bytes = source.read_range(kiln_graph::MODEL_ITSELF, 0, size).await?;
+        let mut options = options.clone();
+        options.external_data = Some(source);
+        Box::pin(Self::from_bytes(&bytes, &options)).await
     }
 
     /// The streaming import (GPU sessions): large external initializers stay in `resolver` as ExternalWeight

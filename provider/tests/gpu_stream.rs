@@ -44,6 +44,20 @@ fn tiny_gpt2_streams_its_weights() {
     fixture("tiny-gpt2/onnx_optimum", 1e-4);
 }
 
+/// The fixtures as they are, one file each: kiln_graph::skeleton leaves their large initializers in the model file
+/// (read a window at a time, never whole) and the GPU session streams them from there.
+#[test]
+fn single_file_fixtures_stream_their_weights_from_the_model_file() {
+    for (model, tolerance) in [
+        ("tiny-llama/onnx_optimum", 1e-4),
+        ("tiny-llama/onnx_optimum_fp16", 2e-2),
+        ("tiny-llama/onnx_optimum_q4", 1e-3),
+        ("tiny-gpt2/onnx_optimum", 1e-4),
+    ] {
+        fixture_as(model, tolerance, Layout::SingleFile);
+    }
+}
+
 /// y = x · W · V on the GPU and d = Det(W): Det takes no streamed weight (kiln_graph's streamable_use), so W is
 /// read at import; V, read by a MatMul only, is streamed. Both against the CPU session. (A streamable weight a CPU node reads
 /// is read when the session is made: gpu_stream_split.rs.)
@@ -271,8 +285,8 @@ fn peak_memory_child() {
     );
 }
 
-/// A model with 4 × 16 MiB of external weights loaded from files on the GPU in a fresh process each way: with
-/// streaming (4 MiB reads) the peak memory grows by the weights once (lavapipe's GPU buffers are host memory) plus
+/// A model with 4 × 16 MiB of weights, external and in one file, loaded from files on the GPU in a fresh process
+/// each way: with streaming (4 MiB reads) the peak memory grows by the weights once (lavapipe's GPU buffers are host memory) plus
 /// a few chunks; without it, by more than half the weights again. Both runs give the same outputs (to rounding).
 #[test]
 fn streaming_bounds_the_peak_memory_of_a_load() {
@@ -307,18 +321,36 @@ fn streaming_bounds_the_peak_memory_of_a_load() {
         let (a, y) = (if i == 0 { "x".to_string() } else { format!("h{i}") }, format!("h{}", i + 1));
         nodes.push(node("MatMul", &[&a, &format!("w{i}")], if i + 1 == CHAIN { "y" } else { &y }, vec![]));
     }
-    let bytes =
-        model(nodes, vec![value_info("x", 1, Some(&[Some(1), Some(SIDE)]))], vec![value_info("y", 1, None)], inits);
+    // the same model as one file, its weights inline (kiln_graph::skeleton leaves them in the file)
+    let inline: Vec<pb::TensorProto> = inits
+        .iter()
+        .map(|t| {
+            let offset: usize = t.external_data[1].value.parse().unwrap();
+            pb::TensorProto {
+                raw_data: data[offset..offset + SIDE * SIDE * 4].to_vec(),
+                external_data: vec![],
+                data_location: None,
+                ..t.clone()
+            }
+        })
+        .collect();
+    let io = || (vec![value_info("x", 1, Some(&[Some(1), Some(SIDE)]))], vec![value_info("y", 1, None)]);
+    let (inputs, outputs) = io();
+    let bytes = model(nodes.clone(), inputs, outputs, inits);
     std::fs::write(dir.join("model.onnx"), bytes).expect("writing the model");
     std::fs::write(dir.join("model.onnx.data"), &data).expect("writing the data");
+    let single = dir.join("single");
+    std::fs::create_dir_all(&single).expect("a temp dir");
+    let (inputs, outputs) = io();
+    std::fs::write(single.join("model.onnx"), model(nodes, inputs, outputs, inline)).expect("writing the model");
     let weights = data.len() as u64;
     drop(data);
     let exe = std::env::current_exe().expect("the test binary");
-    let run = |mode: &str| -> (u64, usize, String) {
+    let run_in = |mode: &str, dir: &std::path::Path| -> (u64, usize, String) {
         let out = std::process::Command::new(&exe)
             .args(["--exact", "peak_memory_child", "--ignored", "--nocapture", "--test-threads", "1"])
             .env("KILN_STREAM_CHILD", mode)
-            .env("KILN_STREAM_CHILD_DIR", &dir)
+            .env("KILN_STREAM_CHILD_DIR", dir)
             .output()
             .expect("running the child");
         let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
@@ -331,30 +363,33 @@ fn streaming_bounds_the_peak_memory_of_a_load() {
         let streamed: usize = field("streamed=").parse().expect("streamed");
         (growth, streamed, format!("{} {}", field("sum="), field("first=")))
     };
-    let (on, on_streamed, on_y) = run("on");
-    let (off, off_streamed, off_y) = run("off");
-    let _ = std::fs::remove_dir_all(&dir);
-    let mib = |b: u64| b as f64 / (1 << 20) as f64;
-    eprintln!(
-        "weights {:.0} MiB: peak memory growth of the load + one run: streaming {:.0} MiB ({on_streamed} streamed), \
-         without {:.0} MiB",
-        mib(weights),
-        mib(on),
-        mib(off)
-    );
-    assert_eq!(on_streamed, CHAIN);
-    assert_eq!(off_streamed, 0);
-    // the same outputs up to the last bits: a weight in memory runs as the one-row float-weight kernel (its
-    // transposed copy made at load), a streamed one through the general matmul kernel (summation orders differ)
-    let values = |s: &str| -> Vec<f64> { s.split_whitespace().map(|v| v.parse().expect("a number")).collect() };
-    for (a, b) in values(&on_y).iter().zip(values(&off_y)) {
-        assert!((a - b).abs() <= 1e-4 * a.abs().max(b.abs()).max(1.0), "with streaming {on_y}, without {off_y}");
+    for (what, dir) in [("external data", dir.as_path()), ("one file", single.as_path())] {
+        let (on, on_streamed, on_y) = run_in("on", dir);
+        let (off, off_streamed, off_y) = run_in("off", dir);
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        eprintln!(
+            "{what}: weights {:.0} MiB: peak memory growth of the load + one run: streaming {:.0} MiB ({on_streamed} \
+             streamed), without {:.0} MiB",
+            mib(weights),
+            mib(on),
+            mib(off)
+        );
+        assert_eq!(on_streamed, CHAIN, "{what}");
+        assert_eq!(off_streamed, 0, "{what}");
+        // the same outputs up to the last bits: a weight in memory runs as the one-row float-weight kernel (its
+        // transposed copy made at load), a streamed one through the general matmul kernel (summation orders differ)
+        let values = |s: &str| -> Vec<f64> { s.split_whitespace().map(|v| v.parse().expect("a number")).collect() };
+        for (a, b) in values(&on_y).iter().zip(values(&off_y)) {
+            let close = (a - b).abs() <= 1e-4 * a.abs().max(b.abs()).max(1.0);
+            assert!(close, "{what}: with streaming {on_y}, without {off_y}");
+        }
+        // the GPU buffers (host memory on lavapipe), a read and its staging copy, the queue's 16 MiB upload window,
+        // and 16 MiB for the run and the allocator
+        let bound = weights + 2 * CHILD_CHUNK + (32 << 20);
+        assert!(on < bound, "{what}: streaming: peak grew by {:.0} MiB (bound {:.0} MiB)", mib(on), mib(bound));
+        assert!(off > on + weights / 2, "{what}: without streaming the peak grew by {:.0} MiB only", mib(off));
     }
-    // the GPU buffers (host memory on lavapipe), a read and its staging copy, the queue's 16 MiB upload window,
-    // and 16 MiB for the run and the allocator
-    let bound = weights + 2 * CHILD_CHUNK + (32 << 20);
-    assert!(on < bound, "streaming: peak grew by {:.0} MiB (bound {:.0} MiB)", mib(on), mib(bound));
-    assert!(off > on + weights / 2, "without streaming the peak grew by {:.0} MiB only", mib(off));
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// What a CPU fallback of a streaming load does (no adapter, or the lowering failed): every ExternalWeight read into
@@ -455,9 +490,10 @@ fn gather_block_quantized_streams_its_operands() {
 }
 
 /// A tied float16 LM head (SmolLM2's layout): the embedding E [V, H] float16 is read by the embedding Gather and, through
-/// a Transpose, by the final MatMul. Streamed, the gather reads the stored float16 table and the MatMul a float32 view
-/// of it (the float16 pass's cast folded into the upload); the transposition is folded into the matmul, so a run has
-/// no Transpose / AxisOp node (no per-step copy of the table). Against the CPU session.
+/// a Transpose, by the final MatMul. Streamed, the gather and the MatMul read the stored float16 table: the
+/// transposition is folded into the matmul, which is the row kernel that reads its weight as stored ([N, K]) and
+/// converts float16 values as it reads them, so a run has no Transpose / AxisOp node (no per-step copy of the table)
+/// and reads no float32 copy of it (twice the bytes). Against the CPU session.
 #[test]
 fn a_tied_float16_lm_head_streams_without_a_transpose_per_run() {
     if !gpu_available() {
@@ -493,8 +529,9 @@ fn a_tied_float16_lm_head_streams_without_a_transpose_per_run() {
         "a transposition runs each step: {:?}",
         report.nodes
     );
-    // the float16 table for the gather and its float32 view for the matmul
+    // the float16 table for the gather and for the matmul
     assert_eq!(report.weights_streamed, 2, "{report:?}");
+    assert_eq!(report.weight_bytes_streamed, 2 * (v * h * 2) as u64, "a float32 copy of the table: {report:?}");
     assert!(report.host_constants.is_empty(), "{:?}", report.host_constants);
     check_reads("tied", &source, &moved, 1024, 4096);
     let ids = Tensor::from_vec(&[1, 3], vec![0i64, 511, 42]).unwrap();

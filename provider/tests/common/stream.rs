@@ -101,18 +101,59 @@ pub fn check_reads(what: &str, source: &Recording, moved: &Moved, min: u64, chun
     }
 }
 
+/// Where [`fixture`] keeps the weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Moved to an external data file ([`externalize`]).
+    External,
+    /// Inline, as the fixture is: one file, whose large initializers kiln_graph::skeleton leaves in it.
+    SingleFile,
+}
+
+/// Each initializer of at least `min` bytes of raw data, found in the model's bytes: (offset, length) by name.
+pub fn raw_data_in_file(bytes: &[u8], min: usize) -> Moved {
+    let proto = pb::ModelProto::decode(bytes).expect("decoding the fixture");
+    let mut found = HashMap::new();
+    for t in &proto.graph.as_ref().expect("a graph").initializer {
+        if t.raw_data.len() < min {
+            continue;
+        }
+        let at = bytes.windows(t.raw_data.len()).position(|w| w == t.raw_data).expect("the raw data in the file");
+        found.insert(t.name.clone(), (at as u64, t.raw_data.len() as u64));
+    }
+    found
+}
+
 /// A fixture through the streaming import on the GPU, against onnxruntime's outputs and the CPU session.
 pub fn fixture(model: &str, tolerance: f64) {
+    fixture_as(model, tolerance, Layout::External)
+}
+
+pub fn fixture_as(model: &str, tolerance: f64, layout: Layout) {
     if !gpu_available() {
         return;
     }
     let dir = tiny_fixtures().join(model);
     let bytes = std::fs::read(dir.join("model.onnx")).expect("reading the fixture");
     let (min, chunk) = (4096u64, 4096u64);
-    let (ext, data, moved) = externalize(&bytes, 1024);
-    let source = recording(data.clone());
-    let session = Session::from_bytes(&ext, &gpu_options(source.clone(), min, chunk))
-        .unwrap_or_else(|e| panic!("{model}: loading with streaming: {e}"));
+    let (ext, data, moved) = match layout {
+        Layout::External => externalize(&bytes, 1024),
+        Layout::SingleFile => (bytes.clone(), bytes.clone(), raw_data_in_file(&bytes, 1024)),
+    };
+    let source = match layout {
+        Layout::External => recording(data.clone()),
+        Layout::SingleFile => Arc::new(Recording {
+            inner: InMemoryResolver::new().with_file(kiln_provider::MODEL_ITSELF, bytes.clone()),
+            ..Default::default()
+        }),
+    };
+    let session = match layout {
+        Layout::External => Session::from_bytes(&ext, &gpu_options(source.clone(), min, chunk)),
+        Layout::SingleFile => {
+            Session::from_source(source.clone(), bytes.len() as u64, &gpu_options(source.clone(), min, chunk))
+        }
+    }
+    .unwrap_or_else(|e| panic!("{model}: loading with streaming: {e}"));
     assert_eq!(session.execution_provider(), ExecutionProvider::WebGpu, "{model}: {:?}", session.provider_note());
     let report = session.gpu_placement().expect("a GPU session's report");
     let big: Vec<(&String, u64)> = moved.iter().filter(|m| m.1 .1 >= min).map(|m| (m.0, m.1 .1)).collect();
