@@ -1138,7 +1138,13 @@ fn float_matmul_as_row_kernel(
         (None, Some(_)) => {
             let f = model.outlet_fact(node.inputs[1]).map_err(tract_err(WHAT))?;
             let Some(dims) = f.shape.as_concrete() else { return Ok(None) };
-            (None, dims.to_vec())
+            // broadcast over A's leading axes: unit axes in front (the same stored bytes)
+            let a_rank = model.outlet_fact(node.inputs[0]).map_err(tract_err(WHAT))?.rank();
+            let mut dims = dims.to_vec();
+            while dims.len() < a_rank {
+                dims.insert(0, 1);
+            }
+            (None, dims)
         }
         _ => return Ok(None),
     };

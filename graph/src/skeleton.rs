@@ -229,7 +229,7 @@ impl Reader<'_> {
 }
 
 fn invalid(at: u64, what: &str) -> Error {
-    Error::invalid_model(format!("not a valid ONNX model (protobuf, at byte {at}: {what})"))
+    Error::invalid_model(format!("not a valid ONNX model (protobuf decode failed at byte {at}: {what})"))
 }
 
 fn put_varint(out: &mut Vec<u8>, mut v: u64) {

@@ -336,13 +336,19 @@ fn streaming_bounds_the_peak_memory_of_a_load() {
         .collect();
     let io = || (vec![value_info("x", 1, Some(&[Some(1), Some(SIDE)]))], vec![value_info("y", 1, None)]);
     let (inputs, outputs) = io();
-    let bytes = model(nodes.clone(), inputs, outputs, inits);
+    // (in one file, each weight read as Gemm's transposed B: a single-file model's MatMul B is read into memory
+    // for the row kernel's transposed copy, kiln_graph's stream_external_initializers)
+    let gemms: Vec<pb::NodeProto> = nodes
+        .iter()
+        .map(|n| pb::NodeProto { op_type: "Gemm".into(), attribute: vec![attr_int("transB", 1)], ..n.clone() })
+        .collect();
+    let bytes = model(nodes, inputs, outputs, inits);
     std::fs::write(dir.join("model.onnx"), bytes).expect("writing the model");
     std::fs::write(dir.join("model.onnx.data"), &data).expect("writing the data");
     let single = dir.join("single");
     std::fs::create_dir_all(&single).expect("a temp dir");
     let (inputs, outputs) = io();
-    std::fs::write(single.join("model.onnx"), model(nodes, inputs, outputs, inline)).expect("writing the model");
+    std::fs::write(single.join("model.onnx"), model(gemms, inputs, outputs, inline)).expect("writing the model");
     let weights = data.len() as u64;
     drop(data);
     let exe = std::env::current_exe().expect("the test binary");
