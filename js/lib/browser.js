@@ -32,16 +32,21 @@ const { modelFromTokenizerJson, decoderModelFromTokenizerJson, kilnWasmMemoryByt
     if (typeof Blob !== 'undefined' && file instanceof Blob) return new Uint8Array(await file.arrayBuffer());
     return fetchWithProgress(file, onProgress, 'external data file');
   },
-  // 'webgpu': external data read a range at a time, `(offset, length) => Promise<Uint8Array>` (kiln streams large
-  // weights into GPU buffers); a URL is fetched into a Blob, whose bytes stay outside wasm memory
-  async openFile(file, onProgress) {
-    const bytesOf = (u8) => async (offset, length) => u8.subarray(offset, offset + length);
-    if (file instanceof Uint8Array) return bytesOf(file);
+  // 'webgpu': the model and its external data read a range at a time: `{ read(offset, length) =>
+  // Promise<Uint8Array>, size, bytes() }` (kiln streams large weights into GPU buffers); a URL is fetched into a Blob,
+  // whose bytes stay outside wasm memory
+  async openFile(file, onProgress, what = 'external data file') {
+    const ofBytes = (u8) => ({ read: async (offset, length) => u8.subarray(offset, offset + length), size: u8.length, bytes: async () => u8 });
+    if (file instanceof Uint8Array) return ofBytes(file);
     if (file instanceof ArrayBuffer || (typeof SharedArrayBuffer !== 'undefined' && file instanceof SharedArrayBuffer)) {
-      return bytesOf(new Uint8Array(file));
+      return ofBytes(new Uint8Array(file));
     }
-    const blob = typeof Blob !== 'undefined' && file instanceof Blob ? file : await fetchBlobWithProgress(file, onProgress, 'external data file');
-    return async (offset, length) => new Uint8Array(await blob.slice(offset, offset + length).arrayBuffer());
+    const blob = typeof Blob !== 'undefined' && file instanceof Blob ? file : await fetchBlobWithProgress(file, onProgress, what);
+    return {
+      read: async (offset, length) => new Uint8Array(await blob.slice(offset, offset + length).arrayBuffer()),
+      size: blob.size,
+      bytes: async () => new Uint8Array(await blob.arrayBuffer()),
+    };
   },
 });
 

@@ -8,7 +8,7 @@ export const KILN_WEB_VERSION = '0.1.0';
 
 // A platform's loaders take an optional onProgress({ loaded, total }) for that one source (a download or a file read:
 // total 0 while the size is unknown, and a last call with total === loaded); core.js adds those up (loadProgress).
-/** @typedef {{ loadWasm(generation: number): Promise<object>, loadModel(url: string, onProgress?: Function): Promise<Uint8Array>, loadFile(file: string | Blob | ArrayBufferLike | Uint8Array, onProgress?: Function): Promise<Uint8Array>, openFile?(file: string | Blob | ArrayBufferLike | Uint8Array, onProgress?: Function): Promise<Function>, checksOutputLocation?: boolean, webgpu?: boolean }} Platform */
+/** @typedef {{ loadWasm(generation: number): Promise<object>, loadModel(url: string, onProgress?: Function): Promise<Uint8Array>, loadFile(file: string | Blob | ArrayBufferLike | Uint8Array, onProgress?: Function): Promise<Uint8Array>, openFile?(file: string | Blob | ArrayBufferLike | Uint8Array, onProgress?: Function, what?: string): Promise<{ read: Function, size: number, bytes(): Promise<Uint8Array> }>, checksOutputLocation?: boolean, webgpu?: boolean }} Platform */
 
 const TYPED_ARRAYS = {
   float32: Float32Array,
@@ -736,9 +736,21 @@ export function registerKiln(/** @type {Platform} */ platform) {
       const entries = Array.isArray(options.externalData) ? options.externalData : [];
       const progress = loadProgress(onProgress, [pathOrBuffer, ...entries.map((e) => (typeof e === 'string' ? e : e?.data))]);
       const [modelProgress, ...fileProgress] = progress.callbacks;
-      const model = typeof pathOrBuffer === 'string' ? await platform.loadModel(pathOrBuffer, modelProgress) : pathOrBuffer;
-      if (options.integrity !== undefined) await checkIntegrity(model, options.integrity);
       const eps = (options.executionProviders ?? []).map((ep) => (typeof ep === 'string' ? ep : ep.name));
+      // custom operators: the global ones, then the session's (later entries win)
+      const customOps = new Map(globalCustomOps);
+      if (options.customOps !== undefined) {
+        if (!Array.isArray(options.customOps)) throw new TypeError('customOps must be an array');
+        for (const op of options.customOps) customOps.set(opKey(checkCustomOp(op).domain, op.opType), op);
+      }
+      // on 'webgpu' (no custom operators) the model and its external data stay on the JS side (a URL fetched into a
+      // Blob, whose bytes live outside wasm memory) and kiln reads them a range at a time: the model's protobuf
+      // without the data of its large initializers, which go from the Blob straight into their GPU buffers, like
+      // large external weights; elsewhere both are copied into wasm memory whole
+      const streams = eps[0] === 'webgpu' && customOps.size === 0 && typeof platform.openFile === 'function';
+      const modelSource = streams ? await platform.openFile(pathOrBuffer, modelProgress, 'model') : undefined;
+      const model = modelSource ? new Uint8Array(0) : typeof pathOrBuffer === 'string' ? await platform.loadModel(pathOrBuffer, modelProgress) : pathOrBuffer;
+      if (options.integrity !== undefined) await checkIntegrity(modelSource ? await modelSource.bytes() : model, options.integrity);
       validateSessionOptions(options);
       const freeDims = [];
       if (options.freeDimensionOverrides) {
@@ -750,16 +762,6 @@ export function registerKiln(/** @type {Platform} */ platform) {
         }
       }
       const level = options.graphOptimizationLevel ?? 'all';
-      // custom operators: the global ones, then the session's (later entries win)
-      const customOps = new Map(globalCustomOps);
-      if (options.customOps !== undefined) {
-        if (!Array.isArray(options.customOps)) throw new TypeError('customOps must be an array');
-        for (const op of options.customOps) customOps.set(opKey(checkCustomOp(op).domain, op.opType), op);
-      }
-      // external data: on 'webgpu' (no custom operators) it stays on the JS side (a URL fetched into a Blob, whose
-      // bytes live outside wasm memory) and kiln reads it a range at a time, streaming large weights straight into
-      // their GPU buffers; elsewhere it is copied into wasm memory whole
-      const streams = eps[0] === 'webgpu' && customOps.size === 0 && typeof platform.openFile === 'function';
       const externalData = [];
       const externalSources = [];
       let i = 0;
@@ -767,7 +769,7 @@ export function registerKiln(/** @type {Platform} */ platform) {
         const path = typeof entry === 'string' ? entry : entry.path;
         const data = typeof entry === 'string' ? entry : entry.data;
         const onFile = fileProgress[i++];
-        if (streams) externalSources.push([path, await platform.openFile(data, onFile)]);
+        if (streams) externalSources.push([path, (await platform.openFile(data, onFile)).read]);
         else externalData.push([path, await platform.loadFile(data, onFile)]);
       }
       progress.finish();
@@ -779,6 +781,9 @@ export function registerKiln(/** @type {Platform} */ platform) {
           freeDimensionOverrides: freeDims,
           externalData,
           externalSources,
+          // the model itself read a range at a time (its bytes then are `model`'s empty array)
+          modelSource: modelSource?.read,
+          modelSize: modelSource?.size,
           customOps: [...customOps.values()].map((op) => [op.domain ?? '', op.opType, (op.outputs ?? []).map(outputDecl)]),
           // kiln's adapter request on 'webgpu' (its first session's: the sessions share one GPUDevice)
           powerPreference: env.webgpu.powerPreference,

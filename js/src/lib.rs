@@ -805,7 +805,7 @@ mod web {
                     kiln_provider::ErrorKind::Io,
                     format!(
                         "external data file `{location}` was not provided (provided: {:?})",
-                        self.files.keys().collect::<Vec<_>>()
+                        self.files.keys().filter(|k| *k != kiln_provider::MODEL_ITSELF).collect::<Vec<_>>()
                     ),
                 )
             })
@@ -895,9 +895,18 @@ mod web {
                 }
             }
             let mut opts = super::session_options(o).map_err(err)?;
-            // 'webgpu': external data the JS half keeps (Blobs, buffers), read a range at a time
+            // 'webgpu': external data the JS half keeps (Blobs, buffers), read a range at a time; the model itself
+            // too when it gives `modelSource` (read under kiln's MODEL_ITSELF) and `modelSize`
+            let mut files = std::collections::HashMap::new();
+            let model_size = get(&options, "modelSize").as_f64();
+            if let (Some(read), Some(size)) = (get(&options, "modelSource").dyn_ref::<js_sys::Function>(), model_size) {
+                if !(size.is_finite() && size >= 0.0) {
+                    return Err(err(format!("the model's size must be a byte count, not {size}")));
+                }
+                files.insert(kiln_provider::MODEL_ITSELF.to_string(), read.clone());
+            }
+            let model_size = model_size.filter(|_| !files.is_empty());
             if let Some(a) = get(&options, "externalSources").dyn_ref::<Array>() {
-                let mut files = std::collections::HashMap::new();
                 for pair in a.iter() {
                     let pair: Array = pair.unchecked_into();
                     let read = pair
@@ -908,9 +917,9 @@ mod web {
                     files.insert(path.trim_start_matches("./").to_string(), read.clone());
                     files.insert(path, read);
                 }
-                if !files.is_empty() {
-                    opts.external_data = Some(std::sync::Arc::new(JsExternalData { files }));
-                }
+            }
+            if !files.is_empty() {
+                opts.external_data = Some(std::sync::Arc::new(JsExternalData { files }));
             }
             // onnxruntime-web's one GPUDevice per page: every 'webgpu' session shares kiln's device (env.webgpu.device),
             // requested with env.webgpu.powerPreference / forceFallbackAdapter (validated by the JS half)
@@ -961,7 +970,12 @@ mod web {
                     }
                 }
             }
-            let future = Box::pin(async move { Session::from_bytes(&bytes, &opts).await });
+            let future = Box::pin(async move {
+                match (model_size, opts.external_data.clone()) {
+                    (Some(size), Some(source)) => Session::from_source(source, size as u64, &opts).await,
+                    _ => Session::from_bytes(&bytes, &opts).await,
+                }
+            });
             Ok(KilnLoad { future: Some(future), channel })
         }
 

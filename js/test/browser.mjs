@@ -97,15 +97,26 @@ function streamModel() {
   const tensorType = (dims) => [[1, [[1, 1], [2, dims.map((d) => [1, [[1, d]]])]]]];
   const nodes = [];
   const inits = [];
+  const inline = [];
+  const gemms = [];
   for (let i = 0; i < count; i++) {
     const a = i === 0 ? 'x' : `h${i}`;
     const y = i + 1 === count ? 'y' : `h${i + 1}`;
     nodes.push([1, [[1, a], [1, `w${i}`], [2, y], [3, `mm${i}`], [4, 'MatMul']]]);
+    gemms.push([1, [[1, a], [1, `w${i}`], [2, y], [3, `gemm${i}`], [4, 'Gemm'], [5, [[1, 'transB'], [3, 1], [20, 2]]]]]);
     const entry = (k, v) => [13, [[1, k], [2, v]]];
     inits.push([5, [[1, side], [1, side], [2, 1], [8, `w${i}`], entry('location', 'weights.bin'), entry('offset', String(i * side * side * 4)), entry('length', String(side * side * 4)), [14, 1]]]);
+    inline.push([5, [[1, side], [1, side], [2, 1], [8, `w${i}`], [9, weights.subarray(i * side * side * 4, (i + 1) * side * side * 4)]]]);
   }
-  const graph = [...nodes, [2, 'stream'], ...inits, [11, [[1, 'x'], [2, tensorType([1, side])]]], [12, [[1, 'y'], [2, tensorType([1, side])]]]];
-  streamed = { model: pb([[1, 8], [8, [[2, 17]]], [7, graph]]), weights };
+  const io = [[11, [[1, 'x'], [2, tensorType([1, side])]]], [12, [[1, 'y'], [2, tensorType([1, side])]]]];
+  const graph = [...nodes, [2, 'stream'], ...inits, ...io];
+  streamed = {
+    model: pb([[1, 8], [8, [[2, 17]]], [7, graph]]),
+    weights,
+    // the same weights in one file, inline, each read as Gemm's transposed B (y = x · Wᵀ: a single-file model's
+    // MatMul B is read into memory for the row kernel's transposed copy, so this one streams every weight)
+    single: pb([[1, 8], [8, [[2, 17]]], [7, [...gemms, [2, 'stream'], ...inline, ...io]]]),
+  };
   return streamed;
 }
 
@@ -145,11 +156,11 @@ before(async () => {
       res.writeHead(200, { 'Content-Type': 'text/html' }).end(html);
       return;
     }
-    // test/browser/webgpu-stream.html's model: 4 MatMuls, their 64 MiB of weights external (weights.bin); ?chunked=1:
-    // sent in 1 MiB writes without Content-Length
-    if (url.pathname === '/stream/model.onnx' || url.pathname === '/stream/weights.bin') {
-      const stream = streamModel();
-      const data = url.pathname.endsWith('.onnx') ? stream.model : stream.weights;
+    // test/browser/webgpu-stream.html's model: 4 MatMuls, their 64 MiB of weights external (weights.bin), or inline
+    // (single.onnx); ?chunked=1: sent in 1 MiB writes without Content-Length
+    const files = { '/stream/model.onnx': 'model', '/stream/weights.bin': 'weights', '/stream/single.onnx': 'single' };
+    if (files[url.pathname]) {
+      const data = streamModel()[files[url.pathname]];
       if (!url.searchParams.has('chunked')) {
         res.writeHead(200, { 'Content-Type': 'application/octet-stream', 'Content-Length': data.length }).end(data);
         return;
@@ -311,10 +322,10 @@ test("browser: kiln-web on 'webgpu': env.webgpu, GPU tensors, fallback warnings 
   }
 });
 
-// kiln-web only, on 'webgpu': a model with 64 MiB of external weights streamed from a Blob into GPU buffers, wasm
+// kiln-web only, on 'webgpu': a model with 64 MiB of weights, in one file and external, streamed from a Blob into GPU buffers, wasm
 // memory far below the weights' size, outputs equal to the 'wasm' session's, onProgress over the model and the weights
 // on both (test/browser/webgpu-stream.html)
-test("browser: kiln-web on 'webgpu' streams external weights into GPU buffers (test/browser/webgpu-stream.html)", { skip }, async () => {
+test("browser: kiln-web on 'webgpu' streams weights, inline and external, into GPU buffers (test/browser/webgpu-stream.html)", { skip }, async () => {
   const page = await browser.newPage();
   const logs = [];
   page.on('console', (m) => logs.push(m.text()));
@@ -328,9 +339,10 @@ test("browser: kiln-web on 'webgpu' streams external weights into GPU buffers (t
   console.log(
     `kiln-web: streamed ${mib(n.weights)} of external weights on 'webgpu': wasm memory ${mib(n.memoryAtStart)} at start, ` +
       `${mib(n.memoryAfterWebGpu)} after a URL source, ${mib(n.memoryAfterBlob)} after a Blob; ${mib(n.memoryAfterWasm)} ` +
-      `after the same model on 'wasm'; max |webgpu - wasm| ${n.maxDiff}; onProgress events ${JSON.stringify(n.progressEvents)}`,
+      `after the same model on 'wasm'; max |webgpu - wasm| ${n.maxDiff}; onProgress events ${JSON.stringify(n.progressEvents)}; ` +
+      `the model in one file: wasm memory ${mib(n.memoryAfterSingleFile)}, max |webgpu - reference| ${n.singleFileMaxDiff}`,
   );
-  assert.equal(Object.keys(results).length, 2, JSON.stringify(results));
+  assert.equal(Object.keys(results).length, 3, JSON.stringify(results));
   for (const [name, r] of Object.entries(results)) assert.equal(r, 'ok', `${name}: ${r}\n${logs.join('\n')}`);
 });
 
