@@ -779,10 +779,6 @@ pub async fn stream_external_initializers(
         let (location, offset, length) = external_ref(&t)?;
         let want = external_bytes(&t, &location, length)?;
         let stream = match streamable.get(&t.name) {
-            // an 8-bit table a Gather reads is read into memory: the GPU keeps it one i32 word an element (four
-            // times its bytes) either way, and streamed, all-MiniLM-L6-v2's uint8 word embeddings changed its output
-            // (5.8e-2, against bit-identical to onnxruntime read into memory; not understood yet, see issue 6)
-            Some(true) if is_8bit(t.data_type) => false,
             // a float weight of a single-file model (kiln_graph::skeleton) that a MatMul reads as B [K, N]: read
             // into memory, as it was in the file, so the row kernel gets its transposed copy (streamed, the matmul
             // would take the general kernel; external data streams it anyway: bounded memory first)
@@ -837,11 +833,6 @@ fn is_matmul_b(graph: &pb::GraphProto, t: &pb::TensorProto) -> bool {
         && graph.node.iter().any(|n| {
             (n.domain.is_empty() || n.domain == "ai.onnx") && n.op_type == "MatMul" && n.input.get(1) == Some(&t.name)
         })
-}
-
-fn is_8bit(data_type: i32) -> bool {
-    use pb::tensor_proto::DataType;
-    data_type == DataType::Int8 as i32 || data_type == DataType::Uint8 as i32
 }
 
 /// The bytes an external tensor's dims and element type need (checked against a declared length).

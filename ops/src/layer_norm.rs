@@ -74,6 +74,11 @@ fn skip_fused(ctx: &ParsingContext, node: &NodeProto) -> bool {
     a.len() == 3 && a == b && float
 }
 
+/// An `ai.kiln` ExternalWeight node (an initializer left in the external data by the streaming import).
+fn is_external_weight(node: &NodeProto) -> bool {
+    node.domain == crate::external_weight::DOMAIN && node.op_type == crate::external_weight::OP_TYPE
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Dim {
     Value(i64),
@@ -128,6 +133,9 @@ impl<'g> SymbolicShapes<'g> {
         if let Some(t) = self.constant(name) {
             return t.data_type == 1;
         }
+        if let Some(w) = self.producer(name).filter(|n| is_external_weight(n)) {
+            return w.attribute.iter().find(|a| a.name == "data_type").is_some_and(|a| a.i == 1);
+        }
         let declared = self.graph.input.iter().chain(&self.graph.value_info).find(|v| v.name == name);
         match declared.and_then(|v| v.r#type.as_ref()) {
             Some(t) => matches!(&t.value, Some(tract_onnx::pb::type_proto::Value::TensorType(tt)) if tt.elem_type == 1),
@@ -169,6 +177,10 @@ impl<'g> SymbolicShapes<'g> {
         let output = node.output.iter().position(|o| o == name)?;
         let ints = |n: &NodeProto, attr: &str| n.attribute.iter().find(|a| a.name == attr).map(|a| a.ints.clone());
         let int = |n: &NodeProto, attr: &str| n.attribute.iter().find(|a| a.name == attr).map(|a| a.i);
+        if is_external_weight(node) {
+            // an initializer the streaming import left in the external data: its dims as the initializer's
+            return Some(ints(node, "dims")?.into_iter().map(Dim::Value).collect());
+        }
         match node.op_type.as_str() {
             "Cast"
             | "Erf"

@@ -616,6 +616,9 @@ fn minilm_gpu() -> Option<(f64, f64)> {
         rest.len()
     );
     assert_eq!(all, 0, "MiniLM int8: nodes on the CPU");
+    // its uint8 word embeddings (11 MiB) stream from the model file: the LayerNormalization after a residual Add
+    // must still see the shapes onnxruntime's SkipLayerNorm fusion sees through them (kiln-ops' layer_norm)
+    assert_eq!(report.weights_streamed, 1, "MiniLM int8: streamed weights");
     session.set_gpu_poison(true);
     let feeds = read_inputs(&session, &set);
     let mask = feeds[1].1.to_vec::<i64>().expect("attention_mask");

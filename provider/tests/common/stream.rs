@@ -156,24 +156,16 @@ pub fn fixture_as(model: &str, tolerance: f64, layout: Layout) {
     .unwrap_or_else(|e| panic!("{model}: loading with streaming: {e}"));
     assert_eq!(session.execution_provider(), ExecutionProvider::WebGpu, "{model}: {:?}", session.provider_note());
     let report = session.gpu_placement().expect("a GPU session's report");
-    // 8-bit tables a Gather reads are read into memory (kiln_graph's stream_external_initializers)
+    // in one file, float weights a MatMul reads as B are read into memory (the row kernel's transposed copy)
     let proto = pb::ModelProto::decode(&*bytes).expect("decoding the fixture");
     let graph = proto.graph.as_ref().expect("a graph");
-    let gathered_8bit = |name: &str| {
-        graph.initializer.iter().any(|t| t.name == name && (t.data_type == 2 || t.data_type == 3))
-            && graph.node.iter().any(|n| n.op_type == "Gather" && n.input.first().is_some_and(|i| i == name))
-    };
-    // and in one file, float weights a MatMul reads as B (the row kernel's transposed copy is made in memory)
     let matmul_b = |name: &str| {
         layout == Layout::SingleFile
             && graph.initializer.iter().any(|t| t.name == name && (t.data_type == 1 || t.data_type == 10))
             && graph.node.iter().any(|n| n.op_type == "MatMul" && n.input.get(1).is_some_and(|i| i == name))
     };
-    let big: Vec<(&String, u64)> = moved
-        .iter()
-        .filter(|m| m.1 .1 >= min && !gathered_8bit(m.0) && !matmul_b(m.0))
-        .map(|m| (m.0, m.1 .1))
-        .collect();
+    let big: Vec<(&String, u64)> =
+        moved.iter().filter(|m| m.1 .1 >= min && !matmul_b(m.0)).map(|m| (m.0, m.1 .1)).collect();
     eprintln!(
         "{model}: {} external tensors ({} of >= {min} bytes), {} streamed to the GPU ({} bytes there), {} host \
          constant bytes, {} reads",
