@@ -1123,11 +1123,12 @@ fn float_matmul_as_row_kernel(
         return Ok(None);
     }
     let konst = model.node(to_device.inputs[0].node);
-    // the weight: a constant (transposed here to the kernel's [N, K]), or a weight streamed from the model's data
-    // that the matmul already reads transposed (a tied LM head: the embedding table is [N, K]), taken as stored
+    // the weight: a constant (transposed here to the kernel's [N, K]), or a weight streamed from the model's data:
+    // as stored when the matmul reads it transposed (a tied LM head: the embedding table is [N, K]), else transposed
+    // as it is uploaded (Layout::Transposed; not where tract folded an attention's heads into K: kiln_graph's import
+    // reads such weights into memory)
     let streamed = konst.op_as::<ExternalWeight>().filter(|w| {
-        transpose_b
-            && w.slice.is_none()
+        w.slice.is_none()
             && matches!(
                 (w.layout, w.stored_datum_type()),
                 (Layout::F16ToF32, Ok(DatumType::F16)) | (Layout::Plain, Ok(DatumType::F32))
@@ -1195,7 +1196,11 @@ fn float_matmul_as_row_kernel(
     // tract's transposed K: the heads moved before the last axis instead, the weight's rows permuted back
     let unfold = transposed_k(model, node.inputs[0])
         .filter(|(_, _, _, lead)| lead.len() + 1 == rank && lead.iter().eq(out_shape.iter().take(rank - 1)));
-    if streamed.is_some() && (unfold.is_some() || rank != r) {
+    // a streamed weight as stored, with the leading unit axes of the kernel's rank
+    let stored_dims: TVec<usize> =
+        std::iter::repeat_n(1, rank.saturating_sub(2)).chain(if transpose_b { [n, k] } else { [k, n] }).collect();
+    if streamed.is_some() && (unfold.is_some() || rank < 2 || (!transpose_b && dt == DatumType::F16 && k % 2 == 1)) {
+        // (a float16 matrix transposed at upload is written in rows of whole words)
         return Ok(None);
     }
     let mut up = node.inputs[0];
@@ -1271,8 +1276,10 @@ fn float_matmul_as_row_kernel(
     let wt = match (made, w, streamed) {
         (Some(up), _, _) => patch.tap_model(model, OutletId::new(up, 0)).map_err(tract_err(WHAT))?,
         (None, None, Some(sw)) => {
-            // stored [1.., N, K]: the kernel's layout; float16 data stays float16
-            let stored = ExternalWeight { layout: Layout::Plain, dims: shape.iter().copied().collect(), ..sw.clone() };
+            // stored [1.., N, K] (the kernel's layout) or [1.., K, N] (transposed as it is uploaded); float16
+            // data stays float16
+            let layout = if transpose_b { Layout::Plain } else { Layout::Transposed };
+            let stored = ExternalWeight { layout, dims: stored_dims, ..sw.clone() };
             let stored = patch.wire_node(format!("{}.wt", node.name), stored, &[]).map_err(tract_err(WHAT))?;
             patch.wire_node(format!("{}.wt.to_device", node.name), ToDevice, &stored).map_err(tract_err(WHAT))?[0]
         }

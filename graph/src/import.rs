@@ -735,15 +735,21 @@ fn streamable_initializers(graph: &pb::GraphProto) -> HashMap<String, bool> {
         .collect()
 }
 
-/// Whether a float32 table `[n, d]` only gathered from looks like a rotary cos / sin cache (each row's two halves
+/// Whether a float32 or float16 table `[n, d]` only gathered from looks like a rotary cos / sin cache (each row's two halves
 /// equal, at two sampled rows, not all zero): kiln_graph's RoPE fusion (fuse_rope) needs its values at load, so it
 /// is read at import instead of streamed. Two rows are read.
 async fn is_rope_table(t: &pb::TensorProto, resolver: &dyn ExternalDataResolver, location: &str, offset: u64) -> bool {
     let [n, d] = t.dims[..] else { return false };
-    if t.data_type != 1 || n < 2 || d < 2 || d % 2 != 0 || d > 1024 {
+    // float32, or float16 (a float16 model's caches)
+    let size = match t.data_type {
+        1 => 4,
+        10 => 2,
+        _ => return false,
+    };
+    if n < 2 || d < 2 || d % 2 != 0 || d > 1024 {
         return false;
     }
-    let row = d as u64 * 4;
+    let row = d as u64 * size;
     for r in [n as u64 / 2, n as u64 - 1] {
         let Ok(bytes) = resolver.read_range(location, offset + r * row, row).await else { return false };
         if bytes.len() as u64 != row {
@@ -779,10 +785,9 @@ pub async fn stream_external_initializers(
         let (location, offset, length) = external_ref(&t)?;
         let want = external_bytes(&t, &location, length)?;
         let stream = match streamable.get(&t.name) {
-            // a float weight of a single-file model (kiln_graph::skeleton) that a MatMul reads as B [K, N]: read
-            // into memory, as it was in the file, so the row kernel gets its transposed copy (streamed, the matmul
-            // would take the general kernel; external data streams it anyway: bounded memory first)
-            _ if location == crate::MODEL_ITSELF && is_matmul_b(graph, &t) => false,
+            // an attention's output projection: read into memory (tract folds the heads' transpose into its K rows
+            // at load, which a streamed weight would pay as a transpose each run)
+            _ if projects_merged_heads(graph, &t) => false,
             Some(gathered) if want >= streaming.min_bytes && want > 0 => {
                 !*gathered || !is_rope_table(&t, resolver, &location, offset).await
             }
@@ -825,13 +830,26 @@ pub async fn stream_external_initializers(
     Ok(count)
 }
 
-/// Whether an ONNX MatMul reads the float tensor `t` as its B.
-fn is_matmul_b(graph: &pb::GraphProto, t: &pb::TensorProto) -> bool {
+/// Whether the float tensor `t` is the B of an ONNX MatMul whose A is `Reshape(Transpose(..))`: an attention's
+/// output projection after its heads are merged back (`[b, H, s, D]` → `[b, s, H, D]` → `[b, s, H·D]`).
+fn projects_merged_heads(graph: &pb::GraphProto, t: &pb::TensorProto) -> bool {
     use pb::tensor_proto::DataType;
+    let onnx = |n: &pb::NodeProto| n.domain.is_empty() || n.domain == "ai.onnx";
+    let producer = |name: &str| graph.node.iter().find(|n| n.output.iter().any(|o| o == name));
     let float = [DataType::Float as i32, DataType::Float16 as i32].contains(&t.data_type);
     float
         && graph.node.iter().any(|n| {
-            (n.domain.is_empty() || n.domain == "ai.onnx") && n.op_type == "MatMul" && n.input.get(1) == Some(&t.name)
+            onnx(n)
+                && n.op_type == "MatMul"
+                && n.input.get(1) == Some(&t.name)
+                && producer(&n.input[0]).is_some_and(|r| {
+                    onnx(r)
+                        && r.op_type == "Reshape"
+                        && r.input
+                            .first()
+                            .and_then(|x| producer(x))
+                            .is_some_and(|p| onnx(p) && p.op_type == "Transpose")
+                })
         })
 }
 

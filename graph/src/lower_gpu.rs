@@ -414,7 +414,7 @@ pub fn split_large_weights(model: &mut TypedModel, caps: &Caps) -> Result<()> {
                 (Weight::Const(t.clone()), t.datum_type(), (t.len() * t.datum_type().size_of()) as u64)
             } else if let Some(w) = src.op_as::<ExternalWeight>() {
                 // a weight streamed from external data: its parts are read from the source (kiln_graph::stream)
-                if w.slice.is_some() || w.layout == Layout::Words {
+                if w.slice.is_some() || matches!(w.layout, Layout::Words | Layout::Transposed) {
                     return None;
                 }
                 let (dt, shape) = w.output().ok()?;

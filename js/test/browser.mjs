@@ -113,8 +113,8 @@ function streamModel() {
   streamed = {
     model: pb([[1, 8], [8, [[2, 17]]], [7, graph]]),
     weights,
-    // the same weights in one file, inline, each read as Gemm's transposed B (y = x · Wᵀ: a single-file model's
-    // MatMul B is read into memory for the row kernel's transposed copy, so this one streams every weight)
+    // the same weights in one file, inline, each read as Gemm's transposed B (y = x · Wᵀ: the weights as stored are
+    // the one-row kernel's layout)
     single: pb([[1, 8], [8, [[2, 17]]], [7, [...gemms, [2, 'stream'], ...inline, ...io]]]),
   };
   return streamed;

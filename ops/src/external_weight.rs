@@ -29,6 +29,9 @@ pub enum Layout {
     F16ToF32,
     /// The stored bytes as little-endian u32 words, zero-padded to a whole word: output u32 `[ceil(length / 4)]`.
     Words,
+    /// Stored float32 or float16 `[.., K, N]`, output the same type with its last two axes swapped, `[.., N, K]` (the
+    /// one-row matmul kernel's weight layout; the GPU backend transposes blocks of rows as it uploads).
+    Transposed,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -91,6 +94,18 @@ impl ExternalWeight {
                 (DatumType::F32, dims)
             }
             Layout::Words => (DatumType::U32, tvec![(self.length as usize).div_ceil(4)]),
+            Layout::Transposed => {
+                let r = dims.len();
+                ensure!(
+                    r >= 2 && self.slice.is_none() && matches!(stored, DatumType::F32 | DatumType::F16),
+                    "external weight `{}`: Transposed on {stored:?} {:?} (slice {:?})",
+                    self.tensor,
+                    self.dims,
+                    self.slice
+                );
+                dims.swap(r - 2, r - 1);
+                (stored, dims)
+            }
         })
     }
 
@@ -155,7 +170,7 @@ impl ExternalWeight {
                 }
                 Ok(tensor1(&words))
             }
-            Layout::Plain | Layout::F16ToF32 => {
+            Layout::Plain | Layout::F16ToF32 | Layout::Transposed => {
                 let size = stored.size_of();
                 ensure!(
                     bytes.len().is_multiple_of(size),
@@ -197,6 +212,10 @@ impl ExternalWeight {
             self.length
         );
         let (_, shape) = self.output()?;
+        if self.layout == Layout::Transposed {
+            let r = self.dims.len();
+            return self.with_layout(Layout::Plain).tensor(bytes)?.move_axis(r - 1, r - 2);
+        }
         match self.slice {
             Some((axis, start, end)) => {
                 Ok(self.chunk_tensor(bytes)?.into_shape(&self.dims)?.slice(axis, start, end)?.into_shape(&shape)?)

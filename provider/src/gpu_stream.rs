@@ -65,7 +65,7 @@ impl Writer<'_> {
         let w = &job.weight;
         // the stored bytes are the GPU's as they are (f32 / i32 / u32 / f16, or words): written without a copy
         let as_is = match w.layout {
-            Layout::Words => true,
+            Layout::Words | Layout::Transposed => true,
             Layout::F16ToF32 => false,
             Layout::Plain => {
                 matches!(w.stored_datum_type(), Ok(DatumType::F32 | DatumType::I32 | DatumType::U32 | DatumType::F16))
@@ -98,7 +98,12 @@ impl Writer<'_> {
         }
         self.ctx.queue.write_buffer(&job.buffer, *dst, bytes);
         *dst += bytes.len() as u64;
-        self.staged += bytes.len() as u64;
+        self.account(bytes.len() as u64)
+    }
+
+    /// Counts `n` bytes staged in the queue, recycling its staging memory once they reach the window (natively).
+    fn account(&mut self, n: u64) -> Result<()> {
+        self.staged += n;
         if self.staged >= self.window {
             self.staged = 0;
             #[cfg(not(target_arch = "wasm32"))]
@@ -112,6 +117,80 @@ impl Writer<'_> {
         }
         Ok(())
     }
+}
+
+/// Fills the buffer of a [`Layout::Transposed`] weight (stored `[1.., K, N]`, the buffer `[N, K]`): blocks of whole
+/// stored rows (at most `chunk` bytes, at least two rows), each transposed on the host; a block that is the whole
+/// matrix is written in place, the others written once to a scratch buffer and copied on the GPU into their N pieces
+/// (one write a block: the queue stages each write separately). The bytes are the stored element type's (f32 or
+/// f16, as the GPU keeps them); float16 rows need an even K (whole words; the lowering checks). Returns the bytes read.
+async fn write_transposed(
+    writer: &mut Writer<'_>,
+    job: &StreamJob,
+    source: &dyn kiln_graph::ExternalDataResolver,
+    chunk: u64,
+) -> Result<u64> {
+    let w = &job.weight;
+    let bad = |m: String| Error::runtime(format!("webgpu: weight `{}`: {m}", w.tensor));
+    let es = w.stored_element_size().map_err(|e| bad(e.to_string()))? as u64;
+    let r = w.dims.len();
+    if r < 2 {
+        return Err(bad(format!("transposed but of rank {r}")));
+    }
+    let (k, n) = (w.dims[r - 2] as u64, w.dims[r - 1] as u64);
+    let lead: u64 = w.dims[..r - 2].iter().map(|d| *d as u64).product();
+    if lead != 1 || !(k * es).is_multiple_of(4) || k * n * es != w.length {
+        return Err(bad(format!("cannot upload {:?} of {es}-byte elements transposed", w.dims)));
+    }
+    let row = n * es;
+    // whole rows per block, an even count for float16 (pieces of whole words)
+    let rows = if es == 2 { (chunk / row.max(1)).max(2) & !1 } else { (chunk / row.max(1)).max(1) }.min(k);
+    let (mut read, mut k0, mut scratch) = (0, 0, None);
+    while k0 < k {
+        let kb = rows.min(k - k0);
+        // (reads of at most `chunk` bytes: two rows of float16 may be more)
+        let mut piece = Vec::with_capacity((kb * row) as usize);
+        let mut at = k0 * row;
+        while at < (k0 + kb) * row {
+            let len = chunk.min((k0 + kb) * row - at);
+            piece.extend(kiln_graph::stream::read_exact(source, w, at, len).await?);
+            at += len;
+        }
+        read += piece.len() as u64;
+        // piece [kb, n] → block [n, kb]
+        let (kb_, n_, es_) = (kb as usize, n as usize, es as usize);
+        let mut block = vec![0u8; piece.len()];
+        for i in 0..kb_ {
+            for j in 0..n_ {
+                let (from, to) = ((i * n_ + j) * es_, (j * kb_ + i) * es_);
+                block[to..to + es_].copy_from_slice(&piece[from..from + es_]);
+            }
+        }
+        drop(piece);
+        if kb == k {
+            let mut dst = 0;
+            writer.write(job, &mut dst, &block)?;
+        } else {
+            let ctx = writer.ctx;
+            let scratch = scratch.get_or_insert_with(|| {
+                ctx.device.create_buffer(&kiln_wgsl::wgpu::BufferDescriptor {
+                    label: Some("kiln transposed weight block"),
+                    size: (rows * row).div_ceil(4) * 4,
+                    usage: kiln_wgsl::wgpu::BufferUsages::COPY_DST | kiln_wgsl::wgpu::BufferUsages::COPY_SRC,
+                    mapped_at_creation: false,
+                })
+            });
+            ctx.queue.write_buffer(scratch, 0, &block);
+            let mut enc = ctx.device.create_command_encoder(&Default::default());
+            for j in 0..n {
+                enc.copy_buffer_to_buffer(scratch, j * kb * es, &job.buffer, (j * k + k0) * es, kb * es);
+            }
+            ctx.queue.submit([enc.finish()]);
+            writer.account(block.len() as u64)?;
+        }
+        k0 += kb;
+    }
+    Ok(read)
 }
 
 /// Fills each job's buffer from `source`, at most `chunk` bytes of stored data per read. The parts of a weight split
@@ -147,8 +226,12 @@ pub(crate) async fn stream_weights(
         })?;
         let segments = w.segments().map_err(|e| Error::runtime(format!("webgpu: weight `{}`: {e}", w.tensor)))?;
         let Some(seg) = segments else {
-            // a whole weight, read in order
             let job = &jobs[group[0]];
+            if w.layout == Layout::Transposed {
+                read += write_transposed(&mut writer, job, &*source.0, chunk).await?;
+                continue;
+            }
+            // a whole weight, read in order
             let mut dst = 0u64;
             kiln_graph::stream::for_each_chunk(&*source.0, w, chunk, |piece, _| writer.write(job, &mut dst, piece))
                 .await?;

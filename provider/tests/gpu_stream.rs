@@ -14,6 +14,7 @@ mod graphs;
 #[path = "common/stream.rs"]
 mod stream;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use common::*;
@@ -336,8 +337,8 @@ fn streaming_bounds_the_peak_memory_of_a_load() {
         .collect();
     let io = || (vec![value_info("x", 1, Some(&[Some(1), Some(SIDE)]))], vec![value_info("y", 1, None)]);
     let (inputs, outputs) = io();
-    // (in one file, each weight read as Gemm's transposed B: a single-file model's MatMul B is read into memory
-    // for the row kernel's transposed copy, kiln_graph's stream_external_initializers)
+    // (in one file, each weight read as Gemm's transposed B: the stored [N, K] is the one-row kernel's layout as it
+    // is; the external model's MatMul weights are transposed as they upload)
     let gemms: Vec<pb::NodeProto> = nodes
         .iter()
         .map(|n| pb::NodeProto { op_type: "Gemm".into(), attribute: vec![attr_int("transB", 1)], ..n.clone() })
@@ -382,8 +383,8 @@ fn streaming_bounds_the_peak_memory_of_a_load() {
         );
         assert_eq!(on_streamed, CHAIN, "{what}");
         assert_eq!(off_streamed, 0, "{what}");
-        // the same outputs up to the last bits: a weight in memory runs as the one-row float-weight kernel (its
-        // transposed copy made at load), a streamed one through the general matmul kernel (summation orders differ)
+        // the same outputs up to the last bits (the one-row float-weight kernel either way: its transposed copy made
+        // at load in memory, transposed as it uploads when streamed)
         let values = |s: &str| -> Vec<f64> { s.split_whitespace().map(|v| v.parse().expect("a number")).collect() };
         for (a, b) in values(&on_y).iter().zip(values(&off_y)) {
             let close = (a - b).abs() <= 1e-4 * a.abs().max(b.abs()).max(1.0);
@@ -546,6 +547,82 @@ fn a_tied_float16_lm_head_streams_without_a_transpose_per_run() {
     let want = cpu.run([("ids", ids)]).expect("running on the CPU");
     let (diff, ref_max) = max_diff("logits", got.output("logits").unwrap(), want.output("logits").unwrap());
     assert!(diff <= 2e-2 * ref_max.max(1.0), "logits: max|diff| {diff:.3e} (max|ref| {ref_max})");
+}
+
+/// A float MatMul's streamed weight W [K, N] runs as the one-row kernel, as one in memory does: the GPU backend
+/// transposes it as it uploads (ExternalWeight's Layout::Transposed), a block of whole rows at a time (several
+/// blocks, copied into place on the GPU, with a 4 KiB read size; one with 4 MiB). The output is bit for bit the
+/// in-memory session's (the general matmul kernel, which a streamed weight took before, sums in another order) and
+/// within rounding of the CPU session's;
+/// float32 and float16 weights.
+#[test]
+fn streamed_float_matmul_weights_run_as_the_one_row_kernel() {
+    if !gpu_available() {
+        return;
+    }
+    let mut rng = Rng::seeded("gpu_stream transposed");
+    let (k, n) = (1024usize, 96usize);
+    for (elem, size) in [(1, 4usize), (10, 2)] {
+        let values: Vec<f32> = (0..k * n).map(|_| rng.range(-1.0, 1.0) / 32.0).collect();
+        let raw: Vec<u8> = if elem == 1 {
+            values.iter().flat_map(|v| v.to_le_bytes()).collect()
+        } else {
+            values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect()
+        };
+        let w = pb::TensorProto {
+            name: "w".into(),
+            dims: vec![k as i64, n as i64],
+            data_type: elem,
+            raw_data: raw,
+            ..Default::default()
+        };
+        let bytes = model(
+            vec![node("MatMul", &["x", "w"], "y", vec![])],
+            vec![value_info("x", elem, Some(&[Some(1), Some(1), Some(k)]))],
+            vec![value_info("y", elem, None)],
+            vec![w],
+        );
+        let xs: Vec<f32> = (0..k).map(|_| rng.range(-1.0, 1.0)).collect();
+        let x = if elem == 1 {
+            Tensor::from_vec(&[1, 1, k], xs.clone()).unwrap()
+        } else {
+            Tensor::from_vec(&[1, 1, k], xs.iter().map(|v| half::f16::from_f32(*v)).collect::<Vec<_>>()).unwrap()
+        };
+        let in_memory = Session::from_bytes(
+            &bytes,
+            &SessionOptions { weight_streaming: WeightStreaming::off(), ..options(ExecutionProvider::WebGpu) },
+        )
+        .expect("loading in memory");
+        let want = in_memory.run([("x", x.clone())]).expect("running in memory");
+        let want = want.output("y").unwrap().to_f64_vec().unwrap();
+        let (ext, data, _) = externalize(&bytes, 1024);
+        let cpu = Session::from_bytes(&ext, &cpu_options(recording(data.clone()))).expect("loading on the CPU");
+        let on_cpu = cpu.run([("x", x.clone())]).expect("running on the CPU");
+        for chunk in [4096u64, 4 << 20] {
+            let what = format!("{}-byte weights, {chunk}-byte reads", size);
+            let source = recording(data.clone());
+            let session = Session::from_bytes(&ext, &gpu_options(source.clone(), 1024, chunk)).expect("loading");
+            let report = session.gpu_placement().expect("on the GPU");
+            assert_eq!(report.weights_streamed, 1, "{what}: {report:?}");
+            assert_eq!(report.weight_bytes_streamed, (k * n * size) as u64, "{what}: {report:?}");
+            check_reads(
+                &what,
+                &source,
+                &HashMap::from([("w".to_string(), (1u64, (k * n * size) as u64))]),
+                1024,
+                chunk,
+            );
+            let got = session.run([("x", x.clone())]).expect("running streamed");
+            let got_v = got.output("y").unwrap().to_f64_vec().unwrap();
+            assert_eq!(got_v, want, "{what}: the streamed weight's output differs from the in-memory one's");
+            let (diff, ref_max) = max_diff("y", got.output("y").unwrap(), on_cpu.output("y").unwrap());
+            let tolerance = if elem == 1 { 1e-5 } else { 2e-3 };
+            assert!(
+                diff <= tolerance * ref_max.max(1.0),
+                "{what}: max|diff| {diff:.3e} vs the CPU (max|ref| {ref_max})"
+            );
+        }
+    }
 }
 
 /// A gathered float32 table whose rows have equal halves (a rotary cos / sin cache, which kiln's RoPE fusion reads at
