@@ -6,7 +6,7 @@
 //                                 [--extra '{"kiln":{"f16FusedAttention":true}}']   (session options' `extra`)
 //
 // Needs js/ built (`cd js && npm ci && npm run build`). Prints one JSON line per run: prefill ms, decode ms/token
-// (mean and median over the steps), the tokens, or the error the engine gave.
+// (mean and median over the steps), the tokens (and kiln-web's wasm memory in MiB), or the error the engine gave.
 import fs from 'node:fs';
 import http from 'node:http';
 import os from 'node:os';
@@ -79,8 +79,10 @@ try {
   }
   const decode = times.slice(1);
   const sorted = [...decode].sort((a, b) => a - b);
+  // kiln-web: its wasm memory after the run (MiB)
+  const wasmMiB = typeof ort.kilnWasmMemoryBytes === 'function' ? (await ort.kilnWasmMemoryBytes()) / 2 ** 20 : undefined;
   window.result = { loadMs, prefillMs: times[0], decodeMean: decode.reduce((a, b) => a + b, 0) / decode.length,
-    decodeMedian: sorted[Math.floor(sorted.length / 2)], tokens };
+    decodeMedian: sorted[Math.floor(sorted.length / 2)], tokens, wasmMiB };
 } catch (e) {
   window.result = { error: String(e && e.message || e) };
 }

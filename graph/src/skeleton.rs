@@ -334,6 +334,33 @@ mod tests {
         assert_eq!((sk.moved, &sk.bytes), (0, &bytes));
     }
 
+    /// Every truncation and corrupted bytes of a model: a skeleton or an error, never a panic (a panic in wasm kills
+    /// the module), whatever the window.
+    #[test]
+    fn damaged_files_are_errors_not_panics() {
+        let mut big = tensor("big", 3000, 0);
+        big.raw_data.iter_mut().enumerate().for_each(|(i, b)| *b = (i % 251) as u8);
+        let bytes = model(vec![tensor("small", 40, 3), big, tensor("other", 2000, 9)]);
+        for cut in 0..bytes.len() {
+            let _ = run(&bytes[..cut], 1024, 64);
+        }
+        let mut state = 0x2545F4914F6CDD1Du64;
+        for round in 0..2000 {
+            let mut b = bytes.clone();
+            for _ in 0..3 {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                // mostly the protobuf's headers (the first bytes and around the tensors), some anywhere
+                let i = if round % 2 == 0 { (state as usize) % 64 } else { (state as usize) % b.len() };
+                b[i] = (state >> 32) as u8;
+            }
+            if let Ok(sk) = run(&b, 1024, [64, 4096][round % 2]) {
+                let _ = pb::ModelProto::decode(&*sk.bytes);
+            }
+        }
+    }
+
     #[test]
     fn a_truncated_or_foreign_file_is_an_error_naming_the_byte() {
         let bytes = model(vec![tensor("big", 5000, 1)]);
