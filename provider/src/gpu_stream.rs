@@ -121,8 +121,8 @@ impl Writer<'_> {
 
 /// Fills the buffer of a [`Layout::Transposed`] weight (stored `[1.., K, N]`, the buffer `[N, K]`): blocks of whole
 /// stored rows (at most `chunk` bytes, at least two rows), each transposed on the host; a block that is the whole
-/// matrix is written in place, the others written once to a scratch buffer and copied on the GPU into their N pieces
-/// (one write a block: the queue stages each write separately). The bytes are the stored element type's (f32 or
+/// matrix is written in place, the others written once to a scratch buffer and copied on the GPU into their columns
+/// (one write and one dispatch a block). The bytes are the stored element type's (f32 or
 /// f16, as the GPU keeps them); float16 rows need an even K (whole words; the lowering checks). Returns the bytes read.
 async fn write_transposed(
     writer: &mut Writer<'_>,
@@ -171,21 +171,29 @@ async fn write_transposed(
             let mut dst = 0;
             writer.write(job, &mut dst, &block)?;
         } else {
+            // the block in one write to a scratch buffer, then one strided copy on the GPU into its columns (not
+            // N writes or N copies: a wide matrix, an LM head, has tens of thousands of rows); whole 4-byte words
             let ctx = writer.ctx;
             let scratch = scratch.get_or_insert_with(|| {
-                ctx.device.create_buffer(&kiln_wgsl::wgpu::BufferDescriptor {
+                Arc::new(ctx.device.create_buffer(&kiln_wgsl::wgpu::BufferDescriptor {
                     label: Some("kiln transposed weight block"),
                     size: (rows * row).div_ceil(4) * 4,
-                    usage: kiln_wgsl::wgpu::BufferUsages::COPY_DST | kiln_wgsl::wgpu::BufferUsages::COPY_SRC,
+                    usage: kiln_wgsl::wgpu::BufferUsages::COPY_DST | kiln_wgsl::wgpu::BufferUsages::STORAGE,
                     mapped_at_creation: false,
-                })
+                }))
             });
             ctx.queue.write_buffer(scratch, 0, &block);
-            let mut enc = ctx.device.create_command_encoder(&Default::default());
-            for j in 0..n {
-                enc.copy_buffer_to_buffer(scratch, j * kb * es, &job.buffer, (j * k + k0) * es, kb * es);
-            }
-            ctx.queue.submit([enc.finish()]);
+            let word = |x: u64| (x * es / 4) as usize;
+            kiln_wgsl::kernels::copy_rows_of_words(
+                ctx,
+                scratch.clone(),
+                job.buffer.clone(),
+                n as usize,
+                word(kb),
+                word(k),
+                word(k0),
+            )
+            .map_err(|e| bad(e.message))?;
             writer.account(block.len() as u64)?;
         }
         k0 += kb;

@@ -1621,6 +1621,35 @@ pub(crate) fn strided_copy(
     launch(ctx, rec, "layout", "copy_main", vec![], &u, &[(1, a), (3, out)], (gx, gy, 1))
 }
 
+/// Copies `src`, `rows` rows of `cols` 4-byte words (contiguous), into `dst` at word `dst_off`, row `r` at
+/// `dst_off + r·dst_stride`: one dispatch, submitted. (The streamed upload of a transposed weight: a block of the
+/// transposed matrix, written once to a scratch buffer, lands in its columns; float16 halves go as word pairs.)
+#[allow(clippy::too_many_arguments)]
+pub fn copy_rows_of_words(
+    ctx: &Context,
+    src: Arc<wgpu::Buffer>,
+    dst: Arc<wgpu::Buffer>,
+    rows: usize,
+    cols: usize,
+    dst_stride: usize,
+    dst_off: usize,
+) -> Result<()> {
+    let words = (dst.size() / 4) as usize;
+    let last = dst_off + rows.saturating_sub(1) * dst_stride + cols;
+    if rows * cols == 0 || last > words || ((rows * cols * 4) as u64) > src.size() {
+        return Err(Error::new(format!(
+            "webgpu: copying {rows} rows of {cols} words to word {dst_off} (stride {dst_stride}) of {words}"
+        )));
+    }
+    let mut rec = Recorder::default();
+    let a = GpuTensor::new(src, &[rows, cols], DatumType::U32);
+    let out = GpuTensor::new(dst, &[words], DatumType::U32);
+    strided_copy(ctx, &mut rec, &a, 0, &[cols, 1], &out, dst_off, &[dst_stride, 1], &[rows, cols])?;
+    // (no readback: the queue runs it before anything submitted later)
+    let _ = rec.submit(ctx)?;
+    Ok(())
+}
+
 fn softmax_wg(ctx: &Context) -> u32 {
     let mut wg = 256u32;
     while wg > ctx.caps.max_invocations.max(1) {
