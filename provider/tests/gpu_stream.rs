@@ -625,6 +625,45 @@ fn streamed_float_matmul_weights_run_as_the_one_row_kernel() {
     }
 }
 
+/// A streamed float16 weight the one-row kernel cannot take (an odd K: its transposed rows would not be whole
+/// words) stays float16 on the GPU for the general matmul kernel (kiln_graph's matmul_weights_in_f16), not the
+/// float32 copy the float16 pass's cast would make: half the bytes. Against the CPU session.
+#[test]
+fn a_streamed_float16_weight_the_row_kernel_cannot_take_stays_float16() {
+    if !gpu_available() {
+        return;
+    }
+    let mut rng = Rng::seeded("gpu_stream odd k");
+    let (k, n) = (1025usize, 512usize);
+    let raw: Vec<u8> =
+        (0..k * n).flat_map(|_| half::f16::from_f32(rng.range(-1.0, 1.0) / 32.0).to_le_bytes()).collect();
+    let w = pb::TensorProto {
+        name: "w".into(),
+        dims: vec![k as i64, n as i64],
+        data_type: 10,
+        raw_data: raw,
+        ..Default::default()
+    };
+    let bytes = model(
+        vec![node("MatMul", &["x", "w"], "y", vec![])],
+        vec![value_info("x", 10, Some(&[Some(1), Some(k)]))],
+        vec![value_info("y", 10, None)],
+        vec![w],
+    );
+    let (ext, data, _) = externalize(&bytes, 1024);
+    let session = Session::from_bytes(&ext, &gpu_options(recording(data.clone()), 1024, 1 << 20)).expect("loading");
+    let report = session.gpu_placement().expect("on the GPU");
+    assert_eq!(report.weights_streamed, 1, "{report:?}");
+    assert_eq!(report.weight_bytes_streamed, (k * n * 2) as u64, "a float32 copy of the weight: {report:?}");
+    let x: Vec<half::f16> = (0..k).map(|_| half::f16::from_f32(rng.range(-1.0, 1.0))).collect();
+    let x = Tensor::from_vec(&[1, k], x).unwrap();
+    let got = session.run([("x", x.clone())]).expect("running on the GPU");
+    let cpu = Session::from_bytes(&ext, &cpu_options(recording(data))).expect("loading on the CPU");
+    let want = cpu.run([("x", x)]).expect("running on the CPU");
+    let (diff, ref_max) = max_diff("y", got.output("y").unwrap(), want.output("y").unwrap());
+    assert!(diff <= 2e-3 * ref_max.max(1.0), "max|diff| {diff:.3e} (max|ref| {ref_max})");
+}
+
 /// A gathered float32 table whose rows have equal halves (a rotary cos / sin cache, which kiln's RoPE fusion reads at
 /// load) stays out of the streaming and is read at import; an embedding table beside it is streamed.
 #[test]
