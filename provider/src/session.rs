@@ -69,7 +69,7 @@ pub struct SessionOptions {
     /// sessions do: a GPU tensor of one session feeds another. Off: each session has a device of its own.
     pub share_gpu_device: bool,
     /// WebGPU sessions: large external-data weights go from the data source straight into their GPU buffers, in
-    /// bounded reads, never whole in host memory (on by default: weights of 1 MiB or more, 4 MiB reads). CPU
+    /// bounded reads, never whole in host memory (on by default: weights of 64 KiB or more, 4 MiB reads). CPU
     /// sessions read external data into memory as before.
     pub weight_streaming: kiln_graph::WeightStreaming,
     /// WebGPU sessions: submit a run's recorded work each time it reaches this many dispatches, without waiting,

@@ -618,7 +618,8 @@ fn minilm_gpu() -> Option<(f64, f64)> {
     assert_eq!(all, 0, "MiniLM int8: nodes on the CPU");
     // its uint8 word embeddings (11 MiB) stream from the model file: the LayerNormalization after a residual Add
     // must still see the shapes onnxruntime's SkipLayerNorm fusion sees through them (kiln-ops' layer_norm)
-    assert_eq!(report.weights_streamed, 1, "MiniLM int8: streamed weights");
+    // (its 30522 × 384 uint8 table is one i32 word an element on the GPU)
+    assert!(report.weight_bytes_streamed >= 30522 * 384 * 4, "MiniLM int8: streamed weights {report:?}");
     session.set_gpu_poison(true);
     let feeds = read_inputs(&session, &set);
     let mask = feeds[1].1.to_vec::<i64>().expect("attention_mask");
