@@ -120,10 +120,11 @@ impl Writer<'_> {
 }
 
 /// Fills the buffer of a [`Layout::Transposed`] weight (stored `[1.., K, N]`, the buffer `[N, K]`): blocks of whole
-/// stored rows (at most `chunk` bytes, at least two rows), each transposed on the host; a block that is the whole
-/// matrix is written in place, the others written once to a scratch buffer and copied on the GPU into their columns
-/// (one write and one dispatch a block). The bytes are the stored element type's (f32 or
-/// f16, as the GPU keeps them); float16 rows need an even K (whole words; the lowering checks). Returns the bytes read.
+/// stored rows (as many as `chunk` bytes hold; for float16 an even count, at least two), each transposed on the host;
+/// a block that is the whole matrix is written in place, the others written once to a scratch buffer and copied on
+/// the GPU into their columns (one write and one dispatch a block). The bytes are the stored element type's (f32 or
+/// f16, as the GPU keeps them); float16 needs an even K (whole words; the lowering checks). Reads are at most `chunk`
+/// bytes. Returns the bytes read.
 async fn write_transposed(
     writer: &mut Writer<'_>,
     job: &StreamJob,

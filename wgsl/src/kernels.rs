@@ -1624,7 +1624,6 @@ pub(crate) fn strided_copy(
 /// Copies `src`, `rows` rows of `cols` 4-byte words (contiguous), into `dst` at word `dst_off`, row `r` at
 /// `dst_off + r·dst_stride`: one dispatch, submitted. (The streamed upload of a transposed weight: a block of the
 /// transposed matrix, written once to a scratch buffer, lands in its columns; float16 halves go as word pairs.)
-#[allow(clippy::too_many_arguments)]
 pub fn copy_rows_of_words(
     ctx: &Context,
     src: Arc<wgpu::Buffer>,
