@@ -60,8 +60,9 @@ impl InMemoryResolver {
     }
 }
 
-fn slice_of(bytes: &[u8], location: &str, offset: u64, length: Option<u64>) -> Result<Vec<u8>> {
-    let size = bytes.len() as u64;
+/// The end of the range `offset..offset + length` (or to the end) of data `location` of `size` bytes, checked to lie
+/// inside it.
+fn range_end(location: &str, offset: u64, length: Option<u64>, size: u64) -> Result<u64> {
     let end = match length {
         Some(l) => offset.checked_add(l).ok_or_else(|| {
             Error::invalid_model(format!("external data `{location}`: offset {offset} + length {l} overflows"))
@@ -73,6 +74,12 @@ fn slice_of(bytes: &[u8], location: &str, offset: u64, length: Option<u64>) -> R
             "external data `{location}`: range {offset}..{end} is past its end ({size} bytes)"
         )));
     }
+    Ok(end)
+}
+
+fn slice_of(bytes: &[u8], location: &str, offset: u64, length: Option<u64>) -> Result<Vec<u8>> {
+    let end = range_end(location, offset, length, bytes.len() as u64)?;
+    // (range_end checked offset ≤ end ≤ bytes.len())
     Ok(bytes[offset as usize..end as usize].to_vec())
 }
 
@@ -113,17 +120,7 @@ fn read_file_range(path: &Path, location: &str, offset: u64, length: Option<u64>
     use std::io::{Read, Seek, SeekFrom};
     let mut file = std::fs::File::open(path).map_err(io)?;
     let size = file.metadata().map_err(io)?.len();
-    let end = match length {
-        Some(l) => offset.checked_add(l).ok_or_else(|| {
-            Error::invalid_model(format!("external data `{location}`: offset {offset} + length {l} overflows"))
-        })?,
-        None => size,
-    };
-    if offset > size || end > size {
-        return Err(Error::invalid_model(format!(
-            "external data `{location}`: range {offset}..{end} is past its end ({size} bytes)"
-        )));
-    }
+    let end = range_end(location, offset, length, size)?;
     let len = usize::try_from(end - offset)
         .map_err(|_| Error::io(format!("external data `{location}`: {} bytes do not fit in memory", end - offset)))?;
     let mut bytes = vec![0u8; len];
@@ -777,6 +774,11 @@ pub async fn stream_external_initializers(
 ) -> Result<usize> {
     let Some(graph) = proto.graph.as_mut() else { return Ok(0) };
     let streamable = streamable_initializers(graph);
+    let merged_heads: HashSet<String> = merged_heads_projections(graph).into_iter().map(String::from).collect();
+    let float = |t: &pb::TensorProto| {
+        use pb::tensor_proto::DataType;
+        [DataType::Float as i32, DataType::Float16 as i32].contains(&t.data_type)
+    };
     let mut streamed = vec![];
     let mut kept = vec![];
     for mut t in std::mem::take(&mut graph.initializer) {
@@ -789,7 +791,7 @@ pub async fn stream_external_initializers(
         let stream = match streamable.get(&t.name) {
             // an attention's output projection: read into memory (tract folds the heads' transpose into its K rows
             // at load, which a streamed weight would pay as a transpose each run)
-            _ if projects_merged_heads(graph, &t) => false,
+            _ if float(&t) && merged_heads.contains(&t.name) => false,
             Some(gathered) if want >= streaming.min_bytes && want > 0 => {
                 !*gathered || !is_rope_table(&t, resolver, &location, offset).await
             }
@@ -832,27 +834,26 @@ pub async fn stream_external_initializers(
     Ok(count)
 }
 
-/// Whether the float tensor `t` is the B of an ONNX MatMul whose A is `Reshape(Transpose(..))`: an attention's
-/// output projection after its heads are merged back (`[b, H, s, D]` → `[b, s, H, D]` → `[b, s, H·D]`).
-fn projects_merged_heads(graph: &pb::GraphProto, t: &pb::TensorProto) -> bool {
-    use pb::tensor_proto::DataType;
+/// The tensors an ONNX MatMul reads as B after an A of `Reshape(Transpose(..))`: attention output projections after
+/// their heads are merged back (`[b, H, s, D]` → `[b, s, H, D]` → `[b, s, H·D]`).
+fn merged_heads_projections(graph: &pb::GraphProto) -> HashSet<&str> {
     let onnx = |n: &pb::NodeProto| n.domain.is_empty() || n.domain == "ai.onnx";
-    let producer = |name: &str| graph.node.iter().find(|n| n.output.iter().any(|o| o == name));
-    let float = [DataType::Float as i32, DataType::Float16 as i32].contains(&t.data_type);
-    float
-        && graph.node.iter().any(|n| {
-            onnx(n)
-                && n.op_type == "MatMul"
-                && n.input.get(1) == Some(&t.name)
-                && producer(&n.input[0]).is_some_and(|r| {
-                    onnx(r)
-                        && r.op_type == "Reshape"
-                        && r.input
-                            .first()
-                            .and_then(|x| producer(x))
-                            .is_some_and(|p| onnx(p) && p.op_type == "Transpose")
-                })
+    let producers: HashMap<&str, &pb::NodeProto> =
+        graph.node.iter().flat_map(|n| n.output.iter().map(move |o| (o.as_str(), n))).collect();
+    let made_by = |name: &str, op: &str| producers.get(name).is_some_and(|n| onnx(n) && n.op_type == op);
+    graph
+        .node
+        .iter()
+        .filter(|n| onnx(n) && n.op_type == "MatMul" && n.input.len() == 2)
+        .filter(|n| {
+            producers
+                .get(n.input[0].as_str())
+                .filter(|r| onnx(r) && r.op_type == "Reshape")
+                .and_then(|r| r.input.first())
+                .is_some_and(|x| made_by(x, "Transpose"))
         })
+        .map(|n| n.input[1].as_str())
+        .collect()
 }
 
 /// The bytes an external tensor's dims and element type need (checked against a declared length).

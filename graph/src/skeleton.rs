@@ -154,7 +154,9 @@ impl Reader<'_> {
     async fn bytes(&mut self, at: u64, n: u64) -> Result<&[u8]> {
         let have = at >= self.buf_at && at + n <= self.buf_at + self.buf.len() as u64;
         if !have {
-            let len = self.window.max(n).min(self.size - at);
+            let left = self.size.checked_sub(at).filter(|left| *left >= n);
+            let left = left.ok_or_else(|| invalid(at, &format!("{n} bytes run past the end of the file")))?;
+            let len = self.window.max(n).min(left);
             let piece =
                 self.source.read_range(self.location, at, len).await.map_err(|e| {
                     Error::new(e.kind, format!("reading the model ({} bytes at {at}): {}", len, e.message))
@@ -169,6 +171,7 @@ impl Reader<'_> {
             self.buf = piece;
             self.buf_at = at;
         }
+        // in range: the window held `at..at + n` already, or was just read from `at` with at least n bytes
         let from = (at - self.buf_at) as usize;
         Ok(&self.buf[from..from + n as usize])
     }
@@ -246,6 +249,7 @@ fn put_len_field(out: &mut Vec<u8>, number: u64, payload: &[u8]) {
     out.extend_from_slice(payload);
 }
 
+// The tests build their models themselves: their unwraps and expects are assertions on those, not on user data.
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -158,7 +158,7 @@ async fn write_transposed(
             at += len;
         }
         read += piece.len() as u64;
-        // piece [kb, n] → block [n, kb]
+        // piece [kb, n] → block [n, kb] (both kb·n elements: every index below is in range)
         let (kb_, n_, es_) = (kb as usize, n as usize, es as usize);
         let mut block = vec![0u8; piece.len()];
         for i in 0..kb_ {

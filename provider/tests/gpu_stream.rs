@@ -549,6 +549,32 @@ fn a_tied_float16_lm_head_streams_without_a_transpose_per_run() {
     assert!(diff <= 2e-2 * ref_max.max(1.0), "logits: max|diff| {diff:.3e} (max|ref| {ref_max})");
 }
 
+/// `y = x · w`: x of `x_dims` (its last dim K), w [K, n] of random values in ±1/32 as raw data, both of ONNX
+/// element type `elem` (1: float32, 10: float16).
+fn matmul_model(rng: &mut Rng, x_dims: &[usize], n: usize, elem: i32) -> Vec<u8> {
+    let k = *x_dims.last().expect("x has a K");
+    let values: Vec<f32> = (0..k * n).map(|_| rng.range(-1.0, 1.0) / 32.0).collect();
+    let raw: Vec<u8> = if elem == 1 {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    } else {
+        values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect()
+    };
+    let w = pb::TensorProto {
+        name: "w".into(),
+        dims: vec![k as i64, n as i64],
+        data_type: elem,
+        raw_data: raw,
+        ..Default::default()
+    };
+    let x_dims: Vec<Option<usize>> = x_dims.iter().map(|d| Some(*d)).collect();
+    model(
+        vec![node("MatMul", &["x", "w"], "y", vec![])],
+        vec![value_info("x", elem, Some(&x_dims))],
+        vec![value_info("y", elem, None)],
+        vec![w],
+    )
+}
+
 /// A float MatMul's streamed weight W [K, N] runs as the one-row kernel, as one in memory does: the GPU backend
 /// transposes it as it uploads (ExternalWeight's Layout::Transposed), a block of whole rows at a time (several
 /// blocks, copied into place on the GPU, with a 4 KiB read size; one with 4 MiB). The output is bit for bit the
@@ -563,25 +589,7 @@ fn streamed_float_matmul_weights_run_as_the_one_row_kernel() {
     let mut rng = Rng::seeded("gpu_stream transposed");
     let (k, n) = (1024usize, 96usize);
     for (elem, size) in [(1, 4usize), (10, 2)] {
-        let values: Vec<f32> = (0..k * n).map(|_| rng.range(-1.0, 1.0) / 32.0).collect();
-        let raw: Vec<u8> = if elem == 1 {
-            values.iter().flat_map(|v| v.to_le_bytes()).collect()
-        } else {
-            values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect()
-        };
-        let w = pb::TensorProto {
-            name: "w".into(),
-            dims: vec![k as i64, n as i64],
-            data_type: elem,
-            raw_data: raw,
-            ..Default::default()
-        };
-        let bytes = model(
-            vec![node("MatMul", &["x", "w"], "y", vec![])],
-            vec![value_info("x", elem, Some(&[Some(1), Some(1), Some(k)]))],
-            vec![value_info("y", elem, None)],
-            vec![w],
-        );
+        let bytes = matmul_model(&mut rng, &[1, 1, k], n, elem);
         let xs: Vec<f32> = (0..k).map(|_| rng.range(-1.0, 1.0)).collect();
         let x = if elem == 1 {
             Tensor::from_vec(&[1, 1, k], xs.clone()).unwrap()
@@ -635,21 +643,7 @@ fn a_streamed_float16_weight_the_row_kernel_cannot_take_stays_float16() {
     }
     let mut rng = Rng::seeded("gpu_stream odd k");
     let (k, n) = (1025usize, 512usize);
-    let raw: Vec<u8> =
-        (0..k * n).flat_map(|_| half::f16::from_f32(rng.range(-1.0, 1.0) / 32.0).to_le_bytes()).collect();
-    let w = pb::TensorProto {
-        name: "w".into(),
-        dims: vec![k as i64, n as i64],
-        data_type: 10,
-        raw_data: raw,
-        ..Default::default()
-    };
-    let bytes = model(
-        vec![node("MatMul", &["x", "w"], "y", vec![])],
-        vec![value_info("x", 10, Some(&[Some(1), Some(k)]))],
-        vec![value_info("y", 10, None)],
-        vec![w],
-    );
+    let bytes = matmul_model(&mut rng, &[1, k], n, 10);
     let (ext, data, _) = externalize(&bytes, 1024);
     let session = Session::from_bytes(&ext, &gpu_options(recording(data.clone()), 1024, 1 << 20)).expect("loading");
     let report = session.gpu_placement().expect("on the GPU");
