@@ -1,12 +1,22 @@
-//! Elementwise fusion on the lowered model: each maximal tree of GPU elementwise nodes (unary, binary, Where on f32
-//! and bools) whose inner results feed only the tree becomes one [`GpuOp`] with a [`Kernel::Fused`] program, so
-//! the chain runs as one dispatch and its intermediates never reach memory. The replaced ops stay as the node's
-//! CPU reference ([`FusedChain`]). The placement report is unchanged (it describes the source model's nodes).
+//! Elementwise fusion on the lowered model: each maximal tree of GPU elementwise nodes (unary, binary, Where on
+//! 4-byte words: f32, bools, i64 / i32 as i32) whose inner results feed only the tree becomes one [`GpuOp`] with a
+//! [`Kernel::Fused`] program, so the chain runs as one dispatch and its intermediates never reach memory. The tree
+//! also takes in, without a dispatch of their own:
+//! - kiln's DimRange / DimValues (one value) seen through views, as leaves computed per element (they stay for other
+//!   readers: a leaf costs nothing to repeat);
+//! - a Gather of an input with one non-unit axis at indices the tree computes, followed by views that only add or
+//!   remove leading unit axes, with the unary steps (a Cast) and views between the gathered input and the Gather
+//!   (an attention mask's padding looked up per key: optimum's mask builder is one dispatch, not ten).
+//!
+//! The replaced ops stay as the node's CPU reference ([`FusedChain`]). The placement report is unchanged (it
+//! describes the source model's nodes).
 
 use std::collections::{HashMap, HashSet};
 
 use kiln_ops::external_weight::{ExternalWeight, Layout};
-use kiln_wgsl::fused::{FusedChain, FusedProgram, Src, Step, MAX_FUSED_INPUTS, MAX_FUSED_STEPS};
+use kiln_wgsl::fused::{
+    is_word, FusedChain, FusedProgram, Leaf, Src, Step, MAX_FUSED_INPUTS, MAX_FUSED_LEAVES, MAX_FUSED_STEPS,
+};
 use kiln_wgsl::ops::GpuOp;
 use kiln_wgsl::qmatmul::{QEpilogue, QNorm};
 use kiln_wgsl::Kernel;
@@ -18,68 +28,213 @@ fn tract_err(what: &str) -> impl Fn(TractError) -> Error + '_ {
     move |e| Error::from_tract(ErrorKind::InvalidModel, what, &e)
 }
 
+fn float_like(dt: DatumType) -> bool {
+    matches!(dt, DatumType::F32 | DatumType::Bool)
+}
+
+fn int_like(dt: DatumType) -> bool {
+    matches!(dt, DatumType::I64 | DatumType::I32)
+}
+
 /// The step a node computes, when it is a fusable GPU elementwise node (operands filled in later).
 fn step_of(model: &TypedModel, node: &TypedNode) -> Option<Step> {
     let op = node.op_as::<GpuOp>()?;
-    let float_like = |dt: DatumType| matches!(dt, DatumType::F32 | DatumType::Bool);
-    if node.outputs.len() != 1 || !float_like(node.outputs[0].fact.datum_type) {
+    if node.outputs.len() != 1 || !is_word(node.outputs[0].fact.datum_type) {
         return None;
     }
+    let mut dts = vec![];
     for i in &node.inputs {
-        if !float_like(model.outlet_fact(*i).ok()?.datum_type) {
-            return None;
-        }
+        dts.push(model.outlet_fact(*i).ok()?.datum_type);
     }
+    if !dts.iter().all(|d| is_word(*d)) {
+        return None;
+    }
+    let out = node.outputs[0].fact.datum_type;
     let x = Src::Input(0);
-    match &op.kernel {
-        Kernel::Unary(kiln_wgsl::UnaryOp::Cast { .. }) => None,
-        Kernel::Unary(u) if node.inputs.len() == 1 => Some(Step::Unary(*u, x)),
-        Kernel::Binary(b) if node.inputs.len() == 2 => Some(Step::Binary(*b, x, x)),
-        Kernel::Where if node.inputs.len() == 3 => Some(Step::Where(x, x, x)),
+    match (&op.kernel, dts.as_slice()) {
+        // a cast between the word representations moves or converts the word
+        (Kernel::Unary(u @ kiln_wgsl::UnaryOp::Cast { .. }), [_]) => Some(Step::Unary(*u, x)),
+        (Kernel::Unary(u), [a]) if float_like(*a) && float_like(out) => Some(Step::Unary(*u, x)),
+        (Kernel::Binary(b), [a, c]) if float_like(*a) && float_like(*c) => Some(Step::Binary(*b, x, x)),
+        (Kernel::Binary(b), [a, c]) if int_like(*a) && a == c && b.int_expr().is_some() => {
+            Some(Step::BinaryInt(*b, x, x))
+        }
+        (Kernel::Where, [DatumType::Bool, a, b]) if a == b => Some(Step::Where(x, x, x)),
         _ => None,
     }
 }
 
-/// Fuses every group of two or more elementwise GPU nodes; returns how many fused nodes it made.
+fn gpu_op(model: &TypedModel, n: usize) -> Option<&GpuOp> {
+    model.node(n).op_as::<GpuOp>()
+}
+
+fn is_view(model: &TypedModel, n: usize) -> bool {
+    gpu_op(model, n).is_some_and(|g| matches!(g.kernel, Kernel::View(_)))
+}
+
+/// The leaf behind `o` (kiln's DimRange, or a DimValues of one value, through views), read in `o`'s shape.
+fn leaf_of(model: &TypedModel, o: OutletId) -> Option<Leaf> {
+    let shape: Vec<TDim> = model.outlet_fact(o).ok()?.shape.iter().cloned().collect();
+    let mut n = o.node;
+    while is_view(model, n) {
+        n = model.node(n).inputs.first()?.node;
+    }
+    let (start, step) = match &gpu_op(model, n)?.kernel {
+        Kernel::DimRange { start, step, .. } => (start.clone(), step.clone()),
+        Kernel::DimValues { values, .. } if values.len() == 1 => (values[0].clone(), TDim::Val(0)),
+        _ => return None,
+    };
+    Some(Leaf { start, step, shape })
+}
+
+/// The single reader of `n`'s output (not a model output), with the input slot it reads.
+fn sole_reader(model: &TypedModel, outputs: &HashSet<OutletId>, n: usize) -> Option<(usize, usize)> {
+    let node = model.node(n);
+    let succ = &node.outputs.first()?.successors;
+    if node.outputs.len() != 1 || succ.len() != 1 || outputs.contains(&OutletId::new(n, 0)) {
+        return None;
+    }
+    Some((succ[0].node, succ[0].slot))
+}
+
+fn strip_leading_ones(s: &[TDim]) -> &[TDim] {
+    let k = s.iter().take_while(|d| **d == TDim::Val(1)).count();
+    &s[k..]
+}
+
+/// A Gather the fusion can read at computed indices: word data with one non-unit axis (the gathered one), i32 / i64
+/// indices. Returns the views after it (up to the consumer `.0`) when they only reshape it to the indices' frame.
+fn fusable_gather(model: &TypedModel, outputs: &HashSet<OutletId>, g: usize) -> Option<(usize, Vec<usize>)> {
+    let node = model.node(g);
+    let Kernel::Gather { axis } = gpu_op(model, g)?.kernel else { return None };
+    let (data, idx) = (model.outlet_fact(*node.inputs.first()?).ok()?, model.outlet_fact(*node.inputs.get(1)?).ok()?);
+    if !is_word(data.datum_type) || !int_like(idx.datum_type) || !is_word(node.outputs.first()?.fact.datum_type) {
+        return None;
+    }
+    if data.shape.iter().enumerate().any(|(a, d)| a != axis && *d != TDim::Val(1)) {
+        return None;
+    }
+    let mut views = vec![];
+    let mut at = g;
+    let consumer = loop {
+        let (next, _) = sole_reader(model, outputs, at)?;
+        if is_view(model, next) {
+            views.push(next);
+            at = next;
+        } else {
+            break next;
+        }
+    };
+    step_of(model, model.node(consumer))?;
+    // read per element of the indices' frame: the consumer must see the indices' shape (leading unit axes aside)
+    let seen: Vec<TDim> = model.node(at).outputs[0].fact.shape.iter().cloned().collect();
+    let frame: Vec<TDim> = idx.shape.iter().cloned().collect();
+    (strip_leading_ones(&seen) == strip_leading_ones(&frame)).then_some((consumer, views))
+}
+
+/// The unary nodes and views between a fusable Gather's data and the input it stands on (read in that input's
+/// flat layout), nearest first, and that input. Only nodes that nothing else reads and no other fusion takes.
+fn gather_data_chain(
+    model: &TypedModel,
+    outputs: &HashSet<OutletId>,
+    fed: &HashSet<usize>,
+    g: usize,
+) -> (Vec<usize>, OutletId) {
+    let mut chain = vec![];
+    let mut o = model.node(g).inputs[0];
+    loop {
+        let n = o.node;
+        if sole_reader(model, outputs, n).is_none() || fed.contains(&n) {
+            break;
+        }
+        let take = is_view(model, n) || matches!(step_of(model, model.node(n)), Some(Step::Unary(..)));
+        match model.node(n).inputs.first() {
+            Some(i) if take => {
+                chain.push(n);
+                o = *i;
+            }
+            _ => break,
+        }
+    }
+    (chain, o)
+}
+
+/// One group of the fusion: its sink, its member nodes (elementwise nodes and gathers, with the views and data
+/// chains they take in).
+struct Group {
+    sink: usize,
+    nodes: HashSet<usize>,
+}
+
+/// Fuses every group of two or more elementwise GPU nodes (leaves and gathers count); returns how many fused nodes
+/// it made.
 pub fn fuse_elementwise(model: &mut TypedModel) -> Result<usize> {
     let order = model.eval_order().map_err(tract_err("ordering the lowered model"))?;
     let outputs: HashSet<OutletId> =
         model.output_outlets().map_err(tract_err("model outputs"))?.iter().copied().collect();
     let fusable: HashSet<usize> = order.iter().copied().filter(|&n| step_of(model, model.node(n)).is_some()).collect();
-    // a fusable node folds into its consumer when that consumer is its only use and is fusable too
-    let folds_into = |n: usize| -> Option<usize> {
-        let node = model.node(n);
-        let succ = &node.outputs[0].successors;
-        if succ.len() != 1 || outputs.contains(&OutletId::new(n, 0)) {
-            return None;
-        }
-        fusable.contains(&succ[0].node).then_some(succ[0].node)
-    };
-    let position: HashMap<usize, usize> = order.iter().enumerate().map(|(i, n)| (*n, i)).collect();
-    let mut groups: Vec<(usize, Vec<usize>)> = vec![];
-    for &sink in &order {
-        if !fusable.contains(&sink) || folds_into(sink).is_some() {
-            continue;
-        }
-        let mut members = vec![sink];
-        let mut stack = vec![sink];
-        while let Some(n) = stack.pop() {
-            for i in &model.node(n).inputs {
-                if fusable.contains(&i.node) && folds_into(i.node) == Some(n) && !members.contains(&i.node) {
-                    members.push(i.node);
-                    stack.push(i.node);
-                }
-            }
-        }
-        if members.len() >= 2 {
-            members.sort_by_key(|n| position[n]);
-            groups.push((sink, members));
+    // where each fusable node or gather folds: its only reader, when that reader takes it
+    let mut folds_into: HashMap<usize, usize> = HashMap::new();
+    let mut gathers: HashMap<usize, Vec<usize>> = HashMap::new();
+    for &n in &order {
+        if let Some((consumer, views)) = fusable_gather(model, &outputs, n) {
+            folds_into.insert(n, consumer);
+            gathers.insert(n, views);
         }
     }
+    for &n in &order {
+        if let Some((r, slot)) = fusable.contains(&n).then(|| sole_reader(model, &outputs, n)).flatten() {
+            // into another elementwise node, or as the indices of a gather that folds
+            if fusable.contains(&r) || (slot == 1 && gathers.contains_key(&r)) {
+                folds_into.insert(n, r);
+            }
+        }
+    }
+    let fed: HashSet<usize> = folds_into.values().copied().collect();
+    let root = |mut n: usize| {
+        while let Some(r) = folds_into.get(&n) {
+            n = *r;
+        }
+        n
+    };
+    let mut groups: HashMap<usize, Group> = HashMap::new();
+    for &n in &order {
+        let is_member = fusable.contains(&n) || gathers.contains_key(&n);
+        if !is_member {
+            continue;
+        }
+        let r = root(n);
+        if !fusable.contains(&r) {
+            // folds into a gather that does not fold: not a group of ours
+            continue;
+        }
+        let g = groups.entry(r).or_insert_with(|| Group { sink: r, nodes: HashSet::new() });
+        g.nodes.insert(n);
+        if let Some(views) = gathers.get(&n) {
+            g.nodes.extend(views.iter().copied());
+        }
+    }
+    // the data chains of the gathers (unary steps and views read before the lookup)
+    for g in groups.values_mut() {
+        let gs: Vec<usize> = g.nodes.iter().copied().filter(|n| gathers.contains_key(n)).collect();
+        for n in gs {
+            let (chain, _) = gather_data_chain(model, &outputs, &fed, n);
+            g.nodes.extend(chain);
+        }
+    }
+    let position: HashMap<usize, usize> = order.iter().enumerate().map(|(i, n)| (*n, i)).collect();
+    let mut groups: Vec<Group> = groups.into_values().collect();
+    groups.sort_by_key(|g| position[&g.sink]);
     let mut remap: HashMap<OutletId, OutletId> = HashMap::new();
     let mut fused = 0;
-    for (sink, members) in groups {
-        let Some((program, chain, externals)) = build(model, &members) else { continue };
+    for group in groups {
+        let Some((program, chain, externals)) = build(model, &outputs, &fed, &group) else { continue };
+        // worth a node: two dispatches or more become one (a leaf or a gather's cast count)
+        let work = group.nodes.iter().filter(|n| !is_view(model, **n)).count() + program.leaves.len();
+        if work < 2 {
+            continue;
+        }
+        let sink = group.sink;
         let mut patch = TypedModelPatch::default();
         let mut taps = tvec![];
         for e in &externals {
@@ -104,51 +259,159 @@ pub fn fuse_elementwise(model: &mut TypedModel) -> Result<usize> {
     Ok(fused)
 }
 
-/// The program, its CPU reference and its external inputs for `members` (in evaluation order, sink last), or
-/// `None` when the group exceeds the kernel's limits.
-fn build(model: &TypedModel, members: &[usize]) -> Option<(FusedProgram, FusedChain, Vec<OutletId>)> {
-    if members.len() > MAX_FUSED_STEPS {
-        return None;
+/// Builds a group's GPU program and CPU reference, outlet by outlet from the sink.
+struct Builder<'a> {
+    model: &'a TypedModel,
+    outputs: &'a HashSet<OutletId>,
+    fed: &'a HashSet<usize>,
+    nodes: &'a HashSet<usize>,
+    externals: Vec<OutletId>,
+    leaves: Vec<Leaf>,
+    steps: Vec<Step>,
+    gpu: HashMap<OutletId, Src>,
+    cpu_steps: Vec<(Box<dyn TypedOp>, Vec<Src>)>,
+    cpu: HashMap<OutletId, Src>,
+}
+
+impl Builder<'_> {
+    fn external(&mut self, o: OutletId) -> Option<Src> {
+        let k = match self.externals.iter().position(|e| *e == o) {
+            Some(k) => k,
+            None => {
+                self.externals.push(o);
+                self.externals.len() - 1
+            }
+        };
+        Some(Src::Input(u8::try_from(k).ok()?))
     }
-    let mut externals: Vec<OutletId> = vec![];
-    let mut steps = vec![];
-    let mut cpu_steps = vec![];
-    let step_index: HashMap<usize, u8> = members.iter().enumerate().map(|(i, n)| (*n, i as u8)).collect();
-    for &n in members {
-        let node = model.node(n);
-        let mut srcs = vec![];
-        for i in &node.inputs {
-            let s = match step_index.get(&i.node) {
-                Some(k) if i.slot == 0 => Src::Step(*k),
-                _ => {
-                    let k = match externals.iter().position(|e| e == i) {
-                        Some(k) => k,
+
+    fn push(&mut self, step: Step) -> Option<Src> {
+        self.steps.push(step);
+        Some(Src::Step(u8::try_from(self.steps.len() - 1).ok()?))
+    }
+
+    /// The GPU program's source for outlet `o`.
+    fn gpu(&mut self, o: OutletId) -> Option<Src> {
+        if let Some(s) = self.gpu.get(&o) {
+            return Some(*s);
+        }
+        let n = o.node;
+        let src = if !self.nodes.contains(&n) {
+            match leaf_of(self.model, o) {
+                Some(leaf) => {
+                    let at = match self.leaves.iter().position(|l| *l == leaf) {
+                        Some(at) => at,
                         None => {
-                            externals.push(*i);
-                            externals.len() - 1
+                            self.leaves.push(leaf);
+                            self.leaves.len() - 1
                         }
                     };
-                    Src::Input(k as u8)
+                    Src::Leaf(u8::try_from(at).ok()?)
                 }
+                None => self.external(o)?,
+            }
+        } else if is_view(self.model, n) {
+            // a view after a gather: the gather's value in the indices' frame
+            self.gpu(self.model.node(n).inputs[0])?
+        } else if gpu_op(self.model, n).is_some_and(|g| matches!(g.kernel, Kernel::Gather { .. })) {
+            let idx = self.gpu(self.model.node(n).inputs[1])?;
+            let (chain, data) = gather_data_chain(self.model, self.outputs, self.fed, n);
+            let Src::Input(k) = self.external(data)? else { return None };
+            let mut at = self.push(Step::Gather(k, idx))?;
+            // the unary steps on the gathered word, nearest the data first
+            for &c in chain.iter().rev() {
+                if let Some(Step::Unary(u, _)) = step_of(self.model, self.model.node(c)) {
+                    at = self.push(Step::Unary(u, at))?;
+                }
+            }
+            at
+        } else {
+            let node = self.model.node(n);
+            let mut srcs = vec![];
+            for i in node.inputs.clone() {
+                srcs.push(self.gpu(i)?);
+            }
+            let step = match (step_of(self.model, node)?, srcs.as_slice()) {
+                (Step::Unary(u, _), [a]) => Step::Unary(u, *a),
+                (Step::Binary(b, _, _), [x, y]) => Step::Binary(b, *x, *y),
+                (Step::BinaryInt(b, _, _), [x, y]) => Step::BinaryInt(b, *x, *y),
+                (Step::Where(..), [c, a, b]) => Step::Where(*c, *a, *b),
+                _ => return None,
             };
-            srcs.push(s);
-        }
-        let step = match (step_of(model, node)?, srcs.as_slice()) {
-            (Step::Unary(u, _), [a]) => Step::Unary(u, *a),
-            (Step::Binary(b, _, _), [x, y]) => Step::Binary(b, *x, *y),
-            (Step::Where(..), [c, a, b]) => Step::Where(*c, *a, *b),
-            _ => return None,
+            self.push(step)?
         };
-        steps.push(step);
-        cpu_steps.push((node.op_as::<GpuOp>()?.cpu.clone(), srcs));
+        self.gpu.insert(o, src);
+        Some(src)
     }
-    if externals.is_empty() || externals.len() > MAX_FUSED_INPUTS {
+
+    /// The CPU reference's source for outlet `o`: the group's nodes, leaves and their views as steps.
+    fn cpu(&mut self, o: OutletId) -> Option<Src> {
+        if let Some(s) = self.cpu.get(&o) {
+            return Some(*s);
+        }
+        let n = o.node;
+        let inside = self.nodes.contains(&n) || leaf_of(self.model, o).is_some();
+        let src = if inside {
+            let node = self.model.node(n);
+            let mut srcs = vec![];
+            for i in node.inputs.clone() {
+                srcs.push(self.cpu(i)?);
+            }
+            self.cpu_steps.push((gpu_op(self.model, n)?.cpu.clone(), srcs));
+            Src::Step(u8::try_from(self.cpu_steps.len() - 1).ok()?)
+        } else {
+            self.external(o)?
+        };
+        self.cpu.insert(o, src);
+        Some(src)
+    }
+}
+
+/// The program, its CPU reference and its external inputs for a group, or `None` when the group exceeds the
+/// kernel's limits.
+fn build(
+    model: &TypedModel,
+    outputs: &HashSet<OutletId>,
+    fed: &HashSet<usize>,
+    group: &Group,
+) -> Option<(FusedProgram, FusedChain, Vec<OutletId>)> {
+    let mut b = Builder {
+        model,
+        outputs,
+        fed,
+        nodes: &group.nodes,
+        externals: vec![],
+        leaves: vec![],
+        steps: vec![],
+        gpu: HashMap::new(),
+        cpu_steps: vec![],
+        cpu: HashMap::new(),
+    };
+    let sink = OutletId::new(group.sink, 0);
+    b.gpu(sink)?;
+    b.cpu(sink)?;
+    if b.steps.len() > MAX_FUSED_STEPS || b.externals.len() > MAX_FUSED_INPUTS || b.leaves.len() > MAX_FUSED_LEAVES {
         return None;
     }
-    let out_dt = model.node(*members.last()?).outputs[0].fact.datum_type;
-    let program = FusedProgram::new(externals.len(), steps, out_dt);
+    // a gathered input is read at indices only
+    let gathered: HashSet<u8> =
+        b.steps.iter().filter_map(|s| if let Step::Gather(k, _) = s { Some(*k) } else { None }).collect();
+    let read: bool = b.steps.iter().any(|s| {
+        let srcs: Vec<Src> = match *s {
+            Step::Unary(_, a) | Step::Gather(_, a) => vec![a],
+            Step::Binary(_, a, c) | Step::BinaryInt(_, a, c) => vec![a, c],
+            Step::Where(c, a, d) => vec![c, a, d],
+        };
+        srcs.iter().any(|x| matches!(x, Src::Input(k) if gathered.contains(k)))
+    });
+    if read {
+        return None;
+    }
+    let out_dt = model.outlet_fact(sink).ok()?.datum_type;
+    let inputs = b.externals.len();
+    let program = FusedProgram::with_leaves(inputs, b.leaves, b.steps, out_dt);
     program.check().ok()?;
-    Some((program, FusedChain { inputs: externals.len(), steps: cpu_steps, outputs: 1 }, externals))
+    Some((program, FusedChain { inputs, steps: b.cpu_steps, outputs: 1 }, b.externals))
 }
 
 /// Taps `outlets` of `model` into `patch`.
@@ -778,6 +1041,7 @@ fn inline_chain(steps: &mut Vec<(Box<dyn TypedOp>, Vec<Src>)>, chain: &FusedChai
             .map(|s| match *s {
                 Src::Input(i) => map.get(i as usize).copied(),
                 Src::Step(j) => firsts.get(j as usize).copied(),
+                Src::Leaf(_) => None,
             })
             .collect::<Option<_>>()?;
         if let Some(inner) = op.as_op().downcast_ref::<FusedChain>() {

@@ -55,7 +55,11 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<bool> {
 fn rebuild(src: &TypedModel) -> TractResult<TypedModel> {
     let mut target = TypedModel { symbols: src.symbols.clone(), ..TypedModel::default() };
     let mut map: HashMap<OutletId, OutletId> = HashMap::new();
-    for id in src.eval_order()? {
+    // every input, in order, read or not (one only its shape names is outside the evaluation order)
+    let mut order: Vec<usize> = src.input_outlets()?.iter().map(|o| o.node).collect();
+    let sources: std::collections::HashSet<usize> = order.iter().copied().collect();
+    order.extend(src.eval_order()?.into_iter().filter(|id| !sources.contains(id)));
+    for id in order {
         let node = src.node(id);
         let inputs: TVec<OutletId> = node
             .inputs
@@ -91,8 +95,9 @@ fn rebuild(src: &TypedModel) -> TractResult<TypedModel> {
             map.insert(OutletId::new(id, slot), *o);
         }
     }
-    target.inputs = src.input_outlets()?.iter().map(|o| map[o]).collect();
-    target.outputs = src.output_outlets()?.iter().map(|o| map[o]).collect();
+    let wired = |o: &OutletId| map.get(o).copied().with_context(|| format!("{o:?} not wired"));
+    target.inputs = src.input_outlets()?.iter().map(wired).collect::<TractResult<_>>()?;
+    target.outputs = src.output_outlets()?.iter().map(wired).collect::<TractResult<_>>()?;
     target.properties.clone_from(&src.properties);
     for o in target.outputs.iter().chain(target.inputs.iter()) {
         ensure!(!is_tdim(&target, *o), "a TDim model input or output");

@@ -274,6 +274,15 @@ impl GpuBackend {
             })
             .collect();
         let order = lowered.model.eval_order().map_err(tract_err("ordering the lowered model"))?;
+        // KILN_GPU_DUMP=1 (native): the lowered model, one node a line in evaluation order
+        if cfg!(not(target_arch = "wasm32")) && std::env::var("KILN_GPU_DUMP").is_ok_and(|v| v == "1") {
+            for &id in &order {
+                let n = lowered.model.node(id);
+                let ins: Vec<String> = n.inputs.iter().map(|i| format!("{}/{}", i.node, i.slot)).collect();
+                let outs: Vec<String> = n.outputs.iter().map(|o| format!("{:?}", o.fact)).collect();
+                eprintln!("#{id} {} [{}] ({}) -> {}", n.name, n.op.name(), ins.join(", "), outs.join(", "));
+            }
+        }
         let outlet_base: Vec<usize> = lowered
             .model
             .nodes()

@@ -91,16 +91,25 @@ fn session(bytes: &[u8], ep: ExecutionProvider) -> Session {
     Session::from_bytes(bytes, &options).expect("loading")
 }
 
+/// The model on the GPU with poisoned output buffers, or `None` (loudly) when the machine has no GPU adapter; an
+/// adapter that did not take the model fails the test.
+fn gpu_session(bytes: &[u8]) -> Option<Session> {
+    let gpu = session(bytes, ExecutionProvider::WebGpu);
+    if gpu.execution_provider() != ExecutionProvider::WebGpu {
+        let note = gpu.provider_note().unwrap_or_default().to_string();
+        assert!(note.contains("no GPU adapter"), "the GPU did not take the model: {note}");
+        eprintln!("\n!!!!!!!! SKIPPING GPU FUSION TESTS: no GPU adapter ({note}) !!!!!!!!\n");
+        return None;
+    }
+    gpu.set_gpu_poison(true);
+    Some(gpu)
+}
+
 /// Runs the graph on both providers twice (fresh random inputs), compares, and returns the GPU's dispatches per run
 /// (`None` when there is no GPU adapter).
 fn check(name: &str, inputs: &[(&str, &[usize])], nodes: &[(&str, &[&str], &str)]) -> Option<usize> {
     let bytes = model(inputs, nodes);
-    let gpu = session(&bytes, ExecutionProvider::WebGpu);
-    if gpu.execution_provider() != ExecutionProvider::WebGpu {
-        eprintln!("\n!!!!!!!! SKIPPING GPU FUSION TESTS: no GPU adapter ({:?}) !!!!!!!!\n", gpu.provider_note());
-        return None;
-    }
-    gpu.set_gpu_poison(true);
+    let gpu = gpu_session(&bytes)?;
     let report = gpu.gpu_placement().expect("a GPU session has a placement report");
     let cpu_nodes: Vec<_> = report.nodes.iter().filter(|p| p.reason.is_some()).collect();
     assert!(cpu_nodes.is_empty(), "{name}: nodes left on the CPU: {cpu_nodes:?}");
@@ -204,4 +213,56 @@ fn groups_beyond_the_kernels_limits_still_match() {
     assert!((1..=6).contains(&d), "dispatches per run: {d}");
     // an empty tensor through a fused chain
     check("empty", &[("x", &[0, 4]), ("r", &[0, 4])], &[("Exp", &["x"], "e"), ("Add", &["e", "r"], "y")]);
+}
+
+/// optimum's 4D attention mask builder (`data/mask/optimum_mask.onnx`, written by its make_mask.py): ranges of the
+/// run's dims, a causal comparison past the cache, `attention_mask` cast to bool, flattened and looked up per
+/// (batch, key), joined and turned into 0 / f32::MIN. On the GPU it is one fused dispatch (ten before: three
+/// ranges, a dim value, Mul, Add, LessOrEqual, Cast, Gather, And / Where), and every element matches the mask's
+/// definition and the CPU's, with left padding and holes, past lengths 0 / 1 / odd / long, one and several rows.
+#[test]
+fn the_optimum_mask_builder_is_one_dispatch_and_matches_its_definition() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/mask/optimum_mask.onnx");
+    let bytes = std::fs::read(&path).expect("optimum_mask.onnx");
+    let Some(gpu) = gpu_session(&bytes) else { return };
+    let report = gpu.gpu_placement().expect("a GPU session has a placement report");
+    let cpu_nodes: Vec<_> = report.nodes.iter().filter(|p| p.reason.is_some()).collect();
+    assert!(cpu_nodes.is_empty(), "nodes left on the CPU: {cpu_nodes:?}");
+    let cpu = session(&bytes, ExecutionProvider::Cpu);
+    let mut state = seed();
+    // (batch, seq, past)
+    let cases: &[(usize, usize, usize)] =
+        &[(1, 1, 0), (1, 1, 1), (1, 1, 9), (2, 3, 4), (3, 1, 17), (2, 5, 0), (1, 7, 300)];
+    for &(b, s, p) in cases {
+        let t = p + s;
+        // row r is left-padded by r keys, and ~1 in 5 of the others is a hole
+        let mask: Vec<i64> = (0..b * t)
+            .map(|k| {
+                let (r, j) = (k / t, k % t);
+                let hole = random(&mut state, 1)[0] > 1.2;
+                i64::from(j >= r && !hole)
+            })
+            .collect();
+        let feeds = vec![
+            ("input_ids".to_string(), Tensor::from_vec(&[b, s], vec![0i64; b * s]).expect("ids")),
+            ("attention_mask".to_string(), Tensor::from_vec(&[b, t], mask.clone()).expect("mask")),
+            ("past".to_string(), Tensor::from_vec(&[b, 1, p, 1], vec![0f32; b * p]).expect("past")),
+        ];
+        let before = gpu.gpu_placement().expect("report").counters.dispatches;
+        let got = gpu.run(feeds.clone()).expect("gpu run");
+        let dispatches = gpu.gpu_placement().expect("report").counters.dispatches - before;
+        let want = cpu.run(feeds).expect("cpu run");
+        let (g, w) = (got.output("mask").expect("mask"), want.output("mask").expect("mask"));
+        assert_eq!(g.dims(), &[b, 1, s, t], "({b}, {s}, {p}): shape");
+        assert_eq!(w.dims(), g.dims(), "({b}, {s}, {p}): shapes differ");
+        let (g, w): (Vec<f32>, Vec<f32>) = (g.to_vec().expect("f32"), w.to_vec().expect("f32"));
+        for (k, (gv, wv)) in g.iter().zip(&w).enumerate() {
+            let (r, i, j) = (k / (s * t), (k / t) % s, k % t);
+            let keep = j <= p + i && mask[r * t + j] != 0;
+            let def = if keep { 0.0 } else { f32::MIN };
+            assert_eq!(gv.to_bits(), def.to_bits(), "({b}, {s}, {p}) element {k}: gpu {gv}, definition {def}");
+            assert_eq!(wv.to_bits(), def.to_bits(), "({b}, {s}, {p}) element {k}: cpu {wv}, definition {def}");
+        }
+        assert_eq!(dispatches, 1, "({b}, {s}, {p}): the mask builder should be one dispatch");
+    }
 }

@@ -586,6 +586,10 @@ fn slice_matches_cpu() {
         (&[1, 1], &[0], &[1], &[0]),
         (&[5, 6], &[3], &[3], &[1]),
         (&[1, 2, 7, 8], &[0], &[4], &[-1]),
+        // from 0 under unit outer axes: the input's first elements (no dispatch)
+        (&[1, 1, 5, 6], &[0], &[3], &[2]),
+        (&[1, 300], &[0], &[299], &[1]),
+        (&[1, 7, 9], &[0, 0], &[1, 4], &[0, 1]),
     ];
     let graphs = cases
         .iter()

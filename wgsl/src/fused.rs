@@ -1,6 +1,14 @@
-//! Fused elementwise kernels: a tree of unary / binary / Where nodes (f32, bools as 0.0 / 1.0) computed in one
-//! dispatch, each output element reading every external input once through its broadcast strides. The program is
-//! the pipeline's specialisation; shapes and strides are uniforms, so a new length never recompiles.
+//! Fused elementwise kernels: a tree of unary / binary / Where nodes computed in one dispatch, each output element
+//! reading every external input once through its broadcast strides. Values are 4-byte words as the GPU stores them
+//! (f32; bools as 0.0 / 1.0; i64 and i32 as i32 bits): float ops compute on f32, integer ops ([`Step::BinaryInt`])
+//! on the i32 bits, casts and Where move words. Besides the external inputs a program reads:
+//! - leaves ([`Leaf`]): kiln's DimRange / DimValues seen through views — `start + step · offset` at the element's
+//!   offset in the leaf's own (contiguous) shape, start and step from the run's symbols (no buffer, no dispatch);
+//! - gathers ([`Step::Gather`]): an input with one non-unit axis read at an index another step computes (an
+//!   attention mask's padding looked up per key position), then unary steps on the word read.
+//!
+//! The program is the pipeline's specialisation; shapes, strides and leaf values are uniforms, so a new length never
+//! recompiles.
 //!
 //! kiln-graph's fusion pass builds a [`FusedProgram`] from a group of lowered elementwise nodes and keeps the
 //! replaced ops as a [`FusedChain`], the CPU reference (tract evaluates it like the nodes it replaced).
@@ -11,7 +19,8 @@ use tract_onnx::tract_core::internal::*;
 use crate::context::{Context, PipelineKey};
 use crate::exec::{Binding, GpuTensor, Recorder};
 use crate::kernels::{
-    broadcast_strides, collapse_n, u32_of, words, BinaryOp, UnaryOp, ELEMENTWISE_WGSL, MAX_RANK, PRELUDE_WGSL, WG,
+    broadcast, broadcast_strides, collapse_n, u32_of, words, BinaryOp, UnaryOp, ELEMENTWISE_WGSL, MAX_RANK,
+    PRELUDE_WGSL, WG,
 };
 use crate::{Error, Result};
 
@@ -19,28 +28,50 @@ use crate::{Error, Result};
 pub const MAX_FUSED_INPUTS: usize = 6;
 /// Steps a fused kernel may hold.
 pub const MAX_FUSED_STEPS: usize = 32;
+/// Leaves a fused kernel may hold.
+pub const MAX_FUSED_LEAVES: usize = 8;
 
-/// Where a step reads an operand: an external input (binding order) or an earlier step.
+/// Where a step reads an operand: an external input (binding order), an earlier step, or a leaf (GPU programs only:
+/// a [`FusedChain`] reads leaves as steps).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Src {
     Input(u8),
     Step(u8),
+    Leaf(u8),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Step {
+    /// On the f32 value (casts: on the word, any of the four representations).
     Unary(UnaryOp, Src),
+    /// On f32 values (floats and bools).
     Binary(BinaryOp, Src, Src),
-    /// cond ? a : b
+    /// On i32 values (i64 / i32 words; comparisons give bools).
+    BinaryInt(BinaryOp, Src, Src),
+    /// cond ? a : b, on the words
     Where(Src, Src, Src),
+    /// The word of input `.0` (one non-unit axis, read flat) at the index `.1` holds (i32 bits; negative counts from
+    /// the end, out of range is clamped like the Gather kernel).
+    Gather(u8, Src),
 }
 
-/// The fused computation: `inputs` external tensors, `steps` in order, the last step is the output.
+/// A value computed from the element's offset `o` in the leaf's shape: `start + step · o`, as an i32 word (i64 on
+/// the host). kiln's DimRange (`len` values) and DimValues (one value, `step` 0) through views.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Leaf {
+    pub start: TDim,
+    pub step: TDim,
+    /// The shape the program reads it in (the last view's), dims of the run's symbols.
+    pub shape: Vec<TDim>,
+}
+
+/// The fused computation: `inputs` external tensors, `leaves`, `steps` in order, the last step is the output.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct FusedProgram {
     pub inputs: usize,
+    pub leaves: Vec<Leaf>,
     pub steps: Vec<Step>,
-    /// The output element type (F32 or Bool).
+    /// The output element type (F32, Bool, I64 or I32).
     pub out_dt: DatumType,
     /// The pipeline's specialisation, written once here rather than on every run's encode.
     spec: String,
@@ -50,13 +81,24 @@ fn src(s: Src) -> String {
     match s {
         Src::Input(i) => format!("v{i}"),
         Src::Step(i) => format!("t{i}"),
+        Src::Leaf(i) => format!("l{i}"),
     }
+}
+
+/// Whether `dt` is stored as one 4-byte word a fused kernel computes on.
+pub fn is_word(dt: DatumType) -> bool {
+    matches!(dt, DatumType::F32 | DatumType::Bool | DatumType::I64 | DatumType::I32)
 }
 
 impl FusedProgram {
     pub fn new(inputs: usize, steps: Vec<Step>, out_dt: DatumType) -> FusedProgram {
-        let spec = format!("{inputs}:{steps:?}:{out_dt:?}");
-        FusedProgram { inputs, steps, out_dt, spec }
+        FusedProgram::with_leaves(inputs, vec![], steps, out_dt)
+    }
+
+    pub fn with_leaves(inputs: usize, leaves: Vec<Leaf>, steps: Vec<Step>, out_dt: DatumType) -> FusedProgram {
+        // the leaves' values and shapes are uniforms: only their count selects the pipeline
+        let spec = format!("{inputs}:{}:{steps:?}:{out_dt:?}", leaves.len());
+        FusedProgram { inputs, leaves, steps, out_dt, spec }
     }
 
     pub fn name(&self) -> String {
@@ -65,31 +107,66 @@ impl FusedProgram {
             .iter()
             .map(|s| match s {
                 Step::Unary(op, _) => format!("{op:?}"),
-                Step::Binary(op, _, _) => format!("{op:?}"),
+                Step::Binary(op, _, _) | Step::BinaryInt(op, _, _) => format!("{op:?}"),
                 Step::Where(..) => "Where".into(),
+                Step::Gather(..) => "Gather".into(),
             })
             .collect();
         format!("Fused({})", names.join(","))
     }
 
+    /// The inputs only gathers read (no broadcast strides: read at computed indices).
+    fn gathered(&self) -> Vec<bool> {
+        let mut g = vec![false; self.inputs];
+        for s in &self.steps {
+            if let Step::Gather(i, _) = s {
+                if let Some(x) = g.get_mut(*i as usize) {
+                    *x = true;
+                }
+            }
+        }
+        g
+    }
+
     /// Whether the program is well formed: sources in range, steps only read earlier steps, within the limits.
     pub fn check(&self) -> Result<()> {
-        if self.inputs == 0 || self.inputs > MAX_FUSED_INPUTS || self.steps.is_empty() {
-            return Err(Error::new(format!("webgpu: fused kernel with {} inputs", self.inputs)));
+        if self.inputs > MAX_FUSED_INPUTS || self.leaves.len() > MAX_FUSED_LEAVES || self.steps.is_empty() {
+            return Err(Error::new(format!(
+                "webgpu: fused kernel with {} inputs and {} leaves",
+                self.inputs,
+                self.leaves.len()
+            )));
+        }
+        if self.inputs + self.leaves.len() == 0 {
+            return Err(Error::new("webgpu: fused kernel without inputs"));
         }
         if self.steps.len() > MAX_FUSED_STEPS {
             return Err(Error::new(format!("webgpu: fused kernel with {} steps", self.steps.len())));
         }
+        let gathered = self.gathered();
         for (k, s) in self.steps.iter().enumerate() {
             let srcs: Vec<Src> = match *s {
                 Step::Unary(_, a) => vec![a],
-                Step::Binary(_, a, b) => vec![a, b],
+                Step::Binary(_, a, b) | Step::BinaryInt(_, a, b) => vec![a, b],
                 Step::Where(c, a, b) => vec![c, a, b],
+                Step::Gather(i, x) => {
+                    if i as usize >= self.inputs {
+                        return Err(Error::new(format!("webgpu: fused step {k} gathers input {i}")));
+                    }
+                    vec![x]
+                }
             };
+            if let Step::BinaryInt(op, ..) = s {
+                if op.int_expr().is_none() {
+                    return Err(Error::new(format!("webgpu: fused step {k}: no integer {op:?}")));
+                }
+            }
             for x in srcs {
                 let ok = match x {
-                    Src::Input(i) => (i as usize) < self.inputs,
+                    // a gathered input is read at indices only
+                    Src::Input(i) => (i as usize) < self.inputs && !gathered[i as usize],
                     Src::Step(i) => (i as usize) < k,
+                    Src::Leaf(i) => (i as usize) < self.leaves.len(),
                 };
                 if !ok {
                     return Err(Error::new(format!("webgpu: fused step {k} reads {x:?}")));
@@ -99,14 +176,23 @@ impl FusedProgram {
         Ok(())
     }
 
+    /// Words of uniforms after the shape block: broadcast strides of the inputs, then of the leaves.
+    fn stride_blocks(&self) -> usize {
+        self.inputs + self.leaves.len()
+    }
+
     /// The WGSL text: the elementwise family's helper functions, one function per step, the entry point.
     pub fn source(&self) -> String {
         let k = self.inputs;
+        let nl = self.leaves.len();
+        let gathered = self.gathered();
+        let gathers = self.steps.iter().filter(|s| matches!(s, Step::Gather(..))).count();
+        let extras = (nl + gathers).max(1);
         let mut s = String::new();
         s.push_str(&format!(
             "struct Params {{\n    n: u32,\n    rank: u32,\n    groups_x: u32,\n    _pad: u32,\n    \
-             shape: array<vec4<u32>, 2>,\n    strides: array<vec4<u32>, {}>,\n}};\n\n",
-            2 * k
+             shape: array<vec4<u32>, 2>,\n    strides: array<vec4<u32>, {}>,\n    extra: array<vec4<i32>, {extras}>,\n}};\n\n",
+            2 * self.stride_blocks().max(1)
         ));
         s.push_str("@group(0) @binding(0) var<uniform> p: Params;\n");
         for i in 0..k {
@@ -123,7 +209,11 @@ impl FusedProgram {
                 Step::Binary(op, _, _) => {
                     s.push_str(&format!("fn step{n}(x: f32, y: f32) -> f32 {{\n    return {};\n}}\n", op.expr()))
                 }
-                Step::Where(..) => {}
+                Step::BinaryInt(op, _, _) => s.push_str(&format!(
+                    "fn step{n}(x: i32, y: i32) -> f32 {{\n    return {};\n}}\n",
+                    op.int_expr().unwrap_or("0.0")
+                )),
+                Step::Where(..) | Step::Gather(..) => {}
             }
         }
         s.push_str(&format!(
@@ -131,26 +221,53 @@ impl FusedProgram {
              @builtin(local_invocation_index) lid: u32) {{\n    let i = (wid.x + wid.y * p.groups_x) * {WG}u + lid;\n    \
              if (i >= p.n) {{\n        return;\n    }}\n    var rem = i;\n"
         ));
-        for i in 0..k {
-            s.push_str(&format!("    var o{i} = 0u;\n"));
+        // offsets of the broadcast inputs (o{i}) and of the leaves (ol{j})
+        let offsets: Vec<(String, usize)> = (0..k)
+            .filter(|i| !gathered[*i])
+            .map(|i| (format!("o{i}"), i))
+            .chain((0..nl).map(|j| (format!("ol{j}"), k + j)))
+            .collect();
+        for (o, _) in &offsets {
+            s.push_str(&format!("    var {o} = 0u;\n"));
         }
         s.push_str(
             "    for (var d = p.rank; d > 0u; d = d - 1u) {\n        let q = (d - 1u) / 4u;\n        \
              let r = (d - 1u) % 4u;\n        let dim = p.shape[q][r];\n        let c = rem % dim;\n        \
              rem = rem / dim;\n",
         );
-        for i in 0..k {
-            s.push_str(&format!("        o{i} = o{i} + c * p.strides[{}u + q][r];\n", 2 * i));
+        for (o, block) in &offsets {
+            s.push_str(&format!("        {o} = {o} + c * p.strides[{}u + q][r];\n", 2 * block));
         }
         s.push_str("    }\n");
-        for i in 0..k {
+        for i in (0..k).filter(|i| !gathered[*i]) {
             s.push_str(&format!("    let v{i} = in{i}[o{i}];\n"));
         }
+        for j in 0..nl {
+            s.push_str(&format!("    let l{j} = bitcast<f32>(p.extra[{j}].x + p.extra[{j}].y * i32(ol{j}));\n"));
+        }
+        let mut g = nl;
         for (n, step) in self.steps.iter().enumerate() {
             let e = match *step {
                 Step::Unary(_, a) => format!("step{n}({})", src(a)),
                 Step::Binary(_, a, b) => format!("step{n}({}, {})", src(a), src(b)),
-                Step::Where(c, a, b) => format!("select({}, {}, {} != 0.0)", src(b), src(a), src(c)),
+                Step::BinaryInt(_, a, b) => format!("step{n}(bitcast<i32>({}), bitcast<i32>({}))", src(a), src(b)),
+                Step::Where(c, a, b) => format!(
+                    "bitcast<f32>(select(bitcast<u32>({}), bitcast<u32>({}), {} != 0.0))",
+                    src(b),
+                    src(a),
+                    src(c)
+                ),
+                Step::Gather(input, x) => {
+                    // p.extra[g].x: the input's length
+                    s.push_str(&format!(
+                        "    var g{n} = bitcast<i32>({});\n    if (g{n} < 0) {{\n        g{n} = g{n} + p.extra[{g}].x;\n    \
+                         }}\n",
+                        src(x)
+                    ));
+                    let e = format!("in{input}[u32(clamp(g{n}, 0, max(p.extra[{g}].x - 1, 0)))]");
+                    g += 1;
+                    e
+                }
             };
             s.push_str(&format!("    let t{n} = {e};\n"));
         }
@@ -158,8 +275,37 @@ impl FusedProgram {
         s
     }
 
-    /// Records the fused kernel; the output has the broadcast shape of the inputs.
-    pub fn encode(&self, ctx: &Context, rec: &mut Recorder, inputs: &[&GpuTensor]) -> Result<GpuTensor> {
+    /// The leaves' shapes in a run.
+    fn leaf_shapes(&self, syms: &SymbolValues) -> Result<Vec<TVec<usize>>> {
+        self.leaves
+            .iter()
+            .map(|l| l.shape.iter().map(|d| eval_usize(d, syms)).collect::<Result<TVec<usize>>>())
+            .collect()
+    }
+
+    /// The output shape: the broadcast of the inputs read per element and of the leaves.
+    pub fn output_shape(&self, inputs: &[&[usize]], syms: &SymbolValues) -> Result<TVec<usize>> {
+        let gathered = self.gathered();
+        let mut out: TVec<usize> = tvec![];
+        for (i, t) in inputs.iter().enumerate() {
+            if !gathered.get(i).copied().unwrap_or(false) {
+                out = broadcast(&out, t)?;
+            }
+        }
+        for l in self.leaf_shapes(syms)? {
+            out = broadcast(&out, &l)?;
+        }
+        Ok(out)
+    }
+
+    /// Records the fused kernel; the output has the broadcast shape of the inputs and leaves.
+    pub fn encode(
+        &self,
+        ctx: &Context,
+        rec: &mut Recorder,
+        inputs: &[&GpuTensor],
+        syms: &SymbolValues,
+    ) -> Result<GpuTensor> {
         self.check()?;
         if inputs.len() != self.inputs {
             return Err(Error::new(format!(
@@ -168,15 +314,21 @@ impl FusedProgram {
                 inputs.len()
             )));
         }
-        let mut out_shape: TVec<usize> = tvec![];
-        for t in inputs {
-            out_shape = crate::kernels::broadcast(&out_shape, &t.shape)?;
-        }
+        let shapes: Vec<&[usize]> = inputs.iter().map(|t| &*t.shape).collect();
+        let out_shape = self.output_shape(&shapes, syms)?;
         let out = rec.alloc(ctx, &out_shape, self.out_dt)?;
         if out.is_empty() {
             return Ok(out);
         }
-        let strides: Vec<Vec<usize>> = inputs.iter().map(|t| broadcast_strides(&t.shape, &out_shape)).collect();
+        let leaf_shapes = self.leaf_shapes(syms)?;
+        // gathered inputs are read at indices: zero strides (their shape need not broadcast)
+        let gathered = self.gathered();
+        let strides: Vec<Vec<usize>> = inputs
+            .iter()
+            .enumerate()
+            .map(|(i, t)| if gathered[i] { vec![0; out_shape.len()] } else { broadcast_strides(&t.shape, &out_shape) })
+            .chain(leaf_shapes.iter().map(|s| broadcast_strides(s, &out_shape)))
+            .collect();
         let (shape, strides) = collapse_n(&out_shape, &strides);
         if shape.len() > MAX_RANK {
             return Err(Error::new(format!("webgpu: rank {} exceeds the fused kernel's {MAX_RANK}", shape.len())));
@@ -198,12 +350,46 @@ impl FusedProgram {
             }
             u.extend(block);
         }
+        if strides.is_empty() {
+            u.extend([0u32; 8]);
+        }
+        // extras: each leaf's (start, step), then each gather's input length
+        let mut extras = 0;
+        for l in &self.leaves {
+            let start = eval_i32(&l.start, syms)?;
+            let step = eval_i32(&l.step, syms)?;
+            u.extend([start as u32, step as u32, 0, 0]);
+            extras += 1;
+        }
+        for s in &self.steps {
+            if let Step::Gather(i, _) = s {
+                let len = inputs.get(*i as usize).map(|t| t.len()).unwrap_or(0);
+                u.extend([u32_of("length", len)?, 0, 0, 0]);
+                extras += 1;
+            }
+        }
+        if extras == 0 {
+            u.extend([0u32; 4]);
+        }
         let mut bindings: Vec<Binding> =
             inputs.iter().enumerate().map(|(i, t)| Binding { index: i as u32 + 1, buffer: t.buffer.clone() }).collect();
         bindings.push(Binding { index: self.inputs as u32 + 1, buffer: out.buffer.clone() });
         rec.dispatch(pipeline, words(&u), bindings, (gx, gy, 1), "fused_elementwise");
         Ok(out)
     }
+}
+
+fn eval_usize(d: &TDim, syms: &SymbolValues) -> Result<usize> {
+    d.eval_to_i64(syms)
+        .ok()
+        .and_then(|v| usize::try_from(v).ok())
+        .ok_or_else(|| Error::new(format!("webgpu: dim {d} has no value in this run")))
+}
+
+/// A leaf's value as the GPU's i32 (like an i64 upload: out of range is an error, not a wrap).
+fn eval_i32(d: &TDim, syms: &SymbolValues) -> Result<i32> {
+    let v = d.eval_to_i64(syms).map_err(|_| Error::new(format!("webgpu: dim {d} has no value in this run")))?;
+    i32::try_from(v).map_err(|_| Error::new(format!("webgpu: i64 value {v} does not fit the GPU's 32-bit integers")))
 }
 
 /// The helper functions the step expressions use: the prelude (b2f, is_nan...) and the elementwise family's own
@@ -260,6 +446,7 @@ impl EvalOp for FusedChain {
                     match *s {
                         Src::Input(i) => inputs.get(i as usize).cloned(),
                         Src::Step(i) => firsts.get(i as usize).and_then(|f| values.get(*f)).cloned(),
+                        Src::Leaf(_) => None,
                     }
                     .ok_or_else(|| format_err!("FusedChain: operand {s:?} out of range"))?,
                 );
@@ -291,6 +478,7 @@ impl TypedOp for FusedChain {
                     match *s {
                         Src::Input(i) => inputs.get(i as usize).map(|f| (*f).clone()),
                         Src::Step(i) => firsts.get(i as usize).and_then(|f| facts.get(*f)).cloned(),
+                        Src::Leaf(_) => None,
                     }
                     .ok_or_else(|| format_err!("FusedChain: operand {s:?} out of range"))?,
                 );

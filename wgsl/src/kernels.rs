@@ -213,7 +213,7 @@ impl BinaryOp {
         })
     }
     /// The expression on i32 operands (`None`: no integer kernel).
-    fn int_expr(&self) -> Option<&'static str> {
+    pub fn int_expr(&self) -> Option<&'static str> {
         Some(match self {
             BinaryOp::Add => "bitcast<f32>(x + y)",
             BinaryOp::Sub => "bitcast<f32>(x - y)",
@@ -834,7 +834,7 @@ impl Kernel {
             Kernel::Range { .. } => int,
             Kernel::DimValues { .. } | Kernel::DimRange { .. } => dts.is_empty().then_some(I64),
             Kernel::Reduce { op, .. } if op.is_arg() => all(F32).then_some(I64),
-            Kernel::Fused(p) => dts.iter().all(|d| matches!(*d, F32 | Bool)).then_some(p.out_dt),
+            Kernel::Fused(p) => dts.iter().all(|d| crate::fused::is_word(*d)).then_some(p.out_dt),
             Kernel::QMatMul(q) => (first == Some(F32)
                 && (q.epilogue != crate::qmatmul::QEpilogue::Residual || dts.last() == Some(&F32)))
             .then_some(F32),
@@ -1044,13 +1044,7 @@ impl Kernel {
             }
             Kernel::Binary(_) => broadcast(inputs[0], inputs[1]),
             Kernel::Where => broadcast(&broadcast(inputs[0], inputs[1])?, inputs[2]),
-            Kernel::Fused(_) => {
-                let mut s: TVec<usize> = tvec![];
-                for i in inputs {
-                    s = broadcast(&s, i)?;
-                }
-                Ok(s)
-            }
+            Kernel::Fused(p) => p.output_shape(inputs, syms),
             Kernel::Gather { axis } => {
                 let (d, i) = (inputs[0], inputs[1]);
                 if *axis >= d.len() {
@@ -1138,7 +1132,7 @@ impl Kernel {
             .output_dt(&dts)
             .ok_or_else(|| Error::new(format!("webgpu: {} does not run on {dts:?}", self.name())))?;
         if let Kernel::Fused(p) = self {
-            return p.encode(ctx, rec, inputs);
+            return p.encode(ctx, rec, inputs, syms);
         }
         if let Kernel::View(_) = self {
             return Ok(GpuTensor::new(inputs[0].buffer.clone(), &out_shape, inputs[0].dt));
@@ -1153,6 +1147,14 @@ impl Kernel {
             let perm = move_axis_perm(shape.len(), *from, *to)?;
             let kept: Vec<usize> = perm.iter().copied().filter(|p| shape[*p] != 1).collect();
             if inputs[0].kv.is_none() && kept.windows(2).all(|w| w[0] < w[1]) {
+                return Ok(GpuTensor::new(inputs[0].buffer.clone(), &out_shape, inputs[0].dt));
+            }
+        }
+        if let Kernel::Slice { axis, start, .. } = self {
+            // a slice from 0 whose outer axes are all 1 (a decode step's last position of one row, or the whole
+            // axis): the input's first elements, in order: no dispatch
+            let shape = &inputs[0].shape;
+            if inputs[0].kv.is_none() && eval_dim(start, syms)? == 0 && shape.iter().take(*axis).all(|d| *d == 1) {
                 return Ok(GpuTensor::new(inputs[0].buffer.clone(), &out_shape, inputs[0].dt));
             }
         }

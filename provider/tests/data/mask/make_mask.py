@@ -1,0 +1,78 @@
+"""Writes optimum_mask.onnx: the 4D attention mask builder that optimum's (transformers' sdpa_mask) exports emit
+before each layer's attention, on its own (SmolLM2-135M's ONNX export computes it this way): a causal comparison of
+key positions with query positions past the cache, and the padding of `attention_mask` looked up per (batch, key)
+through a flattened Gather, joined and turned into 0 / the most negative float.
+
+Inputs: input_ids [batch, seq] (its shape only), attention_mask [batch, past + seq] (int64), past [batch, 1, past, 1]
+(its shape only). Output: mask [batch, 1, seq, past + seq] float32.
+
+    .venv/bin/python provider/tests/data/mask/make_mask.py
+"""
+
+import os
+
+import onnx
+from onnx import TensorProto, helper
+
+i64 = lambda name, v: helper.make_tensor(name, TensorProto.INT64, [len(v)], v)
+nodes = [
+    helper.make_node("Shape", ["input_ids"], ["ids_shape"]),
+    helper.make_node("Gather", ["ids_shape", "one"], ["S"], axis=0),
+    helper.make_node("Gather", ["ids_shape", "zero"], ["B"], axis=0),
+    helper.make_node("Shape", ["past"], ["past_shape"]),
+    helper.make_node("Gather", ["past_shape", "two"], ["P"], axis=0),
+    helper.make_node("Shape", ["attention_mask"], ["mask_shape"]),
+    helper.make_node("Gather", ["mask_shape", "one"], ["T"], axis=0),
+    # cache_position = arange(P, P + S), kv_arange = arange(T), batch_arange = arange(B)
+    helper.make_node("Add", ["P", "S"], ["PS"]),
+    helper.make_node("Range", ["P", "PS", "step"], ["cache_position"]),
+    helper.make_node("Range", ["zero_s", "T", "step"], ["kv_arange"]),
+    helper.make_node("Range", ["zero_s", "B", "step"], ["batch_arange"]),
+    helper.make_node("Unsqueeze", ["kv_arange", "axes012"], ["kv4"]),
+    helper.make_node("Unsqueeze", ["cache_position", "axes013"], ["q4"]),
+    helper.make_node("LessOrEqual", ["kv4", "q4"], ["causal"]),
+    # padding: attention_mask.flatten()[batch * T + kv]
+    helper.make_node("Cast", ["attention_mask"], ["mask_bool"], to=TensorProto.BOOL),
+    helper.make_node("Flatten", ["mask_bool"], ["flat"], axis=2),
+    helper.make_node("Reshape", ["flat", "minus_one_one"], ["flat2"]),
+    helper.make_node("Unsqueeze", ["batch_arange", "axes123"], ["b4"]),
+    helper.make_node("Mul", ["b4", "T"], ["row"]),
+    helper.make_node("Add", ["kv4", "row"], ["idx"]),
+    helper.make_node("Gather", ["flat2", "idx"], ["pad5"], axis=0),
+    # pad_shape: [B, 1, 1, T]
+    helper.make_node("Unsqueeze", ["B", "axes0"], ["B1"]),
+    helper.make_node("Unsqueeze", ["T", "axes0"], ["T1"]),
+    helper.make_node("Concat", ["B1", "one_one", "T1"], ["pad_shape"], axis=0),
+    helper.make_node("Reshape", ["pad5", "pad_shape"], ["pad"]),
+    helper.make_node("And", ["causal", "pad"], ["keep"]),
+    helper.make_node("Where", ["keep", "zero_f", "min_f"], ["mask"]),
+]
+inits = [
+    helper.make_tensor("zero", TensorProto.INT64, [], [0]),
+    helper.make_tensor("one", TensorProto.INT64, [], [1]),
+    helper.make_tensor("two", TensorProto.INT64, [], [2]),
+    helper.make_tensor("zero_s", TensorProto.INT64, [], [0]),
+    helper.make_tensor("step", TensorProto.INT64, [], [1]),
+    i64("axes012", [0, 1, 2]),
+    i64("axes013", [0, 1, 3]),
+    i64("axes123", [1, 2, 3]),
+    i64("axes0", [0]),
+    i64("minus_one_one", [-1, 1]),
+    i64("one_one", [1, 1]),
+    helper.make_tensor("zero_f", TensorProto.FLOAT, [], [0.0]),
+    helper.make_tensor("min_f", TensorProto.FLOAT, [], [-3.4028234663852886e38]),
+]
+graph = helper.make_graph(
+    nodes,
+    "optimum_mask",
+    [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
+        helper.make_tensor_value_info("past", TensorProto.FLOAT, ["batch", 1, "past", 1]),
+    ],
+    [helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["batch", 1, "seq", "total"])],
+    inits,
+)
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+onnx.checker.check_model(model)
+onnx.save(model, os.path.join(os.path.dirname(os.path.abspath(__file__)), "optimum_mask.onnx"))
