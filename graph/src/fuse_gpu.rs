@@ -259,6 +259,53 @@ pub fn fuse_elementwise(model: &mut TypedModel) -> Result<usize> {
     Ok(fused)
 }
 
+/// Joins a Gather of a float16 table and the Cast of its rows that is its only reader (an embedding lookup in a
+/// float16 model computing in f32) into one dispatch ([`Kernel::GatherCast`]). Returns how many it joined.
+pub fn fuse_gather_casts(model: &mut TypedModel) -> Result<usize> {
+    let outputs: HashSet<OutletId> =
+        model.output_outlets().map_err(tract_err("model outputs"))?.iter().copied().collect();
+    let mut found = vec![];
+    for node in model.nodes() {
+        let Some(Kernel::Gather { axis }) = node.op_as::<GpuOp>().map(|g| &g.kernel) else { continue };
+        let data = model.outlet_fact(node.inputs[0]).map_err(tract_err("gather data"))?;
+        if data.datum_type != DatumType::F16 {
+            continue;
+        }
+        let Some((c, _)) = sole_reader(model, &outputs, node.id) else { continue };
+        let Some(Kernel::Unary(kiln_wgsl::UnaryOp::Cast { from: DatumType::F16, to })) =
+            gpu_op(model, c).map(|g| &g.kernel)
+        else {
+            continue;
+        };
+        let kernel = Kernel::GatherCast { axis: *axis, to: *to };
+        let dts = [DatumType::F16, model.outlet_fact(node.inputs[1]).map_err(tract_err("gather indices"))?.datum_type];
+        if kernel.output_dt(&dts).is_none() {
+            continue;
+        }
+        found.push((node.id, c, kernel));
+    }
+    let joined = found.len();
+    for (g, c, kernel) in found {
+        let (Some(gather), Some(cast)) = (gpu_op(model, g), gpu_op(model, c)) else { continue };
+        let cpu = FusedChain {
+            inputs: 2,
+            steps: vec![
+                (gather.cpu.clone(), vec![Src::Input(0), Src::Input(1)]),
+                (cast.cpu.clone(), vec![Src::Step(0)]),
+            ],
+            outputs: 1,
+        };
+        let op = GpuOp { kernel, cpu: Box::new(cpu) };
+        let inputs = model.node(g).inputs.clone();
+        let name = model.node(c).name.clone();
+        replace_with(model, name, op, &inputs, &[OutletId::new(c, 0)], "joining a gather and its cast")?;
+    }
+    if joined > 0 {
+        model.compact().map_err(tract_err("compacting the model"))?;
+    }
+    Ok(joined)
+}
+
 /// Builds a group's GPU program and CPU reference, outlet by outlet from the sink.
 struct Builder<'a> {
     model: &'a TypedModel,

@@ -295,6 +295,49 @@ fn f16_casts_match_cpu_with_and_without_shader_f16() {
     assert!(failures.is_empty(), "{} of {ran} cases failed:\n  {}", failures.len(), failures.join("\n  "));
 }
 
+/// An embedding lookup with its cast (kiln_wgsl's `GatherCast`: a float16 table's rows converted to f32 as they are
+/// gathered, one dispatch) gives each element's exact f32 value (the half crate's conversion), in both modes: odd
+/// rows, negative and repeated indices, every class of f16 value (subnormals, infinities, NaN).
+#[test]
+fn f16_gather_with_a_cast_gives_exact_f32_rows_with_and_without_shader_f16() {
+    let contexts = contexts();
+    let mut rng = Rng(seed());
+    let mut failures = vec![];
+    for (native, ctx) in &contexts {
+        for (rows, cols, idx) in
+            [(11usize, 5usize, vec![3i64, 0, -1, 10, 7]), (7, 64, vec![6i64, 6, -7, 2]), (1000, 3, vec![999i64])]
+        {
+            let values = f16_values(&mut rng, rows * cols, false);
+            let table = f16_tensor(&[rows, cols], values.clone());
+            let ids = TTensor::from_shape(&[1, idx.len()], &idx).unwrap();
+            let kernel = kiln_wgsl::Kernel::GatherCast { axis: 0, to: DatumType::F32 };
+            let mut rec = Recorder::default();
+            rec.poison = true;
+            let (t, i) = (rec.upload(ctx, &table).unwrap(), rec.upload(ctx, &ids).unwrap());
+            let out = kernel.encode(ctx, &mut rec, &[&t, &i], &SymbolValues::default()).unwrap();
+            let read = rec.readback(&out);
+            let bytes = pollster::block_on(rec.flush(ctx)).unwrap();
+            let got = tensor_from_bytes(out.dt, &out.shape, &bytes[read.0]).unwrap();
+            assert_eq!(got.shape(), &[1, idx.len(), cols]);
+            let got: Vec<f32> = values_of(&got);
+            for (k, g) in got.iter().enumerate() {
+                let (j, c) = (k / cols, k % cols);
+                let row = if idx[j] < 0 { idx[j] + rows as i64 } else { idx[j] } as usize;
+                let want = f32::from(values[row * cols + c]);
+                if !(g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan())) {
+                    failures
+                        .push(format!("{}: {rows}x{cols} by {idx:?}, element {k}: {g} vs {want}", mode_name(*native)));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{} failures:\n  {}", failures.len(), failures.join("\n  "));
+}
+
+fn values_of(t: &TTensor) -> Vec<f32> {
+    values::<f32>(t).unwrap()
+}
+
 #[test]
 fn f16_gather_and_copies_match_cpu_with_and_without_shader_f16() {
     let contexts = contexts();

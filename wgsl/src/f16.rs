@@ -205,6 +205,40 @@ pub(crate) fn gather(
     launch(ctx, rec, "gather_main", movement_spec(native), &params, &b, invocations)
 }
 
+/// Records a Gather of f16 `data` (as [`gather`]) whose elements are cast to `to` (a 4-byte type) as they are copied.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gather_cast(
+    ctx: &Context,
+    rec: &mut Recorder,
+    data: &GpuTensor,
+    idx: &GpuTensor,
+    out: &GpuTensor,
+    axis_len: usize,
+    inner: usize,
+    to: DatumType,
+) -> Result<()> {
+    if data.dt != DatumType::F16 || out.dt != to || to == DatumType::F16 || !cast_supported(DatumType::F16, to) {
+        return Err(Error::new(format!("webgpu: no f16 gather with a cast to {to:?}")));
+    }
+    let n = out.len();
+    let native = ctx.caps.shader_f16;
+    let params = Params { n, axis_len, inner, count: idx.len(), ..Default::default() };
+    let b = [(1, data), (2, idx), (3, out)];
+    // the cast's specialisation (f16 in, one 4-byte element out per invocation)
+    let spec = if native {
+        vec![
+            ("A_ELEM", "f16".to_string()),
+            ("O_ELEM", "u32".to_string()),
+            ("IN_VALUE", in_value(DatumType::F16, true).to_string()),
+            ("STORE", out_word(to).to_string()),
+            ("MOVE", String::new()),
+        ]
+    } else {
+        vec![("IN_VALUE", in_value(DatumType::F16, false).to_string()), ("OUT_WORD", out_word(to).to_string())]
+    };
+    launch(ctx, rec, "gather_cast_main", spec, &params, &b, n)
+}
+
 /// Records `out[o_off + Σ c·so] = a[a_off + Σ c·sa]` over `shape` for f16 tensors: `so` the strides of a box of the
 /// row-major output (each > 0, dims of size 1 dropped), `sa` signed (a negative stride walks backwards; u32
 /// arithmetic wraps, and every address reached is in range).

@@ -396,6 +396,12 @@ pub enum Kernel {
     Gather {
         axis: usize,
     },
+    /// A Gather of a float16 table along `axis` whose rows are cast to `to` as they are copied (an embedding lookup
+    /// and the Cast after it, one dispatch): inputs (data, indices).
+    GatherCast {
+        axis: usize,
+        to: DatumType,
+    },
     /// tract's GatherNd (ONNX GatherND): inputs (data, indices), the first `batch_dims` axes shared.
     GatherNd {
         batch_dims: usize,
@@ -761,6 +767,7 @@ impl Kernel {
             Kernel::RmsNorm { .. } => "RmsNorm".into(),
             Kernel::Where => "Where".into(),
             Kernel::Gather { .. } => "Gather".into(),
+            Kernel::GatherCast { .. } => "GatherCast".into(),
             Kernel::GatherNd { .. } => "GatherNd".into(),
             Kernel::Downsample { .. } => "Downsample".into(),
             Kernel::Pad { .. } => "Pad".into(),
@@ -816,6 +823,12 @@ impl Kernel {
             Kernel::Pad { .. } | Kernel::Tile { .. } => moved,
             Kernel::Gather { .. } => match dts {
                 [d, I64 | I32] if gpu_repr(*d).is_some() || *d == DatumType::F16 => Some(*d),
+                _ => None,
+            },
+            Kernel::GatherCast { to, .. } => match dts {
+                [DatumType::F16, I64 | I32] if cast_supported(DatumType::F16, *to) && *to != DatumType::F16 => {
+                    Some(*to)
+                }
                 _ => None,
             },
             Kernel::GatherNd { .. } => match dts {
@@ -897,6 +910,7 @@ impl Kernel {
             Kernel::Binary(_)
             | Kernel::MatMul { .. }
             | Kernel::Gather { .. }
+            | Kernel::GatherCast { .. }
             | Kernel::GatherNd { .. }
             | Kernel::Trilu { .. } => 2,
             Kernel::Range { .. } => 3,
@@ -1045,7 +1059,7 @@ impl Kernel {
             Kernel::Binary(_) => broadcast(inputs[0], inputs[1]),
             Kernel::Where => broadcast(&broadcast(inputs[0], inputs[1])?, inputs[2]),
             Kernel::Fused(p) => p.output_shape(inputs, syms),
-            Kernel::Gather { axis } => {
+            Kernel::Gather { axis } | Kernel::GatherCast { axis, .. } => {
                 let (d, i) = (inputs[0], inputs[1]);
                 if *axis >= d.len() {
                     return Err(Error::new(format!("webgpu: gather axis {axis} out of range for {d:?}")));
@@ -1230,6 +1244,11 @@ impl Kernel {
                     let spec = vec![("WG", softmax_wg(ctx).to_string()), ("LOG", log.to_string())];
                     launch(ctx, rec, "softmax", "main", spec, &u, &[(1, inputs[0]), (3, &out)], (gx, gy, 1))?;
                 }
+            }
+            Kernel::GatherCast { axis, to } => {
+                let d = &inputs[0].shape;
+                let inner: usize = d[axis + 1..].iter().product();
+                crate::f16::gather_cast(ctx, rec, inputs[0], inputs[1], &out, d[*axis], inner, *to)?;
             }
             Kernel::Gather { axis } if inputs[0].dt == DatumType::F16 => {
                 let d = &inputs[0].shape;

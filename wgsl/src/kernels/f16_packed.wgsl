@@ -5,6 +5,7 @@
 //   cast_to_half_main:   any type -> f16, one output word (two elements) per invocation.
 //   cast_from_half_main: f16 -> any type, one element per invocation.
 //   gather_main:         Gather of an f16 table, one output word per invocation.
+//   gather_cast_main:    Gather of an f16 table cast to a 4-byte type, one element per invocation.
 //   copy_main:           the strided copy of Transpose / Expand / Slice / Downsample / each input of a Concat: one
 //                        word of the output range the copy writes per invocation (halves outside it kept).
 // {{IN_VALUE}}: input element i's value as f32; {{OUT_WORD}}: an f32 value `x` as the output type's stored word.
@@ -151,6 +152,17 @@ fn gather_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
         word = word | (half_at(gather_src(i + 1u)) << 16u);
     }
     out[w] = word;
+}
+
+// Gather with a cast from f16 to a 4-byte type: one output element per invocation, converted like
+// cast_from_half_main (an embedding lookup and its Cast).
+@compute @workgroup_size(WG)
+fn gather_cast_main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, lid, p.groups_x);
+    if (i >= p.n) {
+        return;
+    }
+    out[i] = out_word(in_value(gather_src(i)));
 }
 
 // out[o_off + sum(c_d * o_strides_d)] = a[a_off + sum(c_d * a_strides_d)] for c over `shape` (o_strides: a box of a
