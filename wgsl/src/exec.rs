@@ -72,6 +72,11 @@ pub struct BufferPool {
     /// buffer that stands in for it this run: every later allocation that had it takes the stand-in, instead of
     /// each displacing another allocation's buffer (and its cached bind groups).
     stand_in: HashMap<usize, usize>,
+    /// Buffers the pool made and handed to the application (native): once the application has dropped every
+    /// handle (the pool's is the last), an allocation that handed its buffer out last run takes one back instead
+    /// of creating a buffer (a decode loop's next token: a buffer made and freed every step otherwise). Not in
+    /// wasm, where the application may hold the GPUBuffer itself beyond kiln's handle.
+    handed: Vec<Arc<wgpu::Buffer>>,
 }
 
 impl BufferPool {
@@ -84,6 +89,9 @@ impl BufferPool {
         // an allocation whose buffer went to the application last run (an output it keeps, say a next token a
         // decode loop feeds back) gets a new buffer: one from the free lists would leave the pool with it again
         if last == Some(0) {
+            if let Some(b) = self.take_handed_back(class) {
+                return Ok(b);
+            }
             return self.create(ctx, bytes, class);
         }
         let lost = last.filter(|w| !self.owned.contains(w));
@@ -147,8 +155,22 @@ impl BufferPool {
         Ok(b)
     }
 
+    /// A buffer of `class` the application had and let go of (the pool holds its only handle), owned again.
+    fn take_handed_back(&mut self, class: u64) -> Option<Arc<wgpu::Buffer>> {
+        let at = self.handed.iter().position(|b| b.size() == class && Arc::strong_count(b) == 1)?;
+        let b = self.handed.swap_remove(at);
+        let addr = Arc::as_ptr(&b) as usize;
+        self.owned.insert(addr);
+        self.bytes += b.size();
+        self.now.push(addr);
+        Some(b)
+    }
+
     /// A run ended: its allocations become the ones the next run tries to repeat.
     fn end_run(&mut self) {
+        // the buffers the application let go of (the pool's handle is the last) beyond one of each size are freed
+        let mut kept = std::collections::HashSet::new();
+        self.handed.retain(|b| Arc::strong_count(b) > 1 || kept.insert(b.size()));
         self.last = std::mem::take(&mut self.now);
         self.ahead.clear();
         self.stand_in.clear();
@@ -172,6 +194,9 @@ impl BufferPool {
     pub fn disown(&mut self, buffer: &Arc<wgpu::Buffer>) {
         if self.owned.remove(&(Arc::as_ptr(buffer) as usize)) {
             self.bytes = self.bytes.saturating_sub(buffer.size());
+            if cfg!(not(target_arch = "wasm32")) && buffer.size().is_power_of_two() {
+                self.handed.push(buffer.clone());
+            }
         }
     }
     /// Gives a buffer back; only buffers the pool made (power-of-two sizes) are kept.
