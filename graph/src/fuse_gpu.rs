@@ -15,7 +15,7 @@ use std::collections::{HashMap, HashSet};
 
 use kiln_ops::external_weight::{ExternalWeight, Layout};
 use kiln_wgsl::fused::{
-    is_word, FusedChain, FusedProgram, Leaf, Src, Step, MAX_FUSED_INPUTS, MAX_FUSED_LEAVES, MAX_FUSED_STEPS,
+    is_word, FusedChain, FusedProgram, Indexed, Leaf, Src, Step, MAX_FUSED_INPUTS, MAX_FUSED_LEAVES, MAX_FUSED_STEPS,
 };
 use kiln_wgsl::ops::GpuOp;
 use kiln_wgsl::qmatmul::{QEpilogue, QNorm};
@@ -72,19 +72,110 @@ fn is_view(model: &TypedModel, n: usize) -> bool {
     gpu_op(model, n).is_some_and(|g| matches!(g.kernel, Kernel::View(_)))
 }
 
-/// The leaf behind `o` (kiln's DimRange, or a DimValues of one value, through views), read in `o`'s shape.
+/// The leaf behind `o`, read in `o`'s shape: a value affine in the element's flat offset — kiln's DimRange, a
+/// DimValues of one value, integer Add / Sub of such values that follow the output's offsets (or are constants),
+/// Mul by a constant, through views (which keep the flat offsets).
 fn leaf_of(model: &TypedModel, o: OutletId) -> Option<Leaf> {
-    let shape: Vec<TDim> = model.outlet_fact(o).ok()?.shape.iter().cloned().collect();
-    let mut n = o.node;
-    while is_view(model, n) {
-        n = model.node(n).inputs.first()?.node;
-    }
-    let (start, step) = match &gpu_op(model, n)?.kernel {
+    let node = model.node(o.node);
+    let fact = model.outlet_fact(o).ok()?;
+    let shape: Vec<TDim> = fact.shape.iter().cloned().collect();
+    let zero = TDim::Val(0);
+    let (start, step) = match &gpu_op(model, o.node)?.kernel {
+        Kernel::View(_) => {
+            let l = leaf_of(model, *node.inputs.first()?)?;
+            (l.start, l.step)
+        }
         Kernel::DimRange { start, step, .. } => (start.clone(), step.clone()),
-        Kernel::DimValues { values, .. } if values.len() == 1 => (values[0].clone(), TDim::Val(0)),
+        Kernel::DimValues { values, .. } if values.len() == 1 => (values[0].clone(), zero),
+        Kernel::Binary(b @ (kiln_wgsl::BinaryOp::Add | kiln_wgsl::BinaryOp::Sub | kiln_wgsl::BinaryOp::Mul))
+            if int_like(fact.datum_type) && node.inputs.len() == 2 =>
+        {
+            let (x, y) = (leaf_of(model, node.inputs[0])?, leaf_of(model, node.inputs[1])?);
+            let konst = |l: &Leaf| l.step == TDim::Val(0);
+            // a varying operand must walk the output's offsets (no broadcast of its own)
+            if !(konst(&x) || x.shape == shape) || !(konst(&y) || y.shape == shape) {
+                return None;
+            }
+            match b {
+                kiln_wgsl::BinaryOp::Add => (x.start + y.start, x.step + y.step),
+                kiln_wgsl::BinaryOp::Sub => (x.start - y.start, x.step - y.step),
+                _ if konst(&x) => (y.start * x.start.clone(), y.step * x.start),
+                _ if konst(&y) => (x.start * y.start.clone(), x.step * y.start),
+                _ => return None,
+            }
+        }
         _ => return None,
     };
     Some(Leaf { start, step, shape })
+}
+
+/// The leaf of one index component of a GatherND (`o`: an input of the Concat that builds its index tuples, last
+/// dim 1), read in the GatherND's frame (the tuples' shape without the last axis), and the Expand it was seen
+/// through, if any.
+fn index_component(model: &TypedModel, o: OutletId) -> Option<(Leaf, Option<usize>)> {
+    let expand = gpu_op(model, o.node).is_some_and(|g| matches!(g.kernel, Kernel::Broadcast { .. }));
+    let (leaf, seen) = if expand {
+        // an Expand broadcasts: the leaf read with broadcast strides gives its values
+        (leaf_of(model, *model.node(o.node).inputs.first()?)?, Some(o.node))
+    } else {
+        (leaf_of(model, o)?, None)
+    };
+    let mut shape = leaf.shape.clone();
+    if shape.pop()? != TDim::Val(1) {
+        return None;
+    }
+    Some((Leaf { shape, ..leaf }, seen))
+}
+
+/// A GatherND the fusion reads as a strided input: batch_dims 0, word data of rank k, index tuples a Concat along
+/// their last axis of k leaves (ranges of the run's dims, through views and Expands). Returns the components, the
+/// Concat and Expands it takes in, the consumer and the views before it.
+#[allow(clippy::type_complexity)]
+fn fusable_gather_nd(
+    model: &TypedModel,
+    outputs: &HashSet<OutletId>,
+    g: usize,
+) -> Option<(Vec<Leaf>, Vec<usize>, usize, Vec<usize>)> {
+    let node = model.node(g);
+    let Kernel::GatherNd { batch_dims: 0 } = gpu_op(model, g)?.kernel else { return None };
+    let data = model.outlet_fact(*node.inputs.first()?).ok()?;
+    let idx = *node.inputs.get(1)?;
+    let k = data.rank();
+    if !is_word(data.datum_type) || k == 0 || !is_word(node.outputs.first()?.fact.datum_type) {
+        return None;
+    }
+    let cat = model.node(idx.node);
+    let last = model.outlet_fact(idx).ok()?.rank().checked_sub(1)?;
+    match gpu_op(model, idx.node)?.kernel {
+        Kernel::Concat { axis, inputs } if axis == last && inputs == k && cat.inputs.len() == k => {}
+        _ => return None,
+    }
+    let mut comps = vec![];
+    let mut taken = vec![idx.node];
+    for i in &cat.inputs {
+        let (leaf, expand) = index_component(model, *i)?;
+        comps.push(leaf);
+        taken.extend(expand);
+    }
+    let mut views = vec![];
+    let mut at = g;
+    let consumer = loop {
+        let (next, _) = sole_reader(model, outputs, at)?;
+        if is_view(model, next) {
+            views.push(next);
+            at = next;
+        } else {
+            break next;
+        }
+    };
+    step_of(model, model.node(consumer))?;
+    let seen: Vec<TDim> = model.node(at).outputs[0].fact.shape.iter().cloned().collect();
+    let own: Vec<TDim> = node.outputs[0].fact.shape.iter().cloned().collect();
+    if strip_leading_ones(&seen) != strip_leading_ones(&own) {
+        return None;
+    }
+    taken.extend(views);
+    Some((comps, taken, consumer, vec![]))
 }
 
 /// The single reader of `n`'s output (not a model output), with the input slot it reads.
@@ -180,12 +271,16 @@ pub fn fuse_elementwise(model: &mut TypedModel) -> Result<usize> {
         if let Some((consumer, views)) = fusable_gather(model, &outputs, n) {
             folds_into.insert(n, consumer);
             gathers.insert(n, views);
+        } else if let Some((_, taken, consumer, _)) = fusable_gather_nd(model, &outputs, n) {
+            folds_into.insert(n, consumer);
+            gathers.insert(n, taken);
         }
     }
     for &n in &order {
         if let Some((r, slot)) = fusable.contains(&n).then(|| sole_reader(model, &outputs, n)).flatten() {
             // into another elementwise node, or as the indices of a gather that folds
-            if fusable.contains(&r) || (slot == 1 && gathers.contains_key(&r)) {
+            let is_gather = gpu_op(model, r).is_some_and(|g| matches!(g.kernel, Kernel::Gather { .. }));
+            if fusable.contains(&r) || (slot == 1 && is_gather && gathers.contains_key(&r)) {
                 folds_into.insert(n, r);
             }
         }
@@ -228,6 +323,10 @@ pub fn fuse_elementwise(model: &mut TypedModel) -> Result<usize> {
     let mut remap: HashMap<OutletId, OutletId> = HashMap::new();
     let mut fused = 0;
     for group in groups {
+        // an affine value of the run's dims that every reader takes in as a leaf needs no node of its own
+        if leaf_of(model, OutletId::new(group.sink, 0)).is_some() && read_as_leaf_only(model, &outputs, group.sink) {
+            continue;
+        }
         let Some((program, chain, externals)) = build(model, &outputs, &fed, &group) else { continue };
         // worth a node: two dispatches or more become one (a leaf or a gather's cast count)
         let work = group.nodes.iter().filter(|n| !is_view(model, **n)).count() + program.leaves.len();
@@ -306,6 +405,30 @@ pub fn fuse_gather_casts(model: &mut TypedModel) -> Result<usize> {
     Ok(joined)
 }
 
+/// Whether every reader of `n` (through views) is an elementwise node or a gather the fusion takes in (which read
+/// it as a leaf), and it is no model output.
+fn read_as_leaf_only(model: &TypedModel, outputs: &HashSet<OutletId>, n: usize) -> bool {
+    let mut stack = vec![n];
+    while let Some(m) = stack.pop() {
+        let node = model.node(m);
+        if node.outputs.iter().enumerate().any(|(s, _)| outputs.contains(&OutletId::new(m, s))) {
+            return false;
+        }
+        for succ in node.outputs.iter().flat_map(|o| &o.successors) {
+            let r = succ.node;
+            let gather = gpu_op(model, r).is_some_and(|g| {
+                matches!(g.kernel, Kernel::Gather { .. } | Kernel::Concat { .. } | Kernel::Broadcast { .. })
+            });
+            if is_view(model, r) {
+                stack.push(r);
+            } else if step_of(model, model.node(r)).is_none() && !gather {
+                return false;
+            }
+        }
+    }
+    true
+}
+
 /// Builds a group's GPU program and CPU reference, outlet by outlet from the sink.
 struct Builder<'a> {
     model: &'a TypedModel,
@@ -314,6 +437,7 @@ struct Builder<'a> {
     nodes: &'a HashSet<usize>,
     externals: Vec<OutletId>,
     leaves: Vec<Leaf>,
+    indexed: Vec<Indexed>,
     steps: Vec<Step>,
     gpu: HashMap<OutletId, Src>,
     cpu_steps: Vec<(Box<dyn TypedOp>, Vec<Src>)>,
@@ -322,7 +446,8 @@ struct Builder<'a> {
 
 impl Builder<'_> {
     fn external(&mut self, o: OutletId) -> Option<Src> {
-        let k = match self.externals.iter().position(|e| *e == o) {
+        let indexed = |k: usize| self.indexed.iter().any(|x| x.input as usize == k);
+        let k = match self.externals.iter().enumerate().position(|(k, e)| *e == o && !indexed(k)) {
             Some(k) => k,
             None => {
                 self.externals.push(o);
@@ -360,6 +485,20 @@ impl Builder<'_> {
         } else if is_view(self.model, n) {
             // a view after a gather: the gather's value in the indices' frame
             self.gpu(self.model.node(n).inputs[0])?
+        } else if gpu_op(self.model, n).is_some_and(|g| matches!(g.kernel, Kernel::GatherNd { .. })) {
+            let (comps, ..) = fusable_gather_nd(self.model, self.outputs, n)?;
+            let (chain, data) = gather_data_chain(self.model, self.outputs, self.fed, n);
+            // its own input (read at indices), even where the same tensor is read elementwise too
+            self.externals.push(data);
+            let k = u8::try_from(self.externals.len() - 1).ok()?;
+            self.indexed.push(Indexed { input: k, comps });
+            let mut at = Src::Input(k);
+            for &c in chain.iter().rev() {
+                if let Some(Step::Unary(u, _)) = step_of(self.model, self.model.node(c)) {
+                    at = self.push(Step::Unary(u, at))?;
+                }
+            }
+            at
         } else if gpu_op(self.model, n).is_some_and(|g| matches!(g.kernel, Kernel::Gather { .. })) {
             let idx = self.gpu(self.model.node(n).inputs[1])?;
             let (chain, data) = gather_data_chain(self.model, self.outputs, self.fed, n);
@@ -407,7 +546,9 @@ impl Builder<'_> {
             self.cpu_steps.push((gpu_op(self.model, n)?.cpu.clone(), srcs));
             Src::Step(u8::try_from(self.cpu_steps.len() - 1).ok()?)
         } else {
-            self.external(o)?
+            // the GPU side's input for it (the CPU reads whole tensors: read at indices or not is all one)
+            let k = self.externals.iter().position(|e| *e == o)?;
+            Src::Input(u8::try_from(k).ok()?)
         };
         self.cpu.insert(o, src);
         Some(src)
@@ -429,6 +570,7 @@ fn build(
         nodes: &group.nodes,
         externals: vec![],
         leaves: vec![],
+        indexed: vec![],
         steps: vec![],
         gpu: HashMap::new(),
         cpu_steps: vec![],
@@ -456,7 +598,7 @@ fn build(
     }
     let out_dt = model.outlet_fact(sink).ok()?.datum_type;
     let inputs = b.externals.len();
-    let program = FusedProgram::with_leaves(inputs, b.leaves, b.steps, out_dt);
+    let program = FusedProgram::with_leaves(inputs, b.leaves, b.indexed, vec![], b.steps, out_dt);
     program.check().ok()?;
     Some((program, FusedChain { inputs, steps: b.cpu_steps, outputs: 1 }, b.externals))
 }

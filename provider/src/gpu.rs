@@ -281,6 +281,9 @@ impl GpuBackend {
                 let ins: Vec<String> = n.inputs.iter().map(|i| format!("{}/{}", i.node, i.slot)).collect();
                 let outs: Vec<String> = n.outputs.iter().map(|o| format!("{:?}", o.fact)).collect();
                 eprintln!("#{id} {} [{}] ({}) -> {}", n.name, n.op.name(), ins.join(", "), outs.join(", "));
+                if std::env::var("KILN_GPU_DUMP_INFO").is_ok() {
+                    eprintln!("   {:?}", n.op.info());
+                }
             }
         }
         let outlet_base: Vec<usize> = lowered

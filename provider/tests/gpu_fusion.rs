@@ -215,20 +215,19 @@ fn groups_beyond_the_kernels_limits_still_match() {
     check("empty", &[("x", &[0, 4]), ("r", &[0, 4])], &[("Exp", &["x"], "e"), ("Add", &["e", "r"], "y")]);
 }
 
-/// optimum's 4D attention mask builder (`data/mask/optimum_mask.onnx`, written by its make_mask.py): ranges of the
-/// run's dims, a causal comparison past the cache, `attention_mask` cast to bool, flattened and looked up per
-/// (batch, key), joined and turned into 0 / f32::MIN. On the GPU it is one fused dispatch (ten before: three
-/// ranges, a dim value, Mul, Add, LessOrEqual, Cast, Gather, And / Where), and every element matches the mask's
-/// definition and the CPU's, with left padding and holes, past lengths 0 / 1 / odd / long, one and several rows.
-#[test]
-fn the_optimum_mask_builder_is_one_dispatch_and_matches_its_definition() {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/mask/optimum_mask.onnx");
-    let bytes = std::fs::read(&path).expect("optimum_mask.onnx");
+/// An attention-mask builder cut from an export (`data/mask/`, written by make_mask.py) on the GPU with left
+/// padding and holes, past lengths 0 / 1 / odd / long, one and several rows: every element matches the mask's
+/// definition (0 where key j is at most past + i and not padding, f32::MIN elsewhere) and the CPU's, in
+/// `dispatches` dispatches a run. `past`: the names of the inputs that give the past length (their shape only).
+fn check_mask_builder(file: &str, past: &[(&str, usize, usize)], dispatches: usize) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/mask").join(file);
+    let bytes = std::fs::read(&path).expect("a mask model");
     let Some(gpu) = gpu_session(&bytes) else { return };
     let report = gpu.gpu_placement().expect("a GPU session has a placement report");
     let cpu_nodes: Vec<_> = report.nodes.iter().filter(|p| p.reason.is_some()).collect();
-    assert!(cpu_nodes.is_empty(), "nodes left on the CPU: {cpu_nodes:?}");
+    assert!(cpu_nodes.is_empty(), "{file}: nodes left on the CPU: {cpu_nodes:?}");
     let cpu = session(&bytes, ExecutionProvider::Cpu);
+    let out = gpu.outputs()[0].name.clone();
     let mut state = seed();
     // (batch, seq, past)
     let cases: &[(usize, usize, usize)] =
@@ -243,26 +242,46 @@ fn the_optimum_mask_builder_is_one_dispatch_and_matches_its_definition() {
                 i64::from(j >= r && !hole)
             })
             .collect();
-        let feeds = vec![
+        let mut feeds = vec![
             ("input_ids".to_string(), Tensor::from_vec(&[b, s], vec![0i64; b * s]).expect("ids")),
             ("attention_mask".to_string(), Tensor::from_vec(&[b, t], mask.clone()).expect("mask")),
-            ("past".to_string(), Tensor::from_vec(&[b, 1, p, 1], vec![0f32; b * p]).expect("past")),
         ];
+        for (name, heads, head) in past {
+            let t = Tensor::from_vec(&[b, *heads, p, *head], vec![0f32; b * heads * p * head]).expect("past");
+            feeds.push((name.to_string(), t));
+        }
         let before = gpu.gpu_placement().expect("report").counters.dispatches;
         let got = gpu.run(feeds.clone()).expect("gpu run");
-        let dispatches = gpu.gpu_placement().expect("report").counters.dispatches - before;
+        let ran = gpu.gpu_placement().expect("report").counters.dispatches - before;
         let want = cpu.run(feeds).expect("cpu run");
-        let (g, w) = (got.output("mask").expect("mask"), want.output("mask").expect("mask"));
-        assert_eq!(g.dims(), &[b, 1, s, t], "({b}, {s}, {p}): shape");
-        assert_eq!(w.dims(), g.dims(), "({b}, {s}, {p}): shapes differ");
+        let (g, w) = (got.output(&out).expect("mask"), want.output(&out).expect("mask"));
+        assert_eq!(g.dims(), &[b, 1, s, t], "{file} ({b}, {s}, {p}): shape");
+        assert_eq!(w.dims(), g.dims(), "{file} ({b}, {s}, {p}): shapes differ");
         let (g, w): (Vec<f32>, Vec<f32>) = (g.to_vec().expect("f32"), w.to_vec().expect("f32"));
         for (k, (gv, wv)) in g.iter().zip(&w).enumerate() {
             let (r, i, j) = (k / (s * t), (k / t) % s, k % t);
             let keep = j <= p + i && mask[r * t + j] != 0;
             let def = if keep { 0.0 } else { f32::MIN };
-            assert_eq!(gv.to_bits(), def.to_bits(), "({b}, {s}, {p}) element {k}: gpu {gv}, definition {def}");
-            assert_eq!(wv.to_bits(), def.to_bits(), "({b}, {s}, {p}) element {k}: cpu {wv}, definition {def}");
+            assert_eq!(gv.to_bits(), def.to_bits(), "{file} ({b}, {s}, {p}) element {k}: gpu {gv}, definition {def}");
+            assert_eq!(wv.to_bits(), def.to_bits(), "{file} ({b}, {s}, {p}) element {k}: cpu {wv}, definition {def}");
         }
-        assert_eq!(dispatches, 1, "({b}, {s}, {p}): the mask builder should be one dispatch");
+        assert_eq!(ran, dispatches, "{file} ({b}, {s}, {p}): dispatches of the mask builder");
     }
+}
+
+/// optimum's builder (`optimum_mask.onnx`): ranges of the run's dims, a causal comparison past the cache,
+/// `attention_mask` cast to bool, flattened and looked up per (batch, key), joined and turned into 0 / f32::MIN:
+/// one fused dispatch (ten before: three ranges, a dim value, Mul, Add, LessOrEqual, Cast, Gather, And / Where).
+#[test]
+fn the_optimum_mask_builder_is_one_dispatch_and_matches_its_definition() {
+    check_mask_builder("optimum_mask.onnx", &[("past", 1, 1)], 1);
+}
+
+/// torch.onnx dynamo's builder (`dynamo_mask.onnx`, as the tiny llama fixture's op20 export has it): the padding
+/// looked up by a GatherND whose (batch, key) index tuples Concat two Expanded ranges, the causal part from
+/// `arange(seq) + past`: one fused dispatch (eight before: two ranges, `arange + past`, two Expands, the Concat,
+/// the GatherND, the Cast, the comparison with And / Where).
+#[test]
+fn the_dynamo_mask_builder_is_one_dispatch_and_matches_its_definition() {
+    check_mask_builder("dynamo_mask.onnx", &[("past", 1, 1)], 1);
 }

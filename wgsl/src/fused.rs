@@ -65,11 +65,26 @@ pub struct Leaf {
     pub shape: Vec<TDim>,
 }
 
+/// An input read at indices that are affine in the element's position (a GatherND whose index tuples are ranges
+/// of the run's dims: dynamo's attention-mask padding lookup): component `i` of the index is the leaf `comps[i]`
+/// (read in the program's frame), so the read is a strided one, `base + Σ c_a · stride_a`, with strides and base
+/// from the input's shape and the leaves' starts and steps (checked in range each run).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Indexed {
+    pub input: u8,
+    pub comps: Vec<Leaf>,
+}
+
 /// The fused computation: `inputs` external tensors, `leaves`, `steps` in order, the last step is the output.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct FusedProgram {
     pub inputs: usize,
     pub leaves: Vec<Leaf>,
+    /// Inputs read at affine indices (their strides and base made from the leaves), at most one entry an input.
+    pub indexed: Vec<Indexed>,
+    /// The output's shape (the replaced node's, dims of the run's symbols); empty: the broadcast of the inputs and
+    /// leaves.
+    pub shape: Vec<TDim>,
     pub steps: Vec<Step>,
     /// The output element type (F32, Bool, I64 or I32).
     pub out_dt: DatumType,
@@ -92,13 +107,22 @@ pub fn is_word(dt: DatumType) -> bool {
 
 impl FusedProgram {
     pub fn new(inputs: usize, steps: Vec<Step>, out_dt: DatumType) -> FusedProgram {
-        FusedProgram::with_leaves(inputs, vec![], steps, out_dt)
+        FusedProgram::with_leaves(inputs, vec![], vec![], vec![], steps, out_dt)
     }
 
-    pub fn with_leaves(inputs: usize, leaves: Vec<Leaf>, steps: Vec<Step>, out_dt: DatumType) -> FusedProgram {
-        // the leaves' values and shapes are uniforms: only their count selects the pipeline
-        let spec = format!("{inputs}:{}:{steps:?}:{out_dt:?}", leaves.len());
-        FusedProgram { inputs, leaves, steps, out_dt, spec }
+    pub fn with_leaves(
+        inputs: usize,
+        leaves: Vec<Leaf>,
+        indexed: Vec<Indexed>,
+        shape: Vec<TDim>,
+        steps: Vec<Step>,
+        out_dt: DatumType,
+    ) -> FusedProgram {
+        // the leaves' values and shapes are uniforms: only their count (and which inputs are read at indices)
+        // selects the pipeline
+        let at: Vec<u8> = indexed.iter().map(|x| x.input).collect();
+        let spec = format!("{inputs}:{}:{at:?}:{steps:?}:{out_dt:?}", leaves.len());
+        FusedProgram { inputs, leaves, indexed, shape, steps, out_dt, spec }
     }
 
     pub fn name(&self) -> String {
@@ -144,6 +168,13 @@ impl FusedProgram {
             return Err(Error::new(format!("webgpu: fused kernel with {} steps", self.steps.len())));
         }
         let gathered = self.gathered();
+        for (j, x) in self.indexed.iter().enumerate() {
+            let i = x.input as usize;
+            let twice = self.indexed[..j].iter().any(|y| y.input == x.input);
+            if i >= self.inputs || gathered[i] || twice || x.comps.is_empty() {
+                return Err(Error::new(format!("webgpu: fused kernel reads input {i} at indices")));
+            }
+        }
         for (k, s) in self.steps.iter().enumerate() {
             let srcs: Vec<Src> = match *s {
                 Step::Unary(_, a) => vec![a],
@@ -187,7 +218,7 @@ impl FusedProgram {
         let nl = self.leaves.len();
         let gathered = self.gathered();
         let gathers = self.steps.iter().filter(|s| matches!(s, Step::Gather(..))).count();
-        let extras = (nl + gathers).max(1);
+        let extras = (nl + gathers + self.indexed.len()).max(1);
         let mut s = String::new();
         s.push_str(&format!(
             "struct Params {{\n    n: u32,\n    rank: u32,\n    groups_x: u32,\n    _pad: u32,\n    \
@@ -240,7 +271,11 @@ impl FusedProgram {
         }
         s.push_str("    }\n");
         for i in (0..k).filter(|i| !gathered[*i]) {
-            s.push_str(&format!("    let v{i} = in{i}[o{i}];\n"));
+            match self.indexed.iter().position(|x| x.input as usize == i) {
+                // read at affine indices: the base in p.extra (after the leaves and gathers), the strides as usual
+                Some(j) => s.push_str(&format!("    let v{i} = in{i}[u32(p.extra[{}].x) + o{i}];\n", nl + gathers + j)),
+                None => s.push_str(&format!("    let v{i} = in{i}[o{i}];\n")),
+            }
         }
         for j in 0..nl {
             s.push_str(&format!("    let l{j} = bitcast<f32>(p.extra[{j}].x + p.extra[{j}].y * i32(ol{j}));\n"));
@@ -286,16 +321,61 @@ impl FusedProgram {
     /// The output shape: the broadcast of the inputs read per element and of the leaves.
     pub fn output_shape(&self, inputs: &[&[usize]], syms: &SymbolValues) -> Result<TVec<usize>> {
         let gathered = self.gathered();
-        let mut out: TVec<usize> = tvec![];
+        let mut out: TVec<usize> = self.shape.iter().map(|d| eval_usize(d, syms)).collect::<Result<_>>()?;
         for (i, t) in inputs.iter().enumerate() {
-            if !gathered.get(i).copied().unwrap_or(false) {
+            let read_by_index = self.indexed.iter().any(|x| x.input as usize == i);
+            if !gathered.get(i).copied().unwrap_or(false) && !read_by_index {
                 out = broadcast(&out, t)?;
             }
         }
         for l in self.leaf_shapes(syms)? {
             out = broadcast(&out, &l)?;
         }
+        // the index components of inputs read at indices span the frame too
+        for c in self.indexed.iter().flat_map(|x| &x.comps) {
+            let l: TVec<usize> = c.shape.iter().map(|d| eval_usize(d, syms)).collect::<Result<_>>()?;
+            out = broadcast(&out, &l)?;
+        }
+        if !self.shape.is_empty() && out.len() != self.shape.len() {
+            return Err(Error::new(format!(
+                "webgpu: fused kernel's inputs broadcast to {out:?}, not {:?}",
+                self.shape
+            )));
+        }
         Ok(out)
+    }
+
+    /// The strides (over `out_shape`) and base of an input read at affine indices, checked in range for `data`'s
+    /// shape.
+    fn indexed_strides(
+        &self,
+        x: &Indexed,
+        data: &[usize],
+        out_shape: &[usize],
+        syms: &SymbolValues,
+    ) -> Result<(Vec<usize>, u32)> {
+        if x.comps.len() != data.len() {
+            return Err(Error::new(format!("webgpu: {}-tuple indices into {data:?}", x.comps.len())));
+        }
+        let ds = crate::kernels::contiguous_strides(data);
+        let mut strides = vec![0usize; out_shape.len()];
+        let mut base = 0usize;
+        for (i, c) in x.comps.iter().enumerate() {
+            let shape: TVec<usize> = c.shape.iter().map(|d| eval_usize(d, syms)).collect::<Result<_>>()?;
+            let (start, step) = (eval_i32(&c.start, syms)? as i64, eval_i32(&c.step, syms)? as i64);
+            let len = shape.iter().product::<usize>() as i64;
+            let last = start + step * (len - 1).max(0);
+            if step < 0 || start < 0 || (len > 0 && last >= data[i] as i64) || shape.len() > out_shape.len() {
+                return Err(Error::new(format!(
+                    "webgpu: index {start}..={last} out of range for axis {i} of {data:?}"
+                )));
+            }
+            for (a, l) in broadcast_strides(&shape, out_shape).into_iter().enumerate() {
+                strides[a] += l * step as usize * ds[i];
+            }
+            base += start as usize * ds[i];
+        }
+        Ok((strides, u32_of("index", base)?))
     }
 
     /// Records the fused kernel; the output has the broadcast shape of the inputs and leaves.
@@ -326,9 +406,17 @@ impl FusedProgram {
         let strides: Vec<Vec<usize>> = inputs
             .iter()
             .enumerate()
-            .map(|(i, t)| if gathered[i] { vec![0; out_shape.len()] } else { broadcast_strides(&t.shape, &out_shape) })
-            .chain(leaf_shapes.iter().map(|s| broadcast_strides(s, &out_shape)))
-            .collect();
+            .map(|(i, t)| {
+                if gathered[i] {
+                    Ok(vec![0; out_shape.len()])
+                } else if let Some(x) = self.indexed.iter().find(|x| x.input as usize == i) {
+                    Ok(self.indexed_strides(x, &t.shape, &out_shape, syms)?.0)
+                } else {
+                    Ok(broadcast_strides(&t.shape, &out_shape))
+                }
+            })
+            .chain(leaf_shapes.iter().map(|s| Ok(broadcast_strides(s, &out_shape))))
+            .collect::<Result<_>>()?;
         let (shape, strides) = collapse_n(&out_shape, &strides);
         if shape.len() > MAX_RANK {
             return Err(Error::new(format!("webgpu: rank {} exceeds the fused kernel's {MAX_RANK}", shape.len())));
@@ -367,6 +455,12 @@ impl FusedProgram {
                 u.extend([u32_of("length", len)?, 0, 0, 0]);
                 extras += 1;
             }
+        }
+        for x in &self.indexed {
+            let t = inputs.get(x.input as usize).ok_or_else(|| Error::new("webgpu: fused kernel's indexed input"))?;
+            let (_, base) = self.indexed_strides(x, &t.shape, &out_shape, syms)?;
+            u.extend([base, 0, 0, 0]);
+            extras += 1;
         }
         if extras == 0 {
             u.extend([0u32; 4]);

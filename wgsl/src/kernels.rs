@@ -647,7 +647,7 @@ fn grid_for(ctx: &Context, n: usize) -> Result<(u32, u32)> {
     ctx.grid((n as u64).div_ceil(WG as u64))
 }
 
-fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
+pub(crate) fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
     let mut s = vec![1; shape.len()];
     for i in (0..shape.len().saturating_sub(1)).rev() {
         s[i] = s[i + 1] * shape[i + 1];

@@ -76,3 +76,57 @@ graph = helper.make_graph(
 model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 onnx.checker.check_model(model)
 onnx.save(model, os.path.join(os.path.dirname(os.path.abspath(__file__)), "optimum_mask.onnx"))
+
+# dynamo_mask.onnx: the same mask as torch.onnx's dynamo exporter writes it (the tiny llama fixture's
+# onnx_dynamo_eager_op20 builds it this way): the causal part from `arange(seq) + past` against `arange(past + seq)`,
+# the padding looked up by a GatherND over (batch, key) index tuples that Concat two Expanded ranges, the result
+# Expanded to [batch, 1, seq, total] and turned into 0 / the most negative float.
+nodes = [
+    helper.make_node("Shape", ["input_ids"], ["S1"], start=1, end=2),
+    helper.make_node("Squeeze", ["S1"], ["S"]),
+    helper.make_node("Shape", ["past"], ["P1"], start=2, end=3),
+    helper.make_node("Squeeze", ["P1"], ["P"]),
+    helper.make_node("Shape", ["attention_mask"], ["B1"], start=0, end=1),
+    helper.make_node("Squeeze", ["B1"], ["B"]),
+    helper.make_node("Add", ["P", "S"], ["PS"]),
+    helper.make_node("Range", ["zero_s", "PS", "step"], ["kv_arange"]),
+    helper.make_node("Unsqueeze", ["kv_arange", "axes0"], ["kv1"]),
+    helper.make_node("Unsqueeze", ["kv1", "axes0"], ["kv2"]),
+    helper.make_node("Unsqueeze", ["kv2", "axes0"], ["kv4"]),
+    helper.make_node("Range", ["zero_s", "S", "step"], ["q_arange"]),
+    helper.make_node("Add", ["q_arange", "P"], ["cache_position"]),
+    helper.make_node("Unsqueeze", ["cache_position", "axes0"], ["q1"]),
+    helper.make_node("Unsqueeze", ["q1", "axes0"], ["q2"]),
+    helper.make_node("Unsqueeze", ["q2", "axes_last"], ["q4"]),
+    helper.make_node("LessOrEqual", ["kv4", "q4"], ["causal"]),
+    helper.make_node("Cast", ["attention_mask"], ["mask_bool"], to=TensorProto.BOOL),
+    helper.make_node("Range", ["zero_s", "B", "step"], ["b_arange"]),
+    helper.make_node("Unsqueeze", ["b_arange", "axes_123"], ["b4"]),
+    helper.make_node("Max", ["b4", "kv4"], ["bk"]),
+    helper.make_node("Shape", ["bk"], ["bk_shape"]),
+    helper.make_node("Expand", ["b4", "bk_shape"], ["b_exp"]),
+    helper.make_node("Unsqueeze", ["b_exp", "axes_last"], ["b_idx"]),
+    helper.make_node("Expand", ["kv4", "bk_shape"], ["kv_exp"]),
+    helper.make_node("Unsqueeze", ["kv_exp", "axes_last"], ["kv_idx"]),
+    helper.make_node("Concat", ["b_idx", "kv_idx"], ["tuples"], axis=-1),
+    helper.make_node("GatherND", ["mask_bool", "tuples"], ["pad"], batch_dims=0),
+    helper.make_node("And", ["causal", "pad"], ["keep"]),
+    helper.make_node("Where", ["keep", "zero_f", "min_f"], ["mask"]),
+]
+inits += [i64("axes_last", [-1]), i64("axes_123", [1, 2, 3])]
+used = {i for n in nodes for i in n.input}
+inits = [t for t in inits if t.name in used]
+graph = helper.make_graph(
+    nodes,
+    "dynamo_mask",
+    [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
+        helper.make_tensor_value_info("past", TensorProto.FLOAT, ["batch", 1, "past", 1]),
+    ],
+    [helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["batch", 1, "seq", "total"])],
+    inits,
+)
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=9)
+onnx.checker.check_model(model)
+onnx.save(model, os.path.join(os.path.dirname(os.path.abspath(__file__)), "dynamo_mask.onnx"))
