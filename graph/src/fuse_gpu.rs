@@ -251,10 +251,59 @@ fn gather_data_chain(
 }
 
 /// One group of the fusion: its sink, its member nodes (elementwise nodes and gathers, with the views and data
-/// chains they take in).
+/// chains they take in), and the sinks of sibling groups joined with it (outputs of the same kernel).
 struct Group {
     sink: usize,
     nodes: HashSet<usize>,
+    siblings: Vec<usize>,
+}
+
+/// Joins groups whose sinks read one value X (none reads another's output, their outputs of one shape, every
+/// reader of X among them, X no model output) into one group with an output per sink — a rotary's cos and sin of
+/// the same angles in one dispatch. X's own group, when it has one, is computed inside the joined kernel.
+fn join_siblings(model: &TypedModel, outputs: &HashSet<OutletId>, groups: &mut HashMap<usize, Group>) {
+    let mut sinks: Vec<usize> = groups.keys().copied().collect();
+    sinks.sort_unstable();
+    let mut taken: HashSet<usize> = HashSet::new();
+    for s in sinks {
+        for &x in &model.node(s).inputs {
+            let readers: Vec<usize> = model.outlet_successors(x).iter().map(|i| i.node).collect();
+            let mut uniq = readers.clone();
+            uniq.sort_unstable();
+            uniq.dedup();
+            if uniq.len() < 2 || uniq.len() > MAX_FUSED_INPUTS || outputs.contains(&x) {
+                continue;
+            }
+            let shape = |n: usize| model.node(n).outputs.first().map(|o| o.fact.shape.clone());
+            let ok = uniq.iter().all(|r| groups.contains_key(r) && !taken.contains(r) && shape(*r) == shape(uniq[0]))
+                && !taken.contains(&x.node);
+            // no sibling reads another's output
+            let reads_sibling = |r: &usize| {
+                groups.get(r).is_none_or(|g| {
+                    g.nodes.iter().any(|n| model.node(*n).inputs.iter().any(|i| i.node != *r && uniq.contains(&i.node)))
+                })
+            };
+            if !ok || uniq.iter().any(reads_sibling) {
+                continue;
+            }
+            let mut joined = Group { sink: uniq[0], nodes: HashSet::new(), siblings: uniq[1..].to_vec() };
+            for r in &uniq {
+                if let Some(g) = groups.remove(r) {
+                    joined.nodes.extend(g.nodes);
+                }
+                taken.insert(*r);
+            }
+            // X's group (one output only: its readers are the siblings) is computed inside
+            if x.slot == 0 && model.node(x.node).outputs.len() == 1 {
+                if let Some(g) = groups.remove(&x.node) {
+                    joined.nodes.extend(g.nodes);
+                    taken.insert(x.node);
+                }
+            }
+            groups.insert(joined.sink, joined);
+            break;
+        }
+    }
 }
 
 /// Fuses every group of two or more elementwise GPU nodes (leaves and gathers count); returns how many fused nodes
@@ -303,7 +352,7 @@ pub fn fuse_elementwise(model: &mut TypedModel) -> Result<usize> {
             // folds into a gather that does not fold: not a group of ours
             continue;
         }
-        let g = groups.entry(r).or_insert_with(|| Group { sink: r, nodes: HashSet::new() });
+        let g = groups.entry(r).or_insert_with(|| Group { sink: r, nodes: HashSet::new(), siblings: vec![] });
         g.nodes.insert(n);
         if let Some(views) = gathers.get(&n) {
             g.nodes.extend(views.iter().copied());
@@ -317,6 +366,7 @@ pub fn fuse_elementwise(model: &mut TypedModel) -> Result<usize> {
             g.nodes.extend(chain);
         }
     }
+    join_siblings(model, &outputs, &mut groups);
     let position: HashMap<usize, usize> = order.iter().enumerate().map(|(i, n)| (*n, i)).collect();
     let mut groups: Vec<Group> = groups.into_values().collect();
     groups.sort_by_key(|g| position[&g.sink]);
@@ -324,7 +374,11 @@ pub fn fuse_elementwise(model: &mut TypedModel) -> Result<usize> {
     let mut fused = 0;
     for group in groups {
         // an affine value of the run's dims that every reader takes in as a leaf needs no node of its own
-        if leaf_of(model, OutletId::new(group.sink, 0)).is_some() && read_as_leaf_only(model, &outputs, group.sink) {
+        let lone = group.siblings.is_empty();
+        if lone
+            && leaf_of(model, OutletId::new(group.sink, 0)).is_some()
+            && read_as_leaf_only(model, &outputs, group.sink)
+        {
             continue;
         }
         let Some((program, chain, externals)) = build(model, &outputs, &fed, &group) else { continue };
@@ -342,13 +396,20 @@ pub fn fuse_elementwise(model: &mut TypedModel) -> Result<usize> {
         }
         let name = model.node(sink).name.clone();
         let op = GpuOp { kernel: Kernel::Fused(Box::new(program)), cpu: Box::new(chain) };
-        let out = patch.wire_node(name, op, &taps).map_err(tract_err("fusing elementwise nodes"))?[0];
-        patch.shunt_outside(model, OutletId::new(sink, 0), out).map_err(tract_err("fusing elementwise nodes"))?;
+        let outs = patch.wire_node(name, op, &taps).map_err(tract_err("fusing elementwise nodes"))?;
+        // the outputs: the sink's, then its siblings'
+        let replaced: Vec<OutletId> =
+            std::iter::once(sink).chain(group.siblings.iter().copied()).map(|n| OutletId::new(n, 0)).collect();
+        for (r, o) in replaced.iter().zip(&outs) {
+            patch.shunt_outside(model, *r, *o).map_err(tract_err("fusing elementwise nodes"))?;
+        }
         let before = model.nodes().len();
         patch.apply(model).map_err(tract_err("fusing elementwise nodes"))?;
-        // the patch appends the fused node; later groups reading the old sink read it instead
+        // the patch appends the fused node; later groups reading the old sinks read it instead
         if model.nodes().len() > before {
-            remap.insert(OutletId::new(sink, 0), OutletId::new(model.nodes().len() - 1, 0));
+            for (slot, r) in replaced.iter().enumerate() {
+                remap.insert(*r, OutletId::new(model.nodes().len() - 1, slot));
+            }
         }
         fused += 1;
     }
@@ -577,8 +638,27 @@ fn build(
         cpu: HashMap::new(),
     };
     let sink = OutletId::new(group.sink, 0);
-    b.gpu(sink)?;
-    b.cpu(sink)?;
+    // the siblings first, the sink last: its step is the program's last (the first output)
+    let mut more = vec![];
+    for s in &group.siblings {
+        let Src::Step(k) = b.gpu(OutletId::new(*s, 0))? else { return None };
+        more.push((k, model.outlet_fact(OutletId::new(*s, 0)).ok()?.datum_type));
+    }
+    let Src::Step(last) = b.gpu(sink)? else { return None };
+    if last as usize != b.steps.len() - 1 {
+        return None;
+    }
+    // the CPU reference: everything the sinks read, then the sinks in the outputs' order (its last values)
+    let sinks: Vec<usize> = std::iter::once(group.sink).chain(group.siblings.iter().copied()).collect();
+    for s in &sinks {
+        for i in model.node(*s).inputs.clone() {
+            b.cpu(i)?;
+        }
+    }
+    for s in &sinks {
+        let srcs: Vec<Src> = model.node(*s).inputs.iter().map(|i| b.cpu.get(i).copied()).collect::<Option<_>>()?;
+        b.cpu_steps.push((gpu_op(model, *s)?.cpu.clone(), srcs));
+    }
     if b.steps.len() > MAX_FUSED_STEPS || b.externals.len() > MAX_FUSED_INPUTS || b.leaves.len() > MAX_FUSED_LEAVES {
         return None;
     }
@@ -598,9 +678,11 @@ fn build(
     }
     let out_dt = model.outlet_fact(sink).ok()?.datum_type;
     let inputs = b.externals.len();
-    let program = FusedProgram::with_leaves(inputs, b.leaves, b.indexed, vec![], b.steps, out_dt);
+    let program =
+        FusedProgram::with_leaves(inputs, b.leaves, b.indexed, vec![], b.steps, out_dt).with_more_outputs(more);
     program.check().ok()?;
-    Some((program, FusedChain { inputs, steps: b.cpu_steps, outputs: 1 }, b.externals))
+    let outputs = program.outputs();
+    Some((program, FusedChain { inputs, steps: b.cpu_steps, outputs }, b.externals))
 }
 
 /// Taps `outlets` of `model` into `patch`.

@@ -31,6 +31,11 @@ fn value_info(name: &str, dims: &[usize]) -> pb::ValueInfoProto {
 
 /// A graph of `nodes` (op, inputs, output) over f32 `inputs`; the output is `y`.
 fn model(inputs: &[(&str, &[usize])], nodes: &[(&str, &[&str], &str)]) -> Vec<u8> {
+    model_with_outputs(inputs, nodes, &["y"])
+}
+
+/// A graph of `nodes` over f32 `inputs` with the outputs `outs` (shapes left to inference).
+fn model_with_outputs(inputs: &[(&str, &[usize])], nodes: &[(&str, &[&str], &str)], outs: &[&str]) -> Vec<u8> {
     let graph = pb::GraphProto {
         name: "g".into(),
         node: nodes
@@ -45,13 +50,15 @@ fn model(inputs: &[(&str, &[usize])], nodes: &[(&str, &[&str], &str)]) -> Vec<u8
             })
             .collect(),
         input: inputs.iter().map(|(n, d)| value_info(n, d)).collect(),
-        output: vec![pb::ValueInfoProto { name: "y".into(), ..value_info("y", &[]) }],
+        output: outs.iter().map(|o| value_info(o, &[])).collect(),
         ..Default::default()
     };
     let mut graph = graph;
-    // the output's shape is left to inference
-    if let Some(Some(TypeValue::TensorType(t))) = graph.output[0].r#type.as_mut().map(|t| t.value.as_mut()) {
-        t.shape = None;
+    // the outputs' shapes are left to inference
+    for o in graph.output.iter_mut() {
+        if let Some(Some(TypeValue::TensorType(t))) = o.r#type.as_mut().map(|t| t.value.as_mut()) {
+            t.shape = None;
+        }
     }
     pb::ModelProto {
         ir_version: 8,
@@ -213,6 +220,56 @@ fn groups_beyond_the_kernels_limits_still_match() {
     assert!((1..=6).contains(&d), "dispatches per run: {d}");
     // an empty tensor through a fused chain
     check("empty", &[("x", &[0, 4]), ("r", &[0, 4])], &[("Exp", &["x"], "e"), ("Add", &["e", "r"], "y")]);
+}
+
+/// Sibling nodes reading one value (a rotary's cos and sin of the same angles) run as one dispatch with an output
+/// each, the value's own chain computed inside (dynamo's `Cast · Mul` angles: three dispatches become one), and
+/// match the CPU; siblings whose outputs differ in shape are not joined.
+#[test]
+fn siblings_reading_one_value_are_one_dispatch_with_an_output_each() {
+    let x: &[usize] = &[2, 3, 40];
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a [usize])], &'a [(&'a str, &'a [&'a str], &'a str)], usize);
+    let cases: &[Case] = &[
+        ("cos and sin of an input", &[("x", x)], &[("Cos", &["x"], "y"), ("Sin", &["x"], "z")], 1),
+        (
+            "cos and sin of a product",
+            &[("x", x), ("f", &[40])],
+            &[("Mul", &["x", "f"], "a"), ("Cos", &["a"], "y"), ("Sin", &["a"], "z")],
+            1,
+        ),
+        (
+            "siblings of two shapes",
+            &[("x", x), ("b", &[5, 1, 1, 1])],
+            &[("Cos", &["x"], "y"), ("Add", &["x", "b"], "z")],
+            2,
+        ),
+    ];
+    for (name, inputs, nodes, want) in cases {
+        let bytes = model_with_outputs(inputs, nodes, &["y", "z"]);
+        let Some(gpu) = gpu_session(&bytes) else { return };
+        let cpu = session(&bytes, ExecutionProvider::Cpu);
+        let mut state = seed();
+        let feeds: Vec<(String, Tensor)> = inputs
+            .iter()
+            .map(|(n, d)| {
+                let len: usize = d.iter().product();
+                (n.to_string(), Tensor::from_vec(d, random(&mut state, len)).expect("tensor"))
+            })
+            .collect();
+        let before = gpu.gpu_placement().expect("report").counters.dispatches;
+        let got = gpu.run(feeds.clone()).expect("gpu run");
+        let ran = gpu.gpu_placement().expect("report").counters.dispatches - before;
+        let expected = cpu.run(feeds).expect("cpu run");
+        for out in ["y", "z"] {
+            let (w, g) = (expected.output(out).expect("output"), got.output(out).expect("output"));
+            assert_eq!(w.dims(), g.dims(), "{name}: {out}'s shapes differ");
+            let (w, g): (Vec<f32>, Vec<f32>) = (w.to_vec().expect("f32"), g.to_vec().expect("f32"));
+            for (i, (a, b)) in w.iter().zip(&g).enumerate() {
+                assert!((a - b).abs() <= 1e-5 + 1e-4 * a.abs(), "{name}: {out}[{i}]: cpu {a} gpu {b}");
+            }
+        }
+        assert_eq!(ran, *want, "{name}: dispatches");
+    }
 }
 
 /// An attention-mask builder cut from an export (`data/mask/`, written by make_mask.py) on the GPU with left

@@ -88,6 +88,9 @@ pub struct FusedProgram {
     pub steps: Vec<Step>,
     /// The output element type (F32, Bool, I64 or I32).
     pub out_dt: DatumType,
+    /// Outputs besides the last step (siblings reading one value: a rotary's cos and sin of the same angles),
+    /// each a step and its element type, written in the same frame; bound after the first output.
+    pub more: Vec<(u8, DatumType)>,
     /// The pipeline's specialisation, written once here rather than on every run's encode.
     spec: String,
 }
@@ -122,7 +125,19 @@ impl FusedProgram {
         // selects the pipeline
         let at: Vec<u8> = indexed.iter().map(|x| x.input).collect();
         let spec = format!("{inputs}:{}:{at:?}:{steps:?}:{out_dt:?}", leaves.len());
-        FusedProgram { inputs, leaves, indexed, shape, steps, out_dt, spec }
+        FusedProgram { inputs, leaves, indexed, shape, steps, out_dt, more: vec![], spec }
+    }
+
+    /// The program with outputs besides its last step's (see [`FusedProgram::more`]).
+    pub fn with_more_outputs(mut self, more: Vec<(u8, DatumType)>) -> FusedProgram {
+        self.spec = format!("{}:{more:?}", self.spec);
+        self.more = more;
+        self
+    }
+
+    /// The number of outputs.
+    pub fn outputs(&self) -> usize {
+        1 + self.more.len()
     }
 
     pub fn name(&self) -> String {
@@ -163,6 +178,11 @@ impl FusedProgram {
         }
         if self.inputs + self.leaves.len() == 0 {
             return Err(Error::new("webgpu: fused kernel without inputs"));
+        }
+        if self.inputs + self.outputs() > MAX_FUSED_INPUTS + 1
+            || self.more.iter().any(|(k, _)| *k as usize >= self.steps.len())
+        {
+            return Err(Error::new(format!("webgpu: fused kernel with outputs {:?}", self.more)));
         }
         if self.steps.len() > MAX_FUSED_STEPS {
             return Err(Error::new(format!("webgpu: fused kernel with {} steps", self.steps.len())));
@@ -229,7 +249,11 @@ impl FusedProgram {
         for i in 0..k {
             s.push_str(&format!("@group(0) @binding({}) var<storage, read> in{i}: array<f32>;\n", i + 1));
         }
-        s.push_str(&format!("@group(0) @binding({}) var<storage, read_write> out: array<f32>;\n\n", k + 1));
+        s.push_str(&format!("@group(0) @binding({}) var<storage, read_write> out: array<f32>;\n", k + 1));
+        for j in 0..self.more.len() {
+            s.push_str(&format!("@group(0) @binding({}) var<storage, read_write> out{j}: array<f32>;\n", k + 2 + j));
+        }
+        s.push('\n');
         s.push_str(&helpers());
         s.push('\n');
         for (n, step) in self.steps.iter().enumerate() {
@@ -306,6 +330,9 @@ impl FusedProgram {
             };
             s.push_str(&format!("    let t{n} = {e};\n"));
         }
+        for (j, (k, _)) in self.more.iter().enumerate() {
+            s.push_str(&format!("    out{j}[i] = t{k};\n"));
+        }
         s.push_str(&format!("    out[i] = t{};\n}}\n", self.steps.len() - 1));
         s
     }
@@ -378,7 +405,7 @@ impl FusedProgram {
         Ok((strides, u32_of("index", base)?))
     }
 
-    /// Records the fused kernel; the output has the broadcast shape of the inputs and leaves.
+    /// Records the fused kernel with one output (the last step).
     pub fn encode(
         &self,
         ctx: &Context,
@@ -386,6 +413,21 @@ impl FusedProgram {
         inputs: &[&GpuTensor],
         syms: &SymbolValues,
     ) -> Result<GpuTensor> {
+        if !self.more.is_empty() {
+            return Err(Error::new("webgpu: a fused kernel with several outputs"));
+        }
+        self.encode_all(ctx, rec, inputs, syms)?.pop().ok_or_else(|| Error::new("webgpu: fused kernel output"))
+    }
+
+    /// Records the fused kernel; its outputs (the last step, then [`FusedProgram::more`]) have the broadcast shape
+    /// of the inputs and leaves.
+    pub fn encode_all(
+        &self,
+        ctx: &Context,
+        rec: &mut Recorder,
+        inputs: &[&GpuTensor],
+        syms: &SymbolValues,
+    ) -> Result<Vec<GpuTensor>> {
         self.check()?;
         if inputs.len() != self.inputs {
             return Err(Error::new(format!(
@@ -397,8 +439,12 @@ impl FusedProgram {
         let shapes: Vec<&[usize]> = inputs.iter().map(|t| &*t.shape).collect();
         let out_shape = self.output_shape(&shapes, syms)?;
         let out = rec.alloc(ctx, &out_shape, self.out_dt)?;
+        let mut more = vec![];
+        for (_, dt) in &self.more {
+            more.push(rec.alloc(ctx, &out_shape, *dt)?);
+        }
         if out.is_empty() {
-            return Ok(out);
+            return Ok(std::iter::once(out).chain(more).collect());
         }
         let leaf_shapes = self.leaf_shapes(syms)?;
         // gathered inputs are read at indices: zero strides (their shape need not broadcast)
@@ -468,8 +514,11 @@ impl FusedProgram {
         let mut bindings: Vec<Binding> =
             inputs.iter().enumerate().map(|(i, t)| Binding { index: i as u32 + 1, buffer: t.buffer.clone() }).collect();
         bindings.push(Binding { index: self.inputs as u32 + 1, buffer: out.buffer.clone() });
+        for (j, t) in more.iter().enumerate() {
+            bindings.push(Binding { index: (self.inputs + 2 + j) as u32, buffer: t.buffer.clone() });
+        }
         rec.dispatch(pipeline, words(&u), bindings, (gx, gy, 1), "fused_elementwise");
-        Ok(out)
+        Ok(std::iter::once(out).chain(more).collect())
     }
 }
 

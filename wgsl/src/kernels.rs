@@ -1127,6 +1127,7 @@ impl Kernel {
                 q.encode_outputs(ctx, rec, inputs, [stores(first), stores(first + 1)], syms)
             }
             Kernel::Rotary(r) if r.second.is_some() => r.encode_pair(ctx, rec, inputs),
+            Kernel::Fused(p) if !p.more.is_empty() => p.encode_all(ctx, rec, inputs, syms),
             k => k.encode(ctx, rec, inputs, syms).map(|o| vec![o]),
         }
     }
