@@ -325,12 +325,34 @@ pub fn fuse_elementwise(model: &mut TypedModel) -> Result<usize> {
             gathers.insert(n, taken);
         }
     }
+    // views that only add or remove leading unit axes between a node and its reader (a rank fix before a
+    // broadcast): the value is the same at every element of the right-aligned frame
+    let mut leading_views: HashMap<usize, Vec<usize>> = HashMap::new();
     for &n in &order {
-        if let Some((r, slot)) = fusable.contains(&n).then(|| sole_reader(model, &outputs, n)).flatten() {
-            // into another elementwise node, or as the indices of a gather that folds
-            let is_gather = gpu_op(model, r).is_some_and(|g| matches!(g.kernel, Kernel::Gather { .. }));
-            if fusable.contains(&r) || (slot == 1 && is_gather && gathers.contains_key(&r)) {
-                folds_into.insert(n, r);
+        let Some((mut r, mut slot)) = fusable.contains(&n).then(|| sole_reader(model, &outputs, n)).flatten() else {
+            continue;
+        };
+        let own: Vec<TDim> = model.node(n).outputs[0].fact.shape.iter().cloned().collect();
+        let mut views = vec![];
+        while is_view(model, r) {
+            let seen: Vec<TDim> = model.node(r).outputs[0].fact.shape.iter().cloned().collect();
+            match sole_reader(model, &outputs, r) {
+                Some(next) if strip_leading_ones(&seen) == strip_leading_ones(&own) => {
+                    views.push(r);
+                    (r, slot) = next;
+                }
+                _ => break,
+            }
+        }
+        if is_view(model, r) {
+            continue;
+        }
+        // into another elementwise node, or as the indices of a gather that folds
+        let is_gather = gpu_op(model, r).is_some_and(|g| matches!(g.kernel, Kernel::Gather { .. }));
+        if fusable.contains(&r) || (slot == 1 && is_gather && views.is_empty() && gathers.contains_key(&r)) {
+            folds_into.insert(n, r);
+            if !views.is_empty() {
+                leading_views.insert(n, views);
             }
         }
     }
@@ -354,7 +376,7 @@ pub fn fuse_elementwise(model: &mut TypedModel) -> Result<usize> {
         }
         let g = groups.entry(r).or_insert_with(|| Group { sink: r, nodes: HashSet::new(), siblings: vec![] });
         g.nodes.insert(n);
-        if let Some(views) = gathers.get(&n) {
+        if let Some(views) = gathers.get(&n).or_else(|| leading_views.get(&n)) {
             g.nodes.extend(views.iter().copied());
         }
     }

@@ -190,6 +190,14 @@ pub fn fuse_rotate_half_rope(model: &mut TypedModel) -> TractResult<usize> {
         };
         let cached =
             caches.get(&key).and_then(|(c, s)| Some((model.node_by_name(c).ok()?, model.node_by_name(s).ok()?)));
+        // gathered tables: the rotation reads its rows by position itself (no gather nodes)
+        let positions = match &angles {
+            Angles::Gathered { ids, .. } => {
+                let f = model.outlet_fact(*ids)?;
+                (f.rank() == 2 && matches!(f.datum_type, DatumType::I64 | DatumType::I32)).then_some(*ids)
+            }
+            Angles::Angles(_) => None,
+        };
         let (cos, sin) = match (cached, &angles) {
             (Some((c, s)), _) => {
                 (patch.tap_model(model, OutletId::new(c.id, 0))?, patch.tap_model(model, OutletId::new(s.id, 0))?)
@@ -202,10 +210,15 @@ pub fn fuse_rotate_half_rope(model: &mut TypedModel) -> TractResult<usize> {
                 let mut halves = vec![];
                 for (which, t) in [("cos", cos), ("sin", sin)] {
                     let k = patch.add_const(format!("{base}.rope_{which}_table"), t.slice(1, 0, h)?)?;
+                    if positions.is_some() {
+                        halves.push(k);
+                        continue;
+                    }
                     let g = tract_onnx::tract_core::ops::array::Gather { axis: 0, output_type: None };
                     halves.push(patch.wire_node(format!("{base}.rope_{which}_half"), g, &[k, it])?[0]);
                 }
-                caches.insert(key, (format!("{base}.rope_cos_half"), format!("{base}.rope_sin_half")));
+                let names = if positions.is_some() { ["table", "table"] } else { ["half", "half"] };
+                caches.insert(key, (format!("{base}.rope_cos_{}", names[0]), format!("{base}.rope_sin_{}", names[1])));
                 (halves[0], halves[1])
             }
             (None, Angles::Angles(f)) => {
@@ -226,10 +239,14 @@ pub fn fuse_rotate_half_rope(model: &mut TypedModel) -> TractResult<usize> {
             num_heads: 0,
             rotary_dim: 0,
             microsoft: false,
-            has_positions: false,
+            has_positions: positions.is_some(),
             seqlens: false,
         };
-        let y = patch.wire_node(format!("{name}.rope"), RotaryOp { config }, &[xt, cos, sin])?[0];
+        let mut inputs = vec![xt, cos, sin];
+        if let Some(p) = positions {
+            inputs.push(patch.tap_model(model, p)?);
+        }
+        let y = patch.wire_node(format!("{name}.rope"), RotaryOp { config }, &inputs)?[0];
         patch.shunt_outside(model, OutletId::new(id, 0), y)?;
         patch.apply(model)?;
         done += 1;

@@ -32,9 +32,10 @@ fn tdim_const(model: &TypedModel, o: OutletId) -> Option<TDim> {
 /// Rewrites the model's TDim computations to i64; returns whether anything changed.
 pub fn rewrite(model: &mut TypedModel) -> TractResult<bool> {
     let computes_dims = model.nodes().iter().any(|n| {
-        !n.op_is::<Const>()
-            && !n.op_is::<TypedSource>()
-            && n.outputs.iter().any(|o| o.fact.datum_type == DatumType::TDim)
+        let tdim_out = n.outputs.iter().any(|o| o.fact.datum_type == DatumType::TDim);
+        // a Range over TDim constants that gives i64 (its casts folded into the constants) is a range of dims too
+        let dim_range = n.op_is::<Range>() && n.inputs.iter().all(|i| tdim_const(model, *i).is_some());
+        (!n.op_is::<Const>() && !n.op_is::<TypedSource>() && tdim_out) || dim_range
     });
     if !computes_dims {
         return Ok(false);

@@ -836,7 +836,8 @@ fn kv_concat_attention_with_a_scaled_query_is_fused_on_gpu() {
 
 /// rotate_half RoPE with its cos / sin rows gathered from constant `[positions, head]` tables by position ids
 /// (bench/make_llama.py, transformers' older rotary cache): one rotary dispatch on the GPU when each table's two
-/// halves are equal, left decomposed (and still right) when they are not; both against the CPU.
+/// halves are equal (the rotation reading its rows by position: no gather), left decomposed (and still right) when
+/// they are not; both against the CPU.
 #[test]
 fn rope_with_gathered_tables_is_fused_on_gpu() {
     if !gpu_available() {
@@ -896,6 +897,15 @@ fn rope_with_gathered_tables_is_fused_on_gpu() {
         if !fused_as_expected || cpu != 0 {
             failures.push(format!("{what}: {rope} rotary nodes, {neg} Neg, {cpu} on the CPU: {:?}", report.nodes));
             continue;
+        }
+        if equal_halves {
+            // the rotation reads its table rows by position itself: one dispatch, no gathers
+            let before = gpu.gpu_placement().expect("on the GPU").counters.dispatches;
+            gpu.run(feeds.clone()).expect("gpu run");
+            let ran = gpu.gpu_placement().expect("on the GPU").counters.dispatches - before;
+            if ran != 1 {
+                failures.push(format!("{what}: {ran} dispatches a run"));
+            }
         }
         if let Err(e) = compare_y(&bytes, feeds, &what, 1e-5) {
             failures.push(e);

@@ -275,7 +275,8 @@ fn siblings_reading_one_value_are_one_dispatch_with_an_output_each() {
 /// An attention-mask builder cut from an export (`data/mask/`, written by make_mask.py) on the GPU with left
 /// padding and holes, past lengths 0 / 1 / odd / long, one and several rows: every element matches the mask's
 /// definition (0 where key j is at most past + i and not padding, f32::MIN elsewhere) and the CPU's, in
-/// `dispatches` dispatches a run. `past`: the names of the inputs that give the past length (their shape only).
+/// `dispatches` dispatches a run, with `attention_mask` the only upload. `past`: the inputs that give the past
+/// length (their shape only).
 fn check_mask_builder(file: &str, past: &[(&str, usize, usize)], dispatches: usize) {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/mask").join(file);
     let bytes = std::fs::read(&path).expect("a mask model");
@@ -307,9 +308,10 @@ fn check_mask_builder(file: &str, past: &[(&str, usize, usize)], dispatches: usi
             let t = Tensor::from_vec(&[b, *heads, p, *head], vec![0f32; b * heads * p * head]).expect("past");
             feeds.push((name.to_string(), t));
         }
-        let before = gpu.gpu_placement().expect("report").counters.dispatches;
+        let before = gpu.gpu_placement().expect("report").counters;
         let got = gpu.run(feeds.clone()).expect("gpu run");
-        let ran = gpu.gpu_placement().expect("report").counters.dispatches - before;
+        let after = gpu.gpu_placement().expect("report").counters;
+        let (ran, uploads) = (after.dispatches - before.dispatches, after.uploads - before.uploads);
         let want = cpu.run(feeds).expect("cpu run");
         let (g, w) = (got.output(&out).expect("mask"), want.output(&out).expect("mask"));
         assert_eq!(g.dims(), &[b, 1, s, t], "{file} ({b}, {s}, {p}): shape");
@@ -323,6 +325,8 @@ fn check_mask_builder(file: &str, past: &[(&str, usize, usize)], dispatches: usi
             assert_eq!(wv.to_bits(), def.to_bits(), "{file} ({b}, {s}, {p}) element {k}: cpu {wv}, definition {def}");
         }
         assert_eq!(ran, dispatches, "{file} ({b}, {s}, {p}): dispatches of the mask builder");
+        // attention_mask goes up; the ranges are computed on the GPU
+        assert_eq!(uploads, 1, "{file} ({b}, {s}, {p}): uploads");
     }
 }
 
@@ -341,4 +345,13 @@ fn the_optimum_mask_builder_is_one_dispatch_and_matches_its_definition() {
 #[test]
 fn the_dynamo_mask_builder_is_one_dispatch_and_matches_its_definition() {
     check_mask_builder("dynamo_mask.onnx", &[("past", 1, 1)], 1);
+}
+
+/// bench/make_llama.py's builder (`rank_mask.onnx`): two ranges of the run's dims (past = total − seq) compared into
+/// a [seq, total] causal matrix whose rank leading unit axes fix before the And with `attention_mask` cast to bool:
+/// one fused dispatch and no upload (before: the ranges ran on the CPU and went up every run, the comparison was
+/// a dispatch of its own).
+#[test]
+fn a_mask_builder_with_a_rank_fix_is_one_dispatch_and_matches_its_definition() {
+    check_mask_builder("rank_mask.onnx", &[], 1);
 }

@@ -130,3 +130,46 @@ graph = helper.make_graph(
 model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=9)
 onnx.checker.check_model(model)
 onnx.save(model, os.path.join(os.path.dirname(os.path.abspath(__file__)), "dynamo_mask.onnx"))
+
+# rank_mask.onnx: bench/make_llama.py's builder (transformers' older style): past = total - seq, a [seq, total]
+# causal comparison of two ranges joined with `attention_mask` unsqueezed to [batch, 1, 1, total] (the comparison's
+# rank fixed by leading unit axes before the And).
+nodes = [
+    helper.make_node("Shape", ["attention_mask"], ["am_shape"]),
+    helper.make_node("Gather", ["am_shape", "one"], ["T"], axis=0),
+    helper.make_node("Shape", ["input_ids"], ["ids_shape"]),
+    helper.make_node("Gather", ["ids_shape", "one"], ["S"], axis=0),
+    helper.make_node("Sub", ["T", "S"], ["P"]),
+    helper.make_node("Range", ["P", "T", "step"], ["q_range"]),
+    helper.make_node("Unsqueeze", ["q_range", "axes1"], ["q_idx"]),
+    helper.make_node("Range", ["zero", "T", "step"], ["k_range"]),
+    helper.make_node("Unsqueeze", ["k_range", "axes0"], ["k_idx"]),
+    helper.make_node("LessOrEqual", ["k_idx", "q_idx"], ["causal"]),
+    helper.make_node("Unsqueeze", ["attention_mask", "axes12"], ["am4"]),
+    helper.make_node("Cast", ["am4"], ["am_bool"], to=TensorProto.BOOL),
+    helper.make_node("And", ["causal", "am_bool"], ["keep"]),
+    helper.make_node("Where", ["keep", "zero_f", "min_f"], ["mask"]),
+]
+inits = [
+    helper.make_tensor("zero", TensorProto.INT64, [], [0]),
+    helper.make_tensor("one", TensorProto.INT64, [], [1]),
+    helper.make_tensor("step", TensorProto.INT64, [], [1]),
+    i64("axes0", [0]),
+    i64("axes1", [1]),
+    i64("axes12", [1, 2]),
+    helper.make_tensor("zero_f", TensorProto.FLOAT, [], [0.0]),
+    helper.make_tensor("min_f", TensorProto.FLOAT, [], [-3.4028234663852886e38]),
+]
+graph = helper.make_graph(
+    nodes,
+    "rank_mask",
+    [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "past + seq"]),
+    ],
+    [helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["batch", 1, "seq", "past + seq"])],
+    inits,
+)
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+onnx.checker.check_model(model)
+onnx.save(model, os.path.join(os.path.dirname(os.path.abspath(__file__)), "rank_mask.onnx"))
