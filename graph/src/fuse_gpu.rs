@@ -278,11 +278,8 @@ fn join_siblings(model: &TypedModel, outputs: &HashSet<OutletId>, groups: &mut H
             let ok = uniq.iter().all(|r| groups.contains_key(r) && !taken.contains(r) && shape(*r) == shape(uniq[0]))
                 && !taken.contains(&x.node);
             // no sibling reads another's output
-            let reads_sibling = |r: &usize| {
-                groups.get(r).is_none_or(|g| {
-                    g.nodes.iter().any(|n| model.node(*n).inputs.iter().any(|i| i.node != *r && uniq.contains(&i.node)))
-                })
-            };
+            // no sibling reads another's output, directly or through other nodes (one node would be a cycle)
+            let reads_sibling = |r: &usize| uniq.iter().any(|o| o != r && depends_on(model, *r, *o));
             if !ok || uniq.iter().any(reads_sibling) {
                 continue;
             }

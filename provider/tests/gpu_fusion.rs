@@ -224,7 +224,7 @@ fn groups_beyond_the_kernels_limits_still_match() {
 
 /// Sibling nodes reading one value (a rotary's cos and sin of the same angles) run as one dispatch with an output
 /// each, the value's own chain computed inside (dynamo's `Cast · Mul` angles: three dispatches become one), and
-/// match the CPU; siblings whose outputs differ in shape are not joined.
+/// match the CPU; siblings whose outputs differ in shape, or one of which reads the other, are not joined.
 #[test]
 fn siblings_reading_one_value_are_one_dispatch_with_an_output_each() {
     let x: &[usize] = &[2, 3, 40];
@@ -242,6 +242,13 @@ fn siblings_reading_one_value_are_one_dispatch_with_an_output_each() {
             &[("x", x), ("b", &[5, 1, 1, 1])],
             &[("Cos", &["x"], "y"), ("Add", &["x", "b"], "z")],
             2,
+        ),
+        // one sibling reads the other through a Softmax: joined they would be a cycle
+        (
+            "a sibling reading the other",
+            &[("x", x)],
+            &[("Sin", &["x"], "z"), ("Softmax", &["z"], "s"), ("Mul", &["x", "s"], "y")],
+            3,
         ),
     ];
     for (name, inputs, nodes, want) in cases {
