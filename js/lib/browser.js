@@ -33,10 +33,10 @@ const { modelFromTokenizerJson, decoderModelFromTokenizerJson, kilnWasmMemoryByt
     return fetchWithProgress(file, onProgress, 'external data file');
   },
   // 'webgpu': the model and its external data read a range at a time: `{ read(offset, length) =>
-  // Promise<Uint8Array>, size, bytes() }` (kiln streams large weights into GPU buffers); a URL is fetched into a Blob,
+  // Promise<Uint8Array>, size }` (kiln streams large weights into GPU buffers; integrity hashes it a chunk at a time); a URL is fetched into a Blob,
   // whose bytes stay outside wasm memory
   async openFile(file, onProgress, what = 'external data file') {
-    const ofBytes = (u8) => ({ read: async (offset, length) => u8.subarray(offset, offset + length), size: u8.length, bytes: async () => u8 });
+    const ofBytes = (u8) => ({ read: async (offset, length) => u8.subarray(offset, offset + length), size: u8.length });
     if (file instanceof Uint8Array) return ofBytes(file);
     if (file instanceof ArrayBuffer || (typeof SharedArrayBuffer !== 'undefined' && file instanceof SharedArrayBuffer)) {
       return ofBytes(new Uint8Array(file));
@@ -45,7 +45,6 @@ const { modelFromTokenizerJson, decoderModelFromTokenizerJson, kilnWasmMemoryByt
     return {
       read: async (offset, length) => new Uint8Array(await blob.slice(offset, offset + length).arrayBuffer()),
       size: blob.size,
-      bytes: async () => new Uint8Array(await blob.arrayBuffer()),
     };
   },
 });

@@ -8,7 +8,7 @@ export const KILN_WEB_VERSION = '0.1.0';
 
 // A platform's loaders take an optional onProgress({ loaded, total }) for that one source (a download or a file read:
 // total 0 while the size is unknown, and a last call with total === loaded); core.js adds those up (loadProgress).
-/** @typedef {{ loadWasm(generation: number): Promise<object>, loadModel(url: string, onProgress?: Function): Promise<Uint8Array>, loadFile(file: string | Blob | ArrayBufferLike | Uint8Array, onProgress?: Function): Promise<Uint8Array>, openFile?(file: string | Blob | ArrayBufferLike | Uint8Array, onProgress?: Function, what?: string): Promise<{ read: Function, size: number, bytes(): Promise<Uint8Array> }>, checksOutputLocation?: boolean, webgpu?: boolean }} Platform */
+/** @typedef {{ loadWasm(generation: number): Promise<object>, loadModel(url: string, onProgress?: Function): Promise<Uint8Array>, loadFile(file: string | Blob | ArrayBufferLike | Uint8Array, onProgress?: Function): Promise<Uint8Array>, openFile?(file: string | Blob | ArrayBufferLike | Uint8Array, onProgress?: Function, what?: string): Promise<{ read: Function, size: number }>, checksOutputLocation?: boolean, webgpu?: boolean }} Platform */
 
 const TYPED_ARRAYS = {
   float32: Float32Array,
@@ -625,20 +625,39 @@ function loadProgress(onProgress, sources) {
 
 const SRI_ALGORITHMS = { sha256: 'SHA-256', sha384: 'SHA-384', sha512: 'SHA-512' };
 
+/** Bytes of a streamed model hashed at a time (`checkIntegrity` over a source). */
+export const INTEGRITY_CHUNK = 8 << 20;
+
 /**
  * Checks bytes against a Subresource Integrity string (`'sha256-<base64>'`, several space-separated hashes allowed:
- * any one matching passes, as in browsers).
+ * any one matching passes, as in browsers). `model`: the bytes, or a streamed model's source (`{ read(offset,
+ * length), size }`), hashed `INTEGRITY_CHUNK` bytes at a time through kiln's incremental SHA-2 (`Digest`, from the
+ * wasm module's exports) so that the model is never read whole.
  */
-export async function checkIntegrity(bytes, integrity) {
+export async function checkIntegrity(model, integrity, exports) {
   const wanted = String(integrity)
     .trim()
     .split(/\s+/)
     .map((h) => /^(sha256|sha384|sha512)-([A-Za-z0-9+/=_-]+)(\?.*)?$/.exec(h))
     .filter(Boolean);
   if (wanted.length === 0) throw new TypeError(`unsupported integrity value: ${integrity} (expected sha256-, sha384- or sha512-<base64>)`);
+  const streamed = typeof model?.read === 'function';
+  const digests = new Map();
+  if (streamed) {
+    // one pass over the source for every algorithm asked
+    const hashers = new Map([...new Set(wanted.map((w) => w[1]))].map((alg) => [alg, new exports.Digest(alg)]));
+    for (let offset = 0; offset < model.size; offset += INTEGRITY_CHUNK) {
+      const chunk = await model.read(offset, Math.min(INTEGRITY_CHUNK, model.size - offset));
+      for (const h of hashers.values()) h.update(chunk);
+    }
+    for (const [alg, h] of hashers) {
+      digests.set(alg, h.finish());
+      h.free();
+    }
+  }
   const got = [];
   for (const [, alg, hash] of wanted) {
-    const digest = new Uint8Array(await globalThis.crypto.subtle.digest(SRI_ALGORITHMS[alg], bytes));
+    const digest = streamed ? digests.get(alg) : new Uint8Array(await globalThis.crypto.subtle.digest(SRI_ALGORITHMS[alg], model));
     let binary = '';
     for (const b of digest) binary += String.fromCharCode(b);
     const b64 = btoa(binary);
@@ -750,7 +769,7 @@ export function registerKiln(/** @type {Platform} */ platform) {
       const streams = eps[0] === 'webgpu' && customOps.size === 0 && typeof platform.openFile === 'function';
       const modelSource = streams ? await platform.openFile(pathOrBuffer, modelProgress, 'model') : undefined;
       const model = modelSource ? new Uint8Array(0) : typeof pathOrBuffer === 'string' ? await platform.loadModel(pathOrBuffer, modelProgress) : pathOrBuffer;
-      if (options.integrity !== undefined) await checkIntegrity(modelSource ? await modelSource.bytes() : model, options.integrity);
+      if (options.integrity !== undefined) await checkIntegrity(modelSource ?? model, options.integrity, (await wasmInstance()).exports);
       validateSessionOptions(options);
       const freeDims = [];
       if (options.freeDimensionOverrides) {

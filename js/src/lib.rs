@@ -47,6 +47,46 @@ fn element_type(type_name: &str) -> Result<ElementType, String> {
     })
 }
 
+/// An incremental SHA-2 digest of one of SRI's algorithms (`integrity` over a streamed model: its bytes go through a
+/// chunk at a time, never whole; WebCrypto's `digest` takes whole buffers only).
+pub enum Digest {
+    Sha256(sha2::Sha256),
+    Sha384(sha2::Sha384),
+    Sha512(sha2::Sha512),
+}
+
+impl Digest {
+    /// SRI's algorithm names: `sha256`, `sha384`, `sha512`.
+    pub fn new(algorithm: &str) -> Result<Digest, String> {
+        use sha2::Digest as _;
+        match algorithm {
+            "sha256" => Ok(Digest::Sha256(sha2::Sha256::new())),
+            "sha384" => Ok(Digest::Sha384(sha2::Sha384::new())),
+            "sha512" => Ok(Digest::Sha512(sha2::Sha512::new())),
+            other => Err(format!("unsupported integrity algorithm `{other}` (expected sha256, sha384 or sha512)")),
+        }
+    }
+
+    pub fn update(&mut self, bytes: &[u8]) {
+        use sha2::Digest as _;
+        match self {
+            Digest::Sha256(d) => d.update(bytes),
+            Digest::Sha384(d) => d.update(bytes),
+            Digest::Sha512(d) => d.update(bytes),
+        }
+    }
+
+    /// The digest of every byte given so far.
+    pub fn finish(self) -> Vec<u8> {
+        use sha2::Digest as _;
+        match self {
+            Digest::Sha256(d) => d.finalize().to_vec(),
+            Digest::Sha384(d) => d.finalize().to_vec(),
+            Digest::Sha512(d) => d.finalize().to_vec(),
+        }
+    }
+}
+
 /// onnxruntime's `OrtErrorCode` for a kiln error kind (the number in onnxruntime-web's `ERROR_CODE: n` messages).
 pub fn ort_error_code(kind: kiln_provider::ErrorKind) -> u32 {
     use kiln_provider::ErrorKind as K;
@@ -846,6 +886,30 @@ mod web {
             .unwrap_or_else(|| format!("{e:?}"))
     }
 
+    /// An incremental SHA-2 digest (`new Digest('sha256' | 'sha384' | 'sha512')`, `update(bytes)`, `finish()`):
+    /// kiln-web checks `integrity` over a streamed model a chunk at a time.
+    #[wasm_bindgen(js_name = Digest)]
+    pub struct JsDigest {
+        inner: Option<super::Digest>,
+    }
+
+    #[wasm_bindgen(js_class = Digest)]
+    impl JsDigest {
+        #[wasm_bindgen(constructor)]
+        pub fn new(algorithm: &str) -> Result<JsDigest, JsError> {
+            Ok(JsDigest { inner: Some(super::Digest::new(algorithm).map_err(err)?) })
+        }
+
+        pub fn update(&mut self, bytes: &[u8]) -> Result<(), JsError> {
+            self.inner.as_mut().ok_or_else(|| err("the digest was finished"))?.update(bytes);
+            Ok(())
+        }
+
+        pub fn finish(&mut self) -> Result<Vec<u8>, JsError> {
+            Ok(self.inner.take().ok_or_else(|| err("the digest was finished"))?.finish())
+        }
+    }
+
     /// Bytes of this module's wasm memory (kiln-web's tests: streamed weights stay out of it).
     #[wasm_bindgen(js_name = wasmMemoryBytes)]
     pub fn wasm_memory_bytes() -> f64 {
@@ -1153,6 +1217,38 @@ mod web {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// FIPS 180-2's "abc" and two-block vectors, whole and fed a byte / 7 bytes / 64 bytes at a time.
+    #[test]
+    fn digests_match_the_fips_vectors_in_any_chunking() {
+        let two = b"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq";
+        let cases: [(&str, &[u8], &str); 4] = [
+            ("sha256", b"abc", "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"),
+            ("sha256", two, "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1"),
+            (
+                "sha384",
+                b"abc",
+                "cb00753f45a35e8bb5a03d699ac65007272c32ab0eded1631a8b605a43ff5bed8086072ba1e7cc2358baeca134c825a7",
+            ),
+            (
+                "sha512",
+                b"abc",
+                "ddaf35a193617abacc417349ae20413112e6fa4e89a97ea20a9eeee64b55d39a2192992a274fc1a836ba3c23a3feebbd\
+                 454d4423643ce80e2a9ac94fa54ca49f",
+            ),
+        ];
+        for (alg, data, want) in cases {
+            for chunk in [data.len().max(1), 1, 7, 64] {
+                let mut d = Digest::new(alg).unwrap();
+                for c in data.chunks(chunk) {
+                    d.update(c);
+                }
+                let hex: String = d.finish().iter().map(|b| format!("{b:02x}")).collect();
+                assert_eq!(hex, want, "{alg} of {} bytes in chunks of {chunk}", data.len());
+            }
+        }
+        assert!(Digest::new("md5").is_err());
+    }
 
     #[test]
     fn version_is_the_crate_version() {

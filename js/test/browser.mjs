@@ -340,7 +340,8 @@ test("browser: kiln-web on 'webgpu' streams weights, inline and external, into G
     `kiln-web: streamed ${mib(n.weights)} of external weights on 'webgpu': wasm memory ${mib(n.memoryAtStart)} at start, ` +
       `${mib(n.memoryAfterWebGpu)} after a URL source, ${mib(n.memoryAfterBlob)} after a Blob; ${mib(n.memoryAfterWasm)} ` +
       `after the same model on 'wasm'; max |webgpu - wasm| ${n.maxDiff}; onProgress events ${JSON.stringify(n.progressEvents)}; ` +
-      `the model in one file: wasm memory ${mib(n.memoryAfterSingleFile)}, max |webgpu - reference| ${n.singleFileMaxDiff}`,
+      `the model in one file: wasm memory ${mib(n.memoryAfterSingleFile)}, max |webgpu - reference| ${n.singleFileMaxDiff}, ` +
+      `largest read of its Blob ${mib(n.largestBlobRead)} (integrity hashed a chunk at a time)`,
   );
   assert.equal(Object.keys(results).length, 3, JSON.stringify(results));
   for (const [name, r] of Object.entries(results)) assert.equal(r, 'ok', `${name}: ${r}\n${logs.join('\n')}`);
