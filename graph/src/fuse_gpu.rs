@@ -438,6 +438,141 @@ pub fn fuse_elementwise(model: &mut TypedModel) -> Result<usize> {
     Ok(fused)
 }
 
+/// A view of `x` (shape `from`) as `to` (the same elements in the same order).
+fn reshape_op(from: &[TDim], to: &[TDim]) -> GpuOp {
+    use tract_onnx::tract_core::ops::change_axes::AxisOp;
+    GpuOp {
+        kernel: Kernel::View(kiln_wgsl::View::Reshape { at: 0, from_len: from.len(), to: to.to_vec() }),
+        cpu: Box::new(AxisOp::Reshape(0, from.iter().cloned().collect(), to.iter().cloned().collect())),
+    }
+}
+
+fn product(dims: &[TDim]) -> TDim {
+    dims.iter().fold(TDim::Val(1), |a, d| a * d.clone()).simplify()
+}
+
+/// An outer product written as an f32 MatMul with K = 1 and unit batch dims (transformers' rotary angles:
+/// `inv_freq[:, None] @ positions[None, :]`, then a transpose and reshapes) becomes a broadcast Mul in the shape its
+/// readers see: with the rotary's cos and sin (and the positions' Cast, moved after the reshape) it fuses into one
+/// dispatch, where it was a Cast, a tiled matmul, a transpose and the cos / sin kernel. Exact: each element is the one
+/// product the matmul would sum. Returns how many it rewrote. Runs before [`fuse_elementwise`].
+pub fn outer_products_as_muls(model: &mut TypedModel) -> Result<usize> {
+    const WHAT: &str = "rewriting an outer product as a Mul";
+    let outputs: HashSet<OutletId> = model.output_outlets().map_err(tract_err(WHAT))?.iter().copied().collect();
+    let one = TDim::Val(1);
+    let mut found = vec![];
+    for node in model.nodes() {
+        let Some(Kernel::MatMul { transpose_a, transpose_b, transpose_c, .. }) =
+            node.op_as::<GpuOp>().map(|g| &g.kernel)
+        else {
+            continue;
+        };
+        let (Some(a), Some(b)) = (node.inputs.first(), node.inputs.get(1)) else { continue };
+        let (fa, fb) =
+            (model.outlet_fact(*a).map_err(tract_err(WHAT))?, model.outlet_fact(*b).map_err(tract_err(WHAT))?);
+        let r = fa.rank();
+        let f32s = [fa.datum_type, fb.datum_type, node.outputs[0].fact.datum_type].iter().all(|d| *d == DatumType::F32);
+        if !f32s || r < 2 || fb.rank() != r || fa.shape.iter().chain(fb.shape.iter()).take(r - 2).any(|d| *d != one) {
+            continue;
+        }
+        let batch_ones = fa.shape.iter().take(r - 2).chain(fb.shape.iter().take(r - 2)).all(|d| *d == one);
+        let (ma, ka) =
+            if *transpose_a { (&fa.shape[r - 1], &fa.shape[r - 2]) } else { (&fa.shape[r - 2], &fa.shape[r - 1]) };
+        let (kb, nb) =
+            if *transpose_b { (&fb.shape[r - 1], &fb.shape[r - 2]) } else { (&fb.shape[r - 2], &fb.shape[r - 1]) };
+        if !batch_ones || *ka != one || *kb != one {
+            continue;
+        }
+        // the readers: transposes (while the product's two axes are whole) then views; `m_major`: the flat order
+        let mut m_major = !*transpose_c;
+        let mut at = OutletId::new(node.id, 0);
+        let mut seen_view = false;
+        let mut ok = true;
+        while let Some((next, _)) = sole_reader(model, &outputs, at.node) {
+            match &gpu_op(model, next).map(|g| &g.kernel) {
+                Some(Kernel::MoveAxis { from, to }) if !seen_view => {
+                    // the order of the non-unit axes after the move (this chain's shapes hold at most two)
+                    let shape = &model.outlet_fact(at).map_err(tract_err(WHAT))?.shape;
+                    let big: Vec<usize> = (0..shape.len()).filter(|i| shape[*i] != one).collect();
+                    let mut perm: Vec<usize> = (0..shape.len()).collect();
+                    let moved = perm.remove(*from);
+                    perm.insert(*to, moved);
+                    let after: Vec<usize> = perm.iter().copied().filter(|p| big.contains(p)).collect();
+                    if big.len() > 2 {
+                        ok = false;
+                        break;
+                    }
+                    if big.len() == 2 && after != big {
+                        m_major = !m_major;
+                    }
+                }
+                Some(Kernel::View(_)) => seen_view = true,
+                _ => break,
+            }
+            at = OutletId::new(next, 0);
+        }
+        if !ok {
+            continue;
+        }
+        let x_shape: Vec<TDim> = model.outlet_fact(at).map_err(tract_err(WHAT))?.shape.iter().cloned().collect();
+        let (outer_len, inner_len) = if m_major { (ma.clone(), nb.clone()) } else { (nb.clone(), ma.clone()) };
+        let Some(k) = (0..=x_shape.len()).find(|k| {
+            product(&x_shape[..*k]) == outer_len.clone().simplify()
+                && product(&x_shape[*k..]) == inner_len.clone().simplify()
+        }) else {
+            continue;
+        };
+        let (outer, inner) = if m_major { (*a, *b) } else { (*b, *a) };
+        let mut outer_shape = x_shape[..k].to_vec();
+        outer_shape.extend(std::iter::repeat_n(one.clone(), x_shape.len() - k));
+        // tract's binary ops take equal ranks: the inner operand's leading axes are unit ones
+        let mut inner_shape = vec![one.clone(); k];
+        inner_shape.extend(x_shape[k..].iter().cloned());
+        found.push((node.name.clone(), at, [(outer, outer_shape), (inner, inner_shape)]));
+    }
+    let rewritten = found.len();
+    for (name, x, operands) in found {
+        let mut patch = TypedModelPatch::default();
+        let mut wired = vec![];
+        for (i, (o, target)) in operands.into_iter().enumerate() {
+            // the tensor behind the operand's views (same elements, same order)
+            let mut src = o;
+            while is_view(model, src.node) {
+                src = model.node(src.node).inputs[0];
+            }
+            // a unary node there (the positions' Cast) moves after the reshape, next to the Mul it then fuses with
+            let unary = match step_of(model, model.node(src.node)) {
+                Some(Step::Unary(..)) => {
+                    gpu_op(model, src.node).cloned().map(|op| (op, model.node(src.node).inputs[0]))
+                }
+                _ => None,
+            };
+            let base = unary.as_ref().map_or(src, |(_, i)| *i);
+            let from: Vec<TDim> = model.outlet_fact(base).map_err(tract_err(WHAT))?.shape.iter().cloned().collect();
+            let t = patch.tap_model(model, base).map_err(tract_err(WHAT))?;
+            let v = patch
+                .wire_node(format!("{name}.outer.{i}"), reshape_op(&from, &target), &[t])
+                .map_err(tract_err(WHAT))?[0];
+            let v = match unary {
+                Some((op, _)) => patch.wire_node(format!("{name}.outer.{i}.op"), op, &[v]).map_err(tract_err(WHAT))?[0],
+                None => v,
+            };
+            wired.push(v);
+        }
+        let mul = GpuOp {
+            kernel: Kernel::Binary(kiln_wgsl::BinaryOp::Mul),
+            cpu: Box::new(tract_onnx::tract_core::ops::math::mul()),
+        };
+        let y = patch.wire_node(format!("{name}.outer"), mul, &wired).map_err(tract_err(WHAT))?[0];
+        patch.shunt_outside(model, x, y).map_err(tract_err(WHAT))?;
+        patch.apply(model).map_err(tract_err(WHAT))?;
+    }
+    if rewritten > 0 {
+        model.compact().map_err(tract_err(WHAT))?;
+    }
+    Ok(rewritten)
+}
+
 /// Joins a Gather of a float16 table and the Cast of its rows that is its only reader (an embedding lookup in a
 /// float16 model computing in f32) into one dispatch ([`Kernel::GatherCast`]). Returns how many it joined.
 pub fn fuse_gather_casts(model: &mut TypedModel) -> Result<usize> {

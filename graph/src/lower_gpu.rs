@@ -186,6 +186,7 @@ pub fn lower(model: &TypedModel, caps: &Caps) -> Result<Lowered> {
         crate::fuse_gpu::fuse_rotary_pairs(&mut target, caps.max_storage_buffers)?;
         crate::fuse_gpu::fuse_rotary_appends(&mut target, caps.max_storage_buffers)?;
         crate::fuse_gpu::fuse_qkv_rotations(&mut target, caps.max_storage_buffers)?;
+        crate::fuse_gpu::outer_products_as_muls(&mut target)?;
         crate::fuse_gpu::fuse_gather_casts(&mut target)?;
         crate::fuse_gpu::fuse_elementwise(&mut target)?;
     }

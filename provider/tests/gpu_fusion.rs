@@ -362,3 +362,36 @@ fn the_dynamo_mask_builder_is_one_dispatch_and_matches_its_definition() {
 fn a_mask_builder_with_a_rank_fix_is_one_dispatch_and_matches_its_definition() {
     check_mask_builder("rank_mask.onnx", &[], 1);
 }
+
+/// transformers' rotary angles as optimum exports them (`hf_rope_angles.onnx`: `inv_freq[None, :, None] @
+/// positions[:, None, :]` — a MatMul with K = 1 — transposed, concatenated with itself, cos and sin): the outer
+/// product runs as a broadcast Mul fused with the positions' Cast, and cos and sin as one kernel — 4 dispatches a
+/// run (the Cast · Mul, the Concat's two copies, cos and sin), where the Cast, the tiled matmul and the transpose
+/// (a copy for more than one position) were one each; the tables match the CPU's for one and several rows, odd and
+/// long positions.
+#[test]
+fn transformers_rotary_angles_fuse_into_the_positions_cast() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/mask/hf_rope_angles.onnx");
+    let bytes = std::fs::read(&path).expect("hf_rope_angles.onnx");
+    let Some(gpu) = gpu_session(&bytes) else { return };
+    let cpu = session(&bytes, ExecutionProvider::Cpu);
+    let outs: Vec<String> = gpu.outputs().iter().map(|o| o.name.clone()).collect();
+    for (b, s, first) in [(1usize, 1usize, 0i64), (1, 1, 2047), (2, 5, 3), (1, 33, 100)] {
+        let pos: Vec<i64> = (0..b * s).map(|k| first + (k % s) as i64 + 7 * (k / s) as i64).collect();
+        let feeds = vec![("position_ids".to_string(), Tensor::from_vec(&[b, s], pos).expect("positions"))];
+        let before = gpu.gpu_placement().expect("report").counters.dispatches;
+        let got = gpu.run(feeds.clone()).expect("gpu run");
+        let ran = gpu.gpu_placement().expect("report").counters.dispatches - before;
+        let want = cpu.run(feeds).expect("cpu run");
+        for out in &outs {
+            let (w, g) = (want.output(out).expect("output"), got.output(out).expect("output"));
+            assert_eq!(w.dims(), g.dims(), "({b}, {s}): {out}'s shapes differ");
+            let (w, g): (Vec<f32>, Vec<f32>) = (w.to_vec().expect("f32"), g.to_vec().expect("f32"));
+            for (i, (x, y)) in w.iter().zip(&g).enumerate() {
+                // cos / sin of the same f32 angle: the GPU's and the CPU's transcendentals, a few ulps of 1
+                assert!((x - y).abs() <= 2e-6, "({b}, {s}): {out}[{i}]: cpu {x} gpu {y}");
+            }
+        }
+        assert_eq!(ran, 4, "({b}, {s}): dispatches");
+    }
+}

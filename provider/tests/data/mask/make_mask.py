@@ -173,3 +173,22 @@ graph = helper.make_graph(
 model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 onnx.checker.check_model(model)
 onnx.save(model, os.path.join(os.path.dirname(os.path.abspath(__file__)), "rank_mask.onnx"))
+
+# hf_rope_angles.onnx: transformers' rotary angles and tables as optimum exports them (cut from the tiny llama
+# fixture's onnx_optimum): `inv_freq[None, :, None] @ position_ids[:, None, :]` (a MatMul with K = 1), transposed,
+# concatenated with itself, cos and sin (times the attention scaling).
+here = os.path.dirname(os.path.abspath(__file__))
+src = os.path.join(here, "../../../../../shared/models/tiny/tiny-llama/onnx_optimum/model.onnx")
+if os.path.exists(src):
+    import onnx.utils
+
+    onnx.utils.extract_model(
+        src,
+        os.path.join(here, "hf_rope_angles.onnx"),
+        ["position_ids"],
+        ["/model/rotary_emb/Cast_4_output_0", "/model/rotary_emb/Cast_5_output_0"],
+    )
+    # without the export's value_info (shapes of intermediates under the full model's names): inference decides
+    cut = onnx.load(os.path.join(here, "hf_rope_angles.onnx"))
+    del cut.graph.value_info[:]
+    onnx.save(cut, os.path.join(here, "hf_rope_angles.onnx"))
