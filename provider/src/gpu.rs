@@ -730,7 +730,7 @@ impl GpuBackend {
         }
         end_lap(rec, host_lap.take());
         // outputs left on the GPU: the device values behind them; host values (CPU nodes' outputs) go up
-        let mut gpu_out: HashMap<usize, GpuTensor> = HashMap::default();
+        let mut gpu_out: HashMap<usize, (GpuTensor, Option<Arc<std::sync::atomic::AtomicBool>>)> = HashMap::default();
         for (i, o) in wanted.iter().enumerate() {
             if !on_gpu(i) {
                 continue;
@@ -748,9 +748,10 @@ impl GpuBackend {
                     }
                 },
             };
-            // the application holds it now: the pool never hands it out again
-            rec.pool.disown(&g.buffer);
-            gpu_out.insert(i, g);
+            // the application holds it now: the pool hands it out again only once the application has dropped
+            // every handle without exposing the wgpu buffer (kiln_wgsl's BufferPool::disown)
+            let pooled = rec.pool.disown(&g.buffer);
+            gpu_out.insert(i, (g, pooled));
         }
         if !pending.is_empty() || !gpu_out.is_empty() {
             self.flush(rec, &mut state, &mut pending).await?;
@@ -767,13 +768,13 @@ impl GpuBackend {
         for (i, o) in wanted.into_iter().enumerate() {
             match gpu_out.remove(&i) {
                 // an empty tensor has no buffer to hand out: it comes back on the host (as onnxruntime-web does)
-                Some(g) if g.is_empty() => {
+                Some((g, _)) if g.is_empty() => {
                     let t = tensor_from_bytes(g.dt, &g.shape, &[]).map_err(gpu_err)?;
                     result.push(Value::Cpu(Tensor::from_tract(t)?));
                 }
-                Some(g) => {
+                Some((g, pooled)) => {
                     rec.counters.gpu_outputs += 1;
-                    let t = crate::gpu_value::GpuTensor::from_raw(g, &self.ctx)?;
+                    let t = crate::gpu_value::GpuTensor::from_pool(g, &self.ctx, pooled)?;
                     result.push(Value::Gpu(t));
                 }
                 None => {

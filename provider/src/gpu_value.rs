@@ -92,6 +92,9 @@ pub struct GpuTensor {
     /// compare equal).
     pub(crate) ctx: Arc<kiln_wgsl::Context>,
     element_type: ElementType,
+    /// An output the session's buffer pool may take back when every handle is gone (kiln_wgsl's
+    /// `BufferPool::disown`): set once the application exposes or releases the buffer.
+    pooled: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl std::fmt::Debug for GpuTensor {
@@ -120,7 +123,24 @@ fn gpu_err(e: kiln_wgsl::Error) -> Error {
 impl GpuTensor {
     pub(crate) fn from_raw(raw: kiln_wgsl::GpuTensor, ctx: &Arc<kiln_wgsl::Context>) -> Result<Self> {
         let element_type = ElementType::from_datum_type(raw.dt)?;
-        Ok(GpuTensor { raw, ctx: ctx.clone(), element_type })
+        Ok(GpuTensor { raw, ctx: ctx.clone(), element_type, pooled: None })
+    }
+
+    /// An output whose buffer the session's pool may take back once every handle is dropped, unless the flag is
+    /// set (the buffer exposed or released).
+    pub(crate) fn from_pool(
+        raw: kiln_wgsl::GpuTensor,
+        ctx: &Arc<kiln_wgsl::Context>,
+        pooled: Option<Arc<std::sync::atomic::AtomicBool>>,
+    ) -> Result<Self> {
+        Ok(GpuTensor { pooled, ..GpuTensor::from_raw(raw, ctx)? })
+    }
+
+    /// The pool never takes this buffer back (the application may hold the `wgpu::Buffer` itself, or released it).
+    fn expose(&self) {
+        if let Some(f) = &self.pooled {
+            f.store(true, std::sync::atomic::Ordering::Release);
+        }
     }
 
     /// A tensor of `element_type` and `dims` in an application's buffer (onnxruntime-web's
@@ -176,6 +196,8 @@ impl GpuTensor {
     /// The wgpu buffer (in a browser `wgpu::Buffer::as_webgpu` gives the `GPUBuffer`). For a KV store see
     /// [`GpuTensor::row_capacity`]; [`GpuTensor::contiguous`] gives a buffer holding exactly the tensor.
     pub fn buffer(&self) -> &wgpu::Buffer {
+        // the application may keep a clone of the handle: the buffer is its own from now on
+        self.expose();
         &self.raw.buffer
     }
     /// The device the buffer belongs to.
@@ -225,7 +247,10 @@ impl GpuTensor {
     /// shared (a `present.*` appended in place into the store a `past_key_values.*` handle also sees) is left alone.
     /// For a tensor made from an application's buffer that buffer is destroyed too. Returns whether it was.
     pub fn release(self) -> bool {
-        if Arc::strong_count(&self.raw.buffer) == 1 {
+        // the session's pool keeps a handle on an output it may take back (not any more: released)
+        self.expose();
+        let pool = self.pooled.is_some() as usize;
+        if Arc::strong_count(&self.raw.buffer) <= 1 + pool {
             self.raw.buffer.destroy();
             true
         } else {

@@ -313,3 +313,68 @@ fn bad_generation_options_are_clear_errors() {
     let e = blocking::Session::from_path(&path, &opts(present)).err().expect("a non-head output is refused");
     assert!(e.to_string().contains("not a MatMul head") || e.to_string().contains("does not come from"), "{e}");
 }
+
+/// The next token left on the GPU comes back to the session's buffer pool once the application drops it (a run in
+/// a steady loop makes no buffer) — but not when the application took its `wgpu::Buffer` (it may hold a clone:
+/// later runs never write into it) or released the tensor (destroyed at once, as onnxruntime-web's `dispose`).
+#[test]
+fn an_output_buffer_the_application_took_or_released_is_never_reused() {
+    let dir = tiny_fixtures().join("tiny-llama/onnx_optimum");
+    let gpu = session(&dir.join("model.onnx"), ExecutionProvider::WebGpu, helpers());
+    if gpu.gpu_placement().is_none() {
+        assert!(
+            gpu.provider_note().is_some_and(|n| n.contains("no GPU adapter")),
+            "the GPU did not take the model: {:?}",
+            gpu.provider_note()
+        );
+        eprintln!("\n!!!!!!!! SKIPPING the pooled outputs: no GPU adapter ({:?}) !!!!!!!!\n", gpu.provider_note());
+        return;
+    }
+    let set0 = read_inputs(&gpu, &dir.join("test_data_set_0"));
+    let past: HashMap<String, Value> =
+        set0.into_iter().filter(|(n, _)| n.starts_with("past")).map(|(n, t)| (n, t.into())).collect();
+    let options = RunOptions {
+        preferred_output_location: Some(PreferredOutputLocation::PerOutput(
+            [(NEXT_TOKEN.to_string(), Location::GpuBuffer)].into_iter().collect(),
+        )),
+    };
+    // the same prefill every run: a steady loop's allocations
+    let run = || -> (kiln_provider::GpuTensor, usize) {
+        let before = gpu.gpu_placement().expect("report").counters.buffers_created;
+        let mut out = gpu.run_with(feeds(&gpu, &[11, 22, 33], 0, &past), Some(&[NEXT_TOKEN]), &options).unwrap();
+        let made = gpu.gpu_placement().expect("report").counters.buffers_created - before;
+        match out.take_value(NEXT_TOKEN) {
+            Some(Value::Gpu(t)) => (t, made),
+            other => panic!("the next token is not on the GPU: {other:?}"),
+        }
+    };
+    let token = |t: &kiln_provider::GpuTensor| {
+        let host = pollster::block_on(t.download()).unwrap();
+        host.cast(kiln_provider::ElementType::I64).unwrap().as_slice::<i64>().unwrap()[0]
+    };
+    let (first, _) = run();
+    let want = token(&first);
+    drop(first);
+    for _ in 0..3 {
+        let (t, _) = run();
+        assert_eq!(token(&t), want);
+    }
+    // dropped: taken back, no buffer made
+    let (t, made) = run();
+    assert_eq!(made, 0, "a steady run whose last token was dropped made {made} buffers");
+    // exposed: never taken back
+    let exposed = t.buffer().clone();
+    drop(t);
+    for i in 0..3 {
+        let (t, made) = run();
+        assert!(i > 0 || made == 1, "after an exposed token the next run makes one buffer, made {made}");
+        assert!(t.buffer() != &exposed, "run {i}: the token landed in a buffer the application holds");
+        assert_eq!(token(&t), want);
+    }
+    // released: destroyed now (the pool's handle does not keep it), and the next run makes its own
+    let (t, _) = run();
+    assert!(t.release(), "releasing the only application handle destroys the buffer");
+    let (t, made) = run();
+    assert_eq!(made, 1, "after a released token the next run makes one buffer, made {made}");
+    assert_eq!(token(&t), want);
+}

@@ -72,11 +72,12 @@ pub struct BufferPool {
     /// buffer that stands in for it this run: every later allocation that had it takes the stand-in, instead of
     /// each displacing another allocation's buffer (and its cached bind groups).
     stand_in: HashMap<usize, usize>,
-    /// Buffers the pool made and handed to the application (native): once the application has dropped every
-    /// handle (the pool's is the last), an allocation that handed its buffer out last run takes one back instead
-    /// of creating a buffer (a decode loop's next token: a buffer made and freed every step otherwise). Not in
-    /// wasm, where the application may hold the GPUBuffer itself beyond kiln's handle.
-    handed: Vec<Arc<wgpu::Buffer>>,
+    /// Buffers the pool made and handed to the application (native), each with its flag of exposure: once the
+    /// application has dropped every handle (the pool's is the last) and never took the `wgpu::Buffer` itself (nor
+    /// released the tensor: the flag), an allocation that handed its buffer out last run takes one back instead of
+    /// creating a buffer (a decode loop's next token: a buffer made and freed every step otherwise). Not in wasm,
+    /// where the application may hold the GPUBuffer itself beyond kiln's handle.
+    handed: Vec<(Arc<wgpu::Buffer>, Arc<std::sync::atomic::AtomicBool>)>,
 }
 
 impl BufferPool {
@@ -157,8 +158,11 @@ impl BufferPool {
 
     /// A buffer of `class` the application had and let go of (the pool holds its only handle), owned again.
     fn take_handed_back(&mut self, class: u64) -> Option<Arc<wgpu::Buffer>> {
-        let at = self.handed.iter().position(|b| b.size() == class && Arc::strong_count(b) == 1)?;
-        let b = self.handed.swap_remove(at);
+        let free = |(b, exposed): &(Arc<wgpu::Buffer>, Arc<std::sync::atomic::AtomicBool>)| {
+            b.size() == class && Arc::strong_count(b) == 1 && !exposed.load(std::sync::atomic::Ordering::Acquire)
+        };
+        let at = self.handed.iter().position(free)?;
+        let (b, _) = self.handed.swap_remove(at);
         let addr = Arc::as_ptr(&b) as usize;
         self.owned.insert(addr);
         self.bytes += b.size();
@@ -168,9 +172,12 @@ impl BufferPool {
 
     /// A run ended: its allocations become the ones the next run tries to repeat.
     fn end_run(&mut self) {
-        // the buffers the application let go of (the pool's handle is the last) beyond one of each size are freed
+        // the buffers the application let go of (the pool's handle is the last) beyond one of each size, and those
+        // it exposed or released, are freed
         let mut kept = std::collections::HashSet::new();
-        self.handed.retain(|b| Arc::strong_count(b) > 1 || kept.insert(b.size()));
+        self.handed.retain(|(b, exposed)| {
+            Arc::strong_count(b) > 1 || (!exposed.load(std::sync::atomic::Ordering::Acquire) && kept.insert(b.size()))
+        });
         self.last = std::mem::take(&mut self.now);
         self.ahead.clear();
         self.stand_in.clear();
@@ -191,13 +198,18 @@ impl BufferPool {
         self.owned.contains(&(Arc::as_ptr(buffer) as usize))
     }
     /// The pool lets go of `buffer` for good (it goes to the application: freed when its last holder drops it).
-    pub fn disown(&mut self, buffer: &Arc<wgpu::Buffer>) {
+    /// Returns the flag the application's handle sets when it exposes the `wgpu::Buffer` or releases the tensor
+    /// (the pool then never takes the buffer back), when the pool may take it back (native).
+    pub fn disown(&mut self, buffer: &Arc<wgpu::Buffer>) -> Option<Arc<std::sync::atomic::AtomicBool>> {
         if self.owned.remove(&(Arc::as_ptr(buffer) as usize)) {
             self.bytes = self.bytes.saturating_sub(buffer.size());
             if cfg!(not(target_arch = "wasm32")) && buffer.size().is_power_of_two() {
-                self.handed.push(buffer.clone());
+                let exposed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                self.handed.push((buffer.clone(), exposed.clone()));
+                return Some(exposed);
             }
         }
+        None
     }
     /// Gives a buffer back; only buffers the pool made (power-of-two sizes) are kept.
     pub fn give(&mut self, buffer: Arc<wgpu::Buffer>) {
