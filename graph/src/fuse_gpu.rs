@@ -129,13 +129,12 @@ fn index_component(model: &TypedModel, o: OutletId) -> Option<(Leaf, Option<usiz
 
 /// A GatherND the fusion reads as a strided input: batch_dims 0, word data of rank k, index tuples a Concat along
 /// their last axis of k leaves (ranges of the run's dims, through views and Expands). Returns the components, the
-/// Concat and Expands it takes in, the consumer and the views before it.
-#[allow(clippy::type_complexity)]
+/// Concat, Expands and views after it that it takes in, and the consumer.
 fn fusable_gather_nd(
     model: &TypedModel,
     outputs: &HashSet<OutletId>,
     g: usize,
-) -> Option<(Vec<Leaf>, Vec<usize>, usize, Vec<usize>)> {
+) -> Option<(Vec<Leaf>, Vec<usize>, usize)> {
     let node = model.node(g);
     let Kernel::GatherNd { batch_dims: 0 } = gpu_op(model, g)?.kernel else { return None };
     let data = model.outlet_fact(*node.inputs.first()?).ok()?;
@@ -157,25 +156,10 @@ fn fusable_gather_nd(
         comps.push(leaf);
         taken.extend(expand);
     }
-    let mut views = vec![];
-    let mut at = g;
-    let consumer = loop {
-        let (next, _) = sole_reader(model, outputs, at)?;
-        if is_view(model, next) {
-            views.push(next);
-            at = next;
-        } else {
-            break next;
-        }
-    };
-    step_of(model, model.node(consumer))?;
-    let seen: Vec<TDim> = model.node(at).outputs[0].fact.shape.iter().cloned().collect();
     let own: Vec<TDim> = node.outputs[0].fact.shape.iter().cloned().collect();
-    if strip_leading_ones(&seen) != strip_leading_ones(&own) {
-        return None;
-    }
+    let (consumer, views) = reader_through_views(model, outputs, g, &own)?;
     taken.extend(views);
-    Some((comps, taken, consumer, vec![]))
+    Some((comps, taken, consumer))
 }
 
 /// The single reader of `n`'s output (not a model output), with the input slot it reads.
@@ -193,6 +177,29 @@ fn strip_leading_ones(s: &[TDim]) -> &[TDim] {
     &s[k..]
 }
 
+/// The elementwise node a gather's value reaches through views it alone reads (`.0`), the views (`.1`), and
+/// whether the node sees the value in `own` shape (leading unit axes aside): the frame it is computed in.
+fn reader_through_views(
+    model: &TypedModel,
+    outputs: &HashSet<OutletId>,
+    g: usize,
+    own: &[TDim],
+) -> Option<(usize, Vec<usize>)> {
+    let mut views = vec![];
+    let mut at = g;
+    let consumer = loop {
+        let (next, _) = sole_reader(model, outputs, at)?;
+        if !is_view(model, next) {
+            break next;
+        }
+        views.push(next);
+        at = next;
+    };
+    step_of(model, model.node(consumer))?;
+    let seen: Vec<TDim> = model.node(at).outputs[0].fact.shape.iter().cloned().collect();
+    (strip_leading_ones(&seen) == strip_leading_ones(own)).then_some((consumer, views))
+}
+
 /// A Gather the fusion can read at computed indices: word data with one non-unit axis (the gathered one), i32 / i64
 /// indices. Returns the views after it (up to the consumer `.0`) when they only reshape it to the indices' frame.
 fn fusable_gather(model: &TypedModel, outputs: &HashSet<OutletId>, g: usize) -> Option<(usize, Vec<usize>)> {
@@ -205,22 +212,9 @@ fn fusable_gather(model: &TypedModel, outputs: &HashSet<OutletId>, g: usize) -> 
     if data.shape.iter().enumerate().any(|(a, d)| a != axis && *d != TDim::Val(1)) {
         return None;
     }
-    let mut views = vec![];
-    let mut at = g;
-    let consumer = loop {
-        let (next, _) = sole_reader(model, outputs, at)?;
-        if is_view(model, next) {
-            views.push(next);
-            at = next;
-        } else {
-            break next;
-        }
-    };
-    step_of(model, model.node(consumer))?;
-    // read per element of the indices' frame: the consumer must see the indices' shape (leading unit axes aside)
-    let seen: Vec<TDim> = model.node(at).outputs[0].fact.shape.iter().cloned().collect();
+    // read per element of the indices' frame: the consumer must see the indices' shape
     let frame: Vec<TDim> = idx.shape.iter().cloned().collect();
-    (strip_leading_ones(&seen) == strip_leading_ones(&frame)).then_some((consumer, views))
+    reader_through_views(model, outputs, g, &frame)
 }
 
 /// The unary nodes and views between a fusable Gather's data and the input it stands on (read in that input's
@@ -317,7 +311,7 @@ pub fn fuse_elementwise(model: &mut TypedModel) -> Result<usize> {
         if let Some((consumer, views)) = fusable_gather(model, &outputs, n) {
             folds_into.insert(n, consumer);
             gathers.insert(n, views);
-        } else if let Some((_, taken, consumer, _)) = fusable_gather_nd(model, &outputs, n) {
+        } else if let Some((_, taken, consumer)) = fusable_gather_nd(model, &outputs, n) {
             folds_into.insert(n, consumer);
             gathers.insert(n, taken);
         }
@@ -386,6 +380,12 @@ pub fn fuse_elementwise(model: &mut TypedModel) -> Result<usize> {
         }
     }
     join_siblings(model, &outputs, &mut groups);
+    // the nodes a group takes in: elementwise nodes, gathers and what they take in (index tuples, views)
+    let taken_in: HashSet<usize> = fusable
+        .iter()
+        .copied()
+        .chain(gathers.iter().flat_map(|(g, t)| std::iter::once(*g).chain(t.iter().copied())))
+        .collect();
     let position: HashMap<usize, usize> = order.iter().enumerate().map(|(i, n)| (*n, i)).collect();
     let mut groups: Vec<Group> = groups.into_values().collect();
     groups.sort_by_key(|g| position[&g.sink]);
@@ -396,7 +396,7 @@ pub fn fuse_elementwise(model: &mut TypedModel) -> Result<usize> {
         let lone = group.siblings.is_empty();
         if lone
             && leaf_of(model, OutletId::new(group.sink, 0)).is_some()
-            && read_as_leaf_only(model, &outputs, group.sink)
+            && read_as_leaf_only(model, &outputs, &taken_in, group.sink)
         {
             continue;
         }
@@ -472,7 +472,7 @@ pub fn outer_products_as_muls(model: &mut TypedModel) -> Result<usize> {
             (model.outlet_fact(*a).map_err(tract_err(WHAT))?, model.outlet_fact(*b).map_err(tract_err(WHAT))?);
         let r = fa.rank();
         let f32s = [fa.datum_type, fb.datum_type, node.outputs[0].fact.datum_type].iter().all(|d| *d == DatumType::F32);
-        if !f32s || r < 2 || fb.rank() != r || fa.shape.iter().chain(fb.shape.iter()).take(r - 2).any(|d| *d != one) {
+        if !f32s || r < 2 || fb.rank() != r {
             continue;
         }
         let batch_ones = fa.shape.iter().take(r - 2).chain(fb.shape.iter().take(r - 2)).all(|d| *d == one);
@@ -620,23 +620,19 @@ pub fn fuse_gather_casts(model: &mut TypedModel) -> Result<usize> {
     Ok(joined)
 }
 
-/// Whether every reader of `n` (through views) is an elementwise node or a gather the fusion takes in (which read
-/// it as a leaf), and it is no model output.
-fn read_as_leaf_only(model: &TypedModel, outputs: &HashSet<OutletId>, n: usize) -> bool {
+/// Whether every reader of `n` (through views) is a node a group takes in (`taken_in`: they read it as a leaf),
+/// and it is no model output.
+fn read_as_leaf_only(model: &TypedModel, outputs: &HashSet<OutletId>, taken_in: &HashSet<usize>, n: usize) -> bool {
     let mut stack = vec![n];
     while let Some(m) = stack.pop() {
         let node = model.node(m);
-        if node.outputs.iter().enumerate().any(|(s, _)| outputs.contains(&OutletId::new(m, s))) {
+        if (0..node.outputs.len()).any(|s| outputs.contains(&OutletId::new(m, s))) {
             return false;
         }
-        for succ in node.outputs.iter().flat_map(|o| &o.successors) {
-            let r = succ.node;
-            let gather = gpu_op(model, r).is_some_and(|g| {
-                matches!(g.kernel, Kernel::Gather { .. } | Kernel::Concat { .. } | Kernel::Broadcast { .. })
-            });
+        for r in node.outputs.iter().flat_map(|o| &o.successors).map(|s| s.node) {
             if is_view(model, r) {
                 stack.push(r);
-            } else if step_of(model, model.node(r)).is_none() && !gather {
+            } else if !taken_in.contains(&r) {
                 return false;
             }
         }
@@ -832,8 +828,7 @@ fn build(
     }
     let out_dt = model.outlet_fact(sink).ok()?.datum_type;
     let inputs = b.externals.len();
-    let program =
-        FusedProgram::with_leaves(inputs, b.leaves, b.indexed, vec![], b.steps, out_dt).with_more_outputs(more);
+    let program = FusedProgram::with_leaves(inputs, b.leaves, b.indexed, b.steps, out_dt).with_more_outputs(more);
     program.check().ok()?;
     let outputs = program.outputs();
     Some((program, FusedChain { inputs, steps: b.cpu_steps, outputs }, b.externals))

@@ -217,8 +217,8 @@ pub fn fuse_rotate_half_rope(model: &mut TypedModel) -> TractResult<usize> {
                     let g = tract_onnx::tract_core::ops::array::Gather { axis: 0, output_type: None };
                     halves.push(patch.wire_node(format!("{base}.rope_{which}_half"), g, &[k, it])?[0]);
                 }
-                let names = if positions.is_some() { ["table", "table"] } else { ["half", "half"] };
-                caches.insert(key, (format!("{base}.rope_cos_{}", names[0]), format!("{base}.rope_sin_{}", names[1])));
+                let kind = if positions.is_some() { "table" } else { "half" };
+                caches.insert(key, (format!("{base}.rope_cos_{kind}"), format!("{base}.rope_sin_{kind}")));
                 (halves[0], halves[1])
             }
             (None, Angles::Angles(f)) => {

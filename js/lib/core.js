@@ -626,7 +626,7 @@ function loadProgress(onProgress, sources) {
 const SRI_ALGORITHMS = { sha256: 'SHA-256', sha384: 'SHA-384', sha512: 'SHA-512' };
 
 /** Bytes of a streamed model hashed at a time (`checkIntegrity` over a source). */
-export const INTEGRITY_CHUNK = 8 << 20;
+const INTEGRITY_CHUNK = 8 << 20;
 
 /**
  * Checks bytes against a Subresource Integrity string (`'sha256-<base64>'`, several space-separated hashes allowed:
@@ -646,13 +646,14 @@ export async function checkIntegrity(model, integrity, exports) {
   if (streamed) {
     // one pass over the source for every algorithm asked
     const hashers = new Map([...new Set(wanted.map((w) => w[1]))].map((alg) => [alg, new exports.Digest(alg)]));
-    for (let offset = 0; offset < model.size; offset += INTEGRITY_CHUNK) {
-      const chunk = await model.read(offset, Math.min(INTEGRITY_CHUNK, model.size - offset));
-      for (const h of hashers.values()) h.update(chunk);
-    }
-    for (const [alg, h] of hashers) {
-      digests.set(alg, h.finish());
-      h.free();
+    try {
+      for (let offset = 0; offset < model.size; offset += INTEGRITY_CHUNK) {
+        const chunk = await model.read(offset, Math.min(INTEGRITY_CHUNK, model.size - offset));
+        for (const h of hashers.values()) h.update(chunk);
+      }
+      for (const [alg, h] of hashers) digests.set(alg, h.finish());
+    } finally {
+      for (const h of hashers.values()) h.free();
     }
   }
   const got = [];

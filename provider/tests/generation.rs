@@ -70,11 +70,7 @@ fn compare(model: &str, ep: ExecutionProvider) {
     let plain = session(&path, ep, GenerationOptions::default());
     let gen = session(&path, ep, helpers());
     if ep == ExecutionProvider::WebGpu && gen.gpu_placement().is_none() {
-        assert!(
-            gen.provider_note().is_some_and(|n| n.contains("no GPU adapter")),
-            "the GPU did not take the model: {:?}",
-            gen.provider_note()
-        );
+        assert_no_gpu_adapter(gen.provider_note());
         eprintln!("\n!!!!!!!! SKIPPING {model} ON THE GPU: no GPU adapter ({:?}) !!!!!!!!\n", gen.provider_note());
         return;
     }
@@ -136,11 +132,7 @@ fn greedy_step_reads_back_one_token() {
     let cpu = session(&path, ExecutionProvider::Cpu, helpers());
     let gpu = session(&path, ExecutionProvider::WebGpu, helpers());
     if gpu.gpu_placement().is_none() {
-        assert!(
-            gpu.provider_note().is_some_and(|n| n.contains("no GPU adapter")),
-            "the GPU did not take the model: {:?}",
-            gpu.provider_note()
-        );
+        assert_no_gpu_adapter(gpu.provider_note());
         eprintln!("\n!!!!!!!! SKIPPING the GPU greedy step: no GPU adapter ({:?}) !!!!!!!!\n", gpu.provider_note());
         return;
     }
@@ -262,11 +254,7 @@ fn a_pipelined_greedy_loop_keeps_the_token_on_the_gpu() {
         let path = dir.join("model.onnx");
         let gpu = session(&path, ExecutionProvider::WebGpu, helpers());
         if gpu.gpu_placement().is_none() {
-            assert!(
-                gpu.provider_note().is_some_and(|n| n.contains("no GPU adapter")),
-                "the GPU did not take the model: {:?}",
-                gpu.provider_note()
-            );
+            assert_no_gpu_adapter(gpu.provider_note());
             eprintln!("\n!!!!!!!! SKIPPING the pipelined loop: no GPU adapter ({:?}) !!!!!!!!\n", gpu.provider_note());
             return;
         }
@@ -322,11 +310,7 @@ fn an_output_buffer_the_application_took_or_released_is_never_reused() {
     let dir = tiny_fixtures().join("tiny-llama/onnx_optimum");
     let gpu = session(&dir.join("model.onnx"), ExecutionProvider::WebGpu, helpers());
     if gpu.gpu_placement().is_none() {
-        assert!(
-            gpu.provider_note().is_some_and(|n| n.contains("no GPU adapter")),
-            "the GPU did not take the model: {:?}",
-            gpu.provider_note()
-        );
+        assert_no_gpu_adapter(gpu.provider_note());
         eprintln!("\n!!!!!!!! SKIPPING the pooled outputs: no GPU adapter ({:?}) !!!!!!!!\n", gpu.provider_note());
         return;
     }

@@ -367,11 +367,7 @@ fn fixture(model: &str) {
     let session = Session::from_path(dir.join("model.onnx"), &options(ExecutionProvider::WebGpu))
         .unwrap_or_else(|e| panic!("{model}: loading: {e}"));
     let Some(report) = session.gpu_placement() else {
-        assert!(
-            session.provider_note().is_some_and(|n| n.contains("no GPU adapter")),
-            "the GPU did not take the model: {:?}",
-            session.provider_note()
-        );
+        assert_no_gpu_adapter(session.provider_note());
         eprintln!("\n!!!!!!!! SKIPPING {model} ON THE GPU: no GPU adapter ({:?}) !!!!!!!!\n", session.provider_note());
         return;
     };

@@ -517,11 +517,7 @@ fn f16_models_run_on_the_gpu_with_and_without_shader_f16() {
             let cpu = Session::from_bytes(bytes, &SessionOptions::default()).expect("cpu session");
             let gpu = in_mode(native, || Session::from_bytes(bytes, &gpu_options())).expect("gpu session");
             let Some(report) = gpu.gpu_placement() else {
-                assert!(
-                    gpu.provider_note().is_some_and(|n| n.contains("no GPU adapter")),
-                    "the GPU did not take the model: {:?}",
-                    gpu.provider_note()
-                );
+                assert_no_gpu_adapter(gpu.provider_note());
                 eprintln!("\n!!!!!!!! SKIPPING: no GPU adapter ({:?}) !!!!!!!!\n", gpu.provider_note());
                 return;
             };
@@ -689,11 +685,7 @@ fn float16_models_multiply_in_float16_where_the_adapter_has_shader_f16() {
                 let opts = SessionOptions { gpu_tuning: Some(tuning), gpu_f16_math: f16_option, ..gpu_options() };
                 let gpu = in_mode(native, || Session::from_bytes(&bytes, &opts)).expect("gpu session");
                 let Some(report) = gpu.gpu_placement() else {
-                    assert!(
-                        gpu.provider_note().is_some_and(|n| n.contains("no GPU adapter")),
-                        "the GPU did not take the model: {:?}",
-                        gpu.provider_note()
-                    );
+                    assert_no_gpu_adapter(gpu.provider_note());
                     eprintln!("\n!!!!!!!! SKIPPING: no GPU adapter ({:?}) !!!!!!!!\n", gpu.provider_note());
                     return;
                 };
@@ -779,11 +771,7 @@ fn float16_attention_multiplies_in_float16_where_the_adapter_has_shader_f16() {
                 let cpu = Session::from_bytes(&bytes, &SessionOptions::default()).expect("cpu session");
                 let gpu = in_mode(native, || Session::from_bytes(&bytes, &gpu_options())).expect("gpu session");
                 let Some(report) = gpu.gpu_placement() else {
-                    assert!(
-                        gpu.provider_note().is_some_and(|n| n.contains("no GPU adapter")),
-                        "the GPU did not take the model: {:?}",
-                        gpu.provider_note()
-                    );
+                    assert_no_gpu_adapter(gpu.provider_note());
                     eprintln!("\n!!!!!!!! SKIPPING: no GPU adapter ({:?}) !!!!!!!!\n", gpu.provider_note());
                     return;
                 };
@@ -842,11 +830,7 @@ fn float16_attention_scores_of_large_q_and_k_stay_finite() {
         let (bytes, feeds) = attention_case(FLOAT16, s, d, 0.125, vec![70f32; s * d], k, v.clone());
         let gpu = in_mode(true, || Session::from_bytes(&bytes, &gpu_options())).expect("gpu session");
         let Some(report) = gpu.gpu_placement() else {
-            assert!(
-                gpu.provider_note().is_some_and(|n| n.contains("no GPU adapter")),
-                "the GPU did not take the model: {:?}",
-                gpu.provider_note()
-            );
+            assert_no_gpu_adapter(gpu.provider_note());
             eprintln!("\n!!!!!!!! SKIPPING: no GPU adapter ({:?}) !!!!!!!!\n", gpu.provider_note());
             return;
         };
@@ -900,11 +884,7 @@ fn an_f16_table_over_the_binding_limit_is_split_and_gathered_on_the_gpu() {
         })
         .expect("gpu session");
         let Some(report) = gpu.gpu_placement() else {
-            assert!(
-                gpu.provider_note().is_some_and(|n| n.contains("no GPU adapter")),
-                "the GPU did not take the model: {:?}",
-                gpu.provider_note()
-            );
+            assert_no_gpu_adapter(gpu.provider_note());
             eprintln!("\n!!!!!!!! SKIPPING: no GPU adapter ({:?}) !!!!!!!!\n", gpu.provider_note());
             return;
         };
@@ -953,11 +933,7 @@ fn check_fp16_fixture(model: &str) {
         let session = in_mode(native, || Session::from_path(dir.join("model.onnx"), &gpu_options()))
             .unwrap_or_else(|e| panic!("{model}: loading: {e}"));
         let Some(report) = session.gpu_placement() else {
-            assert!(
-                session.provider_note().is_some_and(|n| n.contains("no GPU adapter")),
-                "the GPU did not take the model: {:?}",
-                session.provider_note()
-            );
+            assert_no_gpu_adapter(session.provider_note());
             eprintln!(
                 "\n!!!!!!!! SKIPPING {model} ON THE GPU: no GPU adapter ({:?}) !!!!!!!!\n",
                 session.provider_note()

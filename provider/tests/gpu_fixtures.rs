@@ -14,11 +14,7 @@ fn check(model: &str) {
     let session =
         blocking::Session::from_path(dir.join("model.onnx"), &opts).unwrap_or_else(|e| panic!("{model}: loading: {e}"));
     let Some(report) = session.gpu_placement() else {
-        assert!(
-            session.provider_note().is_some_and(|n| n.contains("no GPU adapter")),
-            "the GPU did not take the model: {:?}",
-            session.provider_note()
-        );
+        assert_no_gpu_adapter(session.provider_note());
         eprintln!(
             "\n!!!!!!!! SKIPPING {model} ON THE GPU: no GPU adapter ({:?}). \
              Install lavapipe: apt-get install -y mesa-vulkan-drivers libvulkan1 !!!!!!!!\n",

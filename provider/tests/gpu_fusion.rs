@@ -11,6 +11,9 @@ use kiln_provider::blocking::Session;
 use kiln_provider::{ExecutionProvider, SessionOptions, Tensor};
 use prost::Message;
 
+mod common;
+use common::assert_no_gpu_adapter;
+
 fn value_info(name: &str, dims: &[usize]) -> pb::ValueInfoProto {
     let dim = dims
         .iter()
@@ -29,12 +32,7 @@ fn value_info(name: &str, dims: &[usize]) -> pb::ValueInfoProto {
     }
 }
 
-/// A graph of `nodes` (op, inputs, output) over f32 `inputs`; the output is `y`.
-fn model(inputs: &[(&str, &[usize])], nodes: &[(&str, &[&str], &str)]) -> Vec<u8> {
-    model_with_outputs(inputs, nodes, &["y"])
-}
-
-/// A graph of `nodes` over f32 `inputs` with the outputs `outs` (shapes left to inference).
+/// A graph of `nodes` (op, inputs, output) over f32 `inputs` with the outputs `outs` (shapes left to inference).
 fn model_with_outputs(inputs: &[(&str, &[usize])], nodes: &[(&str, &[&str], &str)], outs: &[&str]) -> Vec<u8> {
     let graph = pb::GraphProto {
         name: "g".into(),
@@ -103,19 +101,28 @@ fn session(bytes: &[u8], ep: ExecutionProvider) -> Session {
 fn gpu_session(bytes: &[u8]) -> Option<Session> {
     let gpu = session(bytes, ExecutionProvider::WebGpu);
     if gpu.execution_provider() != ExecutionProvider::WebGpu {
-        let note = gpu.provider_note().unwrap_or_default().to_string();
-        assert!(note.contains("no GPU adapter"), "the GPU did not take the model: {note}");
-        eprintln!("\n!!!!!!!! SKIPPING GPU FUSION TESTS: no GPU adapter ({note}) !!!!!!!!\n");
+        assert_no_gpu_adapter(gpu.provider_note());
+        eprintln!("\n!!!!!!!! SKIPPING GPU FUSION TESTS: no GPU adapter ({:?}) !!!!!!!!\n", gpu.provider_note());
         return None;
     }
     gpu.set_gpu_poison(true);
     Some(gpu)
 }
 
-/// Runs the graph on both providers twice (fresh random inputs), compares, and returns the GPU's dispatches per run
-/// (`None` when there is no GPU adapter).
+/// Runs the graph (output `y`) on both providers twice (fresh random inputs), compares, and returns the GPU's
+/// dispatches per run (`None` when there is no GPU adapter).
 fn check(name: &str, inputs: &[(&str, &[usize])], nodes: &[(&str, &[&str], &str)]) -> Option<usize> {
-    let bytes = model(inputs, nodes);
+    check_outputs(name, inputs, nodes, &["y"])
+}
+
+/// [`check`] of a graph with the outputs `outs`.
+fn check_outputs(
+    name: &str,
+    inputs: &[(&str, &[usize])],
+    nodes: &[(&str, &[&str], &str)],
+    outs: &[&str],
+) -> Option<usize> {
+    let bytes = model_with_outputs(inputs, nodes, outs);
     let gpu = gpu_session(&bytes)?;
     let report = gpu.gpu_placement().expect("a GPU session has a placement report");
     let cpu_nodes: Vec<_> = report.nodes.iter().filter(|p| p.reason.is_some()).collect();
@@ -132,12 +139,14 @@ fn check(name: &str, inputs: &[(&str, &[usize])], nodes: &[(&str, &[&str], &str)
             .collect();
         let want = cpu.run(feeds.clone()).expect("cpu run");
         let got = gpu.run(feeds).expect("gpu run");
-        let (w, g) = (want.output("y").expect("y"), got.output("y").expect("y"));
-        assert_eq!(w.dims(), g.dims(), "{name}: shapes differ");
-        let (w, g): (Vec<f32>, Vec<f32>) = (w.to_vec().expect("f32"), g.to_vec().expect("f32"));
-        for (i, (a, b)) in w.iter().zip(&g).enumerate() {
-            let close = (a - b).abs() <= 1e-5 + 1e-4 * a.abs() || (a.is_nan() && b.is_nan());
-            assert!(close, "{name}: element {i}: cpu {a} gpu {b}");
+        for out in outs {
+            let (w, g) = (want.output(out).expect("output"), got.output(out).expect("output"));
+            assert_eq!(w.dims(), g.dims(), "{name}: {out}'s shapes differ");
+            let (w, g): (Vec<f32>, Vec<f32>) = (w.to_vec().expect("f32"), g.to_vec().expect("f32"));
+            for (i, (a, b)) in w.iter().zip(&g).enumerate() {
+                let close = (a - b).abs() <= 1e-5 + 1e-4 * a.abs() || (a.is_nan() && b.is_nan());
+                assert!(close, "{name}: {out}[{i}]: cpu {a} gpu {b}");
+            }
         }
     }
     let report = gpu.gpu_placement().expect("report");
@@ -252,29 +261,7 @@ fn siblings_reading_one_value_are_one_dispatch_with_an_output_each() {
         ),
     ];
     for (name, inputs, nodes, want) in cases {
-        let bytes = model_with_outputs(inputs, nodes, &["y", "z"]);
-        let Some(gpu) = gpu_session(&bytes) else { return };
-        let cpu = session(&bytes, ExecutionProvider::Cpu);
-        let mut state = seed();
-        let feeds: Vec<(String, Tensor)> = inputs
-            .iter()
-            .map(|(n, d)| {
-                let len: usize = d.iter().product();
-                (n.to_string(), Tensor::from_vec(d, random(&mut state, len)).expect("tensor"))
-            })
-            .collect();
-        let before = gpu.gpu_placement().expect("report").counters.dispatches;
-        let got = gpu.run(feeds.clone()).expect("gpu run");
-        let ran = gpu.gpu_placement().expect("report").counters.dispatches - before;
-        let expected = cpu.run(feeds).expect("cpu run");
-        for out in ["y", "z"] {
-            let (w, g) = (expected.output(out).expect("output"), got.output(out).expect("output"));
-            assert_eq!(w.dims(), g.dims(), "{name}: {out}'s shapes differ");
-            let (w, g): (Vec<f32>, Vec<f32>) = (w.to_vec().expect("f32"), g.to_vec().expect("f32"));
-            for (i, (a, b)) in w.iter().zip(&g).enumerate() {
-                assert!((a - b).abs() <= 1e-5 + 1e-4 * a.abs(), "{name}: {out}[{i}]: cpu {a} gpu {b}");
-            }
-        }
+        let Some(ran) = check_outputs(name, inputs, nodes, &["y", "z"]) else { return };
         assert_eq!(ran, *want, "{name}: dispatches");
     }
 }

@@ -774,11 +774,7 @@ fn tiny_llama_optimum_q4_gpu() {
     let session = Session::from_path(dir.join("model.onnx"), &options(ExecutionProvider::WebGpu))
         .unwrap_or_else(|e| panic!("{model}: loading: {e}"));
     let Some(report) = session.gpu_placement() else {
-        assert!(
-            session.provider_note().is_some_and(|n| n.contains("no GPU adapter")),
-            "the GPU did not take the model: {:?}",
-            session.provider_note()
-        );
+        assert_no_gpu_adapter(session.provider_note());
         eprintln!("\n!!!!!!!! SKIPPING {model} ON THE GPU: no GPU adapter ({:?}) !!!!!!!!\n", session.provider_note());
         return;
     };
@@ -837,11 +833,7 @@ fn smollm2_q4f16_teacher_forced_gpu() {
     }
     let session = Session::from_path(&model, &options(ExecutionProvider::WebGpu)).expect("loading SmolLM2 q4f16");
     let Some(report) = session.gpu_placement() else {
-        assert!(
-            session.provider_note().is_some_and(|n| n.contains("no GPU adapter")),
-            "the GPU did not take the model: {:?}",
-            session.provider_note()
-        );
+        assert_no_gpu_adapter(session.provider_note());
         eprintln!("\n!!!!!!!! SKIPPING SmolLM2 ON THE GPU: no GPU adapter ({:?}) !!!!!!!!\n", session.provider_note());
         return;
     };

@@ -29,6 +29,7 @@ fn gpu_session(model: &Path, prefs: PreferredOutputLocation) -> Option<blocking:
     };
     let s = blocking::Session::from_path(model, &opts).unwrap_or_else(|e| panic!("{}: loading: {e}", model.display()));
     if s.gpu_placement().is_none() {
+        assert_no_gpu_adapter(s.provider_note());
         eprintln!(
             "\n!!!!!!!! SKIPPING {} ON THE GPU: no GPU adapter ({:?}). \
              Install lavapipe: apt-get install -y mesa-vulkan-drivers libvulkan1 !!!!!!!!\n",

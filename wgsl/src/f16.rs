@@ -149,24 +149,30 @@ pub(crate) fn cast(
     let native = ctx.caps.shader_f16;
     let params = Params { n, ..Default::default() };
     let b = [(1, a), (3, out)];
+    let spec = cast_spec(from, to, native);
+    if native {
+        launch(ctx, rec, "cast_main", spec, &params, &b, n)
+    } else if to == DatumType::F16 {
+        launch(ctx, rec, "cast_to_half_main", spec, &params, &b, n.div_ceil(2))
+    } else {
+        launch(ctx, rec, "cast_from_half_main", spec, &params, &b, n)
+    }
+}
+
+/// The specialisation of the converting entries (cast_main, cast_*_half_main, gather_cast_main).
+fn cast_spec(from: DatumType, to: DatumType, native: bool) -> Vec<(&'static str, String)> {
     if native {
         let elem = |dt: DatumType| if dt == DatumType::F16 { "f16" } else { "u32" };
         let store = if to == DatumType::F16 { "f16(x)".to_string() } else { out_word(to).to_string() };
-        let spec = vec![
+        vec![
             ("A_ELEM", elem(from).to_string()),
             ("O_ELEM", elem(to).to_string()),
             ("IN_VALUE", in_value(from, true).to_string()),
             ("STORE", store),
             ("MOVE", String::new()),
-        ];
-        launch(ctx, rec, "cast_main", spec, &params, &b, n)
+        ]
     } else {
-        let spec = vec![("IN_VALUE", in_value(from, false).to_string()), ("OUT_WORD", out_word(to).to_string())];
-        if to == DatumType::F16 {
-            launch(ctx, rec, "cast_to_half_main", spec, &params, &b, n.div_ceil(2))
-        } else {
-            launch(ctx, rec, "cast_from_half_main", spec, &params, &b, n)
-        }
+        vec![("IN_VALUE", in_value(from, false).to_string()), ("OUT_WORD", out_word(to).to_string())]
     }
 }
 
@@ -187,7 +193,8 @@ fn movement_spec(native: bool) -> Vec<(&'static str, String)> {
     }
 }
 
-/// Records a Gather of f16 `data` (rows of `inner` elements, `axis_len` of them per outer index) by `idx` (i32).
+/// Records a Gather of f16 `data` (rows of `inner` elements, `axis_len` of them per outer index) by `idx` (i32)
+/// into `out`: f16, or a 4-byte type each element is cast to as it is copied (an embedding lookup and its Cast).
 pub(crate) fn gather(
     ctx: &Context,
     rec: &mut Recorder,
@@ -197,46 +204,20 @@ pub(crate) fn gather(
     axis_len: usize,
     inner: usize,
 ) -> Result<()> {
-    let n = out.len();
-    let native = ctx.caps.shader_f16;
-    let params = Params { n, axis_len, inner, count: idx.len(), ..Default::default() };
-    let b = [(1, data), (2, idx), (3, out)];
-    let invocations = if native { n } else { n.div_ceil(2) };
-    launch(ctx, rec, "gather_main", movement_spec(native), &params, &b, invocations)
-}
-
-/// Records a Gather of f16 `data` (as [`gather`]) whose elements are cast to `to` (a 4-byte type) as they are copied.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn gather_cast(
-    ctx: &Context,
-    rec: &mut Recorder,
-    data: &GpuTensor,
-    idx: &GpuTensor,
-    out: &GpuTensor,
-    axis_len: usize,
-    inner: usize,
-    to: DatumType,
-) -> Result<()> {
-    if data.dt != DatumType::F16 || out.dt != to || to == DatumType::F16 || !cast_supported(DatumType::F16, to) {
-        return Err(Error::new(format!("webgpu: no f16 gather with a cast to {to:?}")));
+    let to = out.dt;
+    if data.dt != DatumType::F16 || !(to == DatumType::F16 || cast_supported(DatumType::F16, to)) {
+        return Err(Error::new(format!("webgpu: no f16 gather into {to:?}")));
     }
     let n = out.len();
     let native = ctx.caps.shader_f16;
     let params = Params { n, axis_len, inner, count: idx.len(), ..Default::default() };
     let b = [(1, data), (2, idx), (3, out)];
-    // the cast's specialisation (f16 in, one 4-byte element out per invocation)
-    let spec = if native {
-        vec![
-            ("A_ELEM", "f16".to_string()),
-            ("O_ELEM", "u32".to_string()),
-            ("IN_VALUE", in_value(DatumType::F16, true).to_string()),
-            ("STORE", out_word(to).to_string()),
-            ("MOVE", String::new()),
-        ]
+    if to == DatumType::F16 {
+        let invocations = if native { n } else { n.div_ceil(2) };
+        launch(ctx, rec, "gather_main", movement_spec(native), &params, &b, invocations)
     } else {
-        vec![("IN_VALUE", in_value(DatumType::F16, false).to_string()), ("OUT_WORD", out_word(to).to_string())]
-    };
-    launch(ctx, rec, "gather_cast_main", spec, &params, &b, n)
+        launch(ctx, rec, "gather_cast_main", cast_spec(DatumType::F16, to, native), &params, &b, n)
+    }
 }
 
 /// Records `out[o_off + Σ c·so] = a[a_off + Σ c·sa]` over `shape` for f16 tensors: `so` the strides of a box of the

@@ -19,8 +19,8 @@ use tract_onnx::tract_core::internal::*;
 use crate::context::{Context, PipelineKey};
 use crate::exec::{Binding, GpuTensor, Recorder};
 use crate::kernels::{
-    broadcast, broadcast_strides, collapse_n, u32_of, words, BinaryOp, UnaryOp, ELEMENTWISE_WGSL, MAX_RANK,
-    PRELUDE_WGSL, WG,
+    broadcast, broadcast_strides, collapse_n, dim_i64, eval_dim, u32_of, words, BinaryOp, UnaryOp, ELEMENTWISE_WGSL,
+    MAX_RANK, PRELUDE_WGSL, WG,
 };
 use crate::{Error, Result};
 
@@ -82,9 +82,6 @@ pub struct FusedProgram {
     pub leaves: Vec<Leaf>,
     /// Inputs read at affine indices (their strides and base made from the leaves), at most one entry an input.
     pub indexed: Vec<Indexed>,
-    /// The output's shape (the replaced node's, dims of the run's symbols); empty: the broadcast of the inputs and
-    /// leaves.
-    pub shape: Vec<TDim>,
     pub steps: Vec<Step>,
     /// The output element type (F32, Bool, I64 or I32).
     pub out_dt: DatumType,
@@ -103,6 +100,9 @@ fn src(s: Src) -> String {
     }
 }
 
+/// A shape in a run.
+type Shape = TVec<usize>;
+
 /// Whether `dt` is stored as one 4-byte word a fused kernel computes on.
 pub fn is_word(dt: DatumType) -> bool {
     matches!(dt, DatumType::F32 | DatumType::Bool | DatumType::I64 | DatumType::I32)
@@ -110,14 +110,13 @@ pub fn is_word(dt: DatumType) -> bool {
 
 impl FusedProgram {
     pub fn new(inputs: usize, steps: Vec<Step>, out_dt: DatumType) -> FusedProgram {
-        FusedProgram::with_leaves(inputs, vec![], vec![], vec![], steps, out_dt)
+        FusedProgram::with_leaves(inputs, vec![], vec![], steps, out_dt)
     }
 
     pub fn with_leaves(
         inputs: usize,
         leaves: Vec<Leaf>,
         indexed: Vec<Indexed>,
-        shape: Vec<TDim>,
         steps: Vec<Step>,
         out_dt: DatumType,
     ) -> FusedProgram {
@@ -125,7 +124,7 @@ impl FusedProgram {
         // selects the pipeline
         let at: Vec<u8> = indexed.iter().map(|x| x.input).collect();
         let spec = format!("{inputs}:{}:{at:?}:{steps:?}:{out_dt:?}", leaves.len());
-        FusedProgram { inputs, leaves, indexed, shape, steps, out_dt, more: vec![], spec }
+        FusedProgram { inputs, leaves, indexed, steps, out_dt, more: vec![], spec }
     }
 
     /// The program with outputs besides its last step's (see [`FusedProgram::more`]).
@@ -337,59 +336,54 @@ impl FusedProgram {
         s
     }
 
-    /// The leaves' shapes in a run.
-    fn leaf_shapes(&self, syms: &SymbolValues) -> Result<Vec<TVec<usize>>> {
-        self.leaves
-            .iter()
-            .map(|l| l.shape.iter().map(|d| eval_usize(d, syms)).collect::<Result<TVec<usize>>>())
-            .collect()
+    /// The run's shapes of the leaves, and of the index components of the inputs read at indices (in `indexed`
+    /// order).
+    fn run_shapes(&self, syms: &SymbolValues) -> Result<(Vec<Shape>, Vec<Vec<Shape>>)> {
+        let eval = |l: &Leaf| l.shape.iter().map(|d| eval_dim(d, syms)).collect::<Result<Shape>>();
+        let leaves = self.leaves.iter().map(eval).collect::<Result<_>>()?;
+        let comps = self.indexed.iter().map(|x| x.comps.iter().map(eval).collect()).collect::<Result<_>>()?;
+        Ok((leaves, comps))
     }
 
-    /// The output shape: the broadcast of the inputs read per element and of the leaves.
-    pub fn output_shape(&self, inputs: &[&[usize]], syms: &SymbolValues) -> Result<TVec<usize>> {
+    /// The output shape: the broadcast of the inputs read per element, the leaves and the index components.
+    fn frame(&self, inputs: &[&[usize]], leaves: &[TVec<usize>], comps: &[Vec<TVec<usize>>]) -> Result<TVec<usize>> {
         let gathered = self.gathered();
-        let mut out: TVec<usize> = self.shape.iter().map(|d| eval_usize(d, syms)).collect::<Result<_>>()?;
+        let mut out: TVec<usize> = tvec![];
         for (i, t) in inputs.iter().enumerate() {
             let read_by_index = self.indexed.iter().any(|x| x.input as usize == i);
             if !gathered.get(i).copied().unwrap_or(false) && !read_by_index {
                 out = broadcast(&out, t)?;
             }
         }
-        for l in self.leaf_shapes(syms)? {
-            out = broadcast(&out, &l)?;
-        }
-        // the index components of inputs read at indices span the frame too
-        for c in self.indexed.iter().flat_map(|x| &x.comps) {
-            let l: TVec<usize> = c.shape.iter().map(|d| eval_usize(d, syms)).collect::<Result<_>>()?;
-            out = broadcast(&out, &l)?;
-        }
-        if !self.shape.is_empty() && out.len() != self.shape.len() {
-            return Err(Error::new(format!(
-                "webgpu: fused kernel's inputs broadcast to {out:?}, not {:?}",
-                self.shape
-            )));
+        for l in leaves.iter().chain(comps.iter().flatten()) {
+            out = broadcast(&out, l)?;
         }
         Ok(out)
     }
 
-    /// The strides (over `out_shape`) and base of an input read at affine indices, checked in range for `data`'s
-    /// shape.
+    /// The output shape in a run.
+    pub fn output_shape(&self, inputs: &[&[usize]], syms: &SymbolValues) -> Result<TVec<usize>> {
+        let (leaves, comps) = self.run_shapes(syms)?;
+        self.frame(inputs, &leaves, &comps)
+    }
+
+    /// The strides (over `out_shape`) and base of an input read at affine indices (components `x`, of the run's
+    /// `shapes`), checked in range for `data`'s shape.
     fn indexed_strides(
-        &self,
         x: &Indexed,
+        shapes: &[TVec<usize>],
         data: &[usize],
         out_shape: &[usize],
         syms: &SymbolValues,
     ) -> Result<(Vec<usize>, u32)> {
-        if x.comps.len() != data.len() {
+        if x.comps.len() != data.len() || shapes.len() != data.len() {
             return Err(Error::new(format!("webgpu: {}-tuple indices into {data:?}", x.comps.len())));
         }
         let ds = crate::kernels::contiguous_strides(data);
         let mut strides = vec![0usize; out_shape.len()];
         let mut base = 0usize;
-        for (i, c) in x.comps.iter().enumerate() {
-            let shape: TVec<usize> = c.shape.iter().map(|d| eval_usize(d, syms)).collect::<Result<_>>()?;
-            let (start, step) = (eval_i32(&c.start, syms)? as i64, eval_i32(&c.step, syms)? as i64);
+        for (i, (c, shape)) in x.comps.iter().zip(shapes).enumerate() {
+            let (start, step) = (dim_i64(&c.start, syms)?, dim_i64(&c.step, syms)?);
             let len = shape.iter().product::<usize>() as i64;
             let last = start + step * (len - 1).max(0);
             if step < 0 || start < 0 || (len > 0 && last >= data[i] as i64) || shape.len() > out_shape.len() {
@@ -397,7 +391,7 @@ impl FusedProgram {
                     "webgpu: index {start}..={last} out of range for axis {i} of {data:?}"
                 )));
             }
-            for (a, l) in broadcast_strides(&shape, out_shape).into_iter().enumerate() {
+            for (a, l) in broadcast_strides(shape, out_shape).into_iter().enumerate() {
                 strides[a] += l * step as usize * ds[i];
             }
             base += start as usize * ds[i];
@@ -437,7 +431,8 @@ impl FusedProgram {
             )));
         }
         let shapes: Vec<&[usize]> = inputs.iter().map(|t| &*t.shape).collect();
-        let out_shape = self.output_shape(&shapes, syms)?;
+        let (leaf_shapes, comp_shapes) = self.run_shapes(syms)?;
+        let out_shape = self.frame(&shapes, &leaf_shapes, &comp_shapes)?;
         let out = rec.alloc(ctx, &out_shape, self.out_dt)?;
         let mut more = vec![];
         for (_, dt) in &self.more {
@@ -446,7 +441,12 @@ impl FusedProgram {
         if out.is_empty() {
             return Ok(std::iter::once(out).chain(more).collect());
         }
-        let leaf_shapes = self.leaf_shapes(syms)?;
+        // inputs read at affine indices: their strides and base, once
+        let mut indexed = vec![];
+        for (x, c) in self.indexed.iter().zip(&comp_shapes) {
+            let t = inputs.get(x.input as usize).ok_or_else(|| Error::new("webgpu: fused kernel's indexed input"))?;
+            indexed.push(FusedProgram::indexed_strides(x, c, &t.shape, &out_shape, syms)?);
+        }
         // gathered inputs are read at indices: zero strides (their shape need not broadcast)
         let gathered = self.gathered();
         let strides: Vec<Vec<usize>> = inputs
@@ -455,8 +455,8 @@ impl FusedProgram {
             .map(|(i, t)| {
                 if gathered[i] {
                     Ok(vec![0; out_shape.len()])
-                } else if let Some(x) = self.indexed.iter().find(|x| x.input as usize == i) {
-                    Ok(self.indexed_strides(x, &t.shape, &out_shape, syms)?.0)
+                } else if let Some(j) = self.indexed.iter().position(|x| x.input as usize == i) {
+                    Ok(indexed[j].0.clone())
                 } else {
                     Ok(broadcast_strides(&t.shape, &out_shape))
                 }
@@ -490,8 +490,8 @@ impl FusedProgram {
         // extras: each leaf's (start, step), then each gather's input length
         let mut extras = 0;
         for l in &self.leaves {
-            let start = eval_i32(&l.start, syms)?;
-            let step = eval_i32(&l.step, syms)?;
+            // i32 words on the GPU (checked: out of range is an error, not a wrap)
+            let (start, step) = (dim_i64(&l.start, syms)? as i32, dim_i64(&l.step, syms)? as i32);
             u.extend([start as u32, step as u32, 0, 0]);
             extras += 1;
         }
@@ -502,10 +502,8 @@ impl FusedProgram {
                 extras += 1;
             }
         }
-        for x in &self.indexed {
-            let t = inputs.get(x.input as usize).ok_or_else(|| Error::new("webgpu: fused kernel's indexed input"))?;
-            let (_, base) = self.indexed_strides(x, &t.shape, &out_shape, syms)?;
-            u.extend([base, 0, 0, 0]);
+        for (_, base) in &indexed {
+            u.extend([*base, 0, 0, 0]);
             extras += 1;
         }
         if extras == 0 {
@@ -520,19 +518,6 @@ impl FusedProgram {
         rec.dispatch(pipeline, words(&u), bindings, (gx, gy, 1), "fused_elementwise");
         Ok(std::iter::once(out).chain(more).collect())
     }
-}
-
-fn eval_usize(d: &TDim, syms: &SymbolValues) -> Result<usize> {
-    d.eval_to_i64(syms)
-        .ok()
-        .and_then(|v| usize::try_from(v).ok())
-        .ok_or_else(|| Error::new(format!("webgpu: dim {d} has no value in this run")))
-}
-
-/// A leaf's value as the GPU's i32 (like an i64 upload: out of range is an error, not a wrap).
-fn eval_i32(d: &TDim, syms: &SymbolValues) -> Result<i32> {
-    let v = d.eval_to_i64(syms).map_err(|_| Error::new(format!("webgpu: dim {d} has no value in this run")))?;
-    i32::try_from(v).map_err(|_| Error::new(format!("webgpu: i64 value {v} does not fit the GPU's 32-bit integers")))
 }
 
 /// The helper functions the step expressions use: the prelude (b2f, is_nan...) and the elementwise family's own

@@ -1140,15 +1140,16 @@ impl Kernel {
         inputs: &[&GpuTensor],
         syms: &SymbolValues,
     ) -> Result<GpuTensor> {
-        let shapes: Vec<&[usize]> = inputs.iter().map(|t| &*t.shape).collect();
-        let out_shape = self.output_shape(&shapes, syms)?;
         let dts: Vec<DatumType> = inputs.iter().map(|t| t.dt).collect();
         let out_dt = self
             .output_dt(&dts)
             .ok_or_else(|| Error::new(format!("webgpu: {} does not run on {dts:?}", self.name())))?;
+        // (its shape from the run's symbols once, in its own encode)
         if let Kernel::Fused(p) = self {
             return p.encode(ctx, rec, inputs, syms);
         }
+        let shapes: Vec<&[usize]> = inputs.iter().map(|t| &*t.shape).collect();
+        let out_shape = self.output_shape(&shapes, syms)?;
         if let Kernel::View(_) = self {
             return Ok(GpuTensor::new(inputs[0].buffer.clone(), &out_shape, inputs[0].dt));
         }
@@ -1246,16 +1247,13 @@ impl Kernel {
                     launch(ctx, rec, "softmax", "main", spec, &u, &[(1, inputs[0]), (3, &out)], (gx, gy, 1))?;
                 }
             }
-            Kernel::GatherCast { axis, to } => {
-                let d = &inputs[0].shape;
-                let inner: usize = d[axis + 1..].iter().product();
-                crate::f16::gather_cast(ctx, rec, inputs[0], inputs[1], &out, d[*axis], inner, *to)?;
-            }
-            Kernel::Gather { axis } if inputs[0].dt == DatumType::F16 => {
+            // (GatherCast's output is of its `to`: the gather converts as it copies; output_dt took f16 data only)
+            Kernel::GatherCast { axis, .. } | Kernel::Gather { axis } if inputs[0].dt == DatumType::F16 => {
                 let d = &inputs[0].shape;
                 let inner: usize = d[axis + 1..].iter().product();
                 crate::f16::gather(ctx, rec, inputs[0], inputs[1], &out, d[*axis], inner)?;
             }
+            Kernel::GatherCast { .. } => return Err(Error::new("webgpu: GatherCast of a table that is not float16")),
             Kernel::Gather { axis } => {
                 let d = &inputs[0].shape;
                 let inner: usize = d[axis + 1..].iter().product();
@@ -1599,13 +1597,13 @@ fn move_axis_perm(rank: usize, from: usize, to: usize) -> Result<Vec<usize>> {
 pub const MAX_DIM_VALUES: usize = 32;
 
 /// A dim's i64 value in this run (i32 on the GPU, like every i64).
-fn dim_i64(d: &TDim, syms: &SymbolValues) -> Result<i64> {
+pub(crate) fn dim_i64(d: &TDim, syms: &SymbolValues) -> Result<i64> {
     let v = d.eval_to_i64(syms).map_err(|_| Error::new(format!("webgpu: dim {d} has no value")))?;
     i32::try_from(v).map_err(|_| Error::new(format!("webgpu: dim {d} = {v} does not fit the GPU's i32")))?;
     Ok(v)
 }
 
-fn eval_dim(d: &TDim, syms: &SymbolValues) -> Result<usize> {
+pub(crate) fn eval_dim(d: &TDim, syms: &SymbolValues) -> Result<usize> {
     d.eval_to_i64(syms)
         .ok()
         .and_then(|v| usize::try_from(v).ok())

@@ -88,3 +88,9 @@ pub fn f32_values(t: &Tensor) -> Vec<f32> {
         _ => t.to_f64_vec().expect("numeric").into_iter().map(|v| v as f32).collect(),
     }
 }
+
+/// A GPU session that fell back to the CPU may skip its test only when the machine has no GPU adapter: a lowering
+/// or device failure on a machine with one (the provider note says which) fails it.
+pub fn assert_no_gpu_adapter(note: Option<&str>) {
+    assert!(note.is_some_and(|n| n.contains("no GPU adapter")), "the GPU did not take the model: {note:?}");
+}

@@ -155,6 +155,8 @@ pub fn gpu_available() -> bool {
     );
     let s = Session::from_bytes(&bytes, &options(ExecutionProvider::WebGpu)).expect("loading");
     if s.execution_provider() != ExecutionProvider::WebGpu {
+        let note = s.provider_note().unwrap_or_default();
+        assert!(note.contains("no GPU adapter"), "the GPU provider failed: {note}");
         eprintln!(
             "\n!!!!!!!! SKIPPING GPU TESTS: no GPU adapter on this machine ({:?}). \
              Install lavapipe: apt-get install -y mesa-vulkan-drivers libvulkan1 !!!!!!!!\n",

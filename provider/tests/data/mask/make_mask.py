@@ -1,10 +1,10 @@
-"""Writes optimum_mask.onnx: the 4D attention mask builder that optimum's (transformers' sdpa_mask) exports emit
-before each layer's attention, on its own (SmolLM2-135M's ONNX export computes it this way): a causal comparison of
-key positions with query positions past the cache, and the padding of `attention_mask` looked up per (batch, key)
-through a flattened Gather, joined and turned into 0 / the most negative float.
+"""Writes the setup-chain models kiln's GPU fusion tests run (provider/tests/gpu_fusion.rs): the 4D attention mask
+builders of three export styles (optimum_mask.onnx, dynamo_mask.onnx, rank_mask.onnx: a causal comparison of key
+positions with query positions past the cache, joined with the padding of `attention_mask`, turned into 0 / the most
+negative float) and transformers' rotary angles (hf_rope_angles.onnx, cut from the tiny llama fixture).
 
-Inputs: input_ids [batch, seq] (its shape only), attention_mask [batch, past + seq] (int64), past [batch, 1, past, 1]
-(its shape only). Output: mask [batch, 1, seq, past + seq] float32.
+Mask inputs: input_ids [batch, seq] (its shape only), attention_mask [batch, past + seq] (int64), and for the first
+two past [batch, 1, past, 1] (its shape only). Output: mask [batch, 1, seq, past + seq] float32.
 
     .venv/bin/python provider/tests/data/mask/make_mask.py
 """
@@ -15,6 +15,24 @@ import onnx
 from onnx import TensorProto, helper
 
 i64 = lambda name, v: helper.make_tensor(name, TensorProto.INT64, [len(v)], v)
+here = os.path.dirname(os.path.abspath(__file__))
+
+
+def save(file, nodes, inits, total, opset, ir, past=True):
+    """Checks and writes a mask model: `total` names attention_mask's last dim, `past` adds the past input."""
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", total]),
+    ]
+    if past:
+        inputs.append(helper.make_tensor_value_info("past", TensorProto.FLOAT, ["batch", 1, "past", 1]))
+    output = helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["batch", 1, "seq", total])
+    graph = helper.make_graph(nodes, file[: -len(".onnx")], inputs, [output], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir)
+    onnx.checker.check_model(model)
+    onnx.save(model, os.path.join(here, file))
+
+
 nodes = [
     helper.make_node("Shape", ["input_ids"], ["ids_shape"]),
     helper.make_node("Gather", ["ids_shape", "one"], ["S"], axis=0),
@@ -62,25 +80,12 @@ inits = [
     helper.make_tensor("zero_f", TensorProto.FLOAT, [], [0.0]),
     helper.make_tensor("min_f", TensorProto.FLOAT, [], [-3.4028234663852886e38]),
 ]
-graph = helper.make_graph(
-    nodes,
-    "optimum_mask",
-    [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
-        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
-        helper.make_tensor_value_info("past", TensorProto.FLOAT, ["batch", 1, "past", 1]),
-    ],
-    [helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["batch", 1, "seq", "total"])],
-    inits,
-)
-model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-onnx.checker.check_model(model)
-onnx.save(model, os.path.join(os.path.dirname(os.path.abspath(__file__)), "optimum_mask.onnx"))
+save("optimum_mask.onnx", nodes, inits, "total", 17, 8)
 
 # dynamo_mask.onnx: the same mask as torch.onnx's dynamo exporter writes it (the tiny llama fixture's
 # onnx_dynamo_eager_op20 builds it this way): the causal part from `arange(seq) + past` against `arange(past + seq)`,
-# the padding looked up by a GatherND over (batch, key) index tuples that Concat two Expanded ranges, the result
-# Expanded to [batch, 1, seq, total] and turned into 0 / the most negative float.
+# the padding looked up by a GatherND over (batch, key) index tuples that Concat two Expanded ranges, joined and
+# turned into 0 / the most negative float.
 nodes = [
     helper.make_node("Shape", ["input_ids"], ["S1"], start=1, end=2),
     helper.make_node("Squeeze", ["S1"], ["S"]),
@@ -116,20 +121,7 @@ nodes = [
 inits += [i64("axes_last", [-1]), i64("axes_123", [1, 2, 3])]
 used = {i for n in nodes for i in n.input}
 inits = [t for t in inits if t.name in used]
-graph = helper.make_graph(
-    nodes,
-    "dynamo_mask",
-    [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
-        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
-        helper.make_tensor_value_info("past", TensorProto.FLOAT, ["batch", 1, "past", 1]),
-    ],
-    [helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["batch", 1, "seq", "total"])],
-    inits,
-)
-model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=9)
-onnx.checker.check_model(model)
-onnx.save(model, os.path.join(os.path.dirname(os.path.abspath(__file__)), "dynamo_mask.onnx"))
+save("dynamo_mask.onnx", nodes, inits, "total", 20, 9)
 
 # rank_mask.onnx: bench/make_llama.py's builder (transformers' older style): past = total - seq, a [seq, total]
 # causal comparison of two ranges joined with `attention_mask` unsqueezed to [batch, 1, 1, total] (the comparison's
@@ -160,25 +152,12 @@ inits = [
     helper.make_tensor("zero_f", TensorProto.FLOAT, [], [0.0]),
     helper.make_tensor("min_f", TensorProto.FLOAT, [], [-3.4028234663852886e38]),
 ]
-graph = helper.make_graph(
-    nodes,
-    "rank_mask",
-    [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
-        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "past + seq"]),
-    ],
-    [helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["batch", 1, "seq", "past + seq"])],
-    inits,
-)
-model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-onnx.checker.check_model(model)
-onnx.save(model, os.path.join(os.path.dirname(os.path.abspath(__file__)), "rank_mask.onnx"))
+save("rank_mask.onnx", nodes, inits, "past + seq", 17, 8, past=False)
 
 # hf_rope_angles.onnx: transformers' rotary angles and tables as optimum exports them (cut from the tiny llama
 # fixture's onnx_optimum): `inv_freq[None, :, None] @ position_ids[:, None, :]` (a MatMul with K = 1), transposed,
 # concatenated with itself, cos and sin (times the attention scaling).
-here = os.path.dirname(os.path.abspath(__file__))
-src = os.path.join(here, "../../../../../shared/models/tiny/tiny-llama/onnx_optimum/model.onnx")
+src = os.path.join(here, "../../../../conformance/fixtures/tiny/tiny-llama/onnx_optimum/model.onnx")
 if os.path.exists(src):
     import onnx.utils
 
